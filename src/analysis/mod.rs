@@ -1,0 +1,129 @@
+//! Trace analysis: turns a [`Trace`] into a stage table, per-rank compute/communication
+//! overlap (Holistic Trace Analysis definitions) and a per-rank memory breakdown, with text
+//! ([`Analysis::render_text`]) and DataFrame/file ([`tables`]) outputs.
+
+pub mod memory;
+pub mod overlap;
+pub mod stages;
+pub mod tables;
+pub mod text;
+
+pub use memory::{MemoryBreakdown, RankMemory};
+pub use overlap::RankOverlap;
+pub use stages::StageRow;
+
+use crate::trace::{MemEvent, OpEvent, StepSpan, Trace};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Everything the analysis derives from one trace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Analysis {
+    /// Number of ranks, as recorded in the trace.
+    pub world: u32,
+    /// Backend that produced the trace.
+    pub backend: String,
+    /// Number of distinct measured step indices (from step spans and ops).
+    pub steps: u32,
+    /// Mean duration in ns of a (rank, step) step span: a rank's step time; 0 without spans.
+    pub step_time_ns: f64,
+    /// One row per (stage, pass) present, in [`crate::taxonomy::Stage::ALL`] then pass order.
+    pub stages: Vec<StageRow>,
+    /// One overlap row per rank, in rank order.
+    pub overlap: Vec<RankOverlap>,
+    /// Memory replay per rank.
+    pub memory: MemoryBreakdown,
+}
+
+impl Analysis {
+    /// Overlapped over communication time summed over ranks: the share of comm hidden by
+    /// compute, 0.0 when no rank communicates.
+    pub fn overall_overlap(&self) -> f64 {
+        let comm: u64 = self.overlap.iter().map(|r| r.comm_ns).sum();
+        let over: u64 = self.overlap.iter().map(|r| r.overlapped_ns).sum();
+        if comm == 0 {
+            0.0
+        } else {
+            over as f64 / comm as f64
+        }
+    }
+
+    /// Exposed (not overlapped) communication in ns, summed over ranks.
+    pub fn exposed_comm_ns(&self) -> u64 {
+        self.overlap.iter().map(|r| r.exposed_comm_ns).sum()
+    }
+}
+
+/// Every rank the trace mentions: `0..world` plus any rank seen in ops, memory or spans.
+fn all_ranks(trace: &Trace) -> BTreeSet<u32> {
+    let mut ranks: BTreeSet<u32> = (0..trace.world).collect();
+    ranks.extend(trace.ops.iter().map(|o| o.rank));
+    ranks.extend(trace.memory.iter().map(|m| m.rank));
+    ranks.extend(trace.steps.iter().map(|s| s.rank));
+    ranks
+}
+
+/// Analyzes a trace: stage table, per-rank overlap, memory breakdown and step statistics.
+/// Never panics, including on an empty trace.
+pub fn analyze(trace: &Trace) -> Analysis {
+    let ranks = all_ranks(trace);
+
+    let mut ops_by_rank: BTreeMap<u32, Vec<&OpEvent>> = BTreeMap::new();
+    for op in &trace.ops {
+        ops_by_rank.entry(op.rank).or_default().push(op);
+    }
+    let mut spans_by_rank: BTreeMap<u32, Vec<&StepSpan>> = BTreeMap::new();
+    for s in &trace.steps {
+        spans_by_rank.entry(s.rank).or_default().push(s);
+    }
+    let mut mem_by_rank: BTreeMap<u32, Vec<&MemEvent>> = BTreeMap::new();
+    for m in &trace.memory {
+        mem_by_rank.entry(m.rank).or_default().push(m);
+    }
+
+    let overlap = ranks
+        .iter()
+        .map(|&r| {
+            let ops = ops_by_rank.get(&r).map(Vec::as_slice).unwrap_or(&[]);
+            let spans = spans_by_rank.get(&r).map(Vec::as_slice).unwrap_or(&[]);
+            overlap::rank_overlap(r, ops, spans)
+        })
+        .collect();
+
+    let memory = MemoryBreakdown {
+        ranks: ranks
+            .iter()
+            .map(|&r| {
+                let evs = mem_by_rank.get(&r).map(Vec::as_slice).unwrap_or(&[]);
+                memory::replay_rank(r, evs)
+            })
+            .collect(),
+    };
+
+    let step_ids: BTreeSet<u32> = trace
+        .steps
+        .iter()
+        .map(|s| s.step)
+        .chain(trace.ops.iter().map(|o| o.step))
+        .collect();
+
+    // A (rank, step) may in principle be split into several spans; sum them first.
+    let mut per_rank_step: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+    for s in &trace.steps {
+        *per_rank_step.entry((s.rank, s.step)).or_default() += s.end_ns.saturating_sub(s.start_ns);
+    }
+    let step_time_ns = if per_rank_step.is_empty() {
+        0.0
+    } else {
+        per_rank_step.values().map(|v| *v as f64).sum::<f64>() / per_rank_step.len() as f64
+    };
+
+    Analysis {
+        world: trace.world,
+        backend: trace.backend.clone(),
+        steps: u32::try_from(step_ids.len()).unwrap_or(u32::MAX),
+        step_time_ns,
+        stages: stages::stage_rows(trace),
+        overlap,
+        memory,
+    }
+}

@@ -1,0 +1,103 @@
+//! Analysis results as polars DataFrames, and their export to Parquet and CSV files for
+//! notebooks and plotting scripts.
+
+use super::Analysis;
+use crate::taxonomy::MemCategory;
+use anyhow::Context;
+use polars::df;
+use polars::prelude::{CsvWriter, DataFrame, ParquetWriter, PolarsResult, SerWriter};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// The stage table, one row per (stage, pass), with durations in ns.
+pub fn stage_frame(analysis: &Analysis) -> PolarsResult<DataFrame> {
+    let s = &analysis.stages;
+    df!(
+        "stage" => s.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(),
+        "pass" => s.iter().map(|r| pass_str(r.pass)).collect::<Vec<_>>(),
+        "label" => s.iter().map(|r| r.label.clone()).collect::<Vec<_>>(),
+        "count" => s.iter().map(|r| r.count).collect::<Vec<_>>(),
+        "total_ns" => s.iter().map(|r| r.total_ns).collect::<Vec<_>>(),
+        "mean_ns" => s.iter().map(|r| r.mean_ns).collect::<Vec<_>>(),
+        "share" => s.iter().map(|r| r.share).collect::<Vec<_>>(),
+        "flops" => s.iter().map(|r| r.flops).collect::<Vec<_>>(),
+        "bytes" => s.iter().map(|r| r.bytes).collect::<Vec<_>>(),
+    )
+}
+
+/// The overlap table, one row per rank, with durations in ns.
+pub fn overlap_frame(analysis: &Analysis) -> PolarsResult<DataFrame> {
+    let o = &analysis.overlap;
+    df!(
+        "rank" => o.iter().map(|r| r.rank).collect::<Vec<_>>(),
+        "span_ns" => o.iter().map(|r| r.span_ns).collect::<Vec<_>>(),
+        "busy_ns" => o.iter().map(|r| r.busy_ns).collect::<Vec<_>>(),
+        "idle_ns" => o.iter().map(|r| r.idle_ns).collect::<Vec<_>>(),
+        "compute_ns" => o.iter().map(|r| r.compute_ns).collect::<Vec<_>>(),
+        "comm_ns" => o.iter().map(|r| r.comm_ns).collect::<Vec<_>>(),
+        "overlapped_ns" => o.iter().map(|r| r.overlapped_ns).collect::<Vec<_>>(),
+        "exposed_comm_ns" => o.iter().map(|r| r.exposed_comm_ns).collect::<Vec<_>>(),
+        "overlap_ratio" => o.iter().map(|r| r.overlap_ratio).collect::<Vec<_>>(),
+    )
+}
+
+/// The memory breakdown in long format: one row per (rank, category), bytes at the rank's
+/// peak and the category's own maximum.
+pub fn memory_frame(analysis: &Analysis) -> PolarsResult<DataFrame> {
+    let mut rank = Vec::new();
+    let mut category = Vec::new();
+    let mut at_peak = Vec::new();
+    let mut max_bytes = Vec::new();
+    for r in &analysis.memory.ranks {
+        for c in MemCategory::ALL {
+            rank.push(r.rank);
+            category.push(c.as_str());
+            at_peak.push(r.at_peak[c.index()]);
+            max_bytes.push(r.max_per_category[c.index()]);
+        }
+    }
+    df!(
+        "rank" => rank,
+        "category" => category,
+        "bytes_at_peak" => at_peak,
+        "max_bytes" => max_bytes,
+    )
+}
+
+/// Writes stages, overlap and memory tables into `dir` (created if missing), each as
+/// `.parquet` and `.csv`; returns the paths written.
+pub fn write_tables(analysis: &Analysis, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let frames = [
+        ("stages", anyhow::Context::context(stage_frame(analysis), "building stage table")?),
+        ("overlap", anyhow::Context::context(overlap_frame(analysis), "building overlap table")?),
+        ("memory", anyhow::Context::context(memory_frame(analysis), "building memory table")?),
+    ];
+    let mut written = Vec::with_capacity(frames.len() * 2);
+    for (name, mut df) in frames {
+        let pq = dir.join(format!("{name}.parquet"));
+        let file = File::create(&pq).with_context(|| format!("creating {}", pq.display()))?;
+        ParquetWriter::new(file)
+            .finish(&mut df)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", pq.display()))?;
+        written.push(pq);
+
+        let csv = dir.join(format!("{name}.csv"));
+        let file = File::create(&csv).with_context(|| format!("creating {}", csv.display()))?;
+        CsvWriter::new(file)
+            .finish(&mut df)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", csv.display()))?;
+        written.push(csv);
+    }
+    Ok(written)
+}
+
+/// snake_case name of a pass, as in serialized traces.
+fn pass_str(p: crate::taxonomy::Pass) -> &'static str {
+    use crate::taxonomy::Pass;
+    match p {
+        Pass::Forward => "forward",
+        Pass::Backward => "backward",
+        Pass::Update => "update",
+    }
+}

@@ -1,0 +1,437 @@
+//! Execution of one [`OpKind`] on one rank with real f32 math.
+
+use super::fabric::Fabric;
+use super::store::{Store, StoreError};
+use crate::math::{activation, attention, linalg, norm, rng, routing};
+use crate::plan::ops::MoeDims;
+use crate::plan::{Group, OpKind};
+use crate::backend::BackendError;
+
+/// What an op needs besides its buffers.
+pub struct OpCtx<'a> {
+    /// Global rank.
+    pub rank: u32,
+    /// Experiment seed.
+    pub seed: u64,
+    /// Data step index (selects the batch).
+    pub step: u64,
+    /// Optimizer step count, 1-based.
+    pub adam_step: u64,
+    /// Collectives.
+    pub fabric: &'a Fabric,
+    /// Process groups of the plan.
+    pub groups: &'a [Group],
+    /// Name of the op, for errors.
+    pub op_name: &'a str,
+}
+
+/// Routing facts an op observed, summed into the step report.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouteObs {
+    /// Aux loss of the layer (same on every rank).
+    pub aux: f64,
+    /// Assignments dropped over the whole batch.
+    pub dropped: usize,
+    /// Assignments over the whole batch.
+    pub routed: usize,
+    /// Local loss contribution.
+    pub loss: f64,
+}
+
+/// Result of an op: actual bytes for collectives, routing facts for dispatch.
+#[derive(Debug, Default)]
+pub struct OpOutcome {
+    /// Bytes actually sent (collectives).
+    pub bytes: Option<u64>,
+    /// Routing or loss observations.
+    pub obs: Option<RouteObs>,
+}
+
+fn fail(ctx: &OpCtx, e: StoreError) -> BackendError {
+    BackendError::OpFailed { rank: ctx.rank, op: ctx.op_name.to_string(), message: e.0 }
+}
+
+fn table(dims: &MoeDims, gathered: &[f32]) -> routing::RoutingTable {
+    routing::RoutingTable::new(gathered, dims.data_world, dims.top_k, dims.n_experts, dims.tokens, dims.capacity)
+}
+
+/// Rows per local expert in the expert buffers: planned, or the largest local load.
+fn rows_per_expert(dims: &MoeDims, t: &routing::RoutingTable) -> usize {
+    dims.rows_per_expert.unwrap_or_else(|| {
+        let el = dims.local_experts();
+        (0..el)
+            .map(|i| dims.ep_peers.iter().map(|&s| t.kept_rank_expert(s, dims.ep_index * el + i)).sum::<usize>())
+            .max()
+            .unwrap_or(0)
+    })
+}
+
+/// Execute `kind` on `st`.
+pub fn execute(kind: &OpKind, st: &mut Store, ctx: &OpCtx) -> Result<OpOutcome, BackendError> {
+    exec_inner(kind, st, ctx).map_err(|e| match e {
+        Failure::Store(s) => fail(ctx, s),
+        Failure::Backend(b) => b,
+    })
+}
+
+enum Failure {
+    Store(StoreError),
+    Backend(BackendError),
+}
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+impl From<BackendError> for Failure {
+    fn from(e: BackendError) -> Self {
+        Failure::Backend(e)
+    }
+}
+
+fn exec_inner(kind: &OpKind, st: &mut Store, ctx: &OpCtx) -> Result<OpOutcome, Failure> {
+    use OpKind::*;
+    let mut outcome = OpOutcome::default();
+    match kind {
+        LoadBatch { x, target, shard, batch, seq, d_model } => {
+            let m = *d_model;
+            let mut xs = vec![0.0f32; batch * seq * m];
+            for b in 0..*batch {
+                let global_seq = (shard * batch + b) as u64;
+                let mut r = rng::stream(ctx.seed, "data.x", ctx.step, global_seq);
+                rng::fill_normal(&mut r, &mut xs[b * seq * m..(b + 1) * seq * m], 1.0);
+            }
+            let mut ts = vec![0.0f32; xs.len()];
+            for (trow, xrow) in ts.chunks_exact_mut(m).zip(xs.chunks_exact(m)) {
+                for i in 0..m {
+                    trow[i] = xrow[(i + 1) % m];
+                }
+            }
+            st.put_f32(*x, xs)?;
+            st.put_f32(*target, ts)?;
+        }
+        LayerNorm { x, gamma, beta, y, stats } => {
+            let xv = st.f32(*x)?;
+            let mut yv = vec![0.0; xv.len()];
+            let mut sv = vec![0.0; 2 * xv.len() / st.f32(*gamma)?.len()];
+            norm::forward(xv, st.f32(*gamma)?, st.f32(*beta)?, &mut yv, &mut sv);
+            st.put_f32(*y, yv)?;
+            st.put_f32(*stats, sv)?;
+        }
+        LayerNormBwd { x, gamma, stats, dy, residual, dx, dgamma, dbeta } => {
+            let g = st.f32(*gamma)?;
+            let mut dxv = vec![0.0; st.f32(*x)?.len()];
+            let mut dg = vec![0.0; g.len()];
+            let mut db = vec![0.0; g.len()];
+            norm::backward(st.f32(*x)?, g, st.f32(*stats)?, st.f32(*dy)?, &mut dxv, &mut dg, &mut db);
+            if let Some(r) = residual {
+                for (d, v) in dxv.iter_mut().zip(st.f32(*r)?) {
+                    *d += v;
+                }
+            }
+            st.put_f32(*dx, dxv)?;
+            st.put_f32(*dgamma, dg)?;
+            st.put_f32(*dbeta, db)?;
+        }
+        Linear { x, w, bias, residual, y, rows, d_in, d_out } => {
+            let mut yv = match residual {
+                Some(r) => st.f32(*r)?[..rows * d_out].to_vec(),
+                None => vec![0.0; rows * d_out],
+            };
+            linalg::gemm(&st.f32(*x)?[..rows * d_in], st.f32(*w)?, &mut yv, *rows, *d_in, *d_out, true);
+            if let Some(b) = bias {
+                linalg::add_bias(&mut yv, st.f32(*b)?);
+            }
+            st.put_f32(*y, yv)?;
+        }
+        LinearBwd { x, w, dy, dx, dw, dbias, accumulate_dx, rows, d_in, d_out } => {
+            let mut dwv = vec![0.0; d_in * d_out];
+            linalg::gemm_tn(&st.f32(*x)?[..rows * d_in], &st.f32(*dy)?[..rows * d_out], &mut dwv, *rows, *d_in, *d_out, false);
+            if let Some(db) = dbias {
+                let mut dbv = vec![0.0; *d_out];
+                linalg::col_sums(&st.f32(*dy)?[..rows * d_out], &mut dbv, false);
+                st.put_f32(*db, dbv)?;
+            }
+            if let Some(d) = dx {
+                let mut dxv = if *accumulate_dx { st.take_f32(*d)? } else { vec![0.0; rows * d_in] };
+                linalg::gemm_nt(&st.f32(*dy)?[..rows * d_out], st.f32(*w)?, &mut dxv[..rows * d_in], *rows, *d_out, *d_in, true);
+                st.put_f32(*d, dxv)?;
+            }
+            st.put_f32(*dw, dwv)?;
+        }
+        Act { h, a, act } => {
+            let hv = st.f32(*h)?;
+            let mut av = vec![0.0; hv.len()];
+            activation::forward(*act, hv, &mut av);
+            st.put_f32(*a, av)?;
+        }
+        ActBwd { h, da, dh, act } => {
+            let hv = st.f32(*h)?;
+            let mut dv = vec![0.0; hv.len()];
+            activation::backward(*act, hv, st.f32(*da)?, &mut dv);
+            st.put_f32(*dh, dv)?;
+        }
+        AttnCore { qkv, probs, ctx: c, dims } => {
+            let s = attention::AttnShape { batch: dims.batch, seq: dims.seq, heads: dims.heads, d_model: dims.d_model };
+            let mut p = vec![0.0; s.probs_len()];
+            let mut cv = vec![0.0; dims.batch * dims.seq * dims.d_model];
+            attention::forward(s, st.f32(*qkv)?, &mut p, &mut cv);
+            st.put_f32(*probs, p)?;
+            st.put_f32(*c, cv)?;
+        }
+        AttnCoreBwd { qkv, probs, dctx, dqkv, dims } => {
+            let s = attention::AttnShape { batch: dims.batch, seq: dims.seq, heads: dims.heads, d_model: dims.d_model };
+            let mut d = vec![0.0; st.f32(*qkv)?.len()];
+            attention::backward(s, st.f32(*qkv)?, st.f32(*probs)?, st.f32(*dctx)?, &mut d);
+            st.put_f32(*dqkv, d)?;
+        }
+        Route { logits, probs, idx, weights, stats, n_experts, top_k, renormalize } => {
+            let (e, k) = (*n_experts, *top_k);
+            let lv = st.f32(*logits)?;
+            let t = lv.len() / e;
+            let mut pv = vec![0.0; lv.len()];
+            routing::softmax_rows(lv, &mut pv, e);
+            let mut iv = vec![0i32; t * k];
+            let mut wv = vec![0.0; t * k];
+            routing::top_k(&pv, e, k, *renormalize, &mut iv, &mut wv);
+            let mut sv = vec![0.0; (k + 1) * e];
+            routing::local_stats(&pv, &iv, e, k, &mut sv);
+            st.put_f32(*probs, pv)?;
+            st.put_i32(*idx, iv)?;
+            st.put_f32(*weights, wv)?;
+            st.put_f32(*stats, sv)?;
+        }
+        RouteBwd { probs, idx, dweights, gathered, dlogits, dims, renormalize, aux_coef } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let mut dl = vec![0.0; dims.tokens * dims.n_experts];
+            routing::route_backward(st.f32(*probs)?, st.i32(*idx)?, st.f32(*dweights)?, dims.n_experts, dims.top_k, *renormalize,
+                *aux_coef, &tb, &mut dl);
+            st.put_f32(*dlogits, dl)?;
+        }
+        Dispatch { x, idx, gathered, send, send_counts, slots, dims } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let (t, k, e, m) = (dims.tokens, dims.top_k, dims.n_experts, dims.d_model);
+            let iv = st.i32(*idx)?;
+            let keep = routing::keep_mask(&tb, dims.data_rank, iv, k, e);
+            let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); e];
+            for j in 0..k {
+                for tok in 0..t {
+                    if keep[tok * k + j] {
+                        buckets[iv[tok * k + j] as usize].push(tok * k + j);
+                    }
+                }
+            }
+            let xv = st.f32(*x)?;
+            let mut sv = Vec::with_capacity(t * k * m);
+            let mut slot = vec![-1i32; t * k];
+            let el = dims.local_experts();
+            let mut counts = vec![0i32; dims.ep_peers.len()];
+            for (ex, bucket) in buckets.iter().enumerate() {
+                counts[ex / el] += bucket.len() as i32;
+                for &a in bucket {
+                    slot[a] = (sv.len() / m) as i32;
+                    sv.extend_from_slice(&xv[(a / k) * m..(a / k + 1) * m]);
+                }
+            }
+            outcome.obs = Some(RouteObs { aux: tb.aux_loss(), dropped: tb.dropped(), routed: tb.n_global * k, loss: 0.0 });
+            st.put_f32(*send, sv)?;
+            st.put_i32(*send_counts, counts)?;
+            st.put_i32(*slots, slot)?;
+        }
+        DispatchBwd { dsend, slots, dx, dims } => {
+            let (k, m) = (dims.top_k, dims.d_model);
+            let ds = st.f32(*dsend)?;
+            let mut d = vec![0.0; dims.tokens * m];
+            for (a, &s) in st.i32(*slots)?.iter().enumerate() {
+                if s >= 0 {
+                    let s = s as usize;
+                    for (o, v) in d[(a / k) * m..(a / k + 1) * m].iter_mut().zip(&ds[s * m..(s + 1) * m]) {
+                        *o += v;
+                    }
+                }
+            }
+            st.put_f32(*dx, d)?;
+        }
+        ExpertLayout { recv, gathered, out, dims } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let rows = rows_per_expert(dims, &tb);
+            let (m, el) = (dims.d_model, dims.local_experts());
+            let rv = st.f32(*recv)?;
+            let mut o = vec![0.0; el * rows * m];
+            let mut fill = vec![0usize; el];
+            let mut src_row = 0usize;
+            for &peer in &dims.ep_peers {
+                for (i, f) in fill.iter_mut().enumerate() {
+                    let n = tb.kept_rank_expert(peer, dims.ep_index * el + i);
+                    let dst = (i * rows + *f) * m;
+                    o[dst..dst + n * m].copy_from_slice(&rv[src_row * m..(src_row + n) * m]);
+                    *f += n;
+                    src_row += n;
+                }
+            }
+            st.put_f32(*out, o)?;
+        }
+        ExpertUnlayout { input, gathered, send, send_counts, dims } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let rows = rows_per_expert(dims, &tb);
+            let (m, el) = (dims.d_model, dims.local_experts());
+            let iv = st.f32(*input)?;
+            let mut s = Vec::new();
+            let mut counts = vec![0i32; dims.ep_peers.len()];
+            let mut fill = vec![0usize; el];
+            for (p, &peer) in dims.ep_peers.iter().enumerate() {
+                for (i, f) in fill.iter_mut().enumerate() {
+                    let n = tb.kept_rank_expert(peer, dims.ep_index * el + i);
+                    let src = (i * rows + *f) * m;
+                    s.extend_from_slice(&iv[src..src + n * m]);
+                    *f += n;
+                    counts[p] += n as i32;
+                }
+            }
+            st.put_f32(*send, s)?;
+            st.put_i32(*send_counts, counts)?;
+        }
+        ExpertLinear { x, w, bias, y, n_local, d_in, d_out } => {
+            let xv = st.f32(*x)?;
+            let rows = xv.len() / (n_local * d_in);
+            let (wv, bv) = (st.f32(*w)?, st.f32(*bias)?);
+            let mut yv = vec![0.0; n_local * rows * d_out];
+            for i in 0..*n_local {
+                let yi = &mut yv[i * rows * d_out..(i + 1) * rows * d_out];
+                linalg::gemm(&xv[i * rows * d_in..(i + 1) * rows * d_in], &wv[i * d_in * d_out..(i + 1) * d_in * d_out], yi, rows, *d_in, *d_out, false);
+                linalg::add_bias(yi, &bv[i * d_out..(i + 1) * d_out]);
+            }
+            st.put_f32(*y, yv)?;
+        }
+        ExpertLinearBwd { x, w, dy, dx, dw, dbias, n_local, d_in, d_out } => {
+            let (xv, wv, dyv) = (st.f32(*x)?, st.f32(*w)?, st.f32(*dy)?);
+            let rows = xv.len() / (n_local * d_in);
+            let mut dxv = vec![0.0; xv.len()];
+            let mut dwv = vec![0.0; wv.len()];
+            let mut dbv = vec![0.0; n_local * d_out];
+            for i in 0..*n_local {
+                let xi = &xv[i * rows * d_in..(i + 1) * rows * d_in];
+                let dyi = &dyv[i * rows * d_out..(i + 1) * rows * d_out];
+                linalg::gemm_tn(xi, dyi, &mut dwv[i * d_in * d_out..(i + 1) * d_in * d_out], rows, *d_in, *d_out, false);
+                linalg::col_sums(dyi, &mut dbv[i * d_out..(i + 1) * d_out], false);
+                linalg::gemm_nt(dyi, &wv[i * d_in * d_out..(i + 1) * d_in * d_out], &mut dxv[i * rows * d_in..(i + 1) * rows * d_in], rows, *d_out, *d_in, false);
+            }
+            st.put_f32(*dx, dxv)?;
+            st.put_f32(*dw, dwv)?;
+            st.put_f32(*dbias, dbv)?;
+        }
+        Combine { back, slots, weights, residual, out, dims } => {
+            let (k, m) = (dims.top_k, dims.d_model);
+            let mut o = st.f32(*residual)?.to_vec();
+            let (bv, wv) = (st.f32(*back)?, st.f32(*weights)?);
+            for (a, &s) in st.i32(*slots)?.iter().enumerate() {
+                if s >= 0 {
+                    let (s, w) = (s as usize, wv[a]);
+                    for (ov, v) in o[(a / k) * m..(a / k + 1) * m].iter_mut().zip(&bv[s * m..(s + 1) * m]) {
+                        *ov += w * v;
+                    }
+                }
+            }
+            st.put_f32(*out, o)?;
+        }
+        CombineBwd { dout, back, slots, weights, dback, dweights, dims } => {
+            let (k, m) = (dims.top_k, dims.d_model);
+            let (dov, bv, wv) = (st.f32(*dout)?, st.f32(*back)?, st.f32(*weights)?);
+            let sl = st.i32(*slots)?;
+            let used = sl.iter().filter(|&&s| s >= 0).count();
+            let mut db = vec![0.0; used * m];
+            let mut dw = vec![0.0; dims.tokens * k];
+            for (a, &s) in sl.iter().enumerate() {
+                if s >= 0 {
+                    let s = s as usize;
+                    let d = &dov[(a / k) * m..(a / k + 1) * m];
+                    dw[a] = d.iter().zip(&bv[s * m..(s + 1) * m]).map(|(x, y)| x * y).sum();
+                    for (o, v) in db[s * m..(s + 1) * m].iter_mut().zip(d) {
+                        *o = wv[a] * v;
+                    }
+                }
+            }
+            st.put_f32(*dback, db)?;
+            st.put_f32(*dweights, dw)?;
+        }
+        Loss { y, target, loss, dy, n_global, d_model } => {
+            let (yv, tv) = (st.f32(*y)?, st.f32(*target)?);
+            let denom = (*n_global * *d_model) as f64;
+            let sq: f64 = yv.iter().zip(tv).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let l = sq / (2.0 * denom);
+            if let Some(d) = dy {
+                let g: Vec<f32> = yv.iter().zip(tv).map(|(a, b)| ((a - b) as f64 / denom) as f32).collect();
+                st.put_f32(*d, g)?;
+            }
+            st.put_f32(*loss, vec![l as f32])?;
+            outcome.obs = Some(RouteObs { loss: l, ..Default::default() });
+        }
+        AllGather { group, send, recv } => {
+            let g = &ctx.groups[group.0 as usize];
+            let mine = st.f32(*send)?.to_vec();
+            outcome.bytes = Some((mine.len() * 4) as u64);
+            let all = ctx.fabric.collective(group.0, &g.ranks, ctx.rank, ctx.op_name, vec![mine], |deps, _| {
+                deps.iter().flat_map(|d| d[0].iter().copied()).collect::<Vec<f32>>()
+            })?;
+            st.put_f32(*recv, all)?;
+        }
+        AllReduce { group, bufs } => {
+            let g = &ctx.groups[group.0 as usize];
+            let mut flat = Vec::new();
+            for b in bufs {
+                flat.extend_from_slice(st.f32(*b)?);
+            }
+            outcome.bytes = Some((flat.len() * 4) as u64);
+            let sum = ctx.fabric.collective(group.0, &g.ranks, ctx.rank, ctx.op_name, vec![flat], |deps, _| {
+                let mut s = deps[0][0].clone();
+                for d in &deps[1..] {
+                    for (a, b) in s.iter_mut().zip(&d[0]) {
+                        *a += b;
+                    }
+                }
+                s
+            })?;
+            let mut off = 0;
+            for b in bufs {
+                let n = st.f32(*b)?.len();
+                st.put_f32(*b, sum[off..off + n].to_vec())?;
+                off += n;
+            }
+        }
+        AllToAllV { group, send, send_counts, recv, row_len } => {
+            let g = &ctx.groups[group.0 as usize];
+            let sv = st.f32(*send)?;
+            let mut parts = Vec::new();
+            let mut off = 0usize;
+            for &c in st.i32(*send_counts)? {
+                let n = c as usize * row_len;
+                parts.push(sv[off..off + n].to_vec());
+                off += n;
+            }
+            outcome.bytes = Some((off * 4) as u64);
+            let got = ctx.fabric.collective(group.0, &g.ranks, ctx.rank, ctx.op_name, parts, |deps, my| {
+                deps.iter().flat_map(|d| d[my].iter().copied()).collect::<Vec<f32>>()
+            })?;
+            st.put_f32(*recv, got)?;
+        }
+        Adam { params, lr, beta1, beta2, eps } => {
+            let t = ctx.adam_step as i32;
+            let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+            for (p, g, m, v) in params {
+                let mut pv = st.take_f32(*p)?;
+                let mut mv = st.take_f32(*m)?;
+                let mut vv = st.take_f32(*v)?;
+                let gv = st.f32(*g)?;
+                for i in 0..pv.len() {
+                    mv[i] = beta1 * mv[i] + (1.0 - beta1) * gv[i];
+                    vv[i] = beta2 * vv[i] + (1.0 - beta2) * gv[i] * gv[i];
+                    pv[i] -= lr * (mv[i] / c1) / ((vv[i] / c2).sqrt() + eps);
+                }
+                st.put_f32(*p, pv)?;
+                st.put_f32(*m, mv)?;
+                st.put_f32(*v, vv)?;
+            }
+        }
+    }
+    Ok(outcome)
+}

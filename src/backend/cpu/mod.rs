@@ -1,0 +1,255 @@
+//! The reference backend: real f32 math, one thread per rank, collectives through an
+//! in-process [`fabric::Fabric`] with NCCL's semantics, every op timed with a wall clock.
+
+pub mod exec;
+pub mod fabric;
+pub mod store;
+
+use super::{BackendError, ExecOptions, StepReport};
+use crate::math::rng;
+use crate::plan::{BufId, Plan, RankPlan};
+use crate::taxonomy::Stage;
+use crate::trace::{OpEvent, StepSpan, Trace};
+use exec::{OpCtx, RouteObs};
+use fabric::Fabric;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use store::Store;
+
+/// One rank's live state across steps.
+struct RankState {
+    store: Store,
+    ops: Vec<OpEvent>,
+    steps: Vec<StepSpan>,
+    retain: Vec<bool>,
+}
+
+/// A plan loaded onto simulated ranks, ready to run steps.
+pub struct CpuRuntime {
+    plan: Plan,
+    ranks: Vec<RankState>,
+    opts: ExecOptions,
+    epoch: Instant,
+    steps_done: usize,
+    measured_done: usize,
+}
+
+impl CpuRuntime {
+    /// Allocate and initialise every rank's parameters (deterministic from the seed).
+    pub fn new(plan: Plan, opts: ExecOptions) -> Self {
+        let epoch = Instant::now();
+        let seed = plan.spec.run.seed;
+        let ranks = plan
+            .ranks
+            .iter()
+            .map(|rp| {
+                let mut store = Store::new(rp.rank, rp.buffers.clone(), epoch);
+                init_params(rp, &mut store, seed);
+                let retain = rp.buffers.iter().map(|b| opts.retain.contains(&b.name)).collect();
+                RankState { store, ops: Vec::new(), steps: Vec::new(), retain }
+            })
+            .collect();
+        CpuRuntime { plan, ranks, opts, epoch, steps_done: 0, measured_done: 0 }
+    }
+
+    /// The plan being executed.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Run one step on every rank; `measured` steps are traced. `data_step` picks the batch
+    /// (defaults to the running step count).
+    pub fn step(&mut self, measured: bool, data_step: Option<u64>) -> Result<StepReport, BackendError> {
+        let fabric = Fabric::new(self.opts.collective_timeout);
+        let step = self.steps_done;
+        let data_step = data_step.unwrap_or(step as u64);
+        let adam_step = (step + 1) as u64;
+        let measured_idx = self.measured_done as u32;
+        let (plan, opts, epoch) = (&self.plan, &self.opts, self.epoch);
+        let t0 = Instant::now();
+        let results: Vec<Result<Vec<(Stage, RouteObs)>, BackendError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .ranks
+                .iter_mut()
+                .zip(&plan.ranks)
+                .map(|(state, rp)| {
+                    let fabric = &fabric;
+                    s.spawn(move || {
+                        let r = catch_unwind(AssertUnwindSafe(|| {
+                            run_rank(rp, state, plan, opts, fabric, epoch, data_step, adam_step, measured.then_some(measured_idx))
+                        }));
+                        let r = match r {
+                            Ok(r) => r,
+                            Err(p) => Err(BackendError::Crashed { rank: rp.rank, message: panic_message(&p) }),
+                        };
+                        if r.is_err() {
+                            fabric.abort(rp.rank);
+                        }
+                        r
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("rank threads catch their panics")).collect()
+        });
+        let mut first_cause = None;
+        let mut any_err = None;
+        let mut report = StepReport { step, measured, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, wall_s: t0.elapsed().as_secs_f64() };
+        for (rank, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(obs) => {
+                    for (stage, o) in obs {
+                        match stage {
+                            Stage::Loss => report.loss += o.loss,
+                            _ if rank == 0 => {
+                                report.aux_loss += o.aux;
+                                report.dropped += o.dropped;
+                                report.routed += o.routed;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e @ BackendError::Aborted { .. }) => {
+                    any_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_cause.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_cause.or(any_err) {
+            return Err(e);
+        }
+        self.steps_done += 1;
+        if measured {
+            self.measured_done += 1;
+        }
+        Ok(report)
+    }
+
+    /// Contents of a buffer on a rank (params, grads, retained activations).
+    pub fn read(&self, rank: usize, name: &str) -> Option<Vec<f32>> {
+        let id = self.plan.ranks[rank].buffer_id(name)?;
+        self.ranks[rank].store.f32(id).ok().map(|v| v.to_vec())
+    }
+
+    /// Contents of an index buffer on a rank (routing choices, slots).
+    pub fn read_i32(&self, rank: usize, name: &str) -> Option<Vec<i32>> {
+        let id = self.plan.ranks[rank].buffer_id(name)?;
+        self.ranks[rank].store.i32(id).ok().map(|v| v.to_vec())
+    }
+
+    /// Overwrite a parameter's values on a rank (finite-difference checks).
+    pub fn write(&mut self, rank: usize, name: &str, values: Vec<f32>) -> bool {
+        match self.plan.ranks[rank].buffer_id(name) {
+            Some(id) => self.ranks[rank].store.put_f32(id, values).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Highest bytes in use per rank, and the per-category bytes at that moment.
+    pub fn tracked_peaks(&self) -> Vec<(u64, [u64; 7])> {
+        self.ranks.iter().map(|r| (r.store.peak_total, r.store.at_peak)).collect()
+    }
+
+    /// Everything measured so far, as the common trace format.
+    pub fn trace(&self) -> Trace {
+        let mut t = Trace { backend: "cpu".into(), world: self.ranks.len() as u32, ..Default::default() };
+        for r in &self.ranks {
+            t.ops.extend(r.ops.iter().cloned());
+            t.memory.extend(r.store.events.iter().cloned());
+            t.steps.extend(r.steps.iter().cloned());
+        }
+        t
+    }
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into())
+}
+
+fn init_params(rp: &RankPlan, store: &mut Store, seed: u64) {
+    for p in &rp.params {
+        let desc = rp.buffer(p.value);
+        let mut v = vec![0.0f32; desc.elems];
+        match p.init.experts {
+            Some((first, count)) => {
+                let per = desc.elems / count as usize;
+                for (i, chunk) in v.chunks_mut(per).enumerate() {
+                    let mut r = rng::stream(seed, &p.init.tag, p.init.layer as u64, first as u64 + i as u64);
+                    rng::fill_normal(&mut r, chunk, p.init.std);
+                }
+            }
+            None => {
+                let mut r = rng::stream(seed, &p.init.tag, p.init.layer as u64, u64::MAX);
+                rng::fill_normal(&mut r, &mut v, p.init.std);
+            }
+        }
+        for x in v.iter_mut() {
+            *x += p.init.mean;
+        }
+        store.put_f32(p.value, v).expect("planned param size");
+        for b in p.grad.iter().chain(p.moments.iter().flat_map(|(m, v)| [m, v])) {
+            store.put_f32(*b, vec![0.0; desc.elems]).expect("planned size");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_rank(
+    rp: &RankPlan,
+    state: &mut RankState,
+    plan: &Plan,
+    opts: &ExecOptions,
+    fabric: &Fabric,
+    epoch: Instant,
+    data_step: u64,
+    adam_step: u64,
+    measured: Option<u32>,
+) -> Result<Vec<(Stage, RouteObs)>, BackendError> {
+    let start = epoch.elapsed().as_nanos() as u64;
+    let mut obs = Vec::new();
+    for op in &rp.ops {
+        if opts.cancel.load(Ordering::Relaxed) {
+            return Err(BackendError::Cancelled);
+        }
+        if opts.skip_optimizer && op.stage == Stage::Optimizer {
+            continue;
+        }
+        if let Some((r, name)) = &opts.fail_at {
+            if *r == rp.rank && *name == op.name {
+                return Err(BackendError::OpFailed { rank: rp.rank, op: op.name.clone(), message: "injected failure".into() });
+            }
+        }
+        let ctx = OpCtx { rank: rp.rank, seed: plan.spec.run.seed, step: data_step, adam_step, fabric, groups: &plan.groups, op_name: &op.name };
+        let t0 = epoch.elapsed().as_nanos() as u64;
+        let out = exec::execute(&op.kind, &mut state.store, &ctx)?;
+        let t1 = epoch.elapsed().as_nanos() as u64;
+        if let Some(o) = out.obs {
+            obs.push((op.stage, o));
+        }
+        for f in &op.frees {
+            if !state.retain[f.0 as usize] {
+                state.store.free(*f);
+            }
+        }
+        if let Some(step) = measured {
+            state.ops.push(OpEvent {
+                rank: rp.rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(),
+                layer: op.layer, chunk: op.chunk, start_ns: t0, end_ns: t1.max(t0 + 1), flops: op.flops,
+                bytes: out.bytes.unwrap_or(op.bytes),
+            });
+        }
+    }
+    if let Some(step) = measured {
+        let end = epoch.elapsed().as_nanos() as u64;
+        state.steps.push(StepSpan { rank: rp.rank, step, start_ns: start, end_ns: end });
+    }
+    Ok(obs)
+}
+
+/// Buffer id helper for tests and tools.
+pub fn buffer_named(plan: &RankPlan, name: &str) -> Option<BufId> {
+    plan.buffer_id(name)
+}

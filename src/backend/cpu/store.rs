@@ -1,0 +1,140 @@
+//! Per-rank tensor storage that tracks the bytes really held per memory category, so the
+//! plan's predicted peak can be checked against what the backend allocated.
+
+use crate::plan::{BufId, BufferDesc, ElemType};
+use crate::taxonomy::MemCategory;
+use crate::trace::MemEvent;
+use std::time::Instant;
+
+/// A buffer's contents.
+#[derive(Debug, Clone)]
+pub enum Data {
+    /// Values.
+    F32(Vec<f32>),
+    /// Indices and counts.
+    I32(Vec<i32>),
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::F32(v) => v.len(),
+            Data::I32(v) => v.len(),
+        }
+    }
+}
+
+/// Buffers of one rank, with live-byte accounting and memory events.
+pub struct Store {
+    descs: Vec<BufferDesc>,
+    data: Vec<Option<Data>>,
+    held: Vec<u64>,
+    in_use: [u64; 7],
+    rank: u32,
+    epoch: Instant,
+    /// Memory events so far.
+    pub events: Vec<MemEvent>,
+    /// Highest total so far.
+    pub peak_total: u64,
+    /// Bytes per category when the total first reached `peak_total`.
+    pub at_peak: [u64; 7],
+}
+
+/// A buffer access that broke the plan's contract (a backend or builder bug).
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl Store {
+    /// Empty store for `rank`'s buffers.
+    pub fn new(rank: u32, descs: Vec<BufferDesc>, epoch: Instant) -> Self {
+        let n = descs.len();
+        Store { descs, data: vec![None; n], held: vec![0; n], in_use: [0; 7], rank, epoch, events: Vec::new(), peak_total: 0, at_peak: [0; 7] }
+    }
+    fn account(&mut self, id: BufId, bytes: u64) {
+        let i = id.0 as usize;
+        let old = self.held[i];
+        if old == bytes {
+            return;
+        }
+        let cat: MemCategory = self.descs[i].category;
+        self.held[i] = bytes;
+        self.in_use[cat.index()] = self.in_use[cat.index()] + bytes - old;
+        let total: u64 = self.in_use.iter().sum();
+        if total > self.peak_total {
+            self.peak_total = total;
+            self.at_peak = self.in_use;
+        }
+        let t_ns = self.epoch.elapsed().as_nanos() as u64;
+        self.events.push(MemEvent { rank: self.rank, t_ns, category: cat, delta: bytes as i64 - old as i64 });
+    }
+    /// Name of a buffer.
+    pub fn name(&self, id: BufId) -> &str {
+        &self.descs[id.0 as usize].name
+    }
+    /// Store `data` as the buffer's contents. Static buffers are padded to their planned
+    /// size (data larger than planned is an error); dynamic ones are held at their real size.
+    pub fn put(&mut self, id: BufId, mut data: Data) -> Result<(), StoreError> {
+        let d = &self.descs[id.0 as usize];
+        match (&mut data, d.elem) {
+            (Data::F32(_), ElemType::F32) | (Data::I32(_), ElemType::I32) => {}
+            _ => return Err(StoreError(format!("buffer {} written with the wrong element type", d.name))),
+        }
+        if data.len() > d.elems {
+            return Err(StoreError(format!("buffer {} got {} elements, planned {}", d.name, data.len(), d.elems)));
+        }
+        if !d.dynamic {
+            match &mut data {
+                Data::F32(v) => v.resize(d.elems, 0.0),
+                Data::I32(v) => v.resize(d.elems, 0),
+            }
+        }
+        let bytes = (data.len() * d.elem_bytes) as u64;
+        self.data[id.0 as usize] = Some(data);
+        self.account(id, bytes);
+        Ok(())
+    }
+    /// Put f32 values.
+    pub fn put_f32(&mut self, id: BufId, v: Vec<f32>) -> Result<(), StoreError> {
+        self.put(id, Data::F32(v))
+    }
+    /// Put i32 values.
+    pub fn put_i32(&mut self, id: BufId, v: Vec<i32>) -> Result<(), StoreError> {
+        self.put(id, Data::I32(v))
+    }
+    /// Read f32 contents.
+    pub fn f32(&self, id: BufId) -> Result<&[f32], StoreError> {
+        match &self.data[id.0 as usize] {
+            Some(Data::F32(v)) => Ok(v),
+            Some(_) => Err(StoreError(format!("buffer {} is not f32", self.name(id)))),
+            None => Err(StoreError(format!("buffer {} read before it was written", self.name(id)))),
+        }
+    }
+    /// Read i32 contents.
+    pub fn i32(&self, id: BufId) -> Result<&[i32], StoreError> {
+        match &self.data[id.0 as usize] {
+            Some(Data::I32(v)) => Ok(v),
+            Some(_) => Err(StoreError(format!("buffer {} is not i32", self.name(id)))),
+            None => Err(StoreError(format!("buffer {} read before it was written", self.name(id)))),
+        }
+    }
+    /// Take f32 contents out to modify them in place (accounting unchanged); put them back.
+    pub fn take_f32(&mut self, id: BufId) -> Result<Vec<f32>, StoreError> {
+        match self.data[id.0 as usize].take() {
+            Some(Data::F32(v)) => Ok(v),
+            _ => Err(StoreError(format!("buffer {} is not a written f32 buffer", self.descs[id.0 as usize].name))),
+        }
+    }
+    /// Release a buffer.
+    pub fn free(&mut self, id: BufId) {
+        self.data[id.0 as usize] = None;
+        self.account(id, 0);
+    }
+    /// Bytes per category in use now.
+    pub fn in_use(&self) -> [u64; 7] {
+        self.in_use
+    }
+    /// Whether a buffer holds data.
+    pub fn is_live(&self, id: BufId) -> bool {
+        self.data[id.0 as usize].is_some()
+    }
+}

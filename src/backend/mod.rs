@@ -1,0 +1,100 @@
+//! Backends execute plans and return traces. `cpu` is the reference; every other backend
+//! must match its numbers. Backends see [`crate::plan::OpKind`]s, never variants.
+
+pub mod cpu;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What one training or inference step produced, summed over ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Step index counting warmup steps.
+    pub step: usize,
+    /// Whether the step is measured (after warmup).
+    pub measured: bool,
+    /// Regression loss over the global batch (without the aux term).
+    pub loss: f64,
+    /// Load-balancing loss summed over MoE layers (1.0 per layer when balanced).
+    pub aux_loss: f64,
+    /// Token assignments dropped by capacity, summed over layers.
+    pub dropped: usize,
+    /// Token assignments routed, summed over layers.
+    pub routed: usize,
+    /// Wall time of the step in seconds.
+    pub wall_s: f64,
+}
+
+/// Knobs of an execution that are not part of the experiment.
+#[derive(Clone)]
+pub struct ExecOptions {
+    /// Set to stop between ops; the run ends with [`BackendError::Cancelled`].
+    pub cancel: Arc<AtomicBool>,
+    /// Longest a rank waits in a collective for its peers.
+    pub collective_timeout: Duration,
+    /// Buffers (by name) kept after their last use, for inspection in tests.
+    pub retain: Vec<String>,
+    /// Run backward but skip the optimizer (gradient checks).
+    pub skip_optimizer: bool,
+    /// Test hook: make this rank fail at the op with this name.
+    pub fail_at: Option<(u32, String)>,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            cancel: Arc::new(AtomicBool::new(false)),
+            collective_timeout: Duration::from_secs(60),
+            retain: Vec::new(),
+            skip_optimizer: false,
+            fail_at: None,
+        }
+    }
+}
+
+/// Why an execution stopped.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum BackendError {
+    /// An op failed on a rank.
+    #[error("rank {rank} failed in op {op}: {message}")]
+    OpFailed {
+        /// Global rank.
+        rank: u32,
+        /// Op name.
+        op: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A rank panicked (a bug); the others were released.
+    #[error("rank {rank} crashed: {message}")]
+    Crashed {
+        /// Global rank.
+        rank: u32,
+        /// Panic payload.
+        message: String,
+    },
+    /// Peers did not arrive at a collective in time.
+    #[error("rank {rank} timed out after {secs} s in {op}: ranks {missing:?} never arrived")]
+    Timeout {
+        /// Waiting rank.
+        rank: u32,
+        /// Collective op name.
+        op: String,
+        /// Ranks that did not arrive.
+        missing: Vec<u32>,
+        /// Timeout in seconds.
+        secs: u64,
+    },
+    /// Another rank failed first; this one was released from its wait.
+    #[error("rank {rank} stopped because rank {by} failed")]
+    Aborted {
+        /// This rank.
+        rank: u32,
+        /// The rank that failed.
+        by: u32,
+    },
+    /// The user cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}

@@ -1,0 +1,155 @@
+//! The `moelab` command line: run, validate and inspect MoE experiments.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use moelab::plan::memory::predict;
+use moelab::plan::Plan;
+use moelab::run::{self, RunHooks};
+use moelab::spec::{self, ExperimentSpec};
+use moelab::taxonomy::MemCategory;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// moelab: compose, run and measure distributed Mixture-of-Experts training.
+///
+/// An experiment file (TOML) names a model, an MoE variant, a parallel layout and a backend.
+/// `moelab run` plans it per rank, executes it, and prints where the time and memory went.
+#[derive(Parser)]
+#[command(name = "moelab", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an experiment: print the stage table, overlap and memory breakdown, and write
+    /// runs/<timestamp>-<name>/ (resolved spec, run.log, trace.json for Perfetto, tables as
+    /// Parquet and CSV, summary.json).
+    Run {
+        /// Experiment file (TOML), e.g. experiments/quickstart.toml.
+        file: PathBuf,
+        /// Directory that receives the run directory.
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Print only the final tables (no progress bar or step lines).
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check experiment files without running them; exits non-zero if any is invalid.
+    Validate {
+        /// Experiment files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show the plan of an experiment: ops per rank, stages, and predicted peak memory.
+    Plan {
+        /// Experiment file.
+        file: PathBuf,
+    },
+}
+
+fn load(file: &Path) -> Result<ExperimentSpec> {
+    Ok(spec::load_file(file)?)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.2} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn cmd_validate(files: &[PathBuf]) -> Result<bool> {
+    let mut ok = true;
+    for f in files {
+        match load(f) {
+            Ok(s) => println!(
+                "ok: {} (variant {}, world {}, {} MoE layers, {} tokens per rank, backend {})",
+                f.display(), s.variant.as_str(), s.world(), s.model.n_layers, s.tokens_per_rank(), s.run.backend.as_str()
+            ),
+            Err(e) => {
+                ok = false;
+                eprintln!("{e:#}");
+            }
+        }
+    }
+    Ok(ok)
+}
+
+fn cmd_plan(file: &Path) -> Result<()> {
+    let s = load(file)?;
+    let plan = Plan::build(&s)?;
+    println!("{}: variant {}, world {}, {} ops in all", s.name, s.variant.as_str(), plan.world(), plan.op_count());
+    for rp in &plan.ranks {
+        let p = predict(rp);
+        let flops: u64 = rp.ops.iter().map(|o| o.flops).sum();
+        let comm = rp.ops.iter().filter(|o| o.stage.is_comm()).count();
+        println!(
+            "rank {}: {} ops ({} collectives), {:.3} GFLOP per step, predicted peak {}{}",
+            rp.rank, rp.ops.len(), comm, flops as f64 / 1e9, mib(p.peak_total), if p.upper_bound { " (upper bound: dropless)" } else { "" }
+        );
+        let cats: Vec<String> = MemCategory::ALL.iter().map(|c| format!("{} {}", c, mib(p.at_peak[c.index()]))).collect();
+        println!("  at peak: {}", cats.join(", "));
+    }
+    Ok(())
+}
+
+fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool) -> Result<()> {
+    let s = load(file)?;
+    let mut hooks = RunHooks::default();
+    let cancel = hooks.exec.cancel.clone();
+    ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    let total = (s.run.warmup + s.run.steps) as u64;
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(total) };
+    bar.set_style(ProgressStyle::with_template("{spinner} step {pos}/{len} [{elapsed_precise}] {msg}").expect("valid template"));
+    let b2 = bar.clone();
+    hooks.on_step = Some(Arc::new(move |r| {
+        b2.set_message(format!("loss {:.5} aux {:.3} dropped {}/{}", r.loss, r.aux_loss, r.dropped, r.routed));
+        b2.inc(1);
+    }));
+    if !quiet {
+        println!(
+            "running {} ({}): variant {}, world {} (dp {} x ep {}), backend {}, {} warmup + {} measured steps",
+            s.name, file.display(), s.variant.as_str(), s.world(), s.layout.dp, s.layout.ep, s.run.backend.as_str(), s.run.warmup, s.run.steps
+        );
+    }
+    let outcome = run::run(&s, runs_dir, &hooks);
+    bar.finish_and_clear();
+    let outcome = outcome?;
+    if !quiet {
+        for r in &outcome.steps {
+            println!(
+                "step {}{}: loss {:.6}  aux {:.4}  dropped {}/{}  {:.3} s",
+                r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, r.wall_s
+            );
+        }
+        println!();
+    }
+    println!("{}", outcome.analysis.render_text());
+    let worst = outcome.predicted.iter().zip(&outcome.tracked).map(|(p, t)| (p.peak_total, t.0, p.upper_bound)).max_by_key(|x| x.1);
+    if let Some((pred, tracked, bound)) = worst {
+        println!(
+            "peak memory: plan predicts {}{}, cpu backend tracked {}",
+            mib(pred), if bound { " (upper bound, dropless)" } else { "" }, mib(tracked)
+        );
+    }
+    println!("run directory: {}", outcome.dir.display());
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run { file, runs_dir, quiet } => cmd_run(file, runs_dir, *quiet).map(|_| true),
+        Command::Validate { files } => cmd_validate(files),
+        Command::Plan { file } => cmd_plan(file).map(|_| true),
+    };
+    match result {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Gating and routing: softmax, top-k choice, the global capacity rule and the GShard
+//! load-balancing loss.
+//!
+//! Capacity is decided over the whole global batch: assignment (choice j, rank r, token t)
+//! takes global position `offset(j, r, e) + ordinal`, ordered by choice first (every token's
+//! first choice beats any second choice), then rank, then token. Positions at or past the
+//! capacity C drop. Any layout and any chunking therefore drops exactly the tokens that the
+//! single-rank run drops.
+
+use crate::spec::Capacity;
+
+/// Row-wise softmax of `logits[T, E]` into `probs`.
+pub fn softmax_rows(logits: &[f32], probs: &mut [f32], e: usize) {
+    for (lr, pr) in logits.chunks_exact(e).zip(probs.chunks_exact_mut(e)) {
+        let mx = lr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for (p, &l) in pr.iter_mut().zip(lr) {
+            *p = (l - mx).exp();
+            sum += *p;
+        }
+        for p in pr.iter_mut() {
+            *p /= sum;
+        }
+    }
+}
+
+/// Top-k per row of `probs[T, E]`: indices `[T, k]` in descending probability (ties go to
+/// the lower expert index) and their gate weights (renormalized to sum 1 when asked).
+pub fn top_k(probs: &[f32], e: usize, k: usize, renormalize: bool, idx: &mut [i32], w: &mut [f32]) {
+    for (t, pr) in probs.chunks_exact(e).enumerate() {
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|&a, &b| pr[b].partial_cmp(&pr[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+        let sum: f32 = order[..k].iter().map(|&x| pr[x]).sum();
+        for j in 0..k {
+            idx[t * k + j] = order[j] as i32;
+            w[t * k + j] = if renormalize { pr[order[j]] / sum } else { pr[order[j]] };
+        }
+    }
+}
+
+/// Local routing statistics `[(k + 1) * E]`: counts per (choice j, expert e) as f32, then
+/// the sum of probabilities per expert (for the aux loss).
+pub fn local_stats(probs: &[f32], idx: &[i32], e: usize, k: usize, stats: &mut [f32]) {
+    stats.fill(0.0);
+    for (i, &x) in idx.iter().enumerate() {
+        stats[(i % k) * e + x as usize] += 1.0;
+    }
+    for pr in probs.chunks_exact(e) {
+        for (s, p) in stats[k * e..].iter_mut().zip(pr) {
+            *s += p;
+        }
+    }
+}
+
+/// Everything a rank needs to know about every rank's routing for one MoE layer: built from
+/// the all-gathered local stats, identical on every rank.
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    world: usize,
+    k: usize,
+    e: usize,
+    /// Capacity C per expert (global).
+    pub capacity: usize,
+    /// Tokens in the global batch.
+    pub n_global: usize,
+    count: Vec<usize>,
+    kept: Vec<usize>,
+    prob_sum: Vec<f64>,
+}
+
+impl RoutingTable {
+    /// `gathered[W * (k+1) * E]` in rank order; `tokens_per_rank` per data rank.
+    pub fn new(gathered: &[f32], world: usize, k: usize, e: usize, tokens_per_rank: usize, cap: Capacity) -> Self {
+        let stride = (k + 1) * e;
+        let mut count = vec![0usize; world * k * e];
+        let mut prob_sum = vec![0.0f64; e];
+        for r in 0..world {
+            for j in 0..k {
+                for x in 0..e {
+                    count[(r * k + j) * e + x] = gathered[r * stride + j * e + x].round() as usize;
+                }
+            }
+            for x in 0..e {
+                prob_sum[x] += gathered[r * stride + k * e + x] as f64;
+            }
+        }
+        let n_global = world * tokens_per_rank;
+        let capacity = match cap {
+            Capacity::Factor(cf) => ((cf * (k * n_global) as f64 / e as f64).ceil() as usize).max(1),
+            Capacity::Dropless => (0..e)
+                .map(|x| (0..world * k).map(|rj| count[rj * e + x]).sum::<usize>())
+                .max()
+                .unwrap_or(0)
+                .max(1),
+        };
+        let mut kept = vec![0usize; world * k * e];
+        for x in 0..e {
+            let mut offset = 0usize;
+            for j in 0..k {
+                for r in 0..world {
+                    let c = count[(r * k + j) * e + x];
+                    kept[(r * k + j) * e + x] = c.min(capacity.saturating_sub(offset));
+                    offset += c;
+                }
+            }
+        }
+        RoutingTable { world, k, e, capacity, n_global, count, kept, prob_sum }
+    }
+    /// Assignments of rank r's tokens, choice j, to expert e that stay (within capacity).
+    pub fn kept(&self, r: usize, j: usize, e: usize) -> usize {
+        self.kept[(r * self.k + j) * self.e + e]
+    }
+    /// Rows rank r sends to expert e (all choices).
+    pub fn kept_rank_expert(&self, r: usize, e: usize) -> usize {
+        (0..self.k).map(|j| self.kept(r, j, e)).sum()
+    }
+    /// Assignments routed to expert e before dropping, over the whole batch.
+    pub fn load(&self, e: usize) -> usize {
+        (0..self.world * self.k).map(|rj| self.count[rj * self.e + e]).sum()
+    }
+    /// Assignments dropped over the whole batch.
+    pub fn dropped(&self) -> usize {
+        self.count.iter().sum::<usize>() - self.kept.iter().sum::<usize>()
+    }
+    /// f_e: fraction of all k * N assignments routed to expert e (before dropping).
+    pub fn fraction(&self, e: usize) -> f64 {
+        self.load(e) as f64 / (self.k * self.n_global) as f64
+    }
+    /// P_e: mean gate probability of expert e over the global batch.
+    pub fn mean_prob(&self, e: usize) -> f64 {
+        self.prob_sum[e] / self.n_global as f64
+    }
+    /// GShard/Switch load-balancing loss `E * sum_e P_e f_e` (1.0 when perfectly balanced).
+    pub fn aux_loss(&self) -> f64 {
+        (0..self.e).map(|x| self.e as f64 * self.mean_prob(x) * self.fraction(x)).sum()
+    }
+}
+
+/// Which assignments of one rank stay: `slot_keep[t * k + j]` is true when kept. Kept
+/// assignments are, per (j, e), the first `kept(r, j, e)` tokens in token order.
+pub fn keep_mask(table: &RoutingTable, rank: usize, idx: &[i32], k: usize, e: usize) -> Vec<bool> {
+    let mut seen = vec![0usize; k * e];
+    idx.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let j = i % k;
+            let slot = j * e + x as usize;
+            let ord = seen[slot];
+            seen[slot] += 1;
+            ord < table.kept(rank, j, x as usize)
+        })
+        .collect()
+}
+
+/// Backward of softmax + top-k + aux loss: `dlogits[T, E]` from `dw[T, k]`.
+/// The aux term's gradient flows through P_e only (f_e counts are not differentiable).
+#[allow(clippy::too_many_arguments)]
+pub fn route_backward(
+    probs: &[f32],
+    idx: &[i32],
+    dw: &[f32],
+    e: usize,
+    k: usize,
+    renormalize: bool,
+    aux_coef: f32,
+    table: &RoutingTable,
+    dlogits: &mut [f32],
+) {
+    let aux_grad: Vec<f32> = (0..e)
+        .map(|x| (aux_coef as f64 * e as f64 * table.fraction(x) / table.n_global as f64) as f32)
+        .collect();
+    let mut dp = vec![0.0f32; e];
+    for (t, (pr, dl)) in probs.chunks_exact(e).zip(dlogits.chunks_exact_mut(e)).enumerate() {
+        dp.copy_from_slice(&aux_grad);
+        let sel = &idx[t * k..(t + 1) * k];
+        let dws = &dw[t * k..(t + 1) * k];
+        if renormalize {
+            let s: f32 = sel.iter().map(|&x| pr[x as usize]).sum();
+            let dot: f32 = sel.iter().zip(dws).map(|(&x, &g)| g * pr[x as usize] / s).sum();
+            for (&x, &g) in sel.iter().zip(dws) {
+                dp[x as usize] += (g - dot) / s;
+            }
+        } else {
+            for (&x, &g) in sel.iter().zip(dws) {
+                dp[x as usize] += g;
+            }
+        }
+        let inner: f32 = pr.iter().zip(&dp).map(|(p, d)| p * d).sum();
+        for ((d, p), g) in dl.iter_mut().zip(pr).zip(&dp) {
+            *d = p * (g - inner);
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Reusable pieces of a transformer block's plan (LayerNorm, attention, dense MLP, loss,
+//! gradient reduction and Adam), shared by every variant's builder.
+
+use crate::math::linalg::gemm_flops;
+use crate::plan::{AttnDims, BufId, GroupId, OpKind, ParamInit, RankBuilder};
+use crate::spec::{Activation, ExperimentSpec};
+use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
+
+/// Saved state of a LayerNorm for its backward.
+pub struct LnSaved {
+    /// Input.
+    pub x: BufId,
+    /// Gain.
+    pub gamma: BufId,
+    /// Shift.
+    pub beta: BufId,
+    /// (mean, rstd) per row.
+    pub stats: BufId,
+    /// Output.
+    pub y: BufId,
+}
+
+fn init(tag: &str, layer: usize, mean: f32, std: f32) -> ParamInit {
+    ParamInit { tag: tag.into(), layer: layer as u32, experts: None, mean, std }
+}
+
+/// `y = LN(x)` with fresh params named `{name}.gamma/beta`.
+pub fn layernorm(b: &mut RankBuilder, name: &str, layer: usize, x: BufId, t: usize, m: usize) -> LnSaved {
+    let gamma = b.param(&format!("L{layer}.{name}.gamma"), m, init(&format!("{name}.gamma"), layer, 1.0, 0.1), false);
+    let beta = b.param(&format!("L{layer}.{name}.beta"), m, init(&format!("{name}.beta"), layer, 0.0, 0.1), false);
+    let y = b.buf(format!("L{layer}.{name}.y"), t * m, Mc::Activations);
+    let stats = b.buf(format!("L{layer}.{name}.stats"), t * 2, Mc::Activations);
+    let bytes = b.bytes_of(x) * 2;
+    b.op(name, Stage::Layernorm, Pass::Forward, OpKind::LayerNorm { x, gamma, beta, y, stats }, 8 * (t * m) as u64, bytes);
+    LnSaved { x, gamma, beta, stats, y }
+}
+
+/// Backward of a LayerNorm whose output gradient is `dy`, adding the residual gradient.
+pub fn layernorm_bwd(b: &mut RankBuilder, name: &str, layer: usize, ln: &LnSaved, dy: BufId, residual: BufId, t: usize, m: usize) -> BufId {
+    let dx = b.buf(format!("L{layer}.{name}.dx"), t * m, Mc::Activations);
+    let (dgamma, dbeta) = (b.grad(ln.gamma), b.grad(ln.beta));
+    let bytes = b.bytes_of(dy) * 4;
+    b.op(format!("{name}_bwd"), Stage::Layernorm, Pass::Backward,
+        OpKind::LayerNormBwd { x: ln.x, gamma: ln.gamma, stats: ln.stats, dy, residual: Some(residual), dx, dgamma, dbeta },
+        12 * (t * m) as u64, bytes);
+    dx
+}
+
+/// A dense projection op with its params; returns (y, w, bias).
+#[allow(clippy::too_many_arguments)]
+pub fn linear(b: &mut RankBuilder, name: &str, tag: &str, stage: Stage, layer: usize, x: BufId, residual: Option<BufId>,
+    rows: usize, d_in: usize, d_out: usize, with_bias: bool) -> (BufId, BufId, Option<BufId>) {
+    let w = b.param(&format!("L{layer}.{tag}.w"), d_in * d_out, init(&format!("{tag}.w"), layer, 0.0, 1.0 / (d_in as f32).sqrt()), false);
+    let bias = with_bias.then(|| b.param(&format!("L{layer}.{tag}.b"), d_out, init(&format!("{tag}.b"), layer, 0.0, 0.02), false));
+    let y = b.buf(format!("L{layer}.{tag}.y"), rows * d_out, Mc::Activations);
+    let bytes = 4 * (rows * d_in + d_in * d_out + rows * d_out) as u64;
+    b.op(name, stage, Pass::Forward, OpKind::Linear { x, w, bias, residual, y, rows, d_in, d_out }, gemm_flops(rows, d_in, d_out), bytes);
+    (y, w, bias)
+}
+
+/// Backward of a projection: returns dx (a fresh buffer, or `into` accumulated).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd(b: &mut RankBuilder, name: &str, stage: Stage, layer: usize, x: BufId, w: BufId, bias: Option<BufId>, dy: BufId,
+    into: Option<BufId>, rows: usize, d_in: usize, d_out: usize) -> BufId {
+    let (dx, accumulate_dx) = match into {
+        Some(d) => (d, true),
+        None => (b.buf(format!("L{layer}.{name}.dx"), rows * d_in, Mc::Activations), false),
+    };
+    let dw = b.grad(w);
+    let dbias = bias.map(|bb| b.grad(bb));
+    let bytes = 4 * 2 * (rows * d_in + d_in * d_out + rows * d_out) as u64;
+    b.op(format!("{name}_bwd"), stage, Pass::Backward,
+        OpKind::LinearBwd { x, w, dy, dx: Some(dx), dw, dbias, accumulate_dx, rows, d_in, d_out },
+        2 * gemm_flops(rows, d_in, d_out), bytes);
+    dx
+}
+
+/// Saved state of an attention sublayer.
+pub struct AttnSaved {
+    ln: LnSaved,
+    wqkv: BufId,
+    bqkv: Option<BufId>,
+    qkv: BufId,
+    probs: BufId,
+    ctx: BufId,
+    wo: BufId,
+    bo: Option<BufId>,
+    dims: AttnDims,
+}
+
+/// `x + Attn(LN(x))`; returns (output, saved).
+pub fn attention(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, x: BufId, heads: usize) -> (BufId, AttnSaved) {
+    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
+    let dims = AttnDims { batch: t / spec.seq_len(), seq: spec.seq_len(), heads, d_model: m };
+    let ln = layernorm(b, "ln_attn", layer, x, t, m);
+    let (qkv, wqkv, bqkv) = linear(b, "qkv", "attn.qkv", Stage::Attention, layer, ln.y, None, t, m, 3 * m, true);
+    let probs = b.buf(format!("L{layer}.attn.probs"), dims.batch * heads * dims.seq * dims.seq, Mc::Activations);
+    let ctx = b.buf(format!("L{layer}.attn.ctx"), t * m, Mc::Activations);
+    let core = crate::math::attention::AttnShape { batch: dims.batch, seq: dims.seq, heads, d_model: m };
+    b.op("attn_core", Stage::Attention, Pass::Forward, OpKind::AttnCore { qkv, probs, ctx, dims }, core.core_flops(),
+        4 * (t * 4 * m + core.probs_len()) as u64);
+    let (out, wo, bo) = linear(b, "attn_out", "attn.out", Stage::Attention, layer, ctx, Some(x), t, m, m, true);
+    (out, AttnSaved { ln, wqkv, bqkv, qkv, probs, ctx, wo, bo, dims })
+}
+
+/// Backward of an attention sublayer given the gradient of its output.
+pub fn attention_bwd(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, s: &AttnSaved, dout: BufId) -> BufId {
+    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
+    let dctx = linear_bwd(b, "attn_out", Stage::Attention, layer, s.ctx, s.wo, s.bo, dout, None, t, m, m);
+    let dqkv = b.buf(format!("L{layer}.attn.dqkv"), t * 3 * m, Mc::Activations);
+    let core = crate::math::attention::AttnShape { batch: s.dims.batch, seq: s.dims.seq, heads: s.dims.heads, d_model: m };
+    b.op("attn_core_bwd", Stage::Attention, Pass::Backward,
+        OpKind::AttnCoreBwd { qkv: s.qkv, probs: s.probs, dctx, dqkv, dims: s.dims }, 2 * core.core_flops(),
+        4 * (t * 8 * m + core.probs_len()) as u64);
+    let dln = linear_bwd(b, "qkv", Stage::Attention, layer, s.ln.y, s.wqkv, s.bqkv, dqkv, None, t, m, 3 * m);
+    layernorm_bwd(b, "ln_attn", layer, &s.ln, dln, dout, t, m)
+}
+
+/// Saved state of a dense MLP sublayer.
+pub struct MlpSaved {
+    ln: LnSaved,
+    w1: BufId,
+    b1: Option<BufId>,
+    h: BufId,
+    a: BufId,
+    w2: BufId,
+    b2: Option<BufId>,
+    d_mlp: usize,
+    act: Activation,
+}
+
+/// `x + MLP(LN(x))`.
+pub fn dense_mlp(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, x: BufId, d_mlp: usize) -> (BufId, MlpSaved) {
+    let (t, m, act) = (spec.tokens_per_rank(), spec.model.d_model, spec.model.activation);
+    let ln = layernorm(b, "ln_mlp", layer, x, t, m);
+    let (h, w1, b1) = linear(b, "mlp_fc1", "mlp.fc1", Stage::DenseMlp, layer, ln.y, None, t, m, d_mlp, true);
+    let a = b.buf(format!("L{layer}.mlp.act"), t * d_mlp, Mc::Activations);
+    b.op("mlp_act", Stage::DenseMlp, Pass::Forward, OpKind::Act { h, a, act }, 8 * (t * d_mlp) as u64, 8 * (t * d_mlp) as u64);
+    let (out, w2, b2) = linear(b, "mlp_fc2", "mlp.fc2", Stage::DenseMlp, layer, a, Some(x), t, d_mlp, m, true);
+    (out, MlpSaved { ln, w1, b1, h, a, w2, b2, d_mlp, act })
+}
+
+/// Backward of a dense MLP sublayer.
+pub fn dense_mlp_bwd(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, s: &MlpSaved, dout: BufId) -> BufId {
+    let (t, m, f) = (spec.tokens_per_rank(), spec.model.d_model, s.d_mlp);
+    let da = linear_bwd(b, "mlp_fc2", Stage::DenseMlp, layer, s.a, s.w2, s.b2, dout, None, t, f, m);
+    let dh = b.buf(format!("L{layer}.mlp.dh"), t * f, Mc::Activations);
+    b.op("mlp_act_bwd", Stage::DenseMlp, Pass::Backward, OpKind::ActBwd { h: s.h, da, dh, act: s.act }, 10 * (t * f) as u64, 12 * (t * f) as u64);
+    let dln = linear_bwd(b, "mlp_fc1", Stage::DenseMlp, layer, s.ln.y, s.w1, s.b1, dh, None, t, m, f);
+    layernorm_bwd(b, "ln_mlp", layer, &s.ln, dln, dout, t, m)
+}
+
+/// Gradient reduction (dense grads over `dense_group`, expert grads over `expert_group`)
+/// followed by Adam over every param.
+pub fn update(b: &mut RankBuilder, spec: &ExperimentSpec, dense_group: Option<GroupId>, expert_group: Option<GroupId>) {
+    b.set_layer(None);
+    let params = b.params().to_vec();
+    for (group, expert, name) in [(dense_group, false, "grad_allreduce_dense"), (expert_group, true, "grad_allreduce_expert")] {
+        if let Some(g) = group {
+            let bufs: Vec<BufId> = params.iter().filter(|p| p.expert == expert).filter_map(|p| p.grad).collect();
+            if !bufs.is_empty() {
+                let bytes: u64 = bufs.iter().map(|x| b.bytes_of(*x)).sum();
+                b.op(name, Stage::AllReduce, Pass::Update, OpKind::AllReduce { group: g, bufs }, 0, bytes);
+            }
+        }
+    }
+    let quads: Vec<_> = params.iter().map(|p| {
+        let (m, v) = p.moments.expect("training params have moments");
+        (p.value, p.grad.expect("training params have grads"), m, v)
+    }).collect();
+    let bytes: u64 = quads.iter().map(|q| 7 * b.bytes_of(q.0)).sum();
+    let flops: u64 = quads.iter().map(|q| 12 * b.bytes_of(q.0) / 4).sum();
+    b.op("adam", Stage::Optimizer, Pass::Update,
+        OpKind::Adam { params: quads, lr: spec.run.lr as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8 }, flops, bytes);
+}

@@ -1,0 +1,282 @@
+//! GShard/Switch top-k MoE with all-to-all expert parallelism, the baseline every other
+//! variant is compared with.
+//!
+//! Per MoE layer: LN -> gate -> route (softmax, top-k) -> all-gather of routing stats
+//! (global capacity) -> dispatch (capacity, pack rows per peer) -> all-to-all -> expert
+//! layout -> fc1 -> act -> fc2 -> unlayout -> all-to-all back -> combine (+ residual).
+
+use super::blocks::{self, AttnSaved, LnSaved, MlpSaved};
+use super::DataExpertGroups;
+use crate::math::linalg::gemm_flops;
+use crate::plan::ops::MoeDims;
+use crate::plan::{BufId, GroupId, OpKind, ParamInit, Plan, RankBuilder};
+use crate::spec::{Capacity, ExperimentSpec, Mode};
+use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
+
+/// Everything the MoE sublayer's backward needs from its forward.
+struct MoeSaved {
+    dims: MoeDims,
+    ln: LnSaved,
+    wg: BufId,
+    probs: BufId,
+    idx: BufId,
+    weights: BufId,
+    gathered: BufId,
+    send_counts: BufId,
+    slots: BufId,
+    ein: BufId,
+    h: BufId,
+    a: BufId,
+    back: BufId,
+    w1: BufId,
+    b1: BufId,
+    w2: BufId,
+    b2: BufId,
+}
+
+enum Saved {
+    Attn(AttnSaved),
+    Mlp(MlpSaved),
+    Moe(Box<MoeSaved>),
+}
+
+/// Build the top-k plan for every rank.
+pub fn build(spec: &ExperimentSpec) -> Plan {
+    let (dp, ep) = (spec.layout.dp, spec.layout.ep);
+    let groups = DataExpertGroups::new(dp, ep);
+    let ranks = (0..spec.world()).map(|r| build_rank(spec, &groups, r)).collect();
+    Plan { spec: spec.clone(), groups: groups.groups.clone(), ranks }
+}
+
+fn moe_dims(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> MoeDims {
+    let m = &spec.model;
+    let t = spec.tokens_per_rank();
+    let world = spec.world();
+    let ep = spec.layout.ep;
+    let rows_per_expert = match spec.capacity() {
+        Capacity::Factor(cf) => {
+            let c = ((cf * (m.top_k * t * world) as f64 / m.n_experts as f64).ceil() as usize).max(1);
+            Some(c.min(t * ep))
+        }
+        Capacity::Dropless => None,
+    };
+    MoeDims {
+        tokens: t,
+        d_model: m.d_model,
+        n_experts: m.n_experts,
+        top_k: m.top_k,
+        data_world: world,
+        data_rank: rank,
+        ep_peers: groups.ranks(groups.ep_group(rank)).iter().map(|&r| r as usize).collect(),
+        ep_index: rank % ep,
+        capacity: spec.capacity(),
+        rows_per_expert,
+    }
+}
+
+fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> crate::plan::RankPlan {
+    let training = spec.run.mode == Mode::Training;
+    let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
+    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
+    let world = spec.world();
+    let x0 = b.buf("input.x", t * m, Mc::Inputs);
+    let target = b.buf("input.target", t * m, Mc::Inputs);
+    let batch = t / spec.seq_len();
+    b.op("load_batch", Stage::Data, Pass::Forward,
+        OpKind::LoadBatch { x: x0, target, shard: rank, batch, seq: spec.seq_len(), d_model: m }, 0, 8 * (t * m) as u64);
+
+    let mut x = x0;
+    let mut saved: Vec<(usize, BufId, Saved)> = Vec::new();
+    for layer in 0..spec.model.n_layers {
+        b.set_layer(Some(layer as u32));
+        if let Some(bb) = &spec.model.backbone {
+            if bb.n_heads > 0 {
+                let (out, s) = blocks::attention(&mut b, spec, layer, x, bb.n_heads);
+                saved.push((layer, out, Saved::Attn(s)));
+                x = out;
+            }
+            if bb.d_mlp > 0 {
+                let (out, s) = blocks::dense_mlp(&mut b, spec, layer, x, bb.d_mlp);
+                saved.push((layer, out, Saved::Mlp(s)));
+                x = out;
+            }
+        }
+        let (out, s) = moe_forward(&mut b, spec, groups, rank, layer, x);
+        saved.push((layer, out, Saved::Moe(Box::new(s))));
+        x = out;
+    }
+    b.set_layer(None);
+    let loss = b.buf("loss", 1, Mc::Activations);
+    let dy = training.then(|| b.buf("loss.dy", t * m, Mc::Activations));
+    b.op("loss", Stage::Loss, Pass::Forward, OpKind::Loss { y: x, target, loss, dy, n_global: t * world, d_model: m }, 3 * (t * m) as u64,
+        12 * (t * m) as u64);
+
+    if let Some(mut grad) = dy {
+        for (layer, _out, s) in saved.iter().rev() {
+            b.set_layer(Some(*layer as u32));
+            grad = match s {
+                Saved::Attn(a) => blocks::attention_bwd(&mut b, spec, *layer, a, grad),
+                Saved::Mlp(p) => blocks::dense_mlp_bwd(&mut b, spec, *layer, p, grad),
+                Saved::Moe(s) => moe_backward(&mut b, spec, groups, rank, *layer, s, grad),
+            };
+        }
+        let dense = (world > 1).then(|| groups.world());
+        let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
+        blocks::update(&mut b, spec, dense, expert);
+    }
+    b.finish()
+}
+
+fn expert_param(b: &mut RankBuilder, layer: usize, tag: &str, dims: &MoeDims, per_expert: usize, std: f32) -> BufId {
+    let el = dims.local_experts();
+    let first = (dims.ep_index * el) as u32;
+    let init = ParamInit { tag: format!("expert.{tag}"), layer: layer as u32, experts: Some((first, el as u32)), mean: 0.0, std };
+    b.param(&format!("L{layer}.expert.{tag}"), el * per_expert, init, true)
+}
+
+fn a2a(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, send: BufId, send_counts: BufId, recv: BufId, m: usize) {
+    let bytes = b.bytes_of(send);
+    b.op(name, Stage::AllToAll, pass, OpKind::AllToAllV { group, send, send_counts, recv, row_len: m }, 0, bytes);
+}
+
+fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, x: BufId) -> (BufId, MoeSaved) {
+    let dims = moe_dims(spec, groups, rank);
+    let (t, m, e, k, f) = (dims.tokens, dims.d_model, dims.n_experts, dims.top_k, spec.model.d_ffn);
+    let ep = dims.ep_peers.len();
+    let el = dims.local_experts();
+    let ln = blocks::layernorm(b, "ln_moe", layer, x, t, m);
+    let wg = b.param(&format!("L{layer}.gate.w"), m * e,
+        ParamInit { tag: "gate.w".into(), layer: layer as u32, experts: None, mean: 0.0, std: 1.0 / (m as f32).sqrt() }, false);
+    let logits = b.buf(format!("L{layer}.gate.logits"), t * e, Mc::Activations);
+    b.op("gate", Stage::Gate, Pass::Forward,
+        OpKind::Linear { x: ln.y, w: wg, bias: None, residual: None, y: logits, rows: t, d_in: m, d_out: e },
+        gemm_flops(t, m, e), 4 * (t * m + m * e + t * e) as u64);
+    let probs = b.buf(format!("L{layer}.route.probs"), t * e, Mc::Activations);
+    let idx = b.index_buf(format!("L{layer}.route.idx"), t * k, Mc::Activations);
+    let weights = b.buf(format!("L{layer}.route.weights"), t * k, Mc::Activations);
+    let stats = b.buf(format!("L{layer}.route.stats"), (k + 1) * e, Mc::CommBuffers);
+    b.op("route", Stage::Topk, Pass::Forward,
+        OpKind::Route { logits, probs, idx, weights, stats, n_experts: e, top_k: k, renormalize: spec.model.renormalize },
+        (t * e * 6) as u64, 4 * (3 * t * e + 2 * t * k) as u64);
+    let gathered = if dims.data_world > 1 {
+        let g = b.buf(format!("L{layer}.route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
+        let bytes = b.bytes_of(stats);
+        b.op("stats_allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: groups.world(), send: stats, recv: g }, 0, bytes);
+        g
+    } else {
+        stats
+    };
+    let dropless = dims.rows_per_expert.is_none();
+    let rows = dims.rows_per_expert.unwrap_or(t * ep);
+    let route_buf = |b: &mut RankBuilder, name: String, elems: usize, cat: Mc| {
+        if dropless { b.dyn_buf(name, elems, cat) } else { b.buf(name, elems, cat) }
+    };
+    let send = b.buf(format!("L{layer}.moe.send"), t * k * m, Mc::CommBuffers);
+    let send_counts = b.index_buf(format!("L{layer}.moe.send_counts"), ep, Mc::CommBuffers);
+    let slots = b.index_buf(format!("L{layer}.moe.slots"), t * k, Mc::Activations);
+    b.op("dispatch", Stage::Permute, Pass::Forward,
+        OpKind::Dispatch { x: ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
+    let recv = if ep > 1 {
+        let r = route_buf(b, format!("L{layer}.moe.recv"), el * rows * m, Mc::CommBuffers);
+        a2a(b, "dispatch_a2a", Pass::Forward, groups.ep_group(rank), send, send_counts, r, m);
+        r
+    } else {
+        send
+    };
+    let ein = route_buf(b, format!("L{layer}.expert.in"), el * rows * m, Mc::Activations);
+    b.op("expert_layout", Stage::Permute, Pass::Forward, OpKind::ExpertLayout { recv, gathered, out: ein, dims: dims.clone() },
+        0, 8 * (el * rows * m) as u64);
+    let w1 = expert_param(b, layer, "w1", &dims, m * f, 1.0 / (m as f32).sqrt());
+    let b1 = expert_param(b, layer, "b1", &dims, f, 0.02);
+    let w2 = expert_param(b, layer, "w2", &dims, f * m, 1.0 / (f as f32).sqrt());
+    let b2 = expert_param(b, layer, "b2", &dims, m, 0.02);
+    let h = route_buf(b, format!("L{layer}.expert.h"), el * rows * f, Mc::Activations);
+    b.op("expert_gemm1", Stage::ExpertGemm1, Pass::Forward,
+        OpKind::ExpertLinear { x: ein, w: w1, bias: b1, y: h, n_local: el, d_in: m, d_out: f },
+        el as u64 * gemm_flops(rows, m, f), 4 * (el * (rows * m + m * f + rows * f)) as u64);
+    let a = route_buf(b, format!("L{layer}.expert.act"), el * rows * f, Mc::Activations);
+    b.op("expert_act", Stage::Act, Pass::Forward, OpKind::Act { h, a, act: spec.model.activation }, 8 * (el * rows * f) as u64,
+        8 * (el * rows * f) as u64);
+    let y = route_buf(b, format!("L{layer}.expert.out"), el * rows * m, Mc::Temporaries);
+    b.op("expert_gemm2", Stage::ExpertGemm2, Pass::Forward,
+        OpKind::ExpertLinear { x: a, w: w2, bias: b2, y, n_local: el, d_in: f, d_out: m },
+        el as u64 * gemm_flops(rows, f, m), 4 * (el * (rows * m + m * f + rows * f)) as u64);
+    let back_send = route_buf(b, format!("L{layer}.moe.back_send"), el * rows * m, Mc::CommBuffers);
+    let back_counts = b.index_buf(format!("L{layer}.moe.back_counts"), ep, Mc::CommBuffers);
+    b.op("expert_unlayout", Stage::Permute, Pass::Forward,
+        OpKind::ExpertUnlayout { input: y, gathered, send: back_send, send_counts: back_counts, dims: dims.clone() }, 0,
+        8 * (el * rows * m) as u64);
+    let back = if ep > 1 {
+        let r = b.buf(format!("L{layer}.moe.back"), t * k * m, Mc::CommBuffers);
+        a2a(b, "combine_a2a", Pass::Forward, groups.ep_group(rank), back_send, back_counts, r, m);
+        r
+    } else {
+        back_send
+    };
+    let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
+    b.op("combine", Stage::Combine, Pass::Forward,
+        OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
+    (out, MoeSaved { dims, ln, wg, probs, idx, weights, gathered, send_counts, slots, ein, h, a, back, w1, b1, w2, b2 })
+}
+
+fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
+    let d = &s.dims;
+    let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
+    let ep = d.ep_peers.len();
+    let el = d.local_experts();
+    let dropless = d.rows_per_expert.is_none();
+    let rows = d.rows_per_expert.unwrap_or(t * ep);
+    let route_buf = |b: &mut RankBuilder, name: String, elems: usize, cat: Mc| {
+        if dropless { b.dyn_buf(name, elems, cat) } else { b.buf(name, elems, cat) }
+    };
+    let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::CommBuffers);
+    let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
+    b.op("combine_bwd", Stage::Combine, Pass::Backward,
+        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.weights, dback, dweights, dims: d.clone() },
+        4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
+    let dback_recv = if ep > 1 {
+        let r = route_buf(b, format!("L{layer}.moe.dback_recv"), el * rows * m, Mc::CommBuffers);
+        a2a(b, "combine_a2a_bwd", Pass::Backward, groups.ep_group(rank), dback, s.send_counts, r, m);
+        r
+    } else {
+        dback
+    };
+    let dy = route_buf(b, format!("L{layer}.expert.dout"), el * rows * m, Mc::Temporaries);
+    b.op("expert_layout_bwd", Stage::Permute, Pass::Backward,
+        OpKind::ExpertLayout { recv: dback_recv, gathered: s.gathered, out: dy, dims: d.clone() }, 0, 8 * (el * rows * m) as u64);
+    let da = route_buf(b, format!("L{layer}.expert.dact"), el * rows * f, Mc::Temporaries);
+    let (gw2, gb2) = (b.grad(s.w2), b.grad(s.b2));
+    b.op("expert_gemm2_bwd", Stage::ExpertGemm2, Pass::Backward,
+        OpKind::ExpertLinearBwd { x: s.a, w: s.w2, dy, dx: da, dw: gw2, dbias: gb2, n_local: el, d_in: f, d_out: m },
+        2 * el as u64 * gemm_flops(rows, f, m), 8 * (el * (rows * m + m * f + rows * f)) as u64);
+    let dh = route_buf(b, format!("L{layer}.expert.dh"), el * rows * f, Mc::Temporaries);
+    b.op("expert_act_bwd", Stage::Act, Pass::Backward, OpKind::ActBwd { h: s.h, da, dh, act: spec.model.activation },
+        10 * (el * rows * f) as u64, 12 * (el * rows * f) as u64);
+    let dein = route_buf(b, format!("L{layer}.expert.din"), el * rows * m, Mc::Temporaries);
+    let (gw1, gb1) = (b.grad(s.w1), b.grad(s.b1));
+    b.op("expert_gemm1_bwd", Stage::ExpertGemm1, Pass::Backward,
+        OpKind::ExpertLinearBwd { x: s.ein, w: s.w1, dy: dh, dx: dein, dw: gw1, dbias: gb1, n_local: el, d_in: m, d_out: f },
+        2 * el as u64 * gemm_flops(rows, m, f), 8 * (el * (rows * m + m * f + rows * f)) as u64);
+    let dsend_back = route_buf(b, format!("L{layer}.moe.dsend_back"), el * rows * m, Mc::CommBuffers);
+    let dcounts = b.index_buf(format!("L{layer}.moe.dsend_counts"), ep, Mc::CommBuffers);
+    b.op("expert_unlayout_bwd", Stage::Permute, Pass::Backward,
+        OpKind::ExpertUnlayout { input: dein, gathered: s.gathered, send: dsend_back, send_counts: dcounts, dims: d.clone() }, 0,
+        8 * (el * rows * m) as u64);
+    let dsend = if ep > 1 {
+        let r = b.buf(format!("L{layer}.moe.dsend"), t * k * m, Mc::CommBuffers);
+        a2a(b, "dispatch_a2a_bwd", Pass::Backward, groups.ep_group(rank), dsend_back, dcounts, r, m);
+        r
+    } else {
+        dsend_back
+    };
+    let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
+    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: s.slots, dx: dxm, dims: d.clone() },
+        (t * k * m) as u64, 8 * (t * k * m) as u64);
+    let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
+    b.op("route_bwd", Stage::Topk, Pass::Backward,
+        OpKind::RouteBwd { probs: s.probs, idx: s.idx, dweights, gathered: s.gathered, dlogits, dims: d.clone(),
+            renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
+        (t * e * 6) as u64, 4 * (3 * t * e) as u64);
+    blocks::linear_bwd(b, "gate", Stage::Gate, layer, s.ln.y, s.wg, None, dlogits, Some(dxm), t, m, e);
+    blocks::layernorm_bwd(b, "ln_moe", layer, &s.ln, dxm, dout, t, m)
+}

@@ -1,0 +1,132 @@
+//! [`RankBuilder`]: accumulates buffers, params and ops for one rank, derives each op's
+//! reads/writes and dependencies from its [`OpKind`], and computes buffer lifetimes.
+
+use super::{BufId, BufferDesc, ElemType, Op, OpId, OpKind, ParamDesc, ParamInit, RankPlan};
+use crate::taxonomy::{MemCategory, Pass, Stage, Stream};
+
+/// Builds one [`RankPlan`].
+#[derive(Debug)]
+pub struct RankBuilder {
+    rank: u32,
+    buffers: Vec<BufferDesc>,
+    ops: Vec<Op>,
+    params: Vec<ParamDesc>,
+    last_writer: Vec<Option<OpId>>,
+    training: bool,
+    elem_bytes: usize,
+    layer: Option<u32>,
+    chunk: Option<u32>,
+}
+
+impl RankBuilder {
+    /// Start a rank; `training` adds grads and optimizer state to params.
+    pub fn new(rank: u32, training: bool, elem_bytes: usize) -> Self {
+        RankBuilder {
+            rank,
+            buffers: Vec::new(),
+            ops: Vec::new(),
+            params: Vec::new(),
+            last_writer: Vec::new(),
+            training,
+            elem_bytes,
+            layer: None,
+            chunk: None,
+        }
+    }
+    /// Ops added next belong to this layer.
+    pub fn set_layer(&mut self, layer: Option<u32>) {
+        self.layer = layer;
+    }
+    /// Ops added next belong to this chunk.
+    pub fn set_chunk(&mut self, chunk: Option<u32>) {
+        self.chunk = chunk;
+    }
+    fn push_buf(&mut self, desc: BufferDesc) -> BufId {
+        self.buffers.push(desc);
+        self.last_writer.push(None);
+        BufId(self.buffers.len() as u32 - 1)
+    }
+    /// A transient f32 buffer of `elems` elements.
+    pub fn buf(&mut self, name: impl Into<String>, elems: usize, category: MemCategory) -> BufId {
+        let elem_bytes = self.elem_bytes;
+        self.push_buf(BufferDesc { name: name.into(), elems, elem: ElemType::F32, elem_bytes, category, persistent: false, dynamic: false })
+    }
+    /// A transient f32 buffer whose size depends on routing; `bound` is its upper bound.
+    pub fn dyn_buf(&mut self, name: impl Into<String>, bound: usize, category: MemCategory) -> BufId {
+        let elem_bytes = self.elem_bytes;
+        self.push_buf(BufferDesc { name: name.into(), elems: bound, elem: ElemType::F32, elem_bytes, category, persistent: false, dynamic: true })
+    }
+    /// A transient i32 buffer (indices, counts).
+    pub fn index_buf(&mut self, name: impl Into<String>, elems: usize, category: MemCategory) -> BufId {
+        self.push_buf(BufferDesc { name: name.into(), elems, elem: ElemType::I32, elem_bytes: 4, category, persistent: false, dynamic: false })
+    }
+    /// A parameter (f32 master copy) with its grad and Adam moments when training.
+    pub fn param(&mut self, name: &str, elems: usize, init: ParamInit, expert: bool) -> BufId {
+        let mk = |n: String, cat| BufferDesc { name: n, elems, elem: ElemType::F32, elem_bytes: 4, category: cat, persistent: true, dynamic: false };
+        let value = self.push_buf(mk(name.to_string(), MemCategory::Params));
+        let (grad, moments) = if self.training {
+            let g = self.push_buf(mk(format!("{name}.grad"), MemCategory::Grads));
+            let m = self.push_buf(mk(format!("{name}.adam_m"), MemCategory::OptimizerState));
+            let v = self.push_buf(mk(format!("{name}.adam_v"), MemCategory::OptimizerState));
+            (Some(g), Some((m, v)))
+        } else {
+            (None, None)
+        };
+        self.params.push(ParamDesc { value, grad, moments, init, expert });
+        value
+    }
+    /// The gradient buffer of a parameter (training plans only).
+    pub fn grad(&self, value: BufId) -> BufId {
+        self.params.iter().find(|p| p.value == value).and_then(|p| p.grad).expect("training param has a grad")
+    }
+    /// Parameters added so far.
+    pub fn params(&self) -> &[ParamDesc] {
+        &self.params
+    }
+    /// Append an op; reads, writes and deps come from `kind`.
+    pub fn op(&mut self, name: impl Into<String>, stage: Stage, pass: Pass, kind: OpKind, flops: u64, bytes: u64) -> OpId {
+        let id = OpId(self.ops.len() as u32);
+        let (reads, writes) = kind.io();
+        let mut deps: Vec<OpId> = reads
+            .iter()
+            .chain(writes.iter())
+            .filter_map(|b| self.last_writer[b.0 as usize])
+            .collect();
+        deps.sort();
+        deps.dedup();
+        for w in &writes {
+            self.last_writer[w.0 as usize] = Some(id);
+        }
+        let stream = if stage.is_comm() { Stream::Comm } else { Stream::Compute };
+        let name = match self.layer {
+            Some(l) => format!("L{l}.{}", name.into()),
+            None => name.into(),
+        };
+        self.ops.push(Op {
+            id, name, stage, pass, stream, layer: self.layer, chunk: self.chunk, deps, kind, reads, writes,
+            frees: Vec::new(), flops, bytes,
+        });
+        id
+    }
+    /// Bytes of a buffer as planned.
+    pub fn bytes_of(&self, b: BufId) -> u64 {
+        self.buffers[b.0 as usize].bytes()
+    }
+    /// Finish: every transient buffer is freed after its last use.
+    pub fn finish(mut self) -> RankPlan {
+        let mut last_use: Vec<Option<usize>> = vec![None; self.buffers.len()];
+        for (i, op) in self.ops.iter().enumerate() {
+            for b in op.reads.iter().chain(op.writes.iter()) {
+                last_use[b.0 as usize] = Some(i);
+            }
+        }
+        for (b, lu) in last_use.iter().enumerate() {
+            if let Some(i) = lu {
+                if !self.buffers[b].persistent {
+                    self.ops[*i].frees.push(BufId(b as u32));
+                }
+            }
+        }
+        RankPlan { rank: self.rank, buffers: self.buffers, ops: self.ops, params: self.params }
+    }
+}

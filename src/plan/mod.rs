@@ -1,0 +1,186 @@
+//! Plans: for each rank, a graph of ops on streams with dependencies, FLOPs, bytes and
+//! memory effects. Variants are plan builders ([`builders`]); backends execute [`OpKind`]s
+//! without knowing which paper a plan came from.
+
+pub mod builders;
+mod graph;
+pub mod memory;
+pub mod ops;
+
+pub use graph::RankBuilder;
+pub use ops::{AttnDims, OpKind};
+
+use crate::spec::ExperimentSpec;
+use crate::taxonomy::{MemCategory, Pass, Stage, Stream};
+use serde::Serialize;
+
+/// Index of a buffer in its rank's [`RankPlan::buffers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct BufId(pub u32);
+
+/// Index of an op in its rank's [`RankPlan::ops`] (also its position in issue order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct OpId(pub u32);
+
+/// Index of a process group in [`Plan::groups`]; the same id on every member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct GroupId(pub u32);
+
+/// Element type of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ElemType {
+    /// Values.
+    F32,
+    /// Indices and counts.
+    I32,
+}
+
+/// A tensor the plan allocates on one rank.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BufferDesc {
+    /// Readable name, e.g. `L0.moe.send`.
+    pub name: String,
+    /// Elements; an upper bound when `dynamic`.
+    pub elems: usize,
+    /// Element type.
+    pub elem: ElemType,
+    /// Bytes per element on the device.
+    pub elem_bytes: usize,
+    /// Memory category.
+    pub category: MemCategory,
+    /// Lives for the whole run (params, grads, optimizer state).
+    pub persistent: bool,
+    /// Size depends on routing (dropless); `elems` is then an upper bound.
+    pub dynamic: bool,
+}
+
+impl BufferDesc {
+    /// Planned bytes (an upper bound for dynamic buffers).
+    pub fn bytes(&self) -> u64 {
+        (self.elems * self.elem_bytes) as u64
+    }
+}
+
+/// How a parameter is initialised: a deterministic stream per (tag, layer, expert), so any
+/// layout draws the same global weights.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParamInit {
+    /// Stream tag, e.g. `attn.wqkv`.
+    pub tag: String,
+    /// Layer index.
+    pub layer: u32,
+    /// For expert weights: the first global expert this buffer holds and how many; each
+    /// expert is a contiguous slice drawn from its own stream.
+    pub experts: Option<(u32, u32)>,
+    /// Mean (1 for LayerNorm gains).
+    pub mean: f32,
+    /// Standard deviation.
+    pub std: f32,
+}
+
+/// A trainable tensor and its companions.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParamDesc {
+    /// The weights.
+    pub value: BufId,
+    /// Gradient (training only).
+    pub grad: Option<BufId>,
+    /// Adam first and second moments (training only).
+    pub moments: Option<(BufId, BufId)>,
+    /// Initialisation.
+    pub init: ParamInit,
+    /// Expert weights are reduced over the expert-data-parallel group, others over all ranks.
+    pub expert: bool,
+}
+
+/// One op on one rank.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Op {
+    /// Position in the rank's op list.
+    pub id: OpId,
+    /// Readable name, e.g. `L1.expert_gemm1`.
+    pub name: String,
+    /// What it does.
+    pub stage: Stage,
+    /// Forward, backward or update.
+    pub pass: Pass,
+    /// Compute or comm.
+    pub stream: Stream,
+    /// MoE block, if any.
+    pub layer: Option<u32>,
+    /// Pipelining chunk, if any.
+    pub chunk: Option<u32>,
+    /// Ops that must finish first (the last writers of what it reads, across streams).
+    pub deps: Vec<OpId>,
+    /// The semantics the backend executes.
+    pub kind: OpKind,
+    /// Buffers read.
+    pub reads: Vec<BufId>,
+    /// Buffers written (allocated on first write).
+    pub writes: Vec<BufId>,
+    /// Buffers released after this op (their last use).
+    pub frees: Vec<BufId>,
+    /// Floating-point operations.
+    pub flops: u64,
+    /// Bytes moved through memory, or sent for collectives (upper bound when dynamic).
+    pub bytes: u64,
+}
+
+/// Which ranks a collective spans.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Group {
+    /// What the group is for, e.g. `world`, `ep0`, `edp1`.
+    pub name: String,
+    /// Global ranks, in the group's rank order.
+    pub ranks: Vec<u32>,
+}
+
+/// The ops, buffers and parameters of one rank for one training or inference step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankPlan {
+    /// Global rank.
+    pub rank: u32,
+    /// Every buffer the rank uses.
+    pub buffers: Vec<BufferDesc>,
+    /// Ops in issue order (a valid topological order).
+    pub ops: Vec<Op>,
+    /// Trainable tensors.
+    pub params: Vec<ParamDesc>,
+}
+
+/// A whole experiment's plan: one [`RankPlan`] per rank plus the process groups.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    /// The resolved spec it was built from.
+    pub spec: ExperimentSpec,
+    /// Process groups referenced by collectives.
+    pub groups: Vec<Group>,
+    /// Per-rank plans, index = rank.
+    pub ranks: Vec<RankPlan>,
+}
+
+impl Plan {
+    /// Build the plan for a validated spec with its variant's builder.
+    pub fn build(spec: &ExperimentSpec) -> Result<Plan, builders::PlanError> {
+        builders::build(spec)
+    }
+    /// Number of ranks.
+    pub fn world(&self) -> usize {
+        self.ranks.len()
+    }
+    /// Total ops over all ranks.
+    pub fn op_count(&self) -> usize {
+        self.ranks.iter().map(|r| r.ops.len()).sum()
+    }
+}
+
+impl RankPlan {
+    /// Find a buffer by name.
+    pub fn buffer_id(&self, name: &str) -> Option<BufId> {
+        self.buffers.iter().position(|b| b.name == name).map(|i| BufId(i as u32))
+    }
+    /// The descriptor of a buffer.
+    pub fn buffer(&self, id: BufId) -> &BufferDesc {
+        &self.buffers[id.0 as usize]
+    }
+}

@@ -1,0 +1,168 @@
+//! [`OpKind`]: the closed set of operations a backend must implement. Each variant names
+//! its buffers; [`OpKind::io`] lists what it reads and writes, from which the plan derives
+//! dependencies and lifetimes.
+
+use super::{BufId, GroupId};
+use crate::spec::{Activation, Capacity};
+use serde::Serialize;
+
+/// Attention geometry on one rank.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct AttnDims {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Model width.
+    pub d_model: usize,
+}
+
+/// Routing geometry of one MoE layer on one rank (shared by the routing-aware ops).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MoeDims {
+    /// Tokens on this rank.
+    pub tokens: usize,
+    /// Model width M.
+    pub d_model: usize,
+    /// Experts E.
+    pub n_experts: usize,
+    /// Choices per token.
+    pub top_k: usize,
+    /// Ranks whose tokens share the capacity (the data-parallel world), in data order.
+    pub data_world: usize,
+    /// This rank's index in data order.
+    pub data_rank: usize,
+    /// Global data ranks of this rank's expert-parallel group, in group order; peer p owns
+    /// experts `[p * E / ep, (p + 1) * E / ep)`.
+    pub ep_peers: Vec<usize>,
+    /// This rank's index in its expert-parallel group.
+    pub ep_index: usize,
+    /// Capacity rule.
+    pub capacity: Capacity,
+    /// Rows per local expert in the expert buffers; `None` when decided at run time (dropless).
+    pub rows_per_expert: Option<usize>,
+}
+
+impl MoeDims {
+    /// Experts per rank.
+    pub fn local_experts(&self) -> usize {
+        self.n_experts / self.ep_peers.len()
+    }
+}
+
+/// What an op computes. Shapes are per rank; `T` tokens, `M` model width.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum OpKind {
+    /// Draw the step's inputs `x[T, M]` and regression targets for data shard `shard`.
+    LoadBatch { x: BufId, target: BufId, shard: usize, batch: usize, seq: usize, d_model: usize },
+    /// `y = LN(x)`, saving (mean, rstd) per row in `stats[T, 2]`.
+    LayerNorm { x: BufId, gamma: BufId, beta: BufId, y: BufId, stats: BufId },
+    /// `dx = LN'(dy) (+ residual)`, `dgamma`, `dbeta`.
+    LayerNormBwd { x: BufId, gamma: BufId, stats: BufId, dy: BufId, residual: Option<BufId>, dx: BufId, dgamma: BufId, dbeta: BufId },
+    /// `y[rows, out] = x[rows, in] w[in, out] (+ bias) (+ residual)`.
+    Linear { x: BufId, w: BufId, bias: Option<BufId>, residual: Option<BufId>, y: BufId, rows: usize, d_in: usize, d_out: usize },
+    /// Gradients of [`OpKind::Linear`]; `dx` accumulates when `accumulate_dx`.
+    LinearBwd { x: BufId, w: BufId, dy: BufId, dx: Option<BufId>, dw: BufId, dbias: Option<BufId>, accumulate_dx: bool, rows: usize, d_in: usize, d_out: usize },
+    /// Elementwise activation.
+    Act { h: BufId, a: BufId, act: Activation },
+    /// `dh = da * act'(h)`.
+    ActBwd { h: BufId, da: BufId, dh: BufId, act: Activation },
+    /// Causal attention core: `qkv[T, 3M]` -> `probs`, `ctx[T, M]`.
+    AttnCore { qkv: BufId, probs: BufId, ctx: BufId, dims: AttnDims },
+    /// Gradient of the attention core into `dqkv[T, 3M]`.
+    AttnCoreBwd { qkv: BufId, probs: BufId, dctx: BufId, dqkv: BufId, dims: AttnDims },
+    /// Softmax, top-k and local stats `[(k+1) E]`.
+    Route { logits: BufId, probs: BufId, idx: BufId, weights: BufId, stats: BufId, n_experts: usize, top_k: usize, renormalize: bool },
+    /// Backward of routing and the aux loss: `dlogits` from `dweights`.
+    RouteBwd { probs: BufId, idx: BufId, dweights: BufId, gathered: BufId, dlogits: BufId, dims: MoeDims, renormalize: bool, aux_coef: f32 },
+    /// Apply capacity and pack kept rows for each expert-parallel peer into `send` (ordered by
+    /// expert, choice, token); `slots[T, k]` gets each assignment's send row or -1.
+    Dispatch { x: BufId, idx: BufId, gathered: BufId, send: BufId, send_counts: BufId, slots: BufId, dims: MoeDims },
+    /// `dx[t] = sum_j dsend[slots[t, j]]`.
+    DispatchBwd { dsend: BufId, slots: BufId, dx: BufId, dims: MoeDims },
+    /// Received rows (peer-major) -> expert buffer `[E_local, rows_per_expert, M]`, zero padded.
+    ExpertLayout { recv: BufId, gathered: BufId, out: BufId, dims: MoeDims },
+    /// Expert buffer -> rows in received order, with per-peer counts, to send back.
+    ExpertUnlayout { input: BufId, gathered: BufId, send: BufId, send_counts: BufId, dims: MoeDims },
+    /// Per expert: `y[e] = x[e] w[e] + b[e]` with `x[E_l, R, in]`.
+    ExpertLinear { x: BufId, w: BufId, bias: BufId, y: BufId, n_local: usize, d_in: usize, d_out: usize },
+    /// Gradients of [`OpKind::ExpertLinear`].
+    ExpertLinearBwd { x: BufId, w: BufId, dy: BufId, dx: BufId, dw: BufId, dbias: BufId, n_local: usize, d_in: usize, d_out: usize },
+    /// `out[t] = residual[t] + sum_j w[t, j] back[slots[t, j]]`.
+    Combine { back: BufId, slots: BufId, weights: BufId, residual: BufId, out: BufId, dims: MoeDims },
+    /// `dback[slots[t, j]] = w[t, j] dout[t]`, `dweights[t, j] = dout[t] . back[slot]`.
+    CombineBwd { dout: BufId, back: BufId, slots: BufId, weights: BufId, dback: BufId, dweights: BufId, dims: MoeDims },
+    /// `loss[1] = sum((y - target)^2) / (2 N M)` over this rank's rows; `dy` when training.
+    Loss { y: BufId, target: BufId, loss: BufId, dy: Option<BufId>, n_global: usize, d_model: usize },
+    /// Gather `send` from every member into `recv` (member-major).
+    AllGather { group: GroupId, send: BufId, recv: BufId },
+    /// Sum the listed buffers over the group, in place.
+    AllReduce { group: GroupId, bufs: Vec<BufId> },
+    /// Variable all-to-all: rows of `row_len` floats, `send_counts[p]` rows to member p;
+    /// `recv` gets member-major rows.
+    AllToAllV { group: GroupId, send: BufId, send_counts: BufId, recv: BufId, row_len: usize },
+    /// Adam on (param, grad, m, v) quadruples.
+    Adam { params: Vec<(BufId, BufId, BufId, BufId)>, lr: f32, beta1: f32, beta2: f32, eps: f32 },
+}
+
+impl OpKind {
+    /// (reads, writes).
+    pub fn io(&self) -> (Vec<BufId>, Vec<BufId>) {
+        use OpKind::*;
+        let opt = |o: &Option<BufId>| o.iter().copied().collect::<Vec<_>>();
+        match self {
+            LoadBatch { x, target, .. } => (vec![], vec![*x, *target]),
+            LayerNorm { x, gamma, beta, y, stats } => (vec![*x, *gamma, *beta], vec![*y, *stats]),
+            LayerNormBwd { x, gamma, stats, dy, residual, dx, dgamma, dbeta } => {
+                let mut r = vec![*x, *gamma, *stats, *dy];
+                r.extend(opt(residual));
+                (r, vec![*dx, *dgamma, *dbeta])
+            }
+            Linear { x, w, bias, residual, y, .. } => {
+                let mut r = vec![*x, *w];
+                r.extend(opt(bias));
+                r.extend(opt(residual));
+                (r, vec![*y])
+            }
+            LinearBwd { x, w, dy, dx, dw, dbias, accumulate_dx, .. } => {
+                let mut r = vec![*x, *w, *dy];
+                if *accumulate_dx {
+                    r.extend(opt(dx));
+                }
+                let mut wr = vec![*dw];
+                wr.extend(opt(dx));
+                wr.extend(opt(dbias));
+                (r, wr)
+            }
+            Act { h, a, .. } => (vec![*h], vec![*a]),
+            ActBwd { h, da, dh, .. } => (vec![*h, *da], vec![*dh]),
+            AttnCore { qkv, probs, ctx, .. } => (vec![*qkv], vec![*probs, *ctx]),
+            AttnCoreBwd { qkv, probs, dctx, dqkv, .. } => (vec![*qkv, *probs, *dctx], vec![*dqkv]),
+            Route { logits, probs, idx, weights, stats, .. } => (vec![*logits], vec![*probs, *idx, *weights, *stats]),
+            RouteBwd { probs, idx, dweights, gathered, dlogits, .. } => (vec![*probs, *idx, *dweights, *gathered], vec![*dlogits]),
+            Dispatch { x, idx, gathered, send, send_counts, slots, .. } => (vec![*x, *idx, *gathered], vec![*send, *send_counts, *slots]),
+            DispatchBwd { dsend, slots, dx, .. } => (vec![*dsend, *slots], vec![*dx]),
+            ExpertLayout { recv, gathered, out, .. } => (vec![*recv, *gathered], vec![*out]),
+            ExpertUnlayout { input, gathered, send, send_counts, .. } => (vec![*input, *gathered], vec![*send, *send_counts]),
+            ExpertLinear { x, w, bias, y, .. } => (vec![*x, *w, *bias], vec![*y]),
+            ExpertLinearBwd { x, w, dy, dx, dw, dbias, .. } => (vec![*x, *w, *dy], vec![*dx, *dw, *dbias]),
+            Combine { back, slots, weights, residual, out, .. } => (vec![*back, *slots, *weights, *residual], vec![*out]),
+            CombineBwd { dout, back, slots, weights, dback, dweights, .. } => (vec![*dout, *back, *slots, *weights], vec![*dback, *dweights]),
+            Loss { y, target, loss, dy, .. } => {
+                let mut w = vec![*loss];
+                w.extend(opt(dy));
+                (vec![*y, *target], w)
+            }
+            AllGather { send, recv, .. } => (vec![*send], vec![*recv]),
+            AllReduce { bufs, .. } => (bufs.clone(), bufs.clone()),
+            AllToAllV { send, send_counts, recv, .. } => (vec![*send, *send_counts], vec![*recv]),
+            Adam { params, .. } => {
+                let r: Vec<BufId> = params.iter().flat_map(|(p, g, m, v)| [*p, *g, *m, *v]).collect();
+                let w: Vec<BufId> = params.iter().flat_map(|(p, _, m, v)| [*p, *m, *v]).collect();
+                (r, w)
+            }
+        }
+    }
+}

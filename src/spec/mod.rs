@@ -1,0 +1,339 @@
+//! Experiment specs: the serde/TOML description of one run (model, variant, layout, run
+//! settings), its defaults, and validation that rejects bad input before any work starts.
+
+mod load;
+mod validate;
+
+pub use load::{from_toml_str, load_file};
+pub use validate::{Problem, SpecError};
+
+use serde::{Deserialize, Serialize};
+
+/// One experiment: what model, which MoE design, how it is laid out over ranks, how to run it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSpec {
+    /// Short name; used in the run directory name.
+    pub name: String,
+    /// Free text for the researcher.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// The MoE design; selects the plan builder.
+    #[serde(default)]
+    pub variant: Variant,
+    /// Model sizes and routing settings.
+    pub model: ModelSpec,
+    /// Parallel degrees.
+    #[serde(default)]
+    pub layout: LayoutSpec,
+    /// Backend, steps, seed and mode.
+    #[serde(default)]
+    pub run: RunSpec,
+}
+
+/// The MoE designs moelab knows. Each is a plan builder; backends never see this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// GShard/Switch top-k gating with all-to-all expert parallelism.
+    #[default]
+    Topk,
+    /// Pipeline MoE: tensor-parallel experts, index slicing and one all-reduce.
+    Ppmoe,
+    /// DeepSpeed-TED: tensor x expert x data parallel with duplicate-token dropping.
+    Ted,
+    /// Tutel: adaptive parallelism and pipelining degree, 2D hierarchical all-to-all.
+    Tutel,
+    /// MPMoE: pipelined all-to-all/expert chunks with memory reuse.
+    Mpmoe,
+    /// ScMoE: shortcut-connected MoE whose all-to-all overlaps the dense branch.
+    Scmoe,
+    /// DGMoE: dual top-1 gating over the previous and the current representation.
+    Dgmoe,
+}
+
+impl Variant {
+    /// Every variant, in documentation order.
+    pub const ALL: [Variant; 7] = [
+        Variant::Topk,
+        Variant::Ppmoe,
+        Variant::Ted,
+        Variant::Tutel,
+        Variant::Mpmoe,
+        Variant::Scmoe,
+        Variant::Dgmoe,
+    ];
+    /// The spelling used in TOML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Topk => "topk",
+            Variant::Ppmoe => "ppmoe",
+            Variant::Ted => "ted",
+            Variant::Tutel => "tutel",
+            Variant::Mpmoe => "mpmoe",
+            Variant::Scmoe => "scmoe",
+            Variant::Dgmoe => "dgmoe",
+        }
+    }
+    /// Whether this build has a plan builder for the variant.
+    pub fn is_implemented(self) -> bool {
+        matches!(self, Variant::Topk)
+    }
+}
+
+/// Expert activation function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// GELU, tanh approximation (as GPT-2 and Megatron use).
+    #[default]
+    Gelu,
+    /// max(0, x).
+    Relu,
+}
+
+/// Storage precision of activations and weights on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// 32-bit float everywhere.
+    #[default]
+    F32,
+    /// bfloat16 storage with f32 accumulation and f32 master weights (cuda backend).
+    Bf16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+}
+
+/// Model sizes and routing. Token counts are per rank of the data-parallel group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Hidden size M.
+    pub d_model: usize,
+    /// Expert hidden size H (each expert is fc1 [M,H], activation, fc2 [H,M]).
+    pub d_ffn: usize,
+    /// Number of experts E per MoE layer.
+    pub n_experts: usize,
+    /// Experts chosen per token.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Capacity factor cf: each expert takes at most ceil(cf * k * T_global / E) tokens.
+    /// Leave unset with `dropless = true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_factor: Option<f64>,
+    /// No token is dropped: capacity becomes the largest expert load of the step.
+    #[serde(default)]
+    pub dropless: bool,
+    /// Renormalize the k selected gate probabilities to sum to one (Mixtral, GShard top-2).
+    #[serde(default)]
+    pub renormalize: bool,
+    /// Weight of the GShard load-balancing loss.
+    #[serde(default = "default_aux")]
+    pub aux_loss_coef: f64,
+    /// Expert activation.
+    #[serde(default)]
+    pub activation: Activation,
+    /// Number of MoE blocks.
+    #[serde(default = "one")]
+    pub n_layers: usize,
+    /// Tokens each data-parallel rank processes per step (= batch * seq_len).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_rank: Option<usize>,
+    /// Sequences per rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    /// Tokens per sequence (attention is causal within a sequence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
+    /// Storage precision.
+    #[serde(default)]
+    pub dtype: DType,
+    /// Optional dense backbone per block: attention and/or a dense MLP before the MoE layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone: Option<BackboneSpec>,
+}
+
+/// The dense part of a block: `x += Attn(LN(x))`, `x += MLP(LN(x))`, then the MoE sublayer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneSpec {
+    /// Attention heads; 0 leaves attention out. Must divide d_model.
+    #[serde(default)]
+    pub n_heads: usize,
+    /// Hidden size of the dense MLP; 0 leaves it out.
+    #[serde(default)]
+    pub d_mlp: usize,
+}
+
+fn default_top_k() -> usize {
+    2
+}
+fn default_aux() -> f64 {
+    0.01
+}
+fn one() -> usize {
+    1
+}
+
+/// Parallel degrees. `world = dp * ep * tp * pp`; expert-parallel groups are cut from the
+/// data-parallel group (DeepSpeed's convention), so dense weights are replicated `dp * ep`
+/// times and each expert `dp` times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayoutSpec {
+    /// Total ranks; defaults to the product of the degrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world: Option<usize>,
+    /// Replicas of each expert.
+    #[serde(default = "one")]
+    pub dp: usize,
+    /// Tensor-parallel degree.
+    #[serde(default = "one")]
+    pub tp: usize,
+    /// Expert-parallel degree: experts are split over this many ranks.
+    #[serde(default = "one")]
+    pub ep: usize,
+    /// Pipeline stages.
+    #[serde(default = "one")]
+    pub pp: usize,
+}
+
+impl Default for LayoutSpec {
+    fn default() -> Self {
+        LayoutSpec { world: None, dp: 1, tp: 1, ep: 1, pp: 1 }
+    }
+}
+
+impl LayoutSpec {
+    /// The world size the degrees imply.
+    pub fn product(&self) -> usize {
+        self.dp * self.ep * self.tp * self.pp
+    }
+}
+
+/// Which executor runs the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// cuda when a GPU is visible, else cpu.
+    #[default]
+    Auto,
+    /// Reference executor: f32 math, one thread per rank.
+    Cpu,
+    /// NVIDIA GPUs through cudarc, one process per GPU.
+    Cuda,
+    /// Calibrated cost model.
+    Sim,
+}
+
+impl BackendKind {
+    /// The spelling used in TOML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+            BackendKind::Sim => "sim",
+        }
+    }
+}
+
+/// Forward only, or forward + backward + optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Forward, backward, gradient reduction and Adam.
+    #[default]
+    Training,
+    /// Forward only.
+    Inference,
+}
+
+/// How the experiment runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// Executor.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Measured steps.
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    /// Unmeasured steps before them.
+    #[serde(default = "one")]
+    pub warmup: usize,
+    /// Seed for weights and data.
+    #[serde(default)]
+    pub seed: u64,
+    /// Training or inference.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Adam learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+}
+
+fn default_steps() -> usize {
+    3
+}
+fn default_lr() -> f64 {
+    1e-3
+}
+
+impl Default for RunSpec {
+    fn default() -> Self {
+        RunSpec {
+            backend: BackendKind::Auto,
+            steps: default_steps(),
+            warmup: 1,
+            seed: 0,
+            mode: Mode::Training,
+            lr: default_lr(),
+        }
+    }
+}
+
+/// Capacity rule after resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Capacity {
+    /// ceil(cf * k * T_global / E) slots per expert.
+    Factor(f64),
+    /// Slots = the largest expert load of the step.
+    Dropless,
+}
+
+impl ExperimentSpec {
+    /// Tokens per rank after resolution (validated specs always have it).
+    pub fn tokens_per_rank(&self) -> usize {
+        self.model.tokens_per_rank.expect("spec is resolved")
+    }
+    /// Sequence length after resolution.
+    pub fn seq_len(&self) -> usize {
+        self.model.seq_len.expect("spec is resolved")
+    }
+    /// World size after resolution.
+    pub fn world(&self) -> usize {
+        self.layout.world.unwrap_or_else(|| self.layout.product())
+    }
+    /// The capacity rule.
+    pub fn capacity(&self) -> Capacity {
+        if self.model.dropless {
+            Capacity::Dropless
+        } else {
+            Capacity::Factor(self.model.capacity_factor.unwrap_or(1.25))
+        }
+    }
+    /// Serialize back to TOML (what `moelab run` accepts unchanged).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("specs always serialize")
+    }
+}

@@ -1,0 +1,240 @@
+//! Resolution (defaults that depend on other fields) and validation. Every rule names the
+//! fields involved and says how to fix them; all problems are reported together.
+
+use super::{BackendKind, ExperimentSpec, Variant};
+use std::fmt;
+
+/// One violated rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// Dotted field path, e.g. `layout.ep`.
+    pub field: String,
+    /// What is wrong, with the values.
+    pub message: String,
+    /// How to fix it.
+    pub fix: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} (fix: {})", self.field, self.message, self.fix)
+    }
+}
+
+/// Why a spec was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The file could not be read.
+    #[error("cannot read experiment file {path}: {message}")]
+    Io {
+        /// File path.
+        path: String,
+        /// OS error.
+        message: String,
+    },
+    /// Malformed TOML, an unknown field or a value of the wrong type.
+    #[error("{}", parse_message(.file, .location, .message))]
+    Parse {
+        /// What the TOML parser said.
+        message: String,
+        /// Line and column, 1-based.
+        location: Option<(usize, usize)>,
+        /// File, when read from one.
+        file: Option<String>,
+    },
+    /// Well-formed but inconsistent.
+    #[error("{}", invalid_message(.file, .problems))]
+    Invalid {
+        /// Every violated rule.
+        problems: Vec<Problem>,
+        /// File, when read from one.
+        file: Option<String>,
+    },
+}
+
+fn parse_message(file: &Option<String>, loc: &Option<(usize, usize)>, message: &str) -> String {
+    let place = match (file, loc) {
+        (Some(f), Some((l, c))) => format!("{f}:{l}:{c}: "),
+        (None, Some((l, c))) => format!("line {l}, column {c}: "),
+        (Some(f), None) => format!("{f}: "),
+        (None, None) => String::new(),
+    };
+    format!("{place}invalid TOML: {}", message.trim())
+}
+
+fn invalid_message(file: &Option<String>, problems: &[Problem]) -> String {
+    let head = match file {
+        Some(f) => format!("{f}: invalid experiment"),
+        None => "invalid experiment".to_string(),
+    };
+    let body: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
+    format!("{head}:\n{}", body.join("\n"))
+}
+
+impl SpecError {
+    /// Attach the file name to the error.
+    pub fn in_file(self, path: &std::path::Path) -> Self {
+        let name = Some(path.display().to_string());
+        match self {
+            SpecError::Parse { message, location, .. } => SpecError::Parse { message, location, file: name },
+            SpecError::Invalid { problems, .. } => SpecError::Invalid { problems, file: name },
+            other => other,
+        }
+    }
+    /// The violated rules (empty for I/O and parse errors).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            SpecError::Invalid { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+}
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn fail(&mut self, field: &str, message: String, fix: impl Into<String>) {
+        self.problems.push(Problem { field: field.to_string(), message, fix: fix.into() });
+    }
+    fn positive(&mut self, field: &str, value: usize) {
+        if value == 0 {
+            self.fail(field, format!("{field}=0 must be at least 1"), format!("set {field} to a positive integer"));
+        }
+    }
+}
+
+fn divisors(n: usize) -> String {
+    let d: Vec<String> = (1..=n).filter(|d| n % d == 0).map(|d| d.to_string()).collect();
+    d.join(", ")
+}
+
+/// Fill derived defaults and check every rule; returns the resolved spec.
+pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, SpecError> {
+    let mut c = Checker { problems: Vec::new() };
+    let m = &mut spec.model;
+
+    if spec.name.trim().is_empty() {
+        c.fail("name", "name is empty".into(), "give the experiment a short name, e.g. name = \"quickstart\"");
+    } else if !spec.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+        c.fail("name", format!("name={:?} has characters other than letters, digits, '-', '_' and '.'", spec.name),
+            "use a file-name-safe name, e.g. \"topk-ep4\"");
+    }
+    c.positive("model.d_model", m.d_model);
+    c.positive("model.d_ffn", m.d_ffn);
+    c.positive("model.n_experts", m.n_experts);
+    c.positive("model.top_k", m.top_k);
+    c.positive("model.n_layers", m.n_layers);
+    if m.top_k > m.n_experts && m.n_experts > 0 {
+        c.fail("model.top_k", format!("top_k={} exceeds n_experts={}", m.top_k, m.n_experts),
+            format!("choose top_k between 1 and {}", m.n_experts));
+    }
+    match (m.dropless, m.capacity_factor) {
+        (true, Some(cf)) => c.fail("model.capacity_factor",
+            format!("capacity_factor={cf} conflicts with dropless=true"),
+            "remove capacity_factor, or set dropless = false"),
+        (false, Some(cf)) if !(cf.is_finite() && cf > 0.0) => c.fail("model.capacity_factor",
+            format!("capacity_factor={cf} must be a positive number"),
+            "use e.g. 1.0 or 1.25, or set dropless = true"),
+        (false, None) => m.capacity_factor = Some(1.25),
+        _ => {}
+    }
+    if !(m.aux_loss_coef.is_finite() && m.aux_loss_coef >= 0.0) {
+        c.fail("model.aux_loss_coef", format!("aux_loss_coef={} must be >= 0", m.aux_loss_coef), "use e.g. 0.01, or 0 to disable");
+    }
+
+    // Tokens: any consistent subset of tokens_per_rank, batch, seq_len.
+    for (f, v) in [("model.tokens_per_rank", m.tokens_per_rank), ("model.batch", m.batch), ("model.seq_len", m.seq_len)] {
+        if v == Some(0) {
+            c.positive(f, 0);
+        }
+    }
+    match (m.tokens_per_rank, m.batch, m.seq_len) {
+        (None, None, None) | (None, Some(_), None) | (None, None, Some(_)) => c.fail("model.tokens_per_rank",
+            "the token count is not given".into(),
+            "set model.tokens_per_rank, or both model.batch and model.seq_len"),
+        (Some(t), b, s) if t > 0 => {
+            let (b, s) = match (b, s) {
+                (Some(b), Some(s)) => (b, s),
+                (Some(b), None) => (b, if b > 0 { t / b } else { 0 }),
+                (None, Some(s)) => (if s > 0 { t / s } else { 0 }, s),
+                (None, None) => (1, t),
+            };
+            if b * s != t {
+                c.fail("model.tokens_per_rank", format!("tokens_per_rank={t} is not batch={b} x seq_len={s}"),
+                    "make tokens_per_rank = batch * seq_len, or give only one of them");
+            }
+            m.batch = Some(b);
+            m.seq_len = Some(s);
+        }
+        (None, Some(b), Some(s)) => m.tokens_per_rank = Some(b * s),
+        _ => {}
+    }
+    if let Some(bb) = &m.backbone {
+        if bb.n_heads > 0 && m.d_model % bb.n_heads != 0 {
+            c.fail("model.backbone.n_heads", format!("n_heads={} does not divide d_model={}", bb.n_heads, m.d_model),
+                format!("choose n_heads from {{{}}}", divisors(m.d_model)));
+        }
+        if bb.n_heads == 0 && bb.d_mlp == 0 {
+            c.fail("model.backbone", "the backbone has neither attention (n_heads) nor a dense MLP (d_mlp)".into(),
+                "set n_heads and/or d_mlp, or remove [model.backbone]");
+        }
+    }
+
+    // Layout.
+    let l = &mut spec.layout;
+    for (f, v) in [("layout.dp", l.dp), ("layout.tp", l.tp), ("layout.ep", l.ep), ("layout.pp", l.pp)] {
+        c.positive(f, v);
+    }
+    let product = l.product();
+    match l.world {
+        Some(0) => c.positive("layout.world", 0),
+        Some(w) if w != product => c.fail("layout.world",
+            format!("world={w} is not dp*ep*tp*pp = {}*{}*{}*{} = {product}", l.dp, l.ep, l.tp, l.pp),
+            format!("set world = {product}, or change the degrees so that their product is {w}")),
+        _ => l.world = Some(product),
+    }
+    let n_experts = spec.model.n_experts;
+    if l.ep > 0 && n_experts > 0 && n_experts % l.ep != 0 {
+        c.fail("layout.ep", format!("ep={} does not divide n_experts={n_experts}", l.ep),
+            format!("choose ep from {{{}}}", divisors(n_experts)));
+    }
+    if spec.variant == Variant::Topk {
+        if l.tp > 1 {
+            c.fail("layout.tp", format!("variant topk has no tensor parallelism (tp={})", l.tp),
+                "set tp = 1, or use variant \"ted\" or \"ppmoe\" (tensor-parallel experts)");
+        }
+        if l.pp > 1 {
+            c.fail("layout.pp", format!("variant topk has no pipeline stages (pp={})", l.pp),
+                "set pp = 1, or use variant \"ppmoe\"");
+        }
+    }
+    if !spec.variant.is_implemented() {
+        c.fail("variant", format!("variant {:?} has no plan builder in this build yet", spec.variant.as_str()),
+            "use variant = \"topk\"; the others arrive with the seed-variants work");
+    }
+
+    // Run.
+    let r = &mut spec.run;
+    c.positive("run.steps", r.steps);
+    if !(r.lr.is_finite() && r.lr > 0.0) {
+        c.fail("run.lr", format!("lr={} must be a positive number", r.lr), "use e.g. 1e-3");
+    }
+    match r.backend {
+        BackendKind::Auto => r.backend = BackendKind::Cpu,
+        BackendKind::Cpu => {}
+        other => c.fail("run.backend", format!("backend {:?} is not available in this build", other.as_str()),
+            "use backend = \"cpu\" (or \"auto\")"),
+    }
+    if r.backend == BackendKind::Cpu && spec.model.dtype != super::DType::F32 {
+        c.fail("model.dtype", "the cpu backend computes in f32 only (dtype=bf16)".into(),
+            "set model.dtype = \"f32\" for cpu runs; bf16 needs backend \"cuda\"");
+    }
+
+    if c.problems.is_empty() {
+        Ok(spec)
+    } else {
+        Err(SpecError::Invalid { problems: c.problems, file: None })
+    }
+}

@@ -1,0 +1,84 @@
+//! The one trace format every backend produces: timed op events per rank and stream, and
+//! memory events per rank and category. Times are nanoseconds since the run's epoch.
+
+pub mod chrome;
+
+use crate::taxonomy::{MemCategory, Pass, Stage, Stream};
+use serde::{Deserialize, Serialize};
+
+/// One executed op.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpEvent {
+    /// Global rank.
+    pub rank: u32,
+    /// Measured step index (0-based; warmup steps are not traced).
+    pub step: u32,
+    /// Stream the op ran on.
+    pub stream: Stream,
+    /// What the op does.
+    pub stage: Stage,
+    /// Forward, backward or update.
+    pub pass: Pass,
+    /// The op's name in the plan, e.g. `L0.expert_gemm1`.
+    pub name: String,
+    /// MoE block index, when the op belongs to one.
+    pub layer: Option<u32>,
+    /// Pipelining chunk, when the op belongs to one.
+    pub chunk: Option<u32>,
+    /// Start, ns since the run epoch.
+    pub start_ns: u64,
+    /// End, ns since the run epoch.
+    pub end_ns: u64,
+    /// Floating-point operations the op performs.
+    pub flops: u64,
+    /// Bytes the op moves (memory traffic, or bytes sent for collectives).
+    pub bytes: u64,
+}
+
+impl OpEvent {
+    /// Duration in ns.
+    pub fn dur_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.start_ns)
+    }
+}
+
+/// Memory in use on one rank for one category changed to `bytes_in_use`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemEvent {
+    /// Global rank.
+    pub rank: u32,
+    /// When, ns since the run epoch.
+    pub t_ns: u64,
+    /// Which category changed.
+    pub category: MemCategory,
+    /// Signed change in bytes.
+    pub delta: i64,
+}
+
+/// Span of one measured step on one rank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSpan {
+    /// Global rank.
+    pub rank: u32,
+    /// Measured step index.
+    pub step: u32,
+    /// Start, ns since the run epoch.
+    pub start_ns: u64,
+    /// End, ns since the run epoch.
+    pub end_ns: u64,
+}
+
+/// Everything a backend measured in one run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    /// Backend name (`cpu`, `cuda`, `sim`).
+    pub backend: String,
+    /// Number of ranks.
+    pub world: u32,
+    /// Op events, any order.
+    pub ops: Vec<OpEvent>,
+    /// Memory events in time order per rank, from the start of the run (params included).
+    pub memory: Vec<MemEvent>,
+    /// Measured steps per rank.
+    pub steps: Vec<StepSpan>,
+}
