@@ -97,6 +97,12 @@ fn cmd_plan(file: &Path) -> Result<()> {
 fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool) -> Result<()> {
     let s = load(file)?;
     let mut hooks = RunHooks::default();
+    // Fault injection for testing failure handling: MOELAB_INJECT_FAILURE=RANK:OP_NAME makes
+    // that rank fail at that op (e.g. 1:L0.expert_gemm1).
+    if let Ok(v) = std::env::var("MOELAB_INJECT_FAILURE") {
+        let (rank, op) = v.split_once(':').context("MOELAB_INJECT_FAILURE must be RANK:OP_NAME")?;
+        hooks.exec.fail_at = Some((rank.parse().context("MOELAB_INJECT_FAILURE rank")?, op.to_string()));
+    }
     let cancel = hooks.exec.cancel.clone();
     ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     let total = (s.run.warmup + s.run.steps) as u64;

@@ -84,7 +84,7 @@ fn comm_inside_compute_is_fully_overlapped() {
     approx(a.overall_overlap(), 1.0);
 }
 
-/// (c) compute [0,10],[5,20],[30,40] -> U = [0,20]+[30,40] = 30; comm [15,35] -> 20;
+/// (c) compute [0,10],[5,20],[6,8] (nested),[30,40] -> U = [0,20]+[30,40] = 30; comm [15,35] -> 20;
 /// intersection [15,20]+[30,35] = 10; ratio 0.5. Comm also has two overlapping pieces
 /// [15,25],[20,35] which must merge to the same [15,35].
 #[test]
@@ -92,6 +92,7 @@ fn partial_overlap_merges_same_stream_intervals() {
     let ops = vec![
         compute(0, 0, 10),
         compute(0, 5, 20),
+        compute(0, 6, 8),
         compute(0, 30, 40),
         comm(0, 15, 25),
         comm(0, 20, 35),
@@ -389,3 +390,4 @@ fn empty_trace_is_fine() {
     assert_eq!(a.memory.ranks.len(), 2);
     assert_eq!(a.overlap[1].span_ns, 0);
 }
+

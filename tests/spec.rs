@@ -1,8 +1,8 @@
 //! Experiment specs: the shipped experiment files, defaults, the TOML round trip, and the
 //! error for every kind of bad input (which field, which value, and how to fix it).
 //!
-//! Tests whose names start with `bug_` assert the correct behaviour for a defect found in
-//! `src/spec/validate.rs` / `src/spec/load.rs`; they fail until the defect is fixed.
+//! The regression section pins defects found while these tests were written (overflow,
+//! quadratic divisor listing, unnamed fields in type errors, invented values in messages).
 
 use moelab::spec::{
     from_toml_str, load_file, Activation, BackendKind, Capacity, DType, ExperimentSpec, Mode, Problem,
@@ -419,7 +419,7 @@ fn wrong_type_for_d_model_is_rejected() {
 }
 
 #[test]
-fn bug_wrong_type_error_names_the_field() {
+fn wrong_type_error_names_the_field() {
     // `line 4, column 11: invalid TOML: invalid type: string "64", expected usize` does not
     // say which field; a reader has to count lines. The message should name `d_model`.
     let (_, _, shown) = parse_err(&edit("d_model = 64", "d_model = \"64\""));
@@ -435,7 +435,7 @@ fn negative_size_is_rejected() {
 }
 
 #[test]
-fn bug_negative_size_error_names_the_field() {
+fn negative_size_error_names_the_field() {
     let (_, _, shown) = parse_err(&edit("d_model = 64", "d_model = -4"));
     assert_mentions(&shown, &["d_model", "-4"]);
     let (_, _, shown) = parse_err(&with("", "[layout]\nep = -2"));
@@ -722,11 +722,11 @@ steps = 0
 }
 
 // ---------------------------------------------------------------------------------------------
-// Defects found while writing these tests (see the module comment)
+// Regressions: defects found while writing these tests, now fixed
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn bug_overflowing_batch_times_seq_len_is_an_error_not_a_panic() {
+fn overflowing_batch_times_seq_len_is_an_error_not_a_panic() {
     // validate.rs computes `b * s` unchecked: debug builds panic ("attempt to multiply with
     // overflow"), release builds wrap 2^32 * 2^32 to tokens_per_rank = 0 and accept the spec.
     let text = edit("tokens_per_rank = 256", "batch = 4294967296\nseq_len = 4294967296");
@@ -740,7 +740,7 @@ fn bug_overflowing_batch_times_seq_len_is_an_error_not_a_panic() {
 }
 
 #[test]
-fn bug_overflowing_layout_degrees_are_an_error_not_a_panic() {
+fn overflowing_layout_degrees_are_an_error_not_a_panic() {
     // LayoutSpec::product multiplies unchecked: 2^62 * 4 overflows (panics in debug, wraps to
     // world = 0 and is accepted in release).
     let text = with("", "[layout]\ndp = 4611686018427387904\nep = 4");
@@ -754,7 +754,7 @@ fn bug_overflowing_layout_degrees_are_an_error_not_a_panic() {
 }
 
 #[test]
-fn bug_huge_n_experts_with_bad_ep_is_rejected_quickly() {
+fn huge_n_experts_with_bad_ep_is_rejected_quickly() {
     // `divisors(n)` tries every d in 1..=n to build the fix text: O(n). With n_experts = 10^12
     // validation runs for many minutes instead of failing at once.
     let text = edit("n_experts = 8", "n_experts = 1000000000000").replacen("[model]", "[layout]\nep = 7\n\n[model]", 1);
@@ -766,7 +766,7 @@ fn bug_huge_n_experts_with_bad_ep_is_rejected_quickly() {
 }
 
 #[test]
-fn bug_huge_d_model_with_bad_n_heads_is_rejected_quickly() {
+fn huge_d_model_with_bad_n_heads_is_rejected_quickly() {
     let text = with("", "[model.backbone]\nn_heads = 7").replacen("d_model = 64", "d_model = 1000000000000", 1);
     let result = within(Duration::from_secs(10), move || from_toml_str(&text).map(|_| ()));
     match result {
@@ -779,7 +779,7 @@ fn bug_huge_d_model_with_bad_n_heads_is_rejected_quickly() {
 }
 
 #[test]
-fn bug_tokens_not_divisible_by_batch_does_not_invent_a_seq_len() {
+fn tokens_not_divisible_by_batch_does_not_invent_a_seq_len() {
     // tokens_per_rank=256 with batch=3 and no seq_len says
     // "tokens_per_rank=256 is not batch=3 x seq_len=85": seq_len=85 was never written, it is
     // 256/3 rounded down. The message should say that batch does not divide tokens_per_rank.
@@ -789,7 +789,7 @@ fn bug_tokens_not_divisible_by_batch_does_not_invent_a_seq_len() {
 }
 
 #[test]
-fn bug_zero_batch_is_reported_once() {
+fn zero_batch_is_reported_once() {
     // batch=0 with tokens_per_rank=256 gives a second, misleading problem
     // "tokens_per_rank=256 is not batch=0 x seq_len=0" (seq_len=0 was never written).
     let (p, _) = one_problem(&with("batch = 0", ""), "model.batch");
@@ -797,7 +797,7 @@ fn bug_zero_batch_is_reported_once() {
 }
 
 #[test]
-fn bug_zero_degree_does_not_suggest_world_zero() {
+fn zero_degree_does_not_suggest_world_zero() {
     // dp=0 with world=4 also reports layout.world with the fix "set world = 0, ...", which is
     // itself invalid. The zero degree should be the only problem.
     let (problems, shown) = invalid(&with("", "[layout]\ndp = 0\nworld = 4"));

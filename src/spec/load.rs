@@ -7,7 +7,12 @@ use std::path::Path;
 /// Parse, fill defaults and validate a spec from TOML text.
 pub fn from_toml_str(text: &str) -> Result<ExperimentSpec, SpecError> {
     let spec: ExperimentSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
-        message: e.message().to_string(),
+        message: match e.span().and_then(|s| field_at(text, s.start)) {
+            Some(field) if !e.message().contains('`') || e.message().starts_with("invalid") => {
+                format!("{field}: {}", e.message())
+            }
+            _ => e.message().to_string(),
+        },
         location: e.span().map(|s| line_col(text, s.start)),
         file: None,
     })?;
@@ -21,6 +26,28 @@ pub fn load_file(path: &Path) -> Result<ExperimentSpec, SpecError> {
         message: e.to_string(),
     })?;
     from_toml_str(&text).map_err(|e| e.in_file(path))
+}
+
+/// The dotted key (`model.d_model`) whose value sits at `offset`, when the line is a
+/// `key = value` line: type errors then name the field, not only the line.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |p| p + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    if key.is_empty() || key.starts_with('#') || key.starts_with('[') {
+        return None;
+    }
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

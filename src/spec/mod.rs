@@ -216,7 +216,7 @@ impl Default for LayoutSpec {
 impl LayoutSpec {
     /// The world size the degrees imply.
     pub fn product(&self) -> usize {
-        self.dp * self.ep * self.tp * self.pp
+        self.dp.saturating_mul(self.ep).saturating_mul(self.tp).saturating_mul(self.pp)
     }
 }
 

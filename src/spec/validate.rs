@@ -105,9 +105,27 @@ impl Checker {
     }
 }
 
+/// The divisors of n (found in O(sqrt n)), listed for fix messages; long lists are cut.
 fn divisors(n: usize) -> String {
-    let d: Vec<String> = (1..=n).filter(|d| n % d == 0).map(|d| d.to_string()).collect();
-    d.join(", ")
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    let mut d = 1usize;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            small.push(d);
+            if d != n / d {
+                large.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    small.extend(large.into_iter().rev());
+    let shown: Vec<String> = small.iter().take(12).map(|d| d.to_string()).collect();
+    if small.len() > 12 {
+        format!("{}, ... ({} divisors)", shown.join(", "), small.len())
+    } else {
+        shown.join(", ")
+    }
 }
 
 /// Fill derived defaults and check every rule; returns the resolved spec.
@@ -150,26 +168,45 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
             c.positive(f, 0);
         }
     }
+    let any_zero = [m.tokens_per_rank, m.batch, m.seq_len].contains(&Some(0));
     match (m.tokens_per_rank, m.batch, m.seq_len) {
+        _ if any_zero => {}
         (None, None, None) | (None, Some(_), None) | (None, None, Some(_)) => c.fail("model.tokens_per_rank",
             "the token count is not given".into(),
             "set model.tokens_per_rank, or both model.batch and model.seq_len"),
-        (Some(t), b, s) if t > 0 => {
-            let (b, s) = match (b, s) {
-                (Some(b), Some(s)) => (b, s),
-                (Some(b), None) => (b, if b > 0 { t / b } else { 0 }),
-                (None, Some(s)) => (if s > 0 { t / s } else { 0 }, s),
-                (None, None) => (1, t),
+        (Some(t), b, s) => {
+            let split = match (b, s) {
+                (Some(b), Some(s)) => match b.checked_mul(s) {
+                    Some(p) if p == t => Some((b, s)),
+                    _ => {
+                        c.fail("model.tokens_per_rank", format!("tokens_per_rank={t} is not batch={b} x seq_len={s}"),
+                            "make tokens_per_rank = batch * seq_len, or give only one of them");
+                        None
+                    }
+                },
+                (Some(b), None) if t % b == 0 => Some((b, t / b)),
+                (None, Some(s)) if t % s == 0 => Some((t / s, s)),
+                (Some(b), None) => {
+                    c.fail("model.tokens_per_rank", format!("batch={b} does not divide tokens_per_rank={t}"),
+                        format!("choose batch from {{{}}}", divisors(t)));
+                    None
+                }
+                (None, Some(s)) => {
+                    c.fail("model.tokens_per_rank", format!("seq_len={s} does not divide tokens_per_rank={t}"),
+                        format!("choose seq_len from {{{}}}", divisors(t)));
+                    None
+                }
+                (None, None) => Some((1, t)),
             };
-            if b * s != t {
-                c.fail("model.tokens_per_rank", format!("tokens_per_rank={t} is not batch={b} x seq_len={s}"),
-                    "make tokens_per_rank = batch * seq_len, or give only one of them");
+            if let Some((b, s)) = split {
+                m.batch = Some(b);
+                m.seq_len = Some(s);
             }
-            m.batch = Some(b);
-            m.seq_len = Some(s);
         }
-        (None, Some(b), Some(s)) => m.tokens_per_rank = Some(b * s),
-        _ => {}
+        (None, Some(b), Some(s)) => match b.checked_mul(s) {
+            Some(t) => m.tokens_per_rank = Some(t),
+            None => c.fail("model.batch", format!("batch={b} x seq_len={s} overflows"), "use realistic sizes"),
+        },
     }
     if let Some(bb) = &m.backbone {
         if bb.n_heads > 0 && m.d_model % bb.n_heads != 0 {
@@ -187,13 +224,17 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
     for (f, v) in [("layout.dp", l.dp), ("layout.tp", l.tp), ("layout.ep", l.ep), ("layout.pp", l.pp)] {
         c.positive(f, v);
     }
-    let product = l.product();
-    match l.world {
-        Some(0) => c.positive("layout.world", 0),
-        Some(w) if w != product => c.fail("layout.world",
+    let degrees = [l.dp, l.ep, l.tp, l.pp];
+    let product = degrees.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d));
+    match (l.world, product) {
+        _ if degrees.contains(&0) => {}
+        (_, None) => c.fail("layout.dp", format!("dp*ep*tp*pp = {}*{}*{}*{} overflows", l.dp, l.ep, l.tp, l.pp),
+            "use degrees whose product is the number of ranks"),
+        (Some(0), _) => c.positive("layout.world", 0),
+        (Some(w), Some(product)) if w != product => c.fail("layout.world",
             format!("world={w} is not dp*ep*tp*pp = {}*{}*{}*{} = {product}", l.dp, l.ep, l.tp, l.pp),
             format!("set world = {product}, or change the degrees so that their product is {w}")),
-        _ => l.world = Some(product),
+        (_, Some(product)) => l.world = Some(product),
     }
     let n_experts = spec.model.n_experts;
     if l.ep > 0 && n_experts > 0 && n_experts % l.ep != 0 {

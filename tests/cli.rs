@@ -1,0 +1,113 @@
+//! The `moelab` binary end to end, as a user runs it.
+
+use std::path::Path;
+use std::process::Command;
+
+fn moelab(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_moelab"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("binary runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn only_run_dir(root: &Path) -> std::path::PathBuf {
+    let dirs: Vec<_> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+#[test]
+fn quickstart_runs_and_writes_a_complete_run_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let (code, out, err) = moelab(&["run", "experiments/quickstart.toml", "--runs-dir", runs.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    for needle in ["expert_gemm1", "all_to_all", "overlap", "Memory at peak", "peak memory: plan predicts", "run directory:"] {
+        assert!(out.contains(needle), "output lacks {needle:?}:\n{out}");
+    }
+    let dir = only_run_dir(&runs);
+    assert!(dir.file_name().unwrap().to_str().unwrap().ends_with("-quickstart"));
+    for f in ["spec.toml", "run.log", "trace.json", "summary.json", "stages.parquet", "stages.csv", "overlap.parquet",
+        "overlap.csv", "memory.parquet", "memory.csv"] {
+        assert!(dir.join(f).is_file(), "missing {f}");
+    }
+    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trace.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    assert!(events.iter().filter(|e| e["ph"] == "X").count() > 100);
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["status"], "completed");
+    for m in summary["memory"].as_array().unwrap() {
+        assert_eq!(m["predicted_peak"], m["tracked_peak"], "{m}");
+    }
+    // The resolved spec runs unchanged.
+    let again = tmp.path().join("again");
+    let spec = dir.join("spec.toml");
+    let (code, out, err) = moelab(&["run", "-q", spec.to_str().unwrap(), "--runs-dir", again.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+#[test]
+fn bad_spec_gives_one_clear_error_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/quickstart.toml"))
+        .unwrap()
+        .replace("ep = 4", "ep = 3");
+    std::fs::write(&bad, text).unwrap();
+    let runs = tmp.path().join("runs");
+    let (code, _out, err) = moelab(&["run", bad.to_str().unwrap(), "--runs-dir", runs.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("layout.ep") && err.contains("ep=3 does not divide n_experts=8"), "{err}");
+    assert!(!runs.exists(), "a rejected spec must not create a run directory");
+    let (code, _, err) = moelab(&["validate", bad.to_str().unwrap(), "experiments/quickstart.toml"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.toml"), "{err}");
+}
+
+#[test]
+fn validate_accepts_every_shipped_experiment() {
+    let files: Vec<String> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments"))
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| p.ends_with(".toml"))
+        .collect();
+    let mut args = vec!["validate"];
+    args.extend(files.iter().map(String::as_str));
+    let (code, out, err) = moelab(&args, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok: ")).count(), files.len());
+}
+
+#[test]
+fn a_failed_run_keeps_spec_log_trace_and_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let (code, _out, err) = moelab(
+        &["run", "-q", "experiments/quickstart.toml", "--runs-dir", runs.to_str().unwrap()],
+        &[("MOELAB_INJECT_FAILURE", "1:L1.expert_gemm2")],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("rank 1 failed in op L1.expert_gemm2"), "{err}");
+    let dir = only_run_dir(&runs);
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["status"], "failed");
+    assert!(summary["error"].as_str().unwrap().contains("L1.expert_gemm2"));
+    assert!(dir.join("spec.toml").is_file() && dir.join("trace.json").is_file());
+    let log = std::fs::read_to_string(dir.join("run.log")).unwrap();
+    assert!(log.contains("failed") && log.contains("status: failed"), "{log}");
+}
+
+#[test]
+fn help_lists_every_command() {
+    let (code, out, _) = moelab(&["--help"], &[]);
+    assert_eq!(code, 0);
+    for c in ["run", "validate", "plan"] {
+        assert!(out.contains(c), "{out}");
+    }
+    let (code, out, _) = moelab(&["plan", "experiments/topk-dp2-ep2.toml"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("rank 3") && out.contains("predicted peak"), "{out}");
+}
