@@ -6,7 +6,15 @@ use moelab::taxonomy::{MemCategory, Pass, Stage, Stream};
 use moelab::trace::chrome::{to_chrome_json, write_chrome_trace};
 use moelab::trace::{MemEvent, OpEvent, StepSpan, Trace};
 
-fn op(rank: u32, step: u32, stream: Stream, stage: Stage, pass: Pass, start: u64, end: u64) -> OpEvent {
+fn op(
+    rank: u32,
+    step: u32,
+    stream: Stream,
+    stage: Stage,
+    pass: Pass,
+    start: u64,
+    end: u64,
+) -> OpEvent {
     OpEvent {
         rank,
         step,
@@ -24,23 +32,55 @@ fn op(rank: u32, step: u32, stream: Stream, stage: Stage, pass: Pass, start: u64
 }
 
 fn compute(rank: u32, start: u64, end: u64) -> OpEvent {
-    op(rank, 0, Stream::Compute, Stage::ExpertGemm1, Pass::Forward, start, end)
+    op(
+        rank,
+        0,
+        Stream::Compute,
+        Stage::ExpertGemm1,
+        Pass::Forward,
+        start,
+        end,
+    )
 }
 
 fn comm(rank: u32, start: u64, end: u64) -> OpEvent {
-    op(rank, 0, Stream::Comm, Stage::AllToAll, Pass::Forward, start, end)
+    op(
+        rank,
+        0,
+        Stream::Comm,
+        Stage::AllToAll,
+        Pass::Forward,
+        start,
+        end,
+    )
 }
 
 fn span(rank: u32, step: u32, start: u64, end: u64) -> StepSpan {
-    StepSpan { rank, step, start_ns: start, end_ns: end }
+    StepSpan {
+        rank,
+        step,
+        start_ns: start,
+        end_ns: end,
+    }
 }
 
 fn mem(rank: u32, t: u64, category: MemCategory, delta: i64) -> MemEvent {
-    MemEvent { rank, t_ns: t, category, delta }
+    MemEvent {
+        rank,
+        t_ns: t,
+        category,
+        delta,
+    }
 }
 
 fn trace(world: u32, ops: Vec<OpEvent>, memory: Vec<MemEvent>, steps: Vec<StepSpan>) -> Trace {
-    Trace { backend: "test".into(), world, ops, memory, steps }
+    Trace {
+        backend: "test".into(),
+        world,
+        ops,
+        memory,
+        steps,
+    }
 }
 
 fn approx(a: f64, b: f64) {
@@ -50,7 +90,12 @@ fn approx(a: f64, b: f64) {
 /// (a) compute [0,100] then comm [100,150]: nothing overlaps, all comm is exposed.
 #[test]
 fn serial_chain_has_no_overlap() {
-    let t = trace(1, vec![compute(0, 0, 100), comm(0, 100, 150)], vec![], vec![span(0, 0, 0, 200)]);
+    let t = trace(
+        1,
+        vec![compute(0, 0, 100), comm(0, 100, 150)],
+        vec![],
+        vec![span(0, 0, 0, 200)],
+    );
     let a = analyze(&t);
     assert_eq!(a.overlap.len(), 1);
     let r = &a.overlap[0];
@@ -121,10 +166,19 @@ fn two_ranks_per_rank_rows_and_overall() {
     ];
     let steps = vec![span(0, 0, 0, 120), span(1, 0, 0, 110)];
     let a = analyze(&trace(2, ops, vec![], steps));
-    assert_eq!(a.overlap.iter().map(|r| r.rank).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(
+        a.overlap.iter().map(|r| r.rank).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
     let (r0, r1) = (&a.overlap[0], &a.overlap[1]);
-    assert_eq!((r0.comm_ns, r0.overlapped_ns, r0.exposed_comm_ns), (40, 40, 0));
-    assert_eq!((r1.comm_ns, r1.overlapped_ns, r1.exposed_comm_ns), (30, 10, 20));
+    assert_eq!(
+        (r0.comm_ns, r0.overlapped_ns, r0.exposed_comm_ns),
+        (40, 40, 0)
+    );
+    assert_eq!(
+        (r1.comm_ns, r1.overlapped_ns, r1.exposed_comm_ns),
+        (30, 10, 20)
+    );
     assert_eq!((r0.compute_ns, r1.compute_ns), (100, 80));
     assert_eq!((r0.idle_ns, r1.idle_ns), (20, 10));
     approx(r1.overlap_ratio, 10.0 / 30.0);
@@ -143,11 +197,35 @@ fn stage_table_over_ranks_and_steps() {
     for rank in 0..2u32 {
         for step in 0..2u32 {
             let base = u64::from(step) * 1000;
-            let mut f = op(rank, step, Stream::Compute, Stage::Attention, Pass::Forward, base, base + 10);
+            let mut f = op(
+                rank,
+                step,
+                Stream::Compute,
+                Stage::Attention,
+                Pass::Forward,
+                base,
+                base + 10,
+            );
             f.flops = 1_000;
             f.bytes = 64;
-            let b = op(rank, step, Stream::Compute, Stage::Attention, Pass::Backward, base + 10, base + 30);
-            let mut u = op(rank, step, Stream::Comm, Stage::AllReduce, Pass::Update, base + 30, base + 35);
+            let b = op(
+                rank,
+                step,
+                Stream::Compute,
+                Stage::Attention,
+                Pass::Backward,
+                base + 10,
+                base + 30,
+            );
+            let mut u = op(
+                rank,
+                step,
+                Stream::Comm,
+                Stage::AllReduce,
+                Pass::Update,
+                base + 30,
+                base + 35,
+            );
             u.bytes = 4096;
             // Push in scrambled order: the table must sort by Stage::ALL then Pass.
             ops.extend([u, b, f]);
@@ -156,7 +234,15 @@ fn stage_table_over_ranks_and_steps() {
         }
     }
     // A data op on rank 0 only, stage earlier than attention.
-    ops.push(op(0, 0, Stream::Compute, Stage::Data, Pass::Forward, 40, 45));
+    ops.push(op(
+        0,
+        0,
+        Stream::Compute,
+        Stage::Data,
+        Pass::Forward,
+        40,
+        45,
+    ));
 
     let a = analyze(&trace(2, ops, vec![], steps));
     assert_eq!(a.steps, 2);
@@ -164,7 +250,10 @@ fn stage_table_over_ranks_and_steps() {
     assert_eq!(a.backend, "test");
     approx(a.step_time_ns, 500.0 / 4.0);
     let labels: Vec<&str> = a.stages.iter().map(|r| r.label.as_str()).collect();
-    assert_eq!(labels, vec!["data", "attention", "attention_bwd", "all_reduce_upd"]);
+    assert_eq!(
+        labels,
+        vec!["data", "attention", "attention_bwd", "all_reduce_upd"]
+    );
 
     let data = &a.stages[0];
     assert_eq!((data.count, data.total_ns), (1, 5));
@@ -172,7 +261,10 @@ fn stage_table_over_ranks_and_steps() {
 
     let fwd = &a.stages[1];
     assert_eq!((fwd.stage, fwd.pass), (Stage::Attention, Pass::Forward));
-    assert_eq!((fwd.count, fwd.total_ns, fwd.flops, fwd.bytes), (4, 40, 4_000, 256));
+    assert_eq!(
+        (fwd.count, fwd.total_ns, fwd.flops, fwd.bytes),
+        (4, 40, 4_000, 256)
+    );
     approx(fwd.mean_ns, 10.0);
     approx(fwd.share, 40.0 / 500.0);
 
@@ -247,7 +339,11 @@ fn memory_peak_and_category_maxima() {
 #[test]
 fn memory_same_time_events_peak_after_each() {
     use MemCategory::*;
-    let events = vec![mem(0, 1, Temporaries, 500), mem(0, 1, Temporaries, -500), mem(0, 1, Params, 10)];
+    let events = vec![
+        mem(0, 1, Temporaries, 500),
+        mem(0, 1, Temporaries, -500),
+        mem(0, 1, Params, 10),
+    ];
     let a = analyze(&trace(1, vec![], events, vec![]));
     assert_eq!(a.memory.ranks[0].peak_total, 500);
     assert_eq!(a.memory.ranks[0].at_peak[Temporaries.index()], 500);
@@ -255,7 +351,15 @@ fn memory_same_time_events_peak_after_each() {
 }
 
 fn chrome_fixture() -> Trace {
-    let mut g = op(1, 0, Stream::Compute, Stage::ExpertGemm1, Pass::Backward, 1_500, 4_000);
+    let mut g = op(
+        1,
+        0,
+        Stream::Compute,
+        Stage::ExpertGemm1,
+        Pass::Backward,
+        1_500,
+        4_000,
+    );
     g.name = "L3.expert_gemm1".into();
     g.layer = Some(3);
     g.flops = 7;
@@ -286,7 +390,10 @@ fn chrome_json_structure() {
 
     let xs: Vec<_> = evs.iter().filter(|e| e["ph"] == "X").collect();
     assert_eq!(xs.len(), 3);
-    let g = xs.iter().find(|e| e["name"] == "L3.expert_gemm1").expect("gemm event");
+    let g = xs
+        .iter()
+        .find(|e| e["name"] == "L3.expert_gemm1")
+        .expect("gemm event");
     assert_eq!(g["ts"].as_f64(), Some(1.5));
     assert_eq!(g["dur"].as_f64(), Some(2.5));
     assert_eq!(g["pid"], 1);
@@ -297,7 +404,10 @@ fn chrome_json_structure() {
     assert_eq!(g["args"]["layer"], 3);
     assert!(g["args"]["chunk"].is_null());
     assert_eq!(g["args"]["flops"], 7);
-    let c = xs.iter().find(|e| e["cat"] == "all_to_all").expect("comm event");
+    let c = xs
+        .iter()
+        .find(|e| e["cat"] == "all_to_all")
+        .expect("comm event");
     assert_eq!(c["tid"], 1);
     assert_eq!(c["pid"], 0);
     assert_eq!(c["ts"].as_f64(), Some(0.5));
@@ -313,14 +423,31 @@ fn chrome_json_structure() {
     let threads: Vec<(u64, u64, &str)> = meta
         .iter()
         .filter(|e| e["name"] == "thread_name")
-        .map(|e| (e["pid"].as_u64().expect("pid"), e["tid"].as_u64().expect("tid"), e["args"]["name"].as_str().expect("n")))
+        .map(|e| {
+            (
+                e["pid"].as_u64().expect("pid"),
+                e["tid"].as_u64().expect("tid"),
+                e["args"]["name"].as_str().expect("n"),
+            )
+        })
         .collect();
-    assert_eq!(threads, vec![(0, 0, "compute"), (0, 1, "comm"), (1, 0, "compute"), (1, 1, "comm")]);
+    assert_eq!(
+        threads,
+        vec![
+            (0, 0, "compute"),
+            (0, 1, "comm"),
+            (1, 0, "compute"),
+            (1, 1, "comm")
+        ]
+    );
 
     let counters: Vec<_> = evs.iter().filter(|e| e["ph"] == "C").collect();
     assert_eq!(counters.len(), 3);
     assert!(counters.iter().all(|e| e["name"] == "memory"));
-    let last0 = counters.iter().filter(|e| e["pid"] == 0).last().expect("rank 0 counter");
+    let last0 = counters
+        .iter()
+        .rfind(|e| e["pid"] == 0)
+        .expect("rank 0 counter");
     assert_eq!(last0["ts"].as_f64(), Some(0.1));
     let args = last0["args"].as_object().expect("args");
     assert_eq!(args.len(), 7);
@@ -343,9 +470,18 @@ fn write_tables_roundtrip_csv() {
     names.sort();
     assert_eq!(
         names,
-        vec!["memory.csv", "memory.parquet", "overlap.csv", "overlap.parquet", "stages.csv", "stages.parquet"]
+        vec![
+            "memory.csv",
+            "memory.parquet",
+            "overlap.csv",
+            "overlap.parquet",
+            "stages.csv",
+            "stages.parquet"
+        ]
     );
-    assert!(paths.iter().all(|p| p.exists() && std::fs::metadata(p).expect("meta").len() > 0));
+    assert!(paths
+        .iter()
+        .all(|p| p.exists() && std::fs::metadata(p).expect("meta").len() > 0));
 
     // Rank 0: compute [0,1000], comm [500,2500] -> comm 2000, overlapped 500, exposed 1500,
     // busy 2500, span 5000, idle 2500.
@@ -355,14 +491,19 @@ fn write_tables_roundtrip_csv() {
         lines.next(),
         Some("rank,span_ns,busy_ns,idle_ns,compute_ns,comm_ns,overlapped_ns,exposed_comm_ns,overlap_ratio")
     );
-    assert_eq!(lines.next(), Some("0,5000,2500,2500,1000,2000,500,1500,0.25"));
+    assert_eq!(
+        lines.next(),
+        Some("0,5000,2500,2500,1000,2000,500,1500,0.25")
+    );
 
     let mem_csv = std::fs::read_to_string(out.join("memory.csv")).expect("csv");
     assert_eq!(mem_csv.lines().count(), 1 + 2 * 7);
     assert!(mem_csv.lines().any(|l| l == "0,activations,2048,2048"));
 
     let stages_csv = std::fs::read_to_string(out.join("stages.csv")).expect("csv");
-    assert!(stages_csv.lines().any(|l| l == "expert_gemm1,backward,expert_gemm1_bwd,1,2500,2500.0,0.25,7,0"));
+    assert!(stages_csv
+        .lines()
+        .any(|l| l == "expert_gemm1,backward,expert_gemm1_bwd,1,2500,2500.0,0.25,7,0"));
 }
 
 /// (i) An empty trace analyzes, renders and exports without panicking.
@@ -380,14 +521,19 @@ fn empty_trace_is_fine() {
     assert_eq!(a.memory.max_peak(), 0);
     assert!(!a.render_text().is_empty());
     let dir = tempfile::tempdir().expect("tempdir");
-    assert_eq!(tables::write_tables(&a, dir.path()).expect("write").len(), 6);
+    assert_eq!(
+        tables::write_tables(&a, dir.path()).expect("write").len(),
+        6
+    );
     let v = to_chrome_json(&t);
     assert_eq!(v["traceEvents"].as_array().map(Vec::len), Some(0));
 
     // A world with ranks but no events still gets one zeroed row per rank.
-    let a = analyze(&Trace { world: 2, ..Trace::default() });
+    let a = analyze(&Trace {
+        world: 2,
+        ..Trace::default()
+    });
     assert_eq!(a.overlap.len(), 2);
     assert_eq!(a.memory.ranks.len(), 2);
     assert_eq!(a.overlap[1].span_ns, 0);
 }
-

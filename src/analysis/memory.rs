@@ -40,7 +40,10 @@ pub fn replay_rank(rank: u32, events: &[&MemEvent]) -> RankMemory {
     let mut sorted: Vec<&MemEvent> = events.to_vec();
     sorted.sort_by_key(|e| e.t_ns);
     let mut in_use = [0i64; N_CATEGORIES];
-    let mut out = RankMemory { rank, ..RankMemory::default() };
+    let mut out = RankMemory {
+        rank,
+        ..RankMemory::default()
+    };
     let clamp = |v: i64| -> u64 { u64::try_from(v).unwrap_or(0) };
     for ev in sorted {
         let idx = ev.category.index();

@@ -88,7 +88,10 @@ pub fn rank_overlap(rank: u32, ops: &[&OpEvent], spans: &[&StepSpan]) -> RankOve
             _ => 0,
         }
     } else {
-        spans.iter().map(|s| s.end_ns.saturating_sub(s.start_ns)).sum()
+        spans
+            .iter()
+            .map(|s| s.end_ns.saturating_sub(s.start_ns))
+            .sum()
     };
     let busy_ns = total_len(&all);
     let compute_ns = total_len(&compute);
@@ -103,6 +106,10 @@ pub fn rank_overlap(rank: u32, ops: &[&OpEvent], spans: &[&StepSpan]) -> RankOve
         comm_ns,
         overlapped_ns,
         exposed_comm_ns: comm_ns.saturating_sub(overlapped_ns),
-        overlap_ratio: if comm_ns == 0 { 0.0 } else { overlapped_ns as f64 / comm_ns as f64 },
+        overlap_ratio: if comm_ns == 0 {
+            0.0
+        } else {
+            overlapped_ns as f64 / comm_ns as f64
+        },
     }
 }

@@ -45,9 +45,17 @@ pub fn stage_rows(trace: &Trace) -> Vec<StageRow> {
         a.flops = a.flops.saturating_add(op.flops);
         a.bytes = a.bytes.saturating_add(op.bytes);
     }
-    let step_total: u64 =
-        trace.steps.iter().map(|s| s.end_ns.saturating_sub(s.start_ns)).sum();
-    let order = |s: Stage| Stage::ALL.iter().position(|x| *x == s).unwrap_or(usize::MAX);
+    let step_total: u64 = trace
+        .steps
+        .iter()
+        .map(|s| s.end_ns.saturating_sub(s.start_ns))
+        .sum();
+    let order = |s: Stage| {
+        Stage::ALL
+            .iter()
+            .position(|x| *x == s)
+            .unwrap_or(usize::MAX)
+    };
     let mut rows: Vec<StageRow> = acc
         .into_iter()
         .map(|((stage, pass), a)| StageRow {
@@ -56,8 +64,16 @@ pub fn stage_rows(trace: &Trace) -> Vec<StageRow> {
             label: stage_label(stage, pass),
             count: a.count,
             total_ns: a.total_ns,
-            mean_ns: if a.count == 0 { 0.0 } else { a.total_ns as f64 / a.count as f64 },
-            share: if step_total == 0 { 0.0 } else { a.total_ns as f64 / step_total as f64 },
+            mean_ns: if a.count == 0 {
+                0.0
+            } else {
+                a.total_ns as f64 / a.count as f64
+            },
+            share: if step_total == 0 {
+                0.0
+            } else {
+                a.total_ns as f64 / step_total as f64
+            },
             flops: a.flops,
             bytes: a.bytes,
         })

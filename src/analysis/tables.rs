@@ -69,9 +69,18 @@ pub fn memory_frame(analysis: &Analysis) -> PolarsResult<DataFrame> {
 pub fn write_tables(analysis: &Analysis, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let frames = [
-        ("stages", anyhow::Context::context(stage_frame(analysis), "building stage table")?),
-        ("overlap", anyhow::Context::context(overlap_frame(analysis), "building overlap table")?),
-        ("memory", anyhow::Context::context(memory_frame(analysis), "building memory table")?),
+        (
+            "stages",
+            anyhow::Context::context(stage_frame(analysis), "building stage table")?,
+        ),
+        (
+            "overlap",
+            anyhow::Context::context(overlap_frame(analysis), "building overlap table")?,
+        ),
+        (
+            "memory",
+            anyhow::Context::context(memory_frame(analysis), "building memory table")?,
+        ),
     ];
     let mut written = Vec::with_capacity(frames.len() * 2);
     for (name, mut df) in frames {

@@ -24,7 +24,13 @@ fn category_header(c: MemCategory) -> &'static str {
 
 /// Renders one table: first column left-aligned, others right-aligned, dashes under the
 /// header and above an optional total line.
-fn table(out: &mut String, title: &str, headers: &[&str], rows: &[Vec<String>], total: Option<Vec<String>>) {
+fn table(
+    out: &mut String,
+    title: &str,
+    headers: &[&str],
+    rows: &[Vec<String>],
+    total: Option<Vec<String>>,
+) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows.iter().chain(total.iter()) {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -97,7 +103,10 @@ impl Analysis {
                 sum(|r| r.count).to_string(),
                 format!("{:.3}", sum(|r| r.total_ns) as f64 / NS_PER_MS),
                 String::new(),
-                format!("{:.1}", self.stages.iter().map(|r| r.share).sum::<f64>() * 100.0),
+                format!(
+                    "{:.1}",
+                    self.stages.iter().map(|r| r.share).sum::<f64>() * 100.0
+                ),
                 format!("{:.3}", sum(|r| r.flops) as f64 / 1e9),
                 format!("{:.2}", sum(|r| r.bytes) as f64 / 1e6),
             ]
@@ -105,7 +114,9 @@ impl Analysis {
         table(
             &mut out,
             "Stages (summed over ranks and steps)",
-            &["stage", "count", "total ms", "mean us", "share %", "GFLOP", "MB"],
+            &[
+                "stage", "count", "total ms", "mean us", "share %", "GFLOP", "MB",
+            ],
             &rows,
             total,
         );
@@ -129,7 +140,8 @@ impl Analysis {
             })
             .collect();
         let total = (!self.overlap.is_empty()).then(|| {
-            let sum = |f: fn(&super::RankOverlap) -> u64| -> u64 { self.overlap.iter().map(f).sum() };
+            let sum =
+                |f: fn(&super::RankOverlap) -> u64| -> u64 { self.overlap.iter().map(f).sum() };
             vec![
                 "total".to_string(),
                 ms(sum(|r| r.comm_ns)),
@@ -143,7 +155,15 @@ impl Analysis {
         table(
             &mut out,
             "Compute/communication overlap per rank",
-            &["rank", "comm ms", "overlapped ms", "exposed ms", "overlap %", "compute ms", "idle ms"],
+            &[
+                "rank",
+                "comm ms",
+                "overlapped ms",
+                "exposed ms",
+                "overlap %",
+                "compute ms",
+                "idle ms",
+            ],
             &rows,
             total,
         );
@@ -165,7 +185,13 @@ impl Analysis {
                 row
             })
             .collect();
-        table(&mut out, "Memory at peak per rank (MiB)", &headers, &rows, None);
+        table(
+            &mut out,
+            "Memory at peak per rank (MiB)",
+            &headers,
+            &rows,
+            None,
+        );
         out
     }
 }

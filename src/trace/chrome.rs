@@ -32,9 +32,8 @@ pub fn to_chrome_json(trace: &Trace) -> Value {
     ranks.extend(trace.memory.iter().map(|m| m.rank));
     ranks.extend(trace.steps.iter().map(|s| s.rank));
 
-    let mut events: Vec<Value> = Vec::with_capacity(
-        ranks.len() * 3 + trace.ops.len() + trace.memory.len(),
-    );
+    let mut events: Vec<Value> =
+        Vec::with_capacity(ranks.len() * 3 + trace.ops.len() + trace.memory.len());
     for &rank in &ranks {
         events.push(json!({
             "ph": "M", "name": "process_name", "pid": rank, "tid": 0,

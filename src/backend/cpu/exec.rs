@@ -1,7 +1,7 @@
 //! Execution of one [`OpKind`] on one rank with real f32 math.
 
 use super::fabric::Fabric;
-use super::store::{Store, StoreError};
+use super::store::{OpView, StoreError};
 use crate::math::{activation, attention, linalg, norm, rng, routing};
 use crate::plan::ops::MoeDims;
 use crate::plan::{Group, OpKind};
@@ -66,8 +66,8 @@ fn rows_per_expert(dims: &MoeDims, t: &routing::RoutingTable) -> usize {
     })
 }
 
-/// Execute `kind` on `st`.
-pub fn execute(kind: &OpKind, st: &mut Store, ctx: &OpCtx) -> Result<OpOutcome, BackendError> {
+/// Execute `kind` on the op's view of the store.
+pub fn execute(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, BackendError> {
     exec_inner(kind, st, ctx).map_err(|e| match e {
         Failure::Store(s) => fail(ctx, s),
         Failure::Backend(b) => b,
@@ -89,7 +89,7 @@ impl From<BackendError> for Failure {
     }
 }
 
-fn exec_inner(kind: &OpKind, st: &mut Store, ctx: &OpCtx) -> Result<OpOutcome, Failure> {
+fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, Failure> {
     use OpKind::*;
     let mut outcome = OpOutcome::default();
     match kind {

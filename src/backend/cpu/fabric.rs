@@ -41,6 +41,11 @@ impl Fabric {
         self.cv.notify_all();
     }
 
+    /// Whether some rank failed.
+    pub fn is_aborted(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).aborted.is_some()
+    }
+
     /// Deposit `parts` as member `me` of `group` (ranks `members`), wait for all members,
     /// then compute this member's result from every member's deposit (member order).
     pub fn collective<R>(

@@ -1,5 +1,8 @@
-//! The reference backend: real f32 math, one thread per rank, collectives through an
-//! in-process [`fabric::Fabric`] with NCCL's semantics, every op timed with a wall clock.
+//! The reference backend: real f32 math, one thread per rank and stream, collectives
+//! through an in-process [`fabric::Fabric`] with NCCL's semantics, every op timed with a
+//! wall clock. Streams of a rank run concurrently: an op waits only for its dependencies,
+//! computes on snapshots of its inputs outside the store's lock, and a buffer is released
+//! when its last user completes.
 
 pub mod exec;
 pub mod fabric;
@@ -13,13 +16,15 @@ use crate::trace::{OpEvent, StepSpan, Trace};
 use exec::{OpCtx, RouteObs};
 use fabric::Fabric;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use crate::taxonomy::Stream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 use store::Store;
 
 /// One rank's live state across steps.
 struct RankState {
-    store: Store,
+    store: Mutex<Store>,
     ops: Vec<OpEvent>,
     steps: Vec<StepSpan>,
     retain: Vec<bool>,
@@ -47,7 +52,7 @@ impl CpuRuntime {
                 let mut store = Store::new(rp.rank, rp.buffers.clone(), epoch);
                 init_params(rp, &mut store, seed);
                 let retain = rp.buffers.iter().map(|b| opts.retain.contains(&b.name)).collect();
-                RankState { store, ops: Vec::new(), steps: Vec::new(), retain }
+                RankState { store: Mutex::new(store), ops: Vec::new(), steps: Vec::new(), retain }
             })
             .collect();
         CpuRuntime { plan, ranks, opts, epoch, steps_done: 0, measured_done: 0 }
@@ -131,26 +136,29 @@ impl CpuRuntime {
     /// Contents of a buffer on a rank (params, grads, retained activations).
     pub fn read(&self, rank: usize, name: &str) -> Option<Vec<f32>> {
         let id = self.plan.ranks[rank].buffer_id(name)?;
-        self.ranks[rank].store.f32(id).ok().map(|v| v.to_vec())
+        lock(&self.ranks[rank].store).f32(id).ok()
     }
 
     /// Contents of an index buffer on a rank (routing choices, slots).
     pub fn read_i32(&self, rank: usize, name: &str) -> Option<Vec<i32>> {
         let id = self.plan.ranks[rank].buffer_id(name)?;
-        self.ranks[rank].store.i32(id).ok().map(|v| v.to_vec())
+        lock(&self.ranks[rank].store).i32(id).ok()
     }
 
     /// Overwrite a parameter's values on a rank (finite-difference checks).
     pub fn write(&mut self, rank: usize, name: &str, values: Vec<f32>) -> bool {
         match self.plan.ranks[rank].buffer_id(name) {
-            Some(id) => self.ranks[rank].store.put_f32(id, values).is_ok(),
+            Some(id) => lock(&self.ranks[rank].store).put_f32(id, values).is_ok(),
             None => false,
         }
     }
 
     /// Highest bytes in use per rank, and the per-category bytes at that moment.
     pub fn tracked_peaks(&self) -> Vec<(u64, [u64; 7])> {
-        self.ranks.iter().map(|r| (r.store.peak_total, r.store.at_peak)).collect()
+        self.ranks.iter().map(|r| {
+            let st = lock(&r.store);
+            (st.peak_total, st.at_peak)
+        }).collect()
     }
 
     /// Everything measured so far, as the common trace format.
@@ -158,11 +166,15 @@ impl CpuRuntime {
         let mut t = Trace { backend: "cpu".into(), world: self.ranks.len() as u32, ..Default::default() };
         for r in &self.ranks {
             t.ops.extend(r.ops.iter().cloned());
-            t.memory.extend(r.store.events.iter().cloned());
+            t.memory.extend(lock(&r.store).events.iter().cloned());
             t.steps.extend(r.steps.iter().cloned());
         }
         t
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -196,6 +208,30 @@ fn init_params(rp: &RankPlan, store: &mut Store, seed: u64) {
     }
 }
 
+/// Completion flags of one rank's ops in one step, with a wake-up for waiters.
+struct Progress {
+    done: Mutex<Vec<bool>>,
+    cv: Condvar,
+    failed: AtomicBool,
+}
+
+impl Progress {
+    fn wait_for(&self, op: usize, fabric: &Fabric) -> bool {
+        let mut d = lock(&self.done);
+        while !d[op] {
+            if self.failed.load(Ordering::SeqCst) || fabric.is_aborted() {
+                return false;
+            }
+            d = self.cv.wait_timeout(d, Duration::from_millis(20)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        true
+    }
+    fn finish(&self, op: usize) {
+        lock(&self.done)[op] = true;
+        self.cv.notify_all();
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_rank(
     rp: &RankPlan,
@@ -209,44 +245,126 @@ fn run_rank(
     measured: Option<u32>,
 ) -> Result<Vec<(Stage, RouteObs)>, BackendError> {
     let start = epoch.elapsed().as_nanos() as u64;
-    let mut obs = Vec::new();
-    for op in &rp.ops {
-        if opts.cancel.load(Ordering::Relaxed) {
-            return Err(BackendError::Cancelled);
-        }
-        if opts.skip_optimizer && op.stage == Stage::Optimizer {
-            continue;
-        }
-        if let Some((r, name)) = &opts.fail_at {
-            if *r == rp.rank && *name == op.name {
-                return Err(BackendError::OpFailed { rank: rp.rank, op: op.name.clone(), message: "injected failure".into() });
+    let active: Vec<bool> = rp.ops.iter().map(|op| !(opts.skip_optimizer && op.stage == Stage::Optimizer)).collect();
+    // A buffer is released when the last op that touches it completes.
+    let mut uses = vec![0usize; rp.buffers.len()];
+    let touched: Vec<Vec<BufId>> = rp
+        .ops
+        .iter()
+        .map(|op| {
+            let mut t: Vec<BufId> = op.reads.iter().chain(&op.writes).copied().collect();
+            t.sort();
+            t.dedup();
+            t
+        })
+        .collect();
+    for (t, a) in touched.iter().zip(&active) {
+        if *a {
+            for b in t {
+                uses[b.0 as usize] += 1;
             }
         }
-        let ctx = OpCtx { rank: rp.rank, seed: plan.spec.run.seed, step: data_step, adam_step, fabric, groups: &plan.groups, op_name: &op.name };
-        let t0 = epoch.elapsed().as_nanos() as u64;
-        let out = exec::execute(&op.kind, &mut state.store, &ctx)?;
-        let t1 = epoch.elapsed().as_nanos() as u64;
-        if let Some(o) = out.obs {
-            obs.push((op.stage, o));
-        }
-        for f in &op.frees {
-            if !state.retain[f.0 as usize] {
-                state.store.free(*f);
+    }
+    let uses: Vec<AtomicUsize> = uses.into_iter().map(AtomicUsize::new).collect();
+    let progress = Progress { done: Mutex::new(vec![false; rp.ops.len()]), cv: Condvar::new(), failed: AtomicBool::new(false) };
+    let events = Mutex::new(Vec::new());
+    let obs = Mutex::new(Vec::new());
+    let mut streams: Vec<Stream> = rp.ops.iter().map(|o| o.stream).collect();
+    streams.sort();
+    streams.dedup();
+    let (store, retain) = (&state.store, &state.retain);
+    let run_stream = |stream: Stream| -> Result<(), BackendError> {
+        for op in rp.ops.iter().filter(|o| o.stream == stream) {
+            let i = op.id.0 as usize;
+            if !active[i] {
+                progress.finish(i);
+                continue;
             }
+            if opts.cancel.load(Ordering::Relaxed) {
+                return Err(BackendError::Cancelled);
+            }
+            if let Some((r, name)) = &opts.fail_at {
+                if *r == rp.rank && *name == op.name {
+                    return Err(BackendError::OpFailed { rank: rp.rank, op: op.name.clone(), message: "injected failure".into() });
+                }
+            }
+            for d in &op.deps {
+                if !progress.wait_for(d.0 as usize, fabric) {
+                    return Err(BackendError::Aborted { rank: rp.rank, by: rp.rank });
+                }
+            }
+            let ctx = OpCtx { rank: rp.rank, seed: plan.spec.run.seed, step: data_step, adam_step, fabric, groups: &plan.groups, op_name: &op.name };
+            let mut view = lock(store).view(&op.reads, &op.writes);
+            let t0 = epoch.elapsed().as_nanos() as u64;
+            let out = exec::execute(&op.kind, &mut view, &ctx)?;
+            let t1 = epoch.elapsed().as_nanos() as u64;
+            {
+                let mut st = lock(store);
+                st.apply(view).map_err(|e| BackendError::OpFailed { rank: rp.rank, op: op.name.clone(), message: e.0 })?;
+                for b in &touched[i] {
+                    let last = uses[b.0 as usize].fetch_sub(1, Ordering::SeqCst) == 1;
+                    if last && !rp.buffer(*b).persistent && !retain[b.0 as usize] {
+                        st.free(*b);
+                    }
+                }
+            }
+            if let Some(o) = out.obs {
+                lock(&obs).push((op.stage, o));
+            }
+            if let Some(step) = measured {
+                lock(&events).push(OpEvent {
+                    rank: rp.rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(),
+                    layer: op.layer, chunk: op.chunk, start_ns: t0, end_ns: t1.max(t0 + 1), flops: op.flops,
+                    bytes: out.bytes.unwrap_or(op.bytes),
+                });
+            }
+            progress.finish(i);
         }
-        if let Some(step) = measured {
-            state.ops.push(OpEvent {
-                rank: rp.rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(),
-                layer: op.layer, chunk: op.chunk, start_ns: t0, end_ns: t1.max(t0 + 1), flops: op.flops,
-                bytes: out.bytes.unwrap_or(op.bytes),
-            });
+        Ok(())
+    };
+    let results: Vec<Result<(), BackendError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = streams
+            .iter()
+            .map(|&stream| {
+                let (run_stream, progress) = (&run_stream, &progress);
+                s.spawn(move || {
+                    let r = catch_unwind(AssertUnwindSafe(|| run_stream(stream)))
+                        .unwrap_or_else(|p| Err(BackendError::Crashed { rank: rp.rank, message: panic_message(&p) }));
+                    if r.is_err() {
+                        progress.failed.store(true, Ordering::SeqCst);
+                        progress.cv.notify_all();
+                        fabric.abort(rp.rank);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("stream threads catch their panics")).collect()
+    });
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Err(e @ BackendError::Aborted { .. }) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err = Some(e);
+                break;
+            }
+            Ok(()) => {}
         }
+    }
+    let mut evs = events.into_inner().unwrap_or_else(|p| p.into_inner());
+    evs.sort_by_key(|e| e.start_ns);
+    state.ops.extend(evs);
+    if let Some(e) = first_err {
+        return Err(e);
     }
     if let Some(step) = measured {
         let end = epoch.elapsed().as_nanos() as u64;
         state.steps.push(StepSpan { rank: rp.rank, step, start_ns: start, end_ns: end });
     }
-    Ok(obs)
+    Ok(obs.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// Buffer id helper for tests and tools.

@@ -4,6 +4,8 @@
 use crate::plan::{BufId, BufferDesc, ElemType};
 use crate::taxonomy::MemCategory;
 use crate::trace::MemEvent;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// A buffer's contents.
@@ -27,7 +29,7 @@ impl Data {
 /// Buffers of one rank, with live-byte accounting and memory events.
 pub struct Store {
     descs: Vec<BufferDesc>,
-    data: Vec<Option<Data>>,
+    data: Vec<Option<Arc<Data>>>,
     held: Vec<u64>,
     in_use: [u64; 7],
     rank: u32,
@@ -89,7 +91,7 @@ impl Store {
             }
         }
         let bytes = (data.len() * d.elem_bytes) as u64;
-        self.data[id.0 as usize] = Some(data);
+        self.data[id.0 as usize] = Some(Arc::new(data));
         self.account(id, bytes);
         Ok(())
     }
@@ -101,28 +103,50 @@ impl Store {
     pub fn put_i32(&mut self, id: BufId, v: Vec<i32>) -> Result<(), StoreError> {
         self.put(id, Data::I32(v))
     }
-    /// Read f32 contents.
-    pub fn f32(&self, id: BufId) -> Result<&[f32], StoreError> {
-        match &self.data[id.0 as usize] {
-            Some(Data::F32(v)) => Ok(v),
+    /// Read f32 contents (a copy).
+    pub fn f32(&self, id: BufId) -> Result<Vec<f32>, StoreError> {
+        match self.data[id.0 as usize].as_deref() {
+            Some(Data::F32(v)) => Ok(v.clone()),
             Some(_) => Err(StoreError(format!("buffer {} is not f32", self.name(id)))),
             None => Err(StoreError(format!("buffer {} read before it was written", self.name(id)))),
         }
     }
-    /// Read i32 contents.
-    pub fn i32(&self, id: BufId) -> Result<&[i32], StoreError> {
-        match &self.data[id.0 as usize] {
-            Some(Data::I32(v)) => Ok(v),
+    /// Read i32 contents (a copy).
+    pub fn i32(&self, id: BufId) -> Result<Vec<i32>, StoreError> {
+        match self.data[id.0 as usize].as_deref() {
+            Some(Data::I32(v)) => Ok(v.clone()),
             Some(_) => Err(StoreError(format!("buffer {} is not i32", self.name(id)))),
             None => Err(StoreError(format!("buffer {} read before it was written", self.name(id)))),
         }
     }
-    /// Take f32 contents out to modify them in place (accounting unchanged); put them back.
-    pub fn take_f32(&mut self, id: BufId) -> Result<Vec<f32>, StoreError> {
-        match self.data[id.0 as usize].take() {
-            Some(Data::F32(v)) => Ok(v),
-            _ => Err(StoreError(format!("buffer {} is not a written f32 buffer", self.descs[id.0 as usize].name))),
+    /// Snapshot what an op reads, taking out the buffers it modifies in place, so the op
+    /// can compute without holding the store's lock.
+    pub fn view(&mut self, reads: &[BufId], writes: &[BufId]) -> OpView {
+        let mut shared = HashMap::new();
+        let mut owned = HashMap::new();
+        for r in reads {
+            if writes.contains(r) {
+                if let Some(d) = self.data[r.0 as usize].take() {
+                    owned.insert(*r, d);
+                }
+            } else if let Some(d) = &self.data[r.0 as usize] {
+                shared.insert(*r, d.clone());
+            }
         }
+        let names = reads.iter().chain(writes).map(|b| (*b, self.name(*b).to_string())).collect();
+        OpView { shared, owned, puts: Vec::new(), names }
+    }
+    /// Store an op's outputs; buffers it took out and did not rewrite go back unchanged.
+    pub fn apply(&mut self, view: OpView) -> Result<(), StoreError> {
+        for (id, d) in view.owned {
+            if !view.puts.iter().any(|(p, _)| *p == id) {
+                self.data[id.0 as usize] = Some(d);
+            }
+        }
+        for (id, d) in view.puts {
+            self.put(id, d)?;
+        }
+        Ok(())
     }
     /// Release a buffer.
     pub fn free(&mut self, id: BufId) {
@@ -136,5 +160,62 @@ impl Store {
     /// Whether a buffer holds data.
     pub fn is_live(&self, id: BufId) -> bool {
         self.data[id.0 as usize].is_some()
+    }
+}
+
+/// What one op sees: shared snapshots of its inputs, owned copies of what it modifies in
+/// place, and the outputs it produced (applied to the store afterwards).
+pub struct OpView {
+    shared: HashMap<BufId, Arc<Data>>,
+    owned: HashMap<BufId, Arc<Data>>,
+    puts: Vec<(BufId, Data)>,
+    names: HashMap<BufId, String>,
+}
+
+impl OpView {
+    fn name(&self, id: BufId) -> &str {
+        self.names.get(&id).map_or("?", String::as_str)
+    }
+    fn get(&self, id: BufId) -> Result<&Data, StoreError> {
+        self.shared
+            .get(&id)
+            .or_else(|| self.owned.get(&id))
+            .map(|a| a.as_ref())
+            .ok_or_else(|| StoreError(format!("buffer {} read before it was written", self.name(id))))
+    }
+    /// Read f32 contents.
+    pub fn f32(&self, id: BufId) -> Result<&[f32], StoreError> {
+        match self.get(id)? {
+            Data::F32(v) => Ok(v),
+            Data::I32(_) => Err(StoreError(format!("buffer {} is not f32", self.name(id)))),
+        }
+    }
+    /// Read i32 contents.
+    pub fn i32(&self, id: BufId) -> Result<&[i32], StoreError> {
+        match self.get(id)? {
+            Data::I32(v) => Ok(v),
+            Data::F32(_) => Err(StoreError(format!("buffer {} is not i32", self.name(id)))),
+        }
+    }
+    /// Take f32 contents to modify in place; give them back with [`OpView::put_f32`].
+    pub fn take_f32(&mut self, id: BufId) -> Result<Vec<f32>, StoreError> {
+        let arc = self
+            .owned
+            .remove(&id)
+            .ok_or_else(|| StoreError(format!("buffer {} is not read-and-written by this op", self.name(id))))?;
+        match Arc::try_unwrap(arc).unwrap_or_else(|a| (*a).clone()) {
+            Data::F32(v) => Ok(v),
+            Data::I32(_) => Err(StoreError(format!("buffer {} is not f32", self.name(id)))),
+        }
+    }
+    /// Produce f32 output.
+    pub fn put_f32(&mut self, id: BufId, v: Vec<f32>) -> Result<(), StoreError> {
+        self.puts.push((id, Data::F32(v)));
+        Ok(())
+    }
+    /// Produce i32 output.
+    pub fn put_i32(&mut self, id: BufId, v: Vec<i32>) -> Result<(), StoreError> {
+        self.puts.push((id, Data::I32(v)));
+        Ok(())
     }
 }
