@@ -38,6 +38,17 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Run several experiments and print one comparison table (step time, exposed
+    /// communication, overlap, peak memory per category); also written as Parquet and CSV
+    /// to runs/<timestamp>-compare/.
+    Compare {
+        /// Experiment files, e.g. experiments/*.toml.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Directory that receives the run directories.
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+    },
     /// Check experiment files without running them; exits non-zero if any is invalid.
     Validate {
         /// Experiment files.
@@ -143,10 +154,31 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+fn cmd_compare(files: &[PathBuf], runs_dir: &Path) -> Result<()> {
+    // Validate everything before running anything.
+    let specs: Vec<ExperimentSpec> = files.iter().map(|f| load(f)).collect::<Result<_>>()?;
+    let hooks = RunHooks::default();
+    let cancel = hooks.exec.cancel.clone();
+    ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    let mut rows = Vec::new();
+    for (s, f) in specs.iter().zip(files) {
+        eprintln!("running {} ({})", s.name, f.display());
+        let o = run::run(s, runs_dir, &hooks)?;
+        rows.push(run::compare::CompareRow::from_outcome(&s.name, s.variant.as_str(), s.world(), &o));
+    }
+    print!("{}", run::compare::render(&rows));
+    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
+    let dir = runs_dir.join(format!("{stamp}-compare"));
+    let written = run::compare::write(&rows, &dir)?;
+    println!("comparison tables: {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run { file, runs_dir, quiet } => cmd_run(file, runs_dir, *quiet).map(|_| true),
+        Command::Compare { files, runs_dir } => cmd_compare(files, runs_dir).map(|_| true),
         Command::Validate { files } => cmd_validate(files),
         Command::Plan { file } => cmd_plan(file).map(|_| true),
     };

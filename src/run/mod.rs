@@ -3,6 +3,7 @@
 //! Nothing is lost: a failed or cancelled run still writes its spec, log, what it measured
 //! and a status file naming the error.
 
+pub mod compare;
 mod log;
 
 pub use log::RunLog;

@@ -1,0 +1,107 @@
+//! Side-by-side comparison of several runs: one row per experiment with step time,
+//! communication, overlap and peak memory per category, as text and as a polars table.
+
+use super::RunOutcome;
+use crate::taxonomy::MemCategory;
+use polars::prelude::{DataFrame, NamedFrom, PolarsResult, Series};
+
+/// One experiment's headline numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompareRow {
+    /// Experiment name.
+    pub name: String,
+    /// Variant.
+    pub variant: String,
+    /// Ranks.
+    pub world: usize,
+    /// Mean step time of a rank, ms.
+    pub step_ms: f64,
+    /// Communication time per rank and step (union of comm ops), ms.
+    pub comm_ms: f64,
+    /// Communication not hidden behind compute, per rank and step, ms.
+    pub exposed_ms: f64,
+    /// Share of communication overlapped with compute.
+    pub overlap: f64,
+    /// Highest peak over ranks, bytes.
+    pub peak_bytes: u64,
+    /// Bytes per category at that rank's peak.
+    pub at_peak: [u64; 7],
+    /// Final measured loss.
+    pub loss: f64,
+}
+
+impl CompareRow {
+    /// Summarise a completed run.
+    pub fn from_outcome(name: &str, variant: &str, world: usize, o: &RunOutcome) -> Self {
+        let a = &o.analysis;
+        let per = (a.overlap.len().max(1) as f64) * (a.steps.max(1) as f64);
+        let comm: u64 = a.overlap.iter().map(|r| r.comm_ns).sum();
+        let exposed: u64 = a.overlap.iter().map(|r| r.exposed_comm_ns).sum();
+        let worst = a.memory.ranks.iter().max_by_key(|r| r.peak_total);
+        CompareRow {
+            name: name.to_string(),
+            variant: variant.to_string(),
+            world,
+            step_ms: a.step_time_ns / 1e6,
+            comm_ms: comm as f64 / per / 1e6,
+            exposed_ms: exposed as f64 / per / 1e6,
+            overlap: a.overall_overlap(),
+            peak_bytes: worst.map_or(0, |r| r.peak_total),
+            at_peak: worst.map_or([0; 7], |r| r.at_peak),
+            loss: o.steps.last().map_or(f64::NAN, |s| s.loss),
+        }
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Plain-text table, one line per experiment.
+pub fn render(rows: &[CompareRow]) -> String {
+    let mut out = format!(
+        "{:<20} {:<8} {:>5} {:>9} {:>8} {:>10} {:>8} {:>9} {:>8} {:>8} {:>8}\n",
+        "experiment", "variant", "world", "step ms", "comm ms", "exposed ms", "overlap", "peak MiB", "activ", "comm_buf", "loss"
+    );
+    out.push_str(&"-".repeat(out.len() - 1));
+    out.push('\n');
+    for r in rows {
+        out.push_str(&format!(
+            "{:<20} {:<8} {:>5} {:>9.3} {:>8.3} {:>10.3} {:>7.1}% {:>9.2} {:>8.2} {:>8.2} {:>8.5}\n",
+            r.name, r.variant, r.world, r.step_ms, r.comm_ms, r.exposed_ms, 100.0 * r.overlap, mib(r.peak_bytes),
+            mib(r.at_peak[MemCategory::Activations.index()]), mib(r.at_peak[MemCategory::CommBuffers.index()]), r.loss
+        ));
+    }
+    out
+}
+
+/// The comparison as a DataFrame (one column per memory category, bytes at peak).
+pub fn frame(rows: &[CompareRow]) -> PolarsResult<DataFrame> {
+    let mut cols = vec![
+        Series::new("experiment".into(), rows.iter().map(|r| r.name.clone()).collect::<Vec<_>>()).into(),
+        Series::new("variant".into(), rows.iter().map(|r| r.variant.clone()).collect::<Vec<_>>()).into(),
+        Series::new("world".into(), rows.iter().map(|r| r.world as u64).collect::<Vec<_>>()).into(),
+        Series::new("step_ms".into(), rows.iter().map(|r| r.step_ms).collect::<Vec<_>>()).into(),
+        Series::new("comm_ms".into(), rows.iter().map(|r| r.comm_ms).collect::<Vec<_>>()).into(),
+        Series::new("exposed_comm_ms".into(), rows.iter().map(|r| r.exposed_ms).collect::<Vec<_>>()).into(),
+        Series::new("overlap".into(), rows.iter().map(|r| r.overlap).collect::<Vec<_>>()).into(),
+        Series::new("peak_bytes".into(), rows.iter().map(|r| r.peak_bytes).collect::<Vec<_>>()).into(),
+        Series::new("loss".into(), rows.iter().map(|r| r.loss).collect::<Vec<_>>()).into(),
+    ];
+    for c in MemCategory::ALL {
+        cols.push(Series::new(format!("{}_bytes", c.as_str()).into(), rows.iter().map(|r| r.at_peak[c.index()]).collect::<Vec<_>>()).into());
+    }
+    DataFrame::new_infer_height(cols)
+}
+
+/// Write `compare.parquet` and `compare.csv` into `dir`.
+pub fn write(rows: &[CompareRow], dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use polars::prelude::{CsvWriter, ParquetWriter, SerWriter};
+    std::fs::create_dir_all(dir)?;
+    let mut df = frame(rows).map_err(|e| anyhow::anyhow!("building the comparison table: {e}"))?;
+    let pq = dir.join("compare.parquet");
+    ParquetWriter::new(std::fs::File::create(&pq)?).finish(&mut df).map_err(|e| anyhow::anyhow!("writing {}: {e}", pq.display()))?;
+    let csv = dir.join("compare.csv");
+    CsvWriter::new(std::fs::File::create(&csv)?).finish(&mut df).map_err(|e| anyhow::anyhow!("writing {}: {e}", csv.display()))?;
+    Ok(vec![pq, csv])
+}
