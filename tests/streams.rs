@@ -9,12 +9,13 @@ use moelab::backend::ExecOptions;
 use moelab::plan::{GroupId, Group, OpKind, Plan, RankBuilder};
 use moelab::taxonomy::{MemCategory, Pass, Stage, Stream};
 
-/// Rank 0: an all-gather with no dependencies and 12 independent GEMMs. Rank 1: 4 GEMMs
+/// Rank 0: an all-gather with no dependencies and 12 independent GEMMs. Rank 1: 8 GEMMs
 /// whose output it all-gathers. Rank 0's all-gather waits for rank 1's GEMMs while its own
 /// GEMMs run, so rank 0's communication is overlapped.
 fn two_rank_plan() -> Plan {
     let s = spec("tokens_per_rank = 256\nn_layers = 1", "ep = 2", "mode = \"inference\"");
     let (t, m, n) = (256usize, 16usize, 256usize);
+    // t * m == m * n so that both ranks' all-gather contributions have the same size.
     let ranks = (0..2u32)
         .map(|r| {
             let mut b = RankBuilder::new(r, false, 4);
@@ -33,8 +34,11 @@ fn two_rank_plan() -> Plan {
                 }
                 y
             };
-            let send = if r == 0 { x } else { gemm(&mut b, "g", x, 4) };
-            let recv = b.buf("gathered", 2 * t * m, MemCategory::CommBuffers);
+            // Rank 0 sends a parameter: its all-gather depends on nothing and starts with the step.
+            let send = if r == 0 { w } else { gemm(&mut b, "g", x, 8) };
+            let len = if r == 0 { m * n } else { t * m };
+            assert_eq!(len, m * n, "both ranks send the same size");
+            let recv = b.buf("gathered", 2 * len, MemCategory::CommBuffers);
             b.op("allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: GroupId(0), send, recv }, 0, 0);
             if r == 0 {
                 gemm(&mut b, "g", tgt, 12);
