@@ -9,7 +9,7 @@ use moelab::backend::ExecOptions;
 use moelab::plan::{GroupId, Group, OpKind, Plan, RankBuilder};
 use moelab::taxonomy::{MemCategory, Pass, Stage, Stream};
 
-/// Rank 0: an all-gather with no dependencies and 12 independent GEMMs. Rank 1: 8 GEMMs
+/// Rank 0: an all-gather with no dependencies and 12 independent GEMMs. Rank 1: 40 GEMMs
 /// whose output it all-gathers. Rank 0's all-gather waits for rank 1's GEMMs while its own
 /// GEMMs run, so rank 0's communication is overlapped.
 fn two_rank_plan() -> Plan {
@@ -34,8 +34,17 @@ fn two_rank_plan() -> Plan {
                 }
                 y
             };
-            // Rank 0 sends a parameter: its all-gather depends on nothing and starts with the step.
-            let send = if r == 0 { w } else { gemm(&mut b, "g", x, 8) };
+            // A tiny all-gather first: both compute streams start with an op that reads its
+            // result, so when it completes the comm thread is running and enters the second
+            // all-gather at once while the cores are free for compute.
+            let p = b.param("p", 8, moelab::plan::ParamInit { tag: "p".into(), layer: 0, experts: None, mean: 0.0, std: 1.0 }, false);
+            let g1 = b.buf("g1", 16, MemCategory::CommBuffers);
+            b.op("allgather_gate", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: GroupId(0), send: p, recv: g1 }, 0, 0);
+            let a1 = b.buf("a1", 16, MemCategory::Activations);
+            b.op("after_gate", Stage::Act, Pass::Forward, OpKind::Act { h: g1, a: a1, act: moelab::spec::Activation::Relu }, 0, 0);
+            // Rank 0 then all-gathers a parameter (no dependency) and runs 12 GEMMs; rank 1
+            // runs 40 GEMMs and all-gathers their output, so rank 0's all-gather waits.
+            let send = if r == 0 { w } else { gemm(&mut b, "g", x, 40) };
             let len = if r == 0 { m * n } else { t * m };
             assert_eq!(len, m * n, "both ranks send the same size");
             let recv = b.buf("gathered", 2 * len, MemCategory::CommBuffers);
