@@ -1,5 +1,30 @@
-//! moelab-kernels: the CUDA C sources (gating, permute, combine, activation, layernorm,
-//! attention softmax) and the cudarc device layer of the `cuda` backend.
+//! moelab-kernels: the device layer of moelab's `cuda` backend, on cudarc.
 //!
-//! Empty for now: the cuda backend is its own piece of work and lands here, so that CUDA
-//! code and its build stay out of the root crate (which builds and tests with no GPU).
+//! - [`device`]: finding CUDA ([`probe`], never panics) and opening a [`Device`] (one context,
+//!   one stream), with a typed [`GpuError`] that says what is missing and how to fix it.
+//! - [`nvrtc`]: the kernel registry ([`KernelId`], one `.cu` file per op family under
+//!   `kernels/cu/`) and its NVRTC compiler with an on-disk PTX cache.
+//! - [`ops`]: launchers for the kernels (gating softmax, GELU, LayerNorm, row permute and
+//!   combine), bf16 or f32 storage with f32 arithmetic, semantics of `moelab::math`.
+//! - [`gemm`]: row-major GEMM in three forms (`nn`, `tn`, `nt`) through cuBLAS.
+//! - [`check`]: the conformance suite against the cpu reference, and the GEMM benchmark, behind
+//!   the `moelab-gpu-check` binary.
+//!
+//! The crate builds and its tests pass on machines with no CUDA at all: every CUDA library is
+//! loaded at run time (cudarc's `dynamic-loading`), and absence is an error, not a panic.
+//! It depends on the root crate `moelab` (for the cpu reference), so the root crate cannot
+//! depend on it: the cuda backend implements moelab's interfaces from here.
+
+pub mod check;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod gemm;
+pub mod nvrtc;
+pub mod ops;
+
+pub use device::{probe, probe_ordinal, Device, DeviceInfo};
+pub use dtype::{DType, Dtype};
+pub use error::GpuError;
+pub use gemm::{GemmDims, GemmForm};
+pub use nvrtc::{Family, KernelId, PtxCache};

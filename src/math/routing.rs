@@ -191,3 +191,9 @@ pub fn route_backward(
         }
     }
 }
+
+/// Rows of chunk `g` of `n` within a block of `len` kept rows: `[len*g/n, len*(g+1)/n)`.
+/// The chunks of a block tile it in order, and their sizes differ by at most one.
+pub fn chunk_range(len: usize, g: usize, n: usize) -> std::ops::Range<usize> {
+    len * g / n..len * (g + 1) / n
+}

@@ -105,6 +105,28 @@ pub enum OpKind {
     AllToAllV { group: GroupId, send: BufId, send_counts: BufId, recv: BufId, row_len: usize },
     /// Adam on (param, grad, m, v) quadruples.
     Adam { params: Vec<(BufId, BufId, BufId, BufId)>, lr: f32, beta1: f32, beta2: f32, eps: f32 },
+    /// Chunk `g` of `n` (`chunk = (g, n)`) of this rank's dispatch layout (the rows of
+    /// [`OpKind::Dispatch`]'s `send`): rows `[len*g/n, len*(g+1)/n)` of each expert's block of
+    /// `len` kept rows, expert-major, into `part`, with per-peer row counts. `src` is the
+    /// dispatch layout itself, or token rows `[T, M]` read through `slots` when given.
+    /// `reserve` is the receive buffer of the all-to-all that sends `part`: allocated here,
+    /// when the all-to-all is issued (as a stream-ordered allocator does), and filled by it.
+    ChunkSlice { src: BufId, slots: Option<BufId>, gathered: BufId, part: BufId, part_counts: BufId, reserve: Option<BufId>, dims: MoeDims, chunk: (usize, usize) },
+    /// Inverse of [`OpKind::ChunkSlice`]: write `part` into chunk `g`'s rows of the dispatch
+    /// layout `full`; `first` starts `full` from zeros, later chunks update it in place.
+    /// `release` lists the send buffers of the all-to-all that filled `part`, read only so
+    /// that they are released here, after the exchange, rather than by the comm stream.
+    ChunkMerge { part: BufId, gathered: BufId, full: BufId, release: Vec<BufId>, dims: MoeDims, chunk: (usize, usize), first: bool },
+    /// [`OpKind::ExpertLayout`] of one chunk's received rows; `dims.rows_per_expert` is the
+    /// chunk's rows per local expert (`None`: the chunk's largest local load, at run time).
+    /// `release` as in [`OpKind::ChunkMerge`].
+    ChunkLayout { recv: BufId, gathered: BufId, out: BufId, release: Vec<BufId>, dims: MoeDims, chunk: (usize, usize) },
+    /// [`OpKind::ExpertUnlayout`] of one chunk (rows per expert as in [`OpKind::ChunkLayout`]);
+    /// `reserve` as in [`OpKind::ChunkSlice`].
+    ChunkUnlayout { input: BufId, gathered: BufId, send: BufId, send_counts: BufId, reserve: Option<BufId>, dims: MoeDims, chunk: (usize, usize) },
+    /// [`OpKind::ExpertLinearBwd`] whose `dw` and `dbias` are added to the buffers' contents
+    /// when `accumulate` (weight gradients summed over chunks).
+    ExpertLinearBwdAcc { x: BufId, w: BufId, dy: BufId, dx: BufId, dw: BufId, dbias: BufId, n_local: usize, d_in: usize, d_out: usize, accumulate: bool },
 }
 
 impl OpKind {
@@ -162,6 +184,39 @@ impl OpKind {
                 let r: Vec<BufId> = params.iter().flat_map(|(p, g, m, v)| [*p, *g, *m, *v]).collect();
                 let w: Vec<BufId> = params.iter().flat_map(|(p, _, m, v)| [*p, *m, *v]).collect();
                 (r, w)
+            }
+            ChunkSlice { src, slots, gathered, part, part_counts, reserve, .. } => {
+                let mut r = vec![*src];
+                r.extend(opt(slots));
+                r.push(*gathered);
+                let mut w = vec![*part, *part_counts];
+                w.extend(opt(reserve));
+                (r, w)
+            }
+            ChunkMerge { part, gathered, full, release, first, .. } => {
+                let mut r = vec![*part, *gathered];
+                r.extend(release.iter().copied());
+                if !*first {
+                    r.push(*full);
+                }
+                (r, vec![*full])
+            }
+            ChunkLayout { recv, gathered, out, release, .. } => {
+                let mut r = vec![*recv, *gathered];
+                r.extend(release.iter().copied());
+                (r, vec![*out])
+            }
+            ChunkUnlayout { input, gathered, send, send_counts, reserve, .. } => {
+                let mut w = vec![*send, *send_counts];
+                w.extend(opt(reserve));
+                (vec![*input, *gathered], w)
+            }
+            ExpertLinearBwdAcc { x, w, dy, dx, dw, dbias, accumulate, .. } => {
+                let mut r = vec![*x, *w, *dy];
+                if *accumulate {
+                    r.extend([*dw, *dbias]);
+                }
+                (r, vec![*dx, *dw, *dbias])
             }
         }
     }

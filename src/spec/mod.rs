@@ -29,6 +29,9 @@ pub struct ExperimentSpec {
     /// Backend, steps, seed and mode.
     #[serde(default)]
     pub run: RunSpec,
+    /// MPMoE options (`variant = "mpmoe"` only); filled with defaults on resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mpmoe: Option<MpmoeSpec>,
 }
 
 /// The MoE designs moelab knows. Each is a plan builder; backends never see this.
@@ -77,7 +80,77 @@ impl Variant {
     }
     /// Whether this build has a plan builder for the variant.
     pub fn is_implemented(self) -> bool {
-        matches!(self, Variant::Topk)
+        matches!(self, Variant::Topk | Variant::Mpmoe | Variant::Scmoe | Variant::Dgmoe)
+    }
+}
+
+/// MPMoE options: the pipelining degree and the memory-reuse strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MpmoeSpec {
+    /// Pipelining degree n: the kept rows of every (source rank, expert) block are split into
+    /// n chunks, each a full all-to-all, so chunk g+1's communication overlaps chunk g's experts.
+    #[serde(default = "default_chunks")]
+    pub chunks: usize,
+    /// What backward restores instead of keeping every chunk's expert buffers.
+    #[serde(default)]
+    pub reuse: Reuse,
+}
+
+impl MpmoeSpec {
+    /// Largest accepted pipelining degree (MPMoE's own search tries 2 to 8).
+    pub const MAX_CHUNKS: usize = 64;
+}
+
+impl Default for MpmoeSpec {
+    fn default() -> Self {
+        MpmoeSpec { chunks: default_chunks(), reuse: Reuse::None }
+    }
+}
+
+fn default_chunks() -> usize {
+    2
+}
+
+/// MPMoE memory reuse: which per-chunk expert buffers are released after forward and how
+/// backward gets them back. "Dispatched input" is a chunk's expert input `[E_local, R_c, M]`;
+/// "middle" is its fc1 output and activation `[E_local, R_c, H]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reuse {
+    /// No reuse: every chunk's dispatched input and middle are kept for backward.
+    #[default]
+    None,
+    /// Middle buffers are reused across chunks; backward recomputes fc1 and the activation
+    /// from the kept dispatched input.
+    Recompute,
+    /// Dispatched-input buffers are reused across chunks; backward re-runs the chunk's
+    /// dispatch all-to-all (re-communication).
+    Recomm,
+    /// Both are reused: backward re-communicates the dispatched input, then recomputes the
+    /// middle from it.
+    ReuseBuffers,
+}
+
+impl Reuse {
+    /// Every strategy, in documentation order.
+    pub const ALL: [Reuse; 4] = [Reuse::None, Reuse::Recompute, Reuse::Recomm, Reuse::ReuseBuffers];
+    /// The spelling used in TOML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reuse::None => "none",
+            Reuse::Recompute => "recompute",
+            Reuse::Recomm => "recomm",
+            Reuse::ReuseBuffers => "reuse_buffers",
+        }
+    }
+    /// Whether backward re-runs the dispatch all-to-all instead of keeping the expert input.
+    pub fn recomm(self) -> bool {
+        matches!(self, Reuse::Recomm | Reuse::ReuseBuffers)
+    }
+    /// Whether backward recomputes fc1 and the activation instead of keeping them.
+    pub fn recompute(self) -> bool {
+        matches!(self, Reuse::Recompute | Reuse::ReuseBuffers)
     }
 }
 

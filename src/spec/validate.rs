@@ -251,6 +251,8 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
                 "set pp = 1, or use variant \"ppmoe\"");
         }
     }
+    check_mpmoe(&mut c, &mut spec);
+    check_shortcut(&mut c, &spec);
     if !spec.variant.is_implemented() {
         c.fail("variant", format!("variant {:?} has no plan builder in this build yet", spec.variant.as_str()),
             "use variant = \"topk\"; the others arrive with the seed-variants work");
@@ -277,5 +279,91 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         Ok(spec)
     } else {
         Err(SpecError::Invalid { problems: c.problems, file: None })
+    }
+}
+
+/// MPMoE rules: the `[mpmoe]` table belongs to variant "mpmoe" (which gets its defaults when
+/// the table is absent), and the pipelining degree is between 1 and a bound.
+fn check_mpmoe(c: &mut Checker, spec: &mut ExperimentSpec) {
+    use super::MpmoeSpec;
+    if spec.variant != Variant::Mpmoe {
+        if spec.mpmoe.is_some() {
+            c.fail("mpmoe", format!("the [mpmoe] table applies to variant \"mpmoe\" only (variant is {:?})", spec.variant.as_str()),
+                "remove the [mpmoe] table, or set variant = \"mpmoe\"");
+        }
+        return;
+    }
+    let l = &spec.layout;
+    if l.tp > 1 {
+        c.fail("layout.tp", format!("variant mpmoe has no tensor parallelism (tp={})", l.tp),
+            "set tp = 1, or use variant \"ted\" or \"ppmoe\" (tensor-parallel experts)");
+    }
+    if l.pp > 1 {
+        c.fail("layout.pp", format!("variant mpmoe has no pipeline stages (pp={}); its pipeline is over chunks of one MoE layer", l.pp),
+            "set pp = 1 and choose the pipelining degree with mpmoe.chunks");
+    }
+    let opts = spec.mpmoe.get_or_insert_with(MpmoeSpec::default);
+    let tokens = spec.model.tokens_per_rank.filter(|t| *t > 0);
+    let bound = tokens.map_or(MpmoeSpec::MAX_CHUNKS, |t| t.min(MpmoeSpec::MAX_CHUNKS));
+    if opts.chunks == 0 {
+        c.fail("mpmoe.chunks", "chunks=0 must be at least 1".into(),
+            format!("set chunks between 1 and {bound} (1 = no pipelining); MPMoE's own search tries 2 to 8"));
+    } else if opts.chunks > MpmoeSpec::MAX_CHUNKS {
+        c.fail("mpmoe.chunks", format!("chunks={} exceeds the limit of {} chunks per MoE layer", opts.chunks, MpmoeSpec::MAX_CHUNKS),
+            format!("set chunks between 1 and {bound}; MPMoE's own search tries 2 to 8"));
+    } else if let Some(t) = tokens.filter(|t| opts.chunks > *t) {
+        c.fail("mpmoe.chunks", format!("chunks={} exceeds tokens_per_rank={t}: chunks would hold less than one token per rank", opts.chunks),
+            format!("set chunks between 1 and {bound}, or give each rank more tokens"));
+    }
+}
+
+/// ScMoE and DGMoE rules: the blocks they need (ScMoE: attention and a dense MLP; DGMoE:
+/// attention), DGMoE's two top-1 gates (`top_k = 2` counts both), and no tp or pp.
+fn check_shortcut(c: &mut Checker, spec: &ExperimentSpec) {
+    let name = spec.variant.as_str();
+    if !matches!(spec.variant, Variant::Scmoe | Variant::Dgmoe) {
+        return;
+    }
+    let m = &spec.model;
+    let (heads, d_mlp) = m.backbone.as_ref().map_or((0, 0), |bb| (bb.n_heads, bb.d_mlp));
+    let missing = match (&m.backbone, heads, d_mlp) {
+        (None, _, _) => "there is no [model.backbone]".to_string(),
+        (Some(_), 0, 0) => "model.backbone has n_heads=0 and d_mlp=0".to_string(),
+        (Some(_), 0, _) => "model.backbone has n_heads=0".to_string(),
+        (Some(_), _, d) => format!("model.backbone has d_mlp={d}"),
+    };
+    // A head count that divides d_model, to suggest.
+    let heads_hint = if heads > 0 { heads } else { [4, 2, 1].into_iter().find(|h| m.d_model.is_multiple_of(*h)).unwrap_or(1) };
+    let mlp_hint = if d_mlp > 0 { d_mlp } else { m.d_ffn.max(1) };
+    if spec.variant == Variant::Scmoe && (heads == 0 || d_mlp == 0) {
+        c.fail("model.backbone",
+            format!("variant scmoe needs attention and a dense MLP in every block (its all-to-alls overlap them), but {missing}"),
+            format!("add [model.backbone] with n_heads = {heads_hint} and d_mlp = {mlp_hint} (both > 0; n_heads divides d_model), or use variant \"topk\""));
+    }
+    if spec.variant == Variant::Dgmoe {
+        if heads == 0 {
+            let missing = if m.backbone.is_none() { missing } else { "model.backbone has n_heads=0".to_string() };
+            c.fail("model.backbone",
+                format!("variant dgmoe needs attention in every block (the shortcut gate's all-to-all overlaps it), but {missing}"),
+                format!("add [model.backbone] with n_heads = {heads_hint} (a divisor of d_model; d_mlp is optional), or use variant \"topk\""));
+        }
+        if m.top_k != 2 {
+            c.fail("model.top_k",
+                format!("variant dgmoe routes every token with two top-1 gates (one on the shortcut, one on the current representation), so top_k counts both and must be 2 (top_k={})", m.top_k),
+                "set top_k = 2 (the default)");
+        }
+        if m.renormalize {
+            c.fail("model.renormalize",
+                "each dgmoe gate picks one expert, so renormalize = true would set every gate weight to 1 and leave the gates no gradient from the loss".into(),
+                "set renormalize = false (the default)");
+        }
+    }
+    let l = &spec.layout;
+    if l.tp > 1 {
+        c.fail("layout.tp", format!("variant {name} has no tensor parallelism (tp={})", l.tp),
+            "set tp = 1, or use variant \"ted\" or \"ppmoe\" (tensor-parallel experts)");
+    }
+    if l.pp > 1 {
+        c.fail("layout.pp", format!("variant {name} has no pipeline stages (pp={})", l.pp), "set pp = 1, or use variant \"ppmoe\"");
     }
 }

@@ -432,6 +432,145 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
                 st.put_f32(*v, vv)?;
             }
         }
+        ChunkSlice { src, slots, gathered, part, part_counts, reserve, dims, chunk } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let m = dims.d_model;
+            let (rows, counts, total) = chunk_send_rows(dims, &tb, *chunk);
+            let source: Vec<usize> = match slots {
+                Some(sl) => {
+                    // Dispatch-layout row -> token, from the slots of every kept assignment.
+                    let mut token = vec![0usize; total];
+                    for (a, &s) in st.i32(*sl)?.iter().enumerate() {
+                        if s >= 0 {
+                            token[s as usize] = a / dims.top_k;
+                        }
+                    }
+                    rows.iter().map(|&r| token[r]).collect()
+                }
+                None => rows,
+            };
+            let sv = st.f32(*src)?;
+            let mut p = Vec::with_capacity(source.len() * m);
+            for r in source {
+                p.extend_from_slice(&sv[r * m..(r + 1) * m]);
+            }
+            st.put_f32(*part, p)?;
+            st.put_i32(*part_counts, counts)?;
+            if let Some(r) = reserve {
+                // Static buffers are held at their planned size from here on.
+                st.put_f32(*r, Vec::new())?;
+            }
+        }
+        ChunkMerge { part, gathered, full, dims, chunk, first, .. } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let m = dims.d_model;
+            let (rows, _, total) = chunk_send_rows(dims, &tb, *chunk);
+            let mut f = if *first { vec![0.0; total * m] } else { st.take_f32(*full)? };
+            let pv = st.f32(*part)?;
+            for (i, r) in rows.iter().enumerate() {
+                f[r * m..(r + 1) * m].copy_from_slice(&pv[i * m..(i + 1) * m]);
+            }
+            st.put_f32(*full, f)?;
+        }
+        ChunkLayout { recv, gathered, out, dims, chunk, .. } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let rows = chunk_rows_per_expert(dims, &tb, *chunk);
+            let (m, el) = (dims.d_model, dims.local_experts());
+            let rv = st.f32(*recv)?;
+            let mut o = vec![0.0; el * rows * m];
+            let mut fill = vec![0usize; el];
+            let mut src_row = 0usize;
+            for &peer in &dims.ep_peers {
+                for (i, f) in fill.iter_mut().enumerate() {
+                    let n = chunk_rows(&tb, peer, dims.ep_index * el + i, *chunk).len();
+                    let dst = (i * rows + *f) * m;
+                    o[dst..dst + n * m].copy_from_slice(&rv[src_row * m..(src_row + n) * m]);
+                    *f += n;
+                    src_row += n;
+                }
+            }
+            st.put_f32(*out, o)?;
+        }
+        ChunkUnlayout { input, gathered, send, send_counts, reserve, dims, chunk } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let rows = chunk_rows_per_expert(dims, &tb, *chunk);
+            let (m, el) = (dims.d_model, dims.local_experts());
+            let iv = st.f32(*input)?;
+            let mut s = Vec::new();
+            let mut counts = vec![0i32; dims.ep_peers.len()];
+            let mut fill = vec![0usize; el];
+            for (p, &peer) in dims.ep_peers.iter().enumerate() {
+                for (i, f) in fill.iter_mut().enumerate() {
+                    let n = chunk_rows(&tb, peer, dims.ep_index * el + i, *chunk).len();
+                    let src = (i * rows + *f) * m;
+                    s.extend_from_slice(&iv[src..src + n * m]);
+                    *f += n;
+                    counts[p] += n as i32;
+                }
+            }
+            st.put_f32(*send, s)?;
+            st.put_i32(*send_counts, counts)?;
+            if let Some(r) = reserve {
+                st.put_f32(*r, Vec::new())?;
+            }
+        }
+        ExpertLinearBwdAcc { x, w, dy, dx, dw, dbias, n_local, d_in, d_out, accumulate } => {
+            let (xv, wv, dyv) = (st.f32(*x)?, st.f32(*w)?, st.f32(*dy)?);
+            let rows = xv.len() / (n_local * d_in);
+            let mut dxv = vec![0.0; xv.len()];
+            let mut dwv = vec![0.0; wv.len()];
+            let mut dbv = vec![0.0; n_local * d_out];
+            for i in 0..*n_local {
+                let xi = &xv[i * rows * d_in..(i + 1) * rows * d_in];
+                let dyi = &dyv[i * rows * d_out..(i + 1) * rows * d_out];
+                linalg::gemm_tn(xi, dyi, &mut dwv[i * d_in * d_out..(i + 1) * d_in * d_out], rows, *d_in, *d_out, false);
+                linalg::col_sums(dyi, &mut dbv[i * d_out..(i + 1) * d_out], false);
+                linalg::gemm_nt(dyi, &wv[i * d_in * d_out..(i + 1) * d_in * d_out], &mut dxv[i * rows * d_in..(i + 1) * rows * d_in], rows, *d_out, *d_in, false);
+            }
+            if *accumulate {
+                for (id, v) in [(*dw, &mut dwv), (*dbias, &mut dbv)] {
+                    for (a, b) in v.iter_mut().zip(st.take_f32(id)?) {
+                        *a += b;
+                    }
+                }
+            }
+            st.put_f32(*dx, dxv)?;
+            st.put_f32(*dw, dwv)?;
+            st.put_f32(*dbias, dbv)?;
+        }
     }
     Ok(outcome)
+}
+
+/// Rows of chunk `chunk` in the block source rank `src` sends to expert `e`.
+fn chunk_rows(t: &routing::RoutingTable, src: usize, e: usize, chunk: (usize, usize)) -> std::ops::Range<usize> {
+    routing::chunk_range(t.kept_rank_expert(src, e), chunk.0, chunk.1)
+}
+
+/// Rows per local expert in a chunk's expert buffers: planned, or the chunk's largest local load.
+fn chunk_rows_per_expert(dims: &MoeDims, t: &routing::RoutingTable, chunk: (usize, usize)) -> usize {
+    dims.rows_per_expert.unwrap_or_else(|| {
+        let el = dims.local_experts();
+        (0..el)
+            .map(|i| dims.ep_peers.iter().map(|&s| chunk_rows(t, s, dims.ep_index * el + i, chunk).len()).sum::<usize>())
+            .max()
+            .unwrap_or(0)
+    })
+}
+
+/// This rank's dispatch-layout rows that belong to a chunk (expert-major), the chunk's rows
+/// per expert-parallel peer, and the layout's total rows.
+fn chunk_send_rows(dims: &MoeDims, t: &routing::RoutingTable, chunk: (usize, usize)) -> (Vec<usize>, Vec<i32>, usize) {
+    let el = dims.local_experts();
+    let mut rows = Vec::new();
+    let mut counts = vec![0i32; dims.ep_peers.len()];
+    let mut offset = 0usize;
+    for e in 0..dims.n_experts {
+        let len = t.kept_rank_expert(dims.data_rank, e);
+        let r = routing::chunk_range(len, chunk.0, chunk.1);
+        counts[e / el] += r.len() as i32;
+        rows.extend(r.map(|i| offset + i));
+        offset += len;
+    }
+    (rows, counts, offset)
 }

@@ -1,7 +1,10 @@
 //! Plan builders, one per variant. [`build`] picks the builder named by the spec.
 
 mod blocks;
+mod mpmoe;
 mod topk;
+mod scmoe;
+mod dgmoe;
 
 use super::{Group, GroupId, Plan};
 use crate::spec::{ExperimentSpec, Variant};
@@ -12,12 +15,18 @@ pub enum PlanError {
     /// The variant has no builder in this build.
     #[error("variant {0:?} has no plan builder yet; use variant = \"topk\"")]
     Unimplemented(&'static str),
+    /// The spec breaks a structural rule of the variant (spec validation reports it first).
+    #[error("{0}; check the experiment with `moelab validate`")]
+    Invalid(String),
 }
 
 /// Build the plan for a validated spec.
 pub fn build(spec: &ExperimentSpec) -> Result<Plan, PlanError> {
     match spec.variant {
         Variant::Topk => Ok(topk::build(spec)),
+        Variant::Mpmoe => Ok(mpmoe::build(spec)),
+        Variant::Scmoe => scmoe::build(spec),
+        Variant::Dgmoe => dgmoe::build(spec),
         other => Err(PlanError::Unimplemented(other.as_str())),
     }
 }

@@ -48,7 +48,8 @@ pub fn build(spec: &ExperimentSpec) -> Plan {
     Plan { spec: spec.clone(), groups: groups.groups.clone(), ranks }
 }
 
-fn moe_dims(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> MoeDims {
+/// Routing geometry of one MoE layer on `rank` (shared with the variants built on top-k).
+pub(super) fn moe_dims(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> MoeDims {
     let m = &spec.model;
     let t = spec.tokens_per_rank();
     let world = spec.world();
@@ -127,14 +128,17 @@ fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> 
     b.finish()
 }
 
-fn expert_param(b: &mut RankBuilder, layer: usize, tag: &str, dims: &MoeDims, per_expert: usize, std: f32) -> BufId {
+/// An expert weight slice with top-k's init tag `expert.{tag}`, so every variant draws the same experts.
+pub(super) fn expert_param(b: &mut RankBuilder, layer: usize, tag: &str, dims: &MoeDims, per_expert: usize, std: f32) -> BufId {
     let el = dims.local_experts();
     let first = (dims.ep_index * el) as u32;
     let init = ParamInit { tag: format!("expert.{tag}"), layer: layer as u32, experts: Some((first, el as u32)), mean: 0.0, std };
     b.param(&format!("L{layer}.expert.{tag}"), el * per_expert, init, true)
 }
 
-fn a2a(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, send: BufId, send_counts: BufId, recv: BufId, m: usize) {
+/// A variable all-to-all op whose byte count is the planned size of `send`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn a2a(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, send: BufId, send_counts: BufId, recv: BufId, m: usize) {
     let bytes = b.bytes_of(send);
     b.op(name, Stage::AllToAll, pass, OpKind::AllToAllV { group, send, send_counts, recv, row_len: m }, 0, bytes);
 }

@@ -1,0 +1,433 @@
+//! MPMoE (Zhang et al., "MPMoE: Memory Efficient MoE for Pre-Trained Models With Adaptive
+//! Pipeline Parallelism", IEEE TPDS 2024, doi 10.1109/tpds.2024.3385639; code:
+//! whuzhangzheng/MPipeMoE): the top-k MoE layer with its all-to-all/expert/all-to-all path
+//! pipelined over `n` chunks, and memory reuse of the per-chunk expert buffers.
+//!
+//! Per MoE layer: LN -> gate -> route -> all-gather of routing stats -> dispatch (capacity over
+//! the whole batch, exactly as top-k) -> for each chunk g: slice (rows `[len*g/n, len*(g+1)/n)`
+//! of every (source rank, expert) block) -> all-to-all -> expert layout -> fc1 -> act -> fc2 ->
+//! unlayout -> all-to-all back -> merge into the dispatch layout; then one combine (+ residual).
+//!
+//! Schedule: chunk g+1's slice and dispatch all-to-all are issued before chunk g's expert
+//! compute, and chunk g's merge after chunk g+1's compute, so the comm stream's all-to-alls
+//! overlap the compute stream's GEMMs. Backward mirrors it: chunk g+1's output-gradient
+//! all-to-all (and its re-communication, when reused) is issued before chunk g's expert
+//! backward; expert weight gradients accumulate over chunks.
+//!
+//! Memory reuse ([`Reuse`]): what a chunk's expert backward needs (dispatched input; fc1
+//! output and activation) is either kept from forward or released after its last forward use
+//! and restored in backward, by re-running the chunk's dispatch all-to-all from the saved
+//! LayerNorm output and slots, and/or by recomputing fc1 and the activation.
+
+use super::blocks::{self, AttnSaved, LnSaved, MlpSaved};
+use super::topk::{a2a, expert_param, moe_dims};
+use super::DataExpertGroups;
+use crate::math::linalg::gemm_flops;
+use crate::plan::ops::MoeDims;
+use crate::plan::{BufId, OpKind, ParamInit, Plan, RankBuilder, RankPlan};
+use crate::spec::{ExperimentSpec, Mode, MpmoeSpec, Reuse};
+use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
+
+/// Buffers of one chunk that its expert backward reads; `None` when the reuse strategy
+/// restores them in backward instead.
+struct ChunkSaved {
+    ein: Option<BufId>,
+    h: Option<BufId>,
+    a: Option<BufId>,
+}
+
+/// Everything the pipelined MoE sublayer's backward needs from its forward.
+struct MoeSaved {
+    dims: MoeDims,
+    ln: LnSaved,
+    wg: BufId,
+    probs: BufId,
+    idx: BufId,
+    weights: BufId,
+    gathered: BufId,
+    slots: BufId,
+    back: BufId,
+    w1: BufId,
+    b1: BufId,
+    w2: BufId,
+    b2: BufId,
+    chunks: Vec<ChunkSaved>,
+}
+
+enum Saved {
+    Attn(AttnSaved),
+    Mlp(MlpSaved),
+    Moe(Box<MoeSaved>),
+}
+
+/// Chunk geometry of one MoE layer: the pipelining degree and per-chunk buffer bounds.
+struct Chunking {
+    /// Pipelining degree n.
+    n: usize,
+    /// Dims of the per-chunk expert ops: `rows_per_expert` is the chunk's bound (or `None`).
+    cdims: MoeDims,
+    /// Rows per local expert in a chunk's expert buffers (an upper bound when dropless).
+    rows: usize,
+    /// Rows of one chunk of this rank's dispatch layout (upper bound).
+    part_rows: usize,
+    /// Reuse strategy.
+    reuse: Reuse,
+}
+
+impl Chunking {
+    fn new(dims: &MoeDims, opts: MpmoeSpec) -> Self {
+        let n = opts.chunks.max(1);
+        let ep = dims.ep_peers.len();
+        // A chunk takes ceil(len / n) rows at most from each block, so from the ep blocks
+        // that feed one expert (at most R rows together) it takes at most (R + ep(n-1)) / n.
+        let bound = |r: usize, blocks: usize| r.min((r + blocks * (n - 1)) / n);
+        let full_rows = dims.rows_per_expert.unwrap_or(dims.tokens * ep);
+        let rows = bound(full_rows, ep);
+        let part_rows = bound(dims.tokens * dims.top_k, dims.n_experts);
+        let cdims = MoeDims { rows_per_expert: dims.rows_per_expert.map(|_| rows), ..dims.clone() };
+        Chunking { n, cdims, rows, part_rows, reuse: opts.reuse }
+    }
+    fn dropless(&self) -> bool {
+        self.cdims.rows_per_expert.is_none()
+    }
+    /// A chunk's expert-side buffer: static, or routing-dependent when dropless.
+    fn route_buf(&self, b: &mut RankBuilder, name: String, elems: usize, cat: Mc) -> BufId {
+        if self.dropless() { b.dyn_buf(name, elems, cat) } else { b.buf(name, elems, cat) }
+    }
+}
+
+/// Names of one chunk's slice-or-unlayout op, its all-to-all and its buffers.
+#[derive(Clone, Copy)]
+struct ChunkNames {
+    permute: &'static str,
+    a2a: &'static str,
+    buf: &'static str,
+}
+
+const DISPATCH: ChunkNames = ChunkNames { permute: "dispatch_slice", a2a: "dispatch_a2a", buf: "send" };
+const COMBINE: ChunkNames = ChunkNames { permute: "expert_unlayout", a2a: "combine_a2a", buf: "back" };
+const COMBINE_BWD: ChunkNames = ChunkNames { permute: "combine_slice_bwd", a2a: "combine_a2a_bwd", buf: "dback" };
+const RECOMM: ChunkNames = ChunkNames { permute: "dispatch_slice_recomm", a2a: "dispatch_a2a_recomm", buf: "send_recomm" };
+const DISPATCH_BWD: ChunkNames = ChunkNames { permute: "expert_unlayout_bwd", a2a: "dispatch_a2a_bwd", buf: "dsend" };
+
+/// Build the MPMoE plan for every rank.
+pub fn build(spec: &ExperimentSpec) -> Plan {
+    let (dp, ep) = (spec.layout.dp, spec.layout.ep);
+    let groups = DataExpertGroups::new(dp, ep);
+    let ranks = (0..spec.world()).map(|r| build_rank(spec, &groups, r)).collect();
+    Plan { spec: spec.clone(), groups: groups.groups.clone(), ranks }
+}
+
+fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> RankPlan {
+    let training = spec.run.mode == Mode::Training;
+    let opts = spec.mpmoe.unwrap_or_default();
+    let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
+    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
+    let world = spec.world();
+    let x0 = b.buf("input.x", t * m, Mc::Inputs);
+    let target = b.buf("input.target", t * m, Mc::Inputs);
+    let batch = t / spec.seq_len();
+    b.op("load_batch", Stage::Data, Pass::Forward,
+        OpKind::LoadBatch { x: x0, target, shard: rank, batch, seq: spec.seq_len(), d_model: m }, 0, 8 * (t * m) as u64);
+
+    let mut x = x0;
+    let mut saved: Vec<(usize, Saved)> = Vec::new();
+    for layer in 0..spec.model.n_layers {
+        b.set_layer(Some(layer as u32));
+        if let Some(bb) = &spec.model.backbone {
+            if bb.n_heads > 0 {
+                let (out, s) = blocks::attention(&mut b, spec, layer, x, bb.n_heads);
+                saved.push((layer, Saved::Attn(s)));
+                x = out;
+            }
+            if bb.d_mlp > 0 {
+                let (out, s) = blocks::dense_mlp(&mut b, spec, layer, x, bb.d_mlp);
+                saved.push((layer, Saved::Mlp(s)));
+                x = out;
+            }
+        }
+        let (out, s) = moe_forward(&mut b, spec, groups, rank, layer, x, opts);
+        saved.push((layer, Saved::Moe(Box::new(s))));
+        x = out;
+    }
+    b.set_layer(None);
+    let loss = b.buf("loss", 1, Mc::Activations);
+    let dy = training.then(|| b.buf("loss.dy", t * m, Mc::Activations));
+    b.op("loss", Stage::Loss, Pass::Forward, OpKind::Loss { y: x, target, loss, dy, n_global: t * world, d_model: m }, 3 * (t * m) as u64,
+        12 * (t * m) as u64);
+
+    if let Some(mut grad) = dy {
+        for (layer, s) in saved.iter().rev() {
+            b.set_layer(Some(*layer as u32));
+            grad = match s {
+                Saved::Attn(a) => blocks::attention_bwd(&mut b, spec, *layer, a, grad),
+                Saved::Mlp(p) => blocks::dense_mlp_bwd(&mut b, spec, *layer, p, grad),
+                Saved::Moe(s) => moe_backward(&mut b, spec, groups, rank, *layer, s, grad, opts),
+            };
+        }
+        let dense = (world > 1).then(|| groups.world());
+        let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
+        blocks::update(&mut b, spec, dense, expert);
+    }
+    b.finish()
+}
+
+/// What a chunk's all-to-all delivered: the received rows, and the send-side buffers that the
+/// op consuming `recv` releases (so every allocation and release happens on the compute
+/// stream in issue order, as with a stream-ordered allocator, and the plan's predicted peak
+/// holds however the comm stream's all-to-alls interleave with compute).
+struct Sent {
+    recv: BufId,
+    release: Vec<BufId>,
+}
+
+/// Slice chunk `g` out of a dispatch-layout buffer (`src`, or token rows through `slots`) and
+/// send it to the experts' owners (the slice itself is the received rows when ep = 1).
+#[allow(clippy::too_many_arguments)]
+fn send_chunk(b: &mut RankBuilder, c: &Chunking, dims: &MoeDims, groups: &DataExpertGroups, rank: usize, layer: usize, g: usize,
+    src: BufId, slots: Option<BufId>, gathered: BufId, names: ChunkNames, pass: Pass) -> Sent {
+    let (m, el, ep) = (dims.d_model, dims.local_experts(), dims.ep_peers.len());
+    let what = names.buf;
+    b.set_chunk(Some(g as u32));
+    let part = b.buf(format!("L{layer}.moe.c{g}.{what}"), c.part_rows * m, Mc::CommBuffers);
+    let counts = b.index_buf(format!("L{layer}.moe.c{g}.{what}_counts"), ep, Mc::CommBuffers);
+    let reserve = (ep > 1).then(|| c.route_buf(b, format!("L{layer}.moe.c{g}.{what}_recv"), el * c.rows * m, Mc::CommBuffers));
+    b.op(format!("c{g}.{}", names.permute), Stage::Permute, pass,
+        OpKind::ChunkSlice { src, slots, gathered, part, part_counts: counts, reserve, dims: dims.clone(), chunk: (g, c.n) }, 0,
+        8 * (c.part_rows * m) as u64);
+    let sent = match reserve {
+        Some(r) => {
+            a2a(b, &format!("c{g}.{}", names.a2a), pass, groups.ep_group(rank), part, counts, r, m);
+            Sent { recv: r, release: vec![part, counts] }
+        }
+        None => Sent { recv: part, release: Vec::new() },
+    };
+    b.set_chunk(None);
+    sent
+}
+
+/// Unlayout chunk `g`'s expert rows and send them back to their source ranks; returns the
+/// chunk in dispatch-layout order (for [`OpKind::ChunkMerge`]).
+#[allow(clippy::too_many_arguments)]
+fn return_chunk(b: &mut RankBuilder, c: &Chunking, groups: &DataExpertGroups, rank: usize, layer: usize, g: usize, input: BufId,
+    gathered: BufId, names: ChunkNames, pass: Pass) -> Sent {
+    let (m, el, ep) = (c.cdims.d_model, c.cdims.local_experts(), c.cdims.ep_peers.len());
+    let what = names.buf;
+    let send = c.route_buf(b, format!("L{layer}.moe.c{g}.{what}_send"), el * c.rows * m, Mc::CommBuffers);
+    let counts = b.index_buf(format!("L{layer}.moe.c{g}.{what}_counts"), ep, Mc::CommBuffers);
+    let reserve = (ep > 1).then(|| b.buf(format!("L{layer}.moe.c{g}.{what}"), c.part_rows * m, Mc::CommBuffers));
+    b.op(format!("c{g}.{}", names.permute), Stage::Permute, pass,
+        OpKind::ChunkUnlayout { input, gathered, send, send_counts: counts, reserve, dims: c.cdims.clone(), chunk: (g, c.n) }, 0,
+        8 * (el * c.rows * m) as u64);
+    match reserve {
+        Some(r) => {
+            a2a(b, &format!("c{g}.{}", names.a2a), pass, groups.ep_group(rank), send, counts, r, m);
+            Sent { recv: r, release: vec![send, counts] }
+        }
+        None => Sent { recv: send, release: Vec::new() },
+    }
+}
+
+/// Write chunk `g` (dispatch-layout order) into its rows of the full dispatch layout `full`.
+#[allow(clippy::too_many_arguments)]
+fn merge_chunk(b: &mut RankBuilder, c: &Chunking, dims: &MoeDims, g: usize, part: Sent, gathered: BufId, full: BufId, name: &str, pass: Pass) {
+    b.set_chunk(Some(g as u32));
+    b.op(format!("c{g}.{name}"), Stage::Permute, pass,
+        OpKind::ChunkMerge { part: part.recv, gathered, full, release: part.release, dims: dims.clone(), chunk: (g, c.n), first: g == 0 }, 0,
+        8 * (c.part_rows * dims.d_model) as u64);
+    b.set_chunk(None);
+}
+
+/// The received rows of chunk `g` -> its expert input buffer `[E_local, R_c, M]`.
+#[allow(clippy::too_many_arguments)]
+fn layout_chunk(b: &mut RankBuilder, c: &Chunking, layer: usize, g: usize, sent: Sent, gathered: BufId, name: &str, cat: Mc,
+    op: &str, pass: Pass) -> BufId {
+    let (m, el) = (c.cdims.d_model, c.cdims.local_experts());
+    let out = c.route_buf(b, format!("L{layer}.expert.c{g}.{name}"), el * c.rows * m, cat);
+    let kind = OpKind::ChunkLayout { recv: sent.recv, gathered, out, release: sent.release, dims: c.cdims.clone(), chunk: (g, c.n) };
+    b.op(format!("c{g}.{op}"), Stage::Permute, pass, kind,
+        0, 8 * (el * c.rows * m) as u64);
+    out
+}
+
+/// fc1 and the activation of one chunk: returns (h, a).
+#[allow(clippy::too_many_arguments)]
+fn fc1_act(b: &mut RankBuilder, spec: &ExperimentSpec, c: &Chunking, layer: usize, g: usize, ein: BufId, w1: BufId, b1: BufId, pass: Pass,
+    suffix: &str) -> (BufId, BufId) {
+    let (m, el, f) = (c.cdims.d_model, c.cdims.local_experts(), spec.model.d_ffn);
+    let rows = c.rows;
+    let h = c.route_buf(b, format!("L{layer}.expert.c{g}.h{suffix}"), el * rows * f, Mc::Activations);
+    b.op(format!("c{g}.expert_gemm1{suffix}"), Stage::ExpertGemm1, pass,
+        OpKind::ExpertLinear { x: ein, w: w1, bias: b1, y: h, n_local: el, d_in: m, d_out: f },
+        el as u64 * gemm_flops(rows, m, f), 4 * (el * (rows * m + m * f + rows * f)) as u64);
+    let a = c.route_buf(b, format!("L{layer}.expert.c{g}.act{suffix}"), el * rows * f, Mc::Activations);
+    b.op(format!("c{g}.expert_act{suffix}"), Stage::Act, pass, OpKind::Act { h, a, act: spec.model.activation },
+        8 * (el * rows * f) as u64, 8 * (el * rows * f) as u64);
+    (h, a)
+}
+
+fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, x: BufId,
+    opts: MpmoeSpec) -> (BufId, MoeSaved) {
+    let dims = moe_dims(spec, groups, rank);
+    let (t, m, e, k, f) = (dims.tokens, dims.d_model, dims.n_experts, dims.top_k, spec.model.d_ffn);
+    let ep = dims.ep_peers.len();
+    let el = dims.local_experts();
+    let c = Chunking::new(&dims, opts);
+    let rows = c.rows;
+    let ln = blocks::layernorm(b, "ln_moe", layer, x, t, m);
+    let wg = b.param(&format!("L{layer}.gate.w"), m * e,
+        ParamInit { tag: "gate.w".into(), layer: layer as u32, experts: None, mean: 0.0, std: 1.0 / (m as f32).sqrt() }, false);
+    let logits = b.buf(format!("L{layer}.gate.logits"), t * e, Mc::Activations);
+    b.op("gate", Stage::Gate, Pass::Forward,
+        OpKind::Linear { x: ln.y, w: wg, bias: None, residual: None, y: logits, rows: t, d_in: m, d_out: e },
+        gemm_flops(t, m, e), 4 * (t * m + m * e + t * e) as u64);
+    let probs = b.buf(format!("L{layer}.route.probs"), t * e, Mc::Activations);
+    let idx = b.index_buf(format!("L{layer}.route.idx"), t * k, Mc::Activations);
+    let weights = b.buf(format!("L{layer}.route.weights"), t * k, Mc::Activations);
+    let stats = b.buf(format!("L{layer}.route.stats"), (k + 1) * e, Mc::CommBuffers);
+    b.op("route", Stage::Topk, Pass::Forward,
+        OpKind::Route { logits, probs, idx, weights, stats, n_experts: e, top_k: k, renormalize: spec.model.renormalize },
+        (t * e * 6) as u64, 4 * (3 * t * e + 2 * t * k) as u64);
+    let gathered = if dims.data_world > 1 {
+        let g = b.buf(format!("L{layer}.route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
+        let bytes = b.bytes_of(stats);
+        b.op("stats_allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: groups.world(), send: stats, recv: g }, 0, bytes);
+        g
+    } else {
+        stats
+    };
+    // Capacity and the dispatch layout are decided once over the whole batch (as in top-k);
+    // the chunks only split the kept rows, so chunking never changes which tokens drop.
+    let send = b.buf(format!("L{layer}.moe.send"), t * k * m, Mc::CommBuffers);
+    let send_counts = b.index_buf(format!("L{layer}.moe.send_counts"), ep, Mc::CommBuffers);
+    let slots = b.index_buf(format!("L{layer}.moe.slots"), t * k, Mc::Activations);
+    b.op("dispatch", Stage::Permute, Pass::Forward,
+        OpKind::Dispatch { x: ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
+    let w1 = expert_param(b, layer, "w1", &dims, m * f, 1.0 / (m as f32).sqrt());
+    let b1 = expert_param(b, layer, "b1", &dims, f, 0.02);
+    let w2 = expert_param(b, layer, "w2", &dims, f * m, 1.0 / (f as f32).sqrt());
+    let b2 = expert_param(b, layer, "b2", &dims, m, 0.02);
+    let back = b.buf(format!("L{layer}.moe.back"), t * k * m, Mc::CommBuffers);
+
+    let mut recv: Vec<Option<Sent>> = (0..c.n).map(|_| None).collect();
+    recv[0] = Some(send_chunk(b, &c, &dims, groups, rank, layer, 0, send, None, gathered, DISPATCH, Pass::Forward));
+    let mut chunks = Vec::with_capacity(c.n);
+    let mut pending: Option<(usize, Sent)> = None;
+    for g in 0..c.n {
+        if g + 1 < c.n {
+            recv[g + 1] = Some(send_chunk(b, &c, &dims, groups, rank, layer, g + 1, send, None, gathered, DISPATCH, Pass::Forward));
+        }
+        b.set_chunk(Some(g as u32));
+        let r = recv[g].take().expect("chunk dispatched before its compute");
+        let ein = layout_chunk(b, &c, layer, g, r, gathered, "in", Mc::Activations, "expert_layout", Pass::Forward);
+        let (h, a) = fc1_act(b, spec, &c, layer, g, ein, w1, b1, Pass::Forward, "");
+        let y = c.route_buf(b, format!("L{layer}.expert.c{g}.out"), el * rows * m, Mc::Temporaries);
+        b.op(format!("c{g}.expert_gemm2"), Stage::ExpertGemm2, Pass::Forward,
+            OpKind::ExpertLinear { x: a, w: w2, bias: b2, y, n_local: el, d_in: f, d_out: m },
+            el as u64 * gemm_flops(rows, f, m), 4 * (el * (rows * m + m * f + rows * f)) as u64);
+        let back_g = return_chunk(b, &c, groups, rank, layer, g, y, gathered, COMBINE, Pass::Forward);
+        b.set_chunk(None);
+        // Chunk g-1's combine all-to-all had chunk g's experts to overlap with.
+        if let Some((pg, part)) = pending.take() {
+            merge_chunk(b, &c, &dims, pg, part, gathered, back, "combine_merge", Pass::Forward);
+        }
+        pending = Some((g, back_g));
+        chunks.push(ChunkSaved {
+            ein: (!c.reuse.recomm()).then_some(ein),
+            h: (!c.reuse.recompute()).then_some(h),
+            a: (!c.reuse.recompute()).then_some(a),
+        });
+    }
+    if let Some((pg, part)) = pending {
+        merge_chunk(b, &c, &dims, pg, part, gathered, back, "combine_merge", Pass::Forward);
+    }
+    let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
+    b.op("combine", Stage::Combine, Pass::Forward,
+        OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
+    (out, MoeSaved { dims, ln, wg, probs, idx, weights, gathered, slots, back, w1, b1, w2, b2, chunks })
+}
+
+/// Chunk `g`'s first backward communication: its output gradient sent to the experts, and,
+/// when the dispatched input is reused, the re-communicated dispatched input.
+struct BwdIn {
+    dy_recv: Sent,
+    x_recv: Option<Sent>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, s: &MoeSaved, dout: BufId,
+    opts: MpmoeSpec) -> BufId {
+    let d = &s.dims;
+    let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
+    let el = d.local_experts();
+    let c = Chunking::new(d, opts);
+    let rows = c.rows;
+    let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::CommBuffers);
+    let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
+    b.op("combine_bwd", Stage::Combine, Pass::Backward,
+        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.weights, dback, dweights, dims: d.clone() },
+        4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
+    let (gw1, gb1, gw2, gb2) = (b.grad(s.w1), b.grad(s.b1), b.grad(s.w2), b.grad(s.b2));
+    let dsend = b.buf(format!("L{layer}.moe.dsend"), t * k * m, Mc::CommBuffers);
+
+    let send_in = |b: &mut RankBuilder, g: usize| -> BwdIn {
+        let dy_recv = send_chunk(b, &c, d, groups, rank, layer, g, dback, None, s.gathered, COMBINE_BWD, Pass::Backward);
+        // Re-communication: the chunk's dispatch all-to-all again, from the saved LN output.
+        let x_recv = c.reuse.recomm().then(|| {
+            send_chunk(b, &c, d, groups, rank, layer, g, s.ln.y, Some(s.slots), s.gathered, RECOMM, Pass::Backward)
+        });
+        BwdIn { dy_recv, x_recv }
+    };
+    let mut inputs: Vec<Option<BwdIn>> = (0..c.n).map(|_| None).collect();
+    inputs[0] = Some(send_in(b, 0));
+    let mut pending: Option<(usize, Sent)> = None;
+    for g in 0..c.n {
+        if g + 1 < c.n {
+            inputs[g + 1] = Some(send_in(b, g + 1));
+        }
+        let io = inputs[g].take().expect("chunk's gradient sent before its backward");
+        let cs = &s.chunks[g];
+        b.set_chunk(Some(g as u32));
+        let dy = layout_chunk(b, &c, layer, g, io.dy_recv, s.gathered, "dout", Mc::Temporaries, "expert_layout_bwd", Pass::Backward);
+        let ein = match (cs.ein, io.x_recv) {
+            (Some(ein), _) => ein,
+            (None, Some(r)) => layout_chunk(b, &c, layer, g, r, s.gathered, "in_recomm", Mc::Activations, "expert_layout_recomm", Pass::Backward),
+            (None, None) => unreachable!("a released dispatched input is re-communicated"),
+        };
+        let (h, a) = match (cs.h, cs.a) {
+            (Some(h), Some(a)) => (h, a),
+            _ => fc1_act(b, spec, &c, layer, g, ein, s.w1, s.b1, Pass::Backward, "_recompute"),
+        };
+        let acc = g > 0;
+        let da = c.route_buf(b, format!("L{layer}.expert.c{g}.dact"), el * rows * f, Mc::Temporaries);
+        b.op(format!("c{g}.expert_gemm2_bwd"), Stage::ExpertGemm2, Pass::Backward,
+            OpKind::ExpertLinearBwdAcc { x: a, w: s.w2, dy, dx: da, dw: gw2, dbias: gb2, n_local: el, d_in: f, d_out: m, accumulate: acc },
+            2 * el as u64 * gemm_flops(rows, f, m), 8 * (el * (rows * m + m * f + rows * f)) as u64);
+        let dh = c.route_buf(b, format!("L{layer}.expert.c{g}.dh"), el * rows * f, Mc::Temporaries);
+        b.op(format!("c{g}.expert_act_bwd"), Stage::Act, Pass::Backward, OpKind::ActBwd { h, da, dh, act: spec.model.activation },
+            10 * (el * rows * f) as u64, 12 * (el * rows * f) as u64);
+        let dein = c.route_buf(b, format!("L{layer}.expert.c{g}.din"), el * rows * m, Mc::Temporaries);
+        b.op(format!("c{g}.expert_gemm1_bwd"), Stage::ExpertGemm1, Pass::Backward,
+            OpKind::ExpertLinearBwdAcc { x: ein, w: s.w1, dy: dh, dx: dein, dw: gw1, dbias: gb1, n_local: el, d_in: m, d_out: f, accumulate: acc },
+            2 * el as u64 * gemm_flops(rows, m, f), 8 * (el * (rows * m + m * f + rows * f)) as u64);
+        let dpart = return_chunk(b, &c, groups, rank, layer, g, dein, s.gathered, DISPATCH_BWD, Pass::Backward);
+        b.set_chunk(None);
+        if let Some((pg, part)) = pending.take() {
+            merge_chunk(b, &c, d, pg, part, s.gathered, dsend, "dispatch_merge_bwd", Pass::Backward);
+        }
+        pending = Some((g, dpart));
+    }
+    if let Some((pg, part)) = pending {
+        merge_chunk(b, &c, d, pg, part, s.gathered, dsend, "dispatch_merge_bwd", Pass::Backward);
+    }
+    let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
+    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: s.slots, dx: dxm, dims: d.clone() },
+        (t * k * m) as u64, 8 * (t * k * m) as u64);
+    let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
+    b.op("route_bwd", Stage::Topk, Pass::Backward,
+        OpKind::RouteBwd { probs: s.probs, idx: s.idx, dweights, gathered: s.gathered, dlogits, dims: d.clone(),
+            renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
+        (t * e * 6) as u64, 4 * (3 * t * e) as u64);
+    blocks::linear_bwd(b, "gate", Stage::Gate, layer, s.ln.y, s.wg, None, dlogits, Some(dxm), t, m, e);
+    blocks::layernorm_bwd(b, "ln_moe", layer, &s.ln, dxm, dout, t, m)
+}
