@@ -69,11 +69,13 @@ fn bad_spec_gives_one_clear_error_and_writes_nothing() {
 
 #[test]
 fn validate_accepts_every_shipped_experiment() {
-    let files: Vec<String> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments"))
-        .unwrap()
-        .map(|e| e.unwrap().path().display().to_string())
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let files: Vec<String> = [root.clone(), root.join("seeds")]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path().display().to_string()))
         .filter(|p| p.ends_with(".toml"))
         .collect();
+    assert!(files.iter().any(|f| f.contains("seeds")), "the seed comparison specs are covered");
     let mut args = vec!["validate"];
     args.extend(files.iter().map(String::as_str));
     let (code, out, err) = moelab(&args, &[]);
@@ -110,4 +112,20 @@ fn help_lists_every_command() {
     let (code, out, _) = moelab(&["plan", "experiments/topk-dp2-ep2.toml"], &[]);
     assert_eq!(code, 0);
     assert!(out.contains("rank 3") && out.contains("predicted peak"), "{out}");
+}
+
+#[test]
+fn compare_prints_one_row_per_experiment_and_writes_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let (code, out, err) = moelab(
+        &["compare", "experiments/seeds/topk.toml", "experiments/seeds/scmoe.toml", "--runs-dir", runs.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("seed-topk") && out.contains("seed-scmoe") && out.contains("overlap"), "{out}");
+    let cmp = std::fs::read_dir(&runs).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_str().unwrap().ends_with("-compare")).unwrap();
+    let csv = std::fs::read_to_string(cmp.join("compare.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(cmp.join("compare.parquet").is_file());
 }
