@@ -684,7 +684,7 @@ fn two_problems_are_both_reported() {
 #[test]
 fn problems_in_every_section_are_reported_together() {
     let text = r#"name = ""
-variant = "tutel"
+variant = "ppmoe"
 
 [model]
 d_model = 64

@@ -409,7 +409,11 @@ impl Device {
     /// Copies a buffer back to the host (waits for the stream).
     pub fn download<T: Dtype>(&self, src: &CudaSlice<T>) -> Result<Vec<T>, GpuError> {
         self.check_owned("download", "src", src)?;
-        self.stream.clone_dtoh(src).map_err(GpuError::driver("memcpy dtoh"))
+        let host = self.stream.clone_dtoh(src).map_err(GpuError::driver("memcpy dtoh"))?;
+        // A copy into pageable memory already waits for the stream; the explicit sync makes
+        // that a guarantee here and reports errors of earlier launches against this call.
+        self.synchronize()?;
+        Ok(host)
     }
 
     /// Refuses buffers that live on another stream (and so another device or context): the

@@ -15,6 +15,8 @@
 //! It depends on the root crate `moelab` (for the cpu reference), so the root crate cannot
 //! depend on it: the cuda backend implements moelab's interfaces from here.
 
+#![warn(missing_docs)]
+
 pub mod check;
 pub mod device;
 pub mod dtype;

@@ -80,27 +80,46 @@ impl Family {
 
 /// Every kernel, named `{op}_{dtype}` exactly as its `extern "C" __global__` function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[allow(missing_docs)] // the name() of each variant is its documentation: see the .cu files
 pub enum KernelId {
+    /// `softmax_rows_f32`: row softmax, f32.
     SoftmaxRowsF32,
+    /// `softmax_rows_bf16`: row softmax, bf16 storage.
     SoftmaxRowsBf16,
+    /// `gelu_fwd_f32`: GELU forward, f32.
     GeluFwdF32,
+    /// `gelu_fwd_bf16`: GELU forward, bf16 storage.
     GeluFwdBf16,
+    /// `gelu_bwd_f32`: GELU backward, f32.
     GeluBwdF32,
+    /// `gelu_bwd_bf16`: GELU backward, bf16 storage.
     GeluBwdBf16,
+    /// `layernorm_fwd_f32`: LayerNorm forward with (mean, rstd) stats, f32.
     LayernormFwdF32,
+    /// `layernorm_fwd_bf16`: LayerNorm forward, bf16 storage, f32 stats.
     LayernormFwdBf16,
+    /// `layernorm_bwd_dx_f32`: LayerNorm input gradient, f32.
     LayernormBwdDxF32,
+    /// `layernorm_bwd_dx_bf16`: LayerNorm input gradient, bf16 storage.
     LayernormBwdDxBf16,
+    /// `layernorm_bwd_params_f32`: LayerNorm gamma/beta gradients (f32 out), f32 inputs.
     LayernormBwdParamsF32,
+    /// `layernorm_bwd_params_bf16`: LayerNorm gamma/beta gradients (f32 out), bf16 inputs.
     LayernormBwdParamsBf16,
+    /// `permute_rows_f32`: row gather `out[i] = x[idx[i]]`, f32.
     PermuteRowsF32,
+    /// `permute_rows_bf16`: row gather, bf16.
     PermuteRowsBf16,
+    /// `combine_rows_f32`: weighted scatter-add into f32, f32 rows.
     CombineRowsF32,
+    /// `combine_rows_bf16`: weighted scatter-add into f32, bf16 rows.
     CombineRowsBf16,
+    /// `fill_f32`: constant fill, f32.
     FillF32,
+    /// `fill_bf16`: constant fill, bf16.
     FillBf16,
+    /// `fill_normal_f32`: N(0, std²) fill on the device, f32.
     FillNormalF32,
+    /// `fill_normal_bf16`: N(0, std²) fill on the device, bf16.
     FillNormalBf16,
 }
 

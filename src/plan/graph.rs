@@ -1,7 +1,7 @@
 //! [`RankBuilder`]: accumulates buffers, params and ops for one rank, derives each op's
 //! reads/writes and dependencies from its [`OpKind`], and computes buffer lifetimes.
 
-use super::{BufId, BufferDesc, ElemType, Op, OpId, OpKind, ParamDesc, ParamInit, RankPlan};
+use super::{BufId, BufferDesc, ElemType, Op, OpId, OpKind, ParamDesc, ParamInit, ParamSlice, RankPlan};
 use crate::taxonomy::{MemCategory, Pass, Stage, Stream};
 
 /// Builds one [`RankPlan`].
@@ -62,6 +62,13 @@ impl RankBuilder {
     }
     /// A parameter (f32 master copy) with its grad and Adam moments when training.
     pub fn param(&mut self, name: &str, elems: usize, init: ParamInit, expert: bool) -> BufId {
+        self.param_with(name, elems, init, expert, None)
+    }
+    /// A parameter holding a slice of the tensor its init draws (tensor parallelism).
+    pub fn param_sliced(&mut self, name: &str, elems: usize, init: ParamInit, expert: bool, slice: ParamSlice) -> BufId {
+        self.param_with(name, elems, init, expert, Some(slice))
+    }
+    fn param_with(&mut self, name: &str, elems: usize, init: ParamInit, expert: bool, slice: Option<ParamSlice>) -> BufId {
         let mk = |n: String, cat| BufferDesc { name: n, elems, elem: ElemType::F32, elem_bytes: 4, category: cat, persistent: true, dynamic: false };
         let value = self.push_buf(mk(name.to_string(), MemCategory::Params));
         let (grad, moments) = if self.training {
@@ -72,7 +79,7 @@ impl RankBuilder {
         } else {
             (None, None)
         };
-        self.params.push(ParamDesc { value, grad, moments, init, expert });
+        self.params.push(ParamDesc { value, grad, moments, init, expert, slice });
         value
     }
     /// The gradient buffer of a parameter (training plans only).

@@ -91,6 +91,36 @@ pub struct ParamDesc {
     pub init: ParamInit,
     /// Expert weights are reduced over the expert-data-parallel group, others over all ranks.
     pub expert: bool,
+    /// A tensor-parallel slice: each drawn tensor (per expert) is cut to the kept part.
+    /// `None`: the whole tensor, as drawn.
+    pub slice: Option<ParamSlice>,
+}
+
+/// Which part of a drawn tensor a rank holds: the tensor (each expert's, for expert
+/// weights) is drawn whole from its stream, viewed as `[rows, cols]`, and columns
+/// `[keep.0, keep.1)` of every row are kept (row-major), so slices of all ranks together
+/// equal the unsliced run's weights. A row range of `[R, C]` is columns `[r0*C, r1*C)` of `[1, R*C]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ParamSlice {
+    /// Rows of the drawn tensor.
+    pub rows: usize,
+    /// Columns of the drawn tensor.
+    pub cols: usize,
+    /// Kept columns, `[start, end)`.
+    pub keep: (usize, usize),
+}
+
+impl ParamSlice {
+    /// Elements of the whole drawn tensor.
+    pub fn full_len(&self) -> usize {
+        self.rows * self.cols
+    }
+    /// The kept part of `full` (`[rows, cols]`), appended to `out`.
+    pub fn take(&self, full: &[f32], out: &mut Vec<f32>) {
+        for r in full.chunks_exact(self.cols) {
+            out.extend_from_slice(&r[self.keep.0..self.keep.1]);
+        }
+    }
 }
 
 /// One op on one rank.

@@ -103,6 +103,16 @@ pub enum OpKind {
     /// Variable all-to-all: rows of `row_len` floats, `send_counts[p]` rows to member p;
     /// `recv` gets member-major rows.
     AllToAllV { group: GroupId, send: BufId, send_counts: BufId, recv: BufId, row_len: usize },
+    /// [`OpKind::AllToAllV`] over an expert-parallel group of `nodes x gpus_per_node` members
+    /// (member p = node * gpus_per_node + local index), done as Tutel's 2D hierarchical
+    /// all-to-all: an all-to-all within the node (group `intra`, member order = local index)
+    /// carrying, for each local peer g, the rows for every node's GPU g, then an all-to-all
+    /// among the same-local-index GPUs of every node (group `inter`, member order = node).
+    /// `recv` gets exactly what the flat all-to-all would deliver (member-major rows).
+    AllToAllV2d { intra: GroupId, inter: GroupId, send: BufId, send_counts: BufId, recv: BufId, row_len: usize, gpus_per_node: usize },
+    /// Sum `send` over the group and keep this member's 1/n of it (member-major slices of
+    /// `send`, n = group size) in `recv`.
+    ReduceScatter { group: GroupId, send: BufId, recv: BufId },
     /// Adam on (param, grad, m, v) quadruples.
     Adam { params: Vec<(BufId, BufId, BufId, BufId)>, lr: f32, beta1: f32, beta2: f32, eps: f32 },
     /// Chunk `g` of `n` (`chunk = (g, n)`) of this rank's dispatch layout (the rows of
@@ -127,6 +137,28 @@ pub enum OpKind {
     /// [`OpKind::ExpertLinearBwd`] whose `dw` and `dbias` are added to the buffers' contents
     /// when `accumulate` (weight gradients summed over chunks).
     ExpertLinearBwdAcc { x: BufId, w: BufId, dy: BufId, dx: BufId, dw: BufId, dbias: BufId, n_local: usize, d_in: usize, d_out: usize, accumulate: bool },
+    /// DeepSpeed-TED's side of duplicate-token dropping after the all-to-all and the TP
+    /// all-gather: `recv` holds, member-major over the TP group, member j's received rows of
+    /// chunk `(j, tp)` (each member-major over the expert-parallel peers, then local expert, as
+    /// [`OpKind::ChunkLayout`] reads them); writes the full expert buffer `[E_local, R, M]`
+    /// in [`OpKind::ExpertLayout`]'s order.
+    TpLayout { recv: BufId, gathered: BufId, out: BufId, dims: MoeDims, tp: usize },
+    /// From a full expert buffer (in [`OpKind::ExpertLayout`]'s order), the rows of chunk
+    /// `chunk = (i, tp)` of every (source peer, local expert) block, peer-major, with per-peer
+    /// counts: what [`OpKind::ExpertUnlayout`] would send, less the duplicates that the other
+    /// members of the TP group send.
+    TpUnlayout { input: BufId, gathered: BufId, send: BufId, send_counts: BufId, dims: MoeDims, chunk: (usize, usize) },
+    /// `parts` holds, member-major over the TP group, member j's chunk `(j, tp)` of this data
+    /// rank's dispatch layout (in [`OpKind::ChunkSlice`]'s order); writes the whole layout `full`.
+    TpMerge { parts: BufId, gathered: BufId, full: BufId, dims: MoeDims, tp: usize },
+    /// [`OpKind::ExpertLinear`] with an optional bias: `y[e] = x[e] w[e] (+ b[e])` (a
+    /// row-parallel slice whose bias only one member of the TP group adds).
+    ExpertLinearPart { x: BufId, w: BufId, bias: Option<BufId>, y: BufId, n_local: usize, d_in: usize, d_out: usize },
+    /// Gradients of [`OpKind::ExpertLinearPart`] (`dbias` when it has a bias).
+    ExpertLinearPartBwd { x: BufId, w: BufId, dy: BufId, dx: BufId, dw: BufId, dbias: Option<BufId>, n_local: usize, d_in: usize, d_out: usize },
+    /// [`OpKind::Loss`] computed by a replica of a rank that reports it (tensor-parallel
+    /// ranks holding the same tokens): same value and `dy`, but not added to the step's loss.
+    LossReplica { y: BufId, target: BufId, loss: BufId, dy: Option<BufId>, n_global: usize, d_model: usize },
 }
 
 impl OpKind {
@@ -180,6 +212,8 @@ impl OpKind {
             AllGather { send, recv, .. } => (vec![*send], vec![*recv]),
             AllReduce { bufs, .. } => (bufs.clone(), bufs.clone()),
             AllToAllV { send, send_counts, recv, .. } => (vec![*send, *send_counts], vec![*recv]),
+            AllToAllV2d { send, send_counts, recv, .. } => (vec![*send, *send_counts], vec![*recv]),
+            ReduceScatter { send, recv, .. } => (vec![*send], vec![*recv]),
             Adam { params, .. } => {
                 let r: Vec<BufId> = params.iter().flat_map(|(p, g, m, v)| [*p, *g, *m, *v]).collect();
                 let w: Vec<BufId> = params.iter().flat_map(|(p, _, m, v)| [*p, *m, *v]).collect();
@@ -217,6 +251,24 @@ impl OpKind {
                     r.extend([*dw, *dbias]);
                 }
                 (r, vec![*dx, *dw, *dbias])
+            }
+            TpLayout { recv, gathered, out, .. } => (vec![*recv, *gathered], vec![*out]),
+            TpUnlayout { input, gathered, send, send_counts, .. } => (vec![*input, *gathered], vec![*send, *send_counts]),
+            TpMerge { parts, gathered, full, .. } => (vec![*parts, *gathered], vec![*full]),
+            ExpertLinearPart { x, w, bias, y, .. } => {
+                let mut r = vec![*x, *w];
+                r.extend(opt(bias));
+                (r, vec![*y])
+            }
+            ExpertLinearPartBwd { x, w, dy, dx, dw, dbias, .. } => {
+                let mut wr = vec![*dx, *dw];
+                wr.extend(opt(dbias));
+                (vec![*x, *w, *dy], wr)
+            }
+            LossReplica { y, target, loss, dy, .. } => {
+                let mut w = vec![*loss];
+                w.extend(opt(dy));
+                (vec![*y, *target], w)
             }
         }
     }

@@ -57,6 +57,8 @@ pub struct RunOutcome {
     pub tracked: Vec<(u64, [u64; 7])>,
     /// The full trace.
     pub trace: Trace,
+    /// How Tutel's `degree = "auto"` was resolved, when the spec asked for it.
+    pub auto_degree: Option<AutoDegree>,
 }
 
 /// Hooks a front end (CLI, workbench, notebook) passes to follow and stop a run.
@@ -81,6 +83,53 @@ struct Summary<'a> {
     overlap: f64,
     exposed_comm_ms: f64,
     memory: Vec<MemJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tutel_auto_degree: Option<AutoDegree>,
+}
+
+/// How `degree = "auto"` (variant tutel) was resolved: each candidate's mean step time.
+#[derive(Debug, Clone, Serialize)]
+pub struct AutoDegree {
+    /// The degree the measured steps used.
+    pub chosen: usize,
+    /// (degree, mean wall seconds per timed step), in the order tried.
+    pub candidates: Vec<(usize, f64)>,
+    /// Steps timed per candidate (after one untimed step).
+    pub timed_steps: usize,
+}
+
+/// Steps each `degree = "auto"` candidate is timed for (after one untimed step).
+pub const AUTO_DEGREE_TIMED_STEPS: usize = 2;
+
+/// Resolve Tutel's `degree = "auto"`: run each candidate degree's plan on the real backend
+/// (a fresh runtime each, so the measured run starts from the same weights), time
+/// [`AUTO_DEGREE_TIMED_STEPS`] steps after one untimed step, and return the spec with the
+/// fastest degree fixed. `None` when the spec does not ask for it.
+fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog) -> Result<Option<(ExperimentSpec, AutoDegree)>, BackendError> {
+    use crate::spec::{Degree, TutelSpec, Variant};
+    let Some(opts) = spec.tutel.filter(|o| spec.variant == Variant::Tutel && o.degree == Degree::Auto) else {
+        return Ok(None);
+    };
+    let mut candidates = Vec::new();
+    for d in TutelSpec::AUTO_CANDIDATES.into_iter().filter(|d| *d <= spec.tokens_per_rank()) {
+        let mut s = spec.clone();
+        s.tutel = Some(TutelSpec { degree: Degree::Fixed(d), ..opts });
+        let plan = Plan::build(&s).expect("a validated tutel spec plans for every candidate degree");
+        let mut rt = CpuRuntime::new(plan, hooks.exec.clone());
+        rt.step(false, Some(0))?;
+        let mut total = 0.0;
+        for i in 0..AUTO_DEGREE_TIMED_STEPS {
+            total += rt.step(false, Some(1 + i as u64))?.wall_s;
+        }
+        let mean = total / AUTO_DEGREE_TIMED_STEPS as f64;
+        log.line(&format!("tutel auto degree: degree {d}: {:.3} ms per step ({AUTO_DEGREE_TIMED_STEPS} timed steps)", mean * 1e3));
+        candidates.push((d, mean));
+    }
+    let chosen = candidates.iter().min_by(|a, b| a.1.total_cmp(&b.1)).map(|c| c.0).unwrap_or(1);
+    log.line(&format!("tutel auto degree: chose degree {chosen}, the fastest mean step time of the candidates"));
+    let mut s = spec.clone();
+    s.tutel = Some(TutelSpec { degree: Degree::Fixed(chosen), ..opts });
+    Ok(Some((s, AutoDegree { chosen, candidates, timed_steps: AUTO_DEGREE_TIMED_STEPS })))
 }
 
 #[derive(Serialize)]
@@ -129,11 +178,25 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         "moelab {} run {:?}: variant {}, backend {}, world {}, {} ops per step",
         env!("CARGO_PKG_VERSION"), spec.name, spec.variant.as_str(), spec.run.backend.as_str(), spec.world(), plan.op_count()
     ));
+    let mut failure = None;
+    let mut plan = plan;
+    let mut auto_degree = None;
+    match resolve_auto_degree(spec, hooks, &mut log) {
+        Ok(Some((resolved, choice))) => {
+            plan = Plan::build(&resolved)?;
+            log.line(&format!("measured steps use degree {}: {} ops per step", choice.chosen, plan.op_count()));
+            auto_degree = Some(choice);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            log.line(&format!("tutel auto degree: timing failed: {e}"));
+            failure = Some(e);
+        }
+    }
     let predicted: Vec<MemoryPrediction> = plan.ranks.iter().map(predict).collect();
     let mut rt = CpuRuntime::new(plan, hooks.exec.clone());
     let mut steps = Vec::new();
-    let total = spec.run.warmup + spec.run.steps;
-    let mut failure = None;
+    let total = if failure.is_some() { 0 } else { spec.run.warmup + spec.run.steps };
     for i in 0..total {
         let measured = i >= spec.run.warmup;
         match rt.step(measured, None) {
@@ -182,6 +245,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         memory: predicted.iter().zip(&tracked).enumerate().map(|(rank, (p, t))| MemJson {
             rank, predicted_peak: p.peak_total, predicted_is_upper_bound: p.upper_bound, tracked_peak: t.0,
         }).collect(),
+        tutel_auto_degree: auto_degree.clone(),
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serializes");
     std::fs::write(dir.join("summary.json"), json).map_err(|e| io(&dir, e))?;
@@ -189,5 +253,5 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     if let Some(source) = failure {
         return Err(RunError::Backend { source, dir: dir.display().to_string() });
     }
-    Ok(RunOutcome { dir, analysis, steps, predicted, tracked, trace })
+    Ok(RunOutcome { dir, analysis, steps, predicted, tracked, trace, auto_degree })
 }

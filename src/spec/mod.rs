@@ -32,6 +32,12 @@ pub struct ExperimentSpec {
     /// MPMoE options (`variant = "mpmoe"` only); filled with defaults on resolution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mpmoe: Option<MpmoeSpec>,
+    /// Tutel options (`variant = "tutel"` only); filled with defaults on resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tutel: Option<TutelSpec>,
+    /// DeepSpeed-TED options (`variant = "ted"` only); filled with defaults on resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ted: Option<TedSpec>,
 }
 
 /// The MoE designs moelab knows. Each is a plan builder; backends never see this.
@@ -80,7 +86,7 @@ impl Variant {
     }
     /// Whether this build has a plan builder for the variant.
     pub fn is_implemented(self) -> bool {
-        matches!(self, Variant::Topk | Variant::Mpmoe | Variant::Scmoe | Variant::Dgmoe)
+        matches!(self, Variant::Topk | Variant::Mpmoe | Variant::Scmoe | Variant::Dgmoe | Variant::Tutel | Variant::Ted)
     }
 }
 
@@ -151,6 +157,148 @@ impl Reuse {
     /// Whether backward recomputes fc1 and the activation instead of keeping them.
     pub fn recompute(self) -> bool {
         matches!(self, Reuse::Recompute | Reuse::ReuseBuffers)
+    }
+}
+
+/// DeepSpeed-TED options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TedSpec {
+    /// Duplicate-token dropping: before each all-to-all every tensor-parallel rank keeps only
+    /// its 1/tp slice of the rows (the TP ranks hold the same tokens), and an all-gather over
+    /// the TP group restores the full set afterwards. Off: every TP rank sends everything.
+    #[serde(default = "yes")]
+    pub duplicate_dropping: bool,
+}
+
+impl Default for TedSpec {
+    fn default() -> Self {
+        TedSpec { duplicate_dropping: true }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Tutel options: the pipelining degree and the all-to-all algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TutelSpec {
+    /// Pipelining degree d: the kept rows of every (source rank, expert) block are split into
+    /// d chunks whose all-to-alls overlap the previous chunk's experts; `"auto"` times the
+    /// candidates {1, 2, 4} with the real backend before the measured steps and keeps the fastest.
+    #[serde(default)]
+    pub degree: Degree,
+    /// All-to-all algorithm: flat, or Tutel's 2D hierarchical (intra-node, then inter-node).
+    #[serde(default)]
+    pub a2a: A2aKind,
+    /// Ranks per node for the 2D all-to-all (must divide `layout.ep` when `a2a = "2d"`).
+    #[serde(default = "default_gpus_per_node")]
+    pub gpus_per_node: usize,
+    /// Parallelism r over the same (expert-parallel) parameter layout: 1 = expert parallel
+    /// (tokens travel to the experts by all-to-all), 0 = data parallel (every rank all-gathers
+    /// the expert weights over its expert-parallel group, computes all experts on its own
+    /// tokens, and reduce-scatters the expert gradients back to their owners).
+    #[serde(default = "default_r")]
+    pub r: usize,
+}
+
+fn default_r() -> usize {
+    1
+}
+
+impl TutelSpec {
+    /// Largest accepted fixed degree (as MPMoE's chunk bound).
+    pub const MAX_DEGREE: usize = 64;
+    /// The degrees `"auto"` tries, in order.
+    pub const AUTO_CANDIDATES: [usize; 3] = [1, 2, 4];
+}
+
+impl Default for TutelSpec {
+    fn default() -> Self {
+        TutelSpec { degree: Degree::default(), a2a: A2aKind::default(), gpus_per_node: default_gpus_per_node(), r: default_r() }
+    }
+}
+
+fn default_gpus_per_node() -> usize {
+    8
+}
+
+/// Tutel's pipelining degree: a fixed chunk count, or chosen by timing at run start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Degree {
+    /// Exactly this many chunks (>= 1).
+    Fixed(usize),
+    /// Time each of [`TutelSpec::AUTO_CANDIDATES`] and keep the fastest.
+    Auto,
+}
+
+impl Default for Degree {
+    fn default() -> Self {
+        Degree::Fixed(1)
+    }
+}
+
+impl Serialize for Degree {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Degree::Fixed(n) => s.serialize_u64(*n as u64),
+            Degree::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Degree {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Degree;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a chunk count (integer >= 1) or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Degree, E> {
+                Ok(Degree::Fixed(usize::try_from(v).unwrap_or(usize::MAX)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Degree, E> {
+                if v < 0 {
+                    Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+                } else {
+                    self.visit_u64(v as u64)
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Degree, E> {
+                if v == "auto" {
+                    Ok(Degree::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Which all-to-all algorithm carries the dispatch and combine rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum A2aKind {
+    /// One all-to-all over the expert-parallel group.
+    #[default]
+    Flat,
+    /// Tutel's 2D hierarchical all-to-all: among the node's GPUs, then among the
+    /// same-local-index GPUs of every node.
+    #[serde(rename = "2d")]
+    TwoD,
+}
+
+impl A2aKind {
+    /// The spelling used in TOML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            A2aKind::Flat => "flat",
+            A2aKind::TwoD => "2d",
+        }
     }
 }
 

@@ -252,7 +252,9 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         }
     }
     check_mpmoe(&mut c, &mut spec);
+    check_tutel(&mut c, &mut spec);
     check_shortcut(&mut c, &spec);
+    check_ted(&mut c, &mut spec);
     if !spec.variant.is_implemented() {
         c.fail("variant", format!("variant {:?} has no plan builder in this build yet", spec.variant.as_str()),
             "use variant = \"topk\"; the others arrive with the seed-variants work");
@@ -366,4 +368,86 @@ fn check_shortcut(c: &mut Checker, spec: &ExperimentSpec) {
     if l.pp > 1 {
         c.fail("layout.pp", format!("variant {name} has no pipeline stages (pp={})", l.pp), "set pp = 1, or use variant \"ppmoe\"");
     }
+}
+
+/// Tutel rules: the `[tutel]` table belongs to variant "tutel" (which gets its defaults when
+/// the table is absent), the degree is "auto" or between 1 and a bound, and the 2D all-to-all
+/// needs `gpus_per_node` to divide the expert-parallel degree.
+fn check_tutel(c: &mut Checker, spec: &mut ExperimentSpec) {
+    use super::{A2aKind, Degree, TutelSpec};
+    if spec.variant != Variant::Tutel {
+        if spec.tutel.is_some() {
+            c.fail("tutel", format!("the [tutel] table applies to variant \"tutel\" only (variant is {:?})", spec.variant.as_str()),
+                "remove the [tutel] table, or set variant = \"tutel\"");
+        }
+        return;
+    }
+    let l = &spec.layout;
+    if l.tp > 1 {
+        c.fail("layout.tp", format!("variant tutel has no tensor parallelism in this build (tp={})", l.tp),
+            "set tp = 1, or use variant \"ted\" or \"ppmoe\" (tensor-parallel experts)");
+    }
+    if l.pp > 1 {
+        c.fail("layout.pp", format!("variant tutel has no pipeline stages (pp={}); its pipeline is over chunks of one MoE layer", l.pp),
+            "set pp = 1 and choose the pipelining degree with tutel.degree");
+    }
+    let ep = l.ep;
+    let opts = spec.tutel.get_or_insert_with(TutelSpec::default);
+    let tokens = spec.model.tokens_per_rank.filter(|t| *t > 0);
+    let bound = tokens.map_or(TutelSpec::MAX_DEGREE, |t| t.min(TutelSpec::MAX_DEGREE));
+    match opts.degree {
+        Degree::Fixed(0) => c.fail("tutel.degree", "degree=0 must be at least 1".into(),
+            format!("set degree between 1 and {bound} (1 = no pipelining), or degree = \"auto\" to time 1, 2 and 4")),
+        Degree::Fixed(d) if d > TutelSpec::MAX_DEGREE => c.fail("tutel.degree",
+            format!("degree={d} exceeds the limit of {} chunks per MoE layer", TutelSpec::MAX_DEGREE),
+            format!("set degree between 1 and {bound}, or degree = \"auto\"")),
+        Degree::Fixed(d) if tokens.is_some_and(|t| d > t) => c.fail("tutel.degree",
+            format!("degree={d} exceeds tokens_per_rank={}: chunks would hold less than one token per rank", tokens.unwrap_or(0)),
+            format!("set degree between 1 and {bound}, or give each rank more tokens")),
+        Degree::Auto if tokens.is_some_and(|t| t < 4) => c.fail("tutel.degree",
+            format!("degree=\"auto\" tries 1, 2 and 4 chunks but tokens_per_rank={} is below 4", tokens.unwrap_or(0)),
+            format!("set a fixed degree between 1 and {bound}, or give each rank at least 4 tokens")),
+        _ => {}
+    }
+    if opts.r > 1 {
+        c.fail("tutel.r", format!("r={} is not available: with every expert on one rank of its expert-parallel group (ep divides n_experts) only r = 0 and r = 1 exist", opts.r),
+            "set r = 1 (expert parallel, all-to-all) or r = 0 (data parallel: all-gather the expert weights)");
+    } else if opts.r == 0 && opts.degree != Degree::Fixed(1) {
+        c.fail("tutel.degree", "r=0 runs every expert locally, so there is no all-to-all to pipeline (degree must be 1)".into(),
+            "remove degree (or set degree = 1) with r = 0, or set r = 1 to pipeline the all-to-alls");
+    }
+    if opts.a2a == A2aKind::TwoD {
+        let g = opts.gpus_per_node;
+        if g == 0 {
+            c.fail("tutel.gpus_per_node", "gpus_per_node=0 must be at least 1".into(),
+                format!("set gpus_per_node to a divisor of layout.ep={ep}: {{{}}}", divisors(ep)));
+        } else if ep > 0 && !ep.is_multiple_of(g) {
+            c.fail("tutel.gpus_per_node",
+                format!("gpus_per_node={g} does not divide layout.ep={ep}: the 2D all-to-all needs whole nodes in every expert-parallel group"),
+                format!("choose gpus_per_node from {{{}}}, or set a2a = \"flat\"", divisors(ep)));
+        }
+    }
+}
+
+/// DeepSpeed-TED rules: the `[ted]` table belongs to variant "ted" (which gets its defaults
+/// when the table is absent), tp divides the expert hidden size (fc1 and fc2 are sliced over
+/// the TP group), and there are no pipeline stages.
+fn check_ted(c: &mut Checker, spec: &mut ExperimentSpec) {
+    use super::TedSpec;
+    if spec.variant != Variant::Ted {
+        if spec.ted.is_some() {
+            c.fail("ted", format!("the [ted] table applies to variant \"ted\" only (variant is {:?})", spec.variant.as_str()),
+                "remove the [ted] table, or set variant = \"ted\"");
+        }
+        return;
+    }
+    let (l, f) = (&spec.layout, spec.model.d_ffn);
+    if l.tp > 0 && f > 0 && f % l.tp != 0 {
+        c.fail("layout.tp", format!("tp={} does not divide d_ffn={f}: each expert's fc1 columns and fc2 rows are split over the TP group", l.tp),
+            format!("choose tp from {{{}}}, or change model.d_ffn", divisors(f)));
+    }
+    if l.pp > 1 {
+        c.fail("layout.pp", format!("variant ted has no pipeline stages (pp={})", l.pp), "set pp = 1, or use variant \"ppmoe\"");
+    }
+    spec.ted.get_or_insert_with(TedSpec::default);
 }

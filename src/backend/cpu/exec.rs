@@ -414,6 +414,28 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             })?;
             st.put_f32(*recv, got)?;
         }
+        ReduceScatter { group, send, recv } => {
+            let g = &ctx.groups[group.0 as usize];
+            let sv = st.f32(*send)?;
+            let n = g.ranks.len();
+            let part = sv.len() / n;
+            let parts: Vec<Vec<f32>> = sv.chunks_exact(part.max(1)).take(n).map(<[f32]>::to_vec).collect();
+            outcome.bytes = Some((sv.len() * 4) as u64);
+            let mine = ctx.fabric.collective(group.0, &g.ranks, ctx.rank, ctx.op_name, parts, |deps, my| {
+                let mut s = deps[0][my].clone();
+                for d in &deps[1..] {
+                    for (a, b) in s.iter_mut().zip(&d[my]) {
+                        *a += b;
+                    }
+                }
+                s
+            })?;
+            st.put_f32(*recv, mine)?;
+        }
+        AllToAllV2d { intra, inter, send, send_counts, recv, row_len, gpus_per_node } => {
+            let got = all_to_all_2d(st.f32(*send)?, st.i32(*send_counts)?, ctx, *intra, *inter, *row_len, *gpus_per_node, &mut outcome)?;
+            st.put_f32(*recv, got)?;
+        }
         Adam { params, lr, beta1, beta2, eps } => {
             let t = ctx.adam_step as i32;
             let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
@@ -538,6 +560,116 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             st.put_f32(*dw, dwv)?;
             st.put_f32(*dbias, dbv)?;
         }
+        TpLayout { recv, gathered, out, dims, tp } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let rows = rows_per_expert(dims, &tb);
+            let (m, el) = (dims.d_model, dims.local_experts());
+            let rv = st.f32(*recv)?;
+            let mut o = vec![0.0; el * rows * m];
+            let mut src_row = 0usize;
+            for j in 0..*tp {
+                // Start of each (peer, expert) block within the expert's rows.
+                let mut start = vec![0usize; el];
+                for &peer in &dims.ep_peers {
+                    for (i, s0) in start.iter_mut().enumerate() {
+                        let len = tb.kept_rank_expert(peer, dims.ep_index * el + i);
+                        let r = routing::chunk_range(len, j, *tp);
+                        let dst = (i * rows + *s0 + r.start) * m;
+                        o[dst..dst + r.len() * m].copy_from_slice(&rv[src_row * m..(src_row + r.len()) * m]);
+                        src_row += r.len();
+                        *s0 += len;
+                    }
+                }
+            }
+            st.put_f32(*out, o)?;
+        }
+        TpUnlayout { input, gathered, send, send_counts, dims, chunk } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let rows = rows_per_expert(dims, &tb);
+            let (m, el) = (dims.d_model, dims.local_experts());
+            let iv = st.f32(*input)?;
+            let mut s = Vec::new();
+            let mut counts = vec![0i32; dims.ep_peers.len()];
+            let mut start = vec![0usize; el];
+            for (p, &peer) in dims.ep_peers.iter().enumerate() {
+                for (i, s0) in start.iter_mut().enumerate() {
+                    let len = tb.kept_rank_expert(peer, dims.ep_index * el + i);
+                    let r = routing::chunk_range(len, chunk.0, chunk.1);
+                    let src = (i * rows + *s0 + r.start) * m;
+                    s.extend_from_slice(&iv[src..src + r.len() * m]);
+                    counts[p] += r.len() as i32;
+                    *s0 += len;
+                }
+            }
+            st.put_f32(*send, s)?;
+            st.put_i32(*send_counts, counts)?;
+        }
+        TpMerge { parts, gathered, full, dims, tp } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let m = dims.d_model;
+            let pv = st.f32(*parts)?;
+            let mut f = Vec::new();
+            let mut at = 0usize;
+            for j in 0..*tp {
+                let (rows, _, total) = chunk_send_rows(dims, &tb, (j, *tp));
+                if f.is_empty() {
+                    f = vec![0.0; total * m];
+                }
+                for r in rows {
+                    f[r * m..(r + 1) * m].copy_from_slice(&pv[at * m..(at + 1) * m]);
+                    at += 1;
+                }
+            }
+            st.put_f32(*full, f)?;
+        }
+        ExpertLinearPart { x, w, bias, y, n_local, d_in, d_out } => {
+            let xv = st.f32(*x)?;
+            let rows = xv.len() / (n_local * d_in);
+            let wv = st.f32(*w)?;
+            let bv = match bias {
+                Some(b) => Some(st.f32(*b)?),
+                None => None,
+            };
+            let mut yv = vec![0.0; n_local * rows * d_out];
+            for i in 0..*n_local {
+                let yi = &mut yv[i * rows * d_out..(i + 1) * rows * d_out];
+                linalg::gemm(&xv[i * rows * d_in..(i + 1) * rows * d_in], &wv[i * d_in * d_out..(i + 1) * d_in * d_out], yi, rows, *d_in, *d_out, false);
+                if let Some(bv) = bv {
+                    linalg::add_bias(yi, &bv[i * d_out..(i + 1) * d_out]);
+                }
+            }
+            st.put_f32(*y, yv)?;
+        }
+        ExpertLinearPartBwd { x, w, dy, dx, dw, dbias, n_local, d_in, d_out } => {
+            let (xv, wv, dyv) = (st.f32(*x)?, st.f32(*w)?, st.f32(*dy)?);
+            let rows = xv.len() / (n_local * d_in);
+            let mut dxv = vec![0.0; xv.len()];
+            let mut dwv = vec![0.0; wv.len()];
+            let mut dbv = vec![0.0; n_local * d_out];
+            for i in 0..*n_local {
+                let xi = &xv[i * rows * d_in..(i + 1) * rows * d_in];
+                let dyi = &dyv[i * rows * d_out..(i + 1) * rows * d_out];
+                linalg::gemm_tn(xi, dyi, &mut dwv[i * d_in * d_out..(i + 1) * d_in * d_out], rows, *d_in, *d_out, false);
+                linalg::col_sums(dyi, &mut dbv[i * d_out..(i + 1) * d_out], false);
+                linalg::gemm_nt(dyi, &wv[i * d_in * d_out..(i + 1) * d_in * d_out], &mut dxv[i * rows * d_in..(i + 1) * rows * d_in], rows, *d_out, *d_in, false);
+            }
+            st.put_f32(*dx, dxv)?;
+            st.put_f32(*dw, dwv)?;
+            if let Some(db) = dbias {
+                st.put_f32(*db, dbv)?;
+            }
+        }
+        LossReplica { y, target, loss, dy, n_global, d_model } => {
+            let (yv, tv) = (st.f32(*y)?, st.f32(*target)?);
+            let denom = (*n_global * *d_model) as f64;
+            let sq: f64 = yv.iter().zip(tv).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            if let Some(d) = dy {
+                let g: Vec<f32> = yv.iter().zip(tv).map(|(a, b)| ((a - b) as f64 / denom) as f32).collect();
+                st.put_f32(*d, g)?;
+            }
+            // A replica: no observation, so the step's loss counts the reporting rank only.
+            st.put_f32(*loss, vec![(sq / (2.0 * denom)) as f32])?;
+        }
     }
     Ok(outcome)
 }
@@ -573,4 +705,67 @@ fn chunk_send_rows(dims: &MoeDims, t: &routing::RoutingTable, chunk: (usize, usi
         offset += len;
     }
     (rows, counts, offset)
+}
+
+/// Tutel's 2D hierarchical all-to-all over `nodes x gpn` expert-parallel members. Phase 1
+/// (within the node): local peer g gets, for every node n in order, `[count, rows...]` of the
+/// rows destined for member `n * gpn + g` (the stride copy). Phase 2 (same local index, across
+/// nodes): node n gets, for every local source s in order, what s sent for member `(n, me)`.
+/// The result is ordered by (source node, source local index), i.e. member-major as the flat
+/// all-to-all delivers it. Counts travel as f32 headers (exact below 2^24 rows).
+#[allow(clippy::too_many_arguments)]
+fn all_to_all_2d(sv: &[f32], counts: &[i32], ctx: &OpCtx, intra: crate::plan::GroupId, inter: crate::plan::GroupId, row_len: usize,
+    gpn: usize, outcome: &mut OpOutcome) -> Result<Vec<f32>, BackendError> {
+    let nodes = counts.len() / gpn;
+    let mut offsets = Vec::with_capacity(counts.len());
+    let mut off = 0usize;
+    for &c in counts {
+        offsets.push(off);
+        off += c as usize * row_len;
+    }
+    // Phase 0: stride copy, grouping the rows by destination local index.
+    let parts: Vec<Vec<f32>> = (0..gpn)
+        .map(|g| {
+            let mut p = Vec::new();
+            for n in 0..nodes {
+                let dst = n * gpn + g;
+                let len = counts[dst] as usize * row_len;
+                p.push(counts[dst] as f32);
+                p.extend_from_slice(&sv[offsets[dst]..offsets[dst] + len]);
+            }
+            p
+        })
+        .collect();
+    let mut sent = off as u64 * 4;
+    // Phase 1: all-to-all within the node; from each local source s: per node n, its block.
+    let gi = &ctx.groups[intra.0 as usize];
+    let from_locals: Vec<Vec<f32>> = ctx.fabric.collective(intra.0, &gi.ranks, ctx.rank, ctx.op_name, parts, |deps, my| {
+        deps.iter().map(|d| d[my].clone()).collect::<Vec<Vec<f32>>>()
+    })?;
+    // Phase 2: stride copy by destination node, then all-to-all across nodes.
+    let mut blocks: Vec<Vec<f32>> = vec![Vec::new(); nodes];
+    for src in &from_locals {
+        let mut at = 0usize;
+        for blk in blocks.iter_mut() {
+            let len = src[at] as usize * row_len;
+            blk.extend_from_slice(&src[at..at + 1 + len]);
+            at += 1 + len;
+        }
+    }
+    sent += blocks.iter().map(|b| b.len() as u64 * 4).sum::<u64>();
+    let ge = &ctx.groups[inter.0 as usize];
+    let from_nodes: Vec<Vec<f32>> = ctx.fabric.collective(inter.0, &ge.ranks, ctx.rank, ctx.op_name, blocks, |deps, my| {
+        deps.iter().map(|d| d[my].clone()).collect::<Vec<Vec<f32>>>()
+    })?;
+    let mut out = Vec::new();
+    for src in &from_nodes {
+        let mut at = 0usize;
+        while at < src.len() {
+            let len = src[at] as usize * row_len;
+            out.extend_from_slice(&src[at + 1..at + 1 + len]);
+            at += 1 + len;
+        }
+    }
+    outcome.bytes = Some(sent);
+    Ok(out)
 }

@@ -190,7 +190,17 @@ fn init_params(rp: &RankPlan, store: &mut Store, seed: u64) {
                 let per = desc.elems / count as usize;
                 for (i, chunk) in v.chunks_mut(per).enumerate() {
                     let mut r = rng::stream(seed, &p.init.tag, p.init.layer as u64, first as u64 + i as u64);
-                    rng::fill_normal(&mut r, chunk, p.init.std);
+                    match &p.slice {
+                        // Draw the expert's whole tensor, keep this rank's part.
+                        Some(s) => {
+                            let mut full = vec![0.0f32; s.full_len()];
+                            rng::fill_normal(&mut r, &mut full, p.init.std);
+                            let mut kept = Vec::with_capacity(chunk.len());
+                            s.take(&full, &mut kept);
+                            chunk.copy_from_slice(&kept);
+                        }
+                        None => rng::fill_normal(&mut r, chunk, p.init.std),
+                    }
                 }
             }
             None => {

@@ -72,10 +72,31 @@ struct Chunking {
     part_rows: usize,
     /// Reuse strategy.
     reuse: Reuse,
+    /// Ranks per node when the all-to-alls are Tutel's 2D hierarchical ones.
+    gpus_per_node: Option<usize>,
+}
+
+/// How the chunked MoE layer is pipelined and communicated: MPMoE's options, or Tutel's
+/// (no reuse, a chosen degree, optionally the 2D hierarchical all-to-all).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pipeline {
+    /// Pipelining degree (chunks per MoE layer).
+    pub chunks: usize,
+    /// What backward restores instead of keeping every chunk's expert buffers.
+    pub reuse: Reuse,
+    /// `Some(gpus per node)`: chunk all-to-alls are 2D hierarchical over the groups that
+    /// [`super::tutel::add_2d_groups`] added.
+    pub gpus_per_node: Option<usize>,
+}
+
+impl From<MpmoeSpec> for Pipeline {
+    fn from(o: MpmoeSpec) -> Self {
+        Pipeline { chunks: o.chunks, reuse: o.reuse, gpus_per_node: None }
+    }
 }
 
 impl Chunking {
-    fn new(dims: &MoeDims, opts: MpmoeSpec) -> Self {
+    fn new(dims: &MoeDims, opts: Pipeline) -> Self {
         let n = opts.chunks.max(1);
         let ep = dims.ep_peers.len();
         // A chunk takes ceil(len / n) rows at most from each block, so from the ep blocks
@@ -85,7 +106,7 @@ impl Chunking {
         let rows = bound(full_rows, ep);
         let part_rows = bound(dims.tokens * dims.top_k, dims.n_experts);
         let cdims = MoeDims { rows_per_expert: dims.rows_per_expert.map(|_| rows), ..dims.clone() };
-        Chunking { n, cdims, rows, part_rows, reuse: opts.reuse }
+        Chunking { n, cdims, rows, part_rows, reuse: opts.reuse, gpus_per_node: opts.gpus_per_node }
     }
     fn dropless(&self) -> bool {
         self.cdims.rows_per_expert.is_none()
@@ -112,15 +133,18 @@ const DISPATCH_BWD: ChunkNames = ChunkNames { permute: "expert_unlayout_bwd", a2
 
 /// Build the MPMoE plan for every rank.
 pub fn build(spec: &ExperimentSpec) -> Plan {
-    let (dp, ep) = (spec.layout.dp, spec.layout.ep);
-    let groups = DataExpertGroups::new(dp, ep);
-    let ranks = (0..spec.world()).map(|r| build_rank(spec, &groups, r)).collect();
+    let groups = DataExpertGroups::new(spec.layout.dp, spec.layout.ep);
+    build_with(spec, &groups, spec.mpmoe.unwrap_or_default().into())
+}
+
+/// Build the chunked plan for every rank with explicit pipeline options (shared with Tutel).
+pub(super) fn build_with(spec: &ExperimentSpec, groups: &DataExpertGroups, opts: Pipeline) -> Plan {
+    let ranks = (0..spec.world()).map(|r| build_rank(spec, groups, r, opts)).collect();
     Plan { spec: spec.clone(), groups: groups.groups.clone(), ranks }
 }
 
-fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> RankPlan {
+fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, opts: Pipeline) -> RankPlan {
     let training = spec.run.mode == Mode::Training;
-    let opts = spec.mpmoe.unwrap_or_default();
     let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
     let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
     let world = spec.world();
@@ -197,13 +221,23 @@ fn send_chunk(b: &mut RankBuilder, c: &Chunking, dims: &MoeDims, groups: &DataEx
         8 * (c.part_rows * m) as u64);
     let sent = match reserve {
         Some(r) => {
-            a2a(b, &format!("c{g}.{}", names.a2a), pass, groups.ep_group(rank), part, counts, r, m);
+            chunk_a2a(b, c, &format!("c{g}.{}", names.a2a), pass, groups, rank, part, counts, r, m);
             Sent { recv: r, release: vec![part, counts] }
         }
         None => Sent { recv: part, release: Vec::new() },
     };
     b.set_chunk(None);
     sent
+}
+
+/// A chunk's all-to-all over the expert-parallel group: flat, or 2D hierarchical.
+#[allow(clippy::too_many_arguments)]
+fn chunk_a2a(b: &mut RankBuilder, c: &Chunking, name: &str, pass: Pass, groups: &DataExpertGroups, rank: usize, send: BufId,
+    counts: BufId, recv: BufId, m: usize) {
+    match c.gpus_per_node {
+        Some(gpn) => super::tutel::a2a_2d(b, name, pass, groups, rank, gpn, send, counts, recv, m),
+        None => a2a(b, name, pass, groups.ep_group(rank), send, counts, recv, m),
+    }
 }
 
 /// Unlayout chunk `g`'s expert rows and send them back to their source ranks; returns the
@@ -221,7 +255,7 @@ fn return_chunk(b: &mut RankBuilder, c: &Chunking, groups: &DataExpertGroups, ra
         8 * (el * c.rows * m) as u64);
     match reserve {
         Some(r) => {
-            a2a(b, &format!("c{g}.{}", names.a2a), pass, groups.ep_group(rank), send, counts, r, m);
+            chunk_a2a(b, c, &format!("c{g}.{}", names.a2a), pass, groups, rank, send, counts, r, m);
             Sent { recv: r, release: vec![send, counts] }
         }
         None => Sent { recv: send, release: Vec::new() },
@@ -267,7 +301,7 @@ fn fc1_act(b: &mut RankBuilder, spec: &ExperimentSpec, c: &Chunking, layer: usiz
 }
 
 fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, x: BufId,
-    opts: MpmoeSpec) -> (BufId, MoeSaved) {
+    opts: Pipeline) -> (BufId, MoeSaved) {
     let dims = moe_dims(spec, groups, rank);
     let (t, m, e, k, f) = (dims.tokens, dims.d_model, dims.n_experts, dims.top_k, spec.model.d_ffn);
     let ep = dims.ep_peers.len();
@@ -356,7 +390,7 @@ struct BwdIn {
 
 #[allow(clippy::too_many_arguments)]
 fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, s: &MoeSaved, dout: BufId,
-    opts: MpmoeSpec) -> BufId {
+    opts: Pipeline) -> BufId {
     let d = &s.dims;
     let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
     let el = d.local_experts();

@@ -1,0 +1,391 @@
+//! DeepSpeed-TED (Singh, Ruwase, Awan, Rajbhandari, He, Bhatele, "A Hybrid Tensor-Expert-Data
+//! Parallelism Approach to Optimize Mixture-of-Experts Training", ICS 2023, arXiv 2303.06318;
+//! code: DeepSpeed `deepspeed/moe/sharded_moe.py`, `mappings.py`): tensor x expert x data
+//! parallelism with duplicate-token dropping.
+//!
+//! Layout: `world = dp * ep * tp`; TP groups are consecutive ranks, the data-parallel
+//! dimension is strided by `tp`, and expert-parallel groups are cut from the data-parallel
+//! ranks. The `tp` ranks of a TP group hold the same tokens (one data shard), so capacity is
+//! computed over the `dp * ep` shards. Dense parameters (gate, LayerNorms, backbone) are
+//! replicated on every rank and computed redundantly within a TP group (no tensor-parallel
+//! backbone). Each expert is tensor-sliced over its TP group: fc1 column-parallel (H/tp
+//! columns of W1 and b1), fc2 row-parallel (H/tp rows of W2; b2 held and added by TP index 0
+//! only), and the expert output is all-reduced over the TP group (its input gradient in
+//! backward as well).
+//!
+//! Duplicate-token dropping (`[ted] duplicate_dropping = true`): before each all-to-all every
+//! TP rank keeps only its slice `tp_index` of the capacity dimension (rows
+//! `[len*i/tp, len*(i+1)/tp)` of every (source shard, expert) block, as DeepSpeed's
+//! `drop_tokens(dispatched_input, dim=1)`), the all-to-all runs among the same-TP-index ranks
+//! of the expert-parallel group, and an all-gather over the TP group (`gather_tokens`) restores
+//! the full set: drop -> a2a -> all-gather -> TP expert -> all-reduce -> drop -> a2a ->
+//! all-gather, mirrored in backward. Without it every TP rank sends the full set.
+
+use super::blocks::{self, AttnSaved, LnSaved, MlpSaved};
+use super::topk::{a2a, expert_param};
+use super::TensorExpertDataGroups as Groups;
+use crate::math::linalg::gemm_flops;
+use crate::plan::ops::MoeDims;
+use crate::plan::{BufId, GroupId, OpKind, ParamInit, ParamSlice, Plan, RankBuilder, RankPlan};
+use crate::spec::{Capacity, ExperimentSpec, Mode};
+use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
+
+/// Where this rank sits in the TED layout.
+#[derive(Clone, Copy)]
+struct Place {
+    /// Tensor-parallel degree.
+    tp: usize,
+    /// Index in the TP group.
+    ti: usize,
+    /// Whether the all-to-alls drop duplicate tokens.
+    drop: bool,
+    tp_group: GroupId,
+    ep_group: GroupId,
+}
+
+impl Place {
+    /// Dropping applies around an all-to-all between TP-replicated ranks.
+    fn dropping(&self, ep: usize) -> bool {
+        self.drop && self.tp > 1 && ep > 1
+    }
+}
+
+struct MoeSaved {
+    dims: MoeDims,
+    ln: LnSaved,
+    wg: BufId,
+    probs: BufId,
+    idx: BufId,
+    weights: BufId,
+    gathered: BufId,
+    send_counts: BufId,
+    slots: BufId,
+    ein: BufId,
+    h: BufId,
+    a: BufId,
+    back: BufId,
+    w1: BufId,
+    b1: BufId,
+    w2: BufId,
+    b2: Option<BufId>,
+}
+
+enum Saved {
+    Attn(AttnSaved),
+    Mlp(MlpSaved),
+    Moe(Box<MoeSaved>),
+}
+
+/// Build the DeepSpeed-TED plan for every rank.
+pub fn build(spec: &ExperimentSpec) -> Plan {
+    let l = &spec.layout;
+    let groups = Groups::new(l.dp, l.ep, l.tp);
+    let ranks = (0..spec.world()).map(|r| build_rank(spec, &groups, r)).collect();
+    Plan { spec: spec.clone(), groups: groups.groups.clone(), ranks }
+}
+
+/// Routing geometry: the data world is the `dp * ep` shards, not the ranks.
+fn moe_dims(spec: &ExperimentSpec, g: &Groups, rank: usize) -> MoeDims {
+    let m = &spec.model;
+    let t = spec.tokens_per_rank();
+    let ep = spec.layout.ep;
+    let shards = g.shards();
+    let shard = g.shard(rank);
+    let rows_per_expert = match spec.capacity() {
+        Capacity::Factor(cf) => {
+            let c = ((cf * (m.top_k * t * shards) as f64 / m.n_experts as f64).ceil() as usize).max(1);
+            Some(c.min(t * ep))
+        }
+        Capacity::Dropless => None,
+    };
+    let first = shard - shard % ep;
+    MoeDims {
+        tokens: t,
+        d_model: m.d_model,
+        n_experts: m.n_experts,
+        top_k: m.top_k,
+        data_world: shards,
+        data_rank: shard,
+        ep_peers: (first..first + ep).collect(),
+        ep_index: shard % ep,
+        capacity: spec.capacity(),
+        rows_per_expert,
+    }
+}
+
+fn build_rank(spec: &ExperimentSpec, groups: &Groups, rank: usize) -> RankPlan {
+    let training = spec.run.mode == Mode::Training;
+    let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
+    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
+    let place = Place {
+        tp: spec.layout.tp,
+        ti: groups.tp_index(rank),
+        drop: spec.ted.unwrap_or_default().duplicate_dropping,
+        tp_group: groups.tp_group(rank),
+        ep_group: groups.ep_group(rank),
+    };
+    let shards = groups.shards();
+    let x0 = b.buf("input.x", t * m, Mc::Inputs);
+    let target = b.buf("input.target", t * m, Mc::Inputs);
+    let batch = t / spec.seq_len();
+    b.op("load_batch", Stage::Data, Pass::Forward,
+        OpKind::LoadBatch { x: x0, target, shard: groups.shard(rank), batch, seq: spec.seq_len(), d_model: m }, 0, 8 * (t * m) as u64);
+
+    let mut x = x0;
+    let mut saved: Vec<(usize, Saved)> = Vec::new();
+    for layer in 0..spec.model.n_layers {
+        b.set_layer(Some(layer as u32));
+        if let Some(bb) = &spec.model.backbone {
+            if bb.n_heads > 0 {
+                let (out, s) = blocks::attention(&mut b, spec, layer, x, bb.n_heads);
+                saved.push((layer, Saved::Attn(s)));
+                x = out;
+            }
+            if bb.d_mlp > 0 {
+                let (out, s) = blocks::dense_mlp(&mut b, spec, layer, x, bb.d_mlp);
+                saved.push((layer, Saved::Mlp(s)));
+                x = out;
+            }
+        }
+        let (out, s) = moe_forward(&mut b, spec, groups, rank, place, layer, x);
+        saved.push((layer, Saved::Moe(Box::new(s))));
+        x = out;
+    }
+    b.set_layer(None);
+    let loss = b.buf("loss", 1, Mc::Activations);
+    let dy = training.then(|| b.buf("loss.dy", t * m, Mc::Activations));
+    // Every TP rank computes the same loss; TP index 0 reports it, the others are replicas.
+    let kind = if place.ti == 0 {
+        OpKind::Loss { y: x, target, loss, dy, n_global: t * shards, d_model: m }
+    } else {
+        OpKind::LossReplica { y: x, target, loss, dy, n_global: t * shards, d_model: m }
+    };
+    b.op("loss", Stage::Loss, Pass::Forward, kind, 3 * (t * m) as u64, 12 * (t * m) as u64);
+
+    if let Some(mut grad) = dy {
+        for (layer, s) in saved.iter().rev() {
+            b.set_layer(Some(*layer as u32));
+            grad = match s {
+                Saved::Attn(a) => blocks::attention_bwd(&mut b, spec, *layer, a, grad),
+                Saved::Mlp(p) => blocks::dense_mlp_bwd(&mut b, spec, *layer, p, grad),
+                Saved::Moe(s) => moe_backward(&mut b, spec, groups, place, *layer, s, grad),
+            };
+        }
+        // The TP ranks of a shard computed identical dense gradients from identical tokens:
+        // sum over the distinct shards only (the same-TP-index ranks), not over the world.
+        let dense = (shards > 1).then(|| groups.data_group(rank));
+        let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
+        blocks::update(&mut b, spec, dense, expert);
+    }
+    b.finish()
+}
+
+/// A TP slice of expert weight `tag`: each expert's full tensor, viewed as `[rows, cols]`,
+/// is drawn from top-k's stream and this rank keeps columns `keep`.
+#[allow(clippy::too_many_arguments)]
+fn sliced_param(b: &mut RankBuilder, layer: usize, tag: &str, dims: &MoeDims, rows: usize, cols: usize, keep: (usize, usize), std: f32)
+    -> BufId {
+    let el = dims.local_experts();
+    let first = (dims.ep_index * el) as u32;
+    let init = ParamInit { tag: format!("expert.{tag}"), layer: layer as u32, experts: Some((first, el as u32)), mean: 0.0, std };
+    let slice = ParamSlice { rows, cols, keep };
+    b.param_sliced(&format!("L{layer}.expert.{tag}"), el * rows * (keep.1 - keep.0), init, true, slice)
+}
+
+fn tp_allgather(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, send: BufId, recv: BufId) {
+    let bytes = b.bytes_of(send);
+    b.op(name, Stage::AllGather, pass, OpKind::AllGather { group, send, recv }, 0, bytes);
+}
+
+fn tp_allreduce(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, buf: BufId) {
+    let bytes = b.bytes_of(buf);
+    b.op(name, Stage::AllReduce, pass, OpKind::AllReduce { group, bufs: vec![buf] }, 0, bytes);
+}
+
+/// Rows of the dispatch layout (`src`, with per-peer `counts`) -> this rank's expert buffer
+/// `[E_local, R, M]`: all-to-all (with duplicate dropping and the TP all-gather when on).
+#[allow(clippy::too_many_arguments)]
+fn to_experts(b: &mut RankBuilder, p: Place, dims: &MoeDims, layer: usize, src: BufId, counts: BufId, gathered: BufId, what: &str,
+    out: BufId, pass: Pass) {
+    let (t, k, m, el, ep) = (dims.tokens, dims.top_k, dims.d_model, dims.local_experts(), dims.ep_peers.len());
+    let rows = dims.rows_per_expert.unwrap_or(t * ep);
+    let dropless = dims.rows_per_expert.is_none();
+    let rb = |b: &mut RankBuilder, name: String, elems: usize| if dropless { b.dyn_buf(name, elems, Mc::CommBuffers) } else { b.buf(name, elems, Mc::CommBuffers) };
+    let bwd = if pass == Pass::Backward { "_bwd" } else { "" };
+    let (a2a_name, layout_name) = if pass == Pass::Backward { ("combine_a2a_bwd", "expert_layout_bwd") } else { ("dispatch_a2a", "expert_layout") };
+    if p.dropping(ep) {
+        let part = b.buf(format!("L{layer}.moe.{what}_part"), t * k * m, Mc::CommBuffers);
+        let part_counts = b.index_buf(format!("L{layer}.moe.{what}_part_counts"), ep, Mc::CommBuffers);
+        b.op(format!("drop_tokens{bwd}"), Stage::Permute, pass,
+            OpKind::ChunkSlice { src, slots: None, gathered, part, part_counts, reserve: None, dims: dims.clone(), chunk: (p.ti, p.tp) },
+            0, 8 * (t * k * m) as u64);
+        // Parts that are all-gathered hold their real size (static buffers are padded).
+        let recv_part = b.dyn_buf(format!("L{layer}.moe.{what}_recv_part"), el * rows * m, Mc::CommBuffers);
+        a2a(b, a2a_name, pass, p.ep_group, part, part_counts, recv_part, m);
+        let recv = rb(b, format!("L{layer}.moe.{what}_recv"), el * rows * m);
+        tp_allgather(b, &format!("gather_tokens{bwd}"), pass, p.tp_group, recv_part, recv);
+        b.op(layout_name, Stage::Permute, pass, OpKind::TpLayout { recv, gathered, out, dims: dims.clone(), tp: p.tp }, 0,
+            8 * (el * rows * m) as u64);
+    } else {
+        let recv = if ep > 1 {
+            let r = rb(b, format!("L{layer}.moe.{what}_recv"), el * rows * m);
+            a2a(b, a2a_name, pass, p.ep_group, src, counts, r, m);
+            r
+        } else {
+            src
+        };
+        b.op(layout_name, Stage::Permute, pass, OpKind::ExpertLayout { recv, gathered, out, dims: dims.clone() }, 0, 8 * (el * rows * m) as u64);
+    }
+}
+
+/// This rank's expert buffer (full, identical over the TP group) -> rows in dispatch-layout
+/// order on the source ranks (`full`, `[T*k, M]`).
+#[allow(clippy::too_many_arguments)]
+fn from_experts(b: &mut RankBuilder, p: Place, dims: &MoeDims, layer: usize, input: BufId, gathered: BufId, what: &str, full: BufId,
+    pass: Pass) {
+    let (t, k, m, el, ep) = (dims.tokens, dims.top_k, dims.d_model, dims.local_experts(), dims.ep_peers.len());
+    let rows = dims.rows_per_expert.unwrap_or(t * ep);
+    let dropless = dims.rows_per_expert.is_none();
+    let rb = |b: &mut RankBuilder, name: String, elems: usize| if dropless { b.dyn_buf(name, elems, Mc::CommBuffers) } else { b.buf(name, elems, Mc::CommBuffers) };
+    let bwd = if pass == Pass::Backward { "_bwd" } else { "" };
+    let (a2a_name, unlayout_name) = if pass == Pass::Backward { ("dispatch_a2a_bwd", "expert_unlayout_bwd") } else { ("combine_a2a", "expert_unlayout") };
+    let counts = b.index_buf(format!("L{layer}.moe.{what}_counts"), ep, Mc::CommBuffers);
+    if p.dropping(ep) {
+        let send = rb(b, format!("L{layer}.moe.{what}_send"), el * rows * m);
+        b.op(unlayout_name, Stage::Permute, pass,
+            OpKind::TpUnlayout { input, gathered, send, send_counts: counts, dims: dims.clone(), chunk: (p.ti, p.tp) }, 0,
+            8 * (el * rows * m) as u64);
+        let part = b.dyn_buf(format!("L{layer}.moe.{what}_part"), t * k * m, Mc::CommBuffers);
+        a2a(b, a2a_name, pass, p.ep_group, send, counts, part, m);
+        let parts = b.buf(format!("L{layer}.moe.{what}_parts"), t * k * m, Mc::CommBuffers);
+        tp_allgather(b, &format!("gather_tokens_back{bwd}"), pass, p.tp_group, part, parts);
+        b.op(format!("merge_tokens{bwd}"), Stage::Permute, pass, OpKind::TpMerge { parts, gathered, full, dims: dims.clone(), tp: p.tp }, 0,
+            8 * (t * k * m) as u64);
+    } else if ep > 1 {
+        let send = rb(b, format!("L{layer}.moe.{what}_send"), el * rows * m);
+        b.op(unlayout_name, Stage::Permute, pass,
+            OpKind::ExpertUnlayout { input, gathered, send, send_counts: counts, dims: dims.clone() }, 0, 8 * (el * rows * m) as u64);
+        a2a(b, a2a_name, pass, p.ep_group, send, counts, full, m);
+    } else {
+        b.op(unlayout_name, Stage::Permute, pass,
+            OpKind::ExpertUnlayout { input, gathered, send: full, send_counts: counts, dims: dims.clone() }, 0, 8 * (el * rows * m) as u64);
+    }
+}
+
+fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank: usize, p: Place, layer: usize, x: BufId) -> (BufId, MoeSaved) {
+    let dims = moe_dims(spec, groups, rank);
+    let (t, m, e, k, f) = (dims.tokens, dims.d_model, dims.n_experts, dims.top_k, spec.model.d_ffn);
+    let ep = dims.ep_peers.len();
+    let el = dims.local_experts();
+    let fs = f / p.tp;
+    let ln = blocks::layernorm(b, "ln_moe", layer, x, t, m);
+    let wg = b.param(&format!("L{layer}.gate.w"), m * e,
+        ParamInit { tag: "gate.w".into(), layer: layer as u32, experts: None, mean: 0.0, std: 1.0 / (m as f32).sqrt() }, false);
+    let logits = b.buf(format!("L{layer}.gate.logits"), t * e, Mc::Activations);
+    b.op("gate", Stage::Gate, Pass::Forward,
+        OpKind::Linear { x: ln.y, w: wg, bias: None, residual: None, y: logits, rows: t, d_in: m, d_out: e },
+        gemm_flops(t, m, e), 4 * (t * m + m * e + t * e) as u64);
+    let probs = b.buf(format!("L{layer}.route.probs"), t * e, Mc::Activations);
+    let idx = b.index_buf(format!("L{layer}.route.idx"), t * k, Mc::Activations);
+    let weights = b.buf(format!("L{layer}.route.weights"), t * k, Mc::Activations);
+    let stats = b.buf(format!("L{layer}.route.stats"), (k + 1) * e, Mc::CommBuffers);
+    b.op("route", Stage::Topk, Pass::Forward,
+        OpKind::Route { logits, probs, idx, weights, stats, n_experts: e, top_k: k, renormalize: spec.model.renormalize },
+        (t * e * 6) as u64, 4 * (3 * t * e + 2 * t * k) as u64);
+    // Statistics of the distinct shards: gathered among the ranks with this TP index.
+    let gathered = if dims.data_world > 1 {
+        let g = b.buf(format!("L{layer}.route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
+        let bytes = b.bytes_of(stats);
+        b.op("stats_allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: groups.data_group(rank), send: stats, recv: g }, 0,
+            bytes);
+        g
+    } else {
+        stats
+    };
+    let dropless = dims.rows_per_expert.is_none();
+    let rows = dims.rows_per_expert.unwrap_or(t * ep);
+    let route_buf = |b: &mut RankBuilder, name: String, elems: usize, cat: Mc| {
+        if dropless { b.dyn_buf(name, elems, cat) } else { b.buf(name, elems, cat) }
+    };
+    let send = b.buf(format!("L{layer}.moe.send"), t * k * m, Mc::CommBuffers);
+    let send_counts = b.index_buf(format!("L{layer}.moe.send_counts"), ep, Mc::CommBuffers);
+    let slots = b.index_buf(format!("L{layer}.moe.slots"), t * k, Mc::Activations);
+    b.op("dispatch", Stage::Permute, Pass::Forward,
+        OpKind::Dispatch { x: ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
+    let ein = route_buf(b, format!("L{layer}.expert.in"), el * rows * m, Mc::Activations);
+    to_experts(b, p, &dims, layer, send, send_counts, gathered, "dispatch", ein, Pass::Forward);
+    let keep = (p.ti * fs, (p.ti + 1) * fs);
+    let w1 = sliced_param(b, layer, "w1", &dims, m, f, keep, 1.0 / (m as f32).sqrt());
+    let b1 = sliced_param(b, layer, "b1", &dims, 1, f, keep, 0.02);
+    let w2 = sliced_param(b, layer, "w2", &dims, 1, f * m, (keep.0 * m, keep.1 * m), 1.0 / (f as f32).sqrt());
+    let b2 = (p.ti == 0).then(|| expert_param(b, layer, "b2", &dims, m, 0.02));
+    let h = route_buf(b, format!("L{layer}.expert.h"), el * rows * fs, Mc::Activations);
+    b.op("expert_gemm1", Stage::ExpertGemm1, Pass::Forward,
+        OpKind::ExpertLinear { x: ein, w: w1, bias: b1, y: h, n_local: el, d_in: m, d_out: fs },
+        el as u64 * gemm_flops(rows, m, fs), 4 * (el * (rows * m + m * fs + rows * fs)) as u64);
+    let a = route_buf(b, format!("L{layer}.expert.act"), el * rows * fs, Mc::Activations);
+    b.op("expert_act", Stage::Act, Pass::Forward, OpKind::Act { h, a, act: spec.model.activation }, 8 * (el * rows * fs) as u64,
+        8 * (el * rows * fs) as u64);
+    let y = route_buf(b, format!("L{layer}.expert.out"), el * rows * m, Mc::Temporaries);
+    b.op("expert_gemm2", Stage::ExpertGemm2, Pass::Forward,
+        OpKind::ExpertLinearPart { x: a, w: w2, bias: b2, y, n_local: el, d_in: fs, d_out: m },
+        el as u64 * gemm_flops(rows, fs, m), 4 * (el * (rows * m + m * fs + rows * fs)) as u64);
+    if p.tp > 1 {
+        tp_allreduce(b, "expert_allreduce", Pass::Forward, p.tp_group, y);
+    }
+    let back = b.buf(format!("L{layer}.moe.back"), t * k * m, Mc::CommBuffers);
+    from_experts(b, p, &dims, layer, y, gathered, "back", back, Pass::Forward);
+    let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
+    b.op("combine", Stage::Combine, Pass::Forward,
+        OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
+    (out, MoeSaved { dims, ln, wg, probs, idx, weights, gathered, send_counts, slots, ein, h, a, back, w1, b1, w2, b2 })
+}
+
+fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, _groups: &Groups, p: Place, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
+    let d = &s.dims;
+    let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
+    let ep = d.ep_peers.len();
+    let el = d.local_experts();
+    let fs = f / p.tp;
+    let dropless = d.rows_per_expert.is_none();
+    let rows = d.rows_per_expert.unwrap_or(t * ep);
+    let route_buf = |b: &mut RankBuilder, name: String, elems: usize, cat: Mc| {
+        if dropless { b.dyn_buf(name, elems, cat) } else { b.buf(name, elems, cat) }
+    };
+    let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::CommBuffers);
+    let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
+    b.op("combine_bwd", Stage::Combine, Pass::Backward,
+        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.weights, dback, dweights, dims: d.clone() },
+        4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
+    let dy = route_buf(b, format!("L{layer}.expert.dout"), el * rows * m, Mc::Temporaries);
+    to_experts(b, p, d, layer, dback, s.send_counts, s.gathered, "dback", dy, Pass::Backward);
+    let da = route_buf(b, format!("L{layer}.expert.dact"), el * rows * fs, Mc::Temporaries);
+    let (gw2, gb2) = (b.grad(s.w2), s.b2.map(|x| b.grad(x)));
+    b.op("expert_gemm2_bwd", Stage::ExpertGemm2, Pass::Backward,
+        OpKind::ExpertLinearPartBwd { x: s.a, w: s.w2, dy, dx: da, dw: gw2, dbias: gb2, n_local: el, d_in: fs, d_out: m },
+        2 * el as u64 * gemm_flops(rows, fs, m), 8 * (el * (rows * m + m * fs + rows * fs)) as u64);
+    let dh = route_buf(b, format!("L{layer}.expert.dh"), el * rows * fs, Mc::Temporaries);
+    b.op("expert_act_bwd", Stage::Act, Pass::Backward, OpKind::ActBwd { h: s.h, da, dh, act: spec.model.activation },
+        10 * (el * rows * fs) as u64, 12 * (el * rows * fs) as u64);
+    let dein = route_buf(b, format!("L{layer}.expert.din"), el * rows * m, Mc::Temporaries);
+    let (gw1, gb1) = (b.grad(s.w1), b.grad(s.b1));
+    b.op("expert_gemm1_bwd", Stage::ExpertGemm1, Pass::Backward,
+        OpKind::ExpertLinearBwd { x: s.ein, w: s.w1, dy: dh, dx: dein, dw: gw1, dbias: gb1, n_local: el, d_in: m, d_out: fs },
+        2 * el as u64 * gemm_flops(rows, m, fs), 8 * (el * (rows * m + m * fs + rows * fs)) as u64);
+    // Column-parallel fc1: each TP rank's input gradient is a partial sum.
+    if p.tp > 1 {
+        tp_allreduce(b, "expert_allreduce_bwd", Pass::Backward, p.tp_group, dein);
+    }
+    let dsend = b.buf(format!("L{layer}.moe.dsend"), t * k * m, Mc::CommBuffers);
+    from_experts(b, p, d, layer, dein, s.gathered, "dsend", dsend, Pass::Backward);
+    let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
+    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: s.slots, dx: dxm, dims: d.clone() },
+        (t * k * m) as u64, 8 * (t * k * m) as u64);
+    let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
+    b.op("route_bwd", Stage::Topk, Pass::Backward,
+        OpKind::RouteBwd { probs: s.probs, idx: s.idx, dweights, gathered: s.gathered, dlogits, dims: d.clone(),
+            renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
+        (t * e * 6) as u64, 4 * (3 * t * e) as u64);
+    blocks::linear_bwd(b, "gate", Stage::Gate, layer, s.ln.y, s.wg, None, dlogits, Some(dxm), t, m, e);
+    blocks::layernorm_bwd(b, "ln_moe", layer, &s.ln, dxm, dout, t, m)
+}

@@ -1,0 +1,245 @@
+//! DeepSpeed-TED: every `dp x ep x tp` layout, with and without duplicate-token dropping,
+//! computes the single-rank top-k run's losses, outputs and gradients on the same global
+//! batch; dropping divides the all-to-all bytes by exactly tp; the spec rules hold.
+
+mod common;
+use common::*;
+use moelab::backend::cpu::CpuRuntime;
+use moelab::backend::StepReport;
+use moelab::spec::{from_toml_str, ExperimentSpec};
+use moelab::taxonomy::Stage;
+
+const BACKBONE: &str = "[model.backbone]\nn_heads = 2\nd_mlp = 20";
+
+/// A TED spec (`d_model = 16`, `d_ffn = 24`, 4 experts) with extra `[model]` lines.
+fn ted_spec(model: &str, dp: usize, ep: usize, tp: usize, dropping: bool, run: &str) -> ExperimentSpec {
+    let text = format!(
+        "name = \"t\"\nvariant = \"ted\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 4\n{model}\n[layout]\ndp = {dp}\nep = {ep}\ntp = {tp}\n[run]\nbackend = \"cpu\"\n{run}\n[ted]\nduplicate_dropping = {dropping}\n"
+    );
+    from_toml_str(&text).unwrap_or_else(|e| panic!("test spec invalid: {e}\n{text}"))
+}
+
+fn step(s: &ExperimentSpec, retain: &[&str]) -> (CpuRuntime, StepReport) {
+    let mut rt = runtime(s, retain, true);
+    let r = rt.step(false, Some(0)).expect("step");
+    (rt, r)
+}
+
+/// Expert tensor of the single-rank run, rebuilt from the TP slices of the ranks of shard
+/// group d = 0 (rank = (expert-parallel index) * tp + tp index).
+fn global_expert(rt: &CpuRuntime, name: &str, ep: usize, tp: usize, n_experts: usize) -> Vec<f32> {
+    let el = n_experts / ep;
+    let mut out = Vec::new();
+    for p in 0..ep {
+        // Per TP rank: (its values, its slice geometry), when it holds the tensor.
+        let held: Vec<(Vec<f32>, Option<moelab::plan::ParamSlice>)> = (0..tp)
+            .filter_map(|i| {
+                let r = p * tp + i;
+                let rp = &rt.plan().ranks[r];
+                let id = rp.buffer_id(name)?;
+                let grad_of = rp.params.iter().find(|q| q.grad == Some(id)).expect("a param grad");
+                Some((rt.read(r, name).unwrap(), grad_of.slice))
+            })
+            .collect();
+        assert!(!held.is_empty(), "{name}: no rank of ep index {p} holds it");
+        if held[0].1.is_none() {
+            assert_eq!(held.len(), 1, "{name}: an unsliced expert tensor lives on one TP rank");
+            out.extend_from_slice(&held[0].0);
+            continue;
+        }
+        for l in 0..el {
+            let s0 = held[0].1.unwrap();
+            let mut full = vec![f32::NAN; s0.rows * s0.cols];
+            for (vals, s) in &held {
+                let s = s.unwrap();
+                let w = s.keep.1 - s.keep.0;
+                let mine = &vals[l * s.rows * w..(l + 1) * s.rows * w];
+                for r in 0..s.rows {
+                    full[r * s.cols + s.keep.0..r * s.cols + s.keep.1].copy_from_slice(&mine[r * w..(r + 1) * w]);
+                }
+            }
+            assert!(full.iter().all(|x| !x.is_nan()), "{name}: the TP slices tile the tensor");
+            out.extend(full);
+        }
+    }
+    out
+}
+
+/// Loss, aux loss, drops, the MoE output and every gradient match the single-rank top-k run.
+fn check(model: &str, dp: usize, ep: usize, tp: usize, dropping: bool) {
+    let (t, shards) = (16, dp * ep);
+    let out = "L1.moe.out";
+    let layers = format!("tokens_per_rank = {t}\nseq_len = 8\nn_layers = 2\n{model}");
+    let dist_spec = ted_spec(&layers, dp, ep, tp, dropping, "");
+    let ref_spec = spec(&format!("tokens_per_rank = {}\nseq_len = 8\nn_layers = 2\n{model}", t * shards), "", "");
+    let (dist, a) = step(&dist_spec, &[out]);
+    let (single, b) = step(&ref_spec, &[out]);
+    let what = format!("dp={dp} ep={ep} tp={tp} dropping={dropping}");
+    assert!(((a.loss - b.loss) / b.loss).abs() < 1e-5, "{what}: loss {} vs {}", a.loss, b.loss);
+    assert!((a.aux_loss - b.aux_loss).abs() < 1e-5, "{what}: aux {} vs {}", a.aux_loss, b.aux_loss);
+    assert_eq!(a.dropped, b.dropped, "{what}: same tokens dropped");
+    // Output: shard s lives on ranks s*tp .. s*tp+tp, identical on all of them.
+    let got: Vec<f32> = (0..shards).flat_map(|s| dist.read(s * tp, out).unwrap()).collect();
+    let err = rel_err(&got, &single.read(0, out).unwrap());
+    assert!(err < 1e-5, "{what}: output rel err {err}");
+    for r in 0..dp * ep * tp {
+        let e = rel_err(&dist.read(r, out).unwrap(), &dist.read(r / tp * tp, out).unwrap());
+        assert!(e < 1e-6, "{what}: rank {r}'s output differs from its TP group's ({e})");
+    }
+    let n_experts = 4;
+    for rp in &dist.plan().ranks[0].params {
+        let gname = format!("{}.grad", dist.plan().ranks[0].buffer(rp.value).name);
+        let want = single.read(0, &gname).unwrap();
+        if rp.expert {
+            let got = global_expert(&dist, &gname, ep, tp, n_experts);
+            let err = rel_err(&got, &want);
+            assert!(err < 1e-5, "{what}: {gname} rel err {err}");
+        } else {
+            // Dense grads: reduced over the distinct shards, equal on every rank.
+            for r in 0..dp * ep * tp {
+                let err = rel_err(&dist.read(r, &gname).unwrap(), &want);
+                assert!(err < 1e-5, "{what}: {gname} on rank {r}: rel err {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tp2_ep2_matches_single_rank_topk_with_and_without_dropping() {
+    for dropping in [true, false] {
+        check("capacity_factor = 1.0", 1, 2, 2, dropping);
+    }
+}
+
+#[test]
+fn dp2_tp2_matches_single_rank_topk_with_and_without_dropping() {
+    for dropping in [true, false] {
+        check("capacity_factor = 1.0", 2, 1, 2, dropping);
+    }
+}
+
+#[test]
+fn dp2_ep2_tp2_with_backbone_matches_single_rank_topk() {
+    for dropping in [true, false] {
+        check(&format!("capacity_factor = 1.25\nrenormalize = true\n{BACKBONE}"), 2, 2, 2, dropping);
+    }
+}
+
+#[test]
+fn tp3_uneven_slices_and_dropless_match_single_rank_topk() {
+    // tp = 3 splits blocks of any length unevenly; dropless sizes buffers at run time.
+    check("capacity_factor = 0.5", 1, 2, 3, true);
+    check("dropless = true", 1, 2, 3, true);
+    check("dropless = true", 1, 4, 2, false);
+}
+
+#[test]
+fn tp1_is_topk() {
+    check("capacity_factor = 1.0", 2, 2, 1, true);
+}
+
+#[test]
+fn training_steps_stay_in_lockstep_with_topk() {
+    let dist_spec = ted_spec("tokens_per_rank = 16\nseq_len = 8\nn_layers = 1", 1, 2, 2, true, "lr = 0.01");
+    let ref_spec = spec("tokens_per_rank = 32\nseq_len = 8\nn_layers = 1", "", "lr = 0.01");
+    let mut dist = runtime(&dist_spec, &[], false);
+    let mut single = runtime(&ref_spec, &[], false);
+    for s in 0..3 {
+        let a = dist.step(true, Some(s)).unwrap();
+        let b = single.step(true, Some(s)).unwrap();
+        assert!(((a.loss - b.loss) / b.loss).abs() < 1e-4, "step {s}: {} vs {}", a.loss, b.loss);
+    }
+    for name in ["L0.gate.w", "L0.expert.w1", "L0.expert.w2", "L0.expert.b1", "L0.expert.b2"] {
+        let want = single.read(0, name).unwrap();
+        let got = if name.contains("expert") { global_expert_values(&dist, name, 2, 2) } else { dist.read(3, name).unwrap() };
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-4, "{name}: params drifted apart: {err}");
+    }
+}
+
+/// [`global_expert`] for parameter values (the slice geometry is looked up by value buffer).
+fn global_expert_values(rt: &CpuRuntime, name: &str, ep: usize, tp: usize) -> Vec<f32> {
+    let el = 4 / ep;
+    let mut out = Vec::new();
+    for p in 0..ep {
+        let held: Vec<(Vec<f32>, Option<moelab::plan::ParamSlice>)> = (0..tp)
+            .filter_map(|i| {
+                let r = p * tp + i;
+                let rp = &rt.plan().ranks[r];
+                let id = rp.buffer_id(name)?;
+                let q = rp.params.iter().find(|q| q.value == id).expect("a param");
+                Some((rt.read(r, name).unwrap(), q.slice))
+            })
+            .collect();
+        match held[0].1 {
+            None => out.extend_from_slice(&held[0].0),
+            Some(s0) => {
+                for l in 0..el {
+                    let mut full = vec![0.0; s0.rows * s0.cols];
+                    for (vals, s) in &held {
+                        let s = s.unwrap();
+                        let w = s.keep.1 - s.keep.0;
+                        for r in 0..s.rows {
+                            full[r * s.cols + s.keep.0..r * s.cols + s.keep.1]
+                                .copy_from_slice(&vals[(l * s.rows + r) * w..(l * s.rows + r + 1) * w]);
+                        }
+                    }
+                    out.extend(full);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Total bytes the measured step's all-to-alls sent, over all ranks.
+fn a2a_bytes(s: &ExperimentSpec) -> u64 {
+    let mut rt = runtime(s, &[], true);
+    rt.step(true, Some(0)).expect("step");
+    rt.trace().ops.iter().filter(|o| o.stage == Stage::AllToAll).map(|o| o.bytes).sum()
+}
+
+#[test]
+fn duplicate_dropping_divides_all_to_all_bytes_by_tp() {
+    for (dp, ep, tp, model) in [(1, 2, 2, "capacity_factor = 1.0"), (2, 2, 2, "capacity_factor = 1.25"), (1, 2, 3, "dropless = true")] {
+        let model = format!("tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\n{model}");
+        let on = a2a_bytes(&ted_spec(&model, dp, ep, tp, true, "seed = 7"));
+        let off = a2a_bytes(&ted_spec(&model, dp, ep, tp, false, "seed = 7"));
+        assert!(on > 0, "dropping still communicates");
+        assert_eq!(on * tp as u64, off, "dp={dp} ep={ep} tp={tp}: all-to-all bytes {on} with dropping, {off} without");
+    }
+}
+
+fn problems(text: &str) -> Vec<(String, String)> {
+    match from_toml_str(text) {
+        Ok(_) => panic!("spec should be rejected:\n{text}"),
+        Err(e) => e.problems().iter().map(|p| (p.field.clone(), format!("{} {}", p.message, p.fix))).collect(),
+    }
+}
+
+const BASE: &str = "name = \"t\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 4\ntokens_per_rank = 16\n";
+
+#[test]
+fn validation_rejects_bad_ted_specs() {
+    // tp must divide d_ffn.
+    let p = problems(&format!("variant = \"ted\"\n{BASE}[layout]\ntp = 5\n"));
+    assert!(p.iter().any(|(f, m)| f == "layout.tp" && m.contains("d_ffn=24")), "{p:?}");
+    // [ted] belongs to variant ted.
+    let p = problems(&format!("{BASE}[ted]\nduplicate_dropping = false\n"));
+    assert!(p.iter().any(|(f, m)| f == "ted" && m.contains("variant = \"ted\"")), "{p:?}");
+    // tp > 1 with topk points to ted.
+    let p = problems(&format!("{BASE}[layout]\ntp = 2\n"));
+    assert!(p.iter().any(|(f, m)| f == "layout.tp" && m.contains("\"ted\"")), "{p:?}");
+    // pp is not supported.
+    let p = problems(&format!("variant = \"ted\"\n{BASE}[layout]\ntp = 2\npp = 2\n"));
+    assert!(p.iter().any(|(f, _)| f == "layout.pp"), "{p:?}");
+}
+
+#[test]
+fn ted_table_defaults_to_dropping() {
+    let s = from_toml_str(&format!("variant = \"ted\"\n{BASE}[layout]\ntp = 2\nep = 2\n")).expect("valid");
+    assert_eq!(s.ted.map(|t| t.duplicate_dropping), Some(true));
+    assert_eq!(s.world(), 4);
+    let again = from_toml_str(&s.to_toml()).expect("round trip");
+    assert_eq!(again, s);
+}

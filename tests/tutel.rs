@@ -1,0 +1,307 @@
+//! Tutel: every pipelining degree and both all-to-all algorithms compute what the
+//! single-rank top-k run computes and drop the same tokens; the 2D hierarchical all-to-all
+//! delivers exactly the flat one's rows; chunk i+1's all-to-all is independent of and issued
+//! before chunk i's experts; `degree = "auto"` times the candidates and records its choice;
+//! bad `[tutel]` tables are rejected with field names and fixes.
+
+mod common;
+use common::*;
+use moelab::backend::cpu::CpuRuntime;
+use moelab::backend::StepReport;
+use moelab::plan::{OpId, OpKind, Plan, RankPlan};
+use moelab::spec::{from_toml_str, A2aKind, Degree, ExperimentSpec};
+use moelab::taxonomy::{Pass, Stage, Stream};
+
+const MODEL: &str = "d_model = 16\nd_ffn = 24\nn_experts = 8";
+
+/// A Tutel spec: extra `[model]` lines, a layout and the `[tutel]` table's lines.
+fn tutel_spec(model: &str, layout: &str, tutel: &str, run: &str) -> ExperimentSpec {
+    let text = format!(
+        "name = \"t\"\nvariant = \"tutel\"\n[model]\n{MODEL}\n{model}\n[layout]\n{layout}\n[run]\nbackend = \"cpu\"\n{run}\n[tutel]\n{tutel}\n"
+    );
+    from_toml_str(&text).unwrap_or_else(|e| panic!("test spec invalid: {e}\n{text}"))
+}
+
+/// The single-rank top-k reference with the same 8 experts.
+fn topk_spec(model: &str, run: &str) -> ExperimentSpec {
+    let text = format!("name = \"t\"\n[model]\n{MODEL}\n{model}\n[run]\nbackend = \"cpu\"\n{run}\n");
+    from_toml_str(&text).unwrap_or_else(|e| panic!("test spec invalid: {e}\n{text}"))
+}
+
+/// Concatenate a buffer over ranks (data shards in rank order).
+fn gather(rt: &CpuRuntime, name: &str) -> Vec<f32> {
+    (0..rt.plan().world()).flat_map(|r| rt.read(r, name).unwrap_or_else(|| panic!("{name} on rank {r}"))).collect()
+}
+
+/// Run one step without the optimizer, retaining the last MoE output.
+fn step(s: &ExperimentSpec, out: &str) -> (CpuRuntime, StepReport) {
+    let mut rt = runtime(s, &[out], true);
+    let r = rt.step(false, Some(0)).expect("step");
+    (rt, r)
+}
+
+/// The `[tutel]` lines for a degree and an all-to-all algorithm.
+fn table(degree: usize, a2a: A2aKind, gpn: usize) -> String {
+    format!("degree = {degree}\na2a = \"{}\"\ngpus_per_node = {gpn}", a2a.as_str())
+}
+
+/// Loss, aux loss, drops, the MoE output and every gradient match the single-rank top-k run.
+fn check_against_topk(model: &str, dp: usize, ep: usize, tutel: &str) {
+    let (t, world) = (16, dp * ep);
+    let out = "L1.moe.out";
+    let layers = format!("tokens_per_rank = {t}\nseq_len = 8\nn_layers = 2\n{model}");
+    let dist_spec = tutel_spec(&layers, &format!("dp = {dp}\nep = {ep}"), tutel, "");
+    let ref_spec = topk_spec(&format!("tokens_per_rank = {}\nseq_len = 8\nn_layers = 2\n{model}", t * world), "");
+    let (dist, a) = step(&dist_spec, out);
+    let (single, b) = step(&ref_spec, out);
+    let what = format!("dp={dp} ep={ep} [{}]", tutel.replace('\n', " "));
+    assert!(((a.loss - b.loss) / b.loss).abs() < 1e-5, "{what}: loss {} vs {}", a.loss, b.loss);
+    assert!((a.aux_loss - b.aux_loss).abs() < 1e-5, "{what}: aux {} vs {}", a.aux_loss, b.aux_loss);
+    assert_eq!(a.dropped, b.dropped, "{what}: same tokens dropped");
+    let err = rel_err(&gather(&dist, out), &single.read(0, out).unwrap());
+    assert!(err < 1e-5, "{what}: output rel err {err}");
+    let rp = &dist.plan().ranks[0];
+    for p in &rp.params {
+        let gname = format!("{}.grad", rp.buffer(p.value).name);
+        let want = single.read(0, &gname).unwrap();
+        let got = if p.expert { (0..ep).flat_map(|r| dist.read(r, &gname).unwrap()).collect() } else { dist.read(0, &gname).unwrap() };
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "{what}: {gname} rel err {err}");
+    }
+}
+
+#[test]
+fn every_degree_matches_single_rank_topk_on_ep2_and_dp2_ep2() {
+    for degree in 1..=4 {
+        for (dp, ep) in [(1, 2), (2, 2)] {
+            check_against_topk("capacity_factor = 1.0", dp, ep, &table(degree, A2aKind::Flat, 8));
+            // A one-rank-per-node 2D all-to-all falls back to the flat one, as in Tutel.
+            check_against_topk("capacity_factor = 1.0", dp, ep, &table(degree, A2aKind::TwoD, 1));
+        }
+    }
+}
+
+#[test]
+fn every_degree_and_both_all_to_alls_match_single_rank_topk_on_ep4() {
+    for degree in 1..=4 {
+        check_against_topk("capacity_factor = 1.0", 1, 4, &table(degree, A2aKind::Flat, 8));
+        check_against_topk("capacity_factor = 1.0", 1, 4, &table(degree, A2aKind::TwoD, 2));
+    }
+}
+
+#[test]
+fn two_d_all_to_all_with_data_parallel_replicas_and_dropless_matches_topk() {
+    check_against_topk("capacity_factor = 1.25\n[model.backbone]\nn_heads = 2\nd_mlp = 20", 2, 4, &table(3, A2aKind::TwoD, 2));
+    check_against_topk("dropless = true\ntop_k = 1", 1, 4, &table(2, A2aKind::TwoD, 2));
+}
+
+#[test]
+fn two_d_all_to_all_gives_exactly_the_flat_outputs_and_gradients() {
+    let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\ncapacity_factor = 1.0";
+    for degree in [1, 3] {
+        let out = "L1.moe.out";
+        let (flat, a) = step(&tutel_spec(model, "ep = 4", &table(degree, A2aKind::Flat, 2), ""), out);
+        let (two_d, b) = step(&tutel_spec(model, "ep = 4", &table(degree, A2aKind::TwoD, 2), ""), out);
+        assert_eq!(a.loss, b.loss, "degree {degree}: loss");
+        assert_eq!(gather(&flat, out), gather(&two_d, out), "degree {degree}: outputs");
+        let rp = &flat.plan().ranks[0];
+        for p in &rp.params {
+            let gname = format!("{}.grad", rp.buffer(p.value).name);
+            assert_eq!(gather(&flat, &gname), gather(&two_d, &gname), "degree {degree}: {gname}");
+        }
+        // The 2D plan's chunk all-to-alls are all 2D ops over a node group and a rail group.
+        let p2 = two_d.plan();
+        for rp in &p2.ranks {
+            let a2as: Vec<_> = rp.ops.iter().filter(|o| o.stage == Stage::AllToAll).collect();
+            assert_eq!(a2as.len(), 2 * 4 * degree, "two layers, four all-to-alls per chunk");
+            for o in a2as {
+                let OpKind::AllToAllV2d { intra, inter, gpus_per_node, .. } = &o.kind else { panic!("{} is flat", o.name) };
+                assert_eq!(*gpus_per_node, 2);
+                let (gi, ge) = (&p2.groups[intra.0 as usize], &p2.groups[inter.0 as usize]);
+                assert!(gi.ranks.contains(&rp.rank) && ge.ranks.contains(&rp.rank));
+                assert_eq!((gi.ranks.len(), ge.ranks.len()), (2, 2));
+                let r = rp.rank;
+                assert_eq!(gi.ranks, [r / 2 * 2, r / 2 * 2 + 1], "node group of rank {r}");
+                assert_eq!(ge.ranks, [r % 2, r % 2 + 2], "same-local-index group of rank {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn degree_never_changes_which_tokens_drop() {
+    let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\ncapacity_factor = 0.5";
+    for (layout, a2a, gpn) in [("dp = 2\nep = 2", A2aKind::Flat, 8), ("ep = 4", A2aKind::TwoD, 2)] {
+        let runs: Vec<(StepReport, Vec<f32>)> = (1..=4)
+            .map(|d| {
+                let (rt, r) = step(&tutel_spec(model, layout, &table(d, a2a, gpn), ""), "L1.moe.out");
+                (r, gather(&rt, "L1.moe.out"))
+            })
+            .collect();
+        assert!(runs[0].0.dropped > 0, "the capacity must drop tokens for this test to mean anything");
+        for (i, (r, out)) in runs.iter().enumerate().skip(1) {
+            assert_eq!(r.dropped, runs[0].0.dropped, "degree={} drops differently", i + 1);
+            let err = rel_err(out, &runs[0].1);
+            assert!(err < 1e-6, "degree={}: output differs from degree=1 by {err}", i + 1);
+        }
+    }
+}
+
+#[test]
+fn training_steps_stay_in_lockstep_with_topk() {
+    let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 1";
+    let mut dist = runtime(&tutel_spec(model, "ep = 4", &table(3, A2aKind::TwoD, 2), "lr = 0.01"), &[], false);
+    let mut single = runtime(&topk_spec("tokens_per_rank = 64\nseq_len = 8\nn_layers = 1", "lr = 0.01"), &[], false);
+    for s in 0..3 {
+        let a = dist.step(true, Some(s)).unwrap();
+        let b = single.step(true, Some(s)).unwrap();
+        assert!(((a.loss - b.loss) / b.loss).abs() < 1e-4, "step {s}: {} vs {}", a.loss, b.loss);
+    }
+    let want: Vec<f32> = single.read(0, "L0.expert.w1").unwrap();
+    let got: Vec<f32> = (0..4).flat_map(|r| dist.read(r, "L0.expert.w1").unwrap()).collect();
+    assert!(rel_err(&got, &want) < 1e-4, "expert weights drifted apart");
+}
+
+/// Whether `to` depends on `from` through any chain of dependencies.
+fn reaches(rp: &RankPlan, from: OpId, to: OpId) -> bool {
+    let mut seen = vec![false; rp.ops.len()];
+    let mut stack = vec![to];
+    while let Some(o) = stack.pop() {
+        if o == from {
+            return true;
+        }
+        for d in &rp.ops[o.0 as usize].deps {
+            if !seen[d.0 as usize] {
+                seen[d.0 as usize] = true;
+                stack.push(*d);
+            }
+        }
+    }
+    false
+}
+
+fn op_id(rp: &RankPlan, name: &str) -> OpId {
+    rp.ops.iter().find(|o| o.name == name).unwrap_or_else(|| panic!("no op {name}")).id
+}
+
+#[test]
+fn next_chunks_all_to_all_is_independent_of_and_issued_before_this_chunks_experts() {
+    for (a2a, gpn) in [(A2aKind::Flat, 8), (A2aKind::TwoD, 2)] {
+        let s = tutel_spec("tokens_per_rank = 16\nn_layers = 2", "ep = 4", &table(4, a2a, gpn), "");
+        let plan = Plan::build(&s).unwrap();
+        for rp in &plan.ranks {
+            for l in 0..2 {
+                for g in 0..3 {
+                    let a2a_op = op_id(rp, &format!("L{l}.c{}.dispatch_a2a", g + 1));
+                    let gemm = op_id(rp, &format!("L{l}.c{g}.expert_gemm1"));
+                    let op = &rp.ops[a2a_op.0 as usize];
+                    assert_eq!((op.stage, op.stream, op.chunk, op.pass), (Stage::AllToAll, Stream::Comm, Some(g as u32 + 1), Pass::Forward));
+                    assert!(a2a_op < gemm, "L{l}: chunk {}'s all-to-all is issued after chunk {g}'s fc1", g + 1);
+                    assert!(!reaches(rp, gemm, a2a_op), "L{l}: chunk {}'s all-to-all waits for chunk {g}'s fc1", g + 1);
+                    // Backward, reversed roles: chunk g+1's output-gradient all-to-all vs chunk g's expert backward.
+                    let a2a_op = op_id(rp, &format!("L{l}.c{}.combine_a2a_bwd", g + 1));
+                    let gemm = op_id(rp, &format!("L{l}.c{g}.expert_gemm2_bwd"));
+                    assert!(a2a_op < gemm && !reaches(rp, gemm, a2a_op), "L{l} backward: chunk {} vs chunk {g}", g + 1);
+                }
+            }
+            // No memory reuse: no re-communication or recomputation ops.
+            assert!(rp.ops.iter().all(|o| !o.name.contains("recomm") && !o.name.contains("recompute")));
+        }
+    }
+}
+
+#[test]
+fn auto_degree_times_the_candidates_and_records_its_choice() {
+    let root = tempfile::tempdir().unwrap();
+    let s = tutel_spec("batch = 2\nseq_len = 8\nn_layers = 1", "ep = 2", "degree = \"auto\"", "steps = 1\nwarmup = 0");
+    let out = moelab::run::run(&s, root.path(), &Default::default()).expect("run");
+    let auto = out.auto_degree.expect("auto degree resolved");
+    let tried: Vec<usize> = auto.candidates.iter().map(|c| c.0).collect();
+    assert_eq!(tried, [1, 2, 4]);
+    let best = auto.candidates.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    assert_eq!(auto.chosen, best, "keeps the fastest");
+    let summary = std::fs::read_to_string(out.dir.join("summary.json")).unwrap();
+    assert!(summary.contains("tutel_auto_degree") && summary.contains("\"chosen\""), "{summary}");
+    let log = std::fs::read_to_string(out.dir.join("run.log")).unwrap();
+    assert!(log.contains(&format!("chose degree {}", auto.chosen)), "{log}");
+    // The measured steps ran the chosen plan: as many forward fc1 ops per layer as the degree.
+    let fc1 = out.trace.ops.iter().filter(|o| o.stage == Stage::ExpertGemm1 && o.rank == 0 && o.pass == Pass::Forward).count();
+    assert_eq!(fc1, auto.chosen);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spec rules
+// ---------------------------------------------------------------------------------------------
+
+const SPEC: &str = "name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 8\ntokens_per_rank = 16\n[layout]\nep = 4\n";
+
+fn problems(text: &str) -> (Vec<moelab::spec::Problem>, String) {
+    let e = from_toml_str(text).err().unwrap_or_else(|| panic!("expected a rejection:\n{text}"));
+    (e.problems().to_vec(), e.to_string())
+}
+
+#[test]
+fn tutel_defaults_fill_in_and_round_trip() {
+    let s = from_toml_str(SPEC).unwrap();
+    let o = s.tutel.expect("variant tutel gets its [tutel] defaults");
+    assert_eq!((o.degree, o.a2a, o.gpus_per_node), (Degree::Fixed(1), A2aKind::Flat, 8));
+    for t in ["degree = \"auto\"\na2a = \"2d\"\ngpus_per_node = 2", "degree = 3"] {
+        let s = from_toml_str(&format!("{SPEC}[tutel]\n{t}\n")).unwrap();
+        assert_eq!(from_toml_str(&s.to_toml()).unwrap(), s, "round trip");
+    }
+    assert_eq!(from_toml_str(&format!("{SPEC}[tutel]\ndegree = \"auto\"\n")).unwrap().tutel.unwrap().degree, Degree::Auto);
+}
+
+#[test]
+fn tutel_table_with_another_variant_is_rejected() {
+    let text = format!("{SPEC}[tutel]\ndegree = 2\n").replace("variant = \"tutel\"", "variant = \"topk\"");
+    let (p, shown) = problems(&text);
+    assert_eq!(p.len(), 1, "{shown}");
+    assert_eq!(p[0].field, "tutel");
+    assert!(p[0].message.contains("\"topk\"") && p[0].fix.contains("variant = \"tutel\""), "{shown}");
+}
+
+#[test]
+fn degree_zero_and_too_large_are_rejected_with_a_fix() {
+    for (degree, says) in [(0, "degree=0 must be at least 1"), (65, "exceeds the limit of 64"), (17, "exceeds tokens_per_rank=16")] {
+        let (p, shown) = problems(&format!("{SPEC}[tutel]\ndegree = {degree}\n"));
+        assert_eq!(p.len(), 1, "{shown}");
+        assert_eq!(p[0].field, "tutel.degree");
+        assert!(p[0].message.contains(says), "{shown}");
+        assert!(p[0].fix.contains("between 1 and 16"), "{shown}");
+    }
+    let e = from_toml_str(&format!("{SPEC}[tutel]\ndegree = \"fast\"\n")).unwrap_err().to_string();
+    assert!(e.contains("auto") && e.contains("tutel.degree"), "{e}");
+}
+
+#[test]
+fn gpus_per_node_must_divide_ep_for_2d() {
+    let (p, shown) = problems(&format!("{SPEC}[tutel]\na2a = \"2d\"\ngpus_per_node = 3\n"));
+    assert_eq!(p.len(), 1, "{shown}");
+    assert_eq!(p[0].field, "tutel.gpus_per_node");
+    assert!(p[0].message.contains("gpus_per_node=3 does not divide layout.ep=4"), "{shown}");
+    assert!(p[0].fix.contains("1, 2, 4") && p[0].fix.contains("\"flat\""), "{shown}");
+    // The default (8) does not divide ep = 4 either; flat ignores gpus_per_node.
+    assert_eq!(problems(&format!("{SPEC}[tutel]\na2a = \"2d\"\n")).0[0].field, "tutel.gpus_per_node");
+    assert!(from_toml_str(&format!("{SPEC}[tutel]\na2a = \"flat\"\ngpus_per_node = 3\n")).is_ok());
+    let (p, _) = problems(&format!("{SPEC}[tutel]\na2a = \"2d\"\ngpus_per_node = 0\n"));
+    assert!(p[0].message.contains("gpus_per_node=0"));
+}
+
+#[test]
+fn predicted_peak_equals_the_tracked_peak_with_both_all_to_alls() {
+    // Receive buffers are reserved by the op that issues their all-to-all (flat or 2D), so
+    // the plan's replay matches the cpu backend however the comm stream interleaves.
+    let model = "tokens_per_rank = 64\nn_layers = 2\ncapacity_factor = 1.0";
+    for (a2a, gpn) in [(A2aKind::Flat, 8), (A2aKind::TwoD, 2)] {
+        let s = tutel_spec(model, "ep = 4", &table(4, a2a, gpn), "");
+        let mut rt = runtime(&s, &[], false);
+        for i in 0..2 {
+            rt.step(i > 0, None).expect("step");
+        }
+        let preds: Vec<_> = rt.plan().ranks.iter().map(moelab::plan::memory::predict).collect();
+        for (rank, (p, (peak, _))) in preds.iter().zip(rt.tracked_peaks()).enumerate() {
+            assert_eq!(peak, p.peak_total, "rank {rank} ({}): tracked peak vs plan", a2a.as_str());
+        }
+    }
+}
