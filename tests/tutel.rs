@@ -305,3 +305,51 @@ fn predicted_peak_equals_the_tracked_peak_with_both_all_to_alls() {
         }
     }
 }
+
+#[test]
+fn data_parallel_r0_over_the_same_layout_matches_single_rank_topk() {
+    // r = 0: same parameters as r = 1 (expert slices per rank), executed data-parallel.
+    check_against_topk("capacity_factor = 1.0", 1, 2, "r = 0");
+    check_against_topk("capacity_factor = 1.0", 1, 4, "r = 0");
+    check_against_topk("capacity_factor = 0.5", 2, 2, "r = 0");
+    check_against_topk("dropless = true\nrenormalize = true\n[model.backbone]\nn_heads = 2\nd_mlp = 20", 1, 4, "r = 0");
+    let s = tutel_spec("tokens_per_rank = 16\nn_layers = 2", "dp = 2\nep = 2", "r = 0", "");
+    let plan = Plan::build(&s).unwrap();
+    for rp in &plan.ranks {
+        assert!(rp.ops.iter().all(|o| o.stage != Stage::AllToAll), "r = 0 has no all-to-all");
+        let rs = rp.ops.iter().filter(|o| matches!(o.kind, OpKind::ReduceScatter { .. })).count();
+        assert_eq!(rs, 2 * 4, "one reduce-scatter per expert tensor and layer");
+        // Same parameter layout as r = 1.
+        let ep = Plan::build(&tutel_spec("tokens_per_rank = 16\nn_layers = 2", "dp = 2\nep = 2", "r = 1", "")).unwrap();
+        let names = |r: &RankPlan| r.params.iter().map(|p| (r.buffer(p.value).name.clone(), p.init.clone())).collect::<Vec<_>>();
+        assert_eq!(names(rp), names(&ep.ranks[rp.rank as usize]));
+    }
+}
+
+#[test]
+fn r_other_than_0_and_1_and_pipelining_with_r0_are_rejected() {
+    let (p, shown) = problems(&format!("{SPEC}[tutel]\nr = 2\n"));
+    assert_eq!((p.len(), p[0].field.as_str()), (1, "tutel.r"), "{shown}");
+    assert!(p[0].fix.contains("r = 0") && p[0].fix.contains("r = 1"), "{shown}");
+    let (p, shown) = problems(&format!("{SPEC}[tutel]\nr = 0\ndegree = 2\n"));
+    assert_eq!((p.len(), p[0].field.as_str()), (1, "tutel.degree"), "{shown}");
+}
+
+#[test]
+fn data_parallel_r0_training_stays_in_lockstep_with_topk() {
+    // Reduce-scattered expert gradients land in the owners' slices, so Adam updates the same
+    // weights as top-k's.
+    let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 1";
+    let mut dist = runtime(&tutel_spec(model, "dp = 2\nep = 2", "r = 0", "lr = 0.01"), &[], false);
+    let mut single = runtime(&topk_spec("tokens_per_rank = 64\nseq_len = 8\nn_layers = 1", "lr = 0.01"), &[], false);
+    for s in 0..3 {
+        let a = dist.step(true, Some(s)).unwrap();
+        let b = single.step(true, Some(s)).unwrap();
+        assert!(((a.loss - b.loss) / b.loss).abs() < 1e-4, "step {s}: {} vs {}", a.loss, b.loss);
+    }
+    let want: Vec<f32> = single.read(0, "L0.expert.w1").unwrap();
+    for d in 0..2 {
+        let got: Vec<f32> = (0..2).flat_map(|r| dist.read(d * 2 + r, "L0.expert.w1").unwrap()).collect();
+        assert!(rel_err(&got, &want) < 1e-4, "replica {d}: expert weights drifted apart");
+    }
+}

@@ -159,6 +159,17 @@ pub enum OpKind {
     /// [`OpKind::Loss`] computed by a replica of a rank that reports it (tensor-parallel
     /// ranks holding the same tokens): same value and `dy`, but not added to the step's loss.
     LossReplica { y: BufId, target: BufId, loss: BufId, dy: Option<BufId>, n_global: usize, d_model: usize },
+    /// PPMoE's index slicing: from this rank's whole dispatch layout `send` (every expert's
+    /// kept rows of data rank `dims.data_rank`, expert-major), the rows of the local experts
+    /// `[ep_index * E_local, (ep_index + 1) * E_local)` into `[E_local, R, M]`, zero padded
+    /// (R = `dims.rows_per_expert`, or the largest local expert's rows when dropless).
+    LocalLayout { send: BufId, gathered: BufId, out: BufId, dims: MoeDims },
+    /// Inverse of [`OpKind::LocalLayout`]: the local experts' rows back into a whole dispatch
+    /// layout `full`, zero in the rows of every other expert.
+    LocalUnlayout { input: BufId, gathered: BufId, full: BufId, dims: MoeDims },
+    /// [`OpKind::Combine`] with an optional residual: `out[t] = (residual[t]) + sum_j w[t, j]
+    /// back[slots[t, j]]` (a partial sum when `back` holds some experts' rows only).
+    CombinePart { back: BufId, slots: BufId, weights: BufId, residual: Option<BufId>, out: BufId, dims: MoeDims },
 }
 
 impl OpKind {
@@ -269,6 +280,13 @@ impl OpKind {
                 let mut w = vec![*loss];
                 w.extend(opt(dy));
                 (vec![*y, *target], w)
+            }
+            LocalLayout { send, gathered, out, .. } => (vec![*send, *gathered], vec![*out]),
+            LocalUnlayout { input, gathered, full, .. } => (vec![*input, *gathered], vec![*full]),
+            CombinePart { back, slots, weights, residual, out, .. } => {
+                let mut r = vec![*back, *slots, *weights];
+                r.extend(opt(residual));
+                (r, vec![*out])
             }
         }
     }

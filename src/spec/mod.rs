@@ -86,7 +86,7 @@ impl Variant {
     }
     /// Whether this build has a plan builder for the variant.
     pub fn is_implemented(self) -> bool {
-        matches!(self, Variant::Topk | Variant::Mpmoe | Variant::Scmoe | Variant::Dgmoe | Variant::Tutel | Variant::Ted)
+        matches!(self, Variant::Topk | Variant::Mpmoe | Variant::Scmoe | Variant::Dgmoe | Variant::Tutel | Variant::Ted | Variant::Ppmoe)
     }
 }
 

@@ -255,6 +255,7 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
     check_tutel(&mut c, &mut spec);
     check_shortcut(&mut c, &spec);
     check_ted(&mut c, &mut spec);
+    check_ppmoe(&mut c, &spec);
     if !spec.variant.is_implemented() {
         c.fail("variant", format!("variant {:?} has no plan builder in this build yet", spec.variant.as_str()),
             "use variant = \"topk\"; the others arrive with the seed-variants work");
@@ -450,4 +451,24 @@ fn check_ted(c: &mut Checker, spec: &mut ExperimentSpec) {
         c.fail("layout.pp", format!("variant ted has no pipeline stages (pp={})", l.pp), "set pp = 1, or use variant \"ppmoe\"");
     }
     spec.ted.get_or_insert_with(TedSpec::default);
+}
+
+/// PPMoE rules: the experts are spread over the tensor-parallel group (so ep = 1 and tp
+/// divides n_experts), and the backbone's pipeline stages are not built (pp = 1).
+fn check_ppmoe(c: &mut Checker, spec: &ExperimentSpec) {
+    if spec.variant != Variant::Ppmoe {
+        return;
+    }
+    let (l, e) = (&spec.layout, spec.model.n_experts);
+    if l.ep > 1 {
+        c.fail("layout.ep", format!("variant ppmoe places the experts on the tensor-parallel group, so there is no separate expert parallelism (ep={})", l.ep),
+            format!("set ep = 1 and tp = {} (the experts are split over the TP ranks)", l.ep.saturating_mul(l.tp)));
+    }
+    if l.tp > 0 && e > 0 && e % l.tp != 0 {
+        c.fail("layout.tp", format!("tp={} does not divide n_experts={e}: each TP rank owns n_experts/tp experts", l.tp),
+            format!("choose tp from {{{}}}", divisors(e)));
+    }
+    if l.pp > 1 {
+        c.fail("layout.pp", format!("variant ppmoe's pipeline stages are not built yet (pp={})", l.pp), "set pp = 1");
+    }
 }

@@ -670,6 +670,46 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             // A replica: no observation, so the step's loss counts the reporting rank only.
             st.put_f32(*loss, vec![(sq / (2.0 * denom)) as f32])?;
         }
+        LocalLayout { send, gathered, out, dims } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let (m, el) = (dims.d_model, dims.local_experts());
+            let (offsets, rows) = local_rows(dims, &tb);
+            let sv = st.f32(*send)?;
+            let mut o = vec![0.0; el * rows * m];
+            for (i, (off, len)) in offsets.into_iter().enumerate() {
+                o[i * rows * m..(i * rows + len) * m].copy_from_slice(&sv[off * m..(off + len) * m]);
+            }
+            st.put_f32(*out, o)?;
+        }
+        LocalUnlayout { input, gathered, full, dims } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let m = dims.d_model;
+            let (offsets, rows) = local_rows(dims, &tb);
+            let total: usize = (0..dims.n_experts).map(|e| tb.kept_rank_expert(dims.data_rank, e)).sum();
+            let iv = st.f32(*input)?;
+            let mut f = vec![0.0; total * m];
+            for (i, (off, len)) in offsets.into_iter().enumerate() {
+                f[off * m..(off + len) * m].copy_from_slice(&iv[i * rows * m..(i * rows + len) * m]);
+            }
+            st.put_f32(*full, f)?;
+        }
+        CombinePart { back, slots, weights, residual, out, dims } => {
+            let (k, m) = (dims.top_k, dims.d_model);
+            let mut o = match residual {
+                Some(r) => st.f32(*r)?.to_vec(),
+                None => vec![0.0; dims.tokens * m],
+            };
+            let (bv, wv) = (st.f32(*back)?, st.f32(*weights)?);
+            for (a, &s) in st.i32(*slots)?.iter().enumerate() {
+                if s >= 0 {
+                    let (s, w) = (s as usize, wv[a]);
+                    for (ov, v) in o[(a / k) * m..(a / k + 1) * m].iter_mut().zip(&bv[s * m..(s + 1) * m]) {
+                        *ov += w * v;
+                    }
+                }
+            }
+            st.put_f32(*out, o)?;
+        }
     }
     Ok(outcome)
 }
@@ -768,4 +808,22 @@ fn all_to_all_2d(sv: &[f32], counts: &[i32], ctx: &OpCtx, intra: crate::plan::Gr
     }
     outcome.bytes = Some(sent);
     Ok(out)
+}
+
+/// For the local experts of `dims` (index slicing over the data rank's own dispatch layout):
+/// each one's (first row, rows) in the layout, and rows per expert in the expert buffer.
+fn local_rows(dims: &MoeDims, t: &routing::RoutingTable) -> (Vec<(usize, usize)>, usize) {
+    let el = dims.local_experts();
+    let first = dims.ep_index * el;
+    let mut off = 0usize;
+    let mut out = Vec::with_capacity(el);
+    for e in 0..dims.n_experts {
+        let len = t.kept_rank_expert(dims.data_rank, e);
+        if (first..first + el).contains(&e) {
+            out.push((off, len));
+        }
+        off += len;
+    }
+    let rows = dims.rows_per_expert.unwrap_or_else(|| out.iter().map(|x| x.1).max().unwrap_or(0));
+    (out, rows)
 }

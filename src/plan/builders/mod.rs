@@ -7,6 +7,7 @@ mod scmoe;
 mod dgmoe;
 mod tutel;
 mod ted;
+mod ppmoe;
 
 use super::{Group, GroupId, Plan};
 use crate::spec::{ExperimentSpec, Variant};
@@ -31,7 +32,7 @@ pub fn build(spec: &ExperimentSpec) -> Result<Plan, PlanError> {
         Variant::Dgmoe => dgmoe::build(spec),
         Variant::Tutel => Ok(tutel::build(spec)),
         Variant::Ted => Ok(ted::build(spec)),
-        other => Err(PlanError::Unimplemented(other.as_str())),
+        Variant::Ppmoe => Ok(ppmoe::build(spec)),
     }
 }
 

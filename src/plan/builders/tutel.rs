@@ -14,8 +14,14 @@
 //!   node and the same-local-index ranks of every node. When the group is one node or every
 //!   node has one rank, Tutel falls back to the flat all-to-all, and so does this builder.
 //!
+//! - Parallelism r (`r = 0 | 1`): r = 1 is the expert-parallel execution above; r = 0 runs
+//!   the same parameter layout data-parallel (`dp.rs`: all-gather the expert weights over the
+//!   expert-parallel group, all experts local, reduce-scatter the expert gradients).
+//!
 //! Parameters, names and init streams are top-k's, so every degree and algorithm computes
 //! exactly the single-rank top-k function and drops the same tokens.
+
+mod dp;
 
 use super::mpmoe::{build_with, Pipeline};
 use super::DataExpertGroups;
@@ -29,6 +35,9 @@ pub const AUTO_PLAN_DEGREE: usize = 2;
 /// Build the Tutel plan for every rank.
 pub fn build(spec: &ExperimentSpec) -> Plan {
     let opts = spec.tutel.unwrap_or_default();
+    if opts.r == 0 {
+        return dp::build(spec);
+    }
     let (dp, ep) = (spec.layout.dp, spec.layout.ep);
     let mut groups = DataExpertGroups::new(dp, ep);
     let gpn = opts.gpus_per_node;
