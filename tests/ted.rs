@@ -243,3 +243,40 @@ fn ted_table_defaults_to_dropping() {
     let again = from_toml_str(&s.to_toml()).expect("round trip");
     assert_eq!(again, s);
 }
+
+#[test]
+fn tracked_peak_stays_within_the_planned_bound() {
+    use moelab::plan::memory::predict;
+    for dropping in [true, false] {
+        let s = ted_spec(&format!("tokens_per_rank = 32\nseq_len = 8\nn_layers = 2\n{BACKBONE}"), 1, 2, 2, dropping, "");
+        let mut rt = runtime(&s, &[], false);
+        for i in 0..2 {
+            rt.step(i > 0, None).expect("step");
+        }
+        for (rank, (p, (peak, at_peak))) in rt.plan().ranks.iter().map(predict).zip(rt.tracked_peaks()).enumerate() {
+            if p.upper_bound {
+                assert!(peak <= p.peak_total && peak > 0, "rank {rank}: tracked {peak} over the bound {}", p.peak_total);
+            } else {
+                assert_eq!((peak, at_peak), (p.peak_total, p.at_peak), "rank {rank}: tracked peak vs plan");
+            }
+        }
+    }
+}
+
+#[test]
+fn groups_follow_deepspeed_layout() {
+    use moelab::plan::builders::TensorExpertDataGroups;
+    // dp 2 x ep 2 x tp 2: rank = (d * ep + p) * tp + i.
+    let g = TensorExpertDataGroups::new(2, 2, 2);
+    let ranks = |rank: usize, f: fn(&TensorExpertDataGroups, usize) -> moelab::plan::GroupId| g.ranks(f(&g, rank)).to_vec();
+    assert_eq!(ranks(5, TensorExpertDataGroups::tp_group), [4, 5], "TP groups are consecutive ranks");
+    assert_eq!(ranks(5, TensorExpertDataGroups::data_group), [1, 3, 5, 7], "data parallel is strided by tp");
+    assert_eq!(ranks(5, TensorExpertDataGroups::ep_group), [5, 7], "EP groups are cut from the data-parallel ranks");
+    assert_eq!(ranks(5, TensorExpertDataGroups::edp_group), [1, 5], "same expert slices: same tp and ep index");
+    assert_eq!((g.shards(), g.shard(5), g.tp_index(5)), (4, 2, 1));
+    assert_eq!(g.ranks(g.world()).len(), 8);
+    // The plan carries exactly these groups.
+    let s = ted_spec("tokens_per_rank = 16\nseq_len = 8", 2, 2, 2, true, "");
+    let plan = moelab::plan::Plan::build(&s).unwrap();
+    assert_eq!(plan.groups, g.groups);
+}
