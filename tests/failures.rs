@@ -42,14 +42,9 @@ fn a_missing_peer_times_out_naming_it() {
 #[test]
 fn cancel_stops_the_run() {
     let s = spec("tokens_per_rank = 32", "ep = 2", "");
-    let mut rt = runtime(&s, &[], false);
-    let cancel = {
-        let plan = Plan::build(&s).unwrap();
-        let opts = ExecOptions::default();
-        let c = opts.cancel.clone();
-        rt = CpuRuntime::new(plan, opts);
-        c
-    };
+    let opts = ExecOptions::default();
+    let cancel = opts.cancel.clone();
+    let mut rt = CpuRuntime::new(Plan::build(&s).unwrap(), opts);
     rt.step(false, None).expect("runs before cancel");
     cancel.store(true, Ordering::SeqCst);
     assert_eq!(rt.step(true, None).unwrap_err(), BackendError::Cancelled);

@@ -23,7 +23,7 @@ fn two_rank_plan() -> Plan {
             let tgt = b.buf("target", t * m, MemCategory::Inputs);
             b.op("load", Stage::Data, Pass::Forward, OpKind::LoadBatch { x, target: tgt, shard: r as usize, batch: 1, seq: t, d_model: m }, 0, 0);
             let w = b.param("w", m * n, moelab::plan::ParamInit { tag: "w".into(), layer: 0, experts: None, mean: 0.0, std: 0.1 }, false);
-            let mut gemm = |b: &mut RankBuilder, name: &str, input, count: usize| {
+            let gemm = |b: &mut RankBuilder, name: &str, input, count: usize| {
                 let mut y = input;
                 for i in 0..count {
                     let (d_in, d_out) = if i % 2 == 0 { (m, n) } else { (n, m) };
