@@ -66,6 +66,44 @@ fn rows_per_expert(dims: &MoeDims, t: &routing::RoutingTable) -> usize {
     })
 }
 
+/// Rows received from the expert-parallel peers (peer-major, then local expert) into the
+/// expert buffer `[E_local, rows, M]`, zero padded; `count(peer, expert)` rows per block.
+fn layout_rows(dims: &MoeDims, recv: &[f32], rows: usize, count: impl Fn(usize, usize) -> usize) -> Vec<f32> {
+    let (m, el) = (dims.d_model, dims.local_experts());
+    let mut out = vec![0.0; el * rows * m];
+    let mut fill = vec![0usize; el];
+    let mut src_row = 0usize;
+    for &peer in &dims.ep_peers {
+        for (i, f) in fill.iter_mut().enumerate() {
+            let n = count(peer, dims.ep_index * el + i);
+            let dst = (i * rows + *f) * m;
+            out[dst..dst + n * m].copy_from_slice(&recv[src_row * m..(src_row + n) * m]);
+            *f += n;
+            src_row += n;
+        }
+    }
+    out
+}
+
+/// The inverse of [`layout_rows`]: the expert buffer back to peer-major rows, with the
+/// number of rows for each peer.
+fn unlayout_rows(dims: &MoeDims, input: &[f32], rows: usize, count: impl Fn(usize, usize) -> usize) -> (Vec<f32>, Vec<i32>) {
+    let (m, el) = (dims.d_model, dims.local_experts());
+    let mut send = Vec::new();
+    let mut counts = vec![0i32; dims.ep_peers.len()];
+    let mut fill = vec![0usize; el];
+    for (p, &peer) in dims.ep_peers.iter().enumerate() {
+        for (i, f) in fill.iter_mut().enumerate() {
+            let n = count(peer, dims.ep_index * el + i);
+            let src = (i * rows + *f) * m;
+            send.extend_from_slice(&input[src..src + n * m]);
+            *f += n;
+            counts[p] += n as i32;
+        }
+    }
+    (send, counts)
+}
+
 /// Execute `kind` on the op's view of the store.
 pub fn execute(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, BackendError> {
     exec_inner(kind, st, ctx).map_err(|e| match e {
@@ -255,67 +293,22 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
         ExpertLayout { recv, gathered, out, dims } => {
             let tb = table(dims, st.f32(*gathered)?);
             let rows = rows_per_expert(dims, &tb);
-            let (m, el) = (dims.d_model, dims.local_experts());
-            let rv = st.f32(*recv)?;
-            let mut o = vec![0.0; el * rows * m];
-            let mut fill = vec![0usize; el];
-            let mut src_row = 0usize;
-            for &peer in &dims.ep_peers {
-                for (i, f) in fill.iter_mut().enumerate() {
-                    let n = tb.kept_rank_expert(peer, dims.ep_index * el + i);
-                    let dst = (i * rows + *f) * m;
-                    o[dst..dst + n * m].copy_from_slice(&rv[src_row * m..(src_row + n) * m]);
-                    *f += n;
-                    src_row += n;
-                }
-            }
+            let o = layout_rows(dims, st.f32(*recv)?, rows, |peer, ex| tb.kept_rank_expert(peer, ex));
             st.put_f32(*out, o)?;
         }
         ExpertUnlayout { input, gathered, send, send_counts, dims } => {
             let tb = table(dims, st.f32(*gathered)?);
             let rows = rows_per_expert(dims, &tb);
-            let (m, el) = (dims.d_model, dims.local_experts());
-            let iv = st.f32(*input)?;
-            let mut s = Vec::new();
-            let mut counts = vec![0i32; dims.ep_peers.len()];
-            let mut fill = vec![0usize; el];
-            for (p, &peer) in dims.ep_peers.iter().enumerate() {
-                for (i, f) in fill.iter_mut().enumerate() {
-                    let n = tb.kept_rank_expert(peer, dims.ep_index * el + i);
-                    let src = (i * rows + *f) * m;
-                    s.extend_from_slice(&iv[src..src + n * m]);
-                    *f += n;
-                    counts[p] += n as i32;
-                }
-            }
-            st.put_f32(*send, s)?;
+            let (sv, counts) = unlayout_rows(dims, st.f32(*input)?, rows, |peer, ex| tb.kept_rank_expert(peer, ex));
+            st.put_f32(*send, sv)?;
             st.put_i32(*send_counts, counts)?;
         }
         ExpertLinear { x, w, bias, y, n_local, d_in, d_out } => {
-            let xv = st.f32(*x)?;
-            let rows = xv.len() / (n_local * d_in);
-            let (wv, bv) = (st.f32(*w)?, st.f32(*bias)?);
-            let mut yv = vec![0.0; n_local * rows * d_out];
-            for i in 0..*n_local {
-                let yi = &mut yv[i * rows * d_out..(i + 1) * rows * d_out];
-                linalg::gemm(&xv[i * rows * d_in..(i + 1) * rows * d_in], &wv[i * d_in * d_out..(i + 1) * d_in * d_out], yi, rows, *d_in, *d_out, false);
-                linalg::add_bias(yi, &bv[i * d_out..(i + 1) * d_out]);
-            }
+            let yv = linalg::grouped_linear(st.f32(*x)?, st.f32(*w)?, Some(st.f32(*bias)?), *n_local, *d_in, *d_out);
             st.put_f32(*y, yv)?;
         }
         ExpertLinearBwd { x, w, dy, dx, dw, dbias, n_local, d_in, d_out } => {
-            let (xv, wv, dyv) = (st.f32(*x)?, st.f32(*w)?, st.f32(*dy)?);
-            let rows = xv.len() / (n_local * d_in);
-            let mut dxv = vec![0.0; xv.len()];
-            let mut dwv = vec![0.0; wv.len()];
-            let mut dbv = vec![0.0; n_local * d_out];
-            for i in 0..*n_local {
-                let xi = &xv[i * rows * d_in..(i + 1) * rows * d_in];
-                let dyi = &dyv[i * rows * d_out..(i + 1) * rows * d_out];
-                linalg::gemm_tn(xi, dyi, &mut dwv[i * d_in * d_out..(i + 1) * d_in * d_out], rows, *d_in, *d_out, false);
-                linalg::col_sums(dyi, &mut dbv[i * d_out..(i + 1) * d_out], false);
-                linalg::gemm_nt(dyi, &wv[i * d_in * d_out..(i + 1) * d_in * d_out], &mut dxv[i * rows * d_in..(i + 1) * rows * d_in], rows, *d_out, *d_in, false);
-            }
+            let (dxv, dwv, dbv) = linalg::grouped_linear_bwd(st.f32(*x)?, st.f32(*w)?, st.f32(*dy)?, *n_local, *d_in, *d_out);
             st.put_f32(*dx, dxv)?;
             st.put_f32(*dw, dwv)?;
             st.put_f32(*dbias, dbv)?;
@@ -497,58 +490,21 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
         ChunkLayout { recv, gathered, out, dims, chunk, .. } => {
             let tb = table(dims, st.f32(*gathered)?);
             let rows = chunk_rows_per_expert(dims, &tb, *chunk);
-            let (m, el) = (dims.d_model, dims.local_experts());
-            let rv = st.f32(*recv)?;
-            let mut o = vec![0.0; el * rows * m];
-            let mut fill = vec![0usize; el];
-            let mut src_row = 0usize;
-            for &peer in &dims.ep_peers {
-                for (i, f) in fill.iter_mut().enumerate() {
-                    let n = chunk_rows(&tb, peer, dims.ep_index * el + i, *chunk).len();
-                    let dst = (i * rows + *f) * m;
-                    o[dst..dst + n * m].copy_from_slice(&rv[src_row * m..(src_row + n) * m]);
-                    *f += n;
-                    src_row += n;
-                }
-            }
+            let o = layout_rows(dims, st.f32(*recv)?, rows, |peer, ex| chunk_rows(&tb, peer, ex, *chunk).len());
             st.put_f32(*out, o)?;
         }
         ChunkUnlayout { input, gathered, send, send_counts, reserve, dims, chunk } => {
             let tb = table(dims, st.f32(*gathered)?);
             let rows = chunk_rows_per_expert(dims, &tb, *chunk);
-            let (m, el) = (dims.d_model, dims.local_experts());
-            let iv = st.f32(*input)?;
-            let mut s = Vec::new();
-            let mut counts = vec![0i32; dims.ep_peers.len()];
-            let mut fill = vec![0usize; el];
-            for (p, &peer) in dims.ep_peers.iter().enumerate() {
-                for (i, f) in fill.iter_mut().enumerate() {
-                    let n = chunk_rows(&tb, peer, dims.ep_index * el + i, *chunk).len();
-                    let src = (i * rows + *f) * m;
-                    s.extend_from_slice(&iv[src..src + n * m]);
-                    *f += n;
-                    counts[p] += n as i32;
-                }
-            }
-            st.put_f32(*send, s)?;
+            let (sv, counts) = unlayout_rows(dims, st.f32(*input)?, rows, |peer, ex| chunk_rows(&tb, peer, ex, *chunk).len());
+            st.put_f32(*send, sv)?;
             st.put_i32(*send_counts, counts)?;
             if let Some(r) = reserve {
                 st.put_f32(*r, Vec::new())?;
             }
         }
         ExpertLinearBwdAcc { x, w, dy, dx, dw, dbias, n_local, d_in, d_out, accumulate } => {
-            let (xv, wv, dyv) = (st.f32(*x)?, st.f32(*w)?, st.f32(*dy)?);
-            let rows = xv.len() / (n_local * d_in);
-            let mut dxv = vec![0.0; xv.len()];
-            let mut dwv = vec![0.0; wv.len()];
-            let mut dbv = vec![0.0; n_local * d_out];
-            for i in 0..*n_local {
-                let xi = &xv[i * rows * d_in..(i + 1) * rows * d_in];
-                let dyi = &dyv[i * rows * d_out..(i + 1) * rows * d_out];
-                linalg::gemm_tn(xi, dyi, &mut dwv[i * d_in * d_out..(i + 1) * d_in * d_out], rows, *d_in, *d_out, false);
-                linalg::col_sums(dyi, &mut dbv[i * d_out..(i + 1) * d_out], false);
-                linalg::gemm_nt(dyi, &wv[i * d_in * d_out..(i + 1) * d_in * d_out], &mut dxv[i * rows * d_in..(i + 1) * rows * d_in], rows, *d_out, *d_in, false);
-            }
+            let (dxv, mut dwv, mut dbv) = linalg::grouped_linear_bwd(st.f32(*x)?, st.f32(*w)?, st.f32(*dy)?, *n_local, *d_in, *d_out);
             if *accumulate {
                 for (id, v) in [(*dw, &mut dwv), (*dbias, &mut dbv)] {
                     for (a, b) in v.iter_mut().zip(st.take_f32(id)?) {
@@ -623,36 +579,15 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             st.put_f32(*full, f)?;
         }
         ExpertLinearPart { x, w, bias, y, n_local, d_in, d_out } => {
-            let xv = st.f32(*x)?;
-            let rows = xv.len() / (n_local * d_in);
-            let wv = st.f32(*w)?;
             let bv = match bias {
                 Some(b) => Some(st.f32(*b)?),
                 None => None,
             };
-            let mut yv = vec![0.0; n_local * rows * d_out];
-            for i in 0..*n_local {
-                let yi = &mut yv[i * rows * d_out..(i + 1) * rows * d_out];
-                linalg::gemm(&xv[i * rows * d_in..(i + 1) * rows * d_in], &wv[i * d_in * d_out..(i + 1) * d_in * d_out], yi, rows, *d_in, *d_out, false);
-                if let Some(bv) = bv {
-                    linalg::add_bias(yi, &bv[i * d_out..(i + 1) * d_out]);
-                }
-            }
+            let yv = linalg::grouped_linear(st.f32(*x)?, st.f32(*w)?, bv, *n_local, *d_in, *d_out);
             st.put_f32(*y, yv)?;
         }
         ExpertLinearPartBwd { x, w, dy, dx, dw, dbias, n_local, d_in, d_out } => {
-            let (xv, wv, dyv) = (st.f32(*x)?, st.f32(*w)?, st.f32(*dy)?);
-            let rows = xv.len() / (n_local * d_in);
-            let mut dxv = vec![0.0; xv.len()];
-            let mut dwv = vec![0.0; wv.len()];
-            let mut dbv = vec![0.0; n_local * d_out];
-            for i in 0..*n_local {
-                let xi = &xv[i * rows * d_in..(i + 1) * rows * d_in];
-                let dyi = &dyv[i * rows * d_out..(i + 1) * rows * d_out];
-                linalg::gemm_tn(xi, dyi, &mut dwv[i * d_in * d_out..(i + 1) * d_in * d_out], rows, *d_in, *d_out, false);
-                linalg::col_sums(dyi, &mut dbv[i * d_out..(i + 1) * d_out], false);
-                linalg::gemm_nt(dyi, &wv[i * d_in * d_out..(i + 1) * d_in * d_out], &mut dxv[i * rows * d_in..(i + 1) * rows * d_in], rows, *d_out, *d_in, false);
-            }
+            let (dxv, dwv, dbv) = linalg::grouped_linear_bwd(st.f32(*x)?, st.f32(*w)?, st.f32(*dy)?, *n_local, *d_in, *d_out);
             st.put_f32(*dx, dxv)?;
             st.put_f32(*dw, dwv)?;
             if let Some(db) = dbias {
