@@ -173,3 +173,49 @@ pub fn update(b: &mut RankBuilder, spec: &ExperimentSpec, dense_group: Option<Gr
     b.op("adam", Stage::Optimizer, Pass::Update,
         OpKind::Adam { params: quads, lr: spec.run.lr as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8 }, flops, bytes);
 }
+
+/// The routing front of an MoE layer and what its backward needs.
+pub struct Routed {
+    /// LayerNorm of the MoE input.
+    pub ln: LnSaved,
+    /// Gate weight `[M, E]`.
+    pub wg: BufId,
+    /// Softmax probabilities `[T, E]`.
+    pub probs: BufId,
+    /// Chosen experts `[T, k]`.
+    pub idx: BufId,
+    /// Gate weights of the choices `[T, k]`.
+    pub weights: BufId,
+    /// Routing statistics of every data rank (or this rank's own, when it is the only one).
+    pub gathered: BufId,
+}
+
+/// `ln_moe` -> `gate` -> `route` -> `stats_allgather` over `stats_group` (the ranks whose
+/// tokens share the capacity); the all-gather is left out when there is one data rank.
+pub fn gate_and_route(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, x: BufId, dims: &crate::plan::ops::MoeDims,
+    stats_group: GroupId) -> Routed {
+    let (t, m, e, k) = (dims.tokens, dims.d_model, dims.n_experts, dims.top_k);
+    let ln = layernorm(b, "ln_moe", layer, x, t, m);
+    let wg = b.param(&format!("L{layer}.gate.w"), m * e,
+        ParamInit { tag: "gate.w".into(), layer: layer as u32, experts: None, mean: 0.0, std: 1.0 / (m as f32).sqrt() }, false);
+    let logits = b.buf(format!("L{layer}.gate.logits"), t * e, Mc::Activations);
+    b.op("gate", Stage::Gate, Pass::Forward,
+        OpKind::Linear { x: ln.y, w: wg, bias: None, residual: None, y: logits, rows: t, d_in: m, d_out: e },
+        gemm_flops(t, m, e), 4 * (t * m + m * e + t * e) as u64);
+    let probs = b.buf(format!("L{layer}.route.probs"), t * e, Mc::Activations);
+    let idx = b.index_buf(format!("L{layer}.route.idx"), t * k, Mc::Activations);
+    let weights = b.buf(format!("L{layer}.route.weights"), t * k, Mc::Activations);
+    let stats = b.buf(format!("L{layer}.route.stats"), (k + 1) * e, Mc::CommBuffers);
+    b.op("route", Stage::Topk, Pass::Forward,
+        OpKind::Route { logits, probs, idx, weights, stats, n_experts: e, top_k: k, renormalize: spec.model.renormalize },
+        (t * e * 6) as u64, 4 * (3 * t * e + 2 * t * k) as u64);
+    let gathered = if dims.data_world > 1 {
+        let g = b.buf(format!("L{layer}.route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
+        let bytes = b.bytes_of(stats);
+        b.op("stats_allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: stats_group, send: stats, recv: g }, 0, bytes);
+        g
+    } else {
+        stats
+    };
+    Routed { ln, wg, probs, idx, weights, gathered }
+}

@@ -24,7 +24,7 @@ use super::topk::{a2a, expert_param, moe_dims};
 use super::DataExpertGroups;
 use crate::math::linalg::gemm_flops;
 use crate::plan::ops::MoeDims;
-use crate::plan::{BufId, OpKind, ParamInit, Plan, RankBuilder, RankPlan};
+use crate::plan::{BufId, OpKind, Plan, RankBuilder, RankPlan};
 use crate::spec::{ExperimentSpec, Mode, MpmoeSpec, Reuse};
 use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 
@@ -303,33 +303,13 @@ fn fc1_act(b: &mut RankBuilder, spec: &ExperimentSpec, c: &Chunking, layer: usiz
 fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, x: BufId,
     opts: Pipeline) -> (BufId, MoeSaved) {
     let dims = moe_dims(spec, groups, rank);
-    let (t, m, e, k, f) = (dims.tokens, dims.d_model, dims.n_experts, dims.top_k, spec.model.d_ffn);
+    let (t, m, k, f) = (dims.tokens, dims.d_model, dims.top_k, spec.model.d_ffn);
     let ep = dims.ep_peers.len();
     let el = dims.local_experts();
     let c = Chunking::new(&dims, opts);
     let rows = c.rows;
-    let ln = blocks::layernorm(b, "ln_moe", layer, x, t, m);
-    let wg = b.param(&format!("L{layer}.gate.w"), m * e,
-        ParamInit { tag: "gate.w".into(), layer: layer as u32, experts: None, mean: 0.0, std: 1.0 / (m as f32).sqrt() }, false);
-    let logits = b.buf(format!("L{layer}.gate.logits"), t * e, Mc::Activations);
-    b.op("gate", Stage::Gate, Pass::Forward,
-        OpKind::Linear { x: ln.y, w: wg, bias: None, residual: None, y: logits, rows: t, d_in: m, d_out: e },
-        gemm_flops(t, m, e), 4 * (t * m + m * e + t * e) as u64);
-    let probs = b.buf(format!("L{layer}.route.probs"), t * e, Mc::Activations);
-    let idx = b.index_buf(format!("L{layer}.route.idx"), t * k, Mc::Activations);
-    let weights = b.buf(format!("L{layer}.route.weights"), t * k, Mc::Activations);
-    let stats = b.buf(format!("L{layer}.route.stats"), (k + 1) * e, Mc::CommBuffers);
-    b.op("route", Stage::Topk, Pass::Forward,
-        OpKind::Route { logits, probs, idx, weights, stats, n_experts: e, top_k: k, renormalize: spec.model.renormalize },
-        (t * e * 6) as u64, 4 * (3 * t * e + 2 * t * k) as u64);
-    let gathered = if dims.data_world > 1 {
-        let g = b.buf(format!("L{layer}.route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
-        let bytes = b.bytes_of(stats);
-        b.op("stats_allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: groups.world(), send: stats, recv: g }, 0, bytes);
-        g
-    } else {
-        stats
-    };
+    let routed = blocks::gate_and_route(b, spec, layer, x, &dims, groups.world());
+    let (ln, wg, probs, idx, weights, gathered) = (routed.ln, routed.wg, routed.probs, routed.idx, routed.weights, routed.gathered);
     // Capacity and the dispatch layout are decided once over the whole batch (as in top-k);
     // the chunks only split the kept rows, so chunking never changes which tokens drop.
     let send = b.buf(format!("L{layer}.moe.send"), t * k * m, Mc::CommBuffers);

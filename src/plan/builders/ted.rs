@@ -274,34 +274,12 @@ fn from_experts(b: &mut RankBuilder, p: Place, dims: &MoeDims, layer: usize, inp
 
 fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank: usize, p: Place, layer: usize, x: BufId) -> (BufId, MoeSaved) {
     let dims = moe_dims(spec, groups, rank);
-    let (t, m, e, k, f) = (dims.tokens, dims.d_model, dims.n_experts, dims.top_k, spec.model.d_ffn);
+    let (t, m, k, f) = (dims.tokens, dims.d_model, dims.top_k, spec.model.d_ffn);
     let ep = dims.ep_peers.len();
     let el = dims.local_experts();
     let fs = f / p.tp;
-    let ln = blocks::layernorm(b, "ln_moe", layer, x, t, m);
-    let wg = b.param(&format!("L{layer}.gate.w"), m * e,
-        ParamInit { tag: "gate.w".into(), layer: layer as u32, experts: None, mean: 0.0, std: 1.0 / (m as f32).sqrt() }, false);
-    let logits = b.buf(format!("L{layer}.gate.logits"), t * e, Mc::Activations);
-    b.op("gate", Stage::Gate, Pass::Forward,
-        OpKind::Linear { x: ln.y, w: wg, bias: None, residual: None, y: logits, rows: t, d_in: m, d_out: e },
-        gemm_flops(t, m, e), 4 * (t * m + m * e + t * e) as u64);
-    let probs = b.buf(format!("L{layer}.route.probs"), t * e, Mc::Activations);
-    let idx = b.index_buf(format!("L{layer}.route.idx"), t * k, Mc::Activations);
-    let weights = b.buf(format!("L{layer}.route.weights"), t * k, Mc::Activations);
-    let stats = b.buf(format!("L{layer}.route.stats"), (k + 1) * e, Mc::CommBuffers);
-    b.op("route", Stage::Topk, Pass::Forward,
-        OpKind::Route { logits, probs, idx, weights, stats, n_experts: e, top_k: k, renormalize: spec.model.renormalize },
-        (t * e * 6) as u64, 4 * (3 * t * e + 2 * t * k) as u64);
-    // Statistics of the distinct shards: gathered among the ranks with this TP index.
-    let gathered = if dims.data_world > 1 {
-        let g = b.buf(format!("L{layer}.route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
-        let bytes = b.bytes_of(stats);
-        b.op("stats_allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: groups.data_group(rank), send: stats, recv: g }, 0,
-            bytes);
-        g
-    } else {
-        stats
-    };
+    let routed = blocks::gate_and_route(b, spec, layer, x, &dims, groups.data_group(rank));
+    let (ln, wg, probs, idx, weights, gathered) = (routed.ln, routed.wg, routed.probs, routed.idx, routed.weights, routed.gathered);
     let dropless = dims.rows_per_expert.is_none();
     let rows = dims.rows_per_expert.unwrap_or(t * ep);
     let route_buf = |b: &mut RankBuilder, name: String, elems: usize, cat: Mc| {

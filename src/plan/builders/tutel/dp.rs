@@ -10,7 +10,7 @@ use crate::plan::builders::blocks::{self, AttnSaved, LnSaved, MlpSaved};
 use crate::plan::builders::topk::{expert_param, moe_dims};
 use crate::plan::builders::DataExpertGroups;
 use crate::plan::ops::MoeDims;
-use crate::plan::{BufId, GroupId, OpKind, ParamInit, Plan, RankBuilder, RankPlan};
+use crate::plan::{BufId, GroupId, OpKind, Plan, RankBuilder, RankPlan};
 use crate::spec::{ExperimentSpec, Mode};
 use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 
@@ -112,28 +112,8 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
     let (t, m, e, k, f) = (dims.tokens, dims.d_model, dims.n_experts, dims.top_k, spec.model.d_ffn);
     let ep = ep_dims.ep_peers.len();
     let r = rows(&dims);
-    let ln = blocks::layernorm(b, "ln_moe", layer, x, t, m);
-    let wg = b.param(&format!("L{layer}.gate.w"), m * e,
-        ParamInit { tag: "gate.w".into(), layer: layer as u32, experts: None, mean: 0.0, std: 1.0 / (m as f32).sqrt() }, false);
-    let logits = b.buf(format!("L{layer}.gate.logits"), t * e, Mc::Activations);
-    b.op("gate", Stage::Gate, Pass::Forward,
-        OpKind::Linear { x: ln.y, w: wg, bias: None, residual: None, y: logits, rows: t, d_in: m, d_out: e },
-        gemm_flops(t, m, e), 4 * (t * m + m * e + t * e) as u64);
-    let probs = b.buf(format!("L{layer}.route.probs"), t * e, Mc::Activations);
-    let idx = b.index_buf(format!("L{layer}.route.idx"), t * k, Mc::Activations);
-    let weights = b.buf(format!("L{layer}.route.weights"), t * k, Mc::Activations);
-    let stats = b.buf(format!("L{layer}.route.stats"), (k + 1) * e, Mc::CommBuffers);
-    b.op("route", Stage::Topk, Pass::Forward,
-        OpKind::Route { logits, probs, idx, weights, stats, n_experts: e, top_k: k, renormalize: spec.model.renormalize },
-        (t * e * 6) as u64, 4 * (3 * t * e + 2 * t * k) as u64);
-    let gathered = if dims.data_world > 1 {
-        let g = b.buf(format!("L{layer}.route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
-        let bytes = b.bytes_of(stats);
-        b.op("stats_allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: groups.world(), send: stats, recv: g }, 0, bytes);
-        g
-    } else {
-        stats
-    };
+    let routed = blocks::gate_and_route(b, spec, layer, x, &dims, groups.world());
+    let (ln, wg, probs, idx, weights, gathered) = (routed.ln, routed.wg, routed.probs, routed.idx, routed.weights, routed.gathered);
     let send = b.buf(format!("L{layer}.moe.send"), t * k * m, Mc::CommBuffers);
     let send_counts = b.index_buf(format!("L{layer}.moe.send_counts"), 1, Mc::CommBuffers);
     let slots = b.index_buf(format!("L{layer}.moe.slots"), t * k, Mc::Activations);
