@@ -219,3 +219,84 @@ pub fn gate_and_route(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, 
     };
     Routed { ln, wg, probs, idx, weights, gathered }
 }
+
+/// A variant's MoE sublayer inside the shared pre-norm block: `forward` returns the
+/// sublayer's output (residual included) and what `backward` needs; `backward` returns the
+/// gradient of the sublayer's input.
+pub trait MoeSublayer {
+    /// Forward state kept for backward.
+    type Saved;
+    /// Build the forward ops of layer `layer` on input `x`.
+    fn forward(&mut self, b: &mut RankBuilder, layer: usize, x: BufId) -> (BufId, Self::Saved);
+    /// Build the backward ops given the gradient of the output.
+    fn backward(&mut self, b: &mut RankBuilder, layer: usize, saved: &Self::Saved, dout: BufId) -> BufId;
+}
+
+/// Whether a rank's loss counts in the step's loss (`Loss`) or is a tensor-parallel copy
+/// that only produces the gradient (`LossReplica`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossRole {
+    /// Counted.
+    Counted,
+    /// A replica of a counted loss.
+    Replica,
+}
+
+enum Sub<S> {
+    Attn(AttnSaved),
+    Mlp(MlpSaved),
+    Moe(S),
+}
+
+/// The model every non-shortcut variant shares: load the batch of data shard `shard`, then
+/// per layer the optional attention and dense MLP sublayers and the variant's MoE sublayer,
+/// then the loss over `n_global` tokens and, when training, the backward pass in reverse.
+/// Returns whether backward was built; the caller then adds gradient reduction and Adam.
+pub fn model<M: MoeSublayer>(b: &mut RankBuilder, spec: &ExperimentSpec, shard: usize, n_global: usize, role: LossRole,
+    moe: &mut M) -> bool {
+    let training = spec.run.mode == crate::spec::Mode::Training;
+    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
+    let x0 = b.buf("input.x", t * m, Mc::Inputs);
+    let target = b.buf("input.target", t * m, Mc::Inputs);
+    let batch = t / spec.seq_len();
+    b.op("load_batch", Stage::Data, Pass::Forward,
+        OpKind::LoadBatch { x: x0, target, shard, batch, seq: spec.seq_len(), d_model: m }, 0, 8 * (t * m) as u64);
+    let mut x = x0;
+    let mut saved: Vec<(usize, Sub<M::Saved>)> = Vec::new();
+    for layer in 0..spec.model.n_layers {
+        b.set_layer(Some(layer as u32));
+        if let Some(bb) = &spec.model.backbone {
+            if bb.n_heads > 0 {
+                let (out, s) = attention(b, spec, layer, x, bb.n_heads);
+                saved.push((layer, Sub::Attn(s)));
+                x = out;
+            }
+            if bb.d_mlp > 0 {
+                let (out, s) = dense_mlp(b, spec, layer, x, bb.d_mlp);
+                saved.push((layer, Sub::Mlp(s)));
+                x = out;
+            }
+        }
+        let (out, s) = moe.forward(b, layer, x);
+        saved.push((layer, Sub::Moe(s)));
+        x = out;
+    }
+    b.set_layer(None);
+    let loss = b.buf("loss", 1, Mc::Activations);
+    let dy = training.then(|| b.buf("loss.dy", t * m, Mc::Activations));
+    let kind = match role {
+        LossRole::Counted => OpKind::Loss { y: x, target, loss, dy, n_global, d_model: m },
+        LossRole::Replica => OpKind::LossReplica { y: x, target, loss, dy, n_global, d_model: m },
+    };
+    b.op("loss", Stage::Loss, Pass::Forward, kind, 3 * (t * m) as u64, 12 * (t * m) as u64);
+    let Some(mut grad) = dy else { return false };
+    for (layer, s) in saved.iter().rev() {
+        b.set_layer(Some(*layer as u32));
+        grad = match s {
+            Sub::Attn(a) => attention_bwd(b, spec, *layer, a, grad),
+            Sub::Mlp(p) => dense_mlp_bwd(b, spec, *layer, p, grad),
+            Sub::Moe(s) => moe.backward(b, *layer, s, grad),
+        };
+    }
+    true
+}

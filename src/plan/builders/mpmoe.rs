@@ -19,7 +19,7 @@
 //! and restored in backward, by re-running the chunk's dispatch all-to-all from the saved
 //! LayerNorm output and slots, and/or by recomputing fc1 and the activation.
 
-use super::blocks::{self, AttnSaved, LnSaved, MlpSaved};
+use super::blocks::{self, LnSaved};
 use super::topk::{a2a, expert_param, moe_dims};
 use super::DataExpertGroups;
 use crate::math::linalg::gemm_flops;
@@ -52,12 +52,6 @@ struct MoeSaved {
     w2: BufId,
     b2: BufId,
     chunks: Vec<ChunkSaved>,
-}
-
-enum Saved {
-    Attn(AttnSaved),
-    Mlp(MlpSaved),
-    Moe(Box<MoeSaved>),
 }
 
 /// Chunk geometry of one MoE layer: the pipelining degree and per-chunk buffer bounds.
@@ -143,52 +137,30 @@ pub(super) fn build_with(spec: &ExperimentSpec, groups: &DataExpertGroups, opts:
     Plan { spec: spec.clone(), groups: groups.groups.clone(), ranks }
 }
 
+/// The pipelined MoE sublayer of one rank, for the shared block skeleton.
+struct Sublayer<'a> {
+    spec: &'a ExperimentSpec,
+    groups: &'a DataExpertGroups,
+    rank: usize,
+    opts: Pipeline,
+}
+
+impl blocks::MoeSublayer for Sublayer<'_> {
+    type Saved = MoeSaved;
+    fn forward(&mut self, b: &mut RankBuilder, layer: usize, x: BufId) -> (BufId, MoeSaved) {
+        moe_forward(b, self.spec, self.groups, self.rank, layer, x, self.opts)
+    }
+    fn backward(&mut self, b: &mut RankBuilder, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
+        moe_backward(b, self.spec, self.groups, self.rank, layer, s, dout, self.opts)
+    }
+}
+
 fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, opts: Pipeline) -> RankPlan {
     let training = spec.run.mode == Mode::Training;
     let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
-    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
     let world = spec.world();
-    let x0 = b.buf("input.x", t * m, Mc::Inputs);
-    let target = b.buf("input.target", t * m, Mc::Inputs);
-    let batch = t / spec.seq_len();
-    b.op("load_batch", Stage::Data, Pass::Forward,
-        OpKind::LoadBatch { x: x0, target, shard: rank, batch, seq: spec.seq_len(), d_model: m }, 0, 8 * (t * m) as u64);
-
-    let mut x = x0;
-    let mut saved: Vec<(usize, Saved)> = Vec::new();
-    for layer in 0..spec.model.n_layers {
-        b.set_layer(Some(layer as u32));
-        if let Some(bb) = &spec.model.backbone {
-            if bb.n_heads > 0 {
-                let (out, s) = blocks::attention(&mut b, spec, layer, x, bb.n_heads);
-                saved.push((layer, Saved::Attn(s)));
-                x = out;
-            }
-            if bb.d_mlp > 0 {
-                let (out, s) = blocks::dense_mlp(&mut b, spec, layer, x, bb.d_mlp);
-                saved.push((layer, Saved::Mlp(s)));
-                x = out;
-            }
-        }
-        let (out, s) = moe_forward(&mut b, spec, groups, rank, layer, x, opts);
-        saved.push((layer, Saved::Moe(Box::new(s))));
-        x = out;
-    }
-    b.set_layer(None);
-    let loss = b.buf("loss", 1, Mc::Activations);
-    let dy = training.then(|| b.buf("loss.dy", t * m, Mc::Activations));
-    b.op("loss", Stage::Loss, Pass::Forward, OpKind::Loss { y: x, target, loss, dy, n_global: t * world, d_model: m }, 3 * (t * m) as u64,
-        12 * (t * m) as u64);
-
-    if let Some(mut grad) = dy {
-        for (layer, s) in saved.iter().rev() {
-            b.set_layer(Some(*layer as u32));
-            grad = match s {
-                Saved::Attn(a) => blocks::attention_bwd(&mut b, spec, *layer, a, grad),
-                Saved::Mlp(p) => blocks::dense_mlp_bwd(&mut b, spec, *layer, p, grad),
-                Saved::Moe(s) => moe_backward(&mut b, spec, groups, rank, *layer, s, grad, opts),
-            };
-        }
+    let mut moe = Sublayer { spec, groups, rank, opts };
+    if blocks::model(&mut b, spec, rank, spec.tokens_per_rank() * world, blocks::LossRole::Counted, &mut moe) {
         let dense = (world > 1).then(|| groups.world());
         let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
         blocks::update(&mut b, spec, dense, expert);

@@ -13,7 +13,7 @@
 //! (`[T, M]`) are partial sums, each all-reduced over the TP group. Pipeline stages of the
 //! backbone are not built (pp = 1).
 
-use super::blocks::{self, AttnSaved, LnSaved, MlpSaved};
+use super::blocks::{self, LnSaved};
 use super::topk::expert_param;
 use super::TensorExpertDataGroups as Groups;
 use crate::math::linalg::gemm_flops;
@@ -39,12 +39,6 @@ struct MoeSaved {
     b1: BufId,
     w2: BufId,
     b2: BufId,
-}
-
-enum Saved {
-    Attn(AttnSaved),
-    Mlp(MlpSaved),
-    Moe(Box<MoeSaved>),
 }
 
 /// Build the PPMoE plan for every rank.
@@ -81,56 +75,33 @@ fn moe_dims(spec: &ExperimentSpec, g: &Groups, rank: usize) -> MoeDims {
     }
 }
 
+/// The PPMoE sublayer of one rank (experts over its TP group), for the shared skeleton.
+struct Sublayer<'a> {
+    spec: &'a ExperimentSpec,
+    groups: &'a Groups,
+    rank: usize,
+    tpg: Option<GroupId>,
+}
+
+impl blocks::MoeSublayer for Sublayer<'_> {
+    type Saved = MoeSaved;
+    fn forward(&mut self, b: &mut RankBuilder, layer: usize, x: BufId) -> (BufId, MoeSaved) {
+        moe_forward(b, self.spec, self.groups, self.rank, self.tpg, layer, x)
+    }
+    fn backward(&mut self, b: &mut RankBuilder, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
+        moe_backward(b, self.spec, self.tpg, layer, s, dout)
+    }
+}
+
 fn build_rank(spec: &ExperimentSpec, groups: &Groups, rank: usize) -> RankPlan {
     let training = spec.run.mode == Mode::Training;
     let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
-    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
     let shards = groups.shards();
-    let ti = groups.tp_index(rank);
     let tpg = (spec.layout.tp > 1).then(|| groups.tp_group(rank));
-    let x0 = b.buf("input.x", t * m, Mc::Inputs);
-    let target = b.buf("input.target", t * m, Mc::Inputs);
-    let batch = t / spec.seq_len();
-    b.op("load_batch", Stage::Data, Pass::Forward,
-        OpKind::LoadBatch { x: x0, target, shard: groups.shard(rank), batch, seq: spec.seq_len(), d_model: m }, 0, 8 * (t * m) as u64);
-    let mut x = x0;
-    let mut saved: Vec<(usize, Saved)> = Vec::new();
-    for layer in 0..spec.model.n_layers {
-        b.set_layer(Some(layer as u32));
-        if let Some(bb) = &spec.model.backbone {
-            if bb.n_heads > 0 {
-                let (out, s) = blocks::attention(&mut b, spec, layer, x, bb.n_heads);
-                saved.push((layer, Saved::Attn(s)));
-                x = out;
-            }
-            if bb.d_mlp > 0 {
-                let (out, s) = blocks::dense_mlp(&mut b, spec, layer, x, bb.d_mlp);
-                saved.push((layer, Saved::Mlp(s)));
-                x = out;
-            }
-        }
-        let (out, s) = moe_forward(&mut b, spec, groups, rank, tpg, layer, x);
-        saved.push((layer, Saved::Moe(Box::new(s))));
-        x = out;
-    }
-    b.set_layer(None);
-    let loss = b.buf("loss", 1, Mc::Activations);
-    let dy = training.then(|| b.buf("loss.dy", t * m, Mc::Activations));
-    let kind = if ti == 0 {
-        OpKind::Loss { y: x, target, loss, dy, n_global: t * shards, d_model: m }
-    } else {
-        OpKind::LossReplica { y: x, target, loss, dy, n_global: t * shards, d_model: m }
-    };
-    b.op("loss", Stage::Loss, Pass::Forward, kind, 3 * (t * m) as u64, 12 * (t * m) as u64);
-    if let Some(mut grad) = dy {
-        for (layer, s) in saved.iter().rev() {
-            b.set_layer(Some(*layer as u32));
-            grad = match s {
-                Saved::Attn(a) => blocks::attention_bwd(&mut b, spec, *layer, a, grad),
-                Saved::Mlp(p) => blocks::dense_mlp_bwd(&mut b, spec, *layer, p, grad),
-                Saved::Moe(s) => moe_backward(&mut b, spec, tpg, *layer, s, grad),
-            };
-        }
+    // Every TP rank computes the same loss; TP index 0 reports it, the others are replicas.
+    let role = if groups.tp_index(rank) == 0 { blocks::LossRole::Counted } else { blocks::LossRole::Replica };
+    let mut moe = Sublayer { spec, groups, rank, tpg };
+    if blocks::model(&mut b, spec, groups.shard(rank), spec.tokens_per_rank() * shards, role, &mut moe) {
         // Identical dense gradients on the TP ranks of a shard: sum over the shards only.
         let dense = (shards > 1).then(|| groups.data_group(rank));
         let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));

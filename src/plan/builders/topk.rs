@@ -5,7 +5,7 @@
 //! (global capacity) -> dispatch (capacity, pack rows per peer) -> all-to-all -> expert
 //! layout -> fc1 -> act -> fc2 -> unlayout -> all-to-all back -> combine (+ residual).
 
-use super::blocks::{self, AttnSaved, LnSaved, MlpSaved};
+use super::blocks::{self, LnSaved};
 use super::DataExpertGroups;
 use crate::math::linalg::gemm_flops;
 use crate::plan::ops::MoeDims;
@@ -32,12 +32,6 @@ struct MoeSaved {
     b1: BufId,
     w2: BufId,
     b2: BufId,
-}
-
-enum Saved {
-    Attn(AttnSaved),
-    Mlp(MlpSaved),
-    Moe(Box<MoeSaved>),
 }
 
 /// Build the top-k plan for every rank.
@@ -75,52 +69,29 @@ pub(super) fn moe_dims(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: u
     }
 }
 
+/// The top-k MoE sublayer of one rank, for the shared block skeleton.
+struct Sublayer<'a> {
+    spec: &'a ExperimentSpec,
+    groups: &'a DataExpertGroups,
+    rank: usize,
+}
+
+impl blocks::MoeSublayer for Sublayer<'_> {
+    type Saved = MoeSaved;
+    fn forward(&mut self, b: &mut RankBuilder, layer: usize, x: BufId) -> (BufId, MoeSaved) {
+        moe_forward(b, self.spec, self.groups, self.rank, layer, x)
+    }
+    fn backward(&mut self, b: &mut RankBuilder, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
+        moe_backward(b, self.spec, self.groups, self.rank, layer, s, dout)
+    }
+}
+
 fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> crate::plan::RankPlan {
     let training = spec.run.mode == Mode::Training;
     let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
-    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
     let world = spec.world();
-    let x0 = b.buf("input.x", t * m, Mc::Inputs);
-    let target = b.buf("input.target", t * m, Mc::Inputs);
-    let batch = t / spec.seq_len();
-    b.op("load_batch", Stage::Data, Pass::Forward,
-        OpKind::LoadBatch { x: x0, target, shard: rank, batch, seq: spec.seq_len(), d_model: m }, 0, 8 * (t * m) as u64);
-
-    let mut x = x0;
-    let mut saved: Vec<(usize, BufId, Saved)> = Vec::new();
-    for layer in 0..spec.model.n_layers {
-        b.set_layer(Some(layer as u32));
-        if let Some(bb) = &spec.model.backbone {
-            if bb.n_heads > 0 {
-                let (out, s) = blocks::attention(&mut b, spec, layer, x, bb.n_heads);
-                saved.push((layer, out, Saved::Attn(s)));
-                x = out;
-            }
-            if bb.d_mlp > 0 {
-                let (out, s) = blocks::dense_mlp(&mut b, spec, layer, x, bb.d_mlp);
-                saved.push((layer, out, Saved::Mlp(s)));
-                x = out;
-            }
-        }
-        let (out, s) = moe_forward(&mut b, spec, groups, rank, layer, x);
-        saved.push((layer, out, Saved::Moe(Box::new(s))));
-        x = out;
-    }
-    b.set_layer(None);
-    let loss = b.buf("loss", 1, Mc::Activations);
-    let dy = training.then(|| b.buf("loss.dy", t * m, Mc::Activations));
-    b.op("loss", Stage::Loss, Pass::Forward, OpKind::Loss { y: x, target, loss, dy, n_global: t * world, d_model: m }, 3 * (t * m) as u64,
-        12 * (t * m) as u64);
-
-    if let Some(mut grad) = dy {
-        for (layer, _out, s) in saved.iter().rev() {
-            b.set_layer(Some(*layer as u32));
-            grad = match s {
-                Saved::Attn(a) => blocks::attention_bwd(&mut b, spec, *layer, a, grad),
-                Saved::Mlp(p) => blocks::dense_mlp_bwd(&mut b, spec, *layer, p, grad),
-                Saved::Moe(s) => moe_backward(&mut b, spec, groups, rank, *layer, s, grad),
-            };
-        }
+    let mut moe = Sublayer { spec, groups, rank };
+    if blocks::model(&mut b, spec, rank, spec.tokens_per_rank() * world, blocks::LossRole::Counted, &mut moe) {
         let dense = (world > 1).then(|| groups.world());
         let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
         blocks::update(&mut b, spec, dense, expert);
