@@ -124,24 +124,11 @@ fn chunking_never_changes_which_tokens_drop() {
 
 /// Whether `to` depends on `from` through any chain of dependencies.
 fn reaches(rp: &RankPlan, from: OpId, to: OpId) -> bool {
-    let mut seen = vec![false; rp.ops.len()];
-    let mut stack = vec![to];
-    while let Some(o) = stack.pop() {
-        if o == from {
-            return true;
-        }
-        for d in &rp.ops[o.0 as usize].deps {
-            if !seen[d.0 as usize] {
-                seen[d.0 as usize] = true;
-                stack.push(*d);
-            }
-        }
-    }
-    false
+    rp.depends_on(to, from)
 }
 
 fn op_id(rp: &RankPlan, name: &str) -> OpId {
-    rp.ops.iter().find(|o| o.name == name).unwrap_or_else(|| panic!("no op {name}")).id
+    rp.op_named(name).unwrap_or_else(|| panic!("no op {name}")).id
 }
 
 #[test]

@@ -213,4 +213,26 @@ impl RankPlan {
     pub fn buffer(&self, id: BufId) -> &BufferDesc {
         &self.buffers[id.0 as usize]
     }
+    /// Find an op by name, e.g. `L0.dispatch_a2a`.
+    pub fn op_named(&self, name: &str) -> Option<&Op> {
+        self.ops.iter().find(|o| o.name == name)
+    }
+    /// Whether op `later` waits for op `earlier` through any chain of dependencies: when it
+    /// does not, a backend may run them at the same time on different streams.
+    pub fn depends_on(&self, later: OpId, earlier: OpId) -> bool {
+        let mut seen = vec![false; self.ops.len()];
+        let mut stack = vec![later];
+        while let Some(o) = stack.pop() {
+            if o == earlier {
+                return true;
+            }
+            for d in &self.ops[o.0 as usize].deps {
+                if !seen[d.0 as usize] {
+                    seen[d.0 as usize] = true;
+                    stack.push(*d);
+                }
+            }
+        }
+        false
+    }
 }
