@@ -3,43 +3,23 @@
 
 mod common;
 use common::*;
-use moelab::backend::cpu::CpuRuntime;
 
 const BACKBONE: &str = "[model.backbone]\nn_heads = 2\nd_mlp = 20";
-
-/// Concatenate a buffer over ranks (data shards in rank order).
-fn gather(rt: &CpuRuntime, name: &str) -> Vec<f32> {
-    (0..rt.plan().world()).flat_map(|r| rt.read(r, name).unwrap_or_else(|| panic!("{name} on rank {r}"))).collect()
-}
-
-/// Expert param of the single-rank run = concatenation over one expert-parallel group.
-fn gather_experts(rt: &CpuRuntime, name: &str, ep: usize) -> Vec<f32> {
-    (0..ep).flat_map(|r| rt.read(r, name).unwrap()).collect()
-}
 
 fn check_layout(model: &str, dp: usize, ep: usize, tokens_per_rank: usize) {
     let world = dp * ep;
     let layout = format!("dp = {dp}\nep = {ep}");
     let dist_spec = spec(&format!("tokens_per_rank = {tokens_per_rank}\nseq_len = 8\nn_layers = 2\n{model}"), &layout, "");
     let ref_spec = spec(&format!("tokens_per_rank = {}\nseq_len = 8\nn_layers = 2\n{model}", tokens_per_rank * world), "", "");
-    let mut dist = runtime(&dist_spec, &["L1.moe.out"], true);
-    let mut single = runtime(&ref_spec, &["L1.moe.out"], true);
-    let a = dist.step(false, Some(0)).expect("distributed step");
-    let b = single.step(false, Some(0)).expect("single step");
-    assert!(((a.loss - b.loss) / b.loss).abs() < 1e-5, "loss {} vs {}", a.loss, b.loss);
-    assert!((a.aux_loss - b.aux_loss).abs() < 1e-5, "aux {} vs {}", a.aux_loss, b.aux_loss);
-    assert_eq!(a.dropped, b.dropped, "same tokens dropped");
-    let out = rel_err(&gather(&dist, "L1.moe.out"), &single.read(0, "L1.moe.out").unwrap());
-    assert!(out < 1e-5, "output rel err {out}");
-    // Dense grads: all-reduced, identical on every rank and equal to the single-rank grad.
+    let (dist, a) = step_retaining(&dist_spec, &["L1.moe.out"]);
+    let (single, b) = step_retaining(&ref_spec, &["L1.moe.out"]);
+    let what = format!("dp={dp} ep={ep}");
+    assert_matches_single_rank(&dist, &a, &single, &b, &["L1.moe.out"], ep, &what);
+    // Dense grads are all-reduced: identical on every rank.
     for rp in &dist.plan().ranks[0].params {
-        let name = &dist.plan().ranks[0].buffer(rp.value).name;
-        let gname = format!("{name}.grad");
-        let want = single.read(0, &gname).unwrap();
-        let got = if rp.expert { gather_experts(&dist, &gname, ep) } else { dist.read(0, &gname).unwrap() };
-        let err = rel_err(&got, &want);
-        assert!(err < 1e-5, "{gname}: rel err {err} (dp={dp}, ep={ep})");
         if !rp.expert {
+            let gname = format!("{}.grad", dist.plan().ranks[0].buffer(rp.value).name);
+            let got = dist.read(0, &gname).unwrap();
             for r in 1..world {
                 assert_eq!(dist.read(r, &gname).unwrap(), got, "{gname} differs on rank {r}");
             }

@@ -5,7 +5,6 @@
 
 mod common;
 use common::*;
-use moelab::backend::cpu::CpuRuntime;
 use moelab::backend::StepReport;
 use moelab::plan::memory::predict;
 use moelab::plan::{OpId, Plan, RankPlan};
@@ -23,18 +22,6 @@ fn mpmoe_spec(model: &str, layout: &str, chunks: usize, reuse: Reuse, run: &str)
     from_toml_str(&text).unwrap_or_else(|e| panic!("test spec invalid: {e}\n{text}"))
 }
 
-/// Concatenate a buffer over ranks (data shards in rank order).
-fn gather(rt: &CpuRuntime, name: &str) -> Vec<f32> {
-    (0..rt.plan().world()).flat_map(|r| rt.read(r, name).unwrap_or_else(|| panic!("{name} on rank {r}"))).collect()
-}
-
-/// Run one step without the optimizer, retaining the last MoE output.
-fn step(s: &ExperimentSpec, out: &str) -> (CpuRuntime, StepReport) {
-    let mut rt = runtime(s, &[out], true);
-    let r = rt.step(false, Some(0)).expect("step");
-    (rt, r)
-}
-
 /// Loss, aux loss, drops, the MoE output and every gradient match the single-rank top-k run.
 fn check_against_topk(model: &str, dp: usize, ep: usize, chunks: usize, reuse: Reuse) {
     let (t, world) = (16, dp * ep);
@@ -42,23 +29,10 @@ fn check_against_topk(model: &str, dp: usize, ep: usize, chunks: usize, reuse: R
     let layers = format!("tokens_per_rank = {t}\nseq_len = 8\nn_layers = 2\n{model}");
     let dist_spec = mpmoe_spec(&layers, &format!("dp = {dp}\nep = {ep}"), chunks, reuse, "");
     let ref_spec = spec(&format!("tokens_per_rank = {}\nseq_len = 8\nn_layers = 2\n{model}", t * world), "", "");
-    let (dist, a) = step(&dist_spec, out);
-    let (single, b) = step(&ref_spec, out);
+    let (dist, a) = step_retaining(&dist_spec, &[out]);
+    let (single, b) = step_retaining(&ref_spec, &[out]);
     let what = format!("dp={dp} ep={ep} chunks={chunks} reuse={}", reuse.as_str());
-    assert!(((a.loss - b.loss) / b.loss).abs() < 1e-5, "{what}: loss {} vs {}", a.loss, b.loss);
-    assert!((a.aux_loss - b.aux_loss).abs() < 1e-5, "{what}: aux {} vs {}", a.aux_loss, b.aux_loss);
-    assert_eq!(a.dropped, b.dropped, "{what}: same tokens dropped");
-    let err = rel_err(&gather(&dist, out), &single.read(0, out).unwrap());
-    assert!(err < 1e-5, "{what}: output rel err {err}");
-    let rp = &dist.plan().ranks[0];
-    for p in &rp.params {
-        let gname = format!("{}.grad", rp.buffer(p.value).name);
-        let want = single.read(0, &gname).unwrap();
-        // Expert grads: the single-rank tensor is the concatenation over one ep group.
-        let got = if p.expert { (0..ep).flat_map(|r| dist.read(r, &gname).unwrap()).collect() } else { dist.read(0, &gname).unwrap() };
-        let err = rel_err(&got, &want);
-        assert!(err < 1e-5, "{what}: {gname} rel err {err}");
-    }
+    assert_matches_single_rank(&dist, &a, &single, &b, &[out], ep, &what);
 }
 
 #[test]
@@ -110,7 +84,7 @@ fn chunking_never_changes_which_tokens_drop() {
     let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\ncapacity_factor = 0.5";
     let runs: Vec<(StepReport, Vec<f32>)> = (1..=4)
         .map(|n| {
-            let (rt, r) = step(&mpmoe_spec(model, "dp = 2\nep = 2", n, Reuse::ReuseBuffers, ""), "L1.moe.out");
+            let (rt, r) = step_retaining(&mpmoe_spec(model, "dp = 2\nep = 2", n, Reuse::ReuseBuffers, ""), &["L1.moe.out"]);
             (r, gather(&rt, "L1.moe.out"))
         })
         .collect();

@@ -6,7 +6,6 @@
 
 mod common;
 use common::*;
-use moelab::backend::cpu::CpuRuntime;
 use moelab::backend::StepReport;
 use moelab::plan::{OpId, OpKind, Plan, RankPlan};
 use moelab::spec::{from_toml_str, A2aKind, Degree, ExperimentSpec};
@@ -28,18 +27,6 @@ fn topk_spec(model: &str, run: &str) -> ExperimentSpec {
     from_toml_str(&text).unwrap_or_else(|e| panic!("test spec invalid: {e}\n{text}"))
 }
 
-/// Concatenate a buffer over ranks (data shards in rank order).
-fn gather(rt: &CpuRuntime, name: &str) -> Vec<f32> {
-    (0..rt.plan().world()).flat_map(|r| rt.read(r, name).unwrap_or_else(|| panic!("{name} on rank {r}"))).collect()
-}
-
-/// Run one step without the optimizer, retaining the last MoE output.
-fn step(s: &ExperimentSpec, out: &str) -> (CpuRuntime, StepReport) {
-    let mut rt = runtime(s, &[out], true);
-    let r = rt.step(false, Some(0)).expect("step");
-    (rt, r)
-}
-
 /// The `[tutel]` lines for a degree and an all-to-all algorithm.
 fn table(degree: usize, a2a: A2aKind, gpn: usize) -> String {
     format!("degree = {degree}\na2a = \"{}\"\ngpus_per_node = {gpn}", a2a.as_str())
@@ -52,22 +39,10 @@ fn check_against_topk(model: &str, dp: usize, ep: usize, tutel: &str) {
     let layers = format!("tokens_per_rank = {t}\nseq_len = 8\nn_layers = 2\n{model}");
     let dist_spec = tutel_spec(&layers, &format!("dp = {dp}\nep = {ep}"), tutel, "");
     let ref_spec = topk_spec(&format!("tokens_per_rank = {}\nseq_len = 8\nn_layers = 2\n{model}", t * world), "");
-    let (dist, a) = step(&dist_spec, out);
-    let (single, b) = step(&ref_spec, out);
+    let (dist, a) = step_retaining(&dist_spec, &[out]);
+    let (single, b) = step_retaining(&ref_spec, &[out]);
     let what = format!("dp={dp} ep={ep} [{}]", tutel.replace('\n', " "));
-    assert!(((a.loss - b.loss) / b.loss).abs() < 1e-5, "{what}: loss {} vs {}", a.loss, b.loss);
-    assert!((a.aux_loss - b.aux_loss).abs() < 1e-5, "{what}: aux {} vs {}", a.aux_loss, b.aux_loss);
-    assert_eq!(a.dropped, b.dropped, "{what}: same tokens dropped");
-    let err = rel_err(&gather(&dist, out), &single.read(0, out).unwrap());
-    assert!(err < 1e-5, "{what}: output rel err {err}");
-    let rp = &dist.plan().ranks[0];
-    for p in &rp.params {
-        let gname = format!("{}.grad", rp.buffer(p.value).name);
-        let want = single.read(0, &gname).unwrap();
-        let got = if p.expert { (0..ep).flat_map(|r| dist.read(r, &gname).unwrap()).collect() } else { dist.read(0, &gname).unwrap() };
-        let err = rel_err(&got, &want);
-        assert!(err < 1e-5, "{what}: {gname} rel err {err}");
-    }
+    assert_matches_single_rank(&dist, &a, &single, &b, &[out], ep, &what);
 }
 
 #[test]
@@ -100,8 +75,8 @@ fn two_d_all_to_all_gives_exactly_the_flat_outputs_and_gradients() {
     let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\ncapacity_factor = 1.0";
     for degree in [1, 3] {
         let out = "L1.moe.out";
-        let (flat, a) = step(&tutel_spec(model, "ep = 4", &table(degree, A2aKind::Flat, 2), ""), out);
-        let (two_d, b) = step(&tutel_spec(model, "ep = 4", &table(degree, A2aKind::TwoD, 2), ""), out);
+        let (flat, a) = step_retaining(&tutel_spec(model, "ep = 4", &table(degree, A2aKind::Flat, 2), ""), &[out]);
+        let (two_d, b) = step_retaining(&tutel_spec(model, "ep = 4", &table(degree, A2aKind::TwoD, 2), ""), &[out]);
         assert_eq!(a.loss, b.loss, "degree {degree}: loss");
         assert_eq!(gather(&flat, out), gather(&two_d, out), "degree {degree}: outputs");
         let rp = &flat.plan().ranks[0];
@@ -134,7 +109,7 @@ fn degree_never_changes_which_tokens_drop() {
     for (layout, a2a, gpn) in [("dp = 2\nep = 2", A2aKind::Flat, 8), ("ep = 4", A2aKind::TwoD, 2)] {
         let runs: Vec<(StepReport, Vec<f32>)> = (1..=4)
             .map(|d| {
-                let (rt, r) = step(&tutel_spec(model, layout, &table(d, a2a, gpn), ""), "L1.moe.out");
+                let (rt, r) = step_retaining(&tutel_spec(model, layout, &table(d, a2a, gpn), ""), &["L1.moe.out"]);
                 (r, gather(&rt, "L1.moe.out"))
             })
             .collect();

@@ -39,3 +39,45 @@ pub fn output_name(rt: &CpuRuntime, rank: usize) -> String {
         _ => unreachable!(),
     }
 }
+
+/// Concatenate a buffer over ranks (data shards in rank order).
+pub fn gather(rt: &CpuRuntime, name: &str) -> Vec<f32> {
+    (0..rt.plan().world()).flat_map(|r| rt.read(r, name).unwrap_or_else(|| panic!("{name} on rank {r}"))).collect()
+}
+
+/// Run one step on data step 0 without the optimizer, retaining the named buffers.
+pub fn step_retaining(s: &ExperimentSpec, retain: &[&str]) -> (CpuRuntime, moelab::backend::StepReport) {
+    let mut rt = runtime(s, retain, true);
+    let r = rt.step(false, Some(0)).expect("step");
+    (rt, r)
+}
+
+/// A distributed step equals the single-rank step: loss, aux loss and drops, the retained
+/// outputs `outs` (gathered over ranks) and every gradient, the expert gradients
+/// concatenated over one expert-parallel group of `ep` ranks (relative error < 1e-5).
+pub fn assert_matches_single_rank(
+    dist: &CpuRuntime,
+    a: &moelab::backend::StepReport,
+    single: &CpuRuntime,
+    b: &moelab::backend::StepReport,
+    outs: &[&str],
+    ep: usize,
+    what: &str,
+) {
+    assert!(((a.loss - b.loss) / b.loss).abs() < 1e-5, "{what}: loss {} vs {}", a.loss, b.loss);
+    assert!((a.aux_loss - b.aux_loss).abs() < 1e-5, "{what}: aux {} vs {}", a.aux_loss, b.aux_loss);
+    assert_eq!(a.dropped, b.dropped, "{what}: same tokens dropped");
+    for name in outs {
+        let err = rel_err(&gather(dist, name), &single.read(0, name).unwrap());
+        assert!(err < 1e-5, "{what}: {name} rel err {err}");
+    }
+    let rp = &dist.plan().ranks[0];
+    for p in &rp.params {
+        let gname = format!("{}.grad", rp.buffer(p.value).name);
+        let want = single.read(0, &gname).unwrap();
+        let got: Vec<f32> =
+            if p.expert { (0..ep).flat_map(|r| dist.read(r, &gname).unwrap()).collect() } else { dist.read(0, &gname).unwrap() };
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "{what}: {gname} rel err {err}");
+    }
+}
