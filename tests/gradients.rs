@@ -5,45 +5,13 @@ mod common;
 use common::*;
 use moelab::backend::cpu::CpuRuntime;
 
-/// Total objective the backward differentiates: loss + aux_coef * aux.
-fn objective(rt: &mut CpuRuntime, coef: f64) -> f64 {
-    let r = rt.step(false, Some(0)).expect("step");
-    r.loss + coef * r.aux_loss
+/// The route buffers whose flips make a finite difference meaningless.
+fn routes() -> Vec<String> {
+    vec!["L0.route.idx".to_string(), "L1.route.idx".to_string()]
 }
 
 fn check_param(rt: &mut CpuRuntime, coef: f64, name: &str, probes: usize) {
-    let _ = objective(rt, coef);
-    let grad = rt.read(0, &format!("{name}.grad")).unwrap();
-    let base = rt.read(0, name).unwrap();
-    // Probe the largest-gradient coordinates: their finite differences are well above noise.
-    let mut order: Vec<usize> = (0..grad.len()).collect();
-    order.sort_by(|&a, &b| grad[b].abs().partial_cmp(&grad[a].abs()).unwrap());
-    let h = 2e-3f32;
-    let routes = |rt: &CpuRuntime| [rt.read_i32(0, "L0.route.idx"), rt.read_i32(0, "L1.route.idx")];
-    let base_routes = routes(rt);
-    let mut checked = 0;
-    for &i in order.iter().take(probes) {
-        let mut p = base.clone();
-        p[i] = base[i] + h;
-        rt.write(0, name, p.clone());
-        let fp = objective(rt, coef);
-        let routes_p = routes(rt);
-        p[i] = base[i] - h;
-        rt.write(0, name, p);
-        let fm = objective(rt, coef);
-        let routes_m = routes(rt);
-        rt.write(0, name, base.clone());
-        if routes_p != base_routes || routes_m != base_routes {
-            // A routing flip is a discontinuity: no derivative to compare there.
-            continue;
-        }
-        let fd = (fp - fm) / (2.0 * h as f64);
-        let an = grad[i] as f64;
-        let err = (fd - an).abs() / an.abs().max(1e-4);
-        assert!(err < 2e-2, "{name}[{i}]: analytic {an:e} vs finite difference {fd:e} (rel {err:e})");
-        checked += 1;
-    }
-    assert!(checked * 2 >= probes, "{name}: only {checked} of {probes} probes kept their routing");
+    check_finite_differences(rt, coef, &routes(), name, probes);
 }
 
 #[test]

@@ -81,3 +81,45 @@ pub fn assert_matches_single_rank(
         assert!(err < 1e-5, "{what}: {gname} rel err {err}");
     }
 }
+
+/// The objective the backward differentiates: loss + aux_coef * aux, on data step 0.
+pub fn objective(rt: &mut CpuRuntime, coef: f64) -> f64 {
+    let r = rt.step(false, Some(0)).expect("step");
+    r.loss + coef * r.aux_loss
+}
+
+/// Central differences on the largest-gradient coordinates of `name` (skipping probes whose
+/// routing flips, a discontinuity) against the analytic gradient.
+pub fn check_finite_differences(rt: &mut CpuRuntime, coef: f64, idx_names: &[String], name: &str, probes: usize) {
+    let _ = objective(rt, coef);
+    let grad = rt.read(0, &format!("{name}.grad")).unwrap_or_else(|| panic!("no grad for {name}"));
+    let base = rt.read(0, name).unwrap();
+    let mut order: Vec<usize> = (0..grad.len()).collect();
+    order.sort_by(|&a, &b| grad[b].abs().partial_cmp(&grad[a].abs()).unwrap());
+    let h = 2e-3f32;
+    let routes = |rt: &CpuRuntime| idx_names.iter().map(|n| rt.read_i32(0, n)).collect::<Vec<_>>();
+    let base_routes = routes(rt);
+    let mut checked = 0;
+    for &i in order.iter().take(probes) {
+        let mut p = base.clone();
+        p[i] = base[i] + h;
+        rt.write(0, name, p.clone());
+        let fp = objective(rt, coef);
+        let routes_p = routes(rt);
+        p[i] = base[i] - h;
+        rt.write(0, name, p);
+        let fm = objective(rt, coef);
+        let routes_m = routes(rt);
+        rt.write(0, name, base.clone());
+        if routes_p != base_routes || routes_m != base_routes {
+            continue;
+        }
+        let fd = (fp - fm) / (2.0 * h as f64);
+        let an = grad[i] as f64;
+        let err = (fd - an).abs() / an.abs().max(1e-4);
+        assert!(err < 2e-2, "{name}[{i}]: analytic {an:e} vs finite difference {fd:e} (rel {err:e})");
+        checked += 1;
+    }
+    assert!(checked * 2 >= probes, "{name}: only {checked} of {probes} probes kept their routing");
+}
+
