@@ -11,3 +11,4 @@ pub mod math;
 pub mod plan;
 pub mod backend;
 pub mod run;
+pub mod notebook;

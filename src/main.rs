@@ -60,6 +60,26 @@ enum Command {
         /// Experiment file.
         file: PathBuf,
     },
+    /// Run experiments on the cpu reference and on the cuda backend and compare every step's
+    /// loss and every final parameter and gradient (f32: relative error below 1e-4).
+    Crosscheck {
+        /// Experiment files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Directory that receives the cuda run directories.
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Also write the results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Internal: one cuda worker process (started by `moelab run` with backend cuda, one per
+    /// GPU; also under torchrun/srun with RANK, WORLD_SIZE, LOCAL_RANK set).
+    #[command(hide = true)]
+    CudaWorker {
+        /// The run directory (holds spec.toml; receives rank-<r>.json).
+        dir: PathBuf,
+    },
 }
 
 fn load(file: &Path) -> Result<ExperimentSpec> {
@@ -143,11 +163,17 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool) -> Result<()> {
         println!();
     }
     println!("{}", outcome.analysis.render_text());
+    if let Some(a) = &outcome.mpmoe_auto {
+        println!("{}\n", a.render_text());
+    }
+    if let Some(a) = &outcome.auto_degree {
+        println!("tutel auto: {}\n", a.reason);
+    }
     let worst = outcome.predicted.iter().zip(&outcome.tracked).map(|(p, t)| (p.peak_total, t.0, p.upper_bound)).max_by_key(|x| x.1);
     if let Some((pred, tracked, bound)) = worst {
         println!(
-            "peak memory: plan predicts {}{}, cpu backend tracked {}",
-            mib(pred), if bound { " (upper bound, dropless)" } else { "" }, mib(tracked)
+            "peak memory: plan predicts {}{}, {} backend tracked {}",
+            mib(pred), if bound { " (upper bound, dropless)" } else { "" }, outcome.trace.backend, mib(tracked)
         );
     }
     println!("run directory: {}", outcome.dir.display());
@@ -174,6 +200,30 @@ fn cmd_compare(files: &[PathBuf], runs_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>) -> Result<bool> {
+    let mut all = Vec::new();
+    let mut ok = true;
+    for f in files {
+        let spec = load(f)?;
+        let c = moelab::run::crosscheck::crosscheck(&spec, runs_dir)?;
+        let failed: Vec<_> = c.items.iter().filter(|i| !i.passed).collect();
+        println!(
+            "{} {} ({}, world {}): {} compared, worst rel err {:.2e}{}",
+            if c.passed { "PASS" } else { "FAIL" }, f.display(), c.variant, c.world, c.items.len(), c.worst,
+            c.error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default()
+        );
+        for i in failed.iter().take(10) {
+            println!("    {} rel err {:.2e}", i.name, i.rel_err);
+        }
+        ok &= c.passed;
+        all.push(c);
+    }
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&all)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(ok)
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -181,6 +231,8 @@ fn main() {
         Command::Compare { files, runs_dir } => cmd_compare(files, runs_dir).map(|_| true),
         Command::Validate { files } => cmd_validate(files),
         Command::Plan { file } => cmd_plan(file).map(|_| true),
+        Command::Crosscheck { files, runs_dir, json } => cmd_crosscheck(files, runs_dir, json.as_deref()),
+        Command::CudaWorker { dir } => std::process::exit(moelab::backend::cuda::launch::worker_main(dir)),
     };
     match result {
         Ok(true) => {}

@@ -189,7 +189,7 @@ impl GpuError {
 
 /// Runs `f`, turning a panic inside cudarc into [`GpuError::Panicked`]. A last resort: the
 /// library checks in `device` should catch missing libraries before cudarc panics on them.
-pub(crate) fn no_panic<T>(op: &'static str, f: impl FnOnce() -> Result<T, GpuError>) -> Result<T, GpuError> {
+pub fn no_panic<T>(op: &'static str, f: impl FnOnce() -> Result<T, GpuError>) -> Result<T, GpuError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => {

@@ -90,6 +90,63 @@ fn cublas_config<T: Dtype>(form: GemmForm, d: GemmDims, beta: T, lim: impl Fn(&'
     })
 }
 
+/// Strides of a batched GEMM: `count` products, operand `i` at `a + i * a_stride` (elements).
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    /// Products in the batch.
+    pub count: usize,
+    /// Elements between consecutive A operands.
+    pub a_stride: usize,
+    /// Elements between consecutive B operands.
+    pub b_stride: usize,
+    /// Elements between consecutive C results.
+    pub c_stride: usize,
+}
+
+/// Row-major f32 GEMM on raw device pointers: `c[m,n] = op(a) op(b) + beta * c` in `form`,
+/// optionally batched. For executors that manage their own buffers (the cuda backend).
+///
+/// # Safety
+/// `handle` must be a live cuBLAS handle bound to the stream that orders the buffers; `a`,
+/// `b`, `c` must point to device memory holding at least the elements the form and `batch`
+/// address (m*k, k*n, m*n per product).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_raw(
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    form: GemmForm,
+    a: u64,
+    b: u64,
+    c: u64,
+    dims: GemmDims,
+    beta: f32,
+    batch: Option<Batch>,
+) -> Result<(), GpuError> {
+    const OP: &str = "sgemm_raw";
+    let lim = |what: &'static str, v: usize| i32::try_from(v).map_err(|_| GpuError::TooLarge { op: OP, what, value: v, limit: i32::MAX as usize });
+    let cfg = cublas_config(form, dims, beta, lim)?;
+    if dims.m == 0 || dims.n == 0 {
+        return Ok(());
+    }
+    let alpha = 1.0f32;
+    // cuBLAS's first operand is our b, its second our a (see cublas_config).
+    let r = match batch {
+        None => cudarc::cublas::result::sgemm(
+            handle, cfg.transa, cfg.transb, cfg.m, cfg.n, cfg.k, &alpha, b as *const f32, cfg.lda, a as *const f32, cfg.ldb, &cfg.beta,
+            c as *mut f32, cfg.ldc,
+        ),
+        Some(bt) => {
+            if bt.count == 0 {
+                return Ok(());
+            }
+            cudarc::cublas::result::sgemm_strided_batched(
+                handle, cfg.transa, cfg.transb, cfg.m, cfg.n, cfg.k, &alpha, b as *const f32, cfg.lda, bt.b_stride as i64, a as *const f32,
+                cfg.ldb, bt.a_stride as i64, &cfg.beta, c as *mut f32, cfg.ldc, bt.c_stride as i64, lim("batch", bt.count)?,
+            )
+        }
+    };
+    r.map_err(GpuError::cublas("sgemm"))
+}
+
 impl Device {
     /// `c[m,n] (+)= op(a) op(b)` in the given form; `accumulate` adds to `c` (beta = 1)
     /// instead of overwriting it. `a` holds m*k elements, `b` k*n, `c` m*n.
@@ -194,10 +251,18 @@ mod tests {
         let lim = |_: &'static str, v: usize| Ok(v as i32);
         for form in GemmForm::ALL {
             let mut want = vec![0.0; m * n];
-            match form {
-                GemmForm::Nn => moelab::math::linalg::gemm(&a, &b, &mut want, m, k, n, false),
-                GemmForm::Tn => moelab::math::linalg::gemm_tn(&a, &b, &mut want, k, m, n, false),
-                GemmForm::Nt => moelab::math::linalg::gemm_nt(&a, &b, &mut want, m, k, n, false),
+            // Row-major references: nn C = A B with A [m,k]; tn C = A^T B with A stored [k,m];
+            // nt C = A B^T with B stored [n,k].
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * n + j] = (0..k)
+                        .map(|p| match form {
+                            GemmForm::Nn => a[i * k + p] * b[p * n + j],
+                            GemmForm::Tn => a[p * m + i] * b[p * n + j],
+                            GemmForm::Nt => a[i * k + p] * b[j * k + p],
+                        })
+                        .sum();
+                }
             }
             let cfg = cublas_config(form, GemmDims { m, k, n }, 0.0f32, lim).unwrap();
             let mut got = vec![f32::NAN; m * n];

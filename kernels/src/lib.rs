@@ -7,17 +7,14 @@
 //! - [`ops`]: launchers for the kernels (gating softmax, GELU, LayerNorm, row permute and
 //!   combine), bf16 or f32 storage with f32 arithmetic, semantics of `moelab::math`.
 //! - [`gemm`]: row-major GEMM in three forms (`nn`, `tn`, `nt`) through cuBLAS.
-//! - [`check`]: the conformance suite against the cpu reference, and the GEMM benchmark, behind
-//!   the `moelab-gpu-check` binary.
 //!
 //! The crate builds and its tests pass on machines with no CUDA at all: every CUDA library is
 //! loaded at run time (cudarc's `dynamic-loading`), and absence is an error, not a panic.
-//! It depends on the root crate `moelab` (for the cpu reference), so the root crate cannot
-//! depend on it: the cuda backend implements moelab's interfaces from here.
+//! It does not depend on moelab: the root crate depends on it, and its `backend::cuda` module
+//! executes plans with these launchers and checks them against the cpu reference.
 
 #![warn(missing_docs)]
 
-pub mod check;
 pub mod device;
 pub mod dtype;
 pub mod error;

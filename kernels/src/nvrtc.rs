@@ -268,8 +268,12 @@ impl PtxCache {
         self.dir.as_deref()
     }
 
+    #[cfg(test)]
     fn path(&self, family: Family, arch: &str, key: u64) -> Option<PathBuf> {
-        let stem = family.file_name().trim_end_matches(".cu");
+        self.path_for(family.file_name().trim_end_matches(".cu"), arch, key)
+    }
+
+    fn path_for(&self, stem: &str, arch: &str, key: u64) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.join(format!("{stem}-{arch}-{key:016x}.ptx")))
     }
 }
@@ -312,9 +316,21 @@ pub fn nvrtc_version() -> Result<(i32, i32), GpuError> {
 /// Compiles one family to PTX for `arch` (e.g. `compute_90`), or reads it from `cache`.
 /// A cache that cannot be written is reported in the record, not as an error.
 pub fn compile_family(family: Family, arch: &str, cache: &PtxCache) -> Result<(String, CompileRecord), GpuError> {
-    let source = family.full_source();
-    let key = cache_key(&source, arch, nvrtc_version()?);
-    let path = cache.path(family, arch, key);
+    let stem = family.file_name().trim_end_matches(".cu");
+    compile_source(family.file_name(), stem, &family.full_source(), arch, cache, family)
+}
+
+/// Compiles a kernel source that lives outside this crate (the cuda backend's plan kernels)
+/// with the same options and the same on-disk cache as the families. `name` names it in
+/// errors and in the cache file (`<name>-<arch>-<key>.ptx`); `common.cuh` is prepended.
+pub fn compile_extra(name: &'static str, source: &str, arch: &str, cache: &PtxCache) -> Result<String, GpuError> {
+    let full = format!("{COMMON_SOURCE}\n{source}");
+    compile_source(name, name.trim_end_matches(".cu"), &full, arch, cache, Family::Util).map(|(ptx, _)| ptx)
+}
+
+fn compile_source(file: &'static str, stem: &str, source: &str, arch: &str, cache: &PtxCache, family: Family) -> Result<(String, CompileRecord), GpuError> {
+    let key = cache_key(source, arch, nvrtc_version()?);
+    let path = cache.path_for(stem, arch, key);
     let mut record = CompileRecord {
         family,
         arch: arch.to_string(),
@@ -335,10 +351,10 @@ pub fn compile_family(family: Family, arch: &str, cache: &PtxCache) -> Result<(S
     let start = Instant::now();
     let mut options: Vec<String> = NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect();
     options.push(format!("--gpu-architecture={arch}"));
-    let opts = CompileOptions { options, name: Some(family.file_name().to_string()), ..Default::default() };
+    let opts = CompileOptions { options, name: Some(file.to_string()), ..Default::default() };
     let ptx = no_panic("nvrtc compile", || {
-        cudarc::nvrtc::compile_ptx_with_opts(&source, opts).map_err(|e| GpuError::Compile {
-            family: family.file_name(),
+        cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| GpuError::Compile {
+            family: file,
             arch: arch.to_string(),
             log: compile_log(&e),
         })

@@ -2,6 +2,8 @@
 //! must match its numbers. Backends see [`crate::plan::OpKind`]s, never variants.
 
 pub mod cpu;
+pub mod cuda;
+pub mod sim;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -97,4 +99,48 @@ pub enum BackendError {
     /// The user cancelled.
     #[error("cancelled")]
     Cancelled,
+}
+
+/// A plan loaded onto an in-process backend, ready to run steps: what `run` drives for the
+/// cpu and sim backends.
+pub trait Runtime {
+    /// Run (or simulate) one step on every rank; `measured` steps are traced.
+    fn step(&mut self, measured: bool, data_step: Option<u64>) -> Result<StepReport, BackendError>;
+    /// Everything measured so far.
+    fn trace(&self) -> crate::trace::Trace;
+    /// Peak bytes per rank and the per-category bytes at that moment.
+    fn tracked_peaks(&self) -> Vec<(u64, [u64; 7])>;
+}
+
+impl Runtime for cpu::CpuRuntime {
+    fn step(&mut self, measured: bool, data_step: Option<u64>) -> Result<StepReport, BackendError> {
+        cpu::CpuRuntime::step(self, measured, data_step)
+    }
+    fn trace(&self) -> crate::trace::Trace {
+        cpu::CpuRuntime::trace(self)
+    }
+    fn tracked_peaks(&self) -> Vec<(u64, [u64; 7])> {
+        cpu::CpuRuntime::tracked_peaks(self)
+    }
+}
+
+impl Runtime for sim::SimRuntime {
+    fn step(&mut self, measured: bool, data_step: Option<u64>) -> Result<StepReport, BackendError> {
+        sim::SimRuntime::step(self, measured, data_step)
+    }
+    fn trace(&self) -> crate::trace::Trace {
+        sim::SimRuntime::trace(self)
+    }
+    fn tracked_peaks(&self) -> Vec<(u64, [u64; 7])> {
+        sim::SimRuntime::tracked_peaks(self)
+    }
+}
+
+/// The in-process runtime for the plan's `run.backend`: the simulator for `sim`, else the
+/// cpu reference.
+pub fn runtime(plan: crate::plan::Plan, opts: ExecOptions) -> Box<dyn Runtime> {
+    match plan.spec.run.backend {
+        crate::spec::BackendKind::Sim => Box::new(sim::SimRuntime::new(plan, opts)),
+        _ => Box::new(cpu::CpuRuntime::new(plan, opts)),
+    }
 }

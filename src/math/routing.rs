@@ -106,6 +106,10 @@ impl RoutingTable {
         }
         RoutingTable { world, k, e, capacity, n_global, count, kept, prob_sum }
     }
+    /// Experts in the table.
+    pub fn fraction_len(&self) -> usize {
+        self.e
+    }
     /// Assignments of rank r's tokens, choice j, to expert e that stay (within capacity).
     pub fn kept(&self, r: usize, j: usize, e: usize) -> usize {
         self.kept[(r * self.k + j) * self.e + e]
@@ -152,6 +156,13 @@ pub fn keep_mask(table: &RoutingTable, rank: usize, idx: &[i32], k: usize, e: us
         .collect()
 }
 
+/// Gradient of `aux_coef * aux_loss` with respect to each gate probability of any token:
+/// `coef * E * f_e / N` (f_e, the routed fraction, is a count and carries no gradient).
+pub fn aux_grad(table: &RoutingTable, aux_coef: f32) -> Vec<f32> {
+    let e = table.fraction_len();
+    (0..e).map(|x| (aux_coef as f64 * e as f64 * table.fraction(x) / table.n_global as f64) as f32).collect()
+}
+
 /// Backward of softmax + top-k + aux loss: `dlogits[T, E]` from `dw[T, k]`.
 /// The aux term's gradient flows through P_e only (f_e counts are not differentiable).
 #[allow(clippy::too_many_arguments)]
@@ -166,9 +177,7 @@ pub fn route_backward(
     table: &RoutingTable,
     dlogits: &mut [f32],
 ) {
-    let aux_grad: Vec<f32> = (0..e)
-        .map(|x| (aux_coef as f64 * e as f64 * table.fraction(x) / table.n_global as f64) as f32)
-        .collect();
+    let aux_grad = aux_grad(table, aux_coef);
     let mut dp = vec![0.0f32; e];
     for (t, (pr, dl)) in probs.chunks_exact(e).zip(dlogits.chunks_exact_mut(e)).enumerate() {
         dp.copy_from_slice(&aux_grad);

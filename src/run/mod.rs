@@ -4,12 +4,13 @@
 //! and a status file naming the error.
 
 pub mod compare;
+pub mod crosscheck;
 mod log;
+pub mod mpmoe_auto;
 
 pub use log::RunLog;
 
 use crate::analysis::{self, Analysis};
-use crate::backend::cpu::CpuRuntime;
 use crate::backend::{BackendError, ExecOptions, StepReport};
 use crate::plan::memory::{predict, MemoryPrediction};
 use crate::plan::Plan;
@@ -31,6 +32,17 @@ pub enum RunError {
         path: String,
         /// OS error.
         message: String,
+    },
+    /// An automatic choice made at run start (MPMoE's `chunks`/`reuse` = "auto") has no
+    /// admissible candidate (nothing was written).
+    #[error("{field}: {message} (fix: {fix})")]
+    Choice {
+        /// The spec field to change.
+        field: String,
+        /// What is wrong.
+        message: String,
+        /// How to fix it.
+        fix: String,
     },
     /// Execution failed; the run directory keeps what was measured.
     #[error("{source} (run directory kept: {dir})")]
@@ -59,6 +71,8 @@ pub struct RunOutcome {
     pub trace: Trace,
     /// How Tutel's `degree = "auto"` was resolved, when the spec asked for it.
     pub auto_degree: Option<AutoDegree>,
+    /// How MPMoE's `chunks`/`reuse` = "auto" was resolved, when the spec asked for it.
+    pub mpmoe_auto: Option<mpmoe_auto::MpmoeAuto>,
 }
 
 /// Hooks a front end (CLI, workbench, notebook) passes to follow and stop a run.
@@ -85,51 +99,107 @@ struct Summary<'a> {
     memory: Vec<MemJson>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tutel_auto_degree: Option<AutoDegree>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mpmoe_auto: Option<mpmoe_auto::MpmoeAuto>,
 }
 
-/// How `degree = "auto"` (variant tutel) was resolved: each candidate's mean step time.
+/// How Tutel's `degree = "auto"` and/or `parallelism = "auto"` were resolved: each timed
+/// candidate's mean step time and the choice.
 #[derive(Debug, Clone, Serialize)]
 pub struct AutoDegree {
     /// The degree the measured steps used.
     pub chosen: usize,
-    /// (degree, mean wall seconds per timed step), in the order tried.
-    pub candidates: Vec<(usize, f64)>,
+    /// The parallelism r the measured steps used.
+    pub chosen_r: usize,
+    /// Every timed candidate, in the order tried.
+    pub candidates: Vec<TutelCandidate>,
     /// Steps timed per candidate (after one untimed step).
     pub timed_steps: usize,
+    /// Why: the choice, its time and the runner-up's.
+    pub reason: String,
+}
+
+/// One timed Tutel configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TutelCandidate {
+    /// Parallelism r (1: expert parallel, 0: data parallel over the same parameter layout).
+    pub r: usize,
+    /// Pipelining degree.
+    pub degree: usize,
+    /// Mean wall seconds per timed step.
+    pub mean_s: f64,
+    /// Bytes rank 0's collectives move per step, from the plan (all-to-alls for r = 1,
+    /// weight all-gathers and gradient reduce-scatters for r = 0, plus what both share).
+    pub comm_bytes: u64,
 }
 
 /// Steps each `degree = "auto"` candidate is timed for (after one untimed step).
 pub const AUTO_DEGREE_TIMED_STEPS: usize = 2;
 
-/// Resolve Tutel's `degree = "auto"`: run each candidate degree's plan on the real backend
-/// (a fresh runtime each, so the measured run starts from the same weights), time
+/// Resolve Tutel's `degree = "auto"` and `parallelism = "auto"`: run each candidate (r = 1 at
+/// each candidate degree, r = 0 at degree 1; only the automatic dimensions vary) on the real
+/// backend (a fresh runtime each, so the measured run starts from the same weights), time
 /// [`AUTO_DEGREE_TIMED_STEPS`] steps after one untimed step, and return the spec with the
-/// fastest degree fixed. `None` when the spec does not ask for it.
+/// fastest fixed. `None` when the spec asks for neither.
 fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog) -> Result<Option<(ExperimentSpec, AutoDegree)>, BackendError> {
-    use crate::spec::{Degree, TutelSpec, Variant};
-    let Some(opts) = spec.tutel.filter(|o| spec.variant == Variant::Tutel && o.degree == Degree::Auto) else {
+    use crate::spec::{Degree, ParallelismChoice, TutelSpec, Variant};
+    let Some(opts) = spec
+        .tutel
+        .filter(|o| spec.variant == Variant::Tutel && (o.degree == Degree::Auto || o.parallelism == ParallelismChoice::Auto))
+    else {
         return Ok(None);
     };
-    let mut candidates = Vec::new();
-    for d in TutelSpec::AUTO_CANDIDATES.into_iter().filter(|d| *d <= spec.tokens_per_rank()) {
+    let degrees: Vec<usize> = match opts.degree {
+        Degree::Auto => TutelSpec::AUTO_CANDIDATES.into_iter().filter(|d| *d <= spec.tokens_per_rank()).collect(),
+        Degree::Fixed(d) => vec![d],
+    };
+    let rs = if opts.parallelism == ParallelismChoice::Auto { vec![1, 0] } else { vec![opts.r] };
+    let configs: Vec<(usize, usize)> =
+        rs.iter().flat_map(|&r| if r == 0 { vec![(0, 1)] } else { degrees.iter().map(|&d| (r, d)).collect() }).collect();
+    let with = |r: usize, d: usize| {
         let mut s = spec.clone();
-        s.tutel = Some(TutelSpec { degree: Degree::Fixed(d), ..opts });
-        let plan = Plan::build(&s).expect("a validated tutel spec plans for every candidate degree");
-        let mut rt = CpuRuntime::new(plan, hooks.exec.clone());
+        s.tutel = Some(TutelSpec { degree: Degree::Fixed(d), r, parallelism: ParallelismChoice::Fixed, ..opts });
+        s
+    };
+    let mut candidates = Vec::new();
+    for (r, d) in configs {
+        let plan = Plan::build(&with(r, d)).expect("a validated tutel spec plans for every candidate");
+        let comm_bytes = plan.ranks[0].ops.iter().filter(|o| o.stream == crate::taxonomy::Stream::Comm).map(|o| o.bytes).sum();
+        let mut rt = crate::backend::cpu::CpuRuntime::new(plan, hooks.exec.clone());
         rt.step(false, Some(0))?;
         let mut total = 0.0;
         for i in 0..AUTO_DEGREE_TIMED_STEPS {
             total += rt.step(false, Some(1 + i as u64))?.wall_s;
         }
-        let mean = total / AUTO_DEGREE_TIMED_STEPS as f64;
-        log.line(&format!("tutel auto degree: degree {d}: {:.3} ms per step ({AUTO_DEGREE_TIMED_STEPS} timed steps)", mean * 1e3));
-        candidates.push((d, mean));
+        let mean_s = total / AUTO_DEGREE_TIMED_STEPS as f64;
+        log.line(&format!(
+            "tutel auto: r={r} degree {d}: {:.3} ms per step ({AUTO_DEGREE_TIMED_STEPS} timed steps), {:.1} KB of collectives per step on rank 0",
+            mean_s * 1e3, comm_bytes as f64 / 1e3
+        ));
+        candidates.push(TutelCandidate { r, degree: d, mean_s, comm_bytes });
     }
-    let chosen = candidates.iter().min_by(|a, b| a.1.total_cmp(&b.1)).map(|c| c.0).unwrap_or(1);
-    log.line(&format!("tutel auto degree: chose degree {chosen}, the fastest mean step time of the candidates"));
-    let mut s = spec.clone();
-    s.tutel = Some(TutelSpec { degree: Degree::Fixed(chosen), ..opts });
-    Ok(Some((s, AutoDegree { chosen, candidates, timed_steps: AUTO_DEGREE_TIMED_STEPS })))
+    let mut ranked = candidates.clone();
+    ranked.sort_by(|a, b| a.mean_s.total_cmp(&b.mean_s));
+    let best = ranked[0];
+    let mut reason = format!(
+        "r={} degree {}: {:.3} ms per step, the fastest of {} timed candidates",
+        best.r, best.degree, best.mean_s * 1e3, ranked.len()
+    );
+    if let Some(next) = ranked.get(1) {
+        reason.push_str(&format!(
+            "; runner-up r={} degree {}: {:.3} ms ({:+.1}%)",
+            next.r, next.degree, next.mean_s * 1e3, (next.mean_s / best.mean_s - 1.0) * 100.0
+        ));
+    }
+    if let Some(other) = ranked.iter().find(|c| c.r != best.r) {
+        reason.push_str(&format!(
+            "; r={} moves {:.1} KB of collectives per step where r={} moves {:.1} KB",
+            best.r, best.comm_bytes as f64 / 1e3, other.r, other.comm_bytes as f64 / 1e3
+        ));
+    }
+    log.line(&format!("tutel auto: chose r={} degree {}: {reason}", best.r, best.degree));
+    let auto = AutoDegree { chosen: best.degree, chosen_r: best.r, candidates, timed_steps: AUTO_DEGREE_TIMED_STEPS, reason };
+    Ok(Some((with(best.r, best.degree), auto)))
 }
 
 #[derive(Serialize)]
@@ -167,9 +237,18 @@ fn make_dir(root: &Path, name: &str) -> Result<PathBuf, RunError> {
     unreachable!("some suffix is free")
 }
 
+/// The run log's line for one step.
+fn step_line(r: &StepReport) -> String {
+    format!(
+        "step {}{}: loss {:.6} aux {:.4} dropped {}/{} wall {:.3} s",
+        r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, r.wall_s
+    )
+}
+
 /// Plan, execute and analyse `spec`, writing the run directory under `runs_root`.
 pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<RunOutcome, RunError> {
     let plan = Plan::build(spec)?;
+    let mpmoe_setup = mpmoe_auto::Setup::new(spec)?;
     let dir = make_dir(runs_root, &spec.name)?;
     let io = |p: &Path, e: std::io::Error| RunError::Io { path: p.display().to_string(), message: e.to_string() };
     std::fs::write(dir.join("spec.toml"), spec.to_toml()).map_err(|e| io(&dir, e))?;
@@ -184,7 +263,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     match resolve_auto_degree(spec, hooks, &mut log) {
         Ok(Some((resolved, choice))) => {
             plan = Plan::build(&resolved)?;
-            log.line(&format!("measured steps use degree {}: {} ops per step", choice.chosen, plan.op_count()));
+            log.line(&format!("measured steps use r={} degree {}: {} ops per step", choice.chosen_r, choice.chosen, plan.op_count()));
             auto_degree = Some(choice);
         }
         Ok(None) => {}
@@ -193,32 +272,62 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
             failure = Some(e);
         }
     }
-    let predicted: Vec<MemoryPrediction> = plan.ranks.iter().map(predict).collect();
-    let mut rt = CpuRuntime::new(plan, hooks.exec.clone());
-    let mut steps = Vec::new();
-    let total = if failure.is_some() { 0 } else { spec.run.warmup + spec.run.steps };
-    for i in 0..total {
-        let measured = i >= spec.run.warmup;
-        match rt.step(measured, None) {
-            Ok(r) => {
-                log.line(&format!(
-                    "step {i}{}: loss {:.6} aux {:.4} dropped {}/{} wall {:.3} s",
-                    if measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, r.wall_s
-                ));
-                if let Some(cb) = &hooks.on_step {
-                    cb(&r);
-                }
-                steps.push(r);
+    let mut mpmoe_auto = None;
+    if let Some(setup) = mpmoe_setup {
+        match setup.profile(hooks, &mut log) {
+            Ok((resolved, choice)) => {
+                plan = Plan::build(&resolved)?;
+                mpmoe_auto = Some(choice);
             }
             Err(e) => {
-                log.line(&format!("step {i} failed: {e}"));
+                log.line(&format!("mpmoe auto: profiling failed: {e}"));
                 failure = Some(e);
-                break;
             }
         }
     }
-    let trace = rt.trace();
-    let tracked = rt.tracked_peaks();
+    let predicted: Vec<MemoryPrediction> = plan.ranks.iter().map(predict).collect();
+    let (steps, trace, tracked) = if spec.run.backend == crate::spec::BackendKind::Cuda && failure.is_none() {
+        let mut on_step = |r: &StepReport| {
+            log.line(&step_line(r));
+            if let Some(cb) = &hooks.on_step {
+                cb(r);
+            }
+        };
+        let job = crate::backend::cuda::launch::run_job(&plan, &dir, &hooks.exec, &mut on_step);
+        for n in &job.notes {
+            log.line(n);
+        }
+        if let Some(e) = job.failure {
+            log.line(&format!("step {} failed: {e}", job.steps.len()));
+            failure = Some(e);
+        }
+        (job.steps, job.trace, job.tracked)
+    } else {
+        let mut rt = crate::backend::runtime(plan, hooks.exec.clone());
+        let mut steps = Vec::new();
+        let total = if failure.is_some() { 0 } else { spec.run.warmup + spec.run.steps };
+        for i in 0..total {
+            let measured = i >= spec.run.warmup;
+            match rt.step(measured, None) {
+                Ok(r) => {
+                    log.line(&step_line(&r));
+                    if let Some(cb) = &hooks.on_step {
+                        cb(&r);
+                    }
+                    steps.push(r);
+                }
+                Err(e) => {
+                    log.line(&format!("step {i} failed: {e}"));
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        (steps, rt.trace(), rt.tracked_peaks())
+    };
+    if let Some(a) = &mut mpmoe_auto {
+        a.record_measurement(&steps, &mut log);
+    }
     let analysis = analysis::analyze(&trace);
     chrome::write_chrome_trace(&trace, &dir.join("trace.json")).map_err(|e| io(&dir, e))?;
     if let Err(e) = analysis::tables::write_tables(&analysis, &dir) {
@@ -246,6 +355,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
             rank, predicted_peak: p.peak_total, predicted_is_upper_bound: p.upper_bound, tracked_peak: t.0,
         }).collect(),
         tutel_auto_degree: auto_degree.clone(),
+        mpmoe_auto: mpmoe_auto.clone(),
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serializes");
     std::fs::write(dir.join("summary.json"), json).map_err(|e| io(&dir, e))?;
@@ -253,5 +363,5 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     if let Some(source) = failure {
         return Err(RunError::Backend { source, dir: dir.display().to_string() });
     }
-    Ok(RunOutcome { dir, analysis, steps, predicted, tracked, trace, auto_degree })
+    Ok(RunOutcome { dir, analysis, steps, predicted, tracked, trace, auto_degree, mpmoe_auto })
 }

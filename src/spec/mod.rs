@@ -91,16 +91,22 @@ impl Variant {
 }
 
 /// MPMoE options: the pipelining degree and the memory-reuse strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MpmoeSpec {
     /// Pipelining degree n: the kept rows of every (source rank, expert) block are split into
     /// n chunks, each a full all-to-all, so chunk g+1's communication overlaps chunk g's experts.
+    /// `"auto"`: the performance model (`crate::run::mpmoe_auto`) picks n at run start.
     #[serde(default = "default_chunks")]
-    pub chunks: usize,
-    /// What backward restores instead of keeping every chunk's expert buffers.
+    pub chunks: Degree,
+    /// What backward restores instead of keeping every chunk's expert buffers; `"auto"`: the
+    /// performance model picks it at run start.
     #[serde(default)]
     pub reuse: Reuse,
+    /// Largest predicted peak memory per rank, in MiB, that an automatic choice may pick
+    /// (`chunks` or `reuse` = `"auto"`); unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_budget_mib: Option<f64>,
 }
 
 impl MpmoeSpec {
@@ -110,12 +116,12 @@ impl MpmoeSpec {
 
 impl Default for MpmoeSpec {
     fn default() -> Self {
-        MpmoeSpec { chunks: default_chunks(), reuse: Reuse::None }
+        MpmoeSpec { chunks: default_chunks(), reuse: Reuse::None, memory_budget_mib: None }
     }
 }
 
-fn default_chunks() -> usize {
-    2
+fn default_chunks() -> Degree {
+    Degree::Fixed(2)
 }
 
 /// MPMoE memory reuse: which per-chunk expert buffers are released after forward and how
@@ -136,6 +142,9 @@ pub enum Reuse {
     /// Both are reused: backward re-communicates the dispatched input, then recomputes the
     /// middle from it.
     ReuseBuffers,
+    /// Chosen at run start by MPMoE's performance model among [`Reuse::ALL`]; a plan built
+    /// directly from it (outside `run`) keeps everything, as `None`.
+    Auto,
 }
 
 impl Reuse {
@@ -148,6 +157,7 @@ impl Reuse {
             Reuse::Recompute => "recompute",
             Reuse::Recomm => "recomm",
             Reuse::ReuseBuffers => "reuse_buffers",
+            Reuse::Auto => "auto",
         }
     }
     /// Whether backward re-runs the dispatch all-to-all instead of keeping the expert input.
@@ -202,6 +212,21 @@ pub struct TutelSpec {
     /// tokens, and reduce-scatters the expert gradients back to their owners).
     #[serde(default = "default_r")]
     pub r: usize,
+    /// How r is chosen: `"fixed"` uses `r`; `"auto"` times r = 1 (at each candidate degree)
+    /// and r = 0 (degree 1) on the real backend before the measured steps and keeps the fastest.
+    #[serde(default)]
+    pub parallelism: ParallelismChoice,
+}
+
+/// How Tutel's parallelism r is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParallelismChoice {
+    /// Use `r` as given.
+    #[default]
+    Fixed,
+    /// Time the layouts that share the parameter layout (r = 0 and r = 1) and keep the fastest.
+    Auto,
 }
 
 fn default_r() -> usize {
@@ -217,7 +242,13 @@ impl TutelSpec {
 
 impl Default for TutelSpec {
     fn default() -> Self {
-        TutelSpec { degree: Degree::default(), a2a: A2aKind::default(), gpus_per_node: default_gpus_per_node(), r: default_r() }
+        TutelSpec {
+            degree: Degree::default(),
+            a2a: A2aKind::default(),
+            gpus_per_node: default_gpus_per_node(),
+            r: default_r(),
+            parallelism: ParallelismChoice::default(),
+        }
     }
 }
 
@@ -225,12 +256,13 @@ fn default_gpus_per_node() -> usize {
     8
 }
 
-/// Tutel's pipelining degree: a fixed chunk count, or chosen by timing at run start.
+/// A pipelining degree (Tutel's degree, MPMoE's chunks): a fixed chunk count, or chosen at
+/// run start (Tutel: by timing; MPMoE: by its performance model).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Degree {
     /// Exactly this many chunks (>= 1).
     Fixed(usize),
-    /// Time each of [`TutelSpec::AUTO_CANDIDATES`] and keep the fastest.
+    /// Chosen at run start among a few candidates (Tutel: [`TutelSpec::AUTO_CANDIDATES`]).
     Auto,
 }
 
@@ -452,7 +484,8 @@ pub enum BackendKind {
     Cpu,
     /// NVIDIA GPUs through cudarc, one process per GPU.
     Cuda,
-    /// Calibrated cost model.
+    /// Discrete-event simulation of the plan on a hardware profile (`run.profile`): predicted
+    /// times and memory, no math.
     Sim,
 }
 
@@ -501,6 +534,16 @@ pub struct RunSpec {
     /// Adam learning rate.
     #[serde(default = "default_lr")]
     pub lr: f64,
+    /// Hardware profile of the `sim` backend: a built-in name (`"h100"`, `"h200"`) or a path
+    /// to a profile TOML; resolved to `"h100"` when unset (sim only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// GPUs per node of the simulated cluster (sim only); the profile's when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_node: Option<usize>,
+    /// Nodes of the simulated cluster (sim only); enough for the world when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<usize>,
 }
 
 fn default_steps() -> usize {
@@ -519,6 +562,9 @@ impl Default for RunSpec {
             seed: 0,
             mode: Mode::Training,
             lr: default_lr(),
+            profile: None,
+            gpus_per_node: None,
+            nodes: None,
         }
     }
 }

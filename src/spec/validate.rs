@@ -262,21 +262,39 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
     }
 
     // Run.
+    let world = spec.world();
     let r = &mut spec.run;
     c.positive("run.steps", r.steps);
     if !(r.lr.is_finite() && r.lr > 0.0) {
         c.fail("run.lr", format!("lr={} must be a positive number", r.lr), "use e.g. 1e-3");
     }
     match r.backend {
-        BackendKind::Auto => r.backend = BackendKind::Cpu,
+        // auto: the GPUs when there are enough of them for the layout (f32 only for now),
+        // else the cpu reference.
+        BackendKind::Auto => {
+            let gpus = crate::backend::cuda::visible_gpus();
+            r.backend = if gpus >= world && gpus > 0 && spec.model.dtype == super::DType::F32 { BackendKind::Cuda } else { BackendKind::Cpu };
+        }
         BackendKind::Cpu => {}
-        other => c.fail("run.backend", format!("backend {:?} is not available in this build", other.as_str()),
-            "use backend = \"cpu\" (or \"auto\")"),
+        BackendKind::Cuda => {
+            let gpus = crate::backend::cuda::visible_gpus();
+            if gpus < world {
+                c.fail("run.backend", format!("backend \"cuda\" needs one GPU per rank: world={world} but {gpus} GPU(s) are visible"),
+                    "use backend = \"cpu\" (or \"auto\"), or shrink the layout (dp*ep*tp*pp) to the GPUs present");
+            }
+            if spec.model.dtype != super::DType::F32 {
+                c.fail("model.dtype", "the cuda plan executor runs f32 plans for now (dtype=bf16)".into(),
+                    "set model.dtype = \"f32\"; bf16 is measured by `moelab bench`");
+            }
+        }
+        BackendKind::Sim => {}
     }
     if r.backend == BackendKind::Cpu && spec.model.dtype != super::DType::F32 {
         c.fail("model.dtype", "the cpu backend computes in f32 only (dtype=bf16)".into(),
             "set model.dtype = \"f32\" for cpu runs; bf16 needs backend \"cuda\"");
     }
+    // The sim backend's profile and cluster (and that only sim runs name them).
+    c.problems.extend(crate::backend::sim::resolve_spec(&mut spec));
 
     if c.problems.is_empty() {
         Ok(spec)
@@ -308,15 +326,28 @@ fn check_mpmoe(c: &mut Checker, spec: &mut ExperimentSpec) {
     let opts = spec.mpmoe.get_or_insert_with(MpmoeSpec::default);
     let tokens = spec.model.tokens_per_rank.filter(|t| *t > 0);
     let bound = tokens.map_or(MpmoeSpec::MAX_CHUNKS, |t| t.min(MpmoeSpec::MAX_CHUNKS));
-    if opts.chunks == 0 {
+    let chunks = match opts.chunks {
+        super::Degree::Fixed(n) => n,
+        super::Degree::Auto => 1,
+    };
+    if chunks == 0 {
         c.fail("mpmoe.chunks", "chunks=0 must be at least 1".into(),
-            format!("set chunks between 1 and {bound} (1 = no pipelining); MPMoE's own search tries 2 to 8"));
-    } else if opts.chunks > MpmoeSpec::MAX_CHUNKS {
-        c.fail("mpmoe.chunks", format!("chunks={} exceeds the limit of {} chunks per MoE layer", opts.chunks, MpmoeSpec::MAX_CHUNKS),
-            format!("set chunks between 1 and {bound}; MPMoE's own search tries 2 to 8"));
-    } else if let Some(t) = tokens.filter(|t| opts.chunks > *t) {
-        c.fail("mpmoe.chunks", format!("chunks={} exceeds tokens_per_rank={t}: chunks would hold less than one token per rank", opts.chunks),
+            format!("set chunks between 1 and {bound} (1 = no pipelining), or chunks = \"auto\"; MPMoE's own search tries 2 to 8"));
+    } else if chunks > MpmoeSpec::MAX_CHUNKS {
+        c.fail("mpmoe.chunks", format!("chunks={chunks} exceeds the limit of {} chunks per MoE layer", MpmoeSpec::MAX_CHUNKS),
+            format!("set chunks between 1 and {bound}, or chunks = \"auto\"; MPMoE's own search tries 2 to 8"));
+    } else if let Some(t) = tokens.filter(|t| chunks > *t) {
+        c.fail("mpmoe.chunks", format!("chunks={chunks} exceeds tokens_per_rank={t}: chunks would hold less than one token per rank"),
             format!("set chunks between 1 and {bound}, or give each rank more tokens"));
+    }
+    let auto = opts.chunks == super::Degree::Auto || opts.reuse == super::Reuse::Auto;
+    match opts.memory_budget_mib {
+        Some(b) if !(b.is_finite() && b > 0.0) => c.fail("mpmoe.memory_budget_mib", format!("memory_budget_mib={b} must be a positive number of MiB"),
+            "set e.g. memory_budget_mib = 1024 (the largest predicted peak per rank the automatic choice may pick), or remove it"),
+        Some(b) if !auto => c.fail("mpmoe.memory_budget_mib",
+            format!("memory_budget_mib={b} only limits an automatic choice, but chunks and reuse are both fixed"),
+            "set chunks = \"auto\" and/or reuse = \"auto\", or remove memory_budget_mib"),
+        _ => {}
     }
 }
 

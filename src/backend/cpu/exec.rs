@@ -51,7 +51,8 @@ fn fail(ctx: &OpCtx, e: StoreError) -> BackendError {
     BackendError::OpFailed { rank: ctx.rank, op: ctx.op_name.to_string(), message: e.0 }
 }
 
-fn table(dims: &MoeDims, gathered: &[f32]) -> routing::RoutingTable {
+/// The routing table of a MoE layer from its all-gathered statistics.
+pub fn table(dims: &MoeDims, gathered: &[f32]) -> routing::RoutingTable {
     routing::RoutingTable::new(gathered, dims.data_world, dims.top_k, dims.n_experts, dims.tokens, dims.capacity)
 }
 

@@ -182,6 +182,16 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 fn init_params(rp: &RankPlan, store: &mut Store, seed: u64) {
+    for (id, v) in initial_values(rp, seed) {
+        store.put_f32(id, v).expect("planned param size");
+    }
+}
+
+/// Every rank-local parameter's initial values, then zeros for its gradient and Adam moments:
+/// a deterministic stream per (seed, tag, layer, expert), so any layout and any backend
+/// starts from the same global weights.
+pub fn initial_values(rp: &RankPlan, seed: u64) -> Vec<(BufId, Vec<f32>)> {
+    let mut out = Vec::new();
     for p in &rp.params {
         let desc = rp.buffer(p.value);
         let mut v = vec![0.0f32; desc.elems];
@@ -211,11 +221,12 @@ fn init_params(rp: &RankPlan, store: &mut Store, seed: u64) {
         for x in v.iter_mut() {
             *x += p.init.mean;
         }
-        store.put_f32(p.value, v).expect("planned param size");
+        out.push((p.value, v));
         for b in p.grad.iter().chain(p.moments.iter().flat_map(|(m, v)| [m, v])) {
-            store.put_f32(*b, vec![0.0; desc.elems]).expect("planned size");
+            out.push((*b, vec![0.0; desc.elems]));
         }
     }
+    out
 }
 
 /// Completion flags of one rank's ops in one step, with a wake-up for waiters.

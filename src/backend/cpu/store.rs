@@ -18,11 +18,16 @@ pub enum Data {
 }
 
 impl Data {
-    fn len(&self) -> usize {
+    /// Elements held.
+    pub fn len(&self) -> usize {
         match self {
             Data::F32(v) => v.len(),
             Data::I32(v) => v.len(),
         }
+    }
+    /// Whether no elements are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -173,6 +178,24 @@ pub struct OpView {
 }
 
 impl OpView {
+    /// A view over data held outside a [`Store`] (the cuda backend's host fallback): `inputs`
+    /// are the op's reads; those also in `writes` are handed over for in-place updates.
+    pub fn detached(inputs: Vec<(BufId, Data)>, writes: &[BufId], names: HashMap<BufId, String>) -> OpView {
+        let mut shared = HashMap::new();
+        let mut owned = HashMap::new();
+        for (id, d) in inputs {
+            if writes.contains(&id) {
+                owned.insert(id, Arc::new(d));
+            } else {
+                shared.insert(id, Arc::new(d));
+            }
+        }
+        OpView { shared, owned, puts: Vec::new(), names }
+    }
+    /// The outputs the op produced, in order.
+    pub fn into_puts(self) -> Vec<(BufId, Data)> {
+        self.puts
+    }
     fn name(&self, id: BufId) -> &str {
         self.names.get(&id).map_or("?", String::as_str)
     }

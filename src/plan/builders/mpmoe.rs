@@ -25,7 +25,7 @@ use super::DataExpertGroups;
 use crate::math::linalg::gemm_flops;
 use crate::plan::ops::MoeDims;
 use crate::plan::{BufId, OpKind, Plan, RankBuilder, RankPlan};
-use crate::spec::{ExperimentSpec, Mode, MpmoeSpec, Reuse};
+use crate::spec::{Degree, ExperimentSpec, Mode, MpmoeSpec, Reuse};
 use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 
 /// Buffers of one chunk that its expert backward reads; `None` when the reuse strategy
@@ -83,9 +83,19 @@ pub(super) struct Pipeline {
     pub gpus_per_node: Option<usize>,
 }
 
+/// The chunk count a plan uses when built directly from a `chunks = "auto"` spec (outside
+/// `crate::run`, which resolves it with the performance model first).
+pub const AUTO_PLAN_CHUNKS: usize = 2;
+
 impl From<MpmoeSpec> for Pipeline {
     fn from(o: MpmoeSpec) -> Self {
-        Pipeline { chunks: o.chunks, reuse: o.reuse, gpus_per_node: None }
+        let chunks = match o.chunks {
+            Degree::Fixed(n) => n,
+            Degree::Auto => AUTO_PLAN_CHUNKS,
+        };
+        // `Auto` reuse left unresolved keeps every buffer, as `None`.
+        let reuse = if o.reuse == Reuse::Auto { Reuse::None } else { o.reuse };
+        Pipeline { chunks, reuse, gpus_per_node: None }
     }
 }
 
@@ -128,7 +138,9 @@ const DISPATCH_BWD: ChunkNames = ChunkNames { permute: "expert_unlayout_bwd", a2
 /// Build the MPMoE plan for every rank.
 pub fn build(spec: &ExperimentSpec) -> Plan {
     let groups = DataExpertGroups::new(spec.layout.dp, spec.layout.ep);
-    build_with(spec, &groups, spec.mpmoe.unwrap_or_default().into())
+    let mut opts: Pipeline = spec.mpmoe.unwrap_or_default().into();
+    opts.chunks = opts.chunks.min(spec.tokens_per_rank().max(1));
+    build_with(spec, &groups, opts)
 }
 
 /// Build the chunked plan for every rank with explicit pipeline options (shared with Tutel).

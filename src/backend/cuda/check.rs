@@ -1,5 +1,5 @@
 //! The GPU conformance suite: every kernel and every GEMM form against the cpu backend's
-//! math (`moelab::math`), then a bf16 GEMM benchmark. Shared by the `moelab-gpu-check` binary
+//! math (`crate::math`), then a bf16 GEMM benchmark. Shared by the `moelab-gpu-check` binary
 //! and the crate's GPU test.
 //!
 //! Each check draws fresh normal inputs (from the run's seed and the check's name), rounds
@@ -9,17 +9,17 @@
 //! [`F32_TOL`]). Any NaN in an output fails the check.
 
 use half::bf16;
-use moelab::math::{activation, linalg, norm, rng, routing};
-use moelab::spec::Activation;
+use crate::math::{activation, linalg, norm, rng, routing};
+use crate::spec::Activation;
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::device::{library_report, nccl_version, require_nccl, Device, DeviceInfo, LibraryReport};
-use crate::dtype::{from_f32_slice, round_to, to_f32_vec, DType, Dtype};
-use crate::error::{no_panic, GpuError};
-use crate::gemm::{GemmDims, GemmForm};
-use crate::nvrtc::CompileRecord;
+use moelab_kernels::device::{library_report, nccl_version, require_nccl, Device, DeviceInfo, LibraryReport};
+use moelab_kernels::dtype::{from_f32_slice, round_to, to_f32_vec, DType, Dtype};
+use moelab_kernels::error::{no_panic, GpuError};
+use moelab_kernels::gemm::{GemmDims, GemmForm};
+use moelab_kernels::nvrtc::CompileRecord;
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::CudaSlice;
 

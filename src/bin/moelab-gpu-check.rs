@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use moelab_kernels::check::{self, BenchOptions, CheckOptions};
+use moelab::backend::cuda::check::{self, BenchOptions, CheckOptions};
 use moelab_kernels::device::library_report;
 use moelab_kernels::{probe_ordinal, Device};
 

@@ -2,7 +2,7 @@
 //! must match the cpu reference; on a machine without one the test prints
 //! `skipped: no CUDA device (<reason>)` and passes. It never panics for lack of CUDA.
 
-use moelab_kernels::check::{self, CheckOptions};
+use moelab::backend::cuda::check::{self, CheckOptions};
 use moelab_kernels::{probe, Device};
 
 #[test]

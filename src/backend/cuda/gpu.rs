@@ -1,0 +1,105 @@
+//! One GPU as the plan executor sees it: a context, the plan kernels (`plan_ops.cu`, NVRTC
+//! compiled for the device's architecture and cached on disk), and one CUDA stream with its
+//! own cuBLAS handle per plan stream. Buffers are raw device pointers owned by
+//! [`super::store::DevStore`]; ordering across streams is the executor's job (events), so
+//! cudarc's per-buffer event tracking is off.
+
+use cudarc::cublas::sys::cublasHandle_t;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
+use cudarc::nvrtc::Ptx;
+use moelab_kernels::device::{probe_ordinal, require_cublas, require_nvrtc};
+use moelab_kernels::error::{no_panic, GpuError};
+use moelab_kernels::nvrtc::{arch_for, compile_extra, PtxCache};
+use moelab_kernels::DeviceInfo;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The kernels of `plan_ops.cu`, by name.
+pub const KERNELS: &[&str] = &[
+    "gather_rows", "token_sum_rows", "combine_fwd", "combine_bwd_rows", "combine_bwd_weights", "add_bias_rows", "col_sums",
+    "add_inplace", "adam", "mse", "route_topk", "route_bwd", "act_fwd", "act_bwd", "ln_fwd", "ln_bwd_dx", "ln_bwd_params",
+    "attn_fwd", "attn_bwd",
+];
+
+/// Threads per block for grid-stride kernels.
+pub const BLOCK: u32 = 256;
+
+/// A GPU with the plan kernels loaded.
+pub struct Gpu {
+    /// The context (primary context of the ordinal).
+    pub ctx: Arc<CudaContext>,
+    /// What the probe read.
+    pub info: DeviceInfo,
+    _module: Arc<CudaModule>,
+    funcs: HashMap<&'static str, CudaFunction>,
+}
+
+/// A CUDA stream with its cuBLAS handle; one per plan stream.
+pub struct GpuStream {
+    /// The stream.
+    pub stream: Arc<CudaStream>,
+    /// cuBLAS handle bound to `stream`.
+    pub blas: cublasHandle_t,
+}
+
+// SAFETY: a cuBLAS handle may be used from any thread as long as calls on it do not overlap;
+// each GpuStream is used by exactly one host thread at a time (its plan stream's thread).
+unsafe impl Send for GpuStream {}
+unsafe impl Sync for GpuStream {}
+
+impl Drop for GpuStream {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by create_handle and is destroyed once.
+        unsafe {
+            let _ = cudarc::cublas::result::destroy_handle(self.blas);
+        }
+    }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` and loads the plan kernels (compiling them on first use).
+    pub fn open(ordinal: usize) -> Result<Gpu, GpuError> {
+        let info = probe_ordinal(ordinal)?;
+        require_nvrtc()?;
+        require_cublas()?;
+        no_panic("Gpu::open", || {
+            let ctx = CudaContext::new(ordinal).map_err(GpuError::driver("CudaContext::new"))?;
+            // SAFETY: no buffer exists in this context yet; the executor orders every access
+            // with stream order and explicit events.
+            unsafe { ctx.disable_event_tracking() };
+            let arch = arch_for(info.compute_capability.0, info.compute_capability.1);
+            let ptx = compile_extra("plan_ops.cu", include_str!("plan_ops.cu"), &arch, &PtxCache::from_env())?;
+            let module = ctx
+                .load_module(Ptx::from_src(ptx))
+                .map_err(|source| GpuError::Load { what: "plan_ops.cu".into(), source })?;
+            let mut funcs = HashMap::new();
+            for &name in KERNELS {
+                let f = module.load_function(name).map_err(|source| GpuError::Load { what: name.to_string(), source })?;
+                funcs.insert(name, f);
+            }
+            Ok(Gpu { ctx, info, _module: module, funcs })
+        })
+    }
+
+    /// A new stream with its own cuBLAS handle.
+    pub fn new_stream(&self) -> Result<GpuStream, GpuError> {
+        let stream = self.ctx.new_stream().map_err(GpuError::driver("cuStreamCreate"))?;
+        let blas = cudarc::cublas::result::create_handle().map_err(GpuError::cublas("cublasCreate"))?;
+        // SAFETY: both handles are live; the stream outlives the handle (GpuStream drops the
+        // handle first, then its Arc of the stream).
+        unsafe { cudarc::cublas::result::set_stream(blas, stream.cu_stream() as _) }.map_err(GpuError::cublas("cublasSetStream"))?;
+        Ok(GpuStream { stream, blas })
+    }
+
+    /// A kernel of `plan_ops.cu`.
+    pub fn func(&self, name: &'static str) -> &CudaFunction {
+        self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} is listed in KERNELS"))
+    }
+
+    /// Launch shape for a grid-stride loop over `n` items.
+    pub fn grid(&self, n: usize) -> LaunchConfig {
+        let want = n.div_ceil(BLOCK as usize).max(1);
+        let cap = (self.info.sm_count.max(1) as usize) * 32;
+        LaunchConfig { grid_dim: (want.min(cap) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    }
+}

@@ -1,0 +1,29 @@
+//! The `cuda` backend: executes plans on NVIDIA GPUs through the device layer in
+//! `moelab-kernels` (NVRTC, cuBLAS, NCCL via cudarc, loaded at run time), one worker process
+//! per GPU.
+//!
+//! - [`launch`]: starts one worker per rank, bootstraps NCCL, merges progress and traces.
+//! - [`rank`]: one rank's plan on one GPU: a host thread and a CUDA stream per plan stream,
+//!   cross-stream dependencies as events, every op timed with CUDA events.
+//! - [`exec`]: one op on one stream (kernels of `plan_ops.cu`, cuBLAS, NCCL; the expert
+//!   layouts run on the host through the cpu implementation, and say so in the op report).
+//! - [`store`]: device buffers tagged with the plan's memory categories.
+//! - [`comm`]: NCCL communicators per plan group.
+//! - [`check`]: the device layer's conformance suite and dense GEMM benchmark
+//!   (`moelab-gpu-check`).
+
+pub mod check;
+pub mod comm;
+pub mod exec;
+pub mod gpu;
+pub mod launch;
+pub mod rank;
+pub mod store;
+
+/// GPUs this process can use (0 without CUDA, a driver or a device); never panics.
+pub fn visible_gpus() -> usize {
+    match moelab_kernels::probe() {
+        Ok(info) => info.device_count,
+        Err(_) => 0,
+    }
+}

@@ -1,0 +1,394 @@
+// moelab cuda backend: the plan executor's kernels (f32 storage and arithmetic).
+// Semantics are those of the cpu backend (src/backend/cpu/exec.rs, src/math/*); every kernel
+// is checked against it by tests/cuda_plans.rs on a GPU. common.cuh is prepended by the
+// compiler (warp_sum, warp_max, i64).
+
+#define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+
+// dst[r, :] = map[r] >= 0 ? src[map[r], :] : 0
+extern "C" __global__ void gather_rows(const float* src, const int* map, float* dst, i64 rows, int cols) {
+    GRID_STRIDE(i, rows * cols) {
+        i64 r = i / cols;
+        int c = (int)(i % cols);
+        int s = map[r];
+        dst[i] = s >= 0 ? src[(i64)s * cols + c] : 0.0f;
+    }
+}
+
+// Dispatch backward: dst[t, :] = sum_j (slots[t*k+j] >= 0 ? src[slots[t*k+j], :] : 0)
+extern "C" __global__ void token_sum_rows(const float* src, const int* slots, float* dst, i64 tokens, int k, int cols) {
+    GRID_STRIDE(i, tokens * cols) {
+        i64 t = i / cols;
+        int c = (int)(i % cols);
+        float acc = 0.0f;
+        for (int j = 0; j < k; j++) {
+            int s = slots[t * k + j];
+            if (s >= 0) acc += src[(i64)s * cols + c];
+        }
+        dst[i] = acc;
+    }
+}
+
+// Combine: out[t, :] = residual[t, :] (or 0) + sum_j w[t*k+j] * back[slots[t*k+j], :]
+extern "C" __global__ void combine_fwd(const float* back, const int* slots, const float* w, const float* residual, float* out, i64 tokens, int k, int cols) {
+    GRID_STRIDE(i, tokens * cols) {
+        i64 t = i / cols;
+        int c = (int)(i % cols);
+        float acc = residual ? residual[i] : 0.0f;
+        for (int j = 0; j < k; j++) {
+            int s = slots[t * k + j];
+            if (s >= 0) acc += w[t * k + j] * back[(i64)s * cols + c];
+        }
+        out[i] = acc;
+    }
+}
+
+// Combine backward, rows: dback[slots[a], :] = w[a] * dout[a / k, :] for kept assignments a.
+extern "C" __global__ void combine_bwd_rows(const float* dout, const int* slots, const float* w, float* dback, i64 assigns, int k, int cols) {
+    GRID_STRIDE(i, assigns * cols) {
+        i64 a = i / cols;
+        int c = (int)(i % cols);
+        int s = slots[a];
+        if (s >= 0) dback[(i64)s * cols + c] = w[a] * dout[(a / k) * cols + c];
+    }
+}
+
+// Combine backward, weights: one warp per assignment, dw[a] = dout[a / k, :] . back[slots[a], :].
+extern "C" __global__ void combine_bwd_weights(const float* dout, const float* back, const int* slots, float* dw, i64 assigns, int k, int cols) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
+    for (i64 a = warp; a < assigns; a += warps) {
+        int s = slots[a];
+        float acc = 0.0f;
+        if (s >= 0) {
+            for (int c = lane; c < cols; c += 32) acc += dout[(a / k) * cols + c] * back[(i64)s * cols + c];
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) dw[a] = acc;
+    }
+}
+
+// y[r, c] += bias[(r / group_rows) * cols + c]: one bias row per group of rows (per expert).
+extern "C" __global__ void add_bias_rows(float* y, const float* bias, i64 rows, int cols, i64 group_rows) {
+    GRID_STRIDE(i, rows * cols) {
+        i64 r = i / cols;
+        int c = (int)(i % cols);
+        y[i] += bias[(r / group_rows) * cols + c];
+    }
+}
+
+// out[g, c] (+)= sum_{r < rows} x[g * rows + r, c]: column sums per group, one thread per (g, c),
+// rows summed in order (deterministic).
+extern "C" __global__ void col_sums(const float* x, float* out, i64 rows, int cols, int groups, int accumulate) {
+    GRID_STRIDE(i, (i64)groups * cols) {
+        i64 g = i / cols;
+        int c = (int)(i % cols);
+        float acc = 0.0f;
+        for (i64 r = 0; r < rows; r++) acc += x[(g * rows + r) * cols + c];
+        out[i] = accumulate ? out[i] + acc : acc;
+    }
+}
+
+// a += b
+extern "C" __global__ void add_inplace(float* a, const float* b, i64 n) {
+    GRID_STRIDE(i, n) { a[i] += b[i]; }
+}
+
+// Adam with bias corrections c1 = 1 - beta1^t, c2 = 1 - beta2^t.
+extern "C" __global__ void adam(float* p, const float* g, float* m, float* v, i64 n, float lr, float b1, float b2, float eps, float c1, float c2) {
+    GRID_STRIDE(i, n) {
+        float gi = g[i];
+        float mi = b1 * m[i] + (1.0f - b1) * gi;
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= lr * (mi / c1) / (sqrtf(vi / c2) + eps);
+    }
+}
+
+// Regression loss: dy = (y - t) / denom (when dy is not null); partial[block] = sum (y - t)^2
+// over the block's elements, in f64.
+extern "C" __global__ void mse(const float* y, const float* t, float* dy, double* partial, i64 n, double denom) {
+    __shared__ double part[256];
+    double acc = 0.0;
+    GRID_STRIDE(i, n) {
+        double d = (double)y[i] - (double)t[i];
+        acc += d * d;
+        if (dy) dy[i] = (float)(d / denom);
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) part[threadIdx.x] += part[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = part[0];
+}
+
+// Gating: probs = softmax(logits) per row; top-k in descending probability, ties to the lower
+// expert; weights renormalised over the k when asked. One thread per token (E <= 1024).
+extern "C" __global__ void route_topk(const float* logits, float* probs, int* idx, float* w, i64 tokens, int e, int k, int renorm) {
+    GRID_STRIDE(t, tokens) {
+        const float* l = logits + t * e;
+        float* p = probs + t * e;
+        float mx = neg_inf();
+        for (int x = 0; x < e; x++) mx = fmaxf(mx, l[x]);
+        float sum = 0.0f;
+        for (int x = 0; x < e; x++) {
+            float v = expf(l[x] - mx);
+            p[x] = v;
+            sum += v;
+        }
+        for (int x = 0; x < e; x++) p[x] = p[x] / sum;
+        float chosen_sum = 0.0f;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            float bv = 0.0f;
+            for (int x = 0; x < e; x++) {
+                bool taken = false;
+                for (int q = 0; q < j; q++) taken |= idx[t * k + q] == x;
+                if (taken) continue;
+                if (best < 0 || p[x] > bv) {
+                    best = x;
+                    bv = p[x];
+                }
+            }
+            idx[t * k + j] = best;
+            w[t * k + j] = bv;
+            chosen_sum += bv;
+        }
+        if (renorm) {
+            for (int j = 0; j < k; j++) w[t * k + j] = w[t * k + j] / chosen_sum;
+        }
+    }
+}
+
+// Routing backward (softmax + top-k + aux loss): dlogits from dw; aux_grad[e] is the aux
+// term's gradient with respect to each probability (computed on the host from the table).
+extern "C" __global__ void route_bwd(const float* probs, const int* idx, const float* dw, const float* aux_grad, float* dlogits, i64 tokens, int e, int k, int renorm) {
+    GRID_STRIDE(t, tokens) {
+        const float* p = probs + t * e;
+        float* dl = dlogits + t * e;
+        const int* sel = idx + t * k;
+        const float* g = dw + t * k;
+        // dl holds dp until the last loop.
+        for (int x = 0; x < e; x++) dl[x] = aux_grad[x];
+        if (renorm) {
+            float s = 0.0f;
+            for (int j = 0; j < k; j++) s += p[sel[j]];
+            float dot = 0.0f;
+            for (int j = 0; j < k; j++) dot += g[j] * p[sel[j]] / s;
+            for (int j = 0; j < k; j++) dl[sel[j]] += (g[j] - dot) / s;
+        } else {
+            for (int j = 0; j < k; j++) dl[sel[j]] += g[j];
+        }
+        float inner = 0.0f;
+        for (int x = 0; x < e; x++) inner += p[x] * dl[x];
+        for (int x = 0; x < e; x++) dl[x] = p[x] * (dl[x] - inner);
+    }
+}
+
+#define SQRT_2_OVER_PI 0.7978846f
+#define GELU_C 0.044715f
+
+// Activation forward: kind 0 = GELU (tanh form), 1 = ReLU.
+extern "C" __global__ void act_fwd(const float* h, float* a, i64 n, int kind) {
+    GRID_STRIDE(i, n) {
+        float x = h[i];
+        if (kind == 0) {
+            float u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+            a[i] = 0.5f * x * (1.0f + tanhf(u));
+        } else {
+            a[i] = fmaxf(x, 0.0f);
+        }
+    }
+}
+
+extern "C" __global__ void act_bwd(const float* h, const float* da, float* dh, i64 n, int kind) {
+    GRID_STRIDE(i, n) {
+        float x = h[i], g = da[i];
+        if (kind == 0) {
+            float u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+            float t = tanhf(u);
+            float du = SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_C * x * x);
+            dh[i] = g * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du);
+        } else {
+            dh[i] = x > 0.0f ? g : 0.0f;
+        }
+    }
+}
+
+// LayerNorm forward, one warp per row: y = (x - mean) * rstd * g + b; stats = (mean, rstd).
+extern "C" __global__ void ln_fwd(const float* x, const float* g, const float* b, float* y, float* stats, i64 rows, int m) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
+    for (i64 r = warp; r < rows; r += warps) {
+        const float* xr = x + r * m;
+        float s = 0.0f;
+        for (int i = lane; i < m; i += 32) s += xr[i];
+        float mean = warp_sum(s) / m;
+        float v = 0.0f;
+        for (int i = lane; i < m; i += 32) v += (xr[i] - mean) * (xr[i] - mean);
+        float rstd = rsqrtf(warp_sum(v) / m + 1e-5f);
+        for (int i = lane; i < m; i += 32) y[r * m + i] = (xr[i] - mean) * rstd * g[i] + b[i];
+        if (lane == 0) {
+            stats[2 * r] = mean;
+            stats[2 * r + 1] = rstd;
+        }
+    }
+}
+
+// LayerNorm backward for dx (one warp per row), plus the residual gradient when given.
+extern "C" __global__ void ln_bwd_dx(const float* x, const float* g, const float* stats, const float* dy, const float* residual, float* dx, i64 rows, int m) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
+    for (i64 r = warp; r < rows; r += warps) {
+        float mean = stats[2 * r], rstd = stats[2 * r + 1];
+        float sg = 0.0f, sgx = 0.0f;
+        for (int i = lane; i < m; i += 32) {
+            float xh = (x[r * m + i] - mean) * rstd;
+            float gg = dy[r * m + i] * g[i];
+            sg += gg;
+            sgx += gg * xh;
+        }
+        sg = warp_sum(sg);
+        sgx = warp_sum(sgx);
+        for (int i = lane; i < m; i += 32) {
+            float xh = (x[r * m + i] - mean) * rstd;
+            float gg = dy[r * m + i] * g[i];
+            float d = rstd * (gg - (sg + xh * sgx) / m);
+            dx[r * m + i] = residual ? d + residual[r * m + i] : d;
+        }
+    }
+}
+
+// LayerNorm parameter gradients: one thread per column, rows in order (deterministic).
+extern "C" __global__ void ln_bwd_params(const float* x, const float* stats, const float* dy, float* dg, float* db, i64 rows, int m) {
+    GRID_STRIDE(c, (i64)m) {
+        float ag = 0.0f, ab = 0.0f;
+        for (i64 r = 0; r < rows; r++) {
+            float xh = (x[r * m + c] - stats[2 * r]) * stats[2 * r + 1];
+            ag += dy[r * m + c] * xh;
+            ab += dy[r * m + c];
+        }
+        dg[c] = ag;
+        db[c] = ab;
+    }
+}
+
+// Causal attention forward: one block per (sequence b, head h, query i); shared memory holds
+// the row of scores (seq floats). qkv[T, 3M]; probs[B, H, L, L]; ctx[T, M].
+extern "C" __global__ void attn_fwd(const float* qkv, float* probs, float* ctx, int batch, int seq, int heads, int m) {
+    extern __shared__ float row[];
+    __shared__ float red[32];
+    int dh = m / heads;
+    i64 id = blockIdx.x;
+    int i = (int)(id % seq);
+    int h = (int)((id / seq) % heads);
+    int b = (int)(id / ((i64)seq * heads));
+    float scale = rsqrtf((float)dh);
+    const float* qi = qkv + ((i64)b * seq + i) * 3 * m + h * dh;
+    for (int j = threadIdx.x; j < seq; j += blockDim.x) {
+        if (j <= i) {
+            const float* kj = qkv + ((i64)b * seq + j) * 3 * m + m + h * dh;
+            float s = 0.0f;
+            for (int d = 0; d < dh; d++) s += qi[d] * kj[d];
+            row[j] = s * scale;
+        } else {
+            row[j] = 0.0f;
+        }
+    }
+    __syncthreads();
+    float mx = neg_inf();
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) mx = fmaxf(mx, row[j]);
+    mx = warp_max(mx);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mx;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : neg_inf();
+        v = warp_max(v);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    mx = red[0];
+    __syncthreads();
+    float s = 0.0f;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+        float e = expf(row[j] - mx);
+        row[j] = e;
+        s += e;
+    }
+    s = warp_sum(s);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    float inv = 1.0f / red[0];
+    float* prow = probs + (((i64)b * heads + h) * seq + i) * seq;
+    for (int j = threadIdx.x; j < seq; j += blockDim.x) {
+        float p = j <= i ? row[j] * inv : 0.0f;
+        row[j] = p;
+        prow[j] = p;
+    }
+    __syncthreads();
+    float* out = ctx + ((i64)b * seq + i) * m + h * dh;
+    for (int d = threadIdx.x; d < dh; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j <= i; j++) acc += row[j] * qkv[((i64)b * seq + j) * 3 * m + 2 * m + h * dh + d];
+        out[d] = acc;
+    }
+}
+
+// Causal attention backward: one block per (b, h, i). dq_i is written directly; dk_j and dv_j
+// collect contributions from every query i >= j through atomicAdd (dqkv zeroed beforehand).
+// Shared memory: ds[seq].
+extern "C" __global__ void attn_bwd(const float* qkv, const float* probs, const float* dctx, float* dqkv, int batch, int seq, int heads, int m) {
+    extern __shared__ float ds[];
+    __shared__ float red[32];
+    int dh = m / heads;
+    i64 id = blockIdx.x;
+    int i = (int)(id % seq);
+    int h = (int)((id / seq) % heads);
+    int b = (int)(id / ((i64)seq * heads));
+    float scale = rsqrtf((float)dh);
+    const float* prow = probs + (((i64)b * heads + h) * seq + i) * seq;
+    const float* dci = dctx + ((i64)b * seq + i) * m + h * dh;
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+        const float* vj = qkv + ((i64)b * seq + j) * 3 * m + 2 * m + h * dh;
+        float dp = 0.0f;
+        for (int d = 0; d < dh; d++) dp += dci[d] * vj[d];
+        ds[j] = dp;
+        dot += dp * prow[j];
+    }
+    dot = warp_sum(dot);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = dot;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    dot = red[0];
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) ds[j] = prow[j] * (ds[j] - dot) * scale;
+    __syncthreads();
+    const float* qi = qkv + ((i64)b * seq + i) * 3 * m + h * dh;
+    for (int d = threadIdx.x; d < dh; d += blockDim.x) {
+        float dq = 0.0f;
+        for (int j = 0; j <= i; j++) {
+            i64 base_j = ((i64)b * seq + j) * 3 * m;
+            dq += ds[j] * qkv[base_j + m + h * dh + d];
+            atomicAdd(&dqkv[base_j + m + h * dh + d], ds[j] * qi[d]);
+            atomicAdd(&dqkv[base_j + 2 * m + h * dh + d], prow[j] * dci[d]);
+        }
+        dqkv[((i64)b * seq + i) * 3 * m + h * dh + d] += dq;
+    }
+}

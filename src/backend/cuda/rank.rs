@@ -1,0 +1,353 @@
+//! One rank's plan on one GPU: a host thread and a CUDA stream per plan stream, ops enqueued
+//! in plan order per stream, cross-stream dependencies as CUDA events, every op bracketed by
+//! timing events, buffers freed (stream-ordered) after their last user was enqueued.
+
+use super::comm::Comms;
+use super::exec::{ExecError, GpuOutcome, LossPending, StreamExec};
+use super::gpu::{Gpu, GpuStream};
+use super::store::DevStore;
+use crate::backend::cpu::exec::RouteObs;
+use crate::backend::cpu::fabric::Fabric;
+use crate::backend::cpu::initial_values;
+use crate::backend::cpu::store::Data;
+use crate::backend::{BackendError, ExecOptions};
+use crate::plan::{BufId, Plan, RankPlan};
+use crate::taxonomy::{Stage, Stream};
+use crate::trace::{MemEvent, OpEvent, StepSpan};
+use cudarc::driver::result;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaEvent;
+use moelab_kernels::error::GpuError;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn stream_index(s: Stream) -> usize {
+    match s {
+        Stream::Compute => 0,
+        Stream::Comm => 1,
+    }
+}
+
+/// What one rank measured in one step.
+#[derive(Debug, Default, Clone)]
+pub struct RankStep {
+    /// Routing and loss observations by stage.
+    pub obs: Vec<(Stage, RouteObs)>,
+    /// Wall time of the step on this rank, seconds.
+    pub wall_s: f64,
+    /// Ops that ran on the host (cpu implementation).
+    pub host_ops: usize,
+}
+
+/// A rank's plan loaded on a GPU.
+pub struct GpuRank {
+    gpu: Gpu,
+    streams: Vec<GpuStream>,
+    store: Mutex<DevStore>,
+    comms: Comms,
+    plan: Plan,
+    rank: usize,
+    retain: Vec<bool>,
+    /// Traced ops so far.
+    pub ops: Vec<OpEvent>,
+    /// Measured step spans so far.
+    pub steps: Vec<StepSpan>,
+    epoch: Instant,
+    /// Nanoseconds added to `epoch`-relative times so ranks in different processes share a
+    /// time base (the launcher's wall-clock epoch).
+    offset_ns: i64,
+    steps_done: usize,
+    measured_done: usize,
+}
+
+impl GpuRank {
+    /// Opens the GPU, joins the communicators, uploads the initial parameters.
+    pub fn new(plan: Plan, rank: usize, gpu: Gpu, comms: Comms, retain: &[String], offset_ns: i64) -> Result<GpuRank, ExecError> {
+        gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
+        let streams = vec![gpu.new_stream()?, gpu.new_stream()?];
+        let rp = &plan.ranks[rank];
+        let epoch = Instant::now();
+        let store = DevStore::new(rp.rank, rp.buffers.clone(), epoch);
+        let retain = rp.buffers.iter().map(|b| retain.contains(&b.name)).collect();
+        let me = GpuRank {
+            gpu, streams, store: Mutex::new(store), comms, rank, retain, ops: Vec::new(), steps: Vec::new(), epoch, offset_ns,
+            steps_done: 0, measured_done: 0, plan,
+        };
+        let rp = &me.plan.ranks[rank];
+        let fabric = Fabric::new(Duration::from_secs(1));
+        let ex = me.exec(0, 0, 0, &fabric);
+        for (id, v) in initial_values(rp, me.plan.spec.run.seed) {
+            ex.upload(id, &Data::F32(v))?;
+        }
+        me.streams[0].stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+        drop(ex);
+        Ok(me)
+    }
+
+    fn exec<'a>(&'a self, si: usize, step: u64, adam_step: u64, fabric: &'a Fabric) -> StreamExec<'a> {
+        StreamExec {
+            gpu: &self.gpu, s: &self.streams[si], si, store: &self.store, comms: &self.comms, rp: &self.plan.ranks[self.rank],
+            groups: &self.plan.groups, seed: self.plan.spec.run.seed, step, adam_step, fabric,
+        }
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Highest bytes held and the per-category bytes at that moment.
+    pub fn tracked_peak(&self) -> (u64, [u64; 7]) {
+        let st = lock(&self.store);
+        (st.peak_total, st.at_peak)
+    }
+
+    /// Memory events so far (time-shifted to the shared base).
+    pub fn memory_events(&self) -> Vec<MemEvent> {
+        lock(&self.store).events.iter().map(|e| MemEvent { t_ns: self.shift(e.t_ns), ..e.clone() }).collect()
+    }
+
+    fn shift(&self, t: u64) -> u64 {
+        (t as i64 + self.offset_ns).max(0) as u64
+    }
+
+    /// A buffer's contents (parameters, gradients, retained activations), as f32.
+    pub fn read(&self, name: &str) -> Option<Vec<f32>> {
+        let id = self.plan.ranks[self.rank].buffer_id(name)?;
+        let fabric = Fabric::new(Duration::from_secs(1));
+        match self.exec(0, 0, 0, &fabric).download(id).ok()? {
+            Data::F32(v) => Some(v),
+            Data::I32(v) => Some(v.into_iter().map(|x| x as f32).collect()),
+        }
+    }
+
+    /// Runs one step; `measured` steps are traced.
+    pub fn step(&mut self, measured: bool, opts: &ExecOptions) -> Result<RankStep, BackendError> {
+        let rank = self.plan.ranks[self.rank].rank;
+        let data_step = self.steps_done as u64;
+        let adam_step = (self.steps_done + 1) as u64;
+        let t0 = Instant::now();
+        let start_ns = self.epoch.elapsed().as_nanos() as u64;
+        let out = self.run_step(data_step, adam_step, opts).map_err(|e| match e {
+            StepError::Backend(b) => b,
+            StepError::Op { op, err } => BackendError::OpFailed { rank, op, message: err.to_string() },
+        })?;
+        let (mut result, events, base_host_ns) = out;
+        result.wall_s = t0.elapsed().as_secs_f64();
+        if measured {
+            let step = self.measured_done as u32;
+            for (op_index, t_start, t_end, bytes) in events {
+                let op = &self.plan.ranks[self.rank].ops[op_index];
+                let s = self.shift(base_host_ns + t_start);
+                let e = self.shift(base_host_ns + t_end).max(s + 1);
+                self.ops.push(OpEvent {
+                    rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(), layer: op.layer, chunk: op.chunk,
+                    start_ns: s, end_ns: e, flops: op.flops, bytes: bytes.unwrap_or(op.bytes),
+                });
+            }
+            let end = self.epoch.elapsed().as_nanos() as u64;
+            self.steps.push(StepSpan { rank, step, start_ns: self.shift(start_ns), end_ns: self.shift(end) });
+            self.measured_done += 1;
+        }
+        self.steps_done += 1;
+        Ok(result)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn run_step(&self, data_step: u64, adam_step: u64, opts: &ExecOptions) -> Result<(RankStep, Vec<(usize, u64, u64, Option<u64>)>, u64), StepError> {
+        let rp: &RankPlan = &self.plan.ranks[self.rank];
+        let gpu_err = |e: GpuError| StepError::Backend(BackendError::OpFailed { rank: rp.rank, op: "(step)".into(), message: e.to_string() });
+        let n = rp.ops.len();
+        let active: Vec<bool> = rp.ops.iter().map(|op| !(opts.skip_optimizer && op.stage == Stage::Optimizer)).collect();
+        let touched: Vec<Vec<BufId>> = rp
+            .ops
+            .iter()
+            .map(|op| {
+                let mut t: Vec<BufId> = op.reads.iter().chain(&op.writes).copied().collect();
+                t.sort();
+                t.dedup();
+                t
+            })
+            .collect();
+        let mut uses = vec![0usize; rp.buffers.len()];
+        for (t, a) in touched.iter().zip(&active) {
+            if *a {
+                for b in t {
+                    uses[b.0 as usize] += 1;
+                }
+            }
+        }
+        let uses: Vec<AtomicUsize> = uses.into_iter().map(AtomicUsize::new).collect();
+        let new_event = || self.gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(GpuError::driver("cuEventCreate"));
+        let mut evs: Vec<(CudaEvent, CudaEvent)> = Vec::with_capacity(n);
+        for _ in 0..n {
+            evs.push((new_event().map_err(gpu_err)?, new_event().map_err(gpu_err)?));
+        }
+        // Base event: every stream waits for it, so every op's time is after it.
+        let base = new_event().map_err(gpu_err)?;
+        base.record(&self.streams[0].stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
+        let base_host_ns = self.epoch.elapsed().as_nanos() as u64;
+        for s in &self.streams[1..] {
+            s.stream.wait(&base).map_err(|e| gpu_err(GpuError::driver("cuStreamWaitEvent")(e)))?;
+        }
+        let enqueued: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
+        let cv = (Mutex::new(()), Condvar::new());
+        let failed = AtomicBool::new(false);
+        let fabric = Fabric::new(opts.collective_timeout);
+        let outcomes: Mutex<Vec<(usize, GpuOutcome)>> = Mutex::new(Vec::new());
+
+        let run_stream = |si: usize| -> Result<(), StepError> {
+            self.gpu.ctx.bind_to_thread().map_err(|e| gpu_err(GpuError::driver("cuCtxSetCurrent")(e)))?;
+            let ex = self.exec(si, data_step, adam_step, &fabric);
+            for op in rp.ops.iter().filter(|o| stream_index(o.stream) == si) {
+                let i = op.id.0 as usize;
+                let finish = || {
+                    enqueued[i].store(true, Ordering::SeqCst);
+                    let _g = lock(&cv.0);
+                    cv.1.notify_all();
+                };
+                if !active[i] {
+                    finish();
+                    continue;
+                }
+                if opts.cancel.load(Ordering::Relaxed) {
+                    return Err(StepError::Backend(BackendError::Cancelled));
+                }
+                if let Some((r, name)) = &opts.fail_at {
+                    if *r == rp.rank && *name == op.name {
+                        return Err(StepError::Op { op: op.name.clone(), err: ExecError::Plan("injected failure".into()) });
+                    }
+                }
+                for d in &op.deps {
+                    let di = d.0 as usize;
+                    let mut g = lock(&cv.0);
+                    while !enqueued[di].load(Ordering::SeqCst) {
+                        if failed.load(Ordering::SeqCst) {
+                            return Err(StepError::Backend(BackendError::Aborted { rank: rp.rank, by: rp.rank }));
+                        }
+                        g = cv.1.wait_timeout(g, Duration::from_millis(20)).unwrap_or_else(|p| p.into_inner()).0;
+                    }
+                    drop(g);
+                    if stream_index(rp.ops[di].stream) != si {
+                        ex.s.stream.wait(&evs[di].1).map_err(|e| gpu_err(GpuError::driver("cuStreamWaitEvent")(e)))?;
+                    }
+                }
+                evs[i].0.record(&ex.s.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
+                let out = ex.execute(op).map_err(|err| StepError::Op { op: op.name.clone(), err })?;
+                evs[i].1.record(&ex.s.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
+                lock(&outcomes).push((i, out));
+                // Release buffers whose last user this was: the freeing stream first waits for
+                // every other stream that used them.
+                for b in &touched[i] {
+                    let last = uses[b.0 as usize].fetch_sub(1, Ordering::SeqCst) == 1;
+                    if last && !rp.buffer(*b).persistent && !self.retain[b.0 as usize] {
+                        let mut st = lock(&self.store);
+                        if let Some(buf) = st.get(*b) {
+                            for (oi, other) in self.streams.iter().enumerate() {
+                                if oi != si && buf.used_by & (1 << oi) != 0 {
+                                    let e = new_event().map_err(gpu_err)?;
+                                    e.record(&other.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
+                                    ex.s.stream.wait(&e).map_err(|e| gpu_err(GpuError::driver("cuStreamWaitEvent")(e)))?;
+                                }
+                            }
+                        }
+                        st.release(*b, ex.s.stream.cu_stream()).map_err(gpu_err)?;
+                    }
+                }
+                finish();
+            }
+            Ok(())
+        };
+        let results: Vec<Result<(), StepError>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..self.streams.len())
+                .map(|si| {
+                    let (run_stream, failed, cv) = (&run_stream, &failed, &cv);
+                    sc.spawn(move || {
+                        let r = catch_unwind(AssertUnwindSafe(|| run_stream(si))).unwrap_or_else(|p| {
+                            Err(StepError::Backend(BackendError::Crashed { rank: rp.rank, message: panic_message(&p) }))
+                        });
+                        if r.is_err() {
+                            failed.store(true, Ordering::SeqCst);
+                            let _g = lock(&cv.0);
+                            cv.1.notify_all();
+                        }
+                        r
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("stream threads catch their panics")).collect()
+        });
+        let mut first = None;
+        for r in results {
+            match r {
+                Err(e @ StepError::Backend(BackendError::Aborted { .. })) => {
+                    first.get_or_insert(e);
+                }
+                Err(e) => {
+                    first = Some(e);
+                    break;
+                }
+                Ok(()) => {}
+            }
+        }
+        if let Some(e) = first {
+            return Err(e);
+        }
+        for s in &self.streams {
+            s.stream.synchronize().map_err(|e| gpu_err(GpuError::driver("cuStreamSynchronize")(e)))?;
+        }
+        let mut result = RankStep::default();
+        let mut timed = Vec::new();
+        let ex = self.exec(0, data_step, adam_step, &fabric);
+        for (i, out) in lock(&outcomes).drain(..) {
+            let ms0 = base.elapsed_ms(&evs[i].0).map_err(|e| gpu_err(GpuError::driver("cuEventElapsedTime")(e)))?;
+            let ms1 = base.elapsed_ms(&evs[i].1).map_err(|e| gpu_err(GpuError::driver("cuEventElapsedTime")(e)))?;
+            timed.push((i, (ms0.max(0.0) as f64 * 1e6) as u64, (ms1.max(0.0) as f64 * 1e6) as u64, out.bytes));
+            if out.host {
+                result.host_ops += 1;
+            }
+            if let Some(o) = out.obs {
+                result.obs.push((rp.ops[i].stage, o));
+            }
+            if let Some(l) = out.loss {
+                let value = finish_loss(&ex, l).map_err(|err| StepError::Op { op: rp.ops[i].name.clone(), err })?;
+                if l.observed {
+                    result.obs.push((Stage::Loss, RouteObs { loss: value, ..Default::default() }));
+                }
+            }
+        }
+        for s in &self.streams {
+            s.stream.synchronize().map_err(|e| gpu_err(GpuError::driver("cuStreamSynchronize")(e)))?;
+        }
+        Ok((result, timed, base_host_ns))
+    }
+}
+
+/// Sums a loss op's partials and writes the value into its loss buffer.
+fn finish_loss(ex: &StreamExec, l: LossPending) -> Result<f64, ExecError> {
+    let mut parts = vec![0.0f64; l.blocks];
+    // SAFETY: partial holds `blocks` f64 written by the mse kernel; the stream is synced after.
+    unsafe { result::memcpy_dtoh_async(&mut parts, l.partial, ex.s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
+    ex.s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+    ex.scratch_free(l.partial)?;
+    let value = parts.iter().sum::<f64>() / (2.0 * l.denom);
+    if ex.rp.buffer(l.loss).persistent || lock(ex.store).get(l.loss).is_some() {
+        ex.upload(l.loss, &Data::F32(vec![value as f32]))?;
+    }
+    Ok(value)
+}
+
+enum StepError {
+    Backend(BackendError),
+    Op { op: String, err: ExecError },
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into())
+}

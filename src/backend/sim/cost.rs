@@ -1,0 +1,185 @@
+//! Op costs: how long each op of a plan takes on a profile. Compute ops get a duration from
+//! their FLOPs and bytes (GEMMs through the fitted efficiency curve at their real shapes,
+//! everything else as memory traffic or vector arithmetic, whichever is slower) plus kernel
+//! launch overhead. Collectives become [`CollectivePart`]s whose time the engine decides,
+//! because it depends on when the other members arrive and on who else uses the links.
+
+use super::profile::{CollectiveKind, GemmDtype, GpuProfile};
+use crate::plan::{GroupId, Op, OpKind, RankPlan};
+
+/// One coupled collective an op performs; an op may perform several in sequence (Tutel's
+/// 2D all-to-all: within the node, then across nodes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CollectivePart {
+    /// The members.
+    pub group: GroupId,
+    /// What it does.
+    pub kind: CollectiveKind,
+    /// The payload per member in bytes (see [`CollectiveKind::wire_bytes`]).
+    pub bytes: f64,
+}
+
+/// What an op costs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cost {
+    /// A kernel (or a few) on the compute stream: a fixed duration, seconds.
+    Compute(f64),
+    /// Collectives, executed in order.
+    Collective(Vec<CollectivePart>),
+}
+
+/// A GEMM shape: `batch` products of `[m, k] x [k, n]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmShape {
+    /// Output rows.
+    pub m: usize,
+    /// Output columns.
+    pub n: usize,
+    /// Reduction length.
+    pub k: usize,
+    /// Independent products (experts, heads).
+    pub batch: usize,
+}
+
+impl GemmShape {
+    fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64 * self.batch as f64
+    }
+}
+
+/// The GEMMs an op runs (empty for elementwise ops and collectives). Row counts of expert
+/// GEMMs come from the planned buffer sizes (capacity, or its upper bound when dropless).
+pub fn gemms(kind: &OpKind, plan: &RankPlan) -> Vec<GemmShape> {
+    use OpKind::*;
+    let elems = |b: crate::plan::BufId| plan.buffer(b).elems;
+    let g = |m, n, k, batch| GemmShape { m, n, k, batch };
+    // Forward [rows, d_in] x [d_in, d_out]; backward dx = dy w^T and dw = x^T dy.
+    let fwd = |rows, d_in, d_out, batch| vec![g(rows, d_out, d_in, batch)];
+    let bwd = |rows, d_in, d_out, batch, dx: bool| {
+        let mut v = vec![g(d_in, d_out, rows, batch)];
+        if dx {
+            v.push(g(rows, d_in, d_out, batch));
+        }
+        v
+    };
+    let rows_of = |x, n_local: usize, d_in: usize| elems(x) / (n_local * d_in).max(1);
+    match kind {
+        Linear { rows, d_in, d_out, .. } => fwd(*rows, *d_in, *d_out, 1),
+        LinearBwd { rows, d_in, d_out, dx, .. } => bwd(*rows, *d_in, *d_out, 1, dx.is_some()),
+        ExpertLinear { x, n_local, d_in, d_out, .. } | ExpertLinearPart { x, n_local, d_in, d_out, .. } => {
+            fwd(rows_of(*x, *n_local, *d_in), *d_in, *d_out, *n_local)
+        }
+        ExpertLinearBwd { x, n_local, d_in, d_out, .. }
+        | ExpertLinearBwdAcc { x, n_local, d_in, d_out, .. }
+        | ExpertLinearPartBwd { x, n_local, d_in, d_out, .. } => bwd(rows_of(*x, *n_local, *d_in), *d_in, *d_out, *n_local, true),
+        AttnCore { dims, .. } => {
+            let dh = dims.d_model / dims.heads.max(1);
+            let bh = dims.batch * dims.heads;
+            // Scores q k^T, then context p v.
+            vec![g(dims.seq, dims.seq, dh, bh), g(dims.seq, dh, dims.seq, bh)]
+        }
+        AttnCoreBwd { dims, .. } => {
+            let dh = dims.d_model / dims.heads.max(1);
+            let bh = dims.batch * dims.heads;
+            // dv = p^T dctx, dp = dctx v^T, dq = ds k, dk = ds^T q.
+            vec![g(dims.seq, dh, dims.seq, bh), g(dims.seq, dims.seq, dh, bh), g(dims.seq, dh, dims.seq, bh), g(dims.seq, dh, dims.seq, bh)]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Kernels an op launches (each pays the launch overhead once).
+fn kernels(kind: &OpKind, gemm_count: usize) -> usize {
+    use OpKind::*;
+    match kind {
+        // Softmax, top-k and the per-expert counts.
+        Route { .. } | RouteBwd { .. } => 3,
+        // Mean/variance and normalisation; backward adds the parameter reductions.
+        LayerNorm { .. } => 1,
+        LayerNormBwd { .. } => 2,
+        // Scores, softmax, context (and their gradients).
+        AttnCore { .. } => 3,
+        AttnCoreBwd { .. } => 5,
+        // Positions (a scan) and the scatter.
+        Dispatch { .. } => 2,
+        // One fused multi-tensor kernel.
+        Adam { .. } => 1,
+        _ => gemm_count.max(1),
+    }
+}
+
+/// The collective parts of an op; `None` for compute ops.
+pub fn collective(op: &Op) -> Option<Vec<CollectivePart>> {
+    use OpKind::*;
+    let bytes = op.bytes as f64;
+    let part = |group, kind| CollectivePart { group, kind, bytes };
+    match &op.kind {
+        AllGather { group, .. } => Some(vec![part(*group, CollectiveKind::AllGather)]),
+        AllReduce { group, .. } => Some(vec![part(*group, CollectiveKind::AllReduce)]),
+        AllToAllV { group, .. } => Some(vec![part(*group, CollectiveKind::AllToAll)]),
+        ReduceScatter { group, .. } => Some(vec![part(*group, CollectiveKind::ReduceScatter)]),
+        AllToAllV2d { intra, inter, .. } => Some(vec![part(*intra, CollectiveKind::AllToAll), part(*inter, CollectiveKind::AllToAll)]),
+        _ => None,
+    }
+}
+
+/// The cost of one op of `plan` on `gpu` with GEMMs in `dtype`.
+pub fn op_cost(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype) -> Cost {
+    if let Some(parts) = collective(op) {
+        return Cost::Collective(parts);
+    }
+    let shapes = gemms(&op.kind, plan);
+    let launch = kernels(&op.kind, shapes.len()) as f64 * gpu.launch_s;
+    let memory = op.bytes as f64 / gpu.mem_bandwidth;
+    if shapes.is_empty() {
+        let arithmetic = op.flops as f64 / gpu.vector_flops;
+        return Cost::Compute(launch + memory.max(arithmetic));
+    }
+    // The plan's FLOPs are authoritative; the shapes say how efficiently they run. Each
+    // GEMM gets its share of the op's FLOPs in proportion to its own size.
+    let model = gpu.gemm(dtype);
+    let shape_flops: f64 = shapes.iter().map(GemmShape::flops).sum();
+    let scale = if shape_flops > 0.0 { op.flops as f64 / shape_flops } else { 0.0 };
+    let math: f64 = shapes.iter().map(|s| model.seconds(s.flops() * scale, s.m, s.n, s.k, s.batch)).sum();
+    Cost::Compute(launch + math.max(memory))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::sim::profile;
+    use crate::plan::{BufId, BufferDesc, ElemType, OpId, RankPlan};
+    use crate::taxonomy::{MemCategory, Pass, Stage, Stream};
+
+    fn rank_with(op: Op, buffers: usize) -> RankPlan {
+        let b = BufferDesc { name: "b".into(), elems: 1 << 20, elem: ElemType::F32, elem_bytes: 2, category: MemCategory::Activations, persistent: false, dynamic: false };
+        RankPlan { rank: 0, buffers: vec![b; buffers], ops: vec![op], params: vec![] }
+    }
+
+    fn op(kind: OpKind, flops: u64, bytes: u64) -> Op {
+        Op { id: OpId(0), name: "x".into(), stage: Stage::DenseMlp, pass: Pass::Forward, stream: Stream::Compute, layer: None, chunk: None,
+            deps: vec![], kind, reads: vec![], writes: vec![], frees: vec![], flops, bytes }
+    }
+
+    #[test]
+    fn a_large_gemm_runs_at_the_measured_rate() {
+        let p = profile::resolve("h100").expect("parses");
+        let n = 8192usize;
+        let kind = OpKind::Linear { x: BufId(0), w: BufId(1), bias: None, residual: None, y: BufId(2), rows: n, d_in: n, d_out: n };
+        let flops = 2 * (n as u64).pow(3);
+        let o = op(kind, flops, 3 * 2 * (n * n) as u64);
+        let Cost::Compute(s) = op_cost(&o, &rank_with(o.clone(), 3), &p.gpu, GemmDtype::Bf16) else { panic!("compute") };
+        let tflops = flops as f64 / (s - p.gpu.launch_s) / 1e12;
+        assert!((tflops - 774.7).abs() < 0.01, "{tflops}");
+    }
+
+    #[test]
+    fn elementwise_ops_are_bound_by_memory_bandwidth() {
+        let p = profile::resolve("h200").expect("parses");
+        let kind = OpKind::Act { h: BufId(0), a: BufId(1), act: crate::spec::Activation::Gelu };
+        let bytes = 1u64 << 30;
+        let o = op(kind, 1000, bytes);
+        let Cost::Compute(s) = op_cost(&o, &rank_with(o.clone(), 2), &p.gpu, GemmDtype::Bf16) else { panic!("compute") };
+        assert!((s - p.gpu.launch_s - bytes as f64 / p.gpu.mem_bandwidth).abs() < 1e-12);
+    }
+}

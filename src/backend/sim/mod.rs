@@ -1,0 +1,437 @@
+//! The `sim` backend: predicts a plan's run on a cluster described by a hardware profile,
+//! and writes the same [`Trace`] as the cpu backend, so the stage table, overlap, memory
+//! breakdown and comparisons work unchanged. It never touches a GPU and never does the f32
+//! math: op times come from the plan's FLOPs, bytes and shapes ([`cost`]) run through a
+//! discrete-event simulation of streams, dependencies and coupled collectives on shared
+//! links ([`engine`]); memory comes from the plan's buffers, allocated when their producer
+//! starts and released when their last user ends.
+//!
+//! - [`profile`]: hardware profiles (`profiles/*.toml`), built in or by path.
+//! - [`cost`]: op durations and the collectives an op performs.
+//! - [`engine`]: the event-driven simulation of one step.
+//!
+//! Symmetry: when every rank's plan is the same up to rank ids (same ops, shapes, buffers,
+//! and collectives over groups of the same shape on the nodes), only rank 0 is simulated
+//! and the others are its images; this is what makes 2,048 ranks take seconds. Otherwise
+//! every rank is simulated.
+
+pub mod cost;
+pub mod engine;
+pub mod profile;
+
+use super::{BackendError, ExecOptions, StepReport};
+use crate::plan::{GroupId, Plan, RankPlan};
+use crate::spec::{BackendKind, DType, ExperimentSpec, Problem};
+use crate::trace::{MemEvent, OpEvent, StepSpan, Trace};
+use engine::{Coupling, SimInput, SimOp, SimRankInput, Timeline};
+use profile::{GemmDtype, Profile};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+/// Ranks up to which a symmetric simulation still writes every rank into the trace (copies
+/// of the representative); larger worlds trace the representative alone.
+pub const MAX_TRACED_RANKS: usize = 64;
+
+/// Check and fill the sim fields of a spec's `[run]` (`profile`, `gpus_per_node`, `nodes`):
+/// they belong to backend "sim" only; the profile must load; the cluster must hold the world.
+/// Called by spec validation; returns the violated rules.
+pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut fail = |field: &str, message: String, fix: String| out.push(Problem { field: field.into(), message, fix });
+    let r = &spec.run;
+    if r.backend != BackendKind::Sim {
+        for (field, set) in [("run.profile", r.profile.is_some()), ("run.gpus_per_node", r.gpus_per_node.is_some()), ("run.nodes", r.nodes.is_some())] {
+            if set {
+                fail(field, format!("{field} applies to backend \"sim\" only (backend is {:?})", r.backend.as_str()),
+                    format!("remove {field}, or set backend = \"sim\""));
+            }
+        }
+        return out;
+    }
+    let name = r.profile.clone().unwrap_or_else(|| profile::DEFAULT_PROFILE.to_string());
+    let prof = match profile::resolve(&name) {
+        Ok(p) => p,
+        Err(e) => {
+            let builtins: Vec<&str> = profile::BUILTIN.iter().map(|(n, _)| *n).collect();
+            fail("run.profile", e.to_string(),
+                format!("use a built-in profile ({}) or the path of a profile TOML laid out like profiles/h100.toml", builtins.join(", ")));
+            return out;
+        }
+    };
+    let world = spec.world();
+    let tutel_nodes = spec.tutel.filter(|t| t.a2a == crate::spec::A2aKind::TwoD).map(|t| t.gpus_per_node);
+    let gpn = match r.gpus_per_node.or(tutel_nodes) {
+        Some(0) => {
+            fail("run.gpus_per_node", "gpus_per_node=0 must be at least 1".into(),
+                format!("set gpus_per_node to the GPUs of one node, e.g. {}", prof.topology.gpus_per_node));
+            return out;
+        }
+        Some(g) => g,
+        None => prof.topology.gpus_per_node,
+    };
+    let need = world.div_ceil(gpn).max(1);
+    let nodes = match r.nodes {
+        Some(0) => {
+            fail("run.nodes", "nodes=0 must be at least 1".into(), format!("set nodes = {need} (world {world} / {gpn} GPUs per node)"));
+            return out;
+        }
+        Some(n) if n.saturating_mul(gpn) < world => {
+            fail("run.nodes", format!("nodes={n} x gpus_per_node={gpn} = {} GPUs cannot hold world={world} ranks", n * gpn),
+                format!("set nodes = {need} or more, or remove nodes to have it derived"));
+            return out;
+        }
+        Some(n) => n,
+        None => need,
+    };
+    spec.run.profile = Some(name);
+    spec.run.gpus_per_node = Some(gpn);
+    spec.run.nodes = Some(nodes);
+    out
+}
+
+/// The profile a resolved sim spec names, reshaped to its cluster (`run.gpus_per_node`,
+/// `run.nodes`).
+pub fn spec_profile(spec: &ExperimentSpec) -> Result<Profile, profile::ProfileError> {
+    let p = profile::resolve(spec.run.profile.as_deref().unwrap_or(profile::DEFAULT_PROFILE))?;
+    let gpn = spec.run.gpus_per_node.unwrap_or(p.topology.gpus_per_node);
+    let nodes = spec.run.nodes.unwrap_or_else(|| spec.world().div_ceil(gpn).max(1));
+    Ok(p.with_cluster(gpn, nodes))
+}
+
+/// One simulated step of a whole plan.
+#[derive(Debug, Clone)]
+pub struct PlanSimulation {
+    /// The ranks that were simulated (all ranks, or the representative of a symmetric plan).
+    pub simulated: Vec<u32>,
+    /// Whether the plan was symmetric and only representatives were simulated.
+    pub symmetric: bool,
+    /// When each op of each simulated rank ran.
+    pub timeline: Timeline,
+}
+
+/// Whether every rank's plan equals rank 0's up to rank ids, for the simulator: same ops in
+/// the same order with the same dependencies, costs, buffers and memory effects, and
+/// collectives over groups of the same size spread over nodes in the same way.
+pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
+    let Some(r0) = plan.ranks.first() else { return true };
+    let group_shape: Vec<(usize, Vec<usize>)> = plan
+        .groups
+        .iter()
+        .map(|g| {
+            let mut per_node: HashMap<usize, usize> = HashMap::new();
+            for r in &g.ranks {
+                *per_node.entry(profile.topology.node_of(*r)).or_default() += 1;
+            }
+            let mut counts: Vec<usize> = per_node.into_values().collect();
+            counts.sort_unstable();
+            (g.ranks.len(), counts)
+        })
+        .collect();
+    let same_collectives = |a: &crate::plan::Op, b: &crate::plan::Op| match (cost::collective(a), cost::collective(b)) {
+        (None, None) => true,
+        (Some(pa), Some(pb)) => {
+            pa.len() == pb.len()
+                && pa.iter().zip(&pb).all(|(x, y)| x.kind == y.kind && x.bytes == y.bytes && group_shape[x.group.0 as usize] == group_shape[y.group.0 as usize])
+        }
+        _ => false,
+    };
+    plan.ranks.iter().skip(1).all(|r| {
+        r.ops.len() == r0.ops.len()
+            && r.buffers.len() == r0.buffers.len()
+            && r.buffers.iter().zip(&r0.buffers).all(|(a, b)| a.bytes() == b.bytes() && a.category == b.category && a.persistent == b.persistent)
+            && r.ops.iter().zip(&r0.ops).all(|(a, b)| {
+                a.name == b.name
+                    && a.stage == b.stage
+                    && a.pass == b.pass
+                    && a.stream == b.stream
+                    && a.deps == b.deps
+                    && a.flops == b.flops
+                    && a.bytes == b.bytes
+                    && a.writes == b.writes
+                    && a.frees == b.frees
+                    && same_collectives(a, b)
+                    && cost::gemms(&a.kind, r) == cost::gemms(&b.kind, r0)
+            })
+    })
+}
+
+fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype) -> Vec<SimOp> {
+    rp.ops
+        .iter()
+        .map(|op| SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost: cost::op_cost(op, rp, &profile.gpu, dtype) })
+        .collect()
+}
+
+/// Whether [`simulate_plan`] may simulate a representative rank for a symmetric plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Symmetry {
+    /// Simulate rank 0 alone when [`is_symmetric`] holds (the default).
+    Exploit,
+    /// Simulate every rank (to check the reduction, or for plans with few ranks).
+    Ignore,
+}
+
+/// Simulate one step of `plan` on `profile` (its topology already shaped to the cluster).
+pub fn simulate_plan(plan: &Plan, profile: &Profile, symmetry: Symmetry) -> Result<PlanSimulation, engine::SimError> {
+    let dtype = match plan.spec.model.dtype {
+        DType::Bf16 => GemmDtype::Bf16,
+        DType::F32 => GemmDtype::F32,
+    };
+    let groups: Vec<Vec<u32>> = plan.groups.iter().map(|g| g.ranks.clone()).collect();
+    let symmetric = symmetry == Symmetry::Exploit && plan.world() > 1 && is_symmetric(plan, profile);
+    let (ranks, coupling): (Vec<&RankPlan>, Coupling) = if symmetric {
+        let r0 = &plan.ranks[0];
+        // For each collective part of rank 0, the groups every rank uses for it at once.
+        let images: Vec<Vec<Vec<GroupId>>> = r0
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                let n_parts = cost::collective(op).map_or(0, |p| p.len());
+                (0..n_parts)
+                    .map(|p| {
+                        let mut gs: Vec<GroupId> = plan
+                            .ranks
+                            .iter()
+                            .filter_map(|r| cost::collective(&r.ops[i]).map(|parts| parts[p].group))
+                            .collect();
+                        gs.sort_unstable();
+                        gs.dedup();
+                        gs
+                    })
+                    .collect()
+            })
+            .collect();
+        (vec![r0], Coupling::Symmetric { images: vec![images] })
+    } else {
+        (plan.ranks.iter().collect(), Coupling::Full)
+    };
+    let input = SimInput {
+        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype) }).collect(),
+        groups,
+        profile,
+        coupling,
+    };
+    let timeline = engine::simulate(&input)?;
+    Ok(PlanSimulation { simulated: ranks.iter().map(|r| r.rank).collect(), symmetric, timeline })
+}
+
+/// What the runtime keeps from the one simulation it runs.
+struct Simulated {
+    sim: PlanSimulation,
+    /// (trace rank, index into `sim.simulated`) for every rank written to the trace.
+    traced: Vec<(u32, usize)>,
+    step_ns: u64,
+    tracked: Vec<(u64, [u64; 7])>,
+}
+
+/// A plan loaded onto a simulated cluster: the same interface as the cpu runtime. The step
+/// is simulated once (every step of a plan is the same to the model); each `step` call
+/// appends it to the trace after the previous one.
+pub struct SimRuntime {
+    plan: Plan,
+    opts: ExecOptions,
+    state: Result<Simulated, BackendError>,
+    trace: Trace,
+    steps_done: usize,
+    measured_done: u32,
+    /// Seconds the simulation itself took (wall clock of this machine).
+    pub simulate_s: f64,
+}
+
+impl SimRuntime {
+    /// Load the plan's profile (`run.profile` and cluster) and simulate one step.
+    pub fn new(plan: Plan, opts: ExecOptions) -> Self {
+        match spec_profile(&plan.spec) {
+            Ok(p) => Self::with_profile(plan, &p, opts),
+            Err(e) => {
+                let state = Err(BackendError::OpFailed { rank: 0, op: "load profile".into(), message: e.to_string() });
+                SimRuntime { plan, opts, state, trace: Trace { backend: "sim".into(), ..Default::default() }, steps_done: 0, measured_done: 0, simulate_s: 0.0 }
+            }
+        }
+    }
+
+    /// Simulate one step of `plan` on `profile` (already shaped to the cluster).
+    pub fn with_profile(plan: Plan, profile: &Profile, opts: ExecOptions) -> Self {
+        let t0 = std::time::Instant::now();
+        let state = simulate_plan(&plan, profile, Symmetry::Exploit)
+            .map_err(|e| {
+                let (rank, op) = match &e {
+                    engine::SimError::Stuck { rank, op, .. } | engine::SimError::BadInput { rank, op, .. } | engine::SimError::MissingMember { rank, op, .. } => (*rank, *op),
+                };
+                let name = plan.ranks.get(rank as usize).and_then(|r| r.ops.get(op as usize)).map_or_else(|| format!("#{op}"), |o| o.name.clone());
+                BackendError::OpFailed { rank, op: name, message: format!("simulation: {e}") }
+            })
+            .map(|sim| {
+                let world = plan.world();
+                let traced: Vec<(u32, usize)> = if sim.symmetric && world <= MAX_TRACED_RANKS {
+                    (0..world as u32).map(|r| (r, 0)).collect()
+                } else {
+                    sim.simulated.iter().enumerate().map(|(i, r)| (*r, i)).collect()
+                };
+                let step_ns = (sim.timeline.makespan * 1e9).ceil() as u64;
+                let mut s = Simulated { sim, traced, step_ns, tracked: Vec::new() };
+                s.tracked = tracked_peaks(&plan, &s);
+                s
+            });
+        let mut trace = Trace { backend: "sim".into(), ..Default::default() };
+        if let Ok(s) = &state {
+            trace.world = s.traced.len() as u32;
+            for (rank, src) in &s.traced {
+                let rp = &plan.ranks[s.sim.simulated[*src] as usize];
+                trace.memory.extend(persistent_events(rp, *rank));
+            }
+        }
+        SimRuntime { plan, opts, state, trace, steps_done: 0, measured_done: 0, simulate_s: t0.elapsed().as_secs_f64() }
+    }
+
+    /// The plan being simulated.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The simulation, when it succeeded.
+    pub fn simulation(&self) -> Option<&PlanSimulation> {
+        self.state.as_ref().ok().map(|s| &s.sim)
+    }
+
+    /// Predicted seconds of one step (the latest end over ranks).
+    pub fn step_seconds(&self) -> Option<f64> {
+        self.simulation().map(|s| s.timeline.makespan)
+    }
+
+    /// Append one simulated step; `measured` steps add op events and step spans. The
+    /// report's `wall_s` is the predicted step time; loss, aux loss and routing counts are
+    /// NaN and 0 because the simulator does no math.
+    pub fn step(&mut self, measured: bool, _data_step: Option<u64>) -> Result<StepReport, BackendError> {
+        if self.opts.cancel.load(Ordering::Relaxed) {
+            return Err(BackendError::Cancelled);
+        }
+        let s = self.state.as_ref().map_err(Clone::clone)?;
+        let offset = self.steps_done as u64 * s.step_ns;
+        let step = self.measured_done;
+        for (rank, src) in &s.traced {
+            let rp = &self.plan.ranks[s.sim.simulated[*src] as usize];
+            let times = &s.sim.timeline.times[*src];
+            let mut live = vec![false; rp.buffers.len()];
+            let mut last_end = offset;
+            for (op, t) in rp.ops.iter().zip(times) {
+                let start_ns = offset + (t.start * 1e9).round() as u64;
+                let end_ns = (offset + (t.end * 1e9).round() as u64).max(start_ns + 1);
+                last_end = last_end.max(end_ns);
+                for w in &op.writes {
+                    let b = rp.buffer(*w);
+                    if !b.persistent && !live[w.0 as usize] {
+                        live[w.0 as usize] = true;
+                        self.trace.memory.push(MemEvent { rank: *rank, t_ns: start_ns, category: b.category, delta: b.bytes() as i64 });
+                    }
+                }
+                for f in &op.frees {
+                    let b = rp.buffer(*f);
+                    if live[f.0 as usize] {
+                        live[f.0 as usize] = false;
+                        self.trace.memory.push(MemEvent { rank: *rank, t_ns: end_ns, category: b.category, delta: -(b.bytes() as i64) });
+                    }
+                }
+                if measured {
+                    self.trace.ops.push(OpEvent {
+                        rank: *rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(), layer: op.layer,
+                        chunk: op.chunk, start_ns, end_ns, flops: op.flops, bytes: op.bytes,
+                    });
+                }
+            }
+            if measured {
+                self.trace.steps.push(StepSpan { rank: *rank, step, start_ns: offset, end_ns: last_end });
+            }
+        }
+        let report = StepReport {
+            step: self.steps_done,
+            measured,
+            loss: f64::NAN,
+            aux_loss: f64::NAN,
+            dropped: 0,
+            routed: 0,
+            wall_s: s.sim.timeline.makespan,
+        };
+        self.steps_done += 1;
+        if measured {
+            self.measured_done += 1;
+        }
+        Ok(report)
+    }
+
+    /// Everything simulated so far, as the common trace format.
+    pub fn trace(&self) -> Trace {
+        self.trace.clone()
+    }
+
+    /// Predicted peak bytes per rank (every rank of the world; images of a symmetric plan
+    /// share their representative's), and the per-category bytes at that moment.
+    pub fn tracked_peaks(&self) -> Vec<(u64, [u64; 7])> {
+        self.state.as_ref().map(|s| s.tracked.clone()).unwrap_or_default()
+    }
+}
+
+fn persistent_events(rp: &RankPlan, rank: u32) -> Vec<MemEvent> {
+    rp.buffers
+        .iter()
+        .filter(|b| b.persistent)
+        .map(|b| MemEvent { rank, t_ns: 0, category: b.category, delta: b.bytes() as i64 })
+        .collect()
+}
+
+/// Replay one simulated step's allocations in time order for every simulated rank, and
+/// give every rank of the world its representative's peak.
+fn tracked_peaks(plan: &Plan, s: &Simulated) -> Vec<(u64, [u64; 7])> {
+    let per_sim: Vec<(u64, [u64; 7])> = s
+        .sim
+        .simulated
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let rp = &plan.ranks[*r as usize];
+            let times = &s.sim.timeline.times[i];
+            let mut events: Vec<(u64, bool, usize, i64)> = Vec::new();
+            let mut live = vec![false; rp.buffers.len()];
+            for (op, t) in rp.ops.iter().zip(times) {
+                let (a, e) = ((t.start * 1e9).round() as u64, (t.end * 1e9).round() as u64);
+                for w in &op.writes {
+                    let b = rp.buffer(*w);
+                    if !b.persistent && !live[w.0 as usize] {
+                        live[w.0 as usize] = true;
+                        events.push((a, true, b.category.index(), b.bytes() as i64));
+                    }
+                }
+                for f in &op.frees {
+                    if live[f.0 as usize] {
+                        live[f.0 as usize] = false;
+                        let b = rp.buffer(*f);
+                        events.push((e.max(a + 1), false, b.category.index(), -(b.bytes() as i64)));
+                    }
+                }
+            }
+            // Frees at a moment come before allocations at the same moment (a buffer released
+            // by one op's end is reusable by the next op's start).
+            events.sort_by_key(|(t, alloc, _, _)| (*t, *alloc));
+            let mut cur = [0i64; 7];
+            for b in rp.buffers.iter().filter(|b| b.persistent) {
+                cur[b.category.index()] += b.bytes() as i64;
+            }
+            let total = |c: &[i64; 7]| c.iter().sum::<i64>().max(0) as u64;
+            let snap = |c: &[i64; 7]| c.map(|v| v.max(0) as u64);
+            let mut best = (total(&cur), snap(&cur));
+            for (_, _, cat, d) in events {
+                cur[cat] += d;
+                if total(&cur) > best.0 {
+                    best = (total(&cur), snap(&cur));
+                }
+            }
+            best
+        })
+        .collect();
+    if s.sim.symmetric {
+        vec![per_sim[0]; plan.world()]
+    } else {
+        per_sim
+    }
+}

@@ -1,0 +1,617 @@
+//! The notebook API: build an experiment from TOML, sweep its fields, run every point and
+//! show the results as HTML tables and SVG charts (timeline Gantt, memory bars, sweep curve).
+//!
+//! ```no_run
+//! use moelab::notebook::Experiment;
+//! let exp = Experiment::from_file("experiments/seeds/mpmoe.toml")?.sweep("chunks", [1, 2, 4]);
+//! let runs = exp.run()?;
+//! println!("{runs}");          // plain-text table
+//! let html = runs.to_html();   // tables and charts, as a notebook shows them
+//! # Ok::<(), moelab::notebook::NotebookError>(())
+//! ```
+//!
+//! In the moelab Jupyter kernel a `Runs` value at the end of a cell displays itself through
+//! evcxr's display protocol ([`Runs::evcxr_display`]). The kernel's `%%experiment` magic
+//! uses the same renderers. Nothing here knows about Jupyter messages.
+
+use crate::analysis::memory::N_CATEGORIES;
+use crate::run::compare::{self, CompareRow};
+use crate::run::{RunError, RunHooks, RunOutcome};
+use crate::spec::SpecError;
+use crate::spec::ExperimentSpec;
+use crate::taxonomy::{MemCategory, Stage, Stream};
+use crate::trace::Trace;
+use std::fmt::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+/// Why a notebook experiment could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum NotebookError {
+    /// The TOML does not parse, or a resulting spec does not validate.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A sweep or override names a field that is not there or not unique.
+    #[error("sweep key {key:?}: {message}")]
+    Key {
+        /// The key as given.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A run failed (its run directory keeps what was measured).
+    #[error("run {label}: {source}")]
+    Run {
+        /// The sweep point's label.
+        label: String,
+        /// The run error.
+        source: RunError,
+    },
+    /// A file could not be read.
+    #[error("cannot read {path}: {message}")]
+    Io {
+        /// Path.
+        path: String,
+        /// OS error.
+        message: String,
+    },
+}
+
+/// An experiment with optional overrides and sweeps; [`Experiment::run`] runs every point.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    base: toml::Table,
+    overrides: Vec<(String, toml::Value)>,
+    sweeps: Vec<(String, Vec<toml::Value>)>,
+    runs_root: PathBuf,
+}
+
+/// One point of a sweep: its settings and the validated spec.
+#[derive(Debug, Clone)]
+pub struct Point {
+    /// `key=value` pairs joined by spaces; the experiment name when nothing is swept.
+    pub label: String,
+    /// (resolved dotted key, value as TOML) per swept field.
+    pub settings: Vec<(String, String)>,
+    /// The spec to run.
+    pub spec: ExperimentSpec,
+}
+
+impl Experiment {
+    /// An experiment from spec TOML text (validated now, so errors show at once).
+    pub fn from_toml(text: &str) -> Result<Experiment, NotebookError> {
+        crate::spec::from_toml_str(text)?;
+        let base: toml::Table = text.parse().map_err(|e: toml::de::Error| SpecError::Parse {
+            message: e.message().to_string(),
+            location: None,
+            file: None,
+        })?;
+        Ok(Experiment { base, overrides: Vec::new(), sweeps: Vec::new(), runs_root: PathBuf::from("runs") })
+    }
+
+    /// An experiment from a spec file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Experiment, NotebookError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| NotebookError::Io { path: path.display().to_string(), message: e.to_string() })?;
+        Experiment::from_toml(&text).map_err(|e| match e {
+            NotebookError::Spec(s) => NotebookError::Spec(s.in_file(path)),
+            other => other,
+        })
+    }
+
+    /// Set one field for every point. `key` is dotted (`layout.ep`, `ted.drop_duplicates`) or
+    /// a bare field name found in exactly one section (`ep`, `chunks`).
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Experiment {
+        self.overrides.push((key.to_string(), value.into()));
+        self
+    }
+
+    /// Run once per value of `key` (several sweeps multiply).
+    pub fn sweep<V: Into<toml::Value>>(mut self, key: &str, values: impl IntoIterator<Item = V>) -> Experiment {
+        self.sweeps.push((key.to_string(), values.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// Where run directories go (default `runs/` under the working directory).
+    pub fn runs_root(mut self, dir: impl Into<PathBuf>) -> Experiment {
+        self.runs_root = dir.into();
+        self
+    }
+
+    /// The keys swept, in order.
+    pub fn sweep_keys(&self) -> Vec<String> {
+        self.sweeps.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Every point of the sweep (one when nothing is swept), validated.
+    pub fn points(&self) -> Result<Vec<Point>, NotebookError> {
+        let mut base = self.base.clone();
+        for (key, value) in &self.overrides {
+            let path = self.resolve_key(key)?;
+            set_path(&mut base, &path, value.clone());
+        }
+        let mut combos: Vec<Vec<(Vec<String>, toml::Value)>> = vec![Vec::new()];
+        for (key, values) in &self.sweeps {
+            let path = self.resolve_key(key)?;
+            if values.is_empty() {
+                return Err(NotebookError::Key { key: key.clone(), message: "no values to sweep (fix: give at least one)".into() });
+            }
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    let path = &path;
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.push((path.clone(), v.clone()));
+                        c
+                    })
+                })
+                .collect();
+        }
+        let name = base.get("name").and_then(toml::Value::as_str).unwrap_or("experiment").to_string();
+        combos
+            .into_iter()
+            .map(|combo| {
+                let mut table = base.clone();
+                let mut settings = Vec::new();
+                let mut suffix = String::new();
+                for (path, value) in combo {
+                    let shown = value_text(&value);
+                    let _ = write!(suffix, "-{}{}", path.last().map_or("", String::as_str), shown.replace(['"', ' '], ""));
+                    settings.push((path.join("."), shown));
+                    set_path(&mut table, &path, value);
+                }
+                table.insert("name".into(), toml::Value::String(format!("{name}{suffix}")));
+                let text = toml::to_string(&table).expect("a TOML table serializes");
+                let spec = crate::spec::from_toml_str(&text)?;
+                let label = if settings.is_empty() {
+                    name.clone()
+                } else {
+                    settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+                };
+                Ok(Point { label, settings, spec })
+            })
+            .collect()
+    }
+
+    /// The dotted path of `key` in the spec: as given when dotted, else the one section of
+    /// the resolved spec (defaults filled in) that has a field of that name.
+    fn resolve_key(&self, key: &str) -> Result<Vec<String>, NotebookError> {
+        if key.contains('.') {
+            return Ok(key.split('.').map(str::to_string).collect());
+        }
+        if self.base.contains_key(key) {
+            return Ok(vec![key.to_string()]);
+        }
+        let text = toml::to_string(&self.base).expect("a TOML table serializes");
+        let resolved: toml::Table = crate::spec::from_toml_str(&text)?
+            .to_toml()
+            .parse()
+            .expect("a resolved spec is valid TOML");
+        let mut found = Vec::new();
+        collect_paths(&resolved, &mut Vec::new(), key, &mut found);
+        for (k, v) in &self.base {
+            if let toml::Value::Table(t) = v {
+                if t.contains_key(key) && !found.iter().any(|p: &Vec<String>| p[0] == *k) {
+                    found.push(vec![k.clone(), key.to_string()]);
+                }
+            }
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(NotebookError::Key { key: key.into(), message: "no field of that name in the spec (fix: use a dotted key such as layout.ep)".into() }),
+            _ => Err(NotebookError::Key {
+                key: key.into(),
+                message: format!("ambiguous, found at {} (fix: use one of these dotted keys)", found.iter().map(|p| p.join(".")).collect::<Vec<_>>().join(", ")),
+            }),
+        }
+    }
+
+    /// Run every point with default hooks.
+    pub fn run(&self) -> Result<Runs, NotebookError> {
+        self.run_with(&RunHooks::default(), |_, _, _| {})
+    }
+
+    /// Run every point with `hooks` (cancel flag, per-step callback); `before(point, i, n)`
+    /// is called before point `i` of `n` starts. Stops at the first failure.
+    pub fn run_with(&self, hooks: &RunHooks, mut before: impl FnMut(&Point, usize, usize)) -> Result<Runs, NotebookError> {
+        let points = self.points()?;
+        let n = points.len();
+        let mut results = Vec::with_capacity(n);
+        for (i, point) in points.into_iter().enumerate() {
+            before(&point, i, n);
+            let outcome = crate::run::run(&point.spec, &self.runs_root, hooks)
+                .map_err(|source| NotebookError::Run { label: point.label.clone(), source })?;
+            results.push(RunResult::new(point, outcome));
+        }
+        Ok(Runs { sweep_keys: self.sweep_keys(), results })
+    }
+}
+
+fn value_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let (last, parents) = path.split_last().expect("a key has at least one part");
+    let mut t = table;
+    for p in parents {
+        let entry = t.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        t = entry.as_table_mut().expect("just made a table");
+    }
+    t.insert(last.clone(), value);
+}
+
+fn collect_paths(t: &toml::Table, prefix: &mut Vec<String>, key: &str, out: &mut Vec<Vec<String>>) {
+    for (k, v) in t {
+        prefix.push(k.clone());
+        if k == key && !prefix.is_empty() && prefix.len() > 1 {
+            out.push(prefix.clone());
+        }
+        if let toml::Value::Table(sub) = v {
+            collect_paths(sub, prefix, key, out);
+        }
+        prefix.pop();
+    }
+}
+
+/// One completed point: its settings, the run's outcome and its headline row.
+#[derive(Debug)]
+pub struct RunResult {
+    /// Settings and spec.
+    pub point: Point,
+    /// Everything the run produced.
+    pub outcome: RunOutcome,
+    /// Headline numbers (as `moelab compare` prints them).
+    pub row: CompareRow,
+    /// Bytes sent by all-to-all ops per rank and measured step.
+    pub a2a_bytes: f64,
+}
+
+impl RunResult {
+    /// Summarise a completed run of `point`.
+    pub fn new(point: Point, outcome: RunOutcome) -> RunResult {
+        let s = &point.spec;
+        let row = CompareRow::from_outcome(&s.name, s.variant.as_str(), s.world(), &outcome);
+        let a = &outcome.analysis;
+        let per = (a.overlap.len().max(1) as f64) * (a.steps.max(1) as f64);
+        let a2a: u64 = a.stages.iter().filter(|r| r.stage == Stage::AllToAll).map(|r| r.bytes).sum();
+        RunResult { point, outcome, row, a2a_bytes: a2a as f64 / per }
+    }
+}
+
+/// The results of [`Experiment::run`], one per point, in sweep order.
+#[derive(Debug)]
+pub struct Runs {
+    /// Keys swept (empty for a single run).
+    pub sweep_keys: Vec<String>,
+    /// One result per point.
+    pub results: Vec<RunResult>,
+}
+
+impl Runs {
+    /// The comparison as a polars DataFrame (one row per point).
+    pub fn frame(&self) -> polars::prelude::PolarsResult<polars::prelude::DataFrame> {
+        compare::frame(&self.results.iter().map(|r| r.row.clone()).collect::<Vec<_>>())
+    }
+
+    /// Everything a notebook shows: the comparison table, the stage table (single run),
+    /// the sweep curve (several points), memory bars and the first point's timeline.
+    pub fn to_html(&self) -> String {
+        let mut html = String::from("<div class=\"moelab-runs\">");
+        html.push_str(&self.table_html());
+        if self.results.len() == 1 {
+            html.push_str(&stages_html(&self.results[0].outcome));
+        } else {
+            html.push_str(&self.sweep_svg());
+        }
+        html.push_str(&self.memory_svg());
+        if let Some(first) = self.results.first() {
+            html.push_str(&timeline_svg(&first.outcome.trace, &format!("timeline: {}", first.point.label)));
+        }
+        html.push_str("</div>");
+        html
+    }
+
+    /// The headline table: one row per point.
+    pub fn table_html(&self) -> String {
+        let mut h = String::from("<table class=\"moelab-compare\"><thead><tr><th>run</th><th>variant</th><th>world</th><th>step ms</th><th>comm ms</th><th>exposed comm ms</th><th>overlap</th><th>all-to-all MB</th><th>peak MiB</th>");
+        for c in MemCategory::ALL {
+            let _ = write!(h, "<th>{} MiB</th>", c.as_str());
+        }
+        h.push_str("<th>loss</th></tr></thead><tbody>");
+        for r in &self.results {
+            let w = &r.row;
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.1}%</td><td>{:.3}</td><td>{:.2}</td>",
+                esc(&r.point.label), esc(&w.variant), w.world, w.step_ms, w.comm_ms, w.exposed_ms, 100.0 * w.overlap, r.a2a_bytes / 1e6, mib(w.peak_bytes)
+            );
+            for c in MemCategory::ALL {
+                let _ = write!(h, "<td>{:.2}</td>", mib(w.at_peak[c.index()]));
+            }
+            let _ = write!(h, "<td>{:.5}</td></tr>", w.loss);
+        }
+        h.push_str("</tbody></table>");
+        h
+    }
+
+    /// Memory at peak per category: one bar per rank for a single run, per point otherwise.
+    pub fn memory_svg(&self) -> String {
+        let bars: Vec<(String, [u64; N_CATEGORIES])> = if self.results.len() == 1 {
+            self.results[0].outcome.analysis.memory.ranks.iter().map(|r| (format!("rank {}", r.rank), r.at_peak)).collect()
+        } else {
+            self.results.iter().map(|r| (r.point.label.clone(), r.row.at_peak)).collect()
+        };
+        memory_bars_svg(&bars)
+    }
+
+    /// Step time and exposed communication per sweep point.
+    pub fn sweep_svg(&self) -> String {
+        let labels: Vec<String> = self.results.iter().map(|r| r.point.label.clone()).collect();
+        let series = [
+            ("step ms", "#1f77b4", self.results.iter().map(|r| r.row.step_ms).collect::<Vec<_>>()),
+            ("exposed comm ms", "#d62728", self.results.iter().map(|r| r.row.exposed_ms).collect()),
+        ];
+        line_chart_svg(&format!("sweep over {}", self.sweep_keys.join(" x ")), &labels, &series)
+    }
+
+    /// Print the display blocks evcxr turns into rich output: HTML (tables and charts) and
+    /// the first point's timeline as `image/svg+xml`.
+    pub fn evcxr_display(&self) {
+        println!("EVCXR_BEGIN_CONTENT text/html\n{}\nEVCXR_END_CONTENT", self.to_html());
+        if let Some(first) = self.results.first() {
+            println!("EVCXR_BEGIN_CONTENT image/svg+xml\n{}\nEVCXR_END_CONTENT", timeline_svg(&first.outcome.trace, &first.point.label));
+        }
+    }
+}
+
+impl fmt::Display for Runs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: Vec<CompareRow> = self.results.iter().map(|r| r.row.clone()).collect();
+        f.write_str(&compare::render(&rows))?;
+        if let [only] = self.results.as_slice() {
+            f.write_str(&only.outcome.analysis.render_text())?;
+        }
+        Ok(())
+    }
+}
+
+/// Rich display of a polars DataFrame in the moelab kernel: brought into scope by the
+/// prelude, it makes a DataFrame at the end of a cell show as an HTML table.
+pub trait FrameDisplay {
+    /// Print the evcxr display blocks (HTML table, plain-text fallback).
+    fn evcxr_display(&self);
+}
+
+impl FrameDisplay for polars::prelude::DataFrame {
+    fn evcxr_display(&self) {
+        println!("EVCXR_BEGIN_CONTENT text/html\n{}\nEVCXR_END_CONTENT", frame_html(self, 50));
+        println!("EVCXR_BEGIN_CONTENT text/plain\n{self}\nEVCXR_END_CONTENT");
+    }
+}
+
+/// The first `max_rows` rows of a DataFrame as an HTML table.
+pub fn frame_html(df: &polars::prelude::DataFrame, max_rows: usize) -> String {
+    let mut h = String::from("<table class=\"moelab-frame\"><thead><tr>");
+    for c in df.columns() {
+        let _ = write!(h, "<th>{}</th>", esc(c.name().as_str()));
+    }
+    h.push_str("</tr></thead><tbody>");
+    for i in 0..df.height().min(max_rows) {
+        h.push_str("<tr>");
+        for c in df.columns() {
+            let v = c.get(i).map(|v| v.to_string()).unwrap_or_default();
+            let _ = write!(h, "<td>{}</td>", esc(&v));
+        }
+        h.push_str("</tr>");
+    }
+    let _ = write!(h, "</tbody></table><p>{} rows x {} columns</p>", df.height(), df.width());
+    h
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Escape text for HTML and SVG.
+pub fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// The stage table of one run as HTML.
+pub fn stages_html(o: &RunOutcome) -> String {
+    let mut h = String::from("<table class=\"moelab-stages\"><thead><tr><th>stage</th><th>count</th><th>total ms</th><th>mean us</th><th>share</th><th>GFLOP</th><th>MB</th></tr></thead><tbody>");
+    for r in &o.analysis.stages {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.1}</td><td>{:.1}%</td><td>{:.3}</td><td>{:.3}</td></tr>",
+            esc(&r.label), r.count, r.total_ns as f64 / 1e6, r.mean_ns / 1e3, 100.0 * r.share, r.flops as f64 / 1e9, r.bytes as f64 / 1e6
+        );
+    }
+    h.push_str("</tbody></table>");
+    h
+}
+
+const PALETTE: [&str; 17] = [
+    "#8c8c8c", "#bcbd22", "#17becf", "#2ca02c", "#9467bd", "#c5b0d5", "#e377c2", "#1f77b4", "#aec7e8", "#393b79", "#98df8a",
+    "#7f7f7f", "#d62728", "#ff7f0e", "#ff9896", "#ffbb78", "#8c564b",
+];
+
+fn stage_colour(s: Stage) -> &'static str {
+    PALETTE[Stage::ALL.iter().position(|x| *x == s).unwrap_or(0)]
+}
+
+/// The first measured step of `trace` as a Gantt chart: one row per (rank, stream), ops as
+/// bars coloured by stage (communication in reds and oranges), hover titles with name and
+/// duration. At most 8 ranks are drawn.
+pub fn timeline_svg(trace: &Trace, title: &str) -> String {
+    let Some(step) = trace.ops.iter().map(|o| o.step).min() else {
+        return format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"400\" height=\"30\"><text x=\"4\" y=\"20\">{}: no ops traced</text></svg>", esc(title));
+    };
+    let ops: Vec<_> = trace.ops.iter().filter(|o| o.step == step && o.rank < 8).collect();
+    let t0 = ops.iter().map(|o| o.start_ns).min().unwrap_or(0);
+    let t1 = ops.iter().map(|o| o.end_ns).max().unwrap_or(1).max(t0 + 1);
+    let mut rows: Vec<(u32, Stream)> = ops.iter().map(|o| (o.rank, o.stream)).collect();
+    rows.sort();
+    rows.dedup();
+    let (left, width, row_h, top) = (110.0, 820.0, 16.0, 24.0);
+    let mut stages: Vec<Stage> = ops.iter().map(|o| o.stage).collect();
+    stages.sort();
+    stages.dedup();
+    let legend_rows = stages.len().div_ceil(6) as f64;
+    let height = top + rows.len() as f64 * row_h + 28.0 + legend_rows * 16.0;
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"moelab-timeline\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\"><text x=\"4\" y=\"14\" font-weight=\"bold\">{} (step {step}, {:.3} ms)</text>",
+        left + width + 10.0, esc(title), (t1 - t0) as f64 / 1e6
+    );
+    for (i, (rank, stream)) in rows.iter().enumerate() {
+        let y = top + i as f64 * row_h;
+        let _ = write!(s, "<text x=\"4\" y=\"{}\">rank {rank} {}</text>", y + 11.0, stream.as_str());
+    }
+    let scale = width / (t1 - t0) as f64;
+    for o in &ops {
+        let row = rows.iter().position(|r| *r == (o.rank, o.stream)).unwrap_or(0);
+        let x = left + (o.start_ns - t0) as f64 * scale;
+        let w = (o.dur_ns() as f64 * scale).max(0.5);
+        let _ = write!(
+            s,
+            "<rect x=\"{x:.2}\" y=\"{:.1}\" width=\"{w:.2}\" height=\"{:.1}\" fill=\"{}\"><title>{} ({}) {:.1} us</title></rect>",
+            top + row as f64 * row_h + 1.0, row_h - 2.0, stage_colour(o.stage), esc(&o.name), o.stage, o.dur_ns() as f64 / 1e3
+        );
+    }
+    let axis_y = top + rows.len() as f64 * row_h + 12.0;
+    let _ = write!(s, "<text x=\"{left}\" y=\"{axis_y}\">0 ms</text><text x=\"{}\" y=\"{axis_y}\" text-anchor=\"end\">{:.3} ms</text>", left + width, (t1 - t0) as f64 / 1e6);
+    for (i, st) in stages.iter().enumerate() {
+        let x = 4.0 + (i % 6) as f64 * 150.0;
+        let y = axis_y + 8.0 + (i / 6) as f64 * 16.0;
+        let _ = write!(s, "<rect x=\"{x}\" y=\"{y}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{st}{}</text>", stage_colour(*st), x + 14.0, y + 9.0, if st.is_comm() { " (comm)" } else { "" });
+    }
+    s.push_str("</svg>");
+    s
+}
+
+const MEM_COLOURS: [&str; N_CATEGORIES] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#d62728", "#8c564b", "#e377c2"];
+
+/// Horizontal stacked bars of bytes at peak per memory category, one bar per label.
+pub fn memory_bars_svg(bars: &[(String, [u64; N_CATEGORIES])]) -> String {
+    let (left, width, bar_h, top) = (220.0, 600.0, 18.0, 24.0);
+    let max = bars.iter().map(|(_, b)| b.iter().sum::<u64>()).max().unwrap_or(1).max(1) as f64;
+    let height = top + bars.len() as f64 * (bar_h + 4.0) + 40.0;
+    let mut s = String::new();
+    let _ = write!(s, "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"moelab-memory\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\"><text x=\"4\" y=\"14\" font-weight=\"bold\">memory at peak per category (MiB)</text>", left + width + 80.0);
+    for (i, (label, cats)) in bars.iter().enumerate() {
+        let y = top + i as f64 * (bar_h + 4.0);
+        let _ = write!(s, "<text x=\"4\" y=\"{}\">{}</text>", y + 13.0, esc(label));
+        let mut x = left;
+        for c in MemCategory::ALL {
+            let b = cats[c.index()];
+            let w = b as f64 / max * width;
+            if w > 0.0 {
+                let _ = write!(s, "<rect x=\"{x:.2}\" y=\"{y}\" width=\"{w:.2}\" height=\"{bar_h}\" fill=\"{}\"><title>{}: {:.3} MiB</title></rect>", MEM_COLOURS[c.index()], c.as_str(), mib(b));
+            }
+            x += w;
+        }
+        let _ = write!(s, "<text x=\"{:.2}\" y=\"{}\">{:.2}</text>", x + 4.0, y + 13.0, mib(cats.iter().sum()));
+    }
+    let ly = top + bars.len() as f64 * (bar_h + 4.0) + 12.0;
+    for c in MemCategory::ALL {
+        let x = 4.0 + c.index() as f64 * 120.0;
+        let _ = write!(s, "<rect x=\"{x}\" y=\"{ly}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>", MEM_COLOURS[c.index()], x + 14.0, ly + 9.0, c.as_str());
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// A line chart over categorical x labels: one polyline with markers per series.
+pub fn line_chart_svg(title: &str, labels: &[String], series: &[(&str, &str, Vec<f64>)]) -> String {
+    let (left, top, width, height) = (60.0, 30.0, 600.0, 220.0);
+    let max = series.iter().flat_map(|(_, _, v)| v.iter().copied()).filter(|v| v.is_finite()).fold(0.0f64, f64::max).max(1e-9) * 1.1;
+    let n = labels.len().max(1);
+    let x_of = |i: usize| if n == 1 { left + width / 2.0 } else { left + i as f64 * width / (n - 1) as f64 };
+    let y_of = |v: f64| top + height - v / max * height;
+    let mut s = String::new();
+    let _ = write!(s, "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"moelab-sweep\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\"><text x=\"4\" y=\"14\" font-weight=\"bold\">{}</text>", left + width + 180.0, top + height + 50.0, esc(title));
+    let _ = write!(s, "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#444\"/><line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#444\"/>", top + height, left + width, top + height, top + height);
+    for k in 0..=4 {
+        let v = max * k as f64 / 4.0;
+        let _ = write!(s, "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.3}</text>", left - 4.0, y_of(v) + 4.0);
+    }
+    for (i, l) in labels.iter().enumerate() {
+        let _ = write!(s, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>", x_of(i), top + height + 16.0, esc(l));
+    }
+    for (j, (name, colour, values)) in series.iter().enumerate() {
+        let pts: Vec<String> = values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, v)| format!("{:.1},{:.1}", x_of(i), y_of(*v))).collect();
+        let _ = write!(s, "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>", pts.join(" "));
+        for (i, v) in values.iter().enumerate().filter(|(_, v)| v.is_finite()) {
+            let _ = write!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"><title>{}: {v:.3}</title></circle>", x_of(i), y_of(*v), esc(name));
+        }
+        let ly = top + 10.0 + j as f64 * 16.0;
+        let _ = write!(s, "<rect x=\"{}\" y=\"{ly}\" width=\"10\" height=\"10\" fill=\"{colour}\"/><text x=\"{}\" y=\"{}\">{}</text>", left + width + 20.0, left + width + 34.0, ly + 9.0, esc(name));
+    }
+    s.push_str("</svg>");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+name = "nb"
+variant = "mpmoe"
+[model]
+d_model = 16
+d_ffn = 32
+n_experts = 4
+top_k = 2
+n_layers = 1
+tokens_per_rank = 16
+[layout]
+ep = 2
+[run]
+backend = "cpu"
+steps = 1
+warmup = 0
+[mpmoe]
+chunks = 2
+"#;
+
+    #[test]
+    fn bare_keys_resolve_to_their_one_section_and_sweeps_multiply() {
+        let exp = Experiment::from_toml(SPEC).unwrap().sweep("ep", [1, 2]).sweep("chunks", [1, 2, 4]);
+        let points = exp.points().unwrap();
+        assert_eq!(points.len(), 6);
+        assert_eq!(points[5].settings, vec![("layout.ep".to_string(), "2".to_string()), ("mpmoe.chunks".to_string(), "4".to_string())]);
+        assert_eq!(points[5].spec.layout.ep, 2);
+        assert_eq!(points[0].spec.world(), 1);
+        assert_eq!(points[5].label, "layout.ep=2 mpmoe.chunks=4");
+    }
+
+    #[test]
+    fn unknown_and_invalid_sweep_values_are_errors_naming_the_field() {
+        let e = Experiment::from_toml(SPEC).unwrap().sweep("no_such_field", [1]).points().unwrap_err();
+        assert!(e.to_string().contains("no_such_field"), "{e}");
+        let e = Experiment::from_toml(SPEC).unwrap().sweep("ep", [3]).points().unwrap_err();
+        assert!(e.to_string().contains("layout.ep"), "{e}");
+    }
+
+    #[test]
+    fn a_run_renders_tables_and_charts() {
+        let dir = std::env::temp_dir().join(format!("moelab-notebook-test-{}", std::process::id()));
+        let runs = Experiment::from_toml(SPEC).unwrap().runs_root(&dir).sweep("chunks", [1, 2]).run().unwrap();
+        let html = runs.to_html();
+        assert!(html.contains("<table class=\"moelab-compare\">"));
+        assert_eq!(html.matches("<svg").count(), 3, "sweep curve, memory bars, timeline");
+        assert!(html.contains("mpmoe.chunks=2"));
+        assert!(runs.to_string().contains("nb-chunks2"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
