@@ -73,6 +73,23 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Benchmark one MoE layer's forward + backward in bf16 on one GPU: expert GEMM TFLOP/s
+    /// and its ratio to a dense 8192^3 bf16 GEMM measured in the same run, plus the time per
+    /// stage (configs: mixtral-ish, fine-grained, small-tokens; dropless and capacity 1.25).
+    Bench {
+        /// Configurations to run (default: all).
+        #[arg(long = "config")]
+        configs: Vec<String>,
+        /// Timed repetitions per configuration.
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+        /// GPU ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Internal: one cuda worker process (started by `moelab run` with backend cuda, one per
     /// GPU; also under torchrun/srun with RANK, WORLD_SIZE, LOCAL_RANK set).
     #[command(hide = true)]
@@ -80,6 +97,25 @@ enum Command {
         /// The run directory (holds spec.toml; receives rank-<r>.json).
         dir: PathBuf,
     },
+    /// Open the terminal workbench (the moelab-workbench binary next to this one): compose,
+    /// run and inspect experiments. Arguments go to it, e.g. `moelab workbench experiments/quickstart.toml`.
+    Workbench {
+        /// Arguments for moelab-workbench (an experiment file, --runs-dir DIR, --help).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Start `moelab-workbench` from this executable's directory. The workbench crate depends on
+/// this one, so it is a separate binary rather than a library call.
+fn cmd_workbench(args: &[String]) -> Result<bool> {
+    let exe = std::env::current_exe().context("locating the moelab executable")?;
+    let name = format!("moelab-workbench{}", std::env::consts::EXE_SUFFIX);
+    let bin = exe.parent().map(|d| d.join(&name)).filter(|p| p.is_file()).with_context(|| {
+        format!("{name} is not next to {}: build it with `cargo build --release -p moelab-workbench` (same profile as moelab)", exe.display())
+    })?;
+    let status = std::process::Command::new(&bin).args(args).status().with_context(|| format!("starting {}", bin.display()))?;
+    Ok(status.success())
 }
 
 fn load(file: &Path) -> Result<ExperimentSpec> {
@@ -200,6 +236,34 @@ fn cmd_compare(files: &[PathBuf], runs_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn cmd_bench(configs: &[String], reps: usize, device: usize, json: Option<&Path>) -> Result<bool> {
+    use moelab::backend::cuda::bench;
+    for c in configs {
+        if !bench::CONFIGS.iter().any(|b| b.name == c) {
+            let names: Vec<_> = bench::CONFIGS.iter().map(|b| b.name).collect();
+            anyhow::bail!("--config {c}: unknown configuration (use one of {})", names.join(", "));
+        }
+    }
+    if moelab::backend::cuda::visible_gpus() == 0 {
+        println!("skipped: no CUDA device visible (moelab bench measures GPUs only)");
+        return Ok(true);
+    }
+    println!("{:<13} {:>9} {:>7} {:>8} {:>10} {:>9} {:>7}", "config", "capacity", "rows", "dropped", "layer ms", "TFLOP/s", "ratio");
+    let report = bench::run(device, configs, reps.max(1), &mut |r| {
+        println!(
+            "{:<13} {:>9} {:>7} {:>8} {:>10.3} {:>9.1} {:>6.1}%",
+            r.config.name, r.capacity, r.rows, r.dropped, r.layer_ms, r.tflops, 100.0 * r.ratio
+        );
+        let stages: Vec<String> = r.stages_ms.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
+        println!("    stages (ms): {}", stages.join(", "));
+    })?;
+    println!("dense bf16 8192^3 GEMM: {:.1} TFLOP/s on {} ({})", report.dense_tflops, report.device, report.date);
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(true)
+}
+
 fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>) -> Result<bool> {
     let mut all = Vec::new();
     let mut ok = true;
@@ -232,7 +296,9 @@ fn main() {
         Command::Validate { files } => cmd_validate(files),
         Command::Plan { file } => cmd_plan(file).map(|_| true),
         Command::Crosscheck { files, runs_dir, json } => cmd_crosscheck(files, runs_dir, json.as_deref()),
+        Command::Bench { configs, reps, device, json } => cmd_bench(configs, *reps, *device, json.as_deref()),
         Command::CudaWorker { dir } => std::process::exit(moelab::backend::cuda::launch::worker_main(dir)),
+        Command::Workbench { args } => cmd_workbench(args),
     };
     match result {
         Ok(true) => {}

@@ -147,6 +147,39 @@ pub unsafe fn sgemm_raw(
     r.map_err(GpuError::cublas("sgemm"))
 }
 
+/// Row-major bf16 GEMM on raw device pointers with f32 accumulation: `c = op(a) op(b) + beta c`,
+/// where `a` and `b` are bf16 and `c` is bf16 (`c_f32 = false`) or f32 (`c_f32 = true`).
+///
+/// # Safety
+/// As [`sgemm_raw`], with bf16 (2-byte) elements in `a` and `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn bf16_gemm_raw(
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    form: GemmForm,
+    a: u64,
+    b: u64,
+    c: u64,
+    dims: GemmDims,
+    beta: f32,
+    c_f32: bool,
+) -> Result<(), GpuError> {
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+    const OP: &str = "bf16_gemm_raw";
+    let lim = |what: &'static str, v: usize| i32::try_from(v).map_err(|_| GpuError::TooLarge { op: OP, what, value: v, limit: i32::MAX as usize });
+    let cfg = cublas_config(form, dims, beta, lim)?;
+    if dims.m == 0 || dims.n == 0 {
+        return Ok(());
+    }
+    let alpha = 1.0f32;
+    let ctype = if c_f32 { cudaDataType::CUDA_R_32F } else { cudaDataType::CUDA_R_16BF };
+    cudarc::cublas::result::gemm_ex(
+        handle, cfg.transa, cfg.transb, cfg.m, cfg.n, cfg.k, &alpha as *const f32 as *const _, b as *const _, cudaDataType::CUDA_R_16BF, cfg.lda,
+        a as *const _, cudaDataType::CUDA_R_16BF, cfg.ldb, &cfg.beta as *const f32 as *const _, c as *mut _, ctype, cfg.ldc,
+        cublasComputeType_t::CUBLAS_COMPUTE_32F, cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )
+    .map_err(GpuError::cublas("cublasGemmEx"))
+}
+
 impl Device {
     /// `c[m,n] (+)= op(a) op(b)` in the given form; `accumulate` adds to `c` (beta = 1)
     /// instead of overwriting it. `a` holds m*k elements, `b` k*n, `c` m*n.

@@ -18,7 +18,8 @@ use std::sync::Arc;
 pub const KERNELS: &[&str] = &[
     "gather_rows", "token_sum_rows", "combine_fwd", "combine_bwd_rows", "combine_bwd_weights", "add_bias_rows", "col_sums",
     "add_inplace", "adam", "mse", "route_topk", "route_bwd", "act_fwd", "act_bwd", "ln_fwd", "ln_bwd_dx", "ln_bwd_params",
-    "attn_fwd", "attn_bwd",
+    "attn_fwd", "attn_bwd", "bf16_gather_rows", "bf16_combine", "bf16_combine_bwd_rows", "bf16_combine_bwd_weights", "bf16_token_sum",
+    "bf16_gelu_fwd", "bf16_gelu_bwd", "f32_to_bf16_kernel", "bf16_fill_hash",
 ];
 
 /// Threads per block for grid-stride kernels.
@@ -68,7 +69,8 @@ impl Gpu {
             // with stream order and explicit events.
             unsafe { ctx.disable_event_tracking() };
             let arch = arch_for(info.compute_capability.0, info.compute_capability.1);
-            let ptx = compile_extra("plan_ops.cu", include_str!("plan_ops.cu"), &arch, &PtxCache::from_env())?;
+            let source = concat!(include_str!("plan_ops.cu"), "\n", include_str!("bench_ops.cu"));
+            let ptx = compile_extra("plan_ops.cu", source, &arch, &PtxCache::from_env())?;
             let module = ctx
                 .load_module(Ptx::from_src(ptx))
                 .map_err(|source| GpuError::Load { what: "plan_ops.cu".into(), source })?;
@@ -89,6 +91,42 @@ impl Gpu {
         // handle first, then its Arc of the stream).
         unsafe { cudarc::cublas::result::set_stream(blas, stream.cu_stream() as _) }.map_err(GpuError::cublas("cublasSetStream"))?;
         Ok(GpuStream { stream, blas })
+    }
+
+    /// Makes the device's stream-ordered pool a caching allocator (freed blocks stay in the
+    /// pool) and resets its high-water mark, so [`Gpu::pool_peak_bytes`] measures this run.
+    pub fn configure_pool(&self) -> Result<(), GpuError> {
+        use cudarc::driver::sys::{cuMemPoolSetAttribute, CUmemPool_attribute};
+        let pool = self.pool()?;
+        let mut threshold = u64::MAX;
+        let mut zero = 0u64;
+        // SAFETY: pool is the device's default pool; both attributes take a u64.
+        unsafe {
+            cuMemPoolSetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _)
+                .result()
+                .map_err(GpuError::driver("cuMemPoolSetAttribute"))?;
+            cuMemPoolSetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _)
+                .result()
+                .map_err(GpuError::driver("cuMemPoolSetAttribute"))?;
+        }
+        Ok(())
+    }
+
+    /// The most bytes the pool had handed out at once (every plan buffer and scratch).
+    pub fn pool_peak_bytes(&self) -> Result<u64, GpuError> {
+        use cudarc::driver::sys::{cuMemPoolGetAttribute, CUmemPool_attribute};
+        let pool = self.pool()?;
+        let mut v = 0u64;
+        // SAFETY: the attribute is a u64 written through a valid pointer.
+        unsafe { cuMemPoolGetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut _) }
+            .result()
+            .map_err(GpuError::driver("cuMemPoolGetAttribute"))?;
+        Ok(v)
+    }
+
+    fn pool(&self) -> Result<cudarc::driver::sys::CUmemoryPool, GpuError> {
+        // SAFETY: the device handle comes from this live context.
+        unsafe { cudarc::driver::result::device::get_default_mem_pool(self.ctx.cu_device()) }.map_err(GpuError::driver("cuDeviceGetDefaultMemPool"))
     }
 
     /// A kernel of `plan_ops.cu`.

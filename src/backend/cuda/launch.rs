@@ -137,6 +137,10 @@ pub struct RankRecord {
     pub steps: Vec<StepSpan>,
     /// Highest bytes held, and the bytes per category at that moment.
     pub tracked_peak: (u64, [u64; 7]),
+    /// The device pool's high-water mark: every byte the rank's allocations really took,
+    /// scratch included.
+    #[serde(default)]
+    pub pool_peak_bytes: u64,
 }
 
 /// The merged result of a job.
@@ -329,6 +333,12 @@ pub fn run_job(plan: &Plan, dir: &Path, opts: &ExecOptions, on_step: &mut dyn Fn
         let path = dir.join(format!("rank-{r}.json"));
         match std::fs::read_to_string(&path).ok().and_then(|s| serde_json::from_str::<RankRecord>(&s).ok()) {
             Some(rec) => {
+                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                let plan_peak = crate::plan::memory::predict(&plan.ranks[r]).peak_total;
+                res.notes.push(format!(
+                    "rank {r}: memory peak: plan {:.3} MiB, tracked {:.3} MiB, device pool {:.3} MiB (pool/plan {:.3})",
+                    mib(plan_peak), mib(rec.tracked_peak.0), mib(rec.pool_peak_bytes), rec.pool_peak_bytes as f64 / plan_peak.max(1) as f64
+                ));
                 res.trace.ops.extend(rec.ops);
                 res.trace.memory.extend(rec.memory);
                 res.trace.steps.extend(rec.steps);
@@ -475,6 +485,7 @@ pub fn worker_main(dir: &Path) -> i32 {
     let rec = RankRecord {
         rank: rank as u32, device: device_name, ops: gr.ops.clone(), memory: gr.memory_events(), steps: gr.steps.clone(),
         tracked_peak: gr.tracked_peak(),
+        pool_peak_bytes: gr.pool_peak_bytes(),
     };
     if let Err(e) = std::fs::write(dir.join(format!("rank-{rank}.json")), serde_json::to_string(&rec).expect("record serializes")) {
         return fail(format!("rank {rank}: writing its trace: {e}"), None);

@@ -9,9 +9,11 @@
 //!   layouts run on the host through the cpu implementation, and say so in the op report).
 //! - [`store`]: device buffers tagged with the plan's memory categories.
 //! - [`comm`]: NCCL communicators per plan group.
+//! - [`bench`]: `moelab bench`, one bf16 MoE layer forward + backward against a dense GEMM.
 //! - [`check`]: the device layer's conformance suite and dense GEMM benchmark
 //!   (`moelab-gpu-check`).
 
+pub mod bench;
 pub mod check;
 pub mod comm;
 pub mod exec;

@@ -70,6 +70,7 @@ impl GpuRank {
     /// Opens the GPU, joins the communicators, uploads the initial parameters.
     pub fn new(plan: Plan, rank: usize, gpu: Gpu, comms: Comms, retain: &[String], offset_ns: i64) -> Result<GpuRank, ExecError> {
         gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
+        gpu.configure_pool()?;
         let streams = vec![gpu.new_stream()?, gpu.new_stream()?];
         let rp = &plan.ranks[rank];
         let epoch = Instant::now();
@@ -106,6 +107,11 @@ impl GpuRank {
     pub fn tracked_peak(&self) -> (u64, [u64; 7]) {
         let st = lock(&self.store);
         (st.peak_total, st.at_peak)
+    }
+
+    /// The most bytes the device pool handed out at once (plan buffers plus scratch).
+    pub fn pool_peak_bytes(&self) -> u64 {
+        self.gpu.pool_peak_bytes().unwrap_or(0)
     }
 
     /// Memory events so far (time-shifted to the shared base).
