@@ -258,10 +258,16 @@ fn cmd_bench(configs: &[String], reps: usize, device: usize, json: Option<&Path>
         println!("    stages (ms): {}", stages.join(", "));
     })?;
     println!("dense bf16 8192^3 GEMM: {:.1} TFLOP/s on {} ({})", report.dense_tflops, report.device, report.date);
+    let failed: Vec<_> = report.kernel_checks.iter().filter(|c| !c.passed).collect();
+    let worst = report.kernel_checks.iter().map(|c| c.rel_err).fold(0.0, f64::max);
+    println!("bf16 kernels vs cpu: {} checked, {} failed, worst rel err {worst:.2e}", report.kernel_checks.len(), failed.len());
+    for c in &failed {
+        println!("    FAIL {} rel err {:.2e}", c.name, c.rel_err);
+    }
     if let Some(p) = json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
     }
-    Ok(true)
+    Ok(failed.is_empty())
 }
 
 fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>) -> Result<bool> {

@@ -73,6 +73,8 @@ pub struct BenchRow {
 /// The whole benchmark.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// The benchmark's bf16 kernels against the cpu definition (fresh inputs every run).
+    pub kernel_checks: Vec<KernelCheck>,
     /// GPU name.
     pub device: String,
     /// When it ran (UTC).
@@ -138,6 +140,11 @@ fn gemm(s: &GpuStream, form: GemmForm, a: u64, b: u64, c: u64, m: usize, k: usiz
     unsafe { bf16_gemm_raw(s.blas, form, a, b, c, GemmDims { m, k, n }, beta, c_f32) }
 }
 
+/// One block of 128 threads per row (rows > 0).
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.clamp(1, i32::MAX as usize) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// Median TFLOP/s of a dense bf16 `n^3` GEMM over `reps` after warm-up.
 pub fn dense_gemm_tflops(gpu: &Gpu, s: &GpuStream, n: usize, reps: usize) -> Result<f64, GpuError> {
     let (a, b, c) = (Buf::new(s, n * n * 2)?, Buf::new(s, n * n * 2)?, Buf::new(s, n * n * 2)?);
@@ -166,23 +173,38 @@ pub fn dense_gemm_tflops(gpu: &Gpu, s: &GpuStream, n: usize, reps: usize) -> Res
 /// rows per expert, from the choices `idx[T, k]`.
 pub fn route_rows(idx: &[i32], e: usize, k: usize, capacity: Option<usize>) -> (Vec<i32>, Vec<i32>, Vec<usize>) {
     let t = idx.len() / k;
-    let mut per_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
+    let cap = capacity.unwrap_or(usize::MAX);
+    // Pass 1: kept rows per expert, choice-major then token order.
+    let mut counts = vec![0usize; e];
+    let mut keep = vec![false; idx.len()];
     for j in 0..k {
         for tok in 0..t {
-            let x = idx[tok * k + j] as usize;
-            if capacity.is_none_or(|c| per_expert[x].len() < c) {
-                per_expert[x].push(tok * k + j);
+            let a = tok * k + j;
+            let x = idx[a] as usize;
+            if counts[x] < cap {
+                counts[x] += 1;
+                keep[a] = true;
             }
         }
     }
+    // Pass 2: slots in the same order, from each expert's offset.
+    let mut next: Vec<usize> = counts.iter().scan(0, |o, &c| {
+        let start = *o;
+        *o += c;
+        Some(start)
+    }).collect();
+    let total: usize = counts.iter().sum();
     let mut slots = vec![-1i32; idx.len()];
-    let mut map = Vec::with_capacity(idx.len());
-    let mut counts = Vec::with_capacity(e);
-    for list in &per_expert {
-        counts.push(list.len());
-        for &a in list {
-            slots[a] = map.len() as i32;
-            map.push((a / k) as i32);
+    let mut map = vec![0i32; total];
+    for j in 0..k {
+        for tok in 0..t {
+            let a = tok * k + j;
+            if keep[a] {
+                let x = idx[a] as usize;
+                slots[a] = next[x] as i32;
+                map[next[x]] = tok as i32;
+                next[x] += 1;
+            }
         }
     }
     (slots, map, counts)
@@ -256,7 +278,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
         let n = mp.len();
         rows = n;
         mark(2)?;
-        launch(gpu, s, "bf16_gather_rows", gpu.grid(n * d), &[A::P(x.0), A::P(map.0), A::P(xp.0), A::I64(n as i64), A::I32(d as i32)])?;
+        launch(gpu, s, "bf16_gather_rows", rows_cfg(n), &[A::P(x.0), A::P(map.0), A::P(xp.0), A::I64(n as i64), A::I32(d as i32)])?;
         mark(3)?;
         let per_expert = |f_each: &mut dyn FnMut(usize, usize, usize) -> Result<(), GpuError>| -> Result<(), GpuError> {
             let mut off = 0;
@@ -270,13 +292,13 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
         };
         per_expert(&mut |ex, off, c| gemm(s, GemmForm::Nn, xp.0 + (off * d * bf) as u64, w1.0 + (ex * d * f * bf) as u64, h.0 + (off * f * bf) as u64, c, d, f, 0.0, false))?;
         mark(4)?;
-        launch(gpu, s, "bf16_gelu_fwd", gpu.grid(n * f), &[A::P(h.0), A::P(act.0), A::I64((n * f) as i64)])?;
+        launch(gpu, s, "bf16_gelu_fwd", gpu.grid(n * f / 8), &[A::P(h.0), A::P(act.0), A::I64((n * f) as i64)])?;
         mark(5)?;
         per_expert(&mut |ex, off, c| gemm(s, GemmForm::Nn, act.0 + (off * f * bf) as u64, w2.0 + (ex * f * d * bf) as u64, y.0 + (off * d * bf) as u64, c, f, d, 0.0, false))?;
         mark(6)?;
-        launch(gpu, s, "bf16_combine", gpu.grid(t * d), &[A::P(y.0), A::P(slots.0), A::P(wts.0), A::P(out.0), A::I64(t as i64), A::I32(k as i32), A::I32(d as i32)])?;
+        launch(gpu, s, "bf16_combine", rows_cfg(t), &[A::P(y.0), A::P(slots.0), A::P(wts.0), A::P(out.0), A::I64(t as i64), A::I32(k as i32), A::I32(d as i32)])?;
         mark(7)?;
-        launch(gpu, s, "bf16_combine_bwd_rows", gpu.grid(t * k * d), &[A::P(dout.0), A::P(slots.0), A::P(wts.0), A::P(dy.0), A::I64((t * k) as i64), A::I32(k as i32), A::I32(d as i32)])?;
+        launch(gpu, s, "bf16_combine_bwd_rows", rows_cfg(t * k), &[A::P(dout.0), A::P(slots.0), A::P(wts.0), A::P(dy.0), A::I64((t * k) as i64), A::I32(k as i32), A::I32(d as i32)])?;
         launch(gpu, s, "bf16_combine_bwd_weights", gpu.grid(t * k * 32), &[A::P(dout.0), A::P(y.0), A::P(slots.0), A::P(dwts.0), A::I64((t * k) as i64), A::I32(k as i32), A::I32(d as i32)])?;
         mark(8)?;
         per_expert(&mut |ex, off, c| {
@@ -284,14 +306,14 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
             gemm(s, GemmForm::Tn, act.0 + (off * f * bf) as u64, dy.0 + (off * d * bf) as u64, dw2.0 + (ex * f * d * bf) as u64, f, c, d, 0.0, false)
         })?;
         mark(9)?;
-        launch(gpu, s, "bf16_gelu_bwd", gpu.grid(n * f), &[A::P(h.0), A::P(dact.0), A::P(dh.0), A::I64((n * f) as i64)])?;
+        launch(gpu, s, "bf16_gelu_bwd", gpu.grid(n * f / 8), &[A::P(h.0), A::P(dact.0), A::P(dh.0), A::I64((n * f) as i64)])?;
         mark(10)?;
         per_expert(&mut |ex, off, c| {
             gemm(s, GemmForm::Nt, dh.0 + (off * f * bf) as u64, w1.0 + (ex * d * f * bf) as u64, dxp.0 + (off * d * bf) as u64, c, f, d, 0.0, false)?;
             gemm(s, GemmForm::Tn, xp.0 + (off * d * bf) as u64, dh.0 + (off * f * bf) as u64, dw1.0 + (ex * d * f * bf) as u64, d, c, f, 0.0, false)
         })?;
         mark(11)?;
-        launch(gpu, s, "bf16_token_sum", gpu.grid(t * d), &[A::P(dxp.0), A::P(slots.0), A::P(dx.0), A::I64(t as i64), A::I32(k as i32), A::I32(d as i32)])?;
+        launch(gpu, s, "bf16_token_sum", rows_cfg(t), &[A::P(dxp.0), A::P(slots.0), A::P(dx.0), A::I64(t as i64), A::I32(k as i32), A::I32(d as i32)])?;
         mark(12)?;
         launch(gpu, s, "route_bwd", gpu.grid(t), &[A::P(probs.0), A::P(idx.0), A::P(dwts.0), A::P(zeros.0), A::P(dlogits.0), A::I64(t as i64), A::I32(e as i32), A::I32(k as i32), A::I32(1)])?;
         launch(gpu, s, "f32_to_bf16_kernel", gpu.grid(t * e), &[A::P(dlogits.0), A::P(dlogits16.0), A::I64((t * e) as i64)])?;
@@ -329,6 +351,7 @@ pub fn run(ordinal: usize, names: &[String], reps: usize, on_row: &mut dyn FnMut
     let gpu = Gpu::open(ordinal)?;
     gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
     let s = gpu.new_stream()?;
+    let kernel_checks = check_kernels(&gpu, &s, crate::backend::cuda::check::fresh_seed())?;
     let dense_tflops = dense_gemm_tflops(&gpu, &s, 8192, reps.max(5))?;
     let mut rows = Vec::new();
     for cfg in CONFIGS.iter().filter(|c| names.is_empty() || names.iter().any(|n| n == c.name)) {
@@ -338,7 +361,7 @@ pub fn run(ordinal: usize, names: &[String], reps: usize, on_row: &mut dyn FnMut
             rows.push(row);
         }
     }
-    Ok(BenchReport { device: gpu.info.name.clone(), date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(), dense_tflops, reps, rows })
+    Ok(BenchReport { kernel_checks, device: gpu.info.name.clone(), date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(), dense_tflops, reps, rows })
 }
 
 #[cfg(test)]
@@ -360,4 +383,123 @@ mod tests {
         assert_eq!(map, vec![0, 1, 2, 0]);
         assert_eq!(slots, vec![0, 3, 1, -1, 2, -1]);
     }
+}
+
+/// One bf16 kernel of the benchmark checked against the cpu semantics.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelCheck {
+    /// `kernel[cols]` and the output's name.
+    pub name: String,
+    /// `||gpu - cpu|| / ||cpu||` (NaN fails).
+    pub rel_err: f64,
+    /// Below the bf16 tolerance (1e-2) and finite.
+    pub passed: bool,
+}
+
+fn up<T: cudarc::driver::DeviceRepr>(s: &GpuStream, v: &[T]) -> Result<Buf, GpuError> {
+    let b = Buf::new(s, std::mem::size_of_val(v))?;
+    // SAFETY: b holds the bytes of v; pageable memory is staged before return.
+    unsafe { result::memcpy_htod_async(b.0, v, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
+    Ok(b)
+}
+
+fn down<T: cudarc::driver::DeviceRepr + Default + Clone>(s: &GpuStream, b: &Buf, n: usize) -> Result<Vec<T>, GpuError> {
+    let mut v = vec![T::default(); n];
+    // SAFETY: b holds at least n values of T; synchronised right after.
+    unsafe { result::memcpy_dtoh_async(&mut v, b.0, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
+    s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+    Ok(v)
+}
+
+/// Checks every bf16 kernel of the benchmark on fresh random inputs (from `seed`) against the
+/// cpu definition, for a row width on the vector path (24) and one off it (20).
+pub fn check_kernels(gpu: &Gpu, s: &GpuStream, seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
+    use crate::backend::cuda::check::compare;
+    use crate::math::{activation, rng};
+    use half::bf16;
+    let round = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect() };
+    let to16 = |v: &[f32]| -> Vec<u16> { v.iter().map(|x| bf16::from_f32(*x).to_bits()).collect() };
+    let from16 = |v: Vec<u16>| -> Vec<f32> { v.into_iter().map(|x| bf16::from_bits(x).to_f32()).collect() };
+    let normal = |tag: &str, n: usize| {
+        let mut v = vec![0.0f32; n];
+        rng::fill_normal(&mut rng::stream(seed, tag, n as u64, 0), &mut v, 1.0);
+        round(v)
+    };
+    let mut out = Vec::new();
+    let mut push = |name: String, got: &[f32], want: &[f32]| {
+        let (rel, _) = compare(got, want);
+        out.push(KernelCheck { name, rel_err: rel, passed: rel.is_finite() && rel < 1e-2 });
+    };
+    let (t, k, e) = (37usize, 2usize, 5usize);
+    for cols in [24usize, 20] {
+        // Routing: random choices, capacity 12 so some assignments drop.
+        let mut r = rng::stream(seed, "bench.check.idx", cols as u64, 0);
+        let idx: Vec<i32> = (0..t * k).map(|_| (rand::RngExt::random::<u32>(&mut r) % e as u32) as i32).collect();
+        let (slots, map, _) = route_rows(&idx, e, k, Some(12));
+        let n = map.len();
+        let x = normal("x", t * cols);
+        let w: Vec<f32> = normal("w", t * k);
+        // gather
+        let (xb, mb) = (up(s, &to16(&x))?, up(s, &map)?);
+        let yb = Buf::new(s, n * cols * 2)?;
+        launch(gpu, s, "bf16_gather_rows", rows_cfg(n), &[A::P(xb.0), A::P(mb.0), A::P(yb.0), A::I64(n as i64), A::I32(cols as i32)])?;
+        let want: Vec<f32> = map.iter().flat_map(|&m| x[m as usize * cols..(m as usize + 1) * cols].to_vec()).collect();
+        push(format!("bf16_gather_rows[{cols}]"), &from16(down(s, &yb, n * cols)?), &want);
+        // combine
+        let back = normal("back", n * cols);
+        let (bb, sb, wb) = (up(s, &to16(&back))?, up(s, &slots)?, up(s, &w)?);
+        let ob = Buf::new(s, t * cols * 2)?;
+        launch(gpu, s, "bf16_combine", rows_cfg(t), &[A::P(bb.0), A::P(sb.0), A::P(wb.0), A::P(ob.0), A::I64(t as i64), A::I32(k as i32), A::I32(cols as i32)])?;
+        let mut want = vec![0.0f32; t * cols];
+        for (a, &sl) in slots.iter().enumerate() {
+            if sl >= 0 {
+                for c in 0..cols {
+                    want[(a / k) * cols + c] += w[a] * back[sl as usize * cols + c];
+                }
+            }
+        }
+        push(format!("bf16_combine[{cols}]"), &from16(down(s, &ob, t * cols)?), &want);
+        // combine backward: rows and weights
+        let dout = normal("dout", t * cols);
+        let db = up(s, &to16(&dout))?;
+        let dback = Buf::new(s, n * cols * 2)?;
+        let dw = Buf::new(s, t * k * 4)?;
+        launch(gpu, s, "bf16_combine_bwd_rows", rows_cfg(t * k), &[A::P(db.0), A::P(sb.0), A::P(wb.0), A::P(dback.0), A::I64((t * k) as i64), A::I32(k as i32), A::I32(cols as i32)])?;
+        launch(gpu, s, "bf16_combine_bwd_weights", gpu.grid(t * k * 32), &[A::P(db.0), A::P(bb.0), A::P(sb.0), A::P(dw.0), A::I64((t * k) as i64), A::I32(k as i32), A::I32(cols as i32)])?;
+        let (mut want_rows, mut want_w) = (vec![0.0f32; n * cols], vec![0.0f32; t * k]);
+        for (a, &sl) in slots.iter().enumerate() {
+            if sl >= 0 {
+                for c in 0..cols {
+                    want_rows[sl as usize * cols + c] = w[a] * dout[(a / k) * cols + c];
+                    want_w[a] += dout[(a / k) * cols + c] * back[sl as usize * cols + c];
+                }
+            }
+        }
+        push(format!("bf16_combine_bwd_rows[{cols}]"), &from16(down(s, &dback, n * cols)?), &want_rows);
+        push(format!("bf16_combine_bwd_weights[{cols}]"), &down::<f32>(s, &dw, t * k)?, &want_w);
+        // token sum (dispatch backward)
+        let ts = Buf::new(s, t * cols * 2)?;
+        launch(gpu, s, "bf16_token_sum", rows_cfg(t), &[A::P(bb.0), A::P(sb.0), A::P(ts.0), A::I64(t as i64), A::I32(k as i32), A::I32(cols as i32)])?;
+        let mut want = vec![0.0f32; t * cols];
+        for (a, &sl) in slots.iter().enumerate() {
+            if sl >= 0 {
+                for c in 0..cols {
+                    want[(a / k) * cols + c] += back[sl as usize * cols + c];
+                }
+            }
+        }
+        push(format!("bf16_token_sum[{cols}]"), &from16(down(s, &ts, t * cols)?), &want);
+        // GELU forward and backward
+        let m = t * cols;
+        let (hb, gb) = (up(s, &to16(&x))?, up(s, &to16(&dout))?);
+        let (ab, dhb) = (Buf::new(s, m * 2)?, Buf::new(s, m * 2)?);
+        launch(gpu, s, "bf16_gelu_fwd", gpu.grid(m / 8 + 1), &[A::P(hb.0), A::P(ab.0), A::I64(m as i64)])?;
+        launch(gpu, s, "bf16_gelu_bwd", gpu.grid(m / 8 + 1), &[A::P(hb.0), A::P(gb.0), A::P(dhb.0), A::I64(m as i64)])?;
+        let (mut wa, mut wd) = (vec![0.0f32; m], vec![0.0f32; m]);
+        activation::forward(crate::spec::Activation::Gelu, &x, &mut wa);
+        activation::backward(crate::spec::Activation::Gelu, &x, &dout, &mut wd);
+        push(format!("bf16_gelu_fwd[{m}]"), &from16(down(s, &ab, m)?), &wa);
+        push(format!("bf16_gelu_bwd[{m}]"), &from16(down(s, &dhb, m)?), &wd);
+    }
+    Ok(out)
 }
