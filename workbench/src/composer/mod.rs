@@ -1,0 +1,350 @@
+//! The composer's state: the experiment being edited (a TOML table, as the file will say it,
+//! before derived defaults are filled), its file, and the result of validating and planning
+//! it after every change: the problems naming their fields, or the plan's predicted peak
+//! memory per category.
+
+pub mod fields;
+pub mod templates;
+
+use crate::error::WorkbenchError;
+use fields::Field;
+use moelab::plan::memory::predict;
+use moelab::plan::Plan;
+use moelab::spec::{ExperimentSpec, Problem, SpecError};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use toml::{Table, Value};
+
+/// The plan's prediction for the busiest rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Ranks.
+    pub world: usize,
+    /// Ops per step on the rank with the most.
+    pub max_ops: usize,
+    /// The rank with the highest predicted peak.
+    pub worst_rank: usize,
+    /// Its predicted peak, bytes.
+    pub peak_total: u64,
+    /// Its bytes per category at that peak (index = `MemCategory::index`).
+    pub at_peak: [u64; 7],
+    /// Dropless buffers counted at their upper bound.
+    pub upper_bound: bool,
+    /// The sim backend's predicted step time in seconds and the hardware profile it used,
+    /// or why there is none.
+    pub step: Result<(f64, String), String>,
+}
+
+/// Largest world the composer simulates on every change (larger plans take noticeable time).
+pub const MAX_LIVE_SIM_WORLD: usize = 256;
+
+/// One simulated step of `plan` on the spec's hardware profile (the default one when the
+/// spec is not a sim run): seconds and the profile's name.
+fn simulate_step(resolved: &ExperimentSpec, plan: &Plan) -> Result<(f64, String), String> {
+    use moelab::backend::sim;
+    if plan.world() > MAX_LIVE_SIM_WORLD {
+        return Err(format!("not simulated live above {MAX_LIVE_SIM_WORLD} ranks"));
+    }
+    let profile = sim::spec_profile(resolved).map_err(|e| e.to_string())?;
+    let run = sim::simulate_plan(plan, &profile, sim::Symmetry::Exploit).map_err(|e| e.to_string())?;
+    Ok((run.timeline.makespan, profile.name.clone()))
+}
+
+/// What validation says about the draft.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Check {
+    /// Valid: the resolved spec (defaults filled) and the plan's prediction (or why the
+    /// plan could not be built).
+    Valid {
+        /// What `moelab run` would run.
+        resolved: Box<ExperimentSpec>,
+        /// The prediction, or the plan builder's error.
+        prediction: Result<Prediction, String>,
+    },
+    /// Rejected: every violated rule, naming its field.
+    Invalid {
+        /// The problems.
+        problems: Vec<Problem>,
+    },
+}
+
+/// The experiment being composed.
+#[derive(Debug, Clone)]
+pub struct Composer {
+    /// The spec as written (optional fields unset stay unset, so saving keeps intent).
+    pub draft: Table,
+    /// The file it came from or was last saved to.
+    pub path: Option<PathBuf>,
+    /// Changed since opened or saved.
+    pub dirty: bool,
+    /// Selected row among [`Composer::visible_fields`].
+    pub selected: usize,
+    /// Lowercase substring the field keys must contain.
+    pub filter: String,
+    /// Validation of the draft, refreshed on every change.
+    pub check: Check,
+    /// Earlier drafts, for undo.
+    history: Vec<Table>,
+}
+
+/// The TOML text of a draft, in the library's field order when it reads as a spec.
+pub fn spec_text(draft: &Table) -> String {
+    match ExperimentSpec::deserialize(Value::Table(draft.clone())) {
+        Ok(spec) => spec.to_toml(),
+        Err(_) => toml::to_string(draft).unwrap_or_default(),
+    }
+}
+
+/// Validate and plan a draft.
+pub fn check(draft: &Table) -> Check {
+    match moelab::spec::from_toml_str(&spec_text(draft)) {
+        Ok(resolved) => {
+            let prediction = Plan::build(&resolved).map_err(|e| e.to_string()).map(|plan| {
+                let preds: Vec<_> = plan.ranks.iter().map(predict).collect();
+                let worst = preds.iter().enumerate().max_by_key(|(_, p)| p.peak_total).map_or(0, |(i, _)| i);
+                let p = preds.get(worst);
+                Prediction {
+                    world: plan.world(),
+                    max_ops: plan.ranks.iter().map(|r| r.ops.len()).max().unwrap_or(0),
+                    worst_rank: worst,
+                    peak_total: p.map_or(0, |p| p.peak_total),
+                    at_peak: p.map_or([0; 7], |p| p.at_peak),
+                    upper_bound: preds.iter().any(|p| p.upper_bound),
+                    step: simulate_step(&resolved, &plan),
+                }
+            });
+            Check::Valid { resolved: Box::new(resolved), prediction }
+        }
+        Err(SpecError::Invalid { problems, .. }) => Check::Invalid { problems },
+        // A draft built from typed fields always parses; keep any surprise visible anyway.
+        Err(other) => Check::Invalid { problems: vec![Problem { field: "(spec)".into(), message: other.to_string(), fix: "undo the last change (u)".into() }] },
+    }
+}
+
+/// Whether a problem about `problem_field` concerns the field `key` (a problem about a
+/// table, e.g. `model.backbone` or `mpmoe`, concerns every field inside it).
+pub fn concerns(problem_field: &str, key: &str) -> bool {
+    key == problem_field || key.strip_prefix(problem_field).is_some_and(|rest| rest.starts_with('.'))
+}
+
+impl Composer {
+    /// A composer over `draft`.
+    pub fn new(draft: Table, path: Option<PathBuf>) -> Self {
+        let check = check(&draft);
+        Composer { draft, path, dirty: false, selected: 0, filter: String::new(), check, history: Vec::new() }
+    }
+
+    /// A composer over the template of `variant` (a TOML spelling such as `"topk"`), with no
+    /// file yet; `None` for a variant the library does not know.
+    pub fn from_template(variant: &str) -> Option<Self> {
+        Some(Composer::new(templates::template(variant)?, None))
+    }
+
+    /// The experiment's name.
+    pub fn name(&self) -> &str {
+        self.draft.get("name").and_then(Value::as_str).unwrap_or("")
+    }
+
+    /// The experiment's variant spelling.
+    pub fn variant(&self) -> &str {
+        fields::variant_of(&self.draft)
+    }
+
+    /// Open an experiment file. A file that does not parse is an error (and the caller keeps
+    /// its current draft); a file that parses but breaks rules opens with its problems shown.
+    pub fn open(path: &Path) -> Result<Self, WorkbenchError> {
+        let text = std::fs::read_to_string(path).map_err(|e| WorkbenchError::io(path, e))?;
+        match moelab::spec::from_toml_str(&text) {
+            Err(e @ SpecError::Parse { .. }) => return Err(e.in_file(path).into()),
+            Err(SpecError::Io { .. }) | Err(SpecError::Invalid { .. }) | Ok(_) => {}
+        }
+        // Read through the spec type (which rejects unknown fields and fills serde defaults)
+        // and keep the result as a table: every field explicit, optional ones left unset.
+        let spec: ExperimentSpec = toml::from_str(&text).map_err(|e| WorkbenchError::format(path, e.message().to_string()))?;
+        let draft = Value::try_from(&spec).ok().and_then(|v| v.as_table().cloned()).unwrap_or_default();
+        Ok(Composer::new(draft, Some(path.to_path_buf())))
+    }
+
+    /// Replace this composer's experiment by another (undo brings the old one back).
+    pub fn replace(&mut self, other: Composer) {
+        self.history.push(self.draft.clone());
+        let history = std::mem::take(&mut self.history);
+        let filter = std::mem::take(&mut self.filter);
+        *self = Composer { history, filter, ..other };
+    }
+
+    /// The TOML that [`Composer::save`] writes: what `moelab run` accepts unchanged.
+    pub fn toml(&self) -> String {
+        format!("# moelab experiment, written by moelab-workbench; run it with `moelab run <this file>`\n{}", spec_text(&self.draft))
+    }
+
+    /// Write the draft to `path` and make it the composer's file.
+    pub fn save(&mut self, path: &Path) -> Result<(), WorkbenchError> {
+        std::fs::write(path, self.toml()).map_err(|e| WorkbenchError::io(path, e))?;
+        self.path = Some(path.to_path_buf());
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// The fields that apply to the draft and pass the filter, in order.
+    pub fn visible_fields(&self) -> Vec<&'static Field> {
+        fields::FIELDS.iter().filter(|f| f.applies(&self.draft) && f.key.contains(&self.filter)).collect()
+    }
+
+    /// The selected field.
+    pub fn selected_field(&self) -> Option<&'static Field> {
+        self.visible_fields().get(self.selected).copied()
+    }
+
+    /// Move the selection by `delta` rows, clamped.
+    pub fn move_selection(&mut self, delta: isize) {
+        let n = self.visible_fields().len() as isize;
+        self.selected = if n == 0 { 0 } else { (self.selected as isize + delta).clamp(0, n - 1) as usize };
+    }
+
+    /// Select the field with this key, when visible.
+    pub fn select_key(&mut self, key: &str) -> bool {
+        match self.visible_fields().iter().position(|f| f.key == key) {
+            Some(i) => {
+                self.selected = i;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Set the filter; the selection moves to the first match.
+    pub fn set_filter(&mut self, filter: &str) {
+        self.filter = filter.to_lowercase();
+        self.selected = 0;
+    }
+
+    /// Apply an edit to the draft through `f`; on success revalidate, on error change nothing.
+    fn edit(&mut self, f: impl FnOnce(&mut Table) -> Result<(), String>) -> Result<(), String> {
+        let mut next = self.draft.clone();
+        f(&mut next)?;
+        if next != self.draft {
+            self.history.push(std::mem::replace(&mut self.draft, next));
+            self.dirty = true;
+            self.check = check(&self.draft);
+            // A variant change can hide fields; keep the selection on the list.
+            self.move_selection(0);
+        }
+        Ok(())
+    }
+
+    /// Set the selected field from typed text.
+    pub fn set_selected(&mut self, text: &str) -> Result<(), String> {
+        let f = self.selected_field().ok_or("no field selected")?;
+        self.edit(|d| f.set(d, text))
+    }
+
+    /// Step the selected field with left (`dir < 0`) or right.
+    pub fn adjust(&mut self, dir: i32) -> Result<(), String> {
+        let f = self.selected_field().ok_or("no field selected")?;
+        let next = f.stepped(&self.draft, dir).ok_or_else(|| format!("{} is typed: press Enter to edit it", f.key))?;
+        self.edit(|d| f.set(d, &next))
+    }
+
+    /// Go back to the draft before the last change; false when there is none.
+    pub fn undo(&mut self) -> bool {
+        match self.history.pop() {
+            Some(prev) => {
+                self.draft = prev;
+                self.dirty = true;
+                self.check = check(&self.draft);
+                self.move_selection(0);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The problems that concern field `key`.
+    pub fn problems_for(&self, key: &str) -> Vec<&Problem> {
+        match &self.check {
+            Check::Invalid { problems } => problems.iter().filter(|p| concerns(&p.field, key)).collect(),
+            Check::Valid { .. } => Vec::new(),
+        }
+    }
+
+    /// The resolved spec, when the draft is valid.
+    pub fn resolved(&self) -> Option<&ExperimentSpec> {
+        match &self.check {
+            Check::Valid { resolved, .. } => Some(resolved),
+            Check::Invalid { .. } => None,
+        }
+    }
+
+    /// Where a save goes when the user has not chosen: the opened file, else
+    /// `experiments/<name>.toml`.
+    pub fn default_save_path(&self) -> PathBuf {
+        self.path.clone().unwrap_or_else(|| PathBuf::from("experiments").join(format!("{}.toml", self.name())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_ep_names_the_field_and_undo_restores() {
+        let mut c = Composer::from_template("topk").expect("template");
+        assert!(c.resolved().is_some());
+        assert!(c.select_key("layout.ep"));
+        c.adjust(-1).expect("adjust");
+        assert_eq!(fields::by_key("layout.ep").expect("f").get(&c.draft), "3");
+        let ps = c.problems_for("layout.ep");
+        assert_eq!(ps.len(), 1, "{:?}", c.check);
+        assert!(ps[0].message.contains("ep=3 does not divide n_experts=8"), "{}", ps[0].message);
+        assert!(c.problems_for("layout.dp").is_empty());
+        assert!(c.undo());
+        assert_eq!(fields::by_key("layout.ep").expect("f").get(&c.draft), "4");
+        assert!(c.resolved().is_some());
+    }
+
+    #[test]
+    fn prediction_has_every_category_of_a_training_run() {
+        let c = Composer::from_template("mpmoe").expect("template");
+        let Check::Valid { prediction: Ok(p), .. } = &c.check else { panic!("{:?}", c.check) };
+        assert_eq!(p.world, 4);
+        assert!(p.peak_total > 0 && p.max_ops > 0);
+        assert_eq!(p.at_peak.iter().sum::<u64>(), p.peak_total);
+        let (secs, profile) = p.step.as_ref().expect("the sim backend predicts a step time");
+        assert!(*secs > 0.0 && !profile.is_empty());
+        assert!(p.at_peak[moelab::taxonomy::MemCategory::Params.index()] > 0);
+    }
+
+    #[test]
+    fn saved_toml_loads_unchanged_and_a_broken_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Composer::from_template("tutel").expect("template");
+        c.select_key("tutel.degree");
+        c.adjust(1).expect("adjust");
+        let path = dir.path().join("t.toml");
+        c.save(&path).expect("save");
+        let loaded = moelab::spec::load_file(&path).expect("moelab accepts the saved file");
+        assert_eq!(c.resolved(), Some(&loaded));
+        let back = Composer::open(&path).expect("reopen");
+        assert_eq!(back.draft, c.draft);
+
+        let broken = dir.path().join("broken.toml");
+        std::fs::write(&broken, "name = \"x\"\n[model\nd_model = 3").expect("write");
+        let e = Composer::open(&broken).expect_err("broken");
+        assert!(e.to_string().contains("broken.toml"), "{e}");
+        let invalid = dir.path().join("invalid.toml");
+        std::fs::write(&invalid, "name = \"x\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 8\ntokens_per_rank = 8\n[layout]\nep = 3\n").expect("write");
+        let c = Composer::open(&invalid).expect("invalid files open with their problems");
+        assert_eq!(c.problems_for("layout.ep").len(), 1);
+    }
+
+    #[test]
+    fn changing_the_variant_drops_the_old_options_table() {
+        let mut c = Composer::from_template("mpmoe").expect("template");
+        c.select_key("variant");
+        c.set_selected("topk").expect("set");
+        assert!(!c.draft.contains_key("mpmoe"));
+        assert!(c.resolved().is_some(), "{:?}", c.check);
+        assert!(!c.visible_fields().iter().any(|f| f.key.starts_with("mpmoe")));
+    }
+}

@@ -1,0 +1,99 @@
+//! `moelab-workbench`: the terminal workbench binary (also started by `moelab workbench`).
+//! Sets up the terminal, the job worker and the input thread, then loops: draw, wait for
+//! one event, update. Errors before the terminal is taken print plainly.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use moelab_workbench::app::{App, Status};
+use moelab_workbench::composer::Composer;
+use moelab_workbench::event::{self, Event};
+use moelab_workbench::{jobs, ui};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// The moelab terminal workbench: compose an experiment (live validation and predicted
+/// memory), run it in the background on its backend, and read its timeline and
+/// breakdowns; browse and compare past runs. Press ? inside for the keys.
+#[derive(Parser)]
+#[command(name = "moelab-workbench", version, about, long_about)]
+struct Args {
+    /// Experiment file to open in the composer (e.g. experiments/quickstart.toml).
+    file: Option<PathBuf>,
+    /// Directory of run directories: where jobs write and the runs browser looks.
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Variant whose template the composer starts from when no file is given.
+    #[arg(long, default_value = "topk")]
+    template: String,
+}
+
+/// How often elapsed times refresh while nothing else happens.
+const TICK: Duration = Duration::from_millis(250);
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    let variant = args.template.as_str();
+    let template = Composer::from_template(variant)
+        .with_context(|| format!("--template {variant:?} is not a variant (one of: topk, ppmoe, ted, tutel, mpmoe, scmoe, dgmoe)"))?;
+    // A file that cannot be opened does not stop the workbench: it starts from the template
+    // and says why, so nothing is written over the broken file.
+    let (composer, startup) = match &args.file {
+        Some(path) => match Composer::open(path) {
+            Ok(c) => (c, None),
+            Err(e) => (template, Some(format!("{e} (started from the {variant} template; o opens a file)"))),
+        },
+        None => (template, None),
+    };
+    let (tx, rx) = mpsc::channel::<Event>();
+    let worker = jobs::spawn_worker(args.runs_dir.clone(), tx.clone());
+    let mut app = App::new(composer, args.runs_dir.clone(), Some(worker));
+    app.status = startup.map(|text| Status { text, error: true });
+
+    let mut terminal = ratatui::try_init().context("setting up the terminal")?;
+    event::spawn_input_thread(tx);
+    let result = (|| -> Result<()> {
+        loop {
+            terminal.draw(|f| ui::draw(f, &app)).context("drawing")?;
+            match rx.recv_timeout(TICK) {
+                Ok(ev) => app.update(ev),
+                Err(RecvTimeoutError::Timeout) => app.update(Event::Tick),
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            // Apply whatever else arrived before drawing again (key repeat, step reports).
+            while let Ok(ev) = rx.try_recv() {
+                app.update(ev);
+            }
+            if app.quit {
+                return Ok(());
+            }
+        }
+    })();
+    ratatui::restore();
+    // Quitting cancelled the active jobs; let them write their run directories.
+    if app.jobs.active() > 0 {
+        eprintln!("waiting for {} cancelled job(s) to write their run directories...", app.jobs.active());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while app.jobs.active() > 0 {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Event::Job(ev)) => {
+                    app.jobs.apply(ev, Instant::now());
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    result
+}

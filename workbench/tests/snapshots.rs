@@ -1,0 +1,150 @@
+//! Rendering snapshots (ratatui TestBackend + insta) of every pane at 80x24 and 160x48, the
+//! help overlay, and the too-small message at 40x10. Fixtures are synthetic and timed by
+//! hand, so a changed snapshot means a changed rendering.
+
+mod common;
+
+use common::{app, render, synthetic_run};
+use moelab_workbench::app::Pane;
+use moelab_workbench::event::{Event, Key};
+use moelab_workbench::jobs::{Job, JobState};
+use moelab_workbench::App;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SIZES: [(u16, u16); 2] = [(80, 24), (160, 48)];
+
+fn snap(name: &str, app: &App) {
+    for (w, h) in SIZES {
+        let t = render(app, w, h);
+        insta::assert_snapshot!(format!("{name}_{w}x{h}"), t.backend());
+    }
+}
+
+fn press(app: &mut App, keys: &[Key]) {
+    for k in keys {
+        app.update(Event::Key(*k));
+    }
+}
+
+#[test]
+fn composer_valid() {
+    snap("composer_valid", &app());
+}
+
+#[test]
+fn composer_invalid_names_the_field() {
+    let mut a = app();
+    assert!(a.composer.select_key("layout.ep"));
+    press(&mut a, &[Key::Left]);
+    let t = render(&a, 80, 24);
+    assert!(t.backend().to_string().contains("layout.ep"), "the problem names its field");
+    snap("composer_invalid", &a);
+}
+
+fn job(id: usize, state: JobState, base: Instant, started: u64, finished: Option<u64>) -> Job {
+    let text = moelab_workbench::composer::templates::template_toml(if id % 2 == 0 { "mpmoe" } else { "topk" });
+    Job {
+        id,
+        spec: moelab::spec::from_toml_str(&text).expect("template"),
+        state,
+        started: Some(base + Duration::from_secs(started)),
+        finished: finished.map(|f| base + Duration::from_secs(f)),
+        cancel: Arc::new(AtomicBool::new(false)),
+        dir: Some(format!("runs/20260101-00000{id}-job").into()),
+        run: None,
+    }
+}
+
+#[test]
+fn jobs_queue_with_every_state() {
+    let mut a = app();
+    let base = Instant::now();
+    let mut done = job(1, JobState::Completed, base, 0, Some(3));
+    done.run = Some(Box::new(synthetic_run("20260101-000001-job", 4, 2, 1, 0)));
+    let failed = JobState::Failed { error: "rank 1 failed in op L0.expert_gemm1: injected failure (run directory kept: runs/x)".into() };
+    a.jobs.jobs = vec![
+        done,
+        job(2, failed, base, 3, Some(4)),
+        job(3, JobState::Cancelled, base, 4, Some(5)),
+        job(4, JobState::Running { done: 2, total: 4, loss: Some(1.2345) }, base, 5, None),
+        job(5, JobState::Queued, base, 0, None),
+    ];
+    a.jobs.jobs[4].started = None;
+    a.jobs.selected = 1;
+    a.now = base + Duration::from_secs(12);
+    a.pane = Pane::Jobs;
+    snap("jobs", &a);
+    let mut empty = app();
+    empty.pane = Pane::Jobs;
+    snap("jobs_empty", &empty);
+}
+
+#[test]
+fn timeline_with_a_selected_exposed_comm_op() {
+    let mut a = app();
+    a.show_run(synthetic_run("20260101-000000-mpmoe", 4, 2, 2, 0));
+    a.pane = Pane::Timeline;
+    press(&mut a, &[Key::Char('n'), Key::Char('+')]);
+    snap("timeline", &a);
+    let mut empty = app();
+    empty.pane = Pane::Timeline;
+    snap("timeline_empty", &empty);
+}
+
+#[test]
+fn breakdown_single_and_compared() {
+    let mut a = app();
+    a.show_run(synthetic_run("20260101-000000-mpmoe", 4, 2, 2, 0));
+    a.pane = Pane::Breakdown;
+    snap("breakdown", &a);
+    a.compare = Some(synthetic_run("20260102-000000-topk", 4, 2, 1, 3_000));
+    snap("breakdown_compare", &a);
+}
+
+#[test]
+fn runs_browser_newest_first_and_missing_dir() {
+    let mut a = app();
+    a.pane = Pane::Runs;
+    snap("runs", &a);
+    let mut missing = App::new(moelab_workbench::composer::Composer::from_template("topk").expect("t"), "tests/fixtures/no-such-runs".into(), None);
+    missing.pane = Pane::Runs;
+    snap("runs_missing", &missing);
+}
+
+#[test]
+fn help_overlay() {
+    let mut a = app();
+    press(&mut a, &[Key::Char('?')]);
+    snap("help", &a);
+}
+
+#[test]
+fn too_small_terminal_says_so() {
+    let mut a = app();
+    a.show_run(synthetic_run("r", 2, 1, 1, 0));
+    for pane in Pane::ALL {
+        a.pane = pane;
+        let t = render(&a, 40, 10);
+        assert!(t.backend().to_string().contains("terminal too small"));
+    }
+    insta::assert_snapshot!("too_small_40x10", render(&a, 40, 10).backend());
+    // Degenerate sizes draw nothing and do not panic.
+    for (w, h) in [(0, 0), (1, 1), (59, 40), (200, 15)] {
+        render(&a, w, h);
+    }
+}
+
+#[test]
+fn every_pane_draws_at_many_sizes_without_panicking() {
+    let mut a = app();
+    a.show_run(synthetic_run("r", 8, 4, 4, 0));
+    a.compare = Some(synthetic_run("s", 2, 1, 1, 0));
+    for pane in Pane::ALL {
+        a.pane = pane;
+        for (w, h) in [(60, 16), (61, 17), (80, 24), (100, 30), (133, 41), (250, 80)] {
+            render(&a, w, h);
+        }
+    }
+}
