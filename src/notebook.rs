@@ -22,6 +22,9 @@ use crate::spec::ExperimentSpec;
 use crate::taxonomy::{MemCategory, Stage, Stream};
 use crate::trace::Trace;
 use std::fmt::{self, Write as _};
+
+/// polars' DataFrame, as [`Runs::frame`] returns it (nameable in cells without a polars dep).
+pub use polars::prelude::DataFrame;
 use std::path::{Path, PathBuf};
 
 /// Why a notebook experiment could not be built or run.
@@ -375,6 +378,9 @@ impl fmt::Display for Runs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let rows: Vec<CompareRow> = self.results.iter().map(|r| r.row.clone()).collect();
         f.write_str(&compare::render(&rows))?;
+        for r in &self.results {
+            writeln!(f, "{}: all-to-all {:.3} MB per rank and step", r.point.label, r.a2a_bytes / 1e6)?;
+        }
         if let [only] = self.results.as_slice() {
             f.write_str(&only.outcome.analysis.render_text())?;
         }

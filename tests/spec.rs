@@ -611,13 +611,19 @@ fn every_known_variant_resolves_or_is_rejected_naming_itself() {
 }
 
 #[test]
-fn cuda_backend_is_not_available_in_this_build() {
-    let (p, shown) = one_problem(&with("", "[run]\nbackend = \"cuda\""), "run.backend");
-    assert_mentions(&p.message, &["\"cuda\"", "not available"]);
+fn cuda_backend_needs_one_gpu_per_rank() {
+    // More ranks than any machine here has GPUs: refused before any GPU work, naming the field.
+    let gpus = moelab::backend::cuda::visible_gpus();
+    let (p, shown) = one_problem(&with("", "[layout]\ndp = 4096\n[run]\nbackend = \"cuda\""), "run.backend");
+    assert_mentions(&p.message, &["\"cuda\"", "world=4096", &format!("{gpus} GPU(s)")]);
     assert_mentions(&p.fix, &["\"cpu\""]);
     assert_mentions(&shown, &["cuda"]);
-    let (p, _) = one_problem(&with("", "[run]\nbackend = \"sim\""), "run.backend");
-    assert_mentions(&p.message, &["\"sim\""]);
+}
+
+#[test]
+fn auto_backend_picks_cpu_without_enough_gpus() {
+    let spec = ok(&with("", "[layout]\ndp = 4096\n[run]\nbackend = \"auto\""));
+    assert_eq!(spec.run.backend.as_str(), "cpu");
 }
 
 #[test]

@@ -178,17 +178,64 @@ fn auto_degree_times_the_candidates_and_records_its_choice() {
     let s = tutel_spec("batch = 2\nseq_len = 8\nn_layers = 1", "ep = 2", "degree = \"auto\"", "steps = 1\nwarmup = 0");
     let out = moelab::run::run(&s, root.path(), &Default::default()).expect("run");
     let auto = out.auto_degree.expect("auto degree resolved");
-    let tried: Vec<usize> = auto.candidates.iter().map(|c| c.0).collect();
-    assert_eq!(tried, [1, 2, 4]);
-    let best = auto.candidates.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
-    assert_eq!(auto.chosen, best, "keeps the fastest");
+    let tried: Vec<(usize, usize)> = auto.candidates.iter().map(|c| (c.r, c.degree)).collect();
+    assert_eq!(tried, [(1, 1), (1, 2), (1, 4)], "r fixed at 1: only the degree varies");
+    let best = auto.candidates.iter().min_by(|a, b| a.mean_s.total_cmp(&b.mean_s)).unwrap();
+    assert_eq!((auto.chosen_r, auto.chosen), (1, best.degree), "keeps the fastest");
     let summary = std::fs::read_to_string(out.dir.join("summary.json")).unwrap();
-    assert!(summary.contains("tutel_auto_degree") && summary.contains("\"chosen\""), "{summary}");
+    assert!(summary.contains("tutel_auto_degree") && summary.contains("\"chosen\"") && summary.contains("\"reason\""), "{summary}");
     let log = std::fs::read_to_string(out.dir.join("run.log")).unwrap();
-    assert!(log.contains(&format!("chose degree {}", auto.chosen)), "{log}");
+    assert!(log.contains(&format!("chose r=1 degree {}", auto.chosen)), "{log}");
     // The measured steps ran the chosen plan: as many forward fc1 ops per layer as the degree.
     let fc1 = out.trace.ops.iter().filter(|o| o.stage == Stage::ExpertGemm1 && o.rank == 0 && o.pass == Pass::Forward).count();
     assert_eq!(fc1, auto.chosen);
+}
+
+#[test]
+fn auto_parallelism_times_both_layouts_of_one_parameter_layout_and_says_why() {
+    let root = tempfile::tempdir().unwrap();
+    let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\ncapacity_factor = 1.0";
+    let s = tutel_spec(model, "ep = 2", "degree = \"auto\"\nparallelism = \"auto\"", "steps = 1\nwarmup = 0");
+    let out = moelab::run::run(&s, root.path(), &Default::default()).expect("run");
+    let auto = out.auto_degree.clone().expect("auto resolved");
+    let tried: Vec<(usize, usize)> = auto.candidates.iter().map(|c| (c.r, c.degree)).collect();
+    assert_eq!(tried, [(1, 1), (1, 2), (1, 4), (0, 1)], "r = 1 at every degree, r = 0 unpipelined");
+    let best = auto.candidates.iter().min_by(|a, b| a.mean_s.total_cmp(&b.mean_s)).unwrap();
+    assert_eq!((auto.chosen_r, auto.chosen), (best.r, best.degree));
+    // Why: the times, the runner-up and what each layout moves.
+    let r0 = auto.candidates.iter().find(|c| c.r == 0).unwrap();
+    let r1 = auto.candidates.iter().find(|c| c.r == 1 && c.degree == 1).unwrap();
+    assert!(r0.comm_bytes > 0 && r1.comm_bytes > 0 && r0.comm_bytes != r1.comm_bytes);
+    assert!(auto.reason.contains("fastest of 4") && auto.reason.contains("runner-up") && auto.reason.contains("KB"), "{}", auto.reason);
+    let log = std::fs::read_to_string(out.dir.join("run.log")).unwrap();
+    assert!(log.contains(&format!("chose r={} degree {}", auto.chosen_r, auto.chosen)), "{log}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["tutel_auto_degree"]["chosen_r"], auto.chosen_r);
+    // The measured step ran the chosen layout: all-to-alls for r = 1, weight all-gathers for r = 0.
+    let a2a = out.trace.ops.iter().filter(|o| o.stage == Stage::AllToAll).count();
+    let rs = out.trace.ops.iter().filter(|o| o.stage == Stage::ReduceScatter).count();
+    assert_eq!((a2a > 0, rs > 0), (auto.chosen_r == 1, auto.chosen_r == 0));
+    // Whichever it chose, it computes the single-rank top-k function.
+    let single = runtime(&topk_spec("tokens_per_rank = 32\nseq_len = 8\nn_layers = 2\ncapacity_factor = 1.0", ""), &[], false)
+        .step(false, Some(0))
+        .unwrap();
+    assert!(((out.steps[0].loss - single.loss) / single.loss).abs() < 1e-5, "{} vs {}", out.steps[0].loss, single.loss);
+    // Parallelism alone: r = 1 at the fixed degree and r = 0.
+    let s = tutel_spec(model, "ep = 2", "degree = 2\nparallelism = \"auto\"", "steps = 1\nwarmup = 0");
+    let auto = moelab::run::run(&s, root.path(), &Default::default()).expect("run").auto_degree.unwrap();
+    assert_eq!(auto.candidates.iter().map(|c| (c.r, c.degree)).collect::<Vec<_>>(), [(1, 2), (0, 1)]);
+}
+
+#[test]
+fn parallelism_values_round_trip_and_unknown_ones_name_the_choices() {
+    use moelab::spec::ParallelismChoice;
+    let s = from_toml_str(SPEC).unwrap();
+    assert_eq!(s.tutel.unwrap().parallelism, ParallelismChoice::Fixed);
+    let s = from_toml_str(&format!("{SPEC}[tutel]\nparallelism = \"auto\"\n")).unwrap();
+    assert_eq!(s.tutel.unwrap().parallelism, ParallelismChoice::Auto);
+    assert_eq!(from_toml_str(&s.to_toml()).unwrap(), s, "round trip");
+    let e = from_toml_str(&format!("{SPEC}[tutel]\nparallelism = \"best\"\n")).unwrap_err().to_string();
+    assert!(e.contains("fixed") && e.contains("auto"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -314,4 +361,38 @@ fn data_parallel_r0_training_stays_in_lockstep_with_topk() {
         let got: Vec<f32> = (0..2).flat_map(|r| dist.read(d * 2 + r, "L0.expert.w1").unwrap()).collect();
         assert!(rel_err(&got, &want) < 1e-4, "replica {d}: expert weights drifted apart");
     }
+}
+
+/// Over every rank, layer and pass of the measured steps: the time all-to-alls spend inside
+/// the same layer and pass's expert compute (fc1, activation, fc2).
+fn a2a_inside_expert_compute(trace: &moelab::trace::Trace) -> u64 {
+    let mut overlap = 0;
+    for a in trace.ops.iter().filter(|e| e.stage == Stage::AllToAll) {
+        for c in trace.ops.iter().filter(|c| matches!(c.stage, Stage::ExpertGemm1 | Stage::Act | Stage::ExpertGemm2)) {
+            if (c.rank, c.step, c.layer, c.pass) == (a.rank, a.step, a.layer, a.pass) {
+                overlap += a.end_ns.min(c.end_ns).saturating_sub(a.start_ns.max(c.start_ns));
+            }
+        }
+    }
+    overlap
+}
+
+#[test]
+fn pipelined_all_to_alls_run_inside_expert_compute_and_unpipelined_ones_cannot() {
+    // Slow experts; degree 1: every all-to-all of a layer is a dependency of, or depends on,
+    // its expert compute (exactly 0 overlap on any executor). Degree 4 (flat and 2D): chunk
+    // i+1's all-to-all does not wait for chunk i's experts, so concurrent streams overlap them.
+    let model = "tokens_per_rank = 128\nseq_len = 16\nn_layers = 1\ncapacity_factor = 1.0";
+    let run = |t: String| {
+        let mut s = tutel_spec(model, "ep = 4", &t, "");
+        s.model.d_ffn = 512;
+        let mut rt = runtime(&s, &[], false);
+        for i in 0..3 {
+            rt.step(i > 0, None).expect("step");
+        }
+        a2a_inside_expert_compute(&rt.trace())
+    };
+    assert_eq!(run(table(1, A2aKind::Flat, 8)), 0, "degree 1: dependencies serialize all-to-alls and experts");
+    assert!(run(table(4, A2aKind::Flat, 8)) > 0, "degree 4, flat: no overlap measured");
+    assert!(run(table(4, A2aKind::TwoD, 2)) > 0, "degree 4, 2d: no overlap measured");
 }

@@ -110,6 +110,10 @@ pub trait Runtime {
     fn trace(&self) -> crate::trace::Trace;
     /// Peak bytes per rank and the per-category bytes at that moment.
     fn tracked_peaks(&self) -> Vec<(u64, [u64; 7])>;
+    /// Lines for the run log about how the backend runs this plan (none by default).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl Runtime for cpu::CpuRuntime {
@@ -133,6 +137,9 @@ impl Runtime for sim::SimRuntime {
     }
     fn tracked_peaks(&self) -> Vec<(u64, [u64; 7])> {
         sim::SimRuntime::tracked_peaks(self)
+    }
+    fn notes(&self) -> Vec<String> {
+        sim::SimRuntime::notes(self)
     }
 }
 

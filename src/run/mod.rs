@@ -165,7 +165,8 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
     for (r, d) in configs {
         let plan = Plan::build(&with(r, d)).expect("a validated tutel spec plans for every candidate");
         let comm_bytes = plan.ranks[0].ops.iter().filter(|o| o.stream == crate::taxonomy::Stream::Comm).map(|o| o.bytes).sum();
-        let mut rt = crate::backend::cpu::CpuRuntime::new(plan, hooks.exec.clone());
+        // The run's own backend times the candidates (the sim: predicted step times).
+        let mut rt = crate::backend::runtime(plan, hooks.exec.clone());
         rt.step(false, Some(0))?;
         let mut total = 0.0;
         for i in 0..AUTO_DEGREE_TIMED_STEPS {
@@ -304,6 +305,9 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         (job.steps, job.trace, job.tracked)
     } else {
         let mut rt = crate::backend::runtime(plan, hooks.exec.clone());
+        for note in rt.notes() {
+            log.line(&note);
+        }
         let mut steps = Vec::new();
         let total = if failure.is_some() { 0 } else { spec.run.warmup + spec.run.steps };
         for i in 0..total {

@@ -7,7 +7,8 @@
 //!    (n in {1, 2, 4, 8} up to `tokens_per_rank`, or the fixed n; every strategy, or the
 //!    fixed one) and its predicted peak memory per rank (exact, from the plan). When a budget
 //!    is set and no candidate fits, the run is refused with [`crate::run::RunError::Choice`].
-//! 2. [`Setup::profile`]: run two profiling configurations on the real backend (the smallest
+//! 2. [`Setup::profile`]: run two profiling configurations on the run's in-process backend
+//!    (cpu, or the sim's predicted times; cuda runs are refused at step 1) (the smallest
 //!    n with the lightest strategy and the largest n with the heaviest, so that every op class
 //!    is seen at two chunk sizes), each in a fresh runtime for one untimed and
 //!    [`PROFILE_STEPS`] traced steps; fit [`model::CostModel`] on the traced op times,
@@ -22,7 +23,6 @@
 
 pub mod model;
 
-use crate::backend::cpu::CpuRuntime;
 use crate::backend::{BackendError, StepReport};
 use crate::plan::memory::predict;
 use crate::plan::Plan;
@@ -114,6 +114,14 @@ impl Setup {
         let Some(opts) = spec.mpmoe.filter(|o| spec.variant == Variant::Mpmoe && (o.chunks == Degree::Auto || o.reuse == Reuse::Auto)) else {
             return Ok(None);
         };
+        if spec.run.backend == crate::spec::BackendKind::Cuda {
+            let field = if opts.chunks == Degree::Auto { "mpmoe.chunks" } else { "mpmoe.reuse" };
+            return Err(RunError::Choice {
+                field: field.into(),
+                message: "the performance model profiles its candidates in-process (cpu or sim backend); it cannot profile on the cuda backend yet".into(),
+                fix: "run this spec once with backend = \"cpu\" (or \"sim\") and set the chosen chunks and reuse for the cuda run".into(),
+            });
+        }
         let chunks: Vec<usize> = match opts.chunks {
             Degree::Fixed(n) => vec![n],
             Degree::Auto => CHUNK_CANDIDATES.into_iter().filter(|n| *n <= spec.tokens_per_rank()).collect(),
@@ -140,7 +148,15 @@ impl Setup {
                         "memory_budget_mib={b} is below every candidate's predicted peak per rank; the smallest is {:.2} MiB (chunks={}, reuse={})",
                         mib(least.peak_bytes), least.chunks, least.reuse.as_str()
                     ),
-                    fix: format!("raise memory_budget_mib to at least {:.2}, allow more strategies (reuse = \"auto\"), or remove it", mib(least.peak_bytes)),
+                    fix: format!(
+                        "raise memory_budget_mib to at least {:.2}{}, or remove it",
+                        mib(least.peak_bytes),
+                        match (opts.chunks, opts.reuse) {
+                            (Degree::Fixed(_), Reuse::Auto) => ", allow more chunk counts (chunks = \"auto\")",
+                            (Degree::Auto, r) if r != Reuse::Auto => ", allow the memory-reuse strategies (reuse = \"auto\")",
+                            _ => "",
+                        }
+                    ),
                 });
             }
         }
@@ -213,18 +229,17 @@ impl Setup {
     }
 }
 
-/// Run a plan for one untimed and [`PROFILE_STEPS`] traced steps in a fresh runtime: mean
-/// step seconds and one sample per traced op.
+/// Run a plan for one untimed and [`PROFILE_STEPS`] traced steps in a fresh runtime of the
+/// run's backend: mean step seconds and one sample per traced op.
 fn profile_plan(plan: Plan, hooks: &RunHooks) -> Result<(f64, Vec<Sample>), BackendError> {
     let index: Vec<HashMap<String, usize>> =
         plan.ranks.iter().map(|rp| rp.ops.iter().enumerate().map(|(i, o)| (o.name.clone(), i)).collect()).collect();
-    let mut rt = CpuRuntime::new(plan, hooks.exec.clone());
+    let mut rt = crate::backend::runtime(plan.clone(), hooks.exec.clone());
     rt.step(false, Some(0))?;
     let mut total = 0.0;
     for i in 0..PROFILE_STEPS {
         total += rt.step(true, Some(1 + i as u64))?.wall_s;
     }
-    let plan = rt.plan();
     let samples = rt
         .trace()
         .ops

@@ -264,15 +264,87 @@ impl<'a> StreamExec<'a> {
         Ok(GpuOutcome { bytes: out.bytes, obs: out.obs, loss: None, host: true })
     }
 
+    /// A row-moving op (dispatch and the expert layouts). Its cpu implementation runs on the
+    /// host at unit row width, on row numbers instead of rows (row i of the first source reads
+    /// `i + 1`, of the second `-(i + 1)`) and on the real routing inputs; its outputs are then
+    /// the row map of every output, which one device gather applies at the real width. Counts
+    /// and slots are uploaded as computed. One definition of every layout serves both backends.
+    fn layout(&self, op: &Op) -> Result<GpuOutcome, ExecError> {
+        let mut unit = op.kind.clone();
+        let (sources, m) = {
+            let Some((sources, dims)) = layout_parts(&mut unit) else {
+                return Err(ExecError::Plan(format!("{} is not a layout op", op.name)));
+            };
+            let m = dims.d_model;
+            dims.d_model = 1;
+            (sources, m)
+        };
+        let mut inputs = Vec::new();
+        let mut names = HashMap::new();
+        for &id in op.reads.iter().chain(&op.writes) {
+            names.insert(id, lock(self.store).desc(id).name.clone());
+        }
+        let mut src_bufs: Vec<Option<DevBuf>> = Vec::new();
+        for (i, src) in sources.iter().enumerate() {
+            let live = src.and_then(|id| lock(self.store).get(id));
+            if let (Some(id), Some(b)) = (src, live) {
+                let rows = b.len / m.max(1);
+                let sign = if i == 0 { 1.0 } else { -1.0 };
+                inputs.push((*id, Data::F32((0..rows).map(|r| sign * (r + 1) as f32).collect())));
+                self.input(*id)?;
+            }
+            src_bufs.push(live);
+        }
+        for &id in &op.reads {
+            if sources.contains(&Some(id)) || lock(self.store).get(id).is_none() {
+                continue;
+            }
+            inputs.push((id, self.download(id)?));
+        }
+        let mut view = OpView::detached(inputs, &op.writes, names);
+        let ctx = OpCtx {
+            rank: self.rp.rank, seed: self.seed, step: self.step, adam_step: self.adam_step, fabric: self.fabric, groups: self.groups,
+            op_name: &op.name,
+        };
+        let out: OpOutcome = cpu_exec::execute(&unit, &mut view, &ctx).map_err(|e| ExecError::Host(e.to_string()))?;
+        for (id, data) in view.into_puts() {
+            match data {
+                Data::I32(_) => self.upload(id, &data)?,
+                Data::F32(codes) => {
+                    let rows = codes.len();
+                    let in_place = sources.get(1).copied().flatten() == Some(id);
+                    let ob = lock(self.store).alloc(id, rows * m, self.cu(), self.si, in_place)?;
+                    if rows == 0 {
+                        continue;
+                    }
+                    let map: Vec<i32> = codes.iter().map(|&c| c as i32).collect();
+                    if in_place && map.iter().enumerate().any(|(r, &c)| c < 0 && (-c - 1) as usize != r) {
+                        return Err(ExecError::Plan(format!("{}: an in-place layout moves rows", op.name)));
+                    }
+                    let scratch = self.scratch(rows * 4)?;
+                    // SAFETY: scratch holds rows i32; host memory is staged before return.
+                    unsafe { result::memcpy_htod_async(scratch, &map, self.cu()) }.map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
+                    let a = src_bufs.first().copied().flatten().map_or(0, |b| b.ptr);
+                    let b = src_bufs.get(1).copied().flatten().map_or(0, |b| b.ptr);
+                    self.launch("gather2_rows", self.grid(rows * m), &[Arg::P(a), Arg::P(b), Arg::P(scratch), Arg::P(ob.ptr), Arg::I64(rows as i64), Arg::I32(m as i32)])?;
+                    self.scratch_free(scratch)?;
+                }
+            }
+        }
+        Ok(GpuOutcome { bytes: out.bytes, obs: out.obs, loss: None, host: false })
+    }
+
     /// Enqueue `op` on this stream.
     pub fn execute(&self, op: &Op) -> Result<GpuOutcome, ExecError> {
         use OpKind::*;
         let p = Arg::P;
         let mut outcome = GpuOutcome::default();
         match &op.kind {
-            LoadBatch { .. } | Dispatch { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. }
-            | ChunkLayout { .. } | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. }
-            | LocalUnlayout { .. } => return self.host(op),
+            LoadBatch { .. } => return self.host(op),
+            Dispatch { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
+            | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. } | LocalUnlayout { .. } => {
+                return self.layout(op)
+            }
             LayerNorm { x, gamma, beta, y, stats } => {
                 let (xb, g, b) = (self.input(*x)?, self.input(*gamma)?, self.input(*beta)?);
                 let m = g.len;
@@ -518,6 +590,24 @@ impl<'a> StreamExec<'a> {
         let ob = self.output(out, tokens * m)?;
         self.launch("combine_fwd", self.grid(tokens * m), &[Arg::P(bb.ptr), Arg::P(sb.ptr), Arg::P(wb.ptr), Arg::P(res), Arg::P(ob.ptr), Arg::I64(tokens as i64), Arg::I32(k as i32), Arg::I32(m as i32)])
     }
+}
+
+/// The row sources of a layout op (first, and second where it merges into an existing buffer)
+/// and its dimensions, for [`StreamExec::layout`].
+fn layout_parts(kind: &mut OpKind) -> Option<(Vec<Option<BufId>>, &mut crate::plan::ops::MoeDims)> {
+    use OpKind::*;
+    Some(match kind {
+        Dispatch { x, dims, .. } => (vec![Some(*x)], dims),
+        ExpertLayout { recv, dims, .. } | ChunkLayout { recv, dims, .. } | TpLayout { recv, dims, .. } => (vec![Some(*recv)], dims),
+        ExpertUnlayout { input, dims, .. } | ChunkUnlayout { input, dims, .. } | TpUnlayout { input, dims, .. } | LocalUnlayout { input, dims, .. } => {
+            (vec![Some(*input)], dims)
+        }
+        ChunkSlice { src, dims, .. } => (vec![Some(*src)], dims),
+        ChunkMerge { part, full, first, dims, .. } => (vec![Some(*part), if *first { None } else { Some(*full) }], dims),
+        TpMerge { parts, dims, .. } => (vec![Some(*parts)], dims),
+        LocalLayout { send, dims, .. } => (vec![Some(*send)], dims),
+        _ => return None,
+    })
 }
 
 fn act_kind(a: Activation) -> i32 {

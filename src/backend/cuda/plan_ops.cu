@@ -392,3 +392,18 @@ extern "C" __global__ void attn_bwd(const float* qkv, const float* probs, const 
         dqkv[((i64)b * seq + i) * 3 * m + h * dh + d] += dq;
     }
 }
+
+// Two-source row gather for the expert layouts: code > 0 takes a[code - 1], code < 0 takes
+// b[-code - 1], 0 writes zeros. `out` may be `b` when every negative code is the identity
+// (rows kept in place), as the chunk merge does; those rows are left untouched.
+extern "C" __global__ void gather2_rows(const float* a, const float* b, const int* code, float* out, i64 rows, int cols) {
+    GRID_STRIDE(i, rows * cols) {
+        i64 r = i / cols;
+        int c = (int)(i % cols);
+        int s = code[r];
+        if (s > 0) out[i] = a[(i64)(s - 1) * cols + c];
+        else if (s < 0) {
+            if (out != b || (i64)(-s - 1) != r) out[i] = b[(i64)(-s - 1) * cols + c];
+        } else out[i] = 0.0f;
+    }
+}

@@ -411,35 +411,36 @@ impl<'a> Sim<'a> {
         Ok(Timeline { times: self.ranks.into_iter().map(|r| r.times).collect(), makespan })
     }
 
+    /// Start the head op of each free stream of rank `ri` whose dependencies are done (one
+    /// per stream: a started op keeps its stream busy until it ends).
     fn try_issue(&mut self, ri: usize) {
         for s in 0..2 {
-            loop {
-                let st = &self.ranks[ri];
-                if st.busy[s] {
-                    break;
-                }
-                let Some(&op) = st.stream_ops[s].get(st.next[s]) else { break };
-                let sim_op = &self.input.ranks[ri].ops[op];
-                if !sim_op.deps.iter().all(|d| st.done[*d as usize]) {
-                    break;
-                }
-                let now = self.now;
-                let st = &mut self.ranks[ri];
-                st.next[s] += 1;
-                st.busy[s] = true;
-                st.times[op].start = now;
-                match &sim_op.cost {
-                    Cost::Compute(d) => {
-                        let d = *d;
-                        self.push(now + d, Event::ComputeDone { ri, op });
-                    }
-                    Cost::Collective(parts) if parts.is_empty() => {
-                        self.push(now, Event::ComputeDone { ri, op });
-                    }
-                    Cost::Collective(_) => self.arrive(ri, op),
-                }
-                break;
+            self.issue_head(ri, s);
+        }
+    }
+
+    fn issue_head(&mut self, ri: usize, s: usize) {
+        let st = &self.ranks[ri];
+        if st.busy[s] {
+            return;
+        }
+        let Some(&op) = st.stream_ops[s].get(st.next[s]) else { return };
+        let sim_op = &self.input.ranks[ri].ops[op];
+        if !sim_op.deps.iter().all(|d| st.done[*d as usize]) {
+            return;
+        }
+        let now = self.now;
+        let st = &mut self.ranks[ri];
+        st.next[s] += 1;
+        st.busy[s] = true;
+        st.times[op].start = now;
+        match &sim_op.cost {
+            Cost::Compute(d) => {
+                let d = *d;
+                self.push(now + d, Event::ComputeDone { ri, op });
             }
+            Cost::Collective(parts) if parts.is_empty() => self.push(now, Event::ComputeDone { ri, op }),
+            Cost::Collective(_) => self.arrive(ri, op),
         }
     }
 
@@ -450,9 +451,9 @@ impl<'a> Sim<'a> {
         st.done[op] = true;
         st.times[op].end = now;
         st.busy[s] = false;
+        // A finished op frees its stream and may satisfy a dependency of the other stream of
+        // this rank; other ranks are released only through collectives.
         self.try_issue(ri);
-        // A finished op may unblock the other stream of this rank only; other ranks are
-        // released through collectives.
     }
 
     fn part(&self, ri: usize, op: usize) -> CollectivePart {

@@ -53,8 +53,14 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
         Ok(p) => p,
         Err(e) => {
             let builtins: Vec<&str> = profile::BUILTIN.iter().map(|(n, _)| *n).collect();
-            fail("run.profile", e.to_string(),
-                format!("use a built-in profile ({}) or the path of a profile TOML laid out like profiles/h100.toml", builtins.join(", ")));
+            let (message, fix) = match &e {
+                profile::ProfileError::NotFound { .. } => (e.to_string(),
+                    format!("use a built-in profile ({}) or the path of a profile TOML laid out like profiles/h100.toml", builtins.join(", "))),
+                profile::ProfileError::Invalid { source_name, field, message, fix } => (format!("{source_name}: {field}: {message}"), fix.clone()),
+                profile::ProfileError::Parse { source_name, field, .. } => (e.to_string(),
+                    format!("correct {field} in {source_name}; profiles/h100.toml shows every field")),
+            };
+            fail("run.profile", message, fix);
             return out;
         }
     };
@@ -237,6 +243,7 @@ pub struct SimRuntime {
     measured_done: u32,
     /// Seconds the simulation itself took (wall clock of this machine).
     pub simulate_s: f64,
+    profile_note: String,
 }
 
 impl SimRuntime {
@@ -246,7 +253,8 @@ impl SimRuntime {
             Ok(p) => Self::with_profile(plan, &p, opts),
             Err(e) => {
                 let state = Err(BackendError::OpFailed { rank: 0, op: "load profile".into(), message: e.to_string() });
-                SimRuntime { plan, opts, state, trace: Trace { backend: "sim".into(), ..Default::default() }, steps_done: 0, measured_done: 0, simulate_s: 0.0 }
+                let profile_note = format!("sim: no profile: {e}");
+                SimRuntime { plan, opts, state, trace: Trace { backend: "sim".into(), ..Default::default() }, steps_done: 0, measured_done: 0, simulate_s: 0.0, profile_note }
             }
         }
     }
@@ -282,7 +290,30 @@ impl SimRuntime {
                 trace.memory.extend(persistent_events(rp, *rank));
             }
         }
-        SimRuntime { plan, opts, state, trace, steps_done: 0, measured_done: 0, simulate_s: t0.elapsed().as_secs_f64() }
+        let t = &profile.topology;
+        let profile_note = format!(
+            "sim: profile {} ({}, {}, {}), {} GPUs per node x {} nodes, {} within a node, {} ({} NICs per node) between nodes",
+            profile.name, profile.device, profile.date,
+            if profile.calibrated { "calibrated" } else { "not calibrated: datasheet numbers and assumptions" },
+            t.gpus_per_node, t.nodes, t.intra.as_str(), t.inter.as_str(), t.nics_per_node
+        );
+        SimRuntime { plan, opts, state, trace, steps_done: 0, measured_done: 0, simulate_s: t0.elapsed().as_secs_f64(), profile_note }
+    }
+
+    /// What the run log should say: the profile and whether it is calibrated, the cluster,
+    /// how many ranks were simulated, and how long that took.
+    pub fn notes(&self) -> Vec<String> {
+        let mut out = vec![self.profile_note.clone()];
+        match &self.state {
+            Ok(s) => out.push(format!(
+                "sim: simulated {} of {} ranks{} in {:.3} s; predicted step {:.3} ms",
+                s.sim.simulated.len(), self.plan.world(),
+                if s.sim.symmetric { " (symmetric plan: rank 0 stands for every rank)" } else { "" },
+                self.simulate_s, s.sim.timeline.makespan * 1e3
+            )),
+            Err(e) => out.push(format!("sim: {e}")),
+        }
+        out
     }
 
     /// The plan being simulated.

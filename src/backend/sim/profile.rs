@@ -297,7 +297,7 @@ impl Profile {
             &self.inter
         }
     }
-    /// The same profile on another cluster shape.
+    /// The same profile on another cluster shape (NICs per node capped at one per GPU).
     pub fn with_cluster(mut self, gpus_per_node: usize, nodes: usize) -> Self {
         self.topology.nics_per_node = self.topology.nics_per_node.min(gpus_per_node).max(1);
         self.topology.gpus_per_node = gpus_per_node;

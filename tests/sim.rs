@@ -1,0 +1,308 @@
+//! The sim backend: the engine pinned on hand-built plans with known answers (serial chain,
+//! perfect overlap, a collective waiting for the slowest rank, shared-link contention),
+//! profile errors that name their field, spec rules for the sim fields, the symmetry
+//! reduction against a full simulation, and a seed variant run end to end on the sim.
+
+use moelab::backend::sim::cost::{CollectivePart, Cost};
+use moelab::backend::sim::engine::{self, Coupling, SimError, SimInput, SimOp, SimRankInput};
+use moelab::backend::sim::profile::{self, CollectiveKind, Profile};
+use moelab::backend::sim::{self, Symmetry};
+use moelab::plan::{GroupId, Plan};
+use moelab::run::{self, RunHooks};
+use moelab::spec::{self, from_toml_str};
+use moelab::taxonomy::Stream;
+
+/// A profile with round numbers: no latencies, full efficiency, NVLink 100 GB/s per GPU,
+/// the inter-node link 10 GB/s per NIC.
+fn simple_profile(gpus_per_node: usize, nics_per_node: usize) -> Profile {
+    let coll = "latency_us = 0.0\nstep_us = 0.0\nefficiency = 1.0\n";
+    let link = |name: &str, gbps: f64| {
+        let mut s = format!("[links.{name}]\nbandwidth_gbps = {gbps}\n");
+        for k in CollectiveKind::ALL {
+            s.push_str(&format!("[links.{name}.{}]\n{coll}", k.as_str()));
+        }
+        s
+    };
+    let text = format!(
+        "name = \"test\"\ndevice = \"test\"\ncalibrated = false\ndate = \"2026-11-23\"\n\
+         [gpu]\nmemory_gib = 80.0\nsms = 132\nlaunch_us = 0.0\nhbm_tbps = 1.0\nhbm_efficiency = 1.0\nvector_tflops = 10.0\n\
+         [gpu.gemm]\ntile_m = 128\ntile_n = 128\nk_half = 0.0\n\
+         [gpu.gemm.bf16]\npeak_tflops = 100.0\nefficiency = 1.0\n\
+         [gpu.gemm.f32]\npeak_tflops = 10.0\nefficiency = 1.0\n\
+         [topology]\ngpus_per_node = {gpus_per_node}\nnodes = 2\nintra_node = \"nvlink\"\ninter_node = \"infiniband\"\nnics_per_node = {nics_per_node}\n\
+         {}{}",
+        link("nvlink", 100.0),
+        link("infiniband", 10.0)
+    );
+    profile::parse(&text, "test").expect("the test profile parses")
+}
+
+fn compute(secs: f64, deps: &[u32]) -> SimOp {
+    SimOp { stream: Stream::Compute, deps: deps.to_vec(), cost: Cost::Compute(secs) }
+}
+
+fn all_reduce(group: u32, bytes: f64, deps: &[u32]) -> SimOp {
+    SimOp { stream: Stream::Comm, deps: deps.to_vec(), cost: Cost::Collective(vec![CollectivePart { group: GroupId(group), kind: CollectiveKind::AllReduce, bytes }]) }
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * b.abs().max(1e-3)
+}
+
+#[test]
+fn a_serial_chain_takes_the_sum_of_its_ops() {
+    let p = simple_profile(8, 8);
+    let ops = vec![compute(1e-3, &[]), compute(2e-3, &[0]), compute(3e-3, &[1])];
+    let input = SimInput { ranks: vec![SimRankInput { rank: 0, ops }], groups: vec![], profile: &p, coupling: Coupling::Full };
+    let t = engine::simulate(&input).expect("simulates");
+    assert!(close(t.makespan, 6e-3), "{}", t.makespan);
+    let ends: Vec<f64> = t.times[0].iter().map(|o| o.end).collect();
+    assert!(close(ends[0], 1e-3) && close(ends[1], 3e-3) && close(ends[2], 6e-3), "{ends:?}");
+    assert!(close(t.times[0][2].start, 3e-3));
+}
+
+#[test]
+fn ops_on_one_stream_run_in_order_even_without_dependencies() {
+    let p = simple_profile(8, 8);
+    let ops = vec![compute(1e-3, &[]), compute(1e-3, &[])];
+    let input = SimInput { ranks: vec![SimRankInput { rank: 0, ops }], groups: vec![], profile: &p, coupling: Coupling::Full };
+    let t = engine::simulate(&input).expect("simulates");
+    assert!(close(t.makespan, 2e-3), "{}", t.makespan);
+}
+
+/// Two ranks on one node: a 10 ms GEMM on the compute stream and an independent all-reduce
+/// of 0.5 GB (0.5 GB on the wire per member at 100 GB/s: 5 ms) on the comm stream.
+fn overlap_input(p: &Profile, comm_waits_for_compute: bool) -> SimInput<'_> {
+    let deps: &[u32] = if comm_waits_for_compute { &[0] } else { &[] };
+    let ranks = (0..2).map(|r| SimRankInput { rank: r, ops: vec![compute(10e-3, &[]), all_reduce(0, 0.5e9, deps)] }).collect();
+    SimInput { ranks, groups: vec![vec![0, 1]], profile: p, coupling: Coupling::Full }
+}
+
+#[test]
+fn independent_compute_and_communication_overlap_perfectly() {
+    let p = simple_profile(8, 8);
+    assert!(close(engine::alone_seconds(&p, &[0, 1], CollectiveKind::AllReduce, 0.5e9), 5e-3));
+    let t = engine::simulate(&overlap_input(&p, false)).expect("simulates");
+    assert!(close(t.makespan, 10e-3), "overlapped: {}", t.makespan);
+    assert!(close(t.times[0][1].start, 0.0) && close(t.times[0][1].end, 5e-3));
+    let serial = engine::simulate(&overlap_input(&p, true)).expect("simulates");
+    assert!(close(serial.makespan, 15e-3), "serialised by the dependency: {}", serial.makespan);
+}
+
+#[test]
+fn a_collective_waits_for_its_slowest_member_and_ends_together() {
+    let p = simple_profile(8, 8);
+    let ranks = vec![
+        SimRankInput { rank: 0, ops: vec![compute(1e-3, &[]), all_reduce(0, 0.5e9, &[0])] },
+        SimRankInput { rank: 1, ops: vec![compute(4e-3, &[]), all_reduce(0, 0.5e9, &[0])] },
+    ];
+    let t = engine::simulate(&SimInput { ranks, groups: vec![vec![0, 1]], profile: &p, coupling: Coupling::Full }).expect("simulates");
+    // Rank 0 reaches the all-reduce at 1 ms and waits inside it; both end at 4 + 5 ms.
+    assert!(close(t.times[0][1].start, 1e-3), "{:?}", t.times[0][1]);
+    assert!(close(t.times[1][1].start, 4e-3));
+    assert!(close(t.times[0][1].end, 9e-3) && close(t.times[1][1].end, 9e-3), "{:?} {:?}", t.times[0][1], t.times[1][1]);
+}
+
+/// Four ranks on two nodes of two GPUs; groups {0, 2} and {1, 3} each span both nodes.
+/// Each all-reduce of 0.1 GB puts 0.1 GB per member through the member's NIC (10 GB/s).
+fn contention_input(p: &Profile, both: bool) -> SimInput<'_> {
+    let ranks = (0..4u32)
+        .filter(|r| both || r % 2 == 0)
+        .map(|r| SimRankInput { rank: r, ops: vec![all_reduce(r % 2, 0.1e9, &[])] })
+        .collect();
+    SimInput { ranks, groups: vec![vec![0, 2], vec![1, 3]], profile: p, coupling: Coupling::Full }
+}
+
+#[test]
+fn two_collectives_sharing_a_link_each_take_longer_than_one_alone() {
+    let shared = simple_profile(2, 1);
+    let one = engine::simulate(&contention_input(&shared, false)).expect("simulates");
+    assert!(close(one.makespan, 10e-3), "alone: {}", one.makespan);
+    let two = engine::simulate(&contention_input(&shared, true)).expect("simulates");
+    assert!(close(two.makespan, 20e-3), "sharing one NIC per node: {}", two.makespan);
+    // With a NIC per GPU nothing is shared.
+    let own = simple_profile(2, 2);
+    let apart = engine::simulate(&contention_input(&own, true)).expect("simulates");
+    assert!(close(apart.makespan, 10e-3), "one NIC each: {}", apart.makespan);
+}
+
+#[test]
+fn a_flow_speeds_up_when_the_flow_sharing_its_link_finishes() {
+    // Group {1, 3} moves half as much: both share the NICs until it is done (at 10 ms, having
+    // moved 0.05 GB at 5 GB/s), then {0, 2} has the NIC alone for its remaining 0.05 GB (5 ms).
+    let p = simple_profile(2, 1);
+    let ranks = (0..4u32).map(|r| SimRankInput { rank: r, ops: vec![all_reduce(r % 2, if r % 2 == 0 { 0.1e9 } else { 0.05e9 }, &[])] }).collect();
+    let t = engine::simulate(&SimInput { ranks, groups: vec![vec![0, 2], vec![1, 3]], profile: &p, coupling: Coupling::Full }).expect("simulates");
+    assert!(close(t.times[1][0].end, 10e-3), "{:?}", t.times[1][0]);
+    assert!(close(t.times[0][0].end, 15e-3), "{:?}", t.times[0][0]);
+}
+
+#[test]
+fn symmetric_images_load_the_links_they_share() {
+    // Rank 0 alone stands for the four ranks; the image group {1, 3} shares its NIC.
+    let p = simple_profile(2, 1);
+    let ranks = vec![SimRankInput { rank: 0, ops: vec![all_reduce(0, 0.1e9, &[])] }];
+    let images = vec![vec![vec![vec![GroupId(0), GroupId(1)]]]];
+    let t = engine::simulate(&SimInput { ranks, groups: vec![vec![0, 2], vec![1, 3]], profile: &p, coupling: Coupling::Symmetric { images } })
+        .expect("simulates");
+    assert!(close(t.makespan, 20e-3), "{}", t.makespan);
+}
+
+#[test]
+fn a_collective_whose_members_never_arrive_is_reported_not_hung() {
+    let p = simple_profile(8, 8);
+    // Rank 1 calls the two groups in the opposite order: each waits for the other.
+    let ranks = vec![
+        SimRankInput { rank: 0, ops: vec![all_reduce(0, 1e6, &[]), all_reduce(1, 1e6, &[])] },
+        SimRankInput { rank: 1, ops: vec![all_reduce(1, 1e6, &[]), all_reduce(0, 1e6, &[])] },
+    ];
+    let err = engine::simulate(&SimInput { ranks, groups: vec![vec![0, 1], vec![0, 1]], profile: &p, coupling: Coupling::Full }).unwrap_err();
+    assert!(matches!(err, SimError::Stuck { .. }), "{err}");
+}
+
+fn field_of(text: &str) -> String {
+    let err = profile::parse(text, "bad.toml").unwrap_err();
+    err.field().unwrap_or_else(|| panic!("no field in {err}")).to_string()
+}
+
+#[test]
+fn profile_errors_name_the_field() {
+    let good = std::fs::read_to_string("profiles/h100.toml").expect("profile file");
+    assert!(profile::parse(&good, "h100.toml").is_ok());
+    let bad_type = good.replace("hbm_tbps = 3.35", "hbm_tbps = \"fast\"");
+    assert_eq!(field_of(&bad_type), "gpu.hbm_tbps");
+    let negative = good.replacen("efficiency = 0.75", "efficiency = -1.0", 1);
+    assert_eq!(field_of(&negative), "links.nvlink.all_to_all.efficiency");
+    let no_link = good.replace("inter_node = \"infiniband\"", "inter_node = \"ethernet\"");
+    assert_eq!(field_of(&no_link), "topology.inter_node");
+    let unknown = good.replace("sms = 132", "sms = 132\nsm_count = 132");
+    let err = profile::parse(&unknown, "bad.toml").unwrap_err();
+    assert!(err.to_string().contains("sm_count"), "{err}");
+    assert_eq!(err.field(), Some("gpu.sm_count"));
+    let impossible = good.replace("tflops = 774.7", "tflops = 2000.0");
+    assert_eq!(field_of(&impossible), "gpu.gemm.bf16.points[0].tflops");
+    let no_numbers = good.replace("efficiency = 0.85          # [ASSUME] SGEMM", "# SGEMM");
+    assert_eq!(field_of(&no_numbers), "gpu.gemm.f32");
+}
+
+fn seed_text(name: &str) -> String {
+    std::fs::read_to_string(format!("experiments/seeds/{name}.toml")).expect("seed file").replace("backend = \"auto\"", "backend = \"sim\"")
+}
+
+#[test]
+fn sim_fields_are_checked_and_filled_by_spec_validation() {
+    let text = seed_text("topk");
+    let s = from_toml_str(&text).expect("valid");
+    assert_eq!(s.run.profile.as_deref(), Some("h100"));
+    assert_eq!((s.run.gpus_per_node, s.run.nodes), (Some(8), Some(1)));
+    let problems = |t: &str| -> Vec<String> { spec::from_toml_str(t).unwrap_err().problems().iter().map(|p| p.field.clone()).collect() };
+    let on_cpu = text.replace("backend = \"sim\"", "backend = \"cpu\"\nprofile = \"h200\"");
+    assert_eq!(problems(&on_cpu), ["run.profile"]);
+    let unknown = text.replace("backend = \"sim\"", "backend = \"sim\"\nprofile = \"b300\"");
+    assert_eq!(problems(&unknown), ["run.profile"]);
+    let small = text.replace("backend = \"sim\"", "backend = \"sim\"\ngpus_per_node = 1\nnodes = 2");
+    let err = spec::from_toml_str(&small).unwrap_err();
+    assert_eq!(err.problems()[0].field, "run.nodes", "{err}");
+    assert!(err.problems()[0].fix.contains("nodes = 4"), "{err}");
+    let zero = text.replace("backend = \"sim\"", "backend = \"sim\"\ngpus_per_node = 0");
+    assert_eq!(problems(&zero), ["run.gpus_per_node"]);
+}
+
+#[test]
+fn the_representative_rank_predicts_what_simulating_every_rank_does() {
+    for seed in ["topk", "scmoe", "dgmoe", "mpmoe", "ted", "ppmoe"] {
+        let s = from_toml_str(&seed_text(seed)).expect("valid");
+        let plan = Plan::build(&s).expect("plans");
+        let p = sim::spec_profile(&s).expect("profile");
+        let full = sim::simulate_plan(&plan, &p, Symmetry::Ignore).expect("full simulation");
+        let reduced = sim::simulate_plan(&plan, &p, Symmetry::Exploit).expect("reduced simulation");
+        assert_eq!(full.simulated.len(), plan.world(), "{seed}");
+        if reduced.symmetric {
+            assert_eq!(reduced.simulated, [0], "{seed}");
+        }
+        let rel = (full.timeline.makespan - reduced.timeline.makespan).abs() / full.timeline.makespan;
+        assert!(rel < 1e-9, "{seed}: full {} vs reduced {}", full.timeline.makespan, reduced.timeline.makespan);
+        assert!(full.timeline.makespan > 0.0);
+    }
+}
+
+#[test]
+fn a_faster_link_or_gpu_shortens_the_predicted_step() {
+    let s = from_toml_str(&seed_text("topk")).expect("valid");
+    let plan = Plan::build(&s).expect("plans");
+    let h100 = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("h100"), Symmetry::Exploit).expect("simulates");
+    let h200 = profile::resolve("h200").expect("h200").with_cluster(8, 1);
+    let faster = sim::simulate_plan(&plan, &h200, Symmetry::Exploit).expect("simulates");
+    // Same compute peak, faster HBM: the memory-bound ops of this small model speed up.
+    assert!(faster.timeline.makespan < h100.timeline.makespan, "{} vs {}", faster.timeline.makespan, h100.timeline.makespan);
+}
+
+#[test]
+fn a_seed_variant_runs_on_the_sim_and_its_trace_analyses_like_any_other() {
+    let s = from_toml_str(&seed_text("scmoe")).expect("valid");
+    let root = tempfile::tempdir().expect("tempdir");
+    let out = run::run(&s, root.path(), &RunHooks::default()).expect("sim run completes");
+    let a = &out.analysis;
+    assert_eq!(a.backend, "sim");
+    assert_eq!(a.world as usize, s.world());
+    assert_eq!(a.steps as usize, s.run.steps);
+    let labels: Vec<&str> = a.stages.iter().map(|r| r.label.as_str()).collect();
+    for want in ["attention", "dense_mlp", "gate", "topk", "permute", "expert_gemm1", "act", "expert_gemm2", "combine", "loss",
+        "all_to_all", "all_gather", "expert_gemm1_bwd", "all_to_all_bwd", "all_reduce_upd", "optimizer_upd"] {
+        assert!(labels.contains(&want), "missing stage {want} in {labels:?}");
+    }
+    // ScMoE overlaps its all-to-alls with the dense branch; the sim must show some overlap.
+    assert!(a.overall_overlap() > 0.0, "overlap {}", a.overall_overlap());
+    assert!(a.step_time_ns > 0.0);
+    // Memory comes from the plan: the replayed peak is at most the plan's issue-order bound
+    // plus what overlap keeps alive, and at least the persistent state.
+    let persistent: u64 = out.predicted.iter().map(|p| p.at_peak[0] + p.at_peak[1] + p.at_peak[2]).max().unwrap_or(0);
+    assert!(a.memory.max_peak() >= persistent && a.memory.max_peak() > 0);
+    assert_eq!(out.tracked.len(), s.world());
+    for f in ["trace.json", "summary.json", "stages.csv", "spec.toml", "run.log"] {
+        assert!(out.dir.join(f).exists(), "{f} missing");
+    }
+    let summary = std::fs::read_to_string(out.dir.join("summary.json")).expect("summary");
+    assert!(summary.contains("\"backend\": \"sim\""), "{summary}");
+}
+
+#[test]
+fn the_sim_2048_experiment_is_valid_with_its_cluster() {
+    let s = spec::load_file(std::path::Path::new("experiments/sim-2048.toml")).expect("valid");
+    assert_eq!(s.world(), 2048);
+    assert_eq!((s.run.gpus_per_node, s.run.nodes), (Some(8), Some(256)));
+}
+
+#[test]
+fn a_two_phase_all_to_all_runs_its_phases_in_order() {
+    // Tutel's 2D all-to-all on 2 nodes x 2 GPUs: within the node ({0, 1}, {2, 3}: 0.05 GB
+    // per member over NVLink at 100 GB/s = 0.5 ms), then across nodes ({0, 2}, {1, 3}:
+    // 0.05 GB per member through the NIC at 10 GB/s = 5 ms, or 10 ms when two GPUs share it).
+    let two_d = |r: u32| SimOp {
+        stream: Stream::Comm,
+        deps: vec![],
+        cost: Cost::Collective(vec![
+            CollectivePart { group: GroupId(r / 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9 },
+            CollectivePart { group: GroupId(2 + r % 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9 },
+        ]),
+    };
+    let groups = vec![vec![0, 1], vec![2, 3], vec![0, 2], vec![1, 3]];
+    for (nics, want) in [(2, 5.5e-3), (1, 10.5e-3)] {
+        let p = simple_profile(2, nics);
+        let ranks = (0..4).map(|r| SimRankInput { rank: r, ops: vec![two_d(r)] }).collect();
+        let t = engine::simulate(&SimInput { ranks, groups: groups.clone(), profile: &p, coupling: Coupling::Full }).expect("simulates");
+        assert!(close(t.makespan, want), "{nics} NIC(s) per node: {}", t.makespan);
+    }
+}
+
+#[test]
+fn a_serial_plan_on_the_sim_peaks_exactly_where_the_plan_predicts() {
+    // topk issues every op after the previous one, so replaying the simulated times gives
+    // the plan's issue-order prediction exactly.
+    let s = from_toml_str(&seed_text("topk")).expect("valid");
+    let plan = Plan::build(&s).expect("plans");
+    let predicted: Vec<u64> = plan.ranks.iter().map(|r| moelab::plan::memory::predict(r).peak_total).collect();
+    let rt = sim::SimRuntime::new(plan, Default::default());
+    let tracked: Vec<u64> = rt.tracked_peaks().iter().map(|t| t.0).collect();
+    assert_eq!(tracked, predicted);
+}
