@@ -271,13 +271,13 @@ impl<'a> StreamExec<'a> {
     /// and slots are uploaded as computed. One definition of every layout serves both backends.
     fn layout(&self, op: &Op) -> Result<GpuOutcome, ExecError> {
         let mut unit = op.kind.clone();
-        let (sources, m) = {
-            let Some((sources, dims)) = layout_parts(&mut unit) else {
+        let (sources, needs, m) = {
+            let Some((sources, needs, dims)) = layout_parts(&mut unit) else {
                 return Err(ExecError::Plan(format!("{} is not a layout op", op.name)));
             };
             let m = dims.d_model;
             dims.d_model = 1;
-            (sources, m)
+            (sources, needs, m)
         };
         let mut inputs = Vec::new();
         let mut names = HashMap::new();
@@ -295,11 +295,16 @@ impl<'a> StreamExec<'a> {
             }
             src_bufs.push(live);
         }
-        for &id in &op.reads {
-            if sources.contains(&Some(id)) || lock(self.store).get(id).is_none() {
-                continue;
+        for &id in &needs {
+            if lock(self.store).get(id).is_some() {
+                inputs.push((id, self.download(id)?));
             }
-            inputs.push((id, self.download(id)?));
+        }
+        // Everything else the op lists it only holds until here (released after it).
+        for &id in &op.reads {
+            if !needs.contains(&id) && !sources.contains(&Some(id)) {
+                self.input(id).ok();
+            }
         }
         let mut view = OpView::detached(inputs, &op.writes, names);
         let ctx = OpCtx {
@@ -592,20 +597,26 @@ impl<'a> StreamExec<'a> {
     }
 }
 
-/// The row sources of a layout op (first, and second where it merges into an existing buffer)
-/// and its dimensions, for [`StreamExec::layout`].
-fn layout_parts(kind: &mut OpKind) -> Option<(Vec<Option<BufId>>, &mut crate::plan::ops::MoeDims)> {
+/// The parts of a layout op that [`StreamExec::layout`] needs: its row sources (first, and
+/// second where it merges into an existing buffer), the small routing inputs its host part
+/// reads (never the large buffers a plan lists only to end their lifetime here), and its
+/// dimensions.
+#[allow(clippy::type_complexity)]
+fn layout_parts(kind: &mut OpKind) -> Option<(Vec<Option<BufId>>, Vec<BufId>, &mut crate::plan::ops::MoeDims)> {
     use OpKind::*;
     Some(match kind {
-        Dispatch { x, dims, .. } => (vec![Some(*x)], dims),
-        ExpertLayout { recv, dims, .. } | ChunkLayout { recv, dims, .. } | TpLayout { recv, dims, .. } => (vec![Some(*recv)], dims),
-        ExpertUnlayout { input, dims, .. } | ChunkUnlayout { input, dims, .. } | TpUnlayout { input, dims, .. } | LocalUnlayout { input, dims, .. } => {
-            (vec![Some(*input)], dims)
+        Dispatch { x, idx, gathered, dims, .. } => (vec![Some(*x)], vec![*idx, *gathered], dims),
+        ExpertLayout { recv, gathered, dims, .. } | ChunkLayout { recv, gathered, dims, .. } | TpLayout { recv, gathered, dims, .. } => {
+            (vec![Some(*recv)], vec![*gathered], dims)
         }
-        ChunkSlice { src, dims, .. } => (vec![Some(*src)], dims),
-        ChunkMerge { part, full, first, dims, .. } => (vec![Some(*part), if *first { None } else { Some(*full) }], dims),
-        TpMerge { parts, dims, .. } => (vec![Some(*parts)], dims),
-        LocalLayout { send, dims, .. } => (vec![Some(*send)], dims),
+        ExpertUnlayout { input, gathered, dims, .. }
+        | ChunkUnlayout { input, gathered, dims, .. }
+        | TpUnlayout { input, gathered, dims, .. }
+        | LocalUnlayout { input, gathered, dims, .. } => (vec![Some(*input)], vec![*gathered], dims),
+        ChunkSlice { src, slots, gathered, dims, .. } => (vec![Some(*src)], slots.iter().copied().chain([*gathered]).collect(), dims),
+        ChunkMerge { part, full, first, gathered, dims, .. } => (vec![Some(*part), if *first { None } else { Some(*full) }], vec![*gathered], dims),
+        TpMerge { parts, gathered, dims, .. } => (vec![Some(*parts)], vec![*gathered], dims),
+        LocalLayout { send, gathered, dims, .. } => (vec![Some(*send)], vec![*gathered], dims),
         _ => return None,
     })
 }
