@@ -361,7 +361,8 @@ impl Runs {
             ("step ms", "#1f77b4", self.results.iter().map(|r| r.row.step_ms).collect::<Vec<_>>()),
             ("exposed comm ms", "#d62728", self.results.iter().map(|r| r.row.exposed_ms).collect()),
         ];
-        line_chart_svg(&format!("sweep over {}", self.sweep_keys.join(" x ")), &labels, &series)
+        let title = if self.sweep_keys.is_empty() { "step time and exposed communication per run".to_string() } else { format!("sweep over {}", self.sweep_keys.join(" x ")) };
+        line_chart_svg(&title, &labels, &series)
     }
 
     /// Print the display blocks evcxr turns into rich output: HTML (tables and charts) and

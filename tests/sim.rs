@@ -306,3 +306,23 @@ fn a_serial_plan_on_the_sim_peaks_exactly_where_the_plan_predicts() {
     let tracked: Vec<u64> = rt.tracked_peaks().iter().map(|t| t.0).collect();
     assert_eq!(tracked, predicted);
 }
+
+/// Regression: with seconds of simulated time, a flow whose remaining transfer time fell
+/// below the clock's resolution re-armed its wake-up at the same instant forever (ScMoE and
+/// Tutel at mixtral-ish size hung). Each must now finish, well within the bound.
+#[test]
+fn long_simulations_do_not_stall_on_clock_resolution() {
+    for name in ["scmoe-ep4", "tutel-ep8", "tutel2d-ep8"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("experiments/scaling/{name}.toml"));
+        let spec = moelab::spec::load_file(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let tmp = tempfile::tempdir().unwrap();
+            let r = moelab::run::run(&spec, tmp.path(), &moelab::run::RunHooks::default()).map(|o| o.analysis.step_time_ns);
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        let step = rx.recv_timeout(std::time::Duration::from_secs(60)).unwrap_or_else(|_| panic!("{name}: the simulation did not finish in 60 s"));
+        let step = step.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(step > 0.0, "{name}: step time {step}");
+    }
+}

@@ -374,10 +374,13 @@ impl<'a> Sim<'a> {
                         continue;
                     }
                     self.advance();
+                    // Done: nothing left, or less time left than the clock can still resolve
+                    // at `now` (else a wake-up at now + tiny == now would repeat forever).
+                    let tol = self.now.abs() * 1e-12;
                     let finished: Vec<usize> = (0..self.flows.len())
                         .filter(|&f| {
                             let fl = &self.flows[f];
-                            !fl.done && fl.in_transfer && fl.remaining <= 1e-9
+                            !fl.done && fl.in_transfer && (fl.remaining <= 1e-9 || fl.remaining.max(0.0) / fl.rate <= tol)
                         })
                         .collect();
                     for f in finished {
