@@ -1,0 +1,113 @@
+//! `summary.json` of a run directory, read leniently: every field the workbench shows, each
+//! with a default, so summaries from older or failed runs still load.
+
+use crate::error::WorkbenchError;
+use moelab::run::RunOutcome;
+use moelab::spec::ExperimentSpec;
+use serde::Deserialize;
+use std::path::Path;
+
+/// One step's line of the summary.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct StepSummary {
+    /// Step index counting warmup.
+    pub step: usize,
+    /// Whether the step was measured.
+    pub measured: bool,
+    /// Loss.
+    pub loss: f64,
+    /// Load-balancing loss.
+    pub aux_loss: f64,
+    /// Dropped token assignments.
+    pub dropped: usize,
+    /// Routed token assignments.
+    pub routed: usize,
+    /// Wall seconds.
+    pub wall_s: f64,
+}
+
+/// One rank's memory line of the summary.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct MemSummary {
+    /// Global rank.
+    pub rank: usize,
+    /// The plan's predicted peak, bytes.
+    pub predicted_peak: u64,
+    /// Whether the prediction is an upper bound (dropless).
+    pub predicted_is_upper_bound: bool,
+    /// The backend's tracked peak, bytes.
+    pub tracked_peak: u64,
+}
+
+/// The headline facts of a run, as `summary.json` records them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RunSummary {
+    /// Experiment name.
+    pub name: String,
+    /// Variant.
+    pub variant: String,
+    /// Backend that ran it.
+    pub backend: String,
+    /// Ranks.
+    pub world: usize,
+    /// `completed`, `failed` or `cancelled`.
+    pub status: String,
+    /// The error of a failed run.
+    pub error: Option<String>,
+    /// One entry per step, warmup included.
+    pub steps: Vec<StepSummary>,
+    /// Mean step time of a rank, ms.
+    pub step_time_ms: f64,
+    /// Share of communication overlapped with compute.
+    pub overlap: f64,
+    /// Exposed communication summed over ranks, ms.
+    pub exposed_comm_ms: f64,
+    /// Predicted and tracked peak per rank.
+    pub memory: Vec<MemSummary>,
+}
+
+impl RunSummary {
+    /// Read `summary.json` from a run directory.
+    pub fn read(dir: &Path) -> Result<Self, WorkbenchError> {
+        let path = dir.join("summary.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| WorkbenchError::io(&path, e))?;
+        serde_json::from_str(&text).map_err(|e| WorkbenchError::format(&path, format!("not a moelab run summary: {e}")))
+    }
+
+    /// The summary of a run that just completed in this process (what `summary.json` holds).
+    pub fn from_outcome(spec: &ExperimentSpec, o: &RunOutcome) -> Self {
+        RunSummary {
+            name: spec.name.clone(),
+            variant: spec.variant.as_str().to_string(),
+            backend: spec.run.backend.as_str().to_string(),
+            world: spec.world(),
+            status: "completed".to_string(),
+            error: None,
+            steps: o
+                .steps
+                .iter()
+                .map(|s| StepSummary {
+                    step: s.step, measured: s.measured, loss: s.loss, aux_loss: s.aux_loss, dropped: s.dropped, routed: s.routed, wall_s: s.wall_s,
+                })
+                .collect(),
+            step_time_ms: o.analysis.step_time_ns / 1e6,
+            overlap: o.analysis.overall_overlap(),
+            exposed_comm_ms: o.analysis.exposed_comm_ns() as f64 / 1e6,
+            memory: o
+                .predicted
+                .iter()
+                .zip(&o.tracked)
+                .enumerate()
+                .map(|(rank, (p, t))| MemSummary { rank, predicted_peak: p.peak_total, predicted_is_upper_bound: p.upper_bound, tracked_peak: t.0 })
+                .collect(),
+        }
+    }
+
+    /// Loss of the last measured step, when there is one.
+    pub fn final_loss(&self) -> Option<f64> {
+        self.steps.iter().rev().find(|s| s.measured).map(|s| s.loss)
+    }
+}
