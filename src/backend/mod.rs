@@ -28,6 +28,32 @@ pub struct StepReport {
     pub wall_s: f64,
 }
 
+/// Which ops of a rank run in this step (the optimizer is skipped for gradient checks), the
+/// buffers each op touches (sorted, once each), and how many running ops touch each buffer:
+/// the counts every runtime decrements to release a buffer after its last user.
+pub fn buffer_uses(rp: &crate::plan::RankPlan, skip_optimizer: bool) -> (Vec<bool>, Vec<Vec<crate::plan::BufId>>, Vec<std::sync::atomic::AtomicUsize>) {
+    let active: Vec<bool> = rp.ops.iter().map(|op| !(skip_optimizer && op.stage == crate::taxonomy::Stage::Optimizer)).collect();
+    let touched: Vec<Vec<crate::plan::BufId>> = rp
+        .ops
+        .iter()
+        .map(|op| {
+            let mut t: Vec<crate::plan::BufId> = op.reads.iter().chain(&op.writes).copied().collect();
+            t.sort();
+            t.dedup();
+            t
+        })
+        .collect();
+    let mut uses = vec![0usize; rp.buffers.len()];
+    for (t, a) in touched.iter().zip(&active) {
+        if *a {
+            for b in t {
+                uses[b.0 as usize] += 1;
+            }
+        }
+    }
+    (active, touched, uses.into_iter().map(std::sync::atomic::AtomicUsize::new).collect())
+}
+
 /// Knobs of an execution that are not part of the experiment.
 #[derive(Clone)]
 pub struct ExecOptions {

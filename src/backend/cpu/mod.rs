@@ -17,7 +17,7 @@ use exec::{OpCtx, RouteObs};
 use fabric::Fabric;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use crate::taxonomy::Stream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 use store::Store;
@@ -266,27 +266,8 @@ fn run_rank(
     measured: Option<u32>,
 ) -> Result<Vec<(Stage, RouteObs)>, BackendError> {
     let start = epoch.elapsed().as_nanos() as u64;
-    let active: Vec<bool> = rp.ops.iter().map(|op| !(opts.skip_optimizer && op.stage == Stage::Optimizer)).collect();
     // A buffer is released when the last op that touches it completes.
-    let mut uses = vec![0usize; rp.buffers.len()];
-    let touched: Vec<Vec<BufId>> = rp
-        .ops
-        .iter()
-        .map(|op| {
-            let mut t: Vec<BufId> = op.reads.iter().chain(&op.writes).copied().collect();
-            t.sort();
-            t.dedup();
-            t
-        })
-        .collect();
-    for (t, a) in touched.iter().zip(&active) {
-        if *a {
-            for b in t {
-                uses[b.0 as usize] += 1;
-            }
-        }
-    }
-    let uses: Vec<AtomicUsize> = uses.into_iter().map(AtomicUsize::new).collect();
+    let (active, touched, uses) = super::buffer_uses(rp, opts.skip_optimizer);
     let progress = Progress { done: Mutex::new(vec![false; rp.ops.len()]), cv: Condvar::new(), failed: AtomicBool::new(false) };
     let events = Mutex::new(Vec::new());
     let obs = Mutex::new(Vec::new());

@@ -11,7 +11,7 @@ use crate::backend::cpu::fabric::Fabric;
 use crate::backend::cpu::initial_values;
 use crate::backend::cpu::store::Data;
 use crate::backend::{BackendError, ExecOptions};
-use crate::plan::{BufId, Plan, RankPlan};
+use crate::plan::{Plan, RankPlan};
 use crate::taxonomy::{Stage, Stream};
 use crate::trace::{MemEvent, OpEvent, StepSpan};
 use cudarc::driver::result;
@@ -19,7 +19,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaEvent;
 use moelab_kernels::error::GpuError;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -170,26 +170,7 @@ impl GpuRank {
         let rp: &RankPlan = &self.plan.ranks[self.rank];
         let gpu_err = |e: GpuError| StepError::Backend(BackendError::OpFailed { rank: rp.rank, op: "(step)".into(), message: e.to_string() });
         let n = rp.ops.len();
-        let active: Vec<bool> = rp.ops.iter().map(|op| !(opts.skip_optimizer && op.stage == Stage::Optimizer)).collect();
-        let touched: Vec<Vec<BufId>> = rp
-            .ops
-            .iter()
-            .map(|op| {
-                let mut t: Vec<BufId> = op.reads.iter().chain(&op.writes).copied().collect();
-                t.sort();
-                t.dedup();
-                t
-            })
-            .collect();
-        let mut uses = vec![0usize; rp.buffers.len()];
-        for (t, a) in touched.iter().zip(&active) {
-            if *a {
-                for b in t {
-                    uses[b.0 as usize] += 1;
-                }
-            }
-        }
-        let uses: Vec<AtomicUsize> = uses.into_iter().map(AtomicUsize::new).collect();
+        let (active, touched, uses) = crate::backend::buffer_uses(rp, opts.skip_optimizer);
         let new_event = || self.gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(GpuError::driver("cuEventCreate"));
         let mut evs: Vec<(CudaEvent, CudaEvent)> = Vec::with_capacity(n);
         for _ in 0..n {
