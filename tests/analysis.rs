@@ -187,6 +187,24 @@ fn two_ranks_per_rank_rows_and_overall() {
     approx(a.step_time_ns, 115.0);
 }
 
+/// All-to-all overlap counts only all-to-all ops: rank 0 has compute [0,100], an all-to-all
+/// [50,90] (hidden 40 of 40) and an all-gather [100,160] waiting on a slow peer (exposed);
+/// rank 1 an all-to-all [0,40] with compute [30,100] (hidden 10 of 40). All comm: (40 + 10) /
+/// (100 + 40); all-to-all: (40 + 10) / (40 + 40).
+#[test]
+fn all_to_all_overlap_ignores_other_collectives() {
+    let gather = op(0, 0, Stream::Comm, Stage::AllGather, Pass::Forward, 100, 160);
+    let ops = vec![compute(0, 0, 100), comm(0, 50, 90), gather, comm(1, 0, 40), compute(1, 30, 100)];
+    let a = analyze(&trace(2, ops, vec![], vec![span(0, 0, 0, 160), span(1, 0, 0, 160)]));
+    let (r0, r1) = (&a.overlap[0], &a.overlap[1]);
+    assert_eq!((r0.comm_ns, r0.a2a_ns, r0.a2a_overlapped_ns), (100, 40, 40));
+    assert_eq!((r1.a2a_ns, r1.a2a_overlapped_ns), (40, 10));
+    approx(r0.a2a_ratio(), 1.0);
+    approx(a.overall_overlap(), 50.0 / 140.0);
+    approx(a.a2a_overlap(), 50.0 / 80.0);
+    assert!(a.render_text().contains("a2a hid %"));
+}
+
 /// (e) 2 ranks x 2 steps. Per (rank, step): attention fwd 10 ns, attention bwd 20 ns,
 /// all_reduce upd 5 ns (flops/bytes set). Step spans: rank 0 steps 100 and 100, rank 1 steps
 /// 100 and 200 -> denominator 500.
@@ -489,11 +507,11 @@ fn write_tables_roundtrip_csv() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
-        Some("rank,span_ns,busy_ns,idle_ns,compute_ns,comm_ns,overlapped_ns,exposed_comm_ns,overlap_ratio")
+        Some("rank,span_ns,busy_ns,idle_ns,compute_ns,comm_ns,overlapped_ns,exposed_comm_ns,overlap_ratio,a2a_ns,a2a_overlapped_ns,a2a_overlap_ratio")
     );
     assert_eq!(
         lines.next(),
-        Some("0,5000,2500,2500,1000,2000,500,1500,0.25")
+        Some("0,5000,2500,2500,1000,2000,500,1500,0.25,2000,500,0.25")
     );
 
     let mem_csv = std::fs::read_to_string(out.join("memory.csv")).expect("csv");

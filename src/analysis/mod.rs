@@ -47,6 +47,18 @@ impl Analysis {
         }
     }
 
+    /// Share of all-to-all time hidden by compute, summed over ranks (the figure MoE overlap
+    /// schedules are judged by); 0.0 when no rank runs an all-to-all.
+    pub fn a2a_overlap(&self) -> f64 {
+        let a2a: u64 = self.overlap.iter().map(|r| r.a2a_ns).sum();
+        let over: u64 = self.overlap.iter().map(|r| r.a2a_overlapped_ns).sum();
+        if a2a == 0 {
+            0.0
+        } else {
+            over as f64 / a2a as f64
+        }
+    }
+
     /// Exposed (not overlapped) communication in ns, summed over ranks.
     pub fn exposed_comm_ns(&self) -> u64 {
         self.overlap.iter().map(|r| r.exposed_comm_ns).sum()

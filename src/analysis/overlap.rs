@@ -2,7 +2,7 @@
 //! stream set's op intervals are merged into a union, and overlap is the intersection of the
 //! compute union with the communication union.
 
-use crate::taxonomy::Stream;
+use crate::taxonomy::{Stage, Stream};
 use crate::trace::{OpEvent, StepSpan};
 
 /// A half-open time interval `[start, end)` in ns.
@@ -29,6 +29,22 @@ pub struct RankOverlap {
     pub exposed_comm_ns: u64,
     /// `overlapped_ns / comm_ns`, 0.0 when there is no communication.
     pub overlap_ratio: f64,
+    /// Length of the union of the all-to-all ops alone (dispatch and combine, forward and
+    /// backward): the communication that MoE overlap schedules set out to hide.
+    pub a2a_ns: u64,
+    /// Part of `a2a_ns` covered by compute.
+    pub a2a_overlapped_ns: u64,
+}
+
+impl RankOverlap {
+    /// `a2a_overlapped_ns / a2a_ns`, 0.0 without all-to-all.
+    pub fn a2a_ratio(&self) -> f64 {
+        if self.a2a_ns == 0 {
+            0.0
+        } else {
+            self.a2a_overlapped_ns as f64 / self.a2a_ns as f64
+        }
+    }
 }
 
 /// Sorts and merges intervals into disjoint, ordered ones; empty or inverted ones are dropped.
@@ -79,6 +95,9 @@ pub fn rank_overlap(rank: u32, ops: &[&OpEvent], spans: &[&StepSpan]) -> RankOve
     let all = merge_intervals(pick(None));
     let compute = merge_intervals(pick(Some(Stream::Compute)));
     let comm = merge_intervals(pick(Some(Stream::Comm)));
+    let a2a = merge_intervals(
+        ops.iter().filter(|o| o.stream == Stream::Comm && o.stage == Stage::AllToAll).map(|o| (o.start_ns, o.end_ns)).collect(),
+    );
 
     let span_ns = if spans.is_empty() {
         let first = ops.iter().map(|o| o.start_ns).min();
@@ -111,5 +130,7 @@ pub fn rank_overlap(rank: u32, ops: &[&OpEvent], spans: &[&StepSpan]) -> RankOve
         } else {
             overlapped_ns as f64 / comm_ns as f64
         },
+        a2a_ns: total_len(&a2a),
+        a2a_overlapped_ns: intersection_len(&compute, &a2a),
     }
 }

@@ -38,6 +38,9 @@ pub fn overlap_frame(analysis: &Analysis) -> PolarsResult<DataFrame> {
         "overlapped_ns" => o.iter().map(|r| r.overlapped_ns).collect::<Vec<_>>(),
         "exposed_comm_ns" => o.iter().map(|r| r.exposed_comm_ns).collect::<Vec<_>>(),
         "overlap_ratio" => o.iter().map(|r| r.overlap_ratio).collect::<Vec<_>>(),
+        "a2a_ns" => o.iter().map(|r| r.a2a_ns).collect::<Vec<_>>(),
+        "a2a_overlapped_ns" => o.iter().map(|r| r.a2a_overlapped_ns).collect::<Vec<_>>(),
+        "a2a_overlap_ratio" => o.iter().map(|r| r.a2a_ratio()).collect::<Vec<_>>(),
     )
 }
 

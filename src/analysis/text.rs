@@ -134,6 +134,8 @@ impl Analysis {
                     ms(r.overlapped_ns),
                     ms(r.exposed_comm_ns),
                     format!("{:.1}", r.overlap_ratio * 100.0),
+                    ms(r.a2a_ns),
+                    format!("{:.1}", r.a2a_ratio() * 100.0),
                     ms(r.compute_ns),
                     ms(r.idle_ns),
                 ]
@@ -148,6 +150,8 @@ impl Analysis {
                 ms(sum(|r| r.overlapped_ns)),
                 ms(self.exposed_comm_ns()),
                 format!("{:.1}", self.overall_overlap() * 100.0),
+                ms(sum(|r| r.a2a_ns)),
+                format!("{:.1}", self.a2a_overlap() * 100.0),
                 ms(sum(|r| r.compute_ns)),
                 ms(sum(|r| r.idle_ns)),
             ]
@@ -161,6 +165,8 @@ impl Analysis {
                 "overlapped ms",
                 "exposed ms",
                 "overlap %",
+                "a2a ms",
+                "a2a hid %",
                 "compute ms",
                 "idle ms",
             ],

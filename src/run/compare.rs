@@ -22,6 +22,8 @@ pub struct CompareRow {
     pub exposed_ms: f64,
     /// Share of communication overlapped with compute.
     pub overlap: f64,
+    /// Share of all-to-all time hidden by compute (see [`crate::analysis::Analysis::a2a_overlap`]).
+    pub a2a_overlap: f64,
     /// Highest peak over ranks, bytes.
     pub peak_bytes: u64,
     /// Bytes per category at that rank's peak.
@@ -46,6 +48,7 @@ impl CompareRow {
             comm_ms: comm as f64 / per / 1e6,
             exposed_ms: exposed as f64 / per / 1e6,
             overlap: a.overall_overlap(),
+            a2a_overlap: a.a2a_overlap(),
             peak_bytes: worst.map_or(0, |r| r.peak_total),
             at_peak: worst.map_or([0; 7], |r| r.at_peak),
             loss: o.steps.last().map_or(f64::NAN, |s| s.loss),
@@ -60,15 +63,15 @@ fn mib(b: u64) -> f64 {
 /// Plain-text table, one line per experiment.
 pub fn render(rows: &[CompareRow]) -> String {
     let mut out = format!(
-        "{:<20} {:<8} {:>5} {:>9} {:>8} {:>10} {:>8} {:>9} {:>8} {:>8} {:>8}\n",
-        "experiment", "variant", "world", "step ms", "comm ms", "exposed ms", "overlap", "peak MiB", "activ", "comm_buf", "loss"
+        "{:<20} {:<8} {:>5} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8}\n",
+        "experiment", "variant", "world", "step ms", "comm ms", "exposed ms", "overlap", "a2a hid", "peak MiB", "activ", "comm_buf", "loss"
     );
     out.push_str(&"-".repeat(out.len() - 1));
     out.push('\n');
     for r in rows {
         out.push_str(&format!(
-            "{:<20} {:<8} {:>5} {:>9.3} {:>8.3} {:>10.3} {:>7.1}% {:>9.2} {:>8.2} {:>8.2} {:>8.5}\n",
-            r.name, r.variant, r.world, r.step_ms, r.comm_ms, r.exposed_ms, 100.0 * r.overlap, mib(r.peak_bytes),
+            "{:<20} {:<8} {:>5} {:>9.3} {:>8.3} {:>10.3} {:>7.1}% {:>7.1}% {:>9.2} {:>8.2} {:>8.2} {:>8.5}\n",
+            r.name, r.variant, r.world, r.step_ms, r.comm_ms, r.exposed_ms, 100.0 * r.overlap, 100.0 * r.a2a_overlap, mib(r.peak_bytes),
             mib(r.at_peak[MemCategory::Activations.index()]), mib(r.at_peak[MemCategory::CommBuffers.index()]), r.loss
         ));
     }
@@ -85,6 +88,7 @@ pub fn frame(rows: &[CompareRow]) -> PolarsResult<DataFrame> {
         Series::new("comm_ms".into(), rows.iter().map(|r| r.comm_ms).collect::<Vec<_>>()).into(),
         Series::new("exposed_comm_ms".into(), rows.iter().map(|r| r.exposed_ms).collect::<Vec<_>>()).into(),
         Series::new("overlap".into(), rows.iter().map(|r| r.overlap).collect::<Vec<_>>()).into(),
+        Series::new("a2a_overlap".into(), rows.iter().map(|r| r.a2a_overlap).collect::<Vec<_>>()).into(),
         Series::new("peak_bytes".into(), rows.iter().map(|r| r.peak_bytes).collect::<Vec<_>>()).into(),
         Series::new("loss".into(), rows.iter().map(|r| r.loss).collect::<Vec<_>>()).into(),
     ];

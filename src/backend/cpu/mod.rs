@@ -195,28 +195,26 @@ pub fn initial_values(rp: &RankPlan, seed: u64) -> Vec<(BufId, Vec<f32>)> {
     for p in &rp.params {
         let desc = rp.buffer(p.value);
         let mut v = vec![0.0f32; desc.elems];
+        let tag = &p.init.tag;
         match p.init.experts {
             Some((first, count)) => {
                 let per = desc.elems / count as usize;
                 for (i, chunk) in v.chunks_mut(per).enumerate() {
-                    let mut r = rng::stream(seed, &p.init.tag, p.init.layer as u64, first as u64 + i as u64);
+                    let (layer, expert) = (p.init.layer as u64, first as u64 + i as u64);
                     match &p.slice {
                         // Draw the expert's whole tensor, keep this rank's part.
                         Some(s) => {
                             let mut full = vec![0.0f32; s.full_len()];
-                            rng::fill_normal(&mut r, &mut full, p.init.std);
+                            rng::fill_normal_par(seed, tag, layer, expert, &mut full, p.init.std);
                             let mut kept = Vec::with_capacity(chunk.len());
                             s.take(&full, &mut kept);
                             chunk.copy_from_slice(&kept);
                         }
-                        None => rng::fill_normal(&mut r, chunk, p.init.std),
+                        None => rng::fill_normal_par(seed, tag, layer, expert, chunk, p.init.std),
                     }
                 }
             }
-            None => {
-                let mut r = rng::stream(seed, &p.init.tag, p.init.layer as u64, u64::MAX);
-                rng::fill_normal(&mut r, &mut v, p.init.std);
-            }
+            None => rng::fill_normal_par(seed, tag, p.init.layer as u64, u64::MAX, &mut v, p.init.std),
         }
         for x in v.iter_mut() {
             *x += p.init.mean;

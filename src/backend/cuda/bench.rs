@@ -350,7 +350,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
 pub fn run(ordinal: usize, names: &[String], reps: usize, on_row: &mut dyn FnMut(&BenchRow)) -> Result<BenchReport, GpuError> {
     let gpu = Gpu::open(ordinal)?;
     gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
-    let s = gpu.new_stream()?;
+    let s = gpu.new_stream(false)?;
     let kernel_checks = check_kernels(&gpu, &s, crate::backend::cuda::check::fresh_seed())?;
     let dense_tflops = dense_gemm_tflops(&gpu, &s, 8192, reps.max(5))?;
     let mut rows = Vec::new();

@@ -11,7 +11,7 @@ use super::store::{DevBuf, DevStore};
 use crate::backend::cpu::exec::{self as cpu_exec, OpCtx, OpOutcome, RouteObs};
 use crate::backend::cpu::fabric::Fabric;
 use crate::backend::cpu::store::{Data, OpView};
-use crate::math::routing;
+use crate::math::{rng, routing};
 use crate::plan::{BufId, ElemType, Group, Op, OpKind, RankPlan};
 use crate::spec::Activation;
 use cudarc::driver::{result, LaunchConfig, PushKernelArg};
@@ -239,31 +239,6 @@ impl<'a> StreamExec<'a> {
         Ok(())
     }
 
-    /// The cpu implementation on downloaded inputs; outputs are uploaded.
-    fn host(&self, op: &Op) -> Result<GpuOutcome, ExecError> {
-        let mut inputs = Vec::new();
-        let mut names = HashMap::new();
-        for &id in op.reads.iter().chain(&op.writes) {
-            names.insert(id, lock(self.store).desc(id).name.clone());
-        }
-        for &id in &op.reads {
-            if lock(self.store).get(id).is_some() {
-                inputs.push((id, self.download(id)?));
-            }
-        }
-        let mut view = OpView::detached(inputs, &op.writes, names);
-        let ctx = OpCtx {
-            rank: self.rp.rank, seed: self.seed, step: self.step, adam_step: self.adam_step, fabric: self.fabric, groups: self.groups,
-            op_name: &op.name,
-        };
-        let out: OpOutcome = cpu_exec::execute(&op.kind, &mut view, &ctx).map_err(|e| ExecError::Host(e.to_string()))?;
-        for (id, data) in view.into_puts() {
-            self.upload(id, &data)?;
-        }
-        self.sync()?;
-        Ok(GpuOutcome { bytes: out.bytes, obs: out.obs, loss: None, host: true })
-    }
-
     /// A row-moving op (dispatch and the expert layouts). Its cpu implementation runs on the
     /// host at unit row width, on row numbers instead of rows (row i of the first source reads
     /// `i + 1`, of the second `-(i + 1)`) and on the real routing inputs; its outputs are then
@@ -345,7 +320,19 @@ impl<'a> StreamExec<'a> {
         let p = Arg::P;
         let mut outcome = GpuOutcome::default();
         match &op.kind {
-            LoadBatch { .. } => return self.host(op),
+            LoadBatch { x, target, shard, batch, seq, d_model } => {
+                // The cpu's data stream, drawn on the device at random access (no host work).
+                let per_seq = seq * d_model;
+                let n = batch * per_seq;
+                let (xb, tb) = (self.output(*x, n)?, self.output(*target, n)?);
+                let k = rng::stream_key(self.seed, "data.x", self.step, 0).map(|w| Arg::I32(w as i32));
+                let blocks = batch * per_seq.div_ceil(8);
+                if n > 0 {
+                    let args = [p(xb.ptr), Arg::I64(per_seq as i64), Arg::I32(*batch as i32), k[0], k[1], k[2], k[3], k[4], k[5], Arg::I64((shard * batch) as i64)];
+                    self.launch("load_batch_x", self.grid(blocks), &args)?;
+                    self.launch("rotate_rows_left", self.grid(n), &[p(xb.ptr), p(tb.ptr), Arg::I64((n / d_model) as i64), Arg::I32(*d_model as i32)])?;
+                }
+            }
             Dispatch { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
             | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. } | LocalUnlayout { .. } => {
                 return self.layout(op)

@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub const KERNELS: &[&str] = &[
     "gather_rows", "token_sum_rows", "combine_fwd", "combine_bwd_rows", "combine_bwd_weights", "add_bias_rows", "col_sums",
     "add_inplace", "adam", "mse", "route_topk", "route_bwd", "act_fwd", "act_bwd", "ln_fwd", "ln_bwd_dx", "ln_bwd_params",
-    "attn_fwd", "attn_bwd", "gather2_rows", "bf16_gather_rows", "bf16_combine", "bf16_combine_bwd_rows", "bf16_combine_bwd_weights", "bf16_token_sum",
+    "attn_fwd", "attn_bwd", "gather2_rows", "load_batch_x", "rotate_rows_left", "bf16_gather_rows", "bf16_combine", "bf16_combine_bwd_rows", "bf16_combine_bwd_weights", "bf16_token_sum",
     "bf16_gelu_fwd", "bf16_gelu_bwd", "f32_to_bf16_kernel", "bf16_fill_hash",
 ];
 
@@ -83,9 +83,17 @@ impl Gpu {
         })
     }
 
-    /// A new stream with its own cuBLAS handle.
-    pub fn new_stream(&self) -> Result<GpuStream, GpuError> {
-        let stream = self.ctx.new_stream().map_err(GpuError::driver("cuStreamCreate"))?;
+    /// A new stream with its own cuBLAS handle; `high_priority` streams get the device's
+    /// greatest priority, so their kernels take SMs ahead of a running GEMM's next blocks (the
+    /// plan's comm stream: an all-to-all launched under an expert GEMM starts at once instead
+    /// of queueing behind it).
+    pub fn new_stream(&self, high_priority: bool) -> Result<GpuStream, GpuError> {
+        let stream = if high_priority {
+            let (_, greatest) = cudarc::driver::result::stream::get_priority_range().map_err(GpuError::driver("cuCtxGetStreamPriorityRange"))?;
+            self.ctx.new_stream_with_priority(greatest).map_err(GpuError::driver("cuStreamCreateWithPriority"))?
+        } else {
+            self.ctx.new_stream().map_err(GpuError::driver("cuStreamCreate"))?
+        };
         let blas = cudarc::cublas::result::create_handle().map_err(GpuError::cublas("cublasCreate"))?;
         // SAFETY: both handles are live; the stream outlives the handle (GpuStream drops the
         // handle first, then its Arc of the stream).

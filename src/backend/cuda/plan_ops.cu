@@ -407,3 +407,63 @@ extern "C" __global__ void gather2_rows(const float* a, const float* b, const in
         } else out[i] = 0.0f;
     }
 }
+
+// ---- LoadBatch: the cpu's data stream drawn on the device ----------------------------------
+// rng::stream(seed, "data.x", step, global_seq) is ChaCha8 (rand_chacha: 64-bit block counter,
+// stream id 0) keyed by (seed, tag hash, step, global_seq); fill_normal draws pair p from
+// keystream words 4p..4p+3 (two u64s, low word first) by Box-Muller in f64. One thread makes
+// one ChaCha block = 4 pairs. Mirrors src/math/rng.rs (chacha8_block, normal_pair_at).
+__device__ __forceinline__ unsigned rotl32(unsigned v, int c) { return (v << c) | (v >> (32 - c)); }
+#define CHACHA_QR(a, b, c, d) \
+    x[a] += x[b]; x[d] = rotl32(x[d] ^ x[a], 16); x[c] += x[d]; x[b] = rotl32(x[b] ^ x[c], 12); \
+    x[a] += x[b]; x[d] = rotl32(x[d] ^ x[a], 8);  x[c] += x[d]; x[b] = rotl32(x[b] ^ x[c], 7);
+
+__device__ void chacha8_block(const unsigned key[8], unsigned long long counter, unsigned out[16]) {
+    unsigned x[16] = {0x61707865u, 0x3320646eu, 0x79622d32u, 0x6b206574u,
+                      key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+                      (unsigned)counter, (unsigned)(counter >> 32), 0u, 0u};
+    unsigned init[16];
+    for (int i = 0; i < 16; i++) init[i] = x[i];
+    for (int r = 0; r < 4; r++) {
+        CHACHA_QR(0, 4, 8, 12) CHACHA_QR(1, 5, 9, 13) CHACHA_QR(2, 6, 10, 14) CHACHA_QR(3, 7, 11, 15)
+        CHACHA_QR(0, 5, 10, 15) CHACHA_QR(1, 6, 11, 12) CHACHA_QR(2, 7, 8, 13) CHACHA_QR(3, 4, 9, 14)
+    }
+    for (int i = 0; i < 16; i++) out[i] = x[i] + init[i];
+}
+
+// x[b * per_seq + i] for b < batch: normal draws of sequence first_seq + b.
+// k0..k5: the key words of (seed, tag hash, step); words 6, 7 are the sequence number.
+extern "C" __global__ void load_batch_x(float* x, i64 per_seq, int batch, unsigned k0, unsigned k1, unsigned k2,
+                                        unsigned k3, unsigned k4, unsigned k5, i64 first_seq) {
+    i64 blocks_per_seq = (per_seq + 7) / 8;
+    GRID_STRIDE(i, (i64)batch * blocks_per_seq) {
+        i64 b = i / blocks_per_seq;
+        i64 blk = i % blocks_per_seq;
+        unsigned long long seq = (unsigned long long)(first_seq + b);
+        unsigned key[8] = {k0, k1, k2, k3, k4, k5, (unsigned)seq, (unsigned)(seq >> 32)};
+        unsigned w[16];
+        chacha8_block(key, (unsigned long long)blk, w);
+        float* xs = x + b * per_seq;
+        for (int j = 0; j < 4; j++) {
+            i64 at = (blk * 4 + j) * 2;
+            if (at >= per_seq) break;
+            unsigned long long a = ((unsigned long long)w[4 * j + 1] << 32) | w[4 * j];
+            unsigned long long c = ((unsigned long long)w[4 * j + 3] << 32) | w[4 * j + 2];
+            double u1 = fmax((double)(a >> 11) * (1.0 / 9007199254740992.0), 1e-300);
+            double u2 = (double)(c >> 11) * (1.0 / 9007199254740992.0);
+            double r = sqrt(-2.0 * log(u1));
+            double th = 6.283185307179586 * u2;
+            xs[at] = (float)(r * cos(th));
+            if (at + 1 < per_seq) xs[at + 1] = (float)(r * sin(th));
+        }
+    }
+}
+
+// Regression target of LoadBatch: t[row, i] = x[row, (i + 1) % cols].
+extern "C" __global__ void rotate_rows_left(const float* x, float* t, i64 rows, int cols) {
+    GRID_STRIDE(i, rows * cols) {
+        i64 r = i / cols;
+        int c = (int)(i % cols);
+        t[i] = x[r * cols + (c + 1) % cols];
+    }
+}

@@ -71,7 +71,10 @@ impl GpuRank {
     pub fn new(plan: Plan, rank: usize, gpu: Gpu, comms: Comms, retain: &[String], offset_ns: i64) -> Result<GpuRank, ExecError> {
         gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
         gpu.configure_pool()?;
-        let streams = vec![gpu.new_stream()?, gpu.new_stream()?];
+        // Stream order follows taxonomy::Stream: compute, then comm. The comm stream runs at
+        // high priority unless MOELAB_COMM_PRIORITY=normal (for A/B measurements).
+        let comm_high = std::env::var("MOELAB_COMM_PRIORITY").map_or(true, |v| v != "normal");
+        let streams = vec![gpu.new_stream(false)?, gpu.new_stream(comm_high)?];
         let rp = &plan.ranks[rank];
         let epoch = Instant::now();
         let store = DevStore::new(rp.rank, rp.buffers.clone(), epoch);
