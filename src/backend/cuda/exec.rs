@@ -5,6 +5,8 @@
 //! backend's own implementation on downloaded inputs, so both backends share one definition
 //! of every layout; they are marked `host` in the op report.
 
+mod attention;
+
 use super::comm::Comms;
 use super::gpu::{Gpu, GpuStream, BLOCK};
 use super::store::{DevBuf, DevStore};
@@ -166,6 +168,27 @@ impl<'a> StreamExec<'a> {
             unsafe { result::memcpy_dtod_async(dst, src, elems * 4, self.cu()) }.map_err(GpuError::driver("cuMemcpyDtoDAsync"))?;
         }
         Ok(())
+    }
+
+    /// Rows per chunk and chunk count for a two-stage column reduction of `rows x cols`:
+    /// enough (chunk, column) threads to fill the device, at least 16 rows per chunk.
+    fn row_chunks(&self, rows: usize, cols: usize) -> (usize, usize) {
+        let want = (self.gpu.info.sm_count.max(1) as usize * 2048).div_ceil(cols.max(1));
+        let chunks = want.clamp(1, rows.div_ceil(16).max(1));
+        let chunk = rows.div_ceil(chunks).max(1);
+        (chunk, rows.div_ceil(chunk).max(1))
+    }
+
+    /// `out[g, c] (+)= sum_r x[g * rows + r, c]` for `groups` groups, deterministic.
+    fn col_sums(&self, x: u64, out: u64, rows: usize, cols: usize, groups: usize, accumulate: bool) -> Result<(), ExecError> {
+        if groups * cols == 0 {
+            return Ok(());
+        }
+        let (chunk, chunks) = self.row_chunks(rows, cols * groups);
+        let part = self.scratch(groups * chunks * cols * 4)?;
+        self.launch("col_partials", self.grid(groups * chunks * cols), &[Arg::P(x), Arg::P(part), Arg::I64(rows as i64), Arg::I32(cols as i32), Arg::I32(groups as i32), Arg::I64(chunk as i64)])?;
+        self.launch("col_finish", self.grid(groups * cols), &[Arg::P(part), Arg::P(out), Arg::I64(chunks as i64), Arg::I32(cols as i32), Arg::I32(groups as i32), Arg::I32(accumulate as i32)])?;
+        self.scratch_free(part)
     }
 
     fn sync(&self) -> Result<(), ExecError> {
@@ -357,7 +380,14 @@ impl<'a> StreamExec<'a> {
                 let dg = self.output(*dgamma, m)?;
                 let db = self.output(*dbeta, m)?;
                 self.launch("ln_bwd_dx", self.warp_grid(rows), &[p(xb.ptr), p(g.ptr), p(sb.ptr), p(dyb.ptr), p(res), p(dxb.ptr), Arg::I64(rows as i64), Arg::I32(m as i32)])?;
-                self.launch("ln_bwd_params", self.grid(m), &[p(xb.ptr), p(sb.ptr), p(dyb.ptr), p(dg.ptr), p(db.ptr), Arg::I64(rows as i64), Arg::I32(m as i32)])?;
+                let (chunk, chunks) = self.row_chunks(rows, m);
+                let part = self.scratch(2 * chunks * m * 4)?;
+                let part_b = part + (chunks * m * 4) as u64;
+                self.launch("ln_bwd_partials", self.grid(chunks * m), &[p(xb.ptr), p(sb.ptr), p(dyb.ptr), p(part), p(part_b), Arg::I64(rows as i64), Arg::I32(m as i32), Arg::I64(chunk as i64)])?;
+                for (src, dst) in [(part, dg.ptr), (part_b, db.ptr)] {
+                    self.launch("col_finish", self.grid(m), &[p(src), p(dst), Arg::I64(chunks as i64), Arg::I32(m as i32), Arg::I32(1), Arg::I32(0)])?;
+                }
+                self.scratch_free(part)?;
             }
             Linear { x, w, bias, residual, y, rows, d_in, d_out } => {
                 let (xb, wb) = (self.input(*x)?, self.input(*w)?);
@@ -388,7 +418,7 @@ impl<'a> StreamExec<'a> {
                 self.gemm(GemmForm::Tn, xb.ptr, dyb.ptr, dwb.ptr, *d_in, *rows, *d_out, 0.0, None)?;
                 if let Some(db) = dbias {
                     let dbb = self.output(*db, *d_out)?;
-                    self.launch("col_sums", self.grid(*d_out), &[p(dyb.ptr), p(dbb.ptr), Arg::I64(*rows as i64), Arg::I32(*d_out as i32), Arg::I32(1), Arg::I32(0)])?;
+                    self.col_sums(dyb.ptr, dbb.ptr, *rows, *d_out, 1, false)?;
                 }
                 if let Some(d) = dx {
                     let (dxb, beta) = if *accumulate_dx { (self.input(*d)?, 1.0) } else { (self.output(*d, rows * d_in)?, 0.0) };
@@ -409,14 +439,12 @@ impl<'a> StreamExec<'a> {
                 let qb = self.input(*qkv)?;
                 let pb = self.output(*probs, dims.batch * dims.heads * dims.seq * dims.seq)?;
                 let cb = self.output(*ctx, dims.batch * dims.seq * dims.d_model)?;
-                let cfg = attn_cfg(dims.batch, dims.heads, dims.seq);
-                self.launch("attn_fwd", cfg, &[p(qb.ptr), p(pb.ptr), p(cb.ptr), Arg::I32(dims.batch as i32), Arg::I32(dims.seq as i32), Arg::I32(dims.heads as i32), Arg::I32(dims.d_model as i32)])?;
+                self.attention_fwd(qb.ptr, pb.ptr, cb.ptr, dims)?;
             }
             AttnCoreBwd { qkv, probs, dctx, dqkv, dims } => {
                 let (qb, pb, dcb) = (self.input(*qkv)?, self.input(*probs)?, self.input(*dctx)?);
                 let db = self.output(*dqkv, qb.len)?;
-                let cfg = attn_cfg(dims.batch, dims.heads, dims.seq);
-                self.launch("attn_bwd", cfg, &[p(qb.ptr), p(pb.ptr), p(dcb.ptr), p(db.ptr), Arg::I32(dims.batch as i32), Arg::I32(dims.seq as i32), Arg::I32(dims.heads as i32), Arg::I32(dims.d_model as i32)])?;
+                self.attention_bwd(qb.ptr, pb.ptr, dcb.ptr, db.ptr, dims)?;
             }
             Route { logits, probs, idx, weights, stats, n_experts, top_k, renormalize } => {
                 let (e, k) = (*n_experts, *top_k);
@@ -567,7 +595,7 @@ impl<'a> StreamExec<'a> {
         self.gemm(GemmForm::Tn, xb.ptr, dyb.ptr, dwb.ptr, d_in, rows, d_out, if accumulate { 1.0 } else { 0.0 }, Some(bw))?;
         if let Some(db) = dbias {
             let dbb = if accumulate { self.input(db)? } else { self.output(db, n_local * d_out)? };
-            self.launch("col_sums", self.grid(n_local * d_out), &[Arg::P(dyb.ptr), Arg::P(dbb.ptr), Arg::I64(rows as i64), Arg::I32(d_out as i32), Arg::I32(n_local as i32), Arg::I32(accumulate as i32)])?;
+            self.col_sums(dyb.ptr, dbb.ptr, rows, d_out, n_local, accumulate)?;
         }
         Ok(())
     }
@@ -615,8 +643,5 @@ fn act_kind(a: Activation) -> i32 {
     }
 }
 
-fn attn_cfg(batch: usize, heads: usize, seq: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((batch * heads * seq) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: (seq * 4) as u32 }
-}
 
 const _: () = assert!(BLOCK == 256, "mse's shared reduction assumes 256 threads");

@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 /// The kernels of `plan_ops.cu`, by name.
 pub const KERNELS: &[&str] = &[
-    "gather_rows", "token_sum_rows", "combine_fwd", "combine_bwd_rows", "combine_bwd_weights", "add_bias_rows", "col_sums",
-    "add_inplace", "adam", "mse", "route_topk", "route_bwd", "act_fwd", "act_bwd", "ln_fwd", "ln_bwd_dx", "ln_bwd_params",
-    "attn_fwd", "attn_bwd", "gather2_rows", "load_batch_x", "rotate_rows_left", "bf16_gather_rows", "bf16_combine", "bf16_combine_bwd_rows", "bf16_combine_bwd_weights", "bf16_token_sum",
+    "gather_rows", "token_sum_rows", "combine_fwd", "combine_bwd_rows", "combine_bwd_weights", "add_bias_rows", "col_partials", "col_finish",
+    "add_inplace", "adam", "mse", "route_topk", "route_bwd", "act_fwd", "act_bwd", "ln_fwd", "ln_bwd_dx", "ln_bwd_partials",
+    "attn_softmax_causal", "attn_softmax_causal_bwd", "gather2_rows", "load_batch_x", "rotate_rows_left", "bf16_gather_rows", "bf16_combine", "bf16_combine_bwd_rows", "bf16_combine_bwd_weights", "bf16_token_sum",
     "bf16_gelu_fwd", "bf16_gelu_bwd", "f32_to_bf16_kernel", "bf16_fill_hash",
 ];
 

@@ -78,14 +78,28 @@ extern "C" __global__ void add_bias_rows(float* y, const float* bias, i64 rows, 
     }
 }
 
-// out[g, c] (+)= sum_{r < rows} x[g * rows + r, c]: column sums per group, one thread per (g, c),
-// rows summed in order (deterministic).
-extern "C" __global__ void col_sums(const float* x, float* out, i64 rows, int cols, int groups, int accumulate) {
+// Column sums per group, stage 1: part[g, q, c] = sum of rows [q chunk, (q + 1) chunk) of
+// x[g * rows + r, c], one thread per (g, q, c), rows in order (deterministic).
+extern "C" __global__ void col_partials(const float* x, float* part, i64 rows, int cols, int groups, i64 chunk) {
+    i64 chunks = (rows + chunk - 1) / chunk;
+    GRID_STRIDE(i, (i64)groups * chunks * cols) {
+        i64 g = i / (chunks * cols);
+        i64 q = (i / cols) % chunks;
+        int c = (int)(i % cols);
+        float acc = 0.0f;
+        i64 end = min(rows, (q + 1) * chunk);
+        for (i64 r = q * chunk; r < end; r++) acc += x[(g * rows + r) * cols + c];
+        part[i] = acc;
+    }
+}
+
+// Stage 2 of the column sums: out[g, c] (+)= sum over chunks q of part[g, q, c], in order.
+extern "C" __global__ void col_finish(const float* part, float* out, i64 chunks, int cols, int groups, int accumulate) {
     GRID_STRIDE(i, (i64)groups * cols) {
         i64 g = i / cols;
         int c = (int)(i % cols);
         float acc = 0.0f;
-        for (i64 r = 0; r < rows; r++) acc += x[(g * rows + r) * cols + c];
+        for (i64 q = 0; q < chunks; q++) acc += part[(g * chunks + q) * cols + c];
         out[i] = accumulate ? out[i] + acc : acc;
     }
 }
@@ -265,131 +279,60 @@ extern "C" __global__ void ln_bwd_dx(const float* x, const float* g, const float
     }
 }
 
-// LayerNorm parameter gradients: one thread per column, rows in order (deterministic).
-extern "C" __global__ void ln_bwd_params(const float* x, const float* stats, const float* dy, float* dg, float* db, i64 rows, int m) {
-    GRID_STRIDE(c, (i64)m) {
+// LayerNorm parameter gradients, stage 1: partial sums over chunks of `chunk` rows, one
+// thread per (chunk, column): pg[q, c], pb[q, c]. Stage 2 is col_finish (rows in order within
+// a chunk and chunks in order: deterministic).
+extern "C" __global__ void ln_bwd_partials(const float* x, const float* stats, const float* dy, float* pg, float* pb, i64 rows, int m, i64 chunk) {
+    i64 chunks = (rows + chunk - 1) / chunk;
+    GRID_STRIDE(i, chunks * m) {
+        i64 q = i / m;
+        int c = (int)(i % m);
         float ag = 0.0f, ab = 0.0f;
-        for (i64 r = 0; r < rows; r++) {
+        i64 end = min(rows, (q + 1) * chunk);
+        for (i64 r = q * chunk; r < end; r++) {
             float xh = (x[r * m + c] - stats[2 * r]) * stats[2 * r + 1];
             ag += dy[r * m + c] * xh;
             ab += dy[r * m + c];
         }
-        dg[c] = ag;
-        db[c] = ab;
+        pg[i] = ag;
+        pb[i] = ab;
     }
 }
 
-// Causal attention forward: one block per (sequence b, head h, query i); shared memory holds
-// the row of scores (seq floats). qkv[T, 3M]; probs[B, H, L, L]; ctx[T, M].
-extern "C" __global__ void attn_fwd(const float* qkv, float* probs, float* ctx, int batch, int seq, int heads, int m) {
-    extern __shared__ float row[];
-    __shared__ float red[32];
-    int dh = m / heads;
-    i64 id = blockIdx.x;
-    int i = (int)(id % seq);
-    int h = (int)((id / seq) % heads);
-    int b = (int)(id / ((i64)seq * heads));
-    float scale = rsqrtf((float)dh);
-    const float* qi = qkv + ((i64)b * seq + i) * 3 * m + h * dh;
-    for (int j = threadIdx.x; j < seq; j += blockDim.x) {
-        if (j <= i) {
-            const float* kj = qkv + ((i64)b * seq + j) * 3 * m + m + h * dh;
-            float s = 0.0f;
-            for (int d = 0; d < dh; d++) s += qi[d] * kj[d];
-            row[j] = s * scale;
-        } else {
-            row[j] = 0.0f;
-        }
-    }
-    __syncthreads();
-    float mx = neg_inf();
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) mx = fmaxf(mx, row[j]);
-    mx = warp_max(mx);
-    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mx;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : neg_inf();
-        v = warp_max(v);
-        if (threadIdx.x == 0) red[0] = v;
-    }
-    __syncthreads();
-    mx = red[0];
-    __syncthreads();
-    float s = 0.0f;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-        float e = expf(row[j] - mx);
-        row[j] = e;
-        s += e;
-    }
-    s = warp_sum(s);
-    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = s;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
-        v = warp_sum(v);
-        if (threadIdx.x == 0) red[0] = v;
-    }
-    __syncthreads();
-    float inv = 1.0f / red[0];
-    float* prow = probs + (((i64)b * heads + h) * seq + i) * seq;
-    for (int j = threadIdx.x; j < seq; j += blockDim.x) {
-        float p = j <= i ? row[j] * inv : 0.0f;
-        row[j] = p;
-        prow[j] = p;
-    }
-    __syncthreads();
-    float* out = ctx + ((i64)b * seq + i) * m + h * dh;
-    for (int d = threadIdx.x; d < dh; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j <= i; j++) acc += row[j] * qkv[((i64)b * seq + j) * 3 * m + 2 * m + h * dh + d];
-        out[d] = acc;
+// Causal softmax of the attention scores, in place, one warp per row of `probs` (rows of
+// length seq, row r is query r % seq): p[j] = exp(s[j] - max) / sum for j <= i, else 0.
+// The scores (scaled) come from cuBLAS (src/backend/cuda/exec/attention.rs).
+extern "C" __global__ void attn_softmax_causal(float* p, i64 rows, int seq) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
+    for (i64 r = warp; r < rows; r += warps) {
+        float* row = p + r * seq;
+        int i = (int)(r % seq);
+        float mx = neg_inf();
+        for (int j = lane; j <= i; j += 32) mx = fmaxf(mx, row[j]);
+        mx = warp_max(mx);
+        float s = 0.0f;
+        for (int j = lane; j <= i; j += 32) s += expf(row[j] - mx);
+        float inv = 1.0f / warp_sum(s);
+        for (int j = lane; j < seq; j += 32) row[j] = j <= i ? expf(row[j] - mx) * inv : 0.0f;
     }
 }
 
-// Causal attention backward: one block per (b, h, i). dq_i is written directly; dk_j and dv_j
-// collect contributions from every query i >= j through atomicAdd (dqkv zeroed beforehand).
-// Shared memory: ds[seq].
-extern "C" __global__ void attn_bwd(const float* qkv, const float* probs, const float* dctx, float* dqkv, int batch, int seq, int heads, int m) {
-    extern __shared__ float ds[];
-    __shared__ float red[32];
-    int dh = m / heads;
-    i64 id = blockIdx.x;
-    int i = (int)(id % seq);
-    int h = (int)((id / seq) % heads);
-    int b = (int)(id / ((i64)seq * heads));
-    float scale = rsqrtf((float)dh);
-    const float* prow = probs + (((i64)b * heads + h) * seq + i) * seq;
-    const float* dci = dctx + ((i64)b * seq + i) * m + h * dh;
-    float dot = 0.0f;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-        const float* vj = qkv + ((i64)b * seq + j) * 3 * m + 2 * m + h * dh;
-        float dp = 0.0f;
-        for (int d = 0; d < dh; d++) dp += dci[d] * vj[d];
-        ds[j] = dp;
-        dot += dp * prow[j];
-    }
-    dot = warp_sum(dot);
-    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = dot;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
-        v = warp_sum(v);
-        if (threadIdx.x == 0) red[0] = v;
-    }
-    __syncthreads();
-    dot = red[0];
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) ds[j] = prow[j] * (ds[j] - dot) * scale;
-    __syncthreads();
-    const float* qi = qkv + ((i64)b * seq + i) * 3 * m + h * dh;
-    for (int d = threadIdx.x; d < dh; d += blockDim.x) {
-        float dq = 0.0f;
-        for (int j = 0; j <= i; j++) {
-            i64 base_j = ((i64)b * seq + j) * 3 * m;
-            dq += ds[j] * qkv[base_j + m + h * dh + d];
-            atomicAdd(&dqkv[base_j + m + h * dh + d], ds[j] * qi[d]);
-            atomicAdd(&dqkv[base_j + 2 * m + h * dh + d], prow[j] * dci[d]);
-        }
-        dqkv[((i64)b * seq + i) * 3 * m + h * dh + d] += dq;
+// Its backward, in place on dp (one warp per row): ds[j] = p[j] (dp[j] - sum_k dp[k] p[k])
+// * scale for j <= i, else 0.
+extern "C" __global__ void attn_softmax_causal_bwd(const float* p, float* dp, i64 rows, int seq, float scale) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
+    for (i64 r = warp; r < rows; r += warps) {
+        const float* pr = p + r * seq;
+        float* d = dp + r * seq;
+        int i = (int)(r % seq);
+        float dot = 0.0f;
+        for (int j = lane; j <= i; j += 32) dot += d[j] * pr[j];
+        dot = warp_sum(dot);
+        for (int j = lane; j < seq; j += 32) d[j] = j <= i ? pr[j] * (d[j] - dot) * scale : 0.0f;
     }
 }
 
