@@ -90,6 +90,31 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Measure the GPUs present (cuBLAS GEMM sweep in bf16 and f32, kernel gap, copy
+    /// bandwidth, NCCL collectives over all visible GPUs) and write a sim profile from them.
+    Calibrate {
+        /// Profile that supplies what is not measured (datasheet peaks, inter-node link,
+        /// topology): a built-in name or a TOML path; default: by device name
+        /// (h100-datasheet, h200-datasheet).
+        #[arg(long)]
+        base: Option<String>,
+        /// Name of the written profile (default: `<base>-measured`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to write the profile (default: profiles/<name>.toml).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Timed repetitions per measurement (median kept).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Also write the raw measurements and fits as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Refit from the measurements of an earlier run's `--json` file instead of measuring
+        /// (no GPU needed).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
     /// Internal: one cuda worker process (started by `moelab run` with backend cuda, one per
     /// GPU; also under torchrun/srun with RANK, WORLD_SIZE, LOCAL_RANK set).
     #[command(hide = true)]
@@ -236,6 +261,52 @@ fn cmd_compare(files: &[PathBuf], runs_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+fn cmd_calibrate(base: Option<&str>, name: Option<&str>, out: Option<&Path>, reps: usize, json: Option<&Path>, from: Option<&Path>) -> Result<bool> {
+    use moelab::backend::sim::{calibration, profile};
+    // Check the base before any GPU work.
+    if let Some(b) = base {
+        profile::resolve(b).with_context(|| format!("--base {b}"))?;
+    }
+    let cal: calibration::Calibration = match from {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading --from {}", p.display()))?;
+            let doc: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("--from {}: not JSON", p.display()))?;
+            serde_json::from_value(doc.get("calibration").cloned().unwrap_or(doc))
+                .with_context(|| format!("--from {}: not a `moelab calibrate --json` file", p.display()))?
+        }
+        None => {
+            if moelab::backend::cuda::visible_gpus() == 0 {
+                println!("skipped: no CUDA device visible (moelab calibrate measures GPUs; --from refits saved measurements)");
+                return Ok(true);
+            }
+            moelab::backend::cuda::calibrate::measure(reps.max(1), &mut |l| println!("{l}"))?
+        }
+    };
+    let base = match base {
+        Some(b) => b.to_string(),
+        None if cal.device.contains("H100") => "h100-datasheet".into(),
+        None if cal.device.contains("H200") => "h200-datasheet".into(),
+        None => anyhow::bail!("no built-in profile for {}: pass --base <profile.toml> with its datasheet numbers", cal.device),
+    };
+    let base_text = match profile::builtin_text(&base) {
+        Some(t) => t.to_string(),
+        None => std::fs::read_to_string(&base).with_context(|| format!("reading --base {base}"))?,
+    };
+    let name = name.map(str::to_string).unwrap_or_else(|| format!("{}-measured", base.trim_end_matches(".toml").trim_end_matches("-datasheet")));
+    let (text, fits) = calibration::render(&base_text, &base, &name, &cal)?;
+    for f in &fits {
+        println!("fit {}: latency {:.1} us, bandwidth share {:.3} (worst rel err {:.1}%)", f.kind.as_str(), f.latency_us, f.efficiency, 100.0 * f.worst_rel_err);
+    }
+    let out = out.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(format!("profiles/{name}.toml")));
+    std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {} ({} GEMM points, {} collective fits)", out.display(), cal.gemms.len(), fits.len());
+    if let Some(p) = json {
+        let doc = serde_json::json!({ "calibration": cal, "fits": fits, "profile": out });
+        std::fs::write(p, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(true)
+}
+
 fn cmd_bench(configs: &[String], reps: usize, device: usize, json: Option<&Path>) -> Result<bool> {
     use moelab::backend::cuda::bench;
     for c in configs {
@@ -303,6 +374,9 @@ fn main() {
         Command::Plan { file } => cmd_plan(file).map(|_| true),
         Command::Crosscheck { files, runs_dir, json } => cmd_crosscheck(files, runs_dir, json.as_deref()),
         Command::Bench { configs, reps, device, json } => cmd_bench(configs, *reps, *device, json.as_deref()),
+        Command::Calibrate { base, name, out, reps, json, from } => {
+            cmd_calibrate(base.as_deref(), name.as_deref(), out.as_deref(), *reps, json.as_deref(), from.as_deref())
+        }
         Command::CudaWorker { dir } => std::process::exit(moelab::backend::cuda::launch::worker_main(dir)),
         Command::Workbench { args } => cmd_workbench(args),
     };

@@ -209,6 +209,13 @@ impl Experiment {
         }
     }
 
+    /// Predict every point on the sim backend with hardware profile `profile` (`h100`,
+    /// `h200`, a `-datasheet` profile or a TOML path): the same tables and pictures as
+    /// [`Experiment::run`], from the cost model, in milliseconds; re-run after each edit.
+    pub fn predict(&self, profile: &str) -> Result<Runs, NotebookError> {
+        self.clone().set("run.backend", "sim").set("run.profile", profile).run()
+    }
+
     /// Run every point with default hooks.
     pub fn run(&self) -> Result<Runs, NotebookError> {
         self.run_with(&RunHooks::default(), |_, _, _| {})
@@ -619,6 +626,20 @@ chunks = 2
         assert_eq!(html.matches("<svg").count(), 3, "sweep curve, memory bars, timeline");
         assert!(html.contains("mpmoe.chunks=2"));
         assert!(runs.to_string().contains("nb-chunks2"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn predictions_run_on_the_sim_with_the_named_profile_and_follow_the_profile() {
+        let dir = std::env::temp_dir().join(format!("moelab-notebook-predict-{}", std::process::id()));
+        let exp = Experiment::from_toml(SPEC).unwrap().runs_root(&dir).set("steps", 2);
+        let (h100, h200) = (exp.predict("h100").unwrap(), exp.predict("h200").unwrap());
+        for runs in [&h100, &h200] {
+            assert_eq!(runs.results[0].outcome.analysis.backend, "sim");
+            assert!(runs.results[0].row.step_ms > 0.0);
+        }
+        assert_ne!(h100.results[0].row.step_ms, h200.results[0].row.step_ms, "the profile changes the prediction");
+        assert!(exp.predict("no-such-profile").is_err());
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -167,7 +167,7 @@ fn field_of(text: &str) -> String {
 
 #[test]
 fn profile_errors_name_the_field() {
-    let good = std::fs::read_to_string("profiles/h100.toml").expect("profile file");
+    let good = std::fs::read_to_string("profiles/h100-datasheet.toml").expect("profile file");
     assert!(profile::parse(&good, "h100.toml").is_ok());
     let bad_type = good.replace("hbm_tbps = 3.35", "hbm_tbps = \"fast\"");
     assert_eq!(field_of(&bad_type), "gpu.hbm_tbps");
@@ -230,8 +230,10 @@ fn the_representative_rank_predicts_what_simulating_every_rank_does() {
 fn a_faster_link_or_gpu_shortens_the_predicted_step() {
     let s = from_toml_str(&seed_text("topk")).expect("valid");
     let plan = Plan::build(&s).expect("plans");
-    let h100 = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("h100"), Symmetry::Exploit).expect("simulates");
-    let h200 = profile::resolve("h200").expect("h200").with_cluster(8, 1);
+    // The datasheet profiles: same compute peak, faster HBM on the H200.
+    let h100 = profile::resolve("h100-datasheet").expect("h100").with_cluster(8, 1);
+    let h100 = sim::simulate_plan(&plan, &h100, Symmetry::Exploit).expect("simulates");
+    let h200 = profile::resolve("h200-datasheet").expect("h200").with_cluster(8, 1);
     let faster = sim::simulate_plan(&plan, &h200, Symmetry::Exploit).expect("simulates");
     // Same compute peak, faster HBM: the memory-bound ops of this small model speed up.
     assert!(faster.timeline.makespan < h100.timeline.makespan, "{} vs {}", faster.timeline.makespan, h100.timeline.makespan);

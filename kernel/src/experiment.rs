@@ -7,6 +7,16 @@
 //! %%experiment sweep=chunks:1,2,4 set=run.steps:2
 //! name = "mpmoe"
 //! ...
+//! ```
+//!
+//! `predict=PROFILE` runs the same cell on the sim backend with that hardware profile
+//! (`h100`, `h200`, a `-datasheet` one or a TOML path): predicted step time, overlap and
+//! peak memory in a fraction of a second, so editing the TOML and re-running is live.
+//!
+//! ```text
+//! %%experiment predict=h200 sweep=chunks:1,2,4,8
+//! name = "mpmoe"
+//! ...
 //! ---
 //! name = "another spec, run after the first and shown in the same table"
 //! ```
@@ -77,7 +87,7 @@ pub fn parse_args(args: &[&str]) -> Result<MagicArgs, MagicError> {
     let mut out = MagicArgs::default();
     for arg in args {
         let bad = |message: &str| MagicError::Arg { arg: arg.to_string(), message: message.to_string() };
-        let (kind, rest) = arg.split_once('=').ok_or_else(|| bad("expected sweep=KEY:V1,V2, set=KEY:VALUE or runs=DIR"))?;
+        let (kind, rest) = arg.split_once('=').ok_or_else(|| bad("expected sweep=KEY:V1,V2, set=KEY:VALUE, predict=PROFILE or runs=DIR"))?;
         match kind {
             "sweep" => {
                 let (key, values) = rest.split_once(':').ok_or_else(|| bad("expected sweep=KEY:V1,V2,..."))?;
@@ -88,7 +98,14 @@ pub fn parse_args(args: &[&str]) -> Result<MagicArgs, MagicError> {
                 out.sets.push((key.to_string(), toml_value(value)));
             }
             "runs" => out.runs_root = Some(PathBuf::from(rest)),
-            _ => return Err(bad("unknown argument (use sweep=, set= or runs=)")),
+            "predict" => {
+                if rest.is_empty() {
+                    return Err(bad("expected predict=PROFILE, e.g. predict=h200"));
+                }
+                out.sets.push(("run.backend".into(), toml::Value::String("sim".into())));
+                out.sets.push(("run.profile".into(), toml::Value::String(rest.into())));
+            }
+            _ => return Err(bad("unknown argument (use sweep=, set=, predict= or runs=)")),
         }
     }
     Ok(out)
@@ -193,6 +210,9 @@ mod tests {
         assert_eq!(a.runs_root, Some(PathBuf::from("/tmp/r")));
         assert!(parse_args(&["chunks=1"]).is_err());
         assert!(parse_args(&["sweep=chunks"]).is_err());
+        let p = parse_args(&["predict=h100"]).unwrap();
+        assert_eq!(p.sets, vec![("run.backend".to_string(), toml::Value::from("sim")), ("run.profile".to_string(), toml::Value::from("h100"))]);
+        assert!(parse_args(&["predict="]).is_err());
     }
 
     #[test]

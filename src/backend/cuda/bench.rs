@@ -87,10 +87,12 @@ pub struct BenchReport {
     pub rows: Vec<BenchRow>,
 }
 
-struct Buf(u64, u64);
+/// A stream-ordered device allocation (pointer, stream), freed on drop.
+pub(super) struct Buf(pub(super) u64, u64);
 
 impl Buf {
-    fn new(s: &GpuStream, bytes: usize) -> Result<Buf, GpuError> {
+    /// `bytes` on stream `s`.
+    pub(super) fn new(s: &GpuStream, bytes: usize) -> Result<Buf, GpuError> {
         let cu = s.stream.cu_stream();
         // SAFETY: the stream is live; the buffer is freed in Drop on the same stream.
         let p = unsafe { result::malloc_async(cu, bytes.max(16)) }.map_err(GpuError::driver("cuMemAllocAsync"))?;
@@ -107,8 +109,9 @@ impl Drop for Buf {
     }
 }
 
+/// A kernel argument of [`launch`].
 #[derive(Clone, Copy)]
-enum A {
+pub(super) enum A {
     P(u64),
     I64(i64),
     I32(i32),
@@ -116,7 +119,8 @@ enum A {
     F32(f32),
 }
 
-fn launch(gpu: &Gpu, s: &GpuStream, name: &'static str, cfg: LaunchConfig, args: &[A]) -> Result<(), GpuError> {
+/// Launches a kernel of the executor's module on `s`.
+pub(super) fn launch(gpu: &Gpu, s: &GpuStream, name: &'static str, cfg: LaunchConfig, args: &[A]) -> Result<(), GpuError> {
     let f = gpu.func(name);
     let mut b = s.stream.launch_builder(f);
     for a in args {

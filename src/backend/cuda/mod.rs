@@ -10,10 +10,13 @@
 //! - [`store`]: device buffers tagged with the plan's memory categories.
 //! - [`comm`]: NCCL communicators per plan group.
 //! - [`bench`]: `moelab bench`, one bf16 MoE layer forward + backward against a dense GEMM.
+//! - [`calibrate`]: `moelab calibrate`, the GEMM, kernel-gap, copy and NCCL sweeps behind a
+//!   measured sim profile.
 //! - [`check`]: the device layer's conformance suite and dense GEMM benchmark
 //!   (`moelab-gpu-check`).
 
 pub mod bench;
+pub mod calibrate;
 pub mod check;
 pub mod comm;
 pub mod exec;

@@ -50,6 +50,12 @@ impl GemmShape {
 /// The GEMMs an op runs (empty for elementwise ops and collectives). Row counts of expert
 /// GEMMs come from the planned buffer sizes (capacity, or its upper bound when dropless).
 pub fn gemms(kind: &OpKind, plan: &RankPlan) -> Vec<GemmShape> {
+    gemms_at(kind, plan, 1.0)
+}
+
+/// [`gemms`] with expert row counts scaled by `rows_scale` (the expected share of a dynamic
+/// buffer's bound, see `sim::expected_dynamic_load`).
+pub fn gemms_at(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> Vec<GemmShape> {
     use OpKind::*;
     let elems = |b: crate::plan::BufId| plan.buffer(b).elems;
     let g = |m, n, k, batch| GemmShape { m, n, k, batch };
@@ -62,7 +68,7 @@ pub fn gemms(kind: &OpKind, plan: &RankPlan) -> Vec<GemmShape> {
         }
         v
     };
-    let rows_of = |x, n_local: usize, d_in: usize| elems(x) / (n_local * d_in).max(1);
+    let rows_of = |x, n_local: usize, d_in: usize| (((elems(x) / (n_local * d_in).max(1)) as f64 * rows_scale).round() as usize).max(1);
     match kind {
         Linear { rows, d_in, d_out, .. } => fwd(*rows, *d_in, *d_out, 1),
         LinearBwd { rows, d_in, d_out, dx, .. } => bwd(*rows, *d_in, *d_out, 1, dx.is_some()),
@@ -125,10 +131,24 @@ pub fn collective(op: &Op) -> Option<Vec<CollectivePart>> {
 
 /// The cost of one op of `plan` on `gpu` with GEMMs in `dtype`.
 pub fn op_cost(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype) -> Cost {
+    op_cost_at(op, plan, gpu, dtype, 1.0)
+}
+
+/// [`op_cost`] of an op whose routing-sized buffers hold `load` of their bound: FLOPs, bytes
+/// and expert GEMM rows all scaled by it.
+pub fn op_cost_at(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, load: f64) -> Cost {
+    if load != 1.0 {
+        let scaled = Op { flops: (op.flops as f64 * load) as u64, bytes: (op.bytes as f64 * load) as u64, ..op.clone() };
+        return op_cost_inner(&scaled, plan, gpu, dtype, load);
+    }
+    op_cost_inner(op, plan, gpu, dtype, 1.0)
+}
+
+fn op_cost_inner(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, rows_scale: f64) -> Cost {
     if let Some(parts) = collective(op) {
         return Cost::Collective(parts);
     }
-    let shapes = gemms(&op.kind, plan);
+    let shapes = gemms_at(&op.kind, plan, rows_scale);
     let launch = kernels(&op.kind, shapes.len()) as f64 * gpu.launch_s;
     let memory = op.bytes as f64 / gpu.mem_bandwidth;
     if shapes.is_empty() {
@@ -163,7 +183,7 @@ mod tests {
 
     #[test]
     fn a_large_gemm_runs_at_the_measured_rate() {
-        let p = profile::resolve("h100").expect("parses");
+        let p = profile::resolve("h100-datasheet").expect("parses");
         let n = 8192usize;
         let kind = OpKind::Linear { x: BufId(0), w: BufId(1), bias: None, residual: None, y: BufId(2), rows: n, d_in: n, d_out: n };
         let flops = 2 * (n as u64).pow(3);
@@ -175,11 +195,27 @@ mod tests {
 
     #[test]
     fn elementwise_ops_are_bound_by_memory_bandwidth() {
-        let p = profile::resolve("h200").expect("parses");
+        let p = profile::resolve("h200-datasheet").expect("parses");
         let kind = OpKind::Act { h: BufId(0), a: BufId(1), act: crate::spec::Activation::Gelu };
         let bytes = 1u64 << 30;
         let o = op(kind, 1000, bytes);
         let Cost::Compute(s) = op_cost(&o, &rank_with(o.clone(), 2), &p.gpu, GemmDtype::Bf16) else { panic!("compute") };
         assert!((s - p.gpu.launch_s - bytes as f64 / p.gpu.mem_bandwidth).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_measured_shape_runs_at_its_measured_rate() {
+        // The calibrated profile carries cuBLAS measurements; a plan GEMM of a measured shape
+        // (the mixtral-ish expert fc1: 16384 x 14336 x 4096 in f32) takes exactly that rate.
+        let p = profile::resolve("h200").expect("parses");
+        assert!(p.calibrated);
+        let pt = p.gpu.f32.points.iter().find(|q| (q.m, q.n, q.k) == (16384, 14336, 4096)).expect("measured");
+        let (m, n, k) = (pt.m, pt.n, pt.k);
+        let kind = OpKind::Linear { x: BufId(0), w: BufId(1), bias: None, residual: None, y: BufId(2), rows: m, d_in: k, d_out: n };
+        let flops = 2 * (m * n * k) as u64;
+        let o = op(kind, flops, 0);
+        let Cost::Compute(s) = op_cost(&o, &rank_with(o.clone(), 3), &p.gpu, GemmDtype::F32) else { panic!("compute") };
+        let tflops = flops as f64 / (s - p.gpu.launch_s) / 1e12;
+        assert!((tflops - pt.tflops).abs() < 1e-6, "{tflops} vs {}", pt.tflops);
     }
 }

@@ -15,6 +15,7 @@
 //! and the others are its images; this is what makes 2,048 ranks take seconds. Otherwise
 //! every rank is simulated.
 
+pub mod calibration;
 pub mod cost;
 pub mod engine;
 pub mod profile;
@@ -161,10 +162,25 @@ pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
     })
 }
 
-fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype) -> Vec<SimOp> {
+/// Share of a routing-sized (dynamic) buffer's upper bound that a step is expected to use:
+/// dropless plans size expert buffers for every token reaching one expert, while balanced
+/// routing sends each expert `k / E` of them (DGMoE's gates are top-1 each). 1 otherwise.
+pub fn expected_dynamic_load(spec: &crate::spec::ExperimentSpec) -> f64 {
+    let m = &spec.model;
+    let k = if spec.variant == crate::spec::Variant::Dgmoe { 1 } else { m.top_k };
+    if m.dropless { (k as f64 / m.n_experts.max(1) as f64).min(1.0) } else { 1.0 }
+}
+
+/// Costs of a rank's ops; ops that touch a dynamic buffer are scaled to the expected load
+/// (see [`expected_dynamic_load`]), so dropless plans are predicted at balanced routing.
+fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, load: f64) -> Vec<SimOp> {
     rp.ops
         .iter()
-        .map(|op| SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost: cost::op_cost(op, rp, &profile.gpu, dtype) })
+        .map(|op| {
+            let dynamic = load < 1.0 && op.reads.iter().chain(&op.writes).any(|b| rp.buffer(*b).dynamic);
+            let cost = cost::op_cost_at(op, rp, &profile.gpu, dtype, if dynamic { load } else { 1.0 });
+            SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost }
+        })
         .collect()
 }
 
@@ -213,7 +229,7 @@ pub fn simulate_plan(plan: &Plan, profile: &Profile, symmetry: Symmetry) -> Resu
         (plan.ranks.iter().collect(), Coupling::Full)
     };
     let input = SimInput {
-        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype) }).collect(),
+        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, expected_dynamic_load(&plan.spec)) }).collect(),
         groups,
         profile,
         coupling,

@@ -13,9 +13,13 @@ use std::fmt;
 use std::path::Path;
 
 /// The profiles compiled into the binary, by name: `run.profile = "h100"` needs no file.
-pub const BUILTIN: [(&str, &str); 2] = [
+/// `h100`/`h200` are measured by `moelab calibrate`; the `-datasheet` ones are the public
+/// numbers and stated assumptions they were calibrated from (and the base for recalibrating).
+pub const BUILTIN: [(&str, &str); 4] = [
     ("h100", include_str!("../../../profiles/h100.toml")),
     ("h200", include_str!("../../../profiles/h200.toml")),
+    ("h100-datasheet", include_str!("../../../profiles/h100-datasheet.toml")),
+    ("h200-datasheet", include_str!("../../../profiles/h200-datasheet.toml")),
 ];
 
 /// The profile a sim run uses when `run.profile` is not given.
@@ -152,11 +156,27 @@ pub struct GemmPoint {
 
 impl GemmModel {
     /// Share of the peak that a batch of `batch` GEMMs of `[m, k] x [k, n]` achieves.
+    ///
+    /// The fitted curve (peak x `eff_max` x tile, wave and k terms) gives the shape's trend;
+    /// it is then scaled by measured over fitted at the nearest measured shape (log distance
+    /// in m, n, k), so a measured shape comes back exactly as measured and its neighbours
+    /// inherit its deviation from the curve (cuBLAS picks other tiles and split-k for thin
+    /// shapes than one fixed tile assumes).
     pub fn efficiency(&self, m: usize, n: usize, k: usize, batch: usize) -> f64 {
         if m == 0 || n == 0 || k == 0 || batch == 0 {
             return self.eff_max;
         }
-        self.eff_max * self.shape_term(m, n, k, batch)
+        let curve = self.eff_max * self.shape_term(m, n, k, batch);
+        let dist = |p: &GemmPoint| {
+            let l = |a: usize, b: usize| ((a as f64) / (b as f64)).ln().powi(2);
+            l(m, p.m) + l(n, p.n) + l(k, p.k)
+        };
+        let nearest = self.points.iter().min_by(|a, b| dist(a).total_cmp(&dist(b)));
+        let correction = nearest.map_or(1.0, |p| {
+            let fitted = self.eff_max * self.shape_term(p.m, p.n, p.k, 1);
+            if fitted > 0.0 { p.tflops * 1e12 / self.peak_flops / fitted } else { 1.0 }
+        });
+        (curve * correction).min(1.0)
     }
     /// The shape-dependent factor of the efficiency: tile and wave quantization times the
     /// k-term, in (0, 1].
@@ -434,6 +454,11 @@ struct LinkToml {
     all_reduce: CollectiveParams,
     all_gather: CollectiveParams,
     reduce_scatter: CollectiveParams,
+}
+
+/// The TOML text of a built-in profile, if `name` is one.
+pub fn builtin_text(name: &str) -> Option<&'static str> {
+    BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
 
 /// Load a profile by built-in name (`h100`, `h200`) or by path to a TOML file.

@@ -1,0 +1,305 @@
+//! From measurements to a profile: what `moelab calibrate` measured on real GPUs (GEMM
+//! throughput per shape and element type, back-to-back kernel gap, copy bandwidth, NCCL
+//! collective times per size) and how it becomes a hardware profile TOML. The base profile
+//! supplies everything not measured (datasheet peaks, the inter-node link, topology); the
+//! result parses with [`super::profile::parse`] and says `calibrated = true`.
+//!
+//! This half needs no GPU, so the fits and the rendering are tested everywhere; the cuda
+//! backend's `calibrate` module takes the measurements.
+
+use super::profile::{self, CollectiveKind, GemmDtype, ProfileError};
+use serde::{Deserialize, Deserializer, Serialize};
+use toml::{Table, Value};
+
+/// One measured GEMM: `[m, k] x [k, n]`, median over repetitions.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GemmMeasure {
+    /// Element type (bf16 with f32 accumulation, or f32).
+    #[serde(serialize_with = "dtype_name", deserialize_with = "dtype_from")]
+    pub dtype: GemmDtype,
+    /// Output rows.
+    pub m: usize,
+    /// Output columns.
+    pub n: usize,
+    /// Reduction length.
+    pub k: usize,
+    /// Achieved TFLOP/s.
+    pub tflops: f64,
+}
+
+fn dtype_name<S: serde::Serializer>(d: &GemmDtype, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match d {
+        GemmDtype::Bf16 => "bf16",
+        GemmDtype::F32 => "f32",
+    })
+}
+
+/// One measured collective: `bytes` of payload per member (as plans count it, see
+/// [`CollectiveKind::wire_bytes`]) over `members` GPUs took `seconds` (median).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CollectiveMeasure {
+    /// Which collective.
+    #[serde(serialize_with = "kind_name", deserialize_with = "kind_from")]
+    pub kind: CollectiveKind,
+    /// GPUs taking part.
+    pub members: usize,
+    /// Payload per member, bytes.
+    pub bytes: f64,
+    /// Median time, seconds.
+    pub seconds: f64,
+}
+
+fn kind_name<S: serde::Serializer>(k: &CollectiveKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(k.as_str())
+}
+
+fn kind_from<'de, D: Deserializer<'de>>(d: D) -> Result<CollectiveKind, D::Error> {
+    let name = String::deserialize(d)?;
+    CollectiveKind::ALL.into_iter().find(|k| k.as_str() == name).ok_or_else(|| serde::de::Error::custom(format!("unknown collective {name:?}")))
+}
+
+fn dtype_from<'de, D: Deserializer<'de>>(d: D) -> Result<GemmDtype, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "bf16" => Ok(GemmDtype::Bf16),
+        "f32" => Ok(GemmDtype::F32),
+        other => Err(serde::de::Error::custom(format!("unknown GEMM dtype {other:?} (bf16 or f32)"))),
+    }
+}
+
+/// Everything one `moelab calibrate` run measured (its `--json` file holds it, so a
+/// profile can be refitted later without the GPU: `moelab calibrate --from`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Device name as the driver reports it.
+    pub device: String,
+    /// GPUs used for the collectives (1: none measured).
+    pub gpus: usize,
+    /// When, UTC.
+    pub date: String,
+    /// GEMM sweep.
+    pub gemms: Vec<GemmMeasure>,
+    /// Time between the starts of back-to-back tiny kernels on one stream, microseconds.
+    pub launch_us: f64,
+    /// Device-to-device copy bandwidth (bytes read + written per second), TB/s.
+    pub copy_tbps: f64,
+    /// Collective sweep (empty on one GPU).
+    pub collectives: Vec<CollectiveMeasure>,
+}
+
+/// A collective's fitted `time = latency + wire_bytes / (bandwidth * efficiency)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CollectiveFit {
+    /// Which collective.
+    #[serde(serialize_with = "kind_name")]
+    pub kind: CollectiveKind,
+    /// Fitted start-up time, microseconds (>= 0).
+    pub latency_us: f64,
+    /// Fitted share of the link bandwidth, in (0, 1].
+    pub efficiency: f64,
+    /// Largest relative error of the fit over the measured sizes.
+    pub worst_rel_err: f64,
+}
+
+/// Why a calibration cannot become a profile.
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrationError {
+    /// The base profile does not load.
+    #[error(transparent)]
+    Base(#[from] ProfileError),
+    /// The base profile's text is not the expected TOML shape.
+    #[error("base profile {0}: {1}")]
+    Shape(String, String),
+    /// The rendered profile does not parse (a measurement out of range).
+    #[error("the calibrated profile does not load: {0}")]
+    Result(ProfileError),
+}
+
+/// Fit of one collective kind's measurements on a link of `bandwidth` bytes/s, minimising
+/// the squared *relative* error (so a 1 MiB message counts as much as a 512 MiB one).
+/// `None` when fewer than two sizes were measured.
+pub fn fit_collective(kind: CollectiveKind, measures: &[CollectiveMeasure], bandwidth: f64) -> Option<CollectiveFit> {
+    let pts: Vec<(f64, f64)> = measures.iter().filter(|m| m.kind == kind && m.seconds > 0.0).map(|m| (kind.wire_bytes(m.bytes, m.members), m.seconds)).collect();
+    if pts.len() < 2 {
+        return None;
+    }
+    // min sum (a u + b v - 1)^2 with u = 1/t, v = x/t: the 2x2 normal equations.
+    let (mut suu, mut suv, mut svv, mut su, mut sv) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for (x, t) in &pts {
+        let (u, v) = (1.0 / t, x / t);
+        suu += u * u;
+        suv += u * v;
+        svv += v * v;
+        su += u;
+        sv += v;
+    }
+    let det = suu * svv - suv * suv;
+    if det.abs() <= f64::EPSILON * suu * svv {
+        return None;
+    }
+    let (mut latency, mut slope) = ((su * svv - sv * suv) / det, (suu * sv - suv * su) / det);
+    if latency < 0.0 || slope <= 0.0 {
+        // Refit through the origin (no start-up time): min sum (b v - 1)^2.
+        latency = 0.0;
+        slope = sv / svv;
+    }
+    let efficiency = (1.0 / (slope * bandwidth)).min(1.0);
+    let model = |w: f64| latency + w / (bandwidth * efficiency);
+    let worst_rel_err = pts.iter().map(|(w, t)| (model(*w) - t).abs() / t).fold(0.0, f64::max);
+    Some(CollectiveFit { kind, latency_us: latency * 1e6, efficiency, worst_rel_err })
+}
+
+fn table<'a>(t: &'a mut Table, path: &[&str], base: &str) -> Result<&'a mut Table, CalibrationError> {
+    let mut cur = t;
+    for key in path {
+        cur = cur
+            .get_mut(*key)
+            .and_then(Value::as_table_mut)
+            .ok_or_else(|| CalibrationError::Shape(base.to_string(), format!("has no [{}] table", path.join("."))))?;
+    }
+    Ok(cur)
+}
+
+/// The calibrated profile: `base_text` (a profile TOML) with every measured term replaced,
+/// named `name`, `calibrated = true`, and a header saying what was measured and what was
+/// kept from the base. Returns the TOML text and the collective fits; the text is checked
+/// to load.
+pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -> Result<(String, Vec<CollectiveFit>), CalibrationError> {
+    let parsed = profile::parse(base_text, base_name)?;
+    let mut root: Table = toml::from_str(base_text).map_err(|e| CalibrationError::Shape(base_name.into(), e.to_string()))?;
+    root.insert("name".into(), name.into());
+    root.insert("device".into(), cal.device.clone().into());
+    root.insert("calibrated".into(), true.into());
+    root.insert("date".into(), cal.date.clone().into());
+    let source = format!("moelab calibrate on {}, {}", cal.device, cal.date);
+    {
+        let gpu = table(&mut root, &["gpu"], base_name)?;
+        gpu.insert("launch_us".into(), round(cal.launch_us, 3).into());
+        let peak = gpu.get("hbm_tbps").and_then(Value::as_float).unwrap_or(parsed.gpu.mem_bandwidth / 1e12);
+        gpu.insert("hbm_efficiency".into(), round((cal.copy_tbps / peak).min(1.0), 4).into());
+        let gemm = table(gpu, &["gemm"], base_name)?;
+        gemm.remove("k_half");
+        for (key, dtype) in [("bf16", GemmDtype::Bf16), ("f32", GemmDtype::F32)] {
+            let pts: Vec<Value> = cal
+                .gemms
+                .iter()
+                .filter(|g| g.dtype == dtype)
+                .map(|g| {
+                    let mut p = Table::new();
+                    p.insert("m".into(), (g.m as i64).into());
+                    p.insert("n".into(), (g.n as i64).into());
+                    p.insert("k".into(), (g.k as i64).into());
+                    p.insert("tflops".into(), round(g.tflops, 2).into());
+                    p.insert("source".into(), source.clone().into());
+                    Value::Table(p)
+                })
+                .collect();
+            let d = table(gemm, &[key], base_name)?;
+            if pts.is_empty() {
+                continue;
+            }
+            d.remove("efficiency");
+            d.insert("points".into(), Value::Array(pts));
+        }
+    }
+    let mut fits = Vec::new();
+    if !cal.collectives.is_empty() {
+        let intra = parsed.topology.intra.as_str();
+        let link = table(&mut root, &["links", intra], base_name)?;
+        for kind in CollectiveKind::ALL {
+            let Some(f) = fit_collective(kind, &cal.collectives, parsed.intra.bandwidth) else { continue };
+            let c = table(link, &[kind.as_str()], base_name)?;
+            c.insert("latency_us".into(), round(f.latency_us, 2).into());
+            c.insert("step_us".into(), 0.0.into());
+            c.insert("efficiency".into(), round(f.efficiency, 4).into());
+            fits.push(f);
+        }
+    }
+    let body = toml::to_string(&root).map_err(|e| CalibrationError::Shape(base_name.into(), e.to_string()))?;
+    let mut text = format!(
+        "# {name}: measured by `moelab calibrate` on {} ({} GPU{}), {}.\n\
+         # Measured: gpu.launch_us (back-to-back kernel gap), gpu.hbm_efficiency (device copy\n\
+         # bandwidth over the datasheet peak), every gpu.gemm.*.points entry (cuBLAS, median of\n\
+         # repetitions){}.\n\
+         # Kept from the base profile `{base_name}` (datasheet values and stated assumptions): the\n\
+         # peaks, memory, SMs, vector FLOP/s, GEMM tile sizes, topology{}.\n\n",
+        cal.device,
+        cal.gpus,
+        if cal.gpus == 1 { "" } else { "s" },
+        cal.date,
+        if fits.is_empty() { "" } else { ", the intra-node collectives (NCCL, latency and bandwidth share fitted per kind; step_us folded into latency)" },
+        if fits.is_empty() { ", every link (one GPU: no collective measured)" } else { " and the inter-node link" },
+    );
+    text.push_str(&body);
+    profile::parse(&text, name).map_err(CalibrationError::Result)?;
+    Ok((text, fits))
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let s = 10f64.powi(digits);
+    (v * s).round() / s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> &'static str {
+        include_str!("../../../profiles/h200-datasheet.toml")
+    }
+
+    fn measured() -> Calibration {
+        let mut gemms = Vec::new();
+        for (m, n, k) in [(8192, 8192, 8192), (16384, 14336, 4096), (4096, 4096, 512), (2048, 2048, 128)] {
+            let eff = k as f64 / (k as f64 + 256.0);
+            gemms.push(GemmMeasure { dtype: GemmDtype::Bf16, m, n, k, tflops: 800.0 * eff });
+            gemms.push(GemmMeasure { dtype: GemmDtype::F32, m, n, k, tflops: 52.0 * eff });
+        }
+        // An all-reduce on 2 GPUs with 12 us latency and 360 GB/s bus bandwidth.
+        let collectives = [1e6, 16e6, 256e6]
+            .into_iter()
+            .map(|b| CollectiveMeasure { kind: CollectiveKind::AllReduce, members: 2, bytes: b, seconds: 12e-6 + CollectiveKind::AllReduce.wire_bytes(b, 2) / 360e9 })
+            .collect();
+        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives }
+    }
+
+    #[test]
+    fn a_collective_fit_recovers_latency_and_bandwidth() {
+        let cal = measured();
+        let f = fit_collective(CollectiveKind::AllReduce, &cal.collectives, 450e9).expect("three sizes");
+        assert!((f.latency_us - 12.0).abs() < 1e-6, "{f:?}");
+        assert!((f.efficiency - 0.8).abs() < 1e-9, "{f:?}");
+        assert!(f.worst_rel_err < 1e-9);
+        assert!(fit_collective(CollectiveKind::AllToAll, &cal.collectives, 450e9).is_none());
+    }
+
+    #[test]
+    fn the_rendered_profile_loads_and_carries_the_measurements() {
+        let (text, fits) = render(base(), "h200-datasheet", "h200-test", &measured()).expect("renders");
+        let p = profile::parse(&text, "t").expect("parses");
+        assert!(p.calibrated && p.name == "h200-test" && p.device == "Test GPU");
+        assert!((p.gpu.launch_s - 2.5e-6).abs() < 1e-12);
+        assert!((p.gpu.mem_bandwidth - 3.9e12).abs() / 3.9e12 < 1e-3);
+        assert_eq!(fits.len(), 1);
+        let ar = p.intra.collective(CollectiveKind::AllReduce);
+        assert!((ar.latency_us - 12.0).abs() < 0.01 && (ar.efficiency - 0.8).abs() < 1e-3);
+        // The GEMM models are fitted to the measured points: the measured shapes come back.
+        for g in measured().gemms {
+            let model = p.gpu.gemm(g.dtype);
+            let pred = model.predicted_tflops(g.m, g.n, g.k);
+            assert!((pred - g.tflops).abs() / g.tflops < 0.15, "{g:?}: predicted {pred}");
+        }
+        assert!(text.starts_with("# h200-test: measured by `moelab calibrate` on Test GPU (2 GPUs)"));
+    }
+
+    #[test]
+    fn one_gpu_keeps_the_base_links() {
+        let mut cal = measured();
+        cal.collectives.clear();
+        cal.gpus = 1;
+        let (text, fits) = render(base(), "h200-datasheet", "h200-1", &cal).expect("renders");
+        assert!(fits.is_empty());
+        let (p, b) = (profile::parse(&text, "t").expect("parses"), profile::resolve("h200-datasheet").expect("base"));
+        assert_eq!(p.intra, b.intra);
+        assert!(text.contains("every link (one GPU"));
+    }
+}
