@@ -345,7 +345,15 @@ impl<'a> StreamExec<'a> {
         let p = Arg::P;
         let mut outcome = GpuOutcome::default();
         match &op.kind {
-            LoadBatch { .. } => return self.host(op),
+            // Gradient accumulation over micro-batches runs the cpu implementation on the
+            // downloaded buffers (small next to the step's GEMMs; no kernel of its own yet).
+            LoadBatch { .. } | GradAccum { .. } => return self.host(op),
+            SendRecv { .. } => {
+                return Err(ExecError::Plan(format!(
+                    "{}: pipeline send/recv (layout.pp > 1) is not implemented on the cuda backend; run pipeline stages with backend \"cpu\" or \"sim\"",
+                    op.name
+                )))
+            }
             Dispatch { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
             | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. } | LocalUnlayout { .. } => {
                 return self.layout(op)
