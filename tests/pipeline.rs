@@ -14,7 +14,7 @@ use moelab::backend::cpu::CpuRuntime;
 use moelab::backend::StepReport;
 use moelab::plan::Plan;
 use moelab::spec::{from_toml_str, ExperimentSpec};
-use moelab::taxonomy::{Pass, Stage, Stream};
+use moelab::taxonomy::{MemCategory, Pass, Stage, Stream};
 
 const MODEL: &str = "tokens_per_rank = 32\nseq_len = 8\nn_layers = 2\ndropless = true\naux_loss_coef = 0.0\n";
 const BACKBONE: &str = "[model.backbone]\nn_heads = 2\nd_mlp = 20\n";
@@ -133,4 +133,128 @@ fn three_stages_and_training_steps_stay_in_lockstep() {
         let err = rel_err(&dist.read(rank, name).unwrap(), &single.read(0, name).unwrap());
         assert!(err < 1e-4, "{name} drifted apart: {err}");
     }
+}
+
+/// Activation bytes: the plan's prediction and the cpu backend's tracked maximum, on rank 0
+/// (the first stage, which holds the most micro-batches).
+fn activation_peaks(schedule: &str, micro: usize) -> (u64, u64) {
+    let s = pp_spec(1, 1, 2, &format!("micro_batches = {micro}\nschedule = \"{schedule}\""), "");
+    let plan = Plan::build(&s).unwrap();
+    let act = MemCategory::Activations.index();
+    let predicted = moelab::plan::memory::predict(&plan.ranks[0]).max_per_category[act];
+    let mut rt = runtime(&s, &[], true);
+    rt.step(true, Some(0)).unwrap();
+    let a = moelab::analysis::analyze(&rt.trace());
+    (predicted, a.memory.ranks[0].max_per_category[act])
+}
+
+#[test]
+fn one_f_one_b_holds_fewer_activations_than_gpipe() {
+    let (gp, gt) = activation_peaks("gpipe", 4);
+    let (fp, ft) = activation_peaks("1f1b", 4);
+    // Stage 0 of 2 keeps 4 micro-batches' activations under GPipe, at most 2 under 1F1B.
+    assert!(fp < gp, "predicted activation peak: 1f1b {fp} vs gpipe {gp}");
+    assert!(ft < gt, "tracked activation peak: 1f1b {ft} vs gpipe {gt}");
+    assert!((fp as f64) < 0.75 * gp as f64, "1f1b should hold about half: {fp} vs {gp}");
+}
+
+#[test]
+fn trace_shows_the_exchanges_and_the_bubble() {
+    let s = pp_spec(1, 1, 2, "micro_batches = 4\nschedule = \"gpipe\"", "");
+    let mut rt = runtime(&s, &[], true);
+    rt.step(true, Some(0)).unwrap();
+    let t = rt.trace();
+    // Four activations down and four gradients up, on the comm stream of both stages.
+    for rank in 0..2u32 {
+        let ex: Vec<_> = t.ops.iter().filter(|o| o.rank == rank && o.stage == Stage::SendRecv).collect();
+        assert_eq!(ex.len(), 8, "rank {rank}: {:?}", ex.iter().map(|o| &o.name).collect::<Vec<_>>());
+        assert!(ex.iter().all(|o| o.stream == Stream::Comm));
+        assert_eq!(ex.iter().filter(|o| o.pass == Pass::Forward).count(), 4);
+    }
+    // GPipe's bubble: stage 0 idles after its last forward until stage 1 has run the first
+    // micro-batch's backward and sent its gradient back.
+    let compute = |rank: u32, pass: Pass| t.ops.iter().filter(move |o| o.rank == rank && o.stream == Stream::Compute && o.pass == pass);
+    let fwd_end = compute(0, Pass::Forward).map(|o| o.end_ns).max().unwrap();
+    let bwd_start = compute(0, Pass::Backward).map(|o| o.start_ns).min().unwrap();
+    assert!(bwd_start > fwd_end, "stage 0 waits between its forwards and its backwards");
+    let stage1_b0: Vec<_> = compute(1, Pass::Backward).filter(|o| o.chunk == Some(0)).collect();
+    assert!(!stage1_b0.is_empty());
+    assert!(stage1_b0.iter().all(|o| o.start_ns >= fwd_end && o.end_ns <= bwd_start), "stage 1's first backward fills stage 0's bubble");
+}
+
+/// The share of the step that stage 0's compute stream idles in the sim (the bubble).
+fn sim_bubble(micro: usize, schedule: &str) -> f64 {
+    let text = format!(
+        "name = \"t\"\nvariant = \"ppmoe\"\n[model]\nd_model = 1024\nd_ffn = 4096\nn_experts = 8\nbatch = 16\nseq_len = 512\nn_layers = 4\n[model.backbone]\nn_heads = 16\nd_mlp = 4096\n[layout]\ntp = 2\npp = 2\n[ppmoe]\nmicro_batches = {micro}\nschedule = \"{schedule}\"\n[run]\nbackend = \"sim\"\n"
+    );
+    let s = from_toml_str(&text).unwrap();
+    let mut rt = moelab::backend::runtime(Plan::build(&s).unwrap(), moelab::backend::ExecOptions::default());
+    rt.step(true, Some(0)).unwrap();
+    let t = rt.trace();
+    let span = t.steps.iter().find(|x| x.rank == 0).unwrap();
+    let busy: u64 = t.ops.iter().filter(|o| o.rank == 0 && o.stream == Stream::Compute).map(|o| o.end_ns - o.start_ns).sum();
+    1.0 - busy as f64 / (span.end_ns - span.start_ns) as f64
+}
+
+#[test]
+fn sim_runs_the_pipeline_and_more_micro_batches_shrink_the_bubble() {
+    let one = sim_bubble(1, "1f1b");
+    let eight = sim_bubble(8, "1f1b");
+    let gpipe = sim_bubble(8, "gpipe");
+    // With 2 stages and m micro-batches the ideal bubble is (p - 1) / (m + p - 1): 1/2, then 1/9.
+    assert!(one > 0.35, "one micro-batch: stage 0 idles about half the step ({one})");
+    assert!(eight < 0.5 * one, "eight micro-batches: bubble {eight} vs {one}");
+    assert!((gpipe - eight).abs() < 0.1, "GPipe and 1F1B have the same bubble: {gpipe} vs {eight}");
+}
+
+#[test]
+fn tensor_parallel_backbone_shrinks_the_parameters() {
+    let params = |tp: usize| {
+        let s = pp_spec(1, tp, 1, "", "");
+        let plan = Plan::build(&s).unwrap();
+        let qkv = plan.ranks[0].buffer(plan.ranks[0].buffer_id("L0.attn.qkv.w").unwrap()).elems;
+        (qkv, moelab::plan::memory::predict(&plan.ranks[0]).at_peak[MemCategory::Params.index()])
+    };
+    let (q1, p1) = params(1);
+    let (q2, p2) = params(2);
+    assert_eq!(q1, 16 * 48);
+    assert_eq!(q2, q1 / 2, "QKV is column-parallel");
+    // Everything but the LayerNorms, the gate and one copy of each row-parallel bias halves.
+    assert!((p2 as f64) < 0.6 * p1 as f64, "params per rank: tp=2 {p2} vs tp=1 {p1}");
+}
+
+fn problems(text: &str) -> Vec<(String, String)> {
+    match from_toml_str(text) {
+        Ok(_) => panic!("should be rejected:\n{text}"),
+        Err(e) => e.problems().iter().map(|p| (p.field.clone(), format!("{}: {}", p.message, p.fix))).collect(),
+    }
+}
+
+#[test]
+fn validation_names_the_fields_and_the_fix() {
+    let base = "name = \"t\"\nvariant = \"ppmoe\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 6\ntokens_per_rank = 32\nseq_len = 8\nn_layers = 3\n";
+    let has = |ps: &[(String, String)], field: &str, text: &str| {
+        assert!(ps.iter().any(|(f, m)| f == field && m.contains(text)), "expected {field} with {text:?} in {ps:?}");
+    };
+    let ps = problems(&format!("{base}[model.backbone]\nn_heads = 8\nd_mlp = 20\n[layout]\ntp = 3\n"));
+    has(&ps, "layout.tp", "layout.tp=3 does not divide model.backbone.n_heads=8");
+    let ps = problems(&format!("{base}[model.backbone]\nn_heads = 6\nd_mlp = 20\n[layout]\ntp = 3\n"));
+    has(&ps, "layout.tp", "layout.tp=3 does not divide model.backbone.d_mlp=20");
+    let ps = problems(&format!("{base}[layout]\npp = 2\n"));
+    has(&ps, "layout.pp", "layout.pp=2 does not divide model.n_layers=3");
+    has(&ps, "layout.pp", "choose pp from {1, 3}");
+    let ps = problems(&format!("{base}[ppmoe]\nmicro_batches = 3\n"));
+    has(&ps, "ppmoe.micro_batches", "ppmoe.micro_batches=3 does not divide model.batch=4");
+    let ps = problems(&format!("{base}[ppmoe]\nmicro_batches = 0\n"));
+    has(&ps, "ppmoe.micro_batches", "at least 1");
+    let ps = problems(&format!("{base}[ppmoe]\nschedule = \"zb\"\n"));
+    assert!(ps.is_empty() || ps.iter().any(|p| p.0.contains("schedule")));
+    let ps = problems("name = \"t\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 4\ntokens_per_rank = 8\n[ppmoe]\nmicro_batches = 2\n");
+    has(&ps, "ppmoe", "applies to variant \"ppmoe\" only");
+    let ps = problems(&format!("{base}[layout]\npp = 3\n[run]\nbackend = \"cuda\"\n"));
+    has(&ps, "layout.pp", "the cuda backend has no pipeline send/recv");
+    // Defaults: enough micro-batches to fill the pipeline, 1F1B.
+    let s = from_toml_str(&format!("{base}[layout]\npp = 3\n[run]\nbackend = \"cpu\"\n")).unwrap();
+    let o = s.ppmoe.unwrap();
+    assert_eq!((o.micro_batches, o.schedule.as_str()), (Some(4), "1f1b"));
 }
