@@ -258,3 +258,19 @@ fn validation_names_the_fields_and_the_fix() {
     let o = s.ppmoe.unwrap();
     assert_eq!((o.micro_batches, o.schedule.as_str()), (Some(4), "1f1b"));
 }
+
+#[test]
+fn micro_batch_aux_loss_gradient_matches_finite_differences() {
+    // The load-balancing loss of a step is the mean over micro-batches (each routed on its
+    // own), so each micro-batch's backward carries 1/micro of its coefficient; a large
+    // coefficient makes that term dominate the gate's gradient. Two stages: the gradient of
+    // stage 0's parameters comes back through the exchanges.
+    let text = "name = \"t\"\nvariant = \"ppmoe\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 4\ntokens_per_rank = 32\nseq_len = 8\nn_layers = 2\ndropless = true\naux_loss_coef = 20.0\n[layout]\npp = 2\n[ppmoe]\nmicro_batches = 2\n[run]\nbackend = \"cpu\"\n";
+    let s = from_toml_str(text).unwrap();
+    let routes: Vec<String> = (0..2).map(|j| format!("mb{j}.L0.route.idx")).collect();
+    let retain: Vec<&str> = routes.iter().map(String::as_str).collect();
+    let mut rt = runtime(&s, &retain, true);
+    for name in ["L0.gate.w", "L0.ln_moe.gamma", "L0.expert.w1"] {
+        check_finite_differences(&mut rt, 20.0, &routes, name, 6);
+    }
+}
