@@ -272,7 +272,7 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         // else the cpu reference.
         BackendKind::Auto => {
             let gpus = crate::backend::cuda::visible_gpus();
-            // Pipeline stages need send/recv, which the cuda backend does not have yet.
+            // Pipeline stages do not run on cuda yet (see check_ppmoe).
             let pipelined = spec.variant == Variant::Ppmoe && spec.layout.pp > 1;
             r.backend = if gpus >= world && gpus > 0 && spec.model.dtype == super::DType::F32 && !pipelined { BackendKind::Cuda } else { BackendKind::Cpu };
         }
@@ -493,8 +493,8 @@ fn check_ted(c: &mut Checker, spec: &mut ExperimentSpec) {
 /// PPMoE rules: the `[ppmoe]` table belongs to variant "ppmoe" (which gets its defaults when
 /// the table is absent); the experts are spread over the tensor-parallel group (so ep = 1 and
 /// tp divides n_experts); the backbone is split over it too (tp divides n_heads and d_mlp);
-/// pp divides n_layers; the micro-batches divide the batch; and the cuda backend has no
-/// pipeline send/recv (pp = 1 there).
+/// pp divides n_layers; the micro-batches divide the batch; and pipeline stages are refused
+/// on the cuda backend (its send/recv has not run on GPUs yet).
 fn check_ppmoe(c: &mut Checker, spec: &mut ExperimentSpec) {
     use super::PpmoeSpec;
     if spec.variant != Variant::Ppmoe {
@@ -541,8 +541,9 @@ fn check_ppmoe(c: &mut Checker, spec: &mut ExperimentSpec) {
         (None, None) => opts.micro_batches = Some(1),
         _ => {}
     }
+    // The cuda executor has an NCCL send/recv for SendRecv, but it has not run on GPUs yet.
     if spec.run.backend == BackendKind::Cuda && l.pp > 1 {
-        c.fail("layout.pp", format!("the cuda backend has no pipeline send/recv yet (layout.pp={})", l.pp),
+        c.fail("layout.pp", format!("the cuda backend does not run pipeline stages yet (layout.pp={}): its send/recv between stages is unverified on GPUs", l.pp),
             "set layout.pp = 1 for cuda runs, or run the pipeline with backend = \"cpu\" (or \"sim\" for predicted times)");
     }
 }

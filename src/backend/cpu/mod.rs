@@ -100,21 +100,17 @@ impl CpuRuntime {
         let mut first_cause = None;
         let mut any_err = None;
         let mut report = StepReport { step, measured, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, wall_s: t0.elapsed().as_secs_f64() };
-        // Routing facts are global to a layer: each layer's come from the lowest rank that
-        // routes it (rank 0 unless pipeline stages hold the layers); its aux loss is averaged
-        // over the micro-batches (op chunks) that rank routed, drops and assignments summed.
-        let mut routing: std::collections::BTreeMap<Option<u32>, (u32, Vec<(Option<u32>, RouteObs)>)> = std::collections::BTreeMap::new();
+        // Routing figures are global to a layer: one rank reports each layer's.
+        let mut routing = Vec::new();
         for (rank, r) in results.into_iter().enumerate() {
             match r {
                 Ok(obs) => {
+                    let mine = super::reported_layers(plan, rank);
                     for (stage, layer, chunk, o) in obs {
                         if stage == Stage::Loss {
                             report.loss += o.loss;
-                            continue;
-                        }
-                        let e = routing.entry(layer).or_insert((rank as u32, Vec::new()));
-                        if e.0 == rank as u32 {
-                            e.1.push((chunk, o));
+                        } else if mine.contains(&layer) {
+                            routing.push((layer, chunk, o));
                         }
                     }
                 }
@@ -126,14 +122,7 @@ impl CpuRuntime {
                 }
             }
         }
-        for (_, obs) in routing.values() {
-            let mut chunks: Vec<Option<u32>> = obs.iter().map(|o| o.0).collect();
-            chunks.sort_unstable();
-            chunks.dedup();
-            report.aux_loss += obs.iter().map(|o| o.1.aux).sum::<f64>() / chunks.len() as f64;
-            report.dropped += obs.iter().map(|o| o.1.dropped).sum::<usize>();
-            report.routed += obs.iter().map(|o| o.1.routed).sum::<usize>();
-        }
+        (report.aux_loss, report.dropped, report.routed) = super::routing_figures(&routing);
         if let Some(e) = first_cause.or(any_err) {
             return Err(e);
         }

@@ -348,11 +348,22 @@ impl<'a> StreamExec<'a> {
             // Gradient accumulation over micro-batches runs the cpu implementation on the
             // downloaded buffers (small next to the step's GEMMs; no kernel of its own yet).
             LoadBatch { .. } | GradAccum { .. } => return self.host(op),
-            SendRecv { .. } => {
-                return Err(ExecError::Plan(format!(
-                    "{}: pipeline send/recv (layout.pp > 1) is not implemented on the cuda backend; run pipeline stages with backend \"cpu\" or \"sim\"",
-                    op.name
-                )))
+            // Pipeline exchanges: one NCCL group of send and recv with the peer. Not yet run on
+            // GPUs, so validation keeps pipeline plans (layout.pp > 1) off this backend.
+            SendRecv { group, send, recv } => {
+                let sb = match send {
+                    Some(b) => Some(self.input(*b)?),
+                    None => None,
+                };
+                let rb = match recv {
+                    Some(r) => {
+                        let n = lock(self.store).desc(*r).elems;
+                        Some(self.output(*r, n)?)
+                    }
+                    None => None,
+                };
+                self.comms.send_recv(*group, sb.map(|b| (b.ptr, b.len)), rb.map(|b| (b.ptr, b.len)), &self.s.stream)?;
+                outcome.bytes = Some((sb.map_or(0, |b| b.len) * 4) as u64);
             }
             Dispatch { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
             | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. } | LocalUnlayout { .. } => {
