@@ -44,7 +44,7 @@ pub struct ExperimentSpec {
 }
 
 /// PPMoE options: micro-batches and the pipeline schedule of `layout.pp` stages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PpmoeSpec {
     /// Micro-batches per step: each data shard's `model.batch` sequences are split into this
@@ -56,12 +56,6 @@ pub struct PpmoeSpec {
     /// Order of the micro-batches' forward and backward passes on each stage.
     #[serde(default)]
     pub schedule: PipelineSchedule,
-}
-
-impl Default for PpmoeSpec {
-    fn default() -> Self {
-        PpmoeSpec { micro_batches: None, schedule: PipelineSchedule::default() }
-    }
 }
 
 impl PpmoeSpec {
