@@ -56,10 +56,17 @@ impl RankBuilder {
     pub fn begin_grad_redirect(&mut self) {
         self.redirect = Some(Vec::new());
     }
-    /// Stop redirecting gradients; returns the (temporary, step gradient) pairs handed out.
-    pub fn end_grad_redirect(&mut self) -> Vec<(BufId, BufId)> {
-        let pairs = self.redirect.take().unwrap_or_default();
+    /// The (temporary, step gradient) pairs handed out since the last call, while gradients
+    /// stay redirected (empty when they are not).
+    pub fn take_grad_redirect(&mut self) -> Vec<(BufId, BufId)> {
+        let pairs = self.redirect.as_mut().map(std::mem::take).unwrap_or_default();
         pairs.into_iter().map(|(value, tmp)| (tmp, self.main_grad(value))).collect()
+    }
+    /// Stop redirecting gradients; returns the pairs handed out since the last take.
+    pub fn end_grad_redirect(&mut self) -> Vec<(BufId, BufId)> {
+        let pairs = self.take_grad_redirect();
+        self.redirect = None;
+        pairs
     }
     fn push_buf(&mut self, mut desc: BufferDesc) -> BufId {
         if !desc.persistent && !self.prefix.is_empty() {

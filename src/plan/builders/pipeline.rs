@@ -10,7 +10,8 @@
 //! activation (1F1B's steady state), the two messages travel in one exchange, as Megatron's
 //! `send_forward_recv_backward` does, so the serial comm streams never wait on each other in
 //! a cycle. The first micro-batch's backward writes the step's gradients; later ones write
-//! their own and add them in ([`OpKind::GradAccum`]), so the optimizer runs once per step.
+//! their own and add them in ([`OpKind::GradAccum`], after each block: [`accumulate_grads`]),
+//! so the optimizer runs once per step.
 
 use crate::plan::{BufId, GroupId, OpKind, RankBuilder};
 use crate::spec::PipelineSchedule;
@@ -237,10 +238,9 @@ pub fn build<W: StageWork>(b: &mut RankBuilder, pipe: &Pipe, work: &mut W) {
                 }
                 let dx = work.backward(b, j, saved.remove(&j).expect("forward before backward"), dout);
                 if redirect {
-                    let pairs = b.end_grad_redirect();
                     b.set_layer(None);
-                    let elems: u64 = pairs.iter().map(|p| b.bytes_of(p.0) / 4).sum();
-                    b.op("grad_accum", Stage::GradAccum, Pass::Backward, OpKind::GradAccum { pairs }, elems, 12 * elems);
+                    accumulate_grads(b);
+                    b.end_grad_redirect();
                 }
                 if let (Some(d), true) = (dx, pipe.stage > 0) {
                     st.grad_out.insert(j, d);
@@ -251,6 +251,19 @@ pub fn build<W: StageWork>(b: &mut RankBuilder, pipe: &Pipe, work: &mut W) {
     b.set_layer(None);
     b.set_chunk(None);
     b.set_buf_prefix("");
+}
+
+/// Add the gradients a later micro-batch's backward produced since the last call into the
+/// step's (one [`OpKind::GradAccum`] in the current layer), releasing them; nothing for the
+/// step's first backward, which writes the step's gradients itself. A stage calls it after
+/// each block, so at most one block's micro-batch gradients are live at once.
+pub fn accumulate_grads(b: &mut RankBuilder) {
+    let pairs = b.take_grad_redirect();
+    if pairs.is_empty() {
+        return;
+    }
+    let elems: u64 = pairs.iter().map(|p| b.bytes_of(p.0) / 4).sum();
+    b.op("grad_accum", Stage::GradAccum, Pass::Backward, OpKind::GradAccum { pairs }, elems, 12 * elems);
 }
 
 struct State {

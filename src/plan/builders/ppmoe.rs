@@ -300,13 +300,18 @@ impl StageWork for StageModel<'_> {
     fn backward(&mut self, b: &mut RankBuilder, _mb: usize, saved: StageSaved, dout: Option<BufId>) -> Option<BufId> {
         let spec = self.spec;
         let mut grad = dout.or(saved.dy).expect("a gradient from the next stage or the loss");
-        for (layer, s) in saved.subs.iter().rev() {
+        let subs: Vec<&(usize, Sub)> = saved.subs.iter().rev().collect();
+        for (i, (layer, s)) in subs.iter().enumerate() {
             b.set_layer(Some(*layer as u32));
             grad = match s {
                 Sub::Attn(a) => blocks::attention_bwd(b, spec, *layer, a, grad),
                 Sub::Mlp(p) => blocks::dense_mlp_bwd(b, spec, *layer, p, grad),
                 Sub::Moe(s) => blocks::MoeSublayer::backward(&mut self.moe, b, *layer, s, grad),
             };
+            // A later micro-batch's gradients of this block go into the step's right away.
+            if subs.get(i + 1).is_none_or(|n| n.0 != *layer) {
+                pipeline::accumulate_grads(b);
+            }
         }
         b.set_layer(None);
         (!self.first).then_some(grad)
