@@ -1,6 +1,7 @@
 //! PPMoE: experts spread over the tensor-parallel group with index slicing and one
-//! all-reduce per layer compute the single-rank top-k run's losses, outputs and gradients on
-//! the same global batch, with no all-to-all; the spec rules hold.
+//! all-reduce per layer (and a tensor-parallel backbone) compute the single-rank top-k run's
+//! losses, outputs and gradients on the same global batch, with no all-to-all; the spec rules
+//! hold. Pipeline stages: tests/pipeline.rs.
 
 mod common;
 use common::*;
@@ -112,6 +113,7 @@ fn validation_rejects_bad_ppmoe_layouts() {
     };
     assert!(fields(format!("{base}[layout]\nep = 2\ntp = 2\n")).contains(&"layout.ep".to_string()));
     assert!(fields(format!("{base}[layout]\ntp = 3\n")).contains(&"layout.tp".to_string()));
+    // Two stages cannot split the one block (n_layers defaults to 1).
     assert!(fields(format!("{base}[layout]\ntp = 2\npp = 2\n")).contains(&"layout.pp".to_string()));
 }
 
