@@ -206,9 +206,19 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool) -> Result<()> {
         b2.inc(1);
     }));
     if !quiet {
+        let l = &s.layout;
+        let mut degrees = format!("dp {} x ep {}", l.dp, l.ep);
+        if l.tp > 1 || l.pp > 1 {
+            degrees = format!("pp {} x dp {} x ep {} x tp {}", l.pp, l.dp, l.ep, l.tp);
+        }
+        let pipeline = match (&s.ppmoe, l.pp > 1) {
+            (Some(o), true) => format!(", {} micro-batches {}", o.micro(), o.schedule.as_str()),
+            (Some(o), false) if o.micro() > 1 => format!(", {} micro-batches", o.micro()),
+            _ => String::new(),
+        };
         println!(
-            "running {} ({}): variant {}, world {} (dp {} x ep {}), backend {}, {} warmup + {} measured steps",
-            s.name, file.display(), s.variant.as_str(), s.world(), s.layout.dp, s.layout.ep, s.run.backend.as_str(), s.run.warmup, s.run.steps
+            "running {} ({}): variant {}, world {} ({degrees}{pipeline}), backend {}, {} warmup + {} measured steps",
+            s.name, file.display(), s.variant.as_str(), s.world(), s.run.backend.as_str(), s.run.warmup, s.run.steps
         );
     }
     let outcome = run::run(&s, runs_dir, &hooks);

@@ -452,9 +452,9 @@ pub fn stages_html(o: &RunOutcome) -> String {
     h
 }
 
-const PALETTE: [&str; 17] = [
+const PALETTE: [&str; 19] = [
     "#8c8c8c", "#bcbd22", "#17becf", "#2ca02c", "#9467bd", "#c5b0d5", "#e377c2", "#1f77b4", "#aec7e8", "#393b79", "#98df8a",
-    "#7f7f7f", "#d62728", "#ff7f0e", "#ff9896", "#ffbb78", "#8c564b",
+    "#7f7f7f", "#d62728", "#ff7f0e", "#ff9896", "#ffbb78", "#8c564b", "#f7b6d2", "#c7c7c7",
 ];
 
 fn stage_colour(s: Stage) -> &'static str {

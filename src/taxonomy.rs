@@ -42,19 +42,25 @@ pub enum Stage {
     ReduceScatter,
     /// Adam update.
     Optimizer,
+    /// Pipeline point-to-point exchange with a neighbouring stage (activations forward,
+    /// their gradients backward).
+    SendRecv,
+    /// Adding a micro-batch's weight gradients into the step's gradients.
+    GradAccum,
 }
 
 impl Stage {
     /// Every stage, in pipeline order.
-    pub const ALL: [Stage; 17] = [
+    pub const ALL: [Stage; 19] = [
         Stage::Data, Stage::Layernorm, Stage::Attention, Stage::DenseMlp, Stage::Gate, Stage::Topk,
         Stage::Permute, Stage::ExpertGemm1, Stage::Act, Stage::ExpertGemm2, Stage::Combine,
         Stage::Loss, Stage::AllToAll, Stage::AllReduce, Stage::AllGather, Stage::ReduceScatter,
-        Stage::Optimizer,
+        Stage::Optimizer, Stage::SendRecv, Stage::GradAccum,
     ];
-    /// Whether the stage is a collective (runs on a communication stream).
+    /// Whether the stage is communication (a collective or a point-to-point exchange; runs on
+    /// the communication stream).
     pub fn is_comm(self) -> bool {
-        matches!(self, Stage::AllToAll | Stage::AllReduce | Stage::AllGather | Stage::ReduceScatter)
+        matches!(self, Stage::AllToAll | Stage::AllReduce | Stage::AllGather | Stage::ReduceScatter | Stage::SendRecv)
     }
     /// snake_case name, as in TOML and tables.
     pub fn as_str(self) -> &'static str {
@@ -76,6 +82,8 @@ impl Stage {
             Stage::AllGather => "all_gather",
             Stage::ReduceScatter => "reduce_scatter",
             Stage::Optimizer => "optimizer",
+            Stage::SendRecv => "send_recv",
+            Stage::GradAccum => "grad_accum",
         }
     }
 }

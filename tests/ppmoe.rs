@@ -1,6 +1,7 @@
 //! PPMoE: experts spread over the tensor-parallel group with index slicing and one
-//! all-reduce per layer compute the single-rank top-k run's losses, outputs and gradients on
-//! the same global batch, with no all-to-all; the spec rules hold.
+//! all-reduce per layer (and a tensor-parallel backbone) compute the single-rank top-k run's
+//! losses, outputs and gradients on the same global batch, with no all-to-all; the spec rules
+//! hold. Pipeline stages: tests/pipeline.rs.
 
 mod common;
 use common::*;
@@ -44,26 +45,26 @@ fn check(model: &str, dp: usize, tp: usize) {
         assert!(e < 1e-6, "{what}: rank {r}'s output differs from its TP group's ({e})");
     }
     for rp in &dist.plan().ranks[0].params {
-        let gname = format!("{}.grad", dist.plan().ranks[0].buffer(rp.value).name);
-        let want = single.read(0, &gname).unwrap();
-        if rp.expert {
-            // TP rank i of shard 0 (rank i) owns experts [i E/tp, (i+1) E/tp).
-            let got: Vec<f32> = (0..tp).flat_map(|r| dist.read(r, &gname).unwrap()).collect();
-            let err = rel_err(&got, &want);
-            assert!(err < 1e-5, "{what}: {gname} rel err {err}");
-        } else {
-            for r in 0..dp * tp {
-                let err = rel_err(&dist.read(r, &gname).unwrap(), &want);
-                assert!(err < 1e-5, "{what}: {gname} on rank {r}: rel err {err}");
-            }
+        let pname = dist.plan().ranks[0].buffer(rp.value).name.clone();
+        let want = single.read(0, &format!("{pname}.grad")).unwrap();
+        // Each TP group holds the whole model: experts and backbone slices split over it.
+        for s in 0..dp {
+            let group: Vec<usize> = (s * tp..(s + 1) * tp).collect();
+            let err = rel_err(&assemble_grad(&dist, &group, &pname), &want);
+            assert!(err < 1e-5, "{what}: {pname}.grad on shard {s}: rel err {err}");
         }
     }
     // No all-to-all; one all-reduce of the output per MoE layer forward on every rank.
     let trace = dist.trace();
     assert!(trace.ops.iter().all(|o| o.stage != Stage::AllToAll), "{what}: ppmoe has no all-to-all");
     if tp > 1 {
-        let fwd = trace.ops.iter().filter(|o| o.rank == 0 && o.stage == Stage::AllReduce && o.pass == Pass::Forward).count();
-        assert_eq!(fwd, 2, "{what}: one forward all-reduce per MoE layer");
+        let fwd: Vec<&str> = trace.ops.iter().filter(|o| o.rank == 0 && o.stage == Stage::AllReduce && o.pass == Pass::Forward)
+            .map(|o| o.name.as_str()).collect();
+        let moe = fwd.iter().filter(|n| n.ends_with("moe_allreduce")).count();
+        assert_eq!(moe, 2, "{what}: one forward all-reduce per MoE layer: {fwd:?}");
+        // Plus one per tensor-parallel backbone sublayer (the row-parallel projection's).
+        let backbone = usize::from(model.contains("n_heads")) + usize::from(model.contains("d_mlp"));
+        assert_eq!(fwd.len(), 2 * (1 + backbone), "{what}: forward all-reduces {fwd:?}");
     }
 }
 
@@ -112,5 +113,7 @@ fn validation_rejects_bad_ppmoe_layouts() {
     };
     assert!(fields(format!("{base}[layout]\nep = 2\ntp = 2\n")).contains(&"layout.ep".to_string()));
     assert!(fields(format!("{base}[layout]\ntp = 3\n")).contains(&"layout.tp".to_string()));
+    // Two stages cannot split the one block (n_layers defaults to 1).
     assert!(fields(format!("{base}[layout]\ntp = 2\npp = 2\n")).contains(&"layout.pp".to_string()));
 }
+

@@ -54,6 +54,38 @@ pub fn buffer_uses(rp: &crate::plan::RankPlan, skip_optimizer: bool) -> (Vec<boo
     (active, touched, uses.into_iter().map(std::sync::atomic::AtomicUsize::new).collect())
 }
 
+/// The layers whose routing figures rank `rank` reports: those whose lowest routing rank (one
+/// with a [`crate::plan::OpKind::Dispatch`] in the layer) it is. Routing figures are global to
+/// a layer, so one rank reports each: rank 0 for every layer unless pipeline stages hold the
+/// layers on different ranks.
+pub fn reported_layers(plan: &crate::plan::Plan, rank: usize) -> std::collections::BTreeSet<Option<u32>> {
+    let routed = |r: &crate::plan::RankPlan| -> std::collections::BTreeSet<Option<u32>> {
+        r.ops.iter().filter(|o| matches!(o.kind, crate::plan::OpKind::Dispatch { .. })).map(|o| o.layer).collect()
+    };
+    let earlier: std::collections::BTreeSet<Option<u32>> = plan.ranks[..rank].iter().flat_map(routed).collect();
+    routed(&plan.ranks[rank]).into_iter().filter(|l| !earlier.contains(l)).collect()
+}
+
+/// The step's aux loss, dropped and routed assignments from the routing observations
+/// `(layer, chunk, obs)` of the layers a rank reports: per layer, the aux loss averaged over
+/// the micro-batches (distinct chunks) that routed it, drops and assignments summed.
+pub fn routing_figures(obs: &[(Option<u32>, Option<u32>, cpu::exec::RouteObs)]) -> (f64, usize, usize) {
+    let mut layers: std::collections::BTreeMap<Option<u32>, Vec<(Option<u32>, cpu::exec::RouteObs)>> = std::collections::BTreeMap::new();
+    for (layer, chunk, o) in obs {
+        layers.entry(*layer).or_default().push((*chunk, *o));
+    }
+    let (mut aux, mut dropped, mut routed) = (0.0, 0, 0);
+    for obs in layers.values() {
+        let mut chunks: Vec<Option<u32>> = obs.iter().map(|o| o.0).collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        aux += obs.iter().map(|o| o.1.aux).sum::<f64>() / chunks.len() as f64;
+        dropped += obs.iter().map(|o| o.1.dropped).sum::<usize>();
+        routed += obs.iter().map(|o| o.1.routed).sum::<usize>();
+    }
+    (aux, dropped, routed)
+}
+
 /// Knobs of an execution that are not part of the experiment.
 #[derive(Clone)]
 pub struct ExecOptions {

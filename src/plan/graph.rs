@@ -16,6 +16,9 @@ pub struct RankBuilder {
     elem_bytes: usize,
     layer: Option<u32>,
     chunk: Option<u32>,
+    prefix: String,
+    /// While set: `grad` hands out per-micro-batch gradient buffers (param value -> temporary).
+    redirect: Option<Vec<(BufId, BufId)>>,
 }
 
 impl RankBuilder {
@@ -31,6 +34,8 @@ impl RankBuilder {
             elem_bytes,
             layer: None,
             chunk: None,
+            prefix: String::new(),
+            redirect: None,
         }
     }
     /// Ops added next belong to this layer.
@@ -41,7 +46,32 @@ impl RankBuilder {
     pub fn set_chunk(&mut self, chunk: Option<u32>) {
         self.chunk = chunk;
     }
-    fn push_buf(&mut self, desc: BufferDesc) -> BufId {
+    /// Transient buffers added next get this name prefix (e.g. `mb1.` for a micro-batch);
+    /// parameters keep their names.
+    pub fn set_buf_prefix(&mut self, prefix: impl Into<String>) {
+        self.prefix = prefix.into();
+    }
+    /// From now on [`RankBuilder::grad`] returns a fresh transient gradient buffer per
+    /// parameter (a micro-batch's gradients, to be added into the step's afterwards).
+    pub fn begin_grad_redirect(&mut self) {
+        self.redirect = Some(Vec::new());
+    }
+    /// The (temporary, step gradient) pairs handed out since the last call, while gradients
+    /// stay redirected (empty when they are not).
+    pub fn take_grad_redirect(&mut self) -> Vec<(BufId, BufId)> {
+        let pairs = self.redirect.as_mut().map(std::mem::take).unwrap_or_default();
+        pairs.into_iter().map(|(value, tmp)| (tmp, self.main_grad(value))).collect()
+    }
+    /// Stop redirecting gradients; returns the pairs handed out since the last take.
+    pub fn end_grad_redirect(&mut self) -> Vec<(BufId, BufId)> {
+        let pairs = self.take_grad_redirect();
+        self.redirect = None;
+        pairs
+    }
+    fn push_buf(&mut self, mut desc: BufferDesc) -> BufId {
+        if !desc.persistent && !self.prefix.is_empty() {
+            desc.name = format!("{}{}", self.prefix, desc.name);
+        }
         self.buffers.push(desc);
         self.last_writer.push(None);
         BufId(self.buffers.len() as u32 - 1)
@@ -60,7 +90,8 @@ impl RankBuilder {
     pub fn index_buf(&mut self, name: impl Into<String>, elems: usize, category: MemCategory) -> BufId {
         self.push_buf(BufferDesc { name: name.into(), elems, elem: ElemType::I32, elem_bytes: 4, category, persistent: false, dynamic: false })
     }
-    /// A parameter (f32 master copy) with its grad and Adam moments when training.
+    /// A parameter (f32 master copy) with its grad and Adam moments when training; asking
+    /// again for a name already added returns the same parameter.
     pub fn param(&mut self, name: &str, elems: usize, init: ParamInit, expert: bool) -> BufId {
         self.param_with(name, elems, init, expert, None)
     }
@@ -69,6 +100,11 @@ impl RankBuilder {
         self.param_with(name, elems, init, expert, Some(slice))
     }
     fn param_with(&mut self, name: &str, elems: usize, init: ParamInit, expert: bool, slice: Option<ParamSlice>) -> BufId {
+        // Requested again (a later micro-batch's pass over the same layer): the same tensor.
+        if let Some(p) = self.params.iter().find(|p| self.buffers[p.value.0 as usize].name == name) {
+            assert_eq!(self.buffers[p.value.0 as usize].elems, elems, "parameter {name} requested with two sizes");
+            return p.value;
+        }
         let mk = |n: String, cat| BufferDesc { name: n, elems, elem: ElemType::F32, elem_bytes: 4, category: cat, persistent: true, dynamic: false };
         let value = self.push_buf(mk(name.to_string(), MemCategory::Params));
         let (grad, moments) = if self.training {
@@ -82,8 +118,20 @@ impl RankBuilder {
         self.params.push(ParamDesc { value, grad, moments, init, expert, slice });
         value
     }
-    /// The gradient buffer of a parameter (training plans only).
-    pub fn grad(&self, value: BufId) -> BufId {
+    /// The gradient buffer of a parameter (training plans only); while gradients are
+    /// redirected, the parameter's transient gradient of the current micro-batch.
+    pub fn grad(&mut self, value: BufId) -> BufId {
+        let main = self.main_grad(value);
+        let Some(pairs) = &self.redirect else { return main };
+        if let Some((_, tmp)) = pairs.iter().find(|(v, _)| *v == value) {
+            return *tmp;
+        }
+        let d = self.buffers[main.0 as usize].clone();
+        let tmp = self.push_buf(BufferDesc { persistent: false, ..d });
+        self.redirect.as_mut().expect("redirecting").push((value, tmp));
+        tmp
+    }
+    fn main_grad(&self, value: BufId) -> BufId {
         self.params.iter().find(|p| p.value == value).and_then(|p| p.grad).expect("training param has a grad")
     }
     /// Parameters added so far.

@@ -170,6 +170,14 @@ pub enum OpKind {
     /// [`OpKind::Combine`] with an optional residual: `out[t] = (residual[t]) + sum_j w[t, j]
     /// back[slots[t, j]]` (a partial sum when `back` holds some experts' rows only).
     CombinePart { back: BufId, slots: BufId, weights: BufId, residual: Option<BufId>, out: BufId, dims: MoeDims },
+    /// Point-to-point exchange between the two members of `group` (pipeline neighbours):
+    /// `send`, when given, goes to the other member, and `recv`, when given, gets what the
+    /// other member sends (NCCL send and recv issued in one group call). Both members call it
+    /// at the same point of the group's sequence; a member that only receives passes no
+    /// `send`, one that only sends no `recv`.
+    SendRecv { group: GroupId, send: Option<BufId>, recv: Option<BufId> },
+    /// `dst += src` for each pair: a micro-batch's weight gradients added into the step's.
+    GradAccum { pairs: Vec<(BufId, BufId)> },
 }
 
 impl OpKind {
@@ -287,6 +295,11 @@ impl OpKind {
                 let mut r = vec![*back, *slots, *weights];
                 r.extend(opt(residual));
                 (r, vec![*out])
+            }
+            SendRecv { send, recv, .. } => (opt(send), opt(recv)),
+            GradAccum { pairs } => {
+                let r = pairs.iter().flat_map(|(s, d)| [*s, *d]).collect();
+                (r, pairs.iter().map(|p| p.1).collect())
             }
         }
     }

@@ -38,6 +38,56 @@ pub struct ExperimentSpec {
     /// DeepSpeed-TED options (`variant = "ted"` only); filled with defaults on resolution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ted: Option<TedSpec>,
+    /// PPMoE options (`variant = "ppmoe"` only); filled with defaults on resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppmoe: Option<PpmoeSpec>,
+}
+
+/// PPMoE options: micro-batches and the pipeline schedule of `layout.pp` stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpmoeSpec {
+    /// Micro-batches per step: each data shard's `model.batch` sequences are split into this
+    /// many equal micro-batches (it must divide the batch), each routed on its own, with
+    /// gradients accumulated over them and one optimizer step. Unset: the smallest divisor of
+    /// the batch that is at least `layout.pp` (enough to fill the pipeline), or the batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batches: Option<usize>,
+    /// Order of the micro-batches' forward and backward passes on each stage.
+    #[serde(default)]
+    pub schedule: PipelineSchedule,
+}
+
+impl PpmoeSpec {
+    /// Micro-batches after resolution (1 when unresolved).
+    pub fn micro(&self) -> usize {
+        self.micro_batches.unwrap_or(1)
+    }
+}
+
+/// A pipeline schedule over micro-batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum PipelineSchedule {
+    /// GPipe: every micro-batch's forward, then every backward; each stage keeps the
+    /// activations of all micro-batches.
+    #[serde(rename = "gpipe")]
+    Gpipe,
+    /// 1F1B (PipeDream-flush, Megatron): after `pp - stage - 1` warm-up forwards each stage
+    /// alternates one forward and one backward, so it keeps at most `pp - stage` micro-batches'
+    /// activations; same bubble as GPipe, lower activation memory.
+    #[default]
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+}
+
+impl PipelineSchedule {
+    /// The spelling used in TOML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PipelineSchedule::Gpipe => "gpipe",
+            PipelineSchedule::OneFOneB => "1f1b",
+        }
+    }
 }
 
 /// The MoE designs moelab knows. Each is a plan builder; backends never see this.
@@ -47,7 +97,8 @@ pub enum Variant {
     /// GShard/Switch top-k gating with all-to-all expert parallelism.
     #[default]
     Topk,
-    /// Pipeline MoE: tensor-parallel experts, index slicing and one all-reduce.
+    /// Pipeline MoE: tensor-parallel experts (index slicing and one all-reduce), a
+    /// tensor-parallel backbone and pipeline stages over micro-batches.
     Ppmoe,
     /// DeepSpeed-TED: tensor x expert x data parallel with duplicate-token dropping.
     Ted,

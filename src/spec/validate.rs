@@ -255,7 +255,6 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
     check_tutel(&mut c, &mut spec);
     check_shortcut(&mut c, &spec);
     check_ted(&mut c, &mut spec);
-    check_ppmoe(&mut c, &spec);
     if !spec.variant.is_implemented() {
         c.fail("variant", format!("variant {:?} has no plan builder in this build yet", spec.variant.as_str()),
             "use variant = \"topk\"; the others arrive with the seed-variants work");
@@ -273,7 +272,9 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         // else the cpu reference.
         BackendKind::Auto => {
             let gpus = crate::backend::cuda::visible_gpus();
-            r.backend = if gpus >= world && gpus > 0 && spec.model.dtype == super::DType::F32 { BackendKind::Cuda } else { BackendKind::Cpu };
+            // Pipeline stages do not run on cuda yet (see check_ppmoe).
+            let pipelined = spec.variant == Variant::Ppmoe && spec.layout.pp > 1;
+            r.backend = if gpus >= world && gpus > 0 && spec.model.dtype == super::DType::F32 && !pipelined { BackendKind::Cuda } else { BackendKind::Cpu };
         }
         BackendKind::Cpu => {}
         BackendKind::Cuda => {
@@ -297,6 +298,7 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         c.fail("model.dtype", "the cpu backend computes in f32 only (dtype=bf16)".into(),
             "set model.dtype = \"f32\" for cpu runs; bf16 needs backend \"cuda\"");
     }
+    check_ppmoe(&mut c, &mut spec);
     // The sim backend's profile and cluster (and that only sim runs name them).
     c.problems.extend(crate::backend::sim::resolve_spec(&mut spec));
 
@@ -488,13 +490,22 @@ fn check_ted(c: &mut Checker, spec: &mut ExperimentSpec) {
     spec.ted.get_or_insert_with(TedSpec::default);
 }
 
-/// PPMoE rules: the experts are spread over the tensor-parallel group (so ep = 1 and tp
-/// divides n_experts), and the backbone's pipeline stages are not built (pp = 1).
-fn check_ppmoe(c: &mut Checker, spec: &ExperimentSpec) {
+/// PPMoE rules: the `[ppmoe]` table belongs to variant "ppmoe" (which gets its defaults when
+/// the table is absent); the experts are spread over the tensor-parallel group (so ep = 1 and
+/// tp divides n_experts); the backbone is split over it too (tp divides n_heads and d_mlp);
+/// pp divides n_layers; the micro-batches divide the batch; and pipeline stages are refused
+/// on the cuda backend (its send/recv has not run on GPUs yet).
+fn check_ppmoe(c: &mut Checker, spec: &mut ExperimentSpec) {
+    use super::PpmoeSpec;
     if spec.variant != Variant::Ppmoe {
+        if spec.ppmoe.is_some() {
+            c.fail("ppmoe", format!("the [ppmoe] table applies to variant \"ppmoe\" only (variant is {:?})", spec.variant.as_str()),
+                "remove the [ppmoe] table, or set variant = \"ppmoe\"");
+        }
         return;
     }
-    let (l, e) = (&spec.layout, spec.model.n_experts);
+    let (l, m) = (&spec.layout, &spec.model);
+    let e = m.n_experts;
     if l.ep > 1 {
         c.fail("layout.ep", format!("variant ppmoe places the experts on the tensor-parallel group, so there is no separate expert parallelism (ep={})", l.ep),
             format!("set ep = 1 and tp = {} (the experts are split over the TP ranks)", l.ep.saturating_mul(l.tp)));
@@ -503,7 +514,36 @@ fn check_ppmoe(c: &mut Checker, spec: &ExperimentSpec) {
         c.fail("layout.tp", format!("tp={} does not divide n_experts={e}: each TP rank owns n_experts/tp experts", l.tp),
             format!("choose tp from {{{}}}", divisors(e)));
     }
-    if l.pp > 1 {
-        c.fail("layout.pp", format!("variant ppmoe's pipeline stages are not built yet (pp={})", l.pp), "set pp = 1");
+    if let (Some(bb), true) = (&m.backbone, l.tp > 1) {
+        if bb.n_heads > 0 && bb.n_heads % l.tp != 0 {
+            c.fail("layout.tp", format!("layout.tp={} does not divide model.backbone.n_heads={}: attention is split by heads over the TP group", l.tp, bb.n_heads),
+                format!("choose tp from the common divisors of n_heads and n_experts (divisors of n_heads: {{{}}}), or change model.backbone.n_heads", divisors(bb.n_heads)));
+        }
+        if bb.d_mlp > 0 && bb.d_mlp % l.tp != 0 {
+            c.fail("layout.tp", format!("layout.tp={} does not divide model.backbone.d_mlp={}: the dense MLP's fc1 columns and fc2 rows are split over the TP group", l.tp, bb.d_mlp),
+                format!("choose tp from {{{}}}, or change model.backbone.d_mlp", divisors(bb.d_mlp)));
+        }
+    }
+    if l.pp > 0 && m.n_layers > 0 && m.n_layers % l.pp != 0 {
+        c.fail("layout.pp", format!("layout.pp={} does not divide model.n_layers={}: each pipeline stage holds n_layers/pp consecutive blocks", l.pp, m.n_layers),
+            format!("choose pp from {{{}}}, or change model.n_layers", divisors(m.n_layers)));
+    }
+    let pp = l.pp.max(1);
+    let batch = m.batch.filter(|b| *b > 0);
+    let opts = spec.ppmoe.get_or_insert_with(PpmoeSpec::default);
+    match (opts.micro_batches, batch) {
+        (Some(0), _) => c.fail("ppmoe.micro_batches", "micro_batches=0 must be at least 1".into(),
+            format!("set micro_batches to a divisor of model.batch{}", batch.map_or(String::new(), |b| format!("={b}: {{{}}}", divisors(b))))),
+        (Some(n), Some(b)) if b % n != 0 => c.fail("ppmoe.micro_batches",
+            format!("ppmoe.micro_batches={n} does not divide model.batch={b}: each micro-batch holds batch/micro_batches whole sequences"),
+            format!("choose micro_batches from {{{}}}, or change model.batch", divisors(b))),
+        (None, Some(b)) => opts.micro_batches = Some((1..=b).find(|d| b % d == 0 && *d >= pp).unwrap_or(b)),
+        (None, None) => opts.micro_batches = Some(1),
+        _ => {}
+    }
+    // The cuda executor has an NCCL send/recv for SendRecv, but it has not run on GPUs yet.
+    if spec.run.backend == BackendKind::Cuda && l.pp > 1 {
+        c.fail("layout.pp", format!("the cuda backend does not run pipeline stages yet (layout.pp={}): its send/recv between stages is unverified on GPUs", l.pp),
+            "set layout.pp = 1 for cuda runs, or run the pipeline with backend = \"cpu\" (or \"sim\" for predicted times)");
     }
 }

@@ -123,3 +123,42 @@ pub fn check_finite_differences(rt: &mut CpuRuntime, coef: f64, idx_names: &[Str
     assert!(checked * 2 >= probes, "{name}: only {checked} of {probes} probes kept their routing");
 }
 
+
+/// The whole gradient of parameter `param` from the ranks `group` that share it: expert
+/// slices concatenated in rank order, tensor-parallel slices put back in place, a replicated
+/// (or single-owner) parameter's gradient as the first holder has it (replicas must agree).
+pub fn assemble_grad(rt: &CpuRuntime, group: &[usize], param: &str) -> Vec<f32> {
+    let gname = format!("{param}.grad");
+    let mut holders = Vec::new();
+    for &r in group {
+        let rp = &rt.plan().ranks[r];
+        if let Some(p) = rp.params.iter().find(|p| rp.buffer(p.value).name == param) {
+            holders.push((r, p.clone(), rt.read(r, &gname).unwrap_or_else(|| panic!("{gname} on rank {r}"))));
+        }
+    }
+    assert!(!holders.is_empty(), "no rank of {group:?} holds {param}");
+    if holders[0].1.expert {
+        return holders.into_iter().flat_map(|h| h.2).collect();
+    }
+    match holders[0].1.slice {
+        Some(s0) => {
+            let mut full = vec![f32::NAN; s0.full_len()];
+            for (_, p, g) in &holders {
+                let s = p.slice.expect("every holder holds a slice");
+                let w = s.keep.1 - s.keep.0;
+                for (row, part) in g.chunks_exact(w).enumerate() {
+                    full[row * s.cols + s.keep.0..row * s.cols + s.keep.1].copy_from_slice(part);
+                }
+            }
+            assert!(full.iter().all(|v| !v.is_nan()), "{param}: the slices of {group:?} do not cover the tensor");
+            full
+        }
+        None => {
+            for (r, _, g) in &holders[1..] {
+                let e = rel_err(g, &holders[0].2);
+                assert!(e < 1e-5, "{param}: replica on rank {r} differs ({e})");
+            }
+            holders.swap_remove(0).2
+        }
+    }
+}

@@ -646,6 +646,30 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             }
             st.put_f32(*out, o)?;
         }
+        SendRecv { group, send, recv } => {
+            let g = &ctx.groups[group.0 as usize];
+            let mine = match send {
+                Some(b) => st.f32(*b)?.to_vec(),
+                None => Vec::new(),
+            };
+            outcome.bytes = Some((mine.len() * 4) as u64);
+            let theirs = ctx.fabric.collective(group.0, &g.ranks, ctx.rank, ctx.op_name, vec![mine], |deps, my| {
+                deps.iter().enumerate().filter(|(i, _)| *i != my).flat_map(|(_, d)| d[0].iter().copied()).collect::<Vec<f32>>()
+            })?;
+            // The store checks the received length against the planned buffer.
+            if let Some(r) = recv {
+                st.put_f32(*r, theirs)?;
+            }
+        }
+        GradAccum { pairs } => {
+            for (src, dst) in pairs {
+                let mut d = st.f32(*dst)?.to_vec();
+                for (a, b) in d.iter_mut().zip(st.f32(*src)?) {
+                    *a += b;
+                }
+                st.put_f32(*dst, d)?;
+            }
+        }
     }
     Ok(outcome)
 }

@@ -73,7 +73,7 @@ impl CpuRuntime {
         let measured_idx = self.measured_done as u32;
         let (plan, opts, epoch) = (&self.plan, &self.opts, self.epoch);
         let t0 = Instant::now();
-        let results: Vec<Result<Vec<(Stage, RouteObs)>, BackendError>> = std::thread::scope(|s| {
+        let results: Vec<Result<Vec<Observed>, BackendError>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .ranks
                 .iter_mut()
@@ -100,18 +100,17 @@ impl CpuRuntime {
         let mut first_cause = None;
         let mut any_err = None;
         let mut report = StepReport { step, measured, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, wall_s: t0.elapsed().as_secs_f64() };
+        // Routing figures are global to a layer: one rank reports each layer's.
+        let mut routing = Vec::new();
         for (rank, r) in results.into_iter().enumerate() {
             match r {
                 Ok(obs) => {
-                    for (stage, o) in obs {
-                        match stage {
-                            Stage::Loss => report.loss += o.loss,
-                            _ if rank == 0 => {
-                                report.aux_loss += o.aux;
-                                report.dropped += o.dropped;
-                                report.routed += o.routed;
-                            }
-                            _ => {}
+                    let mine = super::reported_layers(plan, rank);
+                    for (stage, layer, chunk, o) in obs {
+                        if stage == Stage::Loss {
+                            report.loss += o.loss;
+                        } else if mine.contains(&layer) {
+                            routing.push((layer, chunk, o));
                         }
                     }
                 }
@@ -123,6 +122,7 @@ impl CpuRuntime {
                 }
             }
         }
+        (report.aux_loss, report.dropped, report.routed) = super::routing_figures(&routing);
         if let Some(e) = first_cause.or(any_err) {
             return Err(e);
         }
@@ -214,7 +214,17 @@ pub fn initial_values(rp: &RankPlan, seed: u64) -> Vec<(BufId, Vec<f32>)> {
                     }
                 }
             }
-            None => rng::fill_normal_par(seed, tag, p.init.layer as u64, u64::MAX, &mut v, p.init.std),
+            None => match &p.slice {
+                // A tensor-parallel slice of a dense weight: draw it whole, keep this rank's part.
+                Some(s) => {
+                    let mut full = vec![0.0f32; s.full_len()];
+                    rng::fill_normal_par(seed, tag, p.init.layer as u64, u64::MAX, &mut full, p.init.std);
+                    v.clear();
+                    s.take(&full, &mut v);
+                    assert_eq!(v.len(), desc.elems, "slice of {} matches its buffer", desc.name);
+                }
+                None => rng::fill_normal_par(seed, tag, p.init.layer as u64, u64::MAX, &mut v, p.init.std),
+            },
         }
         for x in v.iter_mut() {
             *x += p.init.mean;
@@ -251,6 +261,9 @@ impl Progress {
     }
 }
 
+/// An op's observation: its stage, its layer and what it saw.
+type Observed = (Stage, Option<u32>, Option<u32>, RouteObs);
+
 #[allow(clippy::too_many_arguments)]
 fn run_rank(
     rp: &RankPlan,
@@ -262,7 +275,7 @@ fn run_rank(
     data_step: u64,
     adam_step: u64,
     measured: Option<u32>,
-) -> Result<Vec<(Stage, RouteObs)>, BackendError> {
+) -> Result<Vec<Observed>, BackendError> {
     let start = epoch.elapsed().as_nanos() as u64;
     // A buffer is released when the last op that touches it completes.
     let (active, touched, uses) = super::buffer_uses(rp, opts.skip_optimizer);
@@ -309,7 +322,7 @@ fn run_rank(
                 }
             }
             if let Some(o) = out.obs {
-                lock(&obs).push((op.stage, o));
+                lock(&obs).push((op.stage, op.layer, op.chunk, o));
             }
             if let Some(step) = measured {
                 lock(&events).push(OpEvent {

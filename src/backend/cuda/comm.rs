@@ -221,6 +221,36 @@ impl Comms {
         check("ncclGroupEnd", unsafe { nccl::ncclGroupEnd() })
     }
 
+    /// Point-to-point exchange with the other member of a 2-member group, in one NCCL group
+    /// call: `send` (address, f32 elements) goes to it, `recv` gets what it sends.
+    pub fn send_recv(&self, g: GroupId, send: Option<(u64, usize)>, recv: Option<(u64, usize)>, s: &CudaStream) -> Result<(), CommError> {
+        let m = self.member(g)?;
+        let Some(c) = m.comm else {
+            // A group of one: what it sends is what it receives.
+            return match (send, recv) {
+                (Some((sp, n)), Some((rp, _))) => Self::copy(rp, sp, n, s),
+                _ => Ok(()),
+            };
+        };
+        if m.size != 2 {
+            return Err(CommError::Nccl { call: "send_recv", message: format!("group {} has {} members, a pipeline exchange needs 2", g.0, m.size) });
+        }
+        let peer = (1 - m.index) as i32;
+        let cu = s.cu_stream();
+        check("ncclGroupStart", unsafe { nccl::ncclGroupStart() })?;
+        // SAFETY: the caller's buffers hold the given f32 counts on this device; both calls are
+        // issued inside one group, so their order between the peers does not matter.
+        unsafe {
+            if let Some((ptr, n)) = send.filter(|x| x.1 > 0) {
+                check("ncclSend", nccl::ncclSend(ptr as _, n, ncclDataType_t::ncclFloat32, peer, c, cu as _))?;
+            }
+            if let Some((ptr, n)) = recv.filter(|x| x.1 > 0) {
+                check("ncclRecv", nccl::ncclRecv(ptr as _, n, ncclDataType_t::ncclFloat32, peer, c, cu as _))?;
+            }
+        }
+        check("ncclGroupEnd", unsafe { nccl::ncclGroupEnd() })
+    }
+
     /// Aborts every communicator (a peer died): pending NCCL calls return.
     pub fn abort(&self) {
         for m in self.groups.iter().flatten() {

@@ -356,6 +356,32 @@ impl<'a> StreamExec<'a> {
                     self.launch("rotate_rows_left", self.grid(n), &[p(xb.ptr), p(tb.ptr), Arg::I64((n / d_model) as i64), Arg::I32(*d_model as i32)])?;
                 }
             }
+            // Gradient accumulation over micro-batches: dst += src, in place.
+            GradAccum { pairs } => {
+                for (src, dst) in pairs {
+                    let (sb, db) = (self.input(*src)?, self.input(*dst)?);
+                    if sb.len > 0 {
+                        self.launch("add_inplace", self.grid(sb.len), &[p(db.ptr), p(sb.ptr), Arg::I64(sb.len as i64)])?;
+                    }
+                }
+            }
+            // Pipeline exchanges: one NCCL group of send and recv with the peer. Not yet run on
+            // GPUs, so validation keeps pipeline plans (layout.pp > 1) off this backend.
+            SendRecv { group, send, recv } => {
+                let sb = match send {
+                    Some(b) => Some(self.input(*b)?),
+                    None => None,
+                };
+                let rb = match recv {
+                    Some(r) => {
+                        let n = lock(self.store).desc(*r).elems;
+                        Some(self.output(*r, n)?)
+                    }
+                    None => None,
+                };
+                self.comms.send_recv(*group, sb.map(|b| (b.ptr, b.len)), rb.map(|b| (b.ptr, b.len)), &self.s.stream)?;
+                outcome.bytes = Some((sb.map_or(0, |b| b.len) * 4) as u64);
+            }
             Dispatch { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
             | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. } | LocalUnlayout { .. } => {
                 return self.layout(op)

@@ -372,16 +372,15 @@ fn pick_error(errors: &[BackendError]) -> Option<BackendError> {
 
 fn merge_step(step: usize, lines: &[Option<WorkerLine>]) -> StepReport {
     let mut rep = StepReport { step, measured: false, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, wall_s: 0.0 };
-    for (r, l) in lines.iter().enumerate() {
+    for l in lines {
         if let Some(WorkerLine::Step { measured, loss, aux, dropped, routed, wall_s, .. }) = l {
             rep.measured = *measured;
             rep.loss += loss;
             rep.wall_s = rep.wall_s.max(*wall_s);
-            if r == 0 {
-                rep.aux_loss = *aux;
-                rep.dropped = *dropped;
-                rep.routed = *routed;
-            }
+            // Each layer's routing figures come from the one rank that reports it.
+            rep.aux_loss += *aux;
+            rep.dropped += *dropped;
+            rep.routed += *routed;
         }
     }
     rep
@@ -464,16 +463,11 @@ pub fn worker_main(dir: &Path) -> i32 {
         let measured = i >= warmup;
         match gr.step(measured, &opts) {
             Ok(s) => {
-                let (mut loss, mut aux, mut dropped, mut routed) = (0.0, 0.0, 0, 0);
-                for (stage, o) in &s.obs {
-                    if *stage == Stage::Loss {
-                        loss += o.loss;
-                    } else {
-                        aux += o.aux;
-                        dropped += o.dropped;
-                        routed += o.routed;
-                    }
-                }
+                // This rank's loss share and the routing figures of the layers it reports.
+                let mine = crate::backend::reported_layers(gr.plan(), rank);
+                let loss: f64 = s.obs.iter().filter(|o| o.0 == Stage::Loss).map(|o| o.3.loss).sum();
+                let routing: Vec<_> = s.obs.iter().filter(|o| o.0 != Stage::Loss && mine.contains(&o.1)).map(|o| (o.1, o.2, o.3)).collect();
+                let (aux, dropped, routed) = crate::backend::routing_figures(&routing);
                 emit(&WorkerLine::Step { rank: rank as u32, step: i, measured, loss, aux, dropped, routed, wall_s: s.wall_s, host_ops: s.host_ops });
             }
             Err(e) => {

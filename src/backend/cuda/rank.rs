@@ -37,8 +37,8 @@ fn stream_index(s: Stream) -> usize {
 /// What one rank measured in one step.
 #[derive(Debug, Default, Clone)]
 pub struct RankStep {
-    /// Routing and loss observations by stage.
-    pub obs: Vec<(Stage, RouteObs)>,
+    /// Routing and loss observations by stage, layer and chunk (micro-batch).
+    pub obs: Vec<(Stage, Option<u32>, Option<u32>, RouteObs)>,
     /// Wall time of the step on this rank, seconds.
     pub wall_s: f64,
     /// Ops that ran on the host (cpu implementation).
@@ -303,12 +303,12 @@ impl GpuRank {
                 result.host_ops += 1;
             }
             if let Some(o) = out.obs {
-                result.obs.push((rp.ops[i].stage, o));
+                result.obs.push((rp.ops[i].stage, rp.ops[i].layer, rp.ops[i].chunk, o));
             }
             if let Some(l) = out.loss {
                 let value = finish_loss(&ex, l).map_err(|err| StepError::Op { op: rp.ops[i].name.clone(), err })?;
                 if l.observed {
-                    result.obs.push((Stage::Loss, RouteObs { loss: value, ..Default::default() }));
+                    result.obs.push((Stage::Loss, None, None, RouteObs { loss: value, ..Default::default() }));
                 }
             }
         }

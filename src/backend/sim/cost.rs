@@ -125,6 +125,8 @@ pub fn collective(op: &Op) -> Option<Vec<CollectivePart>> {
         AllToAllV { group, .. } => Some(vec![part(*group, CollectiveKind::AllToAll)]),
         ReduceScatter { group, .. } => Some(vec![part(*group, CollectiveKind::ReduceScatter)]),
         AllToAllV2d { intra, inter, .. } => Some(vec![part(*intra, CollectiveKind::AllToAll), part(*inter, CollectiveKind::AllToAll)]),
+        // Each member puts its payload on the wire to the other once: a 2-member all-gather.
+        SendRecv { group, .. } => Some(vec![part(*group, CollectiveKind::AllGather)]),
         _ => None,
     }
 }

@@ -1,6 +1,7 @@
 //! Reusable pieces of a transformer block's plan (LayerNorm, attention, dense MLP, loss,
 //! gradient reduction and Adam), shared by every variant's builder.
 
+use super::tensor::{self, column_linear, row_linear, TpShard};
 use crate::math::linalg::gemm_flops;
 use crate::plan::{AttnDims, BufId, GroupId, OpKind, ParamInit, RankBuilder};
 use crate::spec::{Activation, ExperimentSpec};
@@ -86,33 +87,50 @@ pub struct AttnSaved {
     wo: BufId,
     bo: Option<BufId>,
     dims: AttnDims,
+    tp: Option<TpShard>,
 }
 
 /// `x + Attn(LN(x))`; returns (output, saved).
 pub fn attention(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, x: BufId, heads: usize) -> (BufId, AttnSaved) {
-    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
-    let dims = AttnDims { batch: t / spec.seq_len(), seq: spec.seq_len(), heads, d_model: m };
-    let ln = layernorm(b, "ln_attn", layer, x, t, m);
-    let (qkv, wqkv, bqkv) = linear(b, "qkv", "attn.qkv", Stage::Attention, layer, ln.y, None, t, m, 3 * m, true);
-    let probs = b.buf(format!("L{layer}.attn.probs"), dims.batch * heads * dims.seq * dims.seq, Mc::Activations);
-    let ctx = b.buf(format!("L{layer}.attn.ctx"), t * m, Mc::Activations);
-    let core = crate::math::attention::AttnShape { batch: dims.batch, seq: dims.seq, heads, d_model: m };
-    b.op("attn_core", Stage::Attention, Pass::Forward, OpKind::AttnCore { qkv, probs, ctx, dims }, core.core_flops(),
-        4 * (t * 4 * m + core.probs_len()) as u64);
-    let (out, wo, bo) = linear(b, "attn_out", "attn.out", Stage::Attention, layer, ctx, Some(x), t, m, m, true);
-    (out, AttnSaved { ln, wqkv, bqkv, qkv, probs, ctx, wo, bo, dims })
+    attention_tp(b, spec, layer, x, heads, None)
 }
 
-/// Backward of an attention sublayer given the gradient of its output.
+/// [`attention`] split by heads over a tensor-parallel group when `tp` is given: QKV
+/// column-parallel (this rank's `heads / tp` heads), the output projection row-parallel and
+/// all-reduced over the group.
+pub fn attention_tp(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, x: BufId, heads: usize, tp: Option<&TpShard>)
+    -> (BufId, AttnSaved) {
+    let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
+    let parts = tp.map_or(1, |s| s.size);
+    let (local_heads, local_m) = (heads / parts, m / parts);
+    let dims = AttnDims { batch: t / spec.seq_len(), seq: spec.seq_len(), heads: local_heads, d_model: local_m };
+    let ln = layernorm(b, "ln_attn", layer, x, t, m);
+    let (qkv, wqkv, bqkv) = column_linear(b, "qkv", "attn.qkv", Stage::Attention, layer, ln.y, t, m, 3 * m, 3, tp);
+    let probs = b.buf(format!("L{layer}.attn.probs"), dims.batch * local_heads * dims.seq * dims.seq, Mc::Activations);
+    let ctx = b.buf(format!("L{layer}.attn.ctx"), t * local_m, Mc::Activations);
+    let core = crate::math::attention::AttnShape { batch: dims.batch, seq: dims.seq, heads: local_heads, d_model: local_m };
+    b.op("attn_core", Stage::Attention, Pass::Forward, OpKind::AttnCore { qkv, probs, ctx, dims }, core.core_flops(),
+        4 * (t * 4 * local_m + core.probs_len()) as u64);
+    let (out, wo, bo) = row_linear(b, "attn_out", "attn.out", Stage::Attention, layer, ctx, x, t, m, m, tp);
+    (out, AttnSaved { ln, wqkv, bqkv, qkv, probs, ctx, wo, bo, dims, tp: tp.copied() })
+}
+
+/// Backward of an attention sublayer given the gradient of its output (replicated over the
+/// TP group); with tensor parallelism the partial gradient of the LayerNorm output is
+/// all-reduced over the group before the LayerNorm's backward.
 pub fn attention_bwd(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, s: &AttnSaved, dout: BufId) -> BufId {
     let (t, m) = (spec.tokens_per_rank(), spec.model.d_model);
-    let dctx = linear_bwd(b, "attn_out", Stage::Attention, layer, s.ctx, s.wo, s.bo, dout, None, t, m, m);
-    let dqkv = b.buf(format!("L{layer}.attn.dqkv"), t * 3 * m, Mc::Activations);
-    let core = crate::math::attention::AttnShape { batch: s.dims.batch, seq: s.dims.seq, heads: s.dims.heads, d_model: m };
+    let lm = s.dims.d_model;
+    let dctx = linear_bwd(b, "attn_out", Stage::Attention, layer, s.ctx, s.wo, s.bo, dout, None, t, lm, m);
+    let dqkv = b.buf(format!("L{layer}.attn.dqkv"), t * 3 * lm, Mc::Activations);
+    let core = crate::math::attention::AttnShape { batch: s.dims.batch, seq: s.dims.seq, heads: s.dims.heads, d_model: lm };
     b.op("attn_core_bwd", Stage::Attention, Pass::Backward,
         OpKind::AttnCoreBwd { qkv: s.qkv, probs: s.probs, dctx, dqkv, dims: s.dims }, 2 * core.core_flops(),
-        4 * (t * 8 * m + core.probs_len()) as u64);
-    let dln = linear_bwd(b, "qkv", Stage::Attention, layer, s.ln.y, s.wqkv, s.bqkv, dqkv, None, t, m, 3 * m);
+        4 * (t * 8 * lm + core.probs_len()) as u64);
+    let dln = linear_bwd(b, "qkv", Stage::Attention, layer, s.ln.y, s.wqkv, s.bqkv, dqkv, None, t, m, 3 * lm);
+    if let Some(tp) = &s.tp {
+        tensor::allreduce(b, "attn_dx_allreduce", Pass::Backward, tp, dln);
+    }
     layernorm_bwd(b, "ln_attn", layer, &s.ln, dln, dout, t, m)
 }
 
@@ -127,26 +145,39 @@ pub struct MlpSaved {
     b2: Option<BufId>,
     d_mlp: usize,
     act: Activation,
+    tp: Option<TpShard>,
 }
 
 /// `x + MLP(LN(x))`.
 pub fn dense_mlp(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, x: BufId, d_mlp: usize) -> (BufId, MlpSaved) {
-    let (t, m, act) = (spec.tokens_per_rank(), spec.model.d_model, spec.model.activation);
-    let ln = layernorm(b, "ln_mlp", layer, x, t, m);
-    let (h, w1, b1) = linear(b, "mlp_fc1", "mlp.fc1", Stage::DenseMlp, layer, ln.y, None, t, m, d_mlp, true);
-    let a = b.buf(format!("L{layer}.mlp.act"), t * d_mlp, Mc::Activations);
-    b.op("mlp_act", Stage::DenseMlp, Pass::Forward, OpKind::Act { h, a, act }, 8 * (t * d_mlp) as u64, 8 * (t * d_mlp) as u64);
-    let (out, w2, b2) = linear(b, "mlp_fc2", "mlp.fc2", Stage::DenseMlp, layer, a, Some(x), t, d_mlp, m, true);
-    (out, MlpSaved { ln, w1, b1, h, a, w2, b2, d_mlp, act })
+    dense_mlp_tp(b, spec, layer, x, d_mlp, None)
 }
 
-/// Backward of a dense MLP sublayer.
+/// [`dense_mlp`] over a tensor-parallel group when `tp` is given: fc1 column-parallel (this
+/// rank's `d_mlp / tp` hidden units), fc2 row-parallel and all-reduced over the group.
+pub fn dense_mlp_tp(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, x: BufId, d_mlp: usize, tp: Option<&TpShard>)
+    -> (BufId, MlpSaved) {
+    let (t, m, act) = (spec.tokens_per_rank(), spec.model.d_model, spec.model.activation);
+    let f = d_mlp / tp.map_or(1, |s| s.size);
+    let ln = layernorm(b, "ln_mlp", layer, x, t, m);
+    let (h, w1, b1) = column_linear(b, "mlp_fc1", "mlp.fc1", Stage::DenseMlp, layer, ln.y, t, m, d_mlp, 1, tp);
+    let a = b.buf(format!("L{layer}.mlp.act"), t * f, Mc::Activations);
+    b.op("mlp_act", Stage::DenseMlp, Pass::Forward, OpKind::Act { h, a, act }, 8 * (t * f) as u64, 8 * (t * f) as u64);
+    let (out, w2, b2) = row_linear(b, "mlp_fc2", "mlp.fc2", Stage::DenseMlp, layer, a, x, t, d_mlp, m, tp);
+    (out, MlpSaved { ln, w1, b1, h, a, w2, b2, d_mlp: f, act, tp: tp.copied() })
+}
+
+/// Backward of a dense MLP sublayer (with tensor parallelism, the partial gradient of the
+/// LayerNorm output is all-reduced over the TP group first).
 pub fn dense_mlp_bwd(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, s: &MlpSaved, dout: BufId) -> BufId {
     let (t, m, f) = (spec.tokens_per_rank(), spec.model.d_model, s.d_mlp);
     let da = linear_bwd(b, "mlp_fc2", Stage::DenseMlp, layer, s.a, s.w2, s.b2, dout, None, t, f, m);
     let dh = b.buf(format!("L{layer}.mlp.dh"), t * f, Mc::Activations);
     b.op("mlp_act_bwd", Stage::DenseMlp, Pass::Backward, OpKind::ActBwd { h: s.h, da, dh, act: s.act }, 10 * (t * f) as u64, 12 * (t * f) as u64);
     let dln = linear_bwd(b, "mlp_fc1", Stage::DenseMlp, layer, s.ln.y, s.w1, s.b1, dh, None, t, m, f);
+    if let Some(tp) = &s.tp {
+        tensor::allreduce(b, "mlp_dx_allreduce", Pass::Backward, tp, dln);
+    }
     layernorm_bwd(b, "ln_mlp", layer, &s.ln, dln, dout, t, m)
 }
 

@@ -1,6 +1,8 @@
 //! Plan builders, one per variant. [`build`] picks the builder named by the spec.
 
 mod blocks;
+mod pipeline;
+mod tensor;
 mod mpmoe;
 mod topk;
 mod scmoe;

@@ -65,6 +65,7 @@ const REUSES: &[&str] = &["none", "recompute", "recomm", "reuse_buffers", "auto"
 const A2AS: &[&str] = &["flat", "2d"];
 const DEGREES: &[&str] = &["1", "2", "4", "8", "auto"];
 const PARALLELISMS: &[&str] = &["fixed", "auto"];
+const SCHEDULES: &[&str] = &["1f1b", "gpipe"];
 
 const fn f(key: &'static str, kind: Kind, help: &'static str) -> Field {
     Field { key, help, kind, variant: None }
@@ -98,8 +99,8 @@ pub static FIELDS: &[Field] = &[
     f("layout.world", Kind::OptStep, "total ranks; auto = dp*ep*tp*pp"),
     f("layout.dp", Kind::Step, "data-parallel replicas of each expert"),
     f("layout.ep", Kind::Step, "expert parallelism: experts split over this many ranks"),
-    f("layout.tp", Kind::Step, "tensor parallelism (ted, ppmoe)"),
-    f("layout.pp", Kind::Step, "pipeline stages"),
+    f("layout.tp", Kind::Step, "tensor parallelism (ted, ppmoe: experts and backbone)"),
+    f("layout.pp", Kind::Step, "pipeline stages (ppmoe; divides n_layers)"),
     v("mpmoe", "mpmoe.chunks", Kind::NumberOrAuto(DEGREES), "pipelining degree: a2a/expert chunks per layer"),
     v("mpmoe", "mpmoe.reuse", Kind::Choice(REUSES), "what backward restores instead of keeping buffers"),
     v("tutel", "tutel.degree", Kind::NumberOrAuto(DEGREES), "pipelining degree; auto times 1, 2, 4"),
@@ -108,6 +109,8 @@ pub static FIELDS: &[Field] = &[
     v("tutel", "tutel.r", Kind::Step, "1 = expert parallel, 0 = data parallel experts"),
     v("tutel", "tutel.parallelism", Kind::Choice(PARALLELISMS), "fixed uses r; auto times r = 0 and 1"),
     v("ted", "ted.duplicate_dropping", Kind::Bool, "TP ranks send only their 1/tp slice"),
+    v("ppmoe", "ppmoe.micro_batches", Kind::OptStep, "micro-batches per step (divides batch); auto = enough for pp"),
+    v("ppmoe", "ppmoe.schedule", Kind::Choice(SCHEDULES), "pipeline order: 1f1b (less memory) or gpipe"),
     f("run.backend", Kind::Choice(BACKENDS), "executor: auto (cuda if a GPU is visible, else cpu)"),
     f("run.steps", Kind::Step, "measured steps"),
     f("run.warmup", Kind::Step, "unmeasured steps before them"),
@@ -125,7 +128,7 @@ pub fn by_key(key: &str) -> Option<&'static Field> {
 /// (which fills serde defaults) and written back.
 fn defaults() -> &'static Table {
     static D: LazyLock<Table> = LazyLock::new(|| {
-        let minimal = "name = \"x\"\n[model]\nd_model = 1\nd_ffn = 1\nn_experts = 1\n[mpmoe]\n[tutel]\n[ted]\n";
+        let minimal = "name = \"x\"\n[model]\nd_model = 1\nd_ffn = 1\nn_experts = 1\n[mpmoe]\n[tutel]\n[ted]\n[ppmoe]\n";
         toml::from_str::<ExperimentSpec>(minimal)
             .ok()
             .and_then(|s| Value::try_from(&s).ok())

@@ -17,6 +17,7 @@ pub fn template_toml(variant: &str) -> String {
         "mpmoe" => "\n[mpmoe]\nchunks = 4\nreuse = \"none\"\n",
         "tutel" => "\n[tutel]\ndegree = 2\na2a = \"flat\"\n",
         "ted" => "\n[ted]\nduplicate_dropping = true\n",
+        "ppmoe" => "\n[ppmoe]\nschedule = \"1f1b\"\n",
         _ => "",
     };
     format!(

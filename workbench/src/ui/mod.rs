@@ -29,7 +29,8 @@ pub fn stage_color(stage: Stage) -> Color {
         Stage::ExpertGemm1 | Stage::Act | Stage::ExpertGemm2 => Color::Green,
         Stage::AllToAll => Color::Magenta,
         Stage::AllReduce | Stage::AllGather | Stage::ReduceScatter => Color::Cyan,
-        Stage::Data | Stage::Loss | Stage::Optimizer => Color::Gray,
+        Stage::SendRecv => Color::LightMagenta,
+        Stage::Data | Stage::Loss | Stage::Optimizer | Stage::GradAccum => Color::Gray,
     }
 }
 
