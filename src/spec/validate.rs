@@ -272,9 +272,7 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         // else the cpu reference.
         BackendKind::Auto => {
             let gpus = crate::backend::cuda::visible_gpus();
-            // Pipeline stages do not run on cuda yet (see check_ppmoe).
-            let pipelined = spec.variant == Variant::Ppmoe && spec.layout.pp > 1;
-            r.backend = if gpus >= world && gpus > 0 && spec.model.dtype == super::DType::F32 && !pipelined { BackendKind::Cuda } else { BackendKind::Cpu };
+            r.backend = if gpus >= world && gpus > 0 && spec.model.dtype == super::DType::F32 { BackendKind::Cuda } else { BackendKind::Cpu };
         }
         BackendKind::Cpu => {}
         BackendKind::Cuda => {
@@ -540,10 +538,5 @@ fn check_ppmoe(c: &mut Checker, spec: &mut ExperimentSpec) {
         (None, Some(b)) => opts.micro_batches = Some((1..=b).find(|d| b % d == 0 && *d >= pp).unwrap_or(b)),
         (None, None) => opts.micro_batches = Some(1),
         _ => {}
-    }
-    // The cuda executor has an NCCL send/recv for SendRecv, but it has not run on GPUs yet.
-    if spec.run.backend == BackendKind::Cuda && l.pp > 1 {
-        c.fail("layout.pp", format!("the cuda backend does not run pipeline stages yet (layout.pp={}): its send/recv between stages is unverified on GPUs", l.pp),
-            "set layout.pp = 1 for cuda runs, or run the pipeline with backend = \"cpu\" (or \"sim\" for predicted times)");
     }
 }
