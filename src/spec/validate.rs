@@ -288,10 +288,6 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         }
         BackendKind::Sim => {}
     }
-    if r.backend == BackendKind::Cuda && spec.tutel.as_ref().is_some_and(|t| t.a2a == super::A2aKind::TwoD) {
-        c.fail("tutel.a2a", "the 2D hierarchical all-to-all runs on the cpu backend only so far".into(),
-            "set a2a = \"flat\" for cuda runs, or backend = \"cpu\" to study the 2D exchange");
-    }
     if r.backend == BackendKind::Cpu && spec.model.dtype != super::DType::F32 {
         c.fail("model.dtype", "the cpu backend computes in f32 only (dtype=bf16)".into(),
             "set model.dtype = \"f32\" for cpu runs; bf16 needs backend \"cuda\"");

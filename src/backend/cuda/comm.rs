@@ -167,27 +167,34 @@ impl Comms {
         }
     }
 
-    /// Every member's send counts: `matrix[src][dst]` rows (waits for the stream).
+    /// Every member's `counts` (one per member): row p of the result is member p's.
     pub fn exchange_counts(&self, g: GroupId, counts: &[i32], s: &CudaStream) -> Result<Vec<Vec<i32>>, CommError> {
+        self.all_gather_i32(g, counts, s)
+    }
+
+    /// Every member's `vals` (the same length on every member), gathered to the host: row p
+    /// of the result is member p's. Synchronises the stream.
+    pub fn all_gather_i32(&self, g: GroupId, vals: &[i32], s: &CudaStream) -> Result<Vec<Vec<i32>>, CommError> {
         let m = self.member(g)?;
         let n = m.size;
+        let len = vals.len();
         let Some(c) = m.comm else {
-            return Ok(vec![counts.to_vec()]);
+            return Ok(vec![vals.to_vec()]);
         };
         let cu = s.cu_stream();
-        // SAFETY: scratch buffers sized for n and n * n i32, freed below on the same stream
-        // after the synchronising copy back.
+        // SAFETY: scratch buffers sized for len and n * len i32, freed below on the same
+        // stream after the synchronising copy back.
         unsafe {
-            let send = result::malloc_async(cu, n * 4).map_err(GpuError::driver("cuMemAllocAsync"))?;
-            let recv = result::malloc_async(cu, n * n * 4).map_err(GpuError::driver("cuMemAllocAsync"))?;
-            result::memcpy_htod_async(send, counts, cu).map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
-            check("ncclAllGather", nccl::ncclAllGather(send as _, recv as _, n, ncclDataType_t::ncclInt32, c, cu as _))?;
-            let mut all = vec![0i32; n * n];
+            let send = result::malloc_async(cu, len.max(1) * 4).map_err(GpuError::driver("cuMemAllocAsync"))?;
+            let recv = result::malloc_async(cu, (n * len).max(1) * 4).map_err(GpuError::driver("cuMemAllocAsync"))?;
+            result::memcpy_htod_async(send, vals, cu).map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
+            check("ncclAllGather", nccl::ncclAllGather(send as _, recv as _, len, ncclDataType_t::ncclInt32, c, cu as _))?;
+            let mut all = vec![0i32; n * len];
             result::memcpy_dtoh_async(&mut all, recv, cu).map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
             s.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
             result::free_async(send, cu).map_err(GpuError::driver("cuMemFreeAsync"))?;
             result::free_async(recv, cu).map_err(GpuError::driver("cuMemFreeAsync"))?;
-            Ok(all.chunks(n).map(<[i32]>::to_vec).collect())
+            Ok(all.chunks(len.max(1)).map(<[i32]>::to_vec).collect())
         }
     }
 

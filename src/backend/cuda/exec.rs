@@ -5,6 +5,7 @@
 //! backend's own implementation on downloaded inputs, so both backends share one definition
 //! of every layout; they are marked `host` in the op report.
 
+mod a2a_2d;
 mod attention;
 
 use super::comm::Comms;
@@ -585,8 +586,8 @@ impl<'a> StreamExec<'a> {
                 outcome.bytes = Some((sent * row_len * 4) as u64);
                 self.comms.all_to_all_v(*group, sb.ptr, rb.ptr, &matrix, *row_len, &self.s.stream)?;
             }
-            AllToAllV2d { .. } => {
-                return Err(ExecError::Plan("the 2D hierarchical all-to-all is not implemented on the cuda backend yet (tutel a2a = \"flat\")".into()));
+            AllToAllV2d { intra, inter, send, send_counts, recv, row_len, gpus_per_node } => {
+                outcome.bytes = Some(self.all_to_all_2d(*intra, *inter, *send, *send_counts, *recv, *row_len, *gpus_per_node)?);
             }
         }
         Ok(outcome)
