@@ -16,6 +16,7 @@ pub struct RankBuilder {
     elem_bytes: usize,
     layer: Option<u32>,
     chunk: Option<u32>,
+    recompute: bool,
 }
 
 impl RankBuilder {
@@ -31,6 +32,7 @@ impl RankBuilder {
             elem_bytes,
             layer: None,
             chunk: None,
+            recompute: false,
         }
     }
     /// Ops added next belong to this layer.
@@ -41,7 +43,18 @@ impl RankBuilder {
     pub fn set_chunk(&mut self, chunk: Option<u32>) {
         self.chunk = chunk;
     }
-    fn push_buf(&mut self, desc: BufferDesc) -> BufId {
+    /// Ops added next recompute forward work inside the backward pass (activation
+    /// checkpointing): ops built as [`Pass::Forward`] are recorded as [`Pass::Backward`] with
+    /// their names prefixed `recompute.`, and new buffers are named `recompute.<name>` (so
+    /// that name lookups keep finding the forward's buffers).
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
+    }
+    fn push_buf(&mut self, mut desc: BufferDesc) -> BufId {
+        if self.recompute {
+            debug_assert!(!desc.persistent, "recomputation creates no parameters");
+            desc.name = format!("recompute.{}", desc.name);
+        }
         self.buffers.push(desc);
         self.last_writer.push(None);
         BufId(self.buffers.len() as u32 - 1)
@@ -93,6 +106,10 @@ impl RankBuilder {
     /// Append an op; reads, writes and deps come from `kind`.
     pub fn op(&mut self, name: impl Into<String>, stage: Stage, pass: Pass, kind: OpKind, flops: u64, bytes: u64) -> OpId {
         let id = OpId(self.ops.len() as u32);
+        let (name, pass) = match (self.recompute, pass) {
+            (true, Pass::Forward) => (format!("recompute.{}", name.into()), Pass::Backward),
+            (_, pass) => (name.into(), pass),
+        };
         let (reads, writes) = kind.io();
         let mut deps: Vec<OpId> = reads
             .iter()
@@ -106,8 +123,8 @@ impl RankBuilder {
         }
         let stream = if stage.is_comm() { Stream::Comm } else { Stream::Compute };
         let name = match self.layer {
-            Some(l) => format!("L{l}.{}", name.into()),
-            None => name.into(),
+            Some(l) => format!("L{l}.{name}"),
+            None => name,
         };
         self.ops.push(Op {
             id, name, stage, pass, stream, layer: self.layer, chunk: self.chunk, deps, kind, reads, writes,

@@ -179,11 +179,43 @@ pub struct TedSpec {
     /// the TP group restores the full set afterwards. Off: every TP rank sends everything.
     #[serde(default = "yes")]
     pub duplicate_dropping: bool,
+    /// Activation checkpointing of the MoE layers (DeepSpeed-TED's communication-aware
+    /// checkpointing): `"none"` keeps every activation, `"full"` keeps only the layer input and
+    /// recomputes the layer's forward in backward (all-to-alls and all-gathers included),
+    /// `"comm_aware"` also keeps the outputs of the forward's communication and recomputes
+    /// only the compute.
+    #[serde(default)]
+    pub checkpoint: Checkpoint,
 }
 
 impl Default for TedSpec {
     fn default() -> Self {
-        TedSpec { duplicate_dropping: true }
+        TedSpec { duplicate_dropping: true, checkpoint: Checkpoint::default() }
+    }
+}
+
+/// Activation checkpointing of an MoE layer (Singh et al., ICS 2023, section 4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Checkpoint {
+    /// Keep every activation for backward.
+    #[default]
+    None,
+    /// Keep the layer input only; backward re-runs the whole forward, communication included.
+    Full,
+    /// Keep the layer input and the outputs of the forward's all-to-alls and all-gathers;
+    /// backward recomputes the compute only and issues no extra communication.
+    CommAware,
+}
+
+impl Checkpoint {
+    /// The spelling used in specs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Checkpoint::None => "none",
+            Checkpoint::Full => "full",
+            Checkpoint::CommAware => "comm_aware",
+        }
     }
 }
 

@@ -310,7 +310,9 @@ fn run_rank(
                     }
                 }
             }
-            if let Some(o) = out.obs {
+            // Routing recomputed in backward (activation checkpointing) repeats the forward's
+            // observations: count each layer's routing once.
+            if let Some(o) = out.obs.filter(|_| op.pass != crate::taxonomy::Pass::Backward) {
                 lock(&obs).push((op.stage, o));
             }
             if let Some(step) = measured {
