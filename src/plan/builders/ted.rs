@@ -20,6 +20,12 @@
 //! of the expert-parallel group, and an all-gather over the TP group (`gather_tokens`) restores
 //! the full set: drop -> a2a -> all-gather -> TP expert -> all-reduce -> drop -> a2a ->
 //! all-gather, mirrored in backward. Without it every TP rank sends the full set.
+//!
+//! Activation checkpointing (`[ted] checkpoint`): `full` keeps only each MoE layer's input and
+//! re-runs its forward (communication included) at the start of its backward; `comm_aware`
+//! also keeps the outputs of the layer's communication (all-gathered routing statistics,
+//! expert input, combined-back rows) and recomputes the compute only. Recomputed ops are
+//! ordinary ops in the backward pass ([`RankBuilder::set_recompute`]).
 
 use super::blocks::{self, LnSaved};
 use super::topk::{a2a, expert_param};

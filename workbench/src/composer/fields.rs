@@ -62,6 +62,7 @@ const MODES: &[&str] = &["training", "inference"];
 const ACTIVATIONS: &[&str] = &["gelu", "relu"];
 const DTYPES: &[&str] = &["f32", "bf16"];
 const REUSES: &[&str] = &["none", "recompute", "recomm", "reuse_buffers", "auto"];
+const CHECKPOINTS: &[&str] = &["none", "full", "comm_aware"];
 const A2AS: &[&str] = &["flat", "2d"];
 const DEGREES: &[&str] = &["1", "2", "4", "8", "auto"];
 const PARALLELISMS: &[&str] = &["fixed", "auto"];
@@ -108,6 +109,7 @@ pub static FIELDS: &[Field] = &[
     v("tutel", "tutel.r", Kind::Step, "1 = expert parallel, 0 = data parallel experts"),
     v("tutel", "tutel.parallelism", Kind::Choice(PARALLELISMS), "fixed uses r; auto times r = 0 and 1"),
     v("ted", "ted.duplicate_dropping", Kind::Bool, "TP ranks send only their 1/tp slice"),
+    v("ted", "ted.checkpoint", Kind::Choice(CHECKPOINTS), "MoE activation checkpointing: none, full, comm_aware"),
     f("run.backend", Kind::Choice(BACKENDS), "executor: auto (cuda if a GPU is visible, else cpu)"),
     f("run.steps", Kind::Step, "measured steps"),
     f("run.warmup", Kind::Step, "unmeasured steps before them"),
