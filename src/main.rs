@@ -192,8 +192,9 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool) -> Result<()> {
     if !quiet {
         for r in &outcome.steps {
             println!(
-                "step {}{}: loss {:.6}  aux {:.4}  dropped {}/{}  {:.3} s",
-                r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, r.wall_s
+                "step {}{}: loss {:.6}  aux {:.4}  dropped {}/{} {} {:.3} s",
+                r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed,
+                run::capacity_text(&r.capacity), r.wall_s
             );
         }
         println!();

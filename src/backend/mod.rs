@@ -24,6 +24,9 @@ pub struct StepReport {
     pub dropped: usize,
     /// Token assignments routed, summed over layers.
     pub routed: usize,
+    /// Capacity C (slots per expert) of each MoE layer's routing, in execution order (the
+    /// run-time choice for dropless and negative capacity factors); empty on the sim backend.
+    pub capacity: Vec<usize>,
     /// Wall time of the step in seconds.
     pub wall_s: f64,
 }

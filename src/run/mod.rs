@@ -211,6 +211,8 @@ struct StepJson {
     aux_loss: f64,
     dropped: usize,
     routed: usize,
+    /// Capacity C of each MoE layer's routing (per-layer, execution order).
+    capacity: Vec<usize>,
     wall_s: f64,
 }
 
@@ -241,9 +243,19 @@ fn make_dir(root: &Path, name: &str) -> Result<PathBuf, RunError> {
 /// The run log's line for one step.
 fn step_line(r: &StepReport) -> String {
     format!(
-        "step {}{}: loss {:.6} aux {:.4} dropped {}/{} wall {:.3} s",
-        r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, r.wall_s
+        "step {}{}: loss {:.6} aux {:.4} dropped {}/{}{} wall {:.3} s",
+        r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, capacity_text(&r.capacity), r.wall_s
     )
+}
+
+/// ` capacity C` (one value when every layer chose the same, else `C0,C1,...`); empty when
+/// the backend does not route (sim).
+pub fn capacity_text(c: &[usize]) -> String {
+    match c {
+        [] => String::new(),
+        [first, rest @ ..] if rest.iter().all(|x| x == first) => format!(" capacity {first}"),
+        _ => format!(" capacity {}", c.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")),
+    }
 }
 
 /// Plan, execute and analyse `spec`, writing the run directory under `runs_root`.
@@ -350,7 +362,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         status,
         error: failure.as_ref().map(|e| e.to_string()),
         steps: steps.iter().map(|s| StepJson {
-            step: s.step, measured: s.measured, loss: s.loss, aux_loss: s.aux_loss, dropped: s.dropped, routed: s.routed, wall_s: s.wall_s,
+            step: s.step, measured: s.measured, loss: s.loss, aux_loss: s.aux_loss, dropped: s.dropped, routed: s.routed, capacity: s.capacity.clone(), wall_s: s.wall_s,
         }).collect(),
         step_time_ms: analysis.step_time_ns / 1e6,
         overlap: analysis.overall_overlap(),

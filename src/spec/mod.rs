@@ -411,7 +411,9 @@ pub struct ModelSpec {
     /// Experts chosen per token.
     #[serde(default = "default_top_k")]
     pub top_k: usize,
-    /// Capacity factor cf: each expert takes at most ceil(cf * k * T_global / E) tokens.
+    /// Capacity factor cf, as Tutel's: cf > 0: each expert takes at most
+    /// ceil(cf * k * T_global / E) tokens; cf = 0: dropless (resolves to `dropless = true`);
+    /// cf < 0: at most min(ceil(|cf| * k * T_global / E), the step's largest expert load).
     /// Leave unset with `dropless = true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_factor: Option<f64>,
@@ -608,6 +610,10 @@ pub enum Capacity {
     Factor(f64),
     /// Slots = the largest expert load of the step.
     Dropless,
+    /// Tutel's negative capacity factor (`capacity_factor = -f`): slots =
+    /// min(ceil(f * k * T_global / E), the largest expert load of the step), the load agreed
+    /// over every data rank from the all-gathered routing counts. Buffers are sized at run time.
+    Bounded(f64),
 }
 
 impl ExperimentSpec {
@@ -625,10 +631,10 @@ impl ExperimentSpec {
     }
     /// The capacity rule.
     pub fn capacity(&self) -> Capacity {
-        if self.model.dropless {
-            Capacity::Dropless
-        } else {
-            Capacity::Factor(self.model.capacity_factor.unwrap_or(1.25))
+        match (self.model.dropless, self.model.capacity_factor) {
+            (true, _) => Capacity::Dropless,
+            (false, Some(cf)) if cf < 0.0 => Capacity::Bounded(-cf),
+            (false, cf) => Capacity::Factor(cf.unwrap_or(1.25)),
         }
     }
     /// Serialize back to TOML (what `moelab run` accepts unchanged).

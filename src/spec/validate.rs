@@ -152,9 +152,14 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         (true, Some(cf)) => c.fail("model.capacity_factor",
             format!("capacity_factor={cf} conflicts with dropless=true"),
             "remove capacity_factor, or set dropless = false"),
-        (false, Some(cf)) if !(cf.is_finite() && cf > 0.0) => c.fail("model.capacity_factor",
-            format!("capacity_factor={cf} must be a positive number"),
-            "use e.g. 1.0 or 1.25, or set dropless = true"),
+        (false, Some(cf)) if !cf.is_finite() => c.fail("model.capacity_factor",
+            format!("capacity_factor={cf} must be a finite number (> 0 fixed, 0 dropless, < 0 bounded by the real load)"),
+            "use e.g. 1.0 or 1.25, -1.25 for min(1.25 x the even share, the largest load), or set dropless = true"),
+        // Tutel's convention: cf = 0 is dropless.
+        (false, Some(cf)) if cf == 0.0 => {
+            m.dropless = true;
+            m.capacity_factor = None;
+        }
         (false, None) => m.capacity_factor = Some(1.25),
         _ => {}
     }

@@ -36,6 +36,8 @@ pub struct RouteObs {
     pub routed: usize,
     /// Local loss contribution.
     pub loss: f64,
+    /// Capacity C (slots per expert) the layer's routing chose.
+    pub capacity: usize,
 }
 
 /// Result of an op: actual bytes for collectives, routing facts for dispatch.
@@ -272,7 +274,7 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
                     sv.extend_from_slice(&xv[(a / k) * m..(a / k + 1) * m]);
                 }
             }
-            outcome.obs = Some(RouteObs { aux: tb.aux_loss(), dropped: tb.dropped(), routed: tb.n_global * k, loss: 0.0 });
+            outcome.obs = Some(RouteObs { aux: tb.aux_loss(), dropped: tb.dropped(), routed: tb.n_global * k, loss: 0.0, capacity: tb.capacity });
             st.put_f32(*send, sv)?;
             st.put_i32(*send_counts, counts)?;
             st.put_i32(*slots, slot)?;

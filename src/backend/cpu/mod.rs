@@ -99,7 +99,7 @@ impl CpuRuntime {
         });
         let mut first_cause = None;
         let mut any_err = None;
-        let mut report = StepReport { step, measured, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, wall_s: t0.elapsed().as_secs_f64() };
+        let mut report = StepReport { step, measured, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, capacity: Vec::new(), wall_s: t0.elapsed().as_secs_f64() };
         for (rank, r) in results.into_iter().enumerate() {
             match r {
                 Ok(obs) => {
@@ -110,6 +110,7 @@ impl CpuRuntime {
                                 report.aux_loss += o.aux;
                                 report.dropped += o.dropped;
                                 report.routed += o.routed;
+                                report.capacity.push(o.capacity);
                             }
                             _ => {}
                         }

@@ -47,6 +47,9 @@ pub enum WorkerLine {
         dropped: usize,
         /// Routed assignments.
         routed: usize,
+        /// Capacity of each MoE layer's routing, in execution order.
+        #[serde(default)]
+        capacity: Vec<usize>,
         /// Wall seconds on this rank.
         wall_s: f64,
         /// Ops that ran on the host.
@@ -371,9 +374,9 @@ fn pick_error(errors: &[BackendError]) -> Option<BackendError> {
 }
 
 fn merge_step(step: usize, lines: &[Option<WorkerLine>]) -> StepReport {
-    let mut rep = StepReport { step, measured: false, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, wall_s: 0.0 };
+    let mut rep = StepReport { step, measured: false, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, capacity: Vec::new(), wall_s: 0.0 };
     for (r, l) in lines.iter().enumerate() {
-        if let Some(WorkerLine::Step { measured, loss, aux, dropped, routed, wall_s, .. }) = l {
+        if let Some(WorkerLine::Step { measured, loss, aux, dropped, routed, capacity, wall_s, .. }) = l {
             rep.measured = *measured;
             rep.loss += loss;
             rep.wall_s = rep.wall_s.max(*wall_s);
@@ -381,6 +384,7 @@ fn merge_step(step: usize, lines: &[Option<WorkerLine>]) -> StepReport {
                 rep.aux_loss = *aux;
                 rep.dropped = *dropped;
                 rep.routed = *routed;
+                rep.capacity = capacity.clone();
             }
         }
     }
@@ -464,7 +468,7 @@ pub fn worker_main(dir: &Path) -> i32 {
         let measured = i >= warmup;
         match gr.step(measured, &opts) {
             Ok(s) => {
-                let (mut loss, mut aux, mut dropped, mut routed) = (0.0, 0.0, 0, 0);
+                let (mut loss, mut aux, mut dropped, mut routed, mut capacity) = (0.0, 0.0, 0, 0, Vec::new());
                 for (stage, o) in &s.obs {
                     if *stage == Stage::Loss {
                         loss += o.loss;
@@ -472,9 +476,10 @@ pub fn worker_main(dir: &Path) -> i32 {
                         aux += o.aux;
                         dropped += o.dropped;
                         routed += o.routed;
+                        capacity.push(o.capacity);
                     }
                 }
-                emit(&WorkerLine::Step { rank: rank as u32, step: i, measured, loss, aux, dropped, routed, wall_s: s.wall_s, host_ops: s.host_ops });
+                emit(&WorkerLine::Step { rank: rank as u32, step: i, measured, loss, aux, dropped, routed, capacity, wall_s: s.wall_s, host_ops: s.host_ops });
             }
             Err(e) => {
                 code = fail(e.to_string(), Some(WireError::from(&e)));

@@ -83,7 +83,7 @@ pub static FIELDS: &[Field] = &[
     f("model.d_ffn", Kind::Double, "expert hidden size H (fc1 [M,H], fc2 [H,M])"),
     f("model.n_experts", Kind::Double, "experts E per MoE layer"),
     f("model.top_k", Kind::Step, "experts chosen per token"),
-    f("model.capacity_factor", Kind::OptAdd(0.25), "capacity ceil(cf*k*T/E) per expert; auto = 1.25"),
+    f("model.capacity_factor", Kind::OptAdd(0.25), "capacity ceil(cf*k*T/E) per expert; < 0: at most the real max load; auto = 1.25"),
     f("model.dropless", Kind::Bool, "no token dropped: capacity = the largest expert load"),
     f("model.renormalize", Kind::Bool, "renormalize the k gate probabilities to sum to one"),
     f("model.aux_loss_coef", Kind::Add(0.01), "weight of the load-balancing loss"),
