@@ -170,6 +170,23 @@ pub enum OpKind {
     /// [`OpKind::Combine`] with an optional residual: `out[t] = (residual[t]) + sum_j w[t, j]
     /// back[slots[t, j]]` (a partial sum when `back` holds some experts' rows only).
     CombinePart { back: BufId, slots: BufId, weights: BufId, residual: Option<BufId>, out: BufId, dims: MoeDims },
+    /// Tutel's sharded experts (an expert-parallel group of W = E * s members; member
+    /// p = e * s + q * g + i, g = s / r, computes hidden slice q of r of expert e on chunk i of
+    /// g of every block): from this rank's dispatch layout `src` (kept rows of data rank
+    /// `dims.data_rank`, expert-major), for every member in order the rows of chunk (i, g) of
+    /// expert e's block (each row thus goes to r members), with per-member counts.
+    ShardDispatch { src: BufId, gathered: BufId, send: BufId, send_counts: BufId, dims: MoeDims, s: usize, r: usize },
+    /// The rows a sharded-expert member receives from each member of its expert-parallel
+    /// group (`peers`: their data ranks, in member order): chunk `chunk` of `peers[j]`'s kept
+    /// rows for `expert`; written as per-member counts (what the return all-to-all sends back).
+    ShardCounts { gathered: BufId, counts: BufId, dims: MoeDims, peers: Vec<usize>, expert: usize, chunk: (usize, usize) },
+    /// Inverse of [`OpKind::ShardDispatch`] with the sum over the r copies: `recv` holds,
+    /// member-major, each member's rows of this rank's chunk; `full` (the dispatch layout)
+    /// gets, per row, the sum of its r copies.
+    ShardCombine { recv: BufId, gathered: BufId, full: BufId, dims: MoeDims, s: usize, r: usize },
+    /// Swap the first two axes: `dst[j, i, :] = src[i, j, :]` for `src` of shape
+    /// `[shape.0, shape.1, shape.2]` (all-gathered column slices of a weight <-> the weight).
+    SwapAxes { src: BufId, dst: BufId, shape: (usize, usize, usize) },
 }
 
 impl OpKind {
@@ -288,6 +305,10 @@ impl OpKind {
                 r.extend(opt(residual));
                 (r, vec![*out])
             }
+            ShardDispatch { src, gathered, send, send_counts, .. } => (vec![*src, *gathered], vec![*send, *send_counts]),
+            ShardCounts { gathered, counts, .. } => (vec![*gathered], vec![*counts]),
+            ShardCombine { recv, gathered, full, .. } => (vec![*recv, *gathered], vec![*full]),
+            SwapAxes { src, dst, .. } => (vec![*src], vec![*dst]),
         }
     }
 }

@@ -137,7 +137,8 @@ pub struct TutelCandidate {
 pub const AUTO_DEGREE_TIMED_STEPS: usize = 2;
 
 /// Resolve Tutel's `degree = "auto"` and `parallelism = "auto"`: run each candidate (r = 1 at
-/// each candidate degree, r = 0 at degree 1; only the automatic dimensions vary) on the real
+/// each candidate degree, r = 0 at degree 1; with experts split over s = ep / n_experts ranks,
+/// every divisor r of s at degree 1; only the automatic dimensions vary) on the real
 /// backend (a fresh runtime each, so the measured run starts from the same weights), time
 /// [`AUTO_DEGREE_TIMED_STEPS`] steps after one untimed step, and return the spec with the
 /// fastest fixed. `None` when the spec asks for neither.
@@ -153,7 +154,14 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
         Degree::Auto => TutelSpec::AUTO_CANDIDATES.into_iter().filter(|d| *d <= spec.tokens_per_rank()).collect(),
         Degree::Fixed(d) => vec![d],
     };
-    let rs = if opts.parallelism == ParallelismChoice::Auto { vec![1, 0] } else { vec![opts.r] };
+    // With ep = s * n_experts (experts split over s ranks) the candidates are the divisors
+    // r of s (r = 0 is not built there); otherwise r = 1 and r = 0.
+    let (ep, e) = (spec.layout.ep, spec.model.n_experts);
+    let rs = match opts.parallelism {
+        ParallelismChoice::Auto if ep > e => (1..=ep / e).filter(|r| (ep / e) % r == 0).collect(),
+        ParallelismChoice::Auto => vec![1, 0],
+        ParallelismChoice::Fixed => vec![opts.r],
+    };
     let configs: Vec<(usize, usize)> =
         rs.iter().flat_map(|&r| if r == 0 { vec![(0, 1)] } else { degrees.iter().map(|&d| (r, d)).collect() }).collect();
     let with = |r: usize, d: usize| {

@@ -346,6 +346,12 @@ impl<'a> StreamExec<'a> {
         let mut outcome = GpuOutcome::default();
         match &op.kind {
             LoadBatch { .. } => return self.host(op),
+            // Tutel's sharded experts (expert-parallel world above E): spec validation refuses
+            // them on this backend before any GPU work; this is the backstop.
+            ShardDispatch { .. } | ShardCounts { .. } | ShardCombine { .. } | SwapAxes { .. } => {
+                return Err(ExecError::Plan(format!(
+                    "{}: Tutel's sharded experts (tutel with layout.ep > n_experts) run on the cpu and sim backends only", op.name)))
+            }
             Dispatch { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
             | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. } | LocalUnlayout { .. } => {
                 return self.layout(op)
