@@ -210,7 +210,7 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool) -> Result<()> {
     if let Some((pred, tracked, bound)) = worst {
         println!(
             "peak memory: plan predicts {}{}, {} backend tracked {}",
-            mib(pred), if bound { " (upper bound, dropless)" } else { "" }, outcome.trace.backend, mib(tracked)
+            mib(pred), if bound { " (upper bound: routing-dependent buffers)" } else { "" }, outcome.trace.backend, mib(tracked)
         );
     }
     println!("run directory: {}", outcome.dir.display());

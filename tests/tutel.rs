@@ -562,3 +562,67 @@ fn sharded_rules_name_the_fix() {
     let (p, shown) = problems(&text(2, "r = 2"));
     assert!(p.iter().any(|p| p.field == "tutel.r" && p.fix.contains("ep = s * n_experts")), "{shown}");
 }
+
+#[test]
+fn sharded_training_stays_in_lockstep_with_topk_for_every_r() {
+    // Reduce-scattered slice gradients and the all-reduced b2 keep every slice and every b2
+    // replica on top-k's trajectory under Adam.
+    let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 1\ntop_k = 1\ncapacity_factor = 1.0";
+    // r = 1, 2 on ep = 4 (s = 2); r = 4 on ep = 8 (s = 4).
+    for (r, ep) in [(1, 4), (2, 4), (4, 8)] {
+        let s = ep / 2;
+        let text = format!(
+            "name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\n{model}\n[layout]\nep = {ep}\n[run]\nbackend = \"cpu\"\nlr = 0.01\n[tutel]\nr = {r}\n"
+        );
+        let mut dist = runtime(&from_toml_str(&text).unwrap(), &[], false);
+        let reference = format!(
+            "name = \"t\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\ntokens_per_rank = {}\nseq_len = 8\nn_layers = 1\ntop_k = 1\ncapacity_factor = 1.0\n[run]\nbackend = \"cpu\"\nlr = 0.01\n",
+            16 * ep
+        );
+        let mut single = runtime(&from_toml_str(&reference).unwrap(), &[], false);
+        for step in 0..3 {
+            let a = dist.step(true, Some(step)).unwrap();
+            let b = single.step(true, Some(step)).unwrap();
+            assert!(((a.loss - b.loss) / b.loss).abs() < 1e-4, "r={r} step {step}: {} vs {}", a.loss, b.loss);
+        }
+        for name in ["L0.expert.w1", "L0.expert.b1", "L0.expert.w2", "L0.expert.b2"] {
+            let err = rel_err(&unsliced_expert(&dist, name, 2, s), &single.read(0, name).unwrap());
+            assert!(err < 1e-4, "r={r}: {name} drifted from top-k's: {err}");
+        }
+    }
+}
+
+#[test]
+fn auto_parallelism_with_split_experts_times_every_divisor_of_s() {
+    let root = tempfile::tempdir().unwrap();
+    let s = sharded_spec(2, "tokens_per_rank = 16\nseq_len = 8\nn_layers = 1\ntop_k = 1", 1, 8, "parallelism = \"auto\"");
+    let s = ExperimentSpec { run: moelab::spec::RunSpec { steps: 1, warmup: 0, ..s.run.clone() }, ..s };
+    let out = moelab::run::run(&s, root.path(), &Default::default()).expect("run");
+    let auto = out.auto_degree.clone().expect("auto resolved");
+    let tried: Vec<(usize, usize)> = auto.candidates.iter().map(|c| (c.r, c.degree)).collect();
+    assert_eq!(tried, [(1, 1), (2, 1), (4, 1)], "every divisor of s = 4, unpipelined");
+    let best = auto.candidates.iter().min_by(|a, b| a.mean_s.total_cmp(&b.mean_s)).unwrap();
+    assert_eq!(auto.chosen_r, best.r);
+    // Whichever r it chose, the step computes the single-rank top-k loss.
+    let reference = "name = \"t\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\ntokens_per_rank = 128\nseq_len = 8\nn_layers = 1\ntop_k = 1\n[run]\nbackend = \"cpu\"\n";
+    let single = runtime(&from_toml_str(reference).unwrap(), &[], false).step(false, Some(0)).unwrap();
+    assert!(((out.steps[0].loss - single.loss) / single.loss).abs() < 1e-5, "{} vs {}", out.steps[0].loss, single.loss);
+}
+
+#[test]
+fn split_experts_run_on_the_sim_and_are_refused_on_cuda() {
+    // The sim times the new layout ops from their bytes and the all-to-alls on the links.
+    let text = |backend: &str| {
+        format!("name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\ntokens_per_rank = 16\nseq_len = 8\ntop_k = 1\n[layout]\nep = 8\n[run]\nbackend = \"{backend}\"\n[tutel]\nr = 2\n")
+    };
+    let plan = Plan::build(&from_toml_str(&text("sim")).expect("valid")).expect("plans");
+    let mut rt = moelab::backend::runtime(plan, Default::default());
+    let report = rt.step(true, Some(0)).expect("simulated step");
+    assert!(report.wall_s > 0.0);
+    let trace = rt.trace();
+    for name in ["shard_dispatch", "shard_combine", "expert_w1_columns", "dispatch_a2a", "combine_a2a"] {
+        assert!(trace.ops.iter().any(|o| o.name.ends_with(name) && o.end_ns > o.start_ns), "{name} simulated");
+    }
+    let e = from_toml_str(&text("cuda")).expect_err("cuda refuses split experts");
+    assert!(e.problems().iter().any(|p| p.field == "layout.ep" && p.message.contains("cpu and sim backends only")), "{e}");
+}
