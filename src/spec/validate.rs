@@ -156,7 +156,7 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
             format!("capacity_factor={cf} must be a finite number (> 0 fixed, 0 dropless, < 0 bounded by the real load)"),
             "use e.g. 1.0 or 1.25, -1.25 for min(1.25 x the even share, the largest load), or set dropless = true"),
         // Tutel's convention: cf = 0 is dropless.
-        (false, Some(cf)) if cf == 0.0 => {
+        (false, Some(0.0)) => {
             m.dropless = true;
             m.capacity_factor = None;
         }
@@ -244,10 +244,10 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
     let n_experts = spec.model.n_experts;
     // Tutel splits each expert over s = ep / E ranks when the expert-parallel world is larger.
     let sharded = spec.variant == Variant::Tutel && l.ep > n_experts;
-    if sharded && n_experts > 0 && l.ep % n_experts != 0 {
+    if sharded && n_experts > 0 && !l.ep.is_multiple_of(n_experts) {
         c.fail("layout.ep", format!("ep={} exceeds n_experts={n_experts} but is not a multiple of it: tutel splits each expert over s = ep / n_experts ranks", l.ep),
             format!("choose ep from {{{}}} or a multiple of {n_experts}", divisors(n_experts)));
-    } else if !sharded && l.ep > 0 && n_experts > 0 && n_experts % l.ep != 0 {
+    } else if !sharded && l.ep > 0 && n_experts > 0 && !n_experts.is_multiple_of(l.ep) {
         c.fail("layout.ep", format!("ep={} does not divide n_experts={n_experts}", l.ep),
             format!("choose ep from {{{}}}", divisors(n_experts)));
     }
@@ -460,7 +460,7 @@ fn check_tutel(c: &mut Checker, spec: &mut ExperimentSpec) {
         _ => {}
     }
     let n_experts = spec.model.n_experts;
-    let s = if n_experts > 0 && ep > n_experts && ep % n_experts == 0 { ep / n_experts } else { 1 };
+    let s = if n_experts > 0 && ep > n_experts && ep.is_multiple_of(n_experts) { ep / n_experts } else { 1 };
     if s > 1 {
         check_tutel_sharded(c, opts, s, spec.model.d_ffn, ep, n_experts);
     } else if opts.r > 1 {
@@ -489,7 +489,7 @@ fn check_tutel(c: &mut Checker, spec: &mut ExperimentSpec) {
 fn check_tutel_sharded(c: &mut Checker, opts: &super::TutelSpec, s: usize, d_ffn: usize, ep: usize, n_experts: usize) {
     use super::{A2aKind, Degree, ParallelismChoice};
     let choices = format!("{{{}}}", divisors(s));
-    if d_ffn % s != 0 {
+    if !d_ffn.is_multiple_of(s) {
         c.fail("model.d_ffn", format!("d_ffn={d_ffn} is not divisible by s = ep/n_experts = {ep}/{n_experts} = {s}: each of the s ranks of an expert holds d_ffn/s hidden units"),
             format!("choose d_ffn as a multiple of {s}, or another ep"));
     }
@@ -497,7 +497,7 @@ fn check_tutel_sharded(c: &mut Checker, opts: &super::TutelSpec, s: usize, d_ffn
         if opts.r == 0 {
             c.fail("tutel.r", format!("r=0 (data parallel) is not built for ep={ep} > n_experts={n_experts} (experts split over s = {s} ranks)"),
                 format!("choose r from {choices} (r divides s = ep/n_experts)"));
-        } else if opts.r > s || s % opts.r != 0 {
+        } else if opts.r > s || !s.is_multiple_of(opts.r) {
             c.fail("tutel.r", format!("tutel.r={} does not divide s = W/E = {ep}/{n_experts} = {s}", opts.r),
                 format!("choose r from {choices}: tokens travel r times, groups of s/r ranks all-gather their hidden slices"));
         }

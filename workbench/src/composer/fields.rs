@@ -106,7 +106,7 @@ pub static FIELDS: &[Field] = &[
     v("tutel", "tutel.degree", Kind::NumberOrAuto(DEGREES), "pipelining degree; auto times 1, 2, 4"),
     v("tutel", "tutel.a2a", Kind::Choice(A2AS), "all-to-all: flat or 2d hierarchical"),
     v("tutel", "tutel.gpus_per_node", Kind::Double, "ranks per node for the 2d all-to-all"),
-    v("tutel", "tutel.r", Kind::Step, "1 = expert parallel, 0 = data parallel experts"),
+    v("tutel", "tutel.r", Kind::Step, "1 = expert parallel, 0 = data parallel; ep > E: copies of each token (r | ep/E)"),
     v("tutel", "tutel.parallelism", Kind::Choice(PARALLELISMS), "fixed uses r; auto times r = 0 and 1"),
     v("ted", "ted.duplicate_dropping", Kind::Bool, "TP ranks send only their 1/tp slice"),
     v("ted", "ted.checkpoint", Kind::Choice(CHECKPOINTS), "MoE activation checkpointing: none, full, comm_aware"),

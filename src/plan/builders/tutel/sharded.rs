@@ -131,6 +131,8 @@ struct MoeSaved {
     h: BufId,
     a: BufId,
     back: BufId,
+    /// Rows received from each member (the return all-to-all's counts, in both passes).
+    recv_counts: BufId,
     /// The owned slices (w1, b1, w2) and b2.
     own: [BufId; 4],
     /// fc1, b1 and fc2 over this member's H/r (the owned slices when g = 1).
@@ -243,7 +245,7 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
     let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
     b.op("combine", Stage::Combine, Pass::Forward,
         OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
-    let saved = MoeSaved { dims, ln, wg, probs, idx, weights, gathered, slots, ein, h, a, back, own: [w1, b1, w2, b2], wide };
+    let saved = MoeSaved { dims, ln, wg, probs, idx, weights, gathered, slots, ein, h, a, back, recv_counts: back_counts, own: [w1, b1, w2, b2], wide };
     (out, saved)
 }
 
@@ -331,13 +333,8 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertG
         let bytes = b.bytes_of(gb2);
         b.op("expert_allreduce_b2", Stage::AllReduce, Pass::Backward, OpKind::AllReduce { group: sg, bufs: vec![gb2] }, 0, bytes);
     }
-    // The return all-to-all needs the rows per source again: the same counts as forward.
-    let counts = b.index_buf(format!("L{layer}.moe.recv_counts_bwd"), lay.ep, Mc::CommBuffers);
-    let peers = groups.ranks(ep_group).iter().map(|&p| p as usize).collect();
-    let (_, i) = lay.qi(rank);
-    b.op("shard_counts_bwd", Stage::Permute, Pass::Backward,
-        OpKind::ShardCounts { gathered: sv.gathered, counts, dims: d.clone(), peers, expert: lay.expert(rank), chunk: (i, g) }, 0, 0);
-    let dsend = from_members(b, d, lay, layer, dein, counts, sv.gathered, ep_group, "dsend", Pass::Backward);
+    // The input gradient's rows go back as the forward's outputs did: the same counts.
+    let dsend = from_members(b, d, lay, layer, dein, sv.recv_counts, sv.gathered, ep_group, "dsend", Pass::Backward);
     let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
     b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: sv.slots, dx: dxm, dims: d.clone() },
         (t * k * m) as u64, 8 * (t * k * m) as u64);
