@@ -483,8 +483,8 @@ fn check_sharded(n_experts: usize, model: &str, dp: usize, ep: usize, r: usize) 
 
 #[test]
 fn every_r_on_twice_the_experts_matches_single_rank_topk() {
-    // E = 2 on 4 ranks: s = 2, r in {1, 2}.
-    for r in [1, 2] {
+    // E = 2 on 4 ranks: s = 2, r in {0, 1, 2}.
+    for r in [0, 1, 2] {
         check_sharded(2, "top_k = 1\ncapacity_factor = 1.0", 1, 4, r);
         check_sharded(2, "top_k = 2\ncapacity_factor = 0.5\nrenormalize = true", 1, 4, r);
         check_sharded(2, "top_k = 1\ndropless = true\n[model.backbone]\nn_heads = 2\nd_mlp = 20", 1, 4, r);
@@ -493,13 +493,14 @@ fn every_r_on_twice_the_experts_matches_single_rank_topk() {
 
 #[test]
 fn every_r_on_four_times_the_experts_matches_single_rank_topk() {
-    // E = 2 on 8 ranks: s = 4, r in {1, 2, 4}; and with data-parallel replicas.
-    for r in [1, 2, 4] {
+    // E = 2 on 8 ranks: s = 4, r in {0, 1, 2, 4}; and with data-parallel replicas.
+    for r in [0, 1, 2, 4] {
         check_sharded(2, "top_k = 1\ncapacity_factor = 1.25", 1, 8, r);
         check_sharded(2, "top_k = 2\ndropless = true", 1, 8, r);
         check_sharded(2, "top_k = 2\ncapacity_factor = -0.75", 1, 8, r);
     }
     check_sharded(2, "top_k = 1\ncapacity_factor = 1.0", 2, 4, 2);
+    check_sharded(2, "top_k = 1\ncapacity_factor = 1.0", 2, 4, 0);
 }
 
 #[test]
@@ -514,7 +515,7 @@ fn the_parameter_layout_is_the_same_for_every_r() {
     };
     let one = layout(1);
     assert!(one[0].iter().any(|(n, e, _, s)| n == "L0.expert.w1" && *e == 16 * 24 / 4 && s.is_some()), "w1 is a quarter of the hidden units");
-    for r in [2, 4] {
+    for r in [0, 2, 4] {
         assert_eq!(layout(r), one, "r={r} holds exactly r=1's parameter buffers");
     }
 }
@@ -549,11 +550,10 @@ fn sharded_rules_name_the_fix() {
     };
     let (p, shown) = problems(&text(8, "r = 3"));
     assert!(p.iter().any(|p| p.field == "tutel.r" && p.message.contains("tutel.r=3 does not divide s = W/E = 8/2 = 4")), "{shown}");
-    assert!(shown.contains("{1, 2, 4}"), "{shown}");
+    assert!(shown.contains("{0, 1, 2, 4}"), "{shown}");
     let (p, shown) = problems(&text(6, "r = 1").replace("n_experts = 2", "n_experts = 4"));
     assert!(p.iter().any(|p| p.field == "layout.ep" && p.message.contains("not a multiple")), "{shown}");
-    let (p, shown) = problems(&text(8, "r = 0"));
-    assert!(p.iter().any(|p| p.field == "tutel.r" && p.message.contains("r=0")), "{shown}");
+    assert!(from_toml_str(&text(8, "r = 0")).is_ok(), "r = 0 (data parallel) exists for split experts too");
     let (p, shown) = problems(&text(8, "r = 2\ndegree = 2"));
     assert!(p.iter().any(|p| p.field == "tutel.degree"), "{shown}");
     let (p, shown) = problems(&text(4, "r = 2").replace("d_ffn = 24", "d_ffn = 25"));
@@ -568,8 +568,8 @@ fn sharded_training_stays_in_lockstep_with_topk_for_every_r() {
     // Reduce-scattered slice gradients and the all-reduced b2 keep every slice and every b2
     // replica on top-k's trajectory under Adam.
     let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 1\ntop_k = 1\ncapacity_factor = 1.0";
-    // r = 1, 2 on ep = 4 (s = 2); r = 4 on ep = 8 (s = 4).
-    for (r, ep) in [(1, 4), (2, 4), (4, 8)] {
+    // r = 0, 1, 2 on ep = 4 (s = 2); r = 0, 4 on ep = 8 (s = 4).
+    for (r, ep) in [(0, 4), (1, 4), (2, 4), (0, 8), (4, 8)] {
         let s = ep / 2;
         let text = format!(
             "name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\n{model}\n[layout]\nep = {ep}\n[run]\nbackend = \"cpu\"\nlr = 0.01\n[tutel]\nr = {r}\n"
@@ -600,7 +600,7 @@ fn auto_parallelism_with_split_experts_times_every_divisor_of_s() {
     let out = moelab::run::run(&s, root.path(), &Default::default()).expect("run");
     let auto = out.auto_degree.clone().expect("auto resolved");
     let tried: Vec<(usize, usize)> = auto.candidates.iter().map(|c| (c.r, c.degree)).collect();
-    assert_eq!(tried, [(1, 1), (2, 1), (4, 1)], "every divisor of s = 4, unpipelined");
+    assert_eq!(tried, [(1, 1), (2, 1), (4, 1), (0, 1)], "every divisor of s = 4 and r = 0, unpipelined");
     let best = auto.candidates.iter().min_by(|a, b| a.mean_s.total_cmp(&b.mean_s)).unwrap();
     assert_eq!(auto.chosen_r, best.r);
     // Whichever r it chose, the step computes the single-rank top-k loss.

@@ -184,9 +184,13 @@ pub enum OpKind {
     /// member-major, each member's rows of this rank's chunk; `full` (the dispatch layout)
     /// gets, per row, the sum of its r copies.
     ShardCombine { recv: BufId, gathered: BufId, full: BufId, dims: MoeDims, s: usize, r: usize },
-    /// Swap the first two axes: `dst[j, i, :] = src[i, j, :]` for `src` of shape
-    /// `[shape.0, shape.1, shape.2]` (all-gathered column slices of a weight <-> the weight).
-    SwapAxes { src: BufId, dst: BufId, shape: (usize, usize, usize) },
+    /// Swap the middle two axes: `dst[x, j, i, :] = src[x, i, j, :]` for `src` of shape
+    /// `[shape.0, shape.1, shape.2, shape.3]` (all-gathered column slices of weights <-> the
+    /// weights, per expert).
+    SwapAxes { src: BufId, dst: BufId, shape: (usize, usize, usize, usize) },
+    /// `dst[x, :] = src[x, index, :]` for `src` of shape `[shape.0, shape.1, shape.2]`: one of
+    /// the replicas (or blocks) along the middle axis.
+    TakeBlock { src: BufId, dst: BufId, shape: (usize, usize, usize), index: usize },
 }
 
 impl OpKind {
@@ -308,7 +312,7 @@ impl OpKind {
             ShardDispatch { src, gathered, send, send_counts, .. } => (vec![*src, *gathered], vec![*send, *send_counts]),
             ShardCounts { gathered, counts, .. } => (vec![*gathered], vec![*counts]),
             ShardCombine { recv, gathered, full, .. } => (vec![*recv, *gathered], vec![*full]),
-            SwapAxes { src, dst, .. } => (vec![*src], vec![*dst]),
+            SwapAxes { src, dst, .. } | TakeBlock { src, dst, .. } => (vec![*src], vec![*dst]),
         }
     }
 }

@@ -138,7 +138,7 @@ pub const AUTO_DEGREE_TIMED_STEPS: usize = 2;
 
 /// Resolve Tutel's `degree = "auto"` and `parallelism = "auto"`: run each candidate (r = 1 at
 /// each candidate degree, r = 0 at degree 1; with experts split over s = ep / n_experts ranks,
-/// every divisor r of s at degree 1; only the automatic dimensions vary) on the real
+/// every divisor r of s and r = 0, at degree 1; only the automatic dimensions vary) on the real
 /// backend (a fresh runtime each, so the measured run starts from the same weights), time
 /// [`AUTO_DEGREE_TIMED_STEPS`] steps after one untimed step, and return the spec with the
 /// fastest fixed. `None` when the spec asks for neither.
@@ -155,10 +155,10 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
         Degree::Fixed(d) => vec![d],
     };
     // With ep = s * n_experts (experts split over s ranks) the candidates are the divisors
-    // r of s (r = 0 is not built there); otherwise r = 1 and r = 0.
+    // r of s and r = 0; otherwise r = 1 and r = 0.
     let (ep, e) = (spec.layout.ep, spec.model.n_experts);
     let rs = match opts.parallelism {
-        ParallelismChoice::Auto if ep > e => (1..=ep / e).filter(|r| (ep / e) % r == 0).collect(),
+        ParallelismChoice::Auto if ep > e => (1..=ep / e).filter(|r| (ep / e) % r == 0).chain([0]).collect(),
         ParallelismChoice::Auto => vec![1, 0],
         ParallelismChoice::Fixed => vec![opts.r],
     };

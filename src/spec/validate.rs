@@ -485,21 +485,19 @@ fn check_tutel(c: &mut Checker, spec: &mut ExperimentSpec) {
 
 /// Tutel with an expert-parallel world above the experts (`ep = s * n_experts`, s > 1): every
 /// expert is split over s ranks by hidden slices, so s divides `d_ffn`; r is a divisor of s
-/// (r = 0 is not built for this layout); no pipelining and the flat all-to-all only.
+/// or 0 (data parallel: every member all-gathers every slice); no pipelining and the flat
+/// all-to-all only.
 fn check_tutel_sharded(c: &mut Checker, opts: &super::TutelSpec, s: usize, d_ffn: usize, ep: usize, n_experts: usize) {
     use super::{A2aKind, Degree, ParallelismChoice};
-    let choices = format!("{{{}}}", divisors(s));
+    let choices = format!("{{0, {}}}", divisors(s));
     if !d_ffn.is_multiple_of(s) {
         c.fail("model.d_ffn", format!("d_ffn={d_ffn} is not divisible by s = ep/n_experts = {ep}/{n_experts} = {s}: each of the s ranks of an expert holds d_ffn/s hidden units"),
             format!("choose d_ffn as a multiple of {s}, or another ep"));
     }
     if opts.parallelism == ParallelismChoice::Fixed {
-        if opts.r == 0 {
-            c.fail("tutel.r", format!("r=0 (data parallel) is not built for ep={ep} > n_experts={n_experts} (experts split over s = {s} ranks)"),
-                format!("choose r from {choices} (r divides s = ep/n_experts)"));
-        } else if opts.r > s || !s.is_multiple_of(opts.r) {
+        if opts.r > 0 && (opts.r > s || !s.is_multiple_of(opts.r)) {
             c.fail("tutel.r", format!("tutel.r={} does not divide s = W/E = {ep}/{n_experts} = {s}", opts.r),
-                format!("choose r from {choices}: tokens travel r times, groups of s/r ranks all-gather their hidden slices"));
+                format!("choose r from {choices}: tokens travel r times, groups of s/r ranks all-gather their hidden slices (0: data parallel)"));
         }
     }
     if opts.degree != Degree::Fixed(1) {

@@ -524,14 +524,23 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             }
             st.put_f32(*full, f)?;
         }
-        SwapAxes { src, dst, shape: (a, b, c) } => {
+        SwapAxes { src, dst, shape: (n, a, b, c) } => {
             let sv = st.f32(*src)?;
-            let mut out = vec![0.0f32; a * b * c];
-            for i in 0..*a {
-                for j in 0..*b {
-                    out[(j * a + i) * c..(j * a + i + 1) * c].copy_from_slice(&sv[(i * b + j) * c..(i * b + j + 1) * c]);
+            let blk = a * b * c;
+            let mut out = vec![0.0f32; n * blk];
+            for x in 0..*n {
+                let (s, o) = (&sv[x * blk..(x + 1) * blk], &mut out[x * blk..(x + 1) * blk]);
+                for i in 0..*a {
+                    for j in 0..*b {
+                        o[(j * a + i) * c..(j * a + i + 1) * c].copy_from_slice(&s[(i * b + j) * c..(i * b + j + 1) * c]);
+                    }
                 }
             }
+            st.put_f32(*dst, out)?;
+        }
+        TakeBlock { src, dst, shape: (n, a, c), index } => {
+            let sv = st.f32(*src)?;
+            let out = (0..*n).flat_map(|x| sv[(x * a + index) * c..(x * a + index + 1) * c].iter().copied()).collect();
             st.put_f32(*dst, out)?;
         }
         ChunkMerge { part, gathered, full, dims, chunk, first, .. } => {

@@ -348,7 +348,7 @@ impl<'a> StreamExec<'a> {
             LoadBatch { .. } => return self.host(op),
             // Tutel's sharded experts (expert-parallel world above E): spec validation refuses
             // them on this backend before any GPU work; this is the backstop.
-            ShardDispatch { .. } | ShardCounts { .. } | ShardCombine { .. } | SwapAxes { .. } => {
+            ShardDispatch { .. } | ShardCounts { .. } | ShardCombine { .. } | SwapAxes { .. } | TakeBlock { .. } => {
                 return Err(ExecError::Plan(format!(
                     "{}: Tutel's sharded experts (tutel with layout.ep > n_experts) run on the cpu and sim backends only", op.name)))
             }

@@ -21,7 +21,7 @@
 //! - Expert-parallel world above the experts (`layout.ep = E * s`, `sharded.rs`): each expert
 //!   is split over s members by hidden slices, one layout for every r in 1..=s (r | s): tokens
 //!   travel r times, groups of s / r members all-gather their slices, the r partial outputs
-//!   are summed after the return all-to-all.
+//!   are summed after the return all-to-all; r = 0 all-gathers every slice (`dp.rs`).
 //!
 //! Parameters, names and init streams are top-k's, so every degree and algorithm computes
 //! exactly the single-rank top-k function and drops the same tokens.

@@ -1,4 +1,4 @@
-//! Tutel's adaptive parallelism when the expert-parallel world exceeds the experts
+//! Tutel's adaptive parallelism r >= 1 when the expert-parallel world exceeds the experts
 //! (W = `layout.ep` = E * s, tutel/impls/moe_layer.py's `sharded_count`): the s members of
 //! expert e's group (member p = e * s + j) each hold hidden slice j of s of it: fc1 columns
 //! and b1 `[j H/s, (j+1) H/s)`, the same rows of fc2, and a replica of b2. This parameter
@@ -13,7 +13,7 @@
 //! copy only. Backward mirrors it: the weight gradients over H/r are reduce-scattered back to
 //! the slice holders (summing the token chunks), the b2 gradient is all-reduced over the slice
 //! group (every q sees the same rows), and the input gradient's r partial sums are summed by
-//! the same combine.
+//! the same combine. r = 0 on this layout is `dp.rs` (with [`slice_params`]).
 
 use crate::math::linalg::gemm_flops;
 use crate::plan::builders::blocks::{self, LnSaved};
@@ -170,6 +170,19 @@ fn recv_bound(spec: &ExperimentSpec, lay: &Layout) -> usize {
     (kept / lay.g + lay.ep).min(all)
 }
 
+/// The parameters a member holds, the same for every r (r = 0 included): hidden slice `j` of
+/// `s` of `expert`'s fc1 columns, b1 and fc2 rows, and a replica of its b2; [w1, b1, w2, b2].
+pub(super) fn slice_params(b: &mut RankBuilder, layer: usize, expert: usize, j: usize, s: usize, m: usize, f: usize) -> [BufId; 4] {
+    let hs = f / s;
+    let keep = (j * hs, (j + 1) * hs);
+    let w1 = slice_param(b, layer, "w1", expert, m, f, keep, 1.0 / (m as f32).sqrt());
+    let b1 = slice_param(b, layer, "b1", expert, 1, f, keep, 0.02);
+    let w2 = slice_param(b, layer, "w2", expert, 1, f * m, (keep.0 * m, keep.1 * m), 1.0 / (f as f32).sqrt());
+    let b2 = b.param(&format!("L{layer}.expert.b2"), m,
+        ParamInit { tag: "expert.b2".into(), layer: layer as u32, experts: Some((expert as u32, 1)), mean: 0.0, std: 0.02 }, true);
+    [w1, b1, w2, b2]
+}
+
 /// Hidden slice `j` of s of expert tensor `tag`, viewed `[rows, cols]`, keeping columns `keep`.
 #[allow(clippy::too_many_arguments)]
 fn slice_param(b: &mut RankBuilder, layer: usize, tag: &str, expert: usize, rows: usize, cols: usize, keep: (usize, usize), std: f32) -> BufId {
@@ -212,17 +225,12 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
     b.op("shard_counts", Stage::Permute, Pass::Forward,
         OpKind::ShardCounts { gathered, counts: back_counts, dims: dims.clone(), peers, expert, chunk: (i, g) }, 0, 0);
     // The owned slices (one layout for every r) and this member's H/r of them.
-    let keep = (j * hs, (j + 1) * hs);
-    let w1 = slice_param(b, layer, "w1", expert, m, f, keep, 1.0 / (m as f32).sqrt());
-    let b1 = slice_param(b, layer, "b1", expert, 1, f, keep, 0.02);
-    let w2 = slice_param(b, layer, "w2", expert, 1, f * m, (keep.0 * m, keep.1 * m), 1.0 / (f as f32).sqrt());
-    let b2 = b.param(&format!("L{layer}.expert.b2"), m,
-        ParamInit { tag: "expert.b2".into(), layer: layer as u32, experts: Some((expert as u32, 1)), mean: 0.0, std: 0.02 }, true);
+    let [w1, b1, w2, b2] = slice_params(b, layer, expert, j, s, m, f);
     let wide = if g > 1 {
         let sg = lay.slice_group(rank);
         let w1g = gather(b, "expert_allgather_w1".into(), format!("L{layer}.expert.w1_gathered"), sg, w1, g * m * hs);
         let w1r = b.buf(format!("L{layer}.expert.w1_wide"), m * hr, Mc::CommBuffers);
-        b.op("expert_w1_columns", Stage::Permute, Pass::Forward, OpKind::SwapAxes { src: w1g, dst: w1r, shape: (g, m, hs) }, 0,
+        b.op("expert_w1_columns", Stage::Permute, Pass::Forward, OpKind::SwapAxes { src: w1g, dst: w1r, shape: (1, g, m, hs) }, 0,
             8 * (m * hr) as u64);
         let b1r = gather(b, "expert_allgather_b1".into(), format!("L{layer}.expert.b1_wide"), sg, b1, hr);
         let w2r = gather(b, "expert_allgather_w2".into(), format!("L{layer}.expert.w2_wide"), sg, w2, hr * m);
@@ -322,7 +330,7 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertG
     if g > 1 {
         let sg = lay.slice_group(rank);
         let gw1g = b.buf(format!("L{layer}.expert.w1_gathered.grad"), g * m * hs, Mc::Grads);
-        b.op("expert_w1_columns_bwd", Stage::Permute, Pass::Backward, OpKind::SwapAxes { src: gw1, dst: gw1g, shape: (m, g, hs) }, 0,
+        b.op("expert_w1_columns_bwd", Stage::Permute, Pass::Backward, OpKind::SwapAxes { src: gw1, dst: gw1g, shape: (1, m, g, hs) }, 0,
             8 * (m * hr) as u64);
         for (tag, full, own) in [("w1", gw1g, w1), ("b1", gb1, b1), ("w2", gw2, w2)] {
             let recv = b.grad(own);
