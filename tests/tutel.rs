@@ -612,17 +612,20 @@ fn auto_parallelism_with_split_experts_times_every_divisor_of_s() {
 #[test]
 fn split_experts_run_on_the_sim_and_are_refused_on_cuda() {
     // The sim times the new layout ops from their bytes and the all-to-alls on the links.
-    let text = |backend: &str| {
-        format!("name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\ntokens_per_rank = 16\nseq_len = 8\ntop_k = 1\n[layout]\nep = 8\n[run]\nbackend = \"{backend}\"\n[tutel]\nr = 2\n")
+    let text = |backend: &str, r: usize| {
+        format!("name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\ntokens_per_rank = 16\nseq_len = 8\ntop_k = 1\n[layout]\nep = 8\n[run]\nbackend = \"{backend}\"\n[tutel]\nr = {r}\n")
     };
-    let plan = Plan::build(&from_toml_str(&text("sim")).expect("valid")).expect("plans");
-    let mut rt = moelab::backend::runtime(plan, Default::default());
-    let report = rt.step(true, Some(0)).expect("simulated step");
-    assert!(report.wall_s > 0.0);
-    let trace = rt.trace();
-    for name in ["shard_dispatch", "shard_combine", "expert_w1_columns", "dispatch_a2a", "combine_a2a"] {
-        assert!(trace.ops.iter().any(|o| o.name.ends_with(name) && o.end_ns > o.start_ns), "{name} simulated");
+    for (r, names) in [(2, &["shard_dispatch", "shard_combine", "expert_w1_columns", "dispatch_a2a", "combine_a2a"][..]),
+        (0, &["expert_w1_columns", "expert_b2_replica", "expert_b2_replica_bwd", "expert_allreduce_b2"][..])] {
+        let plan = Plan::build(&from_toml_str(&text("sim", r)).expect("valid")).expect("plans");
+        let mut rt = moelab::backend::runtime(plan, Default::default());
+        let report = rt.step(true, Some(0)).expect("simulated step");
+        assert!(report.wall_s > 0.0);
+        let trace = rt.trace();
+        for name in names {
+            assert!(trace.ops.iter().any(|o| o.name.ends_with(name) && o.end_ns > o.start_ns), "r={r}: {name} simulated");
+        }
     }
-    let e = from_toml_str(&text("cuda")).expect_err("cuda refuses split experts");
+    let e = from_toml_str(&text("cuda", 2)).expect_err("cuda refuses split experts");
     assert!(e.problems().iter().any(|p| p.field == "layout.ep" && p.message.contains("cpu and sim backends only")), "{e}");
 }
