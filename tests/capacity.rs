@@ -135,3 +135,17 @@ fn the_run_log_shows_the_capacity() {
     assert_eq!(moelab::run::capacity_text(&[12, 9]), " capacity 12,9");
     assert_eq!(moelab::run::capacity_text(&[]), "");
 }
+
+#[test]
+fn run_summary_and_log_carry_each_steps_capacities() {
+    let root = tempfile::tempdir().unwrap();
+    let s = layout_spec(&LAYOUTS[1], "capacity_factor = -0.5");
+    let s = ExperimentSpec { run: moelab::spec::RunSpec { steps: 1, warmup: 0, ..s.run.clone() }, ..s };
+    let out = moelab::run::run(&s, root.path(), &Default::default()).expect("run");
+    let c = out.steps[0].capacity.clone();
+    assert_eq!(c, vec![fixed(0.5, 4); 2]);
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"][0]["capacity"], serde_json::json!(c));
+    let log = std::fs::read_to_string(out.dir.join("run.log")).unwrap();
+    assert!(log.contains(&format!("capacity {}", c[0])), "{log}");
+}
