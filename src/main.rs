@@ -227,8 +227,9 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool) -> Result<()> {
     if !quiet {
         for r in &outcome.steps {
             println!(
-                "step {}{}: loss {:.6}  aux {:.4}  dropped {}/{}  {:.3} s",
-                r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, r.wall_s
+                "step {}{}: loss {:.6}  aux {:.4}  dropped {}/{} {} {:.3} s",
+                r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed,
+                run::capacity_text(&r.capacity), r.wall_s
             );
         }
         println!();
@@ -244,7 +245,7 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool) -> Result<()> {
     if let Some((pred, tracked, bound)) = worst {
         println!(
             "peak memory: plan predicts {}{}, {} backend tracked {}",
-            mib(pred), if bound { " (upper bound, dropless)" } else { "" }, outcome.trace.backend, mib(tracked)
+            mib(pred), if bound { " (upper bound: routing-dependent buffers)" } else { "" }, outcome.trace.backend, mib(tracked)
         );
     }
     println!("run directory: {}", outcome.dir.display());

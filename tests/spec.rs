@@ -552,12 +552,20 @@ fn dropless_with_capacity_factor_is_rejected() {
 }
 
 #[test]
-fn non_positive_capacity_factor_is_rejected() {
-    for (value, shown_as) in [("0.0", "=0"), ("-1.25", "=-1.25"), ("nan", "=NaN"), ("inf", "=inf")] {
+fn non_finite_capacity_factor_is_rejected() {
+    for (value, shown_as) in [("nan", "=NaN"), ("inf", "=inf"), ("-inf", "=-inf")] {
         let (p, shown) = one_problem(&with(&format!("capacity_factor = {value}"), ""), "model.capacity_factor");
-        assert_mentions(&p.message, &[&format!("capacity_factor{shown_as}"), "positive"]);
+        assert_mentions(&p.message, &[&format!("capacity_factor{shown_as}"), "finite"]);
         assert_mentions(&shown, &["fix: use e.g. 1.0 or 1.25"]);
     }
+}
+
+#[test]
+fn zero_capacity_factor_is_dropless_and_negative_is_bounded() {
+    // Tutel's convention (tests/capacity.rs checks the routing).
+    let s = ok(&with("capacity_factor = 0.0", ""));
+    assert!(s.model.dropless && s.model.capacity_factor.is_none());
+    assert_eq!(ok(&with("capacity_factor = -1.25", "")).capacity(), moelab::spec::Capacity::Bounded(1.25));
 }
 
 #[test]

@@ -13,8 +13,13 @@ const BACKBONE: &str = "[model.backbone]\nn_heads = 2\nd_mlp = 20";
 
 /// A TED spec (`d_model = 16`, `d_ffn = 24`, 4 experts) with extra `[model]` lines.
 fn ted_spec(model: &str, dp: usize, ep: usize, tp: usize, dropping: bool, run: &str) -> ExperimentSpec {
+    ted_spec_ckpt(model, dp, ep, tp, dropping, "none", run)
+}
+
+/// [`ted_spec`] with `[ted] checkpoint = "{checkpoint}"`.
+fn ted_spec_ckpt(model: &str, dp: usize, ep: usize, tp: usize, dropping: bool, checkpoint: &str, run: &str) -> ExperimentSpec {
     let text = format!(
-        "name = \"t\"\nvariant = \"ted\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 4\n{model}\n[layout]\ndp = {dp}\nep = {ep}\ntp = {tp}\n[run]\nbackend = \"cpu\"\n{run}\n[ted]\nduplicate_dropping = {dropping}\n"
+        "name = \"t\"\nvariant = \"ted\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 4\n{model}\n[layout]\ndp = {dp}\nep = {ep}\ntp = {tp}\n[run]\nbackend = \"cpu\"\n{run}\n[ted]\nduplicate_dropping = {dropping}\ncheckpoint = \"{checkpoint}\"\n"
     );
     from_toml_str(&text).unwrap_or_else(|e| panic!("test spec invalid: {e}\n{text}"))
 }
@@ -67,14 +72,19 @@ fn global_expert(rt: &CpuRuntime, name: &str, ep: usize, tp: usize, n_experts: u
 
 /// Loss, aux loss, drops, the MoE output and every gradient match the single-rank top-k run.
 fn check(model: &str, dp: usize, ep: usize, tp: usize, dropping: bool) {
+    check_ckpt(model, dp, ep, tp, dropping, "none");
+}
+
+/// [`check`] with activation checkpointing mode `checkpoint`.
+fn check_ckpt(model: &str, dp: usize, ep: usize, tp: usize, dropping: bool, checkpoint: &str) {
     let (t, shards) = (16, dp * ep);
     let out = "L1.moe.out";
     let layers = format!("tokens_per_rank = {t}\nseq_len = 8\nn_layers = 2\n{model}");
-    let dist_spec = ted_spec(&layers, dp, ep, tp, dropping, "");
+    let dist_spec = ted_spec_ckpt(&layers, dp, ep, tp, dropping, checkpoint, "");
     let ref_spec = spec(&format!("tokens_per_rank = {}\nseq_len = 8\nn_layers = 2\n{model}", t * shards), "", "");
     let (dist, a) = step(&dist_spec, &[out]);
     let (single, b) = step(&ref_spec, &[out]);
-    let what = format!("dp={dp} ep={ep} tp={tp} dropping={dropping}");
+    let what = format!("dp={dp} ep={ep} tp={tp} dropping={dropping} checkpoint={checkpoint}");
     assert!(((a.loss - b.loss) / b.loss).abs() < 1e-5, "{what}: loss {} vs {}", a.loss, b.loss);
     assert!((a.aux_loss - b.aux_loss).abs() < 1e-5, "{what}: aux {} vs {}", a.aux_loss, b.aux_loss);
     assert_eq!(a.dropped, b.dropped, "{what}: same tokens dropped");
@@ -279,4 +289,134 @@ fn groups_follow_deepspeed_layout() {
     let s = ted_spec("tokens_per_rank = 16\nseq_len = 8", 2, 2, 2, true, "");
     let plan = moelab::plan::Plan::build(&s).unwrap();
     assert_eq!(plan.groups, g.groups);
+}
+
+const MODES: [&str; 2] = ["full", "comm_aware"];
+
+#[test]
+fn checkpointing_matches_single_rank_topk_in_every_mode() {
+    for mode in MODES {
+        for dropping in [true, false] {
+            check_ckpt("capacity_factor = 1.0", 1, 2, 2, dropping, mode);
+            check_ckpt(&format!("capacity_factor = 1.25\nrenormalize = true\n{BACKBONE}"), 2, 2, 2, dropping, mode);
+        }
+        check_ckpt("dropless = true", 1, 2, 3, true, mode);
+        check_ckpt("capacity_factor = 1.0", 2, 2, 1, true, mode);
+    }
+}
+
+/// Every gradient of every rank after one step (no optimizer), by param name.
+fn all_grads(rt: &CpuRuntime) -> Vec<(usize, String, Vec<f32>)> {
+    let mut out = Vec::new();
+    for (r, rp) in rt.plan().ranks.iter().enumerate() {
+        for p in &rp.params {
+            let g = format!("{}.grad", rp.buffer(p.value).name);
+            out.push((r, g.clone(), rt.read(r, &g).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn checkpointing_leaves_loss_and_every_gradient_unchanged() {
+    let model = format!("tokens_per_rank = 16\nseq_len = 8\nn_layers = 3\ncapacity_factor = 1.0\n{BACKBONE}");
+    for dropping in [true, false] {
+        let (base_rt, base) = step(&ted_spec_ckpt(&model, 1, 2, 2, dropping, "none", "seed = 3"), &[]);
+        let want = all_grads(&base_rt);
+        for mode in MODES {
+            let (rt, r) = step(&ted_spec_ckpt(&model, 1, 2, 2, dropping, mode, "seed = 3"), &[]);
+            assert!(((r.loss - base.loss) / base.loss).abs() < 1e-6, "{mode}: loss {} vs {}", r.loss, base.loss);
+            assert!((r.aux_loss - base.aux_loss).abs() < 1e-7, "{mode}: aux loss {} vs {}", r.aux_loss, base.aux_loss);
+            assert_eq!(r.dropped, base.dropped, "{mode}: recomputed routing is not counted twice");
+            for ((rank, name, g), (_, _, w)) in all_grads(&rt).iter().zip(&want) {
+                let err = rel_err(g, w);
+                assert!(err < 1e-5, "{mode} dropping={dropping}: {name} on rank {rank}: rel err {err}");
+            }
+        }
+    }
+}
+
+/// Over all ranks of one measured training step: (backward all-to-all bytes, backward
+/// all-gather bytes, backward expert fc1 ops).
+fn backward_comm(s: &ExperimentSpec) -> (u64, u64, usize) {
+    use moelab::taxonomy::Pass;
+    let mut rt = runtime(s, &[], true);
+    rt.step(true, Some(0)).expect("step");
+    let trace = rt.trace();
+    let bwd = || trace.ops.iter().filter(|o| o.pass == Pass::Backward);
+    let bytes = |stage| bwd().filter(|o| o.stage == stage).map(|o| o.bytes).sum::<u64>();
+    (bytes(Stage::AllToAll), bytes(Stage::AllGather), bwd().filter(|o| o.stage == Stage::ExpertGemm1).count())
+}
+
+#[test]
+fn full_checkpointing_repeats_the_communication_and_comm_aware_does_not() {
+    for (dp, ep, tp, dropping, model) in [(1, 2, 2, true, "capacity_factor = 1.0"), (2, 2, 2, false, "capacity_factor = 1.25"),
+        (1, 2, 3, true, "dropless = true")] {
+        let model = format!("tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\n{model}");
+        let run = |mode| backward_comm(&ted_spec_ckpt(&model, dp, ep, tp, dropping, mode, "seed = 7"));
+        let (none, full, aware) = (run("none"), run("full"), run("comm_aware"));
+        let what = format!("dp={dp} ep={ep} tp={tp} dropping={dropping}");
+        assert!(none.0 > 0, "{what}: backward has all-to-alls");
+        // Full recomputation re-runs both forward all-to-alls: the backward's bytes double.
+        assert_eq!(full.0, 2 * none.0, "{what}: full {full:?} vs none {none:?}");
+        assert!(full.1 > none.1, "{what}: full re-runs the all-gathers: {full:?} vs {none:?}");
+        assert_eq!((aware.0, aware.1), (none.0, none.1), "{what}: comm_aware adds no communication");
+        // Both recompute fc1 (one extra expert_gemm1 per layer and rank).
+        assert!(full.2 > none.2 && aware.2 > none.2, "{what}: recomputed fc1: {none:?} {full:?} {aware:?}");
+    }
+}
+
+#[test]
+fn checkpointing_lowers_the_predicted_and_tracked_activation_peak() {
+    use moelab::analysis::analyze;
+    use moelab::plan::memory::predict;
+    use moelab::taxonomy::MemCategory;
+    let act = MemCategory::Activations.index();
+    for dropping in [true, false] {
+        let model = format!("tokens_per_rank = 32\nseq_len = 8\nn_layers = 4\n{BACKBONE}");
+        let peaks = |mode| {
+            let s = ted_spec_ckpt(&model, 1, 2, 2, dropping, mode, "");
+            let mut rt = runtime(&s, &[], false);
+            rt.step(true, None).expect("step");
+            let predicted: Vec<u64> = rt.plan().ranks.iter().map(|rp| predict(rp).max_per_category[act]).collect();
+            let tracked: Vec<u64> = analyze(&rt.trace()).memory.ranks.iter().map(|r| r.max_per_category[act]).collect();
+            (predicted, tracked)
+        };
+        let none = peaks("none");
+        let full = peaks("full");
+        let aware = peaks("comm_aware");
+        for r in 0..4 {
+            for (mode, got) in [("full", &full), ("comm_aware", &aware)] {
+                assert!(got.0[r] < none.0[r], "dropping={dropping} rank {r} {mode}: predicted {} vs none {}", got.0[r], none.0[r]);
+                assert!(got.1[r] < none.1[r], "dropping={dropping} rank {r} {mode}: tracked {} vs none {}", got.1[r], none.1[r]);
+            }
+            // Full keeps less than comm_aware (which also keeps the communication outputs).
+            assert!(full.0[r] <= aware.0[r], "rank {r}: full {} vs comm_aware {}", full.0[r], aware.0[r]);
+        }
+    }
+}
+
+#[test]
+fn checkpointed_tracked_peak_stays_within_the_planned_bound() {
+    use moelab::plan::memory::predict;
+    for mode in MODES {
+        let s = ted_spec_ckpt(&format!("tokens_per_rank = 32\nseq_len = 8\nn_layers = 2\n{BACKBONE}"), 1, 2, 2, true, mode, "");
+        let mut rt = runtime(&s, &[], false);
+        for i in 0..2 {
+            rt.step(i > 0, None).expect("step");
+        }
+        for (rank, (p, (peak, _))) in rt.plan().ranks.iter().map(predict).zip(rt.tracked_peaks()).enumerate() {
+            assert!(peak <= p.peak_total && peak > 0, "{mode} rank {rank}: tracked {peak} over the bound {}", p.peak_total);
+        }
+    }
+}
+
+#[test]
+fn validation_names_a_bad_checkpoint_mode() {
+    let text = format!("variant = \"ted\"\n{BASE}[layout]\ntp = 2\nep = 2\n[ted]\ncheckpoint = \"partial\"\n");
+    let err = from_toml_str(&text).expect_err("unknown checkpoint mode").to_string();
+    assert!(err.contains("checkpoint") && err.contains("comm_aware"), "{err}");
+    let s = from_toml_str(&format!("variant = \"ted\"\n{BASE}[layout]\ntp = 2\nep = 2\n[ted]\ncheckpoint = \"comm_aware\"\n")).expect("valid");
+    assert_eq!(s.ted.map(|t| t.checkpoint), Some(moelab::spec::Checkpoint::CommAware));
+    assert_eq!(from_toml_str(&s.to_toml()).expect("round trip"), s);
 }

@@ -396,3 +396,236 @@ fn pipelined_all_to_alls_run_inside_expert_compute_and_unpipelined_ones_cannot()
     assert!(run(table(4, A2aKind::Flat, 8)) > 0, "degree 4, flat: no overlap measured");
     assert!(run(table(4, A2aKind::TwoD, 2)) > 0, "degree 4, 2d: no overlap measured");
 }
+
+/// A Tutel spec with `n_experts` experts on `ep` ranks (ep > n_experts splits each expert over
+/// s = ep / n_experts ranks) and `r`; `d_ffn = 24` (divisible by s = 2, 4).
+fn sharded_spec(n_experts: usize, model: &str, dp: usize, ep: usize, tutel: &str) -> ExperimentSpec {
+    let text = format!(
+        "name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = {n_experts}\n{model}\n[layout]\ndp = {dp}\nep = {ep}\n[run]\nbackend = \"cpu\"\n[tutel]\n{tutel}\n"
+    );
+    from_toml_str(&text).unwrap_or_else(|e| panic!("test spec invalid: {e}\n{text}"))
+}
+
+/// The single-rank expert tensor `name` (a grad or value) rebuilt from the hidden slices that
+/// ranks `e * s + j` of the first expert-parallel group hold (b2: every slice holder has the
+/// whole vector, checked equal).
+fn unsliced_expert(rt: &moelab::backend::cpu::CpuRuntime, name: &str, n_experts: usize, s: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    for e in 0..n_experts {
+        let held: Vec<(Vec<f32>, Option<moelab::plan::ParamSlice>)> = (0..s)
+            .map(|j| {
+                let r = e * s + j;
+                let rp = &rt.plan().ranks[r];
+                let id = rp.buffer_id(name).unwrap_or_else(|| panic!("{name} on rank {r}"));
+                let p = rp.params.iter().find(|p| p.value == id || p.grad == Some(id)).expect("a param");
+                (rt.read(r, name).unwrap(), p.slice)
+            })
+            .collect();
+        match held[0].1 {
+            None => {
+                for (v, _) in &held[1..] {
+                    assert!(rel_err(v, &held[0].0) < 1e-6, "{name}: replicas of expert {e} differ");
+                }
+                out.extend_from_slice(&held[0].0);
+            }
+            Some(s0) => {
+                let mut full = vec![f32::NAN; s0.full_len()];
+                for (v, sl) in &held {
+                    let sl = sl.unwrap();
+                    let w = sl.keep.1 - sl.keep.0;
+                    for row in 0..sl.rows {
+                        full[row * sl.cols + sl.keep.0..row * sl.cols + sl.keep.1].copy_from_slice(&v[row * w..(row + 1) * w]);
+                    }
+                }
+                assert!(full.iter().all(|x| !x.is_nan()), "{name}: the slices tile the tensor");
+                out.extend(full);
+            }
+        }
+    }
+    out
+}
+
+/// Every r on ep = s * E ranks equals the single-rank top-k run on the same weights and batch:
+/// loss, aux loss, drops, outputs and every gradient (expert ones rebuilt from the slices).
+fn check_sharded(n_experts: usize, model: &str, dp: usize, ep: usize, r: usize) {
+    let (t, world, s) = (16, dp * ep, ep / n_experts);
+    let out = "L1.moe.out";
+    let layers = format!("tokens_per_rank = {t}\nseq_len = 8\nn_layers = 2\n{model}");
+    let dist_spec = sharded_spec(n_experts, &layers, dp, ep, &format!("r = {r}"));
+    let ref_text = format!(
+        "name = \"t\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = {n_experts}\ntokens_per_rank = {}\nseq_len = 8\nn_layers = 2\n{model}\n[run]\nbackend = \"cpu\"\n",
+        t * world
+    );
+    let ref_spec = from_toml_str(&ref_text).expect("reference spec");
+    let (dist, a) = step_retaining(&dist_spec, &[out]);
+    let (single, b) = step_retaining(&ref_spec, &[out]);
+    let what = format!("E={n_experts} dp={dp} ep={ep} r={r} [{}]", model.replace('\n', " "));
+    assert!(((a.loss - b.loss) / b.loss).abs() < 1e-5, "{what}: loss {} vs {}", a.loss, b.loss);
+    assert!((a.aux_loss - b.aux_loss).abs() < 1e-5, "{what}: aux {} vs {}", a.aux_loss, b.aux_loss);
+    assert_eq!((a.dropped, &a.capacity), (b.dropped, &b.capacity), "{what}: same drops and capacities");
+    let err = rel_err(&gather(&dist, out), &single.read(0, out).unwrap());
+    assert!(err < 1e-5, "{what}: output rel err {err}");
+    let rp = &dist.plan().ranks[0];
+    for p in &rp.params {
+        let gname = format!("{}.grad", rp.buffer(p.value).name);
+        let want = single.read(0, &gname).unwrap();
+        if p.expert {
+            let err = rel_err(&unsliced_expert(&dist, &gname, n_experts, s), &want);
+            assert!(err < 1e-5, "{what}: {gname} rel err {err}");
+        } else {
+            for rank in 0..world {
+                let err = rel_err(&dist.read(rank, &gname).unwrap(), &want);
+                assert!(err < 1e-5, "{what}: {gname} on rank {rank}: rel err {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_r_on_twice_the_experts_matches_single_rank_topk() {
+    // E = 2 on 4 ranks: s = 2, r in {0, 1, 2}.
+    for r in [0, 1, 2] {
+        check_sharded(2, "top_k = 1\ncapacity_factor = 1.0", 1, 4, r);
+        check_sharded(2, "top_k = 2\ncapacity_factor = 0.5\nrenormalize = true", 1, 4, r);
+        check_sharded(2, "top_k = 1\ndropless = true\n[model.backbone]\nn_heads = 2\nd_mlp = 20", 1, 4, r);
+    }
+}
+
+#[test]
+fn every_r_on_four_times_the_experts_matches_single_rank_topk() {
+    // E = 2 on 8 ranks: s = 4, r in {0, 1, 2, 4}; and with data-parallel replicas.
+    for r in [0, 1, 2, 4] {
+        check_sharded(2, "top_k = 1\ncapacity_factor = 1.25", 1, 8, r);
+        check_sharded(2, "top_k = 2\ndropless = true", 1, 8, r);
+        check_sharded(2, "top_k = 2\ncapacity_factor = -0.75", 1, 8, r);
+    }
+    check_sharded(2, "top_k = 1\ncapacity_factor = 1.0", 2, 4, 2);
+    check_sharded(2, "top_k = 1\ncapacity_factor = 1.0", 2, 4, 0);
+}
+
+#[test]
+fn the_parameter_layout_is_the_same_for_every_r() {
+    let layout = |r: usize| {
+        let plan = Plan::build(&sharded_spec(2, "tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\ntop_k = 1", 1, 8, &format!("r = {r}")))
+            .expect("plan");
+        plan.ranks
+            .iter()
+            .map(|rp| rp.params.iter().map(|p| (rp.buffer(p.value).name.clone(), rp.buffer(p.value).elems, p.init.clone(), p.slice)).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    let one = layout(1);
+    assert!(one[0].iter().any(|(n, e, _, s)| n == "L0.expert.w1" && *e == 16 * 24 / 4 && s.is_some()), "w1 is a quarter of the hidden units");
+    for r in [0, 2, 4] {
+        assert_eq!(layout(r), one, "r={r} holds exactly r=1's parameter buffers");
+    }
+}
+
+#[test]
+fn r_copies_travel_through_the_all_to_all() {
+    // Forward all-to-all bytes grow exactly r-fold (each kept row goes to r ranks and r
+    // partial results come back); each rank's gathered weights cover H/r hidden units, and
+    // at r = s nothing is gathered.
+    let run = |r: usize| {
+        let s = sharded_spec(2, "tokens_per_rank = 16\nseq_len = 8\nn_layers = 1\ntop_k = 1\ndropless = true", 1, 8, &format!("r = {r}"));
+        let mut rt = runtime(&s, &[], true);
+        rt.step(true, Some(0)).expect("step");
+        let tr = rt.trace();
+        let a2a = tr.ops.iter().filter(|o| o.stage == Stage::AllToAll && o.pass == Pass::Forward).map(|o| o.bytes).sum::<u64>();
+        let rp = &rt.plan().ranks[0];
+        let wide = rp.buffer_id("L0.expert.w1_wide").map(|id| rp.buffer(id).elems);
+        let gathers = rp.ops.iter().filter(|o| o.name.contains("expert_allgather")).count();
+        (a2a, wide, gathers)
+    };
+    let (one, two, four) = (run(1), run(2), run(4));
+    assert!(one.0 > 0 && two.0 == 2 * one.0 && four.0 == 4 * one.0, "all-to-all bytes r-fold: {one:?} {two:?} {four:?}");
+    assert_eq!((one.1, two.1, four.1), (Some(16 * 24), Some(16 * 12), None), "fc1 over H/r on each rank");
+    assert_eq!((one.2, two.2, four.2), (3, 3, 0), "w1, b1, w2 gathered unless r = s");
+}
+
+#[test]
+fn sharded_rules_name_the_fix() {
+    let base = "tokens_per_rank = 16\nseq_len = 8";
+    let text = |ep: usize, tutel: &str| {
+        format!("name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\n{base}\n[layout]\nep = {ep}\n[run]\nbackend = \"cpu\"\n[tutel]\n{tutel}\n")
+    };
+    let (p, shown) = problems(&text(8, "r = 3"));
+    assert!(p.iter().any(|p| p.field == "tutel.r" && p.message.contains("tutel.r=3 does not divide s = W/E = 8/2 = 4")), "{shown}");
+    assert!(shown.contains("{0, 1, 2, 4}"), "{shown}");
+    let (p, shown) = problems(&text(6, "r = 1").replace("n_experts = 2", "n_experts = 4"));
+    assert!(p.iter().any(|p| p.field == "layout.ep" && p.message.contains("not a multiple")), "{shown}");
+    assert!(from_toml_str(&text(8, "r = 0")).is_ok(), "r = 0 (data parallel) exists for split experts too");
+    let (p, shown) = problems(&text(8, "r = 2\ndegree = 2"));
+    assert!(p.iter().any(|p| p.field == "tutel.degree"), "{shown}");
+    let (p, shown) = problems(&text(4, "r = 2").replace("d_ffn = 24", "d_ffn = 25"));
+    assert!(p.iter().any(|p| p.field == "model.d_ffn"), "{shown}");
+    // r > 1 without enough ranks points to the sharded layout.
+    let (p, shown) = problems(&text(2, "r = 2"));
+    assert!(p.iter().any(|p| p.field == "tutel.r" && p.fix.contains("ep = s * n_experts")), "{shown}");
+}
+
+#[test]
+fn sharded_training_stays_in_lockstep_with_topk_for_every_r() {
+    // Reduce-scattered slice gradients and the all-reduced b2 keep every slice and every b2
+    // replica on top-k's trajectory under Adam.
+    let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 1\ntop_k = 1\ncapacity_factor = 1.0";
+    // r = 0, 1, 2 on ep = 4 (s = 2); r = 0, 4 on ep = 8 (s = 4).
+    for (r, ep) in [(0, 4), (1, 4), (2, 4), (0, 8), (4, 8)] {
+        let s = ep / 2;
+        let text = format!(
+            "name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\n{model}\n[layout]\nep = {ep}\n[run]\nbackend = \"cpu\"\nlr = 0.01\n[tutel]\nr = {r}\n"
+        );
+        let mut dist = runtime(&from_toml_str(&text).unwrap(), &[], false);
+        let reference = format!(
+            "name = \"t\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\ntokens_per_rank = {}\nseq_len = 8\nn_layers = 1\ntop_k = 1\ncapacity_factor = 1.0\n[run]\nbackend = \"cpu\"\nlr = 0.01\n",
+            16 * ep
+        );
+        let mut single = runtime(&from_toml_str(&reference).unwrap(), &[], false);
+        for step in 0..3 {
+            let a = dist.step(true, Some(step)).unwrap();
+            let b = single.step(true, Some(step)).unwrap();
+            assert!(((a.loss - b.loss) / b.loss).abs() < 1e-4, "r={r} step {step}: {} vs {}", a.loss, b.loss);
+        }
+        for name in ["L0.expert.w1", "L0.expert.b1", "L0.expert.w2", "L0.expert.b2"] {
+            let err = rel_err(&unsliced_expert(&dist, name, 2, s), &single.read(0, name).unwrap());
+            assert!(err < 1e-4, "r={r}: {name} drifted from top-k's: {err}");
+        }
+    }
+}
+
+#[test]
+fn auto_parallelism_with_split_experts_times_every_divisor_of_s() {
+    let root = tempfile::tempdir().unwrap();
+    let s = sharded_spec(2, "tokens_per_rank = 16\nseq_len = 8\nn_layers = 1\ntop_k = 1", 1, 8, "parallelism = \"auto\"");
+    let s = ExperimentSpec { run: moelab::spec::RunSpec { steps: 1, warmup: 0, ..s.run.clone() }, ..s };
+    let out = moelab::run::run(&s, root.path(), &Default::default()).expect("run");
+    let auto = out.auto_degree.clone().expect("auto resolved");
+    let tried: Vec<(usize, usize)> = auto.candidates.iter().map(|c| (c.r, c.degree)).collect();
+    assert_eq!(tried, [(1, 1), (2, 1), (4, 1), (0, 1)], "every divisor of s = 4 and r = 0, unpipelined");
+    let best = auto.candidates.iter().min_by(|a, b| a.mean_s.total_cmp(&b.mean_s)).unwrap();
+    assert_eq!(auto.chosen_r, best.r);
+    // Whichever r it chose, the step computes the single-rank top-k loss.
+    let reference = "name = \"t\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\ntokens_per_rank = 128\nseq_len = 8\nn_layers = 1\ntop_k = 1\n[run]\nbackend = \"cpu\"\n";
+    let single = runtime(&from_toml_str(reference).unwrap(), &[], false).step(false, Some(0)).unwrap();
+    assert!(((out.steps[0].loss - single.loss) / single.loss).abs() < 1e-5, "{} vs {}", out.steps[0].loss, single.loss);
+}
+
+#[test]
+fn split_experts_run_on_the_sim_and_are_refused_on_cuda() {
+    // The sim times the new layout ops from their bytes and the all-to-alls on the links.
+    let text = |backend: &str, r: usize| {
+        format!("name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 2\ntokens_per_rank = 16\nseq_len = 8\ntop_k = 1\n[layout]\nep = 8\n[run]\nbackend = \"{backend}\"\n[tutel]\nr = {r}\n")
+    };
+    for (r, names) in [(2, &["shard_dispatch", "shard_combine", "expert_w1_columns", "dispatch_a2a", "combine_a2a"][..]),
+        (0, &["expert_w1_columns", "expert_b2_replica", "expert_b2_replica_bwd", "expert_allreduce_b2"][..])] {
+        let plan = Plan::build(&from_toml_str(&text("sim", r)).expect("valid")).expect("plans");
+        let mut rt = moelab::backend::runtime(plan, Default::default());
+        let report = rt.step(true, Some(0)).expect("simulated step");
+        assert!(report.wall_s > 0.0);
+        let trace = rt.trace();
+        for name in names {
+            assert!(trace.ops.iter().any(|o| o.name.ends_with(name) && o.end_ns > o.start_ns), "r={r}: {name} simulated");
+        }
+    }
+    let e = from_toml_str(&text("cuda", 2)).expect_err("cuda refuses split experts");
+    assert!(e.problems().iter().any(|p| p.field == "layout.ep" && p.message.contains("cpu and sim backends only")), "{e}");
+}

@@ -24,6 +24,9 @@ pub struct StepReport {
     pub dropped: usize,
     /// Token assignments routed, summed over layers.
     pub routed: usize,
+    /// Capacity C (slots per expert) of each MoE layer's routing, in execution order (the
+    /// run-time choice for dropless and negative capacity factors); empty on the sim backend.
+    pub capacity: Vec<usize>,
     /// Wall time of the step in seconds.
     pub wall_s: f64,
 }
@@ -66,16 +69,18 @@ pub fn reported_layers(plan: &crate::plan::Plan, rank: usize) -> std::collection
     routed(&plan.ranks[rank]).into_iter().filter(|l| !earlier.contains(l)).collect()
 }
 
-/// The step's aux loss, dropped and routed assignments from the routing observations
-/// `(layer, chunk, obs)` of the layers a rank reports: per layer, the aux loss averaged over
-/// the micro-batches (distinct chunks) that routed it, drops and assignments summed.
-pub fn routing_figures(obs: &[(Option<u32>, Option<u32>, cpu::exec::RouteObs)]) -> (f64, usize, usize) {
+/// The step's aux loss, dropped and routed assignments and the capacities chosen, from the
+/// routing observations `(layer, chunk, obs)` of the layers a rank reports: per layer, the
+/// aux loss averaged over the micro-batches (distinct chunks) that routed it, drops and
+/// assignments summed, capacities in layer then observation order.
+pub fn routing_figures(obs: &[(Option<u32>, Option<u32>, cpu::exec::RouteObs)]) -> (f64, usize, usize, Vec<usize>) {
     let mut layers: std::collections::BTreeMap<Option<u32>, Vec<(Option<u32>, cpu::exec::RouteObs)>> = std::collections::BTreeMap::new();
     for (layer, chunk, o) in obs {
         layers.entry(*layer).or_default().push((*chunk, *o));
     }
-    let (mut aux, mut dropped, mut routed) = (0.0, 0, 0);
+    let (mut aux, mut dropped, mut routed, mut capacity) = (0.0, 0, 0, Vec::new());
     for obs in layers.values() {
+        capacity.extend(obs.iter().map(|o| o.1.capacity));
         let mut chunks: Vec<Option<u32>> = obs.iter().map(|o| o.0).collect();
         chunks.sort_unstable();
         chunks.dedup();
@@ -83,7 +88,7 @@ pub fn routing_figures(obs: &[(Option<u32>, Option<u32>, cpu::exec::RouteObs)]) 
         dropped += obs.iter().map(|o| o.1.dropped).sum::<usize>();
         routed += obs.iter().map(|o| o.1.routed).sum::<usize>();
     }
-    (aux, dropped, routed)
+    (aux, dropped, routed, capacity)
 }
 
 /// Knobs of an execution that are not part of the experiment.

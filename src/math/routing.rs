@@ -85,13 +85,12 @@ impl RoutingTable {
             }
         }
         let n_global = world * tokens_per_rank;
+        let fixed = |cf: f64| ((cf * (k * n_global) as f64 / e as f64).ceil() as usize).max(1);
+        let max_load = || (0..e).map(|x| (0..world * k).map(|rj| count[rj * e + x]).sum::<usize>()).max().unwrap_or(0).max(1);
         let capacity = match cap {
-            Capacity::Factor(cf) => ((cf * (k * n_global) as f64 / e as f64).ceil() as usize).max(1),
-            Capacity::Dropless => (0..e)
-                .map(|x| (0..world * k).map(|rj| count[rj * e + x]).sum::<usize>())
-                .max()
-                .unwrap_or(0)
-                .max(1),
+            Capacity::Factor(cf) => fixed(cf),
+            Capacity::Dropless => max_load(),
+            Capacity::Bounded(f) => fixed(f).min(max_load()),
         };
         let mut kept = vec![0usize; world * k * e];
         for x in 0..e {

@@ -19,6 +19,7 @@ pub struct RankBuilder {
     prefix: String,
     /// While set: `grad` hands out per-micro-batch gradient buffers (param value -> temporary).
     redirect: Option<Vec<(BufId, BufId)>>,
+    recompute: bool,
 }
 
 impl RankBuilder {
@@ -36,6 +37,7 @@ impl RankBuilder {
             chunk: None,
             prefix: String::new(),
             redirect: None,
+            recompute: false,
         }
     }
     /// Ops added next belong to this layer.
@@ -68,7 +70,18 @@ impl RankBuilder {
         self.redirect = None;
         pairs
     }
+    /// Ops added next recompute forward work inside the backward pass (activation
+    /// checkpointing): ops built as [`Pass::Forward`] are recorded as [`Pass::Backward`] with
+    /// their names prefixed `recompute.`, and new buffers are named `recompute.<name>` (so
+    /// that name lookups keep finding the forward's buffers).
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
+    }
     fn push_buf(&mut self, mut desc: BufferDesc) -> BufId {
+        if self.recompute {
+            debug_assert!(!desc.persistent, "recomputation creates no parameters");
+            desc.name = format!("recompute.{}", desc.name);
+        }
         if !desc.persistent && !self.prefix.is_empty() {
             desc.name = format!("{}{}", self.prefix, desc.name);
         }
@@ -141,6 +154,10 @@ impl RankBuilder {
     /// Append an op; reads, writes and deps come from `kind`.
     pub fn op(&mut self, name: impl Into<String>, stage: Stage, pass: Pass, kind: OpKind, flops: u64, bytes: u64) -> OpId {
         let id = OpId(self.ops.len() as u32);
+        let (name, pass) = match (self.recompute, pass) {
+            (true, Pass::Forward) => (format!("recompute.{}", name.into()), Pass::Backward),
+            (_, pass) => (name.into(), pass),
+        };
         let (reads, writes) = kind.io();
         let mut deps: Vec<OpId> = reads
             .iter()
@@ -154,8 +171,8 @@ impl RankBuilder {
         }
         let stream = if stage.is_comm() { Stream::Comm } else { Stream::Compute };
         let name = match self.layer {
-            Some(l) => format!("L{l}.{}", name.into()),
-            None => name.into(),
+            Some(l) => format!("L{l}.{name}"),
+            None => name,
         };
         self.ops.push(Op {
             id, name, stage, pass, stream, layer: self.layer, chunk: self.chunk, deps, kind, reads, writes,

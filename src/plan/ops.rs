@@ -178,6 +178,27 @@ pub enum OpKind {
     SendRecv { group: GroupId, send: Option<BufId>, recv: Option<BufId> },
     /// `dst += src` for each pair: a micro-batch's weight gradients added into the step's.
     GradAccum { pairs: Vec<(BufId, BufId)> },
+    /// Tutel's sharded experts (an expert-parallel group of W = E * s members; member
+    /// p = e * s + q * g + i, g = s / r, computes hidden slice q of r of expert e on chunk i of
+    /// g of every block): from this rank's dispatch layout `src` (kept rows of data rank
+    /// `dims.data_rank`, expert-major), for every member in order the rows of chunk (i, g) of
+    /// expert e's block (each row thus goes to r members), with per-member counts.
+    ShardDispatch { src: BufId, gathered: BufId, send: BufId, send_counts: BufId, dims: MoeDims, s: usize, r: usize },
+    /// The rows a sharded-expert member receives from each member of its expert-parallel
+    /// group (`peers`: their data ranks, in member order): chunk `chunk` of `peers[j]`'s kept
+    /// rows for `expert`; written as per-member counts (what the return all-to-all sends back).
+    ShardCounts { gathered: BufId, counts: BufId, dims: MoeDims, peers: Vec<usize>, expert: usize, chunk: (usize, usize) },
+    /// Inverse of [`OpKind::ShardDispatch`] with the sum over the r copies: `recv` holds,
+    /// member-major, each member's rows of this rank's chunk; `full` (the dispatch layout)
+    /// gets, per row, the sum of its r copies.
+    ShardCombine { recv: BufId, gathered: BufId, full: BufId, dims: MoeDims, s: usize, r: usize },
+    /// Swap the middle two axes: `dst[x, j, i, :] = src[x, i, j, :]` for `src` of shape
+    /// `[shape.0, shape.1, shape.2, shape.3]` (all-gathered column slices of weights <-> the
+    /// weights, per expert).
+    SwapAxes { src: BufId, dst: BufId, shape: (usize, usize, usize, usize) },
+    /// `dst[x, :] = src[x, index, :]` for `src` of shape `[shape.0, shape.1, shape.2]`: one of
+    /// the replicas (or blocks) along the middle axis.
+    TakeBlock { src: BufId, dst: BufId, shape: (usize, usize, usize), index: usize },
 }
 
 impl OpKind {
@@ -301,6 +322,10 @@ impl OpKind {
                 let r = pairs.iter().flat_map(|(s, d)| [*s, *d]).collect();
                 (r, pairs.iter().map(|p| p.1).collect())
             }
+            ShardDispatch { src, gathered, send, send_counts, .. } => (vec![*src, *gathered], vec![*send, *send_counts]),
+            ShardCounts { gathered, counts, .. } => (vec![*gathered], vec![*counts]),
+            ShardCombine { recv, gathered, full, .. } => (vec![*recv, *gathered], vec![*full]),
+            SwapAxes { src, dst, .. } | TakeBlock { src, dst, .. } => (vec![*src], vec![*dst]),
         }
     }
 }

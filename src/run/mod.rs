@@ -137,7 +137,8 @@ pub struct TutelCandidate {
 pub const AUTO_DEGREE_TIMED_STEPS: usize = 2;
 
 /// Resolve Tutel's `degree = "auto"` and `parallelism = "auto"`: run each candidate (r = 1 at
-/// each candidate degree, r = 0 at degree 1; only the automatic dimensions vary) on the real
+/// each candidate degree, r = 0 at degree 1; with experts split over s = ep / n_experts ranks,
+/// every divisor r of s and r = 0, at degree 1; only the automatic dimensions vary) on the real
 /// backend (a fresh runtime each, so the measured run starts from the same weights), time
 /// [`AUTO_DEGREE_TIMED_STEPS`] steps after one untimed step, and return the spec with the
 /// fastest fixed. `None` when the spec asks for neither.
@@ -153,7 +154,14 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
         Degree::Auto => TutelSpec::AUTO_CANDIDATES.into_iter().filter(|d| *d <= spec.tokens_per_rank()).collect(),
         Degree::Fixed(d) => vec![d],
     };
-    let rs = if opts.parallelism == ParallelismChoice::Auto { vec![1, 0] } else { vec![opts.r] };
+    // With ep = s * n_experts (experts split over s ranks) the candidates are the divisors
+    // r of s and r = 0; otherwise r = 1 and r = 0.
+    let (ep, e) = (spec.layout.ep, spec.model.n_experts);
+    let rs = match opts.parallelism {
+        ParallelismChoice::Auto if ep > e => (1..=ep / e).filter(|r| (ep / e) % r == 0).chain([0]).collect(),
+        ParallelismChoice::Auto => vec![1, 0],
+        ParallelismChoice::Fixed => vec![opts.r],
+    };
     let configs: Vec<(usize, usize)> =
         rs.iter().flat_map(|&r| if r == 0 { vec![(0, 1)] } else { degrees.iter().map(|&d| (r, d)).collect() }).collect();
     let with = |r: usize, d: usize| {
@@ -211,6 +219,8 @@ struct StepJson {
     aux_loss: f64,
     dropped: usize,
     routed: usize,
+    /// Capacity C of each MoE layer's routing (per-layer, execution order).
+    capacity: Vec<usize>,
     wall_s: f64,
 }
 
@@ -241,9 +251,19 @@ fn make_dir(root: &Path, name: &str) -> Result<PathBuf, RunError> {
 /// The run log's line for one step.
 fn step_line(r: &StepReport) -> String {
     format!(
-        "step {}{}: loss {:.6} aux {:.4} dropped {}/{} wall {:.3} s",
-        r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, r.wall_s
+        "step {}{}: loss {:.6} aux {:.4} dropped {}/{}{} wall {:.3} s",
+        r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, capacity_text(&r.capacity), r.wall_s
     )
+}
+
+/// ` capacity C` (one value when every layer chose the same, else `C0,C1,...`); empty when
+/// the backend does not route (sim).
+pub fn capacity_text(c: &[usize]) -> String {
+    match c {
+        [] => String::new(),
+        [first, rest @ ..] if rest.iter().all(|x| x == first) => format!(" capacity {first}"),
+        _ => format!(" capacity {}", c.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")),
+    }
 }
 
 /// Plan, execute and analyse `spec`, writing the run directory under `runs_root`.
@@ -350,7 +370,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         status,
         error: failure.as_ref().map(|e| e.to_string()),
         steps: steps.iter().map(|s| StepJson {
-            step: s.step, measured: s.measured, loss: s.loss, aux_loss: s.aux_loss, dropped: s.dropped, routed: s.routed, wall_s: s.wall_s,
+            step: s.step, measured: s.measured, loss: s.loss, aux_loss: s.aux_loss, dropped: s.dropped, routed: s.routed, capacity: s.capacity.clone(), wall_s: s.wall_s,
         }).collect(),
         step_time_ms: analysis.step_time_ns / 1e6,
         overlap: analysis.overall_overlap(),

@@ -8,7 +8,7 @@ use std::path::Path;
 pub fn from_toml_str(text: &str) -> Result<ExperimentSpec, SpecError> {
     let spec: ExperimentSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
         message: match e.span().and_then(|s| field_at(text, s.start)) {
-            Some(field) if !e.message().contains('`') || e.message().starts_with("invalid") => {
+            Some(field) if !e.message().contains('`') || e.message().starts_with("invalid") || e.message().starts_with("unknown variant") => {
                 format!("{field}: {}", e.message())
             }
             _ => e.message().to_string(),

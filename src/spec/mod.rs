@@ -230,11 +230,43 @@ pub struct TedSpec {
     /// the TP group restores the full set afterwards. Off: every TP rank sends everything.
     #[serde(default = "yes")]
     pub duplicate_dropping: bool,
+    /// Activation checkpointing of the MoE layers (DeepSpeed-TED's communication-aware
+    /// checkpointing): `"none"` keeps every activation, `"full"` keeps only the layer input and
+    /// recomputes the layer's forward in backward (all-to-alls and all-gathers included),
+    /// `"comm_aware"` also keeps the outputs of the forward's communication and recomputes
+    /// only the compute.
+    #[serde(default)]
+    pub checkpoint: Checkpoint,
 }
 
 impl Default for TedSpec {
     fn default() -> Self {
-        TedSpec { duplicate_dropping: true }
+        TedSpec { duplicate_dropping: true, checkpoint: Checkpoint::default() }
+    }
+}
+
+/// Activation checkpointing of an MoE layer (Singh et al., ICS 2023, section 4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Checkpoint {
+    /// Keep every activation for backward.
+    #[default]
+    None,
+    /// Keep the layer input only; backward re-runs the whole forward, communication included.
+    Full,
+    /// Keep the layer input and the outputs of the forward's all-to-alls and all-gathers;
+    /// backward recomputes the compute only and issues no extra communication.
+    CommAware,
+}
+
+impl Checkpoint {
+    /// The spelling used in specs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Checkpoint::None => "none",
+            Checkpoint::Full => "full",
+            Checkpoint::CommAware => "comm_aware",
+        }
     }
 }
 
@@ -430,7 +462,9 @@ pub struct ModelSpec {
     /// Experts chosen per token.
     #[serde(default = "default_top_k")]
     pub top_k: usize,
-    /// Capacity factor cf: each expert takes at most ceil(cf * k * T_global / E) tokens.
+    /// Capacity factor cf, as Tutel's: cf > 0: each expert takes at most
+    /// ceil(cf * k * T_global / E) tokens; cf = 0: dropless (resolves to `dropless = true`);
+    /// cf < 0: at most min(ceil(|cf| * k * T_global / E), the step's largest expert load).
     /// Leave unset with `dropless = true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_factor: Option<f64>,
@@ -627,6 +661,10 @@ pub enum Capacity {
     Factor(f64),
     /// Slots = the largest expert load of the step.
     Dropless,
+    /// Tutel's negative capacity factor (`capacity_factor = -f`): slots =
+    /// min(ceil(f * k * T_global / E), the largest expert load of the step), the load agreed
+    /// over every data rank from the all-gathered routing counts. Buffers are sized at run time.
+    Bounded(f64),
 }
 
 impl ExperimentSpec {
@@ -644,10 +682,10 @@ impl ExperimentSpec {
     }
     /// The capacity rule.
     pub fn capacity(&self) -> Capacity {
-        if self.model.dropless {
-            Capacity::Dropless
-        } else {
-            Capacity::Factor(self.model.capacity_factor.unwrap_or(1.25))
+        match (self.model.dropless, self.model.capacity_factor) {
+            (true, _) => Capacity::Dropless,
+            (false, Some(cf)) if cf < 0.0 => Capacity::Bounded(-cf),
+            (false, cf) => Capacity::Factor(cf.unwrap_or(1.25)),
         }
     }
     /// Serialize back to TOML (what `moelab run` accepts unchanged).

@@ -152,9 +152,14 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         (true, Some(cf)) => c.fail("model.capacity_factor",
             format!("capacity_factor={cf} conflicts with dropless=true"),
             "remove capacity_factor, or set dropless = false"),
-        (false, Some(cf)) if !(cf.is_finite() && cf > 0.0) => c.fail("model.capacity_factor",
-            format!("capacity_factor={cf} must be a positive number"),
-            "use e.g. 1.0 or 1.25, or set dropless = true"),
+        (false, Some(cf)) if !cf.is_finite() => c.fail("model.capacity_factor",
+            format!("capacity_factor={cf} must be a finite number (> 0 fixed, 0 dropless, < 0 bounded by the real load)"),
+            "use e.g. 1.0 or 1.25, -1.25 for min(1.25 x the even share, the largest load), or set dropless = true"),
+        // Tutel's convention: cf = 0 is dropless.
+        (false, Some(0.0)) => {
+            m.dropless = true;
+            m.capacity_factor = None;
+        }
         (false, None) => m.capacity_factor = Some(1.25),
         _ => {}
     }
@@ -237,7 +242,12 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         (_, Some(product)) => l.world = Some(product),
     }
     let n_experts = spec.model.n_experts;
-    if l.ep > 0 && n_experts > 0 && n_experts % l.ep != 0 {
+    // Tutel splits each expert over s = ep / E ranks when the expert-parallel world is larger.
+    let sharded = spec.variant == Variant::Tutel && l.ep > n_experts;
+    if sharded && n_experts > 0 && !l.ep.is_multiple_of(n_experts) {
+        c.fail("layout.ep", format!("ep={} exceeds n_experts={n_experts} but is not a multiple of it: tutel splits each expert over s = ep / n_experts ranks", l.ep),
+            format!("choose ep from {{{}}} or a multiple of {n_experts}", divisors(n_experts)));
+    } else if !sharded && l.ep > 0 && n_experts > 0 && !n_experts.is_multiple_of(l.ep) {
         c.fail("layout.ep", format!("ep={} does not divide n_experts={n_experts}", l.ep),
             format!("choose ep from {{{}}}", divisors(n_experts)));
     }
@@ -287,6 +297,10 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
             }
         }
         BackendKind::Sim => {}
+    }
+    if r.backend == BackendKind::Cuda && spec.variant == Variant::Tutel && spec.layout.ep > spec.model.n_experts {
+        c.fail("layout.ep", format!("tutel with ep={} > n_experts={} (experts split over ranks) runs on the cpu and sim backends only so far",
+            spec.layout.ep, spec.model.n_experts), "use backend = \"cpu\" or \"sim\", or ep <= n_experts on cuda");
     }
     if r.backend == BackendKind::Cpu && spec.model.dtype != super::DType::F32 {
         c.fail("model.dtype", "the cpu backend computes in f32 only (dtype=bf16)".into(),
@@ -441,9 +455,13 @@ fn check_tutel(c: &mut Checker, spec: &mut ExperimentSpec) {
             format!("set a fixed degree between 1 and {bound}, or give each rank at least 4 tokens")),
         _ => {}
     }
-    if opts.r > 1 {
-        c.fail("tutel.r", format!("r={} is not available: with every expert on one rank of its expert-parallel group (ep divides n_experts) only r = 0 and r = 1 exist", opts.r),
-            "set r = 1 (expert parallel, all-to-all) or r = 0 (data parallel: all-gather the expert weights)");
+    let n_experts = spec.model.n_experts;
+    let s = if n_experts > 0 && ep > n_experts && ep.is_multiple_of(n_experts) { ep / n_experts } else { 1 };
+    if s > 1 {
+        check_tutel_sharded(c, opts, s, spec.model.d_ffn, ep, n_experts);
+    } else if opts.r > 1 {
+        c.fail("tutel.r", format!("r={} is not available: with every expert on one rank of its expert-parallel group (ep={ep} divides n_experts={n_experts}) only r = 0 and r = 1 exist", opts.r),
+            "set r = 1 (expert parallel, all-to-all) or r = 0 (data parallel: all-gather the expert weights); r > 1 needs ep = s * n_experts with r dividing s");
     } else if opts.r == 0 && opts.degree != Degree::Fixed(1) {
         c.fail("tutel.degree", "r=0 runs every expert locally, so there is no all-to-all to pipeline (degree must be 1)".into(),
             "remove degree (or set degree = 1) with r = 0, or set r = 1 to pipeline the all-to-alls");
@@ -458,6 +476,32 @@ fn check_tutel(c: &mut Checker, spec: &mut ExperimentSpec) {
                 format!("gpus_per_node={g} does not divide layout.ep={ep}: the 2D all-to-all needs whole nodes in every expert-parallel group"),
                 format!("choose gpus_per_node from {{{}}}, or set a2a = \"flat\"", divisors(ep)));
         }
+    }
+}
+
+/// Tutel with an expert-parallel world above the experts (`ep = s * n_experts`, s > 1): every
+/// expert is split over s ranks by hidden slices, so s divides `d_ffn`; r is a divisor of s
+/// or 0 (data parallel: every member all-gathers every slice); no pipelining and the flat
+/// all-to-all only.
+fn check_tutel_sharded(c: &mut Checker, opts: &super::TutelSpec, s: usize, d_ffn: usize, ep: usize, n_experts: usize) {
+    use super::{A2aKind, Degree, ParallelismChoice};
+    let choices = format!("{{0, {}}}", divisors(s));
+    if !d_ffn.is_multiple_of(s) {
+        c.fail("model.d_ffn", format!("d_ffn={d_ffn} is not divisible by s = ep/n_experts = {ep}/{n_experts} = {s}: each of the s ranks of an expert holds d_ffn/s hidden units"),
+            format!("choose d_ffn as a multiple of {s}, or another ep"));
+    }
+    if opts.parallelism == ParallelismChoice::Fixed {
+        if opts.r > 0 && (opts.r > s || !s.is_multiple_of(opts.r)) {
+            c.fail("tutel.r", format!("tutel.r={} does not divide s = W/E = {ep}/{n_experts} = {s}", opts.r),
+                format!("choose r from {choices}: tokens travel r times, groups of s/r ranks all-gather their hidden slices (0: data parallel)"));
+        }
+    }
+    if opts.degree != Degree::Fixed(1) {
+        c.fail("tutel.degree", format!("pipelining is not built for ep={ep} > n_experts={n_experts} (experts split over {s} ranks)"),
+            "remove degree (or set degree = 1)");
+    }
+    if opts.a2a == A2aKind::TwoD {
+        c.fail("tutel.a2a", format!("the 2D all-to-all is not built for ep={ep} > n_experts={n_experts}"), "set a2a = \"flat\"");
     }
 }
 

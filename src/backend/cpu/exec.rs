@@ -36,6 +36,8 @@ pub struct RouteObs {
     pub routed: usize,
     /// Local loss contribution.
     pub loss: f64,
+    /// Capacity C (slots per expert) the layer's routing chose.
+    pub capacity: usize,
 }
 
 /// Result of an op: actual bytes for collectives, routing facts for dispatch.
@@ -272,7 +274,7 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
                     sv.extend_from_slice(&xv[(a / k) * m..(a / k + 1) * m]);
                 }
             }
-            outcome.obs = Some(RouteObs { aux: tb.aux_loss(), dropped: tb.dropped(), routed: tb.n_global * k, loss: 0.0 });
+            outcome.obs = Some(RouteObs { aux: tb.aux_loss(), dropped: tb.dropped(), routed: tb.n_global * k, loss: 0.0, capacity: tb.capacity });
             st.put_f32(*send, sv)?;
             st.put_i32(*send_counts, counts)?;
             st.put_i32(*slots, slot)?;
@@ -476,6 +478,70 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
                 // Static buffers are held at their planned size from here on.
                 st.put_f32(*r, Vec::new())?;
             }
+        }
+        ShardDispatch { src, gathered, send, send_counts, dims, s, r } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let m = dims.d_model;
+            let sv = st.f32(*src)?;
+            let (blocks, _) = expert_blocks(dims, &tb);
+            let g = s / r;
+            let mut out = Vec::new();
+            let mut counts = vec![0i32; dims.n_experts * s];
+            for (p, c) in counts.iter_mut().enumerate() {
+                let (off, len) = blocks[p / s];
+                let rows = routing::chunk_range(len, p % g, g);
+                *c = rows.len() as i32;
+                out.extend_from_slice(&sv[(off + rows.start) * m..(off + rows.end) * m]);
+            }
+            st.put_f32(*send, out)?;
+            st.put_i32(*send_counts, counts)?;
+        }
+        ShardCounts { gathered, counts, dims, peers, expert, chunk } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let c = peers.iter().map(|&d| routing::chunk_range(tb.kept_rank_expert(d, *expert), chunk.0, chunk.1).len() as i32).collect();
+            st.put_i32(*counts, c)?;
+        }
+        ShardCombine { recv, gathered, full, dims, s, r } => {
+            let tb = table(dims, st.f32(*gathered)?);
+            let m = dims.d_model;
+            let rv = st.f32(*recv)?;
+            let (blocks, total) = expert_blocks(dims, &tb);
+            let g = s / r;
+            let mut f = vec![0.0f32; total * m];
+            let mut at = 0usize;
+            for p in 0..dims.n_experts * s {
+                let (off, len) = blocks[p / s];
+                for row in routing::chunk_range(len, p % g, g) {
+                    let dst = &mut f[(off + row) * m..(off + row + 1) * m];
+                    for (d, x) in dst.iter_mut().zip(&rv[at * m..(at + 1) * m]) {
+                        *d += x;
+                    }
+                    at += 1;
+                }
+            }
+            if at * m != rv.len() {
+                return Err(StoreError(format!("received {} rows, the routing table accounts for {at}", rv.len() / m.max(1))).into());
+            }
+            st.put_f32(*full, f)?;
+        }
+        SwapAxes { src, dst, shape: (n, a, b, c) } => {
+            let sv = st.f32(*src)?;
+            let blk = a * b * c;
+            let mut out = vec![0.0f32; n * blk];
+            for x in 0..*n {
+                let (s, o) = (&sv[x * blk..(x + 1) * blk], &mut out[x * blk..(x + 1) * blk]);
+                for i in 0..*a {
+                    for j in 0..*b {
+                        o[(j * a + i) * c..(j * a + i + 1) * c].copy_from_slice(&s[(i * b + j) * c..(i * b + j + 1) * c]);
+                    }
+                }
+            }
+            st.put_f32(*dst, out)?;
+        }
+        TakeBlock { src, dst, shape: (n, a, c), index } => {
+            let sv = st.f32(*src)?;
+            let out = (0..*n).flat_map(|x| sv[(x * a + index) * c..(x * a + index + 1) * c].iter().copied()).collect();
+            st.put_f32(*dst, out)?;
         }
         ChunkMerge { part, gathered, full, dims, chunk, first, .. } => {
             let tb = table(dims, st.f32(*gathered)?);
@@ -692,6 +758,20 @@ fn chunk_rows_per_expert(dims: &MoeDims, t: &routing::RoutingTable, chunk: (usiz
 
 /// This rank's dispatch-layout rows that belong to a chunk (expert-major), the chunk's rows
 /// per expert-parallel peer, and the layout's total rows.
+/// (offset, kept rows) of every expert's block in this data rank's dispatch layout, and the
+/// layout's total rows.
+fn expert_blocks(dims: &MoeDims, t: &routing::RoutingTable) -> (Vec<(usize, usize)>, usize) {
+    let mut offset = 0usize;
+    let blocks = (0..dims.n_experts)
+        .map(|e| {
+            let len = t.kept_rank_expert(dims.data_rank, e);
+            offset += len;
+            (offset - len, len)
+        })
+        .collect();
+    (blocks, offset)
+}
+
 fn chunk_send_rows(dims: &MoeDims, t: &routing::RoutingTable, chunk: (usize, usize)) -> (Vec<usize>, Vec<i32>, usize) {
     let el = dims.local_experts();
     let mut rows = Vec::new();

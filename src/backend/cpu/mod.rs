@@ -99,7 +99,7 @@ impl CpuRuntime {
         });
         let mut first_cause = None;
         let mut any_err = None;
-        let mut report = StepReport { step, measured, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, wall_s: t0.elapsed().as_secs_f64() };
+        let mut report = StepReport { step, measured, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, capacity: Vec::new(), wall_s: t0.elapsed().as_secs_f64() };
         // Routing figures are global to a layer: one rank reports each layer's.
         let mut routing = Vec::new();
         for (rank, r) in results.into_iter().enumerate() {
@@ -122,7 +122,7 @@ impl CpuRuntime {
                 }
             }
         }
-        (report.aux_loss, report.dropped, report.routed) = super::routing_figures(&routing);
+        (report.aux_loss, report.dropped, report.routed, report.capacity) = super::routing_figures(&routing);
         if let Some(e) = first_cause.or(any_err) {
             return Err(e);
         }
@@ -321,7 +321,9 @@ fn run_rank(
                     }
                 }
             }
-            if let Some(o) = out.obs {
+            // Routing recomputed in backward (activation checkpointing) repeats the forward's
+            // observations: count each layer's routing once.
+            if let Some(o) = out.obs.filter(|_| op.pass != crate::taxonomy::Pass::Backward) {
                 lock(&obs).push((op.stage, op.layer, op.chunk, o));
             }
             if let Some(step) = measured {

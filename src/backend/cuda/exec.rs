@@ -366,8 +366,7 @@ impl<'a> StreamExec<'a> {
                     }
                 }
             }
-            // Pipeline exchanges: one NCCL group of send and recv with the peer. Not yet run on
-            // GPUs, so validation keeps pipeline plans (layout.pp > 1) off this backend.
+            // Pipeline exchanges: one NCCL group of send and recv with the peer.
             SendRecv { group, send, recv } => {
                 let sb = match send {
                     Some(b) => Some(self.input(*b)?),
@@ -382,6 +381,12 @@ impl<'a> StreamExec<'a> {
                 };
                 self.comms.send_recv(*group, sb.map(|b| (b.ptr, b.len)), rb.map(|b| (b.ptr, b.len)), &self.s.stream)?;
                 outcome.bytes = Some((sb.map_or(0, |b| b.len) * 4) as u64);
+            }
+            // Tutel's sharded experts (expert-parallel world above E): spec validation refuses
+            // them on this backend before any GPU work; this is the backstop.
+            ShardDispatch { .. } | ShardCounts { .. } | ShardCombine { .. } | SwapAxes { .. } | TakeBlock { .. } => {
+                return Err(ExecError::Plan(format!(
+                    "{}: Tutel's sharded experts (tutel with layout.ep > n_experts) run on the cpu and sim backends only", op.name)))
             }
             Dispatch { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
             | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. } | LocalUnlayout { .. } => {

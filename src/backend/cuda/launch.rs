@@ -47,6 +47,9 @@ pub enum WorkerLine {
         dropped: usize,
         /// Routed assignments.
         routed: usize,
+        /// Capacity of each MoE layer's routing, in execution order.
+        #[serde(default)]
+        capacity: Vec<usize>,
         /// Wall seconds on this rank.
         wall_s: f64,
         /// Ops that ran on the host.
@@ -371,9 +374,9 @@ fn pick_error(errors: &[BackendError]) -> Option<BackendError> {
 }
 
 fn merge_step(step: usize, lines: &[Option<WorkerLine>]) -> StepReport {
-    let mut rep = StepReport { step, measured: false, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, wall_s: 0.0 };
+    let mut rep = StepReport { step, measured: false, loss: 0.0, aux_loss: 0.0, dropped: 0, routed: 0, capacity: Vec::new(), wall_s: 0.0 };
     for l in lines {
-        if let Some(WorkerLine::Step { measured, loss, aux, dropped, routed, wall_s, .. }) = l {
+        if let Some(WorkerLine::Step { measured, loss, aux, dropped, routed, capacity, wall_s, .. }) = l {
             rep.measured = *measured;
             rep.loss += loss;
             rep.wall_s = rep.wall_s.max(*wall_s);
@@ -381,6 +384,7 @@ fn merge_step(step: usize, lines: &[Option<WorkerLine>]) -> StepReport {
             rep.aux_loss += *aux;
             rep.dropped += *dropped;
             rep.routed += *routed;
+            rep.capacity.extend(capacity.iter().copied());
         }
     }
     rep
@@ -467,8 +471,8 @@ pub fn worker_main(dir: &Path) -> i32 {
                 let mine = crate::backend::reported_layers(gr.plan(), rank);
                 let loss: f64 = s.obs.iter().filter(|o| o.0 == Stage::Loss).map(|o| o.3.loss).sum();
                 let routing: Vec<_> = s.obs.iter().filter(|o| o.0 != Stage::Loss && mine.contains(&o.1)).map(|o| (o.1, o.2, o.3)).collect();
-                let (aux, dropped, routed) = crate::backend::routing_figures(&routing);
-                emit(&WorkerLine::Step { rank: rank as u32, step: i, measured, loss, aux, dropped, routed, wall_s: s.wall_s, host_ops: s.host_ops });
+                let (aux, dropped, routed, capacity) = crate::backend::routing_figures(&routing);
+                emit(&WorkerLine::Step { rank: rank as u32, step: i, measured, loss, aux, dropped, routed, capacity, wall_s: s.wall_s, host_ops: s.host_ops });
             }
             Err(e) => {
                 code = fail(e.to_string(), Some(WireError::from(&e)));

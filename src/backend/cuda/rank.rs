@@ -302,7 +302,8 @@ impl GpuRank {
             if out.host {
                 result.host_ops += 1;
             }
-            if let Some(o) = out.obs {
+            // Routing recomputed in backward (activation checkpointing) is counted once.
+            if let Some(o) = out.obs.filter(|_| rp.ops[i].pass != crate::taxonomy::Pass::Backward) {
                 result.obs.push((rp.ops[i].stage, rp.ops[i].layer, rp.ops[i].chunk, o));
             }
             if let Some(l) = out.loss {

@@ -398,6 +398,7 @@ impl SimRuntime {
             aux_loss: f64::NAN,
             dropped: 0,
             routed: 0,
+            capacity: Vec::new(),
             wall_s: s.sim.timeline.makespan,
         };
         self.steps_done += 1;

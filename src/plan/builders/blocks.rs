@@ -27,8 +27,20 @@ fn init(tag: &str, layer: usize, mean: f32, std: f32) -> ParamInit {
 
 /// `y = LN(x)` with fresh params named `{name}.gamma/beta`.
 pub fn layernorm(b: &mut RankBuilder, name: &str, layer: usize, x: BufId, t: usize, m: usize) -> LnSaved {
+    let (gamma, beta) = layernorm_params(b, name, layer, m);
+    layernorm_with(b, name, layer, x, gamma, beta, t, m)
+}
+
+/// The (gamma, beta) params of a LayerNorm named `name`.
+pub fn layernorm_params(b: &mut RankBuilder, name: &str, layer: usize, m: usize) -> (BufId, BufId) {
     let gamma = b.param(&format!("L{layer}.{name}.gamma"), m, init(&format!("{name}.gamma"), layer, 1.0, 0.1), false);
     let beta = b.param(&format!("L{layer}.{name}.beta"), m, init(&format!("{name}.beta"), layer, 0.0, 0.1), false);
+    (gamma, beta)
+}
+
+/// `y = LN(x)` with existing params (also the recomputation of a checkpointed LayerNorm).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_with(b: &mut RankBuilder, name: &str, layer: usize, x: BufId, gamma: BufId, beta: BufId, t: usize, m: usize) -> LnSaved {
     let y = b.buf(format!("L{layer}.{name}.y"), t * m, Mc::Activations);
     let stats = b.buf(format!("L{layer}.{name}.stats"), t * 2, Mc::Activations);
     let bytes = b.bytes_of(x) * 2;
@@ -221,14 +233,42 @@ pub struct Routed {
     pub gathered: BufId,
 }
 
+/// The params of an MoE layer's routing front: the `ln_moe` LayerNorm and the gate.
+#[derive(Debug, Clone, Copy)]
+pub struct GateParams {
+    /// LayerNorm gain.
+    pub gamma: BufId,
+    /// LayerNorm shift.
+    pub beta: BufId,
+    /// Gate weight `[M, E]`.
+    pub wg: BufId,
+}
+
+/// Create the routing front's params (`ln_moe` gamma and beta, then the gate weight).
+pub fn gate_params(b: &mut RankBuilder, layer: usize, m: usize, e: usize) -> GateParams {
+    let (gamma, beta) = layernorm_params(b, "ln_moe", layer, m);
+    let wg = b.param(&format!("L{layer}.gate.w"), m * e,
+        ParamInit { tag: "gate.w".into(), layer: layer as u32, experts: None, mean: 0.0, std: 1.0 / (m as f32).sqrt() }, false);
+    GateParams { gamma, beta, wg }
+}
+
 /// `ln_moe` -> `gate` -> `route` -> `stats_allgather` over `stats_group` (the ranks whose
 /// tokens share the capacity); the all-gather is left out when there is one data rank.
 pub fn gate_and_route(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, x: BufId, dims: &crate::plan::ops::MoeDims,
     stats_group: GroupId) -> Routed {
+    let p = gate_params(b, layer, dims.d_model, dims.n_experts);
+    route_with(b, spec, layer, x, dims, stats_group, p, None)
+}
+
+/// [`gate_and_route`] with existing params. `kept_stats`: the routing statistics the forward
+/// already all-gathered (a recomputation that keeps communication outputs issues no
+/// all-gather and reuses them).
+#[allow(clippy::too_many_arguments)]
+pub fn route_with(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, x: BufId, dims: &crate::plan::ops::MoeDims,
+    stats_group: GroupId, p: GateParams, kept_stats: Option<BufId>) -> Routed {
     let (t, m, e, k) = (dims.tokens, dims.d_model, dims.n_experts, dims.top_k);
-    let ln = layernorm(b, "ln_moe", layer, x, t, m);
-    let wg = b.param(&format!("L{layer}.gate.w"), m * e,
-        ParamInit { tag: "gate.w".into(), layer: layer as u32, experts: None, mean: 0.0, std: 1.0 / (m as f32).sqrt() }, false);
+    let ln = layernorm_with(b, "ln_moe", layer, x, p.gamma, p.beta, t, m);
+    let wg = p.wg;
     let logits = b.buf(format!("L{layer}.gate.logits"), t * e, Mc::Activations);
     b.op("gate", Stage::Gate, Pass::Forward,
         OpKind::Linear { x: ln.y, w: wg, bias: None, residual: None, y: logits, rows: t, d_in: m, d_out: e },
@@ -240,13 +280,15 @@ pub fn gate_and_route(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, 
     b.op("route", Stage::Topk, Pass::Forward,
         OpKind::Route { logits, probs, idx, weights, stats, n_experts: e, top_k: k, renormalize: spec.model.renormalize },
         (t * e * 6) as u64, 4 * (3 * t * e + 2 * t * k) as u64);
-    let gathered = if dims.data_world > 1 {
-        let g = b.buf(format!("L{layer}.route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
-        let bytes = b.bytes_of(stats);
-        b.op("stats_allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: stats_group, send: stats, recv: g }, 0, bytes);
-        g
-    } else {
-        stats
+    let gathered = match kept_stats {
+        Some(g) => g,
+        None if dims.data_world > 1 => {
+            let g = b.buf(format!("L{layer}.route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
+            let bytes = b.bytes_of(stats);
+            b.op("stats_allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: stats_group, send: stats, recv: g }, 0, bytes);
+            g
+        }
+        None => stats,
     };
     Routed { ln, wg, probs, idx, weights, gathered }
 }

@@ -121,7 +121,8 @@ fn moe_dims(spec: &ExperimentSpec, g: &Groups, rank: usize) -> MoeDims {
             let c = ((cf * (m.top_k * t * g.shards()) as f64 / m.n_experts as f64).ceil() as usize).max(1);
             Some(c.min(t))
         }
-        Capacity::Dropless => None,
+        // Sized at run time: the capacity depends on the step's loads.
+        Capacity::Dropless | Capacity::Bounded(_) => None,
     };
     MoeDims {
         tokens: t,

@@ -20,6 +20,12 @@
 //! of the expert-parallel group, and an all-gather over the TP group (`gather_tokens`) restores
 //! the full set: drop -> a2a -> all-gather -> TP expert -> all-reduce -> drop -> a2a ->
 //! all-gather, mirrored in backward. Without it every TP rank sends the full set.
+//!
+//! Activation checkpointing (`[ted] checkpoint`): `full` keeps only each MoE layer's input and
+//! re-runs its forward (communication included) at the start of its backward; `comm_aware`
+//! also keeps the outputs of the layer's communication (all-gathered routing statistics,
+//! expert input, combined-back rows) and recomputes the compute only. Recomputed ops are
+//! ordinary ops in the backward pass ([`RankBuilder::set_recompute`]).
 
 use super::blocks::{self, LnSaved};
 use super::topk::{a2a, expert_param};
@@ -27,7 +33,7 @@ use super::TensorExpertDataGroups as Groups;
 use crate::math::linalg::gemm_flops;
 use crate::plan::ops::MoeDims;
 use crate::plan::{BufId, GroupId, OpKind, ParamInit, ParamSlice, Plan, RankBuilder, RankPlan};
-use crate::spec::{Capacity, ExperimentSpec, Mode};
+use crate::spec::{Capacity, Checkpoint, ExperimentSpec, Mode};
 use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 
 /// Where this rank sits in the TED layout.
@@ -39,6 +45,8 @@ struct Place {
     ti: usize,
     /// Whether the all-to-alls drop duplicate tokens.
     drop: bool,
+    /// Activation checkpointing of the MoE layers.
+    checkpoint: Checkpoint,
     tp_group: GroupId,
     ep_group: GroupId,
 }
@@ -50,10 +58,19 @@ impl Place {
     }
 }
 
-struct MoeSaved {
-    dims: MoeDims,
+/// The params of one MoE layer (this rank's slices).
+#[derive(Clone, Copy)]
+struct MoeParams {
+    gate: blocks::GateParams,
+    w1: BufId,
+    b1: BufId,
+    w2: BufId,
+    b2: Option<BufId>,
+}
+
+/// The activations the backward of one MoE layer reads.
+struct Acts {
     ln: LnSaved,
-    wg: BufId,
     probs: BufId,
     idx: BufId,
     weights: BufId,
@@ -64,10 +81,25 @@ struct MoeSaved {
     h: BufId,
     a: BufId,
     back: BufId,
-    w1: BufId,
-    b1: BufId,
-    w2: BufId,
-    b2: Option<BufId>,
+}
+
+/// What the forward keeps of one MoE layer, by checkpointing mode.
+enum Kept {
+    /// Every activation (`checkpoint = "none"`).
+    All(Acts),
+    /// The layer input only (`"full"`): backward re-runs the forward, communication included.
+    Input,
+    /// The layer input and the outputs of the communication (`"comm_aware"`): the all-gathered
+    /// routing statistics, the expert input (all-to-all and TP all-gather output, in expert
+    /// layout) and the combined-back rows (return all-to-all output).
+    Comm { gathered: BufId, ein: BufId, back: BufId },
+}
+
+struct MoeSaved {
+    dims: MoeDims,
+    x: BufId,
+    prm: MoeParams,
+    kept: Kept,
 }
 
 /// Build the DeepSpeed-TED plan for every rank.
@@ -90,7 +122,8 @@ fn moe_dims(spec: &ExperimentSpec, g: &Groups, rank: usize) -> MoeDims {
             let c = ((cf * (m.top_k * t * shards) as f64 / m.n_experts as f64).ceil() as usize).max(1);
             Some(c.min(t * ep))
         }
-        Capacity::Dropless => None,
+        // Sized at run time: the capacity depends on the step's loads.
+        Capacity::Dropless | Capacity::Bounded(_) => None,
     };
     let first = shard - shard % ep;
     MoeDims {
@@ -121,17 +154,19 @@ impl blocks::MoeSublayer for Sublayer<'_> {
         moe_forward(b, self.spec, self.groups, self.rank, self.place, layer, x)
     }
     fn backward(&mut self, b: &mut RankBuilder, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
-        moe_backward(b, self.spec, self.groups, self.place, layer, s, dout)
+        moe_backward(b, self.spec, self.groups, self.rank, self.place, layer, s, dout)
     }
 }
 
 fn build_rank(spec: &ExperimentSpec, groups: &Groups, rank: usize) -> RankPlan {
     let training = spec.run.mode == Mode::Training;
     let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
+    let opts = spec.ted.unwrap_or_default();
     let place = Place {
         tp: spec.layout.tp,
         ti: groups.tp_index(rank),
-        drop: spec.ted.unwrap_or_default().duplicate_dropping,
+        drop: opts.duplicate_dropping,
+        checkpoint: opts.checkpoint,
         tp_group: groups.tp_group(rank),
         ep_group: groups.ep_group(rank),
     };
@@ -241,98 +276,170 @@ fn from_experts(b: &mut RankBuilder, p: Place, dims: &MoeDims, layer: usize, inp
     }
 }
 
-fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank: usize, p: Place, layer: usize, x: BufId) -> (BufId, MoeSaved) {
-    let dims = moe_dims(spec, groups, rank);
-    let (t, m, k, f) = (dims.tokens, dims.d_model, dims.top_k, spec.model.d_ffn);
-    let ep = dims.ep_peers.len();
-    let el = dims.local_experts();
+/// A buffer whose size depends on routing when the layer is dropless.
+fn route_buf(b: &mut RankBuilder, dims: &MoeDims, name: String, elems: usize, cat: Mc) -> BufId {
+    if dims.rows_per_expert.is_none() { b.dyn_buf(name, elems, cat) } else { b.buf(name, elems, cat) }
+}
+
+/// Create the params of one MoE layer: the routing front, then this rank's expert slices.
+fn moe_params(b: &mut RankBuilder, spec: &ExperimentSpec, p: Place, layer: usize, dims: &MoeDims) -> MoeParams {
+    let (m, f) = (dims.d_model, spec.model.d_ffn);
     let fs = f / p.tp;
-    let routed = blocks::gate_and_route(b, spec, layer, x, &dims, groups.data_group(rank));
-    let (ln, wg, probs, idx, weights, gathered) = (routed.ln, routed.wg, routed.probs, routed.idx, routed.weights, routed.gathered);
-    let dropless = dims.rows_per_expert.is_none();
-    let rows = dims.rows_per_expert.unwrap_or(t * ep);
-    let route_buf = |b: &mut RankBuilder, name: String, elems: usize, cat: Mc| {
-        if dropless { b.dyn_buf(name, elems, cat) } else { b.buf(name, elems, cat) }
-    };
+    let gate = blocks::gate_params(b, layer, m, dims.n_experts);
+    let keep = (p.ti * fs, (p.ti + 1) * fs);
+    let w1 = sliced_param(b, layer, "w1", dims, m, f, keep, 1.0 / (m as f32).sqrt());
+    let b1 = sliced_param(b, layer, "b1", dims, 1, f, keep, 0.02);
+    let w2 = sliced_param(b, layer, "w2", dims, 1, f * m, (keep.0 * m, keep.1 * m), 1.0 / (f as f32).sqrt());
+    let b2 = (p.ti == 0).then(|| expert_param(b, layer, "b2", dims, m, 0.02));
+    MoeParams { gate, w1, b1, w2, b2 }
+}
+
+/// `dispatch`: capacity, then this rank's kept rows packed per expert-parallel peer;
+/// returns (send, send_counts, slots).
+fn dispatch(b: &mut RankBuilder, layer: usize, dims: &MoeDims, x: BufId, idx: BufId, gathered: BufId) -> (BufId, BufId, BufId) {
+    let (t, k, m, ep) = (dims.tokens, dims.top_k, dims.d_model, dims.ep_peers.len());
     let send = b.buf(format!("L{layer}.moe.send"), t * k * m, Mc::CommBuffers);
     let send_counts = b.index_buf(format!("L{layer}.moe.send_counts"), ep, Mc::CommBuffers);
     let slots = b.index_buf(format!("L{layer}.moe.slots"), t * k, Mc::Activations);
     b.op("dispatch", Stage::Permute, Pass::Forward,
-        OpKind::Dispatch { x: ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
-    let ein = route_buf(b, format!("L{layer}.expert.in"), el * rows * m, Mc::Activations);
-    to_experts(b, p, &dims, layer, send, send_counts, gathered, "dispatch", ein, Pass::Forward);
-    let keep = (p.ti * fs, (p.ti + 1) * fs);
-    let w1 = sliced_param(b, layer, "w1", &dims, m, f, keep, 1.0 / (m as f32).sqrt());
-    let b1 = sliced_param(b, layer, "b1", &dims, 1, f, keep, 0.02);
-    let w2 = sliced_param(b, layer, "w2", &dims, 1, f * m, (keep.0 * m, keep.1 * m), 1.0 / (f as f32).sqrt());
-    let b2 = (p.ti == 0).then(|| expert_param(b, layer, "b2", &dims, m, 0.02));
-    let h = route_buf(b, format!("L{layer}.expert.h"), el * rows * fs, Mc::Activations);
+        OpKind::Dispatch { x, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
+    (send, send_counts, slots)
+}
+
+/// fc1 (column-parallel slice) and the activation on the expert buffer `ein`; returns (h, a).
+fn expert_fc1(b: &mut RankBuilder, spec: &ExperimentSpec, p: Place, layer: usize, dims: &MoeDims, prm: MoeParams, ein: BufId)
+    -> (BufId, BufId) {
+    let (t, m, el, ep) = (dims.tokens, dims.d_model, dims.local_experts(), dims.ep_peers.len());
+    let fs = spec.model.d_ffn / p.tp;
+    let rows = dims.rows_per_expert.unwrap_or(t * ep);
+    let h = route_buf(b, dims, format!("L{layer}.expert.h"), el * rows * fs, Mc::Activations);
     b.op("expert_gemm1", Stage::ExpertGemm1, Pass::Forward,
-        OpKind::ExpertLinear { x: ein, w: w1, bias: b1, y: h, n_local: el, d_in: m, d_out: fs },
+        OpKind::ExpertLinear { x: ein, w: prm.w1, bias: prm.b1, y: h, n_local: el, d_in: m, d_out: fs },
         el as u64 * gemm_flops(rows, m, fs), 4 * (el * (rows * m + m * fs + rows * fs)) as u64);
-    let a = route_buf(b, format!("L{layer}.expert.act"), el * rows * fs, Mc::Activations);
+    let a = route_buf(b, dims, format!("L{layer}.expert.act"), el * rows * fs, Mc::Activations);
     b.op("expert_act", Stage::Act, Pass::Forward, OpKind::Act { h, a, act: spec.model.activation }, 8 * (el * rows * fs) as u64,
         8 * (el * rows * fs) as u64);
-    let y = route_buf(b, format!("L{layer}.expert.out"), el * rows * m, Mc::Temporaries);
+    (h, a)
+}
+
+/// The forward of one MoE layer up to the expert outputs back at their source rank
+/// (`back`, in dispatch layout): routing, dispatch, all-to-all, TP experts, all-to-all.
+#[allow(clippy::too_many_arguments)]
+fn moe_core(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank: usize, p: Place, layer: usize, x: BufId, dims: &MoeDims,
+    prm: MoeParams) -> Acts {
+    let (t, m, k) = (dims.tokens, dims.d_model, dims.top_k);
+    let (el, ep) = (dims.local_experts(), dims.ep_peers.len());
+    let fs = spec.model.d_ffn / p.tp;
+    let rows = dims.rows_per_expert.unwrap_or(t * ep);
+    let routed = blocks::route_with(b, spec, layer, x, dims, groups.data_group(rank), prm.gate, None);
+    let gathered = routed.gathered;
+    let (send, send_counts, slots) = dispatch(b, layer, dims, routed.ln.y, routed.idx, gathered);
+    let ein = route_buf(b, dims, format!("L{layer}.expert.in"), el * rows * m, Mc::Activations);
+    to_experts(b, p, dims, layer, send, send_counts, gathered, "dispatch", ein, Pass::Forward);
+    let (h, a) = expert_fc1(b, spec, p, layer, dims, prm, ein);
+    let y = route_buf(b, dims, format!("L{layer}.expert.out"), el * rows * m, Mc::Temporaries);
     b.op("expert_gemm2", Stage::ExpertGemm2, Pass::Forward,
-        OpKind::ExpertLinearPart { x: a, w: w2, bias: b2, y, n_local: el, d_in: fs, d_out: m },
+        OpKind::ExpertLinearPart { x: a, w: prm.w2, bias: prm.b2, y, n_local: el, d_in: fs, d_out: m },
         el as u64 * gemm_flops(rows, fs, m), 4 * (el * (rows * m + m * fs + rows * fs)) as u64);
     if p.tp > 1 {
         tp_allreduce(b, "expert_allreduce", Pass::Forward, p.tp_group, y);
     }
     let back = b.buf(format!("L{layer}.moe.back"), t * k * m, Mc::CommBuffers);
-    from_experts(b, p, &dims, layer, y, gathered, "back", back, Pass::Forward);
-    let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
-    b.op("combine", Stage::Combine, Pass::Forward,
-        OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
-    (out, MoeSaved { dims, ln, wg, probs, idx, weights, gathered, send_counts, slots, ein, h, a, back, w1, b1, w2, b2 })
+    from_experts(b, p, dims, layer, y, gathered, "back", back, Pass::Forward);
+    let (ln, probs, idx, weights) = (routed.ln, routed.probs, routed.idx, routed.weights);
+    Acts { ln, probs, idx, weights, gathered, send_counts, slots, ein, h, a, back }
 }
 
-fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, _groups: &Groups, p: Place, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
-    let d = &s.dims;
+fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank: usize, p: Place, layer: usize, x: BufId) -> (BufId, MoeSaved) {
+    let dims = moe_dims(spec, groups, rank);
+    let (t, m, k) = (dims.tokens, dims.d_model, dims.top_k);
+    let prm = moe_params(b, spec, p, layer, &dims);
+    let acts = moe_core(b, spec, groups, rank, p, layer, x, &dims, prm);
+    let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
+    b.op("combine", Stage::Combine, Pass::Forward,
+        OpKind::Combine { back: acts.back, slots: acts.slots, weights: acts.weights, residual: x, out, dims: dims.clone() },
+        2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
+    // What backward does not read is released after its last forward use.
+    let kept = match p.checkpoint {
+        Checkpoint::None => Kept::All(acts),
+        Checkpoint::Full => Kept::Input,
+        Checkpoint::CommAware => Kept::Comm { gathered: acts.gathered, ein: acts.ein, back: acts.back },
+    };
+    (out, MoeSaved { dims, x, prm, kept })
+}
+
+/// The activations of a checkpointed layer, recomputed at the start of its backward (ops in
+/// the backward pass, named `recompute.*`). `Full` re-runs [`moe_core`] with its all-to-alls
+/// and all-gathers; `Comm` recomputes routing, dispatch (for the slots and counts) and fc1 +
+/// activation on the kept expert input, with no communication.
+fn recompute(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank: usize, p: Place, layer: usize, s: &MoeSaved) -> Acts {
+    b.set_recompute(true);
+    let acts = match s.kept {
+        Kept::All(_) => unreachable!("a layer that kept its activations is not recomputed"),
+        Kept::Input => moe_core(b, spec, groups, rank, p, layer, s.x, &s.dims, s.prm),
+        Kept::Comm { gathered, ein, back } => {
+            let routed = blocks::route_with(b, spec, layer, s.x, &s.dims, groups.data_group(rank), s.prm.gate, Some(gathered));
+            let (_send, send_counts, slots) = dispatch(b, layer, &s.dims, routed.ln.y, routed.idx, gathered);
+            let (h, a) = expert_fc1(b, spec, p, layer, &s.dims, s.prm, ein);
+            let (ln, probs, idx, weights) = (routed.ln, routed.probs, routed.idx, routed.weights);
+            Acts { ln, probs, idx, weights, gathered, send_counts, slots, ein, h, a, back }
+        }
+    };
+    b.set_recompute(false);
+    acts
+}
+
+#[allow(clippy::too_many_arguments)]
+fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank: usize, p: Place, layer: usize, s: &MoeSaved,
+    dout: BufId) -> BufId {
+    let fresh;
+    let acts = match &s.kept {
+        Kept::All(acts) => acts,
+        _ => {
+            fresh = recompute(b, spec, groups, rank, p, layer, s);
+            &fresh
+        }
+    };
+    let (d, prm) = (&s.dims, s.prm);
     let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
     let ep = d.ep_peers.len();
     let el = d.local_experts();
     let fs = f / p.tp;
-    let dropless = d.rows_per_expert.is_none();
     let rows = d.rows_per_expert.unwrap_or(t * ep);
-    let route_buf = |b: &mut RankBuilder, name: String, elems: usize, cat: Mc| {
-        if dropless { b.dyn_buf(name, elems, cat) } else { b.buf(name, elems, cat) }
-    };
     let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::CommBuffers);
     let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
     b.op("combine_bwd", Stage::Combine, Pass::Backward,
-        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.weights, dback, dweights, dims: d.clone() },
+        OpKind::CombineBwd { dout, back: acts.back, slots: acts.slots, weights: acts.weights, dback, dweights, dims: d.clone() },
         4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
-    let dy = route_buf(b, format!("L{layer}.expert.dout"), el * rows * m, Mc::Temporaries);
-    to_experts(b, p, d, layer, dback, s.send_counts, s.gathered, "dback", dy, Pass::Backward);
-    let da = route_buf(b, format!("L{layer}.expert.dact"), el * rows * fs, Mc::Temporaries);
-    let (gw2, gb2) = (b.grad(s.w2), s.b2.map(|x| b.grad(x)));
+    let dy = route_buf(b, d, format!("L{layer}.expert.dout"), el * rows * m, Mc::Temporaries);
+    to_experts(b, p, d, layer, dback, acts.send_counts, acts.gathered, "dback", dy, Pass::Backward);
+    let da = route_buf(b, d, format!("L{layer}.expert.dact"), el * rows * fs, Mc::Temporaries);
+    let (gw2, gb2) = (b.grad(prm.w2), prm.b2.map(|x| b.grad(x)));
     b.op("expert_gemm2_bwd", Stage::ExpertGemm2, Pass::Backward,
-        OpKind::ExpertLinearPartBwd { x: s.a, w: s.w2, dy, dx: da, dw: gw2, dbias: gb2, n_local: el, d_in: fs, d_out: m },
+        OpKind::ExpertLinearPartBwd { x: acts.a, w: prm.w2, dy, dx: da, dw: gw2, dbias: gb2, n_local: el, d_in: fs, d_out: m },
         2 * el as u64 * gemm_flops(rows, fs, m), 8 * (el * (rows * m + m * fs + rows * fs)) as u64);
-    let dh = route_buf(b, format!("L{layer}.expert.dh"), el * rows * fs, Mc::Temporaries);
-    b.op("expert_act_bwd", Stage::Act, Pass::Backward, OpKind::ActBwd { h: s.h, da, dh, act: spec.model.activation },
+    let dh = route_buf(b, d, format!("L{layer}.expert.dh"), el * rows * fs, Mc::Temporaries);
+    b.op("expert_act_bwd", Stage::Act, Pass::Backward, OpKind::ActBwd { h: acts.h, da, dh, act: spec.model.activation },
         10 * (el * rows * fs) as u64, 12 * (el * rows * fs) as u64);
-    let dein = route_buf(b, format!("L{layer}.expert.din"), el * rows * m, Mc::Temporaries);
-    let (gw1, gb1) = (b.grad(s.w1), b.grad(s.b1));
+    let dein = route_buf(b, d, format!("L{layer}.expert.din"), el * rows * m, Mc::Temporaries);
+    let (gw1, gb1) = (b.grad(prm.w1), b.grad(prm.b1));
     b.op("expert_gemm1_bwd", Stage::ExpertGemm1, Pass::Backward,
-        OpKind::ExpertLinearBwd { x: s.ein, w: s.w1, dy: dh, dx: dein, dw: gw1, dbias: gb1, n_local: el, d_in: m, d_out: fs },
+        OpKind::ExpertLinearBwd { x: acts.ein, w: prm.w1, dy: dh, dx: dein, dw: gw1, dbias: gb1, n_local: el, d_in: m, d_out: fs },
         2 * el as u64 * gemm_flops(rows, m, fs), 8 * (el * (rows * m + m * fs + rows * fs)) as u64);
     // Column-parallel fc1: each TP rank's input gradient is a partial sum.
     if p.tp > 1 {
         tp_allreduce(b, "expert_allreduce_bwd", Pass::Backward, p.tp_group, dein);
     }
     let dsend = b.buf(format!("L{layer}.moe.dsend"), t * k * m, Mc::CommBuffers);
-    from_experts(b, p, d, layer, dein, s.gathered, "dsend", dsend, Pass::Backward);
+    from_experts(b, p, d, layer, dein, acts.gathered, "dsend", dsend, Pass::Backward);
     let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
-    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: s.slots, dx: dxm, dims: d.clone() },
+    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: acts.slots, dx: dxm, dims: d.clone() },
         (t * k * m) as u64, 8 * (t * k * m) as u64);
     let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
     b.op("route_bwd", Stage::Topk, Pass::Backward,
-        OpKind::RouteBwd { probs: s.probs, idx: s.idx, dweights, gathered: s.gathered, dlogits, dims: d.clone(),
+        OpKind::RouteBwd { probs: acts.probs, idx: acts.idx, dweights, gathered: acts.gathered, dlogits, dims: d.clone(),
             renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
         (t * e * 6) as u64, 4 * (3 * t * e) as u64);
-    blocks::linear_bwd(b, "gate", Stage::Gate, layer, s.ln.y, s.wg, None, dlogits, Some(dxm), t, m, e);
-    blocks::layernorm_bwd(b, "ln_moe", layer, &s.ln, dxm, dout, t, m)
+    blocks::linear_bwd(b, "gate", Stage::Gate, layer, acts.ln.y, prm.gate.wg, None, dlogits, Some(dxm), t, m, e);
+    blocks::layernorm_bwd(b, "ln_moe", layer, &acts.ln, dxm, dout, t, m)
 }

@@ -53,7 +53,8 @@ pub(super) fn moe_dims(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: u
             let c = ((cf * (m.top_k * t * world) as f64 / m.n_experts as f64).ceil() as usize).max(1);
             Some(c.min(t * ep))
         }
-        Capacity::Dropless => None,
+        // Sized at run time: the capacity depends on the step's loads.
+        Capacity::Dropless | Capacity::Bounded(_) => None,
     };
     MoeDims {
         tokens: t,

@@ -18,10 +18,16 @@
 //!   the same parameter layout data-parallel (`dp.rs`: all-gather the expert weights over the
 //!   expert-parallel group, all experts local, reduce-scatter the expert gradients).
 //!
+//! - Expert-parallel world above the experts (`layout.ep = E * s`, `sharded.rs`): each expert
+//!   is split over s members by hidden slices, one layout for every r in 1..=s (r | s): tokens
+//!   travel r times, groups of s / r members all-gather their slices, the r partial outputs
+//!   are summed after the return all-to-all; r = 0 all-gathers every slice (`dp.rs`).
+//!
 //! Parameters, names and init streams are top-k's, so every degree and algorithm computes
 //! exactly the single-rank top-k function and drops the same tokens.
 
 mod dp;
+mod sharded;
 
 use super::mpmoe::{build_with, Pipeline};
 use super::DataExpertGroups;
@@ -37,6 +43,9 @@ pub fn build(spec: &ExperimentSpec) -> Plan {
     let opts = spec.tutel.unwrap_or_default();
     if opts.r == 0 {
         return dp::build(spec);
+    }
+    if spec.layout.ep > spec.model.n_experts {
+        return sharded::build(spec, opts.r);
     }
     let (dp, ep) = (spec.layout.dp, spec.layout.ep);
     let mut groups = DataExpertGroups::new(dp, ep);

@@ -62,6 +62,7 @@ const MODES: &[&str] = &["training", "inference"];
 const ACTIVATIONS: &[&str] = &["gelu", "relu"];
 const DTYPES: &[&str] = &["f32", "bf16"];
 const REUSES: &[&str] = &["none", "recompute", "recomm", "reuse_buffers", "auto"];
+const CHECKPOINTS: &[&str] = &["none", "full", "comm_aware"];
 const A2AS: &[&str] = &["flat", "2d"];
 const DEGREES: &[&str] = &["1", "2", "4", "8", "auto"];
 const PARALLELISMS: &[&str] = &["fixed", "auto"];
@@ -83,7 +84,7 @@ pub static FIELDS: &[Field] = &[
     f("model.d_ffn", Kind::Double, "expert hidden size H (fc1 [M,H], fc2 [H,M])"),
     f("model.n_experts", Kind::Double, "experts E per MoE layer"),
     f("model.top_k", Kind::Step, "experts chosen per token"),
-    f("model.capacity_factor", Kind::OptAdd(0.25), "capacity ceil(cf*k*T/E) per expert; auto = 1.25"),
+    f("model.capacity_factor", Kind::OptAdd(0.25), "capacity ceil(cf*k*T/E) per expert; < 0: at most the real max load; auto = 1.25"),
     f("model.dropless", Kind::Bool, "no token dropped: capacity = the largest expert load"),
     f("model.renormalize", Kind::Bool, "renormalize the k gate probabilities to sum to one"),
     f("model.aux_loss_coef", Kind::Add(0.01), "weight of the load-balancing loss"),
@@ -106,11 +107,12 @@ pub static FIELDS: &[Field] = &[
     v("tutel", "tutel.degree", Kind::NumberOrAuto(DEGREES), "pipelining degree; auto times 1, 2, 4"),
     v("tutel", "tutel.a2a", Kind::Choice(A2AS), "all-to-all: flat or 2d hierarchical"),
     v("tutel", "tutel.gpus_per_node", Kind::Double, "ranks per node for the 2d all-to-all"),
-    v("tutel", "tutel.r", Kind::Step, "1 = expert parallel, 0 = data parallel experts"),
+    v("tutel", "tutel.r", Kind::Step, "1 = expert parallel, 0 = data parallel; ep > E: copies of each token (r | ep/E)"),
     v("tutel", "tutel.parallelism", Kind::Choice(PARALLELISMS), "fixed uses r; auto times r = 0 and 1"),
     v("ted", "ted.duplicate_dropping", Kind::Bool, "TP ranks send only their 1/tp slice"),
     v("ppmoe", "ppmoe.micro_batches", Kind::OptStep, "micro-batches per step (divides batch); auto = enough for pp"),
     v("ppmoe", "ppmoe.schedule", Kind::Choice(SCHEDULES), "pipeline order: 1f1b (less memory) or gpipe"),
+    v("ted", "ted.checkpoint", Kind::Choice(CHECKPOINTS), "MoE activation checkpointing: none, full, comm_aware"),
     f("run.backend", Kind::Choice(BACKENDS), "executor: auto (cuda if a GPU is visible, else cpu)"),
     f("run.steps", Kind::Step, "measured steps"),
     f("run.warmup", Kind::Step, "unmeasured steps before them"),

@@ -4,6 +4,12 @@
 //! its own tokens to all E experts locally (top-k's capacity, decided over the global batch,
 //! so the same tokens drop), and in backward reduce-scatters the expert gradients back to
 //! the ranks that own them. No all-to-all; the gathers and reduce-scatters replace it.
+//!
+//! With experts split over s = ep / E ranks (`sharded.rs`'s layout: hidden slices plus a b2
+//! replica per member), the gathered fc1 slices are put side by side per expert
+//! ([`OpKind::SwapAxes`]), one b2 replica per expert is kept ([`OpKind::TakeBlock`]), and in
+//! backward the b2 gradient is all-reduced over the group before each member takes its
+//! expert's row.
 
 use crate::math::linalg::gemm_flops;
 use crate::plan::builders::blocks::{self, LnSaved};
@@ -69,6 +75,13 @@ fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> 
     b.finish()
 }
 
+/// Ranks each expert is split over (`ep / n_experts` when the expert-parallel group is larger
+/// than the experts, else 1).
+fn split(spec: &ExperimentSpec) -> usize {
+    let (ep, e) = (spec.layout.ep, spec.model.n_experts);
+    if ep > e { ep / e } else { 1 }
+}
+
 /// Rows per expert and a buffer maker (routing-dependent sizes when dropless).
 fn rows(d: &MoeDims) -> usize {
     d.rows_per_expert.unwrap_or(d.tokens)
@@ -97,16 +110,44 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
         0, 8 * (e * r * m) as u64);
     let ep_group = groups.ep_group(rank);
     let mut params = [(BufId(0), BufId(0)); 4];
-    for (i, (tag, per, std)) in [("w1", m * f, 1.0 / (m as f32).sqrt()), ("b1", f, 0.02), ("w2", f * m, 1.0 / (f as f32).sqrt()), ("b2", m, 0.02)]
-        .into_iter()
-        .enumerate()
-    {
-        let local = expert_param(b, layer, tag, &ep_dims, per, std);
+    let s = split(spec);
+    let own = if s > 1 {
+        super::sharded::slice_params(b, layer, rank % ep / s, rank % s, s, m, f)
+    } else {
+        let mut own = [BufId(0); 4];
+        for (i, (tag, per, std)) in [("w1", m * f, 1.0 / (m as f32).sqrt()), ("b1", f, 0.02), ("w2", f * m, 1.0 / (f as f32).sqrt()), ("b2", m, 0.02)]
+            .into_iter()
+            .enumerate()
+        {
+            own[i] = expert_param(b, layer, tag, &ep_dims, per, std);
+        }
+        own
+    };
+    for (i, (tag, per)) in [("w1", m * f), ("b1", f), ("w2", f * m), ("b2", m)].into_iter().enumerate() {
+        let local = own[i];
         let full = if ep > 1 {
-            let full = b.buf(format!("L{layer}.expert.{tag}_full"), e * per, Mc::CommBuffers);
+            // Whole experts: E * per gathered; split ones: every member's slice, E * per as well
+            // (fc1 with the slices member-major), except b2: s replicas per expert.
+            let gathered = if s > 1 && tag == "b2" { e * s * per } else { e * per };
+            let name = if s > 1 && (tag == "w1" || tag == "b2") { format!("L{layer}.expert.{tag}_slices") } else { format!("L{layer}.expert.{tag}_full") };
+            let g = b.buf(name, gathered, Mc::CommBuffers);
             let bytes = b.bytes_of(local);
-            b.op(format!("expert_allgather_{tag}"), Stage::AllGather, Pass::Forward, OpKind::AllGather { group: ep_group, send: local, recv: full }, 0, bytes);
-            full
+            b.op(format!("expert_allgather_{tag}"), Stage::AllGather, Pass::Forward, OpKind::AllGather { group: ep_group, send: local, recv: g }, 0, bytes);
+            match tag {
+                "w1" if s > 1 => {
+                    let full = b.buf(format!("L{layer}.expert.w1_full"), e * per, Mc::CommBuffers);
+                    b.op("expert_w1_columns", Stage::Permute, Pass::Forward, OpKind::SwapAxes { src: g, dst: full, shape: (e, s, m, f / s) }, 0,
+                        8 * (e * per) as u64);
+                    full
+                }
+                "b2" if s > 1 => {
+                    let full = b.buf(format!("L{layer}.expert.b2_full"), e * per, Mc::CommBuffers);
+                    b.op("expert_b2_replica", Stage::Permute, Pass::Forward, OpKind::TakeBlock { src: g, dst: full, shape: (e, s, m), index: 0 }, 0,
+                        8 * (e * per) as u64);
+                    full
+                }
+                _ => g,
+            }
         } else {
             local
         };
@@ -173,12 +214,32 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertG
     b.op("expert_gemm1_bwd", Stage::ExpertGemm1, Pass::Backward,
         OpKind::ExpertLinearBwd { x: s.ein, w: w1, dy: dh, dx: dein, dw: gw1, dbias: gb1, n_local: e, d_in: m, d_out: f },
         2 * e as u64 * gemm_flops(r, m, f), 8 * (e * (r * m + m * f + r * f)) as u64);
+    let split_n = split(spec);
     if ep > 1 {
         let group: GroupId = groups.ep_group(rank);
-        for (tag, full, local) in [("w1", gw1, lw1), ("b1", gb1, lb1), ("w2", gw2, lw2), ("b2", gb2, lb2)] {
+        // Split experts: fc1's gradient back to member-major slices; b2's is all-reduced and
+        // each member keeps its expert's row (its replica).
+        let gw1 = if split_n > 1 {
+            let slices = b.buf(format!("L{layer}.expert.w1_slices.grad"), e * m * f, Mc::Grads);
+            b.op("expert_w1_columns_bwd", Stage::Permute, Pass::Backward, OpKind::SwapAxes { src: gw1, dst: slices, shape: (e, m, split_n, f / split_n) }, 0,
+                8 * (e * m * f) as u64);
+            slices
+        } else {
+            gw1
+        };
+        let scattered: &[(&str, BufId, BufId)] =
+            if split_n > 1 { &[("w1", gw1, lw1), ("b1", gb1, lb1), ("w2", gw2, lw2)] } else { &[("w1", gw1, lw1), ("b1", gb1, lb1), ("w2", gw2, lw2), ("b2", gb2, lb2)] };
+        for &(tag, full, local) in scattered {
             let recv = b.grad(local);
             let bytes = b.bytes_of(full);
             b.op(format!("expert_reduce_scatter_{tag}"), Stage::ReduceScatter, Pass::Backward, OpKind::ReduceScatter { group, send: full, recv }, 0, bytes);
+        }
+        if split_n > 1 {
+            let bytes = b.bytes_of(gb2);
+            b.op("expert_allreduce_b2", Stage::AllReduce, Pass::Backward, OpKind::AllReduce { group, bufs: vec![gb2] }, 0, bytes);
+            let own = b.grad(lb2);
+            b.op("expert_b2_replica_bwd", Stage::Permute, Pass::Backward,
+                OpKind::TakeBlock { src: gb2, dst: own, shape: (1, e, m), index: rank % ep / split_n }, 0, 8 * m as u64);
         }
     }
     let dsend = b.buf(format!("L{layer}.moe.dsend"), t * k * m, Mc::CommBuffers);
