@@ -38,24 +38,22 @@ impl Analysis {
     /// Overlapped over communication time summed over ranks: the share of comm hidden by
     /// compute, 0.0 when no rank communicates.
     pub fn overall_overlap(&self) -> f64 {
-        let comm: u64 = self.overlap.iter().map(|r| r.comm_ns).sum();
-        let over: u64 = self.overlap.iter().map(|r| r.overlapped_ns).sum();
-        if comm == 0 {
-            0.0
-        } else {
-            over as f64 / comm as f64
-        }
+        self.summed_ratio(|r| (r.overlapped_ns, r.comm_ns))
     }
 
     /// Share of all-to-all time hidden by compute, summed over ranks (the figure MoE overlap
     /// schedules are judged by); 0.0 when no rank runs an all-to-all.
     pub fn a2a_overlap(&self) -> f64 {
-        let a2a: u64 = self.overlap.iter().map(|r| r.a2a_ns).sum();
-        let over: u64 = self.overlap.iter().map(|r| r.a2a_overlapped_ns).sum();
-        if a2a == 0 {
+        self.summed_ratio(|r| (r.a2a_overlapped_ns, r.a2a_ns))
+    }
+
+    /// Sum over ranks of a (part, whole) pair, as part / whole; 0.0 for an empty whole.
+    fn summed_ratio(&self, f: impl Fn(&RankOverlap) -> (u64, u64)) -> f64 {
+        let (part, whole) = self.overlap.iter().map(f).fold((0u64, 0u64), |(p, w), (a, b)| (p + a, w + b));
+        if whole == 0 {
             0.0
         } else {
-            over as f64 / a2a as f64
+            part as f64 / whole as f64
         }
     }
 
