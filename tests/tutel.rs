@@ -208,13 +208,28 @@ fn auto_parallelism_times_both_layouts_of_one_parameter_layout_and_says_why() {
     assert!(r0.comm_bytes > 0 && r1.comm_bytes > 0 && r0.comm_bytes != r1.comm_bytes);
     assert!(auto.reason.contains("fastest of 4") && auto.reason.contains("runner-up") && auto.reason.contains("KB"), "{}", auto.reason);
     let log = std::fs::read_to_string(out.dir.join("run.log")).unwrap();
-    assert!(log.contains(&format!("chose r={} degree {}", auto.chosen_r, auto.chosen)), "{log}");
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["tutel_auto_degree"]["chosen_r"], auto.chosen_r);
-    // The measured step ran the chosen layout: all-to-alls for r = 1, weight all-gathers for r = 0.
-    let a2a = out.trace.ops.iter().filter(|o| o.stage == Stage::AllToAll).count();
-    let rs = out.trace.ops.iter().filter(|o| o.stage == Stage::ReduceScatter).count();
-    assert_eq!((a2a > 0, rs > 0), (auto.chosen_r == 1, auto.chosen_r == 0));
+    // Every candidate's per-layer MoE times come from its trace.
+    assert!(auto.candidates.iter().all(|c| c.layer_s.len() == 2 && c.layer_s.iter().all(|t| *t > 0.0)));
+    // Per layer, the fastest candidate for that layer's MoE sublayer; one choice when they agree.
+    let fastest: Vec<(usize, usize)> = (0..2)
+        .map(|l| auto.candidates.iter().min_by(|a, b| a.layer_s[l].total_cmp(&b.layer_s[l])).map(|c| (c.r, c.degree)).unwrap())
+        .collect();
+    // The measured step ran each layer's choice: all-to-alls for r = 1, weight all-gathers for r = 0.
+    let chosen: Vec<(usize, usize)> = if fastest[0] != fastest[1] {
+        assert_eq!(auto.per_layer.iter().map(|c| (c.r, c.degree)).collect::<Vec<_>>(), fastest);
+        assert!(log.contains("chose per layer") && auto.reason.contains("L0: r="), "{log}");
+        fastest
+    } else {
+        assert!(auto.per_layer.is_empty());
+        assert!(log.contains(&format!("chose r={} degree {}", auto.chosen_r, auto.chosen)), "{log}");
+        vec![(auto.chosen_r, auto.chosen); 2]
+    };
+    for (l, (r, _)) in chosen.iter().enumerate() {
+        let of = |st: Stage| out.trace.ops.iter().filter(|o| o.stage == st && o.layer == Some(l as u32)).count();
+        assert_eq!((of(Stage::AllToAll) > 0, of(Stage::ReduceScatter) > 0), (*r == 1, *r == 0), "layer {l}");
+    }
     // Whichever it chose, it computes the single-rank top-k function.
     let single = runtime(&topk_spec("tokens_per_rank = 32\nseq_len = 8\nn_layers = 2\ncapacity_factor = 1.0", ""), &[], false)
         .step(false, Some(0))
@@ -232,7 +247,7 @@ fn parallelism_values_round_trip_and_unknown_ones_name_the_choices() {
     let s = from_toml_str(SPEC).unwrap();
     assert_eq!(s.tutel.unwrap().parallelism, ParallelismChoice::Fixed);
     let s = from_toml_str(&format!("{SPEC}[tutel]\nparallelism = \"auto\"\n")).unwrap();
-    assert_eq!(s.tutel.unwrap().parallelism, ParallelismChoice::Auto);
+    assert_eq!(s.tutel.as_ref().unwrap().parallelism, ParallelismChoice::Auto);
     assert_eq!(from_toml_str(&s.to_toml()).unwrap(), s, "round trip");
     let e = from_toml_str(&format!("{SPEC}[tutel]\nparallelism = \"best\"\n")).unwrap_err().to_string();
     assert!(e.contains("fixed") && e.contains("auto"), "{e}");
@@ -628,4 +643,43 @@ fn split_experts_run_on_the_sim_and_are_refused_on_cuda() {
     }
     let e = from_toml_str(&text("cuda", 2)).expect_err("cuda refuses split experts");
     assert!(e.problems().iter().any(|p| p.field == "layout.ep" && p.message.contains("cpu and sim backends only")), "{e}");
+}
+
+#[test]
+fn per_layer_choices_match_single_rank_topk_and_show_in_the_trace() {
+    let mixed = "layers = [{ r = 0, degree = 1 }, { r = 1, degree = 2 }]";
+    let other = "layers = [{ r = 1, degree = 4 }, { r = 0, degree = 1 }]";
+    for (dp, ep) in [(1, 2), (2, 2), (1, 4)] {
+        check_against_topk("capacity_factor = 1.0", dp, ep, mixed);
+        check_against_topk("dropless = true", dp, ep, other);
+    }
+    // Layer 0 gathers weights (no all-to-all), layer 1 sends tokens in 2 chunks.
+    let s = tutel_spec("tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\ncapacity_factor = 1.0", "ep = 2", mixed, "");
+    let plan = Plan::build(&s).unwrap();
+    let ops = &plan.ranks[0].ops;
+    let count = |l: u32, st: Stage| ops.iter().filter(|o| o.layer == Some(l) && o.stage == st).count();
+    assert_eq!((count(0, Stage::AllToAll), count(0, Stage::ReduceScatter) > 0), (0, true));
+    assert_eq!((count(1, Stage::AllToAll), count(1, Stage::ReduceScatter)), (8, 0), "2 chunks x (dispatch + combine) x (fwd + bwd)");
+    // One parameter layout: the same parameters as a uniform plan.
+    let uniform = Plan::build(&tutel_spec("tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\ncapacity_factor = 1.0", "ep = 2", "degree = 1", "")).unwrap();
+    let params = |p: &Plan| p.ranks[0].params.iter().map(|q| (p.ranks[0].buffer(q.value).name.clone(), p.ranks[0].buffer(q.value).elems)).collect::<Vec<_>>();
+    assert_eq!(params(&plan), params(&uniform));
+    // Round trip through TOML keeps the choices.
+    assert_eq!(from_toml_str(&s.to_toml()).unwrap(), s);
+}
+
+#[test]
+fn bad_per_layer_choices_name_the_field() {
+    let base = "name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 8\ntokens_per_rank = 16\nn_layers = 2\n[layout]\nep = 2\n[tutel]\n";
+    let cases = [
+        ("layers = [{ r = 1, degree = 2 }]", "tutel.layers", "n_layers=2"),
+        ("layers = [{ r = 2, degree = 1 }, { r = 1, degree = 1 }]", "tutel.layers[0].r", "only 0 and 1"),
+        ("layers = [{ r = 0, degree = 2 }, { r = 1, degree = 1 }]", "tutel.layers[0].degree", "no all-to-all to pipeline"),
+        ("layers = [{ r = 1, degree = 0 }, { r = 1, degree = 1 }]", "tutel.layers[0].degree", "outside"),
+        ("parallelism = \"auto\"\nlayers = [{ r = 1, degree = 1 }, { r = 0, degree = 1 }]", "tutel.layers", "exclude each other"),
+    ];
+    for (table, field, needle) in cases {
+        let (ps, text) = problems(&format!("{base}{table}\n"));
+        assert!(ps.iter().any(|p| p.field == field && text.contains(needle)), "{table}: {text}");
+    }
 }

@@ -113,6 +113,9 @@ pub struct AutoDegree {
     pub chosen_r: usize,
     /// Every timed candidate, in the order tried.
     pub candidates: Vec<TutelCandidate>,
+    /// The per-layer choice when the layers' fastest candidates differ (the measured steps
+    /// then run `[tutel] layers`); empty when one choice serves every layer.
+    pub per_layer: Vec<crate::spec::TutelLayer>,
     /// Steps timed per candidate (after one untimed step).
     pub timed_steps: usize,
     /// Why: the choice, its time and the runner-up's.
@@ -120,7 +123,7 @@ pub struct AutoDegree {
 }
 
 /// One timed Tutel configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TutelCandidate {
     /// Parallelism r (1: expert parallel, 0: data parallel over the same parameter layout).
     pub r: usize,
@@ -131,6 +134,34 @@ pub struct TutelCandidate {
     /// Bytes rank 0's collectives move per step, from the plan (all-to-alls for r = 1,
     /// weight all-gathers and gradient reduce-scatters for r = 0, plus what both share).
     pub comm_bytes: u64,
+    /// Seconds per step of each layer's MoE sublayer (forward span + backward span of its
+    /// routing, layout, expert and communication ops, on the slowest rank), from the trace.
+    pub layer_s: Vec<f64>,
+}
+
+/// Per layer, the mean seconds per step of its MoE sublayer in `trace` (see
+/// [`TutelCandidate::layer_s`]).
+fn moe_layer_seconds(trace: &crate::trace::Trace, n_layers: usize) -> Vec<f64> {
+    use crate::taxonomy::Stage::*;
+    use std::collections::BTreeMap;
+    let moe = |s: crate::taxonomy::Stage| matches!(s, Gate | Topk | Permute | ExpertGemm1 | Act | ExpertGemm2 | Combine | AllToAll | AllGather | ReduceScatter);
+    // (layer, rank, step, pass) -> (first start, last end)
+    let mut spans: BTreeMap<(u32, u32, u32, crate::taxonomy::Pass), (u64, u64)> = BTreeMap::new();
+    for o in trace.ops.iter().filter(|o| moe(o.stage)) {
+        let Some(layer) = o.layer else { continue };
+        let e = spans.entry((layer, o.rank, o.step, o.pass)).or_insert((o.start_ns, o.end_ns));
+        e.0 = e.0.min(o.start_ns);
+        e.1 = e.1.max(o.end_ns);
+    }
+    let mut per: BTreeMap<(u32, u32), (u64, std::collections::BTreeSet<u32>)> = BTreeMap::new();
+    for ((layer, rank, step, _), (a, b)) in spans {
+        let e = per.entry((layer, rank)).or_default();
+        e.0 += b - a;
+        e.1.insert(step);
+    }
+    (0..n_layers as u32)
+        .map(|l| per.range((l, 0)..=(l, u32::MAX)).map(|(_, (ns, steps))| *ns as f64 * 1e-9 / steps.len().max(1) as f64).fold(0.0, f64::max))
+        .collect()
 }
 
 /// Steps each `degree = "auto"` candidate is timed for (after one untimed step).
@@ -146,6 +177,7 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
     use crate::spec::{Degree, ParallelismChoice, TutelSpec, Variant};
     let Some(opts) = spec
         .tutel
+        .clone()
         .filter(|o| spec.variant == Variant::Tutel && (o.degree == Degree::Auto || o.parallelism == ParallelismChoice::Auto))
     else {
         return Ok(None);
@@ -166,9 +198,10 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
         rs.iter().flat_map(|&r| if r == 0 { vec![(0, 1)] } else { degrees.iter().map(|&d| (r, d)).collect() }).collect();
     let with = |r: usize, d: usize| {
         let mut s = spec.clone();
-        s.tutel = Some(TutelSpec { degree: Degree::Fixed(d), r, parallelism: ParallelismChoice::Fixed, ..opts });
+        s.tutel = Some(TutelSpec { degree: Degree::Fixed(d), r, parallelism: ParallelismChoice::Fixed, layers: Vec::new(), ..opts.clone() });
         s
     };
+    let n_layers = spec.model.n_layers;
     let mut candidates = Vec::new();
     for (r, d) in configs {
         let plan = Plan::build(&with(r, d)).expect("a validated tutel spec plans for every candidate");
@@ -178,18 +211,19 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
         rt.step(false, Some(0))?;
         let mut total = 0.0;
         for i in 0..AUTO_DEGREE_TIMED_STEPS {
-            total += rt.step(false, Some(1 + i as u64))?.wall_s;
+            total += rt.step(true, Some(1 + i as u64))?.wall_s;
         }
         let mean_s = total / AUTO_DEGREE_TIMED_STEPS as f64;
+        let layer_s = moe_layer_seconds(&rt.trace(), n_layers);
         log.line(&format!(
             "tutel auto: r={r} degree {d}: {:.3} ms per step ({AUTO_DEGREE_TIMED_STEPS} timed steps), {:.1} KB of collectives per step on rank 0",
             mean_s * 1e3, comm_bytes as f64 / 1e3
         ));
-        candidates.push(TutelCandidate { r, degree: d, mean_s, comm_bytes });
+        candidates.push(TutelCandidate { r, degree: d, mean_s, comm_bytes, layer_s });
     }
     let mut ranked = candidates.clone();
     ranked.sort_by(|a, b| a.mean_s.total_cmp(&b.mean_s));
-    let best = ranked[0];
+    let best = ranked[0].clone();
     let mut reason = format!(
         "r={} degree {}: {:.3} ms per step, the fastest of {} timed candidates",
         best.r, best.degree, best.mean_s * 1e3, ranked.len()
@@ -206,9 +240,34 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
             best.r, best.comm_bytes as f64 / 1e3, other.r, other.comm_bytes as f64 / 1e3
         ));
     }
-    log.line(&format!("tutel auto: chose r={} degree {}: {reason}", best.r, best.degree));
-    let auto = AutoDegree { chosen: best.degree, chosen_r: best.r, candidates, timed_steps: AUTO_DEGREE_TIMED_STEPS, reason };
-    Ok(Some((with(best.r, best.degree), auto)))
+    // Per layer: the candidate under which that layer's MoE sublayer was fastest (the same
+    // parameter layout for every candidate, so layers may differ). Split experts (ep above
+    // n_experts) keep one choice for the whole model.
+    let per_layer: Vec<crate::spec::TutelLayer> = if spec.layout.ep <= spec.model.n_experts && n_layers > 1 {
+        (0..n_layers)
+            .map(|l| {
+                let c = candidates.iter().min_by(|a, b| a.layer_s[l].total_cmp(&b.layer_s[l])).expect("at least one candidate");
+                crate::spec::TutelLayer { r: c.r, degree: c.degree }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mixed = per_layer.windows(2).any(|w| w[0] != w[1]);
+    let mut chosen = with(best.r, best.degree);
+    if mixed {
+        let desc: Vec<String> = per_layer.iter().enumerate().map(|(l, c)| format!("L{l}: r={} degree {}", c.r, c.degree)).collect();
+        reason.push_str(&format!("; per layer the fastest MoE sublayer differs, so each layer runs its own: {}", desc.join(", ")));
+        if let Some(t) = chosen.tutel.as_mut() {
+            t.layers = per_layer.clone();
+        }
+        log.line(&format!("tutel auto: chose per layer ({}): {reason}", desc.join(", ")));
+    } else {
+        log.line(&format!("tutel auto: chose r={} degree {}: {reason}", best.r, best.degree));
+    }
+    let per_layer = if mixed { per_layer } else { Vec::new() };
+    let auto = AutoDegree { chosen: best.degree, chosen_r: best.r, candidates, per_layer, timed_steps: AUTO_DEGREE_TIMED_STEPS, reason };
+    Ok(Some((chosen, auto)))
 }
 
 #[derive(Serialize)]

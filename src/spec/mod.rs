@@ -274,8 +274,18 @@ fn yes() -> bool {
     true
 }
 
+/// One MoE layer's Tutel execution when the choice is made per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TutelLayer {
+    /// Parallelism of this layer (0: data parallel, 1: expert parallel).
+    pub r: usize,
+    /// Pipelining degree of this layer (1 when r = 0).
+    pub degree: usize,
+}
+
 /// Tutel options: the pipelining degree and the all-to-all algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TutelSpec {
     /// Pipelining degree d: the kept rows of every (source rank, expert) block are split into
@@ -299,6 +309,12 @@ pub struct TutelSpec {
     /// and r = 0 (degree 1) on the real backend before the measured steps and keeps the fastest.
     #[serde(default)]
     pub parallelism: ParallelismChoice,
+    /// One choice per MoE layer, in layer order: each layer runs with its own r and degree
+    /// over the one parameter layout (switching moves no tensors). Empty: every layer uses `r`
+    /// and `degree`. `parallelism = "auto"` fills it: every candidate is timed and each layer
+    /// takes the one under which its own MoE sublayer was fastest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<TutelLayer>,
 }
 
 /// How Tutel's parallelism r is chosen.
@@ -331,6 +347,7 @@ impl Default for TutelSpec {
             gpus_per_node: default_gpus_per_node(),
             r: default_r(),
             parallelism: ParallelismChoice::default(),
+            layers: Vec::new(),
         }
     }
 }

@@ -457,6 +457,7 @@ fn check_tutel(c: &mut Checker, spec: &mut ExperimentSpec) {
     }
     let n_experts = spec.model.n_experts;
     let s = if n_experts > 0 && ep > n_experts && ep.is_multiple_of(n_experts) { ep / n_experts } else { 1 };
+    check_tutel_layers(c, opts, spec.model.n_layers, s, tokens, bound);
     if s > 1 {
         check_tutel_sharded(c, opts, s, spec.model.d_ffn, ep, n_experts);
     } else if opts.r > 1 {
@@ -475,6 +476,41 @@ fn check_tutel(c: &mut Checker, spec: &mut ExperimentSpec) {
             c.fail("tutel.gpus_per_node",
                 format!("gpus_per_node={g} does not divide layout.ep={ep}: the 2D all-to-all needs whole nodes in every expert-parallel group"),
                 format!("choose gpus_per_node from {{{}}}, or set a2a = \"flat\"", divisors(ep)));
+        }
+    }
+}
+
+/// Per-layer choices (`tutel.layers`): one `{ r, degree }` per MoE layer, r in {0, 1} (every
+/// expert on one rank), degree in 1..=bound and 1 when r = 0; not combined with `"auto"`.
+fn check_tutel_layers(c: &mut Checker, opts: &super::TutelSpec, n_layers: usize, s: usize, tokens: Option<usize>, bound: usize) {
+    use super::{Degree, ParallelismChoice};
+    if opts.layers.is_empty() {
+        return;
+    }
+    if opts.layers.len() != n_layers {
+        c.fail("tutel.layers", format!("has {} entries but model.n_layers={n_layers}", opts.layers.len()),
+            "give one { r, degree } per MoE layer, in layer order, or remove tutel.layers");
+    }
+    if opts.degree == Degree::Auto || opts.parallelism == ParallelismChoice::Auto {
+        c.fail("tutel.layers", "fixed per-layer choices and degree/parallelism = \"auto\" exclude each other".into(),
+            "remove tutel.layers to let \"auto\" choose per layer, or set degree and parallelism to fixed values");
+    }
+    if s > 1 {
+        c.fail("tutel.layers", format!("per-layer choices need every expert on one rank, but experts are split over s = {s} ranks"),
+            "remove tutel.layers, or set layout.ep <= model.n_experts");
+        return;
+    }
+    for (i, l) in opts.layers.iter().enumerate() {
+        if l.r > 1 {
+            c.fail(&format!("tutel.layers[{i}].r"), format!("r={} is not available with every expert on one rank (only 0 and 1)", l.r),
+                "set r = 1 (expert parallel) or r = 0 (data parallel)");
+        }
+        if l.degree == 0 || l.degree > bound || tokens.is_some_and(|t| l.degree > t) {
+            c.fail(&format!("tutel.layers[{i}].degree"), format!("degree={} is outside 1..={bound}", l.degree),
+                format!("set degree between 1 and {bound}"));
+        } else if l.r == 0 && l.degree != 1 {
+            c.fail(&format!("tutel.layers[{i}].degree"), format!("r=0 has no all-to-all to pipeline (degree={})", l.degree),
+                "set degree = 1 for an r = 0 layer");
         }
     }
 }

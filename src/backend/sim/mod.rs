@@ -66,7 +66,7 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
         }
     };
     let world = spec.world();
-    let tutel_nodes = spec.tutel.filter(|t| t.a2a == crate::spec::A2aKind::TwoD).map(|t| t.gpus_per_node);
+    let tutel_nodes = spec.tutel.as_ref().filter(|t| t.a2a == crate::spec::A2aKind::TwoD).map(|t| t.gpus_per_node);
     let gpn = match r.gpus_per_node.or(tutel_nodes) {
         Some(0) => {
             fail("run.gpus_per_node", "gpus_per_node=0 must be at least 1".into(),

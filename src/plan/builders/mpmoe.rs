@@ -37,7 +37,8 @@ struct ChunkSaved {
 }
 
 /// Everything the pipelined MoE sublayer's backward needs from its forward.
-struct MoeSaved {
+/// What an MPMoE (or Tutel r = 1) MoE sublayer's backward needs from its forward.
+pub(super) struct MoeSaved {
     dims: MoeDims,
     ln: LnSaved,
     wg: BufId,
@@ -284,7 +285,8 @@ fn fc1_act(b: &mut RankBuilder, spec: &ExperimentSpec, c: &Chunking, layer: usiz
     (h, a)
 }
 
-fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, x: BufId,
+/// The pipelined MoE sublayer forward of `layer` on rank `rank` (also Tutel's r = 1 layers).
+pub(super) fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, x: BufId,
     opts: Pipeline) -> (BufId, MoeSaved) {
     let dims = moe_dims(spec, groups, rank);
     let (t, m, k, f) = (dims.tokens, dims.d_model, dims.top_k, spec.model.d_ffn);
@@ -353,7 +355,8 @@ struct BwdIn {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, s: &MoeSaved, dout: BufId,
+/// Its backward.
+pub(super) fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, s: &MoeSaved, dout: BufId,
     opts: Pipeline) -> BufId {
     let d = &s.dims;
     let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);

@@ -18,6 +18,10 @@
 //!   the same parameter layout data-parallel (`dp.rs`: all-gather the expert weights over the
 //!   expert-parallel group, all experts local, reduce-scatter the expert gradients).
 //!
+//! - Per layer (`layers = [{ r, degree }, ...]`, `per_layer.rs`): each MoE layer runs its own
+//!   r and degree over the same parameter layout; `parallelism = "auto"` picks them per layer
+//!   from the timed candidates.
+//!
 //! - Expert-parallel world above the experts (`layout.ep = E * s`, `sharded.rs`): each expert
 //!   is split over s members by hidden slices, one layout for every r in 1..=s (r | s): tokens
 //!   travel r times, groups of s / r members all-gather their slices, the r partial outputs
@@ -27,6 +31,7 @@
 //! exactly the single-rank top-k function and drops the same tokens.
 
 mod dp;
+mod per_layer;
 mod sharded;
 
 use super::mpmoe::{build_with, Pipeline};
@@ -40,7 +45,17 @@ pub const AUTO_PLAN_DEGREE: usize = 2;
 
 /// Build the Tutel plan for every rank.
 pub fn build(spec: &ExperimentSpec) -> Plan {
-    let opts = spec.tutel.unwrap_or_default();
+    let opts = spec.tutel.clone().unwrap_or_default();
+    if !opts.layers.is_empty() {
+        let (dp, ep) = (spec.layout.dp, spec.layout.ep);
+        let mut groups = DataExpertGroups::new(dp, ep);
+        let gpn = opts.gpus_per_node;
+        let two_d = opts.a2a == A2aKind::TwoD && gpn > 1 && gpn < ep && ep.is_multiple_of(gpn);
+        if two_d {
+            add_2d_groups(&mut groups, dp, ep, gpn);
+        }
+        return per_layer::build(spec, &groups, &opts.layers, two_d.then_some(gpn));
+    }
     if opts.r == 0 {
         return dp::build(spec);
     }

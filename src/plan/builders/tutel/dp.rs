@@ -21,7 +21,7 @@ use crate::spec::{ExperimentSpec, Mode};
 use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 
 /// What the data-parallel MoE sublayer's backward needs from its forward.
-struct MoeSaved {
+pub(super) struct MoeSaved {
     dims: MoeDims,
     ln: LnSaved,
     wg: BufId,
@@ -91,7 +91,8 @@ fn route_buf(b: &mut RankBuilder, d: &MoeDims, name: String, elems: usize, cat: 
     if d.rows_per_expert.is_none() { b.dyn_buf(name, elems, cat) } else { b.buf(name, elems, cat) }
 }
 
-fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, x: BufId) -> (BufId, MoeSaved) {
+/// The data-parallel (r = 0) MoE sublayer forward of `layer` on rank `rank`.
+pub(super) fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, x: BufId) -> (BufId, MoeSaved) {
     let ep_dims = moe_dims(spec, groups, rank);
     // Every expert is local: one "peer" (this rank), E local experts, at most T rows each.
     let dims = MoeDims { ep_peers: vec![rank], ep_index: 0, rows_per_expert: ep_dims.rows_per_expert.map(|r| r.min(ep_dims.tokens)), ..ep_dims.clone() };
@@ -187,7 +188,8 @@ fn full_grad(b: &mut RankBuilder, layer: usize, tag: &str, local: BufId, full: B
 }
 
 #[allow(clippy::too_many_arguments)]
-fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
+/// Its backward: expert gradients reduce-scattered back to their owners.
+pub(super) fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
     let d = &s.dims;
     let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
     let ep = groups.ranks(groups.ep_group(rank)).len();
