@@ -358,6 +358,10 @@ impl App {
                     self.prompt = Some(Prompt { kind: PromptKind::Edit, label: f.key.to_string(), text: f.get(&c.draft) });
                 }
             }
+            Key::Char('P') => {
+                let name = c.cycle_profile();
+                self.info(format!("predicting on {name}"));
+            }
             Key::Char('u') => {
                 if c.undo() {
                     self.info("undone");

@@ -99,7 +99,13 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
 /// The profile a resolved sim spec names, reshaped to its cluster (`run.gpus_per_node`,
 /// `run.nodes`).
 pub fn spec_profile(spec: &ExperimentSpec) -> Result<Profile, profile::ProfileError> {
-    let p = profile::resolve(spec.run.profile.as_deref().unwrap_or(profile::DEFAULT_PROFILE))?;
+    profile_for(spec, spec.run.profile.as_deref().unwrap_or(profile::DEFAULT_PROFILE))
+}
+
+/// Profile `name` (built-in or a TOML path) on the spec's cluster shape: what a sim run of
+/// the spec with `run.profile = name` uses (the workbench predicts on any profile this way).
+pub fn profile_for(spec: &ExperimentSpec, name: &str) -> Result<Profile, profile::ProfileError> {
+    let p = profile::resolve(name)?;
     let gpn = spec.run.gpus_per_node.unwrap_or(p.topology.gpus_per_node);
     let nodes = spec.run.nodes.unwrap_or_else(|| spec.world().div_ceil(gpn).max(1));
     Ok(p.with_cluster(gpn, nodes))

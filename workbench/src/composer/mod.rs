@@ -30,24 +30,45 @@ pub struct Prediction {
     pub at_peak: [u64; 7],
     /// Dropless buffers counted at their upper bound.
     pub upper_bound: bool,
-    /// The sim backend's predicted step time in seconds and the hardware profile it used,
-    /// or why there is none.
-    pub step: Result<(f64, String), String>,
+    /// The sim backend's prediction on a hardware profile, or why there is none.
+    pub step: Result<SimPrediction, String>,
 }
+
+/// One simulated step of the draft on a hardware profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimPrediction {
+    /// Step time, seconds.
+    pub seconds: f64,
+    /// Share of all communication time hidden behind compute.
+    pub overlap: f64,
+    /// Share of all-to-all time hidden behind compute (0 without all-to-all).
+    pub a2a_overlap: f64,
+    /// The profile's name.
+    pub profile: String,
+}
+
+/// Profiles the composer cycles through for its prediction (`P`): the measured ones first.
+pub const PREDICTION_PROFILES: [&str; 4] = ["h100", "h200", "h100-datasheet", "h200-datasheet"];
 
 /// Largest world the composer simulates on every change (larger plans take noticeable time).
 pub const MAX_LIVE_SIM_WORLD: usize = 256;
 
-/// One simulated step of `plan` on the spec's hardware profile (the default one when the
-/// spec is not a sim run): seconds and the profile's name.
-fn simulate_step(resolved: &ExperimentSpec, plan: &Plan) -> Result<(f64, String), String> {
+/// One simulated step of `plan`: on `profile` when given (the composer's choice), else on
+/// the spec's hardware profile (the default one when the spec is not a sim run).
+fn simulate_step(resolved: &ExperimentSpec, plan: &Plan, profile: Option<&str>) -> Result<SimPrediction, String> {
     use moelab::backend::sim;
     if plan.world() > MAX_LIVE_SIM_WORLD {
         return Err(format!("not simulated live above {MAX_LIVE_SIM_WORLD} ranks"));
     }
-    let profile = sim::spec_profile(resolved).map_err(|e| e.to_string())?;
-    let run = sim::simulate_plan(plan, &profile, sim::Symmetry::Exploit).map_err(|e| e.to_string())?;
-    Ok((run.timeline.makespan, profile.name.clone()))
+    let profile = match profile {
+        Some(name) => sim::profile_for(resolved, name),
+        None => sim::spec_profile(resolved),
+    }
+    .map_err(|e| e.to_string())?;
+    let mut rt = sim::SimRuntime::with_profile(plan.clone(), &profile, Default::default());
+    let report = rt.step(true, Some(0)).map_err(|e| e.to_string())?;
+    let a = moelab::analysis::analyze(&rt.trace());
+    Ok(SimPrediction { seconds: report.wall_s, overlap: a.overall_overlap(), a2a_overlap: a.a2a_overlap(), profile: profile.name.clone() })
 }
 
 /// What validation says about the draft.
@@ -85,6 +106,8 @@ pub struct Composer {
     pub check: Check,
     /// Earlier drafts, for undo.
     history: Vec<Table>,
+    /// The hardware profile of the live prediction (`None`: the spec's own, or the default).
+    pub profile: Option<String>,
 }
 
 /// The TOML text of a draft, in the library's field order when it reads as a spec.
@@ -95,8 +118,8 @@ pub fn spec_text(draft: &Table) -> String {
     }
 }
 
-/// Validate and plan a draft.
-pub fn check(draft: &Table) -> Check {
+/// Validate and plan a draft; predict on `profile` (or the spec's own).
+pub fn check(draft: &Table, profile: Option<&str>) -> Check {
     match moelab::spec::from_toml_str(&spec_text(draft)) {
         Ok(resolved) => {
             let prediction = Plan::build(&resolved).map_err(|e| e.to_string()).map(|plan| {
@@ -110,7 +133,7 @@ pub fn check(draft: &Table) -> Check {
                     peak_total: p.map_or(0, |p| p.peak_total),
                     at_peak: p.map_or([0; 7], |p| p.at_peak),
                     upper_bound: preds.iter().any(|p| p.upper_bound),
-                    step: simulate_step(&resolved, &plan),
+                    step: simulate_step(&resolved, &plan, profile),
                 }
             });
             Check::Valid { resolved: Box::new(resolved), prediction }
@@ -130,8 +153,8 @@ pub fn concerns(problem_field: &str, key: &str) -> bool {
 impl Composer {
     /// A composer over `draft`.
     pub fn new(draft: Table, path: Option<PathBuf>) -> Self {
-        let check = check(&draft);
-        Composer { draft, path, dirty: false, selected: 0, filter: String::new(), check, history: Vec::new() }
+        let check = check(&draft, None);
+        Composer { draft, path, dirty: false, selected: 0, filter: String::new(), check, history: Vec::new(), profile: None }
     }
 
     /// A composer over the template of `variant` (a TOML spelling such as `"topk"`), with no
@@ -226,7 +249,7 @@ impl Composer {
         if next != self.draft {
             self.history.push(std::mem::replace(&mut self.draft, next));
             self.dirty = true;
-            self.check = check(&self.draft);
+            self.check = check(&self.draft, self.profile.as_deref());
             // A variant change can hide fields; keep the selection on the list.
             self.move_selection(0);
         }
@@ -246,13 +269,25 @@ impl Composer {
         self.edit(|d| f.set(d, &next))
     }
 
+    /// Predict on the next profile of [`PREDICTION_PROFILES`] (after the last one, the spec's
+    /// own again); returns the name now used.
+    pub fn cycle_profile(&mut self) -> String {
+        let next = match self.profile.as_deref() {
+            None => Some(PREDICTION_PROFILES[0]),
+            Some(p) => PREDICTION_PROFILES.iter().position(|q| *q == p).and_then(|i| PREDICTION_PROFILES.get(i + 1)).copied(),
+        };
+        self.profile = next.map(str::to_string);
+        self.check = check(&self.draft, self.profile.as_deref());
+        self.profile.clone().unwrap_or_else(|| "the spec's own".into())
+    }
+
     /// Go back to the draft before the last change; false when there is none.
     pub fn undo(&mut self) -> bool {
         match self.history.pop() {
             Some(prev) => {
                 self.draft = prev;
                 self.dirty = true;
-                self.check = check(&self.draft);
+                self.check = check(&self.draft, self.profile.as_deref());
                 self.move_selection(0);
                 true
             }
@@ -304,14 +339,45 @@ mod tests {
     }
 
     #[test]
+    fn the_prediction_follows_the_chosen_profile_and_shows_overlap() {
+        let mut c = Composer::from_template("mpmoe").expect("template");
+        let step = |c: &Composer| match &c.check {
+            Check::Valid { prediction: Ok(p), .. } => p.step.clone().expect("predicted"),
+            other => panic!("{other:?}"),
+        };
+        let own = step(&c);
+        let mut seen = vec![own.profile.clone()];
+        for name in PREDICTION_PROFILES {
+            assert_eq!(c.cycle_profile(), name);
+            let sp = step(&c);
+            assert_eq!(sp.profile, name);
+            assert!(sp.seconds > 0.0 && (0.0..=1.0).contains(&sp.a2a_overlap) && sp.a2a_overlap > 0.0, "{sp:?}");
+            seen.push(sp.profile);
+        }
+        // Datasheet and measured H100 differ in what they predict.
+        let (h100, h100_ds) = (step(&{ let mut d = c.clone(); d.profile = None; d.cycle_profile(); d }), {
+            let mut d = c.clone();
+            d.profile = Some("h200".into());
+            d.cycle_profile();
+            step(&d)
+        });
+        assert_eq!((h100.profile.as_str(), h100_ds.profile.as_str()), ("h100", "h100-datasheet"));
+        assert_ne!(h100.seconds, h100_ds.seconds);
+        // After the last one, the spec's own profile again.
+        assert_eq!(c.cycle_profile(), "the spec's own");
+        assert_eq!(step(&c), own);
+        assert_eq!(seen.len(), 5);
+    }
+
+    #[test]
     fn prediction_has_every_category_of_a_training_run() {
         let c = Composer::from_template("mpmoe").expect("template");
         let Check::Valid { prediction: Ok(p), .. } = &c.check else { panic!("{:?}", c.check) };
         assert_eq!(p.world, 4);
         assert!(p.peak_total > 0 && p.max_ops > 0);
         assert_eq!(p.at_peak.iter().sum::<u64>(), p.peak_total);
-        let (secs, profile) = p.step.as_ref().expect("the sim backend predicts a step time");
-        assert!(*secs > 0.0 && !profile.is_empty());
+        let sp = p.step.as_ref().expect("the sim backend predicts a step time");
+        assert!(sp.seconds > 0.0 && !sp.profile.is_empty() && (0.0..=1.0).contains(&sp.overlap));
         assert!(p.at_peak[moelab::taxonomy::MemCategory::Params.index()] > 0);
     }
 

@@ -101,9 +101,15 @@ fn draw_check(f: &mut Frame, area: Rect, app: &App) {
                 Ok(p) => {
                     lines.push(Line::raw(format!("plan: {} ops per step on the busiest rank", p.max_ops)));
                     lines.push(match &p.step {
-                        Ok((secs, profile)) => Line::styled(format!("predicted step time: {} (sim, {profile} profile)", fmt_ns(secs * 1e9)), ok_style()),
+                        Ok(sp) => Line::styled(format!("predicted step time: {} (sim, {} profile)", fmt_ns(sp.seconds * 1e9), sp.profile), ok_style()),
                         Err(e) => Line::styled(format!("predicted step time: none ({e})"), dim_style()),
                     });
+                    if let Ok(sp) = &p.step {
+                        lines.push(Line::raw(format!(
+                            "predicted overlap: {:.0}% of comm, {:.0}% of all-to-all hidden (P: profile)",
+                            100.0 * sp.overlap, 100.0 * sp.a2a_overlap
+                        )));
+                    }
                 }
                 Err(e) => lines.push(Line::styled(format!("the plan cannot be built: {e}"), error_style())),
             }

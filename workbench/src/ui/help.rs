@@ -24,6 +24,7 @@ const SECTIONS: &[(&str, &[(&str, &str)])] = &[
         ("r", "run it as a background job (backend: run.backend)"),
         ("s / o", "save as / open an experiment file"),
         ("t / u", "template for the variant / undo"),
+        ("P", "predict on the next hardware profile (h100, h200, datasheets)"),
     ]),
     ("jobs", &[("Enter / c", "open the run / compare with it"), ("x", "cancel (queued or running)")]),
     ("timeline", &[
