@@ -217,12 +217,16 @@ fn auto_parallelism_times_both_layouts_of_one_parameter_layout_and_says_why() {
         .map(|l| auto.candidates.iter().min_by(|a, b| a.layer_s[l].total_cmp(&b.layer_s[l])).map(|c| (c.r, c.degree)).unwrap())
         .collect();
     // The measured step ran each layer's choice: all-to-alls for r = 1, weight all-gathers for r = 0.
-    let chosen: Vec<(usize, usize)> = if fastest[0] != fastest[1] {
+    // When the layers' votes differ, the mix itself is timed and kept only if faster.
+    let mix_won = fastest[0] != fastest[1] && auto.mixed_s.expect("the mix was timed") < best.mean_s;
+    assert_eq!(auto.mixed_s.is_some(), fastest[0] != fastest[1]);
+    let chosen: Vec<(usize, usize)> = if mix_won {
         assert_eq!(auto.per_layer.iter().map(|c| (c.r, c.degree)).collect::<Vec<_>>(), fastest);
         assert!(log.contains("chose per layer") && auto.reason.contains("L0: r="), "{log}");
         fastest
     } else {
         assert!(auto.per_layer.is_empty());
+        assert!(fastest[0] == fastest[1] || auto.reason.contains("not faster"), "{}", auto.reason);
         assert!(log.contains(&format!("chose r={} degree {}", auto.chosen_r, auto.chosen)), "{log}");
         vec![(auto.chosen_r, auto.chosen); 2]
     };

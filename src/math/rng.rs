@@ -30,7 +30,9 @@ pub fn stream_key(seed: u64, tag: &str, a: u64, b: u64) -> [u32; 8] {
 
 /// Block `counter` (16 words) of the ChaCha8 keystream with `key` and stream id 0: exactly
 /// the words `ChaCha8Rng` yields from word `16 * counter` on (Bernstein's 64-bit counter
-/// layout). Mirrored by `chacha8_block` in the cuda backend's plan_ops.cu.
+/// layout). Mirrored by `chacha8_block` in the cuda backend's plan_ops.cu (whose f64
+/// log/sin/cos may differ from the host's by an ulp, so a device-drawn f32 can, rarely, be
+/// one f32 ulp off; the cuda-vs-cpu cross-checks cover it).
 pub fn chacha8_block(key: &[u32; 8], counter: u64) -> [u32; 16] {
     let mut x = [0u32; 16];
     x[..4].copy_from_slice(&[0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574]);

@@ -113,9 +113,12 @@ pub struct AutoDegree {
     pub chosen_r: usize,
     /// Every timed candidate, in the order tried.
     pub candidates: Vec<TutelCandidate>,
-    /// The per-layer choice when the layers' fastest candidates differ (the measured steps
-    /// then run `[tutel] layers`); empty when one choice serves every layer.
+    /// The per-layer choice the measured steps run (`[tutel] layers`) when the layers'
+    /// fastest candidates differ and their mix, timed as well, beat the best uniform choice
+    /// (`chosen`, `chosen_r`); empty when every layer runs the uniform choice.
     pub per_layer: Vec<crate::spec::TutelLayer>,
+    /// Seconds per step of the per-layer mix when one was timed.
+    pub mixed_s: Option<f64>,
     /// Steps timed per candidate (after one untimed step).
     pub timed_steps: usize,
     /// Why: the choice, its time and the runner-up's.
@@ -202,19 +205,22 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
         s
     };
     let n_layers = spec.model.n_layers;
-    let mut candidates = Vec::new();
-    for (r, d) in configs {
-        let plan = Plan::build(&with(r, d)).expect("a validated tutel spec plans for every candidate");
+    // One untimed step, then the timed ones, on the run's own backend (the sim: predicted
+    // times): mean seconds per step, rank 0's collective bytes, and each layer's MoE time.
+    let time = |s: &ExperimentSpec| -> Result<(f64, u64, Vec<f64>), BackendError> {
+        let plan = Plan::build(s).expect("a validated tutel spec plans for every candidate");
         let comm_bytes = plan.ranks[0].ops.iter().filter(|o| o.stream == crate::taxonomy::Stream::Comm).map(|o| o.bytes).sum();
-        // The run's own backend times the candidates (the sim: predicted step times).
         let mut rt = crate::backend::runtime(plan, hooks.exec.clone());
         rt.step(false, Some(0))?;
         let mut total = 0.0;
         for i in 0..AUTO_DEGREE_TIMED_STEPS {
             total += rt.step(true, Some(1 + i as u64))?.wall_s;
         }
-        let mean_s = total / AUTO_DEGREE_TIMED_STEPS as f64;
-        let layer_s = moe_layer_seconds(&rt.trace(), n_layers);
+        Ok((total / AUTO_DEGREE_TIMED_STEPS as f64, comm_bytes, moe_layer_seconds(&rt.trace(), n_layers)))
+    };
+    let mut candidates = Vec::new();
+    for (r, d) in configs {
+        let (mean_s, comm_bytes, layer_s) = time(&with(r, d))?;
         log.line(&format!(
             "tutel auto: r={r} degree {d}: {:.3} ms per step ({AUTO_DEGREE_TIMED_STEPS} timed steps), {:.1} KB of collectives per step on rank 0",
             mean_s * 1e3, comm_bytes as f64 / 1e3
@@ -253,20 +259,40 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
     } else {
         Vec::new()
     };
-    let mixed = per_layer.windows(2).any(|w| w[0] != w[1]);
     let mut chosen = with(best.r, best.degree);
+    let mut mixed = per_layer.windows(2).any(|w| w[0] != w[1]);
+    let mut mixed_s = None;
     if mixed {
+        // The per-layer votes each assumed the other layers ran the same candidate: time the
+        // mix itself and keep it only if the whole step is faster.
         let desc: Vec<String> = per_layer.iter().enumerate().map(|(l, c)| format!("L{l}: r={} degree {}", c.r, c.degree)).collect();
-        reason.push_str(&format!("; per layer the fastest MoE sublayer differs, so each layer runs its own: {}", desc.join(", ")));
-        if let Some(t) = chosen.tutel.as_mut() {
+        let mut mix = chosen.clone();
+        if let Some(t) = mix.tutel.as_mut() {
             t.layers = per_layer.clone();
         }
-        log.line(&format!("tutel auto: chose per layer ({}): {reason}", desc.join(", ")));
-    } else {
+        let (mean_s, _, _) = time(&mix)?;
+        mixed_s = Some(mean_s);
+        log.line(&format!("tutel auto: per-layer mix ({}): {:.3} ms per step", desc.join(", "), mean_s * 1e3));
+        if mean_s < best.mean_s {
+            reason.push_str(&format!(
+                "; each layer's fastest MoE sublayer differs and the mix ({}) runs {:.3} ms per step ({:+.1}% against the best uniform choice), so each layer runs its own",
+                desc.join(", "), mean_s * 1e3, (mean_s / best.mean_s - 1.0) * 100.0
+            ));
+            chosen = mix;
+            log.line(&format!("tutel auto: chose per layer ({}): {reason}", desc.join(", ")));
+        } else {
+            reason.push_str(&format!(
+                "; the per-layer mix ({}) ran {:.3} ms per step, not faster, so every layer keeps the uniform choice",
+                desc.join(", "), mean_s * 1e3
+            ));
+            mixed = false;
+        }
+    }
+    if !mixed {
         log.line(&format!("tutel auto: chose r={} degree {}: {reason}", best.r, best.degree));
     }
     let per_layer = if mixed { per_layer } else { Vec::new() };
-    let auto = AutoDegree { chosen: best.degree, chosen_r: best.r, candidates, per_layer, timed_steps: AUTO_DEGREE_TIMED_STEPS, reason };
+    let auto = AutoDegree { chosen: best.degree, chosen_r: best.r, candidates, per_layer, mixed_s, timed_steps: AUTO_DEGREE_TIMED_STEPS, reason };
     Ok(Some((chosen, auto)))
 }
 

@@ -361,6 +361,9 @@ impl<'a> StreamExec<'a> {
             GradAccum { pairs } => {
                 for (src, dst) in pairs {
                     let (sb, db) = (self.input(*src)?, self.input(*dst)?);
+                    if db.len != sb.len {
+                        return Err(ExecError::Plan(format!("{}: gradient of {} elements added into one of {}", op.name, sb.len, db.len)));
+                    }
                     if sb.len > 0 {
                         self.launch("add_inplace", self.grid(sb.len), &[p(db.ptr), p(sb.ptr), Arg::I64(sb.len as i64)])?;
                     }

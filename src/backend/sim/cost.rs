@@ -68,7 +68,10 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> Vec<GemmShap
         }
         v
     };
-    let rows_of = |x, n_local: usize, d_in: usize| (((elems(x) / (n_local * d_in).max(1)) as f64 * rows_scale).round() as usize).max(1);
+    let rows_of = |x, n_local: usize, d_in: usize| {
+        let rows = elems(x) / (n_local * d_in).max(1);
+        if rows_scale == 1.0 || rows == 0 { rows } else { ((rows as f64 * rows_scale).round() as usize).max(1) }
+    };
     match kind {
         Linear { rows, d_in, d_out, .. } => fwd(*rows, *d_in, *d_out, 1),
         LinearBwd { rows, d_in, d_out, dx, .. } => bwd(*rows, *d_in, *d_out, 1, dx.is_some()),
@@ -116,8 +119,13 @@ fn kernels(kind: &OpKind, gemm_count: usize) -> usize {
 
 /// The collective parts of an op; `None` for compute ops.
 pub fn collective(op: &Op) -> Option<Vec<CollectivePart>> {
+    collective_sized(op, op.bytes)
+}
+
+/// [`collective`] with a payload of `bytes` instead of the plan's.
+fn collective_sized(op: &Op, bytes: u64) -> Option<Vec<CollectivePart>> {
     use OpKind::*;
-    let bytes = op.bytes as f64;
+    let bytes = bytes as f64;
     let part = |group, kind| CollectivePart { group, kind, bytes };
     match &op.kind {
         AllGather { group, .. } => Some(vec![part(*group, CollectiveKind::AllGather)]),
@@ -139,29 +147,43 @@ pub fn op_cost(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype) -> 
 /// [`op_cost`] of an op whose routing-sized buffers hold `load` of their bound: FLOPs, bytes
 /// and expert GEMM rows all scaled by it.
 pub fn op_cost_at(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, load: f64) -> Cost {
-    if load != 1.0 {
-        let scaled = Op { flops: (op.flops as f64 * load) as u64, bytes: (op.bytes as f64 * load) as u64, ..op.clone() };
-        return op_cost_inner(&scaled, plan, gpu, dtype, load);
+    if load == 1.0 {
+        return op_cost_sized(op, plan, gpu, dtype, op.flops, op.bytes, 1.0);
     }
-    op_cost_inner(op, plan, gpu, dtype, 1.0)
+    // Only the routing-sized buffers shrink: static operands (expert weights) keep their bytes.
+    let (mut dynamic, mut total) = (0u64, 0u64);
+    for b in op.reads.iter().chain(&op.writes) {
+        let d = plan.buffer(*b);
+        let bytes = d.elems as u64 * d.elem_bytes as u64;
+        total += bytes;
+        if d.dynamic {
+            dynamic += bytes;
+        }
+    }
+    let share = if total > 0 { dynamic as f64 / total as f64 } else { 1.0 };
+    let bytes = (op.bytes as f64 * (1.0 - share * (1.0 - load))) as u64;
+    op_cost_sized(op, plan, gpu, dtype, (op.flops as f64 * load) as u64, bytes, load)
 }
 
-fn op_cost_inner(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, rows_scale: f64) -> Cost {
-    if let Some(parts) = collective(op) {
+/// The cost of `op` doing `flops` and moving `bytes`, its expert GEMM rows scaled by
+/// `rows_scale`.
+#[allow(clippy::too_many_arguments)]
+fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, flops: u64, bytes: u64, rows_scale: f64) -> Cost {
+    if let Some(parts) = collective_sized(op, bytes) {
         return Cost::Collective(parts);
     }
     let shapes = gemms_at(&op.kind, plan, rows_scale);
     let launch = kernels(&op.kind, shapes.len()) as f64 * gpu.launch_s;
-    let memory = op.bytes as f64 / gpu.mem_bandwidth;
+    let memory = bytes as f64 / gpu.mem_bandwidth;
     if shapes.is_empty() {
-        let arithmetic = op.flops as f64 / gpu.vector_flops;
+        let arithmetic = flops as f64 / gpu.vector_flops;
         return Cost::Compute(launch + memory.max(arithmetic));
     }
     // The plan's FLOPs are authoritative; the shapes say how efficiently they run. Each
     // GEMM gets its share of the op's FLOPs in proportion to its own size.
     let model = gpu.gemm(dtype);
     let shape_flops: f64 = shapes.iter().map(GemmShape::flops).sum();
-    let scale = if shape_flops > 0.0 { op.flops as f64 / shape_flops } else { 0.0 };
+    let scale = if shape_flops > 0.0 { flops as f64 / shape_flops } else { 0.0 };
     let math: f64 = shapes.iter().map(|s| model.seconds(s.flops() * scale, s.m, s.n, s.k, s.batch)).sum();
     Cost::Compute(launch + math.max(memory))
 }

@@ -138,6 +138,13 @@ pub struct GemmModel {
     pub points: Vec<GemmPoint>,
 }
 
+/// Squared log distance (summed over m, n, k) at which a measured point's correction of the
+/// fitted curve has faded to `corr^(1/e)`: one dimension off by a factor of e^4 (about 55x),
+/// or all three by about 10x. (Checked against the cuda backend's mixtral-ish runs: a reach of
+/// 1 moved the predicted step 3-5 points further from the measurement, no fading 1 point
+/// closer; the fade keeps shapes far from every measurement on the fitted curve.)
+pub const CORRECTION_REACH: f64 = 16.0;
+
 /// One measured GEMM throughput.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,10 +165,11 @@ impl GemmModel {
     /// Share of the peak that a batch of `batch` GEMMs of `[m, k] x [k, n]` achieves.
     ///
     /// The fitted curve (peak x `eff_max` x tile, wave and k terms) gives the shape's trend;
-    /// it is then scaled by measured over fitted at the nearest measured shape (log distance
-    /// in m, n, k), so a measured shape comes back exactly as measured and its neighbours
-    /// inherit its deviation from the curve (cuBLAS picks other tiles and split-k for thin
-    /// shapes than one fixed tile assumes).
+    /// it is then scaled by measured over fitted at the nearest measured shape (squared log
+    /// distance d in m, n, k), the correction fading as `corr^exp(-d / CORRECTION_REACH)`:
+    /// a measured shape (at batch 1, as measured) comes back exactly as measured, its near
+    /// neighbours inherit its deviation from the curve (cuBLAS picks other tiles and split-k
+    /// for thin shapes than one fixed tile assumes), and far shapes follow the curve.
     pub fn efficiency(&self, m: usize, n: usize, k: usize, batch: usize) -> f64 {
         if m == 0 || n == 0 || k == 0 || batch == 0 {
             return self.eff_max;
@@ -171,10 +179,11 @@ impl GemmModel {
             let l = |a: usize, b: usize| ((a as f64) / (b as f64)).ln().powi(2);
             l(m, p.m) + l(n, p.n) + l(k, p.k)
         };
-        let nearest = self.points.iter().min_by(|a, b| dist(a).total_cmp(&dist(b)));
-        let correction = nearest.map_or(1.0, |p| {
+        let nearest = self.points.iter().map(|p| (dist(p), p)).min_by(|a, b| a.0.total_cmp(&b.0));
+        let correction = nearest.map_or(1.0, |(d, p)| {
             let fitted = self.eff_max * self.shape_term(p.m, p.n, p.k, 1);
-            if fitted > 0.0 { p.tflops * 1e12 / self.peak_flops / fitted } else { 1.0 }
+            let full = if fitted > 0.0 { p.tflops * 1e12 / self.peak_flops / fitted } else { 1.0 };
+            full.powf((-d / CORRECTION_REACH).exp())
         });
         (curve * correction).min(1.0)
     }
