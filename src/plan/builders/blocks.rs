@@ -373,3 +373,18 @@ pub fn model<M: MoeSublayer>(b: &mut RankBuilder, spec: &ExperimentSpec, shard: 
     }
     true
 }
+
+/// One rank of a plan whose MoE sublayer runs over the expert-parallel groups of `groups`
+/// (top-k, MPMoE and every Tutel layout): the shared model, then, when training, dense
+/// gradients summed over the world and expert gradients over the expert-data-parallel group.
+pub fn expert_parallel_rank<M: MoeSublayer>(spec: &ExperimentSpec, groups: &super::DataExpertGroups, rank: usize, moe: &mut M) -> crate::plan::RankPlan {
+    let training = spec.run.mode == crate::spec::Mode::Training;
+    let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
+    let world = spec.world();
+    if model(&mut b, spec, rank, spec.tokens_per_rank() * world, LossRole::Counted, moe) {
+        let dense = (world > 1).then(|| groups.world());
+        let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
+        update(&mut b, spec, dense, expert);
+    }
+    b.finish()
+}

@@ -25,7 +25,7 @@ use super::DataExpertGroups;
 use crate::math::linalg::gemm_flops;
 use crate::plan::ops::MoeDims;
 use crate::plan::{BufId, OpKind, Plan, RankBuilder, RankPlan};
-use crate::spec::{Degree, ExperimentSpec, Mode, MpmoeSpec, Reuse};
+use crate::spec::{Degree, ExperimentSpec, MpmoeSpec, Reuse};
 use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 
 /// Buffers of one chunk that its expert backward reads; `None` when the reuse strategy
@@ -169,16 +169,7 @@ impl blocks::MoeSublayer for Sublayer<'_> {
 }
 
 fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, opts: Pipeline) -> RankPlan {
-    let training = spec.run.mode == Mode::Training;
-    let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
-    let world = spec.world();
-    let mut moe = Sublayer { spec, groups, rank, opts };
-    if blocks::model(&mut b, spec, rank, spec.tokens_per_rank() * world, blocks::LossRole::Counted, &mut moe) {
-        let dense = (world > 1).then(|| groups.world());
-        let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
-        blocks::update(&mut b, spec, dense, expert);
-    }
-    b.finish()
+    blocks::expert_parallel_rank(spec, groups, rank, &mut Sublayer { spec, groups, rank, opts })
 }
 
 /// What a chunk's all-to-all delivered: the received rows, and the send-side buffers that the

@@ -10,7 +10,7 @@ use super::DataExpertGroups;
 use crate::math::linalg::gemm_flops;
 use crate::plan::ops::MoeDims;
 use crate::plan::{BufId, GroupId, OpKind, ParamInit, Plan, RankBuilder};
-use crate::spec::{Capacity, ExperimentSpec, Mode};
+use crate::spec::{Capacity, ExperimentSpec};
 use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 
 /// Everything the MoE sublayer's backward needs from its forward.
@@ -88,16 +88,7 @@ impl blocks::MoeSublayer for Sublayer<'_> {
 }
 
 fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> crate::plan::RankPlan {
-    let training = spec.run.mode == Mode::Training;
-    let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
-    let world = spec.world();
-    let mut moe = Sublayer { spec, groups, rank };
-    if blocks::model(&mut b, spec, rank, spec.tokens_per_rank() * world, blocks::LossRole::Counted, &mut moe) {
-        let dense = (world > 1).then(|| groups.world());
-        let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
-        blocks::update(&mut b, spec, dense, expert);
-    }
-    b.finish()
+    blocks::expert_parallel_rank(spec, groups, rank, &mut Sublayer { spec, groups, rank })
 }
 
 /// An expert weight slice with top-k's init tag `expert.{tag}`, so every variant draws the same experts.

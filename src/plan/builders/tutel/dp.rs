@@ -17,7 +17,7 @@ use crate::plan::builders::topk::{expert_param, moe_dims};
 use crate::plan::builders::DataExpertGroups;
 use crate::plan::ops::MoeDims;
 use crate::plan::{BufId, GroupId, OpKind, Plan, RankBuilder, RankPlan};
-use crate::spec::{ExperimentSpec, Mode};
+use crate::spec::ExperimentSpec;
 use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 
 /// What the data-parallel MoE sublayer's backward needs from its forward.
@@ -63,16 +63,7 @@ impl blocks::MoeSublayer for Sublayer<'_> {
 }
 
 fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize) -> RankPlan {
-    let training = spec.run.mode == Mode::Training;
-    let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
-    let world = spec.world();
-    let mut moe = Sublayer { spec, groups, rank };
-    if blocks::model(&mut b, spec, rank, spec.tokens_per_rank() * world, blocks::LossRole::Counted, &mut moe) {
-        let dense = (world > 1).then(|| groups.world());
-        let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
-        blocks::update(&mut b, spec, dense, expert);
-    }
-    b.finish()
+    blocks::expert_parallel_rank(spec, groups, rank, &mut Sublayer { spec, groups, rank })
 }
 
 /// Ranks each expert is split over (`ep / n_experts` when the expert-parallel group is larger

@@ -8,7 +8,7 @@ use super::super::mpmoe::{self, Pipeline};
 use super::super::{blocks, DataExpertGroups};
 use super::dp;
 use crate::plan::{BufId, Plan, RankBuilder, RankPlan};
-use crate::spec::{ExperimentSpec, Mode, Reuse, TutelLayer};
+use crate::spec::{ExperimentSpec, Reuse, TutelLayer};
 
 /// Build the per-layer plan for every rank; `gpus_per_node` is `Some` when r = 1 layers use
 /// the 2D all-to-all (its groups are in `groups`).
@@ -57,14 +57,5 @@ impl blocks::MoeSublayer for Sublayer<'_> {
 }
 
 fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layers: &[TutelLayer], gpus_per_node: Option<usize>) -> RankPlan {
-    let training = spec.run.mode == Mode::Training;
-    let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
-    let world = spec.world();
-    let mut moe = Sublayer { spec, groups, rank, layers, gpus_per_node };
-    if blocks::model(&mut b, spec, rank, spec.tokens_per_rank() * world, blocks::LossRole::Counted, &mut moe) {
-        let dense = (world > 1).then(|| groups.world());
-        let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
-        blocks::update(&mut b, spec, dense, expert);
-    }
-    b.finish()
+    blocks::expert_parallel_rank(spec, groups, rank, &mut Sublayer { spec, groups, rank, layers, gpus_per_node })
 }

@@ -21,7 +21,7 @@ use crate::plan::builders::topk::a2a;
 use crate::plan::builders::DataExpertGroups;
 use crate::plan::ops::MoeDims;
 use crate::plan::{BufId, Group, GroupId, OpKind, ParamInit, ParamSlice, Plan, RankBuilder, RankPlan};
-use crate::spec::{Capacity, ExperimentSpec, Mode};
+use crate::spec::{Capacity, ExperimentSpec};
 use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 
 /// The sharded layout: slices per expert, the parallelism and its groups.
@@ -88,16 +88,7 @@ pub(crate) fn build(spec: &ExperimentSpec, r: usize) -> Plan {
 }
 
 fn build_rank(spec: &ExperimentSpec, groups: &DataExpertGroups, lay: &Layout, rank: usize) -> RankPlan {
-    let training = spec.run.mode == Mode::Training;
-    let mut b = RankBuilder::new(rank as u32, training, spec.model.dtype.size());
-    let world = spec.world();
-    let mut moe = Sublayer { spec, groups, lay, rank };
-    if blocks::model(&mut b, spec, rank, spec.tokens_per_rank() * world, blocks::LossRole::Counted, &mut moe) {
-        let dense = (world > 1).then(|| groups.world());
-        let expert = (spec.layout.dp > 1).then(|| groups.edp_group(rank));
-        blocks::update(&mut b, spec, dense, expert);
-    }
-    b.finish()
+    blocks::expert_parallel_rank(spec, groups, rank, &mut Sublayer { spec, groups, lay, rank })
 }
 
 struct Sublayer<'a> {
