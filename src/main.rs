@@ -86,6 +86,10 @@ enum Command {
         /// GPU ordinal.
         #[arg(long, default_value_t = 0)]
         device: usize,
+        /// How expert GEMMs are issued: one cuBLAS call per expert, one grouped call per
+        /// stage, or both (each configuration measured both ways in the same run).
+        #[arg(long, value_enum, default_value_t = GemmChoice::Both)]
+        gemm: GemmChoice,
         /// Write the report as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -318,7 +322,29 @@ fn cmd_calibrate(base: Option<&str>, name: Option<&str>, out: Option<&Path>, rep
     Ok(true)
 }
 
-fn cmd_bench(configs: &[String], reps: usize, device: usize, json: Option<&Path>) -> Result<bool> {
+/// `moelab bench --gemm`: which expert-GEMM paths to measure.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum GemmChoice {
+    /// One cuBLAS call per expert.
+    PerExpert,
+    /// One grouped cuBLAS call per stage.
+    Grouped,
+    /// Both, in the same run.
+    Both,
+}
+
+impl GemmChoice {
+    fn modes(self) -> &'static [moelab::backend::cuda::bench::ExpertGemm] {
+        use moelab::backend::cuda::bench::ExpertGemm;
+        match self {
+            GemmChoice::PerExpert => &[ExpertGemm::PerExpert],
+            GemmChoice::Grouped => &[ExpertGemm::Grouped],
+            GemmChoice::Both => &ExpertGemm::ALL,
+        }
+    }
+}
+
+fn cmd_bench(configs: &[String], modes: &[moelab::backend::cuda::bench::ExpertGemm], reps: usize, device: usize, json: Option<&Path>) -> Result<bool> {
     use moelab::backend::cuda::bench;
     for c in configs {
         if !bench::CONFIGS.iter().any(|b| b.name == c) {
@@ -330,16 +356,19 @@ fn cmd_bench(configs: &[String], reps: usize, device: usize, json: Option<&Path>
         println!("skipped: no CUDA device visible (moelab bench measures GPUs only)");
         return Ok(true);
     }
-    println!("{:<13} {:>9} {:>7} {:>8} {:>10} {:>9} {:>7}", "config", "capacity", "rows", "dropped", "layer ms", "TFLOP/s", "ratio");
-    let report = bench::run(device, configs, reps.max(1), &mut |r| {
+    println!("{:<13} {:>9} {:>10} {:>7} {:>8} {:>10} {:>9} {:>9} {:>7}", "config", "capacity", "gemm", "rows", "dropped", "layer ms", "TFLOP/s", "dense", "ratio");
+    let report = bench::run(device, configs, modes, reps.max(1), &mut |r| {
         println!(
-            "{:<13} {:>9} {:>7} {:>8} {:>10.3} {:>9.1} {:>6.1}%",
-            r.config.name, r.capacity, r.rows, r.dropped, r.layer_ms, r.tflops, 100.0 * r.ratio
+            "{:<13} {:>9} {:>10} {:>7} {:>8} {:>10.3} {:>9.1} {:>9.1} {:>6.1}%",
+            r.config.name, r.capacity, r.gemm.name(), r.rows, r.dropped, r.layer_ms, r.tflops, r.dense_tflops, 100.0 * r.ratio
         );
         let stages: Vec<String> = r.stages_ms.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
         println!("    stages (ms): {}", stages.join(", "));
     })?;
-    println!("dense bf16 8192^3 GEMM: {:.1} TFLOP/s on {} ({})", report.dense_tflops, report.device, report.date);
+    println!("dense bf16 8192^3 GEMM at the start: {:.1} TFLOP/s on {} ({}); each row is held against the higher of it and a dense GEMM measured right before the row", report.dense_tflops, report.device, report.date);
+    for f in &report.failures {
+        println!("    not measured: {f}");
+    }
     let failed: Vec<_> = report.kernel_checks.iter().filter(|c| !c.passed).collect();
     let worst = report.kernel_checks.iter().map(|c| c.rel_err).fold(0.0, f64::max);
     println!("bf16 kernels vs cpu: {} checked, {} failed, worst rel err {worst:.2e}", report.kernel_checks.len(), failed.len());
@@ -384,7 +413,7 @@ fn main() {
         Command::Validate { files } => cmd_validate(files),
         Command::Plan { file } => cmd_plan(file).map(|_| true),
         Command::Crosscheck { files, runs_dir, json } => cmd_crosscheck(files, runs_dir, json.as_deref()),
-        Command::Bench { configs, reps, device, json } => cmd_bench(configs, *reps, *device, json.as_deref()),
+        Command::Bench { configs, reps, device, gemm, json } => cmd_bench(configs, gemm.modes(), *reps, *device, json.as_deref()),
         Command::Calibrate { base, name, out, reps, json, from } => {
             cmd_calibrate(base.as_deref(), name.as_deref(), out.as_deref(), *reps, json.as_deref(), from.as_deref())
         }

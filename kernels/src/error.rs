@@ -119,6 +119,15 @@ pub enum GpuError {
         #[source]
         source: CublasError,
     },
+    /// A cuBLASLt call failed.
+    #[error("cuBLASLt {op}: {source}")]
+    CublasLt {
+        /// The operation that failed.
+        op: &'static str,
+        /// cuBLASLt's status.
+        #[source]
+        source: cudarc::cublaslt::result::CublasError,
+    },
     /// An NCCL call failed (NCCL's status, as its enum name).
     #[error("NCCL {op}: {status}")]
     Nccl {
@@ -178,6 +187,11 @@ impl GpuError {
     /// Wraps a cuBLAS error with the operation it came from.
     pub fn cublas(op: &'static str) -> impl FnOnce(CublasError) -> GpuError {
         move |source| GpuError::Cublas { op, source }
+    }
+
+    /// Wraps a cuBLASLt error with the operation it came from.
+    pub fn cublaslt(op: &'static str) -> impl FnOnce(cudarc::cublaslt::result::CublasError) -> GpuError {
+        move |source| GpuError::CublasLt { op, source }
     }
 
     /// True when the error says that CUDA is absent from this machine (no driver library or no

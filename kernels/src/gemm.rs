@@ -64,7 +64,7 @@ impl GemmDims {
 }
 
 /// The cuBLAS call (column-major) that computes `form` on row-major buffers.
-fn cublas_config<T: Dtype>(form: GemmForm, d: GemmDims, beta: T, lim: impl Fn(&'static str, usize) -> Result<i32, GpuError>) -> Result<GemmConfig<T>, GpuError> {
+pub(crate) fn cublas_config<T: Dtype>(form: GemmForm, d: GemmDims, beta: T, lim: impl Fn(&'static str, usize) -> Result<i32, GpuError>) -> Result<GemmConfig<T>, GpuError> {
     use cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T_};
     let (m, k, n) = (lim("m", d.m)?, lim("k", d.k)?, lim("n", d.n)?);
     // cuBLAS's (m, n, k) are ours swapped: it computes C^T[n, m]; its first operand is our B.

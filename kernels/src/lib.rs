@@ -19,6 +19,8 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod gemm;
+pub mod grouped;
+pub mod lt_gemm;
 pub mod nvrtc;
 pub mod ops;
 

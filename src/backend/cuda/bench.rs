@@ -1,5 +1,6 @@
 //! `moelab bench`: one MoE layer's forward and backward on one GPU in bf16 (f32 accumulation),
-//! expert GEMMs through cuBLAS per expert, against a dense 8192^3 bf16 cuBLAS GEMM measured in
+//! expert GEMMs through cuBLAS, one call per expert or one grouped call per stage
+//! ([`ExpertGemm`]; both are measured in the same run), against a dense 8192^3 bf16 cuBLAS GEMM measured in
 //! the same run. Reports the expert GEMMs' TFLOP/s over the whole layer's time (gate, routing,
 //! permutation, both expert GEMMs, activation, combine and all their gradients included), its
 //! ratio to the dense GEMM, and the time per stage.
@@ -14,6 +15,9 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{result, CudaEvent, LaunchConfig, PushKernelArg};
 use moelab_kernels::error::GpuError;
 use moelab_kernels::gemm::bf16_gemm_raw;
+use moelab_kernels::grouped::{bf16_grouped_gemm_raw, grouped_scratch_bytes, GroupedProblem};
+use moelab_kernels::lt_gemm::{Epilogue, LtGemm};
+use std::cell::RefCell;
 use moelab_kernels::{GemmDims, GemmForm};
 use serde::Serialize;
 
@@ -47,11 +51,40 @@ pub const STAGES: [&str; 13] = [
     "expert_gemm1_bwd", "unpermute_bwd", "gate_bwd",
 ];
 
+/// How the expert GEMMs of a stage are issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExpertGemm {
+    /// One `cublasGemmEx` per expert with rows (cuBLAS picks a kernel per shape).
+    PerExpert,
+    /// One `cublasGemmGroupedBatchedEx` over all experts with rows (one launch per stage).
+    Grouped,
+    /// Per expert through cuBLASLt with GELU fused into the first GEMM's epilogue (which also
+    /// stores the pre-activation) and its gradient into the epilogue of `dy w2^T`.
+    FusedGelu,
+}
+
+impl ExpertGemm {
+    /// Every mode, in the order the benchmark measures them.
+    pub const ALL: [ExpertGemm; 3] = [ExpertGemm::PerExpert, ExpertGemm::Grouped, ExpertGemm::FusedGelu];
+
+    /// `per-expert`, `grouped` or `fused-gelu`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExpertGemm::PerExpert => "per-expert",
+            ExpertGemm::Grouped => "grouped",
+            ExpertGemm::FusedGelu => "fused-gelu",
+        }
+    }
+}
+
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
     /// The configuration.
     pub config: BenchConfig,
+    /// How the expert GEMMs were issued.
+    pub gemm: ExpertGemm,
     /// `dropless` or the capacity factor.
     pub capacity: String,
     /// Kept assignments (rows through the experts).
@@ -64,8 +97,11 @@ pub struct BenchRow {
     pub expert_flops: f64,
     /// Expert GEMM FLOPs over the layer time.
     pub tflops: f64,
-    /// `tflops` over the dense GEMM's TFLOP/s of the same run.
+    /// `tflops` over [`BenchRow::dense_tflops`].
     pub ratio: f64,
+    /// The dense GEMM's TFLOP/s this row is held against: the higher of the run's first
+    /// measurement and one taken right before the row.
+    pub dense_tflops: f64,
     /// Mean time per stage, ms, in [`STAGES`] order.
     pub stages_ms: Vec<(String, f64)>,
 }
@@ -75,6 +111,9 @@ pub struct BenchRow {
 pub struct BenchReport {
     /// The benchmark's bf16 kernels against the cpu definition (fresh inputs every run).
     pub kernel_checks: Vec<KernelCheck>,
+    /// Configurations whose alternative expert-GEMM path failed (the error), e.g. a cuBLAS
+    /// without grouped GEMM or without the GELU epilogue for a shape.
+    pub failures: Vec<String>,
     /// GPU name.
     pub device: String,
     /// When it ran (UTC).
@@ -143,6 +182,9 @@ fn gemm(s: &GpuStream, form: GemmForm, a: u64, b: u64, c: u64, m: usize, k: usiz
     // SAFETY: call sites size a, b, c for the form (bf16 operands, bf16 or f32 result).
     unsafe { bf16_gemm_raw(s.blas, form, a, b, c, GemmDims { m, k, n }, beta, c_f32) }
 }
+
+/// Workspace of the cuBLASLt calls (fused mode).
+const LT_WORKSPACE: usize = 32 << 20;
 
 /// One block of 128 threads per row (rows > 0).
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -215,7 +257,8 @@ pub fn route_rows(idx: &[i32], e: usize, k: usize, capacity: Option<usize>) -> (
 }
 
 /// Measures one configuration: `warmup` untimed steps, then `reps` timed ones.
-pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor: Option<f64>, reps: usize, warmup: usize, dense_tflops: f64) -> Result<BenchRow, GpuError> {
+#[allow(clippy::too_many_arguments)]
+pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor: Option<f64>, gemm_mode: ExpertGemm, reps: usize, warmup: usize, dense_tflops: f64) -> Result<BenchRow, GpuError> {
     let BenchConfig { d, f, e, k, tokens: t, .. } = cfg;
     let capacity = capacity_factor.map(|cf| ((cf * (k * t) as f64 / e as f64).ceil() as usize).max(1));
     let nmax = t * k;
@@ -254,6 +297,10 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
     let dlogits16 = Buf::new(s, t * e * bf)?;
     let dwg = Buf::new(s, d * e * bf)?;
     let zeros = Buf::new(s, e * 4)?;
+    let ptr_scratch = Buf::new(s, grouped_scratch_bytes(e))?;
+    let lt_ws = Buf::new(s, LT_WORKSPACE)?;
+    let lt = RefCell::new(LtGemm::new(lt_ws.0, LT_WORKSPACE)?);
+    let fused = gemm_mode == ExpertGemm::FusedGelu;
     // SAFETY: zeros holds e f32 (the aux-loss gradient is left out of the benchmark).
     unsafe { result::memset_d8_async(zeros.0, 0, e * 4, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
     let ev = || gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(GpuError::driver("cuEventCreate"));
@@ -284,38 +331,64 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
         mark(2)?;
         launch(gpu, s, "bf16_gather_rows", rows_cfg(n), &[A::P(x.0), A::P(map.0), A::P(xp.0), A::I64(n as i64), A::I32(d as i32)])?;
         mark(3)?;
-        let per_expert = |f_each: &mut dyn FnMut(usize, usize, usize) -> Result<(), GpuError>| -> Result<(), GpuError> {
+        // The expert GEMMs of one stage: per expert with rows, or one grouped call; `epi`
+        // (fused mode only) with its pre-activation rows at `aux` (row width f).
+        let experts = |form: GemmForm, epi: Epilogue, aux: u64, each: &dyn Fn(usize, usize, usize) -> GroupedProblem| -> Result<(), GpuError> {
+            let mut probs = Vec::with_capacity(e);
+            let mut offs = Vec::with_capacity(e);
             let mut off = 0;
             for (ex, &c) in counts.iter().enumerate() {
                 if c > 0 {
-                    f_each(ex, off, c)?;
+                    probs.push(each(ex, off, c));
+                    offs.push(off);
                 }
                 off += c;
             }
-            Ok(())
+            match gemm_mode {
+                ExpertGemm::PerExpert => probs.iter().try_for_each(|p| gemm(s, form, p.a, p.b, p.c, p.dims.m, p.dims.k, p.dims.n, 0.0, false)),
+                // SAFETY: every problem addresses rows inside the stage's buffers (offsets from
+                // counts); ptr_scratch holds 3e pointers; the handle is bound to s.
+                ExpertGemm::Grouped => unsafe { bf16_grouped_gemm_raw(s.blas, s.stream.cu_stream(), form, &probs, 0.0, ptr_scratch.0) },
+                ExpertGemm::FusedGelu => probs.iter().zip(&offs).try_for_each(|(p, &o)| {
+                    // SAFETY: as above; aux rows o.. of width f lie inside h.
+                    unsafe { lt.borrow_mut().gemm(s.stream.cu_stream(), form, p.a, p.b, p.c, p.dims, epi, aux + (o * f * bf) as u64) }
+                }),
+            }
         };
-        per_expert(&mut |ex, off, c| gemm(s, GemmForm::Nn, xp.0 + (off * d * bf) as u64, w1.0 + (ex * d * f * bf) as u64, h.0 + (off * f * bf) as u64, c, d, f, 0.0, false))?;
-        mark(4)?;
-        launch(gpu, s, "bf16_gelu_fwd", gpu.grid(n * f / 8), &[A::P(h.0), A::P(act.0), A::I64((n * f) as i64)])?;
+        let at = |base: u64, row: usize, width: usize| base + (row * width * bf) as u64;
+        let dims = |m: usize, k: usize, n: usize| GemmDims { m, k, n };
+        let none = Epilogue::None;
+        if fused {
+            // act = gelu(xp w1), h = xp w1 kept for the backward.
+            experts(GemmForm::Nn, Epilogue::GeluAux, h.0, &|ex, off, c| GroupedProblem { a: at(xp.0, off, d), b: at(w1.0, ex * d, f), c: at(act.0, off, f), dims: dims(c, d, f) })?;
+            mark(4)?;
+        } else {
+            experts(GemmForm::Nn, none, 0, &|ex, off, c| GroupedProblem { a: at(xp.0, off, d), b: at(w1.0, ex * d, f), c: at(h.0, off, f), dims: dims(c, d, f) })?;
+            mark(4)?;
+            launch(gpu, s, "bf16_gelu_fwd", gpu.grid(n * f / 8), &[A::P(h.0), A::P(act.0), A::I64((n * f) as i64)])?;
+        }
         mark(5)?;
-        per_expert(&mut |ex, off, c| gemm(s, GemmForm::Nn, act.0 + (off * f * bf) as u64, w2.0 + (ex * f * d * bf) as u64, y.0 + (off * d * bf) as u64, c, f, d, 0.0, false))?;
+        experts(GemmForm::Nn, none, 0, &|ex, off, c| GroupedProblem { a: at(act.0, off, f), b: at(w2.0, ex * f, d), c: at(y.0, off, d), dims: dims(c, f, d) })?;
         mark(6)?;
         launch(gpu, s, "bf16_combine", rows_cfg(t), &[A::P(y.0), A::P(slots.0), A::P(wts.0), A::P(out.0), A::I64(t as i64), A::I32(k as i32), A::I32(d as i32)])?;
         mark(7)?;
         launch(gpu, s, "bf16_combine_bwd_rows", rows_cfg(t * k), &[A::P(dout.0), A::P(slots.0), A::P(wts.0), A::P(dy.0), A::I64((t * k) as i64), A::I32(k as i32), A::I32(d as i32)])?;
         launch(gpu, s, "bf16_combine_bwd_weights", gpu.grid(t * k * 32), &[A::P(dout.0), A::P(y.0), A::P(slots.0), A::P(dwts.0), A::I64((t * k) as i64), A::I32(k as i32), A::I32(d as i32)])?;
         mark(8)?;
-        per_expert(&mut |ex, off, c| {
-            gemm(s, GemmForm::Nt, dy.0 + (off * d * bf) as u64, w2.0 + (ex * f * d * bf) as u64, dact.0 + (off * f * bf) as u64, c, d, f, 0.0, false)?;
-            gemm(s, GemmForm::Tn, act.0 + (off * f * bf) as u64, dy.0 + (off * d * bf) as u64, dw2.0 + (ex * f * d * bf) as u64, f, c, d, 0.0, false)
-        })?;
+        if fused {
+            // dh = gelu'(h) * (dy w2^T) in the epilogue.
+            experts(GemmForm::Nt, Epilogue::DGelu, h.0, &|ex, off, c| GroupedProblem { a: at(dy.0, off, d), b: at(w2.0, ex * f, d), c: at(dh.0, off, f), dims: dims(c, d, f) })?;
+        } else {
+            experts(GemmForm::Nt, none, 0, &|ex, off, c| GroupedProblem { a: at(dy.0, off, d), b: at(w2.0, ex * f, d), c: at(dact.0, off, f), dims: dims(c, d, f) })?;
+        }
+        experts(GemmForm::Tn, none, 0, &|ex, off, c| GroupedProblem { a: at(act.0, off, f), b: at(dy.0, off, d), c: at(dw2.0, ex * f, d), dims: dims(f, c, d) })?;
         mark(9)?;
-        launch(gpu, s, "bf16_gelu_bwd", gpu.grid(n * f / 8), &[A::P(h.0), A::P(dact.0), A::P(dh.0), A::I64((n * f) as i64)])?;
+        if !fused {
+            launch(gpu, s, "bf16_gelu_bwd", gpu.grid(n * f / 8), &[A::P(h.0), A::P(dact.0), A::P(dh.0), A::I64((n * f) as i64)])?;
+        }
         mark(10)?;
-        per_expert(&mut |ex, off, c| {
-            gemm(s, GemmForm::Nt, dh.0 + (off * f * bf) as u64, w1.0 + (ex * d * f * bf) as u64, dxp.0 + (off * d * bf) as u64, c, f, d, 0.0, false)?;
-            gemm(s, GemmForm::Tn, xp.0 + (off * d * bf) as u64, dh.0 + (off * f * bf) as u64, dw1.0 + (ex * d * f * bf) as u64, d, c, f, 0.0, false)
-        })?;
+        experts(GemmForm::Nt, none, 0, &|ex, off, c| GroupedProblem { a: at(dh.0, off, f), b: at(w1.0, ex * d, f), c: at(dxp.0, off, d), dims: dims(c, f, d) })?;
+        experts(GemmForm::Tn, none, 0, &|ex, off, c| GroupedProblem { a: at(xp.0, off, d), b: at(dh.0, off, f), c: at(dw1.0, ex * d, f), dims: dims(d, c, f) })?;
         mark(11)?;
         launch(gpu, s, "bf16_token_sum", rows_cfg(t), &[A::P(dxp.0), A::P(slots.0), A::P(dx.0), A::I64(t as i64), A::I32(k as i32), A::I32(d as i32)])?;
         mark(12)?;
@@ -339,6 +412,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
     let tflops = expert_flops / (layer_ms * 1e-3) / 1e12;
     Ok(BenchRow {
         config: cfg,
+        gemm: gemm_mode,
         capacity: capacity_factor.map_or("dropless".into(), |c| format!("{c}")),
         rows,
         dropped: t * k - rows,
@@ -346,26 +420,43 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
         expert_flops,
         tflops,
         ratio: tflops / dense_tflops,
+        dense_tflops,
         stages_ms: STAGES.iter().zip(&stage_sum).map(|(n, v)| (n.to_string(), v / reps as f64)).collect(),
     })
 }
 
-/// Runs every configuration in `names` (all when empty), dropless and with capacity 1.25.
-pub fn run(ordinal: usize, names: &[String], reps: usize, on_row: &mut dyn FnMut(&BenchRow)) -> Result<BenchReport, GpuError> {
+/// Runs every configuration in `names` (all when empty), dropless and with capacity 1.25,
+/// once per expert-GEMM mode in `modes`.
+pub fn run(ordinal: usize, names: &[String], modes: &[ExpertGemm], reps: usize, on_row: &mut dyn FnMut(&BenchRow)) -> Result<BenchReport, GpuError> {
     let gpu = Gpu::open(ordinal)?;
     gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
     let s = gpu.new_stream(false)?;
     let kernel_checks = check_kernels(&gpu, &s, crate::backend::cuda::check::fresh_seed())?;
     let dense_tflops = dense_gemm_tflops(&gpu, &s, 8192, reps.max(5))?;
     let mut rows = Vec::new();
+    let mut failures = Vec::new();
     for cfg in CONFIGS.iter().filter(|c| names.is_empty() || names.iter().any(|n| n == c.name)) {
         for cap in [None, Some(1.25)] {
-            let row = bench_config(&gpu, &s, *cfg, cap, reps, 2, dense_tflops)?;
-            on_row(&row);
-            rows.push(row);
+            for &mode in modes {
+                // The dense reference again right before the row; the ratio takes the higher of
+                // it and the first measurement (clocks drift as the GPU warms: never flatter).
+                let dense_here = dense_gemm_tflops(&gpu, &s, 8192, reps.max(5))?.max(dense_tflops);
+                match bench_config(&gpu, &s, *cfg, cap, mode, reps, 2, dense_here) {
+                    Ok(row) => {
+                        on_row(&row);
+                        rows.push(row);
+                    }
+                    // The alternative paths may be unsupported by this cuBLAS; say so and go on.
+                    Err(err) if mode != ExpertGemm::PerExpert => {
+                        s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+                        failures.push(format!("{} {} {}: {err}", cfg.name, cap.map_or("dropless".into(), |c| c.to_string()), mode.name()));
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
         }
     }
-    Ok(BenchReport { kernel_checks, device: gpu.info.name.clone(), date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(), dense_tflops, reps, rows })
+    Ok(BenchReport { kernel_checks, failures, device: gpu.info.name.clone(), date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(), dense_tflops, reps, rows })
 }
 
 #[cfg(test)]
@@ -419,7 +510,7 @@ fn down<T: cudarc::driver::DeviceRepr + Default + Clone>(s: &GpuStream, b: &Buf,
 /// cpu definition, for a row width on the vector path (24) and one off it (20).
 pub fn check_kernels(gpu: &Gpu, s: &GpuStream, seed: u64) -> Result<Vec<KernelCheck>, GpuError> {
     use crate::backend::cuda::check::compare;
-    use crate::math::{activation, rng};
+    use crate::math::{activation, linalg, rng};
     use half::bf16;
     let round = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect() };
     let to16 = |v: &[f32]| -> Vec<u16> { v.iter().map(|x| bf16::from_f32(*x).to_bits()).collect() };
@@ -505,5 +596,86 @@ pub fn check_kernels(gpu: &Gpu, s: &GpuStream, seed: u64) -> Result<Vec<KernelCh
         push(format!("bf16_gelu_fwd[{m}]"), &from16(down(s, &ab, m)?), &wa);
         push(format!("bf16_gelu_bwd[{m}]"), &from16(down(s, &dhb, m)?), &wd);
     }
+    // Grouped GEMM: four experts with uneven rows (one empty) in every form, against linalg.
+    let (kk, nn) = (24usize, 20usize);
+    let rows = [7usize, 0, 13, 3];
+    let total: usize = rows.iter().sum();
+    let scratch = Buf::new(s, grouped_scratch_bytes(rows.len()))?;
+    for form in GemmForm::ALL {
+        // Per expert: nn  C[r,nn] = A[r,kk] W[kk,nn]; nt  C[r,kk] = A[r,nn] W[kk,nn]^T;
+        // tn  C[kk,nn] = A[r,kk]^T B[r,nn] (a weight gradient: contraction over the rows).
+        let (a_w, b_len, c_w) = match form {
+            GemmForm::Nn => (kk, kk * nn, nn),
+            GemmForm::Nt => (nn, kk * nn, kk),
+            GemmForm::Tn => (kk, 0, nn),
+        };
+        let a = normal(&format!("grouped.a.{}", form.name()), total * a_w);
+        let b = match form {
+            GemmForm::Tn => normal("grouped.b.tn", total * nn),
+            _ => normal(&format!("grouped.b.{}", form.name()), rows.len() * b_len),
+        };
+        let c_len = match form {
+            GemmForm::Tn => rows.len() * kk * nn,
+            _ => total * c_w,
+        };
+        let (ab, bb) = (up(s, &to16(&a))?, up(s, &to16(&b))?);
+        let cb = up(s, &vec![0u16; c_len])?;
+        let mut want = vec![0.0f32; c_len];
+        let mut probs = Vec::new();
+        let mut off = 0;
+        for (ex, &r) in rows.iter().enumerate() {
+            let a_rows = &a[off * a_w..(off + r) * a_w];
+            let addr = |base: u64, elems: usize| base + (elems * 2) as u64;
+            match form {
+                GemmForm::Nn | GemmForm::Nt => {
+                    let w = &b[ex * b_len..(ex + 1) * b_len];
+                    let c = &mut want[off * c_w..(off + r) * c_w];
+                    if form == GemmForm::Nn {
+                        linalg::gemm(a_rows, w, c, r, kk, nn, false);
+                    } else {
+                        linalg::gemm_nt(a_rows, w, c, r, nn, kk, false);
+                    }
+                    let dims = if form == GemmForm::Nn { GemmDims { m: r, k: kk, n: nn } } else { GemmDims { m: r, k: nn, n: kk } };
+                    probs.push(GroupedProblem { a: addr(ab.0, off * a_w), b: addr(bb.0, ex * b_len), c: addr(cb.0, off * c_w), dims });
+                }
+                GemmForm::Tn => {
+                    let brows = &b[off * nn..(off + r) * nn];
+                    linalg::gemm_tn(a_rows, brows, &mut want[ex * kk * nn..(ex + 1) * kk * nn], r, kk, nn, false);
+                    if r > 0 {
+                        probs.push(GroupedProblem { a: addr(ab.0, off * kk), b: addr(bb.0, off * nn), c: addr(cb.0, ex * kk * nn), dims: GemmDims { m: kk, k: r, n: nn } });
+                    }
+                }
+            }
+            off += r;
+        }
+        // SAFETY: every problem addresses rows inside ab, bb, cb (sized above); scratch holds
+        // the pointer arrays of rows.len() problems.
+        unsafe { bf16_grouped_gemm_raw(s.blas, s.stream.cu_stream(), form, &probs, 0.0, scratch.0) }?;
+        push(format!("bf16_grouped_gemm_{}[{total}]", form.name()), &from16(down(s, &cb, c_len)?), &want);
+    }
+    // cuBLASLt GELU epilogues: act = gelu(x w1) with h = x w1 kept; dh = gelu'(h) (dy w2^T).
+    let (r, dd, ff) = (13usize, 24usize, 16usize);
+    let (x, w1, w2, dy) = (normal("lt.x", r * dd), normal("lt.w1", dd * ff), normal("lt.w2", ff * dd), normal("lt.dy", r * dd));
+    let (xb, w1b, w2b, dyb) = (up(s, &to16(&x))?, up(s, &to16(&w1))?, up(s, &to16(&w2))?, up(s, &to16(&dy))?);
+    let (actb, hb, dhb) = (Buf::new(s, r * ff * 2)?, Buf::new(s, r * ff * 2)?, Buf::new(s, r * ff * 2)?);
+    let ws = Buf::new(s, LT_WORKSPACE)?;
+    let mut lt = LtGemm::new(ws.0, LT_WORKSPACE)?;
+    // SAFETY: every buffer holds the elements its shape addresses; aux is laid out like c.
+    unsafe {
+        lt.gemm(s.stream.cu_stream(), GemmForm::Nn, xb.0, w1b.0, actb.0, GemmDims { m: r, k: dd, n: ff }, Epilogue::GeluAux, hb.0)?;
+        lt.gemm(s.stream.cu_stream(), GemmForm::Nt, dyb.0, w2b.0, dhb.0, GemmDims { m: r, k: dd, n: ff }, Epilogue::DGelu, hb.0)?;
+    }
+    let mut h = vec![0.0f32; r * ff];
+    linalg::gemm(&x, &w1, &mut h, r, dd, ff, false);
+    let mut want_act = vec![0.0f32; r * ff];
+    activation::forward(crate::spec::Activation::Gelu, &h, &mut want_act);
+    let mut dact = vec![0.0f32; r * ff];
+    linalg::gemm_nt(&dy, &w2, &mut dact, r, dd, ff, false);
+    let mut want_dh = vec![0.0f32; r * ff];
+    activation::backward(crate::spec::Activation::Gelu, &h, &dact, &mut want_dh);
+    push(format!("lt_gemm_gelu_aux[{r}x{dd}x{ff}]"), &from16(down(s, &actb, r * ff)?), &want_act);
+    push(format!("lt_gemm_gelu_aux.h[{r}x{dd}x{ff}]"), &from16(down(s, &hb, r * ff)?), &h);
+    push(format!("lt_gemm_dgelu[{r}x{dd}x{ff}]"), &from16(down(s, &dhb, r * ff)?), &want_dh);
+    drop(lt);
     Ok(out)
 }
