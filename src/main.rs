@@ -87,7 +87,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         device: usize,
         /// How expert GEMMs are issued: one cuBLAS call per expert, one grouped call per
-        /// stage, or both (each configuration measured both ways in the same run).
+        /// stage, cuBLASLt per expert with tuned algorithms (optionally with GELU fused), or
+        /// all of them (`both`: every mode measured in the same run).
         #[arg(long, value_enum, default_value_t = GemmChoice::Both)]
         gemm: GemmChoice,
         /// Write the report as JSON.
@@ -329,7 +330,11 @@ enum GemmChoice {
     PerExpert,
     /// One grouped cuBLAS call per stage.
     Grouped,
-    /// Both, in the same run.
+    /// Per expert through cuBLASLt with per-shape algorithm tuning.
+    LtTuned,
+    /// As lt-tuned, with GELU and its gradient fused into GEMM epilogues.
+    FusedGelu,
+    /// Every mode, in the same run.
     Both,
 }
 
@@ -339,6 +344,8 @@ impl GemmChoice {
         match self {
             GemmChoice::PerExpert => &[ExpertGemm::PerExpert],
             GemmChoice::Grouped => &[ExpertGemm::Grouped],
+            GemmChoice::LtTuned => &[ExpertGemm::LtTuned],
+            GemmChoice::FusedGelu => &[ExpertGemm::FusedGelu],
             GemmChoice::Both => &ExpertGemm::ALL,
         }
     }

@@ -2,7 +2,9 @@
 //! activation costs no kernel of its own: forward `act = gelu(x w1)` also stores the
 //! pre-activation `h` (`GELU_AUX`), and backward `dh = gelu'(h) * (dact)` is the epilogue of
 //! the `dy w2^T` product (`DGELU`). cuBLASLt's GELU is the tanh form, moelab's definition.
-//! Descriptors and the chosen algorithm are cached per shape and epilogue.
+//! Descriptors and the chosen algorithm are cached per shape and epilogue; with `tune` the
+//! first call of a shape times up to [`TUNE_CANDIDATES`] of cuBLASLt's heuristic candidates on
+//! the call's own buffers and keeps the fastest.
 
 use crate::error::GpuError;
 use crate::gemm::{cublas_config, GemmDims, GemmForm};
@@ -29,13 +31,19 @@ struct Cached {
     layouts: [sys::cublasLtMatrixLayout_t; 3],
     algo: sys::cublasLtMatmulAlgo_t,
     ldc: i64,
+    /// Candidates still to be timed (tuning, before the first call).
+    untuned: Option<Vec<sys::cublasLtMatmulAlgo_t>>,
 }
+
+/// Heuristic candidates timed per shape when tuning.
+pub const TUNE_CANDIDATES: usize = 8;
 
 /// A cuBLASLt handle with its workspace and a cache of descriptors per shape; one per stream.
 pub struct LtGemm {
     handle: sys::cublasLtHandle_t,
     workspace: u64,
     workspace_bytes: usize,
+    tune: bool,
     cache: HashMap<(GemmForm, usize, usize, usize, Epilogue), Cached>,
 }
 
@@ -45,9 +53,90 @@ unsafe impl Send for LtGemm {}
 impl LtGemm {
     /// A handle using `workspace` (device memory of `workspace_bytes`, owned by the caller and
     /// kept alive as long as this value).
-    pub fn new(workspace: u64, workspace_bytes: usize) -> Result<LtGemm, GpuError> {
+    /// `tune`: time the heuristic's candidates at a shape's first call instead of taking its
+    /// first choice.
+    pub fn new(workspace: u64, workspace_bytes: usize, tune: bool) -> Result<LtGemm, GpuError> {
         let handle = lt::create_handle().map_err(GpuError::cublaslt("cublasLtCreate"))?;
-        Ok(LtGemm { handle, workspace, workspace_bytes, cache: HashMap::new() })
+        Ok(LtGemm { handle, workspace, workspace_bytes, tune, cache: HashMap::new() })
+    }
+
+    /// The heuristic's candidates for a prepared problem, best first.
+    fn candidates(&self, desc: sys::cublasLtMatmulDesc_t, l: [sys::cublasLtMatrixLayout_t; 3], n: usize) -> Result<Vec<sys::cublasLtMatmulAlgo_t>, GpuError> {
+        let e = GpuError::cublaslt;
+        let pref = lt::create_matmul_pref().map_err(e("cublasLtMatmulPreferenceCreate"))?;
+        let ws = self.workspace_bytes;
+        let mut out: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(n);
+        let mut found = 0i32;
+        // SAFETY: pref and the layouts are live; `out` has room for n results.
+        let r = unsafe {
+            lt::set_matmul_pref_attribute(pref, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const usize as _, size_of::<usize>())
+                .and_then(|_| sys::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, l[0], l[1], l[2], l[2], pref, n as i32, out.as_mut_ptr(), &mut found).result())
+        };
+        // SAFETY: created above, destroyed once.
+        unsafe { lt::destroy_matmul_pref(pref) }.map_err(e("cublasLtMatmulPreferenceDestroy"))?;
+        r.map_err(e("cublasLtMatmulAlgoGetHeuristic"))?;
+        // SAFETY: cuBLASLt wrote `found` results.
+        unsafe { out.set_len(found.max(0) as usize) };
+        let algos: Vec<_> = out.into_iter().filter(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS).map(|h| h.algo).collect();
+        if algos.is_empty() {
+            return Err(e("cublasLtMatmulAlgoGetHeuristic")(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)));
+        }
+        Ok(algos)
+    }
+
+    /// Median-free quick timing: the fastest of three runs of each candidate on the call's own
+    /// buffers (outputs are overwritten by the real call right after).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pick(&self, stream: cudarc::driver::sys::CUstream, c: &Cached, algos: &[sys::cublasLtMatmulAlgo_t], a: u64, b: u64, out: u64) -> Result<sys::cublasLtMatmulAlgo_t, GpuError> {
+        use cudarc::driver::result::{event, stream as st};
+        use cudarc::driver::sys::CUevent_flags;
+        let d = GpuError::driver;
+        let (e0, e1) = (event::create(CUevent_flags::CU_EVENT_DEFAULT).map_err(d("cuEventCreate"))?, event::create(CUevent_flags::CU_EVENT_DEFAULT).map_err(d("cuEventCreate"))?);
+        let mut best = (f32::INFINITY, algos[0]);
+        for algo in algos {
+            let mut t = f32::INFINITY;
+            for _ in 0..3 {
+                event::record(e0, stream).map_err(d("cuEventRecord"))?;
+                if self.launch(stream, c, algo, a, b, out).is_err() {
+                    t = f32::INFINITY;
+                    break;
+                }
+                event::record(e1, stream).map_err(d("cuEventRecord"))?;
+                st::synchronize(stream).map_err(d("cuStreamSynchronize"))?;
+                t = t.min(event::elapsed(e0, e1).map_err(d("cuEventElapsedTime"))?);
+            }
+            if t < best.0 {
+                best = (t, *algo);
+            }
+        }
+        let _ = event::destroy(e0);
+        let _ = event::destroy(e1);
+        Ok(best.1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch(&self, stream: cudarc::driver::sys::CUstream, c: &Cached, algo: &sys::cublasLtMatmulAlgo_t, a: u64, b: u64, out: u64) -> Result<(), GpuError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let [la, lb, lc] = c.layouts;
+        lt::matmul(
+            self.handle,
+            c.desc,
+            &alpha as *const f32 as _,
+            &beta as *const f32 as _,
+            b as *const c_void,
+            la,
+            a as *const c_void,
+            lb,
+            out as *const c_void,
+            lc,
+            out as *mut c_void,
+            lc,
+            algo,
+            self.workspace as *mut c_void,
+            self.workspace_bytes,
+            stream as _,
+        )
+        .map_err(GpuError::cublaslt("cublasLtMatmul"))
     }
 
     fn prepare(&mut self, form: GemmForm, dims: GemmDims, epi: Epilogue) -> Result<&Cached, GpuError> {
@@ -85,19 +174,8 @@ impl LtGemm {
                 let placeholder = self.workspace;
                 set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &placeholder as *const u64 as _, size_of::<u64>())?;
             }
-            let pref = lt::create_matmul_pref().map_err(e("cublasLtMatmulPreferenceCreate"))?;
-            let ws = self.workspace_bytes;
-            // SAFETY: pref is live; the attribute is a usize.
-            unsafe {
-                lt::set_matmul_pref_attribute(pref, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const usize as _, size_of::<usize>())
-            }
-            .map_err(e("cublasLtMatmulPreferenceSetAttribute"))?;
-            // SAFETY: every descriptor is live.
-            let heur = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, la, lb, lc, lc, pref) };
-            // SAFETY: created above, destroyed once.
-            unsafe { lt::destroy_matmul_pref(pref) }.map_err(e("cublasLtMatmulPreferenceDestroy"))?;
-            let heur = heur.map_err(e("cublasLtMatmulAlgoGetHeuristic"))?;
-            self.cache.insert(key, Cached { desc, layouts: [la, lb, lc], algo: heur.algo, ldc });
+            let algos = self.candidates(desc, [la, lb, lc], if self.tune { TUNE_CANDIDATES } else { 1 })?;
+            self.cache.insert(key, Cached { desc, layouts: [la, lb, lc], algo: algos[0], ldc, untuned: (algos.len() > 1).then_some(algos) });
         }
         Ok(&self.cache[&key])
     }
@@ -114,35 +192,22 @@ impl LtGemm {
         if dims.m == 0 || dims.n == 0 {
             return Ok(());
         }
-        let (handle, ws, ws_bytes) = (self.handle, self.workspace, self.workspace_bytes);
-        let cached = self.prepare(form, dims, epi)?;
-        let e = GpuError::cublaslt;
+        let key = (form, dims.m, dims.k, dims.n, epi);
+        self.prepare(form, dims, epi)?;
+        let cached = &self.cache[&key];
         if epi != Epilogue::None {
             lt::set_matmul_desc_attribute(cached.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux as *const u64 as _, size_of::<u64>())
-                .map_err(e("cublasLtMatmulDescSetAttribute"))?;
+                .map_err(GpuError::cublaslt("cublasLtMatmulDescSetAttribute"))?;
         }
+        if let Some(algos) = &cached.untuned {
+            let best = self.pick(stream, cached, algos, a, b, c)?;
+            let entry = self.cache.get_mut(&key).expect("prepared");
+            entry.algo = best;
+            entry.untuned = None;
+        }
+        let cached = &self.cache[&key];
         debug_assert!(cached.ldc > 0);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let [la, lb, lc] = cached.layouts;
-        lt::matmul(
-            handle,
-            cached.desc,
-            &alpha as *const f32 as _,
-            &beta as *const f32 as _,
-            b as *const c_void,
-            la,
-            a as *const c_void,
-            lb,
-            c as *const c_void,
-            lc,
-            c as *mut c_void,
-            lc,
-            &cached.algo,
-            ws as *mut c_void,
-            ws_bytes,
-            stream as _,
-        )
-        .map_err(e("cublasLtMatmul"))
+        self.launch(stream, cached, &cached.algo, a, b, c)
     }
 }
 

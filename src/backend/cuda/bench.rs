@@ -59,20 +59,24 @@ pub enum ExpertGemm {
     PerExpert,
     /// One `cublasGemmGroupedBatchedEx` over all experts with rows (one launch per stage).
     Grouped,
-    /// Per expert through cuBLASLt with GELU fused into the first GEMM's epilogue (which also
+    /// Per expert through cuBLASLt, each shape's algorithm picked by timing the heuristic's
+    /// candidates at its first call (during warm-up).
+    LtTuned,
+    /// As [`ExpertGemm::LtTuned`], with GELU fused into the first GEMM's epilogue (which also
     /// stores the pre-activation) and its gradient into the epilogue of `dy w2^T`.
     FusedGelu,
 }
 
 impl ExpertGemm {
     /// Every mode, in the order the benchmark measures them.
-    pub const ALL: [ExpertGemm; 3] = [ExpertGemm::PerExpert, ExpertGemm::Grouped, ExpertGemm::FusedGelu];
+    pub const ALL: [ExpertGemm; 4] = [ExpertGemm::PerExpert, ExpertGemm::Grouped, ExpertGemm::LtTuned, ExpertGemm::FusedGelu];
 
-    /// `per-expert`, `grouped` or `fused-gelu`.
+    /// `per-expert`, `grouped`, `lt-tuned` or `fused-gelu`.
     pub fn name(self) -> &'static str {
         match self {
             ExpertGemm::PerExpert => "per-expert",
             ExpertGemm::Grouped => "grouped",
+            ExpertGemm::LtTuned => "lt-tuned",
             ExpertGemm::FusedGelu => "fused-gelu",
         }
     }
@@ -215,8 +219,25 @@ pub fn dense_gemm_tflops(gpu: &Gpu, s: &GpuStream, n: usize, reps: usize) -> Res
     Ok(2.0 * (n as f64).powi(3) / (ms * 1e-3) / 1e12)
 }
 
+/// Slots of every assignment (`-1` dropped) into `slots` and the source token of every expert
+/// row into `map`, computed on the device from the choices `idx[T, k]` (`route_hist`,
+/// `route_slots`: the rule of [`route_rows`]); returns the kept rows per expert, the one
+/// download the per-expert GEMM sizes need.
+#[allow(clippy::too_many_arguments)]
+fn device_slots(gpu: &Gpu, s: &GpuStream, idx: &Buf, cnt: &Buf, slots: &Buf, map: &Buf, t: usize, k: usize, e: usize, capacity: Option<usize>) -> Result<Vec<usize>, GpuError> {
+    let cu = s.stream.cu_stream();
+    // SAFETY: cnt holds e i32.
+    unsafe { result::memset_d8_async(cnt.0, 0, e * 4, cu) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+    launch(gpu, s, "route_hist", gpu.grid(t * k), &[A::P(idx.0), A::P(cnt.0), A::I64((t * k) as i64)])?;
+    let cap = capacity.map_or(-1, |c| c.min(i32::MAX as usize) as i32);
+    let cfg = LaunchConfig { grid_dim: (e as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    launch(gpu, s, "route_slots", cfg, &[A::P(idx.0), A::P(cnt.0), A::P(slots.0), A::P(map.0), A::I64(t as i64), A::I32(k as i32), A::I32(cap)])?;
+    let counts: Vec<i32> = down(s, cnt, e)?;
+    Ok(counts.into_iter().map(|c| (c.max(0) as usize).min(capacity.unwrap_or(usize::MAX))).collect())
+}
+
 /// Slots of every assignment (`-1` dropped), the source token of every expert row, and the
-/// rows per expert, from the choices `idx[T, k]`.
+/// rows per expert, from the choices `idx[T, k]` (host reference of `route_slots`).
 pub fn route_rows(idx: &[i32], e: usize, k: usize, capacity: Option<usize>) -> (Vec<i32>, Vec<i32>, Vec<usize>) {
     let t = idx.len() / k;
     let cap = capacity.unwrap_or(usize::MAX);
@@ -280,6 +301,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
     let wts = Buf::new(s, t * k * 4)?;
     let slots = Buf::new(s, t * k * 4)?;
     let map = Buf::new(s, nmax * 4)?;
+    let cnt = Buf::new(s, e * 4)?;
     let xp = Buf::new(s, nmax * d * bf)?;
     let h = Buf::new(s, nmax * f * bf)?;
     let act = Buf::new(s, nmax * f * bf)?;
@@ -299,7 +321,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
     let zeros = Buf::new(s, e * 4)?;
     let ptr_scratch = Buf::new(s, grouped_scratch_bytes(e))?;
     let lt_ws = Buf::new(s, LT_WORKSPACE)?;
-    let lt = RefCell::new(LtGemm::new(lt_ws.0, LT_WORKSPACE)?);
+    let lt = RefCell::new(LtGemm::new(lt_ws.0, LT_WORKSPACE, true)?);
     let fused = gemm_mode == ExpertGemm::FusedGelu;
     // SAFETY: zeros holds e f32 (the aux-loss gradient is left out of the benchmark).
     unsafe { result::memset_d8_async(zeros.0, 0, e * 4, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
@@ -316,17 +338,8 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
         mark(1)?;
         // route: softmax + top-k on the device, slots on the host.
         launch(gpu, s, "route_topk", gpu.grid(t), &[A::P(logits.0), A::P(probs.0), A::P(idx.0), A::P(wts.0), A::I64(t as i64), A::I32(e as i32), A::I32(k as i32), A::I32(1)])?;
-        let mut iv = vec![0i32; t * k];
-        // SAFETY: idx holds t*k i32; synchronised right after.
-        unsafe { result::memcpy_dtoh_async(&mut iv, idx.0, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
-        s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
-        let (sl, mp, counts) = route_rows(&iv, e, k, capacity);
-        // SAFETY: slots holds t*k, map nmax >= mp.len() i32.
-        unsafe {
-            result::memcpy_htod_async(slots.0, &sl, s.stream.cu_stream()).map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
-            result::memcpy_htod_async(map.0, &mp, s.stream.cu_stream()).map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
-        }
-        let n = mp.len();
+        let counts = device_slots(gpu, s, &idx, &cnt, &slots, &map, t, k, e, capacity)?;
+        let n: usize = counts.iter().sum();
         rows = n;
         mark(2)?;
         launch(gpu, s, "bf16_gather_rows", rows_cfg(n), &[A::P(x.0), A::P(map.0), A::P(xp.0), A::I64(n as i64), A::I32(d as i32)])?;
@@ -349,7 +362,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
                 // SAFETY: every problem addresses rows inside the stage's buffers (offsets from
                 // counts); ptr_scratch holds 3e pointers; the handle is bound to s.
                 ExpertGemm::Grouped => unsafe { bf16_grouped_gemm_raw(s.blas, s.stream.cu_stream(), form, &probs, 0.0, ptr_scratch.0) },
-                ExpertGemm::FusedGelu => probs.iter().zip(&offs).try_for_each(|(p, &o)| {
+                ExpertGemm::LtTuned | ExpertGemm::FusedGelu => probs.iter().zip(&offs).try_for_each(|(p, &o)| {
                     // SAFETY: as above; aux rows o.. of width f lie inside h.
                     unsafe { lt.borrow_mut().gemm(s.stream.cu_stream(), form, p.a, p.b, p.c, p.dims, epi, aux + (o * f * bf) as u64) }
                 }),
@@ -521,6 +534,8 @@ pub fn check_kernels(gpu: &Gpu, s: &GpuStream, seed: u64) -> Result<Vec<KernelCh
         round(v)
     };
     let mut out = Vec::new();
+    // Integer outputs (routing slots) must match exactly; kept apart from the float checks.
+    let mut exact = Vec::new();
     let mut push = |name: String, got: &[f32], want: &[f32]| {
         let (rel, _) = compare(got, want);
         out.push(KernelCheck { name, rel_err: rel, passed: rel.is_finite() && rel < 1e-2 });
@@ -532,6 +547,18 @@ pub fn check_kernels(gpu: &Gpu, s: &GpuStream, seed: u64) -> Result<Vec<KernelCh
         let idx: Vec<i32> = (0..t * k).map(|_| (rand::RngExt::random::<u32>(&mut r) % e as u32) as i32).collect();
         let (slots, map, _) = route_rows(&idx, e, k, Some(12));
         let n = map.len();
+        // Device slots against the host rule, with the capacity and dropless.
+        for cap in [Some(12), None] {
+            let (want_slots, want_map, want_counts) = route_rows(&idx, e, k, cap);
+            let (ib, cb) = (up(s, &idx)?, Buf::new(s, e * 4)?);
+            let (sb, mb) = (Buf::new(s, t * k * 4)?, Buf::new(s, t * k * 4)?);
+            let counts = device_slots(gpu, s, &ib, &cb, &sb, &mb, t, k, e, cap)?;
+            let got_slots: Vec<i32> = down(s, &sb, t * k)?;
+            let got_map: Vec<i32> = down(s, &mb, want_map.len())?;
+            let same = counts == want_counts && got_slots == want_slots && got_map == want_map;
+            let label = cap.map_or("dropless".to_string(), |c| format!("cap{c}"));
+            exact.push(KernelCheck { name: format!("route_slots[{t}x{k},{label},{cols}]"), rel_err: if same { 0.0 } else { 1.0 }, passed: same });
+        }
         let x = normal("x", t * cols);
         let w: Vec<f32> = normal("w", t * k);
         // gather
@@ -659,7 +686,7 @@ pub fn check_kernels(gpu: &Gpu, s: &GpuStream, seed: u64) -> Result<Vec<KernelCh
     let (xb, w1b, w2b, dyb) = (up(s, &to16(&x))?, up(s, &to16(&w1))?, up(s, &to16(&w2))?, up(s, &to16(&dy))?);
     let (actb, hb, dhb) = (Buf::new(s, r * ff * 2)?, Buf::new(s, r * ff * 2)?, Buf::new(s, r * ff * 2)?);
     let ws = Buf::new(s, LT_WORKSPACE)?;
-    let mut lt = LtGemm::new(ws.0, LT_WORKSPACE)?;
+    let mut lt = LtGemm::new(ws.0, LT_WORKSPACE, true)?;
     // SAFETY: every buffer holds the elements its shape addresses; aux is laid out like c.
     unsafe {
         lt.gemm(s.stream.cu_stream(), GemmForm::Nn, xb.0, w1b.0, actb.0, GemmDims { m: r, k: dd, n: ff }, Epilogue::GeluAux, hb.0)?;
@@ -677,5 +704,6 @@ pub fn check_kernels(gpu: &Gpu, s: &GpuStream, seed: u64) -> Result<Vec<KernelCh
     push(format!("lt_gemm_gelu_aux.h[{r}x{dd}x{ff}]"), &from16(down(s, &hb, r * ff)?), &h);
     push(format!("lt_gemm_dgelu[{r}x{dd}x{ff}]"), &from16(down(s, &dhb, r * ff)?), &want_dh);
     drop(lt);
+    out.extend(exact);
     Ok(out)
 }

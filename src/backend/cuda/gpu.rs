@@ -19,7 +19,7 @@ pub const KERNELS: &[&str] = &[
     "gather_rows", "token_sum_rows", "combine_fwd", "combine_bwd_rows", "combine_bwd_weights", "add_bias_rows", "col_partials", "col_finish",
     "add_inplace", "adam", "mse", "route_topk", "route_bwd", "act_fwd", "act_bwd", "ln_fwd", "ln_bwd_dx", "ln_bwd_partials",
     "attn_softmax_causal", "attn_softmax_causal_bwd", "gather2_rows", "load_batch_x", "rotate_rows_left", "bf16_gather_rows", "bf16_combine", "bf16_combine_bwd_rows", "bf16_combine_bwd_weights", "bf16_token_sum",
-    "bf16_gelu_fwd", "bf16_gelu_bwd", "f32_to_bf16_kernel", "bf16_fill_hash",
+    "bf16_gelu_fwd", "bf16_gelu_bwd", "f32_to_bf16_kernel", "bf16_fill_hash", "route_hist", "route_slots",
 ];
 
 /// Threads per block for grid-stride kernels.
@@ -69,7 +69,7 @@ impl Gpu {
             // with stream order and explicit events.
             unsafe { ctx.disable_event_tracking() };
             let arch = arch_for(info.compute_capability.0, info.compute_capability.1);
-            let source = concat!(include_str!("plan_ops.cu"), "\n", include_str!("bench_ops.cu"));
+            let source = concat!(include_str!("plan_ops.cu"), "\n", include_str!("bench_ops.cu"), "\n", include_str!("route_ops.cu"));
             let ptx = compile_extra("plan_ops.cu", source, &arch, &PtxCache::from_env())?;
             let module = ctx
                 .load_module(Ptx::from_src(ptx))

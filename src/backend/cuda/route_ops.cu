@@ -1,0 +1,67 @@
+// moelab cuda backend: routing slots on the device. moelab's capacity rule: per expert, first
+// choices before second choices, each in token order; assignments beyond the capacity drop.
+// Kept assignments of expert x take consecutive slots after the kept rows of experts < x.
+// Compiled together with plan_ops.cu.
+
+// counts[x] += 1 for every assignment choosing x (counts zeroed by the caller).
+extern "C" __global__ void route_hist(const int* idx, int* counts, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) atomicAdd(&counts[idx[i]], 1);
+}
+
+// One block per expert x (blockDim a multiple of 32, at most 1024). Walks the assignments in
+// choice-major order (position p: choice p / t of token p % t) and ranks x's assignments with a
+// block-wide prefix count, so the slots are deterministic and equal the host rule's.
+// slots[a] = slot or -1 (dropped); map[slot] = token. cap < 0: no capacity.
+extern "C" __global__ void route_slots(const int* idx, const int* counts, int* slots, int* map, i64 t, int k, int cap) {
+    __shared__ int base, running, chunk_total;
+    __shared__ int warp_off[32];
+    const int x = blockIdx.x;
+    const unsigned lane = threadIdx.x & 31, w = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int limit = cap < 0 ? 0x7fffffff : cap;
+    if (threadIdx.x == 0) {
+        int o = 0;
+        for (int y = 0; y < x; y++) o += min(counts[y], limit);
+        base = o;
+        running = 0;
+    }
+    __syncthreads();
+    const i64 n = t * k;
+    for (i64 start = 0; start < n; start += blockDim.x) {
+        const i64 p = start + threadIdx.x;
+        i64 a = 0;
+        int hit = 0;
+        if (p < n) {
+            i64 j = p / t, tok = p - j * t;
+            a = tok * k + j;
+            hit = idx[a] == x;
+        }
+        const unsigned mask = __ballot_sync(0xffffffffu, hit);
+        const int before = __popc(mask & ((1u << lane) - 1u));
+        if (lane == 0) warp_off[w] = __popc(mask);
+        __syncthreads();
+        if (w == 0) {
+            int v = lane < warps ? warp_off[lane] : 0;
+            int incl = v;
+            for (int o = 1; o < 32; o <<= 1) {
+                int u = __shfl_up_sync(0xffffffffu, incl, o);
+                if ((int)lane >= o) incl += u;
+            }
+            if (lane < warps) warp_off[lane] = incl - v;
+            if (lane == 31) chunk_total = incl;
+        }
+        __syncthreads();
+        if (hit) {
+            const int rank = running + warp_off[w] + before;
+            if (rank < limit) {
+                const int s = base + rank;
+                slots[a] = s;
+                map[s] = (int)(a / k);
+            } else {
+                slots[a] = -1;
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) running += chunk_total;
+        __syncthreads();
+    }
+}
