@@ -233,6 +233,114 @@ pub struct Routed {
     pub gathered: BufId,
 }
 
+/// The routing tail of an MoE layer's backward, [`dispatch_backward`] then [`gate_backward`]:
+/// returns the gradient of the MoE sublayer's input (`dout`, the residual's, included).
+#[allow(clippy::too_many_arguments)]
+pub fn route_backward(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, r: &Routed, d: &crate::plan::ops::MoeDims, slots: BufId,
+    dsend: BufId, dweights: BufId, dout: BufId) -> BufId {
+    let dxm = dispatch_backward(b, layer, d, slots, dsend);
+    gate_backward(b, spec, layer, r, d, dweights, dxm, dout)
+}
+
+/// `dispatch_bwd`: every token's gradient summed from its dispatched rows `dsend` (the
+/// gradient of the `ln_moe` output through the experts).
+pub fn dispatch_backward(b: &mut RankBuilder, layer: usize, d: &crate::plan::ops::MoeDims, slots: BufId, dsend: BufId) -> BufId {
+    let (t, m, k) = (d.tokens, d.d_model, d.top_k);
+    let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
+    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots, dx: dxm, dims: d.clone() },
+        (t * k * m) as u64, 8 * (t * k * m) as u64);
+    dxm
+}
+
+/// Routing (with the aux loss), gate and `ln_moe` backward: `dxm` (the `ln_moe` output's
+/// gradient through the experts) gains the gate's share; returns the MoE input's gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn gate_backward(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, r: &Routed, d: &crate::plan::ops::MoeDims, dweights: BufId,
+    dxm: BufId, dout: BufId) -> BufId {
+    let (t, m, e) = (d.tokens, d.d_model, d.n_experts);
+    let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
+    b.op("route_bwd", Stage::Topk, Pass::Backward,
+        OpKind::RouteBwd { probs: r.probs, idx: r.idx, dweights, gathered: r.gathered, dlogits, dims: d.clone(),
+            renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
+        (t * e * 6) as u64, 4 * (3 * t * e) as u64);
+    linear_bwd(b, "gate", Stage::Gate, layer, r.ln.y, r.wg, None, dlogits, Some(dxm), t, m, e);
+    layernorm_bwd(b, "ln_moe", layer, &r.ln, dxm, dout, t, m)
+}
+
+/// The four expert tensors as the expert GEMMs read them, for `n_local` experts: `w1`
+/// `[M, F]`, `b1` `[F]`, `w2` `[F, M]`, `b2` `[M]` per expert (parameters, or their gradients).
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertWeights {
+    /// fc1 weight.
+    pub w1: BufId,
+    /// fc1 bias.
+    pub b1: BufId,
+    /// fc2 weight.
+    pub w2: BufId,
+    /// fc2 bias.
+    pub b2: BufId,
+}
+
+/// The shape of one expert MLP block: `n_local` experts with `rows` rows each (an upper
+/// bound when `dynamic`: dropless routing sizes the buffers at run time).
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertBlock {
+    /// Experts in the block.
+    pub n_local: usize,
+    /// Rows per expert.
+    pub rows: usize,
+    /// Model width.
+    pub m: usize,
+    /// Expert hidden width.
+    pub f: usize,
+    /// Buffers sized by routing.
+    pub dynamic: bool,
+}
+
+impl ExpertBlock {
+    fn buf(&self, b: &mut RankBuilder, name: String, elems: usize, cat: Mc) -> BufId {
+        if self.dynamic { b.dyn_buf(name, elems, cat) } else { b.buf(name, elems, cat) }
+    }
+}
+
+/// An expert MLP forward (`expert_gemm1`, `expert_act`, `expert_gemm2`) over the expert-layout
+/// input `x`; returns `(h, a, y)`: pre-activation, activation and output rows.
+pub fn expert_mlp_forward(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, blk: &ExpertBlock, x: BufId, w: ExpertWeights) -> (BufId, BufId, BufId) {
+    let ExpertBlock { n_local: el, rows, m, f, .. } = *blk;
+    let h = blk.buf(b, format!("L{layer}.expert.h"), el * rows * f, Mc::Activations);
+    b.op("expert_gemm1", Stage::ExpertGemm1, Pass::Forward,
+        OpKind::ExpertLinear { x, w: w.w1, bias: w.b1, y: h, n_local: el, d_in: m, d_out: f },
+        el as u64 * gemm_flops(rows, m, f), 4 * (el * (rows * m + m * f + rows * f)) as u64);
+    let a = blk.buf(b, format!("L{layer}.expert.act"), el * rows * f, Mc::Activations);
+    b.op("expert_act", Stage::Act, Pass::Forward, OpKind::Act { h, a, act: spec.model.activation }, 8 * (el * rows * f) as u64,
+        8 * (el * rows * f) as u64);
+    let y = blk.buf(b, format!("L{layer}.expert.out"), el * rows * m, Mc::Temporaries);
+    b.op("expert_gemm2", Stage::ExpertGemm2, Pass::Forward,
+        OpKind::ExpertLinear { x: a, w: w.w2, bias: w.b2, y, n_local: el, d_in: f, d_out: m },
+        el as u64 * gemm_flops(rows, f, m), 4 * (el * (rows * m + m * f + rows * f)) as u64);
+    (h, a, y)
+}
+
+/// Backward of [`expert_mlp_forward`] from the output rows' gradient `dy`: writes the weight
+/// gradients into `g` and returns the input rows' gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_mlp_backward(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, blk: &ExpertBlock, x: BufId, h: BufId, a: BufId,
+    w: ExpertWeights, g: ExpertWeights, dy: BufId) -> BufId {
+    let ExpertBlock { n_local: el, rows, m, f, .. } = *blk;
+    let da = blk.buf(b, format!("L{layer}.expert.dact"), el * rows * f, Mc::Temporaries);
+    b.op("expert_gemm2_bwd", Stage::ExpertGemm2, Pass::Backward,
+        OpKind::ExpertLinearBwd { x: a, w: w.w2, dy, dx: da, dw: g.w2, dbias: g.b2, n_local: el, d_in: f, d_out: m },
+        2 * el as u64 * gemm_flops(rows, f, m), 8 * (el * (rows * m + m * f + rows * f)) as u64);
+    let dh = blk.buf(b, format!("L{layer}.expert.dh"), el * rows * f, Mc::Temporaries);
+    b.op("expert_act_bwd", Stage::Act, Pass::Backward, OpKind::ActBwd { h, da, dh, act: spec.model.activation },
+        10 * (el * rows * f) as u64, 12 * (el * rows * f) as u64);
+    let dein = blk.buf(b, format!("L{layer}.expert.din"), el * rows * m, Mc::Temporaries);
+    b.op("expert_gemm1_bwd", Stage::ExpertGemm1, Pass::Backward,
+        OpKind::ExpertLinearBwd { x, w: w.w1, dy: dh, dx: dein, dw: g.w1, dbias: g.b1, n_local: el, d_in: m, d_out: f },
+        2 * el as u64 * gemm_flops(rows, m, f), 8 * (el * (rows * m + m * f + rows * f)) as u64);
+    dein
+}
+
 /// The params of an MoE layer's routing front: the `ln_moe` LayerNorm and the gate.
 #[derive(Debug, Clone, Copy)]
 pub struct GateParams {

@@ -19,7 +19,7 @@
 //! and restored in backward, by re-running the chunk's dispatch all-to-all from the saved
 //! LayerNorm output and slots, and/or by recomputing fc1 and the activation.
 
-use super::blocks::{self, LnSaved};
+use super::blocks::{self, Routed};
 use super::topk::{a2a, expert_param, moe_dims};
 use super::DataExpertGroups;
 use crate::math::linalg::gemm_flops;
@@ -40,12 +40,8 @@ struct ChunkSaved {
 /// What an MPMoE (or Tutel r = 1) MoE sublayer's backward needs from its forward.
 pub(super) struct MoeSaved {
     dims: MoeDims,
-    ln: LnSaved,
-    wg: BufId,
-    probs: BufId,
-    idx: BufId,
-    weights: BufId,
-    gathered: BufId,
+    /// The routing front: `ln_moe`, gate, choices, routing statistics.
+    r: Routed,
     slots: BufId,
     back: BufId,
     w1: BufId,
@@ -286,14 +282,14 @@ pub(super) fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &D
     let c = Chunking::new(&dims, opts);
     let rows = c.rows;
     let routed = blocks::gate_and_route(b, spec, layer, x, &dims, groups.world());
-    let (ln, wg, probs, idx, weights, gathered) = (routed.ln, routed.wg, routed.probs, routed.idx, routed.weights, routed.gathered);
+    let (idx, weights, gathered) = (routed.idx, routed.weights, routed.gathered);
     // Capacity and the dispatch layout are decided once over the whole batch (as in top-k);
     // the chunks only split the kept rows, so chunking never changes which tokens drop.
     let send = b.buf(format!("L{layer}.moe.send"), t * k * m, Mc::CommBuffers);
     let send_counts = b.index_buf(format!("L{layer}.moe.send_counts"), ep, Mc::CommBuffers);
     let slots = b.index_buf(format!("L{layer}.moe.slots"), t * k, Mc::Activations);
     b.op("dispatch", Stage::Permute, Pass::Forward,
-        OpKind::Dispatch { x: ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
+        OpKind::Dispatch { x: routed.ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
     let w1 = expert_param(b, layer, "w1", &dims, m * f, 1.0 / (m as f32).sqrt());
     let b1 = expert_param(b, layer, "b1", &dims, f, 0.02);
     let w2 = expert_param(b, layer, "w2", &dims, f * m, 1.0 / (f as f32).sqrt());
@@ -335,7 +331,7 @@ pub(super) fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &D
     let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
     b.op("combine", Stage::Combine, Pass::Forward,
         OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
-    (out, MoeSaved { dims, ln, wg, probs, idx, weights, gathered, slots, back, w1, b1, w2, b2, chunks })
+    (out, MoeSaved { dims, r: routed, slots, back, w1, b1, w2, b2, chunks })
 }
 
 /// Chunk `g`'s first backward communication: its output gradient sent to the experts, and,
@@ -350,23 +346,23 @@ struct BwdIn {
 pub(super) fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, s: &MoeSaved, dout: BufId,
     opts: Pipeline) -> BufId {
     let d = &s.dims;
-    let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
+    let (t, m, k, f) = (d.tokens, d.d_model, d.top_k, spec.model.d_ffn);
     let el = d.local_experts();
     let c = Chunking::new(d, opts);
     let rows = c.rows;
     let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::CommBuffers);
     let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
     b.op("combine_bwd", Stage::Combine, Pass::Backward,
-        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.weights, dback, dweights, dims: d.clone() },
+        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.r.weights, dback, dweights, dims: d.clone() },
         4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
     let (gw1, gb1, gw2, gb2) = (b.grad(s.w1), b.grad(s.b1), b.grad(s.w2), b.grad(s.b2));
     let dsend = b.buf(format!("L{layer}.moe.dsend"), t * k * m, Mc::CommBuffers);
 
     let send_in = |b: &mut RankBuilder, g: usize| -> BwdIn {
-        let dy_recv = send_chunk(b, &c, d, groups, rank, layer, g, dback, None, s.gathered, COMBINE_BWD, Pass::Backward);
+        let dy_recv = send_chunk(b, &c, d, groups, rank, layer, g, dback, None, s.r.gathered, COMBINE_BWD, Pass::Backward);
         // Re-communication: the chunk's dispatch all-to-all again, from the saved LN output.
         let x_recv = c.reuse.recomm().then(|| {
-            send_chunk(b, &c, d, groups, rank, layer, g, s.ln.y, Some(s.slots), s.gathered, RECOMM, Pass::Backward)
+            send_chunk(b, &c, d, groups, rank, layer, g, s.r.ln.y, Some(s.slots), s.r.gathered, RECOMM, Pass::Backward)
         });
         BwdIn { dy_recv, x_recv }
     };
@@ -380,10 +376,10 @@ pub(super) fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &
         let io = inputs[g].take().expect("chunk's gradient sent before its backward");
         let cs = &s.chunks[g];
         b.set_chunk(Some(g as u32));
-        let dy = layout_chunk(b, &c, layer, g, io.dy_recv, s.gathered, "dout", Mc::Temporaries, "expert_layout_bwd", Pass::Backward);
+        let dy = layout_chunk(b, &c, layer, g, io.dy_recv, s.r.gathered, "dout", Mc::Temporaries, "expert_layout_bwd", Pass::Backward);
         let ein = match (cs.ein, io.x_recv) {
             (Some(ein), _) => ein,
-            (None, Some(r)) => layout_chunk(b, &c, layer, g, r, s.gathered, "in_recomm", Mc::Activations, "expert_layout_recomm", Pass::Backward),
+            (None, Some(r)) => layout_chunk(b, &c, layer, g, r, s.r.gathered, "in_recomm", Mc::Activations, "expert_layout_recomm", Pass::Backward),
             (None, None) => unreachable!("a released dispatched input is re-communicated"),
         };
         let (h, a) = match (cs.h, cs.a) {
@@ -402,24 +398,15 @@ pub(super) fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &
         b.op(format!("c{g}.expert_gemm1_bwd"), Stage::ExpertGemm1, Pass::Backward,
             OpKind::ExpertLinearBwdAcc { x: ein, w: s.w1, dy: dh, dx: dein, dw: gw1, dbias: gb1, n_local: el, d_in: m, d_out: f, accumulate: acc },
             2 * el as u64 * gemm_flops(rows, m, f), 8 * (el * (rows * m + m * f + rows * f)) as u64);
-        let dpart = return_chunk(b, &c, groups, rank, layer, g, dein, s.gathered, DISPATCH_BWD, Pass::Backward);
+        let dpart = return_chunk(b, &c, groups, rank, layer, g, dein, s.r.gathered, DISPATCH_BWD, Pass::Backward);
         b.set_chunk(None);
         if let Some((pg, part)) = pending.take() {
-            merge_chunk(b, &c, d, pg, part, s.gathered, dsend, "dispatch_merge_bwd", Pass::Backward);
+            merge_chunk(b, &c, d, pg, part, s.r.gathered, dsend, "dispatch_merge_bwd", Pass::Backward);
         }
         pending = Some((g, dpart));
     }
     if let Some((pg, part)) = pending {
-        merge_chunk(b, &c, d, pg, part, s.gathered, dsend, "dispatch_merge_bwd", Pass::Backward);
+        merge_chunk(b, &c, d, pg, part, s.r.gathered, dsend, "dispatch_merge_bwd", Pass::Backward);
     }
-    let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
-    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: s.slots, dx: dxm, dims: d.clone() },
-        (t * k * m) as u64, 8 * (t * k * m) as u64);
-    let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
-    b.op("route_bwd", Stage::Topk, Pass::Backward,
-        OpKind::RouteBwd { probs: s.probs, idx: s.idx, dweights, gathered: s.gathered, dlogits, dims: d.clone(),
-            renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
-        (t * e * 6) as u64, 4 * (3 * t * e) as u64);
-    blocks::linear_bwd(b, "gate", Stage::Gate, layer, s.ln.y, s.wg, None, dlogits, Some(dxm), t, m, e);
-    blocks::layernorm_bwd(b, "ln_moe", layer, &s.ln, dxm, dout, t, m)
+    blocks::route_backward(b, spec, layer, &s.r, d, s.slots, dsend, dweights, dout)
 }

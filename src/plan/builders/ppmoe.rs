@@ -24,12 +24,11 @@
 //! gradients accumulate over the micro-batches, and each stage's ranks reduce their gradients
 //! over the stage's data-parallel group before one Adam step.
 
-use super::blocks::{self, LnSaved};
+use super::blocks::{self, Routed};
 use super::pipeline::{self, Pipe, StageWork};
 use super::tensor::TpShard;
 use super::topk::expert_param;
 use super::TensorExpertDataGroups as Groups;
-use crate::math::linalg::gemm_flops;
 use crate::plan::ops::MoeDims;
 use crate::plan::{BufId, Group, GroupId, OpKind, Plan, RankBuilder, RankPlan};
 use crate::spec::{Capacity, ExperimentSpec, Mode};
@@ -37,12 +36,8 @@ use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 
 struct MoeSaved {
     dims: MoeDims,
-    ln: LnSaved,
-    wg: BufId,
-    probs: BufId,
-    idx: BufId,
-    weights: BufId,
-    gathered: BufId,
+    /// The routing front: `ln_moe`, gate, choices, routing statistics.
+    r: Routed,
     slots: BufId,
     ein: BufId,
     h: BufId,
@@ -333,7 +328,7 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank
     let (t, m, k, f) = (dims.tokens, dims.d_model, dims.top_k, spec.model.d_ffn);
     let el = dims.local_experts();
     let routed = blocks::gate_and_route(b, spec, layer, x, &dims, stats);
-    let (ln, wg, probs, idx, weights, gathered) = (routed.ln, routed.wg, routed.probs, routed.idx, routed.weights, routed.gathered);
+    let (idx, weights, gathered) = (routed.idx, routed.weights, routed.gathered);
     let dropless = dims.rows_per_expert.is_none();
     let rows = dims.rows_per_expert.unwrap_or(t);
     let route_buf = |b: &mut RankBuilder, name: String, elems: usize, cat: Mc| {
@@ -343,7 +338,7 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank
     let send_counts = b.index_buf(format!("L{layer}.moe.send_counts"), dims.ep_peers.len(), Mc::Activations);
     let slots = b.index_buf(format!("L{layer}.moe.slots"), t * k, Mc::Activations);
     b.op("dispatch", Stage::Permute, Pass::Forward,
-        OpKind::Dispatch { x: ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
+        OpKind::Dispatch { x: routed.ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
     let ein = route_buf(b, format!("L{layer}.expert.in"), el * rows * m, Mc::Activations);
     b.op("expert_layout", Stage::Permute, Pass::Forward, OpKind::LocalLayout { send, gathered, out: ein, dims: dims.clone() }, 0,
         8 * (el * rows * m) as u64);
@@ -351,17 +346,8 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank
     let b1 = expert_param(b, layer, "b1", &dims, f, 0.02);
     let w2 = expert_param(b, layer, "w2", &dims, f * m, 1.0 / (f as f32).sqrt());
     let b2 = expert_param(b, layer, "b2", &dims, m, 0.02);
-    let h = route_buf(b, format!("L{layer}.expert.h"), el * rows * f, Mc::Activations);
-    b.op("expert_gemm1", Stage::ExpertGemm1, Pass::Forward,
-        OpKind::ExpertLinear { x: ein, w: w1, bias: b1, y: h, n_local: el, d_in: m, d_out: f },
-        el as u64 * gemm_flops(rows, m, f), 4 * (el * (rows * m + m * f + rows * f)) as u64);
-    let a = route_buf(b, format!("L{layer}.expert.act"), el * rows * f, Mc::Activations);
-    b.op("expert_act", Stage::Act, Pass::Forward, OpKind::Act { h, a, act: spec.model.activation }, 8 * (el * rows * f) as u64,
-        8 * (el * rows * f) as u64);
-    let y = route_buf(b, format!("L{layer}.expert.out"), el * rows * m, Mc::Temporaries);
-    b.op("expert_gemm2", Stage::ExpertGemm2, Pass::Forward,
-        OpKind::ExpertLinear { x: a, w: w2, bias: b2, y, n_local: el, d_in: f, d_out: m },
-        el as u64 * gemm_flops(rows, f, m), 4 * (el * (rows * m + m * f + rows * f)) as u64);
+    let blk = blocks::ExpertBlock { n_local: el, rows, m, f, dynamic: dropless };
+    let (h, a, y) = blocks::expert_mlp_forward(b, spec, layer, &blk, ein, blocks::ExpertWeights { w1, b1, w2, b2 });
     let back = b.buf(format!("L{layer}.moe.back"), t * k * m, Mc::Activations);
     b.op("expert_unlayout", Stage::Permute, Pass::Forward, OpKind::LocalUnlayout { input: y, gathered, full: back, dims: dims.clone() }, 0,
         8 * (t * k * m) as u64);
@@ -371,12 +357,12 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank
         OpKind::CombinePart { back, slots, weights, residual, out, dims: dims.clone() }, 2 * (t * k * m) as u64,
         4 * (t * k * m + 2 * t * m) as u64);
     tp_allreduce(b, "moe_allreduce", Pass::Forward, tpg, out);
-    (out, MoeSaved { dims, ln, wg, probs, idx, weights, gathered, slots, ein, h, a, back, w1, b1, w2, b2 })
+    (out, MoeSaved { dims, r: routed, slots, ein, h, a, back, w1, b1, w2, b2 })
 }
 
 fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, tpg: Option<GroupId>, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
     let d = &s.dims;
-    let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
+    let (t, m, k, f) = (d.tokens, d.d_model, d.top_k, spec.model.d_ffn);
     let el = d.local_experts();
     let dropless = d.rows_per_expert.is_none();
     let rows = d.rows_per_expert.unwrap_or(t);
@@ -386,39 +372,22 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, tpg: Option<GroupId>
     let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::Activations);
     let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
     b.op("combine_bwd", Stage::Combine, Pass::Backward,
-        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.weights, dback, dweights, dims: d.clone() },
+        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.r.weights, dback, dweights, dims: d.clone() },
         4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
     // Each rank knows the weight gradients of its own experts' assignments only.
     tp_allreduce(b, "dweights_allreduce", Pass::Backward, tpg, dweights);
     let dy = route_buf(b, format!("L{layer}.expert.dout"), el * rows * m, Mc::Temporaries);
-    b.op("expert_layout_bwd", Stage::Permute, Pass::Backward, OpKind::LocalLayout { send: dback, gathered: s.gathered, out: dy, dims: d.clone() },
+    b.op("expert_layout_bwd", Stage::Permute, Pass::Backward, OpKind::LocalLayout { send: dback, gathered: s.r.gathered, out: dy, dims: d.clone() },
         0, 8 * (el * rows * m) as u64);
-    let da = route_buf(b, format!("L{layer}.expert.dact"), el * rows * f, Mc::Temporaries);
-    let (gw2, gb2) = (b.grad(s.w2), b.grad(s.b2));
-    b.op("expert_gemm2_bwd", Stage::ExpertGemm2, Pass::Backward,
-        OpKind::ExpertLinearBwd { x: s.a, w: s.w2, dy, dx: da, dw: gw2, dbias: gb2, n_local: el, d_in: f, d_out: m },
-        2 * el as u64 * gemm_flops(rows, f, m), 8 * (el * (rows * m + m * f + rows * f)) as u64);
-    let dh = route_buf(b, format!("L{layer}.expert.dh"), el * rows * f, Mc::Temporaries);
-    b.op("expert_act_bwd", Stage::Act, Pass::Backward, OpKind::ActBwd { h: s.h, da, dh, act: spec.model.activation },
-        10 * (el * rows * f) as u64, 12 * (el * rows * f) as u64);
-    let dein = route_buf(b, format!("L{layer}.expert.din"), el * rows * m, Mc::Temporaries);
-    let (gw1, gb1) = (b.grad(s.w1), b.grad(s.b1));
-    b.op("expert_gemm1_bwd", Stage::ExpertGemm1, Pass::Backward,
-        OpKind::ExpertLinearBwd { x: s.ein, w: s.w1, dy: dh, dx: dein, dw: gw1, dbias: gb1, n_local: el, d_in: m, d_out: f },
-        2 * el as u64 * gemm_flops(rows, m, f), 8 * (el * (rows * m + m * f + rows * f)) as u64);
+    let blk = blocks::ExpertBlock { n_local: el, rows, m, f, dynamic: dropless };
+    let w = blocks::ExpertWeights { w1: s.w1, b1: s.b1, w2: s.w2, b2: s.b2 };
+    let g = blocks::ExpertWeights { w1: b.grad(s.w1), b1: b.grad(s.b1), w2: b.grad(s.w2), b2: b.grad(s.b2) };
+    let dein = blocks::expert_mlp_backward(b, spec, layer, &blk, s.ein, s.h, s.a, w, g, dy);
     let dsend = b.buf(format!("L{layer}.moe.dsend"), t * k * m, Mc::Activations);
     b.op("expert_unlayout_bwd", Stage::Permute, Pass::Backward,
-        OpKind::LocalUnlayout { input: dein, gathered: s.gathered, full: dsend, dims: d.clone() }, 0, 8 * (t * k * m) as u64);
-    let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
-    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: s.slots, dx: dxm, dims: d.clone() },
-        (t * k * m) as u64, 8 * (t * k * m) as u64);
+        OpKind::LocalUnlayout { input: dein, gathered: s.r.gathered, full: dsend, dims: d.clone() }, 0, 8 * (t * k * m) as u64);
+    let dxm = blocks::dispatch_backward(b, layer, d, s.slots, dsend);
     // Partial over the local experts: sum over the TP group before the replicated gate's share.
     tp_allreduce(b, "dx_allreduce", Pass::Backward, tpg, dxm);
-    let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
-    b.op("route_bwd", Stage::Topk, Pass::Backward,
-        OpKind::RouteBwd { probs: s.probs, idx: s.idx, dweights, gathered: s.gathered, dlogits, dims: d.clone(),
-            renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
-        (t * e * 6) as u64, 4 * (3 * t * e) as u64);
-    blocks::linear_bwd(b, "gate", Stage::Gate, layer, s.ln.y, s.wg, None, dlogits, Some(dxm), t, m, e);
-    blocks::layernorm_bwd(b, "ln_moe", layer, &s.ln, dxm, dout, t, m)
+    blocks::gate_backward(b, spec, layer, &s.r, d, dweights, dxm, dout)
 }

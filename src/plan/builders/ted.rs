@@ -27,7 +27,7 @@
 //! expert input, combined-back rows) and recomputes the compute only. Recomputed ops are
 //! ordinary ops in the backward pass ([`RankBuilder::set_recompute`]).
 
-use super::blocks::{self, LnSaved};
+use super::blocks::{self, Routed};
 use super::topk::{a2a, expert_param};
 use super::TensorExpertDataGroups as Groups;
 use crate::math::linalg::gemm_flops;
@@ -70,11 +70,8 @@ struct MoeParams {
 
 /// The activations the backward of one MoE layer reads.
 struct Acts {
-    ln: LnSaved,
-    probs: BufId,
-    idx: BufId,
-    weights: BufId,
-    gathered: BufId,
+    /// The routing front: `ln_moe`, gate, choices, routing statistics.
+    r: Routed,
     send_counts: BufId,
     slots: BufId,
     ein: BufId,
@@ -346,8 +343,7 @@ fn moe_core(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank: u
     }
     let back = b.buf(format!("L{layer}.moe.back"), t * k * m, Mc::CommBuffers);
     from_experts(b, p, dims, layer, y, gathered, "back", back, Pass::Forward);
-    let (ln, probs, idx, weights) = (routed.ln, routed.probs, routed.idx, routed.weights);
-    Acts { ln, probs, idx, weights, gathered, send_counts, slots, ein, h, a, back }
+    Acts { r: routed, send_counts, slots, ein, h, a, back }
 }
 
 fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank: usize, p: Place, layer: usize, x: BufId) -> (BufId, MoeSaved) {
@@ -357,13 +353,13 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank
     let acts = moe_core(b, spec, groups, rank, p, layer, x, &dims, prm);
     let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
     b.op("combine", Stage::Combine, Pass::Forward,
-        OpKind::Combine { back: acts.back, slots: acts.slots, weights: acts.weights, residual: x, out, dims: dims.clone() },
+        OpKind::Combine { back: acts.back, slots: acts.slots, weights: acts.r.weights, residual: x, out, dims: dims.clone() },
         2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
     // What backward does not read is released after its last forward use.
     let kept = match p.checkpoint {
         Checkpoint::None => Kept::All(acts),
         Checkpoint::Full => Kept::Input,
-        Checkpoint::CommAware => Kept::Comm { gathered: acts.gathered, ein: acts.ein, back: acts.back },
+        Checkpoint::CommAware => Kept::Comm { gathered: acts.r.gathered, ein: acts.ein, back: acts.back },
     };
     (out, MoeSaved { dims, x, prm, kept })
 }
@@ -381,8 +377,7 @@ fn recompute(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, rank: 
             let routed = blocks::route_with(b, spec, layer, s.x, &s.dims, groups.data_group(rank), s.prm.gate, Some(gathered));
             let (_send, send_counts, slots) = dispatch(b, layer, &s.dims, routed.ln.y, routed.idx, gathered);
             let (h, a) = expert_fc1(b, spec, p, layer, &s.dims, s.prm, ein);
-            let (ln, probs, idx, weights) = (routed.ln, routed.probs, routed.idx, routed.weights);
-            Acts { ln, probs, idx, weights, gathered, send_counts, slots, ein, h, a, back }
+            Acts { r: routed, send_counts, slots, ein, h, a, back }
         }
     };
     b.set_recompute(false);
@@ -401,7 +396,7 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, ran
         }
     };
     let (d, prm) = (&s.dims, s.prm);
-    let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
+    let (t, m, k, f) = (d.tokens, d.d_model, d.top_k, spec.model.d_ffn);
     let ep = d.ep_peers.len();
     let el = d.local_experts();
     let fs = f / p.tp;
@@ -409,10 +404,10 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, ran
     let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::CommBuffers);
     let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
     b.op("combine_bwd", Stage::Combine, Pass::Backward,
-        OpKind::CombineBwd { dout, back: acts.back, slots: acts.slots, weights: acts.weights, dback, dweights, dims: d.clone() },
+        OpKind::CombineBwd { dout, back: acts.back, slots: acts.slots, weights: acts.r.weights, dback, dweights, dims: d.clone() },
         4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
     let dy = route_buf(b, d, format!("L{layer}.expert.dout"), el * rows * m, Mc::Temporaries);
-    to_experts(b, p, d, layer, dback, acts.send_counts, acts.gathered, "dback", dy, Pass::Backward);
+    to_experts(b, p, d, layer, dback, acts.send_counts, acts.r.gathered, "dback", dy, Pass::Backward);
     let da = route_buf(b, d, format!("L{layer}.expert.dact"), el * rows * fs, Mc::Temporaries);
     let (gw2, gb2) = (b.grad(prm.w2), prm.b2.map(|x| b.grad(x)));
     b.op("expert_gemm2_bwd", Stage::ExpertGemm2, Pass::Backward,
@@ -431,15 +426,6 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &Groups, ran
         tp_allreduce(b, "expert_allreduce_bwd", Pass::Backward, p.tp_group, dein);
     }
     let dsend = b.buf(format!("L{layer}.moe.dsend"), t * k * m, Mc::CommBuffers);
-    from_experts(b, p, d, layer, dein, acts.gathered, "dsend", dsend, Pass::Backward);
-    let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
-    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: acts.slots, dx: dxm, dims: d.clone() },
-        (t * k * m) as u64, 8 * (t * k * m) as u64);
-    let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
-    b.op("route_bwd", Stage::Topk, Pass::Backward,
-        OpKind::RouteBwd { probs: acts.probs, idx: acts.idx, dweights, gathered: acts.gathered, dlogits, dims: d.clone(),
-            renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
-        (t * e * 6) as u64, 4 * (3 * t * e) as u64);
-    blocks::linear_bwd(b, "gate", Stage::Gate, layer, acts.ln.y, prm.gate.wg, None, dlogits, Some(dxm), t, m, e);
-    blocks::layernorm_bwd(b, "ln_moe", layer, &acts.ln, dxm, dout, t, m)
+    from_experts(b, p, d, layer, dein, acts.r.gathered, "dsend", dsend, Pass::Backward);
+    blocks::route_backward(b, spec, layer, &acts.r, d, acts.slots, dsend, dweights, dout)
 }

@@ -5,9 +5,8 @@
 //! (global capacity) -> dispatch (capacity, pack rows per peer) -> all-to-all -> expert
 //! layout -> fc1 -> act -> fc2 -> unlayout -> all-to-all back -> combine (+ residual).
 
-use super::blocks::{self, LnSaved};
+use super::blocks::{self, Routed};
 use super::DataExpertGroups;
-use crate::math::linalg::gemm_flops;
 use crate::plan::ops::MoeDims;
 use crate::plan::{BufId, GroupId, OpKind, ParamInit, Plan, RankBuilder};
 use crate::spec::{Capacity, ExperimentSpec};
@@ -16,12 +15,8 @@ use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 /// Everything the MoE sublayer's backward needs from its forward.
 struct MoeSaved {
     dims: MoeDims,
-    ln: LnSaved,
-    wg: BufId,
-    probs: BufId,
-    idx: BufId,
-    weights: BufId,
-    gathered: BufId,
+    /// The routing front: `ln_moe`, gate, choices, routing statistics.
+    r: Routed,
     send_counts: BufId,
     slots: BufId,
     ein: BufId,
@@ -112,7 +107,7 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
     let ep = dims.ep_peers.len();
     let el = dims.local_experts();
     let routed = blocks::gate_and_route(b, spec, layer, x, &dims, groups.world());
-    let (ln, wg, probs, idx, weights, gathered) = (routed.ln, routed.wg, routed.probs, routed.idx, routed.weights, routed.gathered);
+    let (idx, weights, gathered) = (routed.idx, routed.weights, routed.gathered);
     let dropless = dims.rows_per_expert.is_none();
     let rows = dims.rows_per_expert.unwrap_or(t * ep);
     let route_buf = |b: &mut RankBuilder, name: String, elems: usize, cat: Mc| {
@@ -122,7 +117,7 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
     let send_counts = b.index_buf(format!("L{layer}.moe.send_counts"), ep, Mc::CommBuffers);
     let slots = b.index_buf(format!("L{layer}.moe.slots"), t * k, Mc::Activations);
     b.op("dispatch", Stage::Permute, Pass::Forward,
-        OpKind::Dispatch { x: ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
+        OpKind::Dispatch { x: routed.ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
     let recv = if ep > 1 {
         let r = route_buf(b, format!("L{layer}.moe.recv"), el * rows * m, Mc::CommBuffers);
         a2a(b, "dispatch_a2a", Pass::Forward, groups.ep_group(rank), send, send_counts, r, m);
@@ -137,17 +132,8 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
     let b1 = expert_param(b, layer, "b1", &dims, f, 0.02);
     let w2 = expert_param(b, layer, "w2", &dims, f * m, 1.0 / (f as f32).sqrt());
     let b2 = expert_param(b, layer, "b2", &dims, m, 0.02);
-    let h = route_buf(b, format!("L{layer}.expert.h"), el * rows * f, Mc::Activations);
-    b.op("expert_gemm1", Stage::ExpertGemm1, Pass::Forward,
-        OpKind::ExpertLinear { x: ein, w: w1, bias: b1, y: h, n_local: el, d_in: m, d_out: f },
-        el as u64 * gemm_flops(rows, m, f), 4 * (el * (rows * m + m * f + rows * f)) as u64);
-    let a = route_buf(b, format!("L{layer}.expert.act"), el * rows * f, Mc::Activations);
-    b.op("expert_act", Stage::Act, Pass::Forward, OpKind::Act { h, a, act: spec.model.activation }, 8 * (el * rows * f) as u64,
-        8 * (el * rows * f) as u64);
-    let y = route_buf(b, format!("L{layer}.expert.out"), el * rows * m, Mc::Temporaries);
-    b.op("expert_gemm2", Stage::ExpertGemm2, Pass::Forward,
-        OpKind::ExpertLinear { x: a, w: w2, bias: b2, y, n_local: el, d_in: f, d_out: m },
-        el as u64 * gemm_flops(rows, f, m), 4 * (el * (rows * m + m * f + rows * f)) as u64);
+    let blk = blocks::ExpertBlock { n_local: el, rows, m, f, dynamic: dropless };
+    let (h, a, y) = blocks::expert_mlp_forward(b, spec, layer, &blk, ein, blocks::ExpertWeights { w1, b1, w2, b2 });
     let back_send = route_buf(b, format!("L{layer}.moe.back_send"), el * rows * m, Mc::CommBuffers);
     let back_counts = b.index_buf(format!("L{layer}.moe.back_counts"), ep, Mc::CommBuffers);
     b.op("expert_unlayout", Stage::Permute, Pass::Forward,
@@ -163,12 +149,12 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
     let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
     b.op("combine", Stage::Combine, Pass::Forward,
         OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
-    (out, MoeSaved { dims, ln, wg, probs, idx, weights, gathered, send_counts, slots, ein, h, a, back, w1, b1, w2, b2 })
+    (out, MoeSaved { dims, r: routed, send_counts, slots, ein, h, a, back, w1, b1, w2, b2 })
 }
 
 fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, rank: usize, layer: usize, s: &MoeSaved, dout: BufId) -> BufId {
     let d = &s.dims;
-    let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
+    let (t, m, k, f) = (d.tokens, d.d_model, d.top_k, spec.model.d_ffn);
     let ep = d.ep_peers.len();
     let el = d.local_experts();
     let dropless = d.rows_per_expert.is_none();
@@ -179,7 +165,7 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertG
     let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::CommBuffers);
     let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
     b.op("combine_bwd", Stage::Combine, Pass::Backward,
-        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.weights, dback, dweights, dims: d.clone() },
+        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.r.weights, dback, dweights, dims: d.clone() },
         4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
     let dback_recv = if ep > 1 {
         let r = route_buf(b, format!("L{layer}.moe.dback_recv"), el * rows * m, Mc::CommBuffers);
@@ -190,24 +176,15 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertG
     };
     let dy = route_buf(b, format!("L{layer}.expert.dout"), el * rows * m, Mc::Temporaries);
     b.op("expert_layout_bwd", Stage::Permute, Pass::Backward,
-        OpKind::ExpertLayout { recv: dback_recv, gathered: s.gathered, out: dy, dims: d.clone() }, 0, 8 * (el * rows * m) as u64);
-    let da = route_buf(b, format!("L{layer}.expert.dact"), el * rows * f, Mc::Temporaries);
-    let (gw2, gb2) = (b.grad(s.w2), b.grad(s.b2));
-    b.op("expert_gemm2_bwd", Stage::ExpertGemm2, Pass::Backward,
-        OpKind::ExpertLinearBwd { x: s.a, w: s.w2, dy, dx: da, dw: gw2, dbias: gb2, n_local: el, d_in: f, d_out: m },
-        2 * el as u64 * gemm_flops(rows, f, m), 8 * (el * (rows * m + m * f + rows * f)) as u64);
-    let dh = route_buf(b, format!("L{layer}.expert.dh"), el * rows * f, Mc::Temporaries);
-    b.op("expert_act_bwd", Stage::Act, Pass::Backward, OpKind::ActBwd { h: s.h, da, dh, act: spec.model.activation },
-        10 * (el * rows * f) as u64, 12 * (el * rows * f) as u64);
-    let dein = route_buf(b, format!("L{layer}.expert.din"), el * rows * m, Mc::Temporaries);
-    let (gw1, gb1) = (b.grad(s.w1), b.grad(s.b1));
-    b.op("expert_gemm1_bwd", Stage::ExpertGemm1, Pass::Backward,
-        OpKind::ExpertLinearBwd { x: s.ein, w: s.w1, dy: dh, dx: dein, dw: gw1, dbias: gb1, n_local: el, d_in: m, d_out: f },
-        2 * el as u64 * gemm_flops(rows, m, f), 8 * (el * (rows * m + m * f + rows * f)) as u64);
+        OpKind::ExpertLayout { recv: dback_recv, gathered: s.r.gathered, out: dy, dims: d.clone() }, 0, 8 * (el * rows * m) as u64);
+    let blk = blocks::ExpertBlock { n_local: el, rows, m, f, dynamic: dropless };
+    let w = blocks::ExpertWeights { w1: s.w1, b1: s.b1, w2: s.w2, b2: s.b2 };
+    let g = blocks::ExpertWeights { w1: b.grad(s.w1), b1: b.grad(s.b1), w2: b.grad(s.w2), b2: b.grad(s.b2) };
+    let dein = blocks::expert_mlp_backward(b, spec, layer, &blk, s.ein, s.h, s.a, w, g, dy);
     let dsend_back = route_buf(b, format!("L{layer}.moe.dsend_back"), el * rows * m, Mc::CommBuffers);
     let dcounts = b.index_buf(format!("L{layer}.moe.dsend_counts"), ep, Mc::CommBuffers);
     b.op("expert_unlayout_bwd", Stage::Permute, Pass::Backward,
-        OpKind::ExpertUnlayout { input: dein, gathered: s.gathered, send: dsend_back, send_counts: dcounts, dims: d.clone() }, 0,
+        OpKind::ExpertUnlayout { input: dein, gathered: s.r.gathered, send: dsend_back, send_counts: dcounts, dims: d.clone() }, 0,
         8 * (el * rows * m) as u64);
     let dsend = if ep > 1 {
         let r = b.buf(format!("L{layer}.moe.dsend"), t * k * m, Mc::CommBuffers);
@@ -216,14 +193,5 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertG
     } else {
         dsend_back
     };
-    let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
-    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: s.slots, dx: dxm, dims: d.clone() },
-        (t * k * m) as u64, 8 * (t * k * m) as u64);
-    let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
-    b.op("route_bwd", Stage::Topk, Pass::Backward,
-        OpKind::RouteBwd { probs: s.probs, idx: s.idx, dweights, gathered: s.gathered, dlogits, dims: d.clone(),
-            renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
-        (t * e * 6) as u64, 4 * (3 * t * e) as u64);
-    blocks::linear_bwd(b, "gate", Stage::Gate, layer, s.ln.y, s.wg, None, dlogits, Some(dxm), t, m, e);
-    blocks::layernorm_bwd(b, "ln_moe", layer, &s.ln, dxm, dout, t, m)
+    blocks::route_backward(b, spec, layer, &s.r, d, s.slots, dsend, dweights, dout)
 }

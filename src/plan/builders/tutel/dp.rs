@@ -11,8 +11,7 @@
 //! backward the b2 gradient is all-reduced over the group before each member takes its
 //! expert's row.
 
-use crate::math::linalg::gemm_flops;
-use crate::plan::builders::blocks::{self, LnSaved};
+use crate::plan::builders::blocks::{self, Routed};
 use crate::plan::builders::topk::{expert_param, moe_dims};
 use crate::plan::builders::DataExpertGroups;
 use crate::plan::ops::MoeDims;
@@ -23,12 +22,8 @@ use crate::taxonomy::{MemCategory as Mc, Pass, Stage};
 /// What the data-parallel MoE sublayer's backward needs from its forward.
 pub(super) struct MoeSaved {
     dims: MoeDims,
-    ln: LnSaved,
-    wg: BufId,
-    probs: BufId,
-    idx: BufId,
-    weights: BufId,
-    gathered: BufId,
+    /// The routing front: `ln_moe`, gate, choices, routing statistics.
+    r: Routed,
     slots: BufId,
     ein: BufId,
     h: BufId,
@@ -91,12 +86,12 @@ pub(super) fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &D
     let ep = ep_dims.ep_peers.len();
     let r = rows(&dims);
     let routed = blocks::gate_and_route(b, spec, layer, x, &dims, groups.world());
-    let (ln, wg, probs, idx, weights, gathered) = (routed.ln, routed.wg, routed.probs, routed.idx, routed.weights, routed.gathered);
+    let (idx, weights, gathered) = (routed.idx, routed.weights, routed.gathered);
     let send = b.buf(format!("L{layer}.moe.send"), t * k * m, Mc::CommBuffers);
     let send_counts = b.index_buf(format!("L{layer}.moe.send_counts"), 1, Mc::CommBuffers);
     let slots = b.index_buf(format!("L{layer}.moe.slots"), t * k, Mc::Activations);
     b.op("dispatch", Stage::Permute, Pass::Forward,
-        OpKind::Dispatch { x: ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
+        OpKind::Dispatch { x: routed.ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
     let ein = route_buf(b, &dims, format!("L{layer}.expert.in"), e * r * m, Mc::Activations);
     b.op("expert_layout", Stage::Permute, Pass::Forward, OpKind::ExpertLayout { recv: send, gathered, out: ein, dims: dims.clone() },
         0, 8 * (e * r * m) as u64);
@@ -146,17 +141,8 @@ pub(super) fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &D
         params[i] = (local, full);
     }
     let [(_, w1), (_, b1), (_, w2), (_, b2)] = params;
-    let h = route_buf(b, &dims, format!("L{layer}.expert.h"), e * r * f, Mc::Activations);
-    b.op("expert_gemm1", Stage::ExpertGemm1, Pass::Forward,
-        OpKind::ExpertLinear { x: ein, w: w1, bias: b1, y: h, n_local: e, d_in: m, d_out: f },
-        e as u64 * gemm_flops(r, m, f), 4 * (e * (r * m + m * f + r * f)) as u64);
-    let a = route_buf(b, &dims, format!("L{layer}.expert.act"), e * r * f, Mc::Activations);
-    b.op("expert_act", Stage::Act, Pass::Forward, OpKind::Act { h, a, act: spec.model.activation }, 8 * (e * r * f) as u64,
-        8 * (e * r * f) as u64);
-    let y = route_buf(b, &dims, format!("L{layer}.expert.out"), e * r * m, Mc::Temporaries);
-    b.op("expert_gemm2", Stage::ExpertGemm2, Pass::Forward,
-        OpKind::ExpertLinear { x: a, w: w2, bias: b2, y, n_local: e, d_in: f, d_out: m },
-        e as u64 * gemm_flops(r, f, m), 4 * (e * (r * m + m * f + r * f)) as u64);
+    let blk = blocks::ExpertBlock { n_local: e, rows: r, m, f, dynamic: dims.rows_per_expert.is_none() };
+    let (h, a, y) = blocks::expert_mlp_forward(b, spec, layer, &blk, ein, blocks::ExpertWeights { w1, b1, w2, b2 });
     let back = b.buf(format!("L{layer}.moe.back"), t * k * m, Mc::CommBuffers);
     let back_counts = b.index_buf(format!("L{layer}.moe.back_counts"), 1, Mc::CommBuffers);
     b.op("expert_unlayout", Stage::Permute, Pass::Forward,
@@ -164,7 +150,7 @@ pub(super) fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &D
     let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
     b.op("combine", Stage::Combine, Pass::Forward,
         OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
-    (out, MoeSaved { dims, ln, wg, probs, idx, weights, gathered, slots, ein, h, a, back, params })
+    (out, MoeSaved { dims, r: routed, slots, ein, h, a, back, params })
 }
 
 /// Where an expert weight gradient is computed: the owned gradient slice itself (ep = 1), or
@@ -188,25 +174,17 @@ pub(super) fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &
     let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::CommBuffers);
     let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
     b.op("combine_bwd", Stage::Combine, Pass::Backward,
-        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.weights, dback, dweights, dims: d.clone() },
+        OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.r.weights, dback, dweights, dims: d.clone() },
         4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
     let dy = route_buf(b, d, format!("L{layer}.expert.dout"), e * r * m, Mc::Temporaries);
     b.op("expert_layout_bwd", Stage::Permute, Pass::Backward,
-        OpKind::ExpertLayout { recv: dback, gathered: s.gathered, out: dy, dims: d.clone() }, 0, 8 * (e * r * m) as u64);
+        OpKind::ExpertLayout { recv: dback, gathered: s.r.gathered, out: dy, dims: d.clone() }, 0, 8 * (e * r * m) as u64);
     let [(lw1, w1), (lb1, b1), (lw2, w2), (lb2, b2)] = s.params;
     let (gw1, gb1) = (full_grad(b, layer, "w1", lw1, w1, ep), full_grad(b, layer, "b1", lb1, b1, ep));
     let (gw2, gb2) = (full_grad(b, layer, "w2", lw2, w2, ep), full_grad(b, layer, "b2", lb2, b2, ep));
-    let da = route_buf(b, d, format!("L{layer}.expert.dact"), e * r * f, Mc::Temporaries);
-    b.op("expert_gemm2_bwd", Stage::ExpertGemm2, Pass::Backward,
-        OpKind::ExpertLinearBwd { x: s.a, w: w2, dy, dx: da, dw: gw2, dbias: gb2, n_local: e, d_in: f, d_out: m },
-        2 * e as u64 * gemm_flops(r, f, m), 8 * (e * (r * m + m * f + r * f)) as u64);
-    let dh = route_buf(b, d, format!("L{layer}.expert.dh"), e * r * f, Mc::Temporaries);
-    b.op("expert_act_bwd", Stage::Act, Pass::Backward, OpKind::ActBwd { h: s.h, da, dh, act: spec.model.activation },
-        10 * (e * r * f) as u64, 12 * (e * r * f) as u64);
-    let dein = route_buf(b, d, format!("L{layer}.expert.din"), e * r * m, Mc::Temporaries);
-    b.op("expert_gemm1_bwd", Stage::ExpertGemm1, Pass::Backward,
-        OpKind::ExpertLinearBwd { x: s.ein, w: w1, dy: dh, dx: dein, dw: gw1, dbias: gb1, n_local: e, d_in: m, d_out: f },
-        2 * e as u64 * gemm_flops(r, m, f), 8 * (e * (r * m + m * f + r * f)) as u64);
+    let blk = blocks::ExpertBlock { n_local: e, rows: r, m, f, dynamic: d.rows_per_expert.is_none() };
+    let g = blocks::ExpertWeights { w1: gw1, b1: gb1, w2: gw2, b2: gb2 };
+    let dein = blocks::expert_mlp_backward(b, spec, layer, &blk, s.ein, s.h, s.a, blocks::ExpertWeights { w1, b1, w2, b2 }, g, dy);
     let split_n = split(spec);
     if ep > 1 {
         let group: GroupId = groups.ep_group(rank);
@@ -238,16 +216,7 @@ pub(super) fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &
     let dsend = b.buf(format!("L{layer}.moe.dsend"), t * k * m, Mc::CommBuffers);
     let dcounts = b.index_buf(format!("L{layer}.moe.dsend_counts"), 1, Mc::CommBuffers);
     b.op("expert_unlayout_bwd", Stage::Permute, Pass::Backward,
-        OpKind::ExpertUnlayout { input: dein, gathered: s.gathered, send: dsend, send_counts: dcounts, dims: d.clone() }, 0,
+        OpKind::ExpertUnlayout { input: dein, gathered: s.r.gathered, send: dsend, send_counts: dcounts, dims: d.clone() }, 0,
         8 * (e * r * m) as u64);
-    let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
-    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: s.slots, dx: dxm, dims: d.clone() },
-        (t * k * m) as u64, 8 * (t * k * m) as u64);
-    let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
-    b.op("route_bwd", Stage::Topk, Pass::Backward,
-        OpKind::RouteBwd { probs: s.probs, idx: s.idx, dweights, gathered: s.gathered, dlogits, dims: d.clone(),
-            renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
-        (t * e * 6) as u64, 4 * (3 * t * e) as u64);
-    blocks::linear_bwd(b, "gate", Stage::Gate, layer, s.ln.y, s.wg, None, dlogits, Some(dxm), t, m, e);
-    blocks::layernorm_bwd(b, "ln_moe", layer, &s.ln, dxm, dout, t, m)
+    blocks::route_backward(b, spec, layer, &s.r, d, s.slots, dsend, dweights, dout)
 }

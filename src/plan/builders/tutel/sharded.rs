@@ -16,7 +16,7 @@
 //! the same combine. r = 0 on this layout is `dp.rs` (with [`slice_params`]).
 
 use crate::math::linalg::gemm_flops;
-use crate::plan::builders::blocks::{self, LnSaved};
+use crate::plan::builders::blocks::{self, Routed};
 use crate::plan::builders::topk::a2a;
 use crate::plan::builders::DataExpertGroups;
 use crate::plan::ops::MoeDims;
@@ -111,12 +111,8 @@ impl blocks::MoeSublayer for Sublayer<'_> {
 /// What the backward needs from the forward.
 struct MoeSaved {
     dims: MoeDims,
-    ln: LnSaved,
-    wg: BufId,
-    probs: BufId,
-    idx: BufId,
-    weights: BufId,
-    gathered: BufId,
+    /// The routing front: `ln_moe`, gate, choices, routing statistics.
+    r: Routed,
     slots: BufId,
     ein: BufId,
     h: BufId,
@@ -203,12 +199,12 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
     let j = lay.slice(rank);
     let ep_group = groups.ep_group(rank);
     let routed = blocks::gate_and_route(b, spec, layer, x, &dims, groups.world());
-    let (ln, wg, probs, idx, weights, gathered) = (routed.ln, routed.wg, routed.probs, routed.idx, routed.weights, routed.gathered);
+    let (idx, weights, gathered) = (routed.idx, routed.weights, routed.gathered);
     let send = b.buf(format!("L{layer}.moe.send"), t * k * m, Mc::CommBuffers);
     let send_counts = b.index_buf(format!("L{layer}.moe.send_counts"), lay.n_experts, Mc::CommBuffers);
     let slots = b.index_buf(format!("L{layer}.moe.slots"), t * k, Mc::Activations);
     b.op("dispatch", Stage::Permute, Pass::Forward,
-        OpKind::Dispatch { x: ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
+        OpKind::Dispatch { x: routed.ln.y, idx, gathered, send, send_counts, slots, dims: dims.clone() }, 0, 8 * (t * k * m) as u64);
     let bound = recv_bound(spec, lay);
     let ein = to_members(b, &dims, lay, layer, send, gathered, ep_group, "dispatch", bound, Mc::Activations, Pass::Forward);
     let back_counts = b.index_buf(format!("L{layer}.moe.recv_counts"), lay.ep, Mc::CommBuffers);
@@ -244,7 +240,7 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
     let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
     b.op("combine", Stage::Combine, Pass::Forward,
         OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
-    let saved = MoeSaved { dims, ln, wg, probs, idx, weights, gathered, slots, ein, h, a, back, recv_counts: back_counts, own: [w1, b1, w2, b2], wide };
+    let saved = MoeSaved { dims, r: routed, slots, ein, h, a, back, recv_counts: back_counts, own: [w1, b1, w2, b2], wide };
     (out, saved)
 }
 
@@ -287,7 +283,7 @@ fn from_members(b: &mut RankBuilder, dims: &MoeDims, lay: &Layout, layer: usize,
 fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGroups, lay: &Layout, rank: usize, layer: usize, sv: &MoeSaved,
     dout: BufId) -> BufId {
     let d = &sv.dims;
-    let (t, m, e, k, f) = (d.tokens, d.d_model, d.n_experts, d.top_k, spec.model.d_ffn);
+    let (t, m, k, f) = (d.tokens, d.d_model, d.top_k, spec.model.d_ffn);
     let (s, r, g) = (lay.s, lay.r, lay.g);
     let (hs, hr) = (f / s, f / r);
     let ep_group = groups.ep_group(rank);
@@ -295,9 +291,9 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertG
     let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::CommBuffers);
     let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
     b.op("combine_bwd", Stage::Combine, Pass::Backward,
-        OpKind::CombineBwd { dout, back: sv.back, slots: sv.slots, weights: sv.weights, dback, dweights, dims: d.clone() },
+        OpKind::CombineBwd { dout, back: sv.back, slots: sv.slots, weights: sv.r.weights, dback, dweights, dims: d.clone() },
         4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
-    let dy = to_members(b, d, lay, layer, dback, sv.gathered, ep_group, "dback", bound, Mc::Temporaries, Pass::Backward);
+    let dy = to_members(b, d, lay, layer, dback, sv.r.gathered, ep_group, "dback", bound, Mc::Temporaries, Pass::Backward);
     let [w1, b1, w2, b2] = sv.own;
     let wide_grad = |b: &mut RankBuilder, own: BufId, tag: &str, elems: usize| {
         if g > 1 { b.buf(format!("L{layer}.expert.{tag}_wide.grad"), elems, Mc::Grads) } else { b.grad(own) }
@@ -333,15 +329,6 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertG
         b.op("expert_allreduce_b2", Stage::AllReduce, Pass::Backward, OpKind::AllReduce { group: sg, bufs: vec![gb2] }, 0, bytes);
     }
     // The input gradient's rows go back as the forward's outputs did: the same counts.
-    let dsend = from_members(b, d, lay, layer, dein, sv.recv_counts, sv.gathered, ep_group, "dsend", Pass::Backward);
-    let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
-    b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: sv.slots, dx: dxm, dims: d.clone() },
-        (t * k * m) as u64, 8 * (t * k * m) as u64);
-    let dlogits = b.buf(format!("L{layer}.gate.dlogits"), t * e, Mc::Activations);
-    b.op("route_bwd", Stage::Topk, Pass::Backward,
-        OpKind::RouteBwd { probs: sv.probs, idx: sv.idx, dweights, gathered: sv.gathered, dlogits, dims: d.clone(),
-            renormalize: spec.model.renormalize, aux_coef: spec.model.aux_loss_coef as f32 },
-        (t * e * 6) as u64, 4 * (3 * t * e) as u64);
-    blocks::linear_bwd(b, "gate", Stage::Gate, layer, sv.ln.y, sv.wg, None, dlogits, Some(dxm), t, m, e);
-    blocks::layernorm_bwd(b, "ln_moe", layer, &sv.ln, dxm, dout, t, m)
+    let dsend = from_members(b, d, lay, layer, dein, sv.recv_counts, sv.r.gathered, ep_group, "dsend", Pass::Backward);
+    blocks::route_backward(b, spec, layer, &sv.r, d, sv.slots, dsend, dweights, dout)
 }
