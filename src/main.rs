@@ -21,7 +21,14 @@ use std::sync::Arc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Override a field of every experiment file read, before it is checked, e.g.
+    /// `--set run.backend=cuda --set model.dtype=bf16 --set layout.ep=2` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
+    sets: Vec<String>,
 }
+
+/// The parsed `--set` overrides, applied by [`load`].
+static OVERRIDES: std::sync::OnceLock<Vec<spec::overrides::Override>> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Command {
@@ -149,7 +156,7 @@ fn cmd_workbench(args: &[String]) -> Result<bool> {
 }
 
 fn load(file: &Path) -> Result<ExperimentSpec> {
-    Ok(spec::load_file(file)?)
+    Ok(spec::load_file_with(file, OVERRIDES.get().map_or(&[][..], Vec::as_slice))?)
 }
 
 fn mib(b: u64) -> String {
@@ -414,6 +421,15 @@ fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>) -> Re
 
 fn main() {
     let cli = Cli::parse();
+    match cli.sets.iter().map(|s| spec::overrides::Override::parse(s)).collect::<Result<Vec<_>, _>>() {
+        Ok(o) => {
+            let _ = OVERRIDES.set(o);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    }
     let result = match &cli.command {
         Command::Run { file, runs_dir, quiet } => cmd_run(file, runs_dir, *quiet).map(|_| true),
         Command::Compare { files, runs_dir } => cmd_compare(files, runs_dir).map(|_| true),

@@ -129,3 +129,30 @@ fn compare_prints_one_row_per_experiment_and_writes_tables() {
     assert_eq!(csv.lines().count(), 3, "{csv}");
     assert!(cmp.join("compare.parquet").is_file());
 }
+
+#[test]
+fn set_overrides_fields_and_the_run_directory_keeps_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let (code, out, err) = moelab(
+        &["run", "-q", "experiments/quickstart.toml", "--runs-dir", runs.to_str().unwrap(), "--set", "model.n_layers=1", "--set", "run.steps=1"],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let spec = std::fs::read_to_string(only_run_dir(&runs).join("spec.toml")).unwrap();
+    let doc: toml::Table = toml::from_str(&spec).unwrap();
+    assert_eq!(doc["model"]["n_layers"].as_integer(), Some(1), "{spec}");
+    assert_eq!(doc["run"]["steps"].as_integer(), Some(1), "{spec}");
+    // Overrides are checked like the file: the field and the fix are named, nothing runs.
+    let bad_runs = tmp.path().join("bad");
+    let (code, _, err) = moelab(&["run", "experiments/quickstart.toml", "--runs-dir", bad_runs.to_str().unwrap(), "--set", "layout.ep=3"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("ep=3 does not divide n_experts=8"), "{err}");
+    assert!(!bad_runs.exists());
+    let (code, _, err) = moelab(&["validate", "experiments/quickstart.toml", "--set", "model.d_modle=3"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("d_modle") && err.contains("--set model.d_modle"), "{err}");
+    let (code, _, err) = moelab(&["validate", "experiments/quickstart.toml", "--set", "oops"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("expected KEY=VALUE"), "{err}");
+}

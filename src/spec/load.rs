@@ -21,11 +21,25 @@ pub fn from_toml_str(text: &str) -> Result<ExperimentSpec, SpecError> {
 
 /// Read a spec file; the error names the file.
 pub fn load_file(path: &Path) -> Result<ExperimentSpec, SpecError> {
+    load_file_with(path, &[])
+}
+
+/// Read a spec file with command-line overrides applied before parsing (see
+/// [`super::overrides`]); the error names the file.
+pub fn load_file_with(path: &Path, overrides: &[super::overrides::Override]) -> Result<ExperimentSpec, SpecError> {
     let text = std::fs::read_to_string(path).map_err(|e| SpecError::Io {
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    from_toml_str(&text).map_err(|e| e.in_file(path))
+    let text = super::overrides::apply(&text, overrides).map_err(|e| e.in_file(path))?;
+    from_toml_str(&text).map_err(|e| match e {
+        // Line numbers would point into the rewritten text: say which keys were overridden.
+        SpecError::Parse { message, location: Some(_), file } if !overrides.is_empty() => {
+            let keys: Vec<String> = overrides.iter().map(|o| o.key.join(".")).collect();
+            SpecError::Parse { message: format!("{message} (with --set {})", keys.join(", ")), location: None, file }
+        }
+        e => e,
+    }.in_file(path))
 }
 
 /// The dotted key (`model.d_model`) whose value sits at `offset`, when the line is a

@@ -2,9 +2,10 @@
 //! settings), its defaults, and validation that rejects bad input before any work starts.
 
 mod load;
+pub mod overrides;
 mod validate;
 
-pub use load::{from_toml_str, load_file};
+pub use load::{from_toml_str, load_file, load_file_with};
 pub use validate::{Problem, SpecError};
 
 use serde::{Deserialize, Serialize};
