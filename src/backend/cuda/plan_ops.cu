@@ -176,8 +176,8 @@ extern "C" __global__ void adam(float* p, const float* g, float* m, float* v, i6
     GRID_STRIDE(i, n) { adam_step(p, g, m, v, i, lr, b1, b2, eps, c1, c2); }
 }
 // Adam on the f32 master that also rewrites its bf16 shadow (the GEMMs' copy) in the same pass.
-extern "C" __global__ void adam_shadow(float* p, const float* g, float* m, float* v, bf16_t* half, i64 n, float lr, float b1, float b2, float eps, float c1, float c2) {
-    GRID_STRIDE(i, n) { half[i] = f32_to_bf16(adam_step(p, g, m, v, i, lr, b1, b2, eps, c1, c2)); }
+extern "C" __global__ void adam_shadow(float* p, const float* g, float* m, float* v, bf16_t* shadow, i64 n, float lr, float b1, float b2, float eps, float c1, float c2) {
+    GRID_STRIDE(i, n) { shadow[i] = f32_to_bf16(adam_step(p, g, m, v, i, lr, b1, b2, eps, c1, c2)); }
 }
 
 // Regression loss: dy = (y - t) / denom (when dy is not null); partial[block] = sum (y - t)^2
