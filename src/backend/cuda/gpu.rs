@@ -154,3 +154,36 @@ impl Gpu {
         LaunchConfig { grid_dim: (want.min(cap) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::KERNELS;
+
+    fn names_after<'a>(src: &'a str, marker: &str) -> Vec<&'a str> {
+        src.split(marker).skip(1).map(|rest| rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or("")).collect()
+    }
+
+    /// Every listed kernel is defined (a missing one fails `Gpu::open` on the device), every
+    /// defined one is listed, and every kernel the executor picks by storage has its bf16 twin.
+    #[test]
+    fn kernel_list_matches_the_sources_and_every_storage_variant_exists() {
+        let cu = concat!(include_str!("plan_ops.cu"), include_str!("bench_ops.cu"));
+        let defined = names_after(cu, "extern \"C\" __global__ void ");
+        for k in KERNELS {
+            assert!(defined.contains(k), "{k} is listed but not defined");
+        }
+        for d in &defined {
+            assert!(KERNELS.contains(d), "{d} is defined but not listed");
+        }
+        let exec = concat!(include_str!("exec.rs"), include_str!("exec/attention.rs"), include_str!("exec/a2a_2d.rs"));
+        let by_storage = names_after(exec, "launch_st(\"");
+        assert!(by_storage.len() > 10);
+        for k in by_storage {
+            assert!(KERNELS.contains(&k), "{k}");
+            assert!(KERNELS.contains(&format!("{k}_bf16").as_str()), "{k} has no bf16 variant");
+        }
+        for k in names_after(exec, "launch(\"") {
+            assert!(KERNELS.contains(&k), "{k} is launched but not listed");
+        }
+    }
+}
