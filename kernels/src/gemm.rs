@@ -163,6 +163,26 @@ pub unsafe fn bf16_gemm_raw(
     beta: f32,
     c_f32: bool,
 ) -> Result<(), GpuError> {
+    bf16_gemm_raw_batched(handle, form, a, b, c, dims, beta, c_f32, None)
+}
+
+/// [`bf16_gemm_raw`], optionally strided-batched (`cublasGemmStridedBatchedEx`; strides in
+/// elements of each operand's own type): the cuda plan executor's bf16 expert GEMMs.
+///
+/// # Safety
+/// As [`sgemm_raw`], with bf16 (2-byte) elements in `a` and `b`, and `c` of the chosen type.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn bf16_gemm_raw_batched(
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    form: GemmForm,
+    a: u64,
+    b: u64,
+    c: u64,
+    dims: GemmDims,
+    beta: f32,
+    c_f32: bool,
+    batch: Option<Batch>,
+) -> Result<(), GpuError> {
     use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
     const OP: &str = "bf16_gemm_raw";
     let lim = |what: &'static str, v: usize| i32::try_from(v).map_err(|_| GpuError::TooLarge { op: OP, what, value: v, limit: i32::MAX as usize });
@@ -172,12 +192,27 @@ pub unsafe fn bf16_gemm_raw(
     }
     let alpha = 1.0f32;
     let ctype = if c_f32 { cudaDataType::CUDA_R_32F } else { cudaDataType::CUDA_R_16BF };
-    cudarc::cublas::result::gemm_ex(
-        handle, cfg.transa, cfg.transb, cfg.m, cfg.n, cfg.k, &alpha as *const f32 as *const _, b as *const _, cudaDataType::CUDA_R_16BF, cfg.lda,
-        a as *const _, cudaDataType::CUDA_R_16BF, cfg.ldb, &cfg.beta as *const f32 as *const _, c as *mut _, ctype, cfg.ldc,
-        cublasComputeType_t::CUBLAS_COMPUTE_32F, cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-    )
-    .map_err(GpuError::cublas("cublasGemmEx"))
+    let bf = cudaDataType::CUDA_R_16BF;
+    // cuBLAS's first operand is our b, its second our a (see cublas_config).
+    match batch {
+        None => cudarc::cublas::result::gemm_ex(
+            handle, cfg.transa, cfg.transb, cfg.m, cfg.n, cfg.k, &alpha as *const f32 as *const _, b as *const _, bf, cfg.lda,
+            a as *const _, bf, cfg.ldb, &cfg.beta as *const f32 as *const _, c as *mut _, ctype, cfg.ldc,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F, cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(GpuError::cublas("cublasGemmEx")),
+        Some(bt) => {
+            if bt.count == 0 {
+                return Ok(());
+            }
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                handle, cfg.transa, cfg.transb, cfg.m, cfg.n, cfg.k, &alpha as *const f32 as *const _, b as *const _, bf, cfg.lda,
+                bt.b_stride as i64, a as *const _, bf, cfg.ldb, bt.a_stride as i64, &cfg.beta as *const f32 as *const _, c as *mut _, ctype,
+                cfg.ldc, bt.c_stride as i64, lim("batch", bt.count)?, cublasComputeType_t::CUBLAS_COMPUTE_32F, cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .map_err(GpuError::cublas("cublasGemmStridedBatchedEx"))
+        }
+    }
 }
 
 impl Device {

@@ -128,7 +128,7 @@ impl RankBuilder {
         } else {
             (None, None)
         };
-        self.params.push(ParamDesc { value, grad, moments, init, expert, slice });
+        self.params.push(ParamDesc { value, grad, moments, init, expert, slice, half: None });
         value
     }
     /// The gradient buffer of a parameter (training plans only); while gradients are
@@ -184,8 +184,12 @@ impl RankBuilder {
     pub fn bytes_of(&self, b: BufId) -> u64 {
         self.buffers[b.0 as usize].bytes()
     }
-    /// Finish: every transient buffer is freed after its last use.
+    /// Finish: every transient buffer is freed after its last use; a bf16 plan (transient
+    /// buffers 2 bytes wide) gets the precision policy of [`super::precision`].
     pub fn finish(mut self) -> RankPlan {
+        if self.elem_bytes == 2 {
+            super::precision::apply_bf16(&mut self.buffers, &self.ops, &mut self.params);
+        }
         let mut last_use: Vec<Option<usize>> = vec![None; self.buffers.len()];
         for (i, op) in self.ops.iter().enumerate() {
             for b in op.reads.iter().chain(op.writes.iter()) {

@@ -6,6 +6,7 @@ pub mod builders;
 mod graph;
 pub mod memory;
 pub mod ops;
+pub mod precision;
 
 pub use graph::RankBuilder;
 pub use ops::{AttnDims, OpKind};
@@ -55,6 +56,10 @@ pub struct BufferDesc {
 }
 
 impl BufferDesc {
+    /// Stored as bf16 (a value buffer two bytes wide; see [`precision`]).
+    pub fn is_bf16(&self) -> bool {
+        precision::is_bf16(self)
+    }
     /// Planned bytes (an upper bound for dynamic buffers).
     pub fn bytes(&self) -> u64 {
         (self.elems * self.elem_bytes) as u64
@@ -94,6 +99,9 @@ pub struct ParamDesc {
     /// A tensor-parallel slice: each drawn tensor (per expert) is cut to the kept part.
     /// `None`: the whole tensor, as drawn.
     pub slice: Option<ParamSlice>,
+    /// The bf16 shadow of the weights that GEMMs read in bf16 plans (persistent, Params);
+    /// refreshed from the f32 master by Adam. `None` in f32 plans ([`precision`]).
+    pub half: Option<BufId>,
 }
 
 /// Which part of a drawn tensor a rank holds: the tensor (each expert's, for expert

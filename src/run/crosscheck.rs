@@ -1,6 +1,8 @@
 //! Backend cross-check: one experiment on the cpu reference and on the cuda backend, then
 //! every step's loss, aux loss and drop count, and every rank's final parameters and
-//! gradients, compared with `||cuda - cpu|| / ||cpu||` (NaN never passes). The cuda side
+//! gradients, compared with `||cuda - cpu|| / ||cpu||` (NaN never passes), held to
+//! [`F32_TOL`] or, for `model.dtype = "bf16"` (cuda in bf16, the cpu reference the same spec
+//! in f32), [`BF16_TOL`]. The cuda side
 //! runs through the real launcher (one worker process per GPU), which dumps the tensors
 //! into its run directory when `MOELAB_DUMP_PARAMS` is set.
 
@@ -8,13 +10,23 @@ use super::{run, RunHooks};
 use crate::backend::cpu::CpuRuntime;
 use crate::backend::{ExecOptions, StepReport};
 use crate::plan::Plan;
-use crate::spec::{BackendKind, ExperimentSpec};
+use crate::spec::{BackendKind, DType, ExperimentSpec};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Relative tolerance for f32 plans.
 pub const F32_TOL: f64 = 1e-4;
+/// Relative tolerance for bf16 plans (bf16 storage against the f32 reference).
+pub const BF16_TOL: f64 = crate::backend::cuda::check::BF16_TOL;
+
+/// The tolerance a cuda run of `spec` is held to: its storage type's.
+pub fn tolerance(spec: &ExperimentSpec) -> f64 {
+    match spec.model.dtype {
+        DType::F32 => F32_TOL,
+        DType::Bf16 => BF16_TOL,
+    }
+}
 
 /// One compared quantity.
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +75,7 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 /// exactly zero in theory (e.g. the key bias under softmax), Adam turns rounding noise into
 /// full-size steps on both backends.
 pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<CrossCheck> {
+    let tol = tolerance(spec);
     let mut items = Vec::new();
     let mut error = None;
     let mut one = spec.clone();
@@ -71,7 +84,7 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<Cro
     let world = spec.world();
     let (plan, cpu_rt, cpu_steps) = cpu_run(&one, true)?;
     let (dir, cuda_steps) = cuda_run(&one, runs_root, true, &mut error);
-    compare_steps(&cpu_steps, &cuda_steps, "grad pass", &mut items);
+    compare_steps(&cpu_steps, &cuda_steps, "grad pass", tol, &mut items);
     if let Some(dir) = &dir {
         for r in 0..world {
             let path = dir.join(format!("params-rank{r}.json"));
@@ -86,13 +99,13 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<Cro
             for name in rp.params.iter().filter_map(|p| p.grad).map(|b| rp.buffer(b).name.clone()) {
                 let want = cpu_rt.read(r, &name).unwrap_or_default();
                 let rel = dumped.get(&name).map_or(f64::NAN, |got| rel_err(got, &want));
-                items.push(Compared { name: format!("rank {r} {name}"), rel_err: rel, passed: rel <= F32_TOL });
+                items.push(Compared { name: format!("rank {r} {name}"), rel_err: rel, passed: rel <= tol });
             }
         }
     }
     let (_, _, cpu_full) = cpu_run(spec, false)?;
     let (_, cuda_full) = cuda_run(spec, runs_root, false, &mut error);
-    compare_steps(&cpu_full, &cuda_full, "training", &mut items);
+    compare_steps(&cpu_full, &cuda_full, "training", tol, &mut items);
     let complete = cuda_steps.len() == cpu_steps.len() && cuda_full.len() == cpu_full.len();
     let worst = items.iter().map(|i| i.rel_err).fold(0.0, |a: f64, b| if b.is_nan() || a.is_nan() { f64::NAN } else { a.max(b) });
     let passed = error.is_none() && complete && !items.is_empty() && items.iter().all(|i| i.passed);
@@ -102,6 +115,8 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<Cro
 fn cpu_run(spec: &ExperimentSpec, skip_optimizer: bool) -> anyhow::Result<(Plan, CpuRuntime, Vec<StepReport>)> {
     let mut cpu_spec = spec.clone();
     cpu_spec.run.backend = BackendKind::Cpu;
+    // The reference computes in f32 whatever the cuda run stores.
+    cpu_spec.model.dtype = DType::F32;
     let plan = Plan::build(&cpu_spec)?;
     let mut rt = CpuRuntime::new(plan.clone(), ExecOptions { skip_optimizer, ..Default::default() });
     let mut steps = Vec::new();
@@ -125,12 +140,12 @@ fn cuda_run(spec: &ExperimentSpec, runs_root: &Path, skip_optimizer: bool, error
     }
 }
 
-fn compare_steps(cpu: &[StepReport], cuda: &[StepReport], pass: &str, items: &mut Vec<Compared>) {
+fn compare_steps(cpu: &[StepReport], cuda: &[StepReport], pass: &str, tol: f64, items: &mut Vec<Compared>) {
     for (c, g) in cpu.iter().zip(cuda) {
         let pairs = [("loss", g.loss, c.loss), ("aux", g.aux_loss, c.aux_loss), ("dropped", g.dropped as f64, c.dropped as f64)];
         for (what, got, want) in pairs {
             let rel = rel_err(&[got as f32], &[want as f32]);
-            items.push(Compared { name: format!("{pass} step {} {what}", c.step), rel_err: rel, passed: rel <= F32_TOL });
+            items.push(Compared { name: format!("{pass} step {} {what}", c.step), rel_err: rel, passed: rel <= tol });
         }
     }
 }

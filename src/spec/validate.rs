@@ -278,11 +278,11 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         c.fail("run.lr", format!("lr={} must be a positive number", r.lr), "use e.g. 1e-3");
     }
     match r.backend {
-        // auto: the GPUs when there are enough of them for the layout (f32 only for now),
-        // else the cpu reference.
+        // auto: the GPUs when there are enough of them for the layout, else the cpu
+        // reference (which refuses bf16 below).
         BackendKind::Auto => {
             let gpus = crate::backend::cuda::visible_gpus();
-            r.backend = if gpus >= world && gpus > 0 && spec.model.dtype == super::DType::F32 { BackendKind::Cuda } else { BackendKind::Cpu };
+            r.backend = if gpus >= world && gpus > 0 { BackendKind::Cuda } else { BackendKind::Cpu };
         }
         BackendKind::Cpu => {}
         BackendKind::Cuda => {
@@ -290,10 +290,6 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
             if gpus < world {
                 c.fail("run.backend", format!("backend \"cuda\" needs one GPU per rank: world={world} but {gpus} GPU(s) are visible"),
                     "use backend = \"cpu\" (or \"auto\"), or shrink the layout (dp*ep*tp*pp) to the GPUs present");
-            }
-            if spec.model.dtype != super::DType::F32 {
-                c.fail("model.dtype", "the cuda plan executor runs f32 plans for now (dtype=bf16)".into(),
-                    "set model.dtype = \"f32\"; bf16 is measured by `moelab bench`");
             }
         }
         BackendKind::Sim => {}

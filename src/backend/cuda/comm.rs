@@ -6,6 +6,7 @@
 //! need no NCCL: their collectives are copies. A communicator is used by one host thread at
 //! a time (a mutex per group), as NCCL requires.
 
+use super::store::Storage;
 use crate::plan::{Group, GroupId};
 use cudarc::driver::{result, CudaStream};
 use cudarc::nccl::sys::{self as nccl, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
@@ -29,6 +30,14 @@ pub enum CommError {
     /// A CUDA call around the collective failed.
     #[error(transparent)]
     Gpu(#[from] GpuError),
+}
+
+/// NCCL's element type for a buffer storage.
+fn nccl_type(st: Storage) -> ncclDataType_t {
+    match st {
+        Storage::F32 => ncclDataType_t::ncclFloat32,
+        Storage::Bf16 => ncclDataType_t::ncclBfloat16,
+    }
 }
 
 struct Member {
@@ -123,46 +132,46 @@ impl Comms {
         Ok(self.member(g)?.index)
     }
 
-    fn copy(dst: u64, src: u64, elems: usize, s: &CudaStream) -> Result<(), CommError> {
+    fn copy(dst: u64, src: u64, elems: usize, st: Storage, s: &CudaStream) -> Result<(), CommError> {
         if elems > 0 && dst != src {
-            // SAFETY: both hold `elems` f32 on this device.
-            unsafe { result::memcpy_dtod_async(dst, src, elems * 4, s.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoDAsync"))?;
+            // SAFETY: both hold `elems` elements of `st` on this device.
+            unsafe { result::memcpy_dtod_async(dst, src, elems * st.size(), s.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoDAsync"))?;
         }
         Ok(())
     }
 
-    /// In-place sum over the group.
-    pub fn all_reduce(&self, g: GroupId, buf: u64, elems: usize, s: &CudaStream) -> Result<(), CommError> {
+    /// In-place sum over the group (elements of storage `st`; bf16 sums in bf16, as NCCL does).
+    pub fn all_reduce(&self, g: GroupId, buf: u64, elems: usize, st: Storage, s: &CudaStream) -> Result<(), CommError> {
         let m = self.member(g)?;
         match m.comm {
             None => Ok(()),
-            // SAFETY: buf holds elems f32; the stream belongs to this communicator's device.
+            // SAFETY: buf holds elems of st; the stream belongs to this communicator's device.
             Some(c) => check("ncclAllReduce", unsafe {
-                nccl::ncclAllReduce(buf as _, buf as _, elems, ncclDataType_t::ncclFloat32, ncclRedOp_t::ncclSum, c, s.cu_stream() as _)
+                nccl::ncclAllReduce(buf as _, buf as _, elems, nccl_type(st), ncclRedOp_t::ncclSum, c, s.cu_stream() as _)
             }),
         }
     }
 
     /// `recv[size * elems]` = every member's `send[elems]`, in group order.
-    pub fn all_gather(&self, g: GroupId, send: u64, recv: u64, elems: usize, s: &CudaStream) -> Result<(), CommError> {
+    pub fn all_gather(&self, g: GroupId, send: u64, recv: u64, elems: usize, st: Storage, s: &CudaStream) -> Result<(), CommError> {
         let m = self.member(g)?;
         match m.comm {
-            None => Self::copy(recv, send, elems, s),
-            // SAFETY: send holds elems, recv size * elems f32.
+            None => Self::copy(recv, send, elems, st, s),
+            // SAFETY: send holds elems, recv size * elems elements of st.
             Some(c) => check("ncclAllGather", unsafe {
-                nccl::ncclAllGather(send as _, recv as _, elems, ncclDataType_t::ncclFloat32, c, s.cu_stream() as _)
+                nccl::ncclAllGather(send as _, recv as _, elems, nccl_type(st), c, s.cu_stream() as _)
             }),
         }
     }
 
     /// `recv[elems]` = the sum over members of their part `i` of `send[size * elems]`.
-    pub fn reduce_scatter(&self, g: GroupId, send: u64, recv: u64, elems: usize, s: &CudaStream) -> Result<(), CommError> {
+    pub fn reduce_scatter(&self, g: GroupId, send: u64, recv: u64, elems: usize, st: Storage, s: &CudaStream) -> Result<(), CommError> {
         let m = self.member(g)?;
         match m.comm {
-            None => Self::copy(recv, send, elems, s),
-            // SAFETY: send holds size * elems, recv elems f32.
+            None => Self::copy(recv, send, elems, st, s),
+            // SAFETY: send holds size * elems, recv elems elements of st.
             Some(c) => check("ncclReduceScatter", unsafe {
-                nccl::ncclReduceScatter(send as _, recv as _, elems, ncclDataType_t::ncclFloat32, ncclRedOp_t::ncclSum, c, s.cu_stream() as _)
+                nccl::ncclReduceScatter(send as _, recv as _, elems, nccl_type(st), ncclRedOp_t::ncclSum, c, s.cu_stream() as _)
             }),
         }
     }
@@ -198,17 +207,21 @@ impl Comms {
         }
     }
 
-    /// Variable all-to-all: to member p, `matrix[me][p] * row_len` elements from `send`
-    /// (peer-major); from member p, `matrix[p][me] * row_len` into `recv` (peer-major).
-    pub fn all_to_all_v(&self, g: GroupId, send: u64, recv: u64, matrix: &[Vec<i32>], row_len: usize, s: &CudaStream) -> Result<(), CommError> {
+    /// Variable all-to-all: to member p, `matrix[me][p] * row_len` elements (of storage
+    /// `st`) from `send` (peer-major); from member p, `matrix[p][me] * row_len` into `recv`
+    /// (peer-major).
+    #[allow(clippy::too_many_arguments)]
+    pub fn all_to_all_v(&self, g: GroupId, send: u64, recv: u64, matrix: &[Vec<i32>], row_len: usize, st: Storage, s: &CudaStream) -> Result<(), CommError> {
         let m = self.member(g)?;
         let me = m.index;
         let Some(c) = m.comm else {
-            return Self::copy(recv, send, matrix[0][0] as usize * row_len, s);
+            return Self::copy(recv, send, matrix[0][0] as usize * row_len, st, s);
         };
+        let (dt, es) = (nccl_type(st), st.size() as u64);
         let cu = s.cu_stream();
         check("ncclGroupStart", unsafe { nccl::ncclGroupStart() })?;
         let (mut soff, mut roff) = (0usize, 0usize);
+        #[allow(clippy::needless_range_loop)] // peer indexes both matrix axes
         for peer in 0..m.size {
             let sn = matrix[me][peer] as usize * row_len;
             let rn = matrix[peer][me] as usize * row_len;
@@ -216,10 +229,10 @@ impl Comms {
             // me), sized by the caller from the same matrix.
             unsafe {
                 if sn > 0 {
-                    check("ncclSend", nccl::ncclSend((send + soff as u64 * 4) as _, sn, ncclDataType_t::ncclFloat32, peer as i32, c, cu as _))?;
+                    check("ncclSend", nccl::ncclSend((send + soff as u64 * es) as _, sn, dt, peer as i32, c, cu as _))?;
                 }
                 if rn > 0 {
-                    check("ncclRecv", nccl::ncclRecv((recv + roff as u64 * 4) as _, rn, ncclDataType_t::ncclFloat32, peer as i32, c, cu as _))?;
+                    check("ncclRecv", nccl::ncclRecv((recv + roff as u64 * es) as _, rn, dt, peer as i32, c, cu as _))?;
                 }
             }
             soff += sn;
@@ -229,13 +242,13 @@ impl Comms {
     }
 
     /// Point-to-point exchange with the other member of a 2-member group, in one NCCL group
-    /// call: `send` (address, f32 elements) goes to it, `recv` gets what it sends.
-    pub fn send_recv(&self, g: GroupId, send: Option<(u64, usize)>, recv: Option<(u64, usize)>, s: &CudaStream) -> Result<(), CommError> {
+    /// call: `send` (address, elements of storage `st`) goes to it, `recv` gets what it sends.
+    pub fn send_recv(&self, g: GroupId, send: Option<(u64, usize)>, recv: Option<(u64, usize)>, st: Storage, s: &CudaStream) -> Result<(), CommError> {
         let m = self.member(g)?;
         let Some(c) = m.comm else {
             // A group of one: what it sends is what it receives.
             return match (send, recv) {
-                (Some((sp, n)), Some((rp, _))) => Self::copy(rp, sp, n, s),
+                (Some((sp, n)), Some((rp, _))) => Self::copy(rp, sp, n, st, s),
                 _ => Ok(()),
             };
         };
@@ -245,14 +258,15 @@ impl Comms {
         let peer = (1 - m.index) as i32;
         let cu = s.cu_stream();
         check("ncclGroupStart", unsafe { nccl::ncclGroupStart() })?;
-        // SAFETY: the caller's buffers hold the given f32 counts on this device; both calls are
-        // issued inside one group, so their order between the peers does not matter.
+        let dt = nccl_type(st);
+        // SAFETY: the caller's buffers hold the given element counts of `st` on this device;
+        // both calls are issued inside one group, so their order between the peers does not matter.
         unsafe {
             if let Some((ptr, n)) = send.filter(|x| x.1 > 0) {
-                check("ncclSend", nccl::ncclSend(ptr as _, n, ncclDataType_t::ncclFloat32, peer, c, cu as _))?;
+                check("ncclSend", nccl::ncclSend(ptr as _, n, dt, peer, c, cu as _))?;
             }
             if let Some((ptr, n)) = recv.filter(|x| x.1 > 0) {
-                check("ncclRecv", nccl::ncclRecv(ptr as _, n, ncclDataType_t::ncclFloat32, peer, c, cu as _))?;
+                check("ncclRecv", nccl::ncclRecv(ptr as _, n, dt, peer, c, cu as _))?;
             }
         }
         check("ncclGroupEnd", unsafe { nccl::ncclGroupEnd() })

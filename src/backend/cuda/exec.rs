@@ -4,13 +4,21 @@
 //! tables (batch loading, dispatch and the expert layouts) run on the host through the cpu
 //! backend's own implementation on downloaded inputs, so both backends share one definition
 //! of every layout; they are marked `host` in the op report.
+//!
+//! bf16 plans (`model.dtype = "bf16"`, [`crate::plan::precision`]): each buffer is stored as
+//! its plan says ([`Storage`]); kernels have an f32 and a `_bf16` variant, picked from the
+//! storage of the op's activations; GEMMs take bf16 operands (activations, and the bf16
+//! shadows of parameters) with f32 accumulation and write f32 or bf16 as their output is
+//! stored (weight gradients f32). Where an op meets a buffer of the other storage (the f32
+//! routing, LayerNorm-statistics and loss buffers beside bf16 activations), the value is cast
+//! through a scratch copy.
 
 mod a2a_2d;
 mod attention;
 
 use super::comm::Comms;
-use super::gpu::{Gpu, GpuStream, BLOCK};
-use super::store::{DevBuf, DevStore};
+use super::gpu::{Gpu, GpuStream, BLOCK, KERNELS};
+use super::store::{DevBuf, DevStore, Storage};
 use crate::backend::cpu::exec::{self as cpu_exec, OpCtx, OpOutcome, RouteObs};
 use crate::backend::cpu::fabric::Fabric;
 use crate::backend::cpu::store::{Data, OpView};
@@ -19,7 +27,7 @@ use crate::plan::{BufId, ElemType, Group, Op, OpKind, RankPlan};
 use crate::spec::Activation;
 use cudarc::driver::{result, LaunchConfig, PushKernelArg};
 use moelab_kernels::error::GpuError;
-use moelab_kernels::gemm::{sgemm_raw, Batch};
+use moelab_kernels::gemm::{bf16_gemm_raw_batched, sgemm_raw, Batch};
 use moelab_kernels::{GemmDims, GemmForm};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -84,6 +92,33 @@ pub struct StreamExec<'a> {
     pub adam_step: u64,
     /// Unused by the host-side ops (they never communicate); required by their context.
     pub fabric: &'a Fabric,
+    /// A bf16 plan: GEMMs take bf16 operands (f32 accumulation), collectives between
+    /// pipeline stages carry bf16.
+    pub bf16: bool,
+}
+
+/// An input in the storage a kernel wants: the buffer itself, a parameter's bf16 shadow, or a
+/// cast scratch copy (freed by [`StreamExec::done`]).
+#[derive(Debug, Clone, Copy)]
+struct In {
+    ptr: u64,
+    len: usize,
+    scratch: Option<u64>,
+}
+
+/// An output written in the storage a kernel produces: the buffer itself, or a scratch that
+/// [`StreamExec::commit`] casts into the buffer.
+#[derive(Debug, Clone, Copy)]
+struct Out {
+    /// Where the kernel writes.
+    ptr: u64,
+    /// The buffer.
+    buf: DevBuf,
+    /// Its storage.
+    buf_st: Storage,
+    /// What the kernel writes.
+    st: Storage,
+    scratch: bool,
 }
 
 /// A loss op's partial sums of squared errors on the device (f64 per block of the kernel).
@@ -117,6 +152,97 @@ pub struct GpuOutcome {
 impl<'a> StreamExec<'a> {
     fn cu(&self) -> cudarc::driver::sys::CUstream {
         self.s.stream.cu_stream()
+    }
+
+    /// The storage of a plan buffer.
+    fn st(&self, id: BufId) -> Storage {
+        Storage::of(lock(self.store).desc(id))
+    }
+
+    /// The storage GEMM operands take in this plan.
+    fn gemm_st(&self) -> Storage {
+        if self.bf16 {
+            Storage::Bf16
+        } else {
+            Storage::F32
+        }
+    }
+
+    /// The bf16 shadow of a parameter, if it has one.
+    fn shadow_of(&self, id: BufId) -> Option<BufId> {
+        self.rp.params.iter().find(|p| p.value == id).and_then(|p| p.half)
+    }
+
+    /// `dst[..n] = src[..n]` converting storage `from` to `to` (a plain copy when equal).
+    fn cast(&self, src: u64, from: Storage, dst: u64, to: Storage, n: usize) -> Result<(), ExecError> {
+        if n == 0 {
+            return Ok(());
+        }
+        match (from, to) {
+            (a, b) if a == b => self.copy(dst, src, n, a),
+            (Storage::F32, Storage::Bf16) => self.launch("cast_f32_bf16", self.grid(n), &[Arg::P(src), Arg::P(dst), Arg::I64(n as i64)]),
+            (Storage::Bf16, Storage::F32) => self.launch("cast_bf16_f32", self.grid(n), &[Arg::P(src), Arg::P(dst), Arg::I64(n as i64)]),
+            _ => unreachable!("equal storages are copied"),
+        }
+    }
+
+    /// A live buffer as storage `want`: itself, a parameter's bf16 shadow, or a cast copy.
+    fn input_as(&self, id: BufId, want: Storage) -> Result<In, ExecError> {
+        let b = self.input(id)?;
+        let have = self.st(id);
+        if have == want {
+            return Ok(In { ptr: b.ptr, len: b.len, scratch: None });
+        }
+        if want == Storage::Bf16 {
+            if let Some(h) = self.shadow_of(id) {
+                let hb = self.input(h)?;
+                return Ok(In { ptr: hb.ptr, len: hb.len, scratch: None });
+            }
+        }
+        let sc = self.scratch(b.len * want.size())?;
+        self.cast(b.ptr, have, sc, want, b.len)?;
+        Ok(In { ptr: sc, len: b.len, scratch: Some(sc) })
+    }
+
+    /// Releases an input's cast copy (stream-ordered, after the kernels that read it).
+    fn done(&self, v: In) -> Result<(), ExecError> {
+        match v.scratch {
+            Some(p) => self.scratch_free(p),
+            None => Ok(()),
+        }
+    }
+
+    /// Allocates output `id` (`len` elements) for a kernel writing storage `st`.
+    fn output_as(&self, id: BufId, len: usize, st: Storage) -> Result<Out, ExecError> {
+        let buf = self.output(id, len)?;
+        let buf_st = self.st(id);
+        if buf_st == st {
+            return Ok(Out { ptr: buf.ptr, buf, buf_st, st, scratch: false });
+        }
+        let ptr = self.scratch(buf.len * st.size())?;
+        Ok(Out { ptr, buf, buf_st, st, scratch: true })
+    }
+
+    /// Moves a kernel's output into its buffer (a cast when the storages differ).
+    fn commit(&self, o: Out) -> Result<(), ExecError> {
+        if o.scratch {
+            self.cast(o.ptr, o.st, o.buf.ptr, o.buf_st, o.buf.len)?;
+            self.scratch_free(o.ptr)?;
+        }
+        Ok(())
+    }
+
+    /// [`StreamExec::launch`] of kernel `name`'s variant for storage `st` (`<name>_bf16`).
+    fn launch_st(&self, name: &'static str, st: Storage, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
+        let k = match st {
+            Storage::F32 => name,
+            Storage::Bf16 => KERNELS
+                .iter()
+                .copied()
+                .find(|k| k.strip_suffix("_bf16") == Some(name))
+                .ok_or_else(|| ExecError::Plan(format!("kernel {name} has no bf16 variant in KERNELS")))?,
+        };
+        self.launch(k, cfg, args)
     }
 
     fn input(&self, id: BufId) -> Result<DevBuf, ExecError> {
@@ -156,17 +282,29 @@ impl<'a> StreamExec<'a> {
         self.gpu.grid(rows * 32)
     }
 
+    /// `c = op(a) op(b) + beta c`: SGEMM in f32 plans; in bf16 plans `a` and `b` are bf16
+    /// (see [`StreamExec::gemm_st`]) and `c` is stored as `c_st`, accumulated in f32.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(&self, form: GemmForm, a: u64, b: u64, c: u64, m: usize, k: usize, n: usize, beta: f32, batch: Option<Batch>) -> Result<(), ExecError> {
-        // SAFETY: the handle is bound to this stream; the call sites size a, b, c for the form.
-        unsafe { sgemm_raw(self.s.blas, form, a, b, c, GemmDims { m, k, n }, beta, batch) }?;
+    fn gemm(&self, form: GemmForm, a: u64, b: u64, c: u64, c_st: Storage, m: usize, k: usize, n: usize, beta: f32, batch: Option<Batch>) -> Result<(), ExecError> {
+        let dims = GemmDims { m, k, n };
+        if self.bf16 {
+            // SAFETY: the handle is bound to this stream; the call sites size a, b (bf16) and c
+            // (c_st) for the form.
+            unsafe { bf16_gemm_raw_batched(self.s.blas, form, a, b, c, dims, beta, c_st == Storage::F32, batch) }?;
+        } else {
+            if c_st != Storage::F32 {
+                return Err(ExecError::Plan("a bf16 GEMM output in an f32 plan".into()));
+            }
+            // SAFETY: the handle is bound to this stream; the call sites size a, b, c for the form.
+            unsafe { sgemm_raw(self.s.blas, form, a, b, c, dims, beta, batch) }?;
+        }
         Ok(())
     }
 
-    fn copy(&self, dst: u64, src: u64, elems: usize) -> Result<(), ExecError> {
-        if elems > 0 {
-            // SAFETY: both buffers hold at least `elems` 4-byte elements on this device.
-            unsafe { result::memcpy_dtod_async(dst, src, elems * 4, self.cu()) }.map_err(GpuError::driver("cuMemcpyDtoDAsync"))?;
+    fn copy(&self, dst: u64, src: u64, elems: usize, st: Storage) -> Result<(), ExecError> {
+        if elems > 0 && dst != src {
+            // SAFETY: both buffers hold at least `elems` elements of `st` on this device.
+            unsafe { result::memcpy_dtod_async(dst, src, elems * st.size(), self.cu()) }.map_err(GpuError::driver("cuMemcpyDtoDAsync"))?;
         }
         Ok(())
     }
@@ -180,14 +318,16 @@ impl<'a> StreamExec<'a> {
         (chunk, rows.div_ceil(chunk).max(1))
     }
 
-    /// `out[g, c] (+)= sum_r x[g * rows + r, c]` for `groups` groups, deterministic.
-    fn col_sums(&self, x: u64, out: u64, rows: usize, cols: usize, groups: usize, accumulate: bool) -> Result<(), ExecError> {
+    /// `out[g, c] (+)= sum_r x[g * rows + r, c]` for `groups` groups, deterministic; `x` is
+    /// stored as `x_st`, `out` is f32.
+    #[allow(clippy::too_many_arguments)]
+    fn col_sums(&self, x: u64, x_st: Storage, out: u64, rows: usize, cols: usize, groups: usize, accumulate: bool) -> Result<(), ExecError> {
         if groups * cols == 0 {
             return Ok(());
         }
         let (chunk, chunks) = self.row_chunks(rows, cols * groups);
         let part = self.scratch(groups * chunks * cols * 4)?;
-        self.launch("col_partials", self.grid(groups * chunks * cols), &[Arg::P(x), Arg::P(part), Arg::I64(rows as i64), Arg::I32(cols as i32), Arg::I32(groups as i32), Arg::I64(chunk as i64)])?;
+        self.launch_st("col_partials", x_st, self.grid(groups * chunks * cols), &[Arg::P(x), Arg::P(part), Arg::I64(rows as i64), Arg::I32(cols as i32), Arg::I32(groups as i32), Arg::I64(chunk as i64)])?;
         self.launch("col_finish", self.grid(groups * cols), &[Arg::P(part), Arg::P(out), Arg::I64(chunks as i64), Arg::I32(cols as i32), Arg::I32(groups as i32), Arg::I32(accumulate as i32)])?;
         self.scratch_free(part)
     }
@@ -197,11 +337,18 @@ impl<'a> StreamExec<'a> {
         Ok(())
     }
 
-    /// Copies a live buffer to the host (waits for this stream).
+    /// Copies a live buffer to the host (waits for this stream); bf16 values come back as f32.
     pub fn download(&self, id: BufId) -> Result<Data, ExecError> {
         let b = self.input(id)?;
         let elem = lock(self.store).desc(id).elem;
         let data = match elem {
+            ElemType::F32 if self.st(id) == Storage::Bf16 => {
+                let mut v = vec![0u16; b.len];
+                // SAFETY: the buffer holds b.len bf16 values; the copy completes before sync returns.
+                unsafe { result::memcpy_dtoh_async(&mut v, b.ptr, self.cu()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
+                self.sync()?;
+                Data::F32(v.into_iter().map(|x| half::bf16::from_bits(x).to_f32()).collect())
+            }
             ElemType::F32 => {
                 let mut v = vec![0.0f32; b.len];
                 // SAFETY: the buffer holds b.len f32 values; the copy completes before sync returns.
@@ -234,13 +381,19 @@ impl<'a> StreamExec<'a> {
         }
     }
 
-    /// Writes host values into a buffer (allocated at the planned size for static buffers).
+    /// Writes host values into a buffer (allocated at the planned size for static buffers);
+    /// f32 values into a bf16 buffer are rounded to nearest even.
     pub fn upload(&self, id: BufId, data: &Data) -> Result<(), ExecError> {
         let b = self.output(id, data.len())?;
-        // SAFETY: the buffer holds at least data.len() elements; pageable host memory is
-        // staged before the call returns, and the caller syncs before freeing anything.
+        let st = self.st(id);
+        // SAFETY: the buffer holds at least data.len() elements of its storage; pageable host
+        // memory is staged before the call returns, and the caller syncs before freeing anything.
         unsafe {
             match data {
+                Data::F32(v) if st == Storage::Bf16 => {
+                    let bits: Vec<u16> = v.iter().map(|x| half::bf16::from_f32(*x).to_bits()).collect();
+                    result::memcpy_htod_async(b.ptr, &bits, self.cu())
+                }
                 Data::F32(v) => result::memcpy_htod_async(b.ptr, v, self.cu()),
                 Data::I32(v) => result::memcpy_htod_async(b.ptr, v, self.cu()),
             }
@@ -325,13 +478,31 @@ impl<'a> StreamExec<'a> {
                     if in_place && map.iter().enumerate().any(|(r, &c)| c < 0 && (-c - 1) as usize != r) {
                         return Err(ExecError::Plan(format!("{}: an in-place layout moves rows", op.name)));
                     }
+                    // Rows move in the output's storage; a source stored otherwise is cast first.
+                    let st = self.st(id);
+                    let mut views = Vec::new();
+                    for (src, live) in sources.iter().zip(&src_bufs) {
+                        views.push(match (src, live) {
+                            (Some(sid), Some(_)) if self.st(*sid) != st => {
+                                if *sid == id {
+                                    return Err(ExecError::Plan(format!("{}: an in-place layout changes storage", op.name)));
+                                }
+                                Some(self.input_as(*sid, st)?)
+                            }
+                            (_, Some(b)) => Some(In { ptr: b.ptr, len: b.len, scratch: None }),
+                            _ => None,
+                        });
+                    }
                     let scratch = self.scratch(rows * 4)?;
                     // SAFETY: scratch holds rows i32; host memory is staged before return.
                     unsafe { result::memcpy_htod_async(scratch, &map, self.cu()) }.map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
-                    let a = src_bufs.first().copied().flatten().map_or(0, |b| b.ptr);
-                    let b = src_bufs.get(1).copied().flatten().map_or(0, |b| b.ptr);
-                    self.launch("gather2_rows", self.grid(rows * m), &[Arg::P(a), Arg::P(b), Arg::P(scratch), Arg::P(ob.ptr), Arg::I64(rows as i64), Arg::I32(m as i32)])?;
+                    let a = views.first().copied().flatten().map_or(0, |b| b.ptr);
+                    let b = views.get(1).copied().flatten().map_or(0, |b| b.ptr);
+                    self.launch_st("gather2_rows", st, self.grid(rows * m), &[Arg::P(a), Arg::P(b), Arg::P(scratch), Arg::P(ob.ptr), Arg::I64(rows as i64), Arg::I32(m as i32)])?;
                     self.scratch_free(scratch)?;
+                    for v in views.into_iter().flatten() {
+                        self.done(v)?;
+                    }
                 }
             }
         }
@@ -348,42 +519,57 @@ impl<'a> StreamExec<'a> {
                 // The cpu's data stream, drawn on the device at random access (no host work).
                 let per_seq = seq * d_model;
                 let n = batch * per_seq;
-                let (xb, tb) = (self.output(*x, n)?, self.output(*target, n)?);
+                let st = self.st(*x);
+                let xb = self.output(*x, n)?;
+                // The target is f32 in every plan (the bf16 policy keeps the loss's inputs f32).
+                let tb = self.output_as(*target, n, Storage::F32)?;
                 let k = rng::stream_key(self.seed, "data.x", self.step, 0).map(|w| Arg::I32(w as i32));
                 let blocks = batch * per_seq.div_ceil(8);
                 if n > 0 {
                     let args = [p(xb.ptr), Arg::I64(per_seq as i64), Arg::I32(*batch as i32), k[0], k[1], k[2], k[3], k[4], k[5], Arg::I64((shard * batch) as i64)];
-                    self.launch("load_batch_x", self.grid(blocks), &args)?;
-                    self.launch("rotate_rows_left", self.grid(n), &[p(xb.ptr), p(tb.ptr), Arg::I64((n / d_model) as i64), Arg::I32(*d_model as i32)])?;
+                    self.launch_st("load_batch_x", st, self.grid(blocks), &args)?;
+                    self.launch_st("rotate_rows_left", st, self.grid(n), &[p(xb.ptr), p(tb.ptr), Arg::I64((n / d_model) as i64), Arg::I32(*d_model as i32)])?;
                 }
+                self.commit(tb)?;
             }
             // Gradient accumulation over micro-batches: dst += src, in place.
             GradAccum { pairs } => {
                 for (src, dst) in pairs {
-                    let (sb, db) = (self.input(*src)?, self.input(*dst)?);
+                    let st = self.st(*dst);
+                    let (sb, db) = (self.input_as(*src, st)?, self.input(*dst)?);
                     if db.len != sb.len {
                         return Err(ExecError::Plan(format!("{}: gradient of {} elements added into one of {}", op.name, sb.len, db.len)));
                     }
                     if sb.len > 0 {
-                        self.launch("add_inplace", self.grid(sb.len), &[p(db.ptr), p(sb.ptr), Arg::I64(sb.len as i64)])?;
+                        self.launch_st("add_inplace", st, self.grid(sb.len), &[p(db.ptr), p(sb.ptr), Arg::I64(sb.len as i64)])?;
                     }
+                    self.done(sb)?;
                 }
             }
-            // Pipeline exchanges: one NCCL group of send and recv with the peer.
+            // Pipeline exchanges: one NCCL group of send and recv with the peer. The two peers
+            // plan their buffers independently, so the wire type is the plan's (bf16 in bf16
+            // plans), each side casting where its buffer is stored otherwise.
             SendRecv { group, send, recv } => {
+                let wire = self.gemm_st();
                 let sb = match send {
-                    Some(b) => Some(self.input(*b)?),
+                    Some(b) => Some(self.input_as(*b, wire)?),
                     None => None,
                 };
                 let rb = match recv {
                     Some(r) => {
                         let n = lock(self.store).desc(*r).elems;
-                        Some(self.output(*r, n)?)
+                        Some(self.output_as(*r, n, wire)?)
                     }
                     None => None,
                 };
-                self.comms.send_recv(*group, sb.map(|b| (b.ptr, b.len)), rb.map(|b| (b.ptr, b.len)), &self.s.stream)?;
-                outcome.bytes = Some((sb.map_or(0, |b| b.len) * 4) as u64);
+                self.comms.send_recv(*group, sb.map(|b| (b.ptr, b.len)), rb.map(|b| (b.ptr, b.buf.len)), wire, &self.s.stream)?;
+                outcome.bytes = Some((sb.map_or(0, |b| b.len) * wire.size()) as u64);
+                if let Some(b) = sb {
+                    self.done(b)?;
+                }
+                if let Some(r) = rb {
+                    self.commit(r)?;
+                }
             }
             // Tutel's sharded experts (expert-parallel world above E): spec validation refuses
             // them on this backend before any GPU work; this is the backstop.
@@ -396,99 +582,140 @@ impl<'a> StreamExec<'a> {
                 return self.layout(op)
             }
             LayerNorm { x, gamma, beta, y, stats } => {
-                let (xb, g, b) = (self.input(*x)?, self.input(*gamma)?, self.input(*beta)?);
+                let st = self.st(*x);
+                let (xb, g, b) = (self.input(*x)?, self.input_as(*gamma, Storage::F32)?, self.input_as(*beta, Storage::F32)?);
                 let m = g.len;
                 let rows = xb.len / m;
-                let yb = self.output(*y, xb.len)?;
-                let sb = self.output(*stats, 2 * rows)?;
-                self.launch("ln_fwd", self.warp_grid(rows), &[p(xb.ptr), p(g.ptr), p(b.ptr), p(yb.ptr), p(sb.ptr), Arg::I64(rows as i64), Arg::I32(m as i32)])?;
+                let yb = self.output_as(*y, xb.len, st)?;
+                let sb = self.output_as(*stats, 2 * rows, Storage::F32)?;
+                self.launch_st("ln_fwd", st, self.warp_grid(rows), &[p(xb.ptr), p(g.ptr), p(b.ptr), p(yb.ptr), p(sb.ptr), Arg::I64(rows as i64), Arg::I32(m as i32)])?;
+                self.commit(yb)?;
+                self.commit(sb)?;
+                self.done(g)?;
+                self.done(b)?;
             }
             LayerNormBwd { x, gamma, stats, dy, residual, dx, dgamma, dbeta } => {
-                let (xb, g, sb, dyb) = (self.input(*x)?, self.input(*gamma)?, self.input(*stats)?, self.input(*dy)?);
+                let st = self.st(*x);
+                let (xb, g, sb, dyb) = (self.input(*x)?, self.input_as(*gamma, Storage::F32)?, self.input_as(*stats, Storage::F32)?, self.input_as(*dy, st)?);
                 let m = g.len;
                 let rows = xb.len / m;
                 let res = match residual {
-                    Some(r) => self.input(*r)?.ptr,
-                    None => 0,
+                    Some(r) => Some(self.input_as(*r, st)?),
+                    None => None,
                 };
-                let dxb = self.output(*dx, xb.len)?;
-                let dg = self.output(*dgamma, m)?;
-                let db = self.output(*dbeta, m)?;
-                self.launch("ln_bwd_dx", self.warp_grid(rows), &[p(xb.ptr), p(g.ptr), p(sb.ptr), p(dyb.ptr), p(res), p(dxb.ptr), Arg::I64(rows as i64), Arg::I32(m as i32)])?;
+                let dxb = self.output_as(*dx, xb.len, st)?;
+                let dg = self.output_as(*dgamma, m, Storage::F32)?;
+                let db = self.output_as(*dbeta, m, Storage::F32)?;
+                let res_ptr = res.map_or(0, |r| r.ptr);
+                self.launch_st("ln_bwd_dx", st, self.warp_grid(rows), &[p(xb.ptr), p(g.ptr), p(sb.ptr), p(dyb.ptr), p(res_ptr), p(dxb.ptr), Arg::I64(rows as i64), Arg::I32(m as i32)])?;
                 let (chunk, chunks) = self.row_chunks(rows, m);
                 let part = self.scratch(2 * chunks * m * 4)?;
                 let part_b = part + (chunks * m * 4) as u64;
-                self.launch("ln_bwd_partials", self.grid(chunks * m), &[p(xb.ptr), p(sb.ptr), p(dyb.ptr), p(part), p(part_b), Arg::I64(rows as i64), Arg::I32(m as i32), Arg::I64(chunk as i64)])?;
+                self.launch_st("ln_bwd_partials", st, self.grid(chunks * m), &[p(xb.ptr), p(sb.ptr), p(dyb.ptr), p(part), p(part_b), Arg::I64(rows as i64), Arg::I32(m as i32), Arg::I64(chunk as i64)])?;
                 for (src, dst) in [(part, dg.ptr), (part_b, db.ptr)] {
                     self.launch("col_finish", self.grid(m), &[p(src), p(dst), Arg::I64(chunks as i64), Arg::I32(m as i32), Arg::I32(1), Arg::I32(0)])?;
                 }
                 self.scratch_free(part)?;
+                for o in [dxb, dg, db] {
+                    self.commit(o)?;
+                }
+                for v in [Some(g), Some(sb), Some(dyb), res].into_iter().flatten() {
+                    self.done(v)?;
+                }
             }
             Linear { x, w, bias, residual, y, rows, d_in, d_out } => {
-                let (xb, wb) = (self.input(*x)?, self.input(*w)?);
+                let gs = self.gemm_st();
+                let (xb, wb) = (self.input_as(*x, gs)?, self.input_as(*w, gs)?);
+                let y_st = self.st(*y);
                 let rb = match residual {
                     Some(r) => Some(self.input(*r)?),
                     None => None,
                 };
                 let bb = match bias {
-                    Some(b) => Some(self.input(*b)?),
+                    Some(b) => Some(self.input_as(*b, Storage::F32)?),
                     None => None,
                 };
                 let yb = self.output(*y, rows * d_out)?;
-                let beta = match rb {
-                    Some(r) => {
-                        self.copy(yb.ptr, r.ptr, rows * d_out)?;
+                let beta = match (rb, residual) {
+                    (Some(r), Some(rid)) => {
+                        self.cast(r.ptr, self.st(*rid), yb.ptr, y_st, rows * d_out)?;
                         1.0
                     }
-                    None => 0.0,
+                    _ => 0.0,
                 };
-                self.gemm(GemmForm::Nn, xb.ptr, wb.ptr, yb.ptr, *rows, *d_in, *d_out, beta, None)?;
+                self.gemm(GemmForm::Nn, xb.ptr, wb.ptr, yb.ptr, y_st, *rows, *d_in, *d_out, beta, None)?;
                 if let Some(b) = bb {
-                    self.launch("add_bias_rows", self.grid(rows * d_out), &[p(yb.ptr), p(b.ptr), Arg::I64(*rows as i64), Arg::I32(*d_out as i32), Arg::I64((*rows).max(1) as i64)])?;
+                    self.launch_st("add_bias_rows", y_st, self.grid(rows * d_out), &[p(yb.ptr), p(b.ptr), Arg::I64(*rows as i64), Arg::I32(*d_out as i32), Arg::I64((*rows).max(1) as i64)])?;
+                    self.done(b)?;
                 }
+                self.done(xb)?;
+                self.done(wb)?;
             }
             LinearBwd { x, w, dy, dx, dw, dbias, accumulate_dx, rows, d_in, d_out } => {
-                let (xb, wb, dyb) = (self.input(*x)?, self.input(*w)?, self.input(*dy)?);
+                let gs = self.gemm_st();
+                let (xb, wb, dyb) = (self.input_as(*x, gs)?, self.input_as(*w, gs)?, self.input_as(*dy, gs)?);
                 let dwb = self.output(*dw, d_in * d_out)?;
-                self.gemm(GemmForm::Tn, xb.ptr, dyb.ptr, dwb.ptr, *d_in, *rows, *d_out, 0.0, None)?;
+                self.gemm(GemmForm::Tn, xb.ptr, dyb.ptr, dwb.ptr, self.st(*dw), *d_in, *rows, *d_out, 0.0, None)?;
                 if let Some(db) = dbias {
-                    let dbb = self.output(*db, *d_out)?;
-                    self.col_sums(dyb.ptr, dbb.ptr, *rows, *d_out, 1, false)?;
+                    let dbb = self.output_as(*db, *d_out, Storage::F32)?;
+                    self.col_sums(dyb.ptr, gs, dbb.ptr, *rows, *d_out, 1, false)?;
+                    self.commit(dbb)?;
                 }
                 if let Some(d) = dx {
                     let (dxb, beta) = if *accumulate_dx { (self.input(*d)?, 1.0) } else { (self.output(*d, rows * d_in)?, 0.0) };
-                    self.gemm(GemmForm::Nt, dyb.ptr, wb.ptr, dxb.ptr, *rows, *d_out, *d_in, beta, None)?;
+                    self.gemm(GemmForm::Nt, dyb.ptr, wb.ptr, dxb.ptr, self.st(*d), *rows, *d_out, *d_in, beta, None)?;
+                }
+                for v in [xb, wb, dyb] {
+                    self.done(v)?;
                 }
             }
             Act { h, a, act } => {
+                let st = self.st(*h);
                 let hb = self.input(*h)?;
-                let ab = self.output(*a, hb.len)?;
-                self.launch("act_fwd", self.grid(hb.len), &[p(hb.ptr), p(ab.ptr), Arg::I64(hb.len as i64), Arg::I32(act_kind(*act))])?;
+                let ab = self.output_as(*a, hb.len, st)?;
+                self.launch_st("act_fwd", st, self.grid(hb.len), &[p(hb.ptr), p(ab.ptr), Arg::I64(hb.len as i64), Arg::I32(act_kind(*act))])?;
+                self.commit(ab)?;
             }
             ActBwd { h, da, dh, act } => {
-                let (hb, dab) = (self.input(*h)?, self.input(*da)?);
-                let dhb = self.output(*dh, hb.len)?;
-                self.launch("act_bwd", self.grid(hb.len), &[p(hb.ptr), p(dab.ptr), p(dhb.ptr), Arg::I64(hb.len as i64), Arg::I32(act_kind(*act))])?;
+                let st = self.st(*h);
+                let (hb, dab) = (self.input(*h)?, self.input_as(*da, st)?);
+                let dhb = self.output_as(*dh, hb.len, st)?;
+                self.launch_st("act_bwd", st, self.grid(hb.len), &[p(hb.ptr), p(dab.ptr), p(dhb.ptr), Arg::I64(hb.len as i64), Arg::I32(act_kind(*act))])?;
+                self.commit(dhb)?;
+                self.done(dab)?;
             }
             AttnCore { qkv, probs, ctx, dims } => {
-                let qb = self.input(*qkv)?;
-                let pb = self.output(*probs, dims.batch * dims.heads * dims.seq * dims.seq)?;
-                let cb = self.output(*ctx, dims.batch * dims.seq * dims.d_model)?;
+                let st = self.gemm_st();
+                let qb = self.input_as(*qkv, st)?;
+                let pb = self.output_as(*probs, dims.batch * dims.heads * dims.seq * dims.seq, st)?;
+                let cb = self.output_as(*ctx, dims.batch * dims.seq * dims.d_model, st)?;
                 self.attention_fwd(qb.ptr, pb.ptr, cb.ptr, dims)?;
+                self.commit(pb)?;
+                self.commit(cb)?;
+                self.done(qb)?;
             }
             AttnCoreBwd { qkv, probs, dctx, dqkv, dims } => {
-                let (qb, pb, dcb) = (self.input(*qkv)?, self.input(*probs)?, self.input(*dctx)?);
-                let db = self.output(*dqkv, qb.len)?;
+                let st = self.gemm_st();
+                let (qb, pb, dcb) = (self.input_as(*qkv, st)?, self.input_as(*probs, st)?, self.input_as(*dctx, st)?);
+                let db = self.output_as(*dqkv, qb.len, st)?;
                 self.attention_bwd(qb.ptr, pb.ptr, dcb.ptr, db.ptr, dims)?;
+                self.commit(db)?;
+                for v in [qb, pb, dcb] {
+                    self.done(v)?;
+                }
             }
+            // Routing is f32 in every plan (the bf16 policy keeps its buffers f32).
             Route { logits, probs, idx, weights, stats, n_experts, top_k, renormalize } => {
                 let (e, k) = (*n_experts, *top_k);
-                let lb = self.input(*logits)?;
+                let lb = self.input_as(*logits, Storage::F32)?;
                 let t = lb.len / e;
-                let pb = self.output(*probs, lb.len)?;
+                let pb = self.output_as(*probs, lb.len, Storage::F32)?;
                 let ib = self.output(*idx, t * k)?;
-                let wb = self.output(*weights, t * k)?;
+                let wb = self.output_as(*weights, t * k, Storage::F32)?;
                 self.launch("route_topk", self.grid(t), &[p(lb.ptr), p(pb.ptr), p(ib.ptr), p(wb.ptr), Arg::I64(t as i64), Arg::I32(e as i32), Arg::I32(k as i32), Arg::I32(*renormalize as i32)])?;
+                self.commit(pb)?;
+                self.commit(wb)?;
+                self.done(lb)?;
                 // Counts and probability sums per expert: tiny, exact on the host.
                 let (pv, iv) = (self.download_f32(*probs)?, self.download_i32(*idx)?);
                 let mut sv = vec![0.0; (k + 1) * e];
@@ -499,18 +726,23 @@ impl<'a> StreamExec<'a> {
             RouteBwd { probs, idx, dweights, gathered, dlogits, dims, renormalize, aux_coef } => {
                 let tb = cpu_exec::table(dims, &self.download_f32(*gathered)?);
                 let ag = routing::aux_grad(&tb, *aux_coef);
-                let (pb, ib, dwb) = (self.input(*probs)?, self.input(*idx)?, self.input(*dweights)?);
-                let dl = self.output(*dlogits, dims.tokens * dims.n_experts)?;
+                let (pb, ib, dwb) = (self.input_as(*probs, Storage::F32)?, self.input(*idx)?, self.input_as(*dweights, Storage::F32)?);
+                let dl = self.output_as(*dlogits, dims.tokens * dims.n_experts, Storage::F32)?;
                 let scratch = self.scratch(ag.len() * 4)?;
                 // SAFETY: scratch holds ag.len() f32; host memory is staged before return.
                 unsafe { result::memcpy_htod_async(scratch, &ag, self.cu()) }.map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
                 self.launch("route_bwd", self.grid(dims.tokens), &[p(pb.ptr), p(ib.ptr), p(dwb.ptr), p(scratch), p(dl.ptr), Arg::I64(dims.tokens as i64), Arg::I32(dims.n_experts as i32), Arg::I32(dims.top_k as i32), Arg::I32(*renormalize as i32)])?;
                 self.scratch_free(scratch)?;
+                self.commit(dl)?;
+                self.done(pb)?;
+                self.done(dwb)?;
             }
             DispatchBwd { dsend, slots, dx, dims } => {
-                let (ds, sl) = (self.input(*dsend)?, self.input(*slots)?);
+                let st = self.st(*dx);
+                let (ds, sl) = (self.input_as(*dsend, st)?, self.input(*slots)?);
                 let dxb = self.output(*dx, dims.tokens * dims.d_model)?;
-                self.launch("token_sum_rows", self.grid(dims.tokens * dims.d_model), &[p(ds.ptr), p(sl.ptr), p(dxb.ptr), Arg::I64(dims.tokens as i64), Arg::I32(dims.top_k as i32), Arg::I32(dims.d_model as i32)])?;
+                self.launch_st("token_sum_rows", st, self.grid(dims.tokens * dims.d_model), &[p(ds.ptr), p(sl.ptr), p(dxb.ptr), Arg::I64(dims.tokens as i64), Arg::I32(dims.top_k as i32), Arg::I32(dims.d_model as i32)])?;
+                self.done(ds)?;
             }
             ExpertLinear { x, w, bias, y, n_local, d_in, d_out } => self.expert_fwd(*x, *w, Some(*bias), *y, *n_local, *d_in, *d_out)?,
             ExpertLinearPart { x, w, bias, y, n_local, d_in, d_out } => self.expert_fwd(*x, *w, *bias, *y, *n_local, *d_in, *d_out)?,
@@ -527,25 +759,36 @@ impl<'a> StreamExec<'a> {
             CombinePart { back, slots, weights, residual, out, dims } => self.combine(*back, *slots, *weights, *residual, *out, dims.tokens, dims.top_k, dims.d_model)?,
             CombineBwd { dout, back, slots, weights, dback, dweights, dims } => {
                 let (k, m) = (dims.top_k, dims.d_model);
+                let st = self.st(*dback);
                 let used = self.download_i32(*slots)?.iter().filter(|&&s| s >= 0).count();
-                let (dob, bb, sb, wb) = (self.input(*dout)?, self.input(*back)?, self.input(*slots)?, self.input(*weights)?);
+                let (dob, bb, sb, wb) = (self.input_as(*dout, st)?, self.input_as(*back, st)?, self.input(*slots)?, self.input_as(*weights, Storage::F32)?);
                 let dbk = self.output(*dback, used * m)?;
-                let dwt = self.output(*dweights, dims.tokens * k)?;
+                let dwt = self.output_as(*dweights, dims.tokens * k, Storage::F32)?;
                 let assigns = dims.tokens * k;
-                self.launch("combine_bwd_rows", self.grid(assigns * m), &[p(dob.ptr), p(sb.ptr), p(wb.ptr), p(dbk.ptr), Arg::I64(assigns as i64), Arg::I32(k as i32), Arg::I32(m as i32)])?;
-                self.launch("combine_bwd_weights", self.warp_grid(assigns), &[p(dob.ptr), p(bb.ptr), p(sb.ptr), p(dwt.ptr), Arg::I64(assigns as i64), Arg::I32(k as i32), Arg::I32(m as i32)])?;
+                self.launch_st("combine_bwd_rows", st, self.grid(assigns * m), &[p(dob.ptr), p(sb.ptr), p(wb.ptr), p(dbk.ptr), Arg::I64(assigns as i64), Arg::I32(k as i32), Arg::I32(m as i32)])?;
+                self.launch_st("combine_bwd_weights", st, self.warp_grid(assigns), &[p(dob.ptr), p(bb.ptr), p(sb.ptr), p(dwt.ptr), Arg::I64(assigns as i64), Arg::I32(k as i32), Arg::I32(m as i32)])?;
+                self.commit(dwt)?;
+                for v in [dob, bb, wb] {
+                    self.done(v)?;
+                }
             }
             Loss { y, target, loss, dy, n_global, d_model } | LossReplica { y, target, loss, dy, n_global, d_model } => {
-                let (yb, tb) = (self.input(*y)?, self.input(*target)?);
+                let st = self.st(*y);
+                let (yb, tb) = (self.input(*y)?, self.input_as(*target, Storage::F32)?);
                 let denom = (*n_global * *d_model) as f64;
-                let dyp = match dy {
-                    Some(d) => self.output(*d, yb.len)?.ptr,
-                    None => 0,
+                // dy is f32 in every plan (the bf16 policy keeps the loss gradient f32).
+                let dyo = match dy {
+                    Some(d) => Some(self.output_as(*d, yb.len, Storage::F32)?),
+                    None => None,
                 };
                 let cfg = self.grid(yb.len);
                 let blocks = cfg.grid_dim.0 as usize;
                 let partial = self.scratch(blocks * 8)?;
-                self.launch("mse", cfg, &[p(yb.ptr), p(tb.ptr), p(dyp), p(partial), Arg::I64(yb.len as i64), Arg::F64(denom)])?;
+                self.launch_st("mse", st, cfg, &[p(yb.ptr), p(tb.ptr), p(dyo.map_or(0, |d| d.ptr)), p(partial), Arg::I64(yb.len as i64), Arg::F64(denom)])?;
+                if let Some(d) = dyo {
+                    self.commit(d)?;
+                }
+                self.done(tb)?;
                 // The value lands after the step (no sync here); the buffer is written then.
                 self.output(*loss, 1)?;
                 let observed = matches!(op.kind, Loss { .. });
@@ -556,43 +799,67 @@ impl<'a> StreamExec<'a> {
                 let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
                 for (pp, g, m, v) in params {
                     let (pb, gb, mb, vb) = (self.input(*pp)?, self.input(*g)?, self.input(*m)?, self.input(*v)?);
-                    self.launch("adam", self.grid(pb.len), &[p(pb.ptr), p(gb.ptr), p(mb.ptr), p(vb.ptr), Arg::I64(pb.len as i64), Arg::F32(*lr), Arg::F32(*beta1), Arg::F32(*beta2), Arg::F32(*eps), Arg::F32(c1), Arg::F32(c2)])?;
+                    let hp = [Arg::F32(*lr), Arg::F32(*beta1), Arg::F32(*beta2), Arg::F32(*eps), Arg::F32(c1), Arg::F32(c2)];
+                    match self.shadow_of(*pp) {
+                        // bf16 plans: the GEMMs' bf16 copy is rewritten in the same pass.
+                        Some(h) => {
+                            let hb = self.input(h)?;
+                            let mut args = vec![p(pb.ptr), p(gb.ptr), p(mb.ptr), p(vb.ptr), p(hb.ptr), Arg::I64(pb.len as i64)];
+                            args.extend(hp);
+                            self.launch("adam_shadow", self.grid(pb.len), &args)?;
+                        }
+                        None => {
+                            let mut args = vec![p(pb.ptr), p(gb.ptr), p(mb.ptr), p(vb.ptr), Arg::I64(pb.len as i64)];
+                            args.extend(hp);
+                            self.launch("adam", self.grid(pb.len), &args)?;
+                        }
+                    }
                 }
             }
+            // Collectives carry the receiving buffer's storage (the same on every member: the
+            // bf16 policy decides it by op kind); a parameter all-gathered into a bf16 GEMM
+            // operand is sent from its bf16 shadow.
             AllGather { group, send, recv } => {
-                let sb = self.input(*send)?;
+                let st = self.st(*recv);
+                let sb = self.input_as(*send, st)?;
                 let n = self.groups[group.0 as usize].ranks.len();
                 let rb = self.output(*recv, sb.len * n)?;
-                outcome.bytes = Some((sb.len * 4) as u64);
-                self.comms.all_gather(*group, sb.ptr, rb.ptr, sb.len, &self.s.stream)?;
+                outcome.bytes = Some((sb.len * st.size()) as u64);
+                self.comms.all_gather(*group, sb.ptr, rb.ptr, sb.len, st, &self.s.stream)?;
+                self.done(sb)?;
             }
             AllReduce { group, bufs } => {
                 let mut total = 0;
                 for b in bufs {
+                    let st = self.st(*b);
                     let bb = self.input(*b)?;
-                    self.comms.all_reduce(*group, bb.ptr, bb.len, &self.s.stream)?;
-                    total += bb.len;
+                    self.comms.all_reduce(*group, bb.ptr, bb.len, st, &self.s.stream)?;
+                    total += bb.len * st.size();
                 }
-                outcome.bytes = Some((total * 4) as u64);
+                outcome.bytes = Some(total as u64);
             }
             ReduceScatter { group, send, recv } => {
-                let sb = self.input(*send)?;
+                let st = self.st(*recv);
+                let sb = self.input_as(*send, st)?;
                 let n = self.groups[group.0 as usize].ranks.len();
                 let part = sb.len / n;
                 let rb = self.output(*recv, part)?;
-                outcome.bytes = Some((sb.len * 4) as u64);
-                self.comms.reduce_scatter(*group, sb.ptr, rb.ptr, part, &self.s.stream)?;
+                outcome.bytes = Some((sb.len * st.size()) as u64);
+                self.comms.reduce_scatter(*group, sb.ptr, rb.ptr, part, st, &self.s.stream)?;
+                self.done(sb)?;
             }
             AllToAllV { group, send, send_counts, recv, row_len } => {
+                let st = self.st(*recv);
                 let counts = self.download_i32(*send_counts)?;
-                let sb = self.input(*send)?;
+                let sb = self.input_as(*send, st)?;
                 let matrix = self.comms.exchange_counts(*group, &counts, &self.s.stream)?;
                 let me = self.comms.index_in(*group)?;
                 let recv_rows: usize = matrix.iter().map(|row| row[me] as usize).sum();
                 let rb = self.output(*recv, recv_rows * row_len)?;
                 let sent: usize = counts.iter().map(|&c| c as usize).sum();
-                outcome.bytes = Some((sent * row_len * 4) as u64);
-                self.comms.all_to_all_v(*group, sb.ptr, rb.ptr, &matrix, *row_len, &self.s.stream)?;
+                outcome.bytes = Some((sent * row_len * st.size()) as u64);
+                self.comms.all_to_all_v(*group, sb.ptr, rb.ptr, &matrix, *row_len, st, &self.s.stream)?;
+                self.done(sb)?;
             }
             AllToAllV2d { intra, inter, send, send_counts, recv, row_len, gpus_per_node } => {
                 outcome.bytes = Some(self.all_to_all_2d(*intra, *inter, *send, *send_counts, *recv, *row_len, *gpus_per_node)?);
@@ -603,47 +870,63 @@ impl<'a> StreamExec<'a> {
 
     #[allow(clippy::too_many_arguments)]
     fn expert_fwd(&self, x: BufId, w: BufId, bias: Option<BufId>, y: BufId, n_local: usize, d_in: usize, d_out: usize) -> Result<(), ExecError> {
-        let (xb, wb) = (self.input(x)?, self.input(w)?);
+        let gs = self.gemm_st();
+        let (xb, wb) = (self.input_as(x, gs)?, self.input_as(w, gs)?);
         let rows = xb.len / (n_local * d_in);
+        let y_st = self.st(y);
         let yb = self.output(y, n_local * rows * d_out)?;
         let batch = Batch { count: n_local, a_stride: rows * d_in, b_stride: d_in * d_out, c_stride: rows * d_out };
-        self.gemm(GemmForm::Nn, xb.ptr, wb.ptr, yb.ptr, rows, d_in, d_out, 0.0, Some(batch))?;
+        self.gemm(GemmForm::Nn, xb.ptr, wb.ptr, yb.ptr, y_st, rows, d_in, d_out, 0.0, Some(batch))?;
         if let Some(b) = bias {
-            let bb = self.input(b)?;
+            let bb = self.input_as(b, Storage::F32)?;
             let n = n_local * rows * d_out;
             if n > 0 {
-                self.launch("add_bias_rows", self.grid(n), &[Arg::P(yb.ptr), Arg::P(bb.ptr), Arg::I64((n_local * rows) as i64), Arg::I32(d_out as i32), Arg::I64(rows.max(1) as i64)])?;
+                self.launch_st("add_bias_rows", y_st, self.grid(n), &[Arg::P(yb.ptr), Arg::P(bb.ptr), Arg::I64((n_local * rows) as i64), Arg::I32(d_out as i32), Arg::I64(rows.max(1) as i64)])?;
             }
+            self.done(bb)?;
         }
-        Ok(())
+        self.done(xb)?;
+        self.done(wb)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn expert_bwd(&self, x: BufId, w: BufId, dy: BufId, dx: BufId, dw: BufId, dbias: Option<BufId>, n_local: usize, d_in: usize, d_out: usize, accumulate: bool) -> Result<(), ExecError> {
-        let (xb, wb, dyb) = (self.input(x)?, self.input(w)?, self.input(dy)?);
+        let gs = self.gemm_st();
+        let (xb, wb, dyb) = (self.input_as(x, gs)?, self.input_as(w, gs)?, self.input_as(dy, gs)?);
         let rows = xb.len / (n_local * d_in);
         let dxb = self.output(dx, xb.len)?;
         let bx = Batch { count: n_local, a_stride: rows * d_out, b_stride: d_in * d_out, c_stride: rows * d_in };
-        self.gemm(GemmForm::Nt, dyb.ptr, wb.ptr, dxb.ptr, rows, d_out, d_in, 0.0, Some(bx))?;
+        self.gemm(GemmForm::Nt, dyb.ptr, wb.ptr, dxb.ptr, self.st(dx), rows, d_out, d_in, 0.0, Some(bx))?;
         let dwb = if accumulate { self.input(dw)? } else { self.output(dw, n_local * d_in * d_out)? };
         let bw = Batch { count: n_local, a_stride: rows * d_in, b_stride: rows * d_out, c_stride: d_in * d_out };
-        self.gemm(GemmForm::Tn, xb.ptr, dyb.ptr, dwb.ptr, d_in, rows, d_out, if accumulate { 1.0 } else { 0.0 }, Some(bw))?;
+        self.gemm(GemmForm::Tn, xb.ptr, dyb.ptr, dwb.ptr, self.st(dw), d_in, rows, d_out, if accumulate { 1.0 } else { 0.0 }, Some(bw))?;
         if let Some(db) = dbias {
+            if self.st(db) != Storage::F32 {
+                return Err(ExecError::Plan(format!("bias gradient {} is not stored f32", lock(self.store).desc(db).name)));
+            }
             let dbb = if accumulate { self.input(db)? } else { self.output(db, n_local * d_out)? };
-            self.col_sums(dyb.ptr, dbb.ptr, rows, d_out, n_local, accumulate)?;
+            self.col_sums(dyb.ptr, gs, dbb.ptr, rows, d_out, n_local, accumulate)?;
+        }
+        for v in [xb, wb, dyb] {
+            self.done(v)?;
         }
         Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
     fn combine(&self, back: BufId, slots: BufId, weights: BufId, residual: Option<BufId>, out: BufId, tokens: usize, k: usize, m: usize) -> Result<(), ExecError> {
-        let (bb, sb, wb) = (self.input(back)?, self.input(slots)?, self.input(weights)?);
+        let st = self.st(out);
+        let (bb, sb, wb) = (self.input_as(back, st)?, self.input(slots)?, self.input_as(weights, Storage::F32)?);
         let res = match residual {
-            Some(r) => self.input(r)?.ptr,
-            None => 0,
+            Some(r) => Some(self.input_as(r, st)?),
+            None => None,
         };
         let ob = self.output(out, tokens * m)?;
-        self.launch("combine_fwd", self.grid(tokens * m), &[Arg::P(bb.ptr), Arg::P(sb.ptr), Arg::P(wb.ptr), Arg::P(res), Arg::P(ob.ptr), Arg::I64(tokens as i64), Arg::I32(k as i32), Arg::I32(m as i32)])
+        self.launch_st("combine_fwd", st, self.grid(tokens * m), &[Arg::P(bb.ptr), Arg::P(sb.ptr), Arg::P(wb.ptr), Arg::P(res.map_or(0, |r| r.ptr)), Arg::P(ob.ptr), Arg::I64(tokens as i64), Arg::I32(k as i32), Arg::I32(m as i32)])?;
+        for v in [Some(bb), Some(wb), res].into_iter().flatten() {
+            self.done(v)?;
+        }
+        Ok(())
     }
 }
 

@@ -14,11 +14,16 @@ use moelab_kernels::DeviceInfo;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// The kernels of `plan_ops.cu`, by name.
+/// The kernels of `plan_ops.cu` (f32 plans, and the `_bf16` variants of bf16 plans) and
+/// `bench_ops.cu` and `route_ops.cu`, by name.
 pub const KERNELS: &[&str] = &[
     "gather_rows", "token_sum_rows", "combine_fwd", "combine_bwd_rows", "combine_bwd_weights", "add_bias_rows", "col_partials", "col_finish",
     "add_inplace", "adam", "mse", "route_topk", "route_bwd", "act_fwd", "act_bwd", "ln_fwd", "ln_bwd_dx", "ln_bwd_partials",
-    "attn_softmax_causal", "attn_softmax_causal_bwd", "gather2_rows", "load_batch_x", "rotate_rows_left", "bf16_gather_rows", "bf16_combine", "bf16_combine_bwd_rows", "bf16_combine_bwd_weights", "bf16_token_sum",
+    "attn_softmax_causal", "attn_softmax_causal_bwd", "gather2_rows", "load_batch_x", "rotate_rows_left",
+    "gather_rows_bf16", "token_sum_rows_bf16", "combine_fwd_bf16", "combine_bwd_rows_bf16", "combine_bwd_weights_bf16", "add_bias_rows_bf16",
+    "col_partials_bf16", "add_inplace_bf16", "cast_f32_bf16", "cast_bf16_f32", "adam_shadow", "mse_bf16", "act_fwd_bf16", "act_bwd_bf16",
+    "ln_fwd_bf16", "ln_bwd_dx_bf16", "ln_bwd_partials_bf16", "attn_softmax_causal_bf16", "attn_softmax_causal_bwd_bf16", "gather2_rows_bf16",
+    "load_batch_x_bf16", "rotate_rows_left_bf16", "bf16_gather_rows", "bf16_combine", "bf16_combine_bwd_rows", "bf16_combine_bwd_weights", "bf16_token_sum",
     "bf16_gelu_fwd", "bf16_gelu_bwd", "f32_to_bf16_kernel", "bf16_fill_hash", "route_hist", "route_slots",
 ];
 
@@ -147,5 +152,38 @@ impl Gpu {
         let want = n.div_ceil(BLOCK as usize).max(1);
         let cap = (self.info.sm_count.max(1) as usize) * 32;
         LaunchConfig { grid_dim: (want.min(cap) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KERNELS;
+
+    fn names_after<'a>(src: &'a str, marker: &str) -> Vec<&'a str> {
+        src.split(marker).skip(1).map(|rest| rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or("")).collect()
+    }
+
+    /// Every listed kernel is defined (a missing one fails `Gpu::open` on the device), every
+    /// defined one is listed, and every kernel the executor picks by storage has its bf16 twin.
+    #[test]
+    fn kernel_list_matches_the_sources_and_every_storage_variant_exists() {
+        let cu = concat!(include_str!("plan_ops.cu"), include_str!("bench_ops.cu"), include_str!("route_ops.cu"));
+        let defined = names_after(cu, "extern \"C\" __global__ void ");
+        for k in KERNELS {
+            assert!(defined.contains(k), "{k} is listed but not defined");
+        }
+        for d in &defined {
+            assert!(KERNELS.contains(d), "{d} is defined but not listed");
+        }
+        let exec = concat!(include_str!("exec.rs"), include_str!("exec/attention.rs"), include_str!("exec/a2a_2d.rs"));
+        let by_storage = names_after(exec, "launch_st(\"");
+        assert!(by_storage.len() > 10);
+        for k in by_storage {
+            assert!(KERNELS.contains(&k), "{k}");
+            assert!(KERNELS.contains(&format!("{k}_bf16").as_str()), "{k} has no bf16 variant");
+        }
+        for k in names_after(exec, "launch(\"") {
+            assert!(KERNELS.contains(&k), "{k} is launched but not listed");
+        }
     }
 }

@@ -1,60 +1,88 @@
-// moelab cuda backend: the plan executor's kernels (f32 storage and arithmetic).
+// moelab cuda backend: the plan executor's kernels (f32 or bf16 storage, f32 arithmetic).
 // Semantics are those of the cpu backend (src/backend/cpu/exec.rs, src/math/*); every kernel
 // is checked against it by tests/cuda_plans.rs on a GPU. common.cuh is prepended by the
 // compiler (warp_sum, warp_max, i64).
 
 #define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
 
+// Storage-generic kernels: `T` is the activation storage (float, or bf16_t as raw bits),
+// loaded and stored through common.cuh's load_f / store_f; arithmetic is f32. Each kernel is
+// a __device__ template with one extern "C" entry per storage: the f32 names are the f32
+// plans' kernels (unchanged), `<name>_bf16` the bf16 plans'. Parameters (gamma, beta,
+// biases), routing weights, LayerNorm statistics and the loss stay float.
+
 // dst[r, :] = map[r] >= 0 ? src[map[r], :] : 0
-extern "C" __global__ void gather_rows(const float* src, const int* map, float* dst, i64 rows, int cols) {
+template <typename T>
+__device__ void gather_rows_t(const T* src, const int* map, T* dst, i64 rows, int cols) {
     GRID_STRIDE(i, rows * cols) {
         i64 r = i / cols;
         int c = (int)(i % cols);
         int s = map[r];
-        dst[i] = s >= 0 ? src[(i64)s * cols + c] : 0.0f;
+        if (s >= 0) dst[i] = src[(i64)s * cols + c];
+        else store_f(dst, i, 0.0f);
     }
 }
+extern "C" __global__ void gather_rows(const float* src, const int* map, float* dst, i64 rows, int cols) { gather_rows_t(src, map, dst, rows, cols); }
+extern "C" __global__ void gather_rows_bf16(const bf16_t* src, const int* map, bf16_t* dst, i64 rows, int cols) { gather_rows_t(src, map, dst, rows, cols); }
 
 // Dispatch backward: dst[t, :] = sum_j (slots[t*k+j] >= 0 ? src[slots[t*k+j], :] : 0)
-extern "C" __global__ void token_sum_rows(const float* src, const int* slots, float* dst, i64 tokens, int k, int cols) {
+template <typename T>
+__device__ void token_sum_rows_t(const T* src, const int* slots, T* dst, i64 tokens, int k, int cols) {
     GRID_STRIDE(i, tokens * cols) {
         i64 t = i / cols;
         int c = (int)(i % cols);
         float acc = 0.0f;
         for (int j = 0; j < k; j++) {
             int s = slots[t * k + j];
-            if (s >= 0) acc += src[(i64)s * cols + c];
+            if (s >= 0) acc += load_f(src, (i64)s * cols + c);
         }
-        dst[i] = acc;
+        store_f(dst, i, acc);
     }
 }
+extern "C" __global__ void token_sum_rows(const float* src, const int* slots, float* dst, i64 tokens, int k, int cols) { token_sum_rows_t(src, slots, dst, tokens, k, cols); }
+extern "C" __global__ void token_sum_rows_bf16(const bf16_t* src, const int* slots, bf16_t* dst, i64 tokens, int k, int cols) { token_sum_rows_t(src, slots, dst, tokens, k, cols); }
 
 // Combine: out[t, :] = residual[t, :] (or 0) + sum_j w[t*k+j] * back[slots[t*k+j], :]
-extern "C" __global__ void combine_fwd(const float* back, const int* slots, const float* w, const float* residual, float* out, i64 tokens, int k, int cols) {
+template <typename T>
+__device__ void combine_fwd_t(const T* back, const int* slots, const float* w, const T* residual, T* out, i64 tokens, int k, int cols) {
     GRID_STRIDE(i, tokens * cols) {
         i64 t = i / cols;
         int c = (int)(i % cols);
-        float acc = residual ? residual[i] : 0.0f;
+        float acc = residual ? load_f(residual, i) : 0.0f;
         for (int j = 0; j < k; j++) {
             int s = slots[t * k + j];
-            if (s >= 0) acc += w[t * k + j] * back[(i64)s * cols + c];
+            if (s >= 0) acc += w[t * k + j] * load_f(back, (i64)s * cols + c);
         }
-        out[i] = acc;
+        store_f(out, i, acc);
     }
+}
+extern "C" __global__ void combine_fwd(const float* back, const int* slots, const float* w, const float* residual, float* out, i64 tokens, int k, int cols) {
+    combine_fwd_t(back, slots, w, residual, out, tokens, k, cols);
+}
+extern "C" __global__ void combine_fwd_bf16(const bf16_t* back, const int* slots, const float* w, const bf16_t* residual, bf16_t* out, i64 tokens, int k, int cols) {
+    combine_fwd_t(back, slots, w, residual, out, tokens, k, cols);
 }
 
 // Combine backward, rows: dback[slots[a], :] = w[a] * dout[a / k, :] for kept assignments a.
-extern "C" __global__ void combine_bwd_rows(const float* dout, const int* slots, const float* w, float* dback, i64 assigns, int k, int cols) {
+template <typename T>
+__device__ void combine_bwd_rows_t(const T* dout, const int* slots, const float* w, T* dback, i64 assigns, int k, int cols) {
     GRID_STRIDE(i, assigns * cols) {
         i64 a = i / cols;
         int c = (int)(i % cols);
         int s = slots[a];
-        if (s >= 0) dback[(i64)s * cols + c] = w[a] * dout[(a / k) * cols + c];
+        if (s >= 0) store_f(dback, (i64)s * cols + c, w[a] * load_f(dout, (a / k) * cols + c));
     }
+}
+extern "C" __global__ void combine_bwd_rows(const float* dout, const int* slots, const float* w, float* dback, i64 assigns, int k, int cols) {
+    combine_bwd_rows_t(dout, slots, w, dback, assigns, k, cols);
+}
+extern "C" __global__ void combine_bwd_rows_bf16(const bf16_t* dout, const int* slots, const float* w, bf16_t* dback, i64 assigns, int k, int cols) {
+    combine_bwd_rows_t(dout, slots, w, dback, assigns, k, cols);
 }
 
 // Combine backward, weights: one warp per assignment, dw[a] = dout[a / k, :] . back[slots[a], :].
-extern "C" __global__ void combine_bwd_weights(const float* dout, const float* back, const int* slots, float* dw, i64 assigns, int k, int cols) {
+template <typename T>
+__device__ void combine_bwd_weights_t(const T* dout, const T* back, const int* slots, float* dw, i64 assigns, int k, int cols) {
     i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
@@ -62,25 +90,35 @@ extern "C" __global__ void combine_bwd_weights(const float* dout, const float* b
         int s = slots[a];
         float acc = 0.0f;
         if (s >= 0) {
-            for (int c = lane; c < cols; c += 32) acc += dout[(a / k) * cols + c] * back[(i64)s * cols + c];
+            for (int c = lane; c < cols; c += 32) acc += load_f(dout, (a / k) * cols + c) * load_f(back, (i64)s * cols + c);
         }
         acc = warp_sum(acc);
         if (lane == 0) dw[a] = acc;
     }
 }
+extern "C" __global__ void combine_bwd_weights(const float* dout, const float* back, const int* slots, float* dw, i64 assigns, int k, int cols) {
+    combine_bwd_weights_t(dout, back, slots, dw, assigns, k, cols);
+}
+extern "C" __global__ void combine_bwd_weights_bf16(const bf16_t* dout, const bf16_t* back, const int* slots, float* dw, i64 assigns, int k, int cols) {
+    combine_bwd_weights_t(dout, back, slots, dw, assigns, k, cols);
+}
 
 // y[r, c] += bias[(r / group_rows) * cols + c]: one bias row per group of rows (per expert).
-extern "C" __global__ void add_bias_rows(float* y, const float* bias, i64 rows, int cols, i64 group_rows) {
+template <typename T>
+__device__ void add_bias_rows_t(T* y, const float* bias, i64 rows, int cols, i64 group_rows) {
     GRID_STRIDE(i, rows * cols) {
         i64 r = i / cols;
         int c = (int)(i % cols);
-        y[i] += bias[(r / group_rows) * cols + c];
+        store_f(y, i, load_f(y, i) + bias[(r / group_rows) * cols + c]);
     }
 }
+extern "C" __global__ void add_bias_rows(float* y, const float* bias, i64 rows, int cols, i64 group_rows) { add_bias_rows_t(y, bias, rows, cols, group_rows); }
+extern "C" __global__ void add_bias_rows_bf16(bf16_t* y, const float* bias, i64 rows, int cols, i64 group_rows) { add_bias_rows_t(y, bias, rows, cols, group_rows); }
 
 // Column sums per group, stage 1: part[g, q, c] = sum of rows [q chunk, (q + 1) chunk) of
 // x[g * rows + r, c], one thread per (g, q, c), rows in order (deterministic).
-extern "C" __global__ void col_partials(const float* x, float* part, i64 rows, int cols, int groups, i64 chunk) {
+template <typename T>
+__device__ void col_partials_t(const T* x, float* part, i64 rows, int cols, int groups, i64 chunk) {
     i64 chunks = (rows + chunk - 1) / chunk;
     GRID_STRIDE(i, (i64)groups * chunks * cols) {
         i64 g = i / (chunks * cols);
@@ -88,10 +126,12 @@ extern "C" __global__ void col_partials(const float* x, float* part, i64 rows, i
         int c = (int)(i % cols);
         float acc = 0.0f;
         i64 end = min(rows, (q + 1) * chunk);
-        for (i64 r = q * chunk; r < end; r++) acc += x[(g * rows + r) * cols + c];
+        for (i64 r = q * chunk; r < end; r++) acc += load_f(x, (g * rows + r) * cols + c);
         part[i] = acc;
     }
 }
+extern "C" __global__ void col_partials(const float* x, float* part, i64 rows, int cols, int groups, i64 chunk) { col_partials_t(x, part, rows, cols, groups, chunk); }
+extern "C" __global__ void col_partials_bf16(const bf16_t* x, float* part, i64 rows, int cols, int groups, i64 chunk) { col_partials_t(x, part, rows, cols, groups, chunk); }
 
 // Stage 2 of the column sums: out[g, c] (+)= sum over chunks q of part[g, q, c], in order.
 extern "C" __global__ void col_finish(const float* part, float* out, i64 chunks, int cols, int groups, int accumulate) {
@@ -105,29 +145,49 @@ extern "C" __global__ void col_finish(const float* part, float* out, i64 chunks,
 }
 
 // a += b
-extern "C" __global__ void add_inplace(float* a, const float* b, i64 n) {
-    GRID_STRIDE(i, n) { a[i] += b[i]; }
+template <typename T>
+__device__ void add_inplace_t(T* a, const T* b, i64 n) {
+    GRID_STRIDE(i, n) { store_f(a, i, load_f(a, i) + load_f(b, i)); }
+}
+extern "C" __global__ void add_inplace(float* a, const float* b, i64 n) { add_inplace_t(a, b, n); }
+extern "C" __global__ void add_inplace_bf16(bf16_t* a, const bf16_t* b, i64 n) { add_inplace_t(a, b, n); }
+
+// Storage conversions (a bf16 plan's mixed-precision seams: f32 routing and loss buffers
+// meeting bf16 activations and GEMM operands).
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, i64 n) {
+    GRID_STRIDE(i, n) { y[i] = f32_to_bf16(x[i]); }
+}
+extern "C" __global__ void cast_bf16_f32(const bf16_t* x, float* y, i64 n) {
+    GRID_STRIDE(i, n) { y[i] = bf16_to_f32(x[i]); }
 }
 
 // Adam with bias corrections c1 = 1 - beta1^t, c2 = 1 - beta2^t.
+__device__ __forceinline__ float adam_step(float* p, const float* g, float* m, float* v, i64 i, float lr, float b1, float b2, float eps, float c1, float c2) {
+    float gi = g[i];
+    float mi = b1 * m[i] + (1.0f - b1) * gi;
+    float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    float pi = p[i] - lr * (mi / c1) / (sqrtf(vi / c2) + eps);
+    p[i] = pi;
+    return pi;
+}
 extern "C" __global__ void adam(float* p, const float* g, float* m, float* v, i64 n, float lr, float b1, float b2, float eps, float c1, float c2) {
-    GRID_STRIDE(i, n) {
-        float gi = g[i];
-        float mi = b1 * m[i] + (1.0f - b1) * gi;
-        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= lr * (mi / c1) / (sqrtf(vi / c2) + eps);
-    }
+    GRID_STRIDE(i, n) { adam_step(p, g, m, v, i, lr, b1, b2, eps, c1, c2); }
+}
+// Adam on the f32 master that also rewrites its bf16 shadow (the GEMMs' copy) in the same pass.
+extern "C" __global__ void adam_shadow(float* p, const float* g, float* m, float* v, bf16_t* shadow, i64 n, float lr, float b1, float b2, float eps, float c1, float c2) {
+    GRID_STRIDE(i, n) { shadow[i] = f32_to_bf16(adam_step(p, g, m, v, i, lr, b1, b2, eps, c1, c2)); }
 }
 
 // Regression loss: dy = (y - t) / denom (when dy is not null); partial[block] = sum (y - t)^2
-// over the block's elements, in f64.
-extern "C" __global__ void mse(const float* y, const float* t, float* dy, double* partial, i64 n, double denom) {
+// over the block's elements, in f64. The target and dy are f32 in every plan.
+template <typename T>
+__device__ void mse_t(const T* y, const float* t, float* dy, double* partial, i64 n, double denom) {
     __shared__ double part[256];
     double acc = 0.0;
     GRID_STRIDE(i, n) {
-        double d = (double)y[i] - (double)t[i];
+        double d = (double)load_f(y, i) - (double)t[i];
         acc += d * d;
         if (dy) dy[i] = (float)(d / denom);
     }
@@ -139,6 +199,8 @@ extern "C" __global__ void mse(const float* y, const float* t, float* dy, double
     }
     if (threadIdx.x == 0) partial[blockIdx.x] = part[0];
 }
+extern "C" __global__ void mse(const float* y, const float* t, float* dy, double* partial, i64 n, double denom) { mse_t(y, t, dy, partial, n, denom); }
+extern "C" __global__ void mse_bf16(const bf16_t* y, const float* t, float* dy, double* partial, i64 n, double denom) { mse_t(y, t, dy, partial, n, denom); }
 
 // Gating: probs = softmax(logits) per row; top-k in descending probability, ties to the lower
 // expert; weights renormalised over the k when asked. One thread per token (E <= 1024).
@@ -207,55 +269,68 @@ extern "C" __global__ void route_bwd(const float* probs, const int* idx, const f
 #define GELU_C 0.044715f
 
 // Activation forward: kind 0 = GELU (tanh form), 1 = ReLU.
-extern "C" __global__ void act_fwd(const float* h, float* a, i64 n, int kind) {
+template <typename T>
+__device__ void act_fwd_t(const T* h, T* a, i64 n, int kind) {
     GRID_STRIDE(i, n) {
-        float x = h[i];
+        float x = load_f(h, i);
         if (kind == 0) {
             float u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
-            a[i] = 0.5f * x * (1.0f + tanhf(u));
+            store_f(a, i, 0.5f * x * (1.0f + tanhf(u)));
         } else {
-            a[i] = fmaxf(x, 0.0f);
+            store_f(a, i, fmaxf(x, 0.0f));
         }
     }
 }
+extern "C" __global__ void act_fwd(const float* h, float* a, i64 n, int kind) { act_fwd_t(h, a, n, kind); }
+extern "C" __global__ void act_fwd_bf16(const bf16_t* h, bf16_t* a, i64 n, int kind) { act_fwd_t(h, a, n, kind); }
 
-extern "C" __global__ void act_bwd(const float* h, const float* da, float* dh, i64 n, int kind) {
+template <typename T>
+__device__ void act_bwd_t(const T* h, const T* da, T* dh, i64 n, int kind) {
     GRID_STRIDE(i, n) {
-        float x = h[i], g = da[i];
+        float x = load_f(h, i), g = load_f(da, i);
         if (kind == 0) {
             float u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
             float t = tanhf(u);
             float du = SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_C * x * x);
-            dh[i] = g * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du);
+            store_f(dh, i, g * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du));
         } else {
-            dh[i] = x > 0.0f ? g : 0.0f;
+            store_f(dh, i, x > 0.0f ? g : 0.0f);
         }
     }
 }
+extern "C" __global__ void act_bwd(const float* h, const float* da, float* dh, i64 n, int kind) { act_bwd_t(h, da, dh, n, kind); }
+extern "C" __global__ void act_bwd_bf16(const bf16_t* h, const bf16_t* da, bf16_t* dh, i64 n, int kind) { act_bwd_t(h, da, dh, n, kind); }
 
 // LayerNorm forward, one warp per row: y = (x - mean) * rstd * g + b; stats = (mean, rstd).
-extern "C" __global__ void ln_fwd(const float* x, const float* g, const float* b, float* y, float* stats, i64 rows, int m) {
+template <typename T>
+__device__ void ln_fwd_t(const T* x, const float* g, const float* b, T* y, float* stats, i64 rows, int m) {
     i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
     for (i64 r = warp; r < rows; r += warps) {
-        const float* xr = x + r * m;
+        const T* xr = x + r * m;
         float s = 0.0f;
-        for (int i = lane; i < m; i += 32) s += xr[i];
+        for (int i = lane; i < m; i += 32) s += load_f(xr, i);
         float mean = warp_sum(s) / m;
         float v = 0.0f;
-        for (int i = lane; i < m; i += 32) v += (xr[i] - mean) * (xr[i] - mean);
+        for (int i = lane; i < m; i += 32) {
+            float d = load_f(xr, i) - mean;
+            v += d * d;
+        }
         float rstd = rsqrtf(warp_sum(v) / m + 1e-5f);
-        for (int i = lane; i < m; i += 32) y[r * m + i] = (xr[i] - mean) * rstd * g[i] + b[i];
+        for (int i = lane; i < m; i += 32) store_f(y, r * m + i, (load_f(xr, i) - mean) * rstd * g[i] + b[i]);
         if (lane == 0) {
             stats[2 * r] = mean;
             stats[2 * r + 1] = rstd;
         }
     }
 }
+extern "C" __global__ void ln_fwd(const float* x, const float* g, const float* b, float* y, float* stats, i64 rows, int m) { ln_fwd_t(x, g, b, y, stats, rows, m); }
+extern "C" __global__ void ln_fwd_bf16(const bf16_t* x, const float* g, const float* b, bf16_t* y, float* stats, i64 rows, int m) { ln_fwd_t(x, g, b, y, stats, rows, m); }
 
 // LayerNorm backward for dx (one warp per row), plus the residual gradient when given.
-extern "C" __global__ void ln_bwd_dx(const float* x, const float* g, const float* stats, const float* dy, const float* residual, float* dx, i64 rows, int m) {
+template <typename T>
+__device__ void ln_bwd_dx_t(const T* x, const float* g, const float* stats, const T* dy, const T* residual, T* dx, i64 rows, int m) {
     i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
@@ -263,26 +338,33 @@ extern "C" __global__ void ln_bwd_dx(const float* x, const float* g, const float
         float mean = stats[2 * r], rstd = stats[2 * r + 1];
         float sg = 0.0f, sgx = 0.0f;
         for (int i = lane; i < m; i += 32) {
-            float xh = (x[r * m + i] - mean) * rstd;
-            float gg = dy[r * m + i] * g[i];
+            float xh = (load_f(x, r * m + i) - mean) * rstd;
+            float gg = load_f(dy, r * m + i) * g[i];
             sg += gg;
             sgx += gg * xh;
         }
         sg = warp_sum(sg);
         sgx = warp_sum(sgx);
         for (int i = lane; i < m; i += 32) {
-            float xh = (x[r * m + i] - mean) * rstd;
-            float gg = dy[r * m + i] * g[i];
+            float xh = (load_f(x, r * m + i) - mean) * rstd;
+            float gg = load_f(dy, r * m + i) * g[i];
             float d = rstd * (gg - (sg + xh * sgx) / m);
-            dx[r * m + i] = residual ? d + residual[r * m + i] : d;
+            store_f(dx, r * m + i, residual ? d + load_f(residual, r * m + i) : d);
         }
     }
+}
+extern "C" __global__ void ln_bwd_dx(const float* x, const float* g, const float* stats, const float* dy, const float* residual, float* dx, i64 rows, int m) {
+    ln_bwd_dx_t(x, g, stats, dy, residual, dx, rows, m);
+}
+extern "C" __global__ void ln_bwd_dx_bf16(const bf16_t* x, const float* g, const float* stats, const bf16_t* dy, const bf16_t* residual, bf16_t* dx, i64 rows, int m) {
+    ln_bwd_dx_t(x, g, stats, dy, residual, dx, rows, m);
 }
 
 // LayerNorm parameter gradients, stage 1: partial sums over chunks of `chunk` rows, one
 // thread per (chunk, column): pg[q, c], pb[q, c]. Stage 2 is col_finish (rows in order within
 // a chunk and chunks in order: deterministic).
-extern "C" __global__ void ln_bwd_partials(const float* x, const float* stats, const float* dy, float* pg, float* pb, i64 rows, int m, i64 chunk) {
+template <typename T>
+__device__ void ln_bwd_partials_t(const T* x, const float* stats, const T* dy, float* pg, float* pb, i64 rows, int m, i64 chunk) {
     i64 chunks = (rows + chunk - 1) / chunk;
     GRID_STRIDE(i, chunks * m) {
         i64 q = i / m;
@@ -290,13 +372,20 @@ extern "C" __global__ void ln_bwd_partials(const float* x, const float* stats, c
         float ag = 0.0f, ab = 0.0f;
         i64 end = min(rows, (q + 1) * chunk);
         for (i64 r = q * chunk; r < end; r++) {
-            float xh = (x[r * m + c] - stats[2 * r]) * stats[2 * r + 1];
-            ag += dy[r * m + c] * xh;
-            ab += dy[r * m + c];
+            float xh = (load_f(x, r * m + c) - stats[2 * r]) * stats[2 * r + 1];
+            float d = load_f(dy, r * m + c);
+            ag += d * xh;
+            ab += d;
         }
         pg[i] = ag;
         pb[i] = ab;
     }
+}
+extern "C" __global__ void ln_bwd_partials(const float* x, const float* stats, const float* dy, float* pg, float* pb, i64 rows, int m, i64 chunk) {
+    ln_bwd_partials_t(x, stats, dy, pg, pb, rows, m, chunk);
+}
+extern "C" __global__ void ln_bwd_partials_bf16(const bf16_t* x, const float* stats, const bf16_t* dy, float* pg, float* pb, i64 rows, int m, i64 chunk) {
+    ln_bwd_partials_t(x, stats, dy, pg, pb, rows, m, chunk);
 }
 
 // Causal softmax of the attention scores, in place, one warp per row of `probs` (rows of
@@ -319,6 +408,26 @@ extern "C" __global__ void attn_softmax_causal(float* p, i64 rows, int seq) {
     }
 }
 
+// The bf16 plans' causal softmax: f32 scores `s` (a scratch slice of heads from cuBLAS) in,
+// bf16 probabilities `p` out, rows as in attn_softmax_causal.
+extern "C" __global__ void attn_softmax_causal_bf16(const float* s, bf16_t* p, i64 rows, int seq) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
+    for (i64 r = warp; r < rows; r += warps) {
+        const float* row = s + r * seq;
+        bf16_t* out = p + r * seq;
+        int i = (int)(r % seq);
+        float mx = neg_inf();
+        for (int j = lane; j <= i; j += 32) mx = fmaxf(mx, row[j]);
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        for (int j = lane; j <= i; j += 32) sum += expf(row[j] - mx);
+        float inv = 1.0f / warp_sum(sum);
+        for (int j = lane; j < seq; j += 32) out[j] = f32_to_bf16(j <= i ? expf(row[j] - mx) * inv : 0.0f);
+    }
+}
+
 // Its backward, in place on dp (one warp per row): ds[j] = p[j] (dp[j] - sum_k dp[k] p[k])
 // * scale for j <= i, else 0.
 extern "C" __global__ void attn_softmax_causal_bwd(const float* p, float* dp, i64 rows, int seq, float scale) {
@@ -336,10 +445,29 @@ extern "C" __global__ void attn_softmax_causal_bwd(const float* p, float* dp, i6
     }
 }
 
+// The bf16 plans' softmax backward: bf16 probabilities p, f32 dp (cuBLAS, scratch) in, bf16
+// ds out (the next GEMMs' operand), rows as in attn_softmax_causal_bwd.
+extern "C" __global__ void attn_softmax_causal_bwd_bf16(const bf16_t* p, const float* dp, bf16_t* ds, i64 rows, int seq, float scale) {
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
+    for (i64 r = warp; r < rows; r += warps) {
+        const bf16_t* pr = p + r * seq;
+        const float* d = dp + r * seq;
+        bf16_t* out = ds + r * seq;
+        int i = (int)(r % seq);
+        float dot = 0.0f;
+        for (int j = lane; j <= i; j += 32) dot += d[j] * bf16_to_f32(pr[j]);
+        dot = warp_sum(dot);
+        for (int j = lane; j < seq; j += 32) out[j] = f32_to_bf16(j <= i ? bf16_to_f32(pr[j]) * (d[j] - dot) * scale : 0.0f);
+    }
+}
+
 // Two-source row gather for the expert layouts: code > 0 takes a[code - 1], code < 0 takes
 // b[-code - 1], 0 writes zeros. `out` may be `b` when every negative code is the identity
 // (rows kept in place), as the chunk merge does; those rows are left untouched.
-extern "C" __global__ void gather2_rows(const float* a, const float* b, const int* code, float* out, i64 rows, int cols) {
+template <typename T>
+__device__ void gather2_rows_t(const T* a, const T* b, const int* code, T* out, i64 rows, int cols) {
     GRID_STRIDE(i, rows * cols) {
         i64 r = i / cols;
         int c = (int)(i % cols);
@@ -347,8 +475,12 @@ extern "C" __global__ void gather2_rows(const float* a, const float* b, const in
         if (s > 0) out[i] = a[(i64)(s - 1) * cols + c];
         else if (s < 0) {
             if (out != b || (i64)(-s - 1) != r) out[i] = b[(i64)(-s - 1) * cols + c];
-        } else out[i] = 0.0f;
+        } else store_f(out, i, 0.0f);
     }
+}
+extern "C" __global__ void gather2_rows(const float* a, const float* b, const int* code, float* out, i64 rows, int cols) { gather2_rows_t(a, b, code, out, rows, cols); }
+extern "C" __global__ void gather2_rows_bf16(const bf16_t* a, const bf16_t* b, const int* code, bf16_t* out, i64 rows, int cols) {
+    gather2_rows_t(a, b, code, out, rows, cols);
 }
 
 // ---- LoadBatch: the cpu's data stream drawn on the device ----------------------------------
@@ -376,8 +508,9 @@ __device__ void chacha8_block(const unsigned key[8], unsigned long long counter,
 
 // x[b * per_seq + i] for b < batch: normal draws of sequence first_seq + b.
 // k0..k5: the key words of (seed, tag hash, step); words 6, 7 are the sequence number.
-extern "C" __global__ void load_batch_x(float* x, i64 per_seq, int batch, unsigned k0, unsigned k1, unsigned k2,
-                                        unsigned k3, unsigned k4, unsigned k5, i64 first_seq) {
+template <typename T>
+__device__ void load_batch_x_t(T* x, i64 per_seq, int batch, unsigned k0, unsigned k1, unsigned k2,
+                               unsigned k3, unsigned k4, unsigned k5, i64 first_seq) {
     i64 blocks_per_seq = (per_seq + 7) / 8;
     GRID_STRIDE(i, (i64)batch * blocks_per_seq) {
         i64 b = i / blocks_per_seq;
@@ -386,7 +519,7 @@ extern "C" __global__ void load_batch_x(float* x, i64 per_seq, int batch, unsign
         unsigned key[8] = {k0, k1, k2, k3, k4, k5, (unsigned)seq, (unsigned)(seq >> 32)};
         unsigned w[16];
         chacha8_block(key, (unsigned long long)blk, w);
-        float* xs = x + b * per_seq;
+        T* xs = x + b * per_seq;
         for (int j = 0; j < 4; j++) {
             i64 at = (blk * 4 + j) * 2;
             if (at >= per_seq) break;
@@ -396,17 +529,29 @@ extern "C" __global__ void load_batch_x(float* x, i64 per_seq, int batch, unsign
             double u2 = (double)(c >> 11) * (1.0 / 9007199254740992.0);
             double r = sqrt(-2.0 * log(u1));
             double th = 6.283185307179586 * u2;
-            xs[at] = (float)(r * cos(th));
-            if (at + 1 < per_seq) xs[at + 1] = (float)(r * sin(th));
+            store_f(xs, at, (float)(r * cos(th)));
+            if (at + 1 < per_seq) store_f(xs, at + 1, (float)(r * sin(th)));
         }
     }
 }
+extern "C" __global__ void load_batch_x(float* x, i64 per_seq, int batch, unsigned k0, unsigned k1, unsigned k2,
+                                        unsigned k3, unsigned k4, unsigned k5, i64 first_seq) {
+    load_batch_x_t(x, per_seq, batch, k0, k1, k2, k3, k4, k5, first_seq);
+}
+extern "C" __global__ void load_batch_x_bf16(bf16_t* x, i64 per_seq, int batch, unsigned k0, unsigned k1, unsigned k2,
+                                             unsigned k3, unsigned k4, unsigned k5, i64 first_seq) {
+    load_batch_x_t(x, per_seq, batch, k0, k1, k2, k3, k4, k5, first_seq);
+}
 
 // Regression target of LoadBatch: t[row, i] = x[row, (i + 1) % cols].
-extern "C" __global__ void rotate_rows_left(const float* x, float* t, i64 rows, int cols) {
+template <typename T, typename U>
+__device__ void rotate_rows_left_t(const T* x, U* t, i64 rows, int cols) {
     GRID_STRIDE(i, rows * cols) {
         i64 r = i / cols;
         int c = (int)(i % cols);
-        t[i] = x[r * cols + (c + 1) % cols];
+        store_f(t, i, load_f(x, r * cols + (c + 1) % cols));
     }
 }
+extern "C" __global__ void rotate_rows_left(const float* x, float* t, i64 rows, int cols) { rotate_rows_left_t(x, t, rows, cols); }
+// bf16 plans: the inputs are bf16, the target (read by the loss only) f32.
+extern "C" __global__ void rotate_rows_left_bf16(const bf16_t* x, float* t, i64 rows, int cols) { rotate_rows_left_t(x, t, rows, cols); }

@@ -87,10 +87,13 @@ impl GpuRank {
         let fabric = Fabric::new(Duration::from_secs(1));
         let ex = me.exec(0, 0, 0, &fabric);
         for (id, v) in initial_values(rp, me.plan.spec.run.seed) {
+            // bf16 plans: a GEMM-read parameter's shadow starts as its master, rounded.
+            if let Some(h) = rp.params.iter().find(|p| p.value == id).and_then(|p| p.half) {
+                ex.upload(h, &Data::F32(v.clone()))?;
+            }
             ex.upload(id, &Data::F32(v))?;
         }
         me.streams[0].stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
-        drop(ex);
         Ok(me)
     }
 
@@ -98,6 +101,7 @@ impl GpuRank {
         StreamExec {
             gpu: &self.gpu, s: &self.streams[si], si, store: &self.store, comms: &self.comms, rp: &self.plan.ranks[self.rank],
             groups: &self.plan.groups, seed: self.plan.spec.run.seed, step, adam_step, fabric,
+            bf16: self.plan.spec.model.dtype == crate::spec::DType::Bf16,
         }
     }
 

@@ -10,6 +10,35 @@ use cudarc::driver::sys::CUstream;
 use moelab_kernels::error::GpuError;
 use std::time::Instant;
 
+/// How a value buffer is stored on the device: f32, or bf16 (a plan buffer with `elem ==
+/// F32` and `elem_bytes == 2`, see [`crate::plan::precision`]). Index buffers count as f32
+/// (4-byte elements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// 4-byte elements (f32 values, or i32 indices).
+    F32,
+    /// bf16 values (raw 16 bits).
+    Bf16,
+}
+
+impl Storage {
+    /// The storage of a plan buffer.
+    pub fn of(desc: &BufferDesc) -> Storage {
+        if desc.is_bf16() {
+            Storage::Bf16
+        } else {
+            Storage::F32
+        }
+    }
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Storage::F32 => 4,
+            Storage::Bf16 => 2,
+        }
+    }
+}
+
 /// One live device buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct DevBuf {
@@ -82,6 +111,8 @@ impl DevStore {
     /// Makes `id` hold `len` elements, zero-filled, on `stream` (the planned size for static
     /// buffers; `len` must not exceed it). An existing allocation of the right size is reused
     /// as is (its contents kept) when `keep` is set.
+    // `stream` is an opaque CUDA handle passed to the driver, never dereferenced here.
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     pub fn alloc(&mut self, id: BufId, len: usize, stream: CUstream, stream_index: usize, keep: bool) -> Result<DevBuf, GpuError> {
         let d = &self.descs[id.0 as usize];
         if len > d.elems {
@@ -89,7 +120,7 @@ impl DevStore {
         }
         let len = if d.dynamic { len } else { d.elems };
         let esize = match d.elem {
-            ElemType::F32 | ElemType::I32 => 4,
+            ElemType::F32 | ElemType::I32 => Storage::of(d).size(),
         };
         let elem_bytes = d.elem_bytes;
         if let Some(b) = self.bufs[id.0 as usize] {
@@ -114,6 +145,7 @@ impl DevStore {
 
     /// Frees a buffer on `stream` (stream-ordered; the caller made `stream` wait for every
     /// other stream that used it).
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     pub fn release(&mut self, id: BufId, stream: CUstream) -> Result<(), GpuError> {
         if let Some(b) = self.bufs[id.0 as usize].take() {
             // SAFETY: allocated by malloc_async and freed once (taken out of the map).

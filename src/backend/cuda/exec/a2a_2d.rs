@@ -7,6 +7,7 @@
 //! gather kernel each.
 
 use super::{Arg, ExecError, StreamExec};
+use crate::backend::cuda::store::Storage;
 use crate::plan::{BufId, GroupId};
 
 /// The geometry of one exchange: `counts[p]` rows of this rank go to flat member
@@ -18,8 +19,8 @@ struct Geometry {
 }
 
 impl StreamExec<'_> {
-    /// `dst[r] = src[map[r]]` for rows of `row_len` floats (nothing when `map` is empty).
-    fn gather_by_map(&self, src: u64, dst: u64, map: &[i32], row_len: usize) -> Result<(), ExecError> {
+    /// `dst[r] = src[map[r]]` for rows of `row_len` elements of `st` (nothing when `map` is empty).
+    fn gather_by_map(&self, src: u64, dst: u64, map: &[i32], row_len: usize, st: Storage) -> Result<(), ExecError> {
         if map.is_empty() {
             return Ok(());
         }
@@ -27,7 +28,7 @@ impl StreamExec<'_> {
         // SAFETY: dev holds map.len() i32; the host memory is staged before this returns.
         unsafe { cudarc::driver::result::memcpy_htod_async(dev, map, self.cu()) }
             .map_err(moelab_kernels::error::GpuError::driver("cuMemcpyHtoDAsync"))?;
-        self.launch("gather_rows", self.grid(map.len() * row_len), &[Arg::P(src), Arg::P(dev), Arg::P(dst), Arg::I64(map.len() as i64), Arg::I32(row_len as i32)])?;
+        self.launch_st("gather_rows", st, self.grid(map.len() * row_len), &[Arg::P(src), Arg::P(dev), Arg::P(dst), Arg::I64(map.len() as i64), Arg::I32(row_len as i32)])?;
         self.scratch_free(dev)?;
         Ok(())
     }
@@ -36,7 +37,9 @@ impl StreamExec<'_> {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn all_to_all_2d(&self, intra: GroupId, inter: GroupId, send: BufId, send_counts: BufId, recv: BufId, row_len: usize, gpn: usize) -> Result<u64, ExecError> {
         let counts = self.download_i32(send_counts)?;
-        let sb = self.input(send)?;
+        let st = self.st(recv);
+        let es = st.size();
+        let sb = self.input_as(send, st)?;
         let g = Geometry { gpn, nodes: counts.len() / gpn.max(1), me_local: self.comms.index_in(intra)? };
         let me_node = self.comms.index_in(inter)?;
         let flat = |node: usize, local: usize| node * g.gpn + local;
@@ -58,10 +61,11 @@ impl StreamExec<'_> {
         let full = self.comms.all_gather_i32(intra, &counts, &self.s.stream)?;
         let m1: Vec<Vec<i32>> = full.iter().map(|c| (0..g.gpn).map(|local| (0..g.nodes).map(|n| c[flat(n, local)]).sum()).collect()).collect();
         let rows1: usize = m1.iter().map(|row| row[g.me_local] as usize).sum();
-        let p0 = self.scratch(map0.len().max(1) * row_len * 4)?;
-        self.gather_by_map(sb.ptr, p0, &map0, row_len)?;
-        let p1 = self.scratch(rows1.max(1) * row_len * 4)?;
-        self.comms.all_to_all_v(intra, p0, p1, &m1, row_len, &self.s.stream)?;
+        let p0 = self.scratch(map0.len().max(1) * row_len * es)?;
+        self.gather_by_map(sb.ptr, p0, &map0, row_len, st)?;
+        self.done(sb)?;
+        let p1 = self.scratch(rows1.max(1) * row_len * es)?;
+        self.comms.all_to_all_v(intra, p0, p1, &m1, row_len, st, &self.s.stream)?;
         self.scratch_free(p0)?;
         // Phase 2: what came from local source s holds, node by node, full[s][flat(n, me)]
         // rows; regroup by destination node n, source-major within each.
@@ -82,14 +86,14 @@ impl StreamExec<'_> {
                 c2[n] += k;
             }
         }
-        let p2 = self.scratch(map2.len().max(1) * row_len * 4)?;
-        self.gather_by_map(p1, p2, &map2, row_len)?;
+        let p2 = self.scratch(map2.len().max(1) * row_len * es)?;
+        self.gather_by_map(p1, p2, &map2, row_len, st)?;
         self.scratch_free(p1)?;
         let m2 = self.comms.exchange_counts(inter, &c2, &self.s.stream)?;
         let rows: usize = m2.iter().map(|row| row[me_node] as usize).sum();
         let rb = self.output(recv, rows * row_len)?;
-        self.comms.all_to_all_v(inter, p2, rb.ptr, &m2, row_len, &self.s.stream)?;
+        self.comms.all_to_all_v(inter, p2, rb.ptr, &m2, row_len, st, &self.s.stream)?;
         self.scratch_free(p2)?;
-        Ok(((map0.len() + map2.len()) * row_len * 4) as u64)
+        Ok(((map0.len() + map2.len()) * row_len * es) as u64)
     }
 }

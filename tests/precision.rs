@@ -1,0 +1,244 @@
+//! The bf16 precision policy of plans (`plan::precision`), without a GPU: which buffers end
+//! bf16 and which stay f32, the bf16 shadows of GEMM-read parameters and their bytes in the
+//! predicted peak, the validation rules for bf16 per backend, and the cross-check tolerance.
+
+use moelab::plan::memory::predict;
+use moelab::plan::{BufId, ElemType, OpKind, Plan, RankPlan};
+use moelab::spec::{from_toml_str, DType, ExperimentSpec};
+use moelab::taxonomy::MemCategory;
+use std::collections::HashSet;
+use std::path::Path;
+
+const MODEL: &str = "d_model = 16\nd_ffn = 24\nn_experts = 4\ntop_k = 2\nn_layers = 2\nbatch = 2\nseq_len = 8\n[model.backbone]\nn_heads = 2\nd_mlp = 16";
+
+fn text(variant: &str, dtype: &str, layout: &str, backend: &str) -> String {
+    format!("name = \"t\"\nvariant = \"{variant}\"\n[model]\ndtype = \"{dtype}\"\n{MODEL}\n[layout]\n{layout}\n[run]\nbackend = \"{backend}\"\n")
+}
+
+fn spec(variant: &str, dtype: &str, layout: &str) -> ExperimentSpec {
+    let t = text(variant, dtype, layout, "sim");
+    from_toml_str(&t).unwrap_or_else(|e| panic!("{e}\n{t}"))
+}
+
+fn bytes(rp: &RankPlan, id: BufId) -> usize {
+    rp.buffer(id).elem_bytes
+}
+
+/// Buffers the policy must leave f32 in a bf16 plan, and those that must be bf16.
+fn check_policy(rp: &RankPlan) {
+    use OpKind::*;
+    let f32_of = |ids: &[BufId], what: &str, op: &str| {
+        for id in ids {
+            assert_eq!(bytes(rp, *id), 4, "{op}: {what} {} should stay f32", rp.buffer(*id).name);
+        }
+    };
+    let bf16_of = |ids: &[BufId], what: &str, op: &str| {
+        for id in ids {
+            assert!(rp.buffer(*id).is_bf16(), "{op}: {what} {} should be bf16", rp.buffer(*id).name);
+        }
+    };
+    let mut seen = HashSet::new();
+    for op in &rp.ops {
+        let n = op.name.as_str();
+        seen.insert(std::mem::discriminant(&op.kind));
+        match &op.kind {
+            Route { logits, probs, weights, stats, .. } => f32_of(&[*logits, *probs, *weights, *stats], "routing", n),
+            RouteBwd { probs, dweights, gathered, dlogits, .. } => f32_of(&[*probs, *dweights, *gathered, *dlogits], "routing grad", n),
+            LayerNorm { x, y, stats, .. } => {
+                f32_of(&[*stats], "stats", n);
+                bf16_of(&[*x, *y], "activation", n);
+            }
+            LayerNormBwd { stats, dgamma, dbeta, .. } => f32_of(&[*stats, *dgamma, *dbeta], "stats/grads", n),
+            Loss { loss, dy, target, .. } => {
+                f32_of(&[*loss, *target], "loss", n);
+                f32_of(&dy.iter().copied().collect::<Vec<_>>(), "loss grad", n);
+            }
+            Combine { weights, back, out, .. } => {
+                f32_of(&[*weights], "combine weights", n);
+                bf16_of(&[*back, *out], "activation", n);
+            }
+            CombineBwd { weights, dweights, dback, .. } => {
+                f32_of(&[*weights, *dweights], "combine weights", n);
+                bf16_of(&[*dback], "activation grad", n);
+            }
+            Linear { x, .. } => bf16_of(&[*x], "GEMM input", n),
+            LinearBwd { dw, dbias, .. } => {
+                f32_of(&[*dw], "weight grad", n);
+                f32_of(&dbias.iter().copied().collect::<Vec<_>>(), "bias grad", n);
+            }
+            ExpertLinear { x, y, .. } => bf16_of(&[*x, *y], "expert activation", n),
+            ExpertLinearBwd { dw, dbias, dx, .. } => {
+                f32_of(&[*dw, *dbias], "expert grads", n);
+                bf16_of(&[*dx], "expert activation grad", n);
+            }
+            AttnCore { qkv, probs, ctx, .. } => bf16_of(&[*qkv, *probs, *ctx], "attention", n),
+            _ => {}
+        }
+    }
+    for k in ["Route", "RouteBwd", "LayerNorm", "Loss", "Combine", "ExpertLinear", "AttnCore", "LinearBwd"] {
+        assert!(rp.ops.iter().any(|o| format!("{:?}", o.kind).starts_with(k)), "the test plan has a {k} op");
+    }
+    // Masters, gradients and moments stay f32.
+    for p in &rp.params {
+        for id in [Some(p.value), p.grad, p.moments.map(|m| m.0), p.moments.map(|m| m.1)].into_iter().flatten() {
+            assert_eq!(bytes(rp, id), 4, "{} is an f32 master", rp.buffer(id).name);
+            assert!(rp.buffer(id).persistent);
+        }
+    }
+}
+
+/// Parameters read as a GEMM's weight operand.
+fn gemm_weights(rp: &RankPlan) -> HashSet<BufId> {
+    use OpKind::*;
+    rp.ops
+        .iter()
+        .filter_map(|o| match &o.kind {
+            Linear { w, .. } | LinearBwd { w, .. } | ExpertLinear { w, .. } | ExpertLinearBwd { w, .. } | ExpertLinearBwdAcc { w, .. }
+            | ExpertLinearPart { w, .. } | ExpertLinearPartBwd { w, .. } => Some(*w),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn bf16_topk_plan_keeps_routing_norm_stats_loss_and_grads_f32() {
+    let plan = Plan::build(&spec("topk", "bf16", "ep = 2")).unwrap();
+    for rp in &plan.ranks {
+        check_policy(rp);
+    }
+}
+
+#[test]
+fn gemm_read_params_get_a_counted_bf16_shadow_in_bf16_plans_only() {
+    let bf = Plan::build(&spec("topk", "bf16", "ep = 2")).unwrap();
+    let f = Plan::build(&spec("topk", "f32", "ep = 2")).unwrap();
+    for (rb, rf) in bf.ranks.iter().zip(&f.ranks) {
+        let weights = gemm_weights(rb);
+        assert!(!weights.is_empty());
+        let mut shadow_bytes = 0u64;
+        for p in &rb.params {
+            match p.half {
+                Some(h) => {
+                    assert!(weights.contains(&p.value), "{} has a shadow but no GEMM reads it", rb.buffer(p.value).name);
+                    let (d, m) = (rb.buffer(h), rb.buffer(p.value));
+                    assert!(d.is_bf16() && d.persistent && d.category == MemCategory::Params && d.elems == m.elems, "{d:?}");
+                    assert_eq!(d.name, format!("{}.bf16", m.name));
+                    shadow_bytes += d.bytes();
+                }
+                None => assert!(!weights.contains(&p.value), "GEMM weight {} lacks its bf16 shadow", rb.buffer(p.value).name),
+            }
+        }
+        assert!(shadow_bytes > 0);
+        // The prediction holds masters (f32) plus shadows (bf16) in Params from the start.
+        let masters: u64 = rb.params.iter().map(|p| rb.buffer(p.value).bytes()).sum();
+        let pred = predict(rb);
+        assert_eq!(pred.at_peak[MemCategory::Params.index()], masters + shadow_bytes);
+        // f32 plans: no shadows, every value buffer 4 bytes wide, the same masters.
+        assert!(rf.params.iter().all(|p| p.half.is_none()));
+        assert!(rf.buffers.iter().all(|b| b.elem_bytes == 4 && !b.name.ends_with(".bf16")));
+        assert_eq!(predict(rf).at_peak[MemCategory::Params.index()], masters);
+        // Activations are half as wide in the bf16 plan.
+        let act = |r: &RankPlan| r.buffers.iter().filter(|b| b.category == MemCategory::Activations).map(|b| b.bytes()).sum::<u64>();
+        assert!(act(rb) < act(rf), "bf16 activations {} vs f32 {}", act(rb), act(rf));
+    }
+}
+
+#[test]
+fn inference_bf16_plans_have_shadows_too() {
+    let mut s = spec("topk", "bf16", "ep = 2");
+    s.run.mode = moelab::spec::Mode::Inference;
+    let plan = Plan::build(&s).unwrap();
+    for rp in &plan.ranks {
+        let weights = gemm_weights(rp);
+        assert!(rp.params.iter().filter(|p| weights.contains(&p.value)).all(|p| p.half.is_some()));
+    }
+}
+
+#[test]
+fn tutel_all_gathered_weights_travel_bf16_from_the_shadow_and_biases_f32() {
+    let t = text("tutel", "bf16", "ep = 2", "sim") + "[tutel]\nr = 0\n";
+    let plan = Plan::build(&from_toml_str(&t).unwrap_or_else(|e| panic!("{e}\n{t}"))).unwrap();
+    let mut gathers = 0;
+    for rp in &plan.ranks {
+        let weights = gemm_weights(rp);
+        for op in &rp.ops {
+            if let OpKind::AllGather { send, recv, .. } = &op.kind {
+                let Some(p) = rp.params.iter().find(|p| p.value == *send) else { continue };
+                gathers += 1;
+                if weights.contains(recv) {
+                    assert!(rp.buffer(*recv).is_bf16(), "{}", rp.buffer(*recv).name);
+                    assert!(p.half.is_some(), "{} is gathered into a GEMM operand", rp.buffer(*send).name);
+                } else {
+                    assert_eq!(rp.buffer(*recv).elem_bytes, 4, "{}", rp.buffer(*recv).name);
+                }
+            }
+            if let OpKind::ReduceScatter { send, recv, .. } = &op.kind {
+                assert_eq!((bytes(rp, *send), bytes(rp, *recv)), (4, 4), "gradients reduce in f32");
+            }
+        }
+    }
+    assert!(gathers > 0, "tutel with ep = 2 all-gathers its experts");
+}
+
+/// Every GPU experiment, in bf16 on the sim backend: the plan builds and keeps the policy.
+#[test]
+fn every_gpu_experiment_has_a_consistent_bf16_plan() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/gpu");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        let src = std::fs::read_to_string(&path).unwrap();
+        let src = src.replace("backend = \"cuda\"", "backend = \"sim\"");
+        let src = if src.contains("dtype = ") { src } else { src.replacen("[model]\n", "[model]\ndtype = \"bf16\"\n", 1) };
+        let s = from_toml_str(&src).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        assert_eq!(s.model.dtype, DType::Bf16, "{}", path.display());
+        let plan = Plan::build(&s).unwrap();
+        for rp in &plan.ranks {
+            for op in &rp.ops {
+                match &op.kind {
+                    OpKind::Route { logits, probs, weights, .. } => {
+                        assert!([logits, probs, weights].iter().all(|b| bytes(rp, **b) == 4), "{}: {}", path.display(), op.name)
+                    }
+                    OpKind::Loss { dy: Some(d), .. } | OpKind::LossReplica { dy: Some(d), .. } => assert_eq!(bytes(rp, *d), 4),
+                    _ => {}
+                }
+            }
+            let weights = gemm_weights(rp);
+            for p in &rp.params {
+                if weights.contains(&p.value) {
+                    assert!(p.half.is_some(), "{}: {}", path.display(), rp.buffer(p.value).name);
+                }
+            }
+            for b in &rp.buffers {
+                assert!(b.elem != ElemType::I32 || b.elem_bytes == 4);
+            }
+        }
+        n += 1;
+    }
+    assert!(n > 10);
+}
+
+#[test]
+fn bf16_is_valid_on_cuda_and_sim_and_refused_on_cpu() {
+    // cuda: no dtype problem (without GPUs only the GPU count is reported).
+    match from_toml_str(&text("topk", "bf16", "ep = 1", "cuda")) {
+        Ok(s) => assert_eq!(s.model.dtype, DType::Bf16),
+        Err(e) => {
+            let shown = e.to_string();
+            assert!(!shown.contains("model.dtype"), "bf16 on cuda is allowed: {shown}");
+            assert!(shown.contains("run.backend"), "{shown}");
+        }
+    }
+    assert!(from_toml_str(&text("topk", "bf16", "ep = 1", "sim")).is_ok());
+    let err = from_toml_str(&text("topk", "bf16", "ep = 1", "cpu")).unwrap_err().to_string();
+    assert!(err.contains("model.dtype") && err.contains("the cpu backend computes in f32 only (dtype=bf16)"), "{err}");
+}
+
+#[test]
+fn crosscheck_tolerance_follows_the_dtype() {
+    use moelab::run::crosscheck::{tolerance, BF16_TOL, F32_TOL};
+    assert_eq!(tolerance(&spec("topk", "f32", "ep = 1")), F32_TOL);
+    assert_eq!(tolerance(&spec("topk", "bf16", "ep = 1")), BF16_TOL);
+    assert_eq!(BF16_TOL, 1e-2);
+    assert_eq!(F32_TOL, 1e-4);
+}
