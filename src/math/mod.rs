@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16;
 pub mod linalg;
 pub mod norm;
 pub mod rng;

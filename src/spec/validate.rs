@@ -298,10 +298,6 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         c.fail("layout.ep", format!("tutel with ep={} > n_experts={} (experts split over ranks) runs on the cpu and sim backends only so far",
             spec.layout.ep, spec.model.n_experts), "use backend = \"cpu\" or \"sim\", or ep <= n_experts on cuda");
     }
-    if r.backend == BackendKind::Cpu && spec.model.dtype != super::DType::F32 {
-        c.fail("model.dtype", "the cpu backend computes in f32 only (dtype=bf16)".into(),
-            "set model.dtype = \"f32\" for cpu runs; bf16 needs backend \"cuda\"");
-    }
     check_ppmoe(&mut c, &mut spec);
     // The sim backend's profile and cluster (and that only sim runs name them).
     c.problems.extend(crate::backend::sim::resolve_spec(&mut spec));

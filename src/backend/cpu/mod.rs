@@ -185,6 +185,18 @@ fn init_params(rp: &RankPlan, store: &mut Store, seed: u64) {
     for (id, v) in initial_values(rp, seed) {
         store.put_f32(id, v).expect("planned param size");
     }
+    refresh_shadows(rp, store);
+}
+
+/// bf16 plans: every parameter's bf16 copy ([`crate::plan::ParamDesc::half`]) set to its
+/// master rounded, as the cuda executor keeps it (at start and after every Adam step).
+fn refresh_shadows(rp: &RankPlan, store: &mut Store) {
+    for p in &rp.params {
+        if let Some(h) = p.half {
+            let v = store.f32(p.value).expect("parameter is live");
+            store.put_f32(h, crate::math::bf16::rounded(&v)).expect("shadow has the parameter's size");
+        }
+    }
 }
 
 /// Every rank-local parameter's initial values, then zeros for its gradient and Adam moments:
@@ -279,6 +291,10 @@ fn run_rank(
     let start = epoch.elapsed().as_nanos() as u64;
     // A buffer is released when the last op that touches it completes.
     let (active, touched, uses) = super::buffer_uses(rp, opts.skip_optimizer);
+    let mut shadow_of: Vec<Option<BufId>> = vec![None; rp.buffers.len()];
+    for p in &rp.params {
+        shadow_of[p.value.0 as usize] = p.half;
+    }
     let progress = Progress { done: Mutex::new(vec![false; rp.ops.len()]), cv: Condvar::new(), failed: AtomicBool::new(false) };
     let events = Mutex::new(Vec::new());
     let obs = Mutex::new(Vec::new());
@@ -307,13 +323,28 @@ fn run_rank(
                 }
             }
             let ctx = OpCtx { rank: rp.rank, seed: plan.spec.run.seed, step: data_step, adam_step, fabric, groups: &plan.groups, op_name: &op.name };
-            let mut view = lock(store).view(&op.reads, &op.writes);
+            // bf16 plans: ops other than Adam read a parameter through its bf16 copy, as the
+            // cuda executor's GEMMs and sends do.
+            let shadowed: Vec<(BufId, BufId)> = if matches!(op.kind, crate::plan::OpKind::Adam { .. }) {
+                Vec::new()
+            } else {
+                op.reads.iter().filter_map(|r| shadow_of[r.0 as usize].map(|h| (*r, h))).collect()
+            };
+            let mut view = lock(store).view_through(&op.reads, &op.writes, &shadowed);
             let t0 = epoch.elapsed().as_nanos() as u64;
             let out = exec::execute(&op.kind, &mut view, &ctx)?;
             let t1 = epoch.elapsed().as_nanos() as u64;
             {
                 let mut st = lock(store);
                 st.apply(view).map_err(|e| BackendError::OpFailed { rank: rp.rank, op: op.name.clone(), message: e.0 })?;
+                // bf16 plans: what the op stored in a bf16 buffer is rounded to bf16 (f32
+                // arithmetic inside the op, bf16 storage between ops, as on the GPU).
+                for w in op.writes.iter().filter(|w| rp.buffer(**w).is_bf16()) {
+                    st.round_bf16(*w);
+                }
+                if matches!(op.kind, crate::plan::OpKind::Adam { .. }) {
+                    refresh_shadows(rp, &mut st);
+                }
                 for b in &touched[i] {
                     let last = uses[b.0 as usize].fetch_sub(1, Ordering::SeqCst) == 1;
                     if last && !rp.buffer(*b).persistent && !retain[b.0 as usize] {

@@ -141,6 +141,25 @@ impl Store {
         let names = reads.iter().chain(writes).map(|b| (*b, self.name(*b).to_string())).collect();
         OpView { shared, owned, puts: Vec::new(), names }
     }
+    /// [`Store::view`] where each `(read, copy)` pair's read is served from `copy` (a bf16
+    /// plan's parameter read through its bf16 copy).
+    pub fn view_through(&mut self, reads: &[BufId], writes: &[BufId], through: &[(BufId, BufId)]) -> OpView {
+        let mut v = self.view(reads, writes);
+        for (r, copy) in through {
+            if let Some(d) = &self.data[copy.0 as usize] {
+                v.shared.insert(*r, d.clone());
+            }
+        }
+        v
+    }
+    /// Rounds a live f32 buffer's values to bf16 in place (bf16 storage on the cpu).
+    pub fn round_bf16(&mut self, id: BufId) {
+        if let Some(d) = self.data[id.0 as usize].as_mut() {
+            if let Data::F32(v) = Arc::make_mut(d) {
+                crate::math::bf16::round_in_place(v);
+            }
+        }
+    }
     /// Store an op's outputs; buffers it took out and did not rewrite go back unchanged.
     pub fn apply(&mut self, view: OpView) -> Result<(), StoreError> {
         for (id, d) in view.owned {

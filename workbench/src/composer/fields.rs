@@ -93,7 +93,7 @@ pub static FIELDS: &[Field] = &[
     f("model.tokens_per_rank", Kind::OptDouble, "tokens per data-parallel rank (= batch x seq_len)"),
     f("model.batch", Kind::OptDouble, "sequences per rank"),
     f("model.seq_len", Kind::OptDouble, "tokens per sequence (attention is causal within one)"),
-    f("model.dtype", Kind::Choice(DTYPES), "storage precision (cpu computes in f32 only)"),
+    f("model.dtype", Kind::Choice(DTYPES), "storage precision (the cpu emulates bf16 storage over f32 math)"),
     f("model.backbone", Kind::Table, "dense part of each block: attention and/or an MLP"),
     f("model.backbone.n_heads", Kind::Double, "attention heads (divides d_model); 0 = none"),
     f("model.backbone.d_mlp", Kind::Double, "dense MLP hidden size; 0 = none"),
