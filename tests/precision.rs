@@ -88,11 +88,16 @@ fn check_policy(rp: &RankPlan) {
 }
 
 /// Parameters read as a GEMM's weight operand.
+/// Weights of the GEMMs that run in bf16: all but the router's (a Linear with an f32 output,
+/// and its backward from an f32 gradient), which runs in f32 on the master.
 fn gemm_weights(rp: &RankPlan) -> HashSet<BufId> {
     use OpKind::*;
+    let f32_buf = |b: &BufId| rp.buffer(*b).elem_bytes == 4;
     rp.ops
         .iter()
         .filter_map(|o| match &o.kind {
+            Linear { y, .. } if f32_buf(y) => None,
+            LinearBwd { dy, .. } if f32_buf(dy) => None,
             Linear { w, .. } | LinearBwd { w, .. } | ExpertLinear { w, .. } | ExpertLinearBwd { w, .. } | ExpertLinearBwdAcc { w, .. }
             | ExpertLinearPart { w, .. } | ExpertLinearPartBwd { w, .. } => Some(*w),
             _ => None,
@@ -129,6 +134,12 @@ fn gemm_read_params_get_a_counted_bf16_shadow_in_bf16_plans_only() {
             }
         }
         assert!(shadow_bytes > 0);
+        // The router runs in f32: its weight has no bf16 copy.
+        for p in &rb.params {
+            if rb.buffer(p.value).name.ends_with("gate.w") {
+                assert!(p.half.is_none(), "{}", rb.buffer(p.value).name);
+            }
+        }
         // The prediction holds masters (f32) plus shadows (bf16) in Params from the start.
         let masters: u64 = rb.params.iter().map(|p| rb.buffer(p.value).bytes()).sum();
         let pred = predict(rb);

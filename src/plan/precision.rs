@@ -9,7 +9,10 @@
 //! `dy`), the combine weights and their gradients, biases and LayerNorm gains read as operands,
 //! every weight gradient (the `dw` / `dbias` / `dgamma` / `dbeta` outputs and what
 //! `GradAccum` and `ReduceScatter` move), and an all-gathered copy of a parameter that no GEMM
-//! reads as its weight: those stay f32 (`elem_bytes == 4`). Parameters, gradients and Adam
+//! reads as its weight: those stay f32 (`elem_bytes == 4`). A Linear whose output stays f32
+//! (the router's gate) runs in f32 forward and backward on its f32 master weight, as Megatron
+//! keeps the router in fp32: bf16 gate gradients lose the small differences the softmax
+//! backward leaves. Parameters, gradients and Adam
 //! moments are persistent f32 masters; each parameter a GEMM reads as its weight (directly, or
 //! through an all-gather into the GEMM's weight operand) gets a persistent bf16 shadow
 //! ([`ParamDesc::half`], category Params) that the executor fills at initialisation and Adam
@@ -81,10 +84,14 @@ fn sensitive(ops: &[Op]) -> HashSet<BufId> {
 }
 
 /// Buffers a GEMM reads as its weight operand.
-fn gemm_weights(ops: &[Op]) -> HashSet<BufId> {
+fn gemm_weights(ops: &[Op], keep: &HashSet<BufId>) -> HashSet<BufId> {
     use OpKind::*;
     ops.iter()
         .filter_map(|op| match &op.kind {
+            // A Linear whose output stays f32 (the router's logits) and its backward (an f32
+            // dlogits) run in f32 on the master weight: no bf16 copy for them.
+            Linear { y, .. } if keep.contains(y) => None,
+            LinearBwd { dy, .. } if keep.contains(dy) => None,
             Linear { w, .. }
             | LinearBwd { w, .. }
             | ExpertLinear { w, .. }
@@ -102,7 +109,7 @@ fn gemm_weights(ops: &[Op]) -> HashSet<BufId> {
 /// (appended to `buffers` as `<name>.bf16`).
 pub fn apply_bf16(buffers: &mut Vec<BufferDesc>, ops: &[Op], params: &mut [ParamDesc]) {
     let keep = sensitive(ops);
-    let weights = gemm_weights(ops);
+    let weights = gemm_weights(ops, &keep);
     let param_values: HashSet<BufId> = params.iter().map(|p| p.value).collect();
     // Parameters all-gathered into buffers: into a GEMM's weight operand (bf16, sent from the
     // shadow) or into anything else (an f32 copy, e.g. gathered biases).

@@ -286,14 +286,21 @@ impl<'a> StreamExec<'a> {
     /// (see [`StreamExec::gemm_st`]) and `c` is stored as `c_st`, accumulated in f32.
     #[allow(clippy::too_many_arguments)]
     fn gemm(&self, form: GemmForm, a: u64, b: u64, c: u64, c_st: Storage, m: usize, k: usize, n: usize, beta: f32, batch: Option<Batch>) -> Result<(), ExecError> {
+        self.gemm_in(self.gemm_st(), form, a, b, c, c_st, m, k, n, beta, batch)
+    }
+
+    /// [`StreamExec::gemm`] with operands in storage `ab` (f32 operands take SGEMM and an f32
+    /// result: the router's GEMMs in bf16 plans).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_in(&self, ab: Storage, form: GemmForm, a: u64, b: u64, c: u64, c_st: Storage, m: usize, k: usize, n: usize, beta: f32, batch: Option<Batch>) -> Result<(), ExecError> {
         let dims = GemmDims { m, k, n };
-        if self.bf16 {
+        if ab == Storage::Bf16 {
             // SAFETY: the handle is bound to this stream; the call sites size a, b (bf16) and c
             // (c_st) for the form.
             unsafe { bf16_gemm_raw_batched(self.s.blas, form, a, b, c, dims, beta, c_st == Storage::F32, batch) }?;
         } else {
             if c_st != Storage::F32 {
-                return Err(ExecError::Plan("a bf16 GEMM output in an f32 plan".into()));
+                return Err(ExecError::Plan("an f32 GEMM with a bf16 output".into()));
             }
             // SAFETY: the handle is bound to this stream; the call sites size a, b, c for the form.
             unsafe { sgemm_raw(self.s.blas, form, a, b, c, dims, beta, batch) }?;
@@ -624,7 +631,8 @@ impl<'a> StreamExec<'a> {
                 }
             }
             Linear { x, w, bias, residual, y, rows, d_in, d_out } => {
-                let gs = self.gemm_st();
+                // A Linear with an f32 output (the router's logits in a bf16 plan) runs in f32.
+                let gs = if self.st(*y) == Storage::F32 { Storage::F32 } else { self.gemm_st() };
                 let (xb, wb) = (self.input_as(*x, gs)?, self.input_as(*w, gs)?);
                 let y_st = self.st(*y);
                 let rb = match residual {
@@ -643,7 +651,7 @@ impl<'a> StreamExec<'a> {
                     }
                     _ => 0.0,
                 };
-                self.gemm(GemmForm::Nn, xb.ptr, wb.ptr, yb.ptr, y_st, *rows, *d_in, *d_out, beta, None)?;
+                self.gemm_in(gs, GemmForm::Nn, xb.ptr, wb.ptr, yb.ptr, y_st, *rows, *d_in, *d_out, beta, None)?;
                 if let Some(b) = bb {
                     self.launch_st("add_bias_rows", y_st, self.grid(rows * d_out), &[p(yb.ptr), p(b.ptr), Arg::I64(*rows as i64), Arg::I32(*d_out as i32), Arg::I64((*rows).max(1) as i64)])?;
                     self.done(b)?;
@@ -652,18 +660,32 @@ impl<'a> StreamExec<'a> {
                 self.done(wb)?;
             }
             LinearBwd { x, w, dy, dx, dw, dbias, accumulate_dx, rows, d_in, d_out } => {
-                let gs = self.gemm_st();
+                // The backward of an f32-output Linear (the router) runs in f32 as well.
+                let gs = if self.st(*dy) == Storage::F32 { Storage::F32 } else { self.gemm_st() };
                 let (xb, wb, dyb) = (self.input_as(*x, gs)?, self.input_as(*w, gs)?, self.input_as(*dy, gs)?);
                 let dwb = self.output(*dw, d_in * d_out)?;
-                self.gemm(GemmForm::Tn, xb.ptr, dyb.ptr, dwb.ptr, self.st(*dw), *d_in, *rows, *d_out, 0.0, None)?;
+                self.gemm_in(gs, GemmForm::Tn, xb.ptr, dyb.ptr, dwb.ptr, self.st(*dw), *d_in, *rows, *d_out, 0.0, None)?;
                 if let Some(db) = dbias {
                     let dbb = self.output_as(*db, *d_out, Storage::F32)?;
                     self.col_sums(dyb.ptr, gs, dbb.ptr, *rows, *d_out, 1, false)?;
                     self.commit(dbb)?;
                 }
                 if let Some(d) = dx {
-                    let (dxb, beta) = if *accumulate_dx { (self.input(*d)?, 1.0) } else { (self.output(*d, rows * d_in)?, 0.0) };
-                    self.gemm(GemmForm::Nt, dyb.ptr, wb.ptr, dxb.ptr, self.st(*d), *rows, *d_out, *d_in, beta, None)?;
+                    let n = rows * d_in;
+                    let (dxb, beta) = if *accumulate_dx { (self.input(*d)?, 1.0) } else { (self.output(*d, n)?, 0.0) };
+                    let d_st = self.st(*d);
+                    if gs == Storage::F32 && d_st == Storage::Bf16 {
+                        // f32 product into an f32 copy of dx, stored back bf16 once.
+                        let sc = self.scratch(n * 4)?;
+                        if *accumulate_dx {
+                            self.cast(dxb.ptr, d_st, sc, Storage::F32, n)?;
+                        }
+                        self.gemm_in(gs, GemmForm::Nt, dyb.ptr, wb.ptr, sc, Storage::F32, *rows, *d_out, *d_in, beta, None)?;
+                        self.cast(sc, Storage::F32, dxb.ptr, d_st, n)?;
+                        self.scratch_free(sc)?;
+                    } else {
+                        self.gemm_in(gs, GemmForm::Nt, dyb.ptr, wb.ptr, dxb.ptr, d_st, *rows, *d_out, *d_in, beta, None)?;
+                    }
                 }
                 for v in [xb, wb, dyb] {
                     self.done(v)?;
