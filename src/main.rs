@@ -403,8 +403,9 @@ fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>) -> Re
         let c = moelab::run::crosscheck::crosscheck(&spec, runs_dir)?;
         let failed: Vec<_> = c.items.iter().filter(|i| !i.passed).collect();
         println!(
-            "{} {} ({}, world {}): {} compared, worst rel err {:.2e}{}",
+            "{} {} ({}, world {}): {} compared, worst rel err {:.2e}{}{}",
             if c.passed { "PASS" } else { "FAIL" }, f.display(), c.variant, c.world, c.items.len(), c.worst,
+            c.route_flips.map(|(d, t)| format!(", cuda routing replayed on the cpu ({d} of {t} choices differed)")).unwrap_or_default(),
             c.error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default()
         );
         for i in failed.iter().take(10) {

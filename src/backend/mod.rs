@@ -104,6 +104,11 @@ pub struct ExecOptions {
     pub skip_optimizer: bool,
     /// Test hook: make this rank fail at the op with this name.
     pub fail_at: Option<(u32, String)>,
+    /// Routing replay (cpu): the experts each `Route` op chooses, by (rank, name of its
+    /// `idx` buffer), instead of its own top-k; probabilities and weights are still computed.
+    /// Cross-checks of bf16 plans use the cuda run's choices, so that near-tied choices which
+    /// rounding flips do not hide the comparison of everything else.
+    pub replay_routes: Option<Arc<std::collections::HashMap<(u32, String), Vec<i32>>>>,
 }
 
 impl Default for ExecOptions {
@@ -114,6 +119,7 @@ impl Default for ExecOptions {
             retain: Vec::new(),
             skip_optimizer: false,
             fail_at: None,
+            replay_routes: None,
         }
     }
 }

@@ -38,6 +38,19 @@ pub fn top_k(probs: &[f32], e: usize, k: usize, renormalize: bool, idx: &mut [i3
     }
 }
 
+/// The gate weights of given choices `idx[T, k]` (as [`top_k`] computes them for its own):
+/// the chosen probabilities, renormalized over the k choices when `renormalize`.
+pub fn weights_of(probs: &[f32], idx: &[i32], e: usize, k: usize, renormalize: bool, w: &mut [f32]) {
+    for (t, pr) in probs.chunks_exact(e).enumerate() {
+        let ch = &idx[t * k..(t + 1) * k];
+        let sum: f32 = ch.iter().map(|&x| pr[x as usize]).sum();
+        for j in 0..k {
+            let p = pr[ch[j] as usize];
+            w[t * k + j] = if renormalize { p / sum } else { p };
+        }
+    }
+}
+
 /// Local routing statistics `[(k + 1) * E]`: counts per (choice j, expert e) as f32, then
 /// the sum of probabilities per expert (for the aux loss).
 pub fn local_stats(probs: &[f32], idx: &[i32], e: usize, k: usize, stats: &mut [f32]) {

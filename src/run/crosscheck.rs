@@ -2,7 +2,10 @@
 //! every step's loss, aux loss and drop count, and every rank's final parameters and
 //! gradients, compared with `||cuda - cpu|| / ||cpu||` (NaN never passes), held to
 //! [`F32_TOL`] or, for `model.dtype = "bf16"` (both in bf16: the cpu computes in f32 and
-//! rounds every value a bf16 buffer stores, as the GPU does), [`BF16_TOL`]. The cuda side
+//! rounds every value a bf16 buffer stores, as the GPU does), [`BF16_TOL`]. In bf16 the grad
+//! pass's cpu run replays the cuda run's routing choices (a near tie that the two backends'
+//! rounding decides differently would move a whole token between experts) and the number of
+//! such flips is reported beside the comparison. The cuda side
 //! runs through the real launcher (one worker process per GPU), which dumps the tensors
 //! into its run directory when `MOELAB_DUMP_PARAMS` is set.
 
@@ -12,7 +15,8 @@ use crate::backend::{ExecOptions, StepReport};
 use crate::plan::Plan;
 use crate::spec::{BackendKind, DType, ExperimentSpec};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::path::Path;
 
 /// Relative tolerance for f32 plans.
@@ -56,6 +60,9 @@ pub struct CrossCheck {
     pub passed: bool,
     /// The cuda run's error, if it failed.
     pub error: Option<String>,
+    /// bf16 plans: routing choices of the grad pass where the cuda run's choice (replayed on
+    /// the cpu) differs from the cpu's own, and all choices.
+    pub route_flips: Option<(usize, usize)>,
 }
 
 /// `||a - b|| / ||b||` (absolute norm when b is zero); NaN if `a` has NaN or lengths differ.
@@ -82,9 +89,18 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<Cro
     one.run.warmup = 0;
     one.run.steps = 1;
     let world = spec.world();
-    let (plan, cpu_rt, cpu_steps) = cpu_run(&one, true)?;
+    let bf16 = spec.model.dtype == DType::Bf16;
     let (dir, cuda_steps) = cuda_run(&one, runs_root, true, &mut error);
-    compare_steps(&cpu_steps, &cuda_steps, "grad pass", tol, &mut items);
+    // bf16: the cpu replays the cuda run's routing choices (near-tied top-k choices that the
+    // two backends' different rounding flips would otherwise move whole tokens between
+    // experts), and the flips are counted on their own.
+    let replay = if bf16 && error.is_none() { dir.as_deref().map(|d| read_routes(d, world)).transpose()? } else { None };
+    let route_flips = match &replay {
+        Some(r) => Some(count_flips(&one, r)?),
+        None => None,
+    };
+    let (plan, cpu_rt, cpu_steps) = cpu_run(&one, true, replay)?;
+    compare_steps(&cpu_steps, &cuda_steps, "grad pass", tol, true, &mut items);
     if let Some(dir) = &dir {
         for r in 0..world {
             let path = dir.join(format!("params-rank{r}.json"));
@@ -103,22 +119,56 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<Cro
             }
         }
     }
-    let (_, _, cpu_full) = cpu_run(spec, false)?;
+    let (_, _, cpu_full) = cpu_run(spec, false, None)?;
     let (_, cuda_full) = cuda_run(spec, runs_root, false, &mut error);
-    compare_steps(&cpu_full, &cuda_full, "training", tol, &mut items);
+    // Drop counts over the training steps are compared for f32 plans; a bf16 run's own
+    // choices may flip near ties (the grad pass replays them and counts the flips).
+    compare_steps(&cpu_full, &cuda_full, "training", tol, !bf16, &mut items);
     let complete = cuda_steps.len() == cpu_steps.len() && cuda_full.len() == cpu_full.len();
     let worst = items.iter().map(|i| i.rel_err).fold(0.0, |a: f64, b| if b.is_nan() || a.is_nan() { f64::NAN } else { a.max(b) });
     let passed = error.is_none() && complete && !items.is_empty() && items.iter().all(|i| i.passed);
-    Ok(CrossCheck { name: spec.name.clone(), variant: spec.variant.as_str().into(), world, items, worst, passed, error })
+    Ok(CrossCheck { name: spec.name.clone(), variant: spec.variant.as_str().into(), world, items, worst, passed, error, route_flips })
 }
 
-fn cpu_run(spec: &ExperimentSpec, skip_optimizer: bool) -> anyhow::Result<(Plan, CpuRuntime, Vec<StepReport>)> {
+/// Every rank's routing choices from a cuda run directory (`routes-rank{r}.json`).
+fn read_routes(dir: &Path, world: usize) -> anyhow::Result<Routes> {
+    let mut out = HashMap::new();
+    for r in 0..world {
+        let path = dir.join(format!("routes-rank{r}.json"));
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let m: BTreeMap<String, Vec<i32>> = serde_json::from_str(&text)?;
+        out.extend(m.into_iter().map(|(name, v)| ((r as u32, name), v)));
+    }
+    Ok(Arc::new(out))
+}
+
+/// How many of `routes`' choices differ from the cpu's own in the grad-pass step.
+fn count_flips(spec: &ExperimentSpec, routes: &Routes) -> anyhow::Result<(usize, usize)> {
+    let mut cpu_spec = spec.clone();
+    cpu_spec.run.backend = BackendKind::Cpu;
+    let plan = Plan::build(&cpu_spec)?;
+    let retain: Vec<String> = routes.keys().map(|(_, n)| n.clone()).collect();
+    let mut rt = CpuRuntime::new(plan, ExecOptions { skip_optimizer: true, retain, ..Default::default() });
+    rt.step(true, None)?;
+    let (mut differ, mut total) = (0, 0);
+    for ((r, name), theirs) in routes.iter() {
+        let mine = rt.read_i32(*r as usize, name).unwrap_or_default();
+        total += theirs.len();
+        differ += theirs.iter().zip(&mine).filter(|(a, b)| a != b).count() + theirs.len().abs_diff(mine.len());
+    }
+    Ok((differ, total))
+}
+
+/// Routing choices by (rank, `idx` buffer name).
+type Routes = Arc<HashMap<(u32, String), Vec<i32>>>;
+
+fn cpu_run(spec: &ExperimentSpec, skip_optimizer: bool, replay: Option<Routes>) -> anyhow::Result<(Plan, CpuRuntime, Vec<StepReport>)> {
     let mut cpu_spec = spec.clone();
     cpu_spec.run.backend = BackendKind::Cpu;
     // bf16 plans: the cpu rounds what bf16 buffers store (math::bf16), so both sides round
     // at the same places and the comparison measures the executor, not bf16 itself.
     let plan = Plan::build(&cpu_spec)?;
-    let mut rt = CpuRuntime::new(plan.clone(), ExecOptions { skip_optimizer, ..Default::default() });
+    let mut rt = CpuRuntime::new(plan.clone(), ExecOptions { skip_optimizer, replay_routes: replay, ..Default::default() });
     let mut steps = Vec::new();
     for i in 0..spec.run.warmup + spec.run.steps {
         steps.push(rt.step(i >= spec.run.warmup, None)?);
@@ -140,10 +190,10 @@ fn cuda_run(spec: &ExperimentSpec, runs_root: &Path, skip_optimizer: bool, error
     }
 }
 
-fn compare_steps(cpu: &[StepReport], cuda: &[StepReport], pass: &str, tol: f64, items: &mut Vec<Compared>) {
+fn compare_steps(cpu: &[StepReport], cuda: &[StepReport], pass: &str, tol: f64, drops: bool, items: &mut Vec<Compared>) {
     for (c, g) in cpu.iter().zip(cuda) {
         let pairs = [("loss", g.loss, c.loss), ("aux", g.aux_loss, c.aux_loss), ("dropped", g.dropped as f64, c.dropped as f64)];
-        for (what, got, want) in pairs {
+        for (what, got, want) in pairs.into_iter().filter(|p| drops || p.0 != "dropped") {
             let rel = rel_err(&[got as f32], &[want as f32]);
             items.push(Compared { name: format!("{pass} step {} {what}", c.step), rel_err: rel, passed: rel <= tol });
         }

@@ -23,6 +23,8 @@ pub struct OpCtx<'a> {
     pub groups: &'a [Group],
     /// Name of the op, for errors.
     pub op_name: &'a str,
+    /// Routing replay: the choices a `Route` op takes instead of its own top-k.
+    pub forced_idx: Option<&'a [i32]>,
 }
 
 /// Routing facts an op observed, summed into the step report.
@@ -234,7 +236,14 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             routing::softmax_rows(lv, &mut pv, e);
             let mut iv = vec![0i32; t * k];
             let mut wv = vec![0.0; t * k];
-            routing::top_k(&pv, e, k, *renormalize, &mut iv, &mut wv);
+            match ctx.forced_idx {
+                Some(f) if f.len() == t * k => {
+                    iv.copy_from_slice(f);
+                    routing::weights_of(&pv, &iv, e, k, *renormalize, &mut wv);
+                }
+                Some(f) => return Err(StoreError(format!("replayed routing has {} choices, the op makes {}", f.len(), t * k)).into()),
+                None => routing::top_k(&pv, e, k, *renormalize, &mut iv, &mut wv),
+            }
             let mut sv = vec![0.0; (k + 1) * e];
             routing::local_stats(&pv, &iv, e, k, &mut sv);
             st.put_f32(*probs, pv)?;

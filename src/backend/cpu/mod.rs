@@ -322,7 +322,12 @@ fn run_rank(
                     return Err(BackendError::Aborted { rank: rp.rank, by: rp.rank });
                 }
             }
-            let ctx = OpCtx { rank: rp.rank, seed: plan.spec.run.seed, step: data_step, adam_step, fabric, groups: &plan.groups, op_name: &op.name };
+            let forced_idx = match (&op.kind, &opts.replay_routes) {
+                (crate::plan::OpKind::Route { idx, .. }, Some(r)) => r.get(&(rp.rank, rp.buffer(*idx).name.clone())).map(Vec::as_slice),
+                _ => None,
+            };
+            let ctx = OpCtx { rank: rp.rank, seed: plan.spec.run.seed, step: data_step, adam_step, fabric, groups: &plan.groups, op_name: &op.name,
+                forced_idx };
             // bf16 plans: ops other than Adam read a parameter through its bf16 copy, as the
             // cuda executor's GEMMs and sends do.
             let shadowed: Vec<(BufId, BufId)> = if matches!(op.kind, crate::plan::OpKind::Adam { .. }) {

@@ -468,7 +468,7 @@ impl<'a> StreamExec<'a> {
         let mut view = OpView::detached(inputs, &op.writes, names);
         let ctx = OpCtx {
             rank: self.rp.rank, seed: self.seed, step: self.step, adam_step: self.adam_step, fabric: self.fabric, groups: self.groups,
-            op_name: &op.name,
+            op_name: &op.name, forced_idx: None,
         };
         let out: OpOutcome = cpu_exec::execute(&unit, &mut view, &ctx).map_err(|e| ExecError::Host(e.to_string()))?;
         for (id, data) in view.into_puts() {

@@ -455,7 +455,14 @@ pub fn worker_main(dir: &Path) -> i32 {
             }
         }
     }
-    let mut gr = match GpuRank::new(plan, rank, gpu, comms, &[], offset_ns) {
+    // Cross-checks of bf16 plans replay this run's routing on the cpu: keep every layer's
+    // choices (`*route.idx`) past their last use so they can be written out below.
+    let route_names: Vec<String> = if std::env::var_os("MOELAB_DUMP_PARAMS").is_some() {
+        plan.ranks[rank].buffers.iter().filter(|b| b.name.ends_with("route.idx")).map(|b| b.name.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    let mut gr = match GpuRank::new(plan, rank, gpu, comms, &route_names, offset_ns) {
         Ok(g) => g,
         Err(e) => return fail(format!("rank {rank}: setup: {e}"), None),
     };
@@ -494,6 +501,11 @@ pub fn worker_main(dir: &Path) -> i32 {
         let dump: std::collections::BTreeMap<String, Vec<f32>> = names.into_iter().filter_map(|n| Some((n.clone(), gr.read(&n)?))).collect();
         if let Err(e) = std::fs::write(dir.join(format!("params-rank{rank}.json")), serde_json::to_string(&dump).expect("floats serialize")) {
             return fail(format!("rank {rank}: writing its parameters: {e}"), None);
+        }
+        let routes: std::collections::BTreeMap<String, Vec<i32>> =
+            route_names.iter().filter_map(|n| Some((n.clone(), gr.read(n)?.into_iter().map(|x| x as i32).collect()))).collect();
+        if let Err(e) = std::fs::write(dir.join(format!("routes-rank{rank}.json")), serde_json::to_string(&routes).expect("ints serialize")) {
+            return fail(format!("rank {rank}: writing its routing: {e}"), None);
         }
     }
     if code == 0 {
