@@ -4,8 +4,8 @@
 //! launch overhead. Collectives become [`CollectivePart`]s whose time the engine decides,
 //! because it depends on when the other members arrive and on who else uses the links.
 
-use super::profile::{CollectiveKind, GemmDtype, GpuProfile};
-use crate::plan::{GroupId, Op, OpKind, RankPlan};
+use super::profile::{CollectiveKind, GemmDtype, GpuProfile, KernelClass};
+use crate::plan::{BufId, ElemType, GroupId, Op, OpKind, RankPlan};
 
 /// One coupled collective an op performs; an op may perform several in sequence (Tutel's
 /// 2D all-to-all: within the node, then across nodes).
@@ -113,7 +113,89 @@ fn kernels(kind: &OpKind, gemm_count: usize) -> usize {
         Dispatch { .. } => 2,
         // One fused multi-tensor kernel.
         Adam { .. } => 1,
+        // Row gradients, then the weight gradients.
+        CombineBwd { .. } => 2,
         _ => gemm_count.max(1),
+    }
+}
+
+/// The kernel class of a non-GEMM op (its achieved share of the copy bandwidth comes from
+/// the profile's `[kernels]` table).
+pub fn kernel_class(kind: &OpKind) -> KernelClass {
+    use OpKind::*;
+    match kind {
+        LayerNorm { .. } => KernelClass::Layernorm,
+        LayerNormBwd { .. } => KernelClass::LayernormBwd,
+        Act { .. } => KernelClass::Act,
+        ActBwd { .. } => KernelClass::ActBwd,
+        Dispatch { .. } | DispatchBwd { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. }
+        | ChunkLayout { .. } | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. }
+        | LocalUnlayout { .. } | ShardDispatch { .. } | ShardCounts { .. } | ShardCombine { .. } | SwapAxes { .. } | TakeBlock { .. } => {
+            KernelClass::Layout
+        }
+        Combine { .. } | CombinePart { .. } => KernelClass::Combine,
+        CombineBwd { .. } => KernelClass::CombineBwd,
+        Route { .. } | RouteBwd { .. } => KernelClass::Route,
+        Loss { .. } | LossReplica { .. } => KernelClass::Loss,
+        Adam { .. } | GradAccum { .. } => KernelClass::Optimizer,
+        LoadBatch { .. } => KernelClass::Data,
+        _ => KernelClass::Elementwise,
+    }
+}
+
+/// Host round trips of an op on an executor that reads routing tables on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostTraffic {
+    /// Synchronising device-to-host copies (each waits for the stream to drain).
+    pub syncs: usize,
+    /// Bytes copied between host and device (routing tables down, row maps and counts up).
+    pub bytes: f64,
+}
+
+/// The host round trips an op costs on the cuda executor (`src/backend/cuda/exec.rs`), which
+/// runs routing statistics and every row layout on the host: Route downloads probabilities and
+/// indices and syncs once more after uploading its statistics (3 round trips); RouteBwd
+/// downloads the gathered routing statistics, CombineBwd the slots (1 each); a layout op
+/// downloads each routing input it reads (indices, slots, gathered statistics: one round trip
+/// each) and uploads a row map per row output plus its integer outputs. The profile prices
+/// them (`kernels.host_sync_us`, `kernels.host_gbps`; zero where absent), so a profile of an
+/// executor without host round trips simply leaves them out.
+pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
+    use OpKind::*;
+    let bytes = |b: BufId| {
+        let d = plan.buffer(b);
+        let scale = if d.dynamic { load } else { 1.0 };
+        d.elems as f64 * d.elem_bytes as f64 * scale
+    };
+    let f32_rows = |b: BufId, m: usize| {
+        let d = plan.buffer(b);
+        let scale = if d.dynamic { load } else { 1.0 };
+        if d.elem == ElemType::I32 { d.elems as f64 * d.elem_bytes as f64 * scale } else { (d.elems / m.max(1)) as f64 * 4.0 * scale }
+    };
+    let layout = |needs: &[BufId], outs: &[BufId], m: usize| HostTraffic {
+        syncs: needs.len(),
+        bytes: needs.iter().map(|b| bytes(*b)).sum::<f64>() + outs.iter().map(|b| f32_rows(*b, m)).sum::<f64>(),
+    };
+    match kind {
+        Route { probs, idx, stats, .. } => HostTraffic { syncs: 3, bytes: bytes(*probs) + bytes(*idx) + bytes(*stats) },
+        RouteBwd { gathered, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) },
+        CombineBwd { slots, .. } => HostTraffic { syncs: 1, bytes: bytes(*slots) },
+        Dispatch { idx, gathered, send, send_counts, slots, dims, .. } => layout(&[*idx, *gathered], &[*send, *send_counts, *slots], dims.d_model),
+        ExpertLayout { gathered, out, dims, .. } | ChunkLayout { gathered, out, dims, .. } | TpLayout { gathered, out, dims, .. } => {
+            layout(&[*gathered], &[*out], dims.d_model)
+        }
+        ExpertUnlayout { gathered, send, send_counts, dims, .. }
+        | ChunkUnlayout { gathered, send, send_counts, dims, .. }
+        | TpUnlayout { gathered, send, send_counts, dims, .. } => layout(&[*gathered], &[*send, *send_counts], dims.d_model),
+        LocalUnlayout { gathered, full, dims, .. } | TpMerge { gathered, full, dims, .. } | ChunkMerge { gathered, full, dims, .. } => {
+            layout(&[*gathered], &[*full], dims.d_model)
+        }
+        LocalLayout { gathered, out, dims, .. } => layout(&[*gathered], &[*out], dims.d_model),
+        ChunkSlice { slots, gathered, part, part_counts, dims, .. } => {
+            let needs: Vec<BufId> = slots.iter().copied().chain([*gathered]).collect();
+            layout(&needs, &[*part, *part_counts], dims.d_model)
+        }
+        _ => HostTraffic::default(),
     }
 }
 
@@ -176,8 +258,11 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     let launch = kernels(&op.kind, shapes.len()) as f64 * gpu.launch_s;
     let memory = bytes as f64 / gpu.mem_bandwidth;
     if shapes.is_empty() {
+        let class = gpu.kernels.class(kernel_class(&op.kind));
+        let host = host_traffic(&op.kind, plan, rows_scale);
+        let host_s = host.syncs as f64 * gpu.kernels.host_sync_s + host.bytes / gpu.kernels.host_bandwidth;
         let arithmetic = flops as f64 / gpu.vector_flops;
-        return Cost::Compute(launch + memory.max(arithmetic));
+        return Cost::Compute(launch + class.fixed_us * 1e-6 + host_s + (memory / class.bandwidth_share).max(arithmetic));
     }
     // The plan's FLOPs are authoritative; the shapes say how efficiently they run. Each
     // GEMM gets its share of the op's FLOPs in proportion to its own size.
