@@ -20,7 +20,7 @@ use std::sync::Arc;
 /// GEMM shapes `(m, n, k)` of the sweep: squares for the curve, then the shapes MoE blocks
 /// run (mixtral-ish and fine-grained expert GEMMs forward and backward, attention heads,
 /// dense projections).
-pub const GEMM_SHAPES: [(usize, usize, usize); 16] = [
+pub const GEMM_SHAPES: [(usize, usize, usize); 19] = [
     (1024, 1024, 1024),
     (2048, 2048, 2048),
     (4096, 4096, 4096),
@@ -37,6 +37,11 @@ pub const GEMM_SHAPES: [(usize, usize, usize); 16] = [
     (4096, 1408, 2048),
     (4096, 2048, 1408),
     (2048, 1408, 4096),
+    // The router's thin GEMMs (mixtral-ish gate: 16,384 tokens x 4,096 -> 8 experts), forward,
+    // input gradient and weight gradient.
+    (16384, 8, 4096),
+    (16384, 4096, 8),
+    (4096, 8, 16384),
 ];
 
 /// Payload sizes per member of the collective sweep, bytes.
@@ -125,6 +130,26 @@ fn launch_and_copy(gpu: &Gpu, s: &GpuStream, reps: usize) -> Result<(f64, f64), 
         unsafe { result::memcpy_dtod_async(dst.0, src.0, bytes, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoDAsync"))
     })?;
     Ok((secs / KERNELS as f64 * 1e6, 2.0 * bytes as f64 / copy / 1e12))
+}
+
+/// One host round trip as an op of the cuda executor sees it between its timing events: a
+/// device-to-host copy of `bytes`, a stream synchronize, then the next kernel's launch.
+/// Returns (microseconds for 4 KiB minus the kernel gap, host copy GB/s from 4 KiB to 1 MiB).
+fn host_round_trip(gpu: &Gpu, s: &GpuStream, reps: usize, launch_us: f64) -> Result<(f64, f64), GpuError> {
+    let x = Buf::new(s, 1 << 20)?;
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    let trip = |bytes: usize| -> Result<f64, GpuError> {
+        let mut host = vec![0u8; bytes];
+        timed(gpu, s, reps, || {
+            // SAFETY: x holds 1 MiB >= bytes; the copy completes before synchronize returns.
+            unsafe { result::memcpy_dtoh_async(&mut host, x.0, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
+            s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+            launch(gpu, s, "add_inplace", one, &[A::P(x.0), A::P(x.0), A::I64(1)])
+        })
+    };
+    let (small, large) = (trip(4 << 10)?, trip(1 << 20)?);
+    let gbps = if large > small { ((1 << 20) - (4 << 10)) as f64 / (large - small) / 1e9 } else { f64::INFINITY };
+    Ok(((small * 1e6 - launch_us).max(0.0), gbps))
 }
 
 fn nccl_check(call: &'static str, r: nccl::ncclResult_t) -> Result<(), GpuError> {
@@ -237,6 +262,8 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
     let gemms = gemm_sweep(&gpu, &s, reps, on_line)?;
     let (launch_us, copy_tbps) = launch_and_copy(&gpu, &s, reps)?;
     on_line(&format!("kernel gap {launch_us:.2} us, device copy {copy_tbps:.2} TB/s"));
+    let (host_sync_us, host_gbps) = host_round_trip(&gpu, &s, reps, launch_us)?;
+    on_line(&format!("host round trip {host_sync_us:.1} us, host copy {host_gbps:.2} GB/s"));
     let collectives = if gpus >= 2 { collective_sweep(gpus, reps, on_line)? } else { Vec::new() };
     Ok(Calibration {
         device: gpu.info.name.clone(),
@@ -246,5 +273,7 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
         launch_us,
         copy_tbps,
         collectives,
+        host_sync_us: Some(host_sync_us),
+        host_gbps: host_gbps.is_finite().then_some(host_gbps),
     })
 }

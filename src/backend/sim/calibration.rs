@@ -84,6 +84,13 @@ pub struct Calibration {
     pub copy_tbps: f64,
     /// Collective sweep (empty on one GPU).
     pub collectives: Vec<CollectiveMeasure>,
+    /// One host round trip (4 KiB device-to-host copy, stream sync, next launch) minus the
+    /// kernel gap, microseconds; absent in files from before it was measured.
+    #[serde(default)]
+    pub host_sync_us: Option<f64>,
+    /// Host copy rate of the routing tables (pageable device-to-host), GB/s; absent likewise.
+    #[serde(default)]
+    pub host_gbps: Option<f64>,
 }
 
 /// A collective's fitted `time = latency + wire_bytes / (bandwidth * efficiency)`.
@@ -201,6 +208,18 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
             d.insert("points".into(), Value::Array(pts));
         }
     }
+    if cal.host_sync_us.is_some() || cal.host_gbps.is_some() {
+        // The kernel classes are kept from the base (fitted or measured before); the host
+        // round-trip terms are replaced by this run's measurement.
+        let kernels = root.entry("kernels").or_insert_with(|| Value::Table(Table::new()));
+        let kernels = kernels.as_table_mut().ok_or_else(|| CalibrationError::Shape(base_name.into(), "kernels is not a table".into()))?;
+        if let Some(v) = cal.host_sync_us {
+            kernels.insert("host_sync_us".into(), round(v, 2).into());
+        }
+        if let Some(v) = cal.host_gbps {
+            kernels.insert("host_gbps".into(), round(v, 3).into());
+        }
+    }
     let mut fits = Vec::new();
     if !cal.collectives.is_empty() {
         let intra = parsed.topology.intra.as_str();
@@ -219,14 +238,15 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
         "# {name}: measured by `moelab calibrate` on {} ({} GPU{}), {}.\n\
          # Measured: gpu.launch_us (back-to-back kernel gap), gpu.hbm_efficiency (device copy\n\
          # bandwidth over the datasheet peak), every gpu.gemm.*.points entry (cuBLAS, median of\n\
-         # repetitions){}.\n\
+         # repetitions){}{}.\n\
          # Kept from the base profile `{base_name}` (datasheet values and stated assumptions): the\n\
-         # peaks, memory, SMs, vector FLOP/s, GEMM tile sizes, topology{}.\n\n",
+         # peaks, memory, SMs, vector FLOP/s, GEMM tile sizes, the [kernels] classes, topology{}.\n\n",
         cal.device,
         cal.gpus,
         if cal.gpus == 1 { "" } else { "s" },
         cal.date,
         if fits.is_empty() { "" } else { ", the intra-node collectives (NCCL, latency and bandwidth share fitted per kind; step_us folded into latency)" },
+        if cal.host_sync_us.is_some() { ", kernels.host_sync_us and kernels.host_gbps (host round trip)" } else { "" },
         if fits.is_empty() { ", every link (one GPU: no collective measured)" } else { " and the inter-node link" },
     );
     text.push_str(&body);
@@ -259,7 +279,7 @@ mod tests {
             .into_iter()
             .map(|b| CollectiveMeasure { kind: CollectiveKind::AllReduce, members: 2, bytes: b, seconds: 12e-6 + CollectiveKind::AllReduce.wire_bytes(b, 2) / 360e9 })
             .collect();
-        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives }
+        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None }
     }
 
     #[test]
@@ -301,5 +321,42 @@ mod tests {
         let (p, b) = (profile::parse(&text, "t").expect("parses"), profile::resolve("h200-datasheet").expect("base"));
         assert_eq!(p.intra, b.intra);
         assert!(text.contains("every link (one GPU"));
+    }
+
+    #[test]
+    fn host_round_trips_replace_the_base_terms_and_keep_its_kernel_classes() {
+        // Base h200 carries fitted [kernels] classes; the measurement replaces only the host terms.
+        let mut cal = measured();
+        cal.host_sync_us = Some(12.5);
+        cal.host_gbps = Some(6.0);
+        let (text, _) = render(include_str!("../../../profiles/h200.toml"), "h200", "h200-new", &cal).expect("renders");
+        let (p, b) = (profile::parse(&text, "t").expect("parses"), profile::resolve("h200").expect("base"));
+        assert!((p.gpu.kernels.host_sync_s - 12.5e-6).abs() < 1e-12);
+        assert!((p.gpu.kernels.host_bandwidth - 6e9).abs() < 1.0);
+        assert_eq!(p.gpu.kernels.classes, b.gpu.kernels.classes);
+        // From a datasheet base (no [kernels] table) the table is created.
+        let (text, _) = render(base(), "h200-datasheet", "h200-ds", &cal).expect("renders");
+        let p = profile::parse(&text, "t").expect("parses");
+        assert!((p.gpu.kernels.host_sync_s - 12.5e-6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn calibration_json_without_host_terms_still_loads() {
+        let mut v = serde_json::to_value(measured()).expect("serialises");
+        let o = v.as_object_mut().expect("object");
+        o.remove("host_sync_us");
+        o.remove("host_gbps");
+        let cal: Calibration = serde_json::from_value(v).expect("old files load");
+        assert_eq!(cal.host_sync_us, None);
+        let (text, _) = render(base(), "h200-datasheet", "h200-old", &cal).expect("renders");
+        assert_eq!(profile::parse(&text, "t").expect("parses").gpu.kernels, profile::KernelProfile::default());
+        // The raw files behind the shipped profiles (written before the host terms existed).
+        for json in [include_str!("../../../docs/device-runs/calibration/h200x2-20261123-0544.json"),
+            include_str!("../../../docs/device-runs/calibration/h100-20261123-0546.json")] {
+            let doc: serde_json::Value = serde_json::from_str(json).expect("JSON");
+            let cal: Calibration = serde_json::from_value(doc["calibration"].clone()).expect("an old calibration file loads");
+            assert_eq!((cal.host_sync_us, cal.host_gbps), (None, None));
+            render(base(), "h200-datasheet", "x", &cal).expect("renders");
+        }
     }
 }

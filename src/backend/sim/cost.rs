@@ -327,4 +327,33 @@ mod tests {
         let tflops = flops as f64 / (s - p.gpu.launch_s) / 1e12;
         assert!((tflops - pt.tflops).abs() < 1e-6, "{tflops} vs {}", pt.tflops);
     }
+
+    #[test]
+    fn kernel_classes_and_host_round_trips_are_priced_by_the_profile() {
+        // A LayerNorm at bandwidth share 0.25 takes 4x the copy time plus its fixed cost; a
+        // Route pays three host round trips plus its routing tables at host_gbps.
+        let text = include_str!("../../../profiles/h200-datasheet.toml");
+        let text = format!("{text}\n[kernels]\nhost_sync_us = 40.0\nhost_gbps = 2.0\n\n[kernels.layernorm]\nbandwidth_share = 0.25\nfixed_us = 5.0\n");
+        let p = profile::parse(&text, "t").expect("parses");
+        let bytes = 1u64 << 28;
+        let ln = OpKind::LayerNorm { x: BufId(0), gamma: BufId(1), beta: BufId(1), y: BufId(0), stats: BufId(1) };
+        let o = op(ln, 0, bytes);
+        let Cost::Compute(s) = op_cost(&o, &rank_with(o.clone(), 2), &p.gpu, GemmDtype::F32) else { panic!("compute") };
+        let want = p.gpu.launch_s + 5e-6 + bytes as f64 / (0.25 * p.gpu.mem_bandwidth);
+        assert!((s - want).abs() < 1e-12, "{s} vs {want}");
+        // rank_with's buffers hold 2 MiB each; Route downloads probs and idx and uploads its
+        // statistics (three buffers here), with three synchronising round trips.
+        let route = OpKind::Route { logits: BufId(0), probs: BufId(0), idx: BufId(1), weights: BufId(1), stats: BufId(1), n_experts: 8, top_k: 2, renormalize: false };
+        let o = op(route, 0, 0);
+        let plan = rank_with(o.clone(), 2);
+        let mib2 = 2.0 * (1 << 20) as f64;
+        assert_eq!(host_traffic(&o.kind, &plan, 1.0), HostTraffic { syncs: 3, bytes: 3.0 * mib2 });
+        let Cost::Compute(s) = op_cost(&o, &plan, &p.gpu, GemmDtype::F32) else { panic!("compute") };
+        let want = 3.0 * p.gpu.launch_s + 3.0 * 40e-6 + 3.0 * mib2 / 2e9;
+        assert!((s - want).abs() < 1e-12, "{s} vs {want}");
+        // Without a [kernels] table nothing changes: no host cost, copy bandwidth.
+        let ds = profile::resolve("h200-datasheet").expect("parses");
+        let Cost::Compute(s) = op_cost(&o, &plan, &ds.gpu, GemmDtype::F32) else { panic!("compute") };
+        assert!((s - 3.0 * ds.gpu.launch_s).abs() < 1e-12);
+    }
 }

@@ -908,4 +908,32 @@ mod tests {
         assert!((fitted.k_half - 256.0).abs() < 1e-6, "k_half {}", fitted.k_half);
         assert!((fitted.eff_max - 0.8).abs() < 1e-9);
     }
+
+    #[test]
+    fn the_kernels_table_is_optional_and_checked() {
+        let ds = resolve("h200-datasheet").expect("parses");
+        assert_eq!(ds.gpu.kernels, KernelProfile::default());
+        let fitted = resolve("h200").expect("parses");
+        assert!(fitted.gpu.kernels.host_sync_s > 0.0);
+        assert!(fitted.gpu.kernels.class(KernelClass::Layernorm).bandwidth_share < 1.0);
+        assert_eq!(*fitted.gpu.kernels.class(KernelClass::Elementwise), KernelClassParams::default());
+        let text = include_str!("../../../profiles/h200-datasheet.toml");
+        let bad = format!("{text}\n[kernels]\nhost_sync_us = 10.0\n\n[kernels.act]\nbandwidth_share = 1.5\n");
+        assert_eq!(parse(&bad, "t").unwrap_err().field(), Some("kernels.act.bandwidth_share"));
+        let unknown = format!("{text}\n[kernels]\nhost_sync = 10.0\n");
+        assert!(parse(&unknown, "t").is_err());
+    }
+
+    #[test]
+    fn thin_points_stay_out_of_the_curve_fit() {
+        // A router-like 8-column point far below the curve neither moves eff_max nor k_half,
+        // and still comes back exactly at its own shape.
+        let p = resolve("h200").expect("parses");
+        let g = &p.gpu.f32;
+        let regular: Vec<GemmPoint> = g.points.iter().filter(|q| q.m.min(q.n).min(q.k) >= FIT_MIN_SIDE).cloned().collect();
+        let refit = fit(GemmModel { points: regular, eff_max: 1.0, ..g.clone() }, None).expect("fits");
+        assert!((refit.eff_max - g.eff_max).abs() < 1e-12 && refit.k_half == g.k_half);
+        let thin = g.points.iter().find(|q| q.n == 8).expect("gate point");
+        assert!((g.predicted_tflops(thin.m, thin.n, thin.k) - thin.tflops).abs() / thin.tflops < 1e-9);
+    }
 }
