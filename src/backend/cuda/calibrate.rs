@@ -7,10 +7,13 @@
 
 use super::bench::{launch, Buf, A};
 use super::gpu::{Gpu, GpuStream};
-use crate::backend::sim::calibration::{Calibration, CollectiveMeasure, GemmMeasure};
-use crate::backend::sim::profile::{CollectiveKind, GemmDtype};
+use crate::backend::sim::calibration::{
+    Calibration, CollectiveMeasure, GemmMeasure, KernelMeasure, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
+    KERNEL_WIDTH,
+};
+use crate::backend::sim::profile::{CollectiveKind, GemmDtype, KernelClass};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{result, CudaContext, CudaEvent, LaunchConfig};
+use cudarc::driver::{result, CudaContext, CudaEvent, LaunchConfig, PushKernelArg};
 use cudarc::nccl::sys as nccl;
 use moelab_kernels::error::GpuError;
 use moelab_kernels::gemm::{bf16_gemm_raw, sgemm_raw};
@@ -152,6 +155,159 @@ fn host_round_trip(gpu: &Gpu, s: &GpuStream, reps: usize, launch_us: f64) -> Res
     Ok(((small * 1e6 - launch_us).max(0.0), gbps))
 }
 
+/// A plan kernel argument, with the f64 that `mse` takes (bench's launcher has none).
+enum K {
+    P(u64),
+    I64(i64),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+    F64(f64),
+}
+
+/// Launches a kernel of `plan_ops.cu` by name with `args` in its parameter order.
+fn run_kernel(gpu: &Gpu, s: &GpuStream, name: &'static str, cfg: LaunchConfig, args: &[K]) -> Result<(), GpuError> {
+    let mut b = s.stream.launch_builder(gpu.func(name));
+    for a in args {
+        match a {
+            K::P(x) => b.arg(x),
+            K::I64(x) => b.arg(x),
+            K::I32(x) => b.arg(x),
+            K::U32(x) => b.arg(x),
+            K::F32(x) => b.arg(x),
+            K::F64(x) => b.arg(x),
+        };
+    }
+    // SAFETY: each call site passes the kernel's parameters in order (plan_ops.cu), with live
+    // buffers of the sizes the kernel addresses.
+    unsafe { b.launch(cfg) }.map_err(|source| GpuError::Launch { kernel: name, source })?;
+    Ok(())
+}
+
+/// Copies host i32 values into a device buffer and waits.
+fn upload_i32(s: &GpuStream, ptr: u64, v: &[i32]) -> Result<(), GpuError> {
+    // SAFETY: ptr holds at least v.len() i32; the stream is synchronized before v is dropped.
+    unsafe { result::memcpy_htod_async(ptr, v, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
+    s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))
+}
+
+/// Times the plan kernels the cuda executor runs for one op of each non-GEMM class, at the
+/// sizes of `sim::calibration` (KERNEL_*), with the executor's launch shapes and arguments
+/// (`src/backend/cuda/exec.rs`). `sim::calibration::class_share` turns each time into the
+/// class's bandwidth share.
+fn kernel_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<KernelMeasure>, GpuError> {
+    let (t, m, k) = (KERNEL_TOKENS, KERNEL_WIDTH, KERNEL_TOP_K);
+    let (rows_e, hidden) = (KERNEL_EXPERT_ROWS, KERNEL_HIDDEN);
+    let tm = t * m;
+    let warp = |rows: usize| gpu.grid(rows * 32);
+    let mut out = Vec::new();
+    let mut record = |class: KernelClass, seconds: f64, out: &mut Vec<KernelMeasure>| {
+        on_line(&format!("kernel class {}: {:.1} us", class.as_str(), seconds * 1e6));
+        out.push(KernelMeasure { class: class.as_str().to_string(), seconds });
+    };
+    {
+        // LayerNorm forward and backward on [tokens, width] (the backward's parameter column
+        // sums as the executor runs them: partials, then two col_finish).
+        let (x, y, dy, dx) = (Buf::new(s, tm * 4)?, Buf::new(s, tm * 4)?, Buf::new(s, tm * 4)?, Buf::new(s, tm * 4)?);
+        let (g, b, stats) = (Buf::new(s, m * 4)?, Buf::new(s, m * 4)?, Buf::new(s, 2 * t * 4)?);
+        fill_f32(gpu, s, x.0, tm)?;
+        fill_f32(gpu, s, dy.0, tm)?;
+        fill_f32(gpu, s, g.0, m)?;
+        fill_f32(gpu, s, b.0, m)?;
+        let fwd = || run_kernel(gpu, s, "ln_fwd", warp(t), &[K::P(x.0), K::P(g.0), K::P(b.0), K::P(y.0), K::P(stats.0), K::I64(t as i64), K::I32(m as i32)]);
+        let secs = timed(gpu, s, reps, fwd)?;
+        record(KernelClass::Layernorm, secs, &mut out);
+        // The executor's row_chunks(rows, cols).
+        let want = (gpu.info.sm_count.max(1) as usize * 2048).div_ceil(m);
+        let chunks = want.clamp(1, t.div_ceil(16).max(1));
+        let chunk = t.div_ceil(chunks).max(1);
+        let chunks = t.div_ceil(chunk).max(1);
+        let (dg, db) = (Buf::new(s, m * 4)?, Buf::new(s, m * 4)?);
+        let part = Buf::new(s, 2 * chunks * m * 4)?;
+        let part_b = part.0 + (chunks * m * 4) as u64;
+        let secs = timed(gpu, s, reps, || {
+            run_kernel(gpu, s, "ln_bwd_dx", warp(t), &[K::P(x.0), K::P(g.0), K::P(stats.0), K::P(dy.0), K::P(0), K::P(dx.0), K::I64(t as i64), K::I32(m as i32)])?;
+            run_kernel(gpu, s, "ln_bwd_partials", gpu.grid(chunks * m), &[K::P(x.0), K::P(stats.0), K::P(dy.0), K::P(part.0), K::P(part_b), K::I64(t as i64), K::I32(m as i32), K::I64(chunk as i64)])?;
+            for (src, dst) in [(part.0, dg.0), (part_b, db.0)] {
+                run_kernel(gpu, s, "col_finish", gpu.grid(m), &[K::P(src), K::P(dst), K::I64(chunks as i64), K::I32(m as i32), K::I32(1), K::I32(0)])?;
+            }
+            Ok(())
+        })?;
+        record(KernelClass::LayernormBwd, secs, &mut out);
+        // The loss and its gradient (mse with per-block partial sums).
+        let cfg = gpu.grid(tm);
+        let partial = Buf::new(s, cfg.grid_dim.0 as usize * 8)?;
+        let denom = tm as f64;
+        let secs = timed(gpu, s, reps, || run_kernel(gpu, s, "mse", cfg, &[K::P(y.0), K::P(x.0), K::P(dx.0), K::P(partial.0), K::I64(tm as i64), K::F64(denom)]))?;
+        record(KernelClass::Loss, secs, &mut out);
+        // Drawing the batch on the device: [8 x 2048, width] as LoadBatch does.
+        let (batch, per_seq) = (8usize, (t / 8) * m);
+        let blocks = batch * per_seq.div_ceil(8);
+        let secs = timed(gpu, s, reps, || {
+            let args = [K::P(x.0), K::I64(per_seq as i64), K::I32(batch as i32), K::U32(1), K::U32(2), K::U32(3), K::U32(4), K::U32(5), K::U32(6), K::I64(0)];
+            run_kernel(gpu, s, "load_batch_x", gpu.grid(blocks), &args)?;
+            run_kernel(gpu, s, "rotate_rows_left", gpu.grid(tm), &[K::P(x.0), K::P(y.0), K::I64(t as i64), K::I32(m as i32)])
+        })?;
+        record(KernelClass::Data, secs, &mut out);
+        // Combine forward and backward: expert rows [rows_e, width] back into [tokens, width],
+        // top-k slots spread over the expert rows.
+        let back = Buf::new(s, rows_e * m * 4)?;
+        let dback = Buf::new(s, rows_e * m * 4)?;
+        fill_f32(gpu, s, back.0, rows_e * m)?;
+        let assigns = t * k;
+        let slots_host: Vec<i32> = (0..assigns).map(|a| ((a * 7919) % rows_e) as i32).collect();
+        let (slots, w, dw) = (Buf::new(s, assigns * 4)?, Buf::new(s, assigns * 4)?, Buf::new(s, assigns * 4)?);
+        upload_i32(s, slots.0, &slots_host)?;
+        fill_f32(gpu, s, w.0, assigns)?;
+        let secs = timed(gpu, s, reps, || {
+            run_kernel(gpu, s, "combine_fwd", gpu.grid(tm), &[K::P(back.0), K::P(slots.0), K::P(w.0), K::P(x.0), K::P(y.0), K::I64(t as i64), K::I32(k as i32), K::I32(m as i32)])
+        })?;
+        record(KernelClass::Combine, secs, &mut out);
+        let secs = timed(gpu, s, reps, || {
+            run_kernel(gpu, s, "combine_bwd_rows", gpu.grid(assigns * m), &[K::P(dy.0), K::P(slots.0), K::P(w.0), K::P(dback.0), K::I64(assigns as i64), K::I32(k as i32), K::I32(m as i32)])?;
+            run_kernel(gpu, s, "combine_bwd_weights", warp(assigns), &[K::P(dy.0), K::P(back.0), K::P(slots.0), K::P(dw.0), K::I64(assigns as i64), K::I32(k as i32), K::I32(m as i32)])
+        })?;
+        record(KernelClass::CombineBwd, secs, &mut out);
+        // A layout op's device part: one row gather of the expert rows by a row map.
+        let codes_host: Vec<i32> = (0..rows_e).map(|r| ((r * 7919) % rows_e) as i32 + 1).collect();
+        let codes = Buf::new(s, rows_e * 4)?;
+        upload_i32(s, codes.0, &codes_host)?;
+        let secs = timed(gpu, s, reps, || {
+            run_kernel(gpu, s, "gather2_rows", gpu.grid(rows_e * m), &[K::P(back.0), K::P(0), K::P(codes.0), K::P(dback.0), K::I64(rows_e as i64), K::I32(m as i32)])
+        })?;
+        record(KernelClass::Layout, secs, &mut out);
+    }
+    {
+        // The expert activation (GELU) forward and backward on [rows_e, hidden].
+        let n = rows_e * hidden;
+        let (h, a, dh) = (Buf::new(s, n * 4)?, Buf::new(s, n * 4)?, Buf::new(s, n * 4)?);
+        fill_f32(gpu, s, h.0, n)?;
+        fill_f32(gpu, s, a.0, n)?;
+        let secs = timed(gpu, s, reps, || run_kernel(gpu, s, "act_fwd", gpu.grid(n), &[K::P(h.0), K::P(a.0), K::I64(n as i64), K::I32(0)]))?;
+        record(KernelClass::Act, secs, &mut out);
+        let secs = timed(gpu, s, reps, || run_kernel(gpu, s, "act_bwd", gpu.grid(n), &[K::P(h.0), K::P(a.0), K::P(dh.0), K::I64(n as i64), K::I32(0)]))?;
+        record(KernelClass::ActBwd, secs, &mut out);
+    }
+    {
+        // Adam over KERNEL_PARAMS parameters (state zeroed, step 1).
+        let n = KERNEL_PARAMS;
+        let (p, g, m1, v) = (Buf::new(s, n * 4)?, Buf::new(s, n * 4)?, Buf::new(s, n * 4)?, Buf::new(s, n * 4)?);
+        fill_f32(gpu, s, p.0, n)?;
+        fill_f32(gpu, s, g.0, n)?;
+        for z in [&m1, &v] {
+            // SAFETY: z holds n f32 on this device; ordered on s.
+            unsafe { result::memset_d8_async(z.0, 0, n * 4, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+        }
+        let (b1, b2) = (0.9f32, 0.999f32);
+        let secs = timed(gpu, s, reps, || {
+            let args = [K::P(p.0), K::P(g.0), K::P(m1.0), K::P(v.0), K::I64(n as i64), K::F32(1e-4), K::F32(b1), K::F32(b2), K::F32(1e-8), K::F32(1.0 - b1), K::F32(1.0 - b2)];
+            run_kernel(gpu, s, "adam", gpu.grid(n), &args)
+        })?;
+        record(KernelClass::Optimizer, secs, &mut out);
+    }
+    Ok(out)
+}
+
 fn nccl_check(call: &'static str, r: nccl::ncclResult_t) -> Result<(), GpuError> {
     if r == nccl::ncclResult_t::ncclSuccess {
         Ok(())
@@ -264,6 +420,7 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
     on_line(&format!("kernel gap {launch_us:.2} us, device copy {copy_tbps:.2} TB/s"));
     let (host_sync_us, host_gbps) = host_round_trip(&gpu, &s, reps, launch_us)?;
     on_line(&format!("host round trip {host_sync_us:.1} us, host copy {host_gbps:.2} GB/s"));
+    let kernels = kernel_sweep(&gpu, &s, reps, on_line)?;
     let collectives = if gpus >= 2 { collective_sweep(gpus, reps, on_line)? } else { Vec::new() };
     Ok(Calibration {
         device: gpu.info.name.clone(),
@@ -275,5 +432,6 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
         collectives,
         host_sync_us: Some(host_sync_us),
         host_gbps: host_gbps.is_finite().then_some(host_gbps),
+        kernels,
     })
 }
