@@ -42,7 +42,7 @@ fn compute(secs: f64, deps: &[u32]) -> SimOp {
 }
 
 fn all_reduce(group: u32, bytes: f64, deps: &[u32]) -> SimOp {
-    SimOp { stream: Stream::Comm, deps: deps.to_vec(), cost: Cost::Collective(vec![CollectivePart { group: GroupId(group), kind: CollectiveKind::AllReduce, bytes }]) }
+    SimOp { stream: Stream::Comm, deps: deps.to_vec(), cost: Cost::Collective(vec![CollectivePart { group: GroupId(group), kind: CollectiveKind::AllReduce, bytes, host_s: 0.0 }]) }
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -284,8 +284,8 @@ fn a_two_phase_all_to_all_runs_its_phases_in_order() {
         stream: Stream::Comm,
         deps: vec![],
         cost: Cost::Collective(vec![
-            CollectivePart { group: GroupId(r / 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9 },
-            CollectivePart { group: GroupId(2 + r % 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9 },
+            CollectivePart { group: GroupId(r / 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9, host_s: 0.0 },
+            CollectivePart { group: GroupId(2 + r % 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9, host_s: 0.0 },
         ]),
     };
     let groups = vec![vec![0, 1], vec![2, 3], vec![0, 2], vec![1, 3]];

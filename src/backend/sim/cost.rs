@@ -17,6 +17,9 @@ pub struct CollectivePart {
     pub kind: CollectiveKind,
     /// The payload per member in bytes (see [`CollectiveKind::wire_bytes`]).
     pub bytes: f64,
+    /// Host work before the transfer once every member has arrived (the executor's host
+    /// round trips, e.g. the cuda AllToAllV's count exchange), seconds.
+    pub host_s: f64,
 }
 
 /// What an op costs.
@@ -157,7 +160,8 @@ pub struct HostTraffic {
 /// indices and syncs once more after uploading its statistics (3 round trips); RouteBwd
 /// downloads the gathered routing statistics, CombineBwd the slots (1 each); a layout op
 /// downloads each routing input it reads (indices, slots, gathered statistics: one round trip
-/// each) and uploads a row map per row output plus its integer outputs. The profile prices
+/// each) and uploads a row map per row output plus its integer outputs; AllToAllV downloads
+/// its send counts and all-gathers them through the host before the transfer (2). The profile prices
 /// them (`kernels.host_sync_us`, `kernels.host_gbps`; zero where absent), so a profile of an
 /// executor without host round trips simply leaves them out.
 pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
@@ -177,6 +181,8 @@ pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
         bytes: needs.iter().map(|b| bytes(*b)).sum::<f64>() + outs.iter().map(|b| f32_rows(*b, m)).sum::<f64>(),
     };
     match kind {
+        // The send counts down, then the all-gathered count matrix back (two round trips).
+        AllToAllV { send_counts, .. } => HostTraffic { syncs: 2, bytes: 2.0 * bytes(*send_counts) },
         Route { probs, idx, stats, .. } => HostTraffic { syncs: 3, bytes: bytes(*probs) + bytes(*idx) + bytes(*stats) },
         RouteBwd { gathered, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) },
         CombineBwd { slots, .. } => HostTraffic { syncs: 1, bytes: bytes(*slots) },
@@ -208,7 +214,7 @@ pub fn collective(op: &Op) -> Option<Vec<CollectivePart>> {
 fn collective_sized(op: &Op, bytes: u64) -> Option<Vec<CollectivePart>> {
     use OpKind::*;
     let bytes = bytes as f64;
-    let part = |group, kind| CollectivePart { group, kind, bytes };
+    let part = |group, kind| CollectivePart { group, kind, bytes, host_s: 0.0 };
     match &op.kind {
         AllGather { group, .. } => Some(vec![part(*group, CollectiveKind::AllGather)]),
         AllReduce { group, .. } => Some(vec![part(*group, CollectiveKind::AllReduce)]),
@@ -251,7 +257,11 @@ pub fn op_cost_at(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, 
 /// `rows_scale`.
 #[allow(clippy::too_many_arguments)]
 fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, flops: u64, bytes: u64, rows_scale: f64) -> Cost {
-    if let Some(parts) = collective_sized(op, bytes) {
+    if let Some(mut parts) = collective_sized(op, bytes) {
+        let host = host_traffic(&op.kind, plan, rows_scale);
+        if let Some(first) = parts.first_mut() {
+            first.host_s = host.syncs as f64 * gpu.kernels.host_sync_s + host.bytes / gpu.kernels.host_bandwidth;
+        }
         return Cost::Collective(parts);
     }
     let shapes = gemms_at(&op.kind, plan, rows_scale);
@@ -351,6 +361,12 @@ mod tests {
         let Cost::Compute(s) = op_cost(&o, &plan, &p.gpu, GemmDtype::F32) else { panic!("compute") };
         let want = 3.0 * p.gpu.launch_s + 3.0 * 40e-6 + 3.0 * mib2 / 2e9;
         assert!((s - want).abs() < 1e-12, "{s} vs {want}");
+        // An AllToAllV exchanges its counts through the host first: two round trips before the
+        // transfer, carried by its collective part.
+        let a2a = OpKind::AllToAllV { group: crate::plan::GroupId(0), send: BufId(0), send_counts: BufId(1), recv: BufId(0), row_len: 4 };
+        let x = op(a2a, 0, 1 << 20);
+        let Cost::Collective(parts) = op_cost(&x, &plan, &p.gpu, GemmDtype::F32) else { panic!("collective") };
+        assert!((parts[0].host_s - (2.0 * 40e-6 + 2.0 * mib2 / 2e9)).abs() < 1e-12, "{parts:?}");
         // Without a [kernels] table nothing changes: no host cost, copy bandwidth.
         let ds = profile::resolve("h200-datasheet").expect("parses");
         let Cost::Compute(s) = op_cost(&o, &plan, &ds.gpu, GemmDtype::F32) else { panic!("compute") };
