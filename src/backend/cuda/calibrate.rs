@@ -2,8 +2,10 @@
 //! GEMM sweep in bf16 and f32 (square shapes and the shapes MoE blocks run), the gap between
 //! back-to-back kernels, device copy bandwidth, and, with two or more GPUs, NCCL all-to-all,
 //! all-reduce, all-gather and reduce-scatter over a range of sizes (one process driving every
-//! GPU through one grouped NCCL call per collective). `backend::sim::calibration` turns the
-//! numbers into a profile.
+//! GPU through one grouped NCCL call per collective), one host round trip as the executor's
+//! host-side ops see it (device-to-host copy, stream sync, next launch) and a kernel-class
+//! sweep of the executor's own plan kernels (LayerNorm, activation, combine, row gather, loss,
+//! Adam, batch draw). `backend::sim::calibration` turns the numbers into a profile.
 
 use super::bench::{launch, Buf, A};
 use super::gpu::{Gpu, GpuStream};

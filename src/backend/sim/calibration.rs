@@ -1,6 +1,7 @@
 //! From measurements to a profile: what `moelab calibrate` measured on real GPUs (GEMM
 //! throughput per shape and element type, back-to-back kernel gap, copy bandwidth, NCCL
-//! collective times per size) and how it becomes a hardware profile TOML. The base profile
+//! collective times per size, one host round trip, the plan kernels' time per kernel class)
+//! and how it becomes a hardware profile TOML. The base profile
 //! supplies everything not measured (datasheet peaks, the inter-node link, topology); the
 //! result parses with [`super::profile::parse`] and says `calibrated = true`.
 //!
@@ -287,9 +288,8 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
         if let Some(v) = cal.host_gbps {
             kernels.insert("host_gbps".into(), round(v, 3).into());
         }
-        if !cal.kernels.is_empty() {
-            kernels.insert("source".into(), source.clone().into());
-        }
+        let old = kernels.get("source").and_then(Value::as_str).map(|s| format!(" (base: {s})")).unwrap_or_default();
+        kernels.insert("source".into(), format!("{source}: the host round trip and the timed classes' bandwidth_share; fixed_us and untimed classes kept from {base_name}{old}").into());
         for m in &cal.kernels {
             let Some(share) = class_share(m, copy_bps, cal.launch_us * 1e-6) else { continue };
             let class = kernels.entry(m.class.clone()).or_insert_with(|| Value::Table(Table::new()));

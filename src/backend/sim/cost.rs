@@ -1,7 +1,8 @@
 //! Op costs: how long each op of a plan takes on a profile. Compute ops get a duration from
 //! their FLOPs and bytes (GEMMs through the fitted efficiency curve at their real shapes,
-//! everything else as memory traffic or vector arithmetic, whichever is slower) plus kernel
-//! launch overhead. Collectives become [`CollectivePart`]s whose time the engine decides,
+//! everything else as memory traffic at its kernel class's share of the copy bandwidth, or
+//! vector arithmetic, whichever is slower) plus kernel launch overhead and, for ops the
+//! executor runs through the host, its host round trips ([`host_traffic`]). Collectives become [`CollectivePart`]s whose time the engine decides,
 //! because it depends on when the other members arrive and on who else uses the links.
 
 use super::profile::{CollectiveKind, GemmDtype, GpuProfile, KernelClass};

@@ -7,6 +7,9 @@
 //! `eff(m, n, k) = eff_max * tiles(m, n) * k / (k + k_half)`, where `tiles` is the useful
 //! share of the tensor-core work after tile and wave quantization on the GPU's SMs. `eff_max`
 //! (and `k_half`, given two or more shapes) is fitted to the measured points in the file.
+//!
+//! Non-GEMM ops run at a per-class share of the copy bandwidth, and ops that the executor
+//! runs through the host pay its round trips (`[kernels]`, optional: see [`KernelProfile`]).
 
 use serde::Deserialize;
 use std::fmt;
@@ -354,11 +357,13 @@ pub struct KernelProfile {
     pub host_bandwidth: f64,
     /// Per class, in [`KernelClass::ALL`] order.
     pub classes: [KernelClassParams; 12],
+    /// Where the numbers come from (`kernels.source`: fitted from which runs, or measured).
+    pub source: Option<String>,
 }
 
 impl Default for KernelProfile {
     fn default() -> Self {
-        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, classes: [KernelClassParams::default(); 12] }
+        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, classes: [KernelClassParams::default(); 12], source: None }
     }
 }
 
@@ -734,7 +739,6 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
         kernels: match &raw.kernels {
             None => KernelProfile::default(),
             Some(k) => {
-                let _ = &k.source;
                 if !(k.host_sync_us.is_finite() && k.host_sync_us >= 0.0) {
                     return Err(invalid("kernels.host_sync_us", format!("{} must be a number >= 0", k.host_sync_us), "give microseconds, e.g. 40"));
                 }
@@ -753,7 +757,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                         *slot = c;
                     }
                 }
-                KernelProfile { host_sync_s: k.host_sync_us * 1e-6, host_bandwidth, classes }
+                KernelProfile { host_sync_s: k.host_sync_us * 1e-6, host_bandwidth, classes, source: k.source.clone() }
             }
         },
     };
