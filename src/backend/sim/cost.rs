@@ -2,8 +2,9 @@
 //! their FLOPs and bytes (GEMMs through the fitted efficiency curve at their real shapes,
 //! everything else as memory traffic at its kernel class's share of the copy bandwidth, or
 //! vector arithmetic, whichever is slower) plus kernel launch overhead and, for ops the
-//! executor runs through the host, its host round trips ([`host_traffic`]). Collectives become [`CollectivePart`]s whose time the engine decides,
-//! because it depends on when the other members arrive and on who else uses the links.
+//! executor runs through the host, its host round trips ([`host_traffic`]). Collectives
+//! become [`CollectivePart`]s whose time the engine decides, because it depends on when the
+//! other members arrive and on who else uses the links.
 
 use super::profile::{CollectiveKind, GemmDtype, GpuProfile, KernelClass};
 use crate::plan::{BufId, ElemType, GroupId, Op, OpKind, RankPlan};
@@ -162,9 +163,9 @@ pub struct HostTraffic {
 /// downloads the gathered routing statistics, CombineBwd the slots (1 each); a layout op
 /// downloads each routing input it reads (indices, slots, gathered statistics: one round trip
 /// each) and uploads a row map per row output plus its integer outputs; AllToAllV downloads
-/// its send counts and all-gathers them through the host before the transfer (2). The profile prices
-/// them (`kernels.host_sync_us`, `kernels.host_gbps`; zero where absent), so a profile of an
-/// executor without host round trips simply leaves them out.
+/// its send counts and all-gathers them through the host before the transfer (2). The
+/// profile prices them (`kernels.host_sync_us`, `kernels.host_gbps`; zero where absent), so a
+/// profile of an executor without host round trips simply leaves them out.
 pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
     use OpKind::*;
     let bytes = |b: BufId| {
