@@ -42,7 +42,7 @@ fn compute(secs: f64, deps: &[u32]) -> SimOp {
 }
 
 fn all_reduce(group: u32, bytes: f64, deps: &[u32]) -> SimOp {
-    SimOp { stream: Stream::Comm, deps: deps.to_vec(), cost: Cost::Collective(vec![CollectivePart { group: GroupId(group), kind: CollectiveKind::AllReduce, bytes }]) }
+    SimOp { stream: Stream::Comm, deps: deps.to_vec(), cost: Cost::Collective(vec![CollectivePart { group: GroupId(group), kind: CollectiveKind::AllReduce, bytes, host_s: 0.0 }]) }
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -284,8 +284,8 @@ fn a_two_phase_all_to_all_runs_its_phases_in_order() {
         stream: Stream::Comm,
         deps: vec![],
         cost: Cost::Collective(vec![
-            CollectivePart { group: GroupId(r / 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9 },
-            CollectivePart { group: GroupId(2 + r % 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9 },
+            CollectivePart { group: GroupId(r / 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9, host_s: 0.0 },
+            CollectivePart { group: GroupId(2 + r % 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9, host_s: 0.0 },
         ]),
     };
     let groups = vec![vec![0, 1], vec![2, 3], vec![0, 2], vec![1, 3]];
@@ -327,4 +327,39 @@ fn long_simulations_do_not_stall_on_clock_resolution() {
         let step = step.unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(step > 0.0, "{name}: step time {step}");
     }
+}
+
+/// The calibrate kernel sweep's byte counts (`calibration::kernel_bytes`) are the plan's own
+/// `op.bytes` for the ops of each class in a mixtral-ish layer, so a measured time becomes the
+/// bandwidth share the sim divides those bytes by.
+#[test]
+fn the_kernel_sweep_counts_bytes_as_the_plan_does() {
+    use moelab::backend::sim::calibration::{kernel_bytes, KERNEL_PARAMS};
+    use moelab::backend::sim::cost::kernel_class;
+    use moelab::backend::sim::profile::KernelClass;
+    use moelab::plan::OpKind;
+    let text = include_str!("../experiments/mixtral-ish/topk-1gpu.toml").replace("backend = \"cuda\"", "backend = \"sim\"");
+    let plan = Plan::build(&from_toml_str(&text).expect("valid")).expect("plans");
+    let rank = &plan.ranks[0];
+    let op = |name: &str| rank.ops.iter().find(|o| o.name == name).unwrap_or_else(|| panic!("{name} planned"));
+    for (name, class) in [
+        ("L0.ln_attn", KernelClass::Layernorm),
+        ("L0.ln_attn_bwd", KernelClass::LayernormBwd),
+        ("L0.expert_act", KernelClass::Act),
+        ("L0.expert_act_bwd", KernelClass::ActBwd),
+        ("L0.expert_layout", KernelClass::Layout),
+        ("L0.combine", KernelClass::Combine),
+        ("L0.combine_bwd", KernelClass::CombineBwd),
+        ("loss", KernelClass::Loss),
+        ("load_batch", KernelClass::Data),
+    ] {
+        let o = op(name);
+        assert_eq!(kernel_class(&o.kind), class, "{name}");
+        assert_eq!(o.bytes as f64, kernel_bytes(class).expect("timed"), "{name}");
+    }
+    let adam = op("adam");
+    assert_eq!(kernel_class(&adam.kind), KernelClass::Optimizer);
+    let OpKind::Adam { params, .. } = &adam.kind else { panic!("adam") };
+    let n: usize = params.iter().map(|(p, ..)| rank.buffer(*p).elems).sum();
+    assert_eq!(adam.bytes as f64 / n as f64, kernel_bytes(KernelClass::Optimizer).expect("timed") / KERNEL_PARAMS as f64);
 }

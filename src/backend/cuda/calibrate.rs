@@ -2,15 +2,20 @@
 //! GEMM sweep in bf16 and f32 (square shapes and the shapes MoE blocks run), the gap between
 //! back-to-back kernels, device copy bandwidth, and, with two or more GPUs, NCCL all-to-all,
 //! all-reduce, all-gather and reduce-scatter over a range of sizes (one process driving every
-//! GPU through one grouped NCCL call per collective). `backend::sim::calibration` turns the
-//! numbers into a profile.
+//! GPU through one grouped NCCL call per collective), one host round trip as the executor's
+//! host-side ops see it (device-to-host copy, stream sync, next launch) and a kernel-class
+//! sweep of the executor's own plan kernels (LayerNorm, activation, combine, row gather, loss,
+//! Adam, batch draw). `backend::sim::calibration` turns the numbers into a profile.
 
 use super::bench::{launch, Buf, A};
 use super::gpu::{Gpu, GpuStream};
-use crate::backend::sim::calibration::{Calibration, CollectiveMeasure, GemmMeasure};
-use crate::backend::sim::profile::{CollectiveKind, GemmDtype};
+use crate::backend::sim::calibration::{
+    Calibration, CollectiveMeasure, GemmMeasure, KernelMeasure, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
+    KERNEL_WIDTH,
+};
+use crate::backend::sim::profile::{CollectiveKind, GemmDtype, KernelClass};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{result, CudaContext, CudaEvent, LaunchConfig};
+use cudarc::driver::{result, CudaContext, CudaEvent, LaunchConfig, PushKernelArg};
 use cudarc::nccl::sys as nccl;
 use moelab_kernels::error::GpuError;
 use moelab_kernels::gemm::{bf16_gemm_raw, sgemm_raw};
@@ -20,7 +25,7 @@ use std::sync::Arc;
 /// GEMM shapes `(m, n, k)` of the sweep: squares for the curve, then the shapes MoE blocks
 /// run (mixtral-ish and fine-grained expert GEMMs forward and backward, attention heads,
 /// dense projections).
-pub const GEMM_SHAPES: [(usize, usize, usize); 16] = [
+pub const GEMM_SHAPES: [(usize, usize, usize); 19] = [
     (1024, 1024, 1024),
     (2048, 2048, 2048),
     (4096, 4096, 4096),
@@ -37,6 +42,11 @@ pub const GEMM_SHAPES: [(usize, usize, usize); 16] = [
     (4096, 1408, 2048),
     (4096, 2048, 1408),
     (2048, 1408, 4096),
+    // The router's thin GEMMs (mixtral-ish gate: 16,384 tokens x 4,096 -> 8 experts), forward,
+    // input gradient and weight gradient.
+    (16384, 8, 4096),
+    (16384, 4096, 8),
+    (4096, 8, 16384),
 ];
 
 /// Payload sizes per member of the collective sweep, bytes.
@@ -125,6 +135,179 @@ fn launch_and_copy(gpu: &Gpu, s: &GpuStream, reps: usize) -> Result<(f64, f64), 
         unsafe { result::memcpy_dtod_async(dst.0, src.0, bytes, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoDAsync"))
     })?;
     Ok((secs / KERNELS as f64 * 1e6, 2.0 * bytes as f64 / copy / 1e12))
+}
+
+/// One host round trip as an op of the cuda executor sees it between its timing events: a
+/// device-to-host copy of `bytes`, a stream synchronize, then the next kernel's launch.
+/// Returns (microseconds for 4 KiB minus the kernel gap, host copy GB/s from 4 KiB to 1 MiB).
+fn host_round_trip(gpu: &Gpu, s: &GpuStream, reps: usize, launch_us: f64) -> Result<(f64, f64), GpuError> {
+    let x = Buf::new(s, 1 << 20)?;
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    let trip = |bytes: usize| -> Result<f64, GpuError> {
+        let mut host = vec![0u8; bytes];
+        timed(gpu, s, reps, || {
+            // SAFETY: x holds 1 MiB >= bytes; the copy completes before synchronize returns.
+            unsafe { result::memcpy_dtoh_async(&mut host, x.0, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
+            s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+            launch(gpu, s, "add_inplace", one, &[A::P(x.0), A::P(x.0), A::I64(1)])
+        })
+    };
+    let (small, large) = (trip(4 << 10)?, trip(1 << 20)?);
+    let gbps = if large > small { ((1 << 20) - (4 << 10)) as f64 / (large - small) / 1e9 } else { f64::INFINITY };
+    Ok(((small * 1e6 - launch_us).max(0.0), gbps))
+}
+
+/// A plan kernel argument, with the f64 that `mse` takes (bench's launcher has none).
+enum K {
+    P(u64),
+    I64(i64),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+    F64(f64),
+}
+
+/// Launches a kernel of `plan_ops.cu` by name with `args` in its parameter order.
+fn run_kernel(gpu: &Gpu, s: &GpuStream, name: &'static str, cfg: LaunchConfig, args: &[K]) -> Result<(), GpuError> {
+    let mut b = s.stream.launch_builder(gpu.func(name));
+    for a in args {
+        match a {
+            K::P(x) => b.arg(x),
+            K::I64(x) => b.arg(x),
+            K::I32(x) => b.arg(x),
+            K::U32(x) => b.arg(x),
+            K::F32(x) => b.arg(x),
+            K::F64(x) => b.arg(x),
+        };
+    }
+    // SAFETY: each call site passes the kernel's parameters in order (plan_ops.cu), with live
+    // buffers of the sizes the kernel addresses.
+    unsafe { b.launch(cfg) }.map_err(|source| GpuError::Launch { kernel: name, source })?;
+    Ok(())
+}
+
+/// Copies host i32 values into a device buffer and waits.
+fn upload_i32(s: &GpuStream, ptr: u64, v: &[i32]) -> Result<(), GpuError> {
+    // SAFETY: ptr holds at least v.len() i32; the stream is synchronized before v is dropped.
+    unsafe { result::memcpy_htod_async(ptr, v, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
+    s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))
+}
+
+/// Times the plan kernels the cuda executor runs for one op of each non-GEMM class, at the
+/// sizes of `sim::calibration` (KERNEL_*), with the executor's launch shapes and arguments
+/// (`src/backend/cuda/exec.rs`). `sim::calibration::class_share` turns each time into the
+/// class's bandwidth share.
+fn kernel_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<KernelMeasure>, GpuError> {
+    let (t, m, k) = (KERNEL_TOKENS, KERNEL_WIDTH, KERNEL_TOP_K);
+    let (rows_e, hidden) = (KERNEL_EXPERT_ROWS, KERNEL_HIDDEN);
+    let tm = t * m;
+    let warp = |rows: usize| gpu.grid(rows * 32);
+    let mut out = Vec::new();
+    let mut record = |class: KernelClass, seconds: f64, out: &mut Vec<KernelMeasure>| {
+        on_line(&format!("kernel class {}: {:.1} us", class.as_str(), seconds * 1e6));
+        out.push(KernelMeasure { class: class.as_str().to_string(), seconds });
+    };
+    {
+        // LayerNorm forward and backward on [tokens, width] (the backward's parameter column
+        // sums as the executor runs them: partials, then two col_finish).
+        let (x, y, dy, dx) = (Buf::new(s, tm * 4)?, Buf::new(s, tm * 4)?, Buf::new(s, tm * 4)?, Buf::new(s, tm * 4)?);
+        let (g, b, stats) = (Buf::new(s, m * 4)?, Buf::new(s, m * 4)?, Buf::new(s, 2 * t * 4)?);
+        fill_f32(gpu, s, x.0, tm)?;
+        fill_f32(gpu, s, dy.0, tm)?;
+        fill_f32(gpu, s, g.0, m)?;
+        fill_f32(gpu, s, b.0, m)?;
+        let fwd = || run_kernel(gpu, s, "ln_fwd", warp(t), &[K::P(x.0), K::P(g.0), K::P(b.0), K::P(y.0), K::P(stats.0), K::I64(t as i64), K::I32(m as i32)]);
+        let secs = timed(gpu, s, reps, fwd)?;
+        record(KernelClass::Layernorm, secs, &mut out);
+        // The executor's row_chunks(rows, cols).
+        let want = (gpu.info.sm_count.max(1) as usize * 2048).div_ceil(m);
+        let chunks = want.clamp(1, t.div_ceil(16).max(1));
+        let chunk = t.div_ceil(chunks).max(1);
+        let chunks = t.div_ceil(chunk).max(1);
+        let (dg, db) = (Buf::new(s, m * 4)?, Buf::new(s, m * 4)?);
+        let part = Buf::new(s, 2 * chunks * m * 4)?;
+        let part_b = part.0 + (chunks * m * 4) as u64;
+        let secs = timed(gpu, s, reps, || {
+            run_kernel(gpu, s, "ln_bwd_dx", warp(t), &[K::P(x.0), K::P(g.0), K::P(stats.0), K::P(dy.0), K::P(0), K::P(dx.0), K::I64(t as i64), K::I32(m as i32)])?;
+            run_kernel(gpu, s, "ln_bwd_partials", gpu.grid(chunks * m), &[K::P(x.0), K::P(stats.0), K::P(dy.0), K::P(part.0), K::P(part_b), K::I64(t as i64), K::I32(m as i32), K::I64(chunk as i64)])?;
+            for (src, dst) in [(part.0, dg.0), (part_b, db.0)] {
+                run_kernel(gpu, s, "col_finish", gpu.grid(m), &[K::P(src), K::P(dst), K::I64(chunks as i64), K::I32(m as i32), K::I32(1), K::I32(0)])?;
+            }
+            Ok(())
+        })?;
+        record(KernelClass::LayernormBwd, secs, &mut out);
+        // The loss and its gradient (mse with per-block partial sums).
+        let cfg = gpu.grid(tm);
+        let partial = Buf::new(s, cfg.grid_dim.0 as usize * 8)?;
+        let denom = tm as f64;
+        let secs = timed(gpu, s, reps, || run_kernel(gpu, s, "mse", cfg, &[K::P(y.0), K::P(x.0), K::P(dx.0), K::P(partial.0), K::I64(tm as i64), K::F64(denom)]))?;
+        record(KernelClass::Loss, secs, &mut out);
+        // Drawing the batch on the device: [8 x 2048, width] as LoadBatch does.
+        let (batch, per_seq) = (8usize, (t / 8) * m);
+        let blocks = batch * per_seq.div_ceil(8);
+        let secs = timed(gpu, s, reps, || {
+            let args = [K::P(x.0), K::I64(per_seq as i64), K::I32(batch as i32), K::U32(1), K::U32(2), K::U32(3), K::U32(4), K::U32(5), K::U32(6), K::I64(0)];
+            run_kernel(gpu, s, "load_batch_x", gpu.grid(blocks), &args)?;
+            run_kernel(gpu, s, "rotate_rows_left", gpu.grid(tm), &[K::P(x.0), K::P(y.0), K::I64(t as i64), K::I32(m as i32)])
+        })?;
+        record(KernelClass::Data, secs, &mut out);
+        // Combine forward and backward: expert rows [rows_e, width] back into [tokens, width],
+        // top-k slots spread over the expert rows.
+        let back = Buf::new(s, rows_e * m * 4)?;
+        let dback = Buf::new(s, rows_e * m * 4)?;
+        fill_f32(gpu, s, back.0, rows_e * m)?;
+        let assigns = t * k;
+        let slots_host: Vec<i32> = (0..assigns).map(|a| ((a * 7919) % rows_e) as i32).collect();
+        let (slots, w, dw) = (Buf::new(s, assigns * 4)?, Buf::new(s, assigns * 4)?, Buf::new(s, assigns * 4)?);
+        upload_i32(s, slots.0, &slots_host)?;
+        fill_f32(gpu, s, w.0, assigns)?;
+        let secs = timed(gpu, s, reps, || {
+            run_kernel(gpu, s, "combine_fwd", gpu.grid(tm), &[K::P(back.0), K::P(slots.0), K::P(w.0), K::P(x.0), K::P(y.0), K::I64(t as i64), K::I32(k as i32), K::I32(m as i32)])
+        })?;
+        record(KernelClass::Combine, secs, &mut out);
+        let secs = timed(gpu, s, reps, || {
+            run_kernel(gpu, s, "combine_bwd_rows", gpu.grid(assigns * m), &[K::P(dy.0), K::P(slots.0), K::P(w.0), K::P(dback.0), K::I64(assigns as i64), K::I32(k as i32), K::I32(m as i32)])?;
+            run_kernel(gpu, s, "combine_bwd_weights", warp(assigns), &[K::P(dy.0), K::P(back.0), K::P(slots.0), K::P(dw.0), K::I64(assigns as i64), K::I32(k as i32), K::I32(m as i32)])
+        })?;
+        record(KernelClass::CombineBwd, secs, &mut out);
+        // A layout op's device part: one row gather of the expert rows by a row map.
+        let codes_host: Vec<i32> = (0..rows_e).map(|r| ((r * 7919) % rows_e) as i32 + 1).collect();
+        let codes = Buf::new(s, rows_e * 4)?;
+        upload_i32(s, codes.0, &codes_host)?;
+        let secs = timed(gpu, s, reps, || {
+            run_kernel(gpu, s, "gather2_rows", gpu.grid(rows_e * m), &[K::P(back.0), K::P(0), K::P(codes.0), K::P(dback.0), K::I64(rows_e as i64), K::I32(m as i32)])
+        })?;
+        record(KernelClass::Layout, secs, &mut out);
+    }
+    {
+        // The expert activation (GELU) forward and backward on [rows_e, hidden].
+        let n = rows_e * hidden;
+        let (h, a, dh) = (Buf::new(s, n * 4)?, Buf::new(s, n * 4)?, Buf::new(s, n * 4)?);
+        fill_f32(gpu, s, h.0, n)?;
+        fill_f32(gpu, s, a.0, n)?;
+        let secs = timed(gpu, s, reps, || run_kernel(gpu, s, "act_fwd", gpu.grid(n), &[K::P(h.0), K::P(a.0), K::I64(n as i64), K::I32(0)]))?;
+        record(KernelClass::Act, secs, &mut out);
+        let secs = timed(gpu, s, reps, || run_kernel(gpu, s, "act_bwd", gpu.grid(n), &[K::P(h.0), K::P(a.0), K::P(dh.0), K::I64(n as i64), K::I32(0)]))?;
+        record(KernelClass::ActBwd, secs, &mut out);
+    }
+    {
+        // Adam over KERNEL_PARAMS parameters (state zeroed, step 1).
+        let n = KERNEL_PARAMS;
+        let (p, g, m1, v) = (Buf::new(s, n * 4)?, Buf::new(s, n * 4)?, Buf::new(s, n * 4)?, Buf::new(s, n * 4)?);
+        fill_f32(gpu, s, p.0, n)?;
+        fill_f32(gpu, s, g.0, n)?;
+        for z in [&m1, &v] {
+            // SAFETY: z holds n f32 on this device; ordered on s.
+            unsafe { result::memset_d8_async(z.0, 0, n * 4, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+        }
+        let (b1, b2) = (0.9f32, 0.999f32);
+        let secs = timed(gpu, s, reps, || {
+            let args = [K::P(p.0), K::P(g.0), K::P(m1.0), K::P(v.0), K::I64(n as i64), K::F32(1e-4), K::F32(b1), K::F32(b2), K::F32(1e-8), K::F32(1.0 - b1), K::F32(1.0 - b2)];
+            run_kernel(gpu, s, "adam", gpu.grid(n), &args)
+        })?;
+        record(KernelClass::Optimizer, secs, &mut out);
+    }
+    Ok(out)
 }
 
 fn nccl_check(call: &'static str, r: nccl::ncclResult_t) -> Result<(), GpuError> {
@@ -237,6 +420,9 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
     let gemms = gemm_sweep(&gpu, &s, reps, on_line)?;
     let (launch_us, copy_tbps) = launch_and_copy(&gpu, &s, reps)?;
     on_line(&format!("kernel gap {launch_us:.2} us, device copy {copy_tbps:.2} TB/s"));
+    let (host_sync_us, host_gbps) = host_round_trip(&gpu, &s, reps, launch_us)?;
+    on_line(&format!("host round trip {host_sync_us:.1} us, host copy {host_gbps:.2} GB/s"));
+    let kernels = kernel_sweep(&gpu, &s, reps, on_line)?;
     let collectives = if gpus >= 2 { collective_sweep(gpus, reps, on_line)? } else { Vec::new() };
     Ok(Calibration {
         device: gpu.info.name.clone(),
@@ -246,5 +432,8 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
         launch_us,
         copy_tbps,
         collectives,
+        host_sync_us: Some(host_sync_us),
+        host_gbps: host_gbps.is_finite().then_some(host_gbps),
+        kernels,
     })
 }

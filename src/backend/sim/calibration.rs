@@ -1,13 +1,14 @@
 //! From measurements to a profile: what `moelab calibrate` measured on real GPUs (GEMM
 //! throughput per shape and element type, back-to-back kernel gap, copy bandwidth, NCCL
-//! collective times per size) and how it becomes a hardware profile TOML. The base profile
+//! collective times per size, one host round trip, the plan kernels' time per kernel class)
+//! and how it becomes a hardware profile TOML. The base profile
 //! supplies everything not measured (datasheet peaks, the inter-node link, topology); the
 //! result parses with [`super::profile::parse`] and says `calibrated = true`.
 //!
 //! This half needs no GPU, so the fits and the rendering are tested everywhere; the cuda
 //! backend's `calibrate` module takes the measurements.
 
-use super::profile::{self, CollectiveKind, GemmDtype, ProfileError};
+use super::profile::{self, CollectiveKind, GemmDtype, KernelClass, ProfileError};
 use serde::{Deserialize, Deserializer, Serialize};
 use toml::{Table, Value};
 
@@ -66,6 +67,69 @@ fn dtype_from<'de, D: Deserializer<'de>>(d: D) -> Result<GemmDtype, D::Error> {
     }
 }
 
+/// Sizes of the kernel-class sweep: one mixtral-ish MoE layer on one GPU (16,384 tokens of
+/// width 4,096, top-2 at capacity 1.25 = 40,960 expert rows of hidden width 14,336) and an
+/// optimizer step over 2^28 parameters.
+pub const KERNEL_TOKENS: usize = 16384;
+/// Model width of the sweep.
+pub const KERNEL_WIDTH: usize = 4096;
+/// Choices per token of the sweep.
+pub const KERNEL_TOP_K: usize = 2;
+/// Expert rows of the sweep (capacity 1.25 x top-2 x tokens).
+pub const KERNEL_EXPERT_ROWS: usize = 40960;
+/// Expert hidden width of the sweep.
+pub const KERNEL_HIDDEN: usize = 14336;
+/// Parameters of the sweep's optimizer step.
+pub const KERNEL_PARAMS: usize = 1 << 28;
+
+/// Bytes the plan counts for the op of `class` at the sweep's sizes (`op.bytes`, the numbers
+/// the sim divides by the class's bandwidth), or `None` for classes the sweep does not time.
+/// Pinned against a planned mixtral-ish layer by a test, so the two cannot drift apart.
+pub fn kernel_bytes(class: KernelClass) -> Option<f64> {
+    let t = (KERNEL_TOKENS * KERNEL_WIDTH * 4) as f64;
+    let h = (KERNEL_EXPERT_ROWS * KERNEL_HIDDEN * 4) as f64;
+    Some(match class {
+        KernelClass::Layernorm | KernelClass::Data => 2.0 * t,
+        KernelClass::LayernormBwd | KernelClass::Combine => 4.0 * t,
+        KernelClass::CombineBwd => 5.0 * t,
+        KernelClass::Loss => 3.0 * t,
+        KernelClass::Act => 2.0 * h,
+        KernelClass::ActBwd => 3.0 * h,
+        KernelClass::Layout => 2.0 * (KERNEL_EXPERT_ROWS * KERNEL_WIDTH * 4) as f64,
+        KernelClass::Optimizer => 7.0 * 4.0 * KERNEL_PARAMS as f64,
+        KernelClass::Route | KernelClass::Elementwise => return None,
+    })
+}
+
+/// Kernel launches the sim charges the op of `class` (the rest of a measured time is its
+/// memory traffic).
+pub fn kernel_launches(class: KernelClass) -> usize {
+    match class {
+        KernelClass::LayernormBwd | KernelClass::CombineBwd => 2,
+        _ => 1,
+    }
+}
+
+/// One timed kernel class: the plan kernels the cuda executor runs for one op of `class` at
+/// the sweep's sizes, back to back on one stream (median over repetitions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelMeasure {
+    /// The class, as `[kernels.<class>]` spells it.
+    pub class: String,
+    /// Median seconds.
+    pub seconds: f64,
+}
+
+/// A class's achieved share of the copy bandwidth from its measured time: `kernel_bytes /
+/// (copy_bps * (seconds - launches * launch_s))`, in (0, 1]; `None` for an unknown class or a
+/// time not above the launch gaps.
+pub fn class_share(m: &KernelMeasure, copy_bps: f64, launch_s: f64) -> Option<f64> {
+    let class = KernelClass::ALL.into_iter().find(|c| c.as_str() == m.class)?;
+    let bytes = kernel_bytes(class)?;
+    let busy = m.seconds - kernel_launches(class) as f64 * launch_s;
+    (busy > 0.0 && copy_bps > 0.0).then(|| (bytes / (copy_bps * busy)).clamp(1e-4, 1.0))
+}
+
 /// Everything one `moelab calibrate` run measured (its `--json` file holds it, so a
 /// profile can be refitted later without the GPU: `moelab calibrate --from`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +148,16 @@ pub struct Calibration {
     pub copy_tbps: f64,
     /// Collective sweep (empty on one GPU).
     pub collectives: Vec<CollectiveMeasure>,
+    /// One host round trip (4 KiB device-to-host copy, stream sync, next launch) minus the
+    /// kernel gap, microseconds; absent in files from before it was measured.
+    #[serde(default)]
+    pub host_sync_us: Option<f64>,
+    /// Host copy rate of the routing tables (pageable device-to-host), GB/s; absent likewise.
+    #[serde(default)]
+    pub host_gbps: Option<f64>,
+    /// The kernel-class sweep (empty in files from before it was measured).
+    #[serde(default)]
+    pub kernels: Vec<KernelMeasure>,
 }
 
 /// A collective's fitted `time = latency + wire_bytes / (bandwidth * efficiency)`.
@@ -201,6 +275,28 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
             d.insert("points".into(), Value::Array(pts));
         }
     }
+    if cal.host_sync_us.is_some() || cal.host_gbps.is_some() || !cal.kernels.is_empty() {
+        // What this run measured replaces the base's terms (the host round trip, each timed
+        // class's bandwidth share); the rest of the base's [kernels] table (classes not timed,
+        // each class's fixed_us) is kept.
+        let copy_bps = cal.copy_tbps.min(root.get("gpu").and_then(|g| g.get("hbm_tbps")).and_then(Value::as_float).unwrap_or(f64::INFINITY)) * 1e12;
+        let kernels = root.entry("kernels").or_insert_with(|| Value::Table(Table::new()));
+        let kernels = kernels.as_table_mut().ok_or_else(|| CalibrationError::Shape(base_name.into(), "kernels is not a table".into()))?;
+        if let Some(v) = cal.host_sync_us {
+            kernels.insert("host_sync_us".into(), round(v, 2).into());
+        }
+        if let Some(v) = cal.host_gbps {
+            kernels.insert("host_gbps".into(), round(v, 3).into());
+        }
+        let old = kernels.get("source").and_then(Value::as_str).map(|s| format!(" (base: {s})")).unwrap_or_default();
+        kernels.insert("source".into(), format!("{source}: the host round trip and the timed classes' bandwidth_share; fixed_us and untimed classes kept from {base_name}{old}").into());
+        for m in &cal.kernels {
+            let Some(share) = class_share(m, copy_bps, cal.launch_us * 1e-6) else { continue };
+            let class = kernels.entry(m.class.clone()).or_insert_with(|| Value::Table(Table::new()));
+            let class = class.as_table_mut().ok_or_else(|| CalibrationError::Shape(base_name.into(), format!("kernels.{} is not a table", m.class)))?;
+            class.insert("bandwidth_share".into(), round(share, 4).into());
+        }
+    }
     let mut fits = Vec::new();
     if !cal.collectives.is_empty() {
         let intra = parsed.topology.intra.as_str();
@@ -219,14 +315,20 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
         "# {name}: measured by `moelab calibrate` on {} ({} GPU{}), {}.\n\
          # Measured: gpu.launch_us (back-to-back kernel gap), gpu.hbm_efficiency (device copy\n\
          # bandwidth over the datasheet peak), every gpu.gemm.*.points entry (cuBLAS, median of\n\
-         # repetitions){}.\n\
+         # repetitions){}{}.\n\
          # Kept from the base profile `{base_name}` (datasheet values and stated assumptions): the\n\
-         # peaks, memory, SMs, vector FLOP/s, GEMM tile sizes, topology{}.\n\n",
+         # peaks, memory, SMs, vector FLOP/s, GEMM tile sizes, [kernels] terms not measured, topology{}.\n\n",
         cal.device,
         cal.gpus,
         if cal.gpus == 1 { "" } else { "s" },
         cal.date,
         if fits.is_empty() { "" } else { ", the intra-node collectives (NCCL, latency and bandwidth share fitted per kind; step_us folded into latency)" },
+        match (cal.host_sync_us.is_some(), cal.kernels.is_empty()) {
+            (true, false) => ", kernels.host_sync_us and kernels.host_gbps (host round trip), kernels.*.bandwidth_share of the timed classes (plan kernels)",
+            (true, true) => ", kernels.host_sync_us and kernels.host_gbps (host round trip)",
+            (false, false) => ", kernels.*.bandwidth_share of the timed classes (plan kernels)",
+            (false, true) => "",
+        },
         if fits.is_empty() { ", every link (one GPU: no collective measured)" } else { " and the inter-node link" },
     );
     text.push_str(&body);
@@ -259,7 +361,7 @@ mod tests {
             .into_iter()
             .map(|b| CollectiveMeasure { kind: CollectiveKind::AllReduce, members: 2, bytes: b, seconds: 12e-6 + CollectiveKind::AllReduce.wire_bytes(b, 2) / 360e9 })
             .collect();
-        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives }
+        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![] }
     }
 
     #[test]
@@ -301,5 +403,51 @@ mod tests {
         let (p, b) = (profile::parse(&text, "t").expect("parses"), profile::resolve("h200-datasheet").expect("base"));
         assert_eq!(p.intra, b.intra);
         assert!(text.contains("every link (one GPU"));
+    }
+
+    #[test]
+    fn host_round_trips_replace_the_base_terms_and_keep_its_kernel_classes() {
+        // Base h200 carries fitted [kernels] classes; the measurement replaces only the host terms.
+        let mut cal = measured();
+        cal.host_sync_us = Some(12.5);
+        cal.host_gbps = Some(6.0);
+        let (text, _) = render(include_str!("../../../profiles/h200.toml"), "h200", "h200-new", &cal).expect("renders");
+        let (p, b) = (profile::parse(&text, "t").expect("parses"), profile::resolve("h200").expect("base"));
+        assert!((p.gpu.kernels.host_sync_s - 12.5e-6).abs() < 1e-12);
+        assert!((p.gpu.kernels.host_bandwidth - 6e9).abs() < 1.0);
+        assert_eq!(p.gpu.kernels.classes, b.gpu.kernels.classes);
+        // A timed class: LayerNorm moving kernel_bytes in 2x the copy time (after its one
+        // launch gap) runs at share 0.5; its fixed_us and the untimed classes stay.
+        let bytes = kernel_bytes(KernelClass::Layernorm).expect("timed");
+        cal.kernels = vec![KernelMeasure { class: "layernorm".into(), seconds: 2.5e-6 + 2.0 * bytes / 3.9e12 }];
+        let (text, _) = render(include_str!("../../../profiles/h200.toml"), "h200", "h200-new", &cal).expect("renders");
+        let p = profile::parse(&text, "t").expect("parses");
+        assert!((p.gpu.kernels.class(KernelClass::Layernorm).bandwidth_share - 0.5).abs() < 1e-4);
+        assert_eq!(p.gpu.kernels.class(KernelClass::Layout), b.gpu.kernels.class(KernelClass::Layout));
+        // From a datasheet base (no [kernels] table) the table is created.
+        let (text, _) = render(base(), "h200-datasheet", "h200-ds", &cal).expect("renders");
+        let p = profile::parse(&text, "t").expect("parses");
+        assert!((p.gpu.kernels.host_sync_s - 12.5e-6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn calibration_json_without_host_terms_still_loads() {
+        let mut v = serde_json::to_value(measured()).expect("serialises");
+        let o = v.as_object_mut().expect("object");
+        o.remove("host_sync_us");
+        o.remove("host_gbps");
+        o.remove("kernels");
+        let cal: Calibration = serde_json::from_value(v).expect("old files load");
+        assert_eq!(cal.host_sync_us, None);
+        let (text, _) = render(base(), "h200-datasheet", "h200-old", &cal).expect("renders");
+        assert_eq!(profile::parse(&text, "t").expect("parses").gpu.kernels, profile::KernelProfile::default());
+        // The raw files behind the shipped profiles (written before the host terms existed).
+        for json in [include_str!("../../../docs/device-runs/calibration/h200x2-20261123-0544.json"),
+            include_str!("../../../docs/device-runs/calibration/h100-20261123-0546.json")] {
+            let doc: serde_json::Value = serde_json::from_str(json).expect("JSON");
+            let cal: Calibration = serde_json::from_value(doc["calibration"].clone()).expect("an old calibration file loads");
+            assert_eq!((cal.host_sync_us, cal.host_gbps, cal.kernels.len()), (None, None, 0));
+            render(base(), "h200-datasheet", "x", &cal).expect("renders");
+        }
     }
 }

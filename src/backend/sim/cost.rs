@@ -1,11 +1,13 @@
 //! Op costs: how long each op of a plan takes on a profile. Compute ops get a duration from
 //! their FLOPs and bytes (GEMMs through the fitted efficiency curve at their real shapes,
-//! everything else as memory traffic or vector arithmetic, whichever is slower) plus kernel
-//! launch overhead. Collectives become [`CollectivePart`]s whose time the engine decides,
-//! because it depends on when the other members arrive and on who else uses the links.
+//! everything else as memory traffic at its kernel class's share of the copy bandwidth, or
+//! vector arithmetic, whichever is slower) plus kernel launch overhead and, for ops the
+//! executor runs through the host, its host round trips ([`host_traffic`]). Collectives
+//! become [`CollectivePart`]s whose time the engine decides, because it depends on when the
+//! other members arrive and on who else uses the links.
 
-use super::profile::{CollectiveKind, GemmDtype, GpuProfile};
-use crate::plan::{GroupId, Op, OpKind, RankPlan};
+use super::profile::{CollectiveKind, GemmDtype, GpuProfile, KernelClass};
+use crate::plan::{BufId, ElemType, GroupId, Op, OpKind, RankPlan};
 
 /// One coupled collective an op performs; an op may perform several in sequence (Tutel's
 /// 2D all-to-all: within the node, then across nodes).
@@ -17,6 +19,9 @@ pub struct CollectivePart {
     pub kind: CollectiveKind,
     /// The payload per member in bytes (see [`CollectiveKind::wire_bytes`]).
     pub bytes: f64,
+    /// Host work before the transfer once every member has arrived (the executor's host
+    /// round trips, e.g. the cuda AllToAllV's count exchange), seconds.
+    pub host_s: f64,
 }
 
 /// What an op costs.
@@ -113,7 +118,92 @@ fn kernels(kind: &OpKind, gemm_count: usize) -> usize {
         Dispatch { .. } => 2,
         // One fused multi-tensor kernel.
         Adam { .. } => 1,
+        // Row gradients, then the weight gradients.
+        CombineBwd { .. } => 2,
         _ => gemm_count.max(1),
+    }
+}
+
+/// The kernel class of a non-GEMM op (its achieved share of the copy bandwidth comes from
+/// the profile's `[kernels]` table).
+pub fn kernel_class(kind: &OpKind) -> KernelClass {
+    use OpKind::*;
+    match kind {
+        LayerNorm { .. } => KernelClass::Layernorm,
+        LayerNormBwd { .. } => KernelClass::LayernormBwd,
+        Act { .. } => KernelClass::Act,
+        ActBwd { .. } => KernelClass::ActBwd,
+        Dispatch { .. } | DispatchBwd { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. }
+        | ChunkLayout { .. } | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. }
+        | LocalUnlayout { .. } | ShardDispatch { .. } | ShardCounts { .. } | ShardCombine { .. } | SwapAxes { .. } | TakeBlock { .. } => {
+            KernelClass::Layout
+        }
+        Combine { .. } | CombinePart { .. } => KernelClass::Combine,
+        CombineBwd { .. } => KernelClass::CombineBwd,
+        Route { .. } | RouteBwd { .. } => KernelClass::Route,
+        Loss { .. } | LossReplica { .. } => KernelClass::Loss,
+        Adam { .. } | GradAccum { .. } => KernelClass::Optimizer,
+        LoadBatch { .. } => KernelClass::Data,
+        _ => KernelClass::Elementwise,
+    }
+}
+
+/// Host round trips of an op on an executor that reads routing tables on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostTraffic {
+    /// Synchronising device-to-host copies (each waits for the stream to drain).
+    pub syncs: usize,
+    /// Bytes copied between host and device (routing tables down, row maps and counts up).
+    pub bytes: f64,
+}
+
+/// The host round trips an op costs on the cuda executor (`src/backend/cuda/exec.rs`), which
+/// runs routing statistics and every row layout on the host: Route downloads probabilities and
+/// indices and syncs once more after uploading its statistics (3 round trips); RouteBwd
+/// downloads the gathered routing statistics, CombineBwd the slots (1 each); a layout op
+/// downloads each routing input it reads (indices, slots, gathered statistics: one round trip
+/// each) and uploads a row map per row output plus its integer outputs; AllToAllV downloads
+/// its send counts and all-gathers them through the host before the transfer (2). The
+/// profile prices them (`kernels.host_sync_us`, `kernels.host_gbps`; zero where absent), so a
+/// profile of an executor without host round trips simply leaves them out.
+pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
+    use OpKind::*;
+    let bytes = |b: BufId| {
+        let d = plan.buffer(b);
+        let scale = if d.dynamic { load } else { 1.0 };
+        d.elems as f64 * d.elem_bytes as f64 * scale
+    };
+    let f32_rows = |b: BufId, m: usize| {
+        let d = plan.buffer(b);
+        let scale = if d.dynamic { load } else { 1.0 };
+        if d.elem == ElemType::I32 { d.elems as f64 * d.elem_bytes as f64 * scale } else { (d.elems / m.max(1)) as f64 * 4.0 * scale }
+    };
+    let layout = |needs: &[BufId], outs: &[BufId], m: usize| HostTraffic {
+        syncs: needs.len(),
+        bytes: needs.iter().map(|b| bytes(*b)).sum::<f64>() + outs.iter().map(|b| f32_rows(*b, m)).sum::<f64>(),
+    };
+    match kind {
+        // The send counts down, then the all-gathered count matrix back (two round trips).
+        AllToAllV { send_counts, .. } => HostTraffic { syncs: 2, bytes: 2.0 * bytes(*send_counts) },
+        Route { probs, idx, stats, .. } => HostTraffic { syncs: 3, bytes: bytes(*probs) + bytes(*idx) + bytes(*stats) },
+        RouteBwd { gathered, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) },
+        CombineBwd { slots, .. } => HostTraffic { syncs: 1, bytes: bytes(*slots) },
+        Dispatch { idx, gathered, send, send_counts, slots, dims, .. } => layout(&[*idx, *gathered], &[*send, *send_counts, *slots], dims.d_model),
+        ExpertLayout { gathered, out, dims, .. } | ChunkLayout { gathered, out, dims, .. } | TpLayout { gathered, out, dims, .. } => {
+            layout(&[*gathered], &[*out], dims.d_model)
+        }
+        ExpertUnlayout { gathered, send, send_counts, dims, .. }
+        | ChunkUnlayout { gathered, send, send_counts, dims, .. }
+        | TpUnlayout { gathered, send, send_counts, dims, .. } => layout(&[*gathered], &[*send, *send_counts], dims.d_model),
+        LocalUnlayout { gathered, full, dims, .. } | TpMerge { gathered, full, dims, .. } | ChunkMerge { gathered, full, dims, .. } => {
+            layout(&[*gathered], &[*full], dims.d_model)
+        }
+        LocalLayout { gathered, out, dims, .. } => layout(&[*gathered], &[*out], dims.d_model),
+        ChunkSlice { slots, gathered, part, part_counts, dims, .. } => {
+            let needs: Vec<BufId> = slots.iter().copied().chain([*gathered]).collect();
+            layout(&needs, &[*part, *part_counts], dims.d_model)
+        }
+        _ => HostTraffic::default(),
     }
 }
 
@@ -126,7 +216,7 @@ pub fn collective(op: &Op) -> Option<Vec<CollectivePart>> {
 fn collective_sized(op: &Op, bytes: u64) -> Option<Vec<CollectivePart>> {
     use OpKind::*;
     let bytes = bytes as f64;
-    let part = |group, kind| CollectivePart { group, kind, bytes };
+    let part = |group, kind| CollectivePart { group, kind, bytes, host_s: 0.0 };
     match &op.kind {
         AllGather { group, .. } => Some(vec![part(*group, CollectiveKind::AllGather)]),
         AllReduce { group, .. } => Some(vec![part(*group, CollectiveKind::AllReduce)]),
@@ -169,15 +259,22 @@ pub fn op_cost_at(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, 
 /// `rows_scale`.
 #[allow(clippy::too_many_arguments)]
 fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, flops: u64, bytes: u64, rows_scale: f64) -> Cost {
-    if let Some(parts) = collective_sized(op, bytes) {
+    if let Some(mut parts) = collective_sized(op, bytes) {
+        let host = host_traffic(&op.kind, plan, rows_scale);
+        if let Some(first) = parts.first_mut() {
+            first.host_s = host.syncs as f64 * gpu.kernels.host_sync_s + host.bytes / gpu.kernels.host_bandwidth;
+        }
         return Cost::Collective(parts);
     }
     let shapes = gemms_at(&op.kind, plan, rows_scale);
     let launch = kernels(&op.kind, shapes.len()) as f64 * gpu.launch_s;
     let memory = bytes as f64 / gpu.mem_bandwidth;
     if shapes.is_empty() {
+        let class = gpu.kernels.class(kernel_class(&op.kind));
+        let host = host_traffic(&op.kind, plan, rows_scale);
+        let host_s = host.syncs as f64 * gpu.kernels.host_sync_s + host.bytes / gpu.kernels.host_bandwidth;
         let arithmetic = flops as f64 / gpu.vector_flops;
-        return Cost::Compute(launch + memory.max(arithmetic));
+        return Cost::Compute(launch + class.fixed_us * 1e-6 + host_s + (memory / class.bandwidth_share).max(arithmetic));
     }
     // The plan's FLOPs are authoritative; the shapes say how efficiently they run. Each
     // GEMM gets its share of the op's FLOPs in proportion to its own size.
@@ -241,5 +338,40 @@ mod tests {
         let Cost::Compute(s) = op_cost(&o, &rank_with(o.clone(), 3), &p.gpu, GemmDtype::F32) else { panic!("compute") };
         let tflops = flops as f64 / (s - p.gpu.launch_s) / 1e12;
         assert!((tflops - pt.tflops).abs() < 1e-6, "{tflops} vs {}", pt.tflops);
+    }
+
+    #[test]
+    fn kernel_classes_and_host_round_trips_are_priced_by_the_profile() {
+        // A LayerNorm at bandwidth share 0.25 takes 4x the copy time plus its fixed cost; a
+        // Route pays three host round trips plus its routing tables at host_gbps.
+        let text = include_str!("../../../profiles/h200-datasheet.toml");
+        let text = format!("{text}\n[kernels]\nhost_sync_us = 40.0\nhost_gbps = 2.0\n\n[kernels.layernorm]\nbandwidth_share = 0.25\nfixed_us = 5.0\n");
+        let p = profile::parse(&text, "t").expect("parses");
+        let bytes = 1u64 << 28;
+        let ln = OpKind::LayerNorm { x: BufId(0), gamma: BufId(1), beta: BufId(1), y: BufId(0), stats: BufId(1) };
+        let o = op(ln, 0, bytes);
+        let Cost::Compute(s) = op_cost(&o, &rank_with(o.clone(), 2), &p.gpu, GemmDtype::F32) else { panic!("compute") };
+        let want = p.gpu.launch_s + 5e-6 + bytes as f64 / (0.25 * p.gpu.mem_bandwidth);
+        assert!((s - want).abs() < 1e-12, "{s} vs {want}");
+        // rank_with's buffers hold 2 MiB each; Route downloads probs and idx and uploads its
+        // statistics (three buffers here), with three synchronising round trips.
+        let route = OpKind::Route { logits: BufId(0), probs: BufId(0), idx: BufId(1), weights: BufId(1), stats: BufId(1), n_experts: 8, top_k: 2, renormalize: false };
+        let o = op(route, 0, 0);
+        let plan = rank_with(o.clone(), 2);
+        let mib2 = 2.0 * (1 << 20) as f64;
+        assert_eq!(host_traffic(&o.kind, &plan, 1.0), HostTraffic { syncs: 3, bytes: 3.0 * mib2 });
+        let Cost::Compute(s) = op_cost(&o, &plan, &p.gpu, GemmDtype::F32) else { panic!("compute") };
+        let want = 3.0 * p.gpu.launch_s + 3.0 * 40e-6 + 3.0 * mib2 / 2e9;
+        assert!((s - want).abs() < 1e-12, "{s} vs {want}");
+        // An AllToAllV exchanges its counts through the host first: two round trips before the
+        // transfer, carried by its collective part.
+        let a2a = OpKind::AllToAllV { group: crate::plan::GroupId(0), send: BufId(0), send_counts: BufId(1), recv: BufId(0), row_len: 4 };
+        let x = op(a2a, 0, 1 << 20);
+        let Cost::Collective(parts) = op_cost(&x, &plan, &p.gpu, GemmDtype::F32) else { panic!("collective") };
+        assert!((parts[0].host_s - (2.0 * 40e-6 + 2.0 * mib2 / 2e9)).abs() < 1e-12, "{parts:?}");
+        // Without a [kernels] table nothing changes: no host cost, copy bandwidth.
+        let ds = profile::resolve("h200-datasheet").expect("parses");
+        let Cost::Compute(s) = op_cost(&o, &plan, &ds.gpu, GemmDtype::F32) else { panic!("compute") };
+        assert!((s - 3.0 * ds.gpu.launch_s).abs() < 1e-12);
     }
 }

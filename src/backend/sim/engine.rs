@@ -514,7 +514,7 @@ impl<'a> Sim<'a> {
         }
         let flow = self.flows.len();
         self.flows.push(Flow { members, links, in_transfer: false, remaining: 1.0, rate: 0.0, done: false });
-        let at = self.now + own.latency;
+        let at = self.now + own.latency + p.host_s;
         self.push(at, Event::LatencyDone { flow });
     }
 

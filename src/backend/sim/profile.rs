@@ -7,6 +7,9 @@
 //! `eff(m, n, k) = eff_max * tiles(m, n) * k / (k + k_half)`, where `tiles` is the useful
 //! share of the tensor-core work after tile and wave quantization on the GPU's SMs. `eff_max`
 //! (and `k_half`, given two or more shapes) is fitted to the measured points in the file.
+//!
+//! Non-GEMM ops run at a per-class share of the copy bandwidth, and ops that the executor
+//! runs through the host pay its round trips (`[kernels]`, optional: see [`KernelProfile`]).
 
 use serde::Deserialize;
 use std::fmt;
@@ -145,6 +148,10 @@ pub struct GemmModel {
 /// closer; the fade keeps shapes far from every measurement on the fitted curve.)
 pub const CORRECTION_REACH: f64 = 16.0;
 
+/// Smallest side (m, n or k) of a measured GEMM that the curve fit uses; thinner shapes
+/// (the router's 8-column GEMMs) only correct their own neighbourhood.
+pub const FIT_MIN_SIDE: usize = 64;
+
 /// One measured GEMM throughput.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,6 +264,114 @@ pub struct GpuProfile {
     pub bf16: GemmModel,
     /// f32 GEMMs.
     pub f32: GemmModel,
+    /// Per kernel class bandwidth shares and the host round-trip price (`[kernels]`).
+    pub kernels: KernelProfile,
+}
+
+/// Classes of non-GEMM kernels, each with its own achieved share of the copy bandwidth:
+/// a LayerNorm reads a row twice and reduces it, an activation streams, a layout gathers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelClass {
+    /// LayerNorm forward.
+    Layernorm,
+    /// LayerNorm backward (input gradient and the parameter column sums).
+    LayernormBwd,
+    /// Activation forward.
+    Act,
+    /// Activation backward.
+    ActBwd,
+    /// Row-moving layout ops (dispatch, expert layouts, chunks): a row gather.
+    Layout,
+    /// Weighted combine of expert outputs.
+    Combine,
+    /// Combine backward (row gradients and per-assignment weight gradients).
+    CombineBwd,
+    /// Routing softmax / top-k and its backward.
+    Route,
+    /// The loss and its gradient.
+    Loss,
+    /// The optimizer update (Adam, gradient accumulation).
+    Optimizer,
+    /// Drawing the batch on the device (a random-number kernel).
+    Data,
+    /// Any other elementwise op.
+    Elementwise,
+}
+
+impl KernelClass {
+    /// Every class, in profile order.
+    pub const ALL: [KernelClass; 12] = [
+        KernelClass::Layernorm, KernelClass::LayernormBwd, KernelClass::Act, KernelClass::ActBwd, KernelClass::Layout,
+        KernelClass::Combine, KernelClass::CombineBwd, KernelClass::Route, KernelClass::Loss, KernelClass::Optimizer,
+        KernelClass::Data, KernelClass::Elementwise,
+    ];
+    /// The spelling used in profile files (`[kernels.<name>]`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelClass::Layernorm => "layernorm",
+            KernelClass::LayernormBwd => "layernorm_bwd",
+            KernelClass::Act => "act",
+            KernelClass::ActBwd => "act_bwd",
+            KernelClass::Layout => "layout",
+            KernelClass::Combine => "combine",
+            KernelClass::CombineBwd => "combine_bwd",
+            KernelClass::Route => "route",
+            KernelClass::Loss => "loss",
+            KernelClass::Optimizer => "optimizer",
+            KernelClass::Data => "data",
+            KernelClass::Elementwise => "elementwise",
+        }
+    }
+}
+
+/// One kernel class: `time = fixed_us + bytes / (mem_bandwidth * bandwidth_share)`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelClassParams {
+    /// Achieved bandwidth over the copy bandwidth (`gpu.hbm_tbps * gpu.hbm_efficiency`).
+    pub bandwidth_share: f64,
+    /// Fixed time per op on top of the launch gap, microseconds.
+    #[serde(default)]
+    pub fixed_us: f64,
+}
+
+impl Default for KernelClassParams {
+    fn default() -> Self {
+        KernelClassParams { bandwidth_share: 1.0, fixed_us: 0.0 }
+    }
+}
+
+/// Non-GEMM kernel classes and host round trips (`[kernels]`; absent: every class at the
+/// copy bandwidth and no host round-trip cost, the datasheet assumption).
+///
+/// `host_sync_us` and `host_gbps` price a property of the executor, not of the plan: an op
+/// whose executor reads a routing table on the host (the cuda backend downloads routing
+/// tables and syncs its stream in Route, RouteBwd, CombineBwd and the layout ops, see
+/// `cost::host_traffic`) pays one `host_sync_us` per synchronising copy plus the bytes it
+/// moves across at `host_gbps`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelProfile {
+    /// One host round trip: a small device-to-host copy and a stream synchronize, seconds.
+    pub host_sync_s: f64,
+    /// Host <-> device copy rate of the (pageable) routing tables, bytes/s.
+    pub host_bandwidth: f64,
+    /// Per class, in [`KernelClass::ALL`] order.
+    pub classes: [KernelClassParams; 12],
+    /// Where the numbers come from (`kernels.source`: fitted from which runs, or measured).
+    pub source: Option<String>,
+}
+
+impl Default for KernelProfile {
+    fn default() -> Self {
+        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, classes: [KernelClassParams::default(); 12], source: None }
+    }
+}
+
+impl KernelProfile {
+    /// The numbers of one class.
+    pub fn class(&self, c: KernelClass) -> &KernelClassParams {
+        &self.classes[KernelClass::ALL.iter().position(|k| *k == c).expect("listed")]
+    }
 }
 
 impl GpuProfile {
@@ -394,6 +509,50 @@ struct ProfileToml {
     gpu: GpuToml,
     topology: TopologyToml,
     links: LinksToml,
+    #[serde(default)]
+    kernels: Option<KernelsToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KernelsToml {
+    #[serde(default)]
+    host_sync_us: f64,
+    #[serde(default)]
+    host_gbps: Option<f64>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    layernorm: Option<KernelClassParams>,
+    #[serde(default)]
+    layernorm_bwd: Option<KernelClassParams>,
+    #[serde(default)]
+    act: Option<KernelClassParams>,
+    #[serde(default)]
+    act_bwd: Option<KernelClassParams>,
+    #[serde(default)]
+    layout: Option<KernelClassParams>,
+    #[serde(default)]
+    combine: Option<KernelClassParams>,
+    #[serde(default)]
+    combine_bwd: Option<KernelClassParams>,
+    #[serde(default)]
+    route: Option<KernelClassParams>,
+    #[serde(default)]
+    loss: Option<KernelClassParams>,
+    #[serde(default)]
+    optimizer: Option<KernelClassParams>,
+    #[serde(default)]
+    data: Option<KernelClassParams>,
+    #[serde(default)]
+    elementwise: Option<KernelClassParams>,
+}
+
+impl KernelsToml {
+    fn classes(&self) -> [Option<KernelClassParams>; 12] {
+        [self.layernorm, self.layernorm_bwd, self.act, self.act_bwd, self.layout, self.combine, self.combine_bwd,
+            self.route, self.loss, self.optimizer, self.data, self.elementwise]
+    }
 }
 
 #[derive(Deserialize)]
@@ -577,6 +736,30 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
         vector_flops: positive("gpu.vector_tflops", g.vector_tflops)? * 1e12,
         bf16,
         f32,
+        kernels: match &raw.kernels {
+            None => KernelProfile::default(),
+            Some(k) => {
+                if !(k.host_sync_us.is_finite() && k.host_sync_us >= 0.0) {
+                    return Err(invalid("kernels.host_sync_us", format!("{} must be a number >= 0", k.host_sync_us), "give microseconds, e.g. 40"));
+                }
+                let host_bandwidth = match k.host_gbps {
+                    Some(v) => positive("kernels.host_gbps", v)? * 1e9,
+                    None => f64::INFINITY,
+                };
+                let mut classes = [KernelClassParams::default(); 12];
+                for ((slot, given), class) in classes.iter_mut().zip(k.classes()).zip(KernelClass::ALL) {
+                    if let Some(c) = given {
+                        let f = format!("kernels.{}", class.as_str());
+                        share(&format!("{f}.bandwidth_share"), c.bandwidth_share)?;
+                        if !(c.fixed_us.is_finite() && c.fixed_us >= 0.0) {
+                            return Err(invalid(&format!("{f}.fixed_us"), format!("{} must be a number >= 0", c.fixed_us), "give microseconds"));
+                        }
+                        *slot = c;
+                    }
+                }
+                KernelProfile { host_sync_s: k.host_sync_us * 1e-6, host_bandwidth, classes, source: k.source.clone() }
+            }
+        },
     };
     let t = &raw.topology;
     let topology = Topology {
@@ -626,9 +809,14 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
 /// Fit `eff_max` (and `k_half` when not given) to the measured points by least squares on
 /// the log of the throughput. `k_half` needs two or more distinct `k`.
 fn fit(base: GemmModel, k_half: Option<f64>) -> Result<GemmModel, String> {
+    // Degenerate shapes (a side below FIT_MIN_SIDE, e.g. the router's n = n_experts) run
+    // on other kernels than the tile model describes; they act through the nearest-point
+    // correction only, unless nothing else was measured.
+    let regular: Vec<&GemmPoint> = base.points.iter().filter(|p| p.m.min(p.n).min(p.k) >= FIT_MIN_SIDE).collect();
+    let fit_points: Vec<&GemmPoint> = if regular.is_empty() { base.points.iter().collect() } else { regular };
     let fit_eff = |k_half: f64| -> (f64, f64) {
         let m = GemmModel { eff_max: 1.0, k_half, ..base.clone() };
-        let logs: Vec<f64> = base.points.iter().map(|p| (p.tflops * 1e12 / (m.peak_flops * m.shape_term(p.m, p.n, p.k, 1))).ln()).collect();
+        let logs: Vec<f64> = fit_points.iter().map(|p| (p.tflops * 1e12 / (m.peak_flops * m.shape_term(p.m, p.n, p.k, 1))).ln()).collect();
         let mean = logs.iter().sum::<f64>() / logs.len() as f64;
         let err = logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>();
         (mean.exp(), err)
@@ -636,7 +824,7 @@ fn fit(base: GemmModel, k_half: Option<f64>) -> Result<GemmModel, String> {
     let k_half = match k_half {
         Some(k) => k,
         None => {
-            let mut ks: Vec<usize> = base.points.iter().map(|p| p.k).collect();
+            let mut ks: Vec<usize> = fit_points.iter().map(|p| p.k).collect();
             ks.sort_unstable();
             ks.dedup();
             if ks.len() < 2 {
@@ -723,5 +911,33 @@ mod tests {
         let fitted = fit(GemmModel { points: pts, eff_max: 1.0, k_half: 0.0, ..truth.clone() }, None).expect("fits");
         assert!((fitted.k_half - 256.0).abs() < 1e-6, "k_half {}", fitted.k_half);
         assert!((fitted.eff_max - 0.8).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_kernels_table_is_optional_and_checked() {
+        let ds = resolve("h200-datasheet").expect("parses");
+        assert_eq!(ds.gpu.kernels, KernelProfile::default());
+        let fitted = resolve("h200").expect("parses");
+        assert!(fitted.gpu.kernels.host_sync_s > 0.0);
+        assert!(fitted.gpu.kernels.class(KernelClass::Layernorm).bandwidth_share < 1.0);
+        assert_eq!(*fitted.gpu.kernels.class(KernelClass::Elementwise), KernelClassParams::default());
+        let text = include_str!("../../../profiles/h200-datasheet.toml");
+        let bad = format!("{text}\n[kernels]\nhost_sync_us = 10.0\n\n[kernels.act]\nbandwidth_share = 1.5\n");
+        assert_eq!(parse(&bad, "t").unwrap_err().field(), Some("kernels.act.bandwidth_share"));
+        let unknown = format!("{text}\n[kernels]\nhost_sync = 10.0\n");
+        assert!(parse(&unknown, "t").is_err());
+    }
+
+    #[test]
+    fn thin_points_stay_out_of_the_curve_fit() {
+        // A router-like 8-column point far below the curve neither moves eff_max nor k_half,
+        // and still comes back exactly at its own shape.
+        let p = resolve("h200").expect("parses");
+        let g = &p.gpu.f32;
+        let regular: Vec<GemmPoint> = g.points.iter().filter(|q| q.m.min(q.n).min(q.k) >= FIT_MIN_SIDE).cloned().collect();
+        let refit = fit(GemmModel { points: regular, eff_max: 1.0, ..g.clone() }, None).expect("fits");
+        assert!((refit.eff_max - g.eff_max).abs() < 1e-12 && refit.k_half == g.k_half);
+        let thin = g.points.iter().find(|q| q.n == 8).expect("gate point");
+        assert!((g.predicted_tflops(thin.m, thin.n, thin.k) - thin.tflops).abs() / thin.tflops < 1e-9);
     }
 }
