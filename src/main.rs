@@ -22,7 +22,8 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Override a field of every experiment file read, before it is checked, e.g.
-    /// `--set run.backend=cuda --set model.dtype=bf16 --set layout.ep=2` (repeatable).
+    /// `--set run.backend=cuda --set model.dtype=bf16 --set layout.ep=2` (repeatable); an
+    /// empty value removes the field (`--set run.profile=`).
     #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
     sets: Vec<String>,
 }

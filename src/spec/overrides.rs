@@ -1,7 +1,8 @@
 //! Command-line overrides of an experiment file: `--set run.backend=cuda --set
 //! model.dtype=bf16` edits the TOML before it is parsed, so an override is checked (unknown
 //! field, wrong type, inconsistent layout) exactly like the file itself, and the run directory
-//! keeps the spec as it ran.
+//! keeps the spec as it ran. An empty value (`--set run.profile=`) removes the key, e.g. to
+//! run a sim experiment on another backend.
 
 use super::validate::SpecError;
 
@@ -11,8 +12,8 @@ use super::validate::SpecError;
 pub struct Override {
     /// Dotted key, e.g. `model.dtype`.
     pub key: Vec<String>,
-    /// The value.
-    pub value: toml::Value,
+    /// The value; `None` removes the key.
+    pub value: Option<toml::Value>,
 }
 
 impl Override {
@@ -25,8 +26,11 @@ impl Override {
             return Err(bad("the key has an empty part (write e.g. model.d_model)"));
         }
         let value = value.trim();
+        if value.is_empty() {
+            return Ok(Override { key, value: None });
+        }
         let parsed = toml::from_str::<toml::Table>(&format!("v = {value}")).ok().and_then(|mut t| t.remove("v"));
-        Ok(Override { key, value: parsed.unwrap_or_else(|| toml::Value::String(value.to_string())) })
+        Ok(Override { key, value: Some(parsed.unwrap_or_else(|| toml::Value::String(value.to_string()))) })
     }
 }
 
@@ -47,7 +51,14 @@ pub fn apply(text: &str, overrides: &[Override]) -> Result<String, SpecError> {
                 file: None,
             })?;
         }
-        t.insert(last.clone(), o.value.clone());
+        match &o.value {
+            Some(v) => {
+                t.insert(last.clone(), v.clone());
+            }
+            None => {
+                t.remove(last);
+            }
+        }
     }
     toml::to_string(&doc).map_err(|e| SpecError::Parse { message: format!("applying --set: {e}"), location: None, file: None })
 }
@@ -60,9 +71,10 @@ mod tests {
     fn values_parse_as_toml_or_fall_back_to_strings() {
         let o = Override::parse("model.d_model=128").unwrap();
         assert_eq!(o.key, ["model", "d_model"]);
-        assert_eq!(o.value, toml::Value::Integer(128));
-        assert_eq!(Override::parse("run.backend=cuda").unwrap().value, toml::Value::String("cuda".into()));
-        assert_eq!(Override::parse("model.capacity_factor=-1.5").unwrap().value, toml::Value::Float(-1.5));
+        assert_eq!(o.value, Some(toml::Value::Integer(128)));
+        assert_eq!(Override::parse("run.backend=cuda").unwrap().value, Some(toml::Value::String("cuda".into())));
+        assert_eq!(Override::parse("model.capacity_factor=-1.5").unwrap().value, Some(toml::Value::Float(-1.5)));
+        assert_eq!(Override::parse("run.profile=").unwrap().value, None);
         assert!(Override::parse("model.d_model").is_err());
         assert!(Override::parse("model..x=1").is_err());
     }
@@ -74,6 +86,8 @@ mod tests {
         let doc: toml::Table = toml::from_str(&out).unwrap();
         assert_eq!(doc["model"]["d_model"].as_integer(), Some(32));
         assert_eq!(doc["layout"]["ep"].as_integer(), Some(2));
+        let out = apply(&out, &[Override::parse("model.d_model=").unwrap()]).unwrap();
+        assert!(!toml::from_str::<toml::Table>(&out).unwrap()["model"].as_table().unwrap().contains_key("d_model"));
         let err = apply(text, &[Override::parse("name.x=1").unwrap()]).unwrap_err().to_string();
         assert!(err.contains("name is a value, not a table"), "{err}");
     }
