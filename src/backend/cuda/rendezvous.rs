@@ -498,8 +498,11 @@ impl Client {
 }
 
 impl Drop for Client {
+    /// Stops the pings and closes the connection (rank 0 then sees this rank gone, which is
+    /// expected after its `Done`).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = self.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown(std::net::Shutdown::Both);
     }
 }
 
