@@ -11,6 +11,7 @@ use moelab::taxonomy::MemCategory;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// moelab: compose, run and measure distributed Mixture-of-Experts training.
 ///
@@ -132,6 +133,20 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// Under torchrun/srun a rank may leave its GPU thread inside a collective whose peer died;
+/// if process exit then stalls in the CUDA/NCCL libraries' teardown, abort after 10 s so no
+/// rank outlives its job. Called just before exiting; a normal exit ends the thread first.
+fn arm_exit_watchdog() {
+    if moelab::backend::cuda::external::detect_from_env().ok().flatten().is_none() {
+        return;
+    }
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(10));
+        eprintln!("moelab: exit stalled in the GPU libraries' teardown for 10 s; aborting");
+        std::process::abort();
+    });
 }
 
 /// Start `moelab-workbench` from this executable's directory. The workbench crate depends on
@@ -401,6 +416,7 @@ fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>) -> Re
 
 fn main() {
     let cli = Cli::parse();
+
     let result = match &cli.command {
         Command::Run { file, runs_dir, quiet, backend } => cmd_run(file, runs_dir, *quiet, backend.as_deref()).map(|_| true),
         Command::Compare { files, runs_dir } => cmd_compare(files, runs_dir).map(|_| true),
@@ -414,6 +430,9 @@ fn main() {
         Command::CudaWorker { dir } => std::process::exit(moelab::backend::cuda::launch::worker_main(dir)),
         Command::Workbench { args } => cmd_workbench(args),
     };
+    if matches!(cli.command, Command::Run { .. }) {
+        arm_exit_watchdog();
+    }
     match result {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),

@@ -60,7 +60,8 @@ fn no_variables_or_moelab_launch_local_is_a_local_launch() {
 
 #[test]
 fn environment_mistakes_name_the_variable_and_the_fix() {
-    let cases: &[(&[(&str, &str)], &str, &str)] = &[
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: &[Case] = &[
         (&[("RANK", "")], "RANK", "torchrun"),
         (&[("RANK", "one")], "RANK", "number"),
         (&[("RANK", "2")], "RANK", "0 to 1"),
@@ -226,8 +227,10 @@ fn a_peer_without_rank_0_gives_up_after_its_timeout() {
     assert!(e.to_string().contains("MASTER_ADDR"), "{e}");
 }
 
+type Events = (mpsc::Sender<(u32, RankEvent)>, mpsc::Receiver<(u32, RankEvent)>);
+
 /// One peer through the rendezvous; returns its client side and rank 0's hub and events.
-fn pair() -> (rendezvous::Client, mpsc::Receiver<RootEvent>, Hub, mpsc::Sender<(u32, RankEvent)>, mpsc::Receiver<(u32, RankEvent)>) {
+fn pair() -> (rendezvous::Client, mpsc::Receiver<RootEvent>, Hub, Events) {
     let listener = listen(0).unwrap();
     let a = addr(&listener);
     let h = std::thread::spawn(move || connect(&a, &Hello::new(1, 2, "h".into()), Duration::from_secs(10)).unwrap());
@@ -235,12 +238,12 @@ fn pair() -> (rendezvous::Client, mpsc::Receiver<RootEvent>, Hub, mpsc::Sender<(
     let (tx, rx) = mpsc::channel();
     let hub = Hub::start(joined, &welcome(), tx.clone(), Duration::from_secs(5));
     let (client, _, root) = h.join().unwrap();
-    (client, root, hub, tx, rx)
+    (client, root, hub, (tx, rx))
 }
 
 #[test]
 fn a_rank_that_disconnects_mid_run_ends_the_job_within_seconds() {
-    let (client, _root, _hub, tx, rx) = pair();
+    let (client, _root, _hub, (tx, rx)) = pair();
     client.send(&ToRoot::Line { line: step(1, 0) }).unwrap();
     tx.send((0, RankEvent::Line(step(0, 0)))).unwrap();
     let t = Instant::now();
@@ -261,7 +264,7 @@ fn a_rank_that_disconnects_mid_run_ends_the_job_within_seconds() {
 
 #[test]
 fn a_rank_error_is_the_reported_cause() {
-    let (client, _root, _hub, _tx, rx) = pair();
+    let (client, _root, _hub, (_tx, rx)) = pair();
     let error = WorkerLine::Error { rank: 1, message: "rank 1 failed in op L0.gate: CUDA error".into(), error: None };
     client.send(&ToRoot::Line { line: error }).unwrap();
     let g = gather(2, 3, &rx, &ExecOptions::default(), &mut Vec::new, &mut |_| {});
@@ -294,10 +297,10 @@ fn a_silent_rank_is_lost_after_the_silence_limit() {
 
 #[test]
 fn peers_learn_of_a_stop_and_of_rank_0_dying() {
-    let (_client, root, hub, _tx, _rx) = pair();
+    let (_client, root, hub, _events) = pair();
     hub.send_all(&FromRoot::Stop { reason: "rank 1 failed".into() });
     assert_eq!(root.recv_timeout(Duration::from_secs(5)).unwrap(), RootEvent::Stop("rank 1 failed".into()));
-    let (_client, root, hub, _tx, _rx) = pair();
+    let (_client, root, hub, _events) = pair();
     let t = Instant::now();
     drop(hub); // rank 0's process dies: its sockets close
     match root.recv_timeout(Duration::from_secs(5)).unwrap() {

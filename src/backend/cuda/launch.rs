@@ -765,7 +765,6 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
         Ok(g) => g,
         Err(e) => return (fail(format!("rank {rank}: setup: {e}"), None), None),
     };
-    drop(fail);
     emit(WorkerLine::Ready { rank: rank as u32, device: device_name.clone() });
     let spec = &gr.plan().spec;
     let (warmup, steps) = (spec.run.warmup, spec.run.steps);
