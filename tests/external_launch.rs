@@ -344,3 +344,23 @@ fn cli_under_srun_without_master_addr_says_what_to_export() {
     assert_ne!(code, 0);
     assert!(err.contains("MASTER_ADDR, MASTER_PORT") && err.contains("export MASTER_ADDR"), "{err}");
 }
+
+#[test]
+fn local_worker_exits_reach_the_same_gathering() {
+    // The local launcher's path: progress on a channel, exits from polling the children.
+    let (tx, rx) = mpsc::channel();
+    for r in 0..2 {
+        tx.send((r, RankEvent::Line(step(r, 0)))).unwrap();
+        tx.send((r, RankEvent::Line(WorkerLine::Done { rank: r }))).unwrap();
+    }
+    let mut polls = 0;
+    let g = gather(2, 1, &rx, &ExecOptions::default(), &mut || { polls += 1; vec![(0, true, "exited: 0".into())] }, &mut |_| {});
+    assert_eq!((g.failure, g.steps.len()), (None, 1));
+    assert!(polls >= 1);
+    // A worker killed before its Done is that rank's crash, with how it exited.
+    tx.send((0, RankEvent::Line(step(0, 0)))).unwrap();
+    let t = Instant::now();
+    let g = gather(2, 2, &rx, &ExecOptions::default(), &mut || vec![(1, false, "worker process exited: killed by signal 9".into())], &mut |_| {});
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(matches!(&g.failure, Some(BackendError::Crashed { rank: 1, message }) if message.contains("signal 9")), "{:?}", g.failure);
+}
