@@ -255,7 +255,9 @@ pub fn gather(
             Ok((r, RankEvent::Note(n))) => g.notes.push(format!("rank {r}: {n}")),
             Ok((r, RankEvent::Record(rec))) => g.records[r as usize] = Some(*rec),
             Ok((r, RankEvent::Gone(how))) => gone.push((r, how)),
-            Err(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Every sender is gone (workers exited): polling and the stall limit decide.
+            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(50)),
         }
         while merged < total && per_step[merged].iter().all(Option::is_some) {
             let rep = merge_step(merged, &per_step[merged]);
@@ -286,6 +288,7 @@ pub fn gather(
                     }
                     Ok((q, RankEvent::Record(rec))) if valid(q) => g.records[q as usize] = Some(*rec),
                     Ok((q, RankEvent::Note(n))) => g.notes.push(format!("rank {q}: {n}")),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     _ => {}
                 }
             }
