@@ -364,3 +364,18 @@ fn local_worker_exits_reach_the_same_gathering() {
     assert!(t.elapsed() < Duration::from_secs(2));
     assert!(matches!(&g.failure, Some(BackendError::Crashed { rank: 1, message }) if message.contains("signal 9")), "{:?}", g.failure);
 }
+
+#[test]
+fn a_lost_rank_beats_the_collective_error_it_caused() {
+    // Rank 1 is killed: rank 0's collective fails a moment before rank 1's socket closes.
+    let (tx, rx) = mpsc::channel();
+    let nccl = WorkerLine::Error { rank: 0, message: "rank 0 failed in op L0.a2a: NCCL remote error".into(), error: None };
+    tx.send((0, RankEvent::Line(nccl))).unwrap();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = tx.send((1, RankEvent::Gone("its connection to rank 0 closed".into())));
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    let g = gather(2, 2, &rx, &ExecOptions::default(), &mut Vec::new, &mut |_| {});
+    assert!(matches!(&g.failure, Some(BackendError::Crashed { rank: 1, message }) if message.contains("closed")), "{:?}", g.failure);
+}

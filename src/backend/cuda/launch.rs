@@ -211,6 +211,9 @@ pub struct Gathered {
     pub records: Vec<Option<RankRecord>>,
 }
 
+/// How long [`gather`] waits after a rank's error for a lost rank that caused it.
+pub const ERROR_GRACE: Duration = Duration::from_millis(300);
+
 /// A rank exit seen by [`gather`]'s poll: `(rank, exited successfully, how)`.
 pub type Exit = (u32, bool, String);
 
@@ -225,7 +228,9 @@ pub fn gather(
     let mut g = Gathered { records: (0..world).map(|_| None).collect(), ..Default::default() };
     let mut per_step: Vec<Vec<Option<WorkerLine>>> = vec![vec![None; world]; total];
     let mut done = vec![false; world];
-    let mut errors: Vec<BackendError> = Vec::new();
+    // (the rank that reported it, the error); the first error's arrival time.
+    let mut errors: Vec<(u32, BackendError)> = Vec::new();
+    let mut first_error: Option<Instant> = None;
     let mut last_progress = Instant::now();
     // The first step includes NCCL setup and kernel compilation.
     let mut stall_limit = opts.collective_timeout.max(Duration::from_secs(120));
@@ -248,7 +253,10 @@ pub fn gather(
                         stall_limit = opts.collective_timeout;
                     }
                     WorkerLine::Step { .. } => {}
-                    WorkerLine::Error { error, message, rank } => errors.push(error.map(WireError::into_backend).unwrap_or(BackendError::Crashed { rank, message })),
+                    WorkerLine::Error { error, message, rank } => {
+                        errors.push((r, error.map(WireError::into_backend).unwrap_or(BackendError::Crashed { rank, message })));
+                        first_error.get_or_insert_with(Instant::now);
+                    }
                     WorkerLine::Done { .. } => done[r as usize] = true,
                 }
             }
@@ -265,10 +273,6 @@ pub fn gather(
             g.steps.push(rep);
             merged += 1;
         }
-        if let Some(e) = pick_error(&errors) {
-            g.failure = Some(e);
-            break;
-        }
         for (r, ok, how) in poll_exits() {
             if ok && valid(r) {
                 done[r as usize] = true;
@@ -280,7 +284,7 @@ pub fn gather(
             // Give its own error line a moment to arrive before calling it a crash; another
             // rank's error in the meantime (a collective failing because of it) is an effect.
             let deadline = Instant::now() + Duration::from_millis(500);
-            let mut own = None;
+            let mut own = pick_error(&errors.iter().filter(|e| e.0 == r).map(|e| e.1.clone()).collect::<Vec<_>>());
             while own.is_none() && Instant::now() < deadline {
                 match rx.recv_timeout(Duration::from_millis(50)) {
                     Ok((q, RankEvent::Line(WorkerLine::Error { error, message, rank }))) if q == r => {
@@ -293,6 +297,12 @@ pub fn gather(
                 }
             }
             g.failure = Some(own.unwrap_or(BackendError::Crashed { rank: r, message: how }));
+            break;
+        }
+        // An error ends the job after a short grace, in which a rank that went away (the
+        // likelier root cause: a peer's collective fails because it died) takes precedence.
+        if first_error.is_some_and(|t| t.elapsed() >= ERROR_GRACE) {
+            g.failure = pick_error(&errors.iter().map(|e| e.1.clone()).collect::<Vec<_>>());
             break;
         }
         if g.failure.is_none() && last_progress.elapsed() > stall_limit {
@@ -486,15 +496,15 @@ pub fn run_external(plan: &Plan, opts: &ExecOptions, ext: &ExternalRank, spec_ha
     if world > 1 {
         let listener = match rendezvous::listen(ext.port) {
             Ok(l) => l,
-            Err(e) => return fail(BackendError::Crashed { rank: 0, message: format!("rendezvous: {e}") }),
+            Err(e) => return fail(BackendError::OpFailed { rank: 0, op: "rendezvous".into(), message: e.to_string() }),
         };
         id = match new_unique_id_hex() {
             Ok(i) => Some(i),
-            Err(e) => return fail(BackendError::Crashed { rank: 0, message: format!("NCCL bootstrap: {e}") }),
+            Err(e) => return fail(BackendError::OpFailed { rank: 0, op: "ncclGetUniqueId".into(), message: e.to_string() }),
         };
         let peers = match rendezvous::serve(&listener, world, spec_hash, ext.timeout) {
             Ok(p) => p,
-            Err(e) => return fail(BackendError::Crashed { rank: 0, message: format!("rendezvous: {e}") }),
+            Err(e) => return fail(BackendError::OpFailed { rank: 0, op: "rendezvous".into(), message: e.to_string() }),
         };
         for p in &peers {
             notes.push(format!("rank {}: joined from {}", p.rank, p.host));
