@@ -476,6 +476,12 @@ pub fn run_job(plan: &Plan, dir: &Path, opts: &ExecOptions, on_step: &mut dyn Fn
     finish(plan, g)
 }
 
+/// Starts the thread that runs this process's GPU rank (with the main thread's stack size:
+/// a local worker runs its rank on its main thread).
+fn spawn_rank_thread(f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new().name("moelab-rank".into()).stack_size(8 << 20).spawn(f).expect("spawning the rank thread");
+}
+
 /// Rank 0 of an externally launched job (torchrun, srun): holds the rendezvous on
 /// `ext.port`, hands the peers the NCCL id and the resolved spec, runs its own rank on a
 /// thread, and gathers every rank's progress and record the way [`run_job`] gathers its
@@ -524,7 +530,7 @@ pub fn run_external(plan: &Plan, opts: &ExecOptions, ext: &ExternalRank, spec_ha
     };
     let own_plan = plan.clone();
     let txr = tx.clone();
-    std::thread::spawn(move || {
+    spawn_rank_thread(move || {
         let mut emit = |l: WorkerLine| {
             let _ = txr.send((0, RankEvent::Line(l)));
         };
@@ -620,7 +626,7 @@ pub fn run_peer(spec: &ExperimentSpec, ext: &ExternalRank, say: &mut dyn FnMut(&
     let setup = RankSetup { rank, world: ext.world, device, nccl_id: welcome.nccl_id.clone(), epoch_ns: welcome.epoch_unix_ns, opts };
     let sender = client.sender();
     let (done_tx, done_rx) = mpsc::channel::<Option<String>>();
-    std::thread::spawn(move || {
+    spawn_rank_thread(move || {
         let mut failed = None;
         let mut emit = |l: WorkerLine| {
             if let WorkerLine::Error { message, .. } = &l {
