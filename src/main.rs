@@ -212,7 +212,12 @@ fn load_with_backend(file: &Path, backend: Option<&str>) -> Result<ExperimentSpe
     let run = doc.entry("run").or_insert_with(|| toml::Value::Table(toml::Table::new()));
     let toml::Value::Table(run) = run else { anyhow::bail!("{}: [run] is not a table", file.display()) };
     run.insert("backend".into(), toml::Value::String(b.to_string()));
-    Ok(spec::from_toml_str(&doc.to_string()).map_err(|e| e.in_file(file))?)
+    // Positions in the re-serialized text would not match the file's lines: drop them.
+    let strip = |e: spec::SpecError| match e {
+        spec::SpecError::Parse { message, file, .. } => spec::SpecError::Parse { message: format!("{message} (--backend {b})"), location: None, file },
+        other => other,
+    };
+    Ok(spec::from_toml_str(&doc.to_string()).map_err(|e| strip(e).in_file(file))?)
 }
 
 fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> Result<()> {
