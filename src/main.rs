@@ -11,6 +11,7 @@ use moelab::taxonomy::MemCategory;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// moelab: compose, run and measure distributed Mixture-of-Experts training.
 ///
@@ -45,6 +46,9 @@ enum Command {
         /// Print only the final tables (no progress bar or step lines).
         #[arg(long, short)]
         quiet: bool,
+        /// Override the spec's `run.backend` (cpu, cuda, sim, auto).
+        #[arg(long)]
+        backend: Option<String>,
     },
     /// Run several experiments and print one comparison table (step time, exposed
     /// communication, overlap, peak memory per category); also written as Parquet and CSV
@@ -129,7 +133,7 @@ enum Command {
         from: Option<PathBuf>,
     },
     /// Internal: one cuda worker process (started by `moelab run` with backend cuda, one per
-    /// GPU; also under torchrun/srun with RANK, WORLD_SIZE, LOCAL_RANK set).
+    /// GPU; under torchrun/srun `moelab run` itself runs one rank instead).
     #[command(hide = true)]
     CudaWorker {
         /// The run directory (holds spec.toml; receives rank-<r>.json).
@@ -142,6 +146,20 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// Under torchrun/srun a rank may leave its GPU thread inside a collective whose peer died;
+/// if process exit then stalls in the CUDA/NCCL libraries' teardown, abort after 10 s so no
+/// rank outlives its job. Called just before exiting; a normal exit ends the thread first.
+fn arm_exit_watchdog() {
+    if moelab::backend::cuda::external::detect_from_env().ok().flatten().is_none() {
+        return;
+    }
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(10));
+        eprintln!("moelab: exit stalled in the GPU libraries' teardown for 10 s; aborting");
+        std::process::abort();
+    });
 }
 
 /// Start `moelab-workbench` from this executable's directory. The workbench crate depends on
@@ -199,8 +217,33 @@ fn cmd_plan(file: &Path) -> Result<()> {
     Ok(())
 }
 
-fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool) -> Result<()> {
-    let s = load(file)?;
+/// The spec in `file` with `run.backend` replaced by `backend` (validated as a whole).
+fn load_with_backend(file: &Path, backend: Option<&str>) -> Result<ExperimentSpec> {
+    let Some(b) = backend else { return load(file) };
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut doc: toml::Table = text.parse().with_context(|| format!("{}: not TOML", file.display()))?;
+    let run = doc.entry("run").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(run) = run else { anyhow::bail!("{}: [run] is not a table", file.display()) };
+    run.insert("backend".into(), toml::Value::String(b.to_string()));
+    // Positions in the re-serialized text would not match the file's lines: drop them.
+    let strip = |e: spec::SpecError| match e {
+        spec::SpecError::Parse { message, file, .. } => spec::SpecError::Parse { message: format!("{message} (--backend {b})"), location: None, file },
+        other => other,
+    };
+    Ok(spec::from_toml_str(&doc.to_string()).map_err(|e| strip(e).in_file(file))?)
+}
+
+fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> Result<()> {
+    let s = load_with_backend(file, backend)?;
+    // Under torchrun/srun every rank runs `moelab run`; rank 0 writes the run directory and
+    // the others join it.
+    if s.run.backend == spec::BackendKind::Cuda {
+        if let Some(ext) = moelab::backend::cuda::external::detect_from_env()?.filter(|e| e.rank != 0) {
+            moelab::backend::cuda::launch::run_peer(&s, &ext, &mut |l| println!("{l}"))?;
+            println!("rank {}: finished; the run directory is on rank 0", ext.rank);
+            return Ok(());
+        }
+    }
     let mut hooks = RunHooks::default();
     // Fault injection for testing failure handling: MOELAB_INJECT_FAILURE=RANK:OP_NAME makes
     // that rank fail at that op (e.g. 1:L0.expert_gemm1).
@@ -433,7 +476,7 @@ fn main() {
         }
     }
     let result = match &cli.command {
-        Command::Run { file, runs_dir, quiet } => cmd_run(file, runs_dir, *quiet).map(|_| true),
+        Command::Run { file, runs_dir, quiet, backend } => cmd_run(file, runs_dir, *quiet, backend.as_deref()).map(|_| true),
         Command::Compare { files, runs_dir } => cmd_compare(files, runs_dir).map(|_| true),
         Command::Validate { files } => cmd_validate(files),
         Command::Plan { file } => cmd_plan(file).map(|_| true),
@@ -445,6 +488,9 @@ fn main() {
         Command::CudaWorker { dir } => std::process::exit(moelab::backend::cuda::launch::worker_main(dir)),
         Command::Workbench { args } => cmd_workbench(args),
     };
+    if matches!(cli.command, Command::Run { .. }) {
+        arm_exit_watchdog();
+    }
     match result {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),

@@ -399,7 +399,21 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
                 cb(r);
             }
         };
-        let job = crate::backend::cuda::launch::run_job(&plan, &dir, &hooks.exec, &mut on_step);
+        use crate::backend::cuda::{external, launch};
+        // Under torchrun/srun this process is rank 0 (the others run `launch::run_peer`);
+        // otherwise it starts one worker per GPU.
+        let job = match external::detect_from_env() {
+            Ok(None) => launch::run_job(&plan, &dir, &hooks.exec, &mut on_step),
+            Ok(Some(ext)) if ext.rank == 0 => {
+                let hash = crate::backend::cuda::rendezvous::spec_hash(spec);
+                launch::run_external(&plan, &hooks.exec, &ext, &hash, &mut on_step)
+            }
+            Ok(Some(ext)) => launch::JobResult {
+                failure: Some(BackendError::Crashed { rank: ext.rank as u32, message: "a non-zero rank of an external launch runs `launch::run_peer`, not `run`".into() }),
+                ..Default::default()
+            },
+            Err(e) => launch::JobResult { failure: Some(BackendError::Crashed { rank: 0, message: e.to_string() }), ..Default::default() },
+        };
         for n in &job.notes {
             log.line(n);
         }

@@ -281,15 +281,31 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         // auto: the GPUs when there are enough of them for the layout, else the cpu
         // reference (which refuses bf16 below).
         BackendKind::Auto => {
+            // Under torchrun/srun (one process per rank) this process needs its own GPU only.
             let gpus = crate::backend::cuda::visible_gpus();
-            r.backend = if gpus >= world && gpus > 0 { BackendKind::Cuda } else { BackendKind::Cpu };
+            let enough = match crate::backend::cuda::external::detect_from_env() {
+                Ok(Some(ext)) => ext.problems(world, gpus).is_empty(),
+                _ => gpus >= world,
+            };
+            r.backend = if enough && gpus > 0 { BackendKind::Cuda } else { BackendKind::Cpu };
         }
         BackendKind::Cpu => {}
         BackendKind::Cuda => {
             let gpus = crate::backend::cuda::visible_gpus();
-            if gpus < world {
-                c.fail("run.backend", format!("backend \"cuda\" needs one GPU per rank: world={world} but {gpus} GPU(s) are visible"),
-                    "use backend = \"cpu\" (or \"auto\"), or shrink the layout (dp*ep*tp*pp) to the GPUs present");
+            match crate::backend::cuda::external::detect_from_env() {
+                // One process per rank (torchrun, srun): the launcher's world size must be the
+                // layout's, and this rank needs its GPU.
+                Ok(Some(ext)) => {
+                    for (field, message, fix) in ext.problems(world, gpus) {
+                        c.fail(&field, message, &fix);
+                    }
+                }
+                Err(e) => c.fail("run.backend", format!("launch environment: {}: {}", e.var, e.message), &e.fix),
+                Ok(None) if gpus < world => {
+                    c.fail("run.backend", format!("backend \"cuda\" needs one GPU per rank: world={world} but {gpus} GPU(s) are visible"),
+                        "use backend = \"cpu\" (or \"auto\"), or shrink the layout (dp*ep*tp*pp) to the GPUs present");
+                }
+                Ok(None) => {}
             }
         }
         BackendKind::Sim => {}

@@ -4,20 +4,29 @@
 //! directory and merged here. A worker that dies, fails or stalls ends the job within
 //! seconds: the launcher kills the others and reports that rank's error; a worker whose
 //! launcher disappears (stdin closes) exits on its own.
+//!
+//! Under torchrun or srun ([`super::external`]) there is no launcher process: rank 0
+//! ([`run_external`]) holds a TCP rendezvous ([`super::rendezvous`]) and gathers the other
+//! ranks' ([`run_peer`]) lines and records over their sockets, through the same [`gather`]
+//! loop that reads local workers' stdout.
 
 use super::comm::{new_unique_id_hex, parse_unique_id, Comms};
+use super::external::ExternalRank;
 use super::gpu::Gpu;
 use super::rank::GpuRank;
+use super::rendezvous::{self, FromRoot, Hello, Hub, RendezvousError, RootEvent, ToRoot, Welcome};
 use crate::backend::{BackendError, ExecOptions, StepReport};
 use crate::plan::Plan;
+use crate::spec::ExperimentSpec;
 use crate::taxonomy::Stage;
 use crate::trace::{MemEvent, OpEvent, StepSpan, Trace};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// One line a worker prints on stdout.
@@ -175,33 +184,206 @@ pub fn worker_binary() -> Option<PathBuf> {
     [dir.join("moelab"), dir.parent()?.join("moelab")].into_iter().find(|p| p.is_file())
 }
 
+/// What the gatherer hears about one rank, from a worker's stdout, a peer's socket or rank
+/// 0's own thread.
+#[derive(Debug)]
+pub enum RankEvent {
+    /// A progress line.
+    Line(WorkerLine),
+    /// Anything else the rank said (stderr, an unreadable line), kept for the log.
+    Note(String),
+    /// The rank's trace and memory record.
+    Record(Box<RankRecord>),
+    /// The rank is gone (process exited, connection closed or silent): what happened.
+    Gone(String),
+}
+
+/// What [`gather`] collected.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    /// Merged step reports, in order.
+    pub steps: Vec<StepReport>,
+    /// Why the job stopped early.
+    pub failure: Option<BackendError>,
+    /// Log lines.
+    pub notes: Vec<String>,
+    /// Each rank's record, where it arrived.
+    pub records: Vec<Option<RankRecord>>,
+}
+
+/// How long [`gather`] waits after a rank's error for a lost rank that caused it.
+pub const ERROR_GRACE: Duration = Duration::from_millis(300);
+
+/// A rank exit seen by [`gather`]'s poll: `(rank, exited successfully, how)`.
+pub type Exit = (u32, bool, String);
+
+/// The one gathering loop of local and external launches: reads `(rank, event)`s from `rx`
+/// until every rank is done, merging steps (passed to `on_step`) and records; ends early
+/// with the root cause when a rank fails, goes away (an event or `poll_exits`), the job is
+/// cancelled, or no step completes within the stall limit.
+pub fn gather(
+    world: usize, total: usize, rx: &Receiver<(u32, RankEvent)>, opts: &ExecOptions, poll_exits: &mut dyn FnMut() -> Vec<Exit>,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Gathered {
+    let mut g = Gathered { records: (0..world).map(|_| None).collect(), ..Default::default() };
+    let mut per_step: Vec<Vec<Option<WorkerLine>>> = vec![vec![None; world]; total];
+    let mut done = vec![false; world];
+    // (the rank that reported it, the error); the first error's arrival time.
+    let mut errors: Vec<(u32, BackendError)> = Vec::new();
+    let mut first_error: Option<Instant> = None;
+    let mut last_progress = Instant::now();
+    // The first step includes NCCL setup and kernel compilation.
+    let mut stall_limit = opts.collective_timeout.max(Duration::from_secs(120));
+    let mut merged = 0usize;
+    let valid = |r: u32| (r as usize) < world;
+    while g.failure.is_none() && !done.iter().all(|d| *d) {
+        if opts.cancel.load(Ordering::Relaxed) {
+            g.failure = Some(BackendError::Cancelled);
+            break;
+        }
+        let mut gone: Vec<(u32, String)> = Vec::new();
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok((r, _)) if !valid(r) => {}
+            Ok((r, RankEvent::Line(line))) => {
+                last_progress = Instant::now();
+                match line {
+                    WorkerLine::Ready { rank, device } => g.notes.push(format!("rank {rank}: {device}")),
+                    WorkerLine::Step { step, .. } if step < total => {
+                        per_step[step][r as usize] = Some(line.clone());
+                        stall_limit = opts.collective_timeout;
+                    }
+                    WorkerLine::Step { .. } => {}
+                    WorkerLine::Error { error, message, rank } => {
+                        errors.push((r, error.map(WireError::into_backend).unwrap_or(BackendError::Crashed { rank, message })));
+                        first_error.get_or_insert_with(Instant::now);
+                    }
+                    WorkerLine::Done { .. } => done[r as usize] = true,
+                }
+            }
+            Ok((r, RankEvent::Note(n))) => g.notes.push(format!("rank {r}: {n}")),
+            Ok((r, RankEvent::Record(rec))) => g.records[r as usize] = Some(*rec),
+            Ok((r, RankEvent::Gone(how))) => gone.push((r, how)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Every sender is gone (workers exited): polling and the stall limit decide.
+            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(50)),
+        }
+        while merged < total && per_step[merged].iter().all(Option::is_some) {
+            let rep = merge_step(merged, &per_step[merged]);
+            on_step(&rep);
+            g.steps.push(rep);
+            merged += 1;
+        }
+        for (r, ok, how) in poll_exits() {
+            if ok && valid(r) {
+                done[r as usize] = true;
+            } else if valid(r) {
+                gone.push((r, how));
+            }
+        }
+        if let Some((r, how)) = gone.into_iter().find(|(r, _)| !done[*r as usize]) {
+            // Give its own error line a moment to arrive before calling it a crash; another
+            // rank's error in the meantime (a collective failing because of it) is an effect.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            let mut own = pick_error(&errors.iter().filter(|e| e.0 == r).map(|e| e.1.clone()).collect::<Vec<_>>());
+            while own.is_none() && Instant::now() < deadline {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok((q, RankEvent::Line(WorkerLine::Error { error, message, rank }))) if q == r => {
+                        own = Some(error.map(WireError::into_backend).unwrap_or(BackendError::Crashed { rank, message }));
+                    }
+                    Ok((q, RankEvent::Record(rec))) if valid(q) => g.records[q as usize] = Some(*rec),
+                    Ok((q, RankEvent::Note(n))) => g.notes.push(format!("rank {q}: {n}")),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    _ => {}
+                }
+            }
+            g.failure = Some(own.unwrap_or(BackendError::Crashed { rank: r, message: how }));
+            break;
+        }
+        // An error ends the job after a short grace, in which a rank that went away (the
+        // likelier root cause: a peer's collective fails because it died) takes precedence.
+        if first_error.is_some_and(|t| t.elapsed() >= ERROR_GRACE) {
+            g.failure = pick_error(&errors.iter().map(|e| e.1.clone()).collect::<Vec<_>>());
+            break;
+        }
+        if g.failure.is_none() && last_progress.elapsed() > stall_limit {
+            g.failure = Some(BackendError::Timeout { rank: 0, op: "(step)".into(), missing: waiting_ranks(&per_step, merged), secs: stall_limit.as_secs() });
+        }
+    }
+    g
+}
+
+/// Collects records and notes arriving on `rx` until `until` (after a failure, from ranks
+/// still able to send them).
+fn drain(rx: &Receiver<(u32, RankEvent)>, g: &mut Gathered, until: Instant) {
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left.min(Duration::from_millis(50))) {
+            Ok((r, RankEvent::Record(rec))) if (r as usize) < g.records.len() => g.records[r as usize] = Some(*rec),
+            Ok((r, RankEvent::Note(n))) => g.notes.push(format!("rank {r}: {n}")),
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        if g.records.iter().all(Option::is_some) {
+            return;
+        }
+    }
+}
+
+/// The job result from what was gathered: the merged trace and each rank's memory peaks.
+fn finish(plan: &Plan, g: Gathered) -> JobResult {
+    let world = plan.world();
+    let mut res = JobResult { steps: g.steps, failure: g.failure, notes: g.notes, ..Default::default() };
+    res.trace = Trace { backend: "cuda".into(), world: world as u32, ..Default::default() };
+    for (r, rec) in g.records.into_iter().enumerate() {
+        match rec {
+            Some(rec) => {
+                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                let plan_peak = crate::plan::memory::predict(&plan.ranks[r]).peak_total;
+                res.notes.push(format!(
+                    "rank {r}: memory peak: plan {:.3} MiB, tracked {:.3} MiB, device pool {:.3} MiB (pool/plan {:.3})",
+                    mib(plan_peak), mib(rec.tracked_peak.0), mib(rec.pool_peak_bytes), rec.pool_peak_bytes as f64 / plan_peak.max(1) as f64
+                ));
+                res.trace.ops.extend(rec.ops);
+                res.trace.memory.extend(rec.memory);
+                res.trace.steps.extend(rec.steps);
+                res.tracked.push(rec.tracked_peak);
+            }
+            None => res.tracked.push((0, [0; 7])),
+        }
+    }
+    res
+}
+
+fn now_unix_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
 /// Runs the plan's ranks as worker processes, one per GPU, and merges what they report.
 /// `on_step` sees every merged step as it completes.
 pub fn run_job(plan: &Plan, dir: &Path, opts: &ExecOptions, on_step: &mut dyn FnMut(&StepReport)) -> JobResult {
     let world = plan.world();
-    let mut res = JobResult::default();
+    let fail = |e: BackendError| JobResult { failure: Some(e), ..Default::default() };
     let Some(bin) = worker_binary() else {
-        res.failure = Some(BackendError::Crashed { rank: 0, message: "cannot find the moelab binary to start cuda workers (set MOELAB_BIN)".into() });
-        return res;
+        return fail(BackendError::Crashed { rank: 0, message: "cannot find the moelab binary to start cuda workers (set MOELAB_BIN)".into() });
     };
     let id = if world > 1 {
         match new_unique_id_hex() {
             Ok(id) => Some(id),
-            Err(e) => {
-                res.failure = Some(BackendError::Crashed { rank: 0, message: format!("NCCL bootstrap: {e}") });
-                return res;
-            }
+            Err(e) => return fail(BackendError::Crashed { rank: 0, message: format!("NCCL bootstrap: {e}") }),
         }
     } else {
         None
     };
-    let epoch_ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let epoch_ns = now_unix_ns();
     let mut children: Vec<Child> = Vec::new();
-    let (tx, rx) = mpsc::channel::<(u32, Option<WorkerLine>, String)>();
+    let mut notes = Vec::new();
+    let mut start_failure = None;
+    let (tx, rx) = mpsc::channel::<(u32, RankEvent)>();
     for r in 0..world {
         let mut cmd = Command::new(&bin);
         cmd.arg("cuda-worker")
             .arg(dir)
+            .env("MOELAB_LAUNCH", "local")
             .env("RANK", r.to_string())
             .env("WORLD_SIZE", world.to_string())
             .env("LOCAL_RANK", r.to_string())
@@ -221,14 +403,17 @@ pub fn run_job(plan: &Plan, dir: &Path, opts: &ExecOptions, on_step: &mut dyn Fn
         }
         match cmd.spawn() {
             Ok(mut child) => {
-                res.notes.push(format!("rank {r}: worker pid {}", child.id()));
+                notes.push(format!("rank {r}: worker pid {}", child.id()));
                 let out = child.stdout.take().expect("piped");
                 let err = child.stderr.take().expect("piped");
                 let txo = tx.clone();
                 std::thread::spawn(move || {
                     for line in BufReader::new(out).lines().map_while(Result::ok) {
-                        let parsed = serde_json::from_str::<WorkerLine>(&line).ok();
-                        if txo.send((r as u32, parsed, line)).is_err() {
+                        let ev = match serde_json::from_str::<WorkerLine>(&line) {
+                            Ok(l) => RankEvent::Line(l),
+                            Err(_) => RankEvent::Note(line),
+                        };
+                        if txo.send((r as u32, ev)).is_err() {
                             break;
                         }
                     }
@@ -238,119 +423,269 @@ pub fn run_job(plan: &Plan, dir: &Path, opts: &ExecOptions, on_step: &mut dyn Fn
                     let mut s = String::new();
                     let _ = BufReader::new(err).read_to_string(&mut s);
                     for line in s.lines() {
-                        let _ = txe.send((r as u32, None, format!("stderr: {line}")));
+                        let _ = txe.send((r as u32, RankEvent::Note(format!("stderr: {line}"))));
                     }
                 });
                 children.push(child);
             }
             Err(e) => {
-                res.failure = Some(BackendError::Crashed { rank: r as u32, message: format!("cannot start worker {}: {e}", bin.display()) });
+                start_failure = Some(BackendError::Crashed { rank: r as u32, message: format!("cannot start worker {}: {e}", bin.display()) });
                 break;
             }
         }
     }
     drop(tx);
     let total = plan.spec.run.warmup + plan.spec.run.steps;
-    let mut per_step: Vec<Vec<Option<WorkerLine>>> = vec![vec![None; world]; total];
-    let mut done = vec![false; world];
-    let mut exited = vec![false; world];
-    let mut errors: Vec<BackendError> = Vec::new();
-    let mut last_progress = Instant::now();
-    // The first step includes NCCL setup and kernel compilation.
-    let mut stall_limit = opts.collective_timeout.max(Duration::from_secs(120));
-    let mut merged = 0usize;
-    while res.failure.is_none() && !done.iter().all(|d| *d) {
-        if opts.cancel.load(Ordering::Relaxed) {
-            res.failure = Some(BackendError::Cancelled);
-            break;
-        }
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok((r, Some(line), _)) => {
-                last_progress = Instant::now();
-                match line {
-                    WorkerLine::Ready { rank, device } => res.notes.push(format!("rank {rank}: {device}")),
-                    WorkerLine::Step { step, .. } if step < total => {
-                        per_step[step][r as usize] = Some(line.clone());
-                        stall_limit = opts.collective_timeout;
-                    }
-                    WorkerLine::Step { .. } => {}
-                    WorkerLine::Error { error, message, rank } => {
-                        let e = error.map(WireError::into_backend).unwrap_or(BackendError::Crashed { rank, message });
-                        errors.push(e);
-                    }
-                    WorkerLine::Done { rank } => done[rank as usize] = true,
-                }
-            }
-            Ok((r, None, raw)) => res.notes.push(format!("rank {r}: {raw}")),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {}
-        }
-        while merged < total && per_step[merged].iter().all(Option::is_some) {
-            let rep = merge_step(merged, &per_step[merged]);
-            on_step(&rep);
-            res.steps.push(rep);
-            merged += 1;
-        }
-        if let Some(e) = pick_error(&errors) {
-            res.failure = Some(e);
-            break;
-        }
+    let mut exited = vec![false; children.len()];
+    let mut poll = || {
+        let mut out = Vec::new();
         for (r, c) in children.iter_mut().enumerate() {
-            if exited[r] {
-                continue;
-            }
-            if let Ok(Some(status)) = c.try_wait() {
-                exited[r] = true;
-                if !status.success() && !done[r] {
-                    // Give its error line a moment to arrive before calling it a crash.
-                    let deadline = Instant::now() + Duration::from_millis(500);
-                    while Instant::now() < deadline {
-                        if let Ok((_, Some(WorkerLine::Error { error, message, rank }), _)) = rx.recv_timeout(Duration::from_millis(50)) {
-                            errors.push(error.map(WireError::into_backend).unwrap_or(BackendError::Crashed { rank, message }));
-                        }
-                    }
-                    res.failure = pick_error(&errors)
-                        .or_else(|| Some(BackendError::Crashed { rank: r as u32, message: format!("worker process exited: {}", describe(status)) }));
-                } else if status.success() {
-                    done[r] = true;
+            if !exited[r] {
+                if let Ok(Some(status)) = c.try_wait() {
+                    exited[r] = true;
+                    out.push((r as u32, status.success(), format!("worker process exited: {}", describe(status))));
                 }
             }
         }
-        if res.failure.is_none() && last_progress.elapsed() > stall_limit {
-            res.failure = Some(BackendError::Timeout { rank: 0, op: "(step)".into(), missing: waiting_ranks(&per_step, merged), secs: stall_limit.as_secs() });
-        }
-    }
+        out
+    };
+    let mut g = match start_failure {
+        Some(e) => Gathered { failure: Some(e), records: (0..world).map(|_| None).collect(), ..Default::default() },
+        None => gather(world, total, &rx, opts, &mut poll, on_step),
+    };
     for c in children.iter_mut() {
-        if res.failure.is_some() {
+        if g.failure.is_some() {
             let _ = c.kill();
         }
         let _ = c.wait();
     }
-    while let Ok((r, _, raw)) = rx.try_recv() {
-        if raw.starts_with("stderr: ") {
-            res.notes.push(format!("rank {r}: {raw}"));
-        }
-    }
-    res.trace = Trace { backend: "cuda".into(), world: world as u32, ..Default::default() };
-    for r in 0..world {
-        let path = dir.join(format!("rank-{r}.json"));
-        match std::fs::read_to_string(&path).ok().and_then(|s| serde_json::from_str::<RankRecord>(&s).ok()) {
-            Some(rec) => {
-                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-                let plan_peak = crate::plan::memory::predict(&plan.ranks[r]).peak_total;
-                res.notes.push(format!(
-                    "rank {r}: memory peak: plan {:.3} MiB, tracked {:.3} MiB, device pool {:.3} MiB (pool/plan {:.3})",
-                    mib(plan_peak), mib(rec.tracked_peak.0), mib(rec.pool_peak_bytes), rec.pool_peak_bytes as f64 / plan_peak.max(1) as f64
-                ));
-                res.trace.ops.extend(rec.ops);
-                res.trace.memory.extend(rec.memory);
-                res.trace.steps.extend(rec.steps);
-                res.tracked.push(rec.tracked_peak);
+    while let Ok((r, ev)) = rx.try_recv() {
+        if let RankEvent::Note(n) = ev {
+            if n.starts_with("stderr: ") {
+                g.notes.push(format!("rank {r}: {n}"));
             }
-            None => res.tracked.push((0, [0; 7])),
         }
     }
-    res
+    for (r, rec) in g.records.iter_mut().enumerate() {
+        if rec.is_none() {
+            *rec = std::fs::read_to_string(dir.join(format!("rank-{r}.json"))).ok().and_then(|s| serde_json::from_str::<RankRecord>(&s).ok());
+        }
+    }
+    notes.append(&mut g.notes);
+    g.notes = notes;
+    finish(plan, g)
+}
+
+/// Starts the thread that runs this process's GPU rank (with the main thread's stack size:
+/// a local worker runs its rank on its main thread).
+fn spawn_rank_thread(f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new().name("moelab-rank".into()).stack_size(8 << 20).spawn(f).expect("spawning the rank thread");
+}
+
+/// Rank 0 of an externally launched job (torchrun, srun): holds the rendezvous on
+/// `ext.port`, hands the peers the NCCL id and the resolved spec, runs its own rank on a
+/// thread, and gathers every rank's progress and record the way [`run_job`] gathers its
+/// workers'. A peer that fails or goes away ends the job with its error; every peer is then
+/// told to stop.
+pub fn run_external(plan: &Plan, opts: &ExecOptions, ext: &ExternalRank, spec_hash: &str, on_step: &mut dyn FnMut(&StepReport)) -> JobResult {
+    let world = plan.world();
+    let fail = |e: BackendError| JobResult { failure: Some(e), ..Default::default() };
+    let device = match ext.device(super::visible_gpus()) {
+        Ok(d) => d,
+        Err(e) => return fail(BackendError::Crashed { rank: 0, message: e.to_string() }),
+    };
+    let (tx, rx) = mpsc::channel::<(u32, RankEvent)>();
+    let epoch_ns = now_unix_ns();
+    let mut notes = vec![format!("external launch ({:?}): rank 0 of {world} on GPU {device}, rendezvous on port {}", ext.launcher, ext.port)];
+    let mut id = None;
+    let mut hub = None;
+    if world > 1 {
+        let listener = match rendezvous::listen(ext.port) {
+            Ok(l) => l,
+            Err(e) => return fail(BackendError::OpFailed { rank: 0, op: "rendezvous".into(), message: e.to_string() }),
+        };
+        id = match new_unique_id_hex() {
+            Ok(i) => Some(i),
+            Err(e) => return fail(BackendError::OpFailed { rank: 0, op: "ncclGetUniqueId".into(), message: e.to_string() }),
+        };
+        let peers = match rendezvous::serve(&listener, world, spec_hash, ext.timeout) {
+            Ok(p) => p,
+            Err(e) => return fail(BackendError::OpFailed { rank: 0, op: "rendezvous".into(), message: e.to_string() }),
+        };
+        for p in &peers {
+            notes.push(format!("rank {}: joined from {}", p.rank, p.host));
+        }
+        let welcome = Welcome {
+            nccl_id: id.clone(), epoch_unix_ns: epoch_ns, timeout_s: opts.collective_timeout.as_secs(), spec_toml: plan.spec.to_toml(),
+            fail_at: opts.fail_at.clone(), skip_optimizer: opts.skip_optimizer,
+        };
+        hub = Some(Hub::start(peers, &welcome, tx.clone(), rendezvous::SILENCE_LIMIT));
+    }
+    // Rank 0's own GPU work runs beside the gathering; it is never joined after a failure
+    // (it may sit in a collective whose peer died: the process exit ends it).
+    let own_cancel = Arc::new(AtomicBool::new(false));
+    let setup = RankSetup {
+        rank: 0, world, device, nccl_id: id, epoch_ns,
+        opts: ExecOptions { cancel: own_cancel.clone(), ..opts.clone() },
+    };
+    let own_plan = plan.clone();
+    let txr = tx.clone();
+    spawn_rank_thread(move || {
+        let mut emit = |l: WorkerLine| {
+            let _ = txr.send((0, RankEvent::Line(l)));
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_rank(own_plan, &setup, &mut emit, None)));
+        match outcome {
+            Ok((code, rec)) => {
+                if let Some(rec) = rec {
+                    let _ = txr.send((0, RankEvent::Record(Box::new(rec))));
+                }
+                if code == 0 {
+                    emit(WorkerLine::Done { rank: 0 });
+                }
+            }
+            Err(p) => {
+                let message = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                emit(WorkerLine::Error { rank: 0, message: format!("rank 0 crashed: {message}"), error: Some(WireError::Crashed { rank: 0, message }) });
+            }
+        }
+    });
+    drop(tx);
+    let total = plan.spec.run.warmup + plan.spec.run.steps;
+    let mut g = gather(world, total, &rx, opts, &mut Vec::new, on_step);
+    if let Some(e) = &g.failure {
+        own_cancel.store(true, Ordering::SeqCst);
+        if let Some(h) = &hub {
+            h.send_all(&FromRoot::Stop { reason: e.to_string() });
+        }
+        drain(&rx, &mut g, Instant::now() + Duration::from_secs(1));
+    }
+    if let Some(h) = &hub {
+        h.send_all(&FromRoot::End { ok: g.failure.is_none(), message: g.failure.as_ref().map(|e| e.to_string()) });
+    }
+    drop(hub);
+    notes.append(&mut g.notes);
+    g.notes = notes;
+    finish(plan, g)
+}
+
+/// Why a non-zero rank of an external launch stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The rendezvous with rank 0 failed.
+    #[error("rank {rank}: {source}")]
+    Rendezvous {
+        /// This rank.
+        rank: usize,
+        /// The cause.
+        source: RendezvousError,
+    },
+    /// Rank 0's spec does not load or plan here.
+    #[error("rank {rank}: rank 0's spec: {message}")]
+    Spec {
+        /// This rank.
+        rank: usize,
+        /// The error.
+        message: String,
+    },
+    /// This rank failed (the error was also sent to rank 0).
+    #[error("rank {rank} failed: {message}")]
+    Failed {
+        /// This rank.
+        rank: usize,
+        /// The error.
+        message: String,
+    },
+    /// Rank 0 ended the job, or went away.
+    #[error("rank {rank} stopped: {message}")]
+    Stopped {
+        /// This rank.
+        rank: usize,
+        /// Rank 0's reason, or how the connection was lost.
+        message: String,
+    },
+}
+
+/// A non-zero rank of an externally launched job: joins rank 0's rendezvous with `spec`'s
+/// hash, runs rank 0's resolved spec as `ext.rank` on its GPU, streams progress and its
+/// record to rank 0, and returns once rank 0 ends the job. Writes nothing to disk; `say`
+/// gets a line when the rank joined. Returns early (the GPU thread left behind) when rank
+/// 0 stops the job or goes away.
+pub fn run_peer(spec: &ExperimentSpec, ext: &ExternalRank, say: &mut dyn FnMut(&str)) -> Result<(), PeerError> {
+    let rank = ext.rank;
+    let rv = |source| PeerError::Rendezvous { rank, source };
+    let device = ext.device(super::visible_gpus()).map_err(|e| PeerError::Failed { rank, message: e.to_string() })?;
+    let hello = Hello::new(rank as u32, ext.world as u32, rendezvous::spec_hash(spec));
+    let (client, welcome, root) = rendezvous::connect(&ext.address(), &hello, ext.timeout).map_err(rv)?;
+    let spec_err = |message: String| PeerError::Spec { rank, message };
+    let resolved = crate::spec::from_toml_str(&welcome.spec_toml).map_err(|e| spec_err(e.to_string()))?;
+    let plan = Plan::build(&resolved).map_err(|e| spec_err(e.to_string()))?;
+    say(&format!("rank {rank} of {}: joined rank 0 at {}, GPU {device}; rank 0 writes the run directory", ext.world, ext.address()));
+    let mut opts = ExecOptions { collective_timeout: Duration::from_secs(welcome.timeout_s), skip_optimizer: welcome.skip_optimizer, ..Default::default() };
+    opts.fail_at = welcome.fail_at.clone();
+    let setup = RankSetup { rank, world: ext.world, device, nccl_id: welcome.nccl_id.clone(), epoch_ns: welcome.epoch_unix_ns, opts };
+    let sender = client.sender();
+    let (done_tx, done_rx) = mpsc::channel::<Option<String>>();
+    spawn_rank_thread(move || {
+        let mut failed = None;
+        let mut emit = |l: WorkerLine| {
+            if let WorkerLine::Error { message, .. } = &l {
+                failed = Some(message.clone());
+            }
+            let _ = sender.send(&ToRoot::Line { line: l });
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_rank(plan, &setup, &mut emit, None)));
+        let (code, rec) = match outcome {
+            Ok(x) => x,
+            Err(_) => {
+                let message = format!("rank {rank} crashed (panic)");
+                emit(WorkerLine::Error { rank: rank as u32, message: message.clone(), error: Some(WireError::Crashed { rank: rank as u32, message }) });
+                (1, None)
+            }
+        };
+        if let Some(rec) = rec {
+            let _ = sender.send(&ToRoot::Record { record: Box::new(rec) });
+        }
+        if code == 0 {
+            let _ = sender.send(&ToRoot::Line { line: WorkerLine::Done { rank: rank as u32 } });
+        }
+        let _ = done_tx.send(failed.or((code != 0).then(|| format!("exit code {code}"))));
+    });
+    let mut own: Option<Option<String>> = None;
+    loop {
+        if own.is_none() {
+            if let Ok(r) = done_rx.try_recv() {
+                own = Some(r);
+            }
+        }
+        match root.recv_timeout(Duration::from_millis(50)) {
+            Ok(RootEvent::End(ok, message)) => {
+                return match (own.flatten(), ok) {
+                    (Some(m), _) => Err(PeerError::Failed { rank, message: m }),
+                    (None, true) => Ok(()),
+                    (None, false) => Err(PeerError::Stopped { rank, message: message.unwrap_or_else(|| "the job failed".into()) }),
+                };
+            }
+            Ok(RootEvent::Stop(reason)) => {
+                // Our own failure, when there is one, is what rank 0 reports too.
+                let own = own.flatten().or_else(|| done_rx.recv_timeout(Duration::from_millis(200)).ok().flatten());
+                return Err(match own {
+                    Some(m) => PeerError::Failed { rank, message: m },
+                    None => PeerError::Stopped { rank, message: format!("rank 0 ended the job: {reason}") },
+                });
+            }
+            Ok(RootEvent::Lost(how)) => {
+                return Err(match own.flatten() {
+                    Some(m) => PeerError::Failed { rank, message: m },
+                    None => PeerError::Stopped { rank, message: how },
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(PeerError::Stopped { rank, message: "lost rank 0's connection".into() });
+            }
+        }
+    }
 }
 
 fn describe(status: std::process::ExitStatus) -> String {
@@ -400,49 +735,132 @@ fn env_usize(names: &[&str]) -> Option<usize> {
     names.iter().find_map(|n| std::env::var(n).ok()?.parse().ok())
 }
 
-/// The worker process: `moelab cuda-worker <run dir>` with RANK, WORLD_SIZE and LOCAL_RANK
-/// (as torchrun and srun set them) and MOELAB_NCCL_ID. Returns the exit code.
+/// Where one rank runs and how it joins the others.
+#[derive(Clone)]
+pub struct RankSetup {
+    /// Global rank.
+    pub rank: usize,
+    /// Ranks in the job.
+    pub world: usize,
+    /// GPU ordinal.
+    pub device: usize,
+    /// NCCL unique id as hex (required when world > 1).
+    pub nccl_id: Option<String>,
+    /// The job's wall-clock time base, Unix nanoseconds (0: this rank's own start).
+    pub epoch_ns: u64,
+    /// Collective timeout, fault injection, optimizer skipping, cancel flag.
+    pub opts: ExecOptions,
+}
+
+/// Runs one rank of `plan` on its GPU: opens it, joins the communicators, runs every step,
+/// reporting through `emit` (`Ready`, `Step`s, an `Error` on failure; `Done` is the
+/// caller's, after it has stored the record). Returns the exit code (0 or 1) and the rank's
+/// record once the GPU was set up, also after a failed step. With `dump`, the final
+/// parameters and gradients of a completed run go to `dump/params-rank<r>.json`.
+pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dump: Option<&Path>) -> (i32, Option<RankRecord>) {
+    let rank = s.rank;
+    let mut fail = |message: String, error: Option<WireError>| {
+        emit(WorkerLine::Error { rank: rank as u32, message, error });
+        1
+    };
+    if plan.world() != s.world || rank >= s.world {
+        return (fail(format!("rank {rank}: the plan has {} ranks but WORLD_SIZE={}", plan.world(), s.world), None), None);
+    }
+    let gpu = match Gpu::open(s.device) {
+        Ok(g) => g,
+        Err(e) => return (fail(format!("rank {rank}: GPU {}: {e}", s.device), None), None),
+    };
+    let device_name = gpu.info.name.clone();
+    let id = s.nccl_id.as_deref().and_then(parse_unique_id);
+    if let Err(e) = gpu.ctx.bind_to_thread() {
+        return (fail(format!("rank {rank}: {e:?}"), None), None);
+    }
+    let comms = match Comms::new(rank as u32, s.world, id, &plan.groups) {
+        Ok(c) => c,
+        Err(e) => return (fail(format!("rank {rank}: communicators: {e}"), None), None),
+    };
+    let offset_ns = if s.epoch_ns == 0 { 0 } else { now_unix_ns().saturating_sub(s.epoch_ns) as i64 };
+    // Cross-checks of bf16 plans replay this run's routing on the cpu: keep every layer's
+    // choices (`*route.idx`) past their last use so they can be written out with the dump.
+    let route_names: Vec<String> = if dump.is_some() {
+        plan.ranks[rank].buffers.iter().filter(|b| b.name.ends_with("route.idx")).map(|b| b.name.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    let mut gr = match GpuRank::new(plan, rank, gpu, comms, &route_names, offset_ns) {
+        Ok(g) => g,
+        Err(e) => return (fail(format!("rank {rank}: setup: {e}"), None), None),
+    };
+    emit(WorkerLine::Ready { rank: rank as u32, device: device_name.clone() });
+    let spec = &gr.plan().spec;
+    let (warmup, steps) = (spec.run.warmup, spec.run.steps);
+    let mut code = 0;
+    for i in 0..warmup + steps {
+        let measured = i >= warmup;
+        match gr.step(measured, &s.opts) {
+            Ok(st) => {
+                // This rank's loss share and the routing figures of the layers it reports.
+                let mine = crate::backend::reported_layers(gr.plan(), rank);
+                let loss: f64 = st.obs.iter().filter(|o| o.0 == Stage::Loss).map(|o| o.3.loss).sum();
+                let routing: Vec<_> = st.obs.iter().filter(|o| o.0 != Stage::Loss && mine.contains(&o.1)).map(|o| (o.1, o.2, o.3)).collect();
+                let (aux, dropped, routed, capacity) = crate::backend::routing_figures(&routing);
+                emit(WorkerLine::Step { rank: rank as u32, step: i, measured, loss, aux, dropped, routed, capacity, wall_s: st.wall_s, host_ops: st.host_ops });
+            }
+            Err(e) => {
+                emit(WorkerLine::Error { rank: rank as u32, message: e.to_string(), error: Some(WireError::from(&e)) });
+                code = 1;
+                break;
+            }
+        }
+    }
+    let rec = RankRecord {
+        rank: rank as u32, device: device_name, ops: gr.ops.clone(), memory: gr.memory_events(), steps: gr.steps.clone(),
+        tracked_peak: gr.tracked_peak(),
+        pool_peak_bytes: gr.pool_peak_bytes(),
+    };
+    if let (0, Some(dir)) = (code, dump) {
+        let rp = &gr.plan().ranks[rank];
+        let names: Vec<String> = rp.params.iter().flat_map(|p| std::iter::once(p.value).chain(p.grad)).map(|b| rp.buffer(b).name.clone()).collect();
+        let dump: std::collections::BTreeMap<String, Vec<f32>> = names.into_iter().filter_map(|n| Some((n.clone(), gr.read(&n)?))).collect();
+        if let Err(e) = std::fs::write(dir.join(format!("params-rank{rank}.json")), serde_json::to_string(&dump).expect("floats serialize")) {
+            emit(WorkerLine::Error { rank: rank as u32, message: format!("rank {rank}: writing its parameters: {e}"), error: None });
+            code = 1;
+        }
+        let routes: std::collections::BTreeMap<String, Vec<i32>> =
+            route_names.iter().filter_map(|n| Some((n.clone(), gr.read(n)?.into_iter().map(|x| x as i32).collect()))).collect();
+        if let Err(e) = std::fs::write(dir.join(format!("routes-rank{rank}.json")), serde_json::to_string(&routes).expect("ints serialize")) {
+            emit(WorkerLine::Error { rank: rank as u32, message: format!("rank {rank}: writing its routing: {e}"), error: None });
+            code = 1;
+        }
+    }
+    (code, Some(rec))
+}
+
+/// The local launcher's worker process: `moelab cuda-worker <run dir>` with RANK,
+/// WORLD_SIZE, LOCAL_RANK and MOELAB_NCCL_ID set by [`run_job`]; progress as JSON lines on
+/// stdout, its record in `rank-<r>.json`. Returns the exit code.
 pub fn worker_main(dir: &Path) -> i32 {
-    let rank = env_usize(&["RANK", "SLURM_PROCID"]).unwrap_or(0);
-    let world = env_usize(&["WORLD_SIZE", "SLURM_NTASKS"]).unwrap_or(1);
-    let device = env_usize(&["LOCAL_RANK", "SLURM_LOCALID"]).unwrap_or(rank);
+    let rank = env_usize(&["RANK"]).unwrap_or(0);
+    let world = env_usize(&["WORLD_SIZE"]).unwrap_or(1);
+    let device = env_usize(&["LOCAL_RANK"]).unwrap_or(rank);
     // The launcher holds our stdin; when it goes away, so do we (no orphaned GPU jobs).
     std::thread::spawn(|| {
         let mut sink = Vec::new();
         let _ = std::io::stdin().read_to_end(&mut sink);
         std::process::exit(3);
     });
-    let fail = |message: String, error: Option<WireError>| {
-        emit(&WorkerLine::Error { rank: rank as u32, message, error });
+    let fail = |message: String| {
+        emit(&WorkerLine::Error { rank: rank as u32, message, error: None });
         1
     };
     let spec = match crate::spec::load_file(&dir.join("spec.toml")) {
         Ok(s) => s,
-        Err(e) => return fail(format!("rank {rank}: spec: {e}"), None),
+        Err(e) => return fail(format!("rank {rank}: spec: {e}")),
     };
     let plan = match Plan::build(&spec) {
         Ok(p) => p,
-        Err(e) => return fail(format!("rank {rank}: plan: {e}"), None),
+        Err(e) => return fail(format!("rank {rank}: plan: {e}")),
     };
-    if plan.world() != world || rank >= world {
-        return fail(format!("rank {rank}: the plan has {} ranks but WORLD_SIZE={world}", plan.world()), None);
-    }
-    let gpu = match Gpu::open(device) {
-        Ok(g) => g,
-        Err(e) => return fail(format!("rank {rank}: GPU {device}: {e}"), None),
-    };
-    let device_name = gpu.info.name.clone();
-    let id = std::env::var("MOELAB_NCCL_ID").ok().and_then(|h| parse_unique_id(&h));
-    if let Err(e) = gpu.ctx.bind_to_thread() {
-        return fail(format!("rank {rank}: {e:?}"), None);
-    }
-    let comms = match Comms::new(rank as u32, world, id, &plan.groups) {
-        Ok(c) => c,
-        Err(e) => return fail(format!("rank {rank}: communicators: {e}"), None),
-    };
-    let epoch_ns: u64 = std::env::var("MOELAB_EPOCH_UNIX_NS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    let offset_ns = now_ns.saturating_sub(epoch_ns) as i64;
     let mut opts = ExecOptions::default();
     if let Some(s) = std::env::var("MOELAB_TIMEOUT_S").ok().and_then(|v| v.parse().ok()) {
         opts.collective_timeout = Duration::from_secs(s);
@@ -455,57 +873,13 @@ pub fn worker_main(dir: &Path) -> i32 {
             }
         }
     }
-    // Cross-checks of bf16 plans replay this run's routing on the cpu: keep every layer's
-    // choices (`*route.idx`) past their last use so they can be written out below.
-    let route_names: Vec<String> = if std::env::var_os("MOELAB_DUMP_PARAMS").is_some() {
-        plan.ranks[rank].buffers.iter().filter(|b| b.name.ends_with("route.idx")).map(|b| b.name.clone()).collect()
-    } else {
-        Vec::new()
-    };
-    let mut gr = match GpuRank::new(plan, rank, gpu, comms, &route_names, offset_ns) {
-        Ok(g) => g,
-        Err(e) => return fail(format!("rank {rank}: setup: {e}"), None),
-    };
-    emit(&WorkerLine::Ready { rank: rank as u32, device: device_name.clone() });
-    let spec = &gr.plan().spec;
-    let (warmup, steps) = (spec.run.warmup, spec.run.steps);
-    let mut code = 0;
-    for i in 0..warmup + steps {
-        let measured = i >= warmup;
-        match gr.step(measured, &opts) {
-            Ok(s) => {
-                // This rank's loss share and the routing figures of the layers it reports.
-                let mine = crate::backend::reported_layers(gr.plan(), rank);
-                let loss: f64 = s.obs.iter().filter(|o| o.0 == Stage::Loss).map(|o| o.3.loss).sum();
-                let routing: Vec<_> = s.obs.iter().filter(|o| o.0 != Stage::Loss && mine.contains(&o.1)).map(|o| (o.1, o.2, o.3)).collect();
-                let (aux, dropped, routed, capacity) = crate::backend::routing_figures(&routing);
-                emit(&WorkerLine::Step { rank: rank as u32, step: i, measured, loss, aux, dropped, routed, capacity, wall_s: s.wall_s, host_ops: s.host_ops });
-            }
-            Err(e) => {
-                code = fail(e.to_string(), Some(WireError::from(&e)));
-                break;
-            }
-        }
-    }
-    let rec = RankRecord {
-        rank: rank as u32, device: device_name, ops: gr.ops.clone(), memory: gr.memory_events(), steps: gr.steps.clone(),
-        tracked_peak: gr.tracked_peak(),
-        pool_peak_bytes: gr.pool_peak_bytes(),
-    };
-    if let Err(e) = std::fs::write(dir.join(format!("rank-{rank}.json")), serde_json::to_string(&rec).expect("record serializes")) {
-        return fail(format!("rank {rank}: writing its trace: {e}"), None);
-    }
-    if code == 0 && std::env::var_os("MOELAB_DUMP_PARAMS").is_some() {
-        let rp = &gr.plan().ranks[rank];
-        let names: Vec<String> = rp.params.iter().flat_map(|p| std::iter::once(p.value).chain(p.grad)).map(|b| rp.buffer(b).name.clone()).collect();
-        let dump: std::collections::BTreeMap<String, Vec<f32>> = names.into_iter().filter_map(|n| Some((n.clone(), gr.read(&n)?))).collect();
-        if let Err(e) = std::fs::write(dir.join(format!("params-rank{rank}.json")), serde_json::to_string(&dump).expect("floats serialize")) {
-            return fail(format!("rank {rank}: writing its parameters: {e}"), None);
-        }
-        let routes: std::collections::BTreeMap<String, Vec<i32>> =
-            route_names.iter().filter_map(|n| Some((n.clone(), gr.read(n)?.into_iter().map(|x| x as i32).collect()))).collect();
-        if let Err(e) = std::fs::write(dir.join(format!("routes-rank{rank}.json")), serde_json::to_string(&routes).expect("ints serialize")) {
-            return fail(format!("rank {rank}: writing its routing: {e}"), None);
+    let epoch_ns = std::env::var("MOELAB_EPOCH_UNIX_NS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let setup = RankSetup { rank, world, device, nccl_id: std::env::var("MOELAB_NCCL_ID").ok(), epoch_ns, opts };
+    let dump = std::env::var_os("MOELAB_DUMP_PARAMS").is_some().then_some(dir);
+    let (code, rec) = run_rank(plan, &setup, &mut |l| emit(&l), dump);
+    if let Some(rec) = rec {
+        if let Err(e) = std::fs::write(dir.join(format!("rank-{rank}.json")), serde_json::to_string(&rec).expect("record serializes")) {
+            return fail(format!("rank {rank}: writing its trace: {e}"));
         }
     }
     if code == 0 {

@@ -2,7 +2,10 @@
 //! `moelab-kernels` (NVRTC, cuBLAS, NCCL via cudarc, loaded at run time), one worker process
 //! per GPU.
 //!
-//! - [`launch`]: starts one worker per rank, bootstraps NCCL, merges progress and traces.
+//! - [`launch`]: starts one worker per rank, bootstraps NCCL, merges progress and traces;
+//!   under torchrun/srun runs this process's rank and gathers on rank 0.
+//! - [`external`]: reads torchrun's and srun's rank variables.
+//! - [`rendezvous`]: rank 0's TCP rendezvous (NCCL id, spec hash) and the gathering sockets.
 //! - [`rank`]: one rank's plan on one GPU: a host thread and a CUDA stream per plan stream,
 //!   cross-stream dependencies as events, every op timed with CUDA events.
 //! - [`exec`]: one op on one stream (kernels of `plan_ops.cu`, cuBLAS, NCCL; the expert
@@ -20,9 +23,11 @@ pub mod calibrate;
 pub mod check;
 pub mod comm;
 pub mod exec;
+pub mod external;
 pub mod gpu;
 pub mod launch;
 pub mod rank;
+pub mod rendezvous;
 pub mod store;
 
 /// GPUs this process can use (0 without CUDA, a driver or a device); never panics.
