@@ -217,20 +217,14 @@ fn cmd_plan(file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The spec in `file` with `run.backend` replaced by `backend` (validated as a whole).
+/// The spec in `file` with the `--set` overrides and, when given, `--backend` (the same as
+/// `--set run.backend=...`, applied last).
 fn load_with_backend(file: &Path, backend: Option<&str>) -> Result<ExperimentSpec> {
-    let Some(b) = backend else { return load(file) };
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let mut doc: toml::Table = text.parse().with_context(|| format!("{}: not TOML", file.display()))?;
-    let run = doc.entry("run").or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(run) = run else { anyhow::bail!("{}: [run] is not a table", file.display()) };
-    run.insert("backend".into(), toml::Value::String(b.to_string()));
-    // Positions in the re-serialized text would not match the file's lines: drop them.
-    let strip = |e: spec::SpecError| match e {
-        spec::SpecError::Parse { message, file, .. } => spec::SpecError::Parse { message: format!("{message} (--backend {b})"), location: None, file },
-        other => other,
-    };
-    Ok(spec::from_toml_str(&doc.to_string()).map_err(|e| strip(e).in_file(file))?)
+    let mut overrides = OVERRIDES.get().cloned().unwrap_or_default();
+    if let Some(b) = backend {
+        overrides.push(spec::overrides::Override { key: vec!["run".into(), "backend".into()], value: Some(toml::Value::String(b.into())) });
+    }
+    Ok(spec::load_file_with(file, &overrides)?)
 }
 
 fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> Result<()> {

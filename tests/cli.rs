@@ -143,6 +143,15 @@ fn set_overrides_fields_and_the_run_directory_keeps_them() {
     let doc: toml::Table = toml::from_str(&spec).unwrap();
     assert_eq!(doc["model"]["n_layers"].as_integer(), Some(1), "{spec}");
     assert_eq!(doc["run"]["steps"].as_integer(), Some(1), "{spec}");
+    // --backend is one more override: --set still applies beside it.
+    let runs2 = tmp.path().join("runs2");
+    let (code, out, err) = moelab(
+        &["run", "-q", "experiments/quickstart.toml", "--backend", "cpu", "--runs-dir", runs2.to_str().unwrap(), "--set", "model.n_layers=1", "--set", "run.steps=1"],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let doc: toml::Table = toml::from_str(&std::fs::read_to_string(only_run_dir(&runs2).join("spec.toml")).unwrap()).unwrap();
+    assert_eq!((doc["model"]["n_layers"].as_integer(), doc["run"]["backend"].as_str()), (Some(1), Some("cpu")));
     // Overrides are checked like the file: the field and the fix are named, nothing runs.
     let bad_runs = tmp.path().join("bad");
     let (code, _, err) = moelab(&["run", "experiments/quickstart.toml", "--runs-dir", bad_runs.to_str().unwrap(), "--set", "layout.ep=3"], &[]);

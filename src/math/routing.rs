@@ -30,12 +30,11 @@ pub fn top_k(probs: &[f32], e: usize, k: usize, renormalize: bool, idx: &mut [i3
     for (t, pr) in probs.chunks_exact(e).enumerate() {
         let mut order: Vec<usize> = (0..e).collect();
         order.sort_by(|&a, &b| pr[b].partial_cmp(&pr[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
-        let sum: f32 = order[..k].iter().map(|&x| pr[x]).sum();
         for j in 0..k {
             idx[t * k + j] = order[j] as i32;
-            w[t * k + j] = if renormalize { pr[order[j]] / sum } else { pr[order[j]] };
         }
     }
+    weights_of(probs, idx, e, k, renormalize, w);
 }
 
 /// The gate weights of given choices `idx[T, k]` (as [`top_k`] computes them for its own):

@@ -279,7 +279,7 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
     }
     match r.backend {
         // auto: the GPUs when there are enough of them for the layout, else the cpu
-        // reference (which refuses bf16 below).
+        // reference (bf16 plans there: f32 math with bf16 storage).
         BackendKind::Auto => {
             // Under torchrun/srun (one process per rank) this process needs its own GPU only.
             let gpus = crate::backend::cuda::visible_gpus();

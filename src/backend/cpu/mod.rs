@@ -323,7 +323,14 @@ fn run_rank(
                 }
             }
             let forced_idx = match (&op.kind, &opts.replay_routes) {
-                (crate::plan::OpKind::Route { idx, .. }, Some(r)) => r.get(&(rp.rank, rp.buffer(*idx).name.clone())).map(Vec::as_slice),
+                (crate::plan::OpKind::Route { idx, .. }, Some(r)) => {
+                    let name = &rp.buffer(*idx).name;
+                    match r.get(&(rp.rank, name.clone())) {
+                        Some(v) => Some(v.as_slice()),
+                        None => return Err(BackendError::OpFailed { rank: rp.rank, op: op.name.clone(),
+                            message: format!("routing replay has no choices for {name}") }),
+                    }
+                }
                 _ => None,
             };
             let ctx = OpCtx { rank: rp.rank, seed: plan.spec.run.seed, step: data_step, adam_step, fabric, groups: &plan.groups, op_name: &op.name,
@@ -346,6 +353,12 @@ fn run_rank(
                 // arithmetic inside the op, bf16 storage between ops, as on the GPU).
                 for w in op.writes.iter().filter(|w| rp.buffer(**w).is_bf16()) {
                     st.round_bf16(*w);
+                }
+                // The GPU draws the target from the stored (bf16) batch: so does the cpu.
+                if let crate::plan::OpKind::LoadBatch { x, target, .. } = &op.kind {
+                    if rp.buffer(*x).is_bf16() {
+                        st.round_bf16(*target);
+                    }
                 }
                 if matches!(op.kind, crate::plan::OpKind::Adam { .. }) {
                     refresh_shadows(rp, &mut st);

@@ -180,7 +180,7 @@ impl<'a> StreamExec<'a> {
         }
         match (from, to) {
             (a, b) if a == b => self.copy(dst, src, n, a),
-            (Storage::F32, Storage::Bf16) => self.launch("cast_f32_bf16", self.grid(n), &[Arg::P(src), Arg::P(dst), Arg::I64(n as i64)]),
+            (Storage::F32, Storage::Bf16) => self.launch("f32_to_bf16_kernel", self.grid(n), &[Arg::P(src), Arg::P(dst), Arg::I64(n as i64)]),
             (Storage::Bf16, Storage::F32) => self.launch("cast_bf16_f32", self.grid(n), &[Arg::P(src), Arg::P(dst), Arg::I64(n as i64)]),
             _ => unreachable!("equal storages are copied"),
         }

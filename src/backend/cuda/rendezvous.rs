@@ -269,10 +269,14 @@ pub fn serve(listener: &TcpListener, world: usize, spec_hash: &str, timeout: Dur
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
+            // A connection that died between SYN and accept is not the rendezvous failing.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::Interrupted) => continue,
             Err(e) => return Err(RendezvousError::Io(e.to_string())),
         };
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_nodelay(true);
+        // A peer that stops reading must not block rank 0's writes (pings, stop) to all.
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
         let _ = stream.set_read_timeout(Some((deadline - now).clamp(Duration::from_millis(100), Duration::from_secs(10))));
         let Ok(Some(line)) = read_one_line(&mut stream, MAX_HELLO) else { continue };
         let Ok(ToRoot::Hello(h)) = serde_json::from_str::<ToRoot>(&line) else { continue };
@@ -430,6 +434,7 @@ pub fn connect(addr: &str, hello: &Hello, timeout: Duration) -> Result<(Client, 
     };
     let io = |e: std::io::Error| RendezvousError::Io(e.to_string());
     let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
     send_line(&mut stream, &ToRoot::Hello(hello.clone())).map_err(io)?;
     stream.set_read_timeout(Some(timeout * 2 + Duration::from_secs(10))).map_err(io)?;
     let welcome = loop {
