@@ -389,32 +389,14 @@ extern "C" __global__ void ln_bwd_partials_bf16(const bf16_t* x, const float* st
 // Causal softmax of the attention scores, in place, one warp per row of `probs` (rows of
 // length seq, row r is query r % seq): p[j] = exp(s[j] - max) / sum for j <= i, else 0.
 // The scores (scaled) come from cuBLAS (src/backend/cuda/exec/attention.rs).
-extern "C" __global__ void attn_softmax_causal(float* p, i64 rows, int seq) {
-    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    int lane = threadIdx.x % 32;
-    i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
-    for (i64 r = warp; r < rows; r += warps) {
-        float* row = p + r * seq;
-        int i = (int)(r % seq);
-        float mx = neg_inf();
-        for (int j = lane; j <= i; j += 32) mx = fmaxf(mx, row[j]);
-        mx = warp_max(mx);
-        float s = 0.0f;
-        for (int j = lane; j <= i; j += 32) s += expf(row[j] - mx);
-        float inv = 1.0f / warp_sum(s);
-        for (int j = lane; j < seq; j += 32) row[j] = j <= i ? expf(row[j] - mx) * inv : 0.0f;
-    }
-}
-
-// The bf16 plans' causal softmax: f32 scores `s` (a scratch slice of heads from cuBLAS) in,
-// bf16 probabilities `p` out, rows as in attn_softmax_causal.
-extern "C" __global__ void attn_softmax_causal_bf16(const float* s, bf16_t* p, i64 rows, int seq) {
+template <typename T>
+__device__ __forceinline__ void attn_softmax_causal_t(const float* s, T* p, i64 rows, int seq) {
     i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     i64 warps = ((i64)gridDim.x * blockDim.x) / 32;
     for (i64 r = warp; r < rows; r += warps) {
         const float* row = s + r * seq;
-        bf16_t* out = p + r * seq;
+        T* out = p + r * seq;
         int i = (int)(r % seq);
         float mx = neg_inf();
         for (int j = lane; j <= i; j += 32) mx = fmaxf(mx, row[j]);
@@ -422,9 +404,15 @@ extern "C" __global__ void attn_softmax_causal_bf16(const float* s, bf16_t* p, i
         float sum = 0.0f;
         for (int j = lane; j <= i; j += 32) sum += expf(row[j] - mx);
         float inv = 1.0f / warp_sum(sum);
-        for (int j = lane; j < seq; j += 32) out[j] = f32_to_bf16(j <= i ? expf(row[j] - mx) * inv : 0.0f);
+        // Each lane reads row[j] before writing out[j]: in place (s == p) is safe.
+        for (int j = lane; j < seq; j += 32) store_f(out, j, j <= i ? expf(row[j] - mx) * inv : 0.0f);
     }
 }
+extern "C" __global__ void attn_softmax_causal(float* p, i64 rows, int seq) { attn_softmax_causal_t(p, p, rows, seq); }
+
+// The bf16 plans' causal softmax: f32 scores `s` (a scratch slice of heads from cuBLAS) in,
+// bf16 probabilities `p` out, rows as in attn_softmax_causal.
+extern "C" __global__ void attn_softmax_causal_bf16(const float* s, bf16_t* p, i64 rows, int seq) { attn_softmax_causal_t(s, p, rows, seq); }
 
 // Its backward, in place on dp (one warp per row): ds[j] = p[j] (dp[j] - sum_k dp[k] p[k])
 // * scale for j <= i, else 0.
