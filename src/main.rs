@@ -98,11 +98,12 @@ enum Command {
         /// GPU ordinal.
         #[arg(long, default_value_t = 0)]
         device: usize,
-        /// How expert GEMMs are issued: one cuBLAS call per expert, one grouped call per
-        /// stage, cuBLASLt per expert with tuned algorithms (optionally with GELU fused), or
-        /// all of them (`both`: every mode measured in the same run).
-        #[arg(long, value_enum, default_value_t = GemmChoice::Both)]
-        gemm: GemmChoice,
+        /// How expert GEMMs are issued: one cuBLAS call per expert (on one stream or two),
+        /// one grouped call per stage, cuBLASLt per expert with tuned algorithms (optionally
+        /// with GELU fused), or all of them (`both`); a comma list measures several in the
+        /// same run (e.g. `per-expert,two-streams`).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "both")]
+        gemm: Vec<GemmChoice>,
         /// Write the report as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -373,6 +374,8 @@ fn cmd_calibrate(base: Option<&str>, name: Option<&str>, out: Option<&Path>, rep
 enum GemmChoice {
     /// One cuBLAS call per expert.
     PerExpert,
+    /// One cuBLAS call per expert, experts alternating between two streams.
+    TwoStreams,
     /// One grouped cuBLAS call per stage.
     Grouped,
     /// Per expert through cuBLASLt with per-shape algorithm tuning.
@@ -384,10 +387,17 @@ enum GemmChoice {
 }
 
 impl GemmChoice {
+    /// The modes of every choice, each once, in the benchmark's order.
+    fn all_modes(choices: &[GemmChoice]) -> Vec<moelab::backend::cuda::bench::ExpertGemm> {
+        use moelab::backend::cuda::bench::ExpertGemm;
+        ExpertGemm::ALL.into_iter().filter(|m| choices.iter().any(|c| c.modes().contains(m))).collect()
+    }
+
     fn modes(self) -> &'static [moelab::backend::cuda::bench::ExpertGemm] {
         use moelab::backend::cuda::bench::ExpertGemm;
         match self {
             GemmChoice::PerExpert => &[ExpertGemm::PerExpert],
+            GemmChoice::TwoStreams => &[ExpertGemm::TwoStreams],
             GemmChoice::Grouped => &[ExpertGemm::Grouped],
             GemmChoice::LtTuned => &[ExpertGemm::LtTuned],
             GemmChoice::FusedGelu => &[ExpertGemm::FusedGelu],
@@ -475,7 +485,7 @@ fn main() {
         Command::Validate { files } => cmd_validate(files),
         Command::Plan { file } => cmd_plan(file).map(|_| true),
         Command::Crosscheck { files, runs_dir, json } => cmd_crosscheck(files, runs_dir, json.as_deref()),
-        Command::Bench { configs, reps, device, gemm, json } => cmd_bench(configs, gemm.modes(), *reps, *device, json.as_deref()),
+        Command::Bench { configs, reps, device, gemm, json } => cmd_bench(configs, &GemmChoice::all_modes(gemm), *reps, *device, json.as_deref()),
         Command::Calibrate { base, name, out, reps, json, from } => {
             cmd_calibrate(base.as_deref(), name.as_deref(), out.as_deref(), *reps, json.as_deref(), from.as_deref())
         }

@@ -65,19 +65,24 @@ pub enum ExpertGemm {
     /// As [`ExpertGemm::LtTuned`], with GELU fused into the first GEMM's epilogue (which also
     /// stores the pre-activation) and its gradient into the epilogue of `dy w2^T`.
     FusedGelu,
+    /// As [`ExpertGemm::PerExpert`], the experts of a stage alternating between two streams
+    /// (each with its own cuBLAS handle), so one expert's last wave of tiles overlaps the
+    /// next expert's first.
+    TwoStreams,
 }
 
 impl ExpertGemm {
     /// Every mode, in the order the benchmark measures them.
-    pub const ALL: [ExpertGemm; 4] = [ExpertGemm::PerExpert, ExpertGemm::Grouped, ExpertGemm::LtTuned, ExpertGemm::FusedGelu];
+    pub const ALL: [ExpertGemm; 5] = [ExpertGemm::PerExpert, ExpertGemm::TwoStreams, ExpertGemm::Grouped, ExpertGemm::LtTuned, ExpertGemm::FusedGelu];
 
-    /// `per-expert`, `grouped`, `lt-tuned` or `fused-gelu`.
+    /// `per-expert`, `two-streams`, `grouped`, `lt-tuned` or `fused-gelu`.
     pub fn name(self) -> &'static str {
         match self {
             ExpertGemm::PerExpert => "per-expert",
             ExpertGemm::Grouped => "grouped",
             ExpertGemm::LtTuned => "lt-tuned",
             ExpertGemm::FusedGelu => "fused-gelu",
+            ExpertGemm::TwoStreams => "two-streams",
         }
     }
 }
@@ -323,6 +328,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
     let lt_ws = Buf::new(s, LT_WORKSPACE)?;
     let lt = RefCell::new(LtGemm::new(lt_ws.0, LT_WORKSPACE, true)?);
     let fused = gemm_mode == ExpertGemm::FusedGelu;
+    let s2 = if gemm_mode == ExpertGemm::TwoStreams { Some(gpu.new_stream(false)?) } else { None };
     // SAFETY: zeros holds e f32 (the aux-loss gradient is left out of the benchmark).
     unsafe { result::memset_d8_async(zeros.0, 0, e * 4, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
     let ev = || gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(GpuError::driver("cuEventCreate"));
@@ -359,6 +365,20 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
             }
             match gemm_mode {
                 ExpertGemm::PerExpert => probs.iter().try_for_each(|p| gemm(s, form, p.a, p.b, p.c, p.dims.m, p.dims.k, p.dims.n, 0.0, false)),
+                ExpertGemm::TwoStreams => {
+                    // Fork: the second stream starts after everything issued so far on s;
+                    // join: s goes on once the second stream's experts are done.
+                    let s2 = s2.as_ref().expect("two-streams mode has a second stream");
+                    let fork = ev()?;
+                    fork.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
+                    s2.stream.wait(&fork).map_err(GpuError::driver("cuStreamWaitEvent"))?;
+                    for (i, p) in probs.iter().enumerate() {
+                        gemm(if i % 2 == 0 { s } else { s2 }, form, p.a, p.b, p.c, p.dims.m, p.dims.k, p.dims.n, 0.0, false)?;
+                    }
+                    let join = ev()?;
+                    join.record(&s2.stream).map_err(GpuError::driver("cuEventRecord"))?;
+                    s.stream.wait(&join).map_err(GpuError::driver("cuStreamWaitEvent"))
+                }
                 // SAFETY: every problem addresses rows inside the stage's buffers (offsets from
                 // counts); ptr_scratch holds 3e pointers; the handle is bound to s.
                 ExpertGemm::Grouped => unsafe { bf16_grouped_gemm_raw(s.blas, s.stream.cu_stream(), form, &probs, 0.0, ptr_scratch.0) },
@@ -378,7 +398,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
         } else {
             experts(GemmForm::Nn, none, 0, &|ex, off, c| GroupedProblem { a: at(xp.0, off, d), b: at(w1.0, ex * d, f), c: at(h.0, off, f), dims: dims(c, d, f) })?;
             mark(4)?;
-            launch(gpu, s, "bf16_gelu_fwd", gpu.grid(n * f / 8), &[A::P(h.0), A::P(act.0), A::I64((n * f) as i64)])?;
+            launch(gpu, s, "act_fwd_bf16", gpu.grid(n * f / 8), &[A::P(h.0), A::P(act.0), A::I64((n * f) as i64), A::I32(0)])?;
         }
         mark(5)?;
         experts(GemmForm::Nn, none, 0, &|ex, off, c| GroupedProblem { a: at(act.0, off, f), b: at(w2.0, ex * f, d), c: at(y.0, off, d), dims: dims(c, f, d) })?;
@@ -397,7 +417,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
         experts(GemmForm::Tn, none, 0, &|ex, off, c| GroupedProblem { a: at(act.0, off, f), b: at(dy.0, off, d), c: at(dw2.0, ex * f, d), dims: dims(f, c, d) })?;
         mark(9)?;
         if !fused {
-            launch(gpu, s, "bf16_gelu_bwd", gpu.grid(n * f / 8), &[A::P(h.0), A::P(dact.0), A::P(dh.0), A::I64((n * f) as i64)])?;
+            launch(gpu, s, "act_bwd_bf16", gpu.grid(n * f / 8), &[A::P(h.0), A::P(dact.0), A::P(dh.0), A::I64((n * f) as i64), A::I32(0)])?;
         }
         mark(10)?;
         experts(GemmForm::Nt, none, 0, &|ex, off, c| GroupedProblem { a: at(dh.0, off, f), b: at(w1.0, ex * d, f), c: at(dxp.0, off, d), dims: dims(c, f, d) })?;
@@ -615,13 +635,13 @@ pub fn check_kernels(gpu: &Gpu, s: &GpuStream, seed: u64) -> Result<Vec<KernelCh
         let m = t * cols;
         let (hb, gb) = (up(s, &to16(&x))?, up(s, &to16(&dout))?);
         let (ab, dhb) = (Buf::new(s, m * 2)?, Buf::new(s, m * 2)?);
-        launch(gpu, s, "bf16_gelu_fwd", gpu.grid(m / 8 + 1), &[A::P(hb.0), A::P(ab.0), A::I64(m as i64)])?;
-        launch(gpu, s, "bf16_gelu_bwd", gpu.grid(m / 8 + 1), &[A::P(hb.0), A::P(gb.0), A::P(dhb.0), A::I64(m as i64)])?;
+        launch(gpu, s, "act_fwd_bf16", gpu.grid(m / 8 + 1), &[A::P(hb.0), A::P(ab.0), A::I64(m as i64), A::I32(0)])?;
+        launch(gpu, s, "act_bwd_bf16", gpu.grid(m / 8 + 1), &[A::P(hb.0), A::P(gb.0), A::P(dhb.0), A::I64(m as i64), A::I32(0)])?;
         let (mut wa, mut wd) = (vec![0.0f32; m], vec![0.0f32; m]);
         activation::forward(crate::spec::Activation::Gelu, &x, &mut wa);
         activation::backward(crate::spec::Activation::Gelu, &x, &dout, &mut wd);
-        push(format!("bf16_gelu_fwd[{m}]"), &from16(down(s, &ab, m)?), &wa);
-        push(format!("bf16_gelu_bwd[{m}]"), &from16(down(s, &dhb, m)?), &wd);
+        push(format!("act_fwd_bf16 gelu[{m}]"), &from16(down(s, &ab, m)?), &wa);
+        push(format!("act_bwd_bf16 gelu[{m}]"), &from16(down(s, &dhb, m)?), &wd);
     }
     // Grouped GEMM: four experts with uneven rows (one empty) in every form, against linalg.
     let (kk, nn) = (24usize, 20usize);

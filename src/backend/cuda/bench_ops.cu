@@ -1,22 +1,6 @@
 // moelab cuda backend: bf16 kernels of the MoE layer benchmark (`moelab bench`). Storage is
 // bf16 (raw 16 bits, common.cuh), arithmetic f32. Compiled together with plan_ops.cu.
 
-// Eight bf16 values travel as one 16-byte word; rows whose width is a multiple of 8 use it
-// (the benchmark's widths all are), others take the scalar loop.
-__device__ __forceinline__ void unpack8(uint4 v, float* f) {
-    unsigned int w[4] = {v.x, v.y, v.z, v.w};
-    for (int q = 0; q < 4; q++) {
-        f[2 * q] = __uint_as_float(w[q] << 16);
-        f[2 * q + 1] = __uint_as_float(w[q] & 0xffff0000u);
-    }
-}
-
-__device__ __forceinline__ uint4 pack8(const float* f) {
-    unsigned int w[4];
-    for (int q = 0; q < 4; q++) w[q] = (unsigned int)f32_to_bf16(f[2 * q]) | ((unsigned int)f32_to_bf16(f[2 * q + 1]) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 // One block per destination row: dst[r, :] = map[r] >= 0 ? src[map[r], :] : 0.
 extern "C" __global__ void bf16_gather_rows(const bf16_t* src, const int* map, bf16_t* dst, i64 rows, int cols) {
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -130,52 +114,6 @@ extern "C" __global__ void bf16_token_sum(const bf16_t* src, const int* slots, b
                 store_f(dst, t * cols + c, acc);
             }
         }
-    }
-}
-
-// tanh through the fast exponential: |error| ~1e-6, far below bf16's rounding (4e-3).
-__device__ __forceinline__ float fast_tanh(float u) {
-    float e = __expf(2.0f * fminf(fmaxf(u, -15.0f), 15.0f));
-    return 1.0f - 2.0f / (e + 1.0f);
-}
-
-__device__ __forceinline__ float gelu_f(float x) {
-    float u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
-    return 0.5f * x * (1.0f + fast_tanh(u));
-}
-
-__device__ __forceinline__ float gelu_grad(float x) {
-    float u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
-    float t = fast_tanh(u);
-    float du = SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_C * x * x);
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
-}
-
-// GELU over n values, eight per thread step (n % 8 == 0 takes the vector path).
-extern "C" __global__ void bf16_gelu_fwd(const bf16_t* h, bf16_t* a, i64 n) {
-    if (n % 8 == 0) {
-        GRID_STRIDE(i, n / 8) {
-            float v[8];
-            unpack8(((const uint4*)h)[i], v);
-            for (int q = 0; q < 8; q++) v[q] = gelu_f(v[q]);
-            ((uint4*)a)[i] = pack8(v);
-        }
-    } else {
-        GRID_STRIDE(i, n) { store_f(a, i, gelu_f(load_f(h, i))); }
-    }
-}
-
-extern "C" __global__ void bf16_gelu_bwd(const bf16_t* h, const bf16_t* da, bf16_t* dh, i64 n) {
-    if (n % 8 == 0) {
-        GRID_STRIDE(i, n / 8) {
-            float x[8], g[8];
-            unpack8(((const uint4*)h)[i], x);
-            unpack8(((const uint4*)da)[i], g);
-            for (int q = 0; q < 8; q++) x[q] = g[q] * gelu_grad(x[q]);
-            ((uint4*)dh)[i] = pack8(x);
-        }
-    } else {
-        GRID_STRIDE(i, n) { store_f(dh, i, load_f(da, i) * gelu_grad(load_f(h, i))); }
     }
 }
 

@@ -30,7 +30,7 @@ use moelab_kernels::error::GpuError;
 use moelab_kernels::gemm::{bf16_gemm_raw_batched, sgemm_raw, Batch};
 use moelab_kernels::{GemmDims, GemmForm};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A kernel argument.
 #[derive(Debug, Clone, Copy)]
@@ -482,6 +482,12 @@ impl<'a> StreamExec<'a> {
                         continue;
                     }
                     let map: Vec<i32> = codes.iter().map(|&c| c as i32).collect();
+                    // A dropless expert buffer: remember which rows hold tokens (code 0 rows are
+                    // zero), so the expert GEMMs can skip the padding up to the busiest expert.
+                    if !in_place && lock(self.store).desc(id).dynamic {
+                        let rows_used: Vec<bool> = map.iter().map(|&c| c != 0).collect();
+                        lock(self.store).set_fill(id, Arc::new(rows_used));
+                    }
                     if in_place && map.iter().enumerate().any(|(r, &c)| c < 0 && (-c - 1) as usize != r) {
                         return Err(ExecError::Plan(format!("{}: an in-place layout moves rows", op.name)));
                     }
@@ -697,6 +703,8 @@ impl<'a> StreamExec<'a> {
                 let ab = self.output_as(*a, hb.len, st)?;
                 self.launch_st("act_fwd", st, self.grid(hb.len), &[p(hb.ptr), p(ab.ptr), Arg::I64(hb.len as i64), Arg::I32(act_kind(*act))])?;
                 self.commit(ab)?;
+                // act(0) = 0 (GELU, ReLU): the zero rows stay zero.
+                self.carry_fill(*h, *a);
             }
             ActBwd { h, da, dh, act } => {
                 let st = self.st(*h);
@@ -705,6 +713,8 @@ impl<'a> StreamExec<'a> {
                 self.launch_st("act_bwd", st, self.grid(hb.len), &[p(hb.ptr), p(dab.ptr), p(dhb.ptr), Arg::I64(hb.len as i64), Arg::I32(act_kind(*act))])?;
                 self.commit(dhb)?;
                 self.done(dab)?;
+                // Zero output gradient rows stay zero.
+                self.carry_fill(*da, *dh);
             }
             AttnCore { qkv, probs, ctx, dims } => {
                 let st = self.gemm_st();
@@ -890,6 +900,39 @@ impl<'a> StreamExec<'a> {
         Ok(outcome)
     }
 
+    /// Marks `to` as holding data in the rows `from` does (when known).
+    fn carry_fill(&self, from: BufId, to: BufId) {
+        let mut st = lock(self.store);
+        if let Some(f) = st.fill(from) {
+            st.set_fill(to, f);
+        }
+    }
+
+    /// Rows in use per local expert of expert buffers laid out `[n_local, rows, ..]`, when
+    /// every one of `ids` records its filled rows (dropless layouts): the highest filled row
+    /// of each expert block, plus one. `None` means the GEMMs run over all `rows` of each block.
+    fn expert_rows(&self, ids: &[BufId], n_local: usize, rows: usize) -> Option<Vec<usize>> {
+        let st = lock(self.store);
+        let mut used = vec![0usize; n_local];
+        for &id in ids {
+            let f = st.fill(id)?;
+            if f.len() != n_local * rows {
+                return None;
+            }
+            for (e, u) in used.iter_mut().enumerate() {
+                let block = &f[e * rows..(e + 1) * rows];
+                *u = (*u).max(block.iter().rposition(|&b| b).map_or(0, |r| r + 1));
+            }
+        }
+        Some(used)
+    }
+
+    /// Records that `id` holds data in the first `used[e]` rows of each expert block.
+    fn set_expert_fill(&self, id: BufId, used: &[usize], rows: usize) {
+        let f: Vec<bool> = used.iter().flat_map(|&u| (0..rows).map(move |r| r < u)).collect();
+        lock(self.store).set_fill(id, Arc::new(f));
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn expert_fwd(&self, x: BufId, w: BufId, bias: Option<BufId>, y: BufId, n_local: usize, d_in: usize, d_out: usize) -> Result<(), ExecError> {
         let gs = self.gemm_st();
@@ -897,15 +940,40 @@ impl<'a> StreamExec<'a> {
         let rows = xb.len / (n_local * d_in);
         let y_st = self.st(y);
         let yb = self.output(y, n_local * rows * d_out)?;
-        let batch = Batch { count: n_local, a_stride: rows * d_in, b_stride: d_in * d_out, c_stride: rows * d_out };
-        self.gemm(GemmForm::Nn, xb.ptr, wb.ptr, yb.ptr, y_st, rows, d_in, d_out, 0.0, Some(batch))?;
-        if let Some(b) = bias {
-            let bb = self.input_as(b, Storage::F32)?;
-            let n = n_local * rows * d_out;
-            if n > 0 {
-                self.launch_st("add_bias_rows", y_st, self.grid(n), &[Arg::P(yb.ptr), Arg::P(bb.ptr), Arg::I64((n_local * rows) as i64), Arg::I32(d_out as i32), Arg::I64(rows.max(1) as i64)])?;
+        match self.expert_rows(&[x], n_local, rows) {
+            // Dropless: each expert's real rows; the rest of y stays zero (fresh allocation),
+            // bias included, which no later op reads (the unlayout takes real rows only).
+            Some(used) => {
+                let (ab, cb) = (gs.size(), y_st.size());
+                let bb = match bias {
+                    Some(b) => Some(self.input_as(b, Storage::F32)?),
+                    None => None,
+                };
+                for (e, &u) in used.iter().enumerate().filter(|(_, &u)| u > 0) {
+                    let (xo, yo) = ((e * rows * d_in * ab) as u64, (e * rows * d_out * cb) as u64);
+                    self.gemm(GemmForm::Nn, xb.ptr + xo, wb.ptr + (e * d_in * d_out * ab) as u64, yb.ptr + yo, y_st, u, d_in, d_out, 0.0, None)?;
+                    if let Some(bb) = bb {
+                        let bo = (e * d_out * 4) as u64;
+                        self.launch_st("add_bias_rows", y_st, self.grid(u * d_out), &[Arg::P(yb.ptr + yo), Arg::P(bb.ptr + bo), Arg::I64(u as i64), Arg::I32(d_out as i32), Arg::I64(u as i64)])?;
+                    }
+                }
+                if let Some(bb) = bb {
+                    self.done(bb)?;
+                }
+                self.set_expert_fill(y, &used, rows);
             }
-            self.done(bb)?;
+            None => {
+                let batch = Batch { count: n_local, a_stride: rows * d_in, b_stride: d_in * d_out, c_stride: rows * d_out };
+                self.gemm(GemmForm::Nn, xb.ptr, wb.ptr, yb.ptr, y_st, rows, d_in, d_out, 0.0, Some(batch))?;
+                if let Some(b) = bias {
+                    let bb = self.input_as(b, Storage::F32)?;
+                    let n = n_local * rows * d_out;
+                    if n > 0 {
+                        self.launch_st("add_bias_rows", y_st, self.grid(n), &[Arg::P(yb.ptr), Arg::P(bb.ptr), Arg::I64((n_local * rows) as i64), Arg::I32(d_out as i32), Arg::I64(rows.max(1) as i64)])?;
+                    }
+                    self.done(bb)?;
+                }
+            }
         }
         self.done(xb)?;
         self.done(wb)
@@ -917,11 +985,28 @@ impl<'a> StreamExec<'a> {
         let (xb, wb, dyb) = (self.input_as(x, gs)?, self.input_as(w, gs)?, self.input_as(dy, gs)?);
         let rows = xb.len / (n_local * d_in);
         let dxb = self.output(dx, xb.len)?;
-        let bx = Batch { count: n_local, a_stride: rows * d_out, b_stride: d_in * d_out, c_stride: rows * d_in };
-        self.gemm(GemmForm::Nt, dyb.ptr, wb.ptr, dxb.ptr, self.st(dx), rows, d_out, d_in, 0.0, Some(bx))?;
         let dwb = if accumulate { self.input(dw)? } else { self.output(dw, n_local * d_in * d_out)? };
-        let bw = Batch { count: n_local, a_stride: rows * d_in, b_stride: rows * d_out, c_stride: d_in * d_out };
-        self.gemm(GemmForm::Tn, xb.ptr, dyb.ptr, dwb.ptr, self.st(dw), d_in, rows, d_out, if accumulate { 1.0 } else { 0.0 }, Some(bw))?;
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        match self.expert_rows(&[x, dy], n_local, rows) {
+            // Dropless: rows past each expert's last real row are zero in x and dy, so they
+            // add nothing to dw and their dx rows stay zero (fresh allocation).
+            Some(used) => {
+                let (ab, xs, ws) = (gs.size(), self.st(dx).size(), self.st(dw).size());
+                for (e, &u) in used.iter().enumerate().filter(|(_, &u)| u > 0) {
+                    let (xo, yo) = ((e * rows * d_in * ab) as u64, (e * rows * d_out * ab) as u64);
+                    let wo = (e * d_in * d_out * ab) as u64;
+                    self.gemm(GemmForm::Nt, dyb.ptr + yo, wb.ptr + wo, dxb.ptr + (e * rows * d_in * xs) as u64, self.st(dx), u, d_out, d_in, 0.0, None)?;
+                    self.gemm(GemmForm::Tn, xb.ptr + xo, dyb.ptr + yo, dwb.ptr + (e * d_in * d_out * ws) as u64, self.st(dw), d_in, u, d_out, beta, None)?;
+                }
+                self.set_expert_fill(dx, &used, rows);
+            }
+            None => {
+                let bx = Batch { count: n_local, a_stride: rows * d_out, b_stride: d_in * d_out, c_stride: rows * d_in };
+                self.gemm(GemmForm::Nt, dyb.ptr, wb.ptr, dxb.ptr, self.st(dx), rows, d_out, d_in, 0.0, Some(bx))?;
+                let bw = Batch { count: n_local, a_stride: rows * d_in, b_stride: rows * d_out, c_stride: d_in * d_out };
+                self.gemm(GemmForm::Tn, xb.ptr, dyb.ptr, dwb.ptr, self.st(dw), d_in, rows, d_out, beta, Some(bw))?;
+            }
+        }
         if let Some(db) = dbias {
             if self.st(db) != Storage::F32 {
                 return Err(ExecError::Plan(format!("bias gradient {} is not stored f32", lock(self.store).desc(db).name)));

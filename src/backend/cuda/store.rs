@@ -8,6 +8,7 @@ use crate::trace::MemEvent;
 use cudarc::driver::result;
 use cudarc::driver::sys::CUstream;
 use moelab_kernels::error::GpuError;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// How a value buffer is stored on the device: f32, or bf16 (a plan buffer with `elem ==
@@ -64,13 +65,17 @@ pub struct DevStore {
     pub peak_total: u64,
     /// Bytes per category when the total first reached `peak_total`.
     pub at_peak: [u64; 7],
+    /// Per buffer, which rows hold routed data (the others are zero), where known: set for
+    /// dropless expert buffers by the layout op that fills them and carried along the expert
+    /// MLP, so its GEMMs run on each expert's real rows instead of the busiest expert's.
+    fill: Vec<Option<Arc<Vec<bool>>>>,
 }
 
 impl DevStore {
     /// An empty store for `rank`'s buffers.
     pub fn new(rank: u32, descs: Vec<BufferDesc>, epoch: Instant) -> Self {
         let n = descs.len();
-        DevStore { descs, bufs: vec![None; n], held: vec![0; n], in_use: [0; 7], rank, epoch, events: Vec::new(), peak_total: 0, at_peak: [0; 7] }
+        DevStore { descs, bufs: vec![None; n], held: vec![0; n], in_use: [0; 7], rank, epoch, events: Vec::new(), peak_total: 0, at_peak: [0; 7], fill: vec![None; n] }
     }
 
     /// The plan's description of a buffer.
@@ -123,6 +128,7 @@ impl DevStore {
             ElemType::F32 | ElemType::I32 => Storage::of(d).size(),
         };
         let elem_bytes = d.elem_bytes;
+        self.fill[id.0 as usize] = None;
         if let Some(b) = self.bufs[id.0 as usize] {
             if b.len == len && keep {
                 self.touch(id, stream_index);
@@ -153,6 +159,16 @@ impl DevStore {
             self.account(id, 0);
         }
         Ok(())
+    }
+
+    /// Records which rows of `id` (as last allocated) hold data; every other row is zero.
+    pub fn set_fill(&mut self, id: BufId, rows: Arc<Vec<bool>>) {
+        self.fill[id.0 as usize] = Some(rows);
+    }
+
+    /// The rows of `id` that hold data, if recorded since its last allocation.
+    pub fn fill(&self, id: BufId) -> Option<Arc<Vec<bool>>> {
+        self.fill[id.0 as usize].clone()
     }
 
     /// Bytes per category in use now.
