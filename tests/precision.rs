@@ -51,7 +51,7 @@ fn check_policy(rp: &RankPlan) {
             LayerNormBwd { stats, dgamma, dbeta, .. } => f32_of(&[*stats, *dgamma, *dbeta], "stats/grads", n),
             Loss { loss, dy, target, .. } => {
                 f32_of(&[*loss, *target], "loss", n);
-                f32_of(&dy.iter().copied().collect::<Vec<_>>(), "loss grad", n);
+                bf16_of(&dy.iter().copied().collect::<Vec<_>>(), "loss grad", n);
             }
             Combine { weights, back, out, .. } => {
                 f32_of(&[*weights], "combine weights", n);
@@ -210,7 +210,7 @@ fn every_gpu_experiment_has_a_consistent_bf16_plan() {
                     OpKind::Route { logits, probs, weights, .. } => {
                         assert!([logits, probs, weights].iter().all(|b| bytes(rp, **b) == 4), "{}: {}", path.display(), op.name)
                     }
-                    OpKind::Loss { dy: Some(d), .. } | OpKind::LossReplica { dy: Some(d), .. } => assert_eq!(bytes(rp, *d), 4),
+                    OpKind::Loss { dy: Some(d), .. } | OpKind::LossReplica { dy: Some(d), .. } => assert_eq!(bytes(rp, *d), 2),
                     _ => {}
                 }
             }

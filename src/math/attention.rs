@@ -30,6 +30,12 @@ impl AttnShape {
 
 /// `probs = softmax(causal(q k^T / sqrt(dh)))`, `ctx[T, M] = probs v`.
 pub fn forward(s: AttnShape, qkv: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
+    forward_stored(s, qkv, probs, ctx, |v| v)
+}
+
+/// [`forward`] with `probs` passed through `store` (e.g. rounded to bf16) before `ctx` reads
+/// them, as a backend that stores the probabilities in that type computes `ctx`.
+pub fn forward_stored(s: AttnShape, qkv: &[f32], probs: &mut [f32], ctx: &mut [f32], store: fn(f32) -> f32) {
     let (m, dh, l) = (s.d_model, s.dh(), s.seq);
     let scale = 1.0 / (dh as f32).sqrt();
     ctx.fill(0.0);
@@ -52,7 +58,7 @@ pub fn forward(s: AttnShape, qkv: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
                     sum += *v;
                 }
                 for v in row[..=i].iter_mut() {
-                    *v /= sum;
+                    *v = store(*v / sum);
                 }
                 row[i + 1..].fill(0.0);
                 let out = &mut ctx[(b * l + i) * m + h * dh..][..dh];
@@ -70,6 +76,12 @@ pub fn forward(s: AttnShape, qkv: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
 
 /// Gradient of the core: `dqkv[T, 3M]` (overwritten) from `dctx[T, M]`.
 pub fn backward(s: AttnShape, qkv: &[f32], probs: &[f32], dctx: &[f32], dqkv: &mut [f32]) {
+    backward_stored(s, qkv, probs, dctx, dqkv, |v| v)
+}
+
+/// [`backward`] with the score gradients `dS` passed through `store` (e.g. rounded to bf16)
+/// before `dq` and `dk` read them, as a backend that keeps `dS` in that type computes them.
+pub fn backward_stored(s: AttnShape, qkv: &[f32], probs: &[f32], dctx: &[f32], dqkv: &mut [f32], store: fn(f32) -> f32) {
     let (m, dh, l) = (s.d_model, s.dh(), s.seq);
     let scale = 1.0 / (dh as f32).sqrt();
     dqkv.fill(0.0);
@@ -93,7 +105,7 @@ pub fn backward(s: AttnShape, qkv: &[f32], probs: &[f32], dctx: &[f32], dqkv: &m
                     }
                 }
                 for j in 0..=i {
-                    ds[j] = row[j] * (ds[j] - dot) * scale;
+                    ds[j] = store(row[j] * (ds[j] - dot) * scale);
                 }
                 // dq_i = sum_j dS_ij k_j ; dk_j += dS_ij q_i
                 for j in 0..=i {
@@ -112,5 +124,66 @@ pub fn backward(s: AttnShape, qkv: &[f32], probs: &[f32], dctx: &[f32], dqkv: &m
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::math::bf16;
+
+    fn inputs(s: AttnShape) -> Vec<f32> {
+        (0..s.batch * s.seq * 3 * s.d_model).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.7).collect()
+    }
+
+    #[test]
+    fn stored_probabilities_feed_the_context_as_stored() {
+        let s = AttnShape { batch: 1, seq: 5, heads: 2, d_model: 8 };
+        let qkv = inputs(s);
+        let (mut p, mut ctx) = (vec![0.0; s.probs_len()], vec![0.0; s.seq * s.d_model]);
+        forward_stored(s, &qkv, &mut p, &mut ctx, bf16::round);
+        assert!(p.iter().all(|&v| v == bf16::round(v)), "probabilities are stored bf16");
+        // ctx = P v with the stored P, recomputed by hand.
+        let (m, dh) = (s.d_model, s.d_model / s.heads);
+        for h in 0..s.heads {
+            for i in 0..s.seq {
+                for d in 0..dh {
+                    let want: f32 = (0..=i).map(|j| p[(h * s.seq + i) * s.seq + j] * qkv[j * 3 * m + 2 * m + h * dh + d]).sum();
+                    assert!((ctx[i * m + h * dh + d] - want).abs() <= 1e-6, "ctx[{i}, {h}, {d}]");
+                }
+            }
+        }
+        // Rounding the probabilities moves the context: the store is not a no-op.
+        let (mut p32, mut ctx32) = (vec![0.0; s.probs_len()], vec![0.0; s.seq * s.d_model]);
+        forward(s, &qkv, &mut p32, &mut ctx32);
+        assert!(ctx.iter().zip(&ctx32).any(|(a, b)| a != b));
+    }
+
+    #[test]
+    fn stored_score_gradients_change_only_q_and_k_gradients() {
+        let s = AttnShape { batch: 1, seq: 6, heads: 2, d_model: 8 };
+        let qkv = inputs(s);
+        let (mut p, mut ctx) = (vec![0.0; s.probs_len()], vec![0.0; s.seq * s.d_model]);
+        forward(s, &qkv, &mut p, &mut ctx);
+        let dctx: Vec<f32> = (0..ctx.len()).map(|i| ((i * 13 % 29) as f32 / 14.0 - 1.0) * 0.3).collect();
+        let (mut d32, mut d16) = (vec![0.0; qkv.len()], vec![0.0; qkv.len()]);
+        backward(s, &qkv, &p, &dctx, &mut d32);
+        backward_stored(s, &qkv, &p, &dctx, &mut d16, bf16::round);
+        let m = s.d_model;
+        let (mut qk_moved, mut v_same, mut diff, mut norm) = (false, true, 0.0f64, 0.0f64);
+        for t in 0..s.seq {
+            for c in 0..3 * m {
+                let (a, b) = (d32[t * 3 * m + c], d16[t * 3 * m + c]);
+                if c < 2 * m {
+                    qk_moved |= a != b;
+                    diff += ((a - b) as f64).powi(2);
+                    norm += (a as f64).powi(2);
+                } else {
+                    v_same &= a == b;
+                }
+            }
+        }
+        assert!(qk_moved && v_same);
+        assert!((diff / norm).sqrt() < 1e-2, "dq/dk within bf16 rounding of f32: {}", (diff / norm).sqrt());
     }
 }

@@ -108,6 +108,14 @@ pub fn grouped_linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, n_local: usize
     y
 }
 
+/// Adds expert `i`'s bias row `bias[i, :]` to every row of its block of `y[n_local, rows, d_out]`.
+pub fn add_grouped_bias(y: &mut [f32], bias: &[f32], n_local: usize, d_out: usize) {
+    let rows = y.len() / (n_local * d_out).max(1);
+    for i in 0..n_local {
+        add_bias(&mut y[i * rows * d_out..(i + 1) * rows * d_out], &bias[i * d_out..(i + 1) * d_out]);
+    }
+}
+
 /// Gradients of [`grouped_linear`]: returns `(dx, dw, dbias)`.
 pub fn grouped_linear_bwd(x: &[f32], w: &[f32], dy: &[f32], n_local: usize, d_in: usize, d_out: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / (n_local * d_in);

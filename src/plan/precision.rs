@@ -5,8 +5,8 @@
 //! an op reads or writes it in a precision-sensitive role, decided by op kind: routing
 //! (`Route`'s logits, which is also the gate GEMM's output, probs, weights and stats;
 //! `RouteBwd`'s dweights and dlogits; every routing table `gathered` and what all-gathers
-//! into it), LayerNorm statistics, the loss, its target and its gradient (`Loss` / `LossReplica`
-//! `dy`), the combine weights and their gradients, biases and LayerNorm gains read as operands,
+//! into it), LayerNorm statistics, the loss and its target (`Loss` / `LossReplica`; the loss
+//! gradient `dy` is a bf16 activation gradient), the combine weights and their gradients, biases and LayerNorm gains read as operands,
 //! every weight gradient (the `dw` / `dbias` / `dgamma` / `dbeta` outputs and what
 //! `GradAccum` and `ReduceScatter` move), and an all-gathered copy of a parameter that no GEMM
 //! reads as its weight: those stay f32 (`elem_bytes == 4`). A Linear whose output stays f32
@@ -48,9 +48,11 @@ fn sensitive(ops: &[Op]) -> HashSet<BufId> {
             RouteBwd { probs, dweights, gathered, dlogits, .. } => add(&[*probs, *dweights, *gathered, *dlogits]),
             Combine { weights, .. } | CombinePart { weights, .. } => add(&[*weights]),
             CombineBwd { weights, dweights, .. } => add(&[*weights, *dweights]),
-            Loss { target, loss, dy, .. } | LossReplica { target, loss, dy, .. } => {
+            // The loss and its target stay f32; its gradient `dy` enters the bf16 backward like
+            // every activation gradient (Megatron: fp32 loss, bf16 grads), so both backends
+            // round it once, where it is stored.
+            Loss { target, loss, .. } | LossReplica { target, loss, .. } => {
                 add(&[*target, *loss]);
-                add(&dy.iter().copied().collect::<Vec<_>>());
             }
             Dispatch { gathered, .. }
             | ExpertLayout { gathered, .. }

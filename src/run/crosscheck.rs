@@ -166,9 +166,9 @@ fn cpu_run(spec: &ExperimentSpec, skip_optimizer: bool, replay: Option<Routes>) 
     let mut cpu_spec = spec.clone();
     cpu_spec.run.backend = BackendKind::Cpu;
     // bf16 plans: the cpu rounds what bf16 buffers store (math::bf16), so both sides round
-    // where values are stored; the GPU also rounds a few f32 inputs of kernels that compute
-    // from bf16 (e.g. the loss gradient entering the last combine backward), which the cpu
-    // does not mirror.
+    // where values are stored, and, inside an op, where the GPU stores bf16 on the way (a
+    // GEMM's product before its bias, attention probabilities before the context, score
+    // gradients before dq/dk: cpu::exec::OpCtx::stored_bf16).
     let plan = Plan::build(&cpu_spec)?;
     let mut rt = CpuRuntime::new(plan.clone(), ExecOptions { skip_optimizer, replay_routes: replay, ..Default::default() });
     let mut steps = Vec::new();

@@ -4,7 +4,7 @@ use super::fabric::Fabric;
 use super::store::{OpView, StoreError};
 use crate::math::{activation, attention, linalg, norm, rng, routing};
 use crate::plan::ops::MoeDims;
-use crate::plan::{Group, OpKind};
+use crate::plan::{BufId, Group, OpKind};
 use crate::backend::BackendError;
 
 /// What an op needs besides its buffers.
@@ -25,6 +25,27 @@ pub struct OpCtx<'a> {
     pub op_name: &'a str,
     /// Routing replay: the choices a `Route` op takes instead of its own top-k.
     pub forced_idx: Option<&'a [i32]>,
+    /// The rank plan's buffers, when the op should round what the GPU keeps in bf16 inside
+    /// an op (see [`OpCtx::stored_bf16`]); `None` computes everything in f32.
+    pub buffers: Option<&'a [crate::plan::BufferDesc]>,
+}
+
+impl OpCtx<'_> {
+    /// Whether `id` is stored bf16. A bf16 plan's ops then round where the cuda executor
+    /// stores bf16 inside the op: a GEMM's product before its bias is added, the attention
+    /// probabilities before `ctx` reads them and the score gradients before `dq`/`dk` do.
+    pub fn stored_bf16(&self, id: BufId) -> bool {
+        self.buffers.is_some_and(|b| b[id.0 as usize].is_bf16())
+    }
+
+    /// Rounding of values a bf16 buffer `id` would hold; identity otherwise.
+    fn store_of(&self, id: BufId) -> fn(f32) -> f32 {
+        if self.stored_bf16(id) {
+            crate::math::bf16::round
+        } else {
+            |v| v
+        }
+    }
 }
 
 /// Routing facts an op observed, summed into the step report.
@@ -183,6 +204,8 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             };
             linalg::gemm(&st.f32(*x)?[..rows * d_in], st.f32(*w)?, &mut yv, *rows, *d_in, *d_out, true);
             if let Some(b) = bias {
+                // bf16: the GEMM stores its product, then the bias is added to it.
+                yv.iter_mut().for_each(|v| *v = ctx.store_of(*y)(*v));
                 linalg::add_bias(&mut yv, st.f32(*b)?);
             }
             st.put_f32(*y, yv)?;
@@ -218,14 +241,15 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             let s = attention::AttnShape { batch: dims.batch, seq: dims.seq, heads: dims.heads, d_model: dims.d_model };
             let mut p = vec![0.0; s.probs_len()];
             let mut cv = vec![0.0; dims.batch * dims.seq * dims.d_model];
-            attention::forward(s, st.f32(*qkv)?, &mut p, &mut cv);
+            attention::forward_stored(s, st.f32(*qkv)?, &mut p, &mut cv, ctx.store_of(*probs));
             st.put_f32(*probs, p)?;
             st.put_f32(*c, cv)?;
         }
         AttnCoreBwd { qkv, probs, dctx, dqkv, dims } => {
             let s = attention::AttnShape { batch: dims.batch, seq: dims.seq, heads: dims.heads, d_model: dims.d_model };
             let mut d = vec![0.0; st.f32(*qkv)?.len()];
-            attention::backward(s, st.f32(*qkv)?, st.f32(*probs)?, st.f32(*dctx)?, &mut d);
+            // The GPU keeps dS in the storage of dqkv.
+            attention::backward_stored(s, st.f32(*qkv)?, st.f32(*probs)?, st.f32(*dctx)?, &mut d, ctx.store_of(*dqkv));
             st.put_f32(*dqkv, d)?;
         }
         Route { logits, probs, idx, weights, stats, n_experts, top_k, renormalize } => {
@@ -316,7 +340,10 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             st.put_i32(*send_counts, counts)?;
         }
         ExpertLinear { x, w, bias, y, n_local, d_in, d_out } => {
-            let yv = linalg::grouped_linear(st.f32(*x)?, st.f32(*w)?, Some(st.f32(*bias)?), *n_local, *d_in, *d_out);
+            // bf16: the GEMM stores its product, then the bias is added to it.
+            let mut yv = linalg::grouped_linear(st.f32(*x)?, st.f32(*w)?, None, *n_local, *d_in, *d_out);
+            yv.iter_mut().for_each(|v| *v = ctx.store_of(*y)(*v));
+            linalg::add_grouped_bias(&mut yv, st.f32(*bias)?, *n_local, *d_out);
             st.put_f32(*y, yv)?;
         }
         ExpertLinearBwd { x, w, dy, dx, dw, dbias, n_local, d_in, d_out } => {
@@ -659,7 +686,12 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
                 Some(b) => Some(st.f32(*b)?),
                 None => None,
             };
-            let yv = linalg::grouped_linear(st.f32(*x)?, st.f32(*w)?, bv, *n_local, *d_in, *d_out);
+            let mut yv = linalg::grouped_linear(st.f32(*x)?, st.f32(*w)?, None, *n_local, *d_in, *d_out);
+            if let Some(b) = bv {
+                // bf16: the GEMM stores its product, then the bias is added to it.
+                yv.iter_mut().for_each(|v| *v = ctx.store_of(*y)(*v));
+                linalg::add_grouped_bias(&mut yv, b, *n_local, *d_out);
+            }
             st.put_f32(*y, yv)?;
         }
         ExpertLinearPartBwd { x, w, dy, dx, dw, dbias, n_local, d_in, d_out } => {

@@ -334,7 +334,7 @@ fn run_rank(
                 _ => None,
             };
             let ctx = OpCtx { rank: rp.rank, seed: plan.spec.run.seed, step: data_step, adam_step, fabric, groups: &plan.groups, op_name: &op.name,
-                forced_idx };
+                forced_idx, buffers: Some(&rp.buffers) };
             // bf16 plans: ops other than Adam read a parameter through its bf16 copy, as the
             // cuda executor's GEMMs and sends do.
             let shadowed: Vec<(BufId, BufId)> = if matches!(op.kind, crate::plan::OpKind::Adam { .. }) {

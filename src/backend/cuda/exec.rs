@@ -468,7 +468,7 @@ impl<'a> StreamExec<'a> {
         let mut view = OpView::detached(inputs, &op.writes, names);
         let ctx = OpCtx {
             rank: self.rp.rank, seed: self.seed, step: self.step, adam_step: self.adam_step, fabric: self.fabric, groups: self.groups,
-            op_name: &op.name, forced_idx: None,
+            op_name: &op.name, forced_idx: None, buffers: None,
         };
         let out: OpOutcome = cpu_exec::execute(&unit, &mut view, &ctx).map_err(|e| ExecError::Host(e.to_string()))?;
         for (id, data) in view.into_puts() {
@@ -808,7 +808,7 @@ impl<'a> StreamExec<'a> {
                 let st = self.st(*y);
                 let (yb, tb) = (self.input(*y)?, self.input_as(*target, Storage::F32)?);
                 let denom = (*n_global * *d_model) as f64;
-                // dy is f32 in every plan (the bf16 policy keeps the loss gradient f32).
+                // The kernel writes dy in f32; a bf16 plan stores it bf16 (one rounding, in commit).
                 let dyo = match dy {
                     Some(d) => Some(self.output_as(*d, yb.len, Storage::F32)?),
                     None => None,

@@ -27,6 +27,10 @@ pub const KERNELS: &[&str] = &[
     "f32_to_bf16_kernel", "bf16_fill_hash", "route_hist", "route_slots",
 ];
 
+/// The executor's and the benchmark's kernels: one NVRTC compilation unit (common.cuh is
+/// prepended by the compiler), loaded as one module.
+pub const PLAN_KERNEL_SOURCE: &str = concat!(include_str!("plan_ops.cu"), "\n", include_str!("bench_ops.cu"), "\n", include_str!("route_ops.cu"));
+
 /// Threads per block for grid-stride kernels.
 pub const BLOCK: u32 = 256;
 
@@ -74,8 +78,7 @@ impl Gpu {
             // with stream order and explicit events.
             unsafe { ctx.disable_event_tracking() };
             let arch = arch_for(info.compute_capability.0, info.compute_capability.1);
-            let source = concat!(include_str!("plan_ops.cu"), "\n", include_str!("bench_ops.cu"), "\n", include_str!("route_ops.cu"));
-            let ptx = compile_extra("plan_ops.cu", source, &arch, &PtxCache::from_env())?;
+            let ptx = compile_extra("plan_ops.cu", PLAN_KERNEL_SOURCE, &arch, &PtxCache::from_env())?;
             let module = ctx
                 .load_module(Ptx::from_src(ptx))
                 .map_err(|source| GpuError::Load { what: "plan_ops.cu".into(), source })?;
