@@ -84,6 +84,12 @@ enum Command {
         /// Also write the results as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also compare every transient buffer (activations, saved tensors, comm buffers,
+        /// activation gradients) of the one-step grad pass, listed in op order with the first
+        /// and the worst diverging ones (diagnostics only: pass/fail is unchanged). Every
+        /// buffer stays in memory to the end of the step: for small experiments.
+        #[arg(long)]
+        buffers: bool,
     },
     /// Benchmark one MoE layer's forward + backward in bf16 on one GPU: expert GEMM TFLOP/s
     /// and its ratio to a dense 8192^3 bf16 GEMM measured in the same run, plus the time per
@@ -443,12 +449,13 @@ fn cmd_bench(configs: &[String], modes: &[moelab::backend::cuda::bench::ExpertGe
     Ok(failed.is_empty())
 }
 
-fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>) -> Result<bool> {
+fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>, buffers: bool) -> Result<bool> {
+    let opts = moelab::run::crosscheck::CrossCheckOptions { buffers };
     let mut all = Vec::new();
     let mut ok = true;
     for f in files {
         let spec = load(f)?;
-        let c = moelab::run::crosscheck::crosscheck(&spec, runs_dir)?;
+        let c = moelab::run::crosscheck::crosscheck(&spec, runs_dir, &opts)?;
         let failed: Vec<_> = c.items.iter().filter(|i| !i.passed).collect();
         println!(
             "{} {} ({}, world {}): {} compared, worst rel err {:.2e}{}{}",
@@ -458,6 +465,11 @@ fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>) -> Re
         );
         for i in failed.iter().take(10) {
             println!("    {} rel err {:.2e}", i.name, i.rel_err);
+        }
+        if let Some(b) = &c.buffers {
+            print!("{}", moelab::run::crosscheck::buffers::render(b));
+        } else if buffers {
+            println!("  per-buffer comparison: none (the cuda grad pass did not complete)");
         }
         ok &= c.passed;
         all.push(c);
@@ -484,7 +496,7 @@ fn main() {
         Command::Compare { files, runs_dir } => cmd_compare(files, runs_dir).map(|_| true),
         Command::Validate { files } => cmd_validate(files),
         Command::Plan { file } => cmd_plan(file).map(|_| true),
-        Command::Crosscheck { files, runs_dir, json } => cmd_crosscheck(files, runs_dir, json.as_deref()),
+        Command::Crosscheck { files, runs_dir, json, buffers } => cmd_crosscheck(files, runs_dir, json.as_deref(), *buffers),
         Command::Bench { configs, reps, device, gemm, json } => cmd_bench(configs, &GemmChoice::all_modes(gemm), *reps, *device, json.as_deref()),
         Command::Calibrate { base, name, out, reps, json, from } => {
             cmd_calibrate(base.as_deref(), name.as_deref(), out.as_deref(), *reps, json.as_deref(), from.as_deref())

@@ -165,3 +165,30 @@ fn set_overrides_fields_and_the_run_directory_keeps_them() {
     assert_eq!(code, 2);
     assert!(err.contains("expected KEY=VALUE"), "{err}");
 }
+
+/// `crosscheck --buffers` without a GPU: the spec's cuda backend is refused with the usual
+/// message before anything runs, and a cuda run that cannot start (the spec forced to pass
+/// validation) is a failed cross-check with its error and no buffer list, never a panic.
+#[test]
+fn crosscheck_buffers_without_a_gpu_fails_clearly() {
+    if moelab::backend::cuda::visible_gpus() > 0 {
+        println!("skipped: a CUDA device is visible (scripts/gpu-xc-buffers runs the real thing)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let file = "experiments/gpu/topk-bf16-dropless-1gpu.toml";
+    let (code, out, err) = moelab(&["crosscheck", "--buffers", file, "--runs-dir", runs.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("needs one GPU per rank"), "{err}");
+    assert!(!err.contains("panicked") && !runs.exists(), "{err}");
+    let json = tmp.path().join("xc.json");
+    let (code, out, err) =
+        moelab(&["--set", "run.backend=cpu", "crosscheck", "--buffers", file, "--runs-dir", runs.to_str().unwrap(), "--json", json.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.starts_with("FAIL") && out.contains("needs one GPU per rank") && out.contains("per-buffer comparison: none"), "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v[0]["passed"], false);
+    assert!(v[0].get("buffers").is_none(), "no buffer report without a cuda run: {v}");
+}

@@ -30,7 +30,7 @@ fn every_gpu_experiment_matches_the_cpu_reference() {
     let mut failed = Vec::new();
     for f in gpu_experiments(gpus) {
         let spec = moelab::spec::load_file(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        let c = crosscheck(&spec, runs.path()).unwrap();
+        let c = crosscheck(&spec, runs.path(), &Default::default()).unwrap();
         println!("{} {}: worst rel err {:.2e} over {} values", if c.passed { "PASS" } else { "FAIL" }, f.display(), c.worst, c.items.len());
         if !c.passed {
             failed.push(format!("{}: {:?} {:?}", f.display(), c.error, c.items.iter().filter(|i| !i.passed).take(5).collect::<Vec<_>>()));

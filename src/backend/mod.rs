@@ -3,6 +3,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod dump;
 pub mod sim;
 
 use std::sync::atomic::AtomicBool;

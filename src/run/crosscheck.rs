@@ -7,12 +7,18 @@
 //! rounding decides differently would move a whole token between experts) and the number of
 //! such flips is reported beside the comparison. The cuda side
 //! runs through the real launcher (one worker process per GPU), which dumps the tensors
-//! into its run directory when `MOELAB_DUMP_PARAMS` is set.
+//! into its run directory when `MOELAB_DUMP_PARAMS` is set. With
+//! [`CrossCheckOptions::buffers`], the grad pass also compares every transient buffer
+//! ([`buffers`]).
+
+pub mod buffers;
 
 use super::{run, RunHooks};
+use crate::backend::cpu::store::Data;
+use crate::backend::dump;
 use crate::backend::cpu::CpuRuntime;
 use crate::backend::{ExecOptions, StepReport};
-use crate::plan::Plan;
+use crate::plan::{ElemType, Plan};
 use crate::spec::{BackendKind, DType, ExperimentSpec};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -63,6 +69,18 @@ pub struct CrossCheck {
     /// bf16 plans: routing choices of the grad pass where the cuda run's choice (replayed on
     /// the cpu) differs from the cpu's own, and all choices.
     pub route_flips: Option<(usize, usize)>,
+    /// With [`CrossCheckOptions::buffers`] and a completed cuda grad pass: every transient
+    /// buffer of that pass compared (diagnostics only, never part of `passed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffers: Option<buffers::BufferReport>,
+}
+
+/// What a cross-check compares beyond losses, parameters and gradients.
+#[derive(Debug, Clone, Default)]
+pub struct CrossCheckOptions {
+    /// Keep and compare every non-persistent buffer of the grad pass on both backends
+    /// (every activation stays in memory to the end of the step: small experiments only).
+    pub buffers: bool,
 }
 
 /// `||a - b|| / ||b||` (absolute norm when b is zero); NaN if `a` has NaN or lengths differ.
@@ -81,7 +99,7 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 /// they lead to). Parameters after Adam are not compared element-wise: where a gradient is
 /// exactly zero in theory (e.g. the key bias under softmax), Adam turns rounding noise into
 /// full-size steps on both backends.
-pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<CrossCheck> {
+pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path, opts: &CrossCheckOptions) -> anyhow::Result<CrossCheck> {
     let tol = tolerance(spec);
     let mut items = Vec::new();
     let mut error = None;
@@ -90,7 +108,12 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<Cro
     one.run.steps = 1;
     let world = spec.world();
     let bf16 = spec.model.dtype == DType::Bf16;
+    // The grad pass is one step, so what both sides keep is that step's.
+    if opts.buffers {
+        std::env::set_var(dump::DUMP_BUFFERS_ENV, "1");
+    }
     let (dir, cuda_steps) = cuda_run(&one, runs_root, true, &mut error);
+    std::env::remove_var(dump::DUMP_BUFFERS_ENV);
     // bf16: the cpu replays the cuda run's routing choices (near-tied top-k choices that the
     // two backends' different rounding flips would otherwise move whole tokens between
     // experts), and the flips are counted on their own.
@@ -99,7 +122,7 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<Cro
         Some(r) => Some(count_flips(&one, r)?),
         None => None,
     };
-    let (plan, cpu_rt, cpu_steps) = cpu_run(&one, true, replay)?;
+    let (plan, cpu_rt, cpu_steps) = cpu_run(&one, true, replay, opts.buffers)?;
     compare_steps(&cpu_steps, &cuda_steps, "grad pass", tol, true, &mut items);
     if let Some(dir) = &dir {
         for r in 0..world {
@@ -119,7 +142,12 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<Cro
             }
         }
     }
-    let (_, _, cpu_full) = cpu_run(spec, false, None)?;
+    let buffers = match (&dir, opts.buffers && error.is_none()) {
+        (Some(d), true) => Some(compare_buffers(&plan, &cpu_rt, d)),
+        _ => None,
+    };
+    drop(cpu_rt);
+    let (_, _, cpu_full) = cpu_run(spec, false, None, false)?;
     let (_, cuda_full) = cuda_run(spec, runs_root, false, &mut error);
     // Drop counts over the training steps are compared for f32 plans; a bf16 run's own
     // choices may flip near ties (the grad pass replays them and counts the flips).
@@ -127,7 +155,29 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path) -> anyhow::Result<Cro
     let complete = cuda_steps.len() == cpu_steps.len() && cuda_full.len() == cpu_full.len();
     let worst = items.iter().map(|i| i.rel_err).fold(0.0, |a: f64, b| if b.is_nan() || a.is_nan() { f64::NAN } else { a.max(b) });
     let passed = error.is_none() && complete && !items.is_empty() && items.iter().all(|i| i.passed);
-    Ok(CrossCheck { name: spec.name.clone(), variant: spec.variant.as_str().into(), world, items, worst, passed, error, route_flips })
+    Ok(CrossCheck { name: spec.name.clone(), variant: spec.variant.as_str().into(), world, items, worst, passed, error, route_flips, buffers })
+}
+
+/// The grad pass's transient buffers: the cpu runtime's against the cuda workers' dumps in
+/// `dir` (a rank whose dump cannot be read shows its buffers missing on cuda).
+fn compare_buffers(plan: &Plan, cpu: &CpuRuntime, dir: &Path) -> buffers::BufferReport {
+    let mut problems = Vec::new();
+    let cuda: Vec<HashMap<String, Data>> = (0..plan.world())
+        .map(|r| match dump::read(dir, r) {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                problems.push(e.to_string());
+                HashMap::new()
+            }
+        })
+        .collect();
+    let read = |r: usize, d: &crate::plan::BufferDesc| match d.elem {
+        ElemType::F32 => cpu.read(r, &d.name).map(Data::F32),
+        ElemType::I32 => cpu.read_i32(r, &d.name).map(Data::I32),
+    };
+    let mut report = buffers::compare(plan, &read, &cuda);
+    report.problems = problems;
+    report
 }
 
 /// Every rank's routing choices from a cuda run directory (`routes-rank{r}.json`).
@@ -162,7 +212,8 @@ fn count_flips(spec: &ExperimentSpec, routes: &Routes) -> anyhow::Result<(usize,
 /// Routing choices by (rank, `idx` buffer name).
 type Routes = Arc<HashMap<(u32, String), Vec<i32>>>;
 
-fn cpu_run(spec: &ExperimentSpec, skip_optimizer: bool, replay: Option<Routes>) -> anyhow::Result<(Plan, CpuRuntime, Vec<StepReport>)> {
+/// Runs `spec` on the cpu; `keep_transient` keeps every non-persistent buffer to the end.
+fn cpu_run(spec: &ExperimentSpec, skip_optimizer: bool, replay: Option<Routes>, keep_transient: bool) -> anyhow::Result<(Plan, CpuRuntime, Vec<StepReport>)> {
     let mut cpu_spec = spec.clone();
     cpu_spec.run.backend = BackendKind::Cpu;
     // bf16 plans: the cpu rounds what bf16 buffers store (math::bf16), so both sides round
@@ -170,7 +221,8 @@ fn cpu_run(spec: &ExperimentSpec, skip_optimizer: bool, replay: Option<Routes>) 
     // GEMM's product before its bias, attention probabilities before the context, score
     // gradients before dq/dk: cpu::exec::OpCtx::stored_bf16).
     let plan = Plan::build(&cpu_spec)?;
-    let mut rt = CpuRuntime::new(plan.clone(), ExecOptions { skip_optimizer, replay_routes: replay, ..Default::default() });
+    let retain = if keep_transient { buffers::transient_names(&plan) } else { Vec::new() };
+    let mut rt = CpuRuntime::new(plan.clone(), ExecOptions { skip_optimizer, replay_routes: replay, retain, ..Default::default() });
     let mut steps = Vec::new();
     for i in 0..spec.run.warmup + spec.run.steps {
         steps.push(rt.step(i >= spec.run.warmup, None)?);

@@ -45,13 +45,14 @@ impl CpuRuntime {
     pub fn new(plan: Plan, opts: ExecOptions) -> Self {
         let epoch = Instant::now();
         let seed = plan.spec.run.seed;
+        let wanted: std::collections::HashSet<&str> = opts.retain.iter().map(String::as_str).collect();
         let ranks = plan
             .ranks
             .iter()
             .map(|rp| {
                 let mut store = Store::new(rp.rank, rp.buffers.clone(), epoch);
                 init_params(rp, &mut store, seed);
-                let retain = rp.buffers.iter().map(|b| opts.retain.contains(&b.name)).collect();
+                let retain = rp.buffers.iter().map(|b| wanted.contains(b.name.as_str())).collect();
                 RankState { store: Mutex::new(store), ops: Vec::new(), steps: Vec::new(), retain }
             })
             .collect();

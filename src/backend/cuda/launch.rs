@@ -526,7 +526,7 @@ pub fn run_external(plan: &Plan, opts: &ExecOptions, ext: &ExternalRank, spec_ha
     let own_cancel = Arc::new(AtomicBool::new(false));
     let setup = RankSetup {
         rank: 0, world, device, nccl_id: id, epoch_ns,
-        opts: ExecOptions { cancel: own_cancel.clone(), ..opts.clone() },
+        opts: ExecOptions { cancel: own_cancel.clone(), ..opts.clone() }, dump_buffers: false,
     };
     let own_plan = plan.clone();
     let txr = tx.clone();
@@ -623,7 +623,7 @@ pub fn run_peer(spec: &ExperimentSpec, ext: &ExternalRank, say: &mut dyn FnMut(&
     say(&format!("rank {rank} of {}: joined rank 0 at {}, GPU {device}; rank 0 writes the run directory", ext.world, ext.address()));
     let mut opts = ExecOptions { collective_timeout: Duration::from_secs(welcome.timeout_s), skip_optimizer: welcome.skip_optimizer, ..Default::default() };
     opts.fail_at = welcome.fail_at.clone();
-    let setup = RankSetup { rank, world: ext.world, device, nccl_id: welcome.nccl_id.clone(), epoch_ns: welcome.epoch_unix_ns, opts };
+    let setup = RankSetup { rank, world: ext.world, device, nccl_id: welcome.nccl_id.clone(), epoch_ns: welcome.epoch_unix_ns, opts, dump_buffers: false };
     let sender = client.sender();
     let (done_tx, done_rx) = mpsc::channel::<Option<String>>();
     spawn_rank_thread(move || {
@@ -750,13 +750,18 @@ pub struct RankSetup {
     pub epoch_ns: u64,
     /// Collective timeout, fault injection, optimizer skipping, cancel flag.
     pub opts: ExecOptions,
+    /// With a dump directory: keep every non-persistent buffer past its last use and dump
+    /// them all at the end ([`crate::backend::dump`]; `MOELAB_DUMP_BUFFERS`, small
+    /// experiments only: every activation stays in device memory).
+    pub dump_buffers: bool,
 }
 
 /// Runs one rank of `plan` on its GPU: opens it, joins the communicators, runs every step,
 /// reporting through `emit` (`Ready`, `Step`s, an `Error` on failure; `Done` is the
 /// caller's, after it has stored the record). Returns the exit code (0 or 1) and the rank's
 /// record once the GPU was set up, also after a failed step. With `dump`, the final
-/// parameters and gradients of a completed run go to `dump/params-rank<r>.json`.
+/// parameters and gradients of a completed run go to `dump/params-rank<r>.json`, and with
+/// [`RankSetup::dump_buffers`] every non-persistent buffer to `dump/buffers-rank<r>.*`.
 pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dump: Option<&Path>) -> (i32, Option<RankRecord>) {
     let rank = s.rank;
     let mut fail = |message: String, error: Option<WireError>| {
@@ -787,7 +792,14 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
     } else {
         Vec::new()
     };
-    let mut gr = match GpuRank::new(plan, rank, gpu, comms, &route_names, offset_ns) {
+    // Per-buffer cross-checks: every non-persistent buffer is kept to the end of the run.
+    let transient: Vec<String> = if dump.is_some() && s.dump_buffers {
+        plan.ranks[rank].buffers.iter().filter(|b| !b.persistent).map(|b| b.name.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    let retain: Vec<String> = route_names.iter().chain(&transient).cloned().collect();
+    let mut gr = match GpuRank::new(plan, rank, gpu, comms, &retain, offset_ns) {
         Ok(g) => g,
         Err(e) => return (fail(format!("rank {rank}: setup: {e}"), None), None),
     };
@@ -832,6 +844,13 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
             emit(WorkerLine::Error { rank: rank as u32, message: format!("rank {rank}: writing its routing: {e}"), error: None });
             code = 1;
         }
+        if s.dump_buffers {
+            let held: Vec<_> = transient.iter().filter_map(|n| Some((n.clone(), gr.read_data(n)?))).collect();
+            if let Err(e) = crate::backend::dump::write(dir, rank, &held) {
+                emit(WorkerLine::Error { rank: rank as u32, message: format!("rank {rank}: writing its buffers: {e}"), error: None });
+                code = 1;
+            }
+        }
     }
     (code, Some(rec))
 }
@@ -874,7 +893,8 @@ pub fn worker_main(dir: &Path) -> i32 {
         }
     }
     let epoch_ns = std::env::var("MOELAB_EPOCH_UNIX_NS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let setup = RankSetup { rank, world, device, nccl_id: std::env::var("MOELAB_NCCL_ID").ok(), epoch_ns, opts };
+    let dump_buffers = std::env::var_os(crate::backend::dump::DUMP_BUFFERS_ENV).is_some();
+    let setup = RankSetup { rank, world, device, nccl_id: std::env::var("MOELAB_NCCL_ID").ok(), epoch_ns, opts, dump_buffers };
     let dump = std::env::var_os("MOELAB_DUMP_PARAMS").is_some().then_some(dir);
     let (code, rec) = run_rank(plan, &setup, &mut |l| emit(&l), dump);
     if let Some(rec) = rec {

@@ -78,7 +78,8 @@ impl GpuRank {
         let rp = &plan.ranks[rank];
         let epoch = Instant::now();
         let store = DevStore::new(rp.rank, rp.buffers.clone(), epoch);
-        let retain = rp.buffers.iter().map(|b| retain.contains(&b.name)).collect();
+        let retain: std::collections::HashSet<&str> = retain.iter().map(String::as_str).collect();
+        let retain = rp.buffers.iter().map(|b| retain.contains(b.name.as_str())).collect();
         let me = GpuRank {
             gpu, streams, store: Mutex::new(store), comms, rank, retain, ops: Vec::new(), steps: Vec::new(), epoch, offset_ns,
             steps_done: 0, measured_done: 0, plan,
@@ -132,12 +133,18 @@ impl GpuRank {
 
     /// A buffer's contents (parameters, gradients, retained activations), as f32.
     pub fn read(&self, name: &str) -> Option<Vec<f32>> {
-        let id = self.plan.ranks[self.rank].buffer_id(name)?;
-        let fabric = Fabric::new(Duration::from_secs(1));
-        match self.exec(0, 0, 0, &fabric).download(id).ok()? {
+        match self.read_data(name)? {
             Data::F32(v) => Some(v),
             Data::I32(v) => Some(v.into_iter().map(|x| x as f32).collect()),
         }
+    }
+
+    /// A live buffer's contents in its element type (bf16 storage widened to f32); `None`
+    /// for an unknown name or a buffer not held now.
+    pub fn read_data(&self, name: &str) -> Option<Data> {
+        let id = self.plan.ranks[self.rank].buffer_id(name)?;
+        let fabric = Fabric::new(Duration::from_secs(1));
+        self.exec(0, 0, 0, &fabric).download(id).ok()
     }
 
     /// Runs one step; `measured` steps are traced.
