@@ -272,6 +272,36 @@ fn a_rank_error_is_the_reported_cause() {
 }
 
 #[test]
+fn a_peer_that_cannot_set_up_tells_rank_0_why() {
+    // Rank 1 of 2 on a node without GPUs: it joins, then cannot pick its GPU. Rank 0 must end
+    // the job with that reason, not wait for a rank that will never run.
+    use moelab::backend::cuda::external::ExternalRank;
+    use moelab::backend::cuda::launch::{run_peer, PeerError};
+    let over = [moelab::spec::overrides::Override::parse("run.backend=cpu").unwrap()];
+    let spec = moelab::spec::load_file_with(std::path::Path::new("experiments/gpu/topk-2gpu.toml"), &over).unwrap();
+    let hash = rendezvous::spec_hash(&spec);
+    let listener = listen(0).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ext = ExternalRank { launcher: Launcher::Torchrun, rank: 1, world: 2, local_rank: 1, master_addr: "127.0.0.1".into(), port, timeout: Duration::from_secs(10) };
+    let peer = std::thread::spawn(move || run_peer(&spec, &ext, &mut |_| {}));
+    let joined = serve(&listener, 2, &hash, Duration::from_secs(10)).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let _hub = Hub::start(joined, &welcome(), tx.clone(), Duration::from_secs(5));
+    let t = Instant::now();
+    let g = gather(2, 3, &rx, &ExecOptions::default(), &mut Vec::new, &mut |_| {});
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    match &g.failure {
+        Some(BackendError::OpFailed { rank: 1, op, message }) => {
+            assert_eq!(op, "setup");
+            assert!(message.contains("LOCAL_RANK=1") && message.contains("GPU(s) are visible"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(peer.join().unwrap(), Err(PeerError::Failed { rank: 1, .. })));
+    drop(tx);
+}
+
+#[test]
 fn a_silent_rank_is_lost_after_the_silence_limit() {
     let listener = listen(0).unwrap();
     let a = addr(&listener);

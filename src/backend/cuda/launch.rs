@@ -614,10 +614,18 @@ pub enum PeerError {
 pub fn run_peer(spec: &ExperimentSpec, ext: &ExternalRank, say: &mut dyn FnMut(&str)) -> Result<(), PeerError> {
     let rank = ext.rank;
     let rv = |source| PeerError::Rendezvous { rank, source };
-    let device = ext.device(super::visible_gpus()).map_err(|e| PeerError::Failed { rank, message: e.to_string() })?;
     let hello = Hello::new(rank as u32, ext.world as u32, rendezvous::spec_hash(spec));
     let (client, welcome, root) = rendezvous::connect(&ext.address(), &hello, ext.timeout).map_err(rv)?;
-    let spec_err = |message: String| PeerError::Spec { rank, message };
+    // From here on every failure also goes to rank 0, which then ends the job with this
+    // rank's reason instead of waiting for a rank that will not run.
+    let setup_failed = |err: PeerError| {
+        let message = err.to_string();
+        let error = WireError::OpFailed { rank: rank as u32, op: "setup".into(), message: message.clone() };
+        let _ = client.send(&ToRoot::Line { line: WorkerLine::Error { rank: rank as u32, message, error: Some(error) } });
+        err
+    };
+    let device = ext.device(super::visible_gpus()).map_err(|e| setup_failed(PeerError::Failed { rank, message: e.to_string() }))?;
+    let spec_err = |message: String| setup_failed(PeerError::Spec { rank, message });
     let resolved = crate::spec::from_toml_str(&welcome.spec_toml).map_err(|e| spec_err(e.to_string()))?;
     let plan = Plan::build(&resolved).map_err(|e| spec_err(e.to_string()))?;
     say(&format!("rank {rank} of {}: joined rank 0 at {}, GPU {device}; rank 0 writes the run directory", ext.world, ext.address()));
