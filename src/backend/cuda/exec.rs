@@ -913,24 +913,13 @@ impl<'a> StreamExec<'a> {
     /// of each expert block, plus one. `None` means the GEMMs run over all `rows` of each block.
     fn expert_rows(&self, ids: &[BufId], n_local: usize, rows: usize) -> Option<Vec<usize>> {
         let st = lock(self.store);
-        let mut used = vec![0usize; n_local];
-        for &id in ids {
-            let f = st.fill(id)?;
-            if f.len() != n_local * rows {
-                return None;
-            }
-            for (e, u) in used.iter_mut().enumerate() {
-                let block = &f[e * rows..(e + 1) * rows];
-                *u = (*u).max(block.iter().rposition(|&b| b).map_or(0, |r| r + 1));
-            }
-        }
-        Some(used)
+        let fills = ids.iter().map(|&id| st.fill(id)).collect::<Option<Vec<_>>>()?;
+        rows_in_use(&fills.iter().map(|f| f.as_slice()).collect::<Vec<_>>(), n_local, rows)
     }
 
     /// Records that `id` holds data in the first `used[e]` rows of each expert block.
     fn set_expert_fill(&self, id: BufId, used: &[usize], rows: usize) {
-        let f: Vec<bool> = used.iter().flat_map(|&u| (0..rows).map(move |r| r < u)).collect();
-        lock(self.store).set_fill(id, Arc::new(f));
+        lock(self.store).set_fill(id, Arc::new(prefix_fill(used, rows)));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1061,6 +1050,29 @@ fn layout_parts(kind: &mut OpKind) -> Option<(Vec<Option<BufId>>, Vec<BufId>, &m
     })
 }
 
+/// Rows in use per expert block of `[n_local, rows, ..]` buffers whose filled rows are
+/// `fills` (one flag per row each): the highest filled row of each block over all of them,
+/// plus one. `None` when a fill does not cover `n_local * rows` rows.
+pub fn rows_in_use(fills: &[&[bool]], n_local: usize, rows: usize) -> Option<Vec<usize>> {
+    let mut used = vec![0usize; n_local];
+    for f in fills {
+        if f.len() != n_local * rows {
+            return None;
+        }
+        for (e, u) in used.iter_mut().enumerate() {
+            let block = &f[e * rows..(e + 1) * rows];
+            *u = (*u).max(block.iter().rposition(|&b| b).map_or(0, |r| r + 1));
+        }
+    }
+    Some(used)
+}
+
+/// Row flags of a `[blocks, rows, ..]` buffer whose block `e` holds data in its first
+/// `used[e]` rows.
+pub fn prefix_fill(used: &[usize], rows: usize) -> Vec<bool> {
+    used.iter().flat_map(|&u| (0..rows).map(move |r| r < u)).collect()
+}
+
 fn act_kind(a: Activation) -> i32 {
     match a {
         Activation::Gelu => 0,
@@ -1070,3 +1082,23 @@ fn act_kind(a: Activation) -> i32 {
 
 
 const _: () = assert!(BLOCK == 256, "mse's shared reduction assumes 256 threads");
+
+#[cfg(test)]
+mod tests {
+    use super::{prefix_fill, rows_in_use};
+
+    #[test]
+    fn rows_in_use_take_each_blocks_last_filled_row_over_every_buffer() {
+        // Two experts of 4 rows: expert 0 holds rows 0-1, expert 1 rows 0 and 2 (a hole).
+        let x = [true, true, false, false, true, false, true, false];
+        assert_eq!(rows_in_use(&[&x], 2, 4), Some(vec![2, 3]));
+        // A second operand filled further in expert 0 widens it; empty experts give 0.
+        let dy = [true, true, true, false, false, false, false, false];
+        assert_eq!(rows_in_use(&[&x, &dy], 2, 4), Some(vec![3, 3]));
+        assert_eq!(rows_in_use(&[&[false; 8]], 2, 4), Some(vec![0, 0]));
+        // A fill of another shape is not used.
+        assert_eq!(rows_in_use(&[&x[..6]], 2, 4), None);
+        assert_eq!(prefix_fill(&[2, 3], 4), vec![true, true, false, false, true, true, true, false]);
+        assert_eq!(rows_in_use(&[&prefix_fill(&[2, 3], 4)], 2, 4), Some(vec![2, 3]));
+    }
+}
