@@ -28,6 +28,7 @@ fn op(
         end_ns: end,
         flops: 0,
         bytes: 0,
+        collective: None,
     }
 }
 
@@ -80,6 +81,7 @@ fn trace(world: u32, ops: Vec<OpEvent>, memory: Vec<MemEvent>, steps: Vec<StepSp
         ops,
         memory,
         steps,
+        group_sizes: Vec::new(),
     }
 }
 
@@ -494,7 +496,9 @@ fn write_tables_roundtrip_csv() {
             "overlap.csv",
             "overlap.parquet",
             "stages.csv",
-            "stages.parquet"
+            "stages.parquet",
+            "waits.csv",
+            "waits.parquet"
         ]
     );
     assert!(paths
@@ -541,7 +545,7 @@ fn empty_trace_is_fine() {
     let dir = tempfile::tempdir().expect("tempdir");
     assert_eq!(
         tables::write_tables(&a, dir.path()).expect("write").len(),
-        6
+        8
     );
     let v = to_chrome_json(&t);
     assert_eq!(v["traceEvents"].as_array().map(Vec::len), Some(0));

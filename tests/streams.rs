@@ -72,3 +72,31 @@ fn comm_runs_while_independent_compute_runs() {
     // A serial executor gives exactly zero here; timing under load decides how much more.
     assert!(r0.overlapped_ns > 0, "rank 0's all-gather should run during its own GEMMs: {r0:?}");
 }
+
+#[test]
+fn the_rank_that_arrives_first_at_a_collective_waits_for_the_last() {
+    // Rank 0 reaches the second all-gather at once; rank 1 only after its 40 GEMMs. The
+    // analysis lines the two events up: rank 0's all-gather is mostly waiting, and its wait
+    // ends where rank 1's event starts.
+    let mut rt = CpuRuntime::new(two_rank_plan(), ExecOptions::default());
+    for i in 0..3 {
+        rt.step(i > 0, None).expect("step");
+    }
+    let trace = rt.trace();
+    assert_eq!(trace.group_sizes, vec![2]);
+    let ag: Vec<_> = trace.ops.iter().filter(|o| o.name == "allgather" && o.step == 0).collect();
+    assert_eq!(ag.len(), 2);
+    assert_eq!(ag[0].collective, ag[1].collective, "the two members' events are one collective");
+    assert_eq!(ag[0].collective.unwrap().seq, 1, "the second collective of the group");
+    let (r0, r1) = if ag[0].rank == 0 { (ag[0], ag[1]) } else { (ag[1], ag[0]) };
+    assert!(r1.start_ns > r0.start_ns, "rank 1 arrives later");
+    let a = analyze(&trace);
+    let row = a.waits.iter().find(|w| w.stage == Stage::AllGather).expect("all-gather row");
+    let stage_total = a.stages.iter().find(|s| s.stage == Stage::AllGather).unwrap().total_ns;
+    assert_eq!((row.count, row.unmatched, row.total_ns), (8, 0, stage_total));
+    // Over both measured steps, the waits are at least rank 0's lead at this all-gather
+    // in step 0 (positive) and at most the collectives' time.
+    let lead = (r1.start_ns - r0.start_ns).min(r0.dur_ns());
+    assert!(row.wait_ns >= lead && row.wait_ns <= row.total_ns, "{row:?}, lead {lead}");
+    assert!(a.render_text().contains("waiting for the group's last member"));
+}

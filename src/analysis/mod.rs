@@ -7,10 +7,12 @@ pub mod overlap;
 pub mod stages;
 pub mod tables;
 pub mod text;
+pub mod waits;
 
 pub use memory::{MemoryBreakdown, RankMemory};
 pub use overlap::RankOverlap;
 pub use stages::StageRow;
+pub use waits::WaitRow;
 
 use crate::trace::{MemEvent, OpEvent, StepSpan, Trace};
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,6 +34,9 @@ pub struct Analysis {
     pub overlap: Vec<RankOverlap>,
     /// Memory replay per rank.
     pub memory: MemoryBreakdown,
+    /// Collective time split into waiting for the group's last member and the transfer
+    /// after it, per (stage, pass).
+    pub waits: Vec<WaitRow>,
 }
 
 impl Analysis {
@@ -135,5 +140,6 @@ pub fn analyze(trace: &Trace) -> Analysis {
         stages: stages::stage_rows(trace),
         overlap,
         memory,
+        waits: waits::collective_waits(trace, &|g| trace.group_sizes.get(g as usize).map(|&n| n as usize)),
     }
 }

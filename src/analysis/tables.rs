@@ -44,6 +44,22 @@ pub fn overlap_frame(analysis: &Analysis) -> PolarsResult<DataFrame> {
     )
 }
 
+/// Collective time per (stage, pass): total, waiting for the group's last member and the
+/// transfer after it, in ns; `unmatched` events had peers missing from the trace.
+pub fn waits_frame(analysis: &Analysis) -> PolarsResult<DataFrame> {
+    let w = &analysis.waits;
+    df!(
+        "stage" => w.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(),
+        "pass" => w.iter().map(|r| pass_str(r.pass)).collect::<Vec<_>>(),
+        "label" => w.iter().map(|r| r.label.clone()).collect::<Vec<_>>(),
+        "count" => w.iter().map(|r| r.count).collect::<Vec<_>>(),
+        "total_ns" => w.iter().map(|r| r.total_ns).collect::<Vec<_>>(),
+        "wait_ns" => w.iter().map(|r| r.wait_ns).collect::<Vec<_>>(),
+        "transfer_ns" => w.iter().map(|r| r.transfer_ns()).collect::<Vec<_>>(),
+        "unmatched" => w.iter().map(|r| r.unmatched).collect::<Vec<_>>(),
+    )
+}
+
 /// The memory breakdown in long format: one row per (rank, category), bytes at the rank's
 /// peak and the category's own maximum.
 pub fn memory_frame(analysis: &Analysis) -> PolarsResult<DataFrame> {
@@ -67,7 +83,7 @@ pub fn memory_frame(analysis: &Analysis) -> PolarsResult<DataFrame> {
     )
 }
 
-/// Writes stages, overlap and memory tables into `dir` (created if missing), each as
+/// Writes stages, overlap, memory and collective-wait tables into `dir` (created if missing), each as
 /// `.parquet` and `.csv`; returns the paths written.
 pub fn write_tables(analysis: &Analysis, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -83,6 +99,10 @@ pub fn write_tables(analysis: &Analysis, dir: &Path) -> anyhow::Result<Vec<PathB
         (
             "memory",
             anyhow::Context::context(memory_frame(analysis), "building memory table")?,
+        ),
+        (
+            "waits",
+            anyhow::Context::context(waits_frame(analysis), "building collective wait table")?,
         ),
     ];
     let mut written = Vec::with_capacity(frames.len() * 2);

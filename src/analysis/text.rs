@@ -122,8 +122,34 @@ impl Analysis {
         );
         out.push('\n');
 
-        // Overlap table.
         let ms = |ns: u64| format!("{:.3}", ns as f64 / NS_PER_MS);
+        // Collectives: waiting for the last member vs transfer (only where peers line up).
+        if self.waits.iter().any(|w| w.count > w.unmatched) {
+            let rows: Vec<Vec<String>> = self
+                .waits
+                .iter()
+                .map(|w| {
+                    vec![
+                        w.label.clone(),
+                        w.count.to_string(),
+                        ms(w.total_ns),
+                        ms(w.wait_ns),
+                        ms(w.transfer_ns()),
+                        format!("{:.1}", if w.total_ns == 0 { 0.0 } else { 100.0 * w.wait_ns as f64 / w.total_ns as f64 }),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                "Collectives: waiting for the group's last member, then transfer (summed over ranks and steps)",
+                &["stage", "count", "total ms", "wait ms", "transfer ms", "wait %"],
+                &rows,
+                None,
+            );
+            out.push('\n');
+        }
+
+        // Overlap table.
         let rows: Vec<Vec<String>> = self
             .overlap
             .iter()

@@ -176,7 +176,7 @@ impl RankBuilder {
         };
         self.ops.push(Op {
             id, name, stage, pass, stream, layer: self.layer, chunk: self.chunk, deps, kind, reads, writes,
-            frees: Vec::new(), flops, bytes,
+            frees: Vec::new(), flops, bytes, collective: None,
         });
         id
     }
@@ -189,6 +189,15 @@ impl RankBuilder {
     pub fn finish(mut self) -> RankPlan {
         if self.elem_bytes == 2 {
             super::precision::apply_bf16(&mut self.buffers, &self.ops, &mut self.params);
+        }
+        // Number each group's collectives in issue order (the order every member shares).
+        let mut next_seq: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        for op in &mut self.ops {
+            if let Some(g) = op.kind.collective_group() {
+                let seq = next_seq.entry(g.0).or_insert(0);
+                op.collective = Some(crate::trace::CollectiveRef { group: g.0, seq: *seq });
+                *seq += 1;
+            }
         }
         let mut last_use: Vec<Option<usize>> = vec![None; self.buffers.len()];
         for (i, op) in self.ops.iter().enumerate() {

@@ -162,6 +162,9 @@ pub struct Op {
     pub flops: u64,
     /// Bytes moved through memory, or sent for collectives (upper bound when dynamic).
     pub bytes: u64,
+    /// For a collective on one process group: which of the group's collectives it is (every
+    /// member issues them in the same order), so a trace can line up its members' events.
+    pub collective: Option<crate::trace::CollectiveRef>,
 }
 
 /// Which ranks a collective spans.
@@ -205,6 +208,11 @@ impl Plan {
     /// Number of ranks.
     pub fn world(&self) -> usize {
         self.ranks.len()
+    }
+    /// Members of each process group, index = group id (what a trace needs to line up a
+    /// collective's events).
+    pub fn group_sizes(&self) -> Vec<u32> {
+        self.groups.iter().map(|g| g.ranks.len() as u32).collect()
     }
     /// Total ops over all ranks.
     pub fn op_count(&self) -> usize {

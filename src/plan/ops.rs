@@ -202,6 +202,17 @@ pub enum OpKind {
 }
 
 impl OpKind {
+    /// The one process group a collective runs on (all-gather, all-reduce, all-to-all,
+    /// reduce-scatter, point-to-point exchange); `None` for compute ops and for the 2D
+    /// all-to-all, which spans two groups.
+    pub fn collective_group(&self) -> Option<GroupId> {
+        use OpKind::*;
+        match self {
+            AllGather { group, .. } | AllReduce { group, .. } | AllToAllV { group, .. } | ReduceScatter { group, .. } | SendRecv { group, .. } => Some(*group),
+            _ => None,
+        }
+    }
+
     /// (reads, writes).
     pub fn io(&self) -> (Vec<BufId>, Vec<BufId>) {
         use OpKind::*;

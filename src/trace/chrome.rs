@@ -50,7 +50,7 @@ pub fn to_chrome_json(trace: &Trace) -> Value {
     let mut ops: Vec<_> = trace.ops.iter().collect();
     ops.sort_by_key(|o| (o.rank, o.stream.index(), o.start_ns));
     for op in ops {
-        events.push(json!({
+        let mut ev = json!({
             "ph": "X",
             "name": op.name,
             "cat": stage_label(op.stage, op.pass),
@@ -67,7 +67,12 @@ pub fn to_chrome_json(trace: &Trace) -> Value {
                 "flops": op.flops,
                 "bytes": op.bytes,
             },
-        }));
+        });
+        if let Some(c) = op.collective {
+            ev["args"]["group"] = json!(c.group);
+            ev["args"]["seq"] = json!(c.seq);
+        }
+        events.push(ev);
     }
 
     let mut mem_by_rank: BTreeMap<u32, Vec<&MemEvent>> = BTreeMap::new();

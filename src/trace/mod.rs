@@ -33,6 +33,20 @@ pub struct OpEvent {
     pub flops: u64,
     /// Bytes the op moves (memory traffic, or bytes sent for collectives).
     pub bytes: u64,
+    /// The collective this op is, when it is one on a single process group: the events of
+    /// the group's members with the same reference and step are one collective.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collective: Option<CollectiveRef>,
+}
+
+/// One collective of a process group: the group (index into the plan's groups) and its
+/// position among that group's collectives in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CollectiveRef {
+    /// Process group.
+    pub group: u32,
+    /// Position among the group's collectives, from 0 in each step.
+    pub seq: u32,
 }
 
 impl OpEvent {
@@ -81,4 +95,8 @@ pub struct Trace {
     pub memory: Vec<MemEvent>,
     /// Measured steps per rank.
     pub steps: Vec<StepSpan>,
+    /// Members of each of the plan's process groups (index = [`CollectiveRef::group`]), for
+    /// lining up a collective's events across ranks; empty in traces that predate it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group_sizes: Vec<u32>,
 }

@@ -164,7 +164,7 @@ impl CpuRuntime {
 
     /// Everything measured so far, as the common trace format.
     pub fn trace(&self) -> Trace {
-        let mut t = Trace { backend: "cpu".into(), world: self.ranks.len() as u32, ..Default::default() };
+        let mut t = Trace { backend: "cpu".into(), world: self.ranks.len() as u32, group_sizes: self.plan.group_sizes(), ..Default::default() };
         for r in &self.ranks {
             t.ops.extend(r.ops.iter().cloned());
             t.memory.extend(lock(&r.store).events.iter().cloned());
@@ -380,7 +380,7 @@ fn run_rank(
                 lock(&events).push(OpEvent {
                     rank: rp.rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(),
                     layer: op.layer, chunk: op.chunk, start_ns: t0, end_ns: t1.max(t0 + 1), flops: op.flops,
-                    bytes: out.bytes.unwrap_or(op.bytes),
+                    bytes: out.bytes.unwrap_or(op.bytes), collective: op.collective,
                 });
             }
             progress.finish(i);

@@ -333,7 +333,7 @@ fn drain(rx: &Receiver<(u32, RankEvent)>, g: &mut Gathered, until: Instant) {
 fn finish(plan: &Plan, g: Gathered) -> JobResult {
     let world = plan.world();
     let mut res = JobResult { steps: g.steps, failure: g.failure, notes: g.notes, ..Default::default() };
-    res.trace = Trace { backend: "cuda".into(), world: world as u32, ..Default::default() };
+    res.trace = Trace { backend: "cuda".into(), world: world as u32, group_sizes: plan.group_sizes(), ..Default::default() };
     for (r, rec) in g.records.into_iter().enumerate() {
         match rec {
             Some(rec) => {

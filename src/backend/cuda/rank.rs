@@ -168,7 +168,7 @@ impl GpuRank {
                 let e = self.shift(base_host_ns + t_end).max(s + 1);
                 self.ops.push(OpEvent {
                     rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(), layer: op.layer, chunk: op.chunk,
-                    start_ns: s, end_ns: e, flops: op.flops, bytes: bytes.unwrap_or(op.bytes),
+                    start_ns: s, end_ns: e, flops: op.flops, bytes: bytes.unwrap_or(op.bytes), collective: op.collective,
                 });
             }
             let end = self.epoch.elapsed().as_nanos() as u64;

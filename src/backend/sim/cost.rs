@@ -299,7 +299,7 @@ mod tests {
 
     fn op(kind: OpKind, flops: u64, bytes: u64) -> Op {
         Op { id: OpId(0), name: "x".into(), stage: Stage::DenseMlp, pass: Pass::Forward, stream: Stream::Compute, layer: None, chunk: None,
-            deps: vec![], kind, reads: vec![], writes: vec![], frees: vec![], flops, bytes }
+            deps: vec![], kind, reads: vec![], writes: vec![], frees: vec![], flops, bytes, collective: None }
     }
 
     #[test]

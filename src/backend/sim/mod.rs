@@ -389,7 +389,7 @@ impl SimRuntime {
                 if measured {
                     self.trace.ops.push(OpEvent {
                         rank: *rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(), layer: op.layer,
-                        chunk: op.chunk, start_ns, end_ns, flops: op.flops, bytes: op.bytes,
+                        chunk: op.chunk, start_ns, end_ns, flops: op.flops, bytes: op.bytes, collective: op.collective,
                     });
                 }
             }
@@ -416,7 +416,7 @@ impl SimRuntime {
 
     /// Everything simulated so far, as the common trace format.
     pub fn trace(&self) -> Trace {
-        self.trace.clone()
+        Trace { group_sizes: self.plan.group_sizes(), ..self.trace.clone() }
     }
 
     /// Predicted peak bytes per rank (every rank of the world; images of a symmetric plan

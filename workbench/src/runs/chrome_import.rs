@@ -53,6 +53,10 @@ fn op_event(ev: &Value) -> Result<OpEvent, String> {
         end_ns: start_ns + dur_ns,
         flops: field(args, "flops").and_then(Value::as_u64).unwrap_or(0),
         bytes: field(args, "bytes").and_then(Value::as_u64).unwrap_or(0),
+        collective: match (as_u32(field(args, "group")), as_u32(field(args, "seq"))) {
+            (Some(group), Some(seq)) => Some(moelab::trace::CollectiveRef { group, seq }),
+            _ => None,
+        },
     })
 }
 
@@ -117,14 +121,14 @@ mod tests {
     fn sample() -> Trace {
         let op = |rank, stream, stage, start, end| OpEvent {
             rank, step: 0, stream, stage, pass: Pass::Forward, name: format!("{stage}"), layer: Some(1), chunk: None,
-            start_ns: start, end_ns: end, flops: 100, bytes: 64,
+            start_ns: start, end_ns: end, flops: 100, bytes: 64, collective: None,
         };
         Trace {
             backend: "cpu".into(),
             world: 2,
             ops: vec![
                 op(0, Stream::Compute, Stage::Gate, 1_000, 5_000),
-                op(0, Stream::Comm, Stage::AllToAll, 5_000, 9_000),
+                OpEvent { collective: Some(moelab::trace::CollectiveRef { group: 1, seq: 3 }), ..op(0, Stream::Comm, Stage::AllToAll, 5_000, 9_000) },
                 op(1, Stream::Compute, Stage::ExpertGemm1, 2_000, 7_000),
             ],
             memory: vec![
@@ -134,6 +138,7 @@ mod tests {
                 MemEvent { rank: 1, t_ns: 0, category: MemCategory::Params, delta: 4096 },
             ],
             steps: vec![],
+            group_sizes: vec![],
         }
     }
 
