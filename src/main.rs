@@ -61,6 +61,30 @@ enum Command {
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
     },
+    /// Predict completed runs on the sim backend and compare: for each run directory, run its
+    /// spec.toml on the sim (same warmup and steps) and print measured vs predicted step time
+    /// (target 15%) and time per step of every stage (target 25%; stages under 2% of the step
+    /// marked small). `--set` overrides apply to the sim runs' specs. Reads the run directories
+    /// only; exits non-zero when one cannot be read or simulated.
+    Predict {
+        /// Run directories written by `moelab run` (normally cuda runs), e.g. runs/20261123-*.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Sim profile: a built-in name (h200, h100, ...) or a profile TOML; default: the
+        /// built-in profile of the GPU each run recorded.
+        #[arg(long)]
+        profile: Option<String>,
+        /// Keep the sim runs here (default: a temporary directory, removed).
+        #[arg(long)]
+        runs_dir: Option<PathBuf>,
+        /// Also write every comparison as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Print the rows of docs/benchmarks.md's predicted-vs-measured table instead of the
+        /// per-stage blocks.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Check experiment files without running them; exits non-zero if any is invalid.
     Validate {
         /// Experiment files.
@@ -352,9 +376,10 @@ fn cmd_calibrate(base: Option<&str>, name: Option<&str>, out: Option<&Path>, rep
     };
     let base = match base {
         Some(b) => b.to_string(),
-        None if cal.device.contains("H100") => "h100-datasheet".into(),
-        None if cal.device.contains("H200") => "h200-datasheet".into(),
-        None => anyhow::bail!("no built-in profile for {}: pass --base <profile.toml> with its datasheet numbers", cal.device),
+        None => match profile::builtin_for_device(&cal.device) {
+            Some(p) => format!("{p}-datasheet"),
+            None => anyhow::bail!("no built-in profile for {}: pass --base <profile.toml> with its datasheet numbers", cal.device),
+        },
     };
     let base_text = match profile::builtin_text(&base) {
         Some(t) => t.to_string(),
@@ -449,6 +474,34 @@ fn cmd_bench(configs: &[String], modes: &[moelab::backend::cuda::bench::ExpertGe
     Ok(failed.is_empty())
 }
 
+fn cmd_predict(dirs: &[PathBuf], profile: Option<&str>, runs_dir: Option<&Path>, json: Option<&Path>, markdown: bool) -> Result<()> {
+    use moelab::run::predict::{self, render, MeasuredRun, PredictOptions};
+    // Read every run directory before simulating any.
+    let runs: Vec<MeasuredRun> = dirs.iter().map(|d| MeasuredRun::load(d)).collect::<Result<_, _>>()?;
+    let opts = PredictOptions {
+        profile: profile.map(str::to_string),
+        runs_dir: runs_dir.map(Path::to_path_buf),
+        overrides: OVERRIDES.get().cloned().unwrap_or_default(),
+    };
+    let mut all = Vec::new();
+    if markdown {
+        print!("{}", render::markdown_header());
+    }
+    for r in &runs {
+        let p = predict::predict(r, &opts)?;
+        if markdown {
+            print!("{}", render::markdown_row(&p));
+        } else {
+            println!("{}", render::render_text(&p));
+        }
+        all.push(p);
+    }
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&all)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>, buffers: bool) -> Result<bool> {
     let opts = moelab::run::crosscheck::CrossCheckOptions { buffers };
     let mut all = Vec::new();
@@ -494,6 +547,9 @@ fn main() {
     let result = match &cli.command {
         Command::Run { file, runs_dir, quiet, backend } => cmd_run(file, runs_dir, *quiet, backend.as_deref()).map(|_| true),
         Command::Compare { files, runs_dir } => cmd_compare(files, runs_dir).map(|_| true),
+        Command::Predict { dirs, profile, runs_dir, json, markdown } => {
+            cmd_predict(dirs, profile.as_deref(), runs_dir.as_deref(), json.as_deref(), *markdown).map(|_| true)
+        }
         Command::Validate { files } => cmd_validate(files),
         Command::Plan { file } => cmd_plan(file).map(|_| true),
         Command::Crosscheck { files, runs_dir, json, buffers } => cmd_crosscheck(files, runs_dir, json.as_deref(), *buffers),

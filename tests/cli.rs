@@ -106,7 +106,7 @@ fn a_failed_run_keeps_spec_log_trace_and_status() {
 fn help_lists_every_command() {
     let (code, out, _) = moelab(&["--help"], &[]);
     assert_eq!(code, 0);
-    for c in ["run", "validate", "plan"] {
+    for c in ["run", "validate", "plan", "predict"] {
         assert!(out.contains(c), "{out}");
     }
     let (code, out, _) = moelab(&["plan", "experiments/topk-dp2-ep2.toml"], &[]);
@@ -191,4 +191,37 @@ fn crosscheck_buffers_without_a_gpu_fails_clearly() {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v[0]["passed"], false);
     assert!(v[0].get("buffers").is_none(), "no buffer report without a cuda run: {v}");
+}
+
+#[test]
+fn predict_compares_a_run_directory_with_the_sim_and_names_what_is_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let (code, out, err) = moelab(&["run", "-q", "experiments/gpu/topk-1gpu.toml", "--backend", "cpu", "--runs-dir", runs.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let dir = only_run_dir(&runs);
+    let d = dir.to_str().unwrap();
+    let json = tmp.path().join("p.json");
+    let (code, out, err) = moelab(&["predict", d, "--profile", "h200", "--json", json.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for needle in ["profile h200", "cpu ", "ms, sim ", "error ", "(target 15%:", "expert_gemm1_bwd", "small", "within 25%"] {
+        assert!(out.contains(needle), "output lacks {needle:?}:\n{out}");
+    }
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc[0]["comparison"]["predicted_backend"], "sim");
+    assert!(doc[0]["comparison"]["stages"].as_array().unwrap().len() > 10);
+    let (code, out, err) = moelab(&["predict", d, "--profile", "h200", "--markdown"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.starts_with("| run | measured step (ms) | sim step (ms) |"), "{out}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    // The measured run directory is only read.
+    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 1);
+
+    let (code, _, err) = moelab(&["predict", d], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("records no GPU") && err.contains("--profile"), "{err}");
+    let missing = tmp.path().join("no-such-run");
+    let (code, _, err) = moelab(&["predict", missing.to_str().unwrap(), "--profile", "h200"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no-such-run") && err.contains("no such run directory"), "{err}");
 }

@@ -4,6 +4,7 @@
 
 pub mod memory;
 pub mod overlap;
+pub mod prediction;
 pub mod stages;
 pub mod tables;
 pub mod text;

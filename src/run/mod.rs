@@ -7,6 +7,7 @@ pub mod compare;
 pub mod crosscheck;
 mod log;
 pub mod mpmoe_auto;
+pub mod predict;
 
 pub use log::RunLog;
 

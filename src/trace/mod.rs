@@ -2,6 +2,7 @@
 //! memory events per rank and category. Times are nanoseconds since the run's epoch.
 
 pub mod chrome;
+pub mod chrome_import;
 
 use crate::taxonomy::{MemCategory, Pass, Stage, Stream};
 use serde::{Deserialize, Serialize};

@@ -629,6 +629,20 @@ pub fn builtin_text(name: &str) -> Option<&'static str> {
     BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
 
+/// The built-in calibrated profile of a GPU as CUDA names it (`"NVIDIA H200"` -> `"h200"`,
+/// `"NVIDIA H100 80GB HBM3"` -> `"h100"`); `None` for a GPU no built-in profile describes.
+/// Its datasheet base is the same name with `-datasheet` appended.
+pub fn builtin_for_device(device: &str) -> Option<&'static str> {
+    let d = device.to_ascii_uppercase();
+    if d.contains("H200") {
+        Some("h200")
+    } else if d.contains("H100") {
+        Some("h100")
+    } else {
+        None
+    }
+}
+
 /// Load a profile by built-in name (`h100`, `h200`) or by path to a TOML file.
 pub fn resolve(name_or_path: &str) -> Result<Profile, ProfileError> {
     if let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
@@ -877,6 +891,16 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_names_map_to_their_built_in_profiles() {
+        assert_eq!(builtin_for_device("NVIDIA H200"), Some("h200"));
+        assert_eq!(builtin_for_device("NVIDIA H100 80GB HBM3"), Some("h100"));
+        assert_eq!(builtin_for_device("NVIDIA A100-SXM4-80GB"), None);
+        for name in ["h100", "h200"] {
+            assert!(builtin_text(name).is_some() && builtin_text(&format!("{name}-datasheet")).is_some());
+        }
+    }
 
     #[test]
     fn builtin_profiles_parse_and_reproduce_their_measured_gemm() {

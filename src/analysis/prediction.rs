@@ -1,0 +1,233 @@
+//! Predicted vs measured: one trace (normally the cuda backend's) against another (the sim
+//! backend's run of the same spec). Step time is the mean over ranks and measured steps of a
+//! rank's step; each (stage, pass) of the stage table ([`super::stages::stage_rows`]) is
+//! compared as its summed op time per rank and step. The issue-7 targets are marked, never
+//! enforced: step within [`STEP_TARGET`], every stage within [`STAGE_TARGET`], with stages
+//! under [`SMALL_SHARE`] of the measured step counted apart as "small".
+
+use super::stages::stage_rows;
+use crate::taxonomy::{Pass, Stage};
+use crate::trace::Trace;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Largest relative step-time error that meets the target.
+pub const STEP_TARGET: f64 = 0.15;
+/// Largest relative stage-time error that meets the target.
+pub const STAGE_TARGET: f64 = 0.25;
+/// Stages below this share of the measured step are "small".
+pub const SMALL_SHARE: f64 = 0.02;
+
+/// Why two traces cannot be compared.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictionError {
+    /// A trace has no op of a measured step, so it has no step time.
+    #[error("the {side} trace ({backend}) has no measured ops: nothing to compare")]
+    Empty {
+        /// `measured` or `predicted`.
+        side: &'static str,
+        /// The trace's backend.
+        backend: String,
+    },
+}
+
+/// Where the step times come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepSource {
+    /// Both traces carry step spans: a rank's step is its span.
+    Spans,
+    /// At least one trace has no step spans (a `trace.json` read back without the workers'
+    /// records): in both, a rank's step runs from its first op's start to its last op's end.
+    OpEnvelope,
+}
+
+impl StepSource {
+    /// Words for reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepSource::Spans => "step spans",
+            StepSource::OpEnvelope => "op envelopes (first op start to last op end)",
+        }
+    }
+}
+
+/// One (stage, pass) on both sides.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageComparison {
+    /// The stage.
+    pub stage: Stage,
+    /// The pass.
+    pub pass: Pass,
+    /// Label such as `expert_gemm1_bwd`.
+    pub label: String,
+    /// Measured ms per rank and step (the stage's ops summed); `None`: not in the measured trace.
+    pub measured_ms: Option<f64>,
+    /// Predicted ms per rank and step; `None`: not in the predicted trace.
+    pub predicted_ms: Option<f64>,
+    /// `predicted / measured - 1`, when both sides have the stage and the measured time is
+    /// above zero.
+    pub error: Option<f64>,
+    /// Share of the measured step (of the predicted step for a stage only the prediction has).
+    pub share: f64,
+    /// Below [`SMALL_SHARE`] of the step.
+    pub small: bool,
+    /// `|error| <= STAGE_TARGET`; `None` when there is no error to judge.
+    pub within: Option<bool>,
+}
+
+/// How many of a class of stages meet the stage target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct WithinCount {
+    /// Stages within [`STAGE_TARGET`].
+    pub within: usize,
+    /// Stages compared (present on both sides with a measured time).
+    pub compared: usize,
+}
+
+/// A measured trace against a predicted one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    /// Backend of the measured trace.
+    pub measured_backend: String,
+    /// Backend of the predicted trace.
+    pub predicted_backend: String,
+    /// How step times were taken.
+    pub step_source: StepSource,
+    /// Measured step time, ms (mean over ranks and measured steps).
+    pub measured_step_ms: f64,
+    /// Predicted step time, ms.
+    pub predicted_step_ms: f64,
+    /// `predicted / measured - 1`.
+    pub step_error: f64,
+    /// `|step_error| <= STEP_TARGET`.
+    pub step_within: bool,
+    /// Every (stage, pass) of either side, in [`Stage::ALL`] then pass order.
+    pub stages: Vec<StageComparison>,
+    /// Stages at or above [`SMALL_SHARE`] of the step.
+    pub big: WithinCount,
+    /// Stages below [`SMALL_SHARE`] of the step.
+    pub small: WithinCount,
+}
+
+impl Comparison {
+    /// The stage of at least [`SMALL_SHARE`] of the step with the largest |error|.
+    pub fn worst_big(&self) -> Option<&StageComparison> {
+        self.stages.iter().filter(|s| !s.small).filter(|s| s.error.is_some()).max_by(|a, b| abs_err(a).total_cmp(&abs_err(b)))
+    }
+
+    /// Small stages outside the stage target, in table order.
+    pub fn small_outside(&self) -> impl Iterator<Item = &StageComparison> {
+        self.stages.iter().filter(|s| s.small && s.within == Some(false))
+    }
+
+    /// Stages only the measured trace has.
+    pub fn measured_only(&self) -> impl Iterator<Item = &StageComparison> {
+        self.stages.iter().filter(|s| s.predicted_ms.is_none())
+    }
+
+    /// Stages only the predicted trace has.
+    pub fn predicted_only(&self) -> impl Iterator<Item = &StageComparison> {
+        self.stages.iter().filter(|s| s.measured_ms.is_none())
+    }
+}
+
+fn abs_err(s: &StageComparison) -> f64 {
+    s.error.map_or(0.0, f64::abs)
+}
+
+/// Per (rank, step), the span in ns: from step spans (summed when a (rank, step) has
+/// several, as [`super::analyze`] does) or from the op envelope.
+fn rank_steps(trace: &Trace, source: StepSource) -> BTreeMap<(u32, u32), u64> {
+    let mut out = BTreeMap::new();
+    match source {
+        StepSource::Spans => {
+            for s in &trace.steps {
+                *out.entry((s.rank, s.step)).or_default() += s.end_ns.saturating_sub(s.start_ns);
+            }
+        }
+        StepSource::OpEnvelope => {
+            let mut env: BTreeMap<(u32, u32), (u64, u64)> = BTreeMap::new();
+            for o in &trace.ops {
+                let e = env.entry((o.rank, o.step)).or_insert((o.start_ns, o.end_ns));
+                e.0 = e.0.min(o.start_ns);
+                e.1 = e.1.max(o.end_ns);
+            }
+            out.extend(env.into_iter().map(|(k, (a, b))| (k, b.saturating_sub(a))));
+        }
+    }
+    out
+}
+
+/// Step time (ns) and ms per rank and step of every (stage, pass) of one trace.
+struct Side {
+    step_ns: f64,
+    stages: BTreeMap<(usize, Pass), (Stage, String, f64)>,
+}
+
+fn side(trace: &Trace, source: StepSource, name: &'static str) -> Result<Side, PredictionError> {
+    let steps = rank_steps(trace, source);
+    if trace.ops.is_empty() || steps.is_empty() {
+        return Err(PredictionError::Empty { side: name, backend: trace.backend.clone() });
+    }
+    let n = steps.len() as f64;
+    let step_ns = steps.values().map(|v| *v as f64).sum::<f64>() / n;
+    let order = |s: Stage| Stage::ALL.iter().position(|x| *x == s).unwrap_or(usize::MAX);
+    let stages = stage_rows(trace).into_iter().map(|r| ((order(r.stage), r.pass), (r.stage, r.label, r.total_ns as f64 / n / 1e6))).collect();
+    Ok(Side { step_ns, stages })
+}
+
+/// Compare a measured trace with a predicted one. Fails only when a trace has no measured
+/// ops (no step to compare).
+pub fn compare(measured: &Trace, predicted: &Trace) -> Result<Comparison, PredictionError> {
+    let source = if !measured.steps.is_empty() && !predicted.steps.is_empty() { StepSource::Spans } else { StepSource::OpEnvelope };
+    let m = side(measured, source, "measured")?;
+    let p = side(predicted, source, "predicted")?;
+    let (m_step_ms, p_step_ms) = (m.step_ns / 1e6, p.step_ns / 1e6);
+    let keys: BTreeSet<(usize, Pass)> = m.stages.keys().chain(p.stages.keys()).copied().collect();
+    let mut stages = Vec::with_capacity(keys.len());
+    let (mut big, mut small) = (WithinCount::default(), WithinCount::default());
+    for k in keys {
+        let (mv, pv) = (m.stages.get(&k), p.stages.get(&k));
+        let (stage, label) = mv.or(pv).map(|(s, l, _)| (*s, l.clone())).expect("key from one side");
+        let (measured_ms, predicted_ms) = (mv.map(|v| v.2), pv.map(|v| v.2));
+        let share = match (measured_ms, predicted_ms) {
+            (Some(x), _) => ratio(x, m_step_ms),
+            (None, Some(y)) => ratio(y, p_step_ms),
+            (None, None) => 0.0,
+        };
+        let error = match (measured_ms, predicted_ms) {
+            (Some(x), Some(y)) if x > 0.0 => Some(y / x - 1.0),
+            _ => None,
+        };
+        let within = error.map(|e| e.abs() <= STAGE_TARGET);
+        let is_small = share < SMALL_SHARE;
+        if let Some(w) = within {
+            let c = if is_small { &mut small } else { &mut big };
+            c.compared += 1;
+            c.within += usize::from(w);
+        }
+        stages.push(StageComparison { stage, pass: k.1, label, measured_ms, predicted_ms, error, share, small: is_small, within });
+    }
+    let step_error = p_step_ms / m_step_ms - 1.0;
+    Ok(Comparison {
+        measured_backend: measured.backend.clone(),
+        predicted_backend: predicted.backend.clone(),
+        step_source: source,
+        measured_step_ms: m_step_ms,
+        predicted_step_ms: p_step_ms,
+        step_error,
+        step_within: step_error.abs() <= STEP_TARGET,
+        stages,
+        big,
+        small,
+    })
+}
+
+fn ratio(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 {
+        part / whole
+    } else {
+        0.0
+    }
+}

@@ -1,0 +1,322 @@
+//! `moelab predict`: a completed run directory's measured trace against the `sim` backend's
+//! run of the same spec (its `spec.toml`, with `run.backend = "sim"` and a profile), compared
+//! by [`crate::analysis::prediction::compare`]. The sim run goes into a temporary runs
+//! directory, removed afterwards, unless the caller names one to keep it; the measured run
+//! directory is only read.
+//!
+//! The profile is the caller's, else the built-in one of the GPU the run recorded (the cuda
+//! workers' `rank-<r>.json` records, else the `rank <r>: <GPU>` lines of `run.log`). Step
+//! spans are not part of `trace.json`; a cuda run's `rank-<r>.json` records carry them.
+
+pub mod render;
+
+use super::{RunError, RunHooks};
+use crate::analysis::prediction::{self, Comparison, PredictionError};
+use crate::backend::sim::profile;
+use crate::spec::overrides::Override;
+use crate::spec::{ExperimentSpec, SpecError};
+use crate::trace::chrome_import::{self, ChromeImportError};
+use crate::trace::{StepSpan, Trace};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Why a run directory could not be predicted.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    /// The path is not a directory.
+    #[error("{path}: no such run directory")]
+    Missing {
+        /// The path given.
+        path: String,
+    },
+    /// A file of the run directory is missing or unreadable.
+    #[error("{path}: cannot read {file}: {message} (is it a run directory written by `moelab run`?)")]
+    Read {
+        /// The run directory.
+        path: String,
+        /// The file within it.
+        file: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// The run did not complete: its trace is partial.
+    #[error("{path}: the run did not complete (status {status}{error}): only completed runs can be compared")]
+    Incomplete {
+        /// The run directory.
+        path: String,
+        /// `summary.json`'s status.
+        status: String,
+        /// `, error: ...` when the summary names one.
+        error: String,
+    },
+    /// `spec.toml` with `run.backend = "sim"` is not a valid sim spec.
+    #[error("{path}: its spec cannot be simulated: {source}")]
+    Spec {
+        /// The run directory.
+        path: String,
+        /// The spec error.
+        source: SpecError,
+    },
+    /// No profile was given and the run names no GPU.
+    #[error("{path}: the run records no GPU (backend {backend}), so the profile cannot be chosen from it: pass --profile (h200, h100 or a profile TOML)")]
+    NoDevice {
+        /// The run directory.
+        path: String,
+        /// The measured backend.
+        backend: String,
+    },
+    /// No profile was given and no built-in profile describes the run's GPU.
+    #[error("{path}: no built-in profile for the run's GPU {device}: pass --profile <profile.toml>")]
+    UnknownDevice {
+        /// The run directory.
+        path: String,
+        /// The GPU name.
+        device: String,
+    },
+    /// The sim run failed.
+    #[error("{path}: the sim run failed: {source}")]
+    Sim {
+        /// The run directory.
+        path: String,
+        /// The run error.
+        source: RunError,
+    },
+    /// The traces cannot be compared.
+    #[error("{path}: {source}")]
+    Compare {
+        /// The run directory.
+        path: String,
+        /// Why.
+        source: PredictionError,
+    },
+}
+
+/// The fields of `summary.json` prediction needs (the rest is ignored).
+#[derive(Debug, Deserialize)]
+struct SummaryFields {
+    name: String,
+    backend: String,
+    status: String,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    tutel_auto_degree: Option<serde_json::Value>,
+    #[serde(default)]
+    mpmoe_auto: Option<serde_json::Value>,
+}
+
+/// The fields of a cuda worker's `rank-<r>.json` prediction needs.
+#[derive(Debug, Deserialize)]
+struct RankFields {
+    #[serde(default)]
+    device: String,
+    #[serde(default)]
+    steps: Vec<StepSpan>,
+}
+
+/// A completed run directory, read.
+#[derive(Debug, Clone)]
+pub struct MeasuredRun {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// Experiment name.
+    pub name: String,
+    /// Backend that measured it.
+    pub backend: String,
+    /// The GPU the run recorded (rank 0's), if any.
+    pub device: Option<String>,
+    /// Its trace: `trace.json`, with the step spans of the workers' records when present.
+    pub trace: Trace,
+    /// Choices made at run start (Tutel's degree / parallelism, MPMoE's chunks /
+    /// reuse = "auto") as overrides, so the sim runs what was measured.
+    pub pinned: Vec<Override>,
+}
+
+impl MeasuredRun {
+    /// Read a run directory: `summary.json` (must say `completed`), `trace.json`,
+    /// `spec.toml` (checked when simulated), and the GPU and step spans when recorded.
+    pub fn load(dir: &Path) -> Result<MeasuredRun, PredictError> {
+        let path = dir.display().to_string();
+        if !dir.is_dir() {
+            return Err(PredictError::Missing { path });
+        }
+        let read = |file: &'static str| {
+            std::fs::read_to_string(dir.join(file)).map_err(|e| PredictError::Read { path: path.clone(), file, message: e.to_string() })
+        };
+        let summary: SummaryFields = serde_json::from_str(&read("summary.json")?)
+            .map_err(|e| PredictError::Read { path: path.clone(), file: "summary.json", message: format!("not a moelab run summary: {e}") })?;
+        if summary.status != "completed" {
+            let error = summary.error.map(|e| format!(", error: {e}")).unwrap_or_default();
+            return Err(PredictError::Incomplete { path, status: summary.status, error });
+        }
+        if !dir.join("spec.toml").is_file() {
+            return Err(PredictError::Read { path, file: "spec.toml", message: "no such file".into() });
+        }
+        let mut trace = chrome_import::read_chrome_trace(&dir.join("trace.json"), &summary.backend).map_err(|e| PredictError::Read {
+            path: path.clone(),
+            file: "trace.json",
+            message: match e {
+                ChromeImportError::Io { message, .. } => message,
+                ChromeImportError::Format(m) => m,
+            },
+        })?;
+        let records = rank_records(dir, trace.world);
+        let mut device = records.first().map(|r| r.device.clone()).filter(|d| !d.is_empty());
+        if device.is_none() {
+            device = device_from_log(&dir.join("run.log"));
+        }
+        if records.len() as u32 == trace.world && records.iter().all(|r| !r.steps.is_empty()) {
+            trace.steps = records.into_iter().flat_map(|r| r.steps).collect();
+        }
+        let pinned = pinned_choices(summary.tutel_auto_degree.as_ref(), summary.mpmoe_auto.as_ref());
+        Ok(MeasuredRun { dir: dir.to_path_buf(), name: summary.name, backend: summary.backend, device, trace, pinned })
+    }
+
+    /// The spec of the run on the sim backend with profile `profile`, after the pinned
+    /// choices and then `extra` (the caller's `--set` overrides) are applied.
+    pub fn sim_spec(&self, profile: &str, extra: &[Override]) -> Result<ExperimentSpec, PredictError> {
+        let set = |k: &str, v: &str| Override { key: vec!["run".into(), k.into()], value: Some(toml::Value::String(v.into())) };
+        let mut overrides = self.pinned.clone();
+        overrides.extend(extra.iter().cloned());
+        overrides.extend([set("backend", "sim"), set("profile", profile)]);
+        crate::spec::load_file_with(&self.dir.join("spec.toml"), &overrides)
+            .map_err(|source| PredictError::Spec { path: self.dir.display().to_string(), source })
+    }
+}
+
+/// The readable `rank-<r>.json` records, in rank order, stopping at the first missing one.
+fn rank_records(dir: &Path, world: u32) -> Vec<RankFields> {
+    (0..world)
+        .map_while(|r| {
+            let text = std::fs::read_to_string(dir.join(format!("rank-{r}.json"))).ok()?;
+            serde_json::from_str::<RankFields>(&text).ok()
+        })
+        .collect()
+}
+
+/// The GPU of the first `rank <r>: NVIDIA ...` line of a run log (what the cuda launcher
+/// logs when a worker is ready).
+fn device_from_log(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let rest = &l[l.find("rank ")? + 5..];
+        let (rank, what) = rest.split_once(": ")?;
+        (rank.chars().all(|c| c.is_ascii_digit()) && what.starts_with("NVIDIA ")).then(|| what.trim().to_string())
+    })
+}
+
+/// Overrides that fix the automatic choices recorded in `summary.json`.
+fn pinned_choices(tutel: Option<&serde_json::Value>, mpmoe: Option<&serde_json::Value>) -> Vec<Override> {
+    let mut out = Vec::new();
+    let mut pin = |table: &str, key: &str, v: Option<&serde_json::Value>| {
+        if let Some(value) = v.and_then(|v| toml::Value::try_from(v).ok()) {
+            out.push(Override { key: vec![table.into(), key.into()], value: Some(value) });
+        }
+    };
+    if let Some(t) = tutel {
+        pin("tutel", "degree", t.get("chosen"));
+        pin("tutel", "r", t.get("chosen_r"));
+        pin("tutel", "parallelism", Some(&serde_json::Value::String("fixed".into())));
+        pin("tutel", "layers", t.get("per_layer").filter(|l| l.as_array().is_some_and(|a| !a.is_empty())));
+    }
+    if let Some(m) = mpmoe {
+        pin("mpmoe", "chunks", m.get("chosen_chunks"));
+        pin("mpmoe", "reuse", m.get("chosen_reuse"));
+        // A memory budget only limits an automatic choice: with both fixed it is refused.
+        out.push(Override { key: vec!["mpmoe".into(), "memory_budget_mib".into()], value: None });
+    }
+    out
+}
+
+/// Where the profile came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProfileSource {
+    /// `--profile`.
+    Given,
+    /// The GPU the run recorded.
+    Device,
+}
+
+/// The sim profile for `run`: `given` when set, else the built-in profile of its GPU.
+pub fn choose_profile(run: &MeasuredRun, given: Option<&str>) -> Result<(String, ProfileSource), PredictError> {
+    if let Some(p) = given {
+        return Ok((p.to_string(), ProfileSource::Given));
+    }
+    let path = run.dir.display().to_string();
+    let device = run.device.as_deref().ok_or_else(|| PredictError::NoDevice { path: path.clone(), backend: run.backend.clone() })?;
+    profile::builtin_for_device(device)
+        .map(|p| (p.to_string(), ProfileSource::Device))
+        .ok_or_else(|| PredictError::UnknownDevice { path, device: device.to_string() })
+}
+
+/// What `moelab predict` does with each run directory.
+#[derive(Debug, Clone, Default)]
+pub struct PredictOptions {
+    /// Profile for every run (built-in name or TOML path); `None`: from each run's GPU.
+    pub profile: Option<String>,
+    /// Keep the sim runs here; `None`: a temporary directory, removed afterwards.
+    pub runs_dir: Option<PathBuf>,
+    /// Overrides applied to every sim spec (the CLI's `--set`), before backend and profile.
+    pub overrides: Vec<Override>,
+}
+
+/// One run directory predicted.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunPrediction {
+    /// The measured run directory.
+    pub dir: PathBuf,
+    /// Experiment name.
+    pub name: String,
+    /// The GPU the run recorded.
+    pub device: Option<String>,
+    /// The sim profile used.
+    pub profile: String,
+    /// Where the profile came from.
+    pub profile_source: ProfileSource,
+    /// The kept sim run directory (with `runs_dir`).
+    pub sim_dir: Option<PathBuf>,
+    /// Measured vs predicted.
+    pub comparison: Comparison,
+}
+
+/// Simulate `run`'s spec on the sim backend with `opts` and compare.
+pub fn predict(run: &MeasuredRun, opts: &PredictOptions) -> Result<RunPrediction, PredictError> {
+    let path = run.dir.display().to_string();
+    let (profile, profile_source) = choose_profile(run, opts.profile.as_deref())?;
+    let spec = run.sim_spec(&profile, &opts.overrides)?;
+    let temp = TempRoot::new(opts.runs_dir.is_none());
+    let root = opts.runs_dir.clone().unwrap_or_else(|| temp.path.clone());
+    let outcome = super::run(&spec, &root, &RunHooks::default()).map_err(|source| PredictError::Sim { path: path.clone(), source })?;
+    let comparison = prediction::compare(&run.trace, &outcome.trace).map_err(|source| PredictError::Compare { path, source })?;
+    Ok(RunPrediction {
+        dir: run.dir.clone(),
+        name: run.name.clone(),
+        device: run.device.clone(),
+        profile,
+        profile_source,
+        sim_dir: opts.runs_dir.as_ref().map(|_| outcome.dir.clone()),
+        comparison,
+    })
+}
+
+/// A temporary runs root, removed on drop (when used).
+struct TempRoot {
+    path: PathBuf,
+    used: bool,
+}
+
+impl TempRoot {
+    fn new(used: bool) -> TempRoot {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        TempRoot { path: std::env::temp_dir().join(format!("moelab-predict-{}-{nanos}", std::process::id())), used }
+    }
+}
+
+impl Drop for TempRoot {
+    fn drop(&mut self) {
+        if self.used {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
