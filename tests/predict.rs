@@ -54,6 +54,31 @@ fn predicted() -> Trace {
 }
 
 #[test]
+fn a_collective_s_wait_is_split_off_its_transfer() {
+    // Measured: two ranks, one all-to-all; rank 0 arrives at 0, rank 1 at 30 us, both end at
+    // 50 us: 70 us in all, 30 us of it rank 0's wait, so 20 us of transfer per rank and step.
+    // Predicted (symmetric, rank 0 only): 20 us, no wait known: transfer error 0.
+    let a2a = |rank, start, end| OpEvent {
+        stream: Stream::Comm,
+        collective: Some(moelab::trace::CollectiveRef { group: 0, seq: 0 }),
+        ..op(rank, 0, Stage::AllToAll, Pass::Forward, start, end)
+    };
+    let spans = |ranks: u32| (0..ranks).map(|r| StepSpan { rank: r, step: 0, start_ns: 0, end_ns: 100_000 }).collect();
+    let measured = Trace { backend: "cuda".into(), world: 2, ops: vec![a2a(0, 0, 50_000), a2a(1, 30_000, 50_000)], memory: vec![], steps: spans(2), group_sizes: vec![2] };
+    let predicted = Trace { backend: "sim".into(), world: 2, ops: vec![a2a(0, 0, 20_000)], memory: vec![], steps: spans(1), group_sizes: vec![2] };
+    let c = compare(&measured, &predicted).expect("compares");
+    let st = &c.stages[0];
+    close(st.measured_ms.unwrap(), 0.035);
+    close(st.measured_wait_ms.unwrap(), 0.015);
+    close(st.error.unwrap(), 0.020 / 0.035 - 1.0);
+    close(st.transfer_error.unwrap(), 0.020 / 0.020 - 1.0);
+    assert_eq!(st.within, Some(false), "the whole is judged");
+    // Without group sizes the members cannot be lined up: no split.
+    let c = compare(&Trace { group_sizes: vec![], ..measured }, &predicted).expect("compares");
+    assert_eq!((c.stages[0].measured_wait_ms, c.stages[0].transfer_error), (None, None));
+}
+
+#[test]
 fn hand_made_traces_give_exact_errors_and_marks() {
     let c = compare(&measured(), &predicted()).expect("compares");
     assert_eq!(c.step_source, StepSource::Spans);

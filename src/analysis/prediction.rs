@@ -74,6 +74,13 @@ pub struct StageComparison {
     pub small: bool,
     /// `|error| <= STAGE_TARGET`; `None` when there is no error to judge.
     pub within: Option<bool>,
+    /// A collective stage whose measured members line up ([`super::waits`]): measured ms per
+    /// rank and step spent waiting for the group's last member (part of `measured_ms`).
+    pub measured_wait_ms: Option<f64>,
+    /// For such a stage, the error of the transfer alone: predicted (total - wait) over
+    /// measured (total - wait), minus 1. A model whose ranks arrive together predicts this
+    /// part; `within` still judges the whole.
+    pub transfer_error: Option<f64>,
 }
 
 /// How many of a class of stages meet the stage target.
@@ -163,6 +170,8 @@ fn rank_steps(trace: &Trace, source: StepSource) -> BTreeMap<(u32, u32), u64> {
 struct Side {
     step_ns: f64,
     stages: BTreeMap<(usize, Pass), (Stage, String, f64)>,
+    /// Collective wait ms per rank and step, where every event lined up with its peers.
+    waits: BTreeMap<(usize, Pass), f64>,
 }
 
 fn side(trace: &Trace, source: StepSource, name: &'static str) -> Result<Side, PredictionError> {
@@ -174,7 +183,13 @@ fn side(trace: &Trace, source: StepSource, name: &'static str) -> Result<Side, P
     let step_ns = steps.values().map(|v| *v as f64).sum::<f64>() / n;
     let order = |s: Stage| Stage::ALL.iter().position(|x| *x == s).unwrap_or(usize::MAX);
     let stages = stage_rows(trace).into_iter().map(|r| ((order(r.stage), r.pass), (r.stage, r.label, r.total_ns as f64 / n / 1e6))).collect();
-    Ok(Side { step_ns, stages })
+    let sizes = |g: u32| trace.group_sizes.get(g as usize).map(|&m| m as usize);
+    let waits = super::waits::collective_waits(trace, &sizes)
+        .into_iter()
+        .filter(|w| w.unmatched == 0)
+        .map(|w| ((order(w.stage), w.pass), w.wait_ns as f64 / n / 1e6))
+        .collect();
+    Ok(Side { step_ns, stages, waits })
 }
 
 /// Compare a measured trace with a predicted one. Fails only when a trace has no measured
@@ -207,7 +222,13 @@ pub fn compare(measured: &Trace, predicted: &Trace) -> Result<Comparison, Predic
             c.compared += 1;
             c.within += usize::from(w);
         }
-        stages.push(StageComparison { stage, pass: k.1, label, measured_ms, predicted_ms, error, share, small: is_small, within });
+        let measured_wait_ms = m.waits.get(&k).copied();
+        // The prediction's own wait where its members line up (none in a symmetric simulation).
+        let transfer_error = match (measured_ms, predicted_ms, measured_wait_ms) {
+            (Some(x), Some(y), Some(w)) if x - w > 0.0 => Some((y - p.waits.get(&k).copied().unwrap_or(0.0)) / (x - w) - 1.0),
+            _ => None,
+        };
+        stages.push(StageComparison { stage, pass: k.1, label, measured_ms, predicted_ms, error, share, small: is_small, within, measured_wait_ms, transfer_error });
     }
     let step_error = p_step_ms / m_step_ms - 1.0;
     Ok(Comparison {

@@ -80,6 +80,9 @@ fn stage_line(st: &StageComparison, mb: &str, pb: &str) -> String {
         (_, _, None) => marks.push(format!("only in {mb}")),
         _ => {}
     }
+    if let (Some(w), Some(t)) = (st.measured_wait_ms, st.transfer_error) {
+        marks.push(format!("({mb} waits {w:.3} ms for the last member; transfer alone {})", pct(t)));
+    }
     format!(
         "{:<18} {:>14} {:>14} {:>9} {:>6.1}%  {}",
         st.label, opt_ms(st.measured_ms), opt_ms(st.predicted_ms), error, 100.0 * st.share, marks.join("  ")
