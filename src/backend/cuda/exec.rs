@@ -524,6 +524,14 @@ impl<'a> StreamExec<'a> {
 
     /// Enqueue `op` on this stream.
     pub fn execute(&self, op: &Op) -> Result<GpuOutcome, ExecError> {
+        // What an op writes in place (an all-reduce, an accumulation) loses its row record:
+        // only the ops that know their rows (layouts, activations, expert GEMMs) set it again.
+        {
+            let mut st = lock(self.store);
+            for w in &op.writes {
+                st.clear_fill(*w);
+            }
+        }
         use OpKind::*;
         let p = Arg::P;
         let mut outcome = GpuOutcome::default();

@@ -614,6 +614,9 @@ pub enum PeerError {
 pub fn run_peer(spec: &ExperimentSpec, ext: &ExternalRank, say: &mut dyn FnMut(&str)) -> Result<(), PeerError> {
     let rank = ext.rank;
     let rv = |source| PeerError::Rendezvous { rank, source };
+    // The GPU choice is made first, so a rank 0 that never answers does not hide it; it is
+    // reported once connected.
+    let device = ext.device(super::visible_gpus());
     let hello = Hello::new(rank as u32, ext.world as u32, rendezvous::spec_hash(spec));
     let (client, welcome, root) = rendezvous::connect(&ext.address(), &hello, ext.timeout).map_err(rv)?;
     // From here on every failure also goes to rank 0, which then ends the job with this
@@ -624,7 +627,7 @@ pub fn run_peer(spec: &ExperimentSpec, ext: &ExternalRank, say: &mut dyn FnMut(&
         let _ = client.send(&ToRoot::Line { line: WorkerLine::Error { rank: rank as u32, message, error: Some(error) } });
         err
     };
-    let device = ext.device(super::visible_gpus()).map_err(|e| setup_failed(PeerError::Failed { rank, message: e.to_string() }))?;
+    let device = device.map_err(|e| setup_failed(PeerError::Failed { rank, message: e.to_string() }))?;
     let spec_err = |message: String| setup_failed(PeerError::Spec { rank, message });
     let resolved = crate::spec::from_toml_str(&welcome.spec_toml).map_err(|e| spec_err(e.to_string()))?;
     let plan = Plan::build(&resolved).map_err(|e| spec_err(e.to_string()))?;

@@ -166,6 +166,11 @@ impl DevStore {
         self.fill[id.0 as usize] = Some(rows);
     }
 
+    /// Forgets what is recorded of `id`'s rows (an op writes it without saying).
+    pub fn clear_fill(&mut self, id: BufId) {
+        self.fill[id.0 as usize] = None;
+    }
+
     /// The rows of `id` that hold data, if recorded since its last allocation.
     pub fn fill(&self, id: BufId) -> Option<Arc<Vec<bool>>> {
         self.fill[id.0 as usize].clone()
