@@ -24,8 +24,9 @@ pub struct WaitRow {
     pub total_ns: u64,
     /// Of `total_ns`, the time before the group's last member arrived, ns.
     pub wait_ns: u64,
-    /// Events whose peers are not all in the trace (no wait counted for them): a symmetric
-    /// simulation traces rank 0 alone, a single-member group has no peer.
+    /// Events whose collective does not line up as exactly its group's members (no wait
+    /// counted for them): a single-member group has no peer, and a symmetric simulation
+    /// traces rank 0 alone or copies of it that all carry rank 0's groups.
     pub unmatched: u64,
 }
 
