@@ -93,17 +93,15 @@ pub fn gemm_flops(m: usize, k: usize, n: usize) -> u64 {
     2 * (m as u64) * (k as u64) * (n as u64)
 }
 
-/// Grouped forward of `n_local` experts: `y[e] = x[e] w[e] (+ b[e])` with `x[e]` of
-/// `[rows, d_in]`, rows = len(x) / (n_local d_in). Returns `y[n_local, rows, d_out]`.
-pub fn grouped_linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, n_local: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+/// Grouped forward of `n_local` experts: `y[e] = x[e] w[e]` with `x[e]` of `[rows, d_in]`,
+/// rows = len(x) / (n_local d_in). Returns `y[n_local, rows, d_out]`; biases are added
+/// apart ([`add_grouped_bias`]), after a bf16 plan has rounded the product.
+pub fn grouped_linear(x: &[f32], w: &[f32], n_local: usize, d_in: usize, d_out: usize) -> Vec<f32> {
     let rows = x.len() / (n_local * d_in);
     let mut y = vec![0.0; n_local * rows * d_out];
     for i in 0..n_local {
         let yi = &mut y[i * rows * d_out..(i + 1) * rows * d_out];
         gemm(&x[i * rows * d_in..(i + 1) * rows * d_in], &w[i * d_in * d_out..(i + 1) * d_in * d_out], yi, rows, d_in, d_out, false);
-        if let Some(b) = bias {
-            add_bias(yi, &b[i * d_out..(i + 1) * d_out]);
-        }
     }
     y
 }

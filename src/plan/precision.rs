@@ -51,9 +51,7 @@ fn sensitive(ops: &[Op]) -> HashSet<BufId> {
             // The loss and its target stay f32; its gradient `dy` enters the bf16 backward like
             // every activation gradient (Megatron: fp32 loss, bf16 grads), so both backends
             // round it once, where it is stored.
-            Loss { target, loss, .. } | LossReplica { target, loss, .. } => {
-                add(&[*target, *loss]);
-            }
+            Loss { target, loss, .. } | LossReplica { target, loss, .. } => add(&[*target, *loss]),
             Dispatch { gathered, .. }
             | ExpertLayout { gathered, .. }
             | ExpertUnlayout { gathered, .. }

@@ -38,6 +38,13 @@ impl OpCtx<'_> {
         self.buffers.is_some_and(|b| b[id.0 as usize].is_bf16())
     }
 
+    /// `v` as buffer `id` would store it: rounded to bf16 when `id` is bf16.
+    fn round_as_stored(&self, id: BufId, v: &mut [f32]) {
+        if self.stored_bf16(id) {
+            crate::math::bf16::round_in_place(v);
+        }
+    }
+
     /// Rounding of values a bf16 buffer `id` would hold; identity otherwise.
     fn store_of(&self, id: BufId) -> fn(f32) -> f32 {
         if self.stored_bf16(id) {
@@ -205,7 +212,7 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             linalg::gemm(&st.f32(*x)?[..rows * d_in], st.f32(*w)?, &mut yv, *rows, *d_in, *d_out, true);
             if let Some(b) = bias {
                 // bf16: the GEMM stores its product, then the bias is added to it.
-                yv.iter_mut().for_each(|v| *v = ctx.store_of(*y)(*v));
+                ctx.round_as_stored(*y, &mut yv);
                 linalg::add_bias(&mut yv, st.f32(*b)?);
             }
             st.put_f32(*y, yv)?;
@@ -341,8 +348,8 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
         }
         ExpertLinear { x, w, bias, y, n_local, d_in, d_out } => {
             // bf16: the GEMM stores its product, then the bias is added to it.
-            let mut yv = linalg::grouped_linear(st.f32(*x)?, st.f32(*w)?, None, *n_local, *d_in, *d_out);
-            yv.iter_mut().for_each(|v| *v = ctx.store_of(*y)(*v));
+            let mut yv = linalg::grouped_linear(st.f32(*x)?, st.f32(*w)?, *n_local, *d_in, *d_out);
+            ctx.round_as_stored(*y, &mut yv);
             linalg::add_grouped_bias(&mut yv, st.f32(*bias)?, *n_local, *d_out);
             st.put_f32(*y, yv)?;
         }
@@ -686,10 +693,10 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
                 Some(b) => Some(st.f32(*b)?),
                 None => None,
             };
-            let mut yv = linalg::grouped_linear(st.f32(*x)?, st.f32(*w)?, None, *n_local, *d_in, *d_out);
+            let mut yv = linalg::grouped_linear(st.f32(*x)?, st.f32(*w)?, *n_local, *d_in, *d_out);
             if let Some(b) = bv {
                 // bf16: the GEMM stores its product, then the bias is added to it.
-                yv.iter_mut().for_each(|v| *v = ctx.store_of(*y)(*v));
+                ctx.round_as_stored(*y, &mut yv);
                 linalg::add_grouped_bias(&mut yv, b, *n_local, *d_out);
             }
             st.put_f32(*y, yv)?;
