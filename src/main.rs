@@ -391,12 +391,13 @@ fn cmd_calibrate(base: Option<&str>, name: Option<&str>, out: Option<&Path>, rep
         println!("fit {}: latency {:.1} us, bandwidth share {:.3} (worst rel err {:.1}%)", f.kind.as_str(), f.latency_us, f.efficiency, 100.0 * f.worst_rel_err);
     }
     let out = out.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(format!("profiles/{name}.toml")));
-    std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
-    println!("wrote {} ({} GEMM points, {} collective fits)", out.display(), cal.gemms.len(), fits.len());
+    // The raw measurements first: a profile path that cannot be written loses nothing.
     if let Some(p) = json {
         let doc = serde_json::json!({ "calibration": cal, "fits": fits, "profile": out });
-        std::fs::write(p, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", p.display()))?;
+        write_output(p, serde_json::to_string_pretty(&doc)?)?;
     }
+    write_output(&out, &text)?;
+    println!("wrote {} ({} GEMM points, {} collective fits)", out.display(), cal.gemms.len(), fits.len());
     Ok(true)
 }
 
@@ -469,7 +470,7 @@ fn cmd_bench(configs: &[String], modes: &[moelab::backend::cuda::bench::ExpertGe
         println!("    FAIL {} rel err {:.2e}", c.name, c.rel_err);
     }
     if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
+        write_output(p, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(failed.is_empty())
 }
@@ -497,7 +498,7 @@ fn cmd_predict(dirs: &[PathBuf], profile: Option<&str>, runs_dir: Option<&Path>,
         all.push(p);
     }
     if let Some(path) = json {
-        std::fs::write(path, serde_json::to_string_pretty(&all)?).with_context(|| format!("writing {}", path.display()))?;
+        write_output(path, serde_json::to_string_pretty(&all)?)?;
     }
     Ok(())
 }
@@ -528,7 +529,7 @@ fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>, buffe
         all.push(c);
     }
     if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&all)?).with_context(|| format!("writing {}", p.display()))?;
+        write_output(p, serde_json::to_string_pretty(&all)?)?;
     }
     Ok(ok)
 }
@@ -571,4 +572,12 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// Writes a file the user named (`--out`, `--json`), creating its missing parent folders.
+fn write_output(path: &Path, contents: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
 }

@@ -225,3 +225,18 @@ fn predict_compares_a_run_directory_with_the_sim_and_names_what_is_wrong() {
     assert_ne!(code, 0);
     assert!(err.contains("no-such-run") && err.contains("no such run directory"), "{err}");
 }
+
+/// `moelab calibrate --from` refits a stored calibration without a GPU and writes the profile
+/// and the JSON into folders that do not exist yet (a typo'd or fresh `--out` loses nothing).
+#[test]
+fn calibrate_from_writes_into_missing_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("new/profiles/h200-refit.toml");
+    let json = tmp.path().join("other/dir/refit.json");
+    let from = "docs/device-runs/calibration/calibration-h200-20261123-1511.json";
+    let (code, stdout, err) = moelab(&["calibrate", "--from", from, "--out", out.to_str().unwrap(), "--json", json.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{err}");
+    let text = std::fs::read_to_string(&out).expect("profile written");
+    assert!(text.contains("[gpu.gemm"), "{text}");
+    assert!(json.is_file(), "json written");
+}

@@ -332,3 +332,23 @@ fn cpu_replays_given_routing_choices() {
     assert_eq!(taken[&key], forced[&key], "the forced choices are the ones taken");
     assert_ne!(grad3, grad, "a moved token changes the gate's gradient");
 }
+
+/// Op byte counts follow the widths buffers are stored at: a bf16 plan's activation moves
+/// half the f32 plan's bytes, its all-to-all sends half as much, while Adam (f32 masters,
+/// moments and gradients) moves the same; the sim prices bf16 plans from these counts.
+#[test]
+fn op_bytes_follow_the_stored_widths() {
+    let layout = "ep = 2";
+    let f32_plan = Plan::build(&spec("topk", "f32", layout)).expect("f32 plan");
+    let bf16_plan = Plan::build(&spec("topk", "bf16", layout)).expect("bf16 plan");
+    let bytes_of = |p: &Plan, name: &str| -> u64 {
+        let rp = &p.ranks[0];
+        rp.ops.iter().find(|o| o.name == name).unwrap_or_else(|| panic!("no op {name}")).bytes
+    };
+    for (name, ratio) in [("L0.expert_act", 0.5), ("L0.expert_act_bwd", 0.5), ("L0.dispatch_a2a", 0.5), ("adam", 1.0)] {
+        let (f, b) = (bytes_of(&f32_plan, name), bytes_of(&bf16_plan, name));
+        assert!(f > 0, "{name}: f32 bytes");
+        let got = b as f64 / f as f64;
+        assert!((got - ratio).abs() < 0.02, "{name}: bf16 / f32 bytes = {got}, want {ratio}");
+    }
+}

@@ -180,15 +180,22 @@ impl RankBuilder {
         });
         id
     }
-    /// Bytes of a buffer as planned.
-    pub fn bytes_of(&self, b: BufId) -> u64 {
-        self.buffers[b.0 as usize].bytes()
+    /// Bytes of a buffer at 4 bytes per element: the unit every op's byte count is written
+    /// in, whatever the plan's dtype; [`RankBuilder::finish`] rescales op bytes to the widths
+    /// buffers are finally stored at.
+    pub fn f32_bytes_of(&self, b: BufId) -> u64 {
+        4 * self.buffers[b.0 as usize].elems as u64
+    }
+    /// Elements of a buffer (an upper bound when dynamic).
+    pub fn elems_of(&self, b: BufId) -> u64 {
+        self.buffers[b.0 as usize].elems as u64
     }
     /// Finish: every transient buffer is freed after its last use; a bf16 plan (transient
     /// buffers 2 bytes wide) gets the precision policy of [`super::precision`].
     pub fn finish(mut self) -> RankPlan {
         if self.elem_bytes == 2 {
             super::precision::apply_bf16(&mut self.buffers, &self.ops, &mut self.params);
+            super::precision::rescale_op_bytes(&mut self.ops, &self.buffers, &self.params);
         }
         // Number each group's collectives in issue order (the order every member shares).
         let mut next_seq: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();

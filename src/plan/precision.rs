@@ -150,3 +150,31 @@ pub fn apply_bf16(buffers: &mut Vec<BufferDesc>, ops: &[Op], params: &mut [Param
         p.half = Some(BufId(buffers.len() as u32 - 1));
     }
 }
+
+/// Rescales every op's byte count from 4 bytes per element (the unit builders count in, see
+/// [`super::graph::RankBuilder::f32_bytes_of`]) to the widths its buffers are stored at once
+/// the policy ran: the count times the stored bytes of the buffers the op touches over their
+/// bytes at 4 per element. A parameter a GEMM reads counts at its bf16 shadow's width (the
+/// executors read the shadow); the optimizer reads the f32 masters. So the sim prices a bf16
+/// plan's activation, LayerNorm or all-to-all at the bytes the GPU moves.
+pub fn rescale_op_bytes(ops: &mut [Op], buffers: &[BufferDesc], params: &[ParamDesc]) {
+    let shadow: std::collections::HashMap<BufId, BufId> = params.iter().filter_map(|p| p.half.map(|h| (p.value, h))).collect();
+    for op in ops {
+        let mut ids: Vec<BufId> = op.reads.iter().chain(&op.writes).copied().collect();
+        ids.sort();
+        ids.dedup();
+        let (mut wide, mut stored) = (0u128, 0u128);
+        for id in ids {
+            let b = &buffers[id.0 as usize];
+            let width = match shadow.get(&id) {
+                Some(h) if op.stage != crate::taxonomy::Stage::Optimizer => buffers[h.0 as usize].elem_bytes,
+                _ => b.elem_bytes,
+            };
+            wide += 4 * b.elems as u128;
+            stored += (width * b.elems) as u128;
+        }
+        if wide > 0 && stored != wide {
+            op.bytes = (op.bytes as u128 * stored / wide) as u64;
+        }
+    }
+}

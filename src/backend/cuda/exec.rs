@@ -925,6 +925,15 @@ impl<'a> StreamExec<'a> {
         rows_in_use(&fills.iter().map(|f| f.as_slice()).collect::<Vec<_>>(), n_local, rows)
     }
 
+    /// GEMM rows for an expert block with `used` real rows out of `rows`: `used` rounded up
+    /// by [`aligned_rows`] to [`expert_row_align`] (at most `rows`). The rows past `used` are zero in every
+    /// operand (fresh, zeroed allocations; layouts write zero rows), so the extra rows compute
+    /// zeros; the rounding keeps the number of distinct GEMM shapes small, since cuBLAS picks
+    /// an algorithm per new shape on the host and routing changes every step.
+    fn gemm_rows(used: usize, rows: usize) -> usize {
+        aligned_rows(used, rows, expert_row_align())
+    }
+
     /// Records that `id` holds data in the first `used[e]` rows of each expert block.
     fn set_expert_fill(&self, id: BufId, used: &[usize], rows: usize) {
         lock(self.store).set_fill(id, Arc::new(prefix_fill(used, rows)));
@@ -948,7 +957,8 @@ impl<'a> StreamExec<'a> {
                 };
                 for (e, &u) in used.iter().enumerate().filter(|(_, &u)| u > 0) {
                     let (xo, yo) = ((e * rows * d_in * ab) as u64, (e * rows * d_out * cb) as u64);
-                    self.gemm(GemmForm::Nn, xb.ptr + xo, wb.ptr + (e * d_in * d_out * ab) as u64, yb.ptr + yo, y_st, u, d_in, d_out, 0.0, None)?;
+                    let m = Self::gemm_rows(u, rows);
+                    self.gemm(GemmForm::Nn, xb.ptr + xo, wb.ptr + (e * d_in * d_out * ab) as u64, yb.ptr + yo, y_st, m, d_in, d_out, 0.0, None)?;
                     if let Some(bb) = bb {
                         let bo = (e * d_out * 4) as u64;
                         self.launch_st("add_bias_rows", y_st, self.grid(u * d_out), &[Arg::P(yb.ptr + yo), Arg::P(bb.ptr + bo), Arg::I64(u as i64), Arg::I32(d_out as i32), Arg::I64(u as i64)])?;
@@ -991,9 +1001,9 @@ impl<'a> StreamExec<'a> {
                 let (ab, xs, ws) = (gs.size(), self.st(dx).size(), self.st(dw).size());
                 for (e, &u) in used.iter().enumerate().filter(|(_, &u)| u > 0) {
                     let (xo, yo) = ((e * rows * d_in * ab) as u64, (e * rows * d_out * ab) as u64);
-                    let wo = (e * d_in * d_out * ab) as u64;
-                    self.gemm(GemmForm::Nt, dyb.ptr + yo, wb.ptr + wo, dxb.ptr + (e * rows * d_in * xs) as u64, self.st(dx), u, d_out, d_in, 0.0, None)?;
-                    self.gemm(GemmForm::Tn, xb.ptr + xo, dyb.ptr + yo, dwb.ptr + (e * d_in * d_out * ws) as u64, self.st(dw), d_in, u, d_out, beta, None)?;
+                    let (wo, m) = ((e * d_in * d_out * ab) as u64, Self::gemm_rows(u, rows));
+                    self.gemm(GemmForm::Nt, dyb.ptr + yo, wb.ptr + wo, dxb.ptr + (e * rows * d_in * xs) as u64, self.st(dx), m, d_out, d_in, 0.0, None)?;
+                    self.gemm(GemmForm::Tn, xb.ptr + xo, dyb.ptr + yo, dwb.ptr + (e * d_in * d_out * ws) as u64, self.st(dw), d_in, m, d_out, beta, None)?;
                 }
                 self.set_expert_fill(dx, &used, rows);
             }
@@ -1075,6 +1085,31 @@ pub fn rows_in_use(fills: &[&[bool]], n_local: usize, rows: usize) -> Option<Vec
     Some(used)
 }
 
+/// Default row multiple of the dropless per-expert GEMMs ([`expert_row_align`]).
+pub const EXPERT_ROW_ALIGN: usize = 128;
+
+/// Smallest row multiple the dropless per-expert GEMMs round their real rows up to: `MOELAB_EXPERT_ROW_ALIGN`
+/// when set to a positive integer (1 turns the rounding off, for A/B timing), else
+/// [`EXPERT_ROW_ALIGN`]. Read once per process.
+pub fn expert_row_align() -> usize {
+    static ALIGN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ALIGN.get_or_init(|| {
+        std::env::var("MOELAB_EXPERT_ROW_ALIGN").ok().and_then(|v| v.trim().parse().ok()).filter(|&a: &usize| a > 0).unwrap_or(EXPERT_ROW_ALIGN)
+    })
+}
+
+/// `used` rounded up to a multiple of the larger of `align` and an eighth of the largest power
+/// of two not above `used` (so at most 8 shapes per octave, at most 1/8 padding above `align`),
+/// capped at `rows`; `align` = 1 means exactly `used`.
+pub fn aligned_rows(used: usize, rows: usize, align: usize) -> usize {
+    if align <= 1 || used == 0 {
+        return used.min(rows);
+    }
+    let octave = 1usize << (usize::BITS - 1 - used.leading_zeros());
+    let step = align.max(octave / 8);
+    used.div_ceil(step).saturating_mul(step).min(rows).max(used.min(rows))
+}
+
 /// Row flags of a `[blocks, rows, ..]` buffer whose block `e` holds data in its first
 /// `used[e]` rows.
 pub fn prefix_fill(used: &[usize], rows: usize) -> Vec<bool> {
@@ -1093,7 +1128,7 @@ const _: () = assert!(BLOCK == 256, "mse's shared reduction assumes 256 threads"
 
 #[cfg(test)]
 mod tests {
-    use super::{prefix_fill, rows_in_use};
+    use super::{aligned_rows, prefix_fill, rows_in_use};
 
     #[test]
     fn rows_in_use_take_each_blocks_last_filled_row_over_every_buffer() {
@@ -1108,5 +1143,15 @@ mod tests {
         assert_eq!(rows_in_use(&[&x[..6]], 2, 4), None);
         assert_eq!(prefix_fill(&[2, 3], 4), vec![true, true, false, false, true, true, true, false]);
         assert_eq!(rows_in_use(&[&prefix_fill(&[2, 3], 4)], 2, 4), Some(vec![2, 3]));
+        assert_eq!(aligned_rows(0, 512, 128), 0);
+        assert_eq!(aligned_rows(1, 512, 128), 128);
+        assert_eq!(aligned_rows(128, 512, 128), 128);
+        assert_eq!(aligned_rows(129, 512, 128), 256);
+        assert_eq!(aligned_rows(450, 500, 128), 500);
+        assert_eq!(aligned_rows(37, 500, 1), 37);
+        // Above 1024 rows the step is an eighth of the octave: 4097 -> step 512 -> 4608.
+        assert_eq!(aligned_rows(4097, 100_000, 128), 4608);
+        assert_eq!(aligned_rows(1536, 100_000, 128), 1536);
+        assert_eq!(aligned_rows(1537, 100_000, 128), 1664);
     }
 }

@@ -229,6 +229,22 @@ fn collective_sized(op: &Op, bytes: u64) -> Option<Vec<CollectivePart>> {
     }
 }
 
+/// The GEMM dtype an op runs at in a plan whose GEMMs are `dtype`: a bf16 plan's Linear
+/// whose product is kept f32 (the router's gate, see `plan::precision`) runs in f32
+/// forward and backward, as both executors run it.
+fn gemm_dtype(op: &Op, plan: &RankPlan, dtype: GemmDtype) -> GemmDtype {
+    let f32_product = match &op.kind {
+        OpKind::Linear { y, .. } => !plan.buffer(*y).is_bf16(),
+        OpKind::LinearBwd { dy, .. } => !plan.buffer(*dy).is_bf16(),
+        _ => false,
+    };
+    if dtype == GemmDtype::Bf16 && f32_product {
+        GemmDtype::F32
+    } else {
+        dtype
+    }
+}
+
 /// The cost of one op of `plan` on `gpu` with GEMMs in `dtype`.
 pub fn op_cost(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype) -> Cost {
     op_cost_at(op, plan, gpu, dtype, 1.0)
@@ -274,11 +290,11 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
         let host = host_traffic(&op.kind, plan, rows_scale);
         let host_s = host.syncs as f64 * gpu.kernels.host_sync_s + host.bytes / gpu.kernels.host_bandwidth;
         let arithmetic = flops as f64 / gpu.vector_flops;
-        return Cost::Compute(launch + class.fixed_us * 1e-6 + host_s + (memory / class.bandwidth_share).max(arithmetic));
+        return Cost::Compute(launch + class.fixed_us * 1e-6 + host_s + (memory / class.share(dtype == GemmDtype::Bf16)).max(arithmetic));
     }
     // The plan's FLOPs are authoritative; the shapes say how efficiently they run. Each
     // GEMM gets its share of the op's FLOPs in proportion to its own size.
-    let model = gpu.gemm(dtype);
+    let model = gpu.gemm(gemm_dtype(op, plan, dtype));
     let shape_flops: f64 = shapes.iter().map(GemmShape::flops).sum();
     let scale = if shape_flops > 0.0 { flops as f64 / shape_flops } else { 0.0 };
     let math: f64 = shapes.iter().map(|s| model.seconds(s.flops() * scale, s.m, s.n, s.k, s.batch)).sum();
@@ -312,6 +328,35 @@ mod tests {
         let Cost::Compute(s) = op_cost(&o, &rank_with(o.clone(), 3), &p.gpu, GemmDtype::Bf16) else { panic!("compute") };
         let tflops = flops as f64 / (s - p.gpu.launch_s) / 1e12;
         assert!((tflops - 774.7).abs() < 0.01, "{tflops}");
+    }
+
+    #[test]
+    fn a_bf16_plans_f32_router_gemm_runs_at_the_f32_rate_and_bf16_kernels_at_their_share() {
+        let p = profile::resolve("h200").expect("parses");
+        let n = 4096usize;
+        let kind = OpKind::Linear { x: BufId(0), w: BufId(1), bias: None, residual: None, y: BufId(2), rows: n, d_in: n, d_out: 64 };
+        let o = op(kind, 2 * (n * n * 64) as u64, 1024);
+        let mut rp = rank_with(o.clone(), 3);
+        let cost = |rp: &RankPlan, d| match op_cost(&o, rp, &p.gpu, d) {
+            Cost::Compute(s) => s,
+            _ => panic!("compute"),
+        };
+        let bf16_product = cost(&rp, GemmDtype::Bf16);
+        rp.buffers[2].elem_bytes = 4;
+        let f32_product = cost(&rp, GemmDtype::Bf16);
+        assert_eq!(f32_product, cost(&rp, GemmDtype::F32));
+        assert!(f32_product > 2.0 * bf16_product, "{f32_product} vs {bf16_product}");
+
+        let act = op(OpKind::Act { h: BufId(0), a: BufId(1), act: crate::spec::Activation::Gelu }, 1000, 1 << 30);
+        let ra = rank_with(act.clone(), 2);
+        let at = |d| match op_cost(&act, &ra, &p.gpu, d) {
+            Cost::Compute(s) => s - p.gpu.launch_s,
+            _ => panic!("compute"),
+        };
+        let class = p.gpu.kernels.class(KernelClass::Act);
+        let bf16_share = class.bf16_bandwidth_share.expect("the h200 profile fits a bf16 share for GELU");
+        let ratio = at(GemmDtype::Bf16) / at(GemmDtype::F32);
+        assert!((ratio - class.bandwidth_share / bf16_share).abs() < 1e-9, "{ratio}");
     }
 
     #[test]

@@ -330,14 +330,29 @@ impl KernelClass {
 pub struct KernelClassParams {
     /// Achieved bandwidth over the copy bandwidth (`gpu.hbm_tbps * gpu.hbm_efficiency`).
     pub bandwidth_share: f64,
+    /// The share in bf16 plans, where the class's kernels move half the bytes with other
+    /// code (8 values per 16-byte word, f32 math); absent: `bandwidth_share`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bf16_bandwidth_share: Option<f64>,
     /// Fixed time per op on top of the launch gap, microseconds.
     #[serde(default)]
     pub fixed_us: f64,
 }
 
+impl KernelClassParams {
+    /// The bandwidth share for a plan whose activations are bf16 (`bf16`) or f32.
+    pub fn share(&self, bf16: bool) -> f64 {
+        if bf16 {
+            self.bf16_bandwidth_share.unwrap_or(self.bandwidth_share)
+        } else {
+            self.bandwidth_share
+        }
+    }
+}
+
 impl Default for KernelClassParams {
     fn default() -> Self {
-        KernelClassParams { bandwidth_share: 1.0, fixed_us: 0.0 }
+        KernelClassParams { bandwidth_share: 1.0, bf16_bandwidth_share: None, fixed_us: 0.0 }
     }
 }
 
@@ -765,6 +780,9 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                     if let Some(c) = given {
                         let f = format!("kernels.{}", class.as_str());
                         share(&format!("{f}.bandwidth_share"), c.bandwidth_share)?;
+                        if let Some(b) = c.bf16_bandwidth_share {
+                            share(&format!("{f}.bf16_bandwidth_share"), b)?;
+                        }
                         if !(c.fixed_us.is_finite() && c.fixed_us >= 0.0) {
                             return Err(invalid(&format!("{f}.fixed_us"), format!("{} must be a number >= 0", c.fixed_us), "give microseconds"));
                         }
@@ -948,6 +966,8 @@ mod tests {
         let text = include_str!("../../../profiles/h200-datasheet.toml");
         let bad = format!("{text}\n[kernels]\nhost_sync_us = 10.0\n\n[kernels.act]\nbandwidth_share = 1.5\n");
         assert_eq!(parse(&bad, "t").unwrap_err().field(), Some("kernels.act.bandwidth_share"));
+        let bad = format!("{text}\n[kernels]\nhost_sync_us = 10.0\n\n[kernels.act]\nbandwidth_share = 0.5\nbf16_bandwidth_share = 0.0\n");
+        assert_eq!(parse(&bad, "t").unwrap_err().field(), Some("kernels.act.bf16_bandwidth_share"));
         let unknown = format!("{text}\n[kernels]\nhost_sync = 10.0\n");
         assert!(parse(&unknown, "t").is_err());
     }

@@ -43,7 +43,7 @@ pub fn layernorm_params(b: &mut RankBuilder, name: &str, layer: usize, m: usize)
 pub fn layernorm_with(b: &mut RankBuilder, name: &str, layer: usize, x: BufId, gamma: BufId, beta: BufId, t: usize, m: usize) -> LnSaved {
     let y = b.buf(format!("L{layer}.{name}.y"), t * m, Mc::Activations);
     let stats = b.buf(format!("L{layer}.{name}.stats"), t * 2, Mc::Activations);
-    let bytes = b.bytes_of(x) * 2;
+    let bytes = b.f32_bytes_of(x) * 2;
     b.op(name, Stage::Layernorm, Pass::Forward, OpKind::LayerNorm { x, gamma, beta, y, stats }, 8 * (t * m) as u64, bytes);
     LnSaved { x, gamma, beta, stats, y }
 }
@@ -52,7 +52,7 @@ pub fn layernorm_with(b: &mut RankBuilder, name: &str, layer: usize, x: BufId, g
 pub fn layernorm_bwd(b: &mut RankBuilder, name: &str, layer: usize, ln: &LnSaved, dy: BufId, residual: BufId, t: usize, m: usize) -> BufId {
     let dx = b.buf(format!("L{layer}.{name}.dx"), t * m, Mc::Activations);
     let (dgamma, dbeta) = (b.grad(ln.gamma), b.grad(ln.beta));
-    let bytes = b.bytes_of(dy) * 4;
+    let bytes = b.f32_bytes_of(dy) * 4;
     b.op(format!("{name}_bwd"), Stage::Layernorm, Pass::Backward,
         OpKind::LayerNormBwd { x: ln.x, gamma: ln.gamma, stats: ln.stats, dy, residual: Some(residual), dx, dgamma, dbeta },
         12 * (t * m) as u64, bytes);
@@ -202,7 +202,7 @@ pub fn update(b: &mut RankBuilder, spec: &ExperimentSpec, dense_group: Option<Gr
         if let Some(g) = group {
             let bufs: Vec<BufId> = params.iter().filter(|p| p.expert == expert).filter_map(|p| p.grad).collect();
             if !bufs.is_empty() {
-                let bytes: u64 = bufs.iter().map(|x| b.bytes_of(*x)).sum();
+                let bytes: u64 = bufs.iter().map(|x| b.f32_bytes_of(*x)).sum();
                 b.op(name, Stage::AllReduce, Pass::Update, OpKind::AllReduce { group: g, bufs }, 0, bytes);
             }
         }
@@ -211,8 +211,8 @@ pub fn update(b: &mut RankBuilder, spec: &ExperimentSpec, dense_group: Option<Gr
         let (m, v) = p.moments.expect("training params have moments");
         (p.value, p.grad.expect("training params have grads"), m, v)
     }).collect();
-    let bytes: u64 = quads.iter().map(|q| 7 * b.bytes_of(q.0)).sum();
-    let flops: u64 = quads.iter().map(|q| 12 * b.bytes_of(q.0) / 4).sum();
+    let bytes: u64 = quads.iter().map(|q| 7 * b.f32_bytes_of(q.0)).sum();
+    let flops: u64 = quads.iter().map(|q| 12 * b.elems_of(q.0)).sum();
     b.op("adam", Stage::Optimizer, Pass::Update,
         OpKind::Adam { params: quads, lr: spec.run.lr as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8 }, flops, bytes);
 }
@@ -392,7 +392,7 @@ pub fn route_with(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, x: B
         Some(g) => g,
         None if dims.data_world > 1 => {
             let g = b.buf(format!("L{layer}.route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
-            let bytes = b.bytes_of(stats);
+            let bytes = b.f32_bytes_of(stats);
             b.op("stats_allgather", Stage::AllGather, Pass::Forward, OpKind::AllGather { group: stats_group, send: stats, recv: g }, 0, bytes);
             g
         }

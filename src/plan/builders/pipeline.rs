@@ -262,7 +262,7 @@ pub fn accumulate_grads(b: &mut RankBuilder) {
     if pairs.is_empty() {
         return;
     }
-    let elems: u64 = pairs.iter().map(|p| b.bytes_of(p.0) / 4).sum();
+    let elems: u64 = pairs.iter().map(|p| b.elems_of(p.0)).sum();
     b.op("grad_accum", Stage::GradAccum, Pass::Backward, OpKind::GradAccum { pairs }, elems, 12 * elems);
 }
 
@@ -317,7 +317,7 @@ fn exchange(b: &mut RankBuilder, pipe: &Pipe, st: &mut State, link: Link, e: &Ex
         }
     };
     let pass = if e.grad.is_some() { Pass::Backward } else { Pass::Forward };
-    let bytes = send.or(recv).map_or(0, |x| b.bytes_of(x));
+    let bytes = send.or(recv).map_or(0, |x| b.f32_bytes_of(x));
     b.op(name, Stage::SendRecv, pass, OpKind::SendRecv { group, send, recv }, 0, bytes);
 }
 

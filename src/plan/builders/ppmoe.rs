@@ -316,7 +316,7 @@ impl StageWork for StageModel<'_> {
 
 fn tp_allreduce(b: &mut RankBuilder, name: &str, pass: Pass, group: Option<GroupId>, buf: BufId) {
     if let Some(g) = group {
-        let bytes = b.bytes_of(buf);
+        let bytes = b.f32_bytes_of(buf);
         b.op(name, Stage::AllReduce, pass, OpKind::AllReduce { group: g, bufs: vec![buf] }, 0, bytes);
     }
 }

@@ -232,7 +232,7 @@ pub(super) fn route_dispatch(b: &mut RankBuilder, spec: &ExperimentSpec, groups:
         (t * e * 6) as u64, 4 * (3 * t * e + 2 * t * k) as u64);
     let gathered = if dims.data_world > 1 {
         let g = b.buf(format!("L{layer}.{p}route.gathered"), dims.data_world * (k + 1) * e, Mc::CommBuffers);
-        let bytes = b.bytes_of(stats);
+        let bytes = b.f32_bytes_of(stats);
         b.op(format!("{p}stats_allgather"), Stage::AllGather, Pass::Forward, OpKind::AllGather { group: groups.world(), send: stats, recv: g },
             0, bytes);
         g

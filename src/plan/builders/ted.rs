@@ -194,12 +194,12 @@ fn sliced_param(b: &mut RankBuilder, layer: usize, tag: &str, dims: &MoeDims, ro
 }
 
 fn tp_allgather(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, send: BufId, recv: BufId) {
-    let bytes = b.bytes_of(send);
+    let bytes = b.f32_bytes_of(send);
     b.op(name, Stage::AllGather, pass, OpKind::AllGather { group, send, recv }, 0, bytes);
 }
 
 fn tp_allreduce(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, buf: BufId) {
-    let bytes = b.bytes_of(buf);
+    let bytes = b.f32_bytes_of(buf);
     b.op(name, Stage::AllReduce, pass, OpKind::AllReduce { group, bufs: vec![buf] }, 0, bytes);
 }
 

@@ -77,6 +77,6 @@ pub fn row_linear(b: &mut RankBuilder, name: &str, tag: &str, stage: Stage, laye
 /// Sum `buf` over the TP group in place (the partial output of a row-parallel projection, or
 /// the partial input gradient of a column-parallel one).
 pub fn allreduce(b: &mut RankBuilder, name: &str, pass: Pass, tp: &TpShard, buf: BufId) {
-    let bytes = b.bytes_of(buf);
+    let bytes = b.f32_bytes_of(buf);
     b.op(name, Stage::AllReduce, pass, OpKind::AllReduce { group: tp.group, bufs: vec![buf] }, 0, bytes);
 }

@@ -97,7 +97,7 @@ pub(super) fn expert_param(b: &mut RankBuilder, layer: usize, tag: &str, dims: &
 /// A variable all-to-all op whose byte count is the planned size of `send`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn a2a(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, send: BufId, send_counts: BufId, recv: BufId, m: usize) {
-    let bytes = b.bytes_of(send);
+    let bytes = b.f32_bytes_of(send);
     b.op(name, Stage::AllToAll, pass, OpKind::AllToAllV { group, send, send_counts, recv, row_len: m }, 0, bytes);
 }
 

@@ -119,7 +119,7 @@ pub(super) fn a2a_2d(b: &mut RankBuilder, name: &str, pass: Pass, groups: &DataE
     let idx = rank % ep;
     let intra = group_id(groups, &node_group_name(d, idx / gpn));
     let inter = group_id(groups, &rail_group_name(d, idx % gpn));
-    let bytes = 2 * b.bytes_of(send);
+    let bytes = 2 * b.f32_bytes_of(send);
     b.op(name, Stage::AllToAll, pass,
         OpKind::AllToAllV2d { intra, inter, send, send_counts: counts, recv, row_len: m, gpus_per_node: gpn }, 0, bytes);
 }

@@ -118,7 +118,7 @@ pub(super) fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &D
             let gathered = if s > 1 && tag == "b2" { e * s * per } else { e * per };
             let name = if s > 1 && (tag == "w1" || tag == "b2") { format!("L{layer}.expert.{tag}_slices") } else { format!("L{layer}.expert.{tag}_full") };
             let g = b.buf(name, gathered, Mc::CommBuffers);
-            let bytes = b.bytes_of(local);
+            let bytes = b.f32_bytes_of(local);
             b.op(format!("expert_allgather_{tag}"), Stage::AllGather, Pass::Forward, OpKind::AllGather { group: ep_group, send: local, recv: g }, 0, bytes);
             match tag {
                 "w1" if s > 1 => {
@@ -157,7 +157,7 @@ pub(super) fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &D
 /// a full `[E, ...]` buffer that is reduce-scattered into it.
 fn full_grad(b: &mut RankBuilder, layer: usize, tag: &str, local: BufId, full: BufId, ep: usize) -> BufId {
     if ep > 1 {
-        let n = b.bytes_of(full) as usize / 4;
+        let n = b.elems_of(full) as usize;
         b.buf(format!("L{layer}.expert.{tag}_full.grad"), n, Mc::Grads)
     } else {
         b.grad(local)
@@ -202,11 +202,11 @@ pub(super) fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &
             if split_n > 1 { &[("w1", gw1, lw1), ("b1", gb1, lb1), ("w2", gw2, lw2)] } else { &[("w1", gw1, lw1), ("b1", gb1, lb1), ("w2", gw2, lw2), ("b2", gb2, lb2)] };
         for &(tag, full, local) in scattered {
             let recv = b.grad(local);
-            let bytes = b.bytes_of(full);
+            let bytes = b.f32_bytes_of(full);
             b.op(format!("expert_reduce_scatter_{tag}"), Stage::ReduceScatter, Pass::Backward, OpKind::ReduceScatter { group, send: full, recv }, 0, bytes);
         }
         if split_n > 1 {
-            let bytes = b.bytes_of(gb2);
+            let bytes = b.f32_bytes_of(gb2);
             b.op("expert_allreduce_b2", Stage::AllReduce, Pass::Backward, OpKind::AllReduce { group, bufs: vec![gb2] }, 0, bytes);
             let own = b.grad(lb2);
             b.op("expert_b2_replica_bwd", Stage::Permute, Pass::Backward,

@@ -179,7 +179,7 @@ fn slice_param(b: &mut RankBuilder, layer: usize, tag: &str, expert: usize, rows
 
 fn gather(b: &mut RankBuilder, name: String, buf: String, group: GroupId, send: BufId, elems: usize) -> BufId {
     let recv = b.buf(buf, elems, Mc::CommBuffers);
-    let bytes = b.bytes_of(send);
+    let bytes = b.f32_bytes_of(send);
     b.op(name, Stage::AllGather, Pass::Forward, OpKind::AllGather { group, send, recv }, 0, bytes);
     recv
 }
@@ -321,11 +321,11 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertG
             8 * (m * hr) as u64);
         for (tag, full, own) in [("w1", gw1g, w1), ("b1", gb1, b1), ("w2", gw2, w2)] {
             let recv = b.grad(own);
-            let bytes = b.bytes_of(full);
+            let bytes = b.f32_bytes_of(full);
             b.op(format!("expert_reduce_scatter_{tag}"), Stage::ReduceScatter, Pass::Backward, OpKind::ReduceScatter { group: sg, send: full, recv },
                 0, bytes);
         }
-        let bytes = b.bytes_of(gb2);
+        let bytes = b.f32_bytes_of(gb2);
         b.op("expert_allreduce_b2", Stage::AllReduce, Pass::Backward, OpKind::AllReduce { group: sg, bufs: vec![gb2] }, 0, bytes);
     }
     // The input gradient's rows go back as the forward's outputs did: the same counts.
