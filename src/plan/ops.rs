@@ -50,6 +50,30 @@ impl MoeDims {
     pub fn local_experts(&self) -> usize {
         self.n_experts / self.ep_peers.len()
     }
+
+    /// Rows per local expert of a dropless expert layout whose busiest local expert takes
+    /// `load` rows: `load` rounded up by [`aligned_rows`] to [`DROPLESS_ROW_ALIGN`], at most the
+    /// plan's bound (every token of every peer). The extra rows are zero; the rounding keeps
+    /// the number of distinct expert GEMM shapes small while routing changes every step
+    /// (cuBLAS chooses an algorithm on the host per new shape, up to milliseconds).
+    pub fn dropless_rows(&self, load: usize) -> usize {
+        aligned_rows(load, self.tokens * self.ep_peers.len(), DROPLESS_ROW_ALIGN)
+    }
+}
+
+/// Smallest row multiple of dropless expert blocks and of the GEMMs over their rows.
+pub const DROPLESS_ROW_ALIGN: usize = 128;
+
+/// `used` rounded up to a multiple of the larger of `align` and an eighth of the largest power
+/// of two not above `used` (so at most 8 sizes per octave, at most 1/8 padding above `align`),
+/// capped at `rows`; `align` <= 1 or `used` = 0 means exactly `used` (capped).
+pub fn aligned_rows(used: usize, rows: usize, align: usize) -> usize {
+    if align <= 1 || used == 0 {
+        return used.min(rows);
+    }
+    let octave = 1usize << (usize::BITS - 1 - used.leading_zeros());
+    let step = align.max(octave / 8);
+    used.div_ceil(step).saturating_mul(step).min(rows).max(used.min(rows))
 }
 
 /// What an op computes. Shapes are per rank; `T` tokens, `M` model width.

@@ -88,14 +88,16 @@ pub fn table(dims: &MoeDims, gathered: &[f32]) -> routing::RoutingTable {
     routing::RoutingTable::new(gathered, dims.data_world, dims.top_k, dims.n_experts, dims.tokens, dims.capacity)
 }
 
-/// Rows per local expert in the expert buffers: planned, or the largest local load.
+/// Rows per local expert in the expert buffers: planned, or the largest local load rounded
+/// up to a dropless block size ([`MoeDims::dropless_rows`]).
 fn rows_per_expert(dims: &MoeDims, t: &routing::RoutingTable) -> usize {
     dims.rows_per_expert.unwrap_or_else(|| {
         let el = dims.local_experts();
-        (0..el)
+        let load = (0..el)
             .map(|i| dims.ep_peers.iter().map(|&s| t.kept_rank_expert(s, dims.ep_index * el + i)).sum::<usize>())
             .max()
-            .unwrap_or(0)
+            .unwrap_or(0);
+        dims.dropless_rows(load)
     })
 }
 

@@ -24,6 +24,7 @@ use crate::backend::cpu::fabric::Fabric;
 use crate::backend::cpu::store::{Data, OpView};
 use crate::math::{rng, routing};
 use crate::plan::{BufId, ElemType, Group, Op, OpKind, RankPlan};
+use crate::plan::ops::{aligned_rows, DROPLESS_ROW_ALIGN};
 use crate::spec::Activation;
 use cudarc::driver::{result, LaunchConfig, PushKernelArg};
 use moelab_kernels::error::GpuError;
@@ -1085,29 +1086,15 @@ pub fn rows_in_use(fills: &[&[bool]], n_local: usize, rows: usize) -> Option<Vec
     Some(used)
 }
 
-/// Default row multiple of the dropless per-expert GEMMs ([`expert_row_align`]).
-pub const EXPERT_ROW_ALIGN: usize = 128;
-
-/// Smallest row multiple the dropless per-expert GEMMs round their real rows up to: `MOELAB_EXPERT_ROW_ALIGN`
-/// when set to a positive integer (1 turns the rounding off, for A/B timing), else
-/// [`EXPERT_ROW_ALIGN`]. Read once per process.
+/// Smallest row multiple the dropless per-expert GEMMs round their real rows up to:
+/// `MOELAB_EXPERT_ROW_ALIGN` when set to a positive integer (1 turns the rounding off, for A/B
+/// timing), else [`DROPLESS_ROW_ALIGN`], the multiple the layouts size dropless blocks by.
+/// Read once per process.
 pub fn expert_row_align() -> usize {
     static ALIGN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ALIGN.get_or_init(|| {
-        std::env::var("MOELAB_EXPERT_ROW_ALIGN").ok().and_then(|v| v.trim().parse().ok()).filter(|&a: &usize| a > 0).unwrap_or(EXPERT_ROW_ALIGN)
+        std::env::var("MOELAB_EXPERT_ROW_ALIGN").ok().and_then(|v| v.trim().parse().ok()).filter(|&a: &usize| a > 0).unwrap_or(DROPLESS_ROW_ALIGN)
     })
-}
-
-/// `used` rounded up to a multiple of the larger of `align` and an eighth of the largest power
-/// of two not above `used` (so at most 8 shapes per octave, at most 1/8 padding above `align`),
-/// capped at `rows`; `align` = 1 means exactly `used`.
-pub fn aligned_rows(used: usize, rows: usize, align: usize) -> usize {
-    if align <= 1 || used == 0 {
-        return used.min(rows);
-    }
-    let octave = 1usize << (usize::BITS - 1 - used.leading_zeros());
-    let step = align.max(octave / 8);
-    used.div_ceil(step).saturating_mul(step).min(rows).max(used.min(rows))
 }
 
 /// Row flags of a `[blocks, rows, ..]` buffer whose block `e` holds data in its first
@@ -1128,7 +1115,8 @@ const _: () = assert!(BLOCK == 256, "mse's shared reduction assumes 256 threads"
 
 #[cfg(test)]
 mod tests {
-    use super::{aligned_rows, prefix_fill, rows_in_use};
+    use super::{prefix_fill, rows_in_use};
+    use crate::plan::ops::aligned_rows;
 
     #[test]
     fn rows_in_use_take_each_blocks_last_filled_row_over_every_buffer() {
