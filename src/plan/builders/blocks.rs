@@ -247,8 +247,13 @@ pub fn route_backward(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize, 
 pub fn dispatch_backward(b: &mut RankBuilder, layer: usize, d: &crate::plan::ops::MoeDims, slots: BufId, dsend: BufId) -> BufId {
     let (t, m, k) = (d.tokens, d.d_model, d.top_k);
     let dxm = b.buf(format!("L{layer}.moe.dx_ln"), t * m, Mc::Activations);
+    // t*k rows read, the token gradients written; a dropless `dsend` of ep = 1 is the
+    // expert-side buffer, counted at its bound, which the sim scales to the routed rows.
+    let dynamic = d.rows_per_expert.is_none() && d.ep_peers.len() == 1;
+    let dsend_bytes = if dynamic { b.f32_bytes_of(dsend) } else { 4 * (t * k * m) as u64 };
+    let bytes = dsend_bytes + 4 * (t * k * m) as u64;
     b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots, dx: dxm, dims: d.clone() },
-        (t * k * m) as u64, 8 * (t * k * m) as u64);
+        (t * k * m) as u64, bytes);
     dxm
 }
 

@@ -147,8 +147,12 @@ fn moe_forward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertGr
         back_send
     };
     let out = b.buf(format!("L{layer}.moe.out"), t * m, Mc::Activations);
+    // t*k rows read, out and residual; a dropless `back` of ep = 1 is the expert-side buffer,
+    // counted at its bound, which the sim scales to the routed rows.
+    let back_bytes = if dropless && ep == 1 { b.f32_bytes_of(back) } else { 4 * (t * k * m) as u64 };
+    let combine_bytes = back_bytes + 8 * (t * m) as u64;
     b.op("combine", Stage::Combine, Pass::Forward,
-        OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, 4 * (t * k * m + 2 * t * m) as u64);
+        OpKind::Combine { back, slots, weights, residual: x, out, dims: dims.clone() }, 2 * (t * k * m) as u64, combine_bytes);
     (out, MoeSaved { dims, r: routed, send_counts, slots, ein, h, a, back, w1, b1, w2, b2 })
 }
 
@@ -164,9 +168,11 @@ fn moe_backward(b: &mut RankBuilder, spec: &ExperimentSpec, groups: &DataExpertG
     };
     let dback = b.buf(format!("L{layer}.moe.dback"), t * k * m, Mc::CommBuffers);
     let dweights = b.buf(format!("L{layer}.route.dweights"), t * k, Mc::Activations);
+    let back_bytes = if dropless && ep == 1 { b.f32_bytes_of(s.back) } else { 4 * (t * k * m) as u64 };
+    let combine_bwd_bytes = back_bytes + 4 * (t * k * m + t * m) as u64;
     b.op("combine_bwd", Stage::Combine, Pass::Backward,
         OpKind::CombineBwd { dout, back: s.back, slots: s.slots, weights: s.r.weights, dback, dweights, dims: d.clone() },
-        4 * (t * k * m) as u64, 4 * (2 * t * k * m + t * m) as u64);
+        4 * (t * k * m) as u64, combine_bwd_bytes);
     let dback_recv = if ep > 1 {
         let r = route_buf(b, format!("L{layer}.moe.dback_recv"), el * rows * m, Mc::CommBuffers);
         a2a(b, "combine_a2a_bwd", Pass::Backward, groups.ep_group(rank), dback, s.send_counts, r, m);
