@@ -155,16 +155,16 @@ impl RoutingTable {
 /// assignments are, per (j, e), the first `kept(r, j, e)` tokens in token order.
 pub fn keep_mask(table: &RoutingTable, rank: usize, idx: &[i32], k: usize, e: usize) -> Vec<bool> {
     let mut seen = vec![0usize; k * e];
-    idx.iter()
-        .enumerate()
-        .map(|(i, &x)| {
-            let j = i % k;
+    let mut keep = Vec::with_capacity(idx.len());
+    for choices in idx.chunks(k.max(1)) {
+        for (j, &x) in choices.iter().enumerate() {
             let slot = j * e + x as usize;
             let ord = seen[slot];
             seen[slot] += 1;
-            ord < table.kept(rank, j, x as usize)
-        })
-        .collect()
+            keep.push(ord < table.kept(rank, j, x as usize));
+        }
+    }
+    keep
 }
 
 /// Gradient of `aux_coef * aux_loss` with respect to each gate probability of any token:

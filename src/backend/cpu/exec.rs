@@ -296,25 +296,49 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             let (t, k, e, m) = (dims.tokens, dims.top_k, dims.n_experts, dims.d_model);
             let iv = st.i32(*idx)?;
             let keep = routing::keep_mask(&tb, dims.data_rank, iv, k, e);
-            let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); e];
+            // Rows grouped by expert; within an expert, choice-major then token order (a
+            // counting sort: one pass counts, one places; no division per row, as the cuda
+            // executor runs this at unit width on every step).
+            let mut per_expert = vec![0usize; e];
+            for (a, &ex) in iv.iter().enumerate() {
+                if keep[a] {
+                    per_expert[ex as usize] += 1;
+                }
+            }
+            let mut next = Vec::with_capacity(e);
+            let mut total = 0usize;
+            for &c in &per_expert {
+                next.push(total);
+                total += c;
+            }
+            let mut token_of = vec![0usize; total];
+            let mut slot = vec![-1i32; t * k];
             for j in 0..k {
                 for tok in 0..t {
-                    if keep[tok * k + j] {
-                        buckets[iv[tok * k + j] as usize].push(tok * k + j);
+                    let a = tok * k + j;
+                    if keep[a] {
+                        let r = &mut next[iv[a] as usize];
+                        token_of[*r] = tok;
+                        slot[a] = *r as i32;
+                        *r += 1;
                     }
                 }
             }
             let xv = st.f32(*x)?;
-            let mut sv = Vec::with_capacity(t * k * m);
-            let mut slot = vec![-1i32; t * k];
+            let mut sv = vec![0.0f32; total * m];
+            if m == 1 {
+                for (o, &tok) in sv.iter_mut().zip(&token_of) {
+                    *o = xv[tok];
+                }
+            } else {
+                for (o, &tok) in sv.chunks_exact_mut(m).zip(&token_of) {
+                    o.copy_from_slice(&xv[tok * m..(tok + 1) * m]);
+                }
+            }
             let el = dims.local_experts();
             let mut counts = vec![0i32; dims.ep_peers.len()];
-            for (ex, bucket) in buckets.iter().enumerate() {
-                counts[ex / el] += bucket.len() as i32;
-                for &a in bucket {
-                    slot[a] = (sv.len() / m) as i32;
-                    sv.extend_from_slice(&xv[(a / k) * m..(a / k + 1) * m]);
-                }
+            for (ex, &c) in per_expert.iter().enumerate() {
+                counts[ex / el] += c as i32;
             }
             outcome.obs = Some(RouteObs { aux: tb.aux_loss(), dropped: tb.dropped(), routed: tb.n_global * k, loss: 0.0, capacity: tb.capacity });
             st.put_f32(*send, sv)?;
