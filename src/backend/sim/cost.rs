@@ -288,7 +288,8 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     if shapes.is_empty() {
         let class = gpu.kernels.class(kernel_class(&op.kind));
         let host = host_traffic(&op.kind, plan, rows_scale);
-        let host_s = host.syncs as f64 * gpu.kernels.host_sync_s + host.bytes / gpu.kernels.host_bandwidth;
+        let host_bandwidth = class.host_gbps.map_or(gpu.kernels.host_bandwidth, |g| g * 1e9);
+        let host_s = host.syncs as f64 * gpu.kernels.host_sync_s + host.bytes / host_bandwidth;
         let arithmetic = flops as f64 / gpu.vector_flops;
         return Cost::Compute(launch + class.fixed_us * 1e-6 + host_s + (memory / class.share(dtype == GemmDtype::Bf16)).max(arithmetic));
     }
@@ -414,6 +415,19 @@ mod tests {
         let x = op(a2a, 0, 1 << 20);
         let Cost::Collective(parts) = op_cost(&x, &plan, &p.gpu, GemmDtype::F32) else { panic!("collective") };
         assert!((parts[0].host_s - (2.0 * 40e-6 + 2.0 * mib2 / 2e9)).abs() < 1e-12, "{parts:?}");
+        // A class's own host_gbps replaces the table's for that class only: an ExpertLayout
+        // (class layout) moves its routing table down and its row map up at 0.5 GB/s.
+        let with_layout = format!("{text}\n[kernels.layout]\nbandwidth_share = 1.0\nhost_gbps = 0.5\n");
+        let pl = profile::parse(&with_layout, "t").expect("parses");
+        let dims = crate::plan::ops::MoeDims {
+            tokens: 4, d_model: 4, top_k: 1, n_experts: 2, data_world: 1, data_rank: 0, ep_peers: vec![0], ep_index: 0,
+            capacity: crate::spec::Capacity::Factor(1.0), rows_per_expert: Some(2),
+        };
+        let lay = op(OpKind::ExpertLayout { recv: BufId(0), gathered: BufId(1), out: BufId(0), dims }, 0, 0);
+        let lp = rank_with(lay.clone(), 2);
+        let host = host_traffic(&lay.kind, &lp, 1.0);
+        let (Cost::Compute(at_class), Cost::Compute(at_table)) = (op_cost(&lay, &lp, &pl.gpu, GemmDtype::F32), op_cost(&lay, &lp, &p.gpu, GemmDtype::F32)) else { panic!("compute") };
+        assert!((at_class - at_table - (host.bytes / 0.5e9 - host.bytes / 2e9)).abs() < 1e-12, "{at_class} vs {at_table}");
         // Without a [kernels] table nothing changes: no host cost, copy bandwidth.
         let ds = profile::resolve("h200-datasheet").expect("parses");
         let Cost::Compute(s) = op_cost(&o, &plan, &ds.gpu, GemmDtype::F32) else { panic!("compute") };

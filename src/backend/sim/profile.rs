@@ -337,6 +337,10 @@ pub struct KernelClassParams {
     /// Fixed time per op on top of the launch gap, microseconds.
     #[serde(default)]
     pub fixed_us: f64,
+    /// Host bandwidth of this class's host work, GB/s (the executor's layouts compute their
+    /// row maps on the host: a few ns per row); absent: `kernels.host_gbps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_gbps: Option<f64>,
 }
 
 impl KernelClassParams {
@@ -352,7 +356,7 @@ impl KernelClassParams {
 
 impl Default for KernelClassParams {
     fn default() -> Self {
-        KernelClassParams { bandwidth_share: 1.0, bf16_bandwidth_share: None, fixed_us: 0.0 }
+        KernelClassParams { bandwidth_share: 1.0, bf16_bandwidth_share: None, fixed_us: 0.0, host_gbps: None }
     }
 }
 
@@ -782,6 +786,9 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                         share(&format!("{f}.bandwidth_share"), c.bandwidth_share)?;
                         if let Some(b) = c.bf16_bandwidth_share {
                             share(&format!("{f}.bf16_bandwidth_share"), b)?;
+                        }
+                        if let Some(g) = c.host_gbps {
+                            positive(&format!("{f}.host_gbps"), g)?;
                         }
                         if !(c.fixed_us.is_finite() && c.fixed_us >= 0.0) {
                             return Err(invalid(&format!("{f}.fixed_us"), format!("{} must be a number >= 0", c.fixed_us), "give microseconds"));
