@@ -240,3 +240,30 @@ fn calibrate_from_writes_into_missing_folders() {
     assert!(text.contains("[gpu.gemm"), "{text}");
     assert!(json.is_file(), "json written");
 }
+
+/// The shipped H200 profile against stored H200 measurements (`docs/device-runs`): the sim's
+/// step stays within the 15% target on the runs docs/benchmarks.md reports within it, so a
+/// change to the cost model or the profile that breaks its calibration fails here, without a
+/// GPU. (Three of them were the fit's own data, two were not.)
+#[test]
+fn the_h200_profile_predicts_stored_h200_runs_within_15_percent() {
+    let runs = [
+        "docs/device-runs/mixtral-ish-1gpu/runs-s6/20261123-160203-mixtral-topk-1gpu",
+        "docs/device-runs/mixtral-ish-1gpu/runs-s6/20261123-160103-mixtral-topk-1gpu-bf16",
+        "docs/device-runs/bench-sim-cuda-s6/runs/20261123-155238-bench-sim-mixtral-ish-cf125",
+        "docs/device-runs/bench-sim-cuda-s6/runs/20261123-155303-bench-sim-small-tokens-cf125",
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("p.json");
+    let mut args = vec!["predict", "--json", json.to_str().unwrap()];
+    args.extend(runs);
+    let (code, out, err) = moelab(&args, &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc.as_array().unwrap().len(), runs.len());
+    for r in doc.as_array().unwrap() {
+        assert_eq!(r["profile"], "h200", "{r}");
+        let e = r["comparison"]["step_error"].as_f64().unwrap();
+        assert!(e.is_finite() && e.abs() < 0.15, "{}: step error {e}", r["name"]);
+    }
+}
