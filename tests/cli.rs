@@ -1,17 +1,9 @@
 //! The `moelab` binary end to end, as a user runs it.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-fn moelab(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moelab"))
-        .args(args)
-        .envs(envs.iter().copied())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("binary runs");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
+use common::moelab;
+use std::path::Path;
 
 fn only_run_dir(root: &Path) -> std::path::PathBuf {
     let dirs: Vec<_> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().path()).collect();

@@ -2,6 +2,9 @@
 //! and the gathering on rank 0 over localhost with threads as fake ranks, and the
 //! WORLD_SIZE-vs-layout check through the CLI.
 
+mod common;
+
+use common::moelab;
 use moelab::backend::cuda::external::{detect, Launcher};
 use moelab::backend::cuda::launch::{gather, RankEvent, RankRecord, WorkerLine};
 use moelab::backend::cuda::rendezvous::{self, connect, listen, serve, FromRoot, Hello, Hub, RendezvousError, RootEvent, ToRoot, Welcome};
@@ -340,15 +343,6 @@ fn peers_learn_of_a_stop_and_of_rank_0_dying() {
     assert!(t.elapsed() < Duration::from_secs(3));
 }
 
-fn moelab(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moelab"))
-        .args(args)
-        .envs(envs.iter().copied())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("binary runs");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
 
 #[test]
 fn cli_refuses_a_world_size_other_than_the_layout_before_any_work() {

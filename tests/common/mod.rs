@@ -162,3 +162,15 @@ pub fn assemble_grad(rt: &CpuRuntime, group: &[usize], param: &str) -> Vec<f32> 
         }
     }
 }
+
+/// Runs the `moelab` binary in the repository root with `args` and extra environment
+/// variables; returns (exit code, stdout, stderr).
+pub fn moelab(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moelab"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("binary runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
