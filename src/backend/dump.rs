@@ -1,8 +1,9 @@
 //! Buffer dumps: a rank's buffers written at the end of a run for `moelab crosscheck
 //! --buffers`, as one file of little-endian 4-byte values (`buffers-rank<r>.bin`: f32 values,
 //! bf16 storage widened to f32, or i32 indices) and a JSON index of where each buffer lies in
-//! it (`buffers-rank<r>.json`). The cuda worker writes them when [`DUMP_BUFFERS_ENV`] is set;
-//! the cross-check reads them back.
+//! it (`buffers-rank<r>.json`). The cuda worker writes them when [`DUMP_BUFFERS_ENV`] is set
+//! in its environment (the launcher sets it for the workers it starts when
+//! `ExecOptions::dump_buffers` asks); the cross-check reads them back.
 
 use super::cpu::store::Data;
 use serde::{Deserialize, Serialize};

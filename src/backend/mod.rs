@@ -110,6 +110,12 @@ pub struct ExecOptions {
     /// Cross-checks of bf16 plans use the cuda run's choices, so that near-tied choices which
     /// rounding flips do not hide the comparison of everything else.
     pub replay_routes: Option<Arc<std::collections::HashMap<(u32, String), Vec<i32>>>>,
+    /// cuda: each worker dumps its final parameters and gradients into the run directory
+    /// (cross-checks; passed to the workers it starts, never through this process's
+    /// environment, so two jobs in one process do not share it).
+    pub dump_params: bool,
+    /// cuda: each worker keeps and dumps every transient buffer ([`dump`]; small plans only).
+    pub dump_buffers: bool,
 }
 
 impl Default for ExecOptions {
@@ -121,6 +127,8 @@ impl Default for ExecOptions {
             skip_optimizer: false,
             fail_at: None,
             replay_routes: None,
+            dump_params: false,
+            dump_buffers: false,
         }
     }
 }

@@ -6,8 +6,9 @@
 //! pass's cpu run replays the cuda run's routing choices (a near tie that the two backends'
 //! rounding decides differently would move a whole token between experts) and the number of
 //! such flips is reported beside the comparison. The cuda side
-//! runs through the real launcher (one worker process per GPU), which dumps the tensors
-//! into its run directory when `MOELAB_DUMP_PARAMS` is set. With
+//! runs through the real launcher (one worker process per GPU), whose workers dump the
+//! tensors into its run directory ([`ExecOptions::dump_params`], passed to the workers
+//! only, not set in this process's environment). With
 //! [`CrossCheckOptions::buffers`], the grad pass also compares every transient buffer
 //! ([`buffers`]).
 
@@ -109,11 +110,7 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path, opts: &CrossCheckOpti
     let world = spec.world();
     let bf16 = spec.model.dtype == DType::Bf16;
     // The grad pass is one step, so what both sides keep is that step's.
-    if opts.buffers {
-        std::env::set_var(dump::DUMP_BUFFERS_ENV, "1");
-    }
-    let (dir, cuda_steps) = cuda_run(&one, runs_root, true, &mut error);
-    std::env::remove_var(dump::DUMP_BUFFERS_ENV);
+    let (dir, cuda_steps) = cuda_run(&one, runs_root, true, opts.buffers, &mut error);
     // bf16: the cpu replays the cuda run's routing choices (near-tied top-k choices that the
     // two backends' different rounding flips would otherwise move whole tokens between
     // experts), and the flips are counted on their own.
@@ -148,7 +145,7 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path, opts: &CrossCheckOpti
     };
     drop(cpu_rt);
     let (_, _, cpu_full) = cpu_run(spec, false, None, false)?;
-    let (_, cuda_full) = cuda_run(spec, runs_root, false, &mut error);
+    let (_, cuda_full) = cuda_run(spec, runs_root, false, false, &mut error);
     // Drop counts over the training steps are compared for f32 plans; a bf16 run's own
     // choices may flip near ties (the grad pass replays them and counts the flips).
     compare_steps(&cpu_full, &cuda_full, "training", tol, !bf16, &mut items);
@@ -230,11 +227,11 @@ fn cpu_run(spec: &ExperimentSpec, skip_optimizer: bool, replay: Option<Routes>, 
     Ok((plan, rt, steps))
 }
 
-fn cuda_run(spec: &ExperimentSpec, runs_root: &Path, skip_optimizer: bool, error: &mut Option<String>) -> (Option<std::path::PathBuf>, Vec<StepReport>) {
+fn cuda_run(spec: &ExperimentSpec, runs_root: &Path, skip_optimizer: bool, dump_buffers: bool, error: &mut Option<String>) -> (Option<std::path::PathBuf>, Vec<StepReport>) {
     let mut cuda_spec = spec.clone();
     cuda_spec.run.backend = BackendKind::Cuda;
-    std::env::set_var("MOELAB_DUMP_PARAMS", "1");
-    let hooks = RunHooks { exec: ExecOptions { skip_optimizer, ..Default::default() }, ..Default::default() };
+    let exec = ExecOptions { skip_optimizer, dump_params: true, dump_buffers, ..Default::default() };
+    let hooks = RunHooks { exec, ..Default::default() };
     match run(&cuda_spec, runs_root, &hooks) {
         Ok(o) => (Some(o.dir), o.steps),
         Err(e) => {

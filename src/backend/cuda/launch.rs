@@ -401,6 +401,12 @@ pub fn run_job(plan: &Plan, dir: &Path, opts: &ExecOptions, on_step: &mut dyn Fn
         if opts.skip_optimizer {
             cmd.env("MOELAB_SKIP_OPTIMIZER", "1");
         }
+        if opts.dump_params {
+            cmd.env("MOELAB_DUMP_PARAMS", "1");
+        }
+        if opts.dump_buffers {
+            cmd.env(crate::backend::dump::DUMP_BUFFERS_ENV, "1");
+        }
         match cmd.spawn() {
             Ok(mut child) => {
                 notes.push(format!("rank {r}: worker pid {}", child.id()));
