@@ -73,7 +73,7 @@ pub fn aligned_rows(used: usize, rows: usize, align: usize) -> usize {
     }
     let octave = 1usize << (usize::BITS - 1 - used.leading_zeros());
     let step = align.max(octave / 8);
-    used.div_ceil(step).saturating_mul(step).min(rows).max(used.min(rows))
+    used.div_ceil(step).saturating_mul(step).min(rows)
 }
 
 /// What an op computes. Shapes are per rank; `T` tokens, `M` model width.
@@ -361,6 +361,33 @@ impl OpKind {
             ShardCounts { gathered, counts, .. } => (vec![*gathered], vec![*counts]),
             ShardCombine { recv, gathered, full, .. } => (vec![*recv, *gathered], vec![*full]),
             SwapAxes { src, dst, .. } | TakeBlock { src, dst, .. } => (vec![*src], vec![*dst]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod row_bucket_tests {
+    use super::aligned_rows;
+
+    #[test]
+    fn rows_round_up_to_eight_buckets_per_octave_and_stop_at_the_bound() {
+        assert_eq!(aligned_rows(0, 512, 128), 0);
+        assert_eq!(aligned_rows(1, 512, 128), 128);
+        assert_eq!(aligned_rows(128, 512, 128), 128);
+        assert_eq!(aligned_rows(129, 512, 128), 256);
+        assert_eq!(aligned_rows(450, 500, 128), 500);
+        assert_eq!(aligned_rows(600, 500, 128), 500);
+        assert_eq!(aligned_rows(37, 500, 1), 37);
+        // Above 1024 rows the step is an eighth of the octave: 4097 -> step 512 -> 4608.
+        assert_eq!(aligned_rows(4097, 100_000, 128), 4608);
+        assert_eq!(aligned_rows(1536, 100_000, 128), 1536);
+        assert_eq!(aligned_rows(1537, 100_000, 128), 1664);
+        // Monotonic, so a GEMM's rounded rows never exceed its block's rounded rows.
+        let mut last = 0;
+        for u in 0..20_000 {
+            let r = aligned_rows(u, 1 << 30, 128);
+            assert!(r >= last && r >= u && (r - u) * 8 <= u.max(1024), "{u} -> {r}");
+            last = r;
         }
     }
 }

@@ -1116,7 +1116,6 @@ const _: () = assert!(BLOCK == 256, "mse's shared reduction assumes 256 threads"
 #[cfg(test)]
 mod tests {
     use super::{prefix_fill, rows_in_use};
-    use crate::plan::ops::aligned_rows;
 
     #[test]
     fn rows_in_use_take_each_blocks_last_filled_row_over_every_buffer() {
@@ -1131,15 +1130,5 @@ mod tests {
         assert_eq!(rows_in_use(&[&x[..6]], 2, 4), None);
         assert_eq!(prefix_fill(&[2, 3], 4), vec![true, true, false, false, true, true, true, false]);
         assert_eq!(rows_in_use(&[&prefix_fill(&[2, 3], 4)], 2, 4), Some(vec![2, 3]));
-        assert_eq!(aligned_rows(0, 512, 128), 0);
-        assert_eq!(aligned_rows(1, 512, 128), 128);
-        assert_eq!(aligned_rows(128, 512, 128), 128);
-        assert_eq!(aligned_rows(129, 512, 128), 256);
-        assert_eq!(aligned_rows(450, 500, 128), 500);
-        assert_eq!(aligned_rows(37, 500, 1), 37);
-        // Above 1024 rows the step is an eighth of the octave: 4097 -> step 512 -> 4608.
-        assert_eq!(aligned_rows(4097, 100_000, 128), 4608);
-        assert_eq!(aligned_rows(1536, 100_000, 128), 1536);
-        assert_eq!(aligned_rows(1537, 100_000, 128), 1664);
     }
 }
