@@ -532,7 +532,7 @@ pub fn run_external(plan: &Plan, opts: &ExecOptions, ext: &ExternalRank, spec_ha
     let own_cancel = Arc::new(AtomicBool::new(false));
     let setup = RankSetup {
         rank: 0, world, device, nccl_id: id, epoch_ns,
-        opts: ExecOptions { cancel: own_cancel.clone(), ..opts.clone() }, dump_buffers: false,
+        opts: ExecOptions { cancel: own_cancel.clone(), dump_buffers: false, ..opts.clone() },
     };
     let own_plan = plan.clone();
     let txr = tx.clone();
@@ -640,7 +640,7 @@ pub fn run_peer(spec: &ExperimentSpec, ext: &ExternalRank, say: &mut dyn FnMut(&
     say(&format!("rank {rank} of {}: joined rank 0 at {}, GPU {device}; rank 0 writes the run directory", ext.world, ext.address()));
     let mut opts = ExecOptions { collective_timeout: Duration::from_secs(welcome.timeout_s), skip_optimizer: welcome.skip_optimizer, ..Default::default() };
     opts.fail_at = welcome.fail_at.clone();
-    let setup = RankSetup { rank, world: ext.world, device, nccl_id: welcome.nccl_id.clone(), epoch_ns: welcome.epoch_unix_ns, opts, dump_buffers: false };
+    let setup = RankSetup { rank, world: ext.world, device, nccl_id: welcome.nccl_id.clone(), epoch_ns: welcome.epoch_unix_ns, opts };
     let sender = client.sender();
     let (done_tx, done_rx) = mpsc::channel::<Option<String>>();
     spawn_rank_thread(move || {
@@ -765,12 +765,11 @@ pub struct RankSetup {
     pub nccl_id: Option<String>,
     /// The job's wall-clock time base, Unix nanoseconds (0: this rank's own start).
     pub epoch_ns: u64,
-    /// Collective timeout, fault injection, optimizer skipping, cancel flag.
+    /// Collective timeout, fault injection, optimizer skipping, cancel flag; with a dump
+    /// directory, `dump_buffers` keeps every non-persistent buffer past its last use and dumps
+    /// them all at the end ([`crate::backend::dump`]; small experiments only: every
+    /// activation stays in device memory).
     pub opts: ExecOptions,
-    /// With a dump directory: keep every non-persistent buffer past its last use and dump
-    /// them all at the end ([`crate::backend::dump`]; `MOELAB_DUMP_BUFFERS`, small
-    /// experiments only: every activation stays in device memory).
-    pub dump_buffers: bool,
 }
 
 /// Runs one rank of `plan` on its GPU: opens it, joins the communicators, runs every step,
@@ -778,7 +777,7 @@ pub struct RankSetup {
 /// caller's, after it has stored the record). Returns the exit code (0 or 1) and the rank's
 /// record once the GPU was set up, also after a failed step. With `dump`, the final
 /// parameters and gradients of a completed run go to `dump/params-rank<r>.json`, and with
-/// [`RankSetup::dump_buffers`] every non-persistent buffer to `dump/buffers-rank<r>.*`.
+/// `ExecOptions::dump_buffers` in [`RankSetup::opts`] every non-persistent buffer to `dump/buffers-rank<r>.*`.
 pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dump: Option<&Path>) -> (i32, Option<RankRecord>) {
     let rank = s.rank;
     let mut fail = |message: String, error: Option<WireError>| {
@@ -810,7 +809,7 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
         Vec::new()
     };
     // Per-buffer cross-checks: every non-persistent buffer is kept to the end of the run.
-    let transient: Vec<String> = if dump.is_some() && s.dump_buffers {
+    let transient: Vec<String> = if dump.is_some() && s.opts.dump_buffers {
         plan.ranks[rank].buffers.iter().filter(|b| !b.persistent).map(|b| b.name.clone()).collect()
     } else {
         Vec::new()
@@ -861,7 +860,7 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
             emit(WorkerLine::Error { rank: rank as u32, message: format!("rank {rank}: writing its routing: {e}"), error: None });
             code = 1;
         }
-        if s.dump_buffers {
+        if s.opts.dump_buffers {
             let held: Vec<_> = transient.iter().filter_map(|n| Some((n.clone(), gr.read_data(n)?))).collect();
             if let Err(e) = crate::backend::dump::write(dir, rank, &held) {
                 emit(WorkerLine::Error { rank: rank as u32, message: format!("rank {rank}: writing its buffers: {e}"), error: None });
@@ -910,8 +909,8 @@ pub fn worker_main(dir: &Path) -> i32 {
         }
     }
     let epoch_ns = std::env::var("MOELAB_EPOCH_UNIX_NS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let dump_buffers = std::env::var_os(crate::backend::dump::DUMP_BUFFERS_ENV).is_some();
-    let setup = RankSetup { rank, world, device, nccl_id: std::env::var("MOELAB_NCCL_ID").ok(), epoch_ns, opts, dump_buffers };
+    opts.dump_buffers = std::env::var_os(crate::backend::dump::DUMP_BUFFERS_ENV).is_some();
+    let setup = RankSetup { rank, world, device, nccl_id: std::env::var("MOELAB_NCCL_ID").ok(), epoch_ns, opts };
     let dump = std::env::var_os("MOELAB_DUMP_PARAMS").is_some().then_some(dir);
     let (code, rec) = run_rank(plan, &setup, &mut |l| emit(&l), dump);
     if let Some(rec) = rec {
