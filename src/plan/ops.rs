@@ -6,6 +6,10 @@ use super::{BufId, GroupId};
 use crate::spec::{Activation, Capacity};
 use serde::Serialize;
 
+/// Heads per call of the attention core's loop on the cuda executor (its score and `dP`
+/// scratch holds this many `seq x seq` matrices); the sim prices the loop at this batch.
+pub const ATTN_HEADS_PER_SLICE: usize = 4;
+
 /// Attention geometry on one rank.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct AttnDims {

@@ -113,7 +113,7 @@ __device__ void add_bias_rows_t(T* y, const float* bias, i64 rows, int cols, i64
     }
 }
 extern "C" __global__ void add_bias_rows(float* y, const float* bias, i64 rows, int cols, i64 group_rows) { add_bias_rows_t(y, bias, rows, cols, group_rows); }
-extern "C" __global__ void add_bias_rows_bf16(bf16_t* y, const float* bias, i64 rows, int cols, i64 group_rows) { add_bias_rows_t(y, bias, rows, cols, group_rows); }
+// add_bias_rows_bf16 (eight values per word) follows unpack8 / pack8 below.
 
 // Column sums per group, stage 1: part[g, q, c] = sum of rows [q chunk, (q + 1) chunk) of
 // x[g * rows + r, c], one thread per (g, q, c), rows in order (deterministic).
@@ -308,6 +308,25 @@ extern "C" __global__ void act_fwd_bf16(const bf16_t* h, bf16_t* a, i64 n, int k
         }
     } else {
         act_fwd_t(h, a, n, kind);
+    }
+}
+
+// Bias add on bf16 rows: eight values per 16-byte word when every row is a whole number of
+// words, one index division per word instead of two per value (the scalar form ran at a third
+// of the copy rate on H100).
+extern "C" __global__ void add_bias_rows_bf16(bf16_t* y, const float* bias, i64 rows, int cols, i64 group_rows) {
+    if (cols % 8 == 0 && aligned16(y)) {
+        const int words = cols / 8;
+        GRID_STRIDE(i, rows * words) {
+            const i64 r = i / words;
+            const float* b = bias + (r / group_rows) * cols + (i - r * words) * 8;
+            float v[8];
+            unpack8(((const uint4*)y)[i], v);
+            for (int q = 0; q < 8; q++) v[q] += b[q];
+            ((uint4*)y)[i] = pack8(v);
+        }
+    } else {
+        add_bias_rows_t(y, bias, rows, cols, group_rows);
     }
 }
 

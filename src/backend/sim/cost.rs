@@ -7,6 +7,7 @@
 //! other members arrive and on who else uses the links.
 
 use super::profile::{CollectiveKind, GemmDtype, GpuProfile, KernelClass};
+use crate::plan::ops::ATTN_HEADS_PER_SLICE;
 use crate::plan::{BufId, ElemType, GroupId, Op, OpKind, RankPlan};
 
 /// One coupled collective an op performs; an op may perform several in sequence (Tutel's
@@ -111,9 +112,6 @@ fn kernels(kind: &OpKind, gemm_count: usize) -> usize {
         // Mean/variance and normalisation; backward adds the parameter reductions.
         LayerNorm { .. } => 1,
         LayerNormBwd { .. } => 2,
-        // Scores, softmax, context (and their gradients).
-        AttnCore { .. } => 3,
-        AttnCoreBwd { .. } => 5,
         // Positions (a scan) and the scatter.
         Dispatch { .. } => 2,
         // One fused multi-tensor kernel.
@@ -245,6 +243,85 @@ fn gemm_dtype(op: &Op, plan: &RankPlan, dtype: GemmDtype) -> GemmDtype {
     }
 }
 
+/// One kernel of the attention core's loop body (see [`attention_loop`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum LoopKernel {
+    /// A strided-batched GEMM and the bytes it moves (its f32 score output is large).
+    Gemm(GemmShape, f64),
+    /// A row kernel of `class` moving this many bytes.
+    Pass(KernelClass, f64),
+}
+
+/// The attention core as the cuda executor runs it (`backend/cuda/exec/attention.rs`): a loop
+/// over sequences and slices of [`ATTN_HEADS_PER_SLICE`] heads (f32 forward: all heads at once)
+/// of GEMMs with f32 scores (or `dP`) between them and the softmax (backward) as a row kernel.
+/// Each kernel is priced on its own, the slower of math and memory, so the score traffic adds
+/// to the GEMM time instead of hiding under it. Returns (iterations, loop body).
+fn attention_loop(kind: &OpKind, plan: &RankPlan) -> Option<(usize, Vec<LoopKernel>)> {
+    let (dims, qkv, forward) = match kind {
+        OpKind::AttnCore { dims, qkv, .. } => (dims, *qkv, true),
+        OpKind::AttnCoreBwd { dims, qkv, .. } => (dims, *qkv, false),
+        _ => return None,
+    };
+    let q = plan.buffer(qkv);
+    let e = q.elem_bytes as f64;
+    let (l, h) = (dims.seq, dims.heads.max(1));
+    let dh = dims.d_model / h;
+    let slice = if forward && !q.is_bf16() { h } else { ATTN_HEADS_PER_SLICE.min(h) };
+    let iterations = dims.batch * h.div_ceil(slice);
+    // Score elements, and elements of one of q, k, v or ctx, per iteration.
+    let (s, t) = ((slice * l * l) as f64, (slice * l * dh) as f64);
+    let g = |m, n, k| GemmShape { m, n, k, batch: slice };
+    let scores = LoopKernel::Gemm(g(l, l, dh), 2.0 * t * e + 4.0 * s);
+    let by_probs = LoopKernel::Gemm(g(dh, l, l), e * s + 2.0 * t * e);
+    let body = if forward {
+        // Scores (f32), the softmax into probs (f32 in place, or bf16), the context.
+        vec![scores, LoopKernel::Pass(KernelClass::Softmax, (4.0 + e) * s), by_probs]
+    } else {
+        // dv, dP (f32), dS from probs and dP, then dq and dk from dS.
+        vec![by_probs, scores, LoopKernel::Pass(KernelClass::SoftmaxBwd, (2.0 * e + 4.0) * s), by_probs, by_probs]
+    };
+    Some((iterations, body))
+}
+
+/// Bytes of the bias pass the cuda executor runs after a GEMM with a bias (the output read
+/// and written once more, its rows scaled like the GEMM's), or 0 without one.
+fn bias_pass_bytes(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> f64 {
+    let y = match kind {
+        OpKind::Linear { bias: Some(_), y, .. } | OpKind::ExpertLinear { y, .. } | OpKind::ExpertLinearPart { bias: Some(_), y, .. } => *y,
+        _ => return 0.0,
+    };
+    let d = plan.buffer(y);
+    let scale = if d.dynamic { rows_scale } else { 1.0 };
+    2.0 * d.elems as f64 * d.elem_bytes as f64 * scale
+}
+
+/// Bytes and kernels of the storage casts the cuda executor runs around a bf16 plan's f32
+/// Linear (the router's, see [`gemm_dtype`]): a bf16 input is cast to an f32 scratch (2 bytes
+/// read, 4 written per element); a bf16 input gradient is produced in f32 and cast back, and
+/// cast in first when the product accumulates into it.
+fn f32_linear_casts(op: &Op, plan: &RankPlan, dtype: GemmDtype) -> (f64, usize) {
+    if dtype != GemmDtype::Bf16 || gemm_dtype(op, plan, dtype) != GemmDtype::F32 {
+        return (0.0, 0);
+    }
+    let cast = |b: BufId| Some(plan.buffer(b)).filter(|d| d.is_bf16()).map(|d| 6.0 * d.elems as f64);
+    let mut casts = Vec::new();
+    match &op.kind {
+        OpKind::Linear { x, .. } => casts.extend(cast(*x)),
+        OpKind::LinearBwd { x, dx, accumulate_dx, .. } => {
+            casts.extend(cast(*x));
+            if let Some(c) = dx.and_then(cast) {
+                casts.push(c);
+                if *accumulate_dx {
+                    casts.push(c);
+                }
+            }
+        }
+        _ => {}
+    }
+    (casts.iter().sum(), casts.len())
+}
+
 /// The cost of one op of `plan` on `gpu` with GEMMs in `dtype`.
 pub fn op_cost(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype) -> Cost {
     op_cost_at(op, plan, gpu, dtype, 1.0)
@@ -282,6 +359,21 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
         }
         return Cost::Collective(parts);
     }
+    if let Some((iterations, body)) = attention_loop(&op.kind, plan) {
+        let model = gpu.gemm(dtype);
+        let bf16 = dtype == GemmDtype::Bf16;
+        let per_iteration: f64 = body
+            .iter()
+            .map(|k| {
+                gpu.launch_s
+                    + match *k {
+                        LoopKernel::Gemm(s, bytes) => model.seconds(s.flops(), s.m, s.n, s.k, s.batch).max(bytes / gpu.mem_bandwidth),
+                        LoopKernel::Pass(class, bytes) => bytes / (gpu.mem_bandwidth * gpu.kernels.class(class).share(bf16)),
+                    }
+            })
+            .sum();
+        return Cost::Compute(iterations as f64 * per_iteration);
+    }
     let shapes = gemms_at(&op.kind, plan, rows_scale);
     let launch = kernels(&op.kind, shapes.len()) as f64 * gpu.launch_s;
     let memory = bytes as f64 / gpu.mem_bandwidth;
@@ -299,7 +391,11 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     let shape_flops: f64 = shapes.iter().map(GemmShape::flops).sum();
     let scale = if shape_flops > 0.0 { flops as f64 / shape_flops } else { 0.0 };
     let math: f64 = shapes.iter().map(|s| model.seconds(s.flops() * scale, s.m, s.n, s.k, s.batch)).sum();
-    Cost::Compute(launch + math.max(memory))
+    // Passes in their own kernels around the GEMMs: storage casts and the bias add.
+    let (cast_bytes, casts) = f32_linear_casts(op, plan, dtype);
+    let bias_bytes = bias_pass_bytes(&op.kind, plan, rows_scale);
+    let passes = (casts + usize::from(bias_bytes > 0.0)) as f64 * gpu.launch_s + (cast_bytes + bias_bytes) / gpu.mem_bandwidth;
+    Cost::Compute(launch + passes + math.max(memory))
 }
 
 #[cfg(test)]
@@ -345,7 +441,10 @@ mod tests {
         let bf16_product = cost(&rp, GemmDtype::Bf16);
         rp.buffers[2].elem_bytes = 4;
         let f32_product = cost(&rp, GemmDtype::Bf16);
-        assert_eq!(f32_product, cost(&rp, GemmDtype::F32));
+        // The same f32 GEMM as in an f32 plan, after casting its bf16 input to f32 (2 bytes
+        // read, 4 written per element of rank_with's 1 Mi-element buffer).
+        let cast = p.gpu.launch_s + 6.0 * (1 << 20) as f64 / p.gpu.mem_bandwidth;
+        assert!((f32_product - cost(&rp, GemmDtype::F32) - cast).abs() < 1e-12, "{f32_product}");
         assert!(f32_product > 2.0 * bf16_product, "{f32_product} vs {bf16_product}");
 
         let act = op(OpKind::Act { h: BufId(0), a: BufId(1), act: crate::spec::Activation::Gelu }, 1000, 1 << 30);
@@ -358,6 +457,69 @@ mod tests {
         let bf16_share = class.bf16_bandwidth_share.expect("the h200 profile fits a bf16 share for GELU");
         let ratio = at(GemmDtype::Bf16) / at(GemmDtype::F32);
         assert!((ratio - class.bandwidth_share / bf16_share).abs() < 1e-9, "{ratio}");
+    }
+
+    #[test]
+    fn the_attention_core_is_priced_as_its_loop_of_kernels_in_sequence() {
+        // bf16: 2 sequences x 8 heads in slices of 4 = 4 iterations of scores (f32 out), softmax
+        // (4 bytes read, 2 written per score) and context; each kernel the slower of its math
+        // and its bytes, their times added (the softmax never hides under a GEMM).
+        let p = profile::resolve("h200").expect("parses");
+        let (l, dh) = (2048usize, 128usize);
+        let dims = crate::plan::AttnDims { batch: 2, seq: l, heads: 8, d_model: 8 * dh };
+        let o = op(OpKind::AttnCore { qkv: BufId(0), probs: BufId(1), ctx: BufId(2), dims }, 1, 1);
+        let rp = rank_with(o.clone(), 3);
+        let Cost::Compute(s) = op_cost(&o, &rp, &p.gpu, GemmDtype::Bf16) else { panic!("compute") };
+        let (sc, t) = ((4 * l * l) as f64, (4 * l * dh) as f64);
+        let g = &p.gpu.bf16;
+        let bw = p.gpu.mem_bandwidth;
+        let scores = g.seconds(2.0 * sc * dh as f64, l, l, dh, 4).max((4.0 * t + 4.0 * sc) / bw);
+        let softmax = 6.0 * sc / (bw * p.gpu.kernels.class(KernelClass::Softmax).share(true));
+        let context = g.seconds(2.0 * sc * dh as f64, dh, l, l, 4).max((2.0 * sc + 4.0 * t) / bw);
+        let want = 4.0 * (3.0 * p.gpu.launch_s + scores + softmax + context);
+        assert!((s - want).abs() < 1e-12 * want.max(1.0), "{s} vs {want}");
+        // The shipped profile times those two GEMM shapes at their measured rates (batch 4).
+        for (m, n, k) in [(l, l, dh), (dh, l, l)] {
+            let pt = g.points.iter().find(|q| (q.m, q.n, q.k, q.batch) == (m, n, k, 4)).expect("measured");
+            let tflops = g.peak_flops * g.efficiency(m, n, k, 4) / 1e12;
+            assert!((tflops - pt.tflops).abs() < 1e-6 * pt.tflops, "{tflops} vs {}", pt.tflops);
+        }
+        // f32 runs the forward with every head of a sequence in one call: 2 iterations, and
+        // the backward's five kernels in slices of 4 heads: 4 iterations.
+        let (Some((fwd, _)), Some((bwd, body))) = (
+            attention_loop(&o.kind, &RankPlan { buffers: vec![BufferDesc { elem_bytes: 4, ..rp.buffers[0].clone() }; 3], ..rp.clone() }),
+            attention_loop(&OpKind::AttnCoreBwd { qkv: BufId(0), probs: BufId(1), dctx: BufId(2), dqkv: BufId(0), dims }, &rp),
+        ) else { panic!("attention") };
+        assert_eq!((fwd, bwd, body.len()), (2, 4, 5));
+    }
+
+    #[test]
+    fn casts_and_bias_passes_add_their_own_kernels() {
+        // A bf16 plan's f32 router Linear backward that accumulates into a bf16 dx: x cast in,
+        // dx cast in and back out, 6 bytes per element each, on top of the same op in f32.
+        let p = profile::resolve("h200").expect("parses");
+        let (rows, d_in, d_out) = (1usize << 14, 64usize, 8usize);
+        let kind = OpKind::LinearBwd { x: BufId(0), w: BufId(1), dy: BufId(2), dx: Some(BufId(3)), dw: BufId(1), dbias: None, accumulate_dx: true, rows, d_in, d_out };
+        let o = op(kind, 4 * (rows * d_in * d_out) as u64, 1);
+        let mut rp = rank_with(o.clone(), 4);
+        for b in [1, 2] {
+            rp.buffers[b].elem_bytes = 4;
+        }
+        let cost = |rp: &RankPlan| match op_cost(&o, rp, &p.gpu, GemmDtype::Bf16) {
+            Cost::Compute(s) => s,
+            _ => panic!("compute"),
+        };
+        let all_f32 = RankPlan { buffers: rp.buffers.iter().map(|b| BufferDesc { elem_bytes: 4, ..b.clone() }).collect(), ..rp.clone() };
+        let extra = cost(&rp) - cost(&all_f32);
+        let want = 3.0 * p.gpu.launch_s + 3.0 * 6.0 * (1 << 20) as f64 / p.gpu.mem_bandwidth;
+        assert!((extra - want).abs() < 1e-12, "{extra} vs {want}");
+        // A Linear's bias is a pass over its output after the GEMM: read and written once more.
+        let lin = |bias| OpKind::Linear { x: BufId(0), w: BufId(1), bias, residual: None, y: BufId(2), rows: 1024, d_in: 1024, d_out: 1024 };
+        let (with, without) = (op(lin(Some(BufId(3))), 1 << 31, 1), op(lin(None), 1 << 31, 1));
+        let rb = rank_with(with.clone(), 4);
+        let (Cost::Compute(a), Cost::Compute(b)) = (op_cost(&with, &rb, &p.gpu, GemmDtype::Bf16), op_cost(&without, &rb, &p.gpu, GemmDtype::Bf16)) else { panic!("compute") };
+        let want = p.gpu.launch_s + 2.0 * 2.0 * (1 << 20) as f64 / p.gpu.mem_bandwidth;
+        assert!((a - b - want).abs() < 1e-12, "{} vs {want}", a - b);
     }
 
     #[test]

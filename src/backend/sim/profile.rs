@@ -162,6 +162,10 @@ pub struct GemmPoint {
     pub n: usize,
     /// Reduction length.
     pub k: usize,
+    /// Products per call (a strided-batched GEMM, e.g. a slice of attention heads); 1 when
+    /// absent.
+    #[serde(default = "one")]
+    pub batch: usize,
     /// Measured TFLOP/s.
     pub tflops: f64,
     /// Where the number comes from (device, tool, date).
@@ -184,11 +188,11 @@ impl GemmModel {
         let curve = self.eff_max * self.shape_term(m, n, k, batch);
         let dist = |p: &GemmPoint| {
             let l = |a: usize, b: usize| ((a as f64) / (b as f64)).ln().powi(2);
-            l(m, p.m) + l(n, p.n) + l(k, p.k)
+            l(m, p.m) + l(n, p.n) + l(k, p.k) + l(batch, p.batch)
         };
         let nearest = self.points.iter().map(|p| (dist(p), p)).min_by(|a, b| a.0.total_cmp(&b.0));
         let correction = nearest.map_or(1.0, |(d, p)| {
-            let fitted = self.eff_max * self.shape_term(p.m, p.n, p.k, 1);
+            let fitted = self.eff_max * self.shape_term(p.m, p.n, p.k, p.batch);
             let full = if fitted > 0.0 { p.tflops * 1e12 / self.peak_flops / fitted } else { 1.0 };
             full.powf((-d / CORRECTION_REACH).exp())
         });
@@ -294,16 +298,21 @@ pub enum KernelClass {
     Optimizer,
     /// Drawing the batch on the device (a random-number kernel).
     Data,
+    /// The attention core's causal softmax over the score matrix (a row kernel between its
+    /// GEMMs).
+    Softmax,
+    /// The attention core's softmax backward.
+    SoftmaxBwd,
     /// Any other elementwise op.
     Elementwise,
 }
 
 impl KernelClass {
     /// Every class, in profile order.
-    pub const ALL: [KernelClass; 12] = [
+    pub const ALL: [KernelClass; 14] = [
         KernelClass::Layernorm, KernelClass::LayernormBwd, KernelClass::Act, KernelClass::ActBwd, KernelClass::Layout,
         KernelClass::Combine, KernelClass::CombineBwd, KernelClass::Route, KernelClass::Loss, KernelClass::Optimizer,
-        KernelClass::Data, KernelClass::Elementwise,
+        KernelClass::Data, KernelClass::Softmax, KernelClass::SoftmaxBwd, KernelClass::Elementwise,
     ];
     /// The spelling used in profile files (`[kernels.<name>]`).
     pub fn as_str(self) -> &'static str {
@@ -319,6 +328,8 @@ impl KernelClass {
             KernelClass::Loss => "loss",
             KernelClass::Optimizer => "optimizer",
             KernelClass::Data => "data",
+            KernelClass::Softmax => "softmax",
+            KernelClass::SoftmaxBwd => "softmax_bwd",
             KernelClass::Elementwise => "elementwise",
         }
     }
@@ -375,14 +386,14 @@ pub struct KernelProfile {
     /// Host <-> device copy rate of the (pageable) routing tables, bytes/s.
     pub host_bandwidth: f64,
     /// Per class, in [`KernelClass::ALL`] order.
-    pub classes: [KernelClassParams; 12],
+    pub classes: [KernelClassParams; 14],
     /// Where the numbers come from (`kernels.source`: fitted from which runs, or measured).
     pub source: Option<String>,
 }
 
 impl Default for KernelProfile {
     fn default() -> Self {
-        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, classes: [KernelClassParams::default(); 12], source: None }
+        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, classes: [KernelClassParams::default(); 14], source: None }
     }
 }
 
@@ -564,13 +575,17 @@ struct KernelsToml {
     #[serde(default)]
     data: Option<KernelClassParams>,
     #[serde(default)]
+    softmax: Option<KernelClassParams>,
+    #[serde(default)]
+    softmax_bwd: Option<KernelClassParams>,
+    #[serde(default)]
     elementwise: Option<KernelClassParams>,
 }
 
 impl KernelsToml {
-    fn classes(&self) -> [Option<KernelClassParams>; 12] {
+    fn classes(&self) -> [Option<KernelClassParams>; 14] {
         [self.layernorm, self.layernorm_bwd, self.act, self.act_bwd, self.layout, self.combine, self.combine_bwd,
-            self.route, self.loss, self.optimizer, self.data, self.elementwise]
+            self.route, self.loss, self.optimizer, self.data, self.softmax, self.softmax_bwd, self.elementwise]
     }
 }
 
@@ -731,6 +746,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
             count(&format!("{f}.m"), p.m)?;
             count(&format!("{f}.n"), p.n)?;
             count(&format!("{f}.k"), p.k)?;
+            count(&format!("{f}.batch"), p.batch)?;
             let t = positive(&format!("{f}.tflops"), p.tflops)?;
             if t * 1e12 > peak {
                 return Err(invalid(&format!("{f}.tflops"), format!("{t} exceeds peak_tflops {}", d.peak_tflops),
@@ -779,7 +795,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                     Some(v) => positive("kernels.host_gbps", v)? * 1e9,
                     None => f64::INFINITY,
                 };
-                let mut classes = [KernelClassParams::default(); 12];
+                let mut classes = [KernelClassParams::default(); 14];
                 for ((slot, given), class) in classes.iter_mut().zip(k.classes()).zip(KernelClass::ALL) {
                     if let Some(c) = given {
                         let f = format!("kernels.{}", class.as_str());
@@ -855,7 +871,7 @@ fn fit(base: GemmModel, k_half: Option<f64>) -> Result<GemmModel, String> {
     let fit_points: Vec<&GemmPoint> = if regular.is_empty() { base.points.iter().collect() } else { regular };
     let fit_eff = |k_half: f64| -> (f64, f64) {
         let m = GemmModel { eff_max: 1.0, k_half, ..base.clone() };
-        let logs: Vec<f64> = fit_points.iter().map(|p| (p.tflops * 1e12 / (m.peak_flops * m.shape_term(p.m, p.n, p.k, 1))).ln()).collect();
+        let logs: Vec<f64> = fit_points.iter().map(|p| (p.tflops * 1e12 / (m.peak_flops * m.shape_term(p.m, p.n, p.k, p.batch))).ln()).collect();
         let mean = logs.iter().sum::<f64>() / logs.len() as f64;
         let err = logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>();
         (mean.exp(), err)
@@ -932,7 +948,7 @@ mod tests {
         for (name, _) in BUILTIN {
             let p = resolve(name).expect("built-in profile parses");
             for pt in &p.gpu.bf16.points {
-                let pred = p.gpu.bf16.predicted_tflops(pt.m, pt.n, pt.k);
+                let pred = p.gpu.bf16.peak_flops * p.gpu.bf16.efficiency(pt.m, pt.n, pt.k, pt.batch) / 1e12;
                 assert!((pred - pt.tflops).abs() / pt.tflops < 1e-9, "{name}: {pred} vs {}", pt.tflops);
             }
         }
@@ -955,7 +971,7 @@ mod tests {
         let truth = GemmModel { peak_flops: peak, eff_max: 0.8, k_half: 256.0, tile_m: 128, tile_n: 128, sms: 132, points: vec![] };
         let pts: Vec<GemmPoint> = [512usize, 8192]
             .iter()
-            .map(|&k| GemmPoint { m: 8192, n: 8192, k, tflops: truth.predicted_tflops(8192, 8192, k), source: "synthetic".into() })
+            .map(|&k| GemmPoint { m: 8192, n: 8192, k, batch: 1, tflops: truth.predicted_tflops(8192, 8192, k), source: "synthetic".into() })
             .collect();
         let fitted = fit(GemmModel { points: pts, eff_max: 1.0, k_half: 0.0, ..truth.clone() }, None).expect("fits");
         assert!((fitted.k_half - 256.0).abs() < 1e-6, "k_half {}", fitted.k_half);

@@ -22,7 +22,8 @@ use moelab_kernels::error::GpuError;
 
 /// Heads per scratch slice: bounds the `dP` (and, in bf16 plans, score) scratch to
 /// `HEADS_PER_SLICE * seq^2` floats (64 MiB at seq 2048), small beside the plan's own buffers.
-const HEADS_PER_SLICE: usize = 4;
+/// Shared with the sim, which prices the loop at this batch.
+const HEADS_PER_SLICE: usize = crate::plan::ops::ATTN_HEADS_PER_SLICE;
 
 /// One column-major strided-batched SGEMM: `C_i = alpha op(A_i) op(B_i) + beta C_i`.
 struct Sgemm {
