@@ -78,15 +78,27 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> Vec<GemmShap
         let rows = elems(x) / (n_local * d_in).max(1);
         if rows_scale == 1.0 || rows == 0 { rows } else { ((rows as f64 * rows_scale).round() as usize).max(1) }
     };
+    // Dropless expert blocks run one GEMM per expert at its row bucket (`exec::gemm_rows`);
+    // their math is priced as the batch (cuBLAS picks tiles that fill the GPU per call, which
+    // one fixed tile's wave count would misjudge), their launches per expert (`gemm_calls`).
+    let experts = |x: BufId, n_local: usize, d_in: usize, shapes: &dyn Fn(usize, usize) -> Vec<GemmShape>| {
+        let rows = rows_of(x, n_local, d_in);
+        if per_expert_gemms(x, plan, rows_scale) {
+            let block = elems(x) / (n_local * d_in).max(1);
+            shapes(crate::plan::ops::aligned_rows(rows, block, crate::plan::ops::DROPLESS_ROW_ALIGN), n_local)
+        } else {
+            shapes(rows, n_local)
+        }
+    };
     match kind {
         Linear { rows, d_in, d_out, .. } => fwd(*rows, *d_in, *d_out, 1),
         LinearBwd { rows, d_in, d_out, dx, .. } => bwd(*rows, *d_in, *d_out, 1, dx.is_some()),
         ExpertLinear { x, n_local, d_in, d_out, .. } | ExpertLinearPart { x, n_local, d_in, d_out, .. } => {
-            fwd(rows_of(*x, *n_local, *d_in), *d_in, *d_out, *n_local)
+            experts(*x, *n_local, *d_in, &|rows, batch| fwd(rows, *d_in, *d_out, batch))
         }
         ExpertLinearBwd { x, n_local, d_in, d_out, .. }
         | ExpertLinearBwdAcc { x, n_local, d_in, d_out, .. }
-        | ExpertLinearPartBwd { x, n_local, d_in, d_out, .. } => bwd(rows_of(*x, *n_local, *d_in), *d_in, *d_out, *n_local, true),
+        | ExpertLinearPartBwd { x, n_local, d_in, d_out, .. } => experts(*x, *n_local, *d_in, &|rows, batch| bwd(rows, *d_in, *d_out, batch, true)),
         AttnCore { dims, .. } => {
             let dh = dims.d_model / dims.heads.max(1);
             let bh = dims.batch * dims.heads;
@@ -101,6 +113,30 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> Vec<GemmShap
         }
         _ => Vec::new(),
     }
+}
+
+/// Calls per GEMM shape of an op: its experts for a dropless expert op (one GEMM per expert),
+/// else 1.
+fn gemm_calls(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> usize {
+    use OpKind::*;
+    match kind {
+        ExpertLinear { x, n_local, .. }
+        | ExpertLinearPart { x, n_local, .. }
+        | ExpertLinearBwd { x, n_local, .. }
+        | ExpertLinearBwdAcc { x, n_local, .. }
+        | ExpertLinearPartBwd { x, n_local, .. }
+            if per_expert_gemms(*x, plan, rows_scale) =>
+        {
+            *n_local
+        }
+        _ => 1,
+    }
+}
+
+/// Whether a dropless expert op runs one GEMM per expert (its input block `x` is routing-sized
+/// and priced below its bound) rather than one batched GEMM over all experts.
+fn per_expert_gemms(x: BufId, plan: &RankPlan, rows_scale: f64) -> bool {
+    rows_scale < 1.0 && plan.buffer(x).dynamic
 }
 
 /// Kernels an op launches (each pays the launch overhead once).
@@ -284,16 +320,19 @@ fn attention_loop(kind: &OpKind, plan: &RankPlan) -> Option<(usize, Vec<LoopKern
     Some((iterations, body))
 }
 
-/// Bytes of the bias pass the cuda executor runs after a GEMM with a bias (the output read
-/// and written once more, its rows scaled like the GEMM's), or 0 without one.
-fn bias_pass_bytes(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> f64 {
-    let y = match kind {
-        OpKind::Linear { bias: Some(_), y, .. } | OpKind::ExpertLinear { y, .. } | OpKind::ExpertLinearPart { bias: Some(_), y, .. } => *y,
-        _ => return 0.0,
+/// Bytes and launches of the bias pass the cuda executor runs after a GEMM with a bias (the
+/// output read and written once more, its rows scaled like the GEMM's), or nothing without one.
+fn bias_pass(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> (f64, usize) {
+    let (x, y, n_local) = match kind {
+        OpKind::Linear { bias: Some(_), x, y, .. } => (*x, *y, 1),
+        OpKind::ExpertLinear { x, y, n_local, .. } | OpKind::ExpertLinearPart { bias: Some(_), x, y, n_local, .. } => (*x, *y, *n_local),
+        _ => return (0.0, 0),
     };
     let d = plan.buffer(y);
     let scale = if d.dynamic { rows_scale } else { 1.0 };
-    2.0 * d.elems as f64 * d.elem_bytes as f64 * scale
+    // One launch per expert where the GEMMs run per expert.
+    let launches = if per_expert_gemms(x, plan, rows_scale) { n_local } else { 1 };
+    (2.0 * d.elems as f64 * d.elem_bytes as f64 * scale, launches)
 }
 
 /// Bytes and kernels of the storage casts the cuda executor runs around a bf16 plan's f32
@@ -375,7 +414,7 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
         return Cost::Compute(iterations as f64 * per_iteration);
     }
     let shapes = gemms_at(&op.kind, plan, rows_scale);
-    let launch = kernels(&op.kind, shapes.len()) as f64 * gpu.launch_s;
+    let launch = kernels(&op.kind, shapes.len() * gemm_calls(&op.kind, plan, rows_scale)) as f64 * gpu.launch_s;
     let memory = bytes as f64 / gpu.mem_bandwidth;
     if shapes.is_empty() {
         let class = gpu.kernels.class(kernel_class(&op.kind));
@@ -393,8 +432,8 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     let math: f64 = shapes.iter().map(|s| model.seconds(s.flops() * scale, s.m, s.n, s.k, s.batch)).sum();
     // Passes in their own kernels around the GEMMs: storage casts and the bias add.
     let (cast_bytes, casts) = f32_linear_casts(op, plan, dtype);
-    let bias_bytes = bias_pass_bytes(&op.kind, plan, rows_scale);
-    let passes = (casts + usize::from(bias_bytes > 0.0)) as f64 * gpu.launch_s + (cast_bytes + bias_bytes) / gpu.mem_bandwidth;
+    let (bias_bytes, bias_launches) = bias_pass(&op.kind, plan, rows_scale);
+    let passes = (casts + bias_launches) as f64 * gpu.launch_s + (cast_bytes + bias_bytes) / gpu.mem_bandwidth;
     Cost::Compute(launch + passes + math.max(memory))
 }
 
@@ -520,6 +559,24 @@ mod tests {
         let (Cost::Compute(a), Cost::Compute(b)) = (op_cost(&with, &rb, &p.gpu, GemmDtype::Bf16), op_cost(&without, &rb, &p.gpu, GemmDtype::Bf16)) else { panic!("compute") };
         let want = p.gpu.launch_s + 2.0 * 2.0 * (1 << 20) as f64 / p.gpu.mem_bandwidth;
         assert!((a - b - want).abs() < 1e-12, "{} vs {want}", a - b);
+    }
+
+    #[test]
+    fn dropless_expert_gemms_launch_once_per_expert_at_their_row_bucket() {
+        // 4 experts, a routing-sized block of 1,000 rows each at a quarter load: the executor
+        // runs 4 GEMMs of aligned_rows(250) = 256 rows (4 launches, and 4 bias launches), not
+        // one batched GEMM of 250 rows per expert; at full load (a capacity plan) it is one call.
+        let (n_local, d_in, d_out) = (4usize, 64usize, 32usize);
+        let kind = OpKind::ExpertLinear { x: BufId(0), w: BufId(1), bias: BufId(2), y: BufId(3), n_local, d_in, d_out };
+        let o = op(kind.clone(), 1, 1);
+        let mut rp = rank_with(o, 4);
+        rp.buffers[0] = BufferDesc { elems: n_local * 1000 * d_in, dynamic: true, ..rp.buffers[0].clone() };
+        assert_eq!(gemms_at(&kind, &rp, 0.25), vec![GemmShape { m: 256, n: d_out, k: d_in, batch: n_local }]);
+        assert_eq!((gemm_calls(&kind, &rp, 0.25), bias_pass(&kind, &rp, 0.25).1), (n_local, n_local));
+        assert_eq!(gemms_at(&kind, &rp, 1.0), vec![GemmShape { m: 1000, n: d_out, k: d_in, batch: n_local }]);
+        assert_eq!((gemm_calls(&kind, &rp, 1.0), bias_pass(&kind, &rp, 1.0).1), (1, 1));
+        let bwd = OpKind::ExpertLinearBwd { x: BufId(0), w: BufId(1), dy: BufId(3), dx: BufId(0), dw: BufId(1), dbias: BufId(2), n_local, d_in, d_out };
+        assert_eq!((gemms_at(&bwd, &rp, 0.25).len(), gemm_calls(&bwd, &rp, 0.25)), (2, n_local));
     }
 
     #[test]
