@@ -386,15 +386,21 @@ fn cmd_calibrate(base: Option<&str>, name: Option<&str>, out: Option<&Path>, rep
         None => std::fs::read_to_string(&base).with_context(|| format!("reading --base {base}"))?,
     };
     let name = name.map(str::to_string).unwrap_or_else(|| format!("{}-measured", base.trim_end_matches(".toml").trim_end_matches("-datasheet")));
-    let (text, fits) = calibration::render(&base_text, &base, &name, &cal)?;
-    for f in &fits {
-        println!("fit {}: latency {:.1} us, bandwidth share {:.3} (worst rel err {:.1}%)", f.kind.as_str(), f.latency_us, f.efficiency, 100.0 * f.worst_rel_err);
-    }
     let out = out.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(format!("profiles/{name}.toml")));
-    // The raw measurements first: a profile path that cannot be written loses nothing.
+    let rendered = calibration::render(&base_text, &base, &name, &cal);
+    // The raw measurements first, whatever the fit makes of them: a profile that does not fit
+    // or cannot be written loses nothing measured (`--from` refits the file).
     if let Some(p) = json {
+        let fits = rendered.as_ref().map(|(_, f)| f.clone()).unwrap_or_default();
         let doc = serde_json::json!({ "calibration": cal, "fits": fits, "profile": out });
         write_output(p, serde_json::to_string_pretty(&doc)?)?;
+    }
+    let (text, fits) = rendered.with_context(|| match json {
+        Some(p) => format!("the raw measurements are in {} (refit them with --from)", p.display()),
+        None => "pass --json to keep the raw measurements".to_string(),
+    })?;
+    for f in &fits {
+        println!("fit {}: latency {:.1} us, bandwidth share {:.3} (worst rel err {:.1}%)", f.kind.as_str(), f.latency_us, f.efficiency, 100.0 * f.worst_rel_err);
     }
     write_output(&out, &text)?;
     println!("wrote {} ({} GEMM points, {} collective fits)", out.display(), cal.gemms.len(), fits.len());

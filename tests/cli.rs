@@ -233,6 +233,25 @@ fn calibrate_from_writes_into_missing_folders() {
     assert!(json.is_file(), "json written");
 }
 
+/// Measurements the profile fit refuses (here a GEMM above the GPU's peak) still reach the
+/// `--json` file, and the error says where they are: nothing measured is lost to a bad fit.
+#[test]
+fn calibrate_keeps_the_raw_measurements_when_the_fit_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let from = "docs/device-runs/calibration/calibration-h200-20261123-1511.json";
+    let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(from).unwrap()).unwrap();
+    doc["calibration"]["gemms"][0]["tflops"] = serde_json::json!(5000.0);
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, doc.to_string()).unwrap();
+    let (out, json) = (tmp.path().join("p.toml"), tmp.path().join("raw.json"));
+    let (code, stdout, err) = moelab(&["calibrate", "--from", bad.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json", json.to_str().unwrap()], &[]);
+    assert_ne!(code, 0, "stdout:\n{stdout}");
+    assert!(err.contains("exceeds peak_tflops") && err.contains("raw.json") && err.contains("--from"), "{err}");
+    assert!(!out.exists(), "no profile from a refused fit");
+    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("raw measurements written")).unwrap();
+    assert_eq!(raw["calibration"]["gemms"][0]["tflops"], 5000.0);
+}
+
 /// The shipped H200 profile against stored H200 measurements (`docs/device-runs`): the sim's
 /// step stays within the 15% target on the runs docs/benchmarks.md reports within it, so a
 /// change to the cost model or the profile that breaks its calibration fails here, without a

@@ -25,7 +25,7 @@ use std::sync::Arc;
 /// GEMM shapes `(m, n, k)` of the sweep: squares for the curve, then the shapes MoE blocks
 /// run (mixtral-ish and fine-grained expert GEMMs forward and backward, attention heads,
 /// dense projections).
-pub const GEMM_SHAPES: [(usize, usize, usize); 19] = [
+pub const GEMM_SHAPES: [(usize, usize, usize); 26] = [
     (1024, 1024, 1024),
     (2048, 2048, 2048),
     (4096, 4096, 4096),
@@ -47,6 +47,16 @@ pub const GEMM_SHAPES: [(usize, usize, usize); 19] = [
     (16384, 8, 4096),
     (16384, 4096, 8),
     (4096, 8, 16384),
+    // The fine-grained router's (16,384 tokens x 2,048 -> 64 experts), the same three.
+    (16384, 64, 2048),
+    (16384, 2048, 64),
+    (2048, 64, 16384),
+    // Small per-expert blocks (small-tokens: 512 rows of d 4096, f 14336): forward and input
+    // gradient, and the weight gradients, whose reduction is the 512 rows.
+    (512, 14336, 4096),
+    (512, 4096, 14336),
+    (4096, 14336, 512),
+    (14336, 4096, 512),
 ];
 
 /// Payload sizes per member of the collective sweep, bytes.

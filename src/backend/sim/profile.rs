@@ -148,9 +148,10 @@ pub struct GemmModel {
 /// closer; the fade keeps shapes far from every measurement on the fitted curve.)
 pub const CORRECTION_REACH: f64 = 16.0;
 
-/// Smallest side (m, n or k) of a measured GEMM that the curve fit uses; thinner shapes
-/// (the router's 8-column GEMMs) only correct their own neighbourhood.
-pub const FIT_MIN_SIDE: usize = 64;
+/// Smallest side (m, n or k) of a measured GEMM that the curve fit uses (one tile); thinner
+/// shapes (the routers' 8- and 64-column GEMMs, which f32 kernels run with narrower tiles than
+/// the curve's) only correct their own neighbourhood.
+pub const FIT_MIN_SIDE: usize = 128;
 
 /// One measured GEMM throughput.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
