@@ -53,8 +53,9 @@ impl GemmShape {
     }
 }
 
-/// The GEMMs an op runs (empty for elementwise ops and collectives). Row counts of expert
-/// GEMMs come from the planned buffer sizes (capacity, or its upper bound when dropless).
+/// The GEMMs an op runs (empty for elementwise ops and collectives; for the attention core,
+/// one iteration of its loop). Row counts of expert GEMMs come from the planned buffer sizes
+/// (capacity, or its upper bound when dropless).
 pub fn gemms(kind: &OpKind, plan: &RankPlan) -> Vec<GemmShape> {
     gemms_at(kind, plan, 1.0)
 }
@@ -99,18 +100,10 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> Vec<GemmShap
         ExpertLinearBwd { x, n_local, d_in, d_out, .. }
         | ExpertLinearBwdAcc { x, n_local, d_in, d_out, .. }
         | ExpertLinearPartBwd { x, n_local, d_in, d_out, .. } => experts(*x, *n_local, *d_in, &|rows, batch| bwd(rows, *d_in, *d_out, batch, true)),
-        AttnCore { dims, .. } => {
-            let dh = dims.d_model / dims.heads.max(1);
-            let bh = dims.batch * dims.heads;
-            // Scores q k^T, then context p v.
-            vec![g(dims.seq, dims.seq, dh, bh), g(dims.seq, dh, dims.seq, bh)]
-        }
-        AttnCoreBwd { dims, .. } => {
-            let dh = dims.d_model / dims.heads.max(1);
-            let bh = dims.batch * dims.heads;
-            // dv = p^T dctx, dp = dctx v^T, dq = ds k, dk = ds^T q.
-            vec![g(dims.seq, dh, dims.seq, bh), g(dims.seq, dims.seq, dh, bh), g(dims.seq, dh, dims.seq, bh), g(dims.seq, dh, dims.seq, bh)]
-        }
+        // One iteration of the attention core's loop (see `attention_loop`, which prices it).
+        AttnCore { .. } | AttnCoreBwd { .. } => attention_loop(kind, plan)
+            .map(|(_, body)| body.iter().filter_map(|k| if let LoopKernel::Gemm(s, _) = k { Some(*s) } else { None }).collect())
+            .unwrap_or_default(),
         _ => Vec::new(),
     }
 }
