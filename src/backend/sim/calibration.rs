@@ -253,7 +253,7 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
         let gemm = table(gpu, &["gemm"], base_name)?;
         gemm.remove("k_half");
         for (key, dtype) in [("bf16", GemmDtype::Bf16), ("f32", GemmDtype::F32)] {
-            let pts: Vec<Value> = cal
+            let mut pts: Vec<Value> = cal
                 .gemms
                 .iter()
                 .filter(|g| g.dtype == dtype)
@@ -271,6 +271,14 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
             if pts.is_empty() {
                 continue;
             }
+            // The base's points at shapes the sweep does not time (the attention loop's batched
+            // GEMMs, timed with ncu) stay, with their sources, beside the measured ones.
+            let swept = |p: &Value| {
+                let f = |k: &str| p.get(k).and_then(Value::as_integer);
+                f("batch").unwrap_or(1) == 1
+                    && cal.gemms.iter().any(|g| g.dtype == dtype && (Some(g.m as i64), Some(g.n as i64), Some(g.k as i64)) == (f("m"), f("n"), f("k")))
+            };
+            pts.extend(d.get("points").and_then(Value::as_array).into_iter().flatten().filter(|p| !swept(p)).cloned());
             d.remove("efficiency");
             d.insert("points".into(), Value::Array(pts));
         }
@@ -314,8 +322,9 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
     let mut text = format!(
         "# {name}: measured by `moelab calibrate` on {} ({} GPU{}), {}.\n\
          # Measured: gpu.launch_us (back-to-back kernel gap), gpu.hbm_efficiency (device copy\n\
-         # bandwidth over the datasheet peak), every gpu.gemm.*.points entry (cuBLAS, median of\n\
-         # repetitions){}{}.\n\
+         # bandwidth over the datasheet peak), every gpu.gemm.*.points entry whose source names\n\
+         # this run (cuBLAS, median of repetitions; the base's points at shapes the sweep does not\n\
+         # time are kept with their sources){}{}.\n\
          # Kept from the base profile `{base_name}` (datasheet values and stated assumptions): the\n\
          # peaks, memory, SMs, vector FLOP/s, GEMM tile sizes, [kernels] terms not measured, topology{}.\n\n",
         cal.device,
@@ -391,6 +400,23 @@ mod tests {
             assert!((pred - g.tflops).abs() / g.tflops < 0.15, "{g:?}: predicted {pred}");
         }
         assert!(text.starts_with("# h200-test: measured by `moelab calibrate` on Test GPU (2 GPUs)"));
+    }
+
+    #[test]
+    fn points_the_sweep_does_not_time_are_kept_from_the_base() {
+        // The shipped h200 profile carries batched attention points (batch = 4, from ncu) and
+        // points at swept shapes; recalibrating on it replaces the latter and keeps the former.
+        let base = profile::builtin_text("h200").expect("built in");
+        let (text, _) = render(base, "h200", "h200-again", &measured()).expect("renders");
+        let p = profile::parse(&text, "t").expect("parses");
+        let batched: Vec<_> = p.gpu.bf16.points.iter().filter(|q| q.batch == 4).collect();
+        assert_eq!(batched.len(), 2, "{text}");
+        assert!(batched.iter().all(|q| q.source.contains("ncu")));
+        for g in measured().gemms {
+            let at: Vec<_> = p.gpu.gemm(g.dtype).points.iter().filter(|q| (q.m, q.n, q.k, q.batch) == (g.m, g.n, g.k, 1)).collect();
+            assert_eq!(at.len(), 1, "{g:?}");
+            assert!(at[0].source.starts_with("moelab calibrate on Test GPU") && (at[0].tflops - g.tflops).abs() < 0.01, "{g:?}");
+        }
     }
 
     #[test]
