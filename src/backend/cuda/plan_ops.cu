@@ -105,7 +105,7 @@ __device__ void add_bias_rows_t(T* y, const float* bias, i64 rows, int cols, i64
     }
 }
 extern "C" __global__ void add_bias_rows(float* y, const float* bias, i64 rows, int cols, i64 group_rows) { add_bias_rows_t(y, bias, rows, cols, group_rows); }
-// add_bias_rows_bf16 (eight values per word) follows unpack8 / pack8 below.
+// add_bias_rows_bf16 (eight values per word) is with the other bf16 row kernels at the end.
 
 // Column sums per group, stage 1: part[g, q, c] = sum of rows [q chunk, (q + 1) chunk) of
 // x[g * rows + r, c], one thread per (g, q, c), rows in order (deterministic).
@@ -300,25 +300,6 @@ extern "C" __global__ void act_fwd_bf16(const bf16_t* h, bf16_t* a, i64 n, int k
         }
     } else {
         act_fwd_t(h, a, n, kind);
-    }
-}
-
-// Bias add on bf16 rows: eight values per 16-byte word when every row is a whole number of
-// words, one index division per word instead of two per value (the scalar form ran at a third
-// of the copy rate on H100).
-extern "C" __global__ void add_bias_rows_bf16(bf16_t* y, const float* bias, i64 rows, int cols, i64 group_rows) {
-    if (cols % 8 == 0 && aligned16(y)) {
-        const int words = cols / 8;
-        GRID_STRIDE(i, rows * words) {
-            const i64 r = i / words;
-            const float* b = bias + (r / group_rows) * cols + (i - r * words) * 8;
-            float v[8];
-            unpack8(((const uint4*)y)[i], v);
-            for (int q = 0; q < 8; q++) v[q] += b[q];
-            ((uint4*)y)[i] = pack8(v);
-        }
-    } else {
-        add_bias_rows_t(y, bias, rows, cols, group_rows);
     }
 }
 
@@ -580,9 +561,9 @@ extern "C" __global__ void rotate_rows_left_bf16(const bf16_t* x, float* t, i64 
 // ---------------------------------------------------------------------------------------------
 // The bf16 forms of the row kernels above: eight values per 16-byte word when a row is a whole
 // number of words and the pointers allow, one index division per word instead of two per
-// value (the scalar forms ran at a quarter to a half of the copy rate). Per value the math
-// and its order are the scalar form's, so results are identical, except LayerNorm's row sums,
-// which add in word order.
+// value (the scalar forms ran at a quarter to a half of the copy rate on H100, the bias add at
+// a third). Per value the math and its order are the scalar form's, so results are identical,
+// except LayerNorm's row sums, which add in word order.
 
 __device__ __forceinline__ bool rows_of_words(int cols, const void* a, const void* b, const void* c) {
     return cols % 8 == 0 && aligned16(a) && aligned16(b) && aligned16(c);
@@ -756,5 +737,21 @@ extern "C" __global__ void ln_bwd_dx_bf16(const bf16_t* x, const float* g, const
             }
             out[w] = pack8(xv);
         }
+    }
+}
+
+extern "C" __global__ void add_bias_rows_bf16(bf16_t* y, const float* bias, i64 rows, int cols, i64 group_rows) {
+    if (!rows_of_words(cols, y, nullptr, nullptr)) {
+        add_bias_rows_t(y, bias, rows, cols, group_rows);
+        return;
+    }
+    const int wc = cols / 8;
+    GRID_STRIDE(i, rows * wc) {
+        const i64 r = i / wc;
+        const float* b = bias + (r / group_rows) * cols + (i - r * wc) * 8;
+        float v[8];
+        unpack8(((const uint4*)y)[i], v);
+        for (int q = 0; q < 8; q++) v[q] += b[q];
+        ((uint4*)y)[i] = pack8(v);
     }
 }

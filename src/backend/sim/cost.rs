@@ -75,8 +75,10 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> Vec<GemmShap
         }
         v
     };
+    // Rows of each expert's block (its bound when dropless), and the rows a step is priced at.
+    let block_rows = |x, n_local: usize, d_in: usize| elems(x) / (n_local * d_in).max(1);
     let rows_of = |x, n_local: usize, d_in: usize| {
-        let rows = elems(x) / (n_local * d_in).max(1);
+        let rows = block_rows(x, n_local, d_in);
         if rows_scale == 1.0 || rows == 0 { rows } else { ((rows as f64 * rows_scale).round() as usize).max(1) }
     };
     // Dropless expert blocks run one GEMM per expert at its row bucket (`exec::gemm_rows`);
@@ -85,8 +87,7 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> Vec<GemmShap
     let experts = |x: BufId, n_local: usize, d_in: usize, shapes: &dyn Fn(usize, usize) -> Vec<GemmShape>| {
         let rows = rows_of(x, n_local, d_in);
         if per_expert_gemms(x, plan, rows_scale) {
-            let block = elems(x) / (n_local * d_in).max(1);
-            shapes(crate::plan::ops::aligned_rows(rows, block, crate::plan::ops::DROPLESS_ROW_ALIGN), n_local)
+            shapes(crate::plan::ops::aligned_rows(rows, block_rows(x, n_local, d_in), crate::plan::ops::DROPLESS_ROW_ALIGN), n_local)
         } else {
             shapes(rows, n_local)
         }
@@ -316,16 +317,14 @@ fn attention_loop(kind: &OpKind, plan: &RankPlan) -> Option<(usize, Vec<LoopKern
 /// Bytes and launches of the bias pass the cuda executor runs after a GEMM with a bias (the
 /// output read and written once more, its rows scaled like the GEMM's), or nothing without one.
 fn bias_pass(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> (f64, usize) {
-    let (x, y, n_local) = match kind {
-        OpKind::Linear { bias: Some(_), x, y, .. } => (*x, *y, 1),
-        OpKind::ExpertLinear { x, y, n_local, .. } | OpKind::ExpertLinearPart { bias: Some(_), x, y, n_local, .. } => (*x, *y, *n_local),
+    let y = match kind {
+        OpKind::Linear { bias: Some(_), y, .. } | OpKind::ExpertLinear { y, .. } | OpKind::ExpertLinearPart { bias: Some(_), y, .. } => *y,
         _ => return (0.0, 0),
     };
     let d = plan.buffer(y);
     let scale = if d.dynamic { rows_scale } else { 1.0 };
-    // One launch per expert where the GEMMs run per expert.
-    let launches = if per_expert_gemms(x, plan, rows_scale) { n_local } else { 1 };
-    (2.0 * d.elems as f64 * d.elem_bytes as f64 * scale, launches)
+    // One launch per GEMM call (per expert where the GEMMs run per expert).
+    (2.0 * d.elems as f64 * d.elem_bytes as f64 * scale, gemm_calls(kind, plan, rows_scale))
 }
 
 /// Bytes and kernels of the storage casts the cuda executor runs around a bf16 plan's f32
