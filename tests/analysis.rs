@@ -29,6 +29,7 @@ fn op(
         flops: 0,
         bytes: 0,
         collective: None,
+        host_ns: None,
     }
 }
 

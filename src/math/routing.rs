@@ -125,6 +125,10 @@ impl RoutingTable {
     pub fn kept(&self, r: usize, j: usize, e: usize) -> usize {
         self.kept[(r * self.k + j) * self.e + e]
     }
+    /// Assignments of rank r's tokens, choice j, to expert e before dropping.
+    pub fn count(&self, r: usize, j: usize, e: usize) -> usize {
+        self.count[(r * self.k + j) * self.e + e]
+    }
     /// Rows rank r sends to expert e (all choices).
     pub fn kept_rank_expert(&self, r: usize, e: usize) -> usize {
         (0..self.k).map(|j| self.kept(r, j, e)).sum()
@@ -149,6 +153,34 @@ impl RoutingTable {
     pub fn aux_loss(&self) -> f64 {
         (0..self.e).map(|x| self.e as f64 * self.mean_prob(x) * self.fraction(x)).sum()
     }
+}
+
+/// What a device needs to place rank `r`'s kept assignments without seeing the others: per
+/// expert x the kept rows of the experts before it (`tab[x]`), then per q = j * e + x the
+/// assignments of x with choice < j, the kept ones among them and the kept ones of choice j
+/// (`tab[e + 3 q ..]`); and the kept rows per expert. The cuda executor's `dispatch_slots`
+/// kernel reads it; the slots it gives are Dispatch's (choice-major, then token order).
+pub fn dispatch_table(table: &RoutingTable, r: usize) -> (Vec<i32>, Vec<usize>) {
+    let (k, e) = (table.k, table.e);
+    let mut tab = vec![0i32; e + 3 * k * e];
+    let mut per_expert = vec![0usize; e];
+    let mut base = 0usize;
+    for x in 0..e {
+        tab[x] = base as i32;
+        let (mut before, mut kept_before) = (0usize, 0usize);
+        for j in 0..k {
+            let q = e + 3 * (j * e + x);
+            let kept = table.kept(r, j, x);
+            tab[q] = before as i32;
+            tab[q + 1] = kept_before as i32;
+            tab[q + 2] = kept as i32;
+            before += table.count(r, j, x);
+            kept_before += kept;
+        }
+        per_expert[x] = kept_before;
+        base += kept_before;
+    }
+    (tab, per_expert)
 }
 
 /// Which assignments of one rank stay: `slot_keep[t * k + j]` is true when kept. Kept
@@ -216,4 +248,94 @@ pub fn route_backward(
 /// The chunks of a block tile it in order, and their sizes differ by at most one.
 pub fn chunk_range(len: usize, g: usize, n: usize) -> std::ops::Range<usize> {
     len * g / n..len * (g + 1) / n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slot of every assignment and the token of every slot as the cpu Dispatch places
+    /// them: kept assignments grouped by expert, choice-major, then token order.
+    fn host_slots(table: &RoutingTable, r: usize, idx: &[i32], k: usize, e: usize) -> (Vec<i32>, Vec<usize>) {
+        let t = idx.len() / k;
+        let keep = keep_mask(table, r, idx, k, e);
+        let mut order: Vec<usize> = (0..idx.len()).filter(|&a| keep[a]).collect();
+        order.sort_by_key(|&a| (idx[a], a % k, a / k));
+        let mut slots = vec![-1i32; t * k];
+        for (s, &a) in order.iter().enumerate() {
+            slots[a] = s as i32;
+        }
+        (slots, order.iter().map(|&a| a / k).collect())
+    }
+
+    /// What the `dispatch_slots` kernel computes from `dispatch_table`, one expert at a time.
+    fn table_slots(tab: &[i32], idx: &[i32], k: usize, e: usize, total: usize) -> (Vec<i32>, Vec<usize>) {
+        let t = idx.len() / k;
+        let (mut slots, mut map) = (vec![-1i32; t * k], vec![usize::MAX; total]);
+        for x in 0..e {
+            let mut rank = 0i32;
+            for j in 0..k {
+                for tok in 0..t {
+                    let a = tok * k + j;
+                    if idx[a] as usize != x {
+                        continue;
+                    }
+                    let q = e + 3 * (j * e + x);
+                    let r = rank - tab[q];
+                    if r < tab[q + 2] {
+                        let s = (tab[x] + tab[q + 1] + r) as usize;
+                        slots[a] = s as i32;
+                        map[s] = tok;
+                    }
+                    rank += 1;
+                }
+            }
+        }
+        (slots, map)
+    }
+
+    #[test]
+    fn the_dispatch_table_places_every_rank_s_assignments_as_the_host_rule_does() {
+        let (world, t, k, e) = (3usize, 37usize, 2usize, 5usize);
+        let mut seed = 12345u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        // Skewed choices (expert 0 popular), distinct experts per token.
+        let idx: Vec<Vec<i32>> = (0..world)
+            .map(|_| {
+                let mut v = Vec::new();
+                for _ in 0..t {
+                    let a = if next() % 3 == 0 { 0 } else { next() % e };
+                    let b = (a + 1 + next() % (e - 1)) % e;
+                    v.extend([a as i32, b as i32]);
+                }
+                v
+            })
+            .collect();
+        let mut gathered = Vec::new();
+        for iv in &idx {
+            let probs = vec![1.0 / e as f32; t * e];
+            let mut st = vec![0.0; (k + 1) * e];
+            local_stats(&probs, iv, e, k, &mut st);
+            gathered.extend(st);
+        }
+        for cap in [Capacity::Factor(0.7), Capacity::Factor(1.5), Capacity::Dropless, Capacity::Bounded(0.9)] {
+            let table = RoutingTable::new(&gathered, world, k, e, t, cap);
+            let mut dropped = 0;
+            for (r, iv) in idx.iter().enumerate() {
+                let (tab, per_expert) = dispatch_table(&table, r);
+                let total: usize = per_expert.iter().sum();
+                let want = host_slots(&table, r, iv, k, e);
+                assert_eq!(table_slots(&tab, iv, k, e, total), want, "rank {r}, {cap:?}");
+                assert_eq!(per_expert, (0..e).map(|x| table.kept_rank_expert(r, x)).collect::<Vec<_>>());
+                dropped += want.0.iter().filter(|&&s| s < 0).count();
+            }
+            assert_eq!(dropped, table.dropped(), "{cap:?}");
+            if matches!(cap, Capacity::Factor(f) if f < 1.0) {
+                assert!(dropped > 0, "the test must drop some assignments");
+            }
+        }
+    }
 }

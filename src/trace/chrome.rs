@@ -73,6 +73,9 @@ pub fn to_chrome_json(trace: &Trace) -> Value {
             ev["args"]["group"] = json!(c.group);
             ev["args"]["seq"] = json!(c.seq);
         }
+        if let Some(h) = op.host_ns {
+            ev["args"]["host_us"] = json!(us(h));
+        }
         events.push(ev);
     }
 

@@ -73,6 +73,7 @@ fn op_event(ev: &Value) -> Result<OpEvent, String> {
             (Some(group), Some(seq)) => Some(super::CollectiveRef { group, seq }),
             _ => None,
         },
+        host_ns: field(args, "host_us").and_then(Value::as_f64).map(ns),
     })
 }
 

@@ -38,6 +38,11 @@ pub struct OpEvent {
     /// the group's members with the same reference and step are one collective.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collective: Option<CollectiveRef>,
+    /// Host time inside the span: from the op's first synchronising copy back from the
+    /// device to the end of its host work (routing tables, row maps), while the stream waits
+    /// on the host. `None` for ops without host work and for backends that have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ns: Option<u64>,
 }
 
 /// One collective of a process group: the group (index into the plan's groups) and its

@@ -96,6 +96,9 @@ pub struct StreamExec<'a> {
     /// A bf16 plan: GEMMs take bf16 operands (f32 accumulation), collectives between
     /// pipeline stages carry bf16.
     pub bf16: bool,
+    /// When the current op's first synchronising copy returned: the op's host work runs
+    /// from here while the stream waits (reset before each op; see `OpEvent::host_ns`).
+    pub first_sync: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 /// An input in the storage a kernel wants: the buffer itself, a parameter's bf16 shadow, or a
@@ -342,6 +345,9 @@ impl<'a> StreamExec<'a> {
 
     fn sync(&self) -> Result<(), ExecError> {
         self.s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+        if self.first_sync.get().is_none() {
+            self.first_sync.set(Some(std::time::Instant::now()));
+        }
         Ok(())
     }
 
@@ -424,7 +430,45 @@ impl<'a> StreamExec<'a> {
         Ok(())
     }
 
-    /// A row-moving op (dispatch and the expert layouts). Its cpu implementation runs on the
+    /// Dispatch on the device: the global routing table (one small download) says how many
+    /// of each (choice, expert) stay; `dispatch_slots` ranks the assignments the way the cpu
+    /// rule does (per expert, choice-major, then token order) and one row gather fills `send`.
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(&self, x: BufId, idx: BufId, gathered: BufId, send: BufId, send_counts: BufId, slots: BufId, dims: &crate::plan::ops::MoeDims) -> Result<GpuOutcome, ExecError> {
+        let tb = cpu_exec::table(dims, &self.download_f32(gathered)?);
+        let (t, k, e, m) = (dims.tokens, dims.top_k, dims.n_experts, dims.d_model);
+        let (tab, per_expert) = routing::dispatch_table(&tb, dims.data_rank);
+        let total: usize = per_expert.iter().sum();
+        let el = dims.local_experts();
+        let mut counts = vec![0i32; dims.ep_peers.len()];
+        for (ex, &c) in per_expert.iter().enumerate() {
+            counts[ex / el] += c as i32;
+        }
+        let ib = self.input(idx)?;
+        let sl = self.output(slots, t * k)?;
+        let tab_dev = self.scratch(tab.len() * 4)?;
+        let map = self.scratch(total * 4)?;
+        // SAFETY: tab_dev holds tab.len() i32; pageable host memory is staged before return.
+        unsafe { result::memcpy_htod_async(tab_dev, &tab, self.cu()) }.map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
+        self.upload(send_counts, &Data::I32(counts))?;
+        if t * k > 0 {
+            let cfg = LaunchConfig { grid_dim: (e as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            self.launch("dispatch_slots", cfg, &[Arg::P(ib.ptr), Arg::P(tab_dev), Arg::P(sl.ptr), Arg::P(map), Arg::I64(t as i64), Arg::I32(k as i32), Arg::I32(e as i32)])?;
+        }
+        let st = self.st(send);
+        let xb = self.input_as(x, st)?;
+        let sb = self.output(send, total * m)?;
+        if total > 0 {
+            self.launch_st("gather_rows", st, self.grid(total * m), &[Arg::P(xb.ptr), Arg::P(map), Arg::P(sb.ptr), Arg::I64(total as i64), Arg::I32(m as i32)])?;
+        }
+        self.done(xb)?;
+        self.scratch_free(map)?;
+        self.scratch_free(tab_dev)?;
+        let obs = RouteObs { aux: tb.aux_loss(), dropped: tb.dropped(), routed: tb.n_global * k, loss: 0.0, capacity: tb.capacity };
+        Ok(GpuOutcome { bytes: None, obs: Some(obs), loss: None, host: false })
+    }
+
+    /// A row-moving op (the expert layouts, chunk and tensor-parallel slices). Its cpu implementation runs on the
     /// host at unit row width, on row numbers instead of rows (row i of the first source reads
     /// `i + 1`, of the second `-(i + 1)`) and on the real routing inputs; its outputs are then
     /// the row map of every output, which one device gather applies at the real width. Counts
@@ -599,7 +643,8 @@ impl<'a> StreamExec<'a> {
                 return Err(ExecError::Plan(format!(
                     "{}: Tutel's sharded experts (tutel with layout.ep > n_experts) run on the cpu and sim backends only", op.name)))
             }
-            Dispatch { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
+            Dispatch { x, idx, gathered, send, send_counts, slots, dims } => return self.dispatch(*x, *idx, *gathered, *send, *send_counts, *slots, dims),
+            ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
             | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. } | LocalUnlayout { .. } => {
                 return self.layout(op)
             }
@@ -754,15 +799,17 @@ impl<'a> StreamExec<'a> {
                 let ib = self.output(*idx, t * k)?;
                 let wb = self.output_as(*weights, t * k, Storage::F32)?;
                 self.launch("route_topk", self.grid(t), &[p(lb.ptr), p(pb.ptr), p(ib.ptr), p(wb.ptr), Arg::I64(t as i64), Arg::I32(e as i32), Arg::I32(k as i32), Arg::I32(*renormalize as i32)])?;
+                self.done(lb)?;
+                // Counts per (choice, expert), exact, and probability sums per expert (the
+                // deterministic column sums): `routing::local_stats` on the device, no host trip.
+                let sb = self.output_as(*stats, (k + 1) * e, Storage::F32)?;
+                // SAFETY: sb holds (k + 1) * e f32; the kernels below write it after the memset.
+                unsafe { result::memset_d8_async(sb.ptr, 0, k * e * 4, self.cu()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+                self.launch("route_counts", self.grid(t * k), &[p(ib.ptr), p(sb.ptr), Arg::I64((t * k) as i64), Arg::I32(k as i32), Arg::I32(e as i32)])?;
+                self.col_sums(pb.ptr, Storage::F32, sb.ptr + (k * e * 4) as u64, t, e, 1, false)?;
                 self.commit(pb)?;
                 self.commit(wb)?;
-                self.done(lb)?;
-                // Counts and probability sums per expert: tiny, exact on the host.
-                let (pv, iv) = (self.download_f32(*probs)?, self.download_i32(*idx)?);
-                let mut sv = vec![0.0; (k + 1) * e];
-                routing::local_stats(&pv, &iv, e, k, &mut sv);
-                self.upload(*stats, &Data::F32(sv))?;
-                self.sync()?;
+                self.commit(sb)?;
             }
             RouteBwd { probs, idx, dweights, gathered, dlogits, dims, renormalize, aux_coef } => {
                 let tb = cpu_exec::table(dims, &self.download_f32(*gathered)?);
@@ -1053,7 +1100,6 @@ impl<'a> StreamExec<'a> {
 fn layout_parts(kind: &mut OpKind) -> Option<(Vec<Option<BufId>>, Vec<BufId>, &mut crate::plan::ops::MoeDims)> {
     use OpKind::*;
     Some(match kind {
-        Dispatch { x, idx, gathered, dims, .. } => (vec![Some(*x)], vec![*idx, *gathered], dims),
         ExpertLayout { recv, gathered, dims, .. } | ChunkLayout { recv, gathered, dims, .. } | TpLayout { recv, gathered, dims, .. } => {
             (vec![Some(*recv)], vec![*gathered], dims)
         }

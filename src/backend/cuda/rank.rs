@@ -103,6 +103,7 @@ impl GpuRank {
             gpu: &self.gpu, s: &self.streams[si], si, store: &self.store, comms: &self.comms, rp: &self.plan.ranks[self.rank],
             groups: &self.plan.groups, seed: self.plan.spec.run.seed, step, adam_step, fabric,
             bf16: self.plan.spec.model.dtype == crate::spec::DType::Bf16,
+            first_sync: std::cell::Cell::new(None),
         }
     }
 
@@ -162,13 +163,14 @@ impl GpuRank {
         result.wall_s = t0.elapsed().as_secs_f64();
         if measured {
             let step = self.measured_done as u32;
-            for (op_index, t_start, t_end, bytes) in events {
+            for (op_index, t_start, t_end, bytes, host_ns) in events {
                 let op = &self.plan.ranks[self.rank].ops[op_index];
                 let s = self.shift(base_host_ns + t_start);
                 let e = self.shift(base_host_ns + t_end).max(s + 1);
                 self.ops.push(OpEvent {
                     rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(), layer: op.layer, chunk: op.chunk,
                     start_ns: s, end_ns: e, flops: op.flops, bytes: bytes.unwrap_or(op.bytes), collective: op.collective,
+                    host_ns: host_ns.map(|h| h.min(e - s)),
                 });
             }
             let end = self.epoch.elapsed().as_nanos() as u64;
@@ -180,7 +182,7 @@ impl GpuRank {
     }
 
     #[allow(clippy::type_complexity)]
-    fn run_step(&self, data_step: u64, adam_step: u64, opts: &ExecOptions) -> Result<(RankStep, Vec<(usize, u64, u64, Option<u64>)>, u64), StepError> {
+    fn run_step(&self, data_step: u64, adam_step: u64, opts: &ExecOptions) -> Result<(RankStep, Vec<(usize, u64, u64, Option<u64>, Option<u64>)>, u64), StepError> {
         let rp: &RankPlan = &self.plan.ranks[self.rank];
         let gpu_err = |e: GpuError| StepError::Backend(BackendError::OpFailed { rank: rp.rank, op: "(step)".into(), message: e.to_string() });
         let n = rp.ops.len();
@@ -201,7 +203,7 @@ impl GpuRank {
         let cv = (Mutex::new(()), Condvar::new());
         let failed = AtomicBool::new(false);
         let fabric = Fabric::new(opts.collective_timeout);
-        let outcomes: Mutex<Vec<(usize, GpuOutcome)>> = Mutex::new(Vec::new());
+        let outcomes: Mutex<Vec<(usize, GpuOutcome, Option<u64>)>> = Mutex::new(Vec::new());
 
         let run_stream = |si: usize| -> Result<(), StepError> {
             self.gpu.ctx.bind_to_thread().map_err(|e| gpu_err(GpuError::driver("cuCtxSetCurrent")(e)))?;
@@ -240,9 +242,11 @@ impl GpuRank {
                     }
                 }
                 evs[i].0.record(&ex.s.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
+                ex.first_sync.set(None);
                 let out = ex.execute(op).map_err(|err| StepError::Op { op: op.name.clone(), err })?;
+                let host_ns = ex.first_sync.get().map(|t| t.elapsed().as_nanos() as u64);
                 evs[i].1.record(&ex.s.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
-                lock(&outcomes).push((i, out));
+                lock(&outcomes).push((i, out, host_ns));
                 // Release buffers whose last user this was: the freeing stream first waits for
                 // every other stream that used them.
                 for b in &touched[i] {
@@ -306,10 +310,10 @@ impl GpuRank {
         let mut result = RankStep::default();
         let mut timed = Vec::new();
         let ex = self.exec(0, data_step, adam_step, &fabric);
-        for (i, out) in lock(&outcomes).drain(..) {
+        for (i, out, host_ns) in lock(&outcomes).drain(..) {
             let ms0 = base.elapsed_ms(&evs[i].0).map_err(|e| gpu_err(GpuError::driver("cuEventElapsedTime")(e)))?;
             let ms1 = base.elapsed_ms(&evs[i].1).map_err(|e| gpu_err(GpuError::driver("cuEventElapsedTime")(e)))?;
-            timed.push((i, (ms0.max(0.0) as f64 * 1e6) as u64, (ms1.max(0.0) as f64 * 1e6) as u64, out.bytes));
+            timed.push((i, (ms0.max(0.0) as f64 * 1e6) as u64, (ms1.max(0.0) as f64 * 1e6) as u64, out.bytes, host_ns));
             if out.host {
                 result.host_ops += 1;
             }

@@ -137,12 +137,14 @@ fn per_expert_gemms(x: BufId, plan: &RankPlan, rows_scale: f64) -> bool {
 fn kernels(kind: &OpKind, gemm_count: usize) -> usize {
     use OpKind::*;
     match kind {
-        // Softmax, top-k and the per-expert counts.
-        Route { .. } | RouteBwd { .. } => 3,
+        // Softmax and top-k, then the statistics: a memset, the counts and the two-pass
+        // column sums of the probabilities.
+        Route { .. } => 4,
+        RouteBwd { .. } => 3,
         // Mean/variance and normalisation; backward adds the parameter reductions.
         LayerNorm { .. } => 1,
         LayerNormBwd { .. } => 2,
-        // Positions (a scan) and the scatter.
+        // The slot ranking (one block per expert) and the row gather.
         Dispatch { .. } => 2,
         // One fused multi-tensor kernel.
         Adam { .. } => 1,
@@ -186,9 +188,8 @@ pub struct HostTraffic {
 }
 
 /// The host round trips an op costs on the cuda executor (`src/backend/cuda/exec.rs`), which
-/// runs routing statistics and every row layout on the host: Route downloads probabilities and
-/// indices and syncs once more after uploading its statistics (3 round trips); RouteBwd
-/// downloads the gathered routing statistics, CombineBwd the slots (1 each); a layout op
+/// runs the expert and chunk row layouts on the host: Dispatch, RouteBwd and CombineBwd each
+/// download one routing input (the gathered statistics, the slots: 1 round trip each); a layout op
 /// downloads each routing input it reads (indices, slots, gathered statistics: one round trip
 /// each) and uploads a row map per row output plus its integer outputs; AllToAllV downloads
 /// its send counts and all-gathers them through the host before the transfer (2). The
@@ -213,10 +214,10 @@ pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
     match kind {
         // The send counts down, then the all-gathered count matrix back (two round trips).
         AllToAllV { send_counts, .. } => HostTraffic { syncs: 2, bytes: 2.0 * bytes(*send_counts) },
-        Route { probs, idx, stats, .. } => HostTraffic { syncs: 3, bytes: bytes(*probs) + bytes(*idx) + bytes(*stats) },
         RouteBwd { gathered, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) },
         CombineBwd { slots, .. } => HostTraffic { syncs: 1, bytes: bytes(*slots) },
-        Dispatch { idx, gathered, send, send_counts, slots, dims, .. } => layout(&[*idx, *gathered], &[*send, *send_counts, *slots], dims.d_model),
+        // The slots are ranked on the device; the table of kept counts goes up.
+        Dispatch { gathered, send_counts, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) + 2.0 * bytes(*send_counts) },
         ExpertLayout { gathered, out, dims, .. } | ChunkLayout { gathered, out, dims, .. } | TpLayout { gathered, out, dims, .. } => {
             layout(&[*gathered], &[*out], dims.d_model)
         }
@@ -600,7 +601,7 @@ mod tests {
     #[test]
     fn kernel_classes_and_host_round_trips_are_priced_by_the_profile() {
         // A LayerNorm at bandwidth share 0.25 takes 4x the copy time plus its fixed cost; a
-        // Route pays three host round trips plus its routing tables at host_gbps.
+        // CombineBwd pays one host round trip plus its slots at host_gbps.
         let text = include_str!("../../../profiles/h200-datasheet.toml");
         let text = format!("{text}\n[kernels]\nhost_sync_us = 40.0\nhost_gbps = 2.0\n\n[kernels.layernorm]\nbandwidth_share = 0.25\nfixed_us = 5.0\n");
         let p = profile::parse(&text, "t").expect("parses");
@@ -610,16 +611,23 @@ mod tests {
         let Cost::Compute(s) = op_cost(&o, &rank_with(o.clone(), 2), &p.gpu, GemmDtype::F32) else { panic!("compute") };
         let want = p.gpu.launch_s + 5e-6 + bytes as f64 / (0.25 * p.gpu.mem_bandwidth);
         assert!((s - want).abs() < 1e-12, "{s} vs {want}");
-        // rank_with's buffers hold 2 MiB each; Route downloads probs and idx and uploads its
-        // statistics (three buffers here), with three synchronising round trips.
-        let route = OpKind::Route { logits: BufId(0), probs: BufId(0), idx: BufId(1), weights: BufId(1), stats: BufId(1), n_experts: 8, top_k: 2, renormalize: false };
-        let o = op(route, 0, 0);
+        let dims = crate::plan::ops::MoeDims {
+            tokens: 4, d_model: 4, top_k: 1, n_experts: 2, data_world: 1, data_rank: 0, ep_peers: vec![0], ep_index: 0,
+            capacity: crate::spec::Capacity::Factor(1.0), rows_per_expert: Some(2),
+        };
+        // rank_with's buffers hold 2 MiB each; CombineBwd downloads its slots (one buffer) with
+        // one synchronising round trip, around its two kernels.
+        let cb = OpKind::CombineBwd { dout: BufId(0), back: BufId(0), slots: BufId(1), weights: BufId(1), dback: BufId(0), dweights: BufId(1), dims: dims.clone() };
+        let o = op(cb, 0, 0);
         let plan = rank_with(o.clone(), 2);
         let mib2 = 2.0 * (1 << 20) as f64;
-        assert_eq!(host_traffic(&o.kind, &plan, 1.0), HostTraffic { syncs: 3, bytes: 3.0 * mib2 });
+        assert_eq!(host_traffic(&o.kind, &plan, 1.0), HostTraffic { syncs: 1, bytes: mib2 });
         let Cost::Compute(s) = op_cost(&o, &plan, &p.gpu, GemmDtype::F32) else { panic!("compute") };
-        let want = 3.0 * p.gpu.launch_s + 3.0 * 40e-6 + 3.0 * mib2 / 2e9;
+        let want = 2.0 * p.gpu.launch_s + 40e-6 + mib2 / 2e9;
         assert!((s - want).abs() < 1e-12, "{s} vs {want}");
+        // Route runs its statistics on the device: no host traffic, four kernels.
+        let route = OpKind::Route { logits: BufId(0), probs: BufId(0), idx: BufId(1), weights: BufId(1), stats: BufId(1), n_experts: 8, top_k: 2, renormalize: false };
+        assert_eq!(host_traffic(&route, &plan, 1.0), HostTraffic::default());
         // An AllToAllV exchanges its counts through the host first: two round trips before the
         // transfer, carried by its collective part.
         let a2a = OpKind::AllToAllV { group: crate::plan::GroupId(0), send: BufId(0), send_counts: BufId(1), recv: BufId(0), row_len: 4 };
@@ -630,10 +638,6 @@ mod tests {
         // (class layout) moves its routing table down and its row map up at 0.5 GB/s.
         let with_layout = format!("{text}\n[kernels.layout]\nbandwidth_share = 1.0\nhost_gbps = 0.5\n");
         let pl = profile::parse(&with_layout, "t").expect("parses");
-        let dims = crate::plan::ops::MoeDims {
-            tokens: 4, d_model: 4, top_k: 1, n_experts: 2, data_world: 1, data_rank: 0, ep_peers: vec![0], ep_index: 0,
-            capacity: crate::spec::Capacity::Factor(1.0), rows_per_expert: Some(2),
-        };
         let lay = op(OpKind::ExpertLayout { recv: BufId(0), gathered: BufId(1), out: BufId(0), dims }, 0, 0);
         let lp = rank_with(lay.clone(), 2);
         let host = host_traffic(&lay.kind, &lp, 1.0);
@@ -642,6 +646,6 @@ mod tests {
         // Without a [kernels] table nothing changes: no host cost, copy bandwidth.
         let ds = profile::resolve("h200-datasheet").expect("parses");
         let Cost::Compute(s) = op_cost(&o, &plan, &ds.gpu, GemmDtype::F32) else { panic!("compute") };
-        assert!((s - 3.0 * ds.gpu.launch_s).abs() < 1e-12);
+        assert!((s - 2.0 * ds.gpu.launch_s).abs() < 1e-12);
     }
 }

@@ -389,7 +389,7 @@ impl SimRuntime {
                 if measured {
                     self.trace.ops.push(OpEvent {
                         rank: *rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(), layer: op.layer,
-                        chunk: op.chunk, start_ns, end_ns, flops: op.flops, bytes: op.bytes, collective: op.collective,
+                        chunk: op.chunk, start_ns, end_ns, flops: op.flops, bytes: op.bytes, collective: op.collective, host_ns: None,
                     });
                 }
             }
