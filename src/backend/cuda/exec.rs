@@ -259,6 +259,24 @@ impl<'a> StreamExec<'a> {
         Ok(lock(self.store).alloc(id, len, self.cu(), self.si, false)?)
     }
 
+    /// Allocates output `id` without zeroing it: the caller writes its first `written`
+    /// elements and [`StreamExec::zero_tail`] clears the rest (a planned size above the rows
+    /// a step produced). Saves a pass over buffers that a row gather fills.
+    fn output_unzeroed(&self, id: BufId, len: usize, keep: bool) -> Result<DevBuf, ExecError> {
+        Ok(lock(self.store).alloc_unzeroed(id, len, self.cu(), self.si, keep)?)
+    }
+
+    /// Zeroes the elements of `b` (buffer `id`) from `written` on.
+    fn zero_tail(&self, id: BufId, b: DevBuf, written: usize) -> Result<(), ExecError> {
+        if written < b.len {
+            let size = self.st(id).size();
+            // SAFETY: the buffer holds b.len elements of `size` bytes.
+            unsafe { result::memset_d8_async(b.ptr + (written * size) as u64, 0, (b.len - written) * size, self.cu()) }
+                .map_err(GpuError::driver("cuMemsetD8Async"))?;
+        }
+        Ok(())
+    }
+
     fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<(), ExecError> {
         let f = self.gpu.func(name);
         let mut b = self.s.stream.launch_builder(f);
@@ -457,7 +475,8 @@ impl<'a> StreamExec<'a> {
         }
         let st = self.st(send);
         let xb = self.input_as(x, st)?;
-        let sb = self.output(send, total * m)?;
+        let sb = self.output_unzeroed(send, total * m, false)?;
+        self.zero_tail(send, sb, total * m)?;
         if total > 0 {
             self.launch_st("gather_rows", st, self.grid(total * m), &[Arg::P(xb.ptr), Arg::P(map), Arg::P(sb.ptr), Arg::I64(total as i64), Arg::I32(m as i32)])?;
         }
@@ -499,6 +518,17 @@ impl<'a> StreamExec<'a> {
             }
             src_bufs.push(live);
         }
+        // Outputs of a planned size are allocated before the first download: allocation can
+        // take hundreds of microseconds for a large buffer, hidden while the GPU is busy but
+        // not once the stream has drained for the download. Dynamic outputs wait for their rows.
+        let mut early = Vec::new();
+        for &id in &op.writes {
+            let d = lock(self.store).desc(id).clone();
+            if d.elem == ElemType::F32 && !d.dynamic && !sources.contains(&Some(id)) {
+                self.output_unzeroed(id, d.elems, false)?;
+                early.push(id);
+            }
+        }
         for &id in &needs {
             if lock(self.store).get(id).is_some() {
                 inputs.push((id, self.download(id)?));
@@ -516,13 +546,25 @@ impl<'a> StreamExec<'a> {
             op_name: &op.name, forced_idx: None, buffers: None,
         };
         let out: OpOutcome = cpu_exec::execute(&unit, &mut view, &ctx).map_err(|e| ExecError::Host(e.to_string()))?;
-        for (id, data) in view.into_puts() {
+        let puts = view.into_puts();
+        // An early output the op does not put stays zero, as a fresh buffer would be.
+        for &id in early.iter().filter(|id| !puts.iter().any(|(p, d)| p == *id && matches!(d, Data::F32(_)))) {
+            let live = lock(self.store).get(id);
+            if let Some(b) = live {
+                self.zero_tail(id, b, 0)?;
+            }
+        }
+        for (id, data) in puts {
             match data {
                 Data::I32(_) => self.upload(id, &data)?,
                 Data::F32(codes) => {
                     let rows = codes.len();
                     let in_place = sources.get(1).copied().flatten() == Some(id);
-                    let ob = lock(self.store).alloc(id, rows * m, self.cu(), self.si, in_place)?;
+                    let ob = lock(self.store).alloc(id, rows * m, self.cu(), self.si, in_place || early.contains(&id))?;
+                    // The gather writes rows * m elements (padding rows as zeros).
+                    if early.contains(&id) {
+                        self.zero_tail(id, ob, rows * m)?;
+                    }
                     if rows == 0 {
                         continue;
                     }
@@ -848,9 +890,18 @@ impl<'a> StreamExec<'a> {
             CombineBwd { dout, back, slots, weights, dback, dweights, dims } => {
                 let (k, m) = (dims.top_k, dims.d_model);
                 let st = self.st(*dback);
+                // A planned-size gradient is allocated before the download (see `layout`).
+                let planned = lock(self.store).desc(*dback).clone();
+                if !planned.dynamic {
+                    self.output_unzeroed(*dback, planned.elems, false)?;
+                }
                 let used = self.download_i32(*slots)?.iter().filter(|&&s| s >= 0).count();
                 let (dob, bb, sb, wb) = (self.input_as(*dout, st)?, self.input_as(*back, st)?, self.input(*slots)?, self.input_as(*weights, Storage::F32)?);
-                let dbk = self.output(*dback, used * m)?;
+                let dbk = lock(self.store).alloc(*dback, used * m, self.cu(), self.si, !planned.dynamic)?;
+                // combine_bwd_rows writes the `used` rows (one kept assignment each).
+                if !planned.dynamic {
+                    self.zero_tail(*dback, dbk, used * m)?;
+                }
                 let dwt = self.output_as(*dweights, dims.tokens * k, Storage::F32)?;
                 let assigns = dims.tokens * k;
                 self.launch_st("combine_bwd_rows", st, self.grid(assigns * m), &[p(dob.ptr), p(sb.ptr), p(wb.ptr), p(dbk.ptr), Arg::I64(assigns as i64), Arg::I32(k as i32), Arg::I32(m as i32)])?;

@@ -119,6 +119,16 @@ impl DevStore {
     // `stream` is an opaque CUDA handle passed to the driver, never dereferenced here.
     #[allow(clippy::not_unsafe_ptr_arg_deref)]
     pub fn alloc(&mut self, id: BufId, len: usize, stream: CUstream, stream_index: usize, keep: bool) -> Result<DevBuf, GpuError> {
+        self.alloc_with(id, len, stream, stream_index, keep, true)
+    }
+
+    /// [`DevStore::alloc`] without zeroing a new allocation: for outputs whose kernel writes
+    /// every element, or whose caller zeroes what it does not write.
+    pub fn alloc_unzeroed(&mut self, id: BufId, len: usize, stream: CUstream, stream_index: usize, keep: bool) -> Result<DevBuf, GpuError> {
+        self.alloc_with(id, len, stream, stream_index, keep, false)
+    }
+
+    fn alloc_with(&mut self, id: BufId, len: usize, stream: CUstream, stream_index: usize, keep: bool, zero: bool) -> Result<DevBuf, GpuError> {
         let d = &self.descs[id.0 as usize];
         if len > d.elems {
             return Err(GpuError::Shape { op: "alloc", what: "elements beyond the plan", expected: d.elems, got: len });
@@ -137,10 +147,13 @@ impl DevStore {
             self.release(id, stream)?;
         }
         let bytes = (len * esize).max(4);
-        // SAFETY: the stream is live; the memory is zeroed before any kernel reads it.
+        // SAFETY: the stream is live; the memory is zeroed (or written by the caller) before
+        // any kernel reads it.
         let ptr = unsafe {
             let p = result::malloc_async(stream, bytes).map_err(GpuError::driver("cuMemAllocAsync"))?;
-            result::memset_d8_async(p, 0, bytes, stream).map_err(GpuError::driver("cuMemsetD8Async"))?;
+            if zero {
+                result::memset_d8_async(p, 0, bytes, stream).map_err(GpuError::driver("cuMemsetD8Async"))?;
+            }
             p
         };
         let b = DevBuf { ptr, len, used_by: 1 << stream_index };
