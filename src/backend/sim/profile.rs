@@ -187,9 +187,11 @@ impl GemmModel {
             return self.eff_max;
         }
         let curve = self.eff_max * self.shape_term(m, n, k, batch);
+        // Rows count over the whole batch (a grouped GEMM of 8 x 640 rows fills the GPU like
+        // one of 5,120 rows), and the batch itself.
         let dist = |p: &GemmPoint| {
             let l = |a: usize, b: usize| ((a as f64) / (b as f64)).ln().powi(2);
-            l(m, p.m) + l(n, p.n) + l(k, p.k) + l(batch, p.batch)
+            l(m * batch, p.m * p.batch) + l(n, p.n) + l(k, p.k) + l(batch, p.batch)
         };
         let nearest = self.points.iter().map(|p| (dist(p), p)).min_by(|a, b| a.0.total_cmp(&b.0));
         let correction = nearest.map_or(1.0, |(d, p)| {

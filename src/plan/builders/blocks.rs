@@ -251,7 +251,7 @@ pub fn dispatch_backward(b: &mut RankBuilder, layer: usize, d: &crate::plan::ops
     // expert-side buffer, counted at its bound, which the sim scales to the routed rows.
     let dynamic = d.rows_per_expert.is_none() && d.ep_peers.len() == 1;
     let dsend_bytes = if dynamic { b.f32_bytes_of(dsend) } else { 4 * (t * k * m) as u64 };
-    let bytes = dsend_bytes + 4 * (t * k * m) as u64;
+    let bytes = dsend_bytes + 4 * (t * m) as u64;
     b.op("dispatch_bwd", Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots, dx: dxm, dims: d.clone() },
         (t * k * m) as u64, bytes);
     dxm

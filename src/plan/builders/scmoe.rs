@@ -382,7 +382,7 @@ pub(super) fn route_bwd(b: &mut RankBuilder, spec: &ExperimentSpec, layer: usize
     let p = r.prefix;
     let dxm = b.buf(format!("L{layer}.{p}moe.dx_ln"), t * m, Mc::Activations);
     b.op(format!("{p}dispatch_bwd"), Stage::Permute, Pass::Backward, OpKind::DispatchBwd { dsend, slots: r.slots, dx: dxm, dims: d.clone() },
-        (t * k * m) as u64, 8 * (t * k * m) as u64);
+        (t * k * m) as u64, 4 * ((t * k * m) + (t * m)) as u64);
     let dlogits = b.buf(format!("L{layer}.{p}gate.dlogits"), t * e, Mc::Activations);
     b.op(format!("{p}route_bwd"), Stage::Topk, Pass::Backward,
         OpKind::RouteBwd { probs: r.probs, idx: r.idx, dweights, gathered: r.gathered, dlogits, dims: d.clone(),
