@@ -101,42 +101,90 @@ fn rows_per_expert(dims: &MoeDims, t: &routing::RoutingTable) -> usize {
     })
 }
 
+/// A run of rows a layout moves: `n` rows from row `src` of its source to row `dst` of its
+/// output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowBlock {
+    /// First source row.
+    pub src: usize,
+    /// First output row.
+    pub dst: usize,
+    /// Rows.
+    pub n: usize,
+}
+
+/// What an expert layout moves, known from the routing table alone: its row blocks, its
+/// output's rows and, for an unlayout, the rows per expert-parallel peer. The cpu backend
+/// copies the blocks; the cuda executor gathers them on the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockLayout {
+    /// Row blocks, in the order the rows arrive (peer-major, then local expert).
+    pub blocks: Vec<RowBlock>,
+    /// Rows of the output (rows not in a block are zero).
+    pub out_rows: usize,
+    /// Rows per expert-parallel peer (unlayouts, which send them).
+    pub counts: Option<Vec<i32>>,
+}
+
 /// Rows received from the expert-parallel peers (peer-major, then local expert) into the
-/// expert buffer `[E_local, rows, M]`, zero padded; `count(peer, expert)` rows per block.
-fn layout_rows(dims: &MoeDims, recv: &[f32], rows: usize, count: impl Fn(usize, usize) -> usize) -> Vec<f32> {
-    let (m, el) = (dims.d_model, dims.local_experts());
-    let mut out = vec![0.0; el * rows * m];
+/// expert buffer `[E_local, rows, M]` (`unlayout` false), or the expert buffer back to
+/// peer-major rows (`unlayout` true); `count(peer, expert)` rows per block.
+fn expert_row_blocks(dims: &MoeDims, rows: usize, unlayout: bool, count: impl Fn(usize, usize) -> usize) -> BlockLayout {
+    let el = dims.local_experts();
+    let mut blocks = Vec::with_capacity(dims.ep_peers.len() * el);
+    let mut counts = vec![0i32; dims.ep_peers.len()];
     let mut fill = vec![0usize; el];
-    let mut src_row = 0usize;
-    for &peer in &dims.ep_peers {
+    let mut flat = 0usize;
+    for (p, &peer) in dims.ep_peers.iter().enumerate() {
         for (i, f) in fill.iter_mut().enumerate() {
             let n = count(peer, dims.ep_index * el + i);
-            let dst = (i * rows + *f) * m;
-            out[dst..dst + n * m].copy_from_slice(&recv[src_row * m..(src_row + n) * m]);
+            let expert_row = i * rows + *f;
+            let (src, dst) = if unlayout { (expert_row, flat) } else { (flat, expert_row) };
+            blocks.push(RowBlock { src, dst, n });
             *f += n;
-            src_row += n;
+            flat += n;
+            counts[p] += n as i32;
         }
     }
+    if unlayout {
+        BlockLayout { blocks, out_rows: flat, counts: Some(counts) }
+    } else {
+        BlockLayout { blocks, out_rows: el * rows, counts: None }
+    }
+}
+
+/// The blocks of an `ExpertLayout` or `ExpertUnlayout` from the all-gathered routing
+/// statistics; `None` for other ops.
+pub fn block_layout(kind: &OpKind, gathered: &[f32]) -> Option<BlockLayout> {
+    let (dims, unlayout) = match kind {
+        OpKind::ExpertLayout { dims, .. } => (dims, false),
+        OpKind::ExpertUnlayout { dims, .. } => (dims, true),
+        _ => return None,
+    };
+    let tb = table(dims, gathered);
+    let rows = rows_per_expert(dims, &tb);
+    Some(expert_row_blocks(dims, rows, unlayout, |peer, ex| tb.kept_rank_expert(peer, ex)))
+}
+
+/// Copies the blocks of `src` (rows of `m` values) into a zeroed output of `out_rows` rows.
+fn apply_blocks(l: &BlockLayout, src: &[f32], m: usize) -> Vec<f32> {
+    let mut out = vec![0.0; l.out_rows * m];
+    for b in &l.blocks {
+        out[b.dst * m..(b.dst + b.n) * m].copy_from_slice(&src[b.src * m..(b.src + b.n) * m]);
+    }
     out
+}
+
+/// [`expert_row_blocks`] applied: rows into the expert buffer.
+fn layout_rows(dims: &MoeDims, recv: &[f32], rows: usize, count: impl Fn(usize, usize) -> usize) -> Vec<f32> {
+    apply_blocks(&expert_row_blocks(dims, rows, false, count), recv, dims.d_model)
 }
 
 /// The inverse of [`layout_rows`]: the expert buffer back to peer-major rows, with the
 /// number of rows for each peer.
 fn unlayout_rows(dims: &MoeDims, input: &[f32], rows: usize, count: impl Fn(usize, usize) -> usize) -> (Vec<f32>, Vec<i32>) {
-    let (m, el) = (dims.d_model, dims.local_experts());
-    let mut send = Vec::new();
-    let mut counts = vec![0i32; dims.ep_peers.len()];
-    let mut fill = vec![0usize; el];
-    for (p, &peer) in dims.ep_peers.iter().enumerate() {
-        for (i, f) in fill.iter_mut().enumerate() {
-            let n = count(peer, dims.ep_index * el + i);
-            let src = (i * rows + *f) * m;
-            send.extend_from_slice(&input[src..src + n * m]);
-            *f += n;
-            counts[p] += n as i32;
-        }
-    }
-    (send, counts)
+    let l = expert_row_blocks(dims, rows, true, count);
+    (apply_blocks(&l, input, dims.d_model), l.counts.unwrap_or_default())
 }
 
 /// Execute `kind` on the op's view of the store.

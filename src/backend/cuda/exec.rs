@@ -487,7 +487,60 @@ impl<'a> StreamExec<'a> {
         Ok(GpuOutcome { bytes: None, obs: Some(obs), loss: None, host: false })
     }
 
-    /// A row-moving op (the expert layouts, chunk and tensor-parallel slices). Its cpu implementation runs on the
+    /// An expert layout on the device: its row blocks come from the routing table alone
+    /// (`cpu_exec::block_layout`, the cpu backend's definition), `block_row_map` turns them
+    /// into a row map and one gather moves the rows. The host reads only the gathered
+    /// statistics; a planned-size output is allocated before that download.
+    fn block_layout(&self, op: &Op, src: BufId, gathered: BufId, out: BufId, counts: Option<BufId>) -> Result<GpuOutcome, ExecError> {
+        let m = match &op.kind {
+            OpKind::ExpertLayout { dims, .. } | OpKind::ExpertUnlayout { dims, .. } => dims.d_model,
+            _ => return Err(ExecError::Plan(format!("{} is not an expert layout", op.name))),
+        };
+        let desc = lock(self.store).desc(out).clone();
+        if !desc.dynamic {
+            self.output_unzeroed(out, desc.elems, false)?;
+        }
+        // Rows move in the output's storage; a source stored otherwise is cast first, also
+        // before the download (its scratch allocation would wait on the host after it).
+        let st = self.st(out);
+        let sb = self.input_as(src, st)?;
+        let l = cpu_exec::block_layout(&op.kind, &self.download_f32(gathered)?).expect("an expert layout");
+        let ob = lock(self.store).alloc_unzeroed(out, l.out_rows * m, self.cu(), self.si, !desc.dynamic)?;
+        let rows = ob.len / m.max(1);
+        if let Some(c) = &l.counts {
+            self.upload(counts.expect("an unlayout has counts"), &Data::I32(c.clone()))?;
+        }
+        // A dropless expert buffer: the rows that hold tokens, for the per-expert GEMMs.
+        if desc.dynamic {
+            let mut used = vec![false; rows];
+            for b in &l.blocks {
+                used[b.dst..b.dst + b.n].iter_mut().for_each(|u| *u = true);
+            }
+            lock(self.store).set_fill(out, Arc::new(used));
+        }
+        if rows > 0 {
+            let mut tab: Vec<i32> = Vec::with_capacity(3 * l.blocks.len());
+            let mut blocks: Vec<_> = l.blocks.iter().filter(|b| b.n > 0).collect();
+            blocks.sort_by_key(|b| b.dst);
+            for b in &blocks {
+                tab.extend([b.dst as i32, b.src as i32, b.n as i32]);
+            }
+            let tab_dev = self.scratch(tab.len().max(1) * 4)?;
+            let map = self.scratch(rows * 4)?;
+            if !tab.is_empty() {
+                // SAFETY: tab_dev holds tab.len() i32; pageable host memory is staged before return.
+                unsafe { result::memcpy_htod_async(tab_dev, &tab, self.cu()) }.map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
+            }
+            self.launch("block_row_map", self.grid(rows), &[Arg::P(tab_dev), Arg::I32(blocks.len() as i32), Arg::P(map), Arg::I64(rows as i64)])?;
+            self.launch_st("gather2_rows", st, self.grid(rows * m), &[Arg::P(sb.ptr), Arg::P(0), Arg::P(map), Arg::P(ob.ptr), Arg::I64(rows as i64), Arg::I32(m as i32)])?;
+            self.scratch_free(map)?;
+            self.scratch_free(tab_dev)?;
+        }
+        self.done(sb)?;
+        Ok(GpuOutcome::default())
+    }
+
+    /// A row-moving op (chunk and tensor-parallel slices and layouts). Its cpu implementation runs on the
     /// host at unit row width, on row numbers instead of rows (row i of the first source reads
     /// `i + 1`, of the second `-(i + 1)`) and on the real routing inputs; its outputs are then
     /// the row map of every output, which one device gather applies at the real width. Counts
@@ -686,7 +739,9 @@ impl<'a> StreamExec<'a> {
                     "{}: Tutel's sharded experts (tutel with layout.ep > n_experts) run on the cpu and sim backends only", op.name)))
             }
             Dispatch { x, idx, gathered, send, send_counts, slots, dims } => return self.dispatch(*x, *idx, *gathered, *send, *send_counts, *slots, dims),
-            ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
+            ExpertLayout { recv, gathered, out, .. } => return self.block_layout(op, *recv, *gathered, *out, None),
+            ExpertUnlayout { input, gathered, send, send_counts, .. } => return self.block_layout(op, *input, *gathered, *send, Some(*send_counts)),
+            ChunkSlice { .. } | ChunkMerge { .. } | ChunkLayout { .. }
             | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. } | LocalUnlayout { .. } => {
                 return self.layout(op)
             }

@@ -24,7 +24,7 @@ pub const KERNELS: &[&str] = &[
     "col_partials_bf16", "add_inplace_bf16", "cast_bf16_f32", "adam_shadow", "mse_bf16", "act_fwd_bf16", "act_bwd_bf16",
     "ln_fwd_bf16", "ln_bwd_dx_bf16", "ln_bwd_partials_bf16", "attn_softmax_causal_bf16", "attn_softmax_causal_bwd_bf16", "gather2_rows_bf16",
     "load_batch_x_bf16", "rotate_rows_left_bf16", "bf16_gather_rows", "bf16_combine", "bf16_combine_bwd_rows", "bf16_combine_bwd_weights", "bf16_token_sum",
-    "f32_to_bf16_kernel", "bf16_fill_hash", "route_hist", "route_slots", "route_counts", "dispatch_slots",
+    "f32_to_bf16_kernel", "bf16_fill_hash", "route_hist", "route_slots", "route_counts", "dispatch_slots", "block_row_map",
 ];
 
 /// The executor's and the benchmark's kernels: one NVRTC compilation unit (common.cuh is

@@ -128,3 +128,22 @@ extern "C" __global__ void dispatch_slots(const int* idx, const int* tab, int* s
         __syncthreads();
     }
 }
+
+// The row map of an expert layout from its blocks (dst, src, n), sorted by dst, without empty
+// ones: map[r] = src row + 1 for an output row inside a block, 0 (a zero row) otherwise; the
+// rows then move with gather2_rows. One thread per output row, a binary search over blocks.
+extern "C" __global__ void block_row_map(const int* blocks, int nblocks, int* map, i64 rows) {
+    for (i64 r = blockIdx.x * (i64)blockDim.x + threadIdx.x; r < rows; r += (i64)gridDim.x * blockDim.x) {
+        int lo = 0, hi = nblocks - 1, b = -1;
+        while (lo <= hi) {
+            const int mid = (lo + hi) >> 1;
+            if (blocks[3 * mid] <= r) { b = mid; lo = mid + 1; } else { hi = mid - 1; }
+        }
+        int code = 0;
+        if (b >= 0) {
+            const i64 off = r - blocks[3 * b];
+            if (off < blocks[3 * b + 2]) code = blocks[3 * b + 1] + (int)off + 1;
+        }
+        map[r] = code;
+    }
+}

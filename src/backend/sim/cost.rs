@@ -146,6 +146,8 @@ fn kernels(kind: &OpKind, gemm_count: usize) -> usize {
         LayerNormBwd { .. } => 2,
         // The slot ranking (one block per expert) and the row gather.
         Dispatch { .. } => 2,
+        // The row map from the blocks, and the row gather.
+        ExpertLayout { .. } | ExpertUnlayout { .. } => 2,
         // One fused multi-tensor kernel.
         Adam { .. } => 1,
         // Row gradients, then the weight gradients.
@@ -187,9 +189,10 @@ pub struct HostTraffic {
     pub bytes: f64,
 }
 
-/// The host round trips an op costs on the cuda executor (`src/backend/cuda/exec.rs`), which
-/// runs the expert and chunk row layouts on the host: Dispatch, RouteBwd and CombineBwd each
-/// download one routing input (the gathered statistics, the slots: 1 round trip each); a layout op
+/// The host round trips an op costs on the cuda executor (`src/backend/cuda/exec.rs`):
+/// Dispatch, the expert layouts, RouteBwd and CombineBwd each download one routing input (the
+/// gathered statistics, the slots: 1 round trip each) and place rows on the device; a chunk
+/// or tensor-parallel layout op, which runs on the host,
 /// downloads each routing input it reads (indices, slots, gathered statistics: one round trip
 /// each) and uploads a row map per row output plus its integer outputs; AllToAllV downloads
 /// its send counts and all-gathers them through the host before the transfer (2). The
@@ -218,11 +221,11 @@ pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
         CombineBwd { slots, .. } => HostTraffic { syncs: 1, bytes: bytes(*slots) },
         // The slots are ranked on the device; the table of kept counts goes up.
         Dispatch { gathered, send_counts, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) + 2.0 * bytes(*send_counts) },
-        ExpertLayout { gathered, out, dims, .. } | ChunkLayout { gathered, out, dims, .. } | TpLayout { gathered, out, dims, .. } => {
-            layout(&[*gathered], &[*out], dims.d_model)
-        }
-        ExpertUnlayout { gathered, send, send_counts, dims, .. }
-        | ChunkUnlayout { gathered, send, send_counts, dims, .. }
+        // Row blocks from the table; the row map is built on the device.
+        ExpertLayout { gathered, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) },
+        ExpertUnlayout { gathered, send_counts, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) + bytes(*send_counts) },
+        ChunkLayout { gathered, out, dims, .. } | TpLayout { gathered, out, dims, .. } => layout(&[*gathered], &[*out], dims.d_model),
+        ChunkUnlayout { gathered, send, send_counts, dims, .. }
         | TpUnlayout { gathered, send, send_counts, dims, .. } => layout(&[*gathered], &[*send, *send_counts], dims.d_model),
         LocalUnlayout { gathered, full, dims, .. } | TpMerge { gathered, full, dims, .. } | ChunkMerge { gathered, full, dims, .. } => {
             layout(&[*gathered], &[*full], dims.d_model)
@@ -427,7 +430,10 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     let (cast_bytes, casts) = f32_linear_casts(op, plan, dtype);
     let (bias_bytes, bias_launches) = bias_pass(&op.kind, plan, rows_scale);
     let passes = (casts + bias_launches) as f64 * gpu.launch_s + (cast_bytes + bias_bytes) / gpu.mem_bandwidth;
-    Cost::Compute(launch + passes + math.max(memory))
+    // One GEMM per expert: the host's calls bound the op from below.
+    let calls = gemm_calls(&op.kind, plan, rows_scale);
+    let host_floor = if calls > 1 { (shapes.len() * calls) as f64 * gpu.kernels.gemm_call_s } else { 0.0 };
+    Cost::Compute((launch + passes + math.max(memory)).max(host_floor))
 }
 
 #[cfg(test)]
@@ -570,6 +576,15 @@ mod tests {
         assert_eq!((gemm_calls(&kind, &rp, 1.0), bias_pass(&kind, &rp, 1.0).1), (1, 1));
         let bwd = OpKind::ExpertLinearBwd { x: BufId(0), w: BufId(1), dy: BufId(3), dx: BufId(0), dw: BufId(1), dbias: BufId(2), n_local, d_in, d_out };
         assert_eq!((gemms_at(&bwd, &rp, 0.25).len(), gemm_calls(&bwd, &rp, 0.25)), (2, n_local));
+        // The host's calls bound such an op from below: 4 experts x 2 GEMMs at 1 ms a call; a
+        // batched call (full load) has no floor.
+        let mut p = profile::resolve("h200-datasheet").expect("parses");
+        p.gpu.kernels.gemm_call_s = 1e-3;
+        let ob = op(bwd, 1, 1);
+        let Cost::Compute(s) = op_cost_sized(&ob, &rp, &p.gpu, GemmDtype::Bf16, 1, 1, 0.25) else { panic!("compute") };
+        assert!((s - 8e-3).abs() < 1e-12, "{s}");
+        let Cost::Compute(s) = op_cost_sized(&ob, &rp, &p.gpu, GemmDtype::Bf16, 1, 1, 1.0) else { panic!("compute") };
+        assert!(s < 1e-4, "{s}");
     }
 
     #[test]
@@ -635,7 +650,7 @@ mod tests {
         let Cost::Collective(parts) = op_cost(&x, &plan, &p.gpu, GemmDtype::F32) else { panic!("collective") };
         assert!((parts[0].host_s - (2.0 * 40e-6 + 2.0 * mib2 / 2e9)).abs() < 1e-12, "{parts:?}");
         // A class's own host_gbps replaces the table's for that class only: an ExpertLayout
-        // (class layout) moves its routing table down and its row map up at 0.5 GB/s.
+        // (class layout) moves its routing table down at 0.5 GB/s.
         let with_layout = format!("{text}\n[kernels.layout]\nbandwidth_share = 1.0\nhost_gbps = 0.5\n");
         let pl = profile::parse(&with_layout, "t").expect("parses");
         let lay = op(OpKind::ExpertLayout { recv: BufId(0), gathered: BufId(1), out: BufId(0), dims }, 0, 0);

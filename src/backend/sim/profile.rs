@@ -388,6 +388,9 @@ pub struct KernelProfile {
     pub host_sync_s: f64,
     /// Host <-> device copy rate of the (pageable) routing tables, bytes/s.
     pub host_bandwidth: f64,
+    /// Host time per GEMM call of an expert op that runs one GEMM per expert (dropless):
+    /// with many small experts the host's calls, not the GPU, set the pace. Seconds.
+    pub gemm_call_s: f64,
     /// Per class, in [`KernelClass::ALL`] order.
     pub classes: [KernelClassParams; 14],
     /// Where the numbers come from (`kernels.source`: fitted from which runs, or measured).
@@ -396,7 +399,7 @@ pub struct KernelProfile {
 
 impl Default for KernelProfile {
     fn default() -> Self {
-        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, classes: [KernelClassParams::default(); 14], source: None }
+        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, classes: [KernelClassParams::default(); 14], source: None }
     }
 }
 
@@ -553,6 +556,8 @@ struct KernelsToml {
     host_sync_us: f64,
     #[serde(default)]
     host_gbps: Option<f64>,
+    #[serde(default)]
+    gemm_call_us: f64,
     #[serde(default)]
     source: Option<String>,
     #[serde(default)]
@@ -815,7 +820,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                         *slot = c;
                     }
                 }
-                KernelProfile { host_sync_s: k.host_sync_us * 1e-6, host_bandwidth, classes, source: k.source.clone() }
+                KernelProfile { host_sync_s: k.host_sync_us * 1e-6, host_bandwidth, gemm_call_s: k.gemm_call_us * 1e-6, classes, source: k.source.clone() }
             }
         },
     };
