@@ -407,18 +407,15 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             }
             st.put_f32(*dx, d)?;
         }
+        // The blocks the cuda executor gathers on the device (`block_layout`).
         ExpertLayout { recv, gathered, out, dims } => {
-            let tb = table(dims, st.f32(*gathered)?);
-            let rows = rows_per_expert(dims, &tb);
-            let o = layout_rows(dims, st.f32(*recv)?, rows, |peer, ex| tb.kept_rank_expert(peer, ex));
-            st.put_f32(*out, o)?;
+            let l = block_layout(kind, st.f32(*gathered)?).expect("an expert layout");
+            st.put_f32(*out, apply_blocks(&l, st.f32(*recv)?, dims.d_model))?;
         }
         ExpertUnlayout { input, gathered, send, send_counts, dims } => {
-            let tb = table(dims, st.f32(*gathered)?);
-            let rows = rows_per_expert(dims, &tb);
-            let (sv, counts) = unlayout_rows(dims, st.f32(*input)?, rows, |peer, ex| tb.kept_rank_expert(peer, ex));
-            st.put_f32(*send, sv)?;
-            st.put_i32(*send_counts, counts)?;
+            let l = block_layout(kind, st.f32(*gathered)?).expect("an expert layout");
+            st.put_f32(*send, apply_blocks(&l, st.f32(*input)?, dims.d_model))?;
+            st.put_i32(*send_counts, l.counts.unwrap_or_default())?;
         }
         ExpertLinear { x, w, bias, y, n_local, d_in, d_out } => {
             // bf16: the GEMM stores its product, then the bias is added to it.

@@ -1206,11 +1206,8 @@ impl<'a> StreamExec<'a> {
 fn layout_parts(kind: &mut OpKind) -> Option<(Vec<Option<BufId>>, Vec<BufId>, &mut crate::plan::ops::MoeDims)> {
     use OpKind::*;
     Some(match kind {
-        ExpertLayout { recv, gathered, dims, .. } | ChunkLayout { recv, gathered, dims, .. } | TpLayout { recv, gathered, dims, .. } => {
-            (vec![Some(*recv)], vec![*gathered], dims)
-        }
-        ExpertUnlayout { input, gathered, dims, .. }
-        | ChunkUnlayout { input, gathered, dims, .. }
+        ChunkLayout { recv, gathered, dims, .. } | TpLayout { recv, gathered, dims, .. } => (vec![Some(*recv)], vec![*gathered], dims),
+        ChunkUnlayout { input, gathered, dims, .. }
         | TpUnlayout { input, gathered, dims, .. }
         | LocalUnlayout { input, gathered, dims, .. } => (vec![Some(*input)], vec![*gathered], dims),
         ChunkSlice { src, slots, gathered, dims, .. } => (vec![Some(*src)], slots.iter().copied().chain([*gathered]).collect(), dims),
