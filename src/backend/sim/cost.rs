@@ -410,7 +410,8 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
         return Cost::Compute(iterations as f64 * per_iteration);
     }
     let shapes = gemms_at(&op.kind, plan, rows_scale);
-    let launch = kernels(&op.kind, shapes.len() * gemm_calls(&op.kind, plan, rows_scale)) as f64 * gpu.launch_s;
+    let calls = gemm_calls(&op.kind, plan, rows_scale);
+    let launch = kernels(&op.kind, shapes.len() * calls) as f64 * gpu.launch_s;
     let memory = bytes as f64 / gpu.mem_bandwidth;
     if shapes.is_empty() {
         let class = gpu.kernels.class(kernel_class(&op.kind));
@@ -431,7 +432,6 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     let (bias_bytes, bias_launches) = bias_pass(&op.kind, plan, rows_scale);
     let passes = (casts + bias_launches) as f64 * gpu.launch_s + (cast_bytes + bias_bytes) / gpu.mem_bandwidth;
     // One GEMM per expert: the host's calls bound the op from below.
-    let calls = gemm_calls(&op.kind, plan, rows_scale);
     let host_floor = if calls > 1 { (shapes.len() * calls) as f64 * gpu.kernels.gemm_call_s } else { 0.0 };
     Cost::Compute((launch + passes + math.max(memory)).max(host_floor))
 }
