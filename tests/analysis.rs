@@ -29,7 +29,7 @@ fn op(
         flops: 0,
         bytes: 0,
         collective: None,
-        host_ns: None,
+        host_ns: None, issue_ns: None,
     }
 }
 

@@ -18,7 +18,7 @@ fn close(a: f64, b: f64) {
 
 fn op(rank: u32, step: u32, stage: Stage, pass: Pass, start_ns: u64, end_ns: u64) -> OpEvent {
     OpEvent {
-        rank, step, stream: Stream::Compute, stage, pass, name: format!("{stage}"), layer: None, chunk: None, start_ns, end_ns, flops: 0, bytes: 0, collective: None, host_ns: None,
+        rank, step, stream: Stream::Compute, stage, pass, name: format!("{stage}"), layer: None, chunk: None, start_ns, end_ns, flops: 0, bytes: 0, collective: None, host_ns: None, issue_ns: None,
     }
 }
 
@@ -61,7 +61,7 @@ fn a_collective_s_wait_is_split_off_its_transfer() {
     let a2a = |rank, start, end| OpEvent {
         stream: Stream::Comm,
         collective: Some(moelab::trace::CollectiveRef { group: 0, seq: 0 }),
-        host_ns: None,
+        host_ns: None, issue_ns: None,
         ..op(rank, 0, Stage::AllToAll, Pass::Forward, start, end)
     };
     let spans = |ranks: u32| (0..ranks).map(|r| StepSpan { rank: r, step: 0, start_ns: 0, end_ns: 100_000 }).collect();

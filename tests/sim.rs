@@ -206,6 +206,39 @@ fn sim_fields_are_checked_and_filled_by_spec_validation() {
     assert!(err.problems()[0].fix.contains("nodes = 4"), "{err}");
     let zero = text.replace("backend = \"sim\"", "backend = \"sim\"\ngpus_per_node = 0");
     assert_eq!(problems(&zero), ["run.gpus_per_node"]);
+    // The dropless imbalance: sim only, dropless plans only, at least 1.
+    let dropless = std::fs::read_to_string("experiments/bench-sim/fine-grained-dropless.toml").expect("bench file");
+    let with = |t: &str, line: &str| t.replace("backend = \"sim\"", &format!("backend = \"sim\"\n{line}"));
+    assert_eq!(from_toml_str(&with(&dropless, "dropless_imbalance = 1.3")).expect("valid").run.dropless_imbalance, Some(1.3));
+    assert_eq!(problems(&with(&dropless, "dropless_imbalance = 0.5")), ["run.dropless_imbalance"]);
+    assert_eq!(problems(&with(&text, "dropless_imbalance = 1.3")), ["run.dropless_imbalance"]);
+    let on_cpu = with(&dropless, "dropless_imbalance = 1.3").replace("backend = \"sim\"", "backend = \"cpu\"");
+    assert_eq!(problems(&on_cpu), ["run.profile", "run.dropless_imbalance"]);
+}
+
+#[test]
+fn a_dropless_imbalance_lengthens_the_activation_over_the_expert_blocks_not_the_gemms() {
+    // Every expert block is as long as the fullest expert: the activation between the expert
+    // GEMMs runs over all of it, each expert's GEMM over its own rows.
+    let text = std::fs::read_to_string("experiments/bench-sim/fine-grained-dropless.toml").expect("bench file");
+    let times = |imbalance: f64| {
+        let s = from_toml_str(&text.replace("backend = \"sim\"", &format!("backend = \"sim\"\ndropless_imbalance = {imbalance}"))).expect("valid");
+        let plan = Plan::build(&s).expect("plans");
+        let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
+        let rp = &plan.ranks[0];
+        let of = |name: &str| {
+            let i = rp.ops.iter().position(|o| o.name == name).unwrap_or_else(|| panic!("{name}"));
+            let t = out.timeline.times[0][i];
+            t.end - t.start
+        };
+        (of("L0.expert_act"), of("L0.expert_act_bwd"), of("L0.expert_gemm1"), of("L0.expert_gemm2_bwd"))
+    };
+    let (balanced, skewed) = (times(1.0), times(1.5));
+    // Its bytes grow 1.5x (its launch does not).
+    for (b, s) in [(balanced.0, skewed.0), (balanced.1, skewed.1)] {
+        assert!(s > 1.4 * b && s <= 1.5 * b, "{balanced:?} {skewed:?}");
+    }
+    assert!(close(skewed.2, balanced.2) && close(skewed.3, balanced.3), "{balanced:?} {skewed:?}");
 }
 
 #[test]

@@ -103,6 +103,20 @@ struct SummaryFields {
     tutel_auto_degree: Option<serde_json::Value>,
     #[serde(default)]
     mpmoe_auto: Option<serde_json::Value>,
+    #[serde(default)]
+    steps: Vec<SummaryStep>,
+}
+
+/// A step of `summary.json`: what routing did (a dropless plan's capacity is its fullest
+/// expert's load).
+#[derive(Debug, Deserialize)]
+struct SummaryStep {
+    #[serde(default)]
+    measured: bool,
+    #[serde(default)]
+    routed: usize,
+    #[serde(default)]
+    capacity: Vec<usize>,
 }
 
 /// The fields of a cuda worker's `rank-<r>.json` prediction needs.
@@ -130,6 +144,9 @@ pub struct MeasuredRun {
     /// Choices made at run start (Tutel's degree / parallelism, MPMoE's chunks /
     /// reuse = "auto") as overrides, so the sim runs what was measured.
     pub pinned: Vec<Override>,
+    /// Per measured step, the assignments routed and the fullest expert's load (the largest
+    /// of the layers' capacities), from `summary.json`.
+    pub loads: Vec<(usize, usize)>,
 }
 
 impl MeasuredRun {
@@ -169,7 +186,8 @@ impl MeasuredRun {
             trace.steps = records.into_iter().flat_map(|r| r.steps).collect();
         }
         let pinned = pinned_choices(summary.tutel_auto_degree.as_ref(), summary.mpmoe_auto.as_ref());
-        Ok(MeasuredRun { dir: dir.to_path_buf(), name: summary.name, backend: summary.backend, device, trace, pinned })
+        let loads = summary.steps.iter().filter(|s| s.measured && s.routed > 0).filter_map(|s| Some((s.routed, *s.capacity.iter().max()?))).collect();
+        Ok(MeasuredRun { dir: dir.to_path_buf(), name: summary.name, backend: summary.backend, device, trace, pinned, loads })
     }
 
     /// The spec of the run on the sim backend with profile `profile`, after the pinned
@@ -179,8 +197,21 @@ impl MeasuredRun {
         let mut overrides = self.pinned.clone();
         overrides.extend(extra.iter().cloned());
         overrides.extend([set("backend", "sim"), set("profile", profile)]);
-        crate::spec::load_file_with(&self.dir.join("spec.toml"), &overrides)
-            .map_err(|source| PredictError::Spec { path: self.dir.display().to_string(), source })
+        let mut spec = crate::spec::load_file_with(&self.dir.join("spec.toml"), &overrides)
+            .map_err(|source| PredictError::Spec { path: self.dir.display().to_string(), source })?;
+        // A dropless run is simulated at its measured imbalance unless the caller sets one.
+        if spec.model.dropless && !extra.iter().any(|o| o.key == ["run", "dropless_imbalance"]) {
+            spec.run.dropless_imbalance = self.dropless_imbalance(spec.model.n_experts);
+        }
+        Ok(spec)
+    }
+
+    /// The measured imbalance of a dropless run with `n_experts` experts: the fullest
+    /// expert's load over the mean, averaged over the measured steps (at least 1); `None`
+    /// without step records.
+    pub fn dropless_imbalance(&self, n_experts: usize) -> Option<f64> {
+        let ratios: Vec<f64> = self.loads.iter().map(|&(routed, fullest)| fullest as f64 * n_experts as f64 / routed as f64).collect();
+        (!ratios.is_empty()).then(|| (ratios.iter().sum::<f64>() / ratios.len() as f64).max(1.0))
     }
 }
 
@@ -276,6 +307,10 @@ pub struct RunPrediction {
     pub profile_source: ProfileSource,
     /// The kept sim run directory (with `runs_dir`).
     pub sim_dir: Option<PathBuf>,
+    /// The fullest expert's load over the mean that the sim assumed (dropless runs: the
+    /// measured one, or the caller's `run.dropless_imbalance`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropless_imbalance: Option<f64>,
     /// Measured vs predicted.
     pub comparison: Comparison,
 }
@@ -296,6 +331,7 @@ pub fn predict(run: &MeasuredRun, opts: &PredictOptions) -> Result<RunPrediction
         profile,
         profile_source,
         sim_dir: opts.runs_dir.as_ref().map(|_| outcome.dir.clone()),
+        dropless_imbalance: spec.run.dropless_imbalance,
         comparison,
     })
 }

@@ -647,6 +647,11 @@ pub struct RunSpec {
     /// Nodes of the simulated cluster (sim only); enough for the world when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<usize>,
+    /// The fullest expert's load over the mean in a dropless plan (sim only, at least 1):
+    /// executors size every expert's block to the fullest one, so its element-wise passes
+    /// scale with it. 1 (balanced routing) when unset; `moelab predict` sets the measured one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropless_imbalance: Option<f64>,
 }
 
 fn default_steps() -> usize {
@@ -668,6 +673,7 @@ impl Default for RunSpec {
             profile: None,
             gpus_per_node: None,
             nodes: None,
+            dropless_imbalance: None,
         }
     }
 }

@@ -76,6 +76,9 @@ pub fn to_chrome_json(trace: &Trace) -> Value {
         if let Some(h) = op.host_ns {
             ev["args"]["host_us"] = json!(us(h));
         }
+        if let Some(h) = op.issue_ns {
+            ev["args"]["issue_us"] = json!(us(h));
+        }
         events.push(ev);
     }
 

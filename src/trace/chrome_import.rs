@@ -74,6 +74,7 @@ fn op_event(ev: &Value) -> Result<OpEvent, String> {
             _ => None,
         },
         host_ns: field(args, "host_us").and_then(Value::as_f64).map(ns),
+        issue_ns: field(args, "issue_us").and_then(Value::as_f64).map(ns),
     })
 }
 

@@ -43,6 +43,12 @@ pub struct OpEvent {
     /// on the host. `None` for ops without host work and for backends that have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_ns: Option<u64>,
+    /// Host time spent issuing the op: its launches, allocations, host work, and the wait in
+    /// its first synchronising copy for the device to catch up. An op with no synchronising
+    /// copy whose issue time nears its span waited on the host. `None` where nothing is
+    /// issued ahead of a device (cpu, sim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issue_ns: Option<u64>,
 }
 
 /// One collective of a process group: the group (index into the plan's groups) and its

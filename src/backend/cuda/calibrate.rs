@@ -10,7 +10,7 @@
 use super::bench::{launch, Buf, A};
 use super::gpu::{Gpu, GpuStream};
 use crate::backend::sim::calibration::{
-    Calibration, CollectiveMeasure, GemmMeasure, KernelMeasure, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
+    Calibration, CollectiveMeasure, F32OutputMeasure, GemmMeasure, KernelMeasure, F32_OUTPUT_SHAPES, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
     KERNEL_WIDTH,
 };
 use crate::backend::sim::profile::{CollectiveKind, GemmDtype, KernelClass};
@@ -123,6 +123,36 @@ fn gemm_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&st
             on_line(&format!("gemm {} m={m} n={n} k={k}: {tflops:.1} TFLOP/s", if dtype == GemmDtype::Bf16 { "bf16" } else { "f32 " }));
             out.push(GemmMeasure { dtype, m, n, k, tflops });
         }
+    }
+    Ok(out)
+}
+
+/// The bf16 weight-gradient GEMMs (`dw = x^T dy`, the `Tn` form the executor runs) of
+/// [`F32_OUTPUT_SHAPES`] into a bf16 output, an f32 output and an f32 output added to.
+fn f32_output_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<F32OutputMeasure>, GpuError> {
+    let most = |f: fn(&(usize, usize, usize)) -> usize| F32_OUTPUT_SHAPES.iter().map(f).max().unwrap_or(1);
+    let (na, nb, nc) = (most(|s| s.2 * s.0), most(|s| s.2 * s.1), most(|s| s.0 * s.1));
+    let (a, b, c) = (Buf::new(s, na * 2)?, Buf::new(s, nb * 2)?, Buf::new(s, nc * 4)?);
+    for (buf, n) in [(&a, na), (&b, nb)] {
+        launch(gpu, s, "bf16_fill_hash", gpu.grid(n), &[A::P(buf.0), A::I64(n as i64), A::U32(7), A::F32(0.05)])?;
+    }
+    // SAFETY: c holds the largest output in f32; the beta-1 form reads it, so it is zeroed.
+    unsafe { result::memset_d8_async(c.0, 0, nc * 4, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+    let mut out = Vec::new();
+    for &(m, n, k) in &F32_OUTPUT_SHAPES {
+        let dims = GemmDims { m, k, n };
+        let time = |beta: f32, c_f32: bool| {
+            // SAFETY: a holds k x m and b k x n bf16, c m x n f32; the handle is bound to `s`.
+            timed(gpu, s, reps, || unsafe { bf16_gemm_raw(s.blas, GemmForm::Tn, a.0, b.0, c.0, dims, beta, c_f32) })
+        };
+        let (bf16_s, f32_s, f32_acc_s) = (time(0.0, false)?, time(0.0, true)?, time(1.0, true)?);
+        on_line(&format!(
+            "gemm bf16 dw m={m} n={n} k={k}: bf16 out {:.1} us, f32 out {:.1} us, f32 added to {:.1} us",
+            bf16_s * 1e6,
+            f32_s * 1e6,
+            f32_acc_s * 1e6
+        ));
+        out.push(F32OutputMeasure { m, n, k, bf16_s, f32_s, f32_acc_s });
     }
     Ok(out)
 }
@@ -428,6 +458,7 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
     gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
     let s = gpu.new_stream(false)?;
     let gemms = gemm_sweep(&gpu, &s, reps, on_line)?;
+    let f32_outputs = f32_output_sweep(&gpu, &s, reps, on_line)?;
     let (launch_us, copy_tbps) = launch_and_copy(&gpu, &s, reps)?;
     on_line(&format!("kernel gap {launch_us:.2} us, device copy {copy_tbps:.2} TB/s"));
     let (host_sync_us, host_gbps) = host_round_trip(&gpu, &s, reps, launch_us)?;
@@ -445,5 +476,6 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
         host_sync_us: Some(host_sync_us),
         host_gbps: host_gbps.is_finite().then_some(host_gbps),
         kernels,
+        f32_outputs,
     })
 }

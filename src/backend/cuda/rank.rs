@@ -34,6 +34,10 @@ fn stream_index(s: Stream) -> usize {
     }
 }
 
+/// One timed op of a step: its index, start and end (ns after the step's base event), the
+/// bytes it reports, its host time after the first sync and its issue time.
+type TimedOp = (usize, u64, u64, Option<u64>, Option<u64>, u64);
+
 /// What one rank measured in one step.
 #[derive(Debug, Default, Clone)]
 pub struct RankStep {
@@ -76,6 +80,13 @@ impl GpuRank {
         let comm_high = std::env::var("MOELAB_COMM_PRIORITY").map_or(true, |v| v != "normal");
         let streams = vec![gpu.new_stream(false)?, gpu.new_stream(comm_high)?];
         let rp = &plan.ranks[rank];
+        // The plan's peak in one piece up front: a pool grown allocation by allocation spent
+        // about 1 ms per GB in every step's large allocations, though it no longer grew
+        // (MOELAB_POOL_RESERVE=0 turns this off, for A/B measurements).
+        if std::env::var("MOELAB_POOL_RESERVE").map_or(true, |v| v != "0") {
+            let peak = crate::plan::memory::predict(rp).peak_total as usize;
+            gpu.reserve_pool(&streams[0], peak + peak / 16)?;
+        }
         let epoch = Instant::now();
         let store = DevStore::new(rp.rank, rp.buffers.clone(), epoch);
         let retain: std::collections::HashSet<&str> = retain.iter().map(String::as_str).collect();
@@ -163,7 +174,7 @@ impl GpuRank {
         result.wall_s = t0.elapsed().as_secs_f64();
         if measured {
             let step = self.measured_done as u32;
-            for (op_index, t_start, t_end, bytes, host_ns) in events {
+            for (op_index, t_start, t_end, bytes, host_ns, issue_ns) in events {
                 let op = &self.plan.ranks[self.rank].ops[op_index];
                 let s = self.shift(base_host_ns + t_start);
                 let e = self.shift(base_host_ns + t_end).max(s + 1);
@@ -171,6 +182,7 @@ impl GpuRank {
                     rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(), layer: op.layer, chunk: op.chunk,
                     start_ns: s, end_ns: e, flops: op.flops, bytes: bytes.unwrap_or(op.bytes), collective: op.collective,
                     host_ns: host_ns.map(|h| h.min(e - s)),
+                    issue_ns: Some(issue_ns),
                 });
             }
             let end = self.epoch.elapsed().as_nanos() as u64;
@@ -181,8 +193,7 @@ impl GpuRank {
         Ok(result)
     }
 
-    #[allow(clippy::type_complexity)]
-    fn run_step(&self, data_step: u64, adam_step: u64, opts: &ExecOptions) -> Result<(RankStep, Vec<(usize, u64, u64, Option<u64>, Option<u64>)>, u64), StepError> {
+    fn run_step(&self, data_step: u64, adam_step: u64, opts: &ExecOptions) -> Result<(RankStep, Vec<TimedOp>, u64), StepError> {
         let rp: &RankPlan = &self.plan.ranks[self.rank];
         let gpu_err = |e: GpuError| StepError::Backend(BackendError::OpFailed { rank: rp.rank, op: "(step)".into(), message: e.to_string() });
         let n = rp.ops.len();
@@ -203,7 +214,7 @@ impl GpuRank {
         let cv = (Mutex::new(()), Condvar::new());
         let failed = AtomicBool::new(false);
         let fabric = Fabric::new(opts.collective_timeout);
-        let outcomes: Mutex<Vec<(usize, GpuOutcome, Option<u64>)>> = Mutex::new(Vec::new());
+        let outcomes: Mutex<Vec<(usize, GpuOutcome, Option<u64>, u64)>> = Mutex::new(Vec::new());
 
         let run_stream = |si: usize| -> Result<(), StepError> {
             self.gpu.ctx.bind_to_thread().map_err(|e| gpu_err(GpuError::driver("cuCtxSetCurrent")(e)))?;
@@ -243,10 +254,12 @@ impl GpuRank {
                 }
                 evs[i].0.record(&ex.s.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
                 ex.first_sync.set(None);
+                let issued = Instant::now();
                 let out = ex.execute(op).map_err(|err| StepError::Op { op: op.name.clone(), err })?;
                 let host_ns = ex.first_sync.get().map(|t| t.elapsed().as_nanos() as u64);
+                let issue_ns = issued.elapsed().as_nanos() as u64;
                 evs[i].1.record(&ex.s.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
-                lock(&outcomes).push((i, out, host_ns));
+                lock(&outcomes).push((i, out, host_ns, issue_ns));
                 // Release buffers whose last user this was: the freeing stream first waits for
                 // every other stream that used them.
                 for b in &touched[i] {
@@ -310,10 +323,10 @@ impl GpuRank {
         let mut result = RankStep::default();
         let mut timed = Vec::new();
         let ex = self.exec(0, data_step, adam_step, &fabric);
-        for (i, out, host_ns) in lock(&outcomes).drain(..) {
+        for (i, out, host_ns, issue_ns) in lock(&outcomes).drain(..) {
             let ms0 = base.elapsed_ms(&evs[i].0).map_err(|e| gpu_err(GpuError::driver("cuEventElapsedTime")(e)))?;
             let ms1 = base.elapsed_ms(&evs[i].1).map_err(|e| gpu_err(GpuError::driver("cuEventElapsedTime")(e)))?;
-            timed.push((i, (ms0.max(0.0) as f64 * 1e6) as u64, (ms1.max(0.0) as f64 * 1e6) as u64, out.bytes, host_ns));
+            timed.push((i, (ms0.max(0.0) as f64 * 1e6) as u64, (ms1.max(0.0) as f64 * 1e6) as u64, out.bytes, host_ns, issue_ns));
             if out.host {
                 result.host_ops += 1;
             }

@@ -35,6 +35,66 @@ fn dtype_name<S: serde::Serializer>(d: &GemmDtype, s: S) -> Result<S::Ok, S::Err
     })
 }
 
+/// Weight-gradient GEMM shapes `(m, n, k)` of the f32-output sweep (`c = a^T b` over `k` rows,
+/// as the expert and dense backward computes `dw = x^T dy`): the mixtral-ish expert (d 4,096,
+/// f 14,336) at MPMoE's chunk rows (640), the small-tokens rows (512) and a whole capacity
+/// block (5,120), both ways round, and the fine-grained expert (d 2,048, f 1,408).
+pub const F32_OUTPUT_SHAPES: [(usize, usize, usize); 8] = [
+    (4096, 14336, 640),
+    (14336, 4096, 640),
+    (4096, 14336, 512),
+    (4096, 14336, 5120),
+    (14336, 4096, 5120),
+    (2048, 1408, 2560),
+    (1408, 2048, 2560),
+    (2048, 1408, 640),
+];
+
+/// One bf16 weight-gradient GEMM timed three ways (median seconds): into a bf16 output (as
+/// the GEMM sweep's points), into an f32 output, and into an f32 output it adds to (beta 1,
+/// the gradient accumulation of MPMoE's chunks). Gradients are stored f32 in bf16 plans, so
+/// the f32 output's extra bytes are part of every backward GEMM's time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct F32OutputMeasure {
+    /// Output rows.
+    pub m: usize,
+    /// Output columns.
+    pub n: usize,
+    /// Reduction length.
+    pub k: usize,
+    /// Seconds with a bf16 output.
+    pub bf16_s: f64,
+    /// Seconds with an f32 output.
+    pub f32_s: f64,
+    /// Seconds with an f32 output added to (read and written).
+    pub f32_acc_s: f64,
+}
+
+impl F32OutputMeasure {
+    /// Bytes an f32 output moves beyond a bf16 one: 2 per element written, 6 when it is also
+    /// read (beta 1).
+    pub fn extra_bytes(m: usize, n: usize, accumulate: bool) -> f64 {
+        (m * n) as f64 * if accumulate { 6.0 } else { 2.0 }
+    }
+}
+
+/// The share of the copy rate at which an f32 output's extra bytes move (see
+/// [`F32OutputMeasure::extra_bytes`]): the least-squares fit through the origin of the extra
+/// seconds over the extra bytes, both output forms of every shape. `None` without measures
+/// or when the f32 outputs cost nothing measurable.
+pub fn f32_output_share(measures: &[F32OutputMeasure], copy_bps: f64) -> Option<f64> {
+    let (mut bt, mut bb) = (0.0, 0.0);
+    for m in measures {
+        for (acc, t) in [(false, m.f32_s), (true, m.f32_acc_s)] {
+            let b = F32OutputMeasure::extra_bytes(m.m, m.n, acc);
+            bt += b * (t - m.bf16_s);
+            bb += b * b;
+        }
+    }
+    let per_byte = bt / bb;
+    (per_byte.is_finite() && per_byte > 0.0 && copy_bps > 0.0).then(|| (1.0 / (per_byte * copy_bps)).clamp(0.01, 4.0))
+}
+
 /// One measured collective: `bytes` of payload per member (as plans count it, see
 /// [`CollectiveKind::wire_bytes`]) over `members` GPUs took `seconds` (median).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -158,6 +218,10 @@ pub struct Calibration {
     /// The kernel-class sweep (empty in files from before it was measured).
     #[serde(default)]
     pub kernels: Vec<KernelMeasure>,
+    /// The f32-output sweep of weight-gradient GEMMs (empty in files from before it was
+    /// measured).
+    #[serde(default)]
+    pub f32_outputs: Vec<F32OutputMeasure>,
 }
 
 /// A collective's fitted `time = latency + wire_bytes / (bandwidth * efficiency)`.
@@ -283,7 +347,7 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
             d.insert("points".into(), Value::Array(pts));
         }
     }
-    if cal.host_sync_us.is_some() || cal.host_gbps.is_some() || !cal.kernels.is_empty() {
+    if cal.host_sync_us.is_some() || cal.host_gbps.is_some() || !cal.kernels.is_empty() || !cal.f32_outputs.is_empty() {
         // What this run measured replaces the base's terms (the host round trip, each timed
         // class's bandwidth share); the rest of the base's [kernels] table (classes not timed,
         // each class's fixed_us) is kept.
@@ -298,6 +362,9 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
         }
         let old = kernels.get("source").and_then(Value::as_str).map(|s| format!(" (base: {s})")).unwrap_or_default();
         kernels.insert("source".into(), format!("{source}: the host round trip and the timed classes' bandwidth_share; fixed_us and untimed classes kept from {base_name}{old}").into());
+        if let Some(share) = f32_output_share(&cal.f32_outputs, copy_bps) {
+            kernels.insert("f32_output_share".into(), round(share, 4).into());
+        }
         for m in &cal.kernels {
             let Some(share) = class_share(m, copy_bps, cal.launch_us * 1e-6) else { continue };
             let class = kernels.entry(m.class.clone()).or_insert_with(|| Value::Table(Table::new()));
@@ -324,7 +391,7 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
          # Measured: gpu.launch_us (back-to-back kernel gap), gpu.hbm_efficiency (device copy\n\
          # bandwidth over the datasheet peak), every gpu.gemm.*.points entry whose source names\n\
          # this run (cuBLAS, median of repetitions; the base's points at shapes the sweep does not\n\
-         # time are kept with their sources){}{}.\n\
+         # time are kept with their sources){}{}{}.\n\
          # Kept from the base profile `{base_name}` (datasheet values and stated assumptions): the\n\
          # peaks, memory, SMs, vector FLOP/s, GEMM tile sizes, [kernels] terms not measured, topology{}.\n\n",
         cal.device,
@@ -338,6 +405,7 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
             (false, false) => ", kernels.*.bandwidth_share of the timed classes (plan kernels)",
             (false, true) => "",
         },
+        if cal.f32_outputs.is_empty() { "" } else { ", kernels.f32_output_share (the f32 outputs of bf16 weight-gradient GEMMs)" },
         if fits.is_empty() { ", every link (one GPU: no collective measured)" } else { " and the inter-node link" },
     );
     text.push_str(&body);
@@ -370,7 +438,7 @@ mod tests {
             .into_iter()
             .map(|b| CollectiveMeasure { kind: CollectiveKind::AllReduce, members: 2, bytes: b, seconds: 12e-6 + CollectiveKind::AllReduce.wire_bytes(b, 2) / 360e9 })
             .collect();
-        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![] }
+        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![], f32_outputs: vec![] }
     }
 
     #[test]
@@ -475,5 +543,29 @@ mod tests {
             assert_eq!((cal.host_sync_us, cal.host_gbps, cal.kernels.len()), (None, None, 0));
             render(base(), "h200-datasheet", "x", &cal).expect("renders");
         }
+    }
+
+    #[test]
+    fn the_f32_output_share_is_fitted_from_the_extra_seconds_per_extra_byte() {
+        // Extra bytes moving at 80% of a 3 TB/s copy rate, on two shapes, both output forms.
+        let copy = 3e12;
+        let m = |m: usize, n: usize| {
+            let t = |acc| F32OutputMeasure::extra_bytes(m, n, acc) / (0.8 * copy);
+            F32OutputMeasure { m, n, k: 640, bf16_s: 1e-4, f32_s: 1e-4 + t(false), f32_acc_s: 1e-4 + t(true) }
+        };
+        let share = f32_output_share(&[m(4096, 14336), m(2048, 1408)], copy).expect("fitted");
+        assert!((share - 0.8).abs() < 1e-9, "{share}");
+        assert_eq!(f32_output_share(&[], copy), None);
+        // No measurable cost: nothing to price.
+        let free = F32OutputMeasure { m: 64, n: 64, k: 64, bf16_s: 1e-5, f32_s: 1e-5, f32_acc_s: 1e-5 };
+        assert_eq!(f32_output_share(&[free], copy), None);
+        // The rendered profile carries it.
+        let mut cal = measured();
+        cal.f32_outputs = vec![m(4096, 14336)];
+        cal.copy_tbps = 3.0;
+        let (text, _) = render(base(), "h200-datasheet", "t", &cal).expect("renders");
+        let p = profile::parse(&text, "t").expect("parses");
+        let got = p.gpu.kernels.f32_output_share.expect("written");
+        assert!((got - 0.8).abs() < 1e-3, "{got}");
     }
 }

@@ -357,6 +357,25 @@ fn f32_linear_casts(op: &Op, plan: &RankPlan, dtype: GemmDtype) -> (f64, usize) 
     (casts.iter().sum(), casts.len())
 }
 
+/// Bytes the f32 weight gradient of a bf16 backward GEMM moves beyond the bf16 output the
+/// GEMM points were measured with: 2 per element, 6 when the op adds into it (MPMoE's chunks
+/// after the first). Priced at `kernels.f32_output_share` of the copy rate.
+fn f32_output_bytes(op: &Op, plan: &RankPlan, dtype: GemmDtype) -> f64 {
+    if gemm_dtype(op, plan, dtype) != GemmDtype::Bf16 {
+        return 0.0;
+    }
+    let (dw, accumulate) = match &op.kind {
+        OpKind::LinearBwd { dw, .. } | OpKind::ExpertLinearBwd { dw, .. } | OpKind::ExpertLinearPartBwd { dw, .. } => (*dw, false),
+        OpKind::ExpertLinearBwdAcc { dw, accumulate, .. } => (*dw, *accumulate),
+        _ => return 0.0,
+    };
+    let d = plan.buffer(dw);
+    if d.is_bf16() || d.elem_bytes != 4 {
+        return 0.0;
+    }
+    crate::backend::sim::calibration::F32OutputMeasure::extra_bytes(d.elems, 1, accumulate)
+}
+
 /// The cost of one op of `plan` on `gpu` with GEMMs in `dtype`.
 pub fn op_cost(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype) -> Cost {
     op_cost_at(op, plan, gpu, dtype, 1.0)
@@ -433,7 +452,9 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     let passes = (casts + bias_launches) as f64 * gpu.launch_s + (cast_bytes + bias_bytes) / gpu.mem_bandwidth;
     // One GEMM per expert: the host's calls bound the op from below.
     let host_floor = if calls > 1 { (shapes.len() * calls) as f64 * gpu.kernels.gemm_call_s } else { 0.0 };
-    Cost::Compute((launch + passes + math.max(memory)).max(host_floor))
+    // An f32 weight gradient's extra output bytes follow the GEMM's main loop.
+    let f32_output = gpu.kernels.f32_output_share.map_or(0.0, |share| f32_output_bytes(op, plan, dtype) / (gpu.mem_bandwidth * share));
+    Cost::Compute((launch + passes + math.max(memory) + f32_output).max(host_floor))
 }
 
 #[cfg(test)]
@@ -558,6 +579,32 @@ mod tests {
         let (Cost::Compute(a), Cost::Compute(b)) = (op_cost(&with, &rb, &p.gpu, GemmDtype::Bf16), op_cost(&without, &rb, &p.gpu, GemmDtype::Bf16)) else { panic!("compute") };
         let want = p.gpu.launch_s + 2.0 * 2.0 * (1 << 20) as f64 / p.gpu.mem_bandwidth;
         assert!((a - b - want).abs() < 1e-12, "{} vs {want}", a - b);
+    }
+
+    #[test]
+    fn an_f32_weight_gradient_adds_its_extra_output_bytes_at_the_fitted_share() {
+        // A bf16 expert backward of 2 experts (512 -> 1,024) into f32 weight gradients:
+        // 2 bytes per gradient element more than a bf16 output, 6 when it adds into them.
+        let mut p = profile::resolve("h200").expect("parses");
+        let kind = |accumulate| OpKind::ExpertLinearBwdAcc {
+            x: BufId(0), w: BufId(1), dy: BufId(2), dx: BufId(3), dw: BufId(4), dbias: BufId(5), n_local: 2, d_in: 512, d_out: 1024, accumulate,
+        };
+        let mut rp = rank_with(op(kind(false), 1 << 30, 1), 6);
+        rp.buffers[4].elem_bytes = 4;
+        let elems = rp.buffers[4].elems as f64;
+        let cost = |acc: bool, p: &profile::Profile, rp: &RankPlan| match op_cost(&op(kind(acc), 1 << 30, 1), rp, &p.gpu, GemmDtype::Bf16) {
+            Cost::Compute(s) => s,
+            _ => panic!("compute"),
+        };
+        p.gpu.kernels.f32_output_share = None;
+        let base = cost(true, &p, &rp);
+        p.gpu.kernels.f32_output_share = Some(0.5);
+        let bw = p.gpu.mem_bandwidth * 0.5;
+        assert!((cost(false, &p, &rp) - base - 2.0 * elems / bw).abs() < 1e-12);
+        assert!((cost(true, &p, &rp) - base - 6.0 * elems / bw).abs() < 1e-12);
+        // A bf16 gradient has none.
+        rp.buffers[4].elem_bytes = 2;
+        assert_eq!(cost(true, &p, &rp), base);
     }
 
     #[test]

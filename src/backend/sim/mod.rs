@@ -21,7 +21,7 @@ pub mod engine;
 pub mod profile;
 
 use super::{BackendError, ExecOptions, StepReport};
-use crate::plan::{GroupId, Plan, RankPlan};
+use crate::plan::{BufId, GroupId, Plan, RankPlan};
 use crate::spec::{BackendKind, DType, ExperimentSpec, Problem};
 use crate::trace::{MemEvent, OpEvent, StepSpan, Trace};
 use engine::{Coupling, SimInput, SimOp, SimRankInput, Timeline};
@@ -41,13 +41,27 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
     let mut fail = |field: &str, message: String, fix: String| out.push(Problem { field: field.into(), message, fix });
     let r = &spec.run;
     if r.backend != BackendKind::Sim {
-        for (field, set) in [("run.profile", r.profile.is_some()), ("run.gpus_per_node", r.gpus_per_node.is_some()), ("run.nodes", r.nodes.is_some())] {
+        for (field, set) in [
+            ("run.profile", r.profile.is_some()),
+            ("run.gpus_per_node", r.gpus_per_node.is_some()),
+            ("run.nodes", r.nodes.is_some()),
+            ("run.dropless_imbalance", r.dropless_imbalance.is_some()),
+        ] {
             if set {
                 fail(field, format!("{field} applies to backend \"sim\" only (backend is {:?})", r.backend.as_str()),
                     format!("remove {field}, or set backend = \"sim\""));
             }
         }
         return out;
+    }
+    if let Some(i) = r.dropless_imbalance {
+        if !(i.is_finite() && i >= 1.0) {
+            fail("run.dropless_imbalance", format!("dropless_imbalance={i} must be a number >= 1 (the fullest expert's load over the mean)"),
+                "use 1 for balanced routing, e.g. 1.3 for a fullest expert 30% above the mean".into());
+        } else if !spec.model.dropless {
+            fail("run.dropless_imbalance", "dropless_imbalance applies to dropless plans only (model.dropless is false)".into(),
+                "remove run.dropless_imbalance, or set model.dropless = true".into());
+        }
     }
     let name = r.profile.clone().unwrap_or_else(|| profile::DEFAULT_PROFILE.to_string());
     let prof = match profile::resolve(&name) {
@@ -177,14 +191,51 @@ pub fn expected_dynamic_load(spec: &crate::spec::ExperimentSpec) -> f64 {
     if m.dropless { (k as f64 / m.n_experts.max(1) as f64).min(1.0) } else { 1.0 }
 }
 
+/// Share of the bound of a dropless expert block (`[E_local, rows, d]`) that a step fills:
+/// every expert's block is as long as the fullest expert's load, the mean load times
+/// `run.dropless_imbalance` (1 when unset). 1 for capacity plans.
+pub fn expected_block_load(spec: &crate::spec::ExperimentSpec) -> f64 {
+    (expected_dynamic_load(spec) * spec.run.dropless_imbalance.unwrap_or(1.0)).min(1.0)
+}
+
+/// Dynamic buffers laid out in expert blocks: the row operands of the expert GEMMs (and so
+/// of the activation between them).
+fn expert_blocks(rp: &RankPlan) -> Vec<bool> {
+    use crate::plan::OpKind::*;
+    let mut out = vec![false; rp.buffers.len()];
+    for op in &rp.ops {
+        let rows: &[BufId] = match &op.kind {
+            ExpertLinear { x, y, .. } | ExpertLinearPart { x, y, .. } => &[*x, *y],
+            ExpertLinearBwd { x, dy, dx, .. } | ExpertLinearBwdAcc { x, dy, dx, .. } | ExpertLinearPartBwd { x, dy, dx, .. } => &[*x, *dy, *dx],
+            _ => &[],
+        };
+        for b in rows {
+            out[b.0 as usize] = rp.buffer(*b).dynamic;
+        }
+    }
+    out
+}
+
 /// Costs of a rank's ops; ops that touch a dynamic buffer are scaled to the expected load
-/// (see [`expected_dynamic_load`]), so dropless plans are predicted at balanced routing.
-fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, load: f64) -> Vec<SimOp> {
+/// (see [`expected_dynamic_load`]), so dropless plans are predicted at balanced routing; an
+/// element-wise op whose dynamic buffers are all expert blocks runs over the whole blocks
+/// (`block_load`, see [`expected_block_load`]), the expert GEMMs over each expert's rows.
+fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, load: f64, block_load: f64) -> Vec<SimOp> {
+    let blocks = expert_blocks(rp);
     rp.ops
         .iter()
         .map(|op| {
-            let dynamic = load < 1.0 && op.reads.iter().chain(&op.writes).any(|b| rp.buffer(*b).dynamic);
-            let cost = cost::op_cost_at(op, rp, &profile.gpu, dtype, if dynamic { load } else { 1.0 });
+            let mut dynamic_bufs = op.reads.iter().chain(&op.writes).filter(|b| rp.buffer(**b).dynamic).peekable();
+            let dynamic = load < 1.0 && dynamic_bufs.peek().is_some();
+            let elementwise = matches!(op.kind, crate::plan::OpKind::Act { .. } | crate::plan::OpKind::ActBwd { .. });
+            let l = if !dynamic {
+                1.0
+            } else if elementwise && dynamic_bufs.all(|b| blocks[b.0 as usize]) {
+                block_load
+            } else {
+                load
+            };
+            let cost = cost::op_cost_at(op, rp, &profile.gpu, dtype, l);
             SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost }
         })
         .collect()
@@ -235,7 +286,7 @@ pub fn simulate_plan(plan: &Plan, profile: &Profile, symmetry: Symmetry) -> Resu
         (plan.ranks.iter().collect(), Coupling::Full)
     };
     let input = SimInput {
-        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, expected_dynamic_load(&plan.spec)) }).collect(),
+        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, expected_dynamic_load(&plan.spec), expected_block_load(&plan.spec)) }).collect(),
         groups,
         profile,
         coupling,
@@ -389,7 +440,7 @@ impl SimRuntime {
                 if measured {
                     self.trace.ops.push(OpEvent {
                         rank: *rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(), layer: op.layer,
-                        chunk: op.chunk, start_ns, end_ns, flops: op.flops, bytes: op.bytes, collective: op.collective, host_ns: None,
+                        chunk: op.chunk, start_ns, end_ns, flops: op.flops, bytes: op.bytes, collective: op.collective, host_ns: None, issue_ns: None,
                     });
                 }
             }

@@ -391,6 +391,10 @@ pub struct KernelProfile {
     /// Host time per GEMM call of an expert op that runs one GEMM per expert (dropless):
     /// with many small experts the host's calls, not the GPU, set the pace. Seconds.
     pub gemm_call_s: f64,
+    /// Share of `mem_bandwidth` at which a bf16 GEMM's f32 output (the weight gradients of a
+    /// bf16 plan) moves its bytes beyond a bf16 output's (6 per element when the GEMM adds to
+    /// it): `moelab calibrate` fits it. `None`: those bytes are not priced.
+    pub f32_output_share: Option<f64>,
     /// Per class, in [`KernelClass::ALL`] order.
     pub classes: [KernelClassParams; 14],
     /// Where the numbers come from (`kernels.source`: fitted from which runs, or measured).
@@ -399,7 +403,7 @@ pub struct KernelProfile {
 
 impl Default for KernelProfile {
     fn default() -> Self {
-        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, classes: [KernelClassParams::default(); 14], source: None }
+        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, f32_output_share: None, classes: [KernelClassParams::default(); 14], source: None }
     }
 }
 
@@ -558,6 +562,8 @@ struct KernelsToml {
     host_gbps: Option<f64>,
     #[serde(default)]
     gemm_call_us: f64,
+    #[serde(default)]
+    f32_output_share: Option<f64>,
     #[serde(default)]
     source: Option<String>,
     #[serde(default)]
@@ -820,7 +826,17 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                         *slot = c;
                     }
                 }
-                KernelProfile { host_sync_s: k.host_sync_us * 1e-6, host_bandwidth, gemm_call_s: k.gemm_call_us * 1e-6, classes, source: k.source.clone() }
+                if let Some(f) = k.f32_output_share {
+                    positive("kernels.f32_output_share", f)?;
+                }
+                KernelProfile {
+                    host_sync_s: k.host_sync_us * 1e-6,
+                    host_bandwidth,
+                    gemm_call_s: k.gemm_call_us * 1e-6,
+                    f32_output_share: k.f32_output_share,
+                    classes,
+                    source: k.source.clone(),
+                }
             }
         },
     };

@@ -31,7 +31,7 @@ mod tests {
     fn sample() -> Trace {
         let op = |rank, stream, stage, start, end| OpEvent {
             rank, step: 0, stream, stage, pass: Pass::Forward, name: format!("{stage}"), layer: Some(1), chunk: None,
-            start_ns: start, end_ns: end, flops: 100, bytes: 64, collective: None, host_ns: None,
+            start_ns: start, end_ns: end, flops: 100, bytes: 64, collective: None, host_ns: None, issue_ns: None,
         };
         Trace {
             backend: "cpu".into(),
