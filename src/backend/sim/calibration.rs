@@ -157,7 +157,7 @@ pub fn kernel_bytes(class: KernelClass) -> Option<f64> {
         KernelClass::ActBwd => 3.0 * h,
         KernelClass::Layout => 2.0 * (KERNEL_EXPERT_ROWS * KERNEL_WIDTH * 4) as f64,
         KernelClass::Optimizer => 7.0 * 4.0 * KERNEL_PARAMS as f64,
-        KernelClass::Route | KernelClass::Softmax | KernelClass::SoftmaxBwd | KernelClass::Elementwise => return None,
+        KernelClass::Route | KernelClass::RouteBwd | KernelClass::Softmax | KernelClass::SoftmaxBwd | KernelClass::Elementwise => return None,
     })
 }
 

@@ -172,7 +172,8 @@ pub fn kernel_class(kind: &OpKind) -> KernelClass {
         }
         Combine { .. } | CombinePart { .. } => KernelClass::Combine,
         CombineBwd { .. } => KernelClass::CombineBwd,
-        Route { .. } | RouteBwd { .. } => KernelClass::Route,
+        Route { .. } => KernelClass::Route,
+        RouteBwd { .. } => KernelClass::RouteBwd,
         Loss { .. } | LossReplica { .. } => KernelClass::Loss,
         Adam { .. } | GradAccum { .. } => KernelClass::Optimizer,
         LoadBatch { .. } => KernelClass::Data,

@@ -293,8 +293,10 @@ pub enum KernelClass {
     Combine,
     /// Combine backward (row gradients and per-assignment weight gradients).
     CombineBwd,
-    /// Routing softmax / top-k and its backward.
+    /// Routing softmax / top-k (and its backward where a profile has no `route_bwd`).
     Route,
+    /// The routing backward: the gate-probability gradient per token.
+    RouteBwd,
     /// The loss and its gradient.
     Loss,
     /// The optimizer update (Adam, gradient accumulation).
@@ -312,10 +314,10 @@ pub enum KernelClass {
 
 impl KernelClass {
     /// Every class, in profile order.
-    pub const ALL: [KernelClass; 14] = [
+    pub const ALL: [KernelClass; 15] = [
         KernelClass::Layernorm, KernelClass::LayernormBwd, KernelClass::Act, KernelClass::ActBwd, KernelClass::Layout,
-        KernelClass::Combine, KernelClass::CombineBwd, KernelClass::Route, KernelClass::Loss, KernelClass::Optimizer,
-        KernelClass::Data, KernelClass::Softmax, KernelClass::SoftmaxBwd, KernelClass::Elementwise,
+        KernelClass::Combine, KernelClass::CombineBwd, KernelClass::Route, KernelClass::RouteBwd, KernelClass::Loss,
+        KernelClass::Optimizer, KernelClass::Data, KernelClass::Softmax, KernelClass::SoftmaxBwd, KernelClass::Elementwise,
     ];
     /// The spelling used in profile files (`[kernels.<name>]`).
     pub fn as_str(self) -> &'static str {
@@ -328,6 +330,7 @@ impl KernelClass {
             KernelClass::Combine => "combine",
             KernelClass::CombineBwd => "combine_bwd",
             KernelClass::Route => "route",
+            KernelClass::RouteBwd => "route_bwd",
             KernelClass::Loss => "loss",
             KernelClass::Optimizer => "optimizer",
             KernelClass::Data => "data",
@@ -396,14 +399,14 @@ pub struct KernelProfile {
     /// it): `moelab calibrate` fits it. `None`: those bytes are not priced.
     pub f32_output_share: Option<f64>,
     /// Per class, in [`KernelClass::ALL`] order.
-    pub classes: [KernelClassParams; 14],
+    pub classes: [KernelClassParams; 15],
     /// Where the numbers come from (`kernels.source`: fitted from which runs, or measured).
     pub source: Option<String>,
 }
 
 impl Default for KernelProfile {
     fn default() -> Self {
-        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, f32_output_share: None, classes: [KernelClassParams::default(); 14], source: None }
+        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, f32_output_share: None, classes: [KernelClassParams::default(); 15], source: None }
     }
 }
 
@@ -583,6 +586,8 @@ struct KernelsToml {
     #[serde(default)]
     route: Option<KernelClassParams>,
     #[serde(default)]
+    route_bwd: Option<KernelClassParams>,
+    #[serde(default)]
     loss: Option<KernelClassParams>,
     #[serde(default)]
     optimizer: Option<KernelClassParams>,
@@ -597,9 +602,10 @@ struct KernelsToml {
 }
 
 impl KernelsToml {
-    fn classes(&self) -> [Option<KernelClassParams>; 14] {
+    fn classes(&self) -> [Option<KernelClassParams>; 15] {
+        // A profile without its own route_bwd prices the routing backward as the forward.
         [self.layernorm, self.layernorm_bwd, self.act, self.act_bwd, self.layout, self.combine, self.combine_bwd,
-            self.route, self.loss, self.optimizer, self.data, self.softmax, self.softmax_bwd, self.elementwise]
+            self.route, self.route_bwd.or(self.route), self.loss, self.optimizer, self.data, self.softmax, self.softmax_bwd, self.elementwise]
     }
 }
 
@@ -809,7 +815,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                     Some(v) => positive("kernels.host_gbps", v)? * 1e9,
                     None => f64::INFINITY,
                 };
-                let mut classes = [KernelClassParams::default(); 14];
+                let mut classes = [KernelClassParams::default(); 15];
                 for ((slot, given), class) in classes.iter_mut().zip(k.classes()).zip(KernelClass::ALL) {
                     if let Some(c) = given {
                         let f = format!("kernels.{}", class.as_str());
