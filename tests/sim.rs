@@ -217,11 +217,12 @@ fn sim_fields_are_checked_and_filled_by_spec_validation() {
 }
 
 #[test]
-fn a_dropless_imbalance_lengthens_the_activation_over_the_expert_blocks_not_the_gemms() {
+fn a_dropless_imbalance_lengthens_the_passes_over_whole_expert_blocks_only() {
     // Every expert block is as long as the fullest expert: the activation between the expert
-    // GEMMs runs over all of it, each expert's GEMM over its own rows.
-    let text = std::fs::read_to_string("experiments/bench-sim/fine-grained-dropless.toml").expect("bench file");
-    let times = |imbalance: f64| {
+    // GEMMs runs over all of it, and so do batched expert GEMMs (fine-grained's 64 small
+    // experts); per-expert GEMMs (small-tokens' 8 large ones) run over each expert's rows.
+    let times = |file: &str, imbalance: f64| {
+        let text = std::fs::read_to_string(format!("experiments/bench-sim/{file}.toml")).expect("bench file");
         let s = from_toml_str(&text.replace("backend = \"sim\"", &format!("backend = \"sim\"\ndropless_imbalance = {imbalance}"))).expect("valid");
         let plan = Plan::build(&s).expect("plans");
         let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
@@ -233,12 +234,14 @@ fn a_dropless_imbalance_lengthens_the_activation_over_the_expert_blocks_not_the_
         };
         (of("L0.expert_act"), of("L0.expert_act_bwd"), of("L0.expert_gemm1"), of("L0.expert_gemm2_bwd"))
     };
-    let (balanced, skewed) = (times(1.0), times(1.5));
-    // Its bytes grow 1.5x (its launch does not).
+    let (balanced, skewed) = (times("small-tokens-dropless", 1.0), times("small-tokens-dropless", 1.5));
+    // The activation's bytes grow 1.5x (its launch does not).
     for (b, s) in [(balanced.0, skewed.0), (balanced.1, skewed.1)] {
         assert!(s > 1.4 * b && s <= 1.5 * b, "{balanced:?} {skewed:?}");
     }
     assert!(close(skewed.2, balanced.2) && close(skewed.3, balanced.3), "{balanced:?} {skewed:?}");
+    let (balanced, skewed) = (times("fine-grained-dropless", 1.0), times("fine-grained-dropless", 1.5));
+    assert!(skewed.2 > 1.3 * balanced.2 && skewed.3 > 1.3 * balanced.3, "{balanced:?} {skewed:?}");
 }
 
 #[test]

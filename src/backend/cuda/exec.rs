@@ -24,7 +24,7 @@ use crate::backend::cpu::fabric::Fabric;
 use crate::backend::cpu::store::{Data, OpView};
 use crate::math::{rng, routing};
 use crate::plan::{BufId, ElemType, Group, Op, OpKind, RankPlan};
-use crate::plan::ops::{aligned_rows, DROPLESS_ROW_ALIGN};
+use crate::plan::ops::{aligned_rows, per_expert_pays, DROPLESS_ROW_ALIGN};
 use crate::spec::Activation;
 use cudarc::driver::{result, LaunchConfig, PushKernelArg};
 use moelab_kernels::error::GpuError;
@@ -1079,6 +1079,19 @@ impl<'a> StreamExec<'a> {
         rows_in_use(&fills.iter().map(|f| f.as_slice()).collect::<Vec<_>>(), n_local, rows)
     }
 
+    /// Whether a dropless expert op with `used` real rows per expert (blocks of `rows`) runs
+    /// one GEMM per expert (`plan::ops::per_expert_pays`; `MOELAB_DROPLESS_GEMMS` =
+    /// `per-expert` or `batched` forces either, for A/B runs).
+    fn per_expert(&self, used: &[usize], rows: usize, d_in: usize, d_out: usize, gemms: usize, calls: usize) -> bool {
+        match dropless_gemms() {
+            Some(forced) => forced,
+            None => {
+                let gemm_rows: Vec<usize> = used.iter().map(|&u| if u == 0 { 0 } else { Self::gemm_rows(u, rows) }).collect();
+                per_expert_pays(&gemm_rows, rows, d_in, d_out, gemms, calls, self.gemm_st() == Storage::Bf16, self.gpu.info.sm_count as usize)
+            }
+        }
+    }
+
     /// GEMM rows for an expert block with `used` real rows out of `rows`: `used` rounded up
     /// by [`aligned_rows`] to [`expert_row_align`] (at most `rows`). The rows past `used` are zero in every
     /// operand (fresh, zeroed allocations; layouts write zero rows), so the extra rows compute
@@ -1100,9 +1113,13 @@ impl<'a> StreamExec<'a> {
         let rows = xb.len / (n_local * d_in);
         let y_st = self.st(y);
         let yb = self.output(y, n_local * rows * d_out)?;
-        match self.expert_rows(&[x], n_local, rows) {
+        let calls = 1 + bias.is_some() as usize;
+        match self.expert_rows(&[x], n_local, rows).filter(|u| self.per_expert(u, rows, d_in, d_out, 1, calls)) {
             // Dropless: each expert's real rows; the rest of y stays zero (fresh allocation),
             // bias included, which no later op reads (the unlayout takes real rows only).
+            // Otherwise one batched GEMM over whole blocks (capacity plans, or dropless blocks
+            // whose padding costs less than the per-expert calls): y has no fill then, so the
+            // ops after it run batched too, and its padded rows (bias) are never read back.
             Some(used) => {
                 let (ab, cb) = (gs.size(), y_st.size());
                 let bb = match bias {
@@ -1148,7 +1165,7 @@ impl<'a> StreamExec<'a> {
         let dxb = self.output(dx, xb.len)?;
         let dwb = if accumulate { self.input(dw)? } else { self.output(dw, n_local * d_in * d_out)? };
         let beta = if accumulate { 1.0 } else { 0.0 };
-        match self.expert_rows(&[x, dy], n_local, rows) {
+        match self.expert_rows(&[x, dy], n_local, rows).filter(|u| self.per_expert(u, rows, d_in, d_out, 2, 2)) {
             // Dropless: rows past each expert's last real row are zero in x and dy, so they
             // add nothing to dw and their dx rows stay zero (fresh allocation).
             Some(used) => {
@@ -1243,6 +1260,17 @@ pub fn expert_row_align() -> usize {
     static ALIGN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ALIGN.get_or_init(|| {
         std::env::var("MOELAB_EXPERT_ROW_ALIGN").ok().and_then(|v| v.trim().parse().ok()).filter(|&a: &usize| a > 0).unwrap_or(DROPLESS_ROW_ALIGN)
+    })
+}
+
+/// `MOELAB_DROPLESS_GEMMS`: `per-expert` (Some(true)), `batched` (Some(false)), else the
+/// cost rule (None).
+fn dropless_gemms() -> Option<bool> {
+    static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var("MOELAB_DROPLESS_GEMMS").as_deref() {
+        Ok("per-expert") => Some(true),
+        Ok("batched") => Some(false),
+        _ => None,
     })
 }
 

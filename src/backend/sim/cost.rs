@@ -57,12 +57,33 @@ impl GemmShape {
 /// one iteration of its loop). Row counts of expert GEMMs come from the planned buffer sizes
 /// (capacity, or its upper bound when dropless).
 pub fn gemms(kind: &OpKind, plan: &RankPlan) -> Vec<GemmShape> {
-    gemms_at(kind, plan, 1.0)
+    gemms_at(kind, plan, Fill::FULL)
 }
 
-/// [`gemms`] with expert row counts scaled by `rows_scale` (the expected share of a dynamic
+/// How full an op's routing-sized (dynamic) buffers are in a step, and how its expert GEMMs
+/// run over them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fill {
+    /// Share of each dynamic buffer's bound in use (FLOPs, bytes and GEMM rows scale by it).
+    pub scale: f64,
+    /// Dropless expert GEMMs run one per expert on each expert's rows (rather than one
+    /// batched GEMM over whole blocks).
+    pub per_expert: bool,
+}
+
+impl Fill {
+    /// Buffers at their bound (capacity plans).
+    pub const FULL: Fill = Fill { scale: 1.0, per_expert: false };
+    /// Dynamic buffers at `scale` of their bound, expert GEMMs per expert below the bound.
+    pub fn per_expert(scale: f64) -> Fill {
+        Fill { scale, per_expert: scale < 1.0 }
+    }
+}
+
+/// [`gemms`] with expert row counts scaled by `fill.scale` (the expected share of a dynamic
 /// buffer's bound, see `sim::expected_dynamic_load`).
-pub fn gemms_at(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> Vec<GemmShape> {
+pub fn gemms_at(kind: &OpKind, plan: &RankPlan, fill: Fill) -> Vec<GemmShape> {
+    let rows_scale = fill.scale;
     use OpKind::*;
     let elems = |b: crate::plan::BufId| plan.buffer(b).elems;
     let g = |m, n, k, batch| GemmShape { m, n, k, batch };
@@ -86,7 +107,7 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> Vec<GemmShap
     // one fixed tile's wave count would misjudge), their launches per expert (`gemm_calls`).
     let experts = |x: BufId, n_local: usize, d_in: usize, shapes: &dyn Fn(usize, usize) -> Vec<GemmShape>| {
         let rows = rows_of(x, n_local, d_in);
-        if per_expert_gemms(x, plan, rows_scale) {
+        if per_expert_gemms(x, plan, fill) {
             shapes(crate::plan::ops::aligned_rows(rows, block_rows(x, n_local, d_in), crate::plan::ops::DROPLESS_ROW_ALIGN), n_local)
         } else {
             shapes(rows, n_local)
@@ -111,7 +132,7 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> Vec<GemmShap
 
 /// Calls per GEMM shape of an op: its experts for a dropless expert op (one GEMM per expert),
 /// else 1.
-fn gemm_calls(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> usize {
+fn gemm_calls(kind: &OpKind, plan: &RankPlan, fill: Fill) -> usize {
     use OpKind::*;
     match kind {
         ExpertLinear { x, n_local, .. }
@@ -119,7 +140,7 @@ fn gemm_calls(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> usize {
         | ExpertLinearBwd { x, n_local, .. }
         | ExpertLinearBwdAcc { x, n_local, .. }
         | ExpertLinearPartBwd { x, n_local, .. }
-            if per_expert_gemms(*x, plan, rows_scale) =>
+            if per_expert_gemms(*x, plan, fill) =>
         {
             *n_local
         }
@@ -128,9 +149,9 @@ fn gemm_calls(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> usize {
 }
 
 /// Whether a dropless expert op runs one GEMM per expert (its input block `x` is routing-sized
-/// and priced below its bound) rather than one batched GEMM over all experts.
-fn per_expert_gemms(x: BufId, plan: &RankPlan, rows_scale: f64) -> bool {
-    rows_scale < 1.0 && plan.buffer(x).dynamic
+/// and the fill says so) rather than one batched GEMM over all experts.
+fn per_expert_gemms(x: BufId, plan: &RankPlan, fill: Fill) -> bool {
+    fill.per_expert && plan.buffer(x).dynamic
 }
 
 /// Kernels an op launches (each pays the launch overhead once).
@@ -321,15 +342,15 @@ fn attention_loop(kind: &OpKind, plan: &RankPlan) -> Option<(usize, Vec<LoopKern
 
 /// Bytes and launches of the bias pass the cuda executor runs after a GEMM with a bias (the
 /// output read and written once more, its rows scaled like the GEMM's), or nothing without one.
-fn bias_pass(kind: &OpKind, plan: &RankPlan, rows_scale: f64) -> (f64, usize) {
+fn bias_pass(kind: &OpKind, plan: &RankPlan, fill: Fill) -> (f64, usize) {
     let y = match kind {
         OpKind::Linear { bias: Some(_), y, .. } | OpKind::ExpertLinear { y, .. } | OpKind::ExpertLinearPart { bias: Some(_), y, .. } => *y,
         _ => return (0.0, 0),
     };
     let d = plan.buffer(y);
-    let scale = if d.dynamic { rows_scale } else { 1.0 };
+    let scale = if d.dynamic { fill.scale } else { 1.0 };
     // One launch per GEMM call (per expert where the GEMMs run per expert).
-    (2.0 * d.elems as f64 * d.elem_bytes as f64 * scale, gemm_calls(kind, plan, rows_scale))
+    (2.0 * d.elems as f64 * d.elem_bytes as f64 * scale, gemm_calls(kind, plan, fill))
 }
 
 /// Bytes and kernels of the storage casts the cuda executor runs around a bf16 plan's f32
@@ -383,10 +404,16 @@ pub fn op_cost(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype) -> 
 }
 
 /// [`op_cost`] of an op whose routing-sized buffers hold `load` of their bound: FLOPs, bytes
-/// and expert GEMM rows all scaled by it.
+/// and expert GEMM rows all scaled by it (dropless expert GEMMs per expert).
 pub fn op_cost_at(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, load: f64) -> Cost {
+    op_cost_filled(op, plan, gpu, dtype, Fill::per_expert(load))
+}
+
+/// [`op_cost`] of an op whose routing-sized buffers are as full as `fill` says.
+pub fn op_cost_filled(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, fill: Fill) -> Cost {
+    let load = fill.scale;
     if load == 1.0 {
-        return op_cost_sized(op, plan, gpu, dtype, op.flops, op.bytes, 1.0);
+        return op_cost_sized(op, plan, gpu, dtype, op.flops, op.bytes, Fill::FULL);
     }
     // Only the routing-sized buffers shrink: static operands (expert weights) keep their bytes.
     let (mut dynamic, mut total) = (0u64, 0u64);
@@ -400,13 +427,14 @@ pub fn op_cost_at(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, 
     }
     let share = if total > 0 { dynamic as f64 / total as f64 } else { 1.0 };
     let bytes = (op.bytes as f64 * (1.0 - share * (1.0 - load))) as u64;
-    op_cost_sized(op, plan, gpu, dtype, (op.flops as f64 * load) as u64, bytes, load)
+    op_cost_sized(op, plan, gpu, dtype, (op.flops as f64 * load) as u64, bytes, fill)
 }
 
-/// The cost of `op` doing `flops` and moving `bytes`, its expert GEMM rows scaled by
-/// `rows_scale`.
+/// The cost of `op` doing `flops` and moving `bytes`, its expert GEMM rows filled as `fill`
+/// says.
 #[allow(clippy::too_many_arguments)]
-fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, flops: u64, bytes: u64, rows_scale: f64) -> Cost {
+fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, flops: u64, bytes: u64, fill: Fill) -> Cost {
+    let rows_scale = fill.scale;
     if let Some(mut parts) = collective_sized(op, bytes) {
         let host = host_traffic(&op.kind, plan, rows_scale);
         if let Some(first) = parts.first_mut() {
@@ -429,8 +457,8 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
             .sum();
         return Cost::Compute(iterations as f64 * per_iteration);
     }
-    let shapes = gemms_at(&op.kind, plan, rows_scale);
-    let calls = gemm_calls(&op.kind, plan, rows_scale);
+    let shapes = gemms_at(&op.kind, plan, fill);
+    let calls = gemm_calls(&op.kind, plan, fill);
     let launch = kernels(&op.kind, shapes.len() * calls) as f64 * gpu.launch_s;
     let memory = bytes as f64 / gpu.mem_bandwidth;
     if shapes.is_empty() {
@@ -449,7 +477,7 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     let math: f64 = shapes.iter().map(|s| model.seconds(s.flops() * scale, s.m, s.n, s.k, s.batch)).sum();
     // Passes in their own kernels around the GEMMs: storage casts and the bias add.
     let (cast_bytes, casts) = f32_linear_casts(op, plan, dtype);
-    let (bias_bytes, bias_launches) = bias_pass(&op.kind, plan, rows_scale);
+    let (bias_bytes, bias_launches) = bias_pass(&op.kind, plan, fill);
     let passes = (casts + bias_launches) as f64 * gpu.launch_s + (cast_bytes + bias_bytes) / gpu.mem_bandwidth;
     // One GEMM per expert: the host's calls bound the op from below.
     let host_floor = if calls > 1 { (shapes.len() * calls) as f64 * gpu.kernels.gemm_call_s } else { 0.0 };
@@ -618,20 +646,25 @@ mod tests {
         let o = op(kind.clone(), 1, 1);
         let mut rp = rank_with(o, 4);
         rp.buffers[0] = BufferDesc { elems: n_local * 1000 * d_in, dynamic: true, ..rp.buffers[0].clone() };
-        assert_eq!(gemms_at(&kind, &rp, 0.25), vec![GemmShape { m: 256, n: d_out, k: d_in, batch: n_local }]);
-        assert_eq!((gemm_calls(&kind, &rp, 0.25), bias_pass(&kind, &rp, 0.25).1), (n_local, n_local));
-        assert_eq!(gemms_at(&kind, &rp, 1.0), vec![GemmShape { m: 1000, n: d_out, k: d_in, batch: n_local }]);
-        assert_eq!((gemm_calls(&kind, &rp, 1.0), bias_pass(&kind, &rp, 1.0).1), (1, 1));
+        let (quarter, full) = (Fill::per_expert(0.25), Fill::per_expert(1.0));
+        assert_eq!(gemms_at(&kind, &rp, quarter), vec![GemmShape { m: 256, n: d_out, k: d_in, batch: n_local }]);
+        assert_eq!((gemm_calls(&kind, &rp, quarter), bias_pass(&kind, &rp, quarter).1), (n_local, n_local));
+        assert_eq!(gemms_at(&kind, &rp, full), vec![GemmShape { m: 1000, n: d_out, k: d_in, batch: n_local }]);
+        assert_eq!((gemm_calls(&kind, &rp, full), bias_pass(&kind, &rp, full).1), (1, 1));
+        // Batched over whole blocks below the bound: one call over the filled rows.
+        let batched = Fill { scale: 0.25, per_expert: false };
+        assert_eq!(gemms_at(&kind, &rp, batched), vec![GemmShape { m: 250, n: d_out, k: d_in, batch: n_local }]);
+        assert_eq!((gemm_calls(&kind, &rp, batched), bias_pass(&kind, &rp, batched).1), (1, 1));
         let bwd = OpKind::ExpertLinearBwd { x: BufId(0), w: BufId(1), dy: BufId(3), dx: BufId(0), dw: BufId(1), dbias: BufId(2), n_local, d_in, d_out };
-        assert_eq!((gemms_at(&bwd, &rp, 0.25).len(), gemm_calls(&bwd, &rp, 0.25)), (2, n_local));
+        assert_eq!((gemms_at(&bwd, &rp, quarter).len(), gemm_calls(&bwd, &rp, quarter)), (2, n_local));
         // The host's calls bound such an op from below: 4 experts x 2 GEMMs at 1 ms a call; a
         // batched call (full load) has no floor.
         let mut p = profile::resolve("h200-datasheet").expect("parses");
         p.gpu.kernels.gemm_call_s = 1e-3;
         let ob = op(bwd, 1, 1);
-        let Cost::Compute(s) = op_cost_sized(&ob, &rp, &p.gpu, GemmDtype::Bf16, 1, 1, 0.25) else { panic!("compute") };
+        let Cost::Compute(s) = op_cost_sized(&ob, &rp, &p.gpu, GemmDtype::Bf16, 1, 1, Fill::per_expert(0.25)) else { panic!("compute") };
         assert!((s - 8e-3).abs() < 1e-12, "{s}");
-        let Cost::Compute(s) = op_cost_sized(&ob, &rp, &p.gpu, GemmDtype::Bf16, 1, 1, 1.0) else { panic!("compute") };
+        let Cost::Compute(s) = op_cost_sized(&ob, &rp, &p.gpu, GemmDtype::Bf16, 1, 1, Fill::per_expert(1.0)) else { panic!("compute") };
         assert!(s < 1e-4, "{s}");
     }
 

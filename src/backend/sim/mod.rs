@@ -216,10 +216,40 @@ fn expert_blocks(rp: &RankPlan) -> Vec<bool> {
     out
 }
 
+/// How a dropless expert GEMM op runs in the executor (`plan::ops::per_expert_pays`, the rule
+/// the cuda executor applies each step): one GEMM per expert at the mean load, or one batched
+/// GEMM over whole blocks of the fullest expert's rows. `None` for other ops and full buffers.
+fn expert_gemm_fill(op: &crate::plan::Op, rp: &RankPlan, load: f64, block_load: f64, bf16: bool, sms: usize) -> Option<cost::Fill> {
+    use crate::plan::ops::{aligned_rows, per_expert_pays, DROPLESS_ROW_ALIGN};
+    use crate::plan::OpKind::*;
+    let (x, n_local, d_in, d_out, gemms, calls) = match &op.kind {
+        ExpertLinear { x, n_local, d_in, d_out, .. } => (*x, *n_local, *d_in, *d_out, 1, 2),
+        ExpertLinearPart { x, bias, n_local, d_in, d_out, .. } => (*x, *n_local, *d_in, *d_out, 1, 1 + bias.is_some() as usize),
+        ExpertLinearBwd { x, n_local, d_in, d_out, .. } | ExpertLinearBwdAcc { x, n_local, d_in, d_out, .. } | ExpertLinearPartBwd { x, n_local, d_in, d_out, .. } => {
+            (*x, *n_local, *d_in, *d_out, 2, 2)
+        }
+        _ => return None,
+    };
+    let d = rp.buffer(x);
+    if !d.dynamic || load >= 1.0 {
+        return None;
+    }
+    let bound = d.elems / (n_local * d_in).max(1);
+    let rows = |share: f64| ((bound as f64 * share).round() as usize).max(1);
+    let block = aligned_rows(rows(block_load), bound, DROPLESS_ROW_ALIGN);
+    let used = aligned_rows(rows(load), block, DROPLESS_ROW_ALIGN);
+    Some(if per_expert_pays(&vec![used; n_local], block, d_in, d_out, gemms, calls, bf16, sms) {
+        cost::Fill::per_expert(load)
+    } else {
+        cost::Fill { scale: block as f64 / bound.max(1) as f64, per_expert: false }
+    })
+}
+
 /// Costs of a rank's ops; ops that touch a dynamic buffer are scaled to the expected load
 /// (see [`expected_dynamic_load`]), so dropless plans are predicted at balanced routing; an
 /// element-wise op whose dynamic buffers are all expert blocks runs over the whole blocks
-/// (`block_load`, see [`expected_block_load`]), the expert GEMMs over each expert's rows.
+/// (`block_load`, see [`expected_block_load`]), and the expert GEMMs per expert or batched
+/// over whole blocks as the executor chooses ([`expert_gemm_fill`]).
 fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, load: f64, block_load: f64) -> Vec<SimOp> {
     let blocks = expert_blocks(rp);
     rp.ops
@@ -228,14 +258,16 @@ fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, load: f64, block_
             let mut dynamic_bufs = op.reads.iter().chain(&op.writes).filter(|b| rp.buffer(**b).dynamic).peekable();
             let dynamic = load < 1.0 && dynamic_bufs.peek().is_some();
             let elementwise = matches!(op.kind, crate::plan::OpKind::Act { .. } | crate::plan::OpKind::ActBwd { .. });
-            let l = if !dynamic {
-                1.0
+            let fill = if !dynamic {
+                cost::Fill::FULL
+            } else if let Some(f) = expert_gemm_fill(op, rp, load, block_load, dtype == GemmDtype::Bf16, profile.gpu.sms) {
+                f
             } else if elementwise && dynamic_bufs.all(|b| blocks[b.0 as usize]) {
-                block_load
+                cost::Fill { scale: block_load, per_expert: false }
             } else {
-                load
+                cost::Fill::per_expert(load)
             };
-            let cost = cost::op_cost_at(op, rp, &profile.gpu, dtype, l);
+            let cost = cost::op_cost_filled(op, rp, &profile.gpu, dtype, fill);
             SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost }
         })
         .collect()
