@@ -96,8 +96,8 @@ pub const PADDING_FLOPS: (f64, f64) = (400e12, 40e12);
 /// waves while the GPU waits on the calls, so the padding the batched GEMM computes (`gemms`
 /// products of `d_in x d_out` per row) is held against `calls` calls per non-empty expert at
 /// [`EXPERT_CALL_S`]. Measured on H100 and H200 (2026-11-23): 64 experts of 2,048 x 1,408
-/// (about 1,500 rows each) go batched, 4-8% faster a step; 8 experts of 4,096 x 14,336 at 512
-/// or 4,096 rows stay per expert.
+/// (about 1,500 rows each) go batched, 1-12% faster a step by host (H200 4%); 8 experts of
+/// 4,096 x 14,336 at 512 or 4,096 rows stay per expert.
 #[allow(clippy::too_many_arguments)]
 pub fn per_expert_pays(gemm_rows: &[usize], block_rows: usize, d_in: usize, d_out: usize, gemms: usize, calls: usize, bf16: bool, sms: usize) -> bool {
     let busy: Vec<usize> = gemm_rows.iter().copied().filter(|&r| r > 0).collect();
@@ -266,7 +266,46 @@ pub enum OpKind {
     TakeBlock { src: BufId, dst: BufId, shape: (usize, usize, usize), index: usize },
 }
 
+/// The expert GEMM an op runs over expert blocks `x` (`[n_local, rows, d_in]`): what the
+/// executor's per-expert-or-batched choice and the sim's pricing of it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertGemm {
+    /// The row operand (expert blocks).
+    pub x: BufId,
+    /// Experts on this rank.
+    pub n_local: usize,
+    /// Input width.
+    pub d_in: usize,
+    /// Output width.
+    pub d_out: usize,
+    /// GEMMs per expert: 1 forward, 2 backward (`dx` and `dw`).
+    pub gemms: usize,
+    /// A bias pass per expert follows each forward GEMM.
+    pub bias: bool,
+}
+
+impl ExpertGemm {
+    /// Host calls per expert when the op runs one GEMM per expert: its GEMMs and bias passes.
+    pub fn calls(&self) -> usize {
+        self.gemms + self.bias as usize
+    }
+}
+
 impl OpKind {
+    /// The expert GEMM of an expert linear op (forward or backward), `None` for other ops.
+    pub fn expert_gemm(&self) -> Option<ExpertGemm> {
+        use OpKind::*;
+        let g = |x: &BufId, n_local: &usize, d_in: &usize, d_out: &usize, gemms, bias| ExpertGemm { x: *x, n_local: *n_local, d_in: *d_in, d_out: *d_out, gemms, bias };
+        match self {
+            ExpertLinear { x, n_local, d_in, d_out, .. } => Some(g(x, n_local, d_in, d_out, 1, true)),
+            ExpertLinearPart { x, bias, n_local, d_in, d_out, .. } => Some(g(x, n_local, d_in, d_out, 1, bias.is_some())),
+            ExpertLinearBwd { x, n_local, d_in, d_out, .. }
+            | ExpertLinearBwdAcc { x, n_local, d_in, d_out, .. }
+            | ExpertLinearPartBwd { x, n_local, d_in, d_out, .. } => Some(g(x, n_local, d_in, d_out, 2, false)),
+            _ => None,
+        }
+    }
+
     /// The one process group a collective runs on (all-gather, all-reduce, all-to-all,
     /// reduce-scatter, point-to-point exchange); `None` for compute ops and for the 2D
     /// all-to-all, which spans two groups.

@@ -113,15 +113,12 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, fill: Fill) -> Vec<GemmShape> {
             shapes(rows, n_local)
         }
     };
+    if let Some(e) = kind.expert_gemm() {
+        return experts(e.x, e.n_local, e.d_in, &|rows, batch| if e.gemms == 1 { fwd(rows, e.d_in, e.d_out, batch) } else { bwd(rows, e.d_in, e.d_out, batch, true) });
+    }
     match kind {
         Linear { rows, d_in, d_out, .. } => fwd(*rows, *d_in, *d_out, 1),
         LinearBwd { rows, d_in, d_out, dx, .. } => bwd(*rows, *d_in, *d_out, 1, dx.is_some()),
-        ExpertLinear { x, n_local, d_in, d_out, .. } | ExpertLinearPart { x, n_local, d_in, d_out, .. } => {
-            experts(*x, *n_local, *d_in, &|rows, batch| fwd(rows, *d_in, *d_out, batch))
-        }
-        ExpertLinearBwd { x, n_local, d_in, d_out, .. }
-        | ExpertLinearBwdAcc { x, n_local, d_in, d_out, .. }
-        | ExpertLinearPartBwd { x, n_local, d_in, d_out, .. } => experts(*x, *n_local, *d_in, &|rows, batch| bwd(rows, *d_in, *d_out, batch, true)),
         // One iteration of the attention core's loop (see `attention_loop`, which prices it).
         AttnCore { .. } | AttnCoreBwd { .. } => attention_loop(kind, plan)
             .map(|(_, body)| body.iter().filter_map(|k| if let LoopKernel::Gemm(s, _) = k { Some(*s) } else { None }).collect())
@@ -133,17 +130,8 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, fill: Fill) -> Vec<GemmShape> {
 /// Calls per GEMM shape of an op: its experts for a dropless expert op (one GEMM per expert),
 /// else 1.
 fn gemm_calls(kind: &OpKind, plan: &RankPlan, fill: Fill) -> usize {
-    use OpKind::*;
-    match kind {
-        ExpertLinear { x, n_local, .. }
-        | ExpertLinearPart { x, n_local, .. }
-        | ExpertLinearBwd { x, n_local, .. }
-        | ExpertLinearBwdAcc { x, n_local, .. }
-        | ExpertLinearPartBwd { x, n_local, .. }
-            if per_expert_gemms(*x, plan, fill) =>
-        {
-            *n_local
-        }
+    match kind.expert_gemm() {
+        Some(g) if per_expert_gemms(g.x, plan, fill) => g.n_local,
         _ => 1,
     }
 }

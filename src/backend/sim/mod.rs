@@ -221,15 +221,8 @@ fn expert_blocks(rp: &RankPlan) -> Vec<bool> {
 /// GEMM over whole blocks of the fullest expert's rows. `None` for other ops and full buffers.
 fn expert_gemm_fill(op: &crate::plan::Op, rp: &RankPlan, load: f64, block_load: f64, bf16: bool, sms: usize) -> Option<cost::Fill> {
     use crate::plan::ops::{aligned_rows, per_expert_pays, DROPLESS_ROW_ALIGN};
-    use crate::plan::OpKind::*;
-    let (x, n_local, d_in, d_out, gemms, calls) = match &op.kind {
-        ExpertLinear { x, n_local, d_in, d_out, .. } => (*x, *n_local, *d_in, *d_out, 1, 2),
-        ExpertLinearPart { x, bias, n_local, d_in, d_out, .. } => (*x, *n_local, *d_in, *d_out, 1, 1 + bias.is_some() as usize),
-        ExpertLinearBwd { x, n_local, d_in, d_out, .. } | ExpertLinearBwdAcc { x, n_local, d_in, d_out, .. } | ExpertLinearPartBwd { x, n_local, d_in, d_out, .. } => {
-            (*x, *n_local, *d_in, *d_out, 2, 2)
-        }
-        _ => return None,
-    };
+    let g = op.kind.expert_gemm()?;
+    let (x, n_local, d_in, d_out) = (g.x, g.n_local, g.d_in, g.d_out);
     let d = rp.buffer(x);
     if !d.dynamic || load >= 1.0 {
         return None;
@@ -238,7 +231,7 @@ fn expert_gemm_fill(op: &crate::plan::Op, rp: &RankPlan, load: f64, block_load: 
     let rows = |share: f64| ((bound as f64 * share).round() as usize).max(1);
     let block = aligned_rows(rows(block_load), bound, DROPLESS_ROW_ALIGN);
     let used = aligned_rows(rows(load), block, DROPLESS_ROW_ALIGN);
-    Some(if per_expert_pays(&vec![used; n_local], block, d_in, d_out, gemms, calls, bf16, sms) {
+    Some(if per_expert_pays(&vec![used; n_local], block, d_in, d_out, g.gemms, g.calls(), bf16, sms) {
         cost::Fill::per_expert(load)
     } else {
         cost::Fill { scale: block as f64 / bound.max(1) as f64, per_expert: false }
