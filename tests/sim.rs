@@ -214,6 +214,46 @@ fn sim_fields_are_checked_and_filled_by_spec_validation() {
     assert_eq!(problems(&with(&text, "dropless_imbalance = 1.3")), ["run.dropless_imbalance"]);
     let on_cpu = with(&dropless, "dropless_imbalance = 1.3").replace("backend = \"sim\"", "backend = \"cpu\"");
     assert_eq!(problems(&on_cpu), ["run.profile", "run.dropless_imbalance"]);
+    // The kept share: sim only, capacity plans only, in (0, 1].
+    assert_eq!(from_toml_str(&with(&text, "kept_share = 0.4")).expect("valid").run.kept_share, Some(0.4));
+    for bad in ["kept_share = 0", "kept_share = 1.5", "kept_share = nan"] {
+        assert_eq!(problems(&with(&text, bad)), ["run.kept_share"], "{bad}");
+    }
+    let err = spec::from_toml_str(&with(&dropless, "kept_share = 0.9")).unwrap_err();
+    assert_eq!(err.problems()[0].field, "run.kept_share", "{err}");
+    assert!(err.problems()[0].fix.contains("model.dropless = false"), "{err}");
+    let on_cpu = with(&text, "kept_share = 0.9").replace("backend = \"sim\"", "backend = \"cpu\"");
+    assert_eq!(problems(&on_cpu), ["run.kept_share"]);
+}
+
+#[test]
+fn dropped_assignments_shorten_the_routed_row_ops_only() {
+    // A capacity plan that dropped assignments reads only the kept rows in its dispatch,
+    // expert layouts and combine (their outputs are written whole); GEMMs, attention and the
+    // router are unaffected.
+    let text = std::fs::read_to_string("experiments/bench-sim/mixtral-ish-cf125.toml").expect("bench file");
+    let times = |kept: f64| {
+        let s = from_toml_str(&text.replace("backend = \"sim\"", &format!("backend = \"sim\"\nkept_share = {kept}"))).expect("valid");
+        let plan = Plan::build(&s).expect("plans");
+        let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
+        let rp = &plan.ranks[0];
+        let ops: Vec<(String, f64)> = rp.ops.iter().zip(&out.timeline.times[0]).map(|(o, t)| (o.name.clone(), t.end - t.start)).collect();
+        (ops, out.timeline.makespan)
+    };
+    let ((all, all_step), (third, third_step)) = (times(1.0), times(0.3));
+    let routed = ["dispatch", "expert_layout", "expert_unlayout", "combine"];
+    let is_routed = |name: &str| routed.iter().any(|r| name.strip_prefix("L0.").is_some_and(|n| n.starts_with(r)));
+    for ((name, a), (_, t)) in all.iter().zip(&third) {
+        if is_routed(name) {
+            // 0.4 of the bytes scale: 1 - 0.4 * 0.7 = 0.72 of the memory time, less where
+            // launches and host round trips stay.
+            assert!(*t < 0.85 * a && *t > 0.7 * a, "{name}: {a} -> {t}");
+        } else {
+            assert!(close(*t, *a), "{name}: {a} -> {t}");
+        }
+    }
+    assert!(third_step < all_step, "{all_step} -> {third_step}");
+    assert_eq!(all.iter().filter(|(n, _)| is_routed(n)).count(), 8, "forward and backward of each routed-row op");
 }
 
 #[test]

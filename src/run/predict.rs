@@ -116,7 +116,20 @@ struct SummaryStep {
     #[serde(default)]
     routed: usize,
     #[serde(default)]
+    dropped: usize,
+    #[serde(default)]
     capacity: Vec<usize>,
+}
+
+/// What routing did in one measured step (from `summary.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepLoad {
+    /// Assignments routed (tokens x choices, over the layers).
+    pub routed: usize,
+    /// Assignments the capacity dropped.
+    pub dropped: usize,
+    /// The fullest expert's load (the largest of the layers' capacities).
+    pub fullest: usize,
 }
 
 /// The fields of a cuda worker's `rank-<r>.json` prediction needs.
@@ -144,9 +157,8 @@ pub struct MeasuredRun {
     /// Choices made at run start (Tutel's degree / parallelism, MPMoE's chunks /
     /// reuse = "auto") as overrides, so the sim runs what was measured.
     pub pinned: Vec<Override>,
-    /// Per measured step, the assignments routed and the fullest expert's load (the largest
-    /// of the layers' capacities), from `summary.json`.
-    pub loads: Vec<(usize, usize)>,
+    /// What routing did in each measured step, from `summary.json`.
+    pub loads: Vec<StepLoad>,
 }
 
 impl MeasuredRun {
@@ -186,7 +198,7 @@ impl MeasuredRun {
             trace.steps = records.into_iter().flat_map(|r| r.steps).collect();
         }
         let pinned = pinned_choices(summary.tutel_auto_degree.as_ref(), summary.mpmoe_auto.as_ref());
-        let loads = summary.steps.iter().filter(|s| s.measured && s.routed > 0).filter_map(|s| Some((s.routed, *s.capacity.iter().max()?))).collect();
+        let loads = summary.steps.iter().filter(|s| s.measured && s.routed > 0).filter_map(|s| Some(StepLoad { routed: s.routed, dropped: s.dropped, fullest: *s.capacity.iter().max()? })).collect();
         Ok(MeasuredRun { dir: dir.to_path_buf(), name: summary.name, backend: summary.backend, device, trace, pinned, loads })
     }
 
@@ -203,6 +215,10 @@ impl MeasuredRun {
         if spec.model.dropless && !extra.iter().any(|o| o.key == ["run", "dropless_imbalance"]) {
             spec.run.dropless_imbalance = self.dropless_imbalance(spec.model.n_experts);
         }
+        // A capacity run is simulated at the share of assignments it kept, likewise.
+        if !spec.model.dropless && !extra.iter().any(|o| o.key == ["run", "kept_share"]) {
+            spec.run.kept_share = self.kept_share();
+        }
         Ok(spec)
     }
 
@@ -210,8 +226,15 @@ impl MeasuredRun {
     /// expert's load over the mean, averaged over the measured steps (at least 1); `None`
     /// without step records.
     pub fn dropless_imbalance(&self, n_experts: usize) -> Option<f64> {
-        let ratios: Vec<f64> = self.loads.iter().map(|&(routed, fullest)| fullest as f64 * n_experts as f64 / routed as f64).collect();
+        let ratios: Vec<f64> = self.loads.iter().map(|l| l.fullest as f64 * n_experts as f64 / l.routed as f64).collect();
         (!ratios.is_empty()).then(|| (ratios.iter().sum::<f64>() / ratios.len() as f64).max(1.0))
+    }
+
+    /// The measured share of routed assignments a capacity run kept, `1 - dropped / routed`
+    /// averaged over the measured steps; `None` without step records.
+    pub fn kept_share(&self) -> Option<f64> {
+        let shares: Vec<f64> = self.loads.iter().map(|l| 1.0 - l.dropped as f64 / l.routed as f64).collect();
+        (!shares.is_empty()).then(|| (shares.iter().sum::<f64>() / shares.len() as f64).clamp(1e-6, 1.0))
     }
 }
 
@@ -311,6 +334,10 @@ pub struct RunPrediction {
     /// measured one, or the caller's `run.dropless_imbalance`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropless_imbalance: Option<f64>,
+    /// The share of routed assignments the sim assumed kept (capacity runs: the measured one,
+    /// or the caller's `run.kept_share`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_share: Option<f64>,
     /// Measured vs predicted.
     pub comparison: Comparison,
 }
@@ -332,6 +359,7 @@ pub fn predict(run: &MeasuredRun, opts: &PredictOptions) -> Result<RunPrediction
         profile_source,
         sim_dir: opts.runs_dir.as_ref().map(|_| outcome.dir.clone()),
         dropless_imbalance: spec.run.dropless_imbalance,
+        kept_share: spec.run.kept_share,
         comparison,
     })
 }

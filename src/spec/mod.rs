@@ -652,6 +652,12 @@ pub struct RunSpec {
     /// scale with it. 1 (balanced routing) when unset; `moelab predict` sets the measured one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropless_imbalance: Option<f64>,
+    /// Share of the routed assignments a capacity plan keeps, `1 - dropped / routed` (sim
+    /// only, in (0, 1]): the row-moving ops (dispatch, expert layouts, combine) read only the
+    /// kept rows. 1 (balanced routing, nothing dropped) when unset; `moelab predict` sets the
+    /// measured one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_share: Option<f64>,
 }
 
 fn default_steps() -> usize {
@@ -674,6 +680,7 @@ impl Default for RunSpec {
             gpus_per_node: None,
             nodes: None,
             dropless_imbalance: None,
+            kept_share: None,
         }
     }
 }

@@ -233,7 +233,8 @@ fn device_slots(gpu: &Gpu, s: &GpuStream, idx: &Buf, cnt: &Buf, slots: &Buf, map
     let cu = s.stream.cu_stream();
     // SAFETY: cnt holds e i32.
     unsafe { result::memset_d8_async(cnt.0, 0, e * 4, cu) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
-    launch(gpu, s, "route_hist", gpu.grid(t * k), &[A::P(idx.0), A::P(cnt.0), A::I64((t * k) as i64)])?;
+    let hist = LaunchConfig { shared_mem_bytes: (e * 4) as u32, ..gpu.grid(t * k) };
+    launch(gpu, s, "route_hist", hist, &[A::P(idx.0), A::P(cnt.0), A::I64((t * k) as i64), A::I32(e as i32)])?;
     let cap = capacity.map_or(-1, |c| c.min(i32::MAX as usize) as i32);
     let cfg = LaunchConfig { grid_dim: (e as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
     launch(gpu, s, "route_slots", cfg, &[A::P(idx.0), A::P(cnt.0), A::P(slots.0), A::P(map.0), A::I64(t as i64), A::I32(k as i32), A::I32(cap)])?;
@@ -343,7 +344,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
         gemm(s, GemmForm::Nn, x.0, wg.0, logits.0, t, d, e, 0.0, true)?;
         mark(1)?;
         // route: softmax + top-k on the device, slots on the host.
-        launch(gpu, s, "route_topk", gpu.grid(t), &[A::P(logits.0), A::P(probs.0), A::P(idx.0), A::P(wts.0), A::I64(t as i64), A::I32(e as i32), A::I32(k as i32), A::I32(1)])?;
+        launch(gpu, s, "route_topk", gpu.grid(t * 32), &[A::P(logits.0), A::P(probs.0), A::P(idx.0), A::P(wts.0), A::I64(t as i64), A::I32(e as i32), A::I32(k as i32), A::I32(1)])?;
         let counts = device_slots(gpu, s, &idx, &cnt, &slots, &map, t, k, e, capacity)?;
         let n: usize = counts.iter().sum();
         rows = n;

@@ -895,14 +895,19 @@ impl<'a> StreamExec<'a> {
                 let pb = self.output_as(*probs, lb.len, Storage::F32)?;
                 let ib = self.output(*idx, t * k)?;
                 let wb = self.output_as(*weights, t * k, Storage::F32)?;
-                self.launch("route_topk", self.grid(t), &[p(lb.ptr), p(pb.ptr), p(ib.ptr), p(wb.ptr), Arg::I64(t as i64), Arg::I32(e as i32), Arg::I32(k as i32), Arg::I32(*renormalize as i32)])?;
+                self.launch("route_topk", self.grid(t * 32), &[p(lb.ptr), p(pb.ptr), p(ib.ptr), p(wb.ptr), Arg::I64(t as i64), Arg::I32(e as i32), Arg::I32(k as i32), Arg::I32(*renormalize as i32)])?;
                 self.done(lb)?;
                 // Counts per (choice, expert), exact, and probability sums per expert (the
                 // deterministic column sums): `routing::local_stats` on the device, no host trip.
                 let sb = self.output_as(*stats, (k + 1) * e, Storage::F32)?;
                 // SAFETY: sb holds (k + 1) * e f32; the kernels below write it after the memset.
                 unsafe { result::memset_d8_async(sb.ptr, 0, k * e * 4, self.cu()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
-                self.launch("route_counts", self.grid(t * k), &[p(ib.ptr), p(sb.ptr), Arg::I64((t * k) as i64), Arg::I32(k as i32), Arg::I32(e as i32)])?;
+                // One shared-memory bin per (choice, expert) in each block.
+                if k * e * 4 > 48 * 1024 {
+                    return Err(ExecError::Plan(format!("{}: top_k x n_experts = {} routing bins exceed 48 KiB of shared memory", op.name, k * e)));
+                }
+                let cfg = LaunchConfig { shared_mem_bytes: (k * e * 4) as u32, ..self.grid(t * k) };
+                self.launch("route_counts", cfg, &[p(ib.ptr), p(sb.ptr), Arg::I64((t * k) as i64), Arg::I32(k as i32), Arg::I32(e as i32)])?;
                 self.col_sums(pb.ptr, Storage::F32, sb.ptr + (k * e * 4) as u64, t, e, 1, false)?;
                 self.commit(pb)?;
                 self.commit(wb)?;

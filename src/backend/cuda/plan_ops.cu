@@ -193,40 +193,64 @@ extern "C" __global__ void mse(const float* y, const float* t, float* dy, double
 extern "C" __global__ void mse_bf16(const bf16_t* y, const float* t, float* dy, double* partial, i64 n, double denom) { mse_t(y, t, dy, partial, n, denom); }
 
 // Gating: probs = softmax(logits) per row; top-k in descending probability, ties to the lower
-// expert; weights renormalised over the k when asked. One thread per token (E <= 1024).
+// expert; weights renormalised over the k when asked. One warp per token: lanes stride over
+// the experts (coalesced loads and stores), max and sum by warp reductions; round j of the
+// top-k is a warp arg-max over the experts after round j-1's pick in (probability desc,
+// expert asc) order, which is the order the choices are made in. Launch with 32 threads per
+// token (any grid: warps stride over the tokens).
 extern "C" __global__ void route_topk(const float* logits, float* probs, int* idx, float* w, i64 tokens, int e, int k, int renorm) {
-    GRID_STRIDE(t, tokens) {
+    const int lane = threadIdx.x & 31;
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 t = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; t < tokens; t += warps) {
         const float* l = logits + t * e;
         float* p = probs + t * e;
         float mx = neg_inf();
-        for (int x = 0; x < e; x++) mx = fmaxf(mx, l[x]);
+        for (int x = lane; x < e; x += 32) mx = fmaxf(mx, l[x]);
+        mx = warp_max(mx);
         float sum = 0.0f;
-        for (int x = 0; x < e; x++) {
-            float v = expf(l[x] - mx);
-            p[x] = v;
-            sum += v;
-        }
-        for (int x = 0; x < e; x++) p[x] = p[x] / sum;
-        float chosen_sum = 0.0f;
+        for (int x = lane; x < e; x += 32) sum += expf(l[x] - mx);
+        sum = warp_sum(sum);
+        for (int x = lane; x < e; x += 32) p[x] = expf(l[x] - mx) / sum;
+        __syncwarp();
+        float pv = 0.0f, chosen_sum = 0.0f;
+        int px = -1;
         for (int j = 0; j < k; j++) {
-            int best = -1;
-            float bv = 0.0f;
-            for (int x = 0; x < e; x++) {
-                bool taken = false;
-                for (int q = 0; q < j; q++) taken |= idx[t * k + q] == x;
-                if (taken) continue;
-                if (best < 0 || p[x] > bv) {
-                    best = x;
-                    bv = p[x];
+            // This lane's best candidate after the previous pick; none: value -1.
+            float bv = -1.0f;
+            int bx = 0x7fffffff;
+            for (int x = lane; x < e; x += 32) {
+                float v = p[x];
+                bool after = px < 0 || v < pv || (v == pv && x > px);
+                if (after && (v > bv || (v == bv && x < bx))) {
+                    bv = v;
+                    bx = x;
                 }
             }
-            idx[t * k + j] = best;
-            w[t * k + j] = bv;
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                int ox = __shfl_xor_sync(0xffffffffu, bx, o);
+                if (ov > bv || (ov == bv && ox < bx)) {
+                    bv = ov;
+                    bx = ox;
+                }
+            }
+            // No candidate (NaN probabilities): an in-range expert, so later kernels stay in bounds.
+            if (bx == 0x7fffffff) {
+                bx = j % e;
+                bv = p[bx];
+            }
+            pv = bv;
+            px = bx;
             chosen_sum += bv;
+            if (lane == 0) {
+                idx[t * k + j] = bx;
+                w[t * k + j] = bv;
+            }
         }
-        if (renorm) {
+        if (renorm && lane == 0) {
             for (int j = 0; j < k; j++) w[t * k + j] = w[t * k + j] / chosen_sum;
         }
+        __syncwarp();
     }
 }
 

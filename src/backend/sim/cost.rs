@@ -418,6 +418,35 @@ pub fn op_cost_filled(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDty
     op_cost_sized(op, plan, gpu, dtype, (op.flops as f64 * load) as u64, bytes, fill)
 }
 
+/// Share of a routed-row op's bytes that scale with the assignments the capacity keeps: its
+/// reads of routed rows (kept rows only); its outputs are written whole, dropped rows as
+/// zeros. Reads are 0.44 (layouts at capacity factor 1.25) to 0.5 (combine) of the bytes; the
+/// session-9 mixtral-ish runs (H100, H200; 0.35 kept) ran these ops at 0.67 to 0.83 of the
+/// time of the same sizes with all kept (mean 0.77: 0.35 of the time scaled), so 0.4.
+pub const ROUTED_READ_SHARE: f64 = 0.4;
+
+/// Whether `kind` moves routed rows, reading only the assignments a capacity plan kept.
+pub fn moves_routed_rows(kind: &OpKind) -> bool {
+    use OpKind::*;
+    matches!(
+        kind,
+        Dispatch { .. } | DispatchBwd { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. }
+            | ChunkLayout { .. } | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. }
+            | LocalUnlayout { .. } | ShardDispatch { .. } | ShardCombine { .. } | Combine { .. } | CombinePart { .. } | CombineBwd { .. }
+    )
+}
+
+/// [`op_cost`] of a capacity plan's op when `kept` of the routed assignments survive the
+/// capacity (`run.kept_share`): a routed-row op's reads of routed rows shrink with it
+/// ([`ROUTED_READ_SHARE`]); other ops are unaffected.
+pub fn op_cost_kept(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, kept: f64) -> Cost {
+    if kept >= 1.0 || !moves_routed_rows(&op.kind) {
+        return op_cost(op, plan, gpu, dtype);
+    }
+    let bytes = op.bytes as f64 * (1.0 - ROUTED_READ_SHARE * (1.0 - kept.max(0.0)));
+    op_cost_sized(op, plan, gpu, dtype, op.flops, bytes as u64, Fill::FULL)
+}
+
 /// The cost of `op` doing `flops` and moving `bytes`, its expert GEMM rows filled as `fill`
 /// says.
 #[allow(clippy::too_many_arguments)]

@@ -46,6 +46,7 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
             ("run.gpus_per_node", r.gpus_per_node.is_some()),
             ("run.nodes", r.nodes.is_some()),
             ("run.dropless_imbalance", r.dropless_imbalance.is_some()),
+            ("run.kept_share", r.kept_share.is_some()),
         ] {
             if set {
                 fail(field, format!("{field} applies to backend \"sim\" only (backend is {:?})", r.backend.as_str()),
@@ -61,6 +62,15 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
         } else if !spec.model.dropless {
             fail("run.dropless_imbalance", "dropless_imbalance applies to dropless plans only (model.dropless is false)".into(),
                 "remove run.dropless_imbalance, or set model.dropless = true".into());
+        }
+    }
+    if let Some(k) = r.kept_share {
+        if !(k.is_finite() && k > 0.0 && k <= 1.0) {
+            fail("run.kept_share", format!("kept_share={k} must be a number in (0, 1] (the share of routed assignments the capacity keeps)"),
+                "use 1 when nothing is dropped, e.g. 0.9 when a tenth of the assignments are dropped".into());
+        } else if spec.model.dropless {
+            fail("run.kept_share", "kept_share applies to capacity plans only (a dropless plan drops nothing)".into(),
+                "remove run.kept_share, or set model.dropless = false".into());
         }
     }
     let name = r.profile.clone().unwrap_or_else(|| profile::DEFAULT_PROFILE.to_string());
@@ -198,6 +208,27 @@ pub fn expected_block_load(spec: &crate::spec::ExperimentSpec) -> f64 {
     (expected_dynamic_load(spec) * spec.run.dropless_imbalance.unwrap_or(1.0)).min(1.0)
 }
 
+/// Share of the routed assignments a capacity plan keeps: `run.kept_share` (1 when unset or
+/// for dropless plans, which drop nothing).
+pub fn expected_kept_share(spec: &crate::spec::ExperimentSpec) -> f64 {
+    if spec.model.dropless { 1.0 } else { spec.run.kept_share.unwrap_or(1.0).clamp(0.0, 1.0) }
+}
+
+/// The routing statistics a simulated step assumes (see [`expected_dynamic_load`],
+/// [`expected_block_load`], [`expected_kept_share`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RoutingFill {
+    load: f64,
+    block_load: f64,
+    kept: f64,
+}
+
+impl RoutingFill {
+    fn of(spec: &crate::spec::ExperimentSpec) -> RoutingFill {
+        RoutingFill { load: expected_dynamic_load(spec), block_load: expected_block_load(spec), kept: expected_kept_share(spec) }
+    }
+}
+
 /// Dynamic buffers laid out in expert blocks: the row operands of the expert GEMMs (and so
 /// of the activation between them).
 fn expert_blocks(rp: &RankPlan) -> Vec<bool> {
@@ -242,8 +273,11 @@ fn expert_gemm_fill(op: &crate::plan::Op, rp: &RankPlan, load: f64, block_load: 
 /// (see [`expected_dynamic_load`]), so dropless plans are predicted at balanced routing; an
 /// element-wise op whose dynamic buffers are all expert blocks runs over the whole blocks
 /// (`block_load`, see [`expected_block_load`]), and the expert GEMMs per expert or batched
-/// over whole blocks as the executor chooses ([`expert_gemm_fill`]).
-fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, load: f64, block_load: f64) -> Vec<SimOp> {
+/// over whole blocks as the executor chooses ([`expert_gemm_fill`]); in a capacity plan
+/// that dropped assignments, the routed-row ops read only the kept rows
+/// ([`cost::op_cost_kept`]).
+fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, routing: &RoutingFill) -> Vec<SimOp> {
+    let (load, block_load) = (routing.load, routing.block_load);
     let blocks = expert_blocks(rp);
     rp.ops
         .iter()
@@ -251,6 +285,10 @@ fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, load: f64, block_
             let mut dynamic_bufs = op.reads.iter().chain(&op.writes).filter(|b| rp.buffer(**b).dynamic).peekable();
             let dynamic = load < 1.0 && dynamic_bufs.peek().is_some();
             let elementwise = matches!(op.kind, crate::plan::OpKind::Act { .. } | crate::plan::OpKind::ActBwd { .. });
+            if !dynamic && routing.kept < 1.0 {
+                let cost = cost::op_cost_kept(op, rp, &profile.gpu, dtype, routing.kept);
+                return SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost };
+            }
             let fill = if !dynamic {
                 cost::Fill::FULL
             } else if let Some(f) = expert_gemm_fill(op, rp, load, block_load, dtype == GemmDtype::Bf16, profile.gpu.sms) {
@@ -311,7 +349,7 @@ pub fn simulate_plan(plan: &Plan, profile: &Profile, symmetry: Symmetry) -> Resu
         (plan.ranks.iter().collect(), Coupling::Full)
     };
     let input = SimInput {
-        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, expected_dynamic_load(&plan.spec), expected_block_load(&plan.spec)) }).collect(),
+        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, &RoutingFill::of(&plan.spec)) }).collect(),
         groups,
         profile,
         coupling,
