@@ -261,11 +261,12 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_10_runs_within_15_percen
     // The executor's runs on 1x H100 and 1x H200: six bf16 bench plans, bf16 topk and MPMoE
     // mixtral-ish, from session 8 (routing on the device), session 9 (the memory pool
     // reserved up front) and session 10 (a warp per token in the routing kernel, per-block
-    // routing counts), and the f32 topk mixtral-ish run of session 7 (GEMM-bound); the
-    // profile is chosen by the device each run recorded. Session 10's runs also hold the
-    // stages of at least 2% of the step within 25%, dropless ones at their measured imbalance
-    // and capacity ones at their measured kept share: all but 2 of 146 (one step of each
-    // small-tokens dropless run met new cuBLAS shapes: 2.9-3.4 ms of host time in one op).
+    // routing counts; also ScMoE, DGMoE and Tutel at mixtral-ish size), and the f32 topk
+    // mixtral-ish run of session 7 (GEMM-bound); the profile is chosen by the device each run
+    // recorded. Session 10's runs also hold the stages of at least 2% of the step within
+    // 25%, dropless ones at their measured imbalance and capacity ones at their measured kept
+    // share: all but 2 of 202 (in one step of each small-tokens dropless run `expert_gemm2`
+    // spent 2.9-3.4 ms of host time issuing).
     let (mut within, mut big) = (0, 0);
     for session in ["s8", "s9", "s10"] {
         for gpu in ["h100", "h200"] {
@@ -277,8 +278,13 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_10_runs_within_15_percen
             };
             let mut runs = dir(&format!("{gpu}-{session}/mixtral-ish-runs"));
             runs.extend(dir(&format!("{gpu}-{session}/bench-sim-runs")));
+            // Session 10 adds ScMoE, DGMoE and Tutel at mixtral-ish size.
+            if session == "s10" {
+                runs.extend(dir(&format!("{gpu}-{session}/variants-runs")));
+            }
             runs.extend(dir(&format!("{gpu}-s7/mixtral-ish-runs")).into_iter().filter(|p| p.to_string_lossy().ends_with("mixtral-topk-1gpu")));
-            assert_eq!(runs.len(), 9, "{gpu} {session}: {runs:?}");
+            let n = if session == "s10" { 12 } else { 9 };
+            assert_eq!(runs.len(), n, "{gpu} {session}: {runs:?}");
             let tmp = tempfile::tempdir().unwrap();
             let json = tmp.path().join("p.json");
             let mut args: Vec<&str> = vec!["predict", "--json", json.to_str().unwrap()];
@@ -286,7 +292,7 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_10_runs_within_15_percen
             let (code, out, err) = moelab(&args, &[]);
             assert_eq!(code, 0, "{out}\n{err}");
             let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-            assert_eq!(doc.as_array().unwrap().len(), 9);
+            assert_eq!(doc.as_array().unwrap().len(), n);
             for r in doc.as_array().unwrap() {
                 assert_eq!(r["profile"], gpu, "{r}");
                 let e = r["comparison"]["step_error"].as_f64().unwrap();
@@ -299,7 +305,7 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_10_runs_within_15_percen
                 let kept = r["kept_share"].as_f64();
                 assert_eq!(kept.is_some(), !dropless, "{r}");
                 if let Some(k) = kept {
-                    assert!(if name.starts_with("mixtral") { k < 0.5 } else { k > 0.95 }, "{name}: kept {k}");
+                    assert!(if name.starts_with("mixtral") { k < 0.75 } else { k > 0.95 }, "{name}: kept {k}");
                 }
                 if session == "s10" {
                     for st in r["comparison"]["stages"].as_array().unwrap() {
@@ -312,7 +318,7 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_10_runs_within_15_percen
             }
         }
     }
-    assert!(big >= 140 && within + 2 >= big, "session 10: {within} of {big} stages >= 2% within 25%");
+    assert!(big >= 200 && within + 2 >= big, "session 10: {within} of {big} stages >= 2% within 25%");
 }
 
 #[test]
