@@ -265,8 +265,8 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_10_runs_within_15_percen
     // mixtral-ish run of session 7 (GEMM-bound); the profile is chosen by the device each run
     // recorded. Session 10's runs also hold the stages of at least 2% of the step within
     // 25%, dropless ones at their measured imbalance and capacity ones at their measured kept
-    // share: all but 2 of 202 (in one step of each small-tokens dropless run `expert_gemm2`
-    // spent 2.9-3.4 ms of host time issuing).
+    // share: all 204 (the executor calls every per-expert GEMM shape once before the first
+    // step, so no step meets cuBLAS's first call of a shape).
     let (mut within, mut big) = (0, 0);
     for session in ["s8", "s9", "s10"] {
         for gpu in ["h100", "h200"] {
@@ -318,7 +318,7 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_10_runs_within_15_percen
             }
         }
     }
-    assert!(big >= 200 && within + 2 >= big, "session 10: {within} of {big} stages >= 2% within 25%");
+    assert!(big >= 200 && within == big, "session 10: {within} of {big} stages >= 2% within 25%");
 }
 
 #[test]

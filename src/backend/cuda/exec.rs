@@ -1097,6 +1097,83 @@ impl<'a> StreamExec<'a> {
         }
     }
 
+    /// Calls once, on scratch operands, every per-expert GEMM shape the dropless expert ops of
+    /// the plan can meet: their row counts are [`aligned_rows`] buckets up to the plan's
+    /// bound, and cuBLAS spends about 4 ms of host time on a shape's first call (seen on
+    /// H200: small-tokens dropless met a new shape in its tenth step, 3.3 ms more in one op).
+    /// Ops that run batched at the expected load (`load` of the bound per expert, the fullest
+    /// expert [`WARM_IMBALANCE`] times that) are skipped, as is everything under
+    /// `MOELAB_WARM_SHAPES=0` (A/B runs) or `MOELAB_DROPLESS_GEMMS=batched`. Returns the GEMM
+    /// calls made.
+    pub fn warm_expert_shapes(&self, load: f64) -> Result<usize, ExecError> {
+        use std::collections::BTreeSet;
+        if dropless_gemms() == Some(false) || std::env::var("MOELAB_WARM_SHAPES").is_ok_and(|v| v == "0") {
+            return Ok(0);
+        }
+        let gs = self.gemm_st();
+        // (form, m, k, n, f32 output, beta = 1) per call, in the executor's argument order.
+        let mut calls: BTreeSet<(usize, usize, usize, usize, bool, bool)> = BTreeSet::new();
+        let (mut ab_elems, mut c_bytes) = (0usize, 0usize);
+        let align = expert_row_align();
+        for op in &self.rp.ops {
+            let Some(g) = op.kind.expert_gemm() else { continue };
+            let d = self.rp.buffer(g.x);
+            if !d.dynamic || g.n_local == 0 || g.d_in == 0 {
+                continue;
+            }
+            let bound = d.elems / (g.n_local * g.d_in);
+            let rows_at = |share: f64| aligned_rows(((bound as f64 * share).ceil() as usize).max(1), bound, align);
+            let (mean, block) = (rows_at(load), rows_at(load * WARM_IMBALANCE));
+            let mut used = vec![mean; g.n_local];
+            used[0] = block;
+            if !self.per_expert(&used, block, g.d_in, g.d_out, g.gemms, g.calls()) {
+                continue;
+            }
+            let (d_in, d_out) = (g.d_in, g.d_out);
+            let mut u = 1;
+            while u <= bound {
+                let r = aligned_rows(u, bound, align);
+                match &op.kind {
+                    OpKind::ExpertLinear { y, .. } | OpKind::ExpertLinearPart { y, .. } => {
+                        calls.insert((0, r, d_in, d_out, self.st(*y) == Storage::F32, false));
+                    }
+                    OpKind::ExpertLinearBwd { dx, dw, .. } | OpKind::ExpertLinearPartBwd { dx, dw, .. } => {
+                        calls.insert((1, r, d_out, d_in, self.st(*dx) == Storage::F32, false));
+                        calls.insert((2, d_in, r, d_out, self.st(*dw) == Storage::F32, false));
+                    }
+                    OpKind::ExpertLinearBwdAcc { dx, dw, accumulate, .. } => {
+                        calls.insert((1, r, d_out, d_in, self.st(*dx) == Storage::F32, false));
+                        calls.insert((2, d_in, r, d_out, self.st(*dw) == Storage::F32, *accumulate));
+                    }
+                    _ => {}
+                }
+                u = r + 1;
+            }
+            ab_elems = ab_elems.max(bound * d_in.max(d_out)).max(d_in * d_out);
+            c_bytes = c_bytes.max(4 * (bound * d_in.max(d_out)).max(d_in * d_out));
+        }
+        if calls.is_empty() {
+            return Ok(0);
+        }
+        let bytes = [ab_elems * gs.size(), ab_elems * gs.size(), c_bytes];
+        let bufs = bytes.iter().map(|&b| self.scratch(b)).collect::<Result<Vec<u64>, _>>()?;
+        for (&ptr, &b) in bufs.iter().zip(&bytes) {
+            // SAFETY: each scratch buffer holds b bytes.
+            unsafe { result::memset_d8_async(ptr, 0, b, self.cu()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+        }
+        for &(form, m, k, n, c_f32, acc) in &calls {
+            let c_st = if c_f32 { Storage::F32 } else { gs };
+            let form = [GemmForm::Nn, GemmForm::Nt, GemmForm::Tn][form];
+            self.gemm(form, bufs[0], bufs[1], bufs[2], c_st, m, k, n, if acc { 1.0 } else { 0.0 }, None)?;
+        }
+        for ptr in bufs {
+            self.scratch_free(ptr)?;
+        }
+        self.sync()?;
+        self.first_sync.set(None);
+        Ok(calls.len())
+    }
+
     /// GEMM rows for an expert block with `used` real rows out of `rows`: `used` rounded up
     /// by [`aligned_rows`] to [`expert_row_align`] (at most `rows`). The rows past `used` are zero in every
     /// operand (fresh, zeroed allocations; layouts write zero rows), so the extra rows compute
@@ -1267,6 +1344,10 @@ pub fn expert_row_align() -> usize {
         std::env::var("MOELAB_EXPERT_ROW_ALIGN").ok().and_then(|v| v.trim().parse().ok()).filter(|&a: &usize| a > 0).unwrap_or(DROPLESS_ROW_ALIGN)
     })
 }
+
+/// The fullest expert's load over the mean that [`StreamExec::warm_expert_shapes`] assumes
+/// when it asks whether a dropless op runs per expert (the bench plans measured 1.24-1.28).
+pub const WARM_IMBALANCE: f64 = 1.25;
 
 /// `MOELAB_DROPLESS_GEMMS`: `per-expert` (Some(true)), `batched` (Some(false)), else the
 /// cost rule (None).

@@ -105,6 +105,12 @@ impl GpuRank {
             }
             ex.upload(id, &Data::F32(v))?;
         }
+        // Every per-expert GEMM shape a dropless plan can meet, before the first step.
+        let warm = Instant::now();
+        let warmed = ex.warm_expert_shapes(crate::backend::sim::expected_dynamic_load(&me.plan.spec))?;
+        if warmed > 0 {
+            eprintln!("rank {}: {warmed} expert GEMM shapes warmed in {:.0} ms (MOELAB_WARM_SHAPES=0 skips)", rp.rank, warm.elapsed().as_secs_f64() * 1e3);
+        }
         me.streams[0].stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
         Ok(me)
     }
