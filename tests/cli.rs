@@ -321,6 +321,35 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_10_runs_within_15_percen
     assert!(big >= 200 && within == big, "session 10: {within} of {big} stages >= 2% within 25%");
 }
 
+/// The first 2-GPU runs of the current executor (2x H200, NVLink, 2026-11-24): the four
+/// mixtral-ish designs at ep = 2 (topk, MPMoE, ScMoE, Tutel) stay within the 15% step target
+/// with their all-to-alls, all-reduces and all-gathers; every collective stage has its wait for
+/// the last member split out. (The bench plans at ep = 2 miss it where dropless: see
+/// docs/benchmarks.md.)
+#[test]
+fn the_h200_profile_predicts_the_stored_2gpu_mixtral_runs_within_15_percent() {
+    let dir = format!("{}/docs/device-runs/h200x2-s10/mixtral-ish-2gpu-runs", env!("CARGO_MANIFEST_DIR"));
+    let mut runs: Vec<std::path::PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    runs.sort();
+    assert_eq!(runs.len(), 4, "{runs:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("p.json");
+    let mut args: Vec<&str> = vec!["predict", "--json", json.to_str().unwrap()];
+    args.extend(runs.iter().map(|p| p.to_str().unwrap()));
+    let (code, out, err) = moelab(&args, &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for r in doc.as_array().unwrap() {
+        assert_eq!(r["profile"], "h200", "{r}");
+        let e = r["comparison"]["step_error"].as_f64().unwrap();
+        assert!(e.is_finite() && e.abs() < 0.15, "{}: step error {e}", r["name"]);
+        let collectives: Vec<&serde_json::Value> =
+            r["comparison"]["stages"].as_array().unwrap().iter().filter(|st| st["label"].as_str().is_some_and(|n| n.starts_with("all_"))).collect();
+        assert!(collectives.len() >= 3, "{}: {collectives:?}", r["name"]);
+        assert!(collectives.iter().all(|st| st["measured_wait_ms"].as_f64().is_some_and(|w| w >= 0.0)), "{}: {collectives:?}", r["name"]);
+    }
+}
+
 #[test]
 fn the_h200_profile_predicts_stored_h200_runs_within_15_percent() {
     let runs = [
