@@ -285,15 +285,9 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_10_runs_within_15_percen
             runs.extend(dir(&format!("{gpu}-s7/mixtral-ish-runs")).into_iter().filter(|p| p.to_string_lossy().ends_with("mixtral-topk-1gpu")));
             let n = if session == "s10" { 12 } else { 9 };
             assert_eq!(runs.len(), n, "{gpu} {session}: {runs:?}");
-            let tmp = tempfile::tempdir().unwrap();
-            let json = tmp.path().join("p.json");
-            let mut args: Vec<&str> = vec!["predict", "--json", json.to_str().unwrap()];
-            args.extend(runs.iter().map(|p| p.to_str().unwrap()));
-            let (code, out, err) = moelab(&args, &[]);
-            assert_eq!(code, 0, "{out}\n{err}");
-            let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-            assert_eq!(doc.as_array().unwrap().len(), n);
-            for r in doc.as_array().unwrap() {
+            let doc = predict_json(&runs);
+            assert_eq!(doc.len(), n);
+            for r in &doc {
                 assert_eq!(r["profile"], gpu, "{r}");
                 let e = r["comparison"]["step_error"].as_f64().unwrap();
                 assert!(e.is_finite() && e.abs() < 0.15, "{gpu} {session} {}: step error {e}", r["name"]);
@@ -321,6 +315,18 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_10_runs_within_15_percen
     assert!(big >= 200 && within == big, "session 10: {within} of {big} stages >= 2% within 25%");
 }
 
+/// `moelab predict --json` over `runs`: one object per run (the command must succeed).
+fn predict_json(runs: &[std::path::PathBuf]) -> Vec<serde_json::Value> {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("p.json");
+    let mut args: Vec<&str> = vec!["predict", "--json", json.to_str().unwrap()];
+    args.extend(runs.iter().map(|p| p.to_str().unwrap()));
+    let (code, out, err) = moelab(&args, &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    doc.as_array().expect("a JSON array").clone()
+}
+
 /// The first 2-GPU runs of the current executor (2x H200, NVLink, 2026-11-24): the four
 /// mixtral-ish designs at ep = 2 (topk, MPMoE, ScMoE, Tutel) stay within the 15% step target
 /// with their all-to-alls, all-reduces and all-gathers; every collective stage has its wait for
@@ -332,14 +338,7 @@ fn the_h200_profile_predicts_the_stored_2gpu_mixtral_runs_within_15_percent() {
     let mut runs: Vec<std::path::PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     runs.sort();
     assert_eq!(runs.len(), 4, "{runs:?}");
-    let tmp = tempfile::tempdir().unwrap();
-    let json = tmp.path().join("p.json");
-    let mut args: Vec<&str> = vec!["predict", "--json", json.to_str().unwrap()];
-    args.extend(runs.iter().map(|p| p.to_str().unwrap()));
-    let (code, out, err) = moelab(&args, &[]);
-    assert_eq!(code, 0, "{out}\n{err}");
-    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for r in doc.as_array().unwrap() {
+    for r in &predict_json(&runs) {
         assert_eq!(r["profile"], "h200", "{r}");
         let e = r["comparison"]["step_error"].as_f64().unwrap();
         assert!(e.is_finite() && e.abs() < 0.15, "{}: step error {e}", r["name"]);
