@@ -425,15 +425,13 @@ pub fn op_cost_filled(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDty
 /// time of the same sizes with all kept (mean 0.77: 0.35 of the time scaled), so 0.4.
 pub const ROUTED_READ_SHARE: f64 = 0.4;
 
-/// Whether `kind` moves routed rows, reading only the assignments a capacity plan kept.
+/// Whether `kind` moves routed rows, reading only the assignments a capacity plan kept: the
+/// layout and combine kernel classes ([`kernel_class`]), less the layout ops that count
+/// (`ShardCounts`) or copy whole buffers (`SwapAxes`, `TakeBlock`).
 pub fn moves_routed_rows(kind: &OpKind) -> bool {
     use OpKind::*;
-    matches!(
-        kind,
-        Dispatch { .. } | DispatchBwd { .. } | ExpertLayout { .. } | ExpertUnlayout { .. } | ChunkSlice { .. } | ChunkMerge { .. }
-            | ChunkLayout { .. } | ChunkUnlayout { .. } | TpLayout { .. } | TpUnlayout { .. } | TpMerge { .. } | LocalLayout { .. }
-            | LocalUnlayout { .. } | ShardDispatch { .. } | ShardCombine { .. } | Combine { .. } | CombinePart { .. } | CombineBwd { .. }
-    )
+    matches!(kernel_class(kind), KernelClass::Layout | KernelClass::Combine | KernelClass::CombineBwd)
+        && !matches!(kind, ShardCounts { .. } | SwapAxes { .. } | TakeBlock { .. })
 }
 
 /// [`op_cost`] of a capacity plan's op when `kept` of the routed assignments survive the
