@@ -75,9 +75,15 @@ pub fn aligned_rows(used: usize, rows: usize, align: usize) -> usize {
     if align <= 1 || used == 0 {
         return used.min(rows);
     }
-    let octave = 1usize << (usize::BITS - 1 - used.leading_zeros());
-    let step = align.max(octave / 8);
+    let step = row_bucket_step(used, align);
     used.div_ceil(step).saturating_mul(step).min(rows)
+}
+
+/// The bucket width [`aligned_rows`] rounds `used` (> 0) rows up to: the larger of `align`
+/// and an eighth of the largest power of two not above `used`.
+pub fn row_bucket_step(used: usize, align: usize) -> usize {
+    let octave = 1usize << (usize::BITS - 1 - used.max(1).leading_zeros());
+    align.max(octave / 8)
 }
 
 /// Host time of one call an expert op makes per expert when it runs one GEMM per expert (a

@@ -219,7 +219,34 @@ impl MeasuredRun {
         if !spec.model.dropless && !extra.iter().any(|o| o.key == ["run", "kept_share"]) {
             spec.run.kept_share = self.kept_share();
         }
+        // A dropless run over expert-parallel ranks at the rows each rank received.
+        if spec.model.dropless && spec.layout.ep > 1 && !extra.iter().any(|o| o.key == ["run", "rank_loads"]) {
+            spec.run.rank_loads = self.rank_loads(&spec);
+        }
         Ok(spec)
+    }
+
+    /// Rows each expert-parallel rank of a dropless run received, relative to the mean (the
+    /// sim's `run.rank_loads`): the bytes each rank sent in the all-to-alls whose send buffer
+    /// is routing-sized (the trips back from the experts carry exactly the rows the rank's
+    /// experts took), over the measured steps, ranks of one expert-parallel index together.
+    /// `None` when the plan cannot be built or the trace has no such all-to-all.
+    pub fn rank_loads(&self, spec: &ExperimentSpec) -> Option<Vec<f64>> {
+        let plan = crate::plan::Plan::build(spec).ok()?;
+        let ep = spec.layout.ep;
+        let mut rows = vec![0.0f64; ep];
+        for rp in &plan.ranks {
+            let Some(index) = crate::backend::sim::ep_index(rp).filter(|i| *i < ep) else { continue };
+            let returns: std::collections::HashSet<&str> = rp
+                .ops
+                .iter()
+                .filter(|op| matches!(&op.kind, crate::plan::OpKind::AllToAllV { send, .. } | crate::plan::OpKind::AllToAllV2d { send, .. } if rp.buffer(*send).dynamic))
+                .map(|op| op.name.as_str())
+                .collect();
+            rows[index] += self.trace.ops.iter().filter(|e| e.rank == rp.rank && returns.contains(e.name.as_str())).map(|e| e.bytes as f64).sum::<f64>();
+        }
+        let mean = rows.iter().sum::<f64>() / ep as f64;
+        (mean > 0.0 && rows.iter().all(|r| *r > 0.0)).then(|| rows.iter().map(|r| r / mean).collect())
     }
 
     /// The measured imbalance of a dropless run with `n_experts` experts: the fullest
@@ -338,6 +365,10 @@ pub struct RunPrediction {
     /// or the caller's `run.kept_share`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kept_share: Option<f64>,
+    /// Rows each expert-parallel rank received over the mean that the sim assumed (dropless
+    /// runs at ep > 1: the measured ones, or the caller's `run.rank_loads`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank_loads: Option<Vec<f64>>,
     /// Measured vs predicted.
     pub comparison: Comparison,
 }
@@ -360,6 +391,7 @@ pub fn predict(run: &MeasuredRun, opts: &PredictOptions) -> Result<RunPrediction
         sim_dir: opts.runs_dir.as_ref().map(|_| outcome.dir.clone()),
         dropless_imbalance: spec.run.dropless_imbalance,
         kept_share: spec.run.kept_share,
+        rank_loads: spec.run.rank_loads.clone(),
         comparison,
     })
 }

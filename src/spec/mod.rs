@@ -658,6 +658,12 @@ pub struct RunSpec {
     /// measured one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_share: Option<f64>,
+    /// Rows each expert-parallel rank receives in a dropless plan, relative to one another
+    /// (sim only; `layout.ep` positive numbers, scaled to mean 1): the busiest rank runs
+    /// longer expert GEMMs and all-to-alls, the others wait for it. Balanced when unset;
+    /// `moelab predict` sets the measured ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_loads: Option<Vec<f64>>,
 }
 
 fn default_steps() -> usize {
@@ -681,6 +687,7 @@ impl Default for RunSpec {
             nodes: None,
             dropless_imbalance: None,
             kept_share: None,
+            rank_loads: None,
         }
     }
 }

@@ -1097,23 +1097,23 @@ impl<'a> StreamExec<'a> {
         }
     }
 
-    /// Calls once, on scratch operands, every per-expert GEMM shape the dropless expert ops of
-    /// the plan can meet: their row counts are [`aligned_rows`] buckets up to the plan's
-    /// bound, and cuBLAS spends about 4 ms of host time on a shape's first call (seen on
-    /// H200: small-tokens dropless met a new shape in its tenth step, 3.3 ms more in one op).
-    /// Ops that run batched at the expected load (`load` of the bound per expert, the fullest
-    /// expert [`WARM_IMBALANCE`] times that) are skipped, as is everything under
-    /// `MOELAB_WARM_SHAPES=0` (A/B runs) or `MOELAB_DROPLESS_GEMMS=batched`. Returns the GEMM
-    /// calls made.
+    /// Calls once, on scratch operands, every GEMM shape the dropless expert ops of the plan
+    /// are likely to meet, since cuBLAS spends 2.5-5 ms of host time on a shape's first call
+    /// (seen on H200: small-tokens dropless met a new shape in its tenth step, 3.3 ms more in
+    /// one op; fine-grained at ep = 2 met new batched shapes in steps 4-7, up to 8 ms each).
+    /// Per-expert calls: every [`aligned_rows`] bucket up to the plan's bound for ops that run
+    /// per expert at the expected load (`load` of the bound per expert, the fullest expert
+    /// [`WARM_IMBALANCE`] times that), up to [`WARM_BLOCK_MAX`] times the load for the others.
+    /// Batched calls over whole blocks: every block bucket from the load to
+    /// [`WARM_BLOCK_MAX`] times it. Nothing under `MOELAB_WARM_SHAPES=0` (A/B runs).
+    /// Returns the GEMM calls made.
     pub fn warm_expert_shapes(&self, load: f64) -> Result<usize, ExecError> {
         use std::collections::BTreeSet;
-        if dropless_gemms() == Some(false) || std::env::var("MOELAB_WARM_SHAPES").is_ok_and(|v| v == "0") {
+        if std::env::var("MOELAB_WARM_SHAPES").is_ok_and(|v| v == "0") {
             return Ok(0);
         }
         let gs = self.gemm_st();
-        // (form, m, k, n, f32 output, beta = 1) per call, in the executor's argument order.
-        let mut calls: BTreeSet<(usize, usize, usize, usize, bool, bool)> = BTreeSet::new();
-        let (mut ab_elems, mut c_bytes) = (0usize, 0usize);
+        let mut calls: BTreeSet<WarmCall> = BTreeSet::new();
         let align = expert_row_align();
         for op in &self.rp.ops {
             let Some(g) = op.kind.expert_gemm() else { continue };
@@ -1122,49 +1122,64 @@ impl<'a> StreamExec<'a> {
                 continue;
             }
             let bound = d.elems / (g.n_local * g.d_in);
-            let rows_at = |share: f64| aligned_rows(((bound as f64 * share).ceil() as usize).max(1), bound, align);
+            let rows_at = |share: f64| aligned_rows(((bound as f64 * share.min(1.0)).ceil() as usize).max(1), bound, align);
             let (mean, block) = (rows_at(load), rows_at(load * WARM_IMBALANCE));
             let mut used = vec![mean; g.n_local];
             used[0] = block;
-            if !self.per_expert(&used, block, g.d_in, g.d_out, g.gemms, g.calls()) {
-                continue;
-            }
-            let (d_in, d_out) = (g.d_in, g.d_out);
-            let mut u = 1;
-            while u <= bound {
-                let r = aligned_rows(u, bound, align);
+            let per_expert_now = self.per_expert(&used, block, g.d_in, g.d_out, g.gemms, g.calls());
+            let largest_block = rows_at(load * WARM_BLOCK_MAX);
+            // The executor's calls of this op at `rows` rows per call, `batch` calls at once.
+            let mut add = |rows: usize, batch: usize| {
+                let call = |form, m, k, n, out: BufId, accumulate| WarmCall { form, m, k, n, c_f32: self.st(out) == Storage::F32, accumulate, batch };
                 match &op.kind {
                     OpKind::ExpertLinear { y, .. } | OpKind::ExpertLinearPart { y, .. } => {
-                        calls.insert((0, r, d_in, d_out, self.st(*y) == Storage::F32, false));
+                        calls.insert(call(0, rows, g.d_in, g.d_out, *y, false));
                     }
                     OpKind::ExpertLinearBwd { dx, dw, .. } | OpKind::ExpertLinearPartBwd { dx, dw, .. } => {
-                        calls.insert((1, r, d_out, d_in, self.st(*dx) == Storage::F32, false));
-                        calls.insert((2, d_in, r, d_out, self.st(*dw) == Storage::F32, false));
+                        calls.insert(call(1, rows, g.d_out, g.d_in, *dx, false));
+                        calls.insert(call(2, g.d_in, rows, g.d_out, *dw, false));
                     }
                     OpKind::ExpertLinearBwdAcc { dx, dw, accumulate, .. } => {
-                        calls.insert((1, r, d_out, d_in, self.st(*dx) == Storage::F32, false));
-                        calls.insert((2, d_in, r, d_out, self.st(*dw) == Storage::F32, *accumulate));
+                        calls.insert(call(1, rows, g.d_out, g.d_in, *dx, false));
+                        calls.insert(call(2, g.d_in, rows, g.d_out, *dw, *accumulate));
                     }
                     _ => {}
                 }
-                u = r + 1;
+            };
+            if dropless_gemms() != Some(false) {
+                let top = if per_expert_now { bound } else { largest_block };
+                let mut u = 1;
+                while u <= top {
+                    let r = aligned_rows(u, bound, align);
+                    add(r, 1);
+                    u = r + 1;
+                }
             }
-            ab_elems = ab_elems.max(bound * d_in.max(d_out)).max(d_in * d_out);
-            c_bytes = c_bytes.max(4 * (bound * d_in.max(d_out)).max(d_in * d_out));
+            if dropless_gemms() != Some(true) {
+                let mut u = mean;
+                while u <= largest_block {
+                    let r = aligned_rows(u, bound, align);
+                    add(r, g.n_local);
+                    u = r + 1;
+                }
+            }
         }
         if calls.is_empty() {
             return Ok(0);
         }
-        let bytes = [ab_elems * gs.size(), ab_elems * gs.size(), c_bytes];
+        let most = |f: fn(&WarmCall) -> usize| calls.iter().map(f).max().unwrap_or(1);
+        let bytes = [most(|c| c.batch * c.m * c.k) * gs.size(), most(|c| c.batch * c.k * c.n) * gs.size(), most(|c| c.batch * c.m * c.n) * 4];
         let bufs = bytes.iter().map(|&b| self.scratch(b)).collect::<Result<Vec<u64>, _>>()?;
         for (&ptr, &b) in bufs.iter().zip(&bytes) {
             // SAFETY: each scratch buffer holds b bytes.
             unsafe { result::memset_d8_async(ptr, 0, b, self.cu()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
         }
-        for &(form, m, k, n, c_f32, acc) in &calls {
-            let c_st = if c_f32 { Storage::F32 } else { gs };
-            let form = [GemmForm::Nn, GemmForm::Nt, GemmForm::Tn][form];
-            self.gemm(form, bufs[0], bufs[1], bufs[2], c_st, m, k, n, if acc { 1.0 } else { 0.0 }, None)?;
+        for c in &calls {
+            let c_st = if c.c_f32 { Storage::F32 } else { gs };
+            let form = [GemmForm::Nn, GemmForm::Nt, GemmForm::Tn][c.form];
+            // Every form's operands are [m, k], [k, n] and [m, n] per product, back to back.
+            let batch = (c.batch > 1).then_some(Batch { count: c.batch, a_stride: c.m * c.k, b_stride: c.k * c.n, c_stride: c.m * c.n });
+            self.gemm(form, bufs[0], bufs[1], bufs[2], c_st, c.m, c.k, c.n, if c.accumulate { 1.0 } else { 0.0 }, batch)?;
         }
         for ptr in bufs {
             self.scratch_free(ptr)?;
@@ -1194,9 +1209,11 @@ impl<'a> StreamExec<'a> {
         let (xb, wb) = (self.input_as(x, gs)?, self.input_as(w, gs)?);
         let rows = xb.len / (n_local * d_in);
         let y_st = self.st(y);
-        let yb = self.output(y, n_local * rows * d_out)?;
         let calls = 1 + bias.is_some() as usize;
-        match self.expert_rows(&[x], n_local, rows).filter(|u| self.per_expert(u, rows, d_in, d_out, 1, calls)) {
+        let per_expert = self.expert_rows(&[x], n_local, rows).filter(|u| self.per_expert(u, rows, d_in, d_out, 1, calls));
+        // The batched GEMM writes every element of y (beta = 0): no zeroing pass.
+        let yb = if per_expert.is_some() || zero_expert_outputs() { self.output(y, n_local * rows * d_out)? } else { self.output_unzeroed(y, n_local * rows * d_out, false)? };
+        match per_expert {
             // Dropless: each expert's real rows; the rest of y stays zero (fresh allocation),
             // bias included, which no later op reads (the unlayout takes real rows only).
             // Otherwise one batched GEMM over whole blocks (capacity plans, or dropless blocks
@@ -1244,10 +1261,20 @@ impl<'a> StreamExec<'a> {
         let gs = self.gemm_st();
         let (xb, wb, dyb) = (self.input_as(x, gs)?, self.input_as(w, gs)?, self.input_as(dy, gs)?);
         let rows = xb.len / (n_local * d_in);
-        let dxb = self.output(dx, xb.len)?;
-        let dwb = if accumulate { self.input(dw)? } else { self.output(dw, n_local * d_in * d_out)? };
+        let per_expert = self.expert_rows(&[x, dy], n_local, rows).filter(|u| self.per_expert(u, rows, d_in, d_out, 2, 2));
+        // The batched GEMMs write every element of dx and dw (beta = 0 unless accumulating),
+        // the per-expert ones every expert's dw that received rows: no zeroing pass there.
+        let dxb = if per_expert.is_some() || zero_expert_outputs() { self.output(dx, xb.len)? } else { self.output_unzeroed(dx, xb.len, false)? };
+        let dw_written = rows > 0 && !zero_expert_outputs() && per_expert.as_ref().is_none_or(|u| u.iter().all(|&r| r > 0));
+        let dwb = if accumulate {
+            self.input(dw)?
+        } else if dw_written {
+            self.output_unzeroed(dw, n_local * d_in * d_out, false)?
+        } else {
+            self.output(dw, n_local * d_in * d_out)?
+        };
         let beta = if accumulate { 1.0 } else { 0.0 };
-        match self.expert_rows(&[x, dy], n_local, rows).filter(|u| self.per_expert(u, rows, d_in, d_out, 2, 2)) {
+        match per_expert {
             // Dropless: rows past each expert's last real row are zero in x and dy, so they
             // add nothing to dw and their dx rows stay zero (fresh allocation).
             Some(used) => {
@@ -1348,6 +1375,34 @@ pub fn expert_row_align() -> usize {
 /// The fullest expert's load over the mean that [`StreamExec::warm_expert_shapes`] assumes
 /// when it asks whether a dropless op runs per expert (the bench plans measured 1.24-1.28).
 pub const WARM_IMBALANCE: f64 = 1.25;
+
+/// The fullest expert's load over the mean up to which [`StreamExec::warm_expert_shapes`]
+/// warms batched block shapes (and per-expert shapes of ops that run batched at the expected
+/// load): the session-10 runs reached 1.52 after ten steps.
+pub const WARM_BLOCK_MAX: f64 = 2.0;
+
+/// One GEMM call of [`StreamExec::warm_expert_shapes`], in the executor's argument order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct WarmCall {
+    /// Index into `[Nn, Nt, Tn]`.
+    form: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    /// The output is stored f32.
+    c_f32: bool,
+    /// beta = 1 (the output is added to).
+    accumulate: bool,
+    /// Products per call (1: one expert's rows; else a strided batch over whole blocks).
+    batch: usize,
+}
+
+/// `MOELAB_ZERO_EXPERT_OUTPUTS=1`: zero every expert GEMM output before the GEMMs write it,
+/// as executors before 2026-11-24 did (same-binary A/B runs of the saved passes).
+fn zero_expert_outputs() -> bool {
+    static ZERO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| std::env::var("MOELAB_ZERO_EXPERT_OUTPUTS").is_ok_and(|v| v == "1"))
+}
 
 /// `MOELAB_DROPLESS_GEMMS`: `per-expert` (Some(true)), `batched` (Some(false)), else the
 /// cost rule (None).

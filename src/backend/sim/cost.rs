@@ -69,14 +69,17 @@ pub struct Fill {
     /// Dropless expert GEMMs run one per expert on each expert's rows (rather than one
     /// batched GEMM over whole blocks).
     pub per_expert: bool,
+    /// Share of each dynamic buffer's bound the executor allocates: every expert's block as
+    /// long as the fullest expert's (`scale` when the blocks are what the op computes over).
+    pub block: f64,
 }
 
 impl Fill {
     /// Buffers at their bound (capacity plans).
-    pub const FULL: Fill = Fill { scale: 1.0, per_expert: false };
+    pub const FULL: Fill = Fill { scale: 1.0, per_expert: false, block: 1.0 };
     /// Dynamic buffers at `scale` of their bound, expert GEMMs per expert below the bound.
     pub fn per_expert(scale: f64) -> Fill {
-        Fill { scale, per_expert: scale < 1.0 }
+        Fill { scale, per_expert: scale < 1.0, block: scale }
     }
 }
 
@@ -108,7 +111,13 @@ pub fn gemms_at(kind: &OpKind, plan: &RankPlan, fill: Fill) -> Vec<GemmShape> {
     let experts = |x: BufId, n_local: usize, d_in: usize, shapes: &dyn Fn(usize, usize) -> Vec<GemmShape>| {
         let rows = rows_of(x, n_local, d_in);
         if per_expert_gemms(x, plan, fill) {
-            shapes(crate::plan::ops::aligned_rows(rows, block_rows(x, n_local, d_in), crate::plan::ops::DROPLESS_ROW_ALIGN), n_local)
+            use crate::plan::ops::{aligned_rows, row_bucket_step, DROPLESS_ROW_ALIGN};
+            let bound = block_rows(x, n_local, d_in);
+            // Balanced, every expert runs the mean's bucket; with uneven loads (the block
+            // longer than the mean) each expert's rows land anywhere in their bucket, which
+            // pads them by half a bucket on average.
+            let padded = if fill.block > fill.scale { rows + row_bucket_step(rows, DROPLESS_ROW_ALIGN) / 2 } else { aligned_rows(rows, bound, DROPLESS_ROW_ALIGN) };
+            shapes(padded.min(bound), n_local)
         } else {
             shapes(rows, n_local)
         }
@@ -403,6 +412,9 @@ pub fn op_cost_filled(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDty
     if load == 1.0 {
         return op_cost_sized(op, plan, gpu, dtype, op.flops, op.bytes, Fill::FULL);
     }
+    if let Some(bytes) = all_to_all_payload(op, plan, load) {
+        return op_cost_sized(op, plan, gpu, dtype, op.flops, bytes, fill);
+    }
     // Only the routing-sized buffers shrink: static operands (expert weights) keep their bytes.
     let (mut dynamic, mut total) = (0u64, 0u64);
     for b in op.reads.iter().chain(&op.writes) {
@@ -416,6 +428,24 @@ pub fn op_cost_filled(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDty
     let share = if total > 0 { dynamic as f64 / total as f64 } else { 1.0 };
     let bytes = (op.bytes as f64 * (1.0 - share * (1.0 - load))) as u64;
     op_cost_sized(op, plan, gpu, dtype, (op.flops as f64 * load) as u64, bytes, fill)
+}
+
+/// The payload of a variable all-to-all whose routing-sized side holds `load` of its bound:
+/// the larger of what the rank sends and what it receives, each side whole when static. A
+/// dropless dispatch sends every assignment (static) and receives its experts' rows (dynamic),
+/// the return trip the other way round; the wire time follows the busier direction. `None`
+/// for other ops.
+pub fn all_to_all_payload(op: &Op, plan: &RankPlan, load: f64) -> Option<u64> {
+    let (send, recv) = match &op.kind {
+        OpKind::AllToAllV { send, recv, .. } | OpKind::AllToAllV2d { send, recv, .. } => (*send, *recv),
+        _ => return None,
+    };
+    let filled = |b: BufId| {
+        let d = plan.buffer(b);
+        d.elems as f64 * if d.dynamic { load } else { 1.0 }
+    };
+    let planned = plan.buffer(send).elems.max(1) as f64;
+    Some((op.bytes as f64 * filled(send).max(filled(recv)) / planned).round() as u64)
 }
 
 /// Share of a routed-row op's bytes that scale with the assignments the capacity keeps: its
@@ -488,17 +518,35 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     // GEMM gets its share of the op's FLOPs in proportion to its own size.
     let model = gpu.gemm(gemm_dtype(op, plan, dtype));
     let shape_flops: f64 = shapes.iter().map(GemmShape::flops).sum();
-    let scale = if shape_flops > 0.0 { flops as f64 / shape_flops } else { 0.0 };
+    // Per-expert GEMMs compute their padded rows too: their shapes are the work then.
+    let scale = if calls > 1 { 1.0 } else if shape_flops > 0.0 { flops as f64 / shape_flops } else { 0.0 };
     let math: f64 = shapes.iter().map(|s| model.seconds(s.flops() * scale, s.m, s.n, s.k, s.batch)).sum();
     // Passes in their own kernels around the GEMMs: storage casts and the bias add.
     let (cast_bytes, casts) = f32_linear_casts(op, plan, dtype);
     let (bias_bytes, bias_launches) = bias_pass(&op.kind, plan, fill);
     let passes = (casts + bias_launches) as f64 * gpu.launch_s + (cast_bytes + bias_bytes) / gpu.mem_bandwidth;
+    // Per-expert GEMMs write each expert's rows only: their output is zeroed first.
+    let zeroing = if calls > 1 { zeroed_output_bytes(&op.kind, plan, fill) / gpu.mem_bandwidth } else { 0.0 };
     // One GEMM per expert: the host's calls bound the op from below.
     let host_floor = if calls > 1 { (shapes.len() * calls) as f64 * gpu.kernels.gemm_call_s } else { 0.0 };
     // An f32 weight gradient's extra output bytes follow the GEMM's main loop.
     let f32_output = gpu.kernels.f32_output_share.map_or(0.0, |share| f32_output_bytes(op, plan, dtype) / (gpu.mem_bandwidth * share));
-    Cost::Compute((launch + passes + math.max(memory) + f32_output).max(host_floor))
+    Cost::Compute((launch + passes + zeroing + math.max(memory) + f32_output).max(host_floor))
+}
+
+/// Bytes of the expert blocks a dropless expert op running one GEMM per expert zeroes before
+/// its GEMMs (the cuda executor's fresh output: `y`, or `dx`; rows past each expert's rows
+/// must read as zeros), at the allocated block length (`fill.block`). The batched form and
+/// the weight gradients are written whole and need no zeroing.
+fn zeroed_output_bytes(kind: &OpKind, plan: &RankPlan, fill: Fill) -> f64 {
+    use OpKind::*;
+    let out = match kind {
+        ExpertLinear { y, .. } | ExpertLinearPart { y, .. } => *y,
+        ExpertLinearBwd { dx, .. } | ExpertLinearBwdAcc { dx, .. } | ExpertLinearPartBwd { dx, .. } => *dx,
+        _ => return 0.0,
+    };
+    let d = plan.buffer(out);
+    d.elems as f64 * d.elem_bytes as f64 * if d.dynamic { fill.block } else { 1.0 }
 }
 
 #[cfg(test)]
@@ -667,7 +715,7 @@ mod tests {
         assert_eq!(gemms_at(&kind, &rp, full), vec![GemmShape { m: 1000, n: d_out, k: d_in, batch: n_local }]);
         assert_eq!((gemm_calls(&kind, &rp, full), bias_pass(&kind, &rp, full).1), (1, 1));
         // Batched over whole blocks below the bound: one call over the filled rows.
-        let batched = Fill { scale: 0.25, per_expert: false };
+        let batched = Fill { scale: 0.25, per_expert: false, block: 0.25 };
         assert_eq!(gemms_at(&kind, &rp, batched), vec![GemmShape { m: 250, n: d_out, k: d_in, batch: n_local }]);
         assert_eq!((gemm_calls(&kind, &rp, batched), bias_pass(&kind, &rp, batched).1), (1, 1));
         let bwd = OpKind::ExpertLinearBwd { x: BufId(0), w: BufId(1), dy: BufId(3), dx: BufId(0), dw: BufId(1), dbias: BufId(2), n_local, d_in, d_out };

@@ -477,6 +477,14 @@ impl<'a> Sim<'a> {
             return;
         }
         let inst = self.instances.remove(&key).expect("present");
+        // Members may bring different payloads (a dropless all-to-all's busier rank receives
+        // more rows): the collective runs at the largest, after the slowest host work.
+        let mut p = p;
+        for &(r, o) in &inst.arrived {
+            let q = self.part(r, o);
+            p.bytes = p.bytes.max(q.bytes);
+            p.host_s = p.host_s.max(q.host_s);
+        }
         self.start_flow(inst.arrived, p);
     }
 

@@ -47,6 +47,7 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
             ("run.nodes", r.nodes.is_some()),
             ("run.dropless_imbalance", r.dropless_imbalance.is_some()),
             ("run.kept_share", r.kept_share.is_some()),
+            ("run.rank_loads", r.rank_loads.is_some()),
         ] {
             if set {
                 fail(field, format!("{field} applies to backend \"sim\" only (backend is {:?})", r.backend.as_str()),
@@ -71,6 +72,19 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
         } else if spec.model.dropless {
             fail("run.kept_share", "kept_share applies to capacity plans only (a dropless plan drops nothing)".into(),
                 "remove run.kept_share, or set model.dropless = false".into());
+        }
+    }
+    if let Some(loads) = &r.rank_loads {
+        let ep = spec.layout.ep;
+        if let Some(bad) = loads.iter().find(|l| !(l.is_finite() && **l > 0.0)) {
+            fail("run.rank_loads", format!("rank_loads holds {bad}; every entry must be a positive number (a rank's rows relative to the others)"),
+                "use 1 for a rank at the mean, e.g. [1.1, 0.9] when the first of two ranks receives 10% more rows".into());
+        } else if loads.len() != ep {
+            fail("run.rank_loads", format!("rank_loads has {} entries but layout.ep={ep} expert-parallel ranks", loads.len()),
+                format!("give one load per expert-parallel rank ({ep} numbers)"));
+        } else if !spec.model.dropless {
+            fail("run.rank_loads", "rank_loads applies to dropless plans only (a capacity plan's buffers are the same size on every rank)".into(),
+                "remove run.rank_loads, or set model.dropless = true".into());
         }
     }
     let name = r.profile.clone().unwrap_or_else(|| profile::DEFAULT_PROFILE.to_string());
@@ -224,9 +238,44 @@ struct RoutingFill {
 }
 
 impl RoutingFill {
-    fn of(spec: &crate::spec::ExperimentSpec) -> RoutingFill {
-        RoutingFill { load: expected_dynamic_load(spec), block_load: expected_block_load(spec), kept: expected_kept_share(spec) }
+    /// What rank `rp` of a plan of `spec` expects: the balanced fill scaled by its
+    /// expert-parallel rank's share of `run.rank_loads` ([`rank_load`]); its block is the
+    /// fullest expert's (`run.dropless_imbalance`) on the busiest rank, in proportion on the
+    /// others, and never shorter than its own mean load.
+    fn of(spec: &crate::spec::ExperimentSpec, rp: &RankPlan) -> RoutingFill {
+        let (load, block_load) = (expected_dynamic_load(spec), expected_block_load(spec));
+        let kept = expected_kept_share(spec);
+        let Some(r) = rank_load(spec, rp) else { return RoutingFill { load, block_load, kept } };
+        let busiest = spec.run.rank_loads.as_deref().map_or(1.0, rank_load_shares_max);
+        let imbalance = spec.run.dropless_imbalance.unwrap_or(1.0);
+        RoutingFill { load: (load * r).min(1.0), block_load: (load * r * imbalance.max(busiest) / busiest).max(load * r).min(1.0), kept }
     }
+}
+
+/// The largest of `loads` over their mean.
+fn rank_load_shares_max(loads: &[f64]) -> f64 {
+    let mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
+    loads.iter().copied().fold(0.0, f64::max) / mean
+}
+
+/// Rank `rp`'s index in its expert-parallel group (from the first op that routes rows to
+/// experts); `None` for a rank without MoE layers.
+pub fn ep_index(rp: &RankPlan) -> Option<usize> {
+    use crate::plan::OpKind::*;
+    rp.ops.iter().find_map(|op| match &op.kind {
+        Dispatch { dims, .. } | ExpertLayout { dims, .. } | ChunkLayout { dims, .. } | TpLayout { dims, .. } | LocalLayout { dims, .. } | ShardDispatch { dims, .. } => Some(dims.ep_index),
+        _ => None,
+    })
+}
+
+/// Rank `rp`'s expert-parallel rank's rows over the mean (`run.rank_loads` of a dropless
+/// plan, at its index in its expert-parallel group); `None` when unset or the rank routes no
+/// MoE layer.
+pub fn rank_load(spec: &crate::spec::ExperimentSpec, rp: &RankPlan) -> Option<f64> {
+    let loads = spec.run.rank_loads.as_deref().filter(|l| spec.model.dropless && !l.is_empty())?;
+    let index = ep_index(rp)?;
+    let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+    loads.get(index).map(|l| l / mean)
 }
 
 /// Dynamic buffers laid out in expert blocks: the row operands of the expert GEMMs (and so
@@ -262,10 +311,11 @@ fn expert_gemm_fill(op: &crate::plan::Op, rp: &RankPlan, load: f64, block_load: 
     let rows = |share: f64| ((bound as f64 * share).round() as usize).max(1);
     let block = aligned_rows(rows(block_load), bound, DROPLESS_ROW_ALIGN);
     let used = aligned_rows(rows(load), block, DROPLESS_ROW_ALIGN);
+    let block_share = block as f64 / bound.max(1) as f64;
     Some(if per_expert_pays(&vec![used; n_local], block, d_in, d_out, g.gemms, g.calls(), bf16, sms) {
-        cost::Fill::per_expert(load)
+        cost::Fill { block: block_share, ..cost::Fill::per_expert(load) }
     } else {
-        cost::Fill { scale: block as f64 / bound.max(1) as f64, per_expert: false }
+        cost::Fill { scale: block_share, per_expert: false, block: block_share }
     })
 }
 
@@ -294,7 +344,7 @@ fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, routing: &Routing
             } else if let Some(f) = expert_gemm_fill(op, rp, load, block_load, dtype == GemmDtype::Bf16, profile.gpu.sms) {
                 f
             } else if elementwise && dynamic_bufs.all(|b| blocks[b.0 as usize]) {
-                cost::Fill { scale: block_load, per_expert: false }
+                cost::Fill { scale: block_load, per_expert: false, block: block_load }
             } else {
                 cost::Fill::per_expert(load)
             };
@@ -320,7 +370,9 @@ pub fn simulate_plan(plan: &Plan, profile: &Profile, symmetry: Symmetry) -> Resu
         DType::F32 => GemmDtype::F32,
     };
     let groups: Vec<Vec<u32>> = plan.groups.iter().map(|g| g.ranks.clone()).collect();
-    let symmetric = symmetry == Symmetry::Exploit && plan.world() > 1 && is_symmetric(plan, profile);
+    // Unequal rank loads make the ranks' costs differ: every rank is simulated then.
+    let equal_loads = plan.spec.run.rank_loads.as_deref().is_none_or(|l| rank_load_shares_max(l) <= 1.0 + 1e-12) || !plan.spec.model.dropless;
+    let symmetric = symmetry == Symmetry::Exploit && plan.world() > 1 && equal_loads && is_symmetric(plan, profile);
     let (ranks, coupling): (Vec<&RankPlan>, Coupling) = if symmetric {
         let r0 = &plan.ranks[0];
         // For each collective part of rank 0, the groups every rank uses for it at once.
@@ -349,7 +401,7 @@ pub fn simulate_plan(plan: &Plan, profile: &Profile, symmetry: Symmetry) -> Resu
         (plan.ranks.iter().collect(), Coupling::Full)
     };
     let input = SimInput {
-        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, &RoutingFill::of(&plan.spec)) }).collect(),
+        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, &RoutingFill::of(&plan.spec, rp)) }).collect(),
         groups,
         profile,
         coupling,

@@ -26,7 +26,8 @@ fn run_title(p: &RunPrediction) -> String {
     let device = p.device.clone().unwrap_or_else(|| format!("{}, no GPU recorded", p.comparison.measured_backend));
     let imbalance = p.dropless_imbalance.map(|i| format!(", dropless imbalance {i:.3}")).unwrap_or_default();
     let kept = p.kept_share.filter(|k| *k < 0.9995).map(|k| format!(", kept {k:.3} of assignments")).unwrap_or_default();
-    format!("{} ({device}, profile {}{imbalance}{kept})", p.name, p.profile)
+    let ranks = p.rank_loads.as_ref().map(|l| format!(", rank loads {}", l.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join("/"))).unwrap_or_default();
+    format!("{} ({device}, profile {}{imbalance}{kept}{ranks})", p.name, p.profile)
 }
 
 /// The block for one run: step time with the 15% target, one line per stage with the 25%
