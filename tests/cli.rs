@@ -268,14 +268,10 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_11_runs_within_15_percen
     // share: all 204 (the executor calls every per-expert GEMM shape once before the first
     // step, so no step meets cuBLAS's first call of a shape). Session 11 (H200): the
     // executor no longer zeroes expert outputs that the GEMMs write whole, and warms batched
-    // block shapes too; its stages are held the same way.
+    // block shapes too; its H200 stages are held the same way.
     let (mut within, mut big) = (0, 0);
     for session in ["s8", "s9", "s10", "s11"] {
         for gpu in ["h100", "h200"] {
-            // Session 11 ran on an H200 only.
-            if session == "s11" && gpu == "h100" {
-                continue;
-            }
             let dir = |d: &str| {
                 let mut v: Vec<std::path::PathBuf> =
                     std::fs::read_dir(format!("{}/docs/device-runs/{d}", env!("CARGO_MANIFEST_DIR"))).unwrap().map(|e| e.unwrap().path()).collect();
@@ -310,7 +306,9 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_11_runs_within_15_percen
                 if let Some(k) = kept {
                     assert!(if name.starts_with("mixtral") { k < 0.75 } else { k > 0.95 }, "{name}: kept {k}");
                 }
-                if session == "s10" || session == "s11" {
+                // H100 session 11: MPMoE's backward permute (chunk merges, host time) stays
+                // -43% (docs/benchmarks.md); its steps are held above.
+                if session == "s10" || (session == "s11" && gpu == "h200") {
                     for st in r["comparison"]["stages"].as_array().unwrap() {
                         if st["small"] == false && !st["predicted_ms"].is_null() && !st["measured_ms"].is_null() {
                             big += 1;

@@ -18,7 +18,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{result, CudaContext, CudaEvent, LaunchConfig, PushKernelArg};
 use cudarc::nccl::sys as nccl;
 use moelab_kernels::error::GpuError;
-use moelab_kernels::gemm::{bf16_gemm_raw, sgemm_raw};
+use moelab_kernels::gemm::{bf16_gemm_raw, bf16_gemm_raw_batched, sgemm_raw, Batch};
 use moelab_kernels::{GemmDims, GemmForm};
 use std::sync::Arc;
 
@@ -94,6 +94,49 @@ fn fill_f32(gpu: &Gpu, s: &GpuStream, ptr: u64, n: usize) -> Result<(), GpuError
     launch(gpu, s, "load_batch_x", gpu.grid(n.div_ceil(8)), &args)
 }
 
+/// Strided-batched bf16 GEMMs `(m, n, k, batch)`: the expert GEMMs of the bench plans at
+/// capacity factor 1.25 on one GPU, one call over every expert's block (forward, input
+/// gradient and weight gradient: mixtral-ish 8 x 5,120 rows of 4,096 / 14,336, fine-grained
+/// 64 x 1,920 rows of 2,048 / 1,408, small-tokens 8 x 640 rows), and a square 4,096 batch of
+/// 8 for reference.
+pub const BATCHED_GEMM_SHAPES: [(usize, usize, usize, usize); 13] = [
+    (5120, 14336, 4096, 8),
+    (5120, 4096, 14336, 8),
+    (4096, 14336, 5120, 8),
+    (14336, 4096, 5120, 8),
+    (1920, 1408, 2048, 64),
+    (1920, 2048, 1408, 64),
+    (2048, 1408, 1920, 64),
+    (1408, 2048, 1920, 64),
+    (640, 14336, 4096, 8),
+    (640, 4096, 14336, 8),
+    (4096, 14336, 640, 8),
+    (14336, 4096, 640, 8),
+    (4096, 4096, 4096, 8),
+];
+
+/// The strided-batched bf16 sweep ([`BATCHED_GEMM_SHAPES`]) on one GPU.
+fn batched_gemm_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<GemmMeasure>, GpuError> {
+    let most = |f: fn(&(usize, usize, usize, usize)) -> usize| BATCHED_GEMM_SHAPES.iter().map(f).max().unwrap_or(1);
+    let (na, nb, nc) = (most(|s| s.3 * s.0 * s.2), most(|s| s.3 * s.2 * s.1), most(|s| s.3 * s.0 * s.1));
+    let (a, b, c) = (Buf::new(s, na * 2)?, Buf::new(s, nb * 2)?, Buf::new(s, nc * 2)?);
+    for (buf, n) in [(&a, na), (&b, nb)] {
+        launch(gpu, s, "bf16_fill_hash", gpu.grid(n), &[A::P(buf.0), A::I64(n as i64), A::U32(7), A::F32(0.05)])?;
+    }
+    let mut out = Vec::new();
+    for &(m, n, k, count) in &BATCHED_GEMM_SHAPES {
+        let dims = GemmDims { m, k, n };
+        let batch = Batch { count, a_stride: m * k, b_stride: k * n, c_stride: m * n };
+        // SAFETY: a, b, c hold the largest batch of operands of the sweep in bf16; the handle
+        // is bound to `s`.
+        let secs = timed(gpu, s, reps, || unsafe { bf16_gemm_raw_batched(s.blas, GemmForm::Nn, a.0, b.0, c.0, dims, 0.0, false, Some(batch)) })?;
+        let tflops = 2.0 * (m * n * k * count) as f64 / secs / 1e12;
+        on_line(&format!("gemm bf16 m={m} n={n} k={k} batch={count}: {tflops:.1} TFLOP/s"));
+        out.push(GemmMeasure { dtype: GemmDtype::Bf16, m, n, k, batch: count, tflops });
+    }
+    Ok(out)
+}
+
 /// The GEMM sweep on one GPU.
 fn gemm_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<GemmMeasure>, GpuError> {
     let most = |f: fn(&(usize, usize, usize)) -> usize| GEMM_SHAPES.iter().map(f).max().unwrap_or(1);
@@ -121,7 +164,7 @@ fn gemm_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&st
             })?;
             let tflops = 2.0 * (m * n * k) as f64 / secs / 1e12;
             on_line(&format!("gemm {} m={m} n={n} k={k}: {tflops:.1} TFLOP/s", if dtype == GemmDtype::Bf16 { "bf16" } else { "f32 " }));
-            out.push(GemmMeasure { dtype, m, n, k, tflops });
+            out.push(GemmMeasure { dtype, m, n, k, batch: 1, tflops });
         }
     }
     Ok(out)
@@ -457,7 +500,8 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
     let gpu = Gpu::open(0)?;
     gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
     let s = gpu.new_stream(false)?;
-    let gemms = gemm_sweep(&gpu, &s, reps, on_line)?;
+    let mut gemms = gemm_sweep(&gpu, &s, reps, on_line)?;
+    gemms.extend(batched_gemm_sweep(&gpu, &s, reps, on_line)?);
     let f32_outputs = f32_output_sweep(&gpu, &s, reps, on_line)?;
     let (launch_us, copy_tbps) = launch_and_copy(&gpu, &s, reps)?;
     on_line(&format!("kernel gap {launch_us:.2} us, device copy {copy_tbps:.2} TB/s"));

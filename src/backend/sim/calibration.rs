@@ -24,8 +24,19 @@ pub struct GemmMeasure {
     pub n: usize,
     /// Reduction length.
     pub k: usize,
+    /// Products per call (a strided-batched GEMM over expert blocks); 1 for one GEMM.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub batch: usize,
     /// Achieved TFLOP/s.
     pub tflops: f64,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 
 fn dtype_name<S: serde::Serializer>(d: &GemmDtype, s: S) -> Result<S::Ok, S::Error> {
@@ -326,6 +337,9 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
                     p.insert("m".into(), (g.m as i64).into());
                     p.insert("n".into(), (g.n as i64).into());
                     p.insert("k".into(), (g.k as i64).into());
+                    if g.batch > 1 {
+                        p.insert("batch".into(), (g.batch as i64).into());
+                    }
                     p.insert("tflops".into(), round(g.tflops, 2).into());
                     p.insert("source".into(), source.clone().into());
                     Value::Table(p)
@@ -339,8 +353,9 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
             // GEMMs, timed with ncu) stay, with their sources, beside the measured ones.
             let swept = |p: &Value| {
                 let f = |k: &str| p.get(k).and_then(Value::as_integer);
-                f("batch").unwrap_or(1) == 1
-                    && cal.gemms.iter().any(|g| g.dtype == dtype && (Some(g.m as i64), Some(g.n as i64), Some(g.k as i64)) == (f("m"), f("n"), f("k")))
+                cal.gemms.iter().any(|g| {
+                    g.dtype == dtype && (Some(g.m as i64), Some(g.n as i64), Some(g.k as i64), g.batch as i64) == (f("m"), f("n"), f("k"), f("batch").unwrap_or(1))
+                })
             };
             pts.extend(d.get("points").and_then(Value::as_array).into_iter().flatten().filter(|p| !swept(p)).cloned());
             d.remove("efficiency");
@@ -430,8 +445,8 @@ mod tests {
         let mut gemms = Vec::new();
         for (m, n, k) in [(8192, 8192, 8192), (16384, 14336, 4096), (4096, 4096, 512), (2048, 2048, 128)] {
             let eff = k as f64 / (k as f64 + 256.0);
-            gemms.push(GemmMeasure { dtype: GemmDtype::Bf16, m, n, k, tflops: 800.0 * eff });
-            gemms.push(GemmMeasure { dtype: GemmDtype::F32, m, n, k, tflops: 52.0 * eff });
+            gemms.push(GemmMeasure { dtype: GemmDtype::Bf16, m, n, k, batch: 1, tflops: 800.0 * eff });
+            gemms.push(GemmMeasure { dtype: GemmDtype::F32, m, n, k, batch: 1, tflops: 52.0 * eff });
         }
         // An all-reduce on 2 GPUs with 12 us latency and 360 GB/s bus bandwidth.
         let collectives = [1e6, 16e6, 256e6]
@@ -474,12 +489,22 @@ mod tests {
     fn points_the_sweep_does_not_time_are_kept_from_the_base() {
         // The shipped h200 profile carries batched attention points (batch = 4, from ncu) and
         // points at swept shapes; recalibrating on it replaces the latter and keeps the former.
+        // A strided-batched measurement replaces the base's point at its shape and batch
+        // only (the shipped profile has 13 from the batched expert sweep).
         let base = profile::builtin_text("h200").expect("built in");
-        let (text, _) = render(base, "h200", "h200-again", &measured()).expect("renders");
+        let mut cal = measured();
+        cal.gemms.push(GemmMeasure { dtype: GemmDtype::Bf16, m: 5120, n: 14336, k: 4096, batch: 8, tflops: 700.0 });
+        let (text, _) = render(base, "h200", "h200-again", &cal).expect("renders");
         let p = profile::parse(&text, "t").expect("parses");
         let batched: Vec<_> = p.gpu.bf16.points.iter().filter(|q| q.batch == 4).collect();
         assert_eq!(batched.len(), 2, "{text}");
         assert!(batched.iter().all(|q| q.source.contains("ncu")));
+        let experts: Vec<_> = p.gpu.bf16.points.iter().filter(|q| q.batch == 8 || q.batch == 64).collect();
+        assert_eq!(experts.len(), 13, "{text}");
+        let swept: Vec<_> = experts.iter().filter(|q| (q.m, q.n, q.k, q.batch) == (5120, 14336, 4096, 8)).collect();
+        assert!(swept.len() == 1 && swept[0].tflops == 700.0 && swept[0].source.starts_with("moelab calibrate on Test GPU"), "{swept:?}");
+        let json = serde_json::to_string(&cal.gemms).expect("serializes");
+        assert_eq!(json.matches("\"batch\"").count(), 1, "batch is written only when above 1: {json}");
         for g in measured().gemms {
             let at: Vec<_> = p.gpu.gemm(g.dtype).points.iter().filter(|q| (q.m, q.n, q.k, q.batch) == (g.m, g.n, g.k, 1)).collect();
             assert_eq!(at.len(), 1, "{g:?}");
