@@ -273,7 +273,8 @@ fn the_busier_expert_parallel_rank_sets_the_step_and_the_other_waits_for_it() {
     let balanced = run("");
     let (symmetric, step, busy, idle, back0, back1) = run("rank_loads = [1.2, 0.8]");
     assert!(balanced.0 && !symmetric, "unequal loads simulate every rank");
-    assert!(busy > 1.1 * balanced.2 && idle < 0.9 * balanced.3, "{busy} {idle} vs {}", balanced.2);
+    // Rows 1.2 : 0.8 of the mean (the GEMMs' efficiency and launches do not scale).
+    assert!(busy > 1.1 * balanced.2 && idle < 0.95 * balanced.3 && busy > 1.25 * idle, "{busy} {idle} vs {}", balanced.2);
     assert!(step > balanced.1, "{step} vs {}", balanced.1);
     // Both ranks leave the return all-to-all together; the idle rank entered it earlier.
     assert!(close(back0.end, back1.end), "{back0:?} {back1:?}");

@@ -246,14 +246,14 @@ impl RoutingFill {
         let (load, block_load) = (expected_dynamic_load(spec), expected_block_load(spec));
         let kept = expected_kept_share(spec);
         let Some(r) = rank_load(spec, rp) else { return RoutingFill { load, block_load, kept } };
-        let busiest = spec.run.rank_loads.as_deref().map_or(1.0, rank_load_shares_max);
+        let busiest = spec.run.rank_loads.as_deref().map_or(1.0, busiest_rank_share);
         let imbalance = spec.run.dropless_imbalance.unwrap_or(1.0);
         RoutingFill { load: (load * r).min(1.0), block_load: (load * r * imbalance.max(busiest) / busiest).max(load * r).min(1.0), kept }
     }
 }
 
-/// The largest of `loads` over their mean.
-fn rank_load_shares_max(loads: &[f64]) -> f64 {
+/// The busiest rank's share: the largest of `loads` over their mean.
+fn busiest_rank_share(loads: &[f64]) -> f64 {
     let mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
     loads.iter().copied().fold(0.0, f64::max) / mean
 }
@@ -371,7 +371,7 @@ pub fn simulate_plan(plan: &Plan, profile: &Profile, symmetry: Symmetry) -> Resu
     };
     let groups: Vec<Vec<u32>> = plan.groups.iter().map(|g| g.ranks.clone()).collect();
     // Unequal rank loads make the ranks' costs differ: every rank is simulated then.
-    let equal_loads = plan.spec.run.rank_loads.as_deref().is_none_or(|l| rank_load_shares_max(l) <= 1.0 + 1e-12) || !plan.spec.model.dropless;
+    let equal_loads = plan.spec.run.rank_loads.as_deref().is_none_or(|l| busiest_rank_share(l) <= 1.0 + 1e-12) || !plan.spec.model.dropless;
     let symmetric = symmetry == Symmetry::Exploit && plan.world() > 1 && equal_loads && is_symmetric(plan, profile);
     let (ranks, coupling): (Vec<&RankPlan>, Coupling) = if symmetric {
         let r0 = &plan.ranks[0];
