@@ -519,14 +519,15 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     let model = gpu.gemm(gemm_dtype(op, plan, dtype));
     let shape_flops: f64 = shapes.iter().map(GemmShape::flops).sum();
     // Per-expert GEMMs compute their padded rows too: their shapes are the work then.
-    let scale = if calls > 1 { 1.0 } else if shape_flops > 0.0 { flops as f64 / shape_flops } else { 0.0 };
+    let per_expert = op.kind.expert_gemm().is_some_and(|g| per_expert_gemms(g.x, plan, fill));
+    let scale = if per_expert { 1.0 } else if shape_flops > 0.0 { flops as f64 / shape_flops } else { 0.0 };
     let math: f64 = shapes.iter().map(|s| model.seconds(s.flops() * scale, s.m, s.n, s.k, s.batch)).sum();
     // Passes in their own kernels around the GEMMs: storage casts and the bias add.
     let (cast_bytes, casts) = f32_linear_casts(op, plan, dtype);
     let (bias_bytes, bias_launches) = bias_pass(&op.kind, plan, fill);
     let passes = (casts + bias_launches) as f64 * gpu.launch_s + (cast_bytes + bias_bytes) / gpu.mem_bandwidth;
     // Per-expert GEMMs write each expert's rows only: their output is zeroed first.
-    let zeroing = if calls > 1 { zeroed_output_bytes(&op.kind, plan, fill) / gpu.mem_bandwidth } else { 0.0 };
+    let zeroing = if per_expert { zeroed_output_bytes(&op.kind, plan, fill) / gpu.mem_bandwidth } else { 0.0 };
     // One GEMM per expert: the host's calls bound the op from below.
     let host_floor = if calls > 1 { (shapes.len() * calls) as f64 * gpu.kernels.gemm_call_s } else { 0.0 };
     // An f32 weight gradient's extra output bytes follow the GEMM's main loop.
