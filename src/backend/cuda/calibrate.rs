@@ -88,6 +88,11 @@ fn timed(gpu: &Gpu, s: &GpuStream, reps: usize, mut f: impl FnMut() -> Result<()
     Ok(median(times))
 }
 
+/// `n` bf16 values of a fixed hash (scale 0.05) at `ptr`: the sweeps' bf16 operands.
+fn fill_bf16(gpu: &Gpu, s: &GpuStream, ptr: u64, n: usize) -> Result<(), GpuError> {
+    launch(gpu, s, "bf16_fill_hash", gpu.grid(n), &[A::P(ptr), A::I64(n as i64), A::U32(7), A::F32(0.05)])
+}
+
 fn fill_f32(gpu: &Gpu, s: &GpuStream, ptr: u64, n: usize) -> Result<(), GpuError> {
     // The data stream's normals (any values do; real ones keep the GEMM's power draw honest).
     let args = [A::P(ptr), A::I64(n as i64), A::I32(1), A::U32(1), A::U32(2), A::U32(3), A::U32(4), A::U32(5), A::U32(6), A::I64(0)];
@@ -121,7 +126,7 @@ fn batched_gemm_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn F
     let (na, nb, nc) = (most(|s| s.3 * s.0 * s.2), most(|s| s.3 * s.2 * s.1), most(|s| s.3 * s.0 * s.1));
     let (a, b, c) = (Buf::new(s, na * 2)?, Buf::new(s, nb * 2)?, Buf::new(s, nc * 2)?);
     for (buf, n) in [(&a, na), (&b, nb)] {
-        launch(gpu, s, "bf16_fill_hash", gpu.grid(n), &[A::P(buf.0), A::I64(n as i64), A::U32(7), A::F32(0.05)])?;
+        fill_bf16(gpu, s, buf.0, n)?;
     }
     let mut out = Vec::new();
     for &(m, n, k, count) in &BATCHED_GEMM_SHAPES {
@@ -146,7 +151,7 @@ fn gemm_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&st
     for dtype in [GemmDtype::Bf16, GemmDtype::F32] {
         for (buf, n) in [(&a, na), (&b, nb)] {
             match dtype {
-                GemmDtype::Bf16 => launch(gpu, s, "bf16_fill_hash", gpu.grid(n), &[A::P(buf.0), A::I64(n as i64), A::U32(7), A::F32(0.05)])?,
+                GemmDtype::Bf16 => fill_bf16(gpu, s, buf.0, n)?,
                 GemmDtype::F32 => fill_f32(gpu, s, buf.0, n)?,
             }
         }
@@ -177,7 +182,7 @@ fn f32_output_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnM
     let (na, nb, nc) = (most(|s| s.2 * s.0), most(|s| s.2 * s.1), most(|s| s.0 * s.1));
     let (a, b, c) = (Buf::new(s, na * 2)?, Buf::new(s, nb * 2)?, Buf::new(s, nc * 4)?);
     for (buf, n) in [(&a, na), (&b, nb)] {
-        launch(gpu, s, "bf16_fill_hash", gpu.grid(n), &[A::P(buf.0), A::I64(n as i64), A::U32(7), A::F32(0.05)])?;
+        fill_bf16(gpu, s, buf.0, n)?;
     }
     // SAFETY: c holds the largest output in f32; the beta-1 form reads it, so it is zeroed.
     unsafe { result::memset_d8_async(c.0, 0, nc * 4, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;

@@ -1146,21 +1146,25 @@ impl<'a> StreamExec<'a> {
                     _ => {}
                 }
             };
-            if dropless_gemms() != Some(false) {
-                let top = if per_expert_now { bound } else { largest_block };
-                let mut u = 1;
-                while u <= top {
+            // The row buckets from `from` rows up to `to`.
+            let buckets = |from: usize, to: usize| {
+                let mut out = Vec::new();
+                let mut u = from;
+                while u <= to {
                     let r = aligned_rows(u, bound, align);
-                    add(r, 1);
+                    out.push(r);
                     u = r + 1;
+                }
+                out
+            };
+            if dropless_gemms() != Some(false) {
+                for r in buckets(1, if per_expert_now { bound } else { largest_block }) {
+                    add(r, 1);
                 }
             }
             if dropless_gemms() != Some(true) {
-                let mut u = mean;
-                while u <= largest_block {
-                    let r = aligned_rows(u, bound, align);
+                for r in buckets(mean, largest_block) {
                     add(r, g.n_local);
-                    u = r + 1;
                 }
             }
         }
