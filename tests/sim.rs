@@ -4,7 +4,7 @@
 //! reduction against a full simulation, and a seed variant run end to end on the sim.
 
 use moelab::backend::sim::cost::{CollectivePart, Cost};
-use moelab::backend::sim::engine::{self, Coupling, SimError, SimInput, SimOp, SimRankInput};
+use moelab::backend::sim::engine::{self, Coupling, HostWork, SimError, SimInput, SimOp, SimRankInput};
 use moelab::backend::sim::profile::{self, CollectiveKind, Profile};
 use moelab::backend::sim::{self, Symmetry};
 use moelab::plan::{GroupId, Plan};
@@ -38,11 +38,11 @@ fn simple_profile(gpus_per_node: usize, nics_per_node: usize) -> Profile {
 }
 
 fn compute(secs: f64, deps: &[u32]) -> SimOp {
-    SimOp { stream: Stream::Compute, deps: deps.to_vec(), cost: Cost::Compute(secs) }
+    SimOp { stream: Stream::Compute, deps: deps.to_vec(), cost: Cost::Compute(secs), host: HostWork::default() }
 }
 
 fn all_reduce(group: u32, bytes: f64, deps: &[u32]) -> SimOp {
-    SimOp { stream: Stream::Comm, deps: deps.to_vec(), cost: Cost::Collective(vec![CollectivePart { group: GroupId(group), kind: CollectiveKind::AllReduce, bytes, host_s: 0.0 }]) }
+    SimOp { stream: Stream::Comm, deps: deps.to_vec(), cost: Cost::Collective(vec![CollectivePart { group: GroupId(group), kind: CollectiveKind::AllReduce, bytes, host_s: 0.0 }]), host: HostWork::default() }
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -59,6 +59,30 @@ fn a_serial_chain_takes_the_sum_of_its_ops() {
     let ends: Vec<f64> = t.times[0].iter().map(|o| o.end).collect();
     assert!(close(ends[0], 1e-3) && close(ends[1], 3e-3) && close(ends[2], 6e-3), "{ends:?}");
     assert!(close(t.times[0][2].start, 3e-3));
+}
+
+#[test]
+fn host_work_hides_behind_queued_gpu_work_unless_it_waits_for_the_stream() {
+    // A 1 ms GEMM, then a layout whose host part takes 0.5 ms and whose kernel 0.1 ms. Run
+    // ahead (a host copy of the routing table): the host is done at 0.5 ms, the layout
+    // starts when the GEMM ends, 1.1 ms in all. Waiting for the stream first (a
+    // synchronising copy): the host work starts at 1 ms and the stream idles through it.
+    let p = simple_profile(8, 8);
+    let layout = |sync: bool| SimOp { host: HostWork { seconds: 0.5e-3, sync }, ..compute(0.1e-3, &[0]) };
+    for (sync, start, end) in [(false, 1.0e-3, 1.1e-3), (true, 1.0e-3, 1.6e-3)] {
+        let ops = vec![compute(1e-3, &[]), layout(sync)];
+        let input = SimInput { ranks: vec![SimRankInput { rank: 0, ops }], groups: vec![], profile: &p, coupling: Coupling::Full };
+        let t = engine::simulate(&input).expect("simulates");
+        assert!(close(t.times[0][1].start, start) && close(t.times[0][1].end, end), "sync {sync}: {:?}", t.times[0][1]);
+        assert!(close(t.makespan, end), "sync {sync}: {}", t.makespan);
+    }
+    // A host that falls behind delays the launch: after a 0.1 ms kernel the stream waits for
+    // the host until 0.5 ms; the host's work adds up over ops that do not wait.
+    let ops = vec![compute(0.1e-3, &[]), layout(false), layout(false)];
+    let input = SimInput { ranks: vec![SimRankInput { rank: 0, ops }], groups: vec![], profile: &p, coupling: Coupling::Full };
+    let t = engine::simulate(&input).expect("simulates");
+    assert!(close(t.times[0][1].start, 0.5e-3) && close(t.times[0][2].start, 1.0e-3), "{:?}", t.times[0]);
+    assert!(close(t.makespan, 1.1e-3), "{}", t.makespan);
 }
 
 #[test]
@@ -251,6 +275,34 @@ fn sim_fields_are_checked_and_filled_by_spec_validation() {
     assert_eq!(problems(&with(&ep2(&std::fs::read_to_string("experiments/bench-sim/fine-grained-cf125.toml").expect("bench file")), "rank_loads = [1.1, 0.9]")), ["run.rank_loads"]);
     let on_cpu = with(&dropless2, "rank_loads = [1.1, 0.9]").replace("backend = \"sim\"", "backend = \"cpu\"");
     assert!(problems(&on_cpu).contains(&"run.rank_loads".to_string()), "{:?}", problems(&on_cpu));
+    // The executor's host copies: sim only.
+    assert_eq!(from_toml_str(&with(&text, "host_copies = false")).expect("valid").run.host_copies, Some(false));
+    let on_cpu = with(&text, "host_copies = true").replace("backend = \"sim\"", "backend = \"cpu\"");
+    assert_eq!(problems(&on_cpu), ["run.host_copies"]);
+}
+
+#[test]
+fn with_host_copies_only_the_first_reader_of_a_routing_table_waits_for_the_stream() {
+    // MPMoE's chunk layouts read the routing table again and again: an executor that keeps
+    // its host copy waits for the stream once per table, the earlier executor at every read.
+    let text = std::fs::read_to_string("experiments/bench-sim/mixtral-ish-cf125.toml").expect("bench file").replace("variant = \"topk\"", "variant = \"mpmoe\"") + "\n[mpmoe]\nchunks = 4\n";
+    let run = |copies: bool| {
+        let s = from_toml_str(&text.replace("backend = \"sim\"", &format!("backend = \"sim\"\nhost_copies = {copies}"))).expect("valid");
+        let plan = Plan::build(&s).expect("plans");
+        let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
+        let rp = &plan.ranks[0];
+        let layout_ms: f64 = rp.ops.iter().enumerate().filter(|(_, o)| o.stage == moelab::taxonomy::Stage::Permute).map(|(i, _)| {
+            let t = out.timeline.times[0][i];
+            t.end - t.start
+        }).sum::<f64>() * 1e3;
+        (out.timeline.makespan, layout_ms)
+    };
+    let (every, every_layout) = run(false);
+    let (once, once_layout) = run(true);
+    // Forward and backward, four chunks of four layout ops each: 32 reads of the table, 2 of
+    // them first reads; each synchronising read costs a round trip and its host work.
+    assert!(once < every, "host copies: {once} s vs {every} s");
+    assert!(once_layout < 0.8 * every_layout, "layout ops {once_layout} ms vs {every_layout} ms");
 }
 
 #[test]
@@ -423,6 +475,7 @@ fn a_two_phase_all_to_all_runs_its_phases_in_order() {
             CollectivePart { group: GroupId(r / 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9, host_s: 0.0 },
             CollectivePart { group: GroupId(2 + r % 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9, host_s: 0.0 },
         ]),
+        host: HostWork::default(),
     };
     let groups = vec![vec![0, 1], vec![2, 3], vec![0, 2], vec![1, 3]];
     for (nics, want) in [(2, 5.5e-3), (1, 10.5e-3)] {

@@ -139,6 +139,8 @@ struct RankFields {
     device: String,
     #[serde(default)]
     steps: Vec<StepSpan>,
+    #[serde(default)]
+    host_copies: bool,
 }
 
 /// A completed run directory, read.
@@ -159,6 +161,9 @@ pub struct MeasuredRun {
     pub pinned: Vec<Override>,
     /// What routing did in each measured step, from `summary.json`.
     pub loads: Vec<StepLoad>,
+    /// Every rank's executor kept host copies of its routing tables (the workers' records
+    /// say so; records before 2026-11-24 do not): the sim's `run.host_copies`.
+    pub host_copies: bool,
 }
 
 impl MeasuredRun {
@@ -194,12 +199,13 @@ impl MeasuredRun {
         if device.is_none() {
             device = device_from_log(&dir.join("run.log"));
         }
+        let host_copies = !records.is_empty() && records.iter().all(|r| r.host_copies);
         if records.len() as u32 == trace.world && records.iter().all(|r| !r.steps.is_empty()) {
             trace.steps = records.into_iter().flat_map(|r| r.steps).collect();
         }
         let pinned = pinned_choices(summary.tutel_auto_degree.as_ref(), summary.mpmoe_auto.as_ref());
         let loads = summary.steps.iter().filter(|s| s.measured && s.routed > 0).filter_map(|s| Some(StepLoad { routed: s.routed, dropped: s.dropped, fullest: *s.capacity.iter().max()? })).collect();
-        Ok(MeasuredRun { dir: dir.to_path_buf(), name: summary.name, backend: summary.backend, device, trace, pinned, loads })
+        Ok(MeasuredRun { dir: dir.to_path_buf(), name: summary.name, backend: summary.backend, device, trace, pinned, loads, host_copies })
     }
 
     /// The spec of the run on the sim backend with profile `profile`, after the pinned
@@ -218,6 +224,10 @@ impl MeasuredRun {
         // A capacity run is simulated at the share of assignments it kept, likewise.
         if !spec.model.dropless && !extra.iter().any(|o| o.key == ["run", "kept_share"]) {
             spec.run.kept_share = self.kept_share();
+        }
+        // The run's executor: host copies of routing tables, or a synchronising copy per read.
+        if !extra.iter().any(|o| o.key == ["run", "host_copies"]) {
+            spec.run.host_copies = Some(self.host_copies);
         }
         // A dropless run over expert-parallel ranks at the rows each rank received.
         if spec.model.dropless && spec.layout.ep > 1 && !extra.iter().any(|o| o.key == ["run", "rank_loads"]) {

@@ -664,6 +664,13 @@ pub struct RunSpec {
     /// `moelab predict` sets the measured ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank_loads: Option<Vec<f64>>,
+    /// Whether the simulated executor keeps host copies of the routing tables it reads
+    /// (sim only): true (the cuda executor since 2026-11-24) copies each table down once and
+    /// issues the ops that read it again without waiting for the stream; false prices a
+    /// synchronising copy at every read, as earlier executors did. True when unset;
+    /// `moelab predict` sets what the measured run's executor did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_copies: Option<bool>,
 }
 
 fn default_steps() -> usize {
@@ -688,6 +695,7 @@ impl Default for RunSpec {
             dropless_imbalance: None,
             kept_share: None,
             rank_loads: None,
+            host_copies: None,
         }
     }
 }

@@ -369,8 +369,33 @@ impl<'a> StreamExec<'a> {
         Ok(())
     }
 
-    /// Copies a live buffer to the host (waits for this stream); bf16 values come back as f32.
+    /// A live buffer's contents on the host; bf16 values come back as f32.
     pub fn download(&self, id: BufId) -> Result<Data, ExecError> {
+        Ok((*self.download_shared(id)?).clone())
+    }
+
+    /// A live buffer's contents on the host, shared with the store's host copy. The first
+    /// read after a write copies it down (waiting for this stream); later reads use that
+    /// copy, so the ops that read one routing table leave the stream running.
+    fn download_shared(&self, id: BufId) -> Result<Arc<Data>, ExecError> {
+        if host_copies() {
+            // (The guard must drop before `input` locks the store again.)
+            let kept = lock(self.store).host_copy(id);
+            if let Some(d) = kept {
+                self.input(id)?;
+                return Ok(d);
+            }
+        }
+        let version = lock(self.store).version(id);
+        let data = Arc::new(self.download_now(id)?);
+        if host_copies() && data.len() <= HOST_COPY_MAX_ELEMS {
+            lock(self.store).keep_host_copy(id, version, data.clone());
+        }
+        Ok(data)
+    }
+
+    /// Copies a live buffer to the host now (waits for this stream).
+    fn download_now(&self, id: BufId) -> Result<Data, ExecError> {
         let b = self.input(id)?;
         let elem = lock(self.store).desc(id).elem;
         let data = match elem {
@@ -399,16 +424,18 @@ impl<'a> StreamExec<'a> {
         Ok(data)
     }
 
-    fn download_f32(&self, id: BufId) -> Result<Vec<f32>, ExecError> {
-        match self.download(id)? {
-            Data::F32(v) => Ok(v),
+    fn download_f32(&self, id: BufId) -> Result<HostVals<f32>, ExecError> {
+        let d = self.download_shared(id)?;
+        match *d {
+            Data::F32(_) => Ok(HostVals(d, std::marker::PhantomData)),
             Data::I32(_) => Err(ExecError::Plan(format!("buffer {} is not f32", lock(self.store).desc(id).name))),
         }
     }
 
-    fn download_i32(&self, id: BufId) -> Result<Vec<i32>, ExecError> {
-        match self.download(id)? {
-            Data::I32(v) => Ok(v),
+    fn download_i32(&self, id: BufId) -> Result<HostVals<i32>, ExecError> {
+        let d = self.download_shared(id)?;
+        match *d {
+            Data::I32(_) => Ok(HostVals(d, std::marker::PhantomData)),
             Data::F32(_) => Err(ExecError::Plan(format!("buffer {} is not i32", lock(self.store).desc(id).name))),
         }
     }
@@ -431,6 +458,15 @@ impl<'a> StreamExec<'a> {
             }
         }
         .map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
+        // Counts and slots computed on the host are known there: a later reader (an
+        // all-to-all's send counts) need not copy them back down.
+        if let Data::I32(v) = data {
+            if host_copies() && v.len() == b.len && v.len() <= HOST_COPY_MAX_ELEMS {
+                let mut st = lock(self.store);
+                let version = st.version(id);
+                st.keep_host_copy(id, version, Arc::new(data.clone()));
+            }
+        }
         Ok(())
     }
 
@@ -669,7 +705,7 @@ impl<'a> StreamExec<'a> {
         {
             let mut st = lock(self.store);
             for w in &op.writes {
-                st.clear_fill(*w);
+                st.written(*w);
             }
         }
         use OpKind::*;
@@ -1399,6 +1435,42 @@ struct WarmCall {
     accumulate: bool,
     /// Products per call (1: one expert's rows; else a strided batch over whole blocks).
     batch: usize,
+}
+
+/// A buffer's values on the host as `T` (checked when made), shared with the store's copy.
+pub(super) struct HostVals<T>(Arc<Data>, std::marker::PhantomData<T>);
+
+impl std::ops::Deref for HostVals<f32> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.0 {
+            Data::F32(v) => v,
+            Data::I32(_) => unreachable!("made from f32 data"),
+        }
+    }
+}
+
+impl std::ops::Deref for HostVals<i32> {
+    type Target = [i32];
+    fn deref(&self) -> &[i32] {
+        match &*self.0 {
+            Data::I32(v) => v,
+            Data::F32(_) => unreachable!("made from i32 data"),
+        }
+    }
+}
+
+/// The largest buffer (elements) whose host copy the store keeps: routing tables, slots and
+/// counts are far smaller; a whole activation read back for inspection is not kept.
+pub const HOST_COPY_MAX_ELEMS: usize = 1 << 22;
+
+/// Whether [`StreamExec::download`] keeps host copies of what it reads (and uploads of
+/// integers keep theirs): on unless `MOELAB_HOST_COPIES=0`, which makes every read of a
+/// routing table copy it down and wait for the stream, as executors before 2026-11-24 (the
+/// twelfth session) did (same-binary A/B runs).
+pub fn host_copies() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MOELAB_HOST_COPIES").map_or(true, |v| v != "0"))
 }
 
 /// `MOELAB_ZERO_EXPERT_OUTPUTS=1`: zero every expert GEMM output before the GEMMs write it,

@@ -153,6 +153,11 @@ pub struct RankRecord {
     /// scratch included.
     #[serde(default)]
     pub pool_peak_bytes: u64,
+    /// The executor kept host copies of the routing tables it read (`MOELAB_HOST_COPIES`):
+    /// `moelab predict` simulates the run's executor. Absent (false) in records written
+    /// before 2026-11-24, whose executors copied and synchronised at every read.
+    #[serde(default)]
+    pub host_copies: bool,
 }
 
 /// The merged result of a job.
@@ -845,6 +850,7 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
         rank: rank as u32, device: device_name, ops: gr.ops.clone(), memory: gr.memory_events(), steps: gr.steps.clone(),
         tracked_peak: gr.tracked_peak(),
         pool_peak_bytes: gr.pool_peak_bytes(),
+        host_copies: super::exec::host_copies(),
     };
     if let (0, Some(dir)) = (code, dump) {
         let rp = &gr.plan().ranks[rank];

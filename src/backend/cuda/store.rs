@@ -3,6 +3,7 @@
 //! plan's memory category, with the same live-byte ledger as the cpu backend so the real
 //! per-category peak can be held against the plan's prediction.
 
+use crate::backend::cpu::store::Data;
 use crate::plan::{BufId, BufferDesc, ElemType};
 use crate::trace::MemEvent;
 use cudarc::driver::result;
@@ -69,13 +70,20 @@ pub struct DevStore {
     /// dropless expert buffers by the layout op that fills them and carried along the expert
     /// MLP, so its GEMMs run on each expert's real rows instead of the busiest expert's.
     fill: Vec<Option<Arc<Vec<bool>>>>,
+    /// Per buffer, its contents on the host where known (downloaded or uploaded since it was
+    /// last written): a routing table read by several ops is copied down once, and only the
+    /// first reader waits for its stream to drain.
+    host: Vec<Option<Arc<Data>>>,
+    /// Per buffer, how often it was written or reallocated: a download that started before a
+    /// write must not be kept as the host copy of what the write put there.
+    version: Vec<u64>,
 }
 
 impl DevStore {
     /// An empty store for `rank`'s buffers.
     pub fn new(rank: u32, descs: Vec<BufferDesc>, epoch: Instant) -> Self {
         let n = descs.len();
-        DevStore { descs, bufs: vec![None; n], held: vec![0; n], in_use: [0; 7], rank, epoch, events: Vec::new(), peak_total: 0, at_peak: [0; 7], fill: vec![None; n] }
+        DevStore { descs, bufs: vec![None; n], held: vec![0; n], in_use: [0; 7], rank, epoch, events: Vec::new(), peak_total: 0, at_peak: [0; 7], fill: vec![None; n], host: vec![None; n], version: vec![0; n] }
     }
 
     /// The plan's description of a buffer.
@@ -138,7 +146,7 @@ impl DevStore {
             ElemType::F32 | ElemType::I32 => Storage::of(d).size(),
         };
         let elem_bytes = d.elem_bytes;
-        self.fill[id.0 as usize] = None;
+        self.written(id);
         if let Some(b) = self.bufs[id.0 as usize] {
             if b.len == len && keep {
                 self.touch(id, stream_index);
@@ -166,6 +174,7 @@ impl DevStore {
     /// other stream that used it).
     #[allow(clippy::not_unsafe_ptr_arg_deref)]
     pub fn release(&mut self, id: BufId, stream: CUstream) -> Result<(), GpuError> {
+        self.written(id);
         if let Some(b) = self.bufs[id.0 as usize].take() {
             // SAFETY: allocated by malloc_async and freed once (taken out of the map).
             unsafe { result::free_async(b.ptr, stream) }.map_err(GpuError::driver("cuMemFreeAsync"))?;
@@ -179,9 +188,32 @@ impl DevStore {
         self.fill[id.0 as usize] = Some(rows);
     }
 
-    /// Forgets what is recorded of `id`'s rows (an op writes it without saying).
-    pub fn clear_fill(&mut self, id: BufId) {
-        self.fill[id.0 as usize] = None;
+    /// Forgets what is known of `id`'s contents (its filled rows, its host copy): an op is
+    /// about to write it, or it is reallocated or freed.
+    pub fn written(&mut self, id: BufId) {
+        let i = id.0 as usize;
+        self.fill[i] = None;
+        self.host[i] = None;
+        self.version[i] += 1;
+    }
+
+    /// How often `id` was written so far (see [`DevStore::keep_host_copy`]).
+    pub fn version(&self, id: BufId) -> u64 {
+        self.version[id.0 as usize]
+    }
+
+    /// The host copy of `id`'s contents, if one was kept since its last write.
+    pub fn host_copy(&self, id: BufId) -> Option<Arc<Data>> {
+        self.host[id.0 as usize].clone()
+    }
+
+    /// Keeps `data` as the host copy of `id`, which held it at `version` (nothing is kept
+    /// when the buffer was written since).
+    pub fn keep_host_copy(&mut self, id: BufId, version: u64, data: Arc<Data>) {
+        let i = id.0 as usize;
+        if self.version[i] == version && self.bufs[i].is_some() {
+            self.host[i] = Some(data);
+        }
     }
 
     /// The rows of `id` that hold data, if recorded since its last allocation.

@@ -6,6 +6,7 @@
 //! become [`CollectivePart`]s whose time the engine decides, because it depends on when the
 //! other members arrive and on who else uses the links.
 
+use super::engine::HostWork;
 use super::profile::{CollectiveKind, GemmDtype, GpuProfile, KernelClass};
 use crate::plan::ops::ATTN_HEADS_PER_SLICE;
 use crate::plan::{BufId, ElemType, GroupId, Op, OpKind, RankPlan};
@@ -218,7 +219,15 @@ pub struct HostTraffic {
 /// profile prices them (`kernels.host_sync_us`, `kernels.host_gbps`; zero where absent), so a
 /// profile of an executor without host round trips simply leaves them out.
 pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
+    host_traffic_known(kind, plan, load, &|_| false)
+}
+
+/// [`host_traffic`] on an executor that keeps host copies of what it read or uploaded
+/// (`known`, see [`HostCopies`]): a routing input known on the host costs no round trip
+/// and no copy.
+pub fn host_traffic_known(kind: &OpKind, plan: &RankPlan, load: f64, known: &dyn Fn(BufId) -> bool) -> HostTraffic {
     use OpKind::*;
+    let down = |b: BufId| !known(b);
     let bytes = |b: BufId| {
         let d = plan.buffer(b);
         let scale = if d.dynamic { load } else { 1.0 };
@@ -229,20 +238,23 @@ pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
         let scale = if d.dynamic { load } else { 1.0 };
         if d.elem == ElemType::I32 { d.elems as f64 * d.elem_bytes as f64 * scale } else { (d.elems / m.max(1)) as f64 * 4.0 * scale }
     };
-    let layout = |needs: &[BufId], outs: &[BufId], m: usize| HostTraffic {
-        syncs: needs.len(),
-        bytes: needs.iter().map(|b| bytes(*b)).sum::<f64>() + outs.iter().map(|b| f32_rows(*b, m)).sum::<f64>(),
+    // One routing input copied down: a round trip and its bytes, unless known on the host.
+    let read = |b: BufId| if down(b) { HostTraffic { syncs: 1, bytes: bytes(b) } } else { HostTraffic::default() };
+    let plus = |t: HostTraffic, extra: f64| HostTraffic { syncs: t.syncs, bytes: t.bytes + extra };
+    let layout = |needs: &[BufId], outs: &[BufId], m: usize| {
+        let down: Vec<&BufId> = needs.iter().filter(|b| down(**b)).collect();
+        HostTraffic { syncs: down.len(), bytes: down.iter().map(|b| bytes(**b)).sum::<f64>() + outs.iter().map(|b| f32_rows(*b, m)).sum::<f64>() }
     };
     match kind {
         // The send counts down, then the all-gathered count matrix back (two round trips).
-        AllToAllV { send_counts, .. } => HostTraffic { syncs: 2, bytes: 2.0 * bytes(*send_counts) },
-        RouteBwd { gathered, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) },
-        CombineBwd { slots, .. } => HostTraffic { syncs: 1, bytes: bytes(*slots) },
+        AllToAllV { send_counts, .. } => plus(read(*send_counts), bytes(*send_counts)).with_sync(),
+        RouteBwd { gathered, .. } => read(*gathered),
+        CombineBwd { slots, .. } => read(*slots),
         // The slots are ranked on the device; the table of kept counts goes up.
-        Dispatch { gathered, send_counts, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) + 2.0 * bytes(*send_counts) },
+        Dispatch { gathered, send_counts, .. } => plus(read(*gathered), 2.0 * bytes(*send_counts)),
         // Row blocks from the table; the row map is built on the device.
-        ExpertLayout { gathered, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) },
-        ExpertUnlayout { gathered, send_counts, .. } => HostTraffic { syncs: 1, bytes: bytes(*gathered) + bytes(*send_counts) },
+        ExpertLayout { gathered, .. } => read(*gathered),
+        ExpertUnlayout { gathered, send_counts, .. } => plus(read(*gathered), bytes(*send_counts)),
         ChunkLayout { gathered, out, dims, .. } | TpLayout { gathered, out, dims, .. } => layout(&[*gathered], &[*out], dims.d_model),
         ChunkUnlayout { gathered, send, send_counts, dims, .. }
         | TpUnlayout { gathered, send, send_counts, dims, .. } => layout(&[*gathered], &[*send, *send_counts], dims.d_model),
@@ -255,6 +267,106 @@ pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
             layout(&needs, &[*part, *part_counts], dims.d_model)
         }
         _ => HostTraffic::default(),
+    }
+}
+
+impl HostTraffic {
+    /// One more round trip (an exchange through the host that waits for the stream).
+    fn with_sync(self) -> Self {
+        HostTraffic { syncs: self.syncs + 1, ..self }
+    }
+}
+
+/// The buffers an op copies to the host on the cuda executor ([`host_traffic`]'s routing
+/// inputs): what an executor with host copies knows afterwards.
+pub fn host_reads(kind: &OpKind) -> Vec<BufId> {
+    use OpKind::*;
+    match kind {
+        AllToAllV { send_counts, .. } | AllToAllV2d { send_counts, .. } => vec![*send_counts],
+        RouteBwd { gathered, .. } | Dispatch { gathered, .. } | ExpertLayout { gathered, .. } | ExpertUnlayout { gathered, .. } => vec![*gathered],
+        CombineBwd { slots, .. } => vec![*slots],
+        ChunkLayout { gathered, .. } | TpLayout { gathered, .. } | ChunkUnlayout { gathered, .. } | TpUnlayout { gathered, .. } | LocalUnlayout { gathered, .. }
+        | TpMerge { gathered, .. } | ChunkMerge { gathered, .. } | LocalLayout { gathered, .. } => vec![*gathered],
+        ChunkSlice { slots, gathered, .. } => slots.iter().copied().chain([*gathered]).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The integer outputs an op computes on the host and uploads on the cuda executor (counts;
+/// a host layout's integer outputs): known on the host afterwards.
+pub fn host_uploads(kind: &OpKind, plan: &RankPlan, writes: &[BufId]) -> Vec<BufId> {
+    use OpKind::*;
+    match kind {
+        Dispatch { send_counts, .. } | ExpertUnlayout { send_counts, .. } => vec![*send_counts],
+        ChunkLayout { .. } | TpLayout { .. } | ChunkUnlayout { .. } | TpUnlayout { .. } | LocalUnlayout { .. } | TpMerge { .. } | ChunkMerge { .. }
+        | LocalLayout { .. } | ChunkSlice { .. } => writes.iter().copied().filter(|b| plan.buffer(*b).elem == ElemType::I32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The largest buffer (elements) whose host copy the cuda executor keeps
+/// (`backend::cuda::exec::HOST_COPY_MAX_ELEMS`): routing tables, slots and counts are far
+/// smaller.
+pub const HOST_COPY_MAX_ELEMS: usize = 1 << 22;
+
+/// What a rank's executor knows on the host while it issues ops in plan order: the routing
+/// inputs it copied down or uploaded since they were last written (the cuda executor since
+/// 2026-11-24, twelfth session; `run.host_copies`).
+#[derive(Debug, Clone, Default)]
+pub struct HostCopies {
+    known: std::collections::HashSet<BufId>,
+}
+
+impl HostCopies {
+    /// Whether `b`'s contents are on the host.
+    pub fn knows(&self, b: BufId) -> bool {
+        self.known.contains(&b)
+    }
+
+    /// After `op` was issued: what it writes is stale on the host, what it read or uploaded
+    /// is known (buffers up to [`HOST_COPY_MAX_ELEMS`]).
+    pub fn issued(&mut self, op: &Op, plan: &RankPlan) {
+        for w in &op.writes {
+            self.known.remove(w);
+        }
+        for b in host_reads(&op.kind).into_iter().chain(host_uploads(&op.kind, plan, &op.writes)) {
+            if plan.buffer(b).elems <= HOST_COPY_MAX_ELEMS {
+                self.known.insert(b);
+            }
+        }
+    }
+}
+
+/// Seconds of host work `traffic` costs an op of `kind`: its round trips and its bytes at
+/// the op class's host rate (the table's for collectives and classes without one).
+pub fn host_seconds(kind: &OpKind, gpu: &GpuProfile, traffic: HostTraffic) -> f64 {
+    let rate = if collective_kind(kind) { gpu.kernels.host_bandwidth } else { gpu.kernels.class(kernel_class(kind)).host_gbps.map_or(gpu.kernels.host_bandwidth, |g| g * 1e9) };
+    traffic.syncs as f64 * gpu.kernels.host_sync_s + traffic.bytes / rate
+}
+
+fn collective_kind(kind: &OpKind) -> bool {
+    use OpKind::*;
+    matches!(kind, AllGather { .. } | AllReduce { .. } | AllToAllV { .. } | ReduceScatter { .. } | AllToAllV2d { .. } | SendRecv { .. })
+}
+
+/// Splits the host work out of `cost` (which holds it as [`op_cost`] prices it: every
+/// routing input copied down, synchronising, on the stream) for an executor that knows
+/// what `copies` holds: the GPU's cost and the host work before the launch. A collective
+/// keeps its host work in its first part, repriced.
+pub fn split_host(cost: Cost, op: &Op, plan: &RankPlan, gpu: &GpuProfile, load: f64, copies: &HostCopies) -> (Cost, HostWork) {
+    let every = host_traffic(&op.kind, plan, load);
+    let known = host_traffic_known(&op.kind, plan, load, &|b| copies.knows(b));
+    match cost {
+        Cost::Compute(d) => {
+            let gpu_s = (d - host_seconds(&op.kind, gpu, every)).max(0.0);
+            (Cost::Compute(gpu_s), HostWork { seconds: host_seconds(&op.kind, gpu, known), sync: known.syncs > 0 })
+        }
+        Cost::Collective(mut parts) => {
+            if let Some(first) = parts.first_mut() {
+                first.host_s = host_seconds(&op.kind, gpu, known);
+            }
+            (Cost::Collective(parts), HostWork::default())
+        }
     }
 }
 
@@ -414,6 +526,15 @@ pub fn op_cost_filled(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDty
     }
     if let Some(bytes) = all_to_all_payload(op, plan, load) {
         return op_cost_sized(op, plan, gpu, dtype, op.flops, bytes, fill);
+    }
+    // A layout into a dropless expert block gathers one row per row it writes (the plan's
+    // bytes: the block's bound read and written) and writes each expert's whole block,
+    // padding rows as zeros: the real rows read, the block written.
+    if let OpKind::ExpertLayout { out, .. } = &op.kind {
+        if plan.buffer(*out).dynamic {
+            let bytes = op.bytes as f64 * (load + fill.block.max(load)) / 2.0;
+            return op_cost_sized(op, plan, gpu, dtype, op.flops, bytes as u64, fill);
+        }
     }
     // Only the routing-sized buffers shrink: static operands (expert weights) keep their bytes.
     let (mut dynamic, mut total) = (0u64, 0u64);

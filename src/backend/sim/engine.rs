@@ -6,6 +6,10 @@
 //! members use (each GPU's NVLink port, each node's NICs); flows that share a link split its
 //! bandwidth equally, so two collectives on one link each take longer than one alone.
 //!
+//! Each stream's host thread runs ahead of its GPU stream by the ops' [`HostWork`]: an op
+//! starts no earlier than its host issued it, and an op whose host work waits for the
+//! stream to drain holds the stream for that work too.
+//!
 //! With [`Coupling::Symmetric`] only representative ranks are simulated: every other rank
 //! is an image of one of them (same ops, same times), so a collective waits only for the
 //! simulated members, and its share of each link accounts for the images that use the link
@@ -25,8 +29,23 @@ pub struct SimOp {
     pub stream: Stream,
     /// Indices of ops of the same rank that must finish first.
     pub deps: Vec<u32>,
-    /// Its cost.
+    /// Its cost on the GPU.
     pub cost: Cost,
+    /// What the host does before it can launch the op (compute ops; a collective's host
+    /// time is part of its [`CollectivePart`]).
+    pub host: HostWork,
+}
+
+/// An op's host work before its launch. The host thread of each stream enqueues ahead of
+/// the GPU: work that does not wait for the stream is hidden while the stream has queued
+/// work and delays the op only when the host falls behind; work that waits for the stream
+/// to drain first (a synchronising copy) keeps the stream idle for all of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostWork {
+    /// Host seconds (copies, routing tables, row maps) before the launch.
+    pub seconds: f64,
+    /// The host first waits for the stream to drain (a synchronising device-to-host copy).
+    pub sync: bool,
 }
 
 /// The ops of one simulated rank, in issue order.
@@ -230,6 +249,8 @@ struct RankState {
     stream_ops: [Vec<usize>; 2],
     next: [usize; 2],
     busy: [bool; 2],
+    /// Per stream, when its host thread has issued everything so far.
+    host_free: [f64; 2],
     done: Vec<bool>,
     part: Vec<usize>,
     times: Vec<OpTime>,
@@ -312,6 +333,7 @@ impl<'a> Sim<'a> {
                 stream_ops,
                 next: [0, 0],
                 busy: [false, false],
+                host_free: [0.0, 0.0],
                 done: vec![false; n],
                 part: vec![0; n],
                 times: vec![OpTime { start: f64::NAN, end: f64::NAN }; n],
@@ -439,11 +461,23 @@ impl<'a> Sim<'a> {
         st.times[op].start = now;
         match &sim_op.cost {
             Cost::Compute(d) => {
-                let d = *d;
-                self.push(now + d, Event::ComputeDone { ri, op });
+                // Synchronising host work starts once the stream drained (now) and keeps it
+                // idle; other host work ran ahead and delays the launch only if it is late.
+                let h = sim_op.host;
+                let host_start = if h.sync { now.max(st.host_free[s]) } else { st.host_free[s] };
+                st.host_free[s] = host_start + h.seconds;
+                let start = if h.sync { host_start } else { now.max(st.host_free[s]) };
+                let end = if h.sync { start + h.seconds + *d } else { start + *d };
+                st.times[op].start = start;
+                self.push(end, Event::ComputeDone { ri, op });
             }
             Cost::Collective(parts) if parts.is_empty() => self.push(now, Event::ComputeDone { ri, op }),
-            Cost::Collective(_) => self.arrive(ri, op),
+            Cost::Collective(parts) => {
+                // Its host work (a count exchange) waits for the stream: the host thread
+                // issues nothing more before it is done.
+                st.host_free[s] = st.host_free[s].max(now + parts[0].host_s);
+                self.arrive(ri, op)
+            }
         }
     }
 

@@ -48,6 +48,7 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
             ("run.dropless_imbalance", r.dropless_imbalance.is_some()),
             ("run.kept_share", r.kept_share.is_some()),
             ("run.rank_loads", r.rank_loads.is_some()),
+            ("run.host_copies", r.host_copies.is_some()),
         ] {
             if set {
                 fail(field, format!("{field} applies to backend \"sim\" only (backend is {:?})", r.backend.as_str()),
@@ -326,32 +327,49 @@ fn expert_gemm_fill(op: &crate::plan::Op, rp: &RankPlan, load: f64, block_load: 
 /// over whole blocks as the executor chooses ([`expert_gemm_fill`]); in a capacity plan
 /// that dropped assignments, the routed-row ops read only the kept rows
 /// ([`cost::op_cost_kept`]).
-fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, routing: &RoutingFill) -> Vec<SimOp> {
-    let (load, block_load) = (routing.load, routing.block_load);
+///
+/// Host work goes with each op ([`cost::split_host`]): with `host_copies` (the cuda
+/// executor's behaviour) a routing input read once is known on the host afterwards, so
+/// only its first reader waits for the stream.
+fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, routing: &RoutingFill, host_copies: bool) -> Vec<SimOp> {
     let blocks = expert_blocks(rp);
+    let mut copies = cost::HostCopies::default();
     rp.ops
         .iter()
         .map(|op| {
-            let mut dynamic_bufs = op.reads.iter().chain(&op.writes).filter(|b| rp.buffer(**b).dynamic).peekable();
-            let dynamic = load < 1.0 && dynamic_bufs.peek().is_some();
-            let elementwise = matches!(op.kind, crate::plan::OpKind::Act { .. } | crate::plan::OpKind::ActBwd { .. });
-            if !dynamic && routing.kept < 1.0 {
-                let cost = cost::op_cost_kept(op, rp, &profile.gpu, dtype, routing.kept);
-                return SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost };
+            let (cost, host_load) = op_cost(op, rp, profile, dtype, routing, &blocks);
+            let (cost, host) = cost::split_host(cost, op, rp, &profile.gpu, host_load, &copies);
+            if host_copies {
+                copies.issued(op, rp);
             }
-            let fill = if !dynamic {
-                cost::Fill::FULL
-            } else if let Some(f) = expert_gemm_fill(op, rp, load, block_load, dtype == GemmDtype::Bf16, profile.gpu.sms) {
-                f
-            } else if elementwise && dynamic_bufs.all(|b| blocks[b.0 as usize]) {
-                cost::Fill { scale: block_load, per_expert: false, block: block_load }
-            } else {
-                cost::Fill::per_expert(load)
-            };
-            let cost = cost::op_cost_filled(op, rp, &profile.gpu, dtype, fill);
-            SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost }
+            SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost, host }
         })
         .collect()
+}
+
+/// One op's cost as [`cost::op_cost_filled`] or [`cost::op_cost_kept`] prices it (every
+/// routing input copied down on the stream), and the load its host traffic scales with.
+fn op_cost(op: &crate::plan::Op, rp: &RankPlan, profile: &Profile, dtype: GemmDtype, routing: &RoutingFill, blocks: &[bool]) -> (cost::Cost, f64) {
+    let (load, block_load) = (routing.load, routing.block_load);
+    let mut dynamic_bufs = op.reads.iter().chain(&op.writes).filter(|b| rp.buffer(**b).dynamic).peekable();
+    let dynamic = load < 1.0 && dynamic_bufs.peek().is_some();
+    let elementwise = matches!(op.kind, crate::plan::OpKind::Act { .. } | crate::plan::OpKind::ActBwd { .. });
+    if !dynamic && routing.kept < 1.0 {
+        return (cost::op_cost_kept(op, rp, &profile.gpu, dtype, routing.kept), 1.0);
+    }
+    let fill = if !dynamic {
+        cost::Fill::FULL
+    } else if let Some(f) = expert_gemm_fill(op, rp, load, block_load, dtype == GemmDtype::Bf16, profile.gpu.sms) {
+        f
+    } else if elementwise && dynamic_bufs.all(|b| blocks[b.0 as usize]) {
+        cost::Fill { scale: block_load, per_expert: false, block: block_load }
+    } else if matches!(op.kind, crate::plan::OpKind::ExpertLayout { out, .. } if blocks[out.0 as usize]) {
+        // It fills a whole expert block (cost::op_cost_filled).
+        cost::Fill { scale: load, per_expert: false, block: block_load }
+    } else {
+        cost::Fill::per_expert(load)
+    };
+    (cost::op_cost_filled(op, rp, &profile.gpu, dtype, fill), fill.scale)
 }
 
 /// Whether [`simulate_plan`] may simulate a representative rank for a symmetric plan.
@@ -401,7 +419,7 @@ pub fn simulate_plan(plan: &Plan, profile: &Profile, symmetry: Symmetry) -> Resu
         (plan.ranks.iter().collect(), Coupling::Full)
     };
     let input = SimInput {
-        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, &RoutingFill::of(&plan.spec, rp)) }).collect(),
+        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, &RoutingFill::of(&plan.spec, rp), plan.spec.run.host_copies.unwrap_or(true)) }).collect(),
         groups,
         profile,
         coupling,

@@ -45,7 +45,7 @@ impl StreamExec<'_> {
         let flat = |node: usize, local: usize| node * g.gpn + local;
         let mut offsets = Vec::with_capacity(counts.len());
         let mut off = 0i32;
-        for &c in &counts {
+        for &c in counts.iter() {
             offsets.push(off);
             off += c;
         }
