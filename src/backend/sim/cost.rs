@@ -7,6 +7,7 @@
 //! other members arrive and on who else uses the links.
 
 use super::engine::HostWork;
+use crate::backend::cuda::exec::HOST_COPY_MAX_ELEMS;
 use super::profile::{CollectiveKind, GemmDtype, GpuProfile, KernelClass};
 use crate::plan::ops::ATTN_HEADS_PER_SLICE;
 use crate::plan::{BufId, ElemType, GroupId, Op, OpKind, RankPlan};
@@ -304,11 +305,6 @@ pub fn host_uploads(kind: &OpKind, plan: &RankPlan, writes: &[BufId]) -> Vec<Buf
     }
 }
 
-/// The largest buffer (elements) whose host copy the cuda executor keeps
-/// (`backend::cuda::exec::HOST_COPY_MAX_ELEMS`): routing tables, slots and counts are far
-/// smaller.
-pub const HOST_COPY_MAX_ELEMS: usize = 1 << 22;
-
 /// What a rank's executor knows on the host while it issues ops in plan order: the routing
 /// inputs it copied down or uploaded since they were last written (the cuda executor since
 /// 2026-11-24, twelfth session; `run.host_copies`).
@@ -324,7 +320,7 @@ impl HostCopies {
     }
 
     /// After `op` was issued: what it writes is stale on the host, what it read or uploaded
-    /// is known (buffers up to [`HOST_COPY_MAX_ELEMS`]).
+    /// is known (buffers up to the executor's [`HOST_COPY_MAX_ELEMS`]).
     pub fn issued(&mut self, op: &Op, plan: &RankPlan) {
         for w in &op.writes {
             self.known.remove(w);
@@ -337,16 +333,14 @@ impl HostCopies {
     }
 }
 
-/// Seconds of host work `traffic` costs an op of `kind`: its round trips and its bytes at
-/// the op class's host rate (the table's for collectives and classes without one).
-pub fn host_seconds(kind: &OpKind, gpu: &GpuProfile, traffic: HostTraffic) -> f64 {
-    let rate = if collective_kind(kind) { gpu.kernels.host_bandwidth } else { gpu.kernels.class(kernel_class(kind)).host_gbps.map_or(gpu.kernels.host_bandwidth, |g| g * 1e9) };
+/// Seconds of host work `traffic` costs at `rate` bytes/s: its round trips and its bytes.
+pub fn host_seconds(gpu: &GpuProfile, traffic: HostTraffic, rate: f64) -> f64 {
     traffic.syncs as f64 * gpu.kernels.host_sync_s + traffic.bytes / rate
 }
 
-fn collective_kind(kind: &OpKind) -> bool {
-    use OpKind::*;
-    matches!(kind, AllGather { .. } | AllReduce { .. } | AllToAllV { .. } | ReduceScatter { .. } | AllToAllV2d { .. } | SendRecv { .. })
+/// The host copy rate of a compute op of `kind`: its class's `host_gbps`, else the table's.
+fn class_host_rate(kind: &OpKind, gpu: &GpuProfile) -> f64 {
+    gpu.kernels.class(kernel_class(kind)).host_gbps.map_or(gpu.kernels.host_bandwidth, |g| g * 1e9)
 }
 
 /// Splits the host work out of `cost` (which holds it as [`op_cost`] prices it: every
@@ -358,12 +352,13 @@ pub fn split_host(cost: Cost, op: &Op, plan: &RankPlan, gpu: &GpuProfile, load: 
     let known = host_traffic_known(&op.kind, plan, load, &|b| copies.knows(b));
     match cost {
         Cost::Compute(d) => {
-            let gpu_s = (d - host_seconds(&op.kind, gpu, every)).max(0.0);
-            (Cost::Compute(gpu_s), HostWork { seconds: host_seconds(&op.kind, gpu, known), sync: known.syncs > 0 })
+            let rate = class_host_rate(&op.kind, gpu);
+            let gpu_s = (d - host_seconds(gpu, every, rate)).max(0.0);
+            (Cost::Compute(gpu_s), HostWork { seconds: host_seconds(gpu, known, rate), sync: known.syncs > 0 })
         }
         Cost::Collective(mut parts) => {
             if let Some(first) = parts.first_mut() {
-                first.host_s = host_seconds(&op.kind, gpu, known);
+                first.host_s = host_seconds(gpu, known, gpu.kernels.host_bandwidth);
             }
             (Cost::Collective(parts), HostWork::default())
         }
@@ -604,7 +599,7 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     if let Some(mut parts) = collective_sized(op, bytes) {
         let host = host_traffic(&op.kind, plan, rows_scale);
         if let Some(first) = parts.first_mut() {
-            first.host_s = host.syncs as f64 * gpu.kernels.host_sync_s + host.bytes / gpu.kernels.host_bandwidth;
+            first.host_s = host_seconds(gpu, host, gpu.kernels.host_bandwidth);
         }
         return Cost::Collective(parts);
     }
@@ -629,9 +624,7 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     let memory = bytes as f64 / gpu.mem_bandwidth;
     if shapes.is_empty() {
         let class = gpu.kernels.class(kernel_class(&op.kind));
-        let host = host_traffic(&op.kind, plan, rows_scale);
-        let host_bandwidth = class.host_gbps.map_or(gpu.kernels.host_bandwidth, |g| g * 1e9);
-        let host_s = host.syncs as f64 * gpu.kernels.host_sync_s + host.bytes / host_bandwidth;
+        let host_s = host_seconds(gpu, host_traffic(&op.kind, plan, rows_scale), class_host_rate(&op.kind, gpu));
         let arithmetic = flops as f64 / gpu.vector_flops;
         return Cost::Compute(launch + class.fixed_us * 1e-6 + host_s + (memory / class.share(dtype == GemmDtype::Bf16)).max(arithmetic));
     }
