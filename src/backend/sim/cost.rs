@@ -228,7 +228,6 @@ pub fn host_traffic(kind: &OpKind, plan: &RankPlan, load: f64) -> HostTraffic {
 /// and no copy.
 pub fn host_traffic_known(kind: &OpKind, plan: &RankPlan, load: f64, known: &dyn Fn(BufId) -> bool) -> HostTraffic {
     use OpKind::*;
-    let down = |b: BufId| !known(b);
     let bytes = |b: BufId| {
         let d = plan.buffer(b);
         let scale = if d.dynamic { load } else { 1.0 };
@@ -239,51 +238,34 @@ pub fn host_traffic_known(kind: &OpKind, plan: &RankPlan, load: f64, known: &dyn
         let scale = if d.dynamic { load } else { 1.0 };
         if d.elem == ElemType::I32 { d.elems as f64 * d.elem_bytes as f64 * scale } else { (d.elems / m.max(1)) as f64 * 4.0 * scale }
     };
-    // One routing input copied down: a round trip and its bytes, unless known on the host.
-    let read = |b: BufId| if down(b) { HostTraffic { syncs: 1, bytes: bytes(b) } } else { HostTraffic::default() };
-    let plus = |t: HostTraffic, extra: f64| HostTraffic { syncs: t.syncs, bytes: t.bytes + extra };
-    let layout = |needs: &[BufId], outs: &[BufId], m: usize| {
-        let down: Vec<&BufId> = needs.iter().filter(|b| down(**b)).collect();
-        HostTraffic { syncs: down.len(), bytes: down.iter().map(|b| bytes(**b)).sum::<f64>() + outs.iter().map(|b| f32_rows(*b, m)).sum::<f64>() }
-    };
-    match kind {
+    // Each routing input copied down: a round trip and its bytes, unless known on the host.
+    let down: Vec<BufId> = host_reads(kind).into_iter().filter(|b| !known(*b)).collect();
+    let reads = HostTraffic { syncs: down.len(), bytes: down.iter().map(|b| bytes(*b)).sum::<f64>() };
+    // What goes up (row maps at 4 bytes a row, counts) and further round trips.
+    let rows = |outs: &[BufId], m: usize| outs.iter().map(|b| f32_rows(*b, m)).sum::<f64>();
+    let (extra_syncs, extra_bytes) = match kind {
         // The send counts down, then the all-gathered count matrix back (two round trips).
-        AllToAllV { send_counts, .. } => plus(read(*send_counts), bytes(*send_counts)).with_sync(),
-        RouteBwd { gathered, .. } => read(*gathered),
-        CombineBwd { slots, .. } => read(*slots),
+        AllToAllV { send_counts, .. } => (1, bytes(*send_counts)),
         // The slots are ranked on the device; the table of kept counts goes up.
-        Dispatch { gathered, send_counts, .. } => plus(read(*gathered), 2.0 * bytes(*send_counts)),
+        Dispatch { send_counts, .. } => (0, 2.0 * bytes(*send_counts)),
         // Row blocks from the table; the row map is built on the device.
-        ExpertLayout { gathered, .. } => read(*gathered),
-        ExpertUnlayout { gathered, send_counts, .. } => plus(read(*gathered), bytes(*send_counts)),
-        ChunkLayout { gathered, out, dims, .. } | TpLayout { gathered, out, dims, .. } => layout(&[*gathered], &[*out], dims.d_model),
-        ChunkUnlayout { gathered, send, send_counts, dims, .. }
-        | TpUnlayout { gathered, send, send_counts, dims, .. } => layout(&[*gathered], &[*send, *send_counts], dims.d_model),
-        LocalUnlayout { gathered, full, dims, .. } | TpMerge { gathered, full, dims, .. } | ChunkMerge { gathered, full, dims, .. } => {
-            layout(&[*gathered], &[*full], dims.d_model)
-        }
-        LocalLayout { gathered, out, dims, .. } => layout(&[*gathered], &[*out], dims.d_model),
-        ChunkSlice { slots, gathered, part, part_counts, dims, .. } => {
-            let needs: Vec<BufId> = slots.iter().copied().chain([*gathered]).collect();
-            layout(&needs, &[*part, *part_counts], dims.d_model)
-        }
-        _ => HostTraffic::default(),
-    }
+        ExpertUnlayout { send_counts, .. } => (0, bytes(*send_counts)),
+        ChunkLayout { out, dims, .. } | TpLayout { out, dims, .. } | LocalLayout { out, dims, .. } => (0, rows(&[*out], dims.d_model)),
+        ChunkUnlayout { send, send_counts, dims, .. } | TpUnlayout { send, send_counts, dims, .. } => (0, rows(&[*send, *send_counts], dims.d_model)),
+        LocalUnlayout { full, dims, .. } | TpMerge { full, dims, .. } | ChunkMerge { full, dims, .. } => (0, rows(&[*full], dims.d_model)),
+        ChunkSlice { part, part_counts, dims, .. } => (0, rows(&[*part, *part_counts], dims.d_model)),
+        _ => (0, 0.0),
+    };
+    HostTraffic { syncs: reads.syncs + extra_syncs, bytes: reads.bytes + extra_bytes }
 }
 
-impl HostTraffic {
-    /// One more round trip (an exchange through the host that waits for the stream).
-    fn with_sync(self) -> Self {
-        HostTraffic { syncs: self.syncs + 1, ..self }
-    }
-}
-
-/// The buffers an op copies to the host on the cuda executor ([`host_traffic`]'s routing
-/// inputs): what an executor with host copies knows afterwards.
+/// The routing inputs an op copies to the host on the cuda executor, one round trip each
+/// ([`host_traffic`]; Tutel's 2D all-to-all's count download is not priced): what an
+/// executor with host copies knows afterwards.
 pub fn host_reads(kind: &OpKind) -> Vec<BufId> {
     use OpKind::*;
     match kind {
-        AllToAllV { send_counts, .. } | AllToAllV2d { send_counts, .. } => vec![*send_counts],
+        AllToAllV { send_counts, .. } => vec![*send_counts],
         RouteBwd { gathered, .. } | Dispatch { gathered, .. } | ExpertLayout { gathered, .. } | ExpertUnlayout { gathered, .. } => vec![*gathered],
         CombineBwd { slots, .. } => vec![*slots],
         ChunkLayout { gathered, .. } | TpLayout { gathered, .. } | ChunkUnlayout { gathered, .. } | TpUnlayout { gathered, .. } | LocalUnlayout { gathered, .. }
