@@ -359,7 +359,8 @@ fn finish(plan: &Plan, g: Gathered) -> JobResult {
     res
 }
 
-fn now_unix_ns() -> u64 {
+/// Wall-clock now, Unix nanoseconds (the shared time base of a job's rank processes).
+pub(crate) fn now_unix_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
@@ -805,7 +806,6 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
         Ok(c) => c,
         Err(e) => return (fail(format!("rank {rank}: communicators: {e}"), None), None),
     };
-    let offset_ns = if s.epoch_ns == 0 { 0 } else { now_unix_ns().saturating_sub(s.epoch_ns) as i64 };
     // Cross-checks of bf16 plans replay this run's routing on the cpu: keep every layer's
     // choices (`*route.idx`) past their last use so they can be written out with the dump.
     let route_names: Vec<String> = if dump.is_some() {
@@ -820,7 +820,7 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
         Vec::new()
     };
     let retain: Vec<String> = route_names.iter().chain(&transient).cloned().collect();
-    let mut gr = match GpuRank::new(plan, rank, gpu, comms, &retain, offset_ns) {
+    let mut gr = match GpuRank::new(plan, rank, gpu, comms, &retain, s.epoch_ns) {
         Ok(g) => g,
         Err(e) => return (fail(format!("rank {rank}: setup: {e}"), None), None),
     };

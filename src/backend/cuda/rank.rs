@@ -71,8 +71,9 @@ pub struct GpuRank {
 }
 
 impl GpuRank {
-    /// Opens the GPU, joins the communicators, uploads the initial parameters.
-    pub fn new(plan: Plan, rank: usize, gpu: Gpu, comms: Comms, retain: &[String], offset_ns: i64) -> Result<GpuRank, ExecError> {
+    /// Opens the GPU, joins the communicators, uploads the initial parameters. `epoch_unix_ns`
+    /// is the job's wall-clock time base (0: this rank's own start).
+    pub fn new(plan: Plan, rank: usize, gpu: Gpu, comms: Comms, retain: &[String], epoch_unix_ns: u64) -> Result<GpuRank, ExecError> {
         gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
         gpu.configure_pool()?;
         // Stream order follows taxonomy::Stream: compute, then comm. The comm stream runs at
@@ -87,7 +88,11 @@ impl GpuRank {
             let peak = crate::plan::memory::predict(rp).peak_total as usize;
             gpu.reserve_pool(&streams[0], peak + peak / 16)?;
         }
+        // The offset to the job's time base is read at the same instant as `epoch`: read before
+        // the pool reservation above (tens of ms, different per rank), it shifted the ranks'
+        // timelines apart by 1-29 ms in the session-13 2-GPU traces.
         let epoch = Instant::now();
+        let offset_ns = if epoch_unix_ns == 0 { 0 } else { super::launch::now_unix_ns().saturating_sub(epoch_unix_ns) as i64 };
         let store = DevStore::new(rp.rank, rp.buffers.clone(), epoch);
         let retain: std::collections::HashSet<&str> = retain.iter().map(String::as_str).collect();
         let retain = rp.buffers.iter().map(|b| retain.contains(b.name.as_str())).collect();
