@@ -376,6 +376,57 @@ fn the_h200_profile_predicts_the_stored_2gpu_runs_within_15_percent() {
     }
 }
 
+/// The 2-GPU runs of session 13 (2x H200, NV18, 2026-11-24, ranks' clocks aligned): seven
+/// mixtral-ish designs at 2 GPUs (topk, MPMoE, ScMoE, Tutel, DGMoE at ep = 2; PPMoE and TED at
+/// tp = 2) and the six bench plans at ep = 2. Every step within 15%; the all-to-alls that
+/// run beside expert or dense GEMMs (MPMoE's and Tutel's, ScMoE's, DGMoE's backward) within
+/// 25%: their kernels wait for the GEMM running beside them, which the sim models (they were
+/// 62-88% short before). DGMoE's forward ones stay 73% short: launched in the sim before the
+/// GEMM begins, in the run just after it (an all-or-nothing race, see engine.rs). In a trace
+/// whose ranks share a clock, a collective ends at the same moment on both ranks.
+#[test]
+fn the_h200_profile_predicts_the_session_13_2gpu_runs_and_their_overlapped_all_to_alls() {
+    let mut runs: Vec<std::path::PathBuf> = Vec::new();
+    for d in ["mixtral-ish-2gpu-runs", "bench-sim-2gpu-runs"] {
+        let dir = format!("{}/docs/device-runs/h200x2-s13/{d}", env!("CARGO_MANIFEST_DIR"));
+        runs.extend(std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()));
+    }
+    runs.sort();
+    assert_eq!(runs.len(), 13, "{runs:?}");
+    let (mut within, mut big) = (0, 0);
+    for r in &predict_json(&runs) {
+        let name = r["name"].as_str().unwrap();
+        assert_eq!(r["profile"], "h200", "{r}");
+        let e = r["comparison"]["step_error"].as_f64().unwrap();
+        assert!(e.is_finite() && e.abs() < 0.15, "{name}: step error {e}");
+        for st in r["comparison"]["stages"].as_array().unwrap() {
+            if st["small"] == false && !st["predicted_ms"].is_null() && !st["measured_ms"].is_null() {
+                big += 1;
+                within += (st["within"] == true) as usize;
+            }
+            let label = st["label"].as_str().unwrap();
+            let overlapped = ["mpmoe", "tutel", "scmoe"].iter().any(|v| name.contains(v)) && label.starts_with("all_to_all")
+                || name.contains("dgmoe") && label == "all_to_all_bwd";
+            if overlapped {
+                assert!(st["within"] == true, "{name} {label}: {st}");
+            }
+        }
+    }
+    assert!(big >= 130 && within >= 122, "{within} of {big} stages >= 2% within 25%");
+    // Aligned clocks: each all-to-all of the topk run ends within 50 us on both ranks.
+    let topk = runs.iter().find(|p| p.to_string_lossy().ends_with("mixtral-topk-2gpu")).unwrap();
+    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(topk.join("trace.json")).unwrap()).unwrap();
+    let mut ends: std::collections::HashMap<(u64, String), Vec<f64>> = std::collections::HashMap::new();
+    for e in trace["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "X" && e["cat"].as_str().is_some_and(|c| c.starts_with("all_to_all"))) {
+        let key = (e["args"]["step"].as_u64().unwrap(), e["name"].as_str().unwrap().to_string());
+        ends.entry(key).or_default().push(e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap());
+    }
+    assert_eq!(ends.len(), 16, "{ends:?}");
+    for (k, v) in &ends {
+        assert!(v.len() == 2 && (v[0] - v[1]).abs() < 50.0, "{k:?}: {v:?}");
+    }
+}
+
 #[test]
 fn the_h200_profile_predicts_stored_h200_runs_within_15_percent() {
     let runs = [

@@ -114,6 +114,32 @@ fn independent_compute_and_communication_overlap_perfectly() {
 }
 
 #[test]
+fn a_collective_launched_beside_a_running_gemm_transfers_only_once_the_gemm_ends() {
+    // Two ranks: a 10 ms GEMM on the compute stream; on the comm stream a 1 ms kernel, then a
+    // 5 ms all-reduce. Launched at 1 ms, the all-reduce gets the GPU when the GEMM ends (10
+    // ms) and ends at 15 ms, its op spanning 1-15 ms as in a trace. A collective launched
+    // at the instant a GEMM begins comes first and overlaps it; a group of one waits for
+    // nothing.
+    let p = simple_profile(8, 8);
+    let comm_kernel = |secs: f64| SimOp { stream: Stream::Comm, ..compute(secs, &[]) };
+    let run = |ops: Vec<SimOp>, groups: Vec<Vec<u32>>, world: u32| {
+        let ranks = (0..world).map(|r| SimRankInput { rank: r, ops: ops.clone() }).collect();
+        engine::simulate(&SimInput { ranks, groups, profile: &p, coupling: Coupling::Full }).expect("simulates")
+    };
+    let t = run(vec![compute(10e-3, &[]), comm_kernel(1e-3), all_reduce(0, 0.5e9, &[1])], vec![vec![0, 1]], 2);
+    for r in 0..2 {
+        assert!(close(t.times[r][2].start, 1e-3) && close(t.times[r][2].end, 15e-3), "rank {r}: {:?}", t.times[r][2]);
+    }
+    assert!(close(t.makespan, 15e-3), "{}", t.makespan);
+    // Launched at 10 ms, when the first GEMM ends and a second begins: 10-15 ms, beside it.
+    let t = run(vec![compute(10e-3, &[]), compute(10e-3, &[0]), comm_kernel(10e-3), all_reduce(0, 0.5e9, &[2])], vec![vec![0, 1]], 2);
+    assert!(close(t.times[0][3].end, 15e-3) && close(t.makespan, 20e-3), "{:?} {}", t.times[0][3], t.makespan);
+    // A group of one: nothing crosses a link, so nothing waits for the GEMM.
+    let t = run(vec![compute(10e-3, &[]), comm_kernel(1e-3), all_reduce(0, 0.5e9, &[1])], vec![vec![0]], 1);
+    assert!(close(t.times[0][2].end, 1e-3), "{:?}", t.times[0][2]);
+}
+
+#[test]
 fn a_collective_waits_for_its_slowest_member_and_ends_together() {
     let p = simple_profile(8, 8);
     let ranks = vec![

@@ -10,6 +10,12 @@
 //! starts no earlier than its host issued it, and an op whose host work waits for the
 //! stream to drain holds the stream for that work too.
 //!
+//! A collective's kernel, launched (after its host work) while a compute op's kernel runs
+//! on the rank's other stream, gets the GPU's multiprocessors only when that op ends: the
+//! compute kernel holds them, and the waiting counts as the collective's time, as it does
+//! in a trace (2x H200, 2026-11-24: MPMoE's backward all-to-alls, 60 us alone, ended 55-73 us
+//! after the 1.7 ms expert GEMM they were launched beside).
+//!
 //! With [`Coupling::Symmetric`] only representative ranks are simulated: every other rank
 //! is an image of one of them (same ops, same times), so a collective waits only for the
 //! simulated members, and its share of each link accounts for the images that use the link
@@ -220,6 +226,9 @@ impl Ord for At {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Event {
     ComputeDone { ri: usize, op: usize },
+    /// A member's collective kernel is launched (its host work done) and joins its
+    /// instance once no compute op holds the GPU.
+    Launch { ri: usize, op: usize },
     LatencyDone { flow: usize },
     NetWake { epoch: u64 },
 }
@@ -251,6 +260,8 @@ struct RankState {
     busy: [bool; 2],
     /// Per stream, when its host thread has issued everything so far.
     host_free: [f64; 2],
+    /// Per stream, the GPU span (kernel start, end) of the compute op running there.
+    kernel: [Option<(f64, f64)>; 2],
     done: Vec<bool>,
     part: Vec<usize>,
     times: Vec<OpTime>,
@@ -334,6 +345,7 @@ impl<'a> Sim<'a> {
                 next: [0, 0],
                 busy: [false, false],
                 host_free: [0.0, 0.0],
+                kernel: [None, None],
                 done: vec![false; n],
                 part: vec![0; n],
                 times: vec![OpTime { start: f64::NAN, end: f64::NAN }; n],
@@ -383,6 +395,7 @@ impl<'a> Sim<'a> {
             self.now = key.at.0;
             match ev {
                 Event::ComputeDone { ri, op } => self.finish(ri, op),
+                Event::Launch { ri, op } => self.launch(ri, op),
                 Event::LatencyDone { flow } => {
                     self.advance();
                     self.flows[flow].in_transfer = true;
@@ -469,6 +482,7 @@ impl<'a> Sim<'a> {
                 let start = if h.sync { host_start } else { now.max(st.host_free[s]) };
                 let end = if h.sync { start + h.seconds + *d } else { start + *d };
                 st.times[op].start = start;
+                st.kernel[s] = Some((end - *d, end));
                 self.push(end, Event::ComputeDone { ri, op });
             }
             Cost::Collective(parts) if parts.is_empty() => self.push(now, Event::ComputeDone { ri, op }),
@@ -476,7 +490,7 @@ impl<'a> Sim<'a> {
                 // Its host work (a count exchange) waits for the stream: the host thread
                 // issues nothing more before it is done.
                 st.host_free[s] = st.host_free[s].max(now + parts[0].host_s);
-                self.arrive(ri, op)
+                self.push(now + parts[0].host_s, Event::Launch { ri, op })
             }
         }
     }
@@ -488,9 +502,25 @@ impl<'a> Sim<'a> {
         st.done[op] = true;
         st.times[op].end = now;
         st.busy[s] = false;
+        st.kernel[s] = None;
         // A finished op frees its stream and may satisfy a dependency of the other stream of
         // this rank; other ranks are released only through collectives.
         self.try_issue(ri);
+    }
+
+    /// A member's collective kernel was launched now: it joins the instance, or waits for the
+    /// end of a compute op whose kernel began before now (one that begins at this instant
+    /// comes after the already queued collective kernel).
+    fn launch(&mut self, ri: usize, op: usize) {
+        let now = self.now;
+        // A group of one moves nothing between GPUs (no kernel of its own to wait).
+        let alone = self.input.groups[self.part(ri, op).group.0 as usize].len() <= 1;
+        let held = if alone { now } else { self.ranks[ri].kernel.iter().flatten().filter(|(a, b)| *a < now && now < *b).map(|(_, b)| *b).fold(now, f64::max) };
+        if held > now {
+            self.push(held, Event::Launch { ri, op });
+        } else {
+            self.arrive(ri, op);
+        }
     }
 
     fn part(&self, ri: usize, op: usize) -> CollectivePart {
@@ -556,7 +586,8 @@ impl<'a> Sim<'a> {
         }
         let flow = self.flows.len();
         self.flows.push(Flow { members, links, in_transfer: false, remaining: 1.0, rate: 0.0, done: false });
-        let at = self.now + own.latency + p.host_s;
+        // Host work (a count exchange) came before each member's launch.
+        let at = self.now + own.latency;
         self.push(at, Event::LatencyDone { flow });
     }
 
@@ -612,7 +643,8 @@ impl<'a> Sim<'a> {
             };
             self.ranks[ri].part[op] += 1;
             if self.ranks[ri].part[op] < n_parts {
-                self.arrive(ri, op);
+                let host_s = self.part(ri, op).host_s;
+                self.push(self.now + host_s, Event::Launch { ri, op });
             } else {
                 self.finish(ri, op);
             }

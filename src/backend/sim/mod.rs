@@ -25,7 +25,7 @@ use crate::plan::{BufId, GroupId, Plan, RankPlan};
 use crate::spec::{BackendKind, DType, ExperimentSpec, Problem};
 use crate::trace::{MemEvent, OpEvent, StepSpan, Trace};
 use engine::{Coupling, SimInput, SimOp, SimRankInput, Timeline};
-use profile::{GemmDtype, Profile};
+use profile::{CollectiveKind, GemmDtype, Profile};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
@@ -331,14 +331,25 @@ fn expert_gemm_fill(op: &crate::plan::Op, rp: &RankPlan, load: f64, block_load: 
 /// Host work goes with each op ([`cost::split_host`]): with `host_copies` (the cuda
 /// executor's behaviour) a routing input read once is known on the host afterwards, so
 /// only its first reader waits for the stream.
-fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, routing: &RoutingFill, host_copies: bool) -> Vec<SimOp> {
+///
+/// An AllToAllV over two or more GPUs also all-gathers its send counts through NCCL before
+/// its kernel launches (the cuda executor's `exchange_counts`; `groups` gives the members):
+/// the all-gather's time from the profile joins the op's host work.
+fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, routing: &RoutingFill, host_copies: bool, groups: &[Vec<u32>]) -> Vec<SimOp> {
     let blocks = expert_blocks(rp);
     let mut copies = cost::HostCopies::default();
     rp.ops
         .iter()
         .map(|op| {
             let (cost, host_load) = op_cost(op, rp, profile, dtype, routing, &blocks);
-            let (cost, host) = cost::split_host(cost, op, rp, &profile.gpu, host_load, &copies);
+            let (mut cost, host) = cost::split_host(cost, op, rp, &profile.gpu, host_load, &copies);
+            if let (crate::plan::OpKind::AllToAllV { group, send_counts, .. }, cost::Cost::Collective(parts)) = (&op.kind, &mut cost) {
+                let counts = rp.buffer(*send_counts);
+                let members = groups.get(group.0 as usize).map_or(&[][..], |m| &m[..]);
+                if let (Some(first), true) = (parts.first_mut(), members.len() > 1) {
+                    first.host_s += engine::alone_seconds(profile, members, CollectiveKind::AllGather, (counts.elems * counts.elem_bytes) as f64);
+                }
+            }
             if host_copies {
                 copies.issued(op, rp);
             }
@@ -419,7 +430,7 @@ pub fn simulate_plan(plan: &Plan, profile: &Profile, symmetry: Symmetry) -> Resu
         (plan.ranks.iter().collect(), Coupling::Full)
     };
     let input = SimInput {
-        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, &RoutingFill::of(&plan.spec, rp), plan.spec.run.host_copies.unwrap_or(true)) }).collect(),
+        ranks: ranks.iter().map(|rp| SimRankInput { rank: rp.rank, ops: sim_ops(rp, profile, dtype, &RoutingFill::of(&plan.spec, rp), plan.spec.run.host_copies.unwrap_or(true), &groups) }).collect(),
         groups,
         profile,
         coupling,
