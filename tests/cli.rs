@@ -329,6 +329,18 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_12_runs_within_15_percen
     assert!(big >= 440 && within == big, "sessions 10 to 12: {within} of {big} stages >= 2% within 25%");
 }
 
+/// The stored 2x H200 run directories of `session` (`docs/device-runs/h200x2-<session>/`:
+/// the mixtral-ish designs and the bench plans), sorted.
+fn stored_2gpu_runs(session: &str) -> Vec<std::path::PathBuf> {
+    let mut runs: Vec<std::path::PathBuf> = Vec::new();
+    for d in ["mixtral-ish-2gpu-runs", "bench-sim-2gpu-runs"] {
+        let dir = format!("{}/docs/device-runs/h200x2-{session}/{d}", env!("CARGO_MANIFEST_DIR"));
+        runs.extend(std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()));
+    }
+    runs.sort();
+    runs
+}
+
 /// `moelab predict --json` over `runs`: one object per run (the command must succeed).
 fn predict_json(runs: &[std::path::PathBuf]) -> Vec<serde_json::Value> {
     let tmp = tempfile::tempdir().unwrap();
@@ -349,12 +361,7 @@ fn predict_json(runs: &[std::path::PathBuf]) -> Vec<serde_json::Value> {
 /// bytes): the rank holding the fullest expert took 8% more than the mean in mixtral-ish.
 #[test]
 fn the_h200_profile_predicts_the_stored_2gpu_runs_within_15_percent() {
-    let mut runs: Vec<std::path::PathBuf> = Vec::new();
-    for d in ["mixtral-ish-2gpu-runs", "bench-sim-2gpu-runs"] {
-        let dir = format!("{}/docs/device-runs/h200x2-s10/{d}", env!("CARGO_MANIFEST_DIR"));
-        runs.extend(std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()));
-    }
-    runs.sort();
+    let runs = stored_2gpu_runs("s10");
     assert_eq!(runs.len(), 10, "{runs:?}");
     for r in &predict_json(&runs) {
         assert_eq!(r["profile"], "h200", "{r}");
@@ -382,16 +389,11 @@ fn the_h200_profile_predicts_the_stored_2gpu_runs_within_15_percent() {
 /// run beside expert or dense GEMMs (MPMoE's and Tutel's, ScMoE's, DGMoE's backward) within
 /// 25%: their kernels wait for the GEMM running beside them, which the sim models (they were
 /// 62-88% short before). DGMoE's forward ones stay 73% short: launched in the sim before the
-/// GEMM begins, in the run just after it (an all-or-nothing race, see engine.rs). In a trace
-/// whose ranks share a clock, a collective ends at the same moment on both ranks.
+/// GEMM begins, in the run just after it (an all-or-nothing race, see engine.rs). With the
+/// ranks' clocks aligned, each of the topk run's all-to-alls ends together on both ranks.
 #[test]
 fn the_h200_profile_predicts_the_session_13_2gpu_runs_and_their_overlapped_all_to_alls() {
-    let mut runs: Vec<std::path::PathBuf> = Vec::new();
-    for d in ["mixtral-ish-2gpu-runs", "bench-sim-2gpu-runs"] {
-        let dir = format!("{}/docs/device-runs/h200x2-s13/{d}", env!("CARGO_MANIFEST_DIR"));
-        runs.extend(std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()));
-    }
-    runs.sort();
+    let runs = stored_2gpu_runs("s13");
     assert_eq!(runs.len(), 13, "{runs:?}");
     let (mut within, mut big) = (0, 0);
     for r in &predict_json(&runs) {
