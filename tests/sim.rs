@@ -139,6 +139,29 @@ fn a_collective_launched_beside_a_running_gemm_transfers_only_once_the_gemm_ends
     assert!(close(t.times[0][2].end, 1e-3), "{:?}", t.times[0][2]);
 }
 
+/// What the rule above rests on, as measured by `moelab calibrate`'s beside-GEMM probe
+/// (`docs/device-runs/calibration/*-beside-gemm.json`, 1x H100 and 1x H200, 2026-11-24): an
+/// NCCL all-to-all launched 300 us into a running cuBLAS GEMM on a lower-priority stream ends
+/// with the GEMM, within 50 us, though alone it takes about 30 us; launched first it runs at
+/// its own speed and leaves the GEMM's time as it was.
+#[test]
+fn the_stored_probes_show_a_collective_launched_beside_a_gemm_ending_with_it() {
+    let dir = format!("{}/docs/device-runs/calibration", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().ends_with("-beside-gemm.json")).collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for f in &files {
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+        let cal: sim::calibration::Calibration = serde_json::from_value(doc["calibration"].clone()).unwrap();
+        assert_eq!(cal.beside_gemm.len(), 2, "{f:?}");
+        for m in &cal.beside_gemm {
+            assert!(m.late_end_after_gemm_us.abs() < 50.0 && m.a2a_late_us > 10.0 * m.a2a_alone_us, "{f:?}: {m:?}");
+            assert!((m.offset_us + m.a2a_late_us - m.gemm_us).abs() < 100.0, "{f:?}: {m:?}");
+            assert!(m.a2a_first_us < 2.0 * m.a2a_alone_us && m.gemm_with_a2a_us < 1.05 * m.gemm_us, "{f:?}: {m:?}");
+        }
+    }
+}
+
 #[test]
 fn a_collective_waits_for_its_slowest_member_and_ends_together() {
     let p = simple_profile(8, 8);

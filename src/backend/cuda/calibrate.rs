@@ -10,7 +10,7 @@
 use super::bench::{launch, Buf, A};
 use super::gpu::{Gpu, GpuStream};
 use crate::backend::sim::calibration::{
-    Calibration, CollectiveMeasure, F32OutputMeasure, GemmMeasure, KernelMeasure, F32_OUTPUT_SHAPES, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
+    BesideGemmMeasure, Calibration, CollectiveMeasure, F32OutputMeasure, GemmMeasure, KernelMeasure, F32_OUTPUT_SHAPES, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
     KERNEL_WIDTH,
 };
 use crate::backend::sim::profile::{CollectiveKind, GemmDtype, KernelClass};
@@ -498,6 +498,191 @@ fn collective_sweep(n: usize, reps: usize, on_line: &mut dyn FnMut(&str)) -> Res
     Ok(out)
 }
 
+/// All-to-all payload per GPU of the beside-GEMM probe (about MPMoE's chunk all-to-alls).
+pub const BESIDE_GEMM_BYTES: usize = 32 << 20;
+
+/// How long after a GEMM's launch the probe launches its late all-to-all, microseconds.
+pub const BESIDE_GEMM_OFFSET_US: u64 = 300;
+
+/// The beside-GEMM probe over GPUs `0..n` (one thread drives them all; one GPU sends to
+/// itself): on each GPU a bf16
+/// GEMM on a normal stream and a [`BESIDE_GEMM_BYTES`] all-to-all on a high-priority stream
+/// (the executor's comm stream), the all-to-all alone, launched just before the GEMM, and
+/// launched [`BESIDE_GEMM_OFFSET_US`] after it. Two GEMMs: the square 8192^3 forward form and
+/// MPMoE's backward weight gradient (4 experts x 14,336 x 4,096 over 1,280 rows, `Tn`).
+fn beside_gemm_probe(n: usize, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<BesideGemmMeasure>, GpuError> {
+    let gpus: Vec<Gpu> = (0..n).map(Gpu::open).collect::<Result<_, _>>()?;
+    let mut compute = Vec::new();
+    let mut comm = Vec::new();
+    for g in &gpus {
+        g.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
+        compute.push(g.new_stream(false)?);
+        comm.push(g.new_stream(true)?);
+    }
+    let mut comms = vec![std::ptr::null_mut(); n];
+    let ordinals: Vec<i32> = (0..n as i32).collect();
+    // SAFETY: comms has room for n communicators; ordinals name n distinct visible devices.
+    nccl_check("ncclCommInitAll", unsafe { nccl::ncclCommInitAll(comms.as_mut_ptr(), n as i32, ordinals.as_ptr()) })?;
+    // (name, form, dims, batch)
+    let gemms: [(&str, GemmForm, GemmDims, usize); 2] = [
+        ("bf16 8192 x 8192 x 8192, Nn", GemmForm::Nn, GemmDims { m: 8192, k: 8192, n: 8192 }, 1),
+        ("bf16 4 x (14336 x 4096 over 1280 rows), Tn (MPMoE dW)", GemmForm::Tn, GemmDims { m: 14336, k: 1280, n: 4096 }, 4),
+    ];
+    let most = |f: fn(&GemmDims) -> usize| gemms.iter().map(|(_, _, d, b)| f(d) * b).max().unwrap_or(1);
+    let (na, nb, nc) = (most(|d| d.m * d.k), most(|d| d.k * d.n), most(|d| d.m * d.n));
+    let mut bufs = Vec::new();
+    for (i, g) in gpus.iter().enumerate() {
+        g.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
+        let s = &compute[i];
+        let (a, b, c) = (Buf::new(s, na * 2)?, Buf::new(s, nb * 2)?, Buf::new(s, nc * 2)?);
+        fill_bf16(g, s, a.0, na)?;
+        fill_bf16(g, s, b.0, nb)?;
+        let (send, recv) = (Buf::new(s, BESIDE_GEMM_BYTES)?, Buf::new(s, BESIDE_GEMM_BYTES)?);
+        s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+        bufs.push((a, b, c, send, recv));
+    }
+    let f32t = nccl::ncclDataType_t::ncclFloat32;
+    let a2a = || -> Result<(), GpuError> {
+        let part = BESIDE_GEMM_BYTES / 4 / n;
+        nccl_check("ncclGroupStart", unsafe { nccl::ncclGroupStart() })?;
+        for (i, comm_i) in comms.iter().enumerate() {
+            let st = comm[i].stream.cu_stream() as nccl::cudaStream_t;
+            let (sp, rp) = (bufs[i].3 .0 as *const std::ffi::c_void, bufs[i].4 .0 as *mut std::ffi::c_void);
+            for p in 0..n {
+                let off = (p * part * 4) as isize;
+                // SAFETY: send and recv hold BESIDE_GEMM_BYTES; grouped calls on this device's
+                // communicator and comm stream.
+                unsafe {
+                    nccl_check("ncclSend", nccl::ncclSend(sp.byte_offset(off), part, f32t, p as i32, *comm_i, st))?;
+                    nccl_check("ncclRecv", nccl::ncclRecv(rp.byte_offset(off), part, f32t, p as i32, *comm_i, st))?;
+                }
+            }
+        }
+        nccl_check("ncclGroupEnd", unsafe { nccl::ncclGroupEnd() })
+    };
+    let ms = |a: &CudaEvent, b: &CudaEvent| -> Result<f64, GpuError> { Ok(a.elapsed_ms(b).map_err(GpuError::driver("cuEventElapsedTime"))? as f64 * 1e3) };
+    let sync_all = || -> Result<(), GpuError> {
+        for (i, g) in gpus.iter().enumerate() {
+            g.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
+            compute[i].stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+            comm[i].stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+        }
+        Ok(())
+    };
+    let mut out = Vec::new();
+    for (name, form, dims, batch) in gemms {
+        let gemm_on = |i: usize| -> Result<(), GpuError> {
+            gpus[i].ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
+            let bt = (batch > 1).then_some(Batch { count: batch, a_stride: dims.m * dims.k, b_stride: dims.k * dims.n, c_stride: dims.m * dims.n });
+            // SAFETY: a, b, c hold the largest operands of the probe in bf16; the handle is
+            // bound to this GPU's compute stream.
+            unsafe { bf16_gemm_raw_batched(compute[i].blas, form, bufs[i].0 .0, bufs[i].1 .0, bufs[i].2 .0, dims, 0.0, false, bt) }
+        };
+        // (gemm alone, a2a alone, a2a first, gemm beside it, late a2a, its end after the gemm's)
+        let mut rows: Vec<[f64; 6]> = Vec::new();
+        for rep in 0..reps.max(1) + 1 {
+            let mut r = [0.0f64; 6];
+            // Modes: 0 each alone (the GEMM, then the all-to-all), 1 the all-to-all launched
+            // first, 2 the all-to-all launched BESIDE_GEMM_OFFSET_US after the GEMM.
+            for mode in 0..3 {
+                sync_all()?;
+                let ev: Vec<[CudaEvent; 4]> = gpus.iter().map(|g| Ok([event(&g.ctx)?, event(&g.ctx)?, event(&g.ctx)?, event(&g.ctx)?])).collect::<Result<_, GpuError>>()?;
+                let rec = |i: usize, k: usize, on_comm: bool| -> Result<(), GpuError> {
+                    let st = if on_comm { &comm[i].stream } else { &compute[i].stream };
+                    ev[i][k].record(st).map_err(GpuError::driver("cuEventRecord"))
+                };
+                let launch_gemm = || -> Result<(), GpuError> {
+                    for i in 0..n {
+                        rec(i, 0, false)?;
+                        gemm_on(i)?;
+                        rec(i, 1, false)?;
+                    }
+                    Ok(())
+                };
+                let launch_a2a = || -> Result<(), GpuError> {
+                    for (i, g) in gpus.iter().enumerate() {
+                        g.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
+                        rec(i, 2, true)?;
+                    }
+                    a2a()?;
+                    for (i, g) in gpus.iter().enumerate() {
+                        g.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
+                        rec(i, 3, true)?;
+                    }
+                    Ok(())
+                };
+                match mode {
+                    0 => {
+                        launch_gemm()?;
+                        sync_all()?;
+                        launch_a2a()?;
+                    }
+                    1 => {
+                        launch_a2a()?;
+                        launch_gemm()?;
+                    }
+                    _ => {
+                        launch_gemm()?;
+                        let t = std::time::Instant::now();
+                        while t.elapsed() < std::time::Duration::from_micros(BESIDE_GEMM_OFFSET_US) {
+                            std::hint::spin_loop();
+                        }
+                        launch_a2a()?;
+                    }
+                }
+                sync_all()?;
+                for e in &ev {
+                    let (g, c) = (ms(&e[0], &e[1])?, ms(&e[2], &e[3])?);
+                    match mode {
+                        0 => {
+                            r[0] = r[0].max(g);
+                            r[1] = r[1].max(c);
+                        }
+                        1 => {
+                            r[2] = r[2].max(c);
+                            r[3] = r[3].max(g);
+                        }
+                        _ => {
+                            r[4] = r[4].max(c);
+                            r[5] = r[5].max(ms(&e[1], &e[3])?);
+                        }
+                    }
+                }
+            }
+            if rep > 0 {
+                rows.push(r);
+            }
+        }
+        let med = |k: usize| median(rows.iter().map(|r| r[k]).collect());
+        let m = BesideGemmMeasure {
+            gemm: name.to_string(),
+            members: n,
+            bytes: BESIDE_GEMM_BYTES as f64,
+            gemm_us: med(0),
+            a2a_alone_us: med(1),
+            a2a_first_us: med(2),
+            gemm_with_a2a_us: med(3),
+            offset_us: BESIDE_GEMM_OFFSET_US as f64,
+            a2a_late_us: med(4),
+            late_end_after_gemm_us: med(5),
+        };
+        on_line(&format!(
+            "all_to_all x{n} {} MiB beside {}: GEMM {:.0} us, all-to-all alone {:.0} us; launched first {:.0} us (GEMM {:.0} us); launched {} us after the GEMM {:.0} us, ending {:+.0} us after the GEMM's end",
+            BESIDE_GEMM_BYTES >> 20, m.gemm, m.gemm_us, m.a2a_alone_us, m.a2a_first_us, m.gemm_with_a2a_us, BESIDE_GEMM_OFFSET_US, m.a2a_late_us, m.late_end_after_gemm_us
+        ));
+        out.push(m);
+    }
+    sync_all()?;
+    drop(bufs);
+    for c in comms {
+        // SAFETY: initialised above, destroyed once, no work pending.
+        unsafe {
+            let _ = nccl::ncclCommDestroy(c);
+        }
+    }
+    Ok(out)
+}
+
 /// Measures everything on GPU 0 (and the collectives over all visible GPUs when there are
 /// two or more); `on_line` gets one line per measurement.
 pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration, GpuError> {
@@ -514,6 +699,9 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
     on_line(&format!("host round trip {host_sync_us:.1} us, host copy {host_gbps:.2} GB/s"));
     let kernels = kernel_sweep(&gpu, &s, reps, on_line)?;
     let collectives = if gpus >= 2 { collective_sweep(gpus, reps, on_line)? } else { Vec::new() };
+    // On one GPU the all-to-all is NCCL's copy to itself: still a collective kernel beside
+    // the GEMM, which is what the probe asks about.
+    let beside_gemm = beside_gemm_probe(gpus.max(1), reps, on_line)?;
     Ok(Calibration {
         device: gpu.info.name.clone(),
         gpus,
@@ -526,5 +714,6 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
         host_gbps: host_gbps.is_finite().then_some(host_gbps),
         kernels,
         f32_outputs,
+        beside_gemm,
     })
 }

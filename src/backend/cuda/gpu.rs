@@ -92,9 +92,10 @@ impl Gpu {
     }
 
     /// A new stream with its own cuBLAS handle; `high_priority` streams get the device's
-    /// greatest priority, so their kernels take SMs ahead of a running GEMM's next blocks (the
-    /// plan's comm stream: an all-to-all launched under an expert GEMM starts at once instead
-    /// of queueing behind it).
+    /// greatest priority (the plan's comm stream), so their kernels take SMs first when
+    /// kernels of both streams wait. It does not preempt: an all-to-all launched while a cuBLAS
+    /// GEMM runs still ends with that GEMM (`moelab calibrate`'s beside-GEMM probe, H100 and
+    /// H200, 2026-11-24).
     pub fn new_stream(&self, high_priority: bool) -> Result<GpuStream, GpuError> {
         let stream = if high_priority {
             let (_, greatest) = cudarc::driver::result::stream::get_priority_range().map_err(GpuError::driver("cuCtxGetStreamPriorityRange"))?;

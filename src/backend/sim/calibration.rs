@@ -233,6 +233,38 @@ pub struct Calibration {
     /// measured).
     #[serde(default)]
     pub f32_outputs: Vec<F32OutputMeasure>,
+    /// All-to-alls launched beside a running GEMM (over every GPU; on one, NCCL's copy to
+    /// itself; empty in files from before it was measured): a check of the sim's rule that
+    /// such a collective transfers once the GEMM ends; not fitted into the profile.
+    #[serde(default)]
+    pub beside_gemm: Vec<BesideGemmMeasure>,
+}
+
+/// An all-to-all of `bytes` per GPU over `members` GPUs on a high-priority stream beside a
+/// GEMM on another stream of each GPU (medians, microseconds, worst GPU): alone, launched
+/// just before the GEMM, and launched `offset_us` after the GEMM began.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BesideGemmMeasure {
+    /// The GEMM, in words (shape, form, dtype).
+    pub gemm: String,
+    /// GPUs taking part.
+    pub members: usize,
+    /// All-to-all payload per GPU, bytes.
+    pub bytes: f64,
+    /// The GEMM alone.
+    pub gemm_us: f64,
+    /// The all-to-all alone.
+    pub a2a_alone_us: f64,
+    /// The all-to-all launched just before the GEMM.
+    pub a2a_first_us: f64,
+    /// The GEMM beside an all-to-all launched just before it.
+    pub gemm_with_a2a_us: f64,
+    /// How long after the GEMM's launch the late all-to-all was launched.
+    pub offset_us: f64,
+    /// The late all-to-all, from its launch to its end.
+    pub a2a_late_us: f64,
+    /// The late all-to-all's end after the GEMM's end (negative: it ended first).
+    pub late_end_after_gemm_us: f64,
 }
 
 /// A collective's fitted `time = latency + wire_bytes / (bandwidth * efficiency)`.
@@ -453,7 +485,7 @@ mod tests {
             .into_iter()
             .map(|b| CollectiveMeasure { kind: CollectiveKind::AllReduce, members: 2, bytes: b, seconds: 12e-6 + CollectiveKind::AllReduce.wire_bytes(b, 2) / 360e9 })
             .collect();
-        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![], f32_outputs: vec![] }
+        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![], f32_outputs: vec![], beside_gemm: vec![] }
     }
 
     #[test]

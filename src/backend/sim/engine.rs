@@ -14,7 +14,9 @@
 //! on the rank's other stream, gets the GPU's multiprocessors only when that op ends: the
 //! compute kernel holds them, and the waiting counts as the collective's time, as it does
 //! in a trace (2x H200, 2026-11-24: MPMoE's backward all-to-alls, 60 us alone, ended 55-73 us
-//! after the 1.7 ms expert GEMM they were launched beside).
+//! after the 1.7 ms expert GEMM they were launched beside; `moelab calibrate`'s beside-GEMM
+//! probe on H100 and H200: a 30 us all-to-all launched 300 us into a 1.4 ms GEMM ends with
+//! it, one launched before it runs at its own speed).
 //!
 //! With [`Coupling::Symmetric`] only representative ranks are simulated: every other rank
 //! is an image of one of them (same ops, same times), so a collective waits only for the
