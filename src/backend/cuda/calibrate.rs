@@ -10,7 +10,7 @@
 use super::bench::{launch, Buf, A};
 use super::gpu::{Gpu, GpuStream};
 use crate::backend::sim::calibration::{
-    BesideGemmMeasure, Calibration, CollectiveMeasure, F32OutputMeasure, GemmMeasure, KernelMeasure, F32_OUTPUT_SHAPES, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
+    BesideGemmMeasure, Calibration, CollectiveMeasure, F32OutputMeasure, ZeroRowsMeasure, GemmMeasure, KernelMeasure, F32_OUTPUT_SHAPES, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
     KERNEL_WIDTH,
 };
 use crate::backend::sim::profile::{CollectiveKind, GemmDtype, KernelClass};
@@ -138,6 +138,43 @@ fn batched_gemm_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn F
         let tflops = 2.0 * (m * n * k * count) as f64 / secs / 1e12;
         on_line(&format!("gemm bf16 m={m} n={n} k={k} batch={count}: {tflops:.1} TFLOP/s"));
         out.push(GemmMeasure { dtype: GemmDtype::Bf16, m, n, k, batch: count, tflops });
+    }
+    Ok(out)
+}
+
+/// The zero-rows probe's expert GEMMs `(m, n, k, batch)`: MPMoE's chunk `expert_gemm2` at
+/// 2 GPUs and the mixtral-ish capacity `expert_gemm1` at 1 GPU.
+pub const ZERO_ROWS_SHAPES: [(usize, usize, usize, usize); 2] = [(1280, 4096, 14336, 4), (5120, 14336, 4096, 8)];
+
+/// Shares of each block's rows that hold data in the zero-rows probe.
+pub const ZERO_ROWS_KEPT: [f64; 4] = [1.0, 0.75, 0.39, 0.0];
+
+/// The zero-rows probe on one GPU: each of [`ZERO_ROWS_SHAPES`] with the rows past
+/// `kept x m` of every block zeroed (the hash operands elsewhere), for each of
+/// [`ZERO_ROWS_KEPT`]: whether a capacity plan's padding makes its expert GEMMs faster.
+fn zero_rows_probe(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<ZeroRowsMeasure>, GpuError> {
+    let most = |f: fn(&(usize, usize, usize, usize)) -> usize| ZERO_ROWS_SHAPES.iter().map(f).max().unwrap_or(1);
+    let (na, nb, nc) = (most(|s| s.3 * s.0 * s.2), most(|s| s.3 * s.2 * s.1), most(|s| s.3 * s.0 * s.1));
+    let (a, b, c) = (Buf::new(s, na * 2)?, Buf::new(s, nb * 2)?, Buf::new(s, nc * 2)?);
+    fill_bf16(gpu, s, b.0, nb)?;
+    let mut out = Vec::new();
+    for &(m, n, k, count) in &ZERO_ROWS_SHAPES {
+        for &kept in &ZERO_ROWS_KEPT {
+            fill_bf16(gpu, s, a.0, na)?;
+            let rows = (m as f64 * kept).round() as usize;
+            for e in 0..count {
+                let (from, len) = ((e * m + rows) * k * 2, (m - rows) * k * 2);
+                // SAFETY: the range lies inside block e of a (count * m * k bf16 values <= na).
+                unsafe { result::memset_d8_async(a.0 + from as u64, 0, len, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+            }
+            let dims = GemmDims { m, k, n };
+            let batch = Batch { count, a_stride: m * k, b_stride: k * n, c_stride: m * n };
+            // SAFETY: a, b, c hold the largest operands of the probe in bf16; the handle is bound to `s`.
+            let secs = timed(gpu, s, reps, || unsafe { bf16_gemm_raw_batched(s.blas, GemmForm::Nn, a.0, b.0, c.0, dims, 0.0, false, Some(batch)) })?;
+            let tflops = 2.0 * (m * n * k * count) as f64 / secs / 1e12;
+            on_line(&format!("gemm bf16 m={m} n={n} k={k} batch={count}, rows kept {kept:.2} (rest zero): {tflops:.1} TFLOP/s"));
+            out.push(ZeroRowsMeasure { m, n, k, batch: count, kept, tflops });
+        }
     }
     Ok(out)
 }
@@ -693,6 +730,7 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
     let mut gemms = gemm_sweep(&gpu, &s, reps, on_line)?;
     gemms.extend(batched_gemm_sweep(&gpu, &s, reps, on_line)?);
     let f32_outputs = f32_output_sweep(&gpu, &s, reps, on_line)?;
+    let zero_rows = zero_rows_probe(&gpu, &s, reps, on_line)?;
     let (launch_us, copy_tbps) = launch_and_copy(&gpu, &s, reps)?;
     on_line(&format!("kernel gap {launch_us:.2} us, device copy {copy_tbps:.2} TB/s"));
     let (host_sync_us, host_gbps) = host_round_trip(&gpu, &s, reps, launch_us)?;
@@ -715,5 +753,6 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
         kernels,
         f32_outputs,
         beside_gemm,
+        zero_rows,
     })
 }

@@ -238,6 +238,29 @@ pub struct Calibration {
     /// such a collective transfers once the GEMM ends; not fitted into the profile.
     #[serde(default)]
     pub beside_gemm: Vec<BesideGemmMeasure>,
+    /// Strided-batched expert GEMMs whose input blocks hold real rows only in their first
+    /// `kept` share, the rest zero (a capacity plan's padding); empty in files from before it
+    /// was measured. Not fitted into the profile.
+    #[serde(default)]
+    pub zero_rows: Vec<ZeroRowsMeasure>,
+}
+
+/// One strided-batched bf16 GEMM of the zero-rows probe: `batch` x `[m, k] x [k, n]` with the
+/// last `1 - kept` of each block's `m` rows zero, at `tflops` (median, counting every row).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ZeroRowsMeasure {
+    /// Rows per block.
+    pub m: usize,
+    /// Output columns.
+    pub n: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// Blocks (experts).
+    pub batch: usize,
+    /// Share of each block's rows that hold data.
+    pub kept: f64,
+    /// TFLOP/s over all rows.
+    pub tflops: f64,
 }
 
 /// An all-to-all of `bytes` per GPU over `members` GPUs on a high-priority stream beside a
@@ -485,7 +508,7 @@ mod tests {
             .into_iter()
             .map(|b| CollectiveMeasure { kind: CollectiveKind::AllReduce, members: 2, bytes: b, seconds: 12e-6 + CollectiveKind::AllReduce.wire_bytes(b, 2) / 360e9 })
             .collect();
-        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![], f32_outputs: vec![], beside_gemm: vec![] }
+        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![], f32_outputs: vec![], beside_gemm: vec![], zero_rows: vec![] }
     }
 
     #[test]
