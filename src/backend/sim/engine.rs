@@ -544,12 +544,11 @@ impl<'a> Sim<'a> {
         }
         let inst = self.instances.remove(&key).expect("present");
         // Members may bring different payloads (a dropless all-to-all's busier rank receives
-        // more rows): the collective runs at the largest, after the slowest host work.
+        // more rows): the collective runs at the largest. (Each member's host work came
+        // before its launch, so the last arrival is after the slowest.)
         let mut p = p;
         for &(r, o) in &inst.arrived {
-            let q = self.part(r, o);
-            p.bytes = p.bytes.max(q.bytes);
-            p.host_s = p.host_s.max(q.host_s);
+            p.bytes = p.bytes.max(self.part(r, o).bytes);
         }
         self.start_flow(inst.arrived, p);
     }
