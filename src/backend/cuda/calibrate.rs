@@ -443,14 +443,50 @@ fn nccl_check(call: &'static str, r: nccl::ncclResult_t) -> Result<(), GpuError>
     }
 }
 
+/// One NCCL communicator per GPU `0..n` of this process (`ncclCommInitAll`), destroyed on drop.
+struct Comms(Vec<nccl::ncclComm_t>);
+
+impl Comms {
+    fn init_all(n: usize) -> Result<Comms, GpuError> {
+        let mut comms = vec![std::ptr::null_mut(); n];
+        let ordinals: Vec<i32> = (0..n as i32).collect();
+        // SAFETY: comms has room for n communicators; ordinals name n distinct visible devices.
+        nccl_check("ncclCommInitAll", unsafe { nccl::ncclCommInitAll(comms.as_mut_ptr(), n as i32, ordinals.as_ptr()) })?;
+        Ok(Comms(comms))
+    }
+}
+
+impl Drop for Comms {
+    fn drop(&mut self) {
+        for &c in &self.0 {
+            // SAFETY: initialised by init_all, destroyed once.
+            unsafe {
+                let _ = nccl::ncclCommDestroy(c);
+            }
+        }
+    }
+}
+
+/// One GPU's part of an all-to-all of `elems` f32 per GPU over `n` GPUs (equal parts, its own
+/// included), to be called inside an NCCL group.
+///
+/// # Safety
+/// `send` and `recv` hold `elems` f32 on the communicator's device; `stream` is that device's.
+unsafe fn all_to_all_part(send: *const std::ffi::c_void, recv: *mut std::ffi::c_void, elems: usize, n: usize, comm: nccl::ncclComm_t, stream: nccl::cudaStream_t) -> Result<(), GpuError> {
+    let (part, f32t) = (elems / n, nccl::ncclDataType_t::ncclFloat32);
+    for p in 0..n {
+        let off = (p * part * 4) as isize;
+        nccl_check("ncclSend", nccl::ncclSend(send.byte_offset(off), part, f32t, p as i32, comm, stream))?;
+        nccl_check("ncclRecv", nccl::ncclRecv(recv.byte_offset(off), part, f32t, p as i32, comm, stream))?;
+    }
+    Ok(())
+}
+
 /// The collective sweep over GPUs `0..n` from this thread (grouped NCCL calls).
 fn collective_sweep(n: usize, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<CollectiveMeasure>, GpuError> {
     let ctxs: Vec<Arc<CudaContext>> = (0..n).map(|i| CudaContext::new(i).map_err(GpuError::driver("cuCtxCreate"))).collect::<Result<_, _>>()?;
     let streams = ctxs.iter().map(|c| c.new_stream().map_err(GpuError::driver("cuStreamCreate"))).collect::<Result<Vec<_>, _>>()?;
-    let mut comms = vec![std::ptr::null_mut(); n];
-    let ordinals: Vec<i32> = (0..n as i32).collect();
-    // SAFETY: comms has room for n communicators; ordinals name n distinct visible devices.
-    nccl_check("ncclCommInitAll", unsafe { nccl::ncclCommInitAll(comms.as_mut_ptr(), n as i32, ordinals.as_ptr()) })?;
+    let comms = Comms::init_all(n)?;
     let most = *COLLECTIVE_BYTES.iter().max().unwrap_or(&1);
     let mut bufs = Vec::new();
     for c in &ctxs {
@@ -467,7 +503,7 @@ fn collective_sweep(n: usize, reps: usize, on_line: &mut dyn FnMut(&str)) -> Res
             let elems = bytes / 4;
             let run = || -> Result<(), GpuError> {
                 nccl_check("ncclGroupStart", unsafe { nccl::ncclGroupStart() })?;
-                for (i, ((send, recv), comm)) in bufs.iter().zip(&comms).enumerate() {
+                for (i, ((send, recv), comm)) in bufs.iter().zip(&comms.0).enumerate() {
                     let st = streams[i].cu_stream() as nccl::cudaStream_t;
                     let (s, r) = (*send as *const std::ffi::c_void, *recv as *mut std::ffi::c_void);
                     // SAFETY: send holds `most` >= bytes, recv n * most; comm and stream are
@@ -479,14 +515,7 @@ fn collective_sweep(n: usize, reps: usize, on_line: &mut dyn FnMut(&str)) -> Res
                             CollectiveKind::ReduceScatter => {
                                 nccl_check("ncclReduceScatter", nccl::ncclReduceScatter(s, r, elems / n, f32t, nccl::ncclRedOp_t::ncclSum, *comm, st))?
                             }
-                            CollectiveKind::AllToAll => {
-                                let part = elems / n;
-                                for p in 0..n {
-                                    let off = (p * part * 4) as isize;
-                                    nccl_check("ncclSend", nccl::ncclSend(s.byte_offset(off), part, f32t, p as i32, *comm, st))?;
-                                    nccl_check("ncclRecv", nccl::ncclRecv(r.byte_offset(off), part, f32t, p as i32, *comm, st))?;
-                                }
-                            }
+                            CollectiveKind::AllToAll => all_to_all_part(s, r, elems, n, *comm, st)?,
                         }
                     }
                 }
@@ -526,12 +555,6 @@ fn collective_sweep(n: usize, reps: usize, on_line: &mut dyn FnMut(&str)) -> Res
             let _ = result::free_sync(r);
         }
     }
-    for comm in comms {
-        // SAFETY: initialised above, destroyed once.
-        unsafe {
-            let _ = nccl::ncclCommDestroy(comm);
-        }
-    }
     Ok(out)
 }
 
@@ -556,10 +579,7 @@ fn beside_gemm_probe(n: usize, reps: usize, on_line: &mut dyn FnMut(&str)) -> Re
         compute.push(g.new_stream(false)?);
         comm.push(g.new_stream(true)?);
     }
-    let mut comms = vec![std::ptr::null_mut(); n];
-    let ordinals: Vec<i32> = (0..n as i32).collect();
-    // SAFETY: comms has room for n communicators; ordinals name n distinct visible devices.
-    nccl_check("ncclCommInitAll", unsafe { nccl::ncclCommInitAll(comms.as_mut_ptr(), n as i32, ordinals.as_ptr()) })?;
+    let comms = Comms::init_all(n)?;
     // (name, form, dims, batch)
     let gemms: [(&str, GemmForm, GemmDims, usize); 2] = [
         ("bf16 8192 x 8192 x 8192, Nn", GemmForm::Nn, GemmDims { m: 8192, k: 8192, n: 8192 }, 1),
@@ -578,22 +598,14 @@ fn beside_gemm_probe(n: usize, reps: usize, on_line: &mut dyn FnMut(&str)) -> Re
         s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
         bufs.push((a, b, c, send, recv));
     }
-    let f32t = nccl::ncclDataType_t::ncclFloat32;
     let a2a = || -> Result<(), GpuError> {
-        let part = BESIDE_GEMM_BYTES / 4 / n;
         nccl_check("ncclGroupStart", unsafe { nccl::ncclGroupStart() })?;
-        for (i, comm_i) in comms.iter().enumerate() {
+        for (i, comm_i) in comms.0.iter().enumerate() {
             let st = comm[i].stream.cu_stream() as nccl::cudaStream_t;
             let (sp, rp) = (bufs[i].3 .0 as *const std::ffi::c_void, bufs[i].4 .0 as *mut std::ffi::c_void);
-            for p in 0..n {
-                let off = (p * part * 4) as isize;
-                // SAFETY: send and recv hold BESIDE_GEMM_BYTES; grouped calls on this device's
-                // communicator and comm stream.
-                unsafe {
-                    nccl_check("ncclSend", nccl::ncclSend(sp.byte_offset(off), part, f32t, p as i32, *comm_i, st))?;
-                    nccl_check("ncclRecv", nccl::ncclRecv(rp.byte_offset(off), part, f32t, p as i32, *comm_i, st))?;
-                }
-            }
+            // SAFETY: send and recv hold BESIDE_GEMM_BYTES; grouped calls on this device's
+            // communicator and comm stream.
+            unsafe { all_to_all_part(sp, rp, BESIDE_GEMM_BYTES / 4, n, *comm_i, st)? };
         }
         nccl_check("ncclGroupEnd", unsafe { nccl::ncclGroupEnd() })
     };
@@ -710,13 +722,6 @@ fn beside_gemm_probe(n: usize, reps: usize, on_line: &mut dyn FnMut(&str)) -> Re
         out.push(m);
     }
     sync_all()?;
-    drop(bufs);
-    for c in comms {
-        // SAFETY: initialised above, destroyed once, no work pending.
-        unsafe {
-            let _ = nccl::ncclCommDestroy(c);
-        }
-    }
     Ok(out)
 }
 
