@@ -271,9 +271,9 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_12_runs_within_15_percen
     // block shapes too; its H200 stages are held the same way. Session 12 (both GPUs, the
     // variants again): the executor keeps host copies of its routing tables, so only a
     // table's first reader waits for the stream (the sim prices the runs before it with a
-    // synchronising copy per read, as their records say); its stages are held too, but for
-    // DGMoE's expert_gemm2_bwd (+28% H200, +30% H100: its batched GEMMs ran 7% faster once
-    // their outputs were no longer zeroed, session 11, and were over-predicted before).
+    // synchronising copy per read, as their records say); its stages are held too. DGMoE's
+    // expert_gemm2_bwd (+28% H200, +30% H100 before session 14) is held since the sim prices
+    // the expert GEMMs' speed-up over their zero padding rows (`kernels.zero_row_gain`).
     let (mut within, mut big) = (0, 0);
     for session in ["s8", "s9", "s10", "s11", "s12"] {
         for gpu in ["h100", "h200"] {
@@ -316,8 +316,7 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_12_runs_within_15_percen
                 // on the host; session 12's host copies end that (its stages are held).
                 if session == "s10" || session == "s12" || (session == "s11" && gpu == "h200") {
                     for st in r["comparison"]["stages"].as_array().unwrap() {
-                        let known_miss = session == "s12" && name.contains("dgmoe") && st["label"] == "expert_gemm2_bwd";
-                        if st["small"] == false && !st["predicted_ms"].is_null() && !st["measured_ms"].is_null() && !known_miss {
+                        if st["small"] == false && !st["predicted_ms"].is_null() && !st["measured_ms"].is_null() {
                             big += 1;
                             within += (st["within"] == true) as usize;
                         }
@@ -326,7 +325,7 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_12_runs_within_15_percen
             }
         }
     }
-    assert!(big >= 440 && within == big, "sessions 10 to 12: {within} of {big} stages >= 2% within 25%");
+    assert!(big >= 442 && within == big, "sessions 10 to 12: {within} of {big} stages >= 2% within 25%");
 }
 
 /// The stored 2x H200 run directories of `session` (`docs/device-runs/h200x2-<session>/`:
@@ -386,11 +385,14 @@ fn the_h200_profile_predicts_the_stored_2gpu_runs_within_15_percent() {
 /// The 2-GPU runs of session 13 (2x H200, NV18, 2026-11-24, ranks' clocks aligned): seven
 /// mixtral-ish designs at 2 GPUs (topk, MPMoE, ScMoE, Tutel, DGMoE at ep = 2; PPMoE and TED at
 /// tp = 2) and the six bench plans at ep = 2. Every step within 15%; the all-to-alls that
-/// run beside expert or dense GEMMs (MPMoE's and Tutel's, ScMoE's, DGMoE's backward) within
-/// 25%: their kernels wait for the GEMM running beside them, which the sim models (they were
-/// 62-88% short before). DGMoE's forward ones stay 73% short: launched in the sim before the
-/// GEMM begins, in the run just after it (an all-or-nothing race, see engine.rs). With the
-/// ranks' clocks aligned, each of the topk run's all-to-alls ends together on both ranks.
+/// run beside expert or dense GEMMs (MPMoE's and Tutel's, ScMoE's) within 25%: their kernels
+/// wait for the GEMM running beside them, which the sim models (they were 62-88% short
+/// before). DGMoE's stay 65-73% short: its two gates' all-to-alls each launch just before
+/// or just after a GEMM begins (an all-or-nothing race, see engine.rs; its backward stage
+/// total matched in session 13 only because the sim held another of its all-to-alls). The
+/// expert GEMM stages of every capacity run are within 25% (MPMoE's and Tutel's
+/// `expert_gemm2` were +29% before the sim priced their zero padding rows). With the ranks'
+/// clocks aligned, each of the topk run's all-to-alls ends together on both ranks.
 #[test]
 fn the_h200_profile_predicts_the_session_13_2gpu_runs_and_their_overlapped_all_to_alls() {
     let runs = stored_2gpu_runs("s13");
@@ -407,14 +409,14 @@ fn the_h200_profile_predicts_the_session_13_2gpu_runs_and_their_overlapped_all_t
                 within += (st["within"] == true) as usize;
             }
             let label = st["label"].as_str().unwrap();
-            let overlapped = ["mpmoe", "tutel", "scmoe"].iter().any(|v| name.contains(v)) && label.starts_with("all_to_all")
-                || name.contains("dgmoe") && label == "all_to_all_bwd";
-            if overlapped {
+            let overlapped = ["mpmoe", "tutel", "scmoe"].iter().any(|v| name.contains(v)) && label.starts_with("all_to_all");
+            let expert_gemm = !name.contains("dropless") && label.starts_with("expert_gemm") && st["small"] == false;
+            if overlapped || expert_gemm {
                 assert!(st["within"] == true, "{name} {label}: {st}");
             }
         }
     }
-    assert!(big >= 130 && within >= 122, "{within} of {big} stages >= 2% within 25%");
+    assert!(big >= 130 && within >= 124, "{within} of {big} stages >= 2% within 25%");
     // Aligned clocks: each all-to-all of the topk run ends within 50 us on both ranks.
     let topk = runs.iter().find(|p| p.to_string_lossy().ends_with("mixtral-topk-2gpu")).unwrap();
     let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(topk.join("trace.json")).unwrap()).unwrap();

@@ -162,6 +162,37 @@ fn the_stored_probes_show_a_collective_launched_beside_a_gemm_ending_with_it() {
     }
 }
 
+/// The zero-rows probes of session 14 (H200 09:50, H100 09:52 UTC; 150 ms lead and 100 ms
+/// windows per kept share): every pass of every layer runs faster over zero rows than over
+/// whole ones, and refitting them gives the shipped profiles' `kernels.zero_row_gain`. The
+/// first probes' files (08:22/08:25 UTC, forward only, single timed calls one kept share
+/// after another) still read, as forward passes.
+#[test]
+fn the_stored_zero_rows_probes_give_the_profiles_zero_row_gains() {
+    let dir = format!("{}/docs/device-runs/calibration", env!("CARGO_MANIFEST_DIR"));
+    let read = |f: &str| -> sim::calibration::Calibration {
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/{f}")).unwrap()).unwrap();
+        serde_json::from_value(doc["calibration"].clone()).unwrap()
+    };
+    for (file, profile) in [("calibration-h200-20261124-0950-zero-rows.json", "h200"), ("calibration-h100-20261124-0952-zero-rows.json", "h100")] {
+        let cal = read(file);
+        assert_eq!(cal.zero_rows.len(), 36, "{file}");
+        for m in cal.zero_rows.iter().filter(|m| m.kept == 0.0) {
+            let whole = cal.zero_rows.iter().find(|w| w.kept == 1.0 && (w.pass, w.experts, w.rows, w.d_in) == (m.pass, m.experts, m.rows, m.d_in)).unwrap();
+            assert!(m.tflops > 1.05 * whole.tflops, "{file}: {m:?} vs {whole:?}");
+        }
+        let fitted = sim::calibration::zero_row_gain(&cal.zero_rows).expect("fitted");
+        let shipped = sim::profile::resolve(profile).unwrap().gpu.kernels.zero_row_gain;
+        for pass in sim::profile::GemmPass::ALL {
+            let (f, s) = (fitted.of(pass), shipped.of(pass));
+            assert!((f - s).abs() < 1e-4 && (0.1..0.3).contains(&s), "{profile} {pass:?}: fitted {f}, shipped {s}");
+        }
+    }
+    let first = read("calibration-h200-20261124-0825-zero-rows.json");
+    assert!(first.zero_rows.len() == 8 && first.zero_rows.iter().all(|m| m.pass == sim::profile::GemmPass::Forward), "{:?}", first.zero_rows);
+    assert_eq!((first.zero_rows[0].experts, first.zero_rows[0].rows, first.zero_rows[0].d_in, first.zero_rows[0].d_out), (4, 1280, 14336, 4096));
+}
+
 #[test]
 fn a_collective_waits_for_its_slowest_member_and_ends_together() {
     let p = simple_profile(8, 8);
@@ -385,33 +416,44 @@ fn the_busier_expert_parallel_rank_sets_the_step_and_the_other_waits_for_it() {
 }
 
 #[test]
-fn dropped_assignments_shorten_the_routed_row_ops_only() {
+fn dropped_assignments_shorten_the_routed_row_ops_and_the_expert_gemms_only() {
     // A capacity plan that dropped assignments reads only the kept rows in its dispatch,
-    // expert layouts and combine (their outputs are written whole); GEMMs, attention and the
-    // router are unaffected.
+    // expert layouts and combine (their outputs are written whole), and its expert GEMMs run
+    // faster over the zero rows of the capacity blocks (0.2 of them at kept 1, 1 - 0.3 x 0.8
+    // = 0.76 at kept 0.3; `kernels.zero_row_gain`); attention, dense GEMMs and the router are
+    // unaffected.
     let text = std::fs::read_to_string("experiments/bench-sim/mixtral-ish-cf125.toml").expect("bench file");
     let times = |kept: f64| {
         let s = from_toml_str(&text.replace("backend = \"sim\"", &format!("backend = \"sim\"\nkept_share = {kept}"))).expect("valid");
         let plan = Plan::build(&s).expect("plans");
         let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
         let rp = &plan.ranks[0];
+        assert!((sim::expected_zero_rows(&s, rp) - (1.0 - 0.8 * kept)).abs() < 1e-9);
         let ops: Vec<(String, f64)> = rp.ops.iter().zip(&out.timeline.times[0]).map(|(o, t)| (o.name.clone(), t.end - t.start)).collect();
         (ops, out.timeline.makespan)
     };
     let ((all, all_step), (third, third_step)) = (times(1.0), times(0.3));
+    let gain = sim::profile::resolve("h200").unwrap().gpu.kernels.zero_row_gain;
     let routed = ["dispatch", "expert_layout", "expert_unlayout", "combine"];
-    let is_routed = |name: &str| routed.iter().any(|r| name.strip_prefix("L0.").is_some_and(|n| n.starts_with(r)));
+    let is = |name: &str, ops: &[&str]| ops.iter().any(|r| name.strip_prefix("L0.").is_some_and(|n| n.starts_with(r)));
     for ((name, a), (_, t)) in all.iter().zip(&third) {
-        if is_routed(name) {
+        if is(name, &routed) {
             // 0.4 of the bytes scale: 1 - 0.4 * 0.7 = 0.72 of the memory time, less where
             // launches and host round trips stay.
             assert!(*t < 0.85 * a && *t > 0.7 * a, "{name}: {a} -> {t}");
+        } else if is(name, &["expert_gemm"]) {
+            // The math at (1 + g x 0.2) / (1 + g x 0.76) of its time, g the passes' gains.
+            let (lo, hi) = (gain.forward.min(gain.input_grad).min(gain.weight_grad), gain.forward.max(gain.input_grad).max(gain.weight_grad));
+            let ratio = t / a;
+            let at = |g: f64| (1.0 + 0.2 * g) / (1.0 + 0.76 * g);
+            assert!(ratio > at(hi) - 0.01 && ratio < at(lo) + 0.02 && ratio < 0.95, "{name}: {a} -> {t}");
         } else {
             assert!(close(*t, *a), "{name}: {a} -> {t}");
         }
     }
     assert!(third_step < all_step, "{all_step} -> {third_step}");
-    assert_eq!(all.iter().filter(|(n, _)| is_routed(n)).count(), 8, "forward and backward of each routed-row op");
+    assert_eq!(all.iter().filter(|(n, _)| is(n, &routed)).count(), 8, "forward and backward of each routed-row op");
+    assert_eq!(all.iter().filter(|(n, _)| is(n, &["expert_gemm"])).count(), 4, "forward and backward of each expert GEMM");
 }
 
 #[test]

@@ -10,10 +10,10 @@
 use super::bench::{launch, Buf, A};
 use super::gpu::{Gpu, GpuStream};
 use crate::backend::sim::calibration::{
-    BesideGemmMeasure, Calibration, CollectiveMeasure, F32OutputMeasure, ZeroRowsMeasure, GemmMeasure, KernelMeasure, F32_OUTPUT_SHAPES, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
+    BesideGemmMeasure, Calibration, CollectiveMeasure, F32OutputMeasure, GemmContext, GemmContextMeasure, GemmData, ZeroRowsMeasure, GemmMeasure, KernelMeasure, F32_OUTPUT_SHAPES, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
     KERNEL_WIDTH,
 };
-use crate::backend::sim::profile::{CollectiveKind, GemmDtype, KernelClass};
+use crate::backend::sim::profile::{CollectiveKind, GemmDtype, GemmPass, KernelClass};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{result, CudaContext, CudaEvent, LaunchConfig, PushKernelArg};
 use cudarc::nccl::sys as nccl;
@@ -142,38 +142,215 @@ fn batched_gemm_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn F
     Ok(out)
 }
 
-/// The zero-rows probe's expert GEMMs `(m, n, k, batch)`: MPMoE's chunk `expert_gemm2` at
-/// 2 GPUs and the mixtral-ish capacity `expert_gemm1` at 1 GPU.
-pub const ZERO_ROWS_SHAPES: [(usize, usize, usize, usize); 2] = [(1280, 4096, 14336, 4), (5120, 14336, 4096, 8)];
+/// The zero-rows probe's expert layers `(experts, rows per expert, d_in, d_out)`: the
+/// mixtral-ish capacity-1.25 layer on one GPU (both GEMMs) and MPMoE's chunk of its second
+/// GEMM on two.
+pub const ZERO_ROWS_LAYERS: [(usize, usize, usize, usize); 3] = [(8, 5120, 4096, 14336), (8, 5120, 14336, 4096), (4, 1280, 14336, 4096)];
 
 /// Shares of each block's rows that hold data in the zero-rows probe.
 pub const ZERO_ROWS_KEPT: [f64; 4] = [1.0, 0.75, 0.39, 0.0];
 
-/// The zero-rows probe on one GPU: each of [`ZERO_ROWS_SHAPES`] with the rows past
-/// `kept x m` of every block zeroed (the hash operands elsewhere), for each of
-/// [`ZERO_ROWS_KEPT`]: whether a capacity plan's padding makes its expert GEMMs faster.
+/// Milliseconds of back-to-back calls each window of the zero-rows probe times: the
+/// power-capped clocks of an H100/H200 swing by 10-20% from one 100 ms sample to the next,
+/// so single calls measure the swing.
+const ZERO_ROWS_WINDOW_MS: f64 = 100.0;
+
+/// Milliseconds of untimed calls before each window: the power limiter remembers the last
+/// tens of milliseconds, so a window right after another kept share inherits its clocks
+/// (100 ms windows without a lead measured 75% kept rows 1-3% slower than whole ones).
+const ZERO_ROWS_LEAD_MS: f64 = 150.0;
+
+/// The zero-rows probe on one GPU: each layer of [`ZERO_ROWS_LAYERS`] as the cuda executor
+/// runs it over capacity blocks (strided-batched bf16: forward `x w` (`Nn`), input gradient
+/// `dy w^T` (`Nt`), weight gradient `x^T dy` (`Tn`, f32 output)), with the rows past
+/// `kept x rows` of every block zero in `x` and `dy` (a capacity plan's padding), for each of
+/// [`ZERO_ROWS_KEPT`]: `reps` rounds, each kept share in turn (starting one later each round)
+/// running [`ZERO_ROWS_LEAD_MS`] untimed and then a timed window of [`ZERO_ROWS_WINDOW_MS`],
+/// TFLOP/s over all its windows. Zero operands draw less power, so a power-capped GPU clocks
+/// higher over them: `sim::calibration` fits the gain per pass.
 fn zero_rows_probe(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<ZeroRowsMeasure>, GpuError> {
-    let most = |f: fn(&(usize, usize, usize, usize)) -> usize| ZERO_ROWS_SHAPES.iter().map(f).max().unwrap_or(1);
-    let (na, nb, nc) = (most(|s| s.3 * s.0 * s.2), most(|s| s.3 * s.2 * s.1), most(|s| s.3 * s.0 * s.1));
-    let (a, b, c) = (Buf::new(s, na * 2)?, Buf::new(s, nb * 2)?, Buf::new(s, nc * 2)?);
-    fill_bf16(gpu, s, b.0, nb)?;
-    let mut out = Vec::new();
-    for &(m, n, k, count) in &ZERO_ROWS_SHAPES {
-        for &kept in &ZERO_ROWS_KEPT {
-            fill_bf16(gpu, s, a.0, na)?;
-            let rows = (m as f64 * kept).round() as usize;
-            for e in 0..count {
-                let (from, len) = ((e * m + rows) * k * 2, (m - rows) * k * 2);
-                // SAFETY: the range lies inside block e of a (count * m * k bf16 values <= na).
-                unsafe { result::memset_d8_async(a.0 + from as u64, 0, len, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+    let most = |f: fn(&(usize, usize, usize, usize)) -> usize| ZERO_ROWS_LAYERS.iter().map(f).max().unwrap_or(1);
+    let (nx, ny, nw) = (most(|l| l.0 * l.1 * l.2), most(|l| l.0 * l.1 * l.3), most(|l| l.0 * l.2 * l.3));
+    let w = Buf::new(s, nw * 2)?;
+    let (out, dw) = (Buf::new(s, nx.max(ny) * 2)?, Buf::new(s, nw * 4)?);
+    fill_bf16(gpu, s, w.0, nw)?;
+    // x and dy per kept share, the rows past it zero in every block (refilled per layer).
+    let xs = ZERO_ROWS_KEPT.iter().map(|_| Buf::new(s, nx * 2)).collect::<Result<Vec<_>, _>>()?;
+    let dys = ZERO_ROWS_KEPT.iter().map(|_| Buf::new(s, ny * 2)).collect::<Result<Vec<_>, _>>()?;
+    let mut found = Vec::new();
+    for &(experts, rows, d_in, d_out) in &ZERO_ROWS_LAYERS {
+        for (i, &kept) in ZERO_ROWS_KEPT.iter().enumerate() {
+            let filled = (rows as f64 * kept).round() as usize;
+            for (buf, width) in [(&xs[i], d_in), (&dys[i], d_out)] {
+                fill_bf16(gpu, s, buf.0, experts * rows * width)?;
+                for e in 0..experts {
+                    let (from, len) = ((e * rows + filled) * width * 2, (rows - filled) * width * 2);
+                    // SAFETY: the range lies inside block e of buf (experts x rows x width bf16).
+                    unsafe { result::memset_d8_async(buf.0 + from as u64, 0, len, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+                }
             }
-            let dims = GemmDims { m, k, n };
-            let batch = Batch { count, a_stride: m * k, b_stride: k * n, c_stride: m * n };
-            // SAFETY: a, b, c hold the largest operands of the probe in bf16; the handle is bound to `s`.
-            let secs = timed(gpu, s, reps, || unsafe { bf16_gemm_raw_batched(s.blas, GemmForm::Nn, a.0, b.0, c.0, dims, 0.0, false, Some(batch)) })?;
-            let tflops = 2.0 * (m * n * k * count) as f64 / secs / 1e12;
-            on_line(&format!("gemm bf16 m={m} n={n} k={k} batch={count}, rows kept {kept:.2} (rest zero): {tflops:.1} TFLOP/s"));
-            out.push(ZeroRowsMeasure { m, n, k, batch: count, kept, tflops });
+        }
+        for pass in GemmPass::ALL {
+            let (form, dims, a_stride, b_stride, c_stride) = match pass {
+                GemmPass::Forward => (GemmForm::Nn, GemmDims { m: rows, k: d_in, n: d_out }, rows * d_in, d_in * d_out, rows * d_out),
+                GemmPass::InputGrad => (GemmForm::Nt, GemmDims { m: rows, k: d_out, n: d_in }, rows * d_out, d_in * d_out, rows * d_in),
+                GemmPass::WeightGrad => (GemmForm::Tn, GemmDims { m: d_in, k: rows, n: d_out }, rows * d_in, rows * d_out, d_in * d_out),
+            };
+            let batch = Some(Batch { count: experts, a_stride, b_stride, c_stride });
+            let call = |i: usize| {
+                // SAFETY: x, dy, w hold the layer's operands (experts blocks each), out and dw
+                // its outputs in bf16 / f32; the handle is bound to `s`.
+                unsafe {
+                    match pass {
+                        GemmPass::Forward => bf16_gemm_raw_batched(s.blas, form, xs[i].0, w.0, out.0, dims, 0.0, false, batch),
+                        GemmPass::InputGrad => bf16_gemm_raw_batched(s.blas, form, dys[i].0, w.0, out.0, dims, 0.0, false, batch),
+                        GemmPass::WeightGrad => bf16_gemm_raw_batched(s.blas, form, xs[i].0, dys[i].0, dw.0, dims, 0.0, true, batch),
+                    }
+                }
+            };
+            let one = timed(gpu, s, 1, || call(0))?;
+            let window = ((ZERO_ROWS_WINDOW_MS * 1e-3 / one.max(1e-6)).ceil() as usize).clamp(1, 1000);
+            let lead = ((ZERO_ROWS_LEAD_MS * 1e-3 / one.max(1e-6)).ceil() as usize).clamp(1, 1000);
+            let mut times = vec![0.0; ZERO_ROWS_KEPT.len()];
+            for round in 0..reps.max(1) {
+                for turn in 0..ZERO_ROWS_KEPT.len() {
+                    let i = (round + turn) % ZERO_ROWS_KEPT.len();
+                    for _ in 0..lead {
+                        call(i)?;
+                    }
+                    let (e0, e1) = (event(&gpu.ctx)?, event(&gpu.ctx)?);
+                    e0.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
+                    for _ in 0..window {
+                        call(i)?;
+                    }
+                    e1.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
+                    e1.synchronize().map_err(GpuError::driver("cuEventSynchronize"))?;
+                    times[i] += e0.elapsed_ms(&e1).map_err(GpuError::driver("cuEventElapsedTime"))? as f64 * 1e-3;
+                }
+            }
+            let calls = (window * reps.max(1)) as f64;
+            for (&kept, t) in ZERO_ROWS_KEPT.iter().zip(times) {
+                let tflops = 2.0 * (rows * d_in * d_out * experts) as f64 * calls / t / 1e12;
+                on_line(&format!("expert gemm bf16 {} {experts} x {rows} rows, {d_in} -> {d_out}, rows kept {kept:.2} (rest zero): {tflops:.1} TFLOP/s", pass.as_str()));
+                found.push(ZeroRowsMeasure { experts, rows, d_in, d_out, pass, kept, tflops });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The GEMM-context probe's shapes `(m, n, k, batch)`: the mixtral-ish dense MLP's two
+/// GEMMs and its capacity-1.25 expert GEMMs on one GPU (forward).
+pub const GEMM_CONTEXT_SHAPES: [(usize, usize, usize, usize); 4] = [(16384, 14336, 4096, 1), (16384, 4096, 14336, 1), (5120, 14336, 4096, 8), (5120, 4096, 14336, 8)];
+
+/// Shares of each block's rows holding data in the GEMM-context probe (batched shapes; the
+/// dense ones run whole).
+pub const GEMM_CONTEXT_KEPT: [f64; 2] = [1.0, 0.39];
+
+/// Milliseconds of GPU work before each timed GEMM of the context probe (the GEMM itself in
+/// the sustained context; GEMMs between device copies in the alternating one).
+const CONTEXT_LEAD_MS: f64 = 60.0;
+
+/// Device copy before each GEMM of the alternating context, bytes (about 0.2 ms on H100/H200:
+/// the elementwise ops between a step's GEMMs).
+const CONTEXT_COPY_BYTES: usize = 256 << 20;
+
+/// The GEMM-context probe on one GPU: each of [`GEMM_CONTEXT_SHAPES`] timed after
+/// [`CONTEXT_LEAD_MS`] of (a) itself back to back (the sweep's context, held longer), (b) the
+/// same GEMM alternating with device copies (a training step's pattern) and (c) an idle GPU,
+/// with the sweep's hash operands and with standard normal ones, whole and (batched shapes)
+/// with the rows past `kept` of each block zero. Conditions interleave round by round, so a
+/// drift of the clocks over the probe reaches all of them alike. Asks which of the GEMM's
+/// surroundings make a step's GEMMs run at other speeds than the sweep's.
+fn gemm_context_probe(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<GemmContextMeasure>, GpuError> {
+    let most = |f: fn(&(usize, usize, usize, usize)) -> usize| GEMM_CONTEXT_SHAPES.iter().map(f).max().unwrap_or(1);
+    let (na, nb, nc) = (most(|s| s.3 * s.0 * s.2), most(|s| s.3 * s.2 * s.1), most(|s| s.3 * s.0 * s.1));
+    let c = Buf::new(s, nc * 2)?;
+    let (copy_src, copy_dst) = (Buf::new(s, CONTEXT_COPY_BYTES)?, Buf::new(s, CONTEXT_COPY_BYTES)?);
+    // Operands per data kind: b, and a whole and with zero rows (refilled per shape).
+    let mut ops = Vec::new();
+    for data in [GemmData::Hash, GemmData::Normal] {
+        let (b, a_full, a_zero) = (Buf::new(s, nb * 2)?, Buf::new(s, na * 2)?, Buf::new(s, na * 2)?);
+        for (buf, n) in [(&b, nb), (&a_full, na), (&a_zero, na)] {
+            match data {
+                GemmData::Hash => fill_bf16(gpu, s, buf.0, n)?,
+                GemmData::Normal => {
+                    let args = [A::P(buf.0), A::I64(n as i64), A::I32(1), A::U32(11), A::U32(12), A::U32(13), A::U32(14), A::U32(15), A::U32(16), A::I64(0)];
+                    launch(gpu, s, "load_batch_x_bf16", gpu.grid(n.div_ceil(8)), &args)?
+                }
+            }
+        }
+        ops.push((data, b, a_full, a_zero));
+    }
+    let mut out = Vec::new();
+    for &(m, n, k, count) in &GEMM_CONTEXT_SHAPES {
+        let kepts: &[f64] = if count > 1 { &GEMM_CONTEXT_KEPT } else { &GEMM_CONTEXT_KEPT[..1] };
+        let zero_from = (m as f64 * kepts[kepts.len() - 1]).round() as usize;
+        for (_, _, a_full, a_zero) in &ops {
+            // SAFETY: a_zero holds na >= count * m * k bf16 values; the copy and the zeroed
+            // ranges lie inside it.
+            unsafe { result::memcpy_dtod_async(a_zero.0, a_full.0, count * m * k * 2, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoDAsync"))?;
+            for e in 0..count.max(1) {
+                let (from, len) = ((e * m + zero_from) * k * 2, (m - zero_from) * k * 2);
+                if count > 1 && len > 0 {
+                    // SAFETY: inside block e of a_zero (see above).
+                    unsafe { result::memset_d8_async(a_zero.0 + from as u64, 0, len, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+                }
+            }
+        }
+        let dims = GemmDims { m, k, n };
+        let batch = (count > 1).then_some(Batch { count, a_stride: m * k, b_stride: k * n, c_stride: m * n });
+        // SAFETY (both closures): a, b hold count x m x k and count x k x n bf16 values, c the
+        // output; the handle and the copy are bound to `s`.
+        let gemm = |a: u64, b: u64| unsafe { bf16_gemm_raw_batched(s.blas, GemmForm::Nn, a, b, c.0, dims, 0.0, false, batch) };
+        let copy = || unsafe { result::memcpy_dtod_async(copy_dst.0, copy_src.0, CONTEXT_COPY_BYTES, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoDAsync"));
+        // One GEMM's seconds, for the lead's length.
+        let one = timed(gpu, s, 1, || gemm(ops[0].2 .0, ops[0].1 .0))?;
+        let lead = ((CONTEXT_LEAD_MS * 1e-3 / one.max(1e-6)).ceil() as usize).clamp(2, 400);
+        let mut conds = Vec::new();
+        for &context in &GemmContext::ALL {
+            for (data, b, a_full, a_zero) in &ops {
+                for &kept in kepts {
+                    conds.push((context, *data, kept, b.0, if kept < 1.0 { a_zero.0 } else { a_full.0 }, Vec::new()));
+                }
+            }
+        }
+        for _ in 0..reps.max(1) {
+            for (context, _, _, b, a, times) in conds.iter_mut() {
+                match context {
+                    GemmContext::Sustained => {
+                        for _ in 0..lead {
+                            gemm(*a, *b)?;
+                        }
+                    }
+                    GemmContext::Alternating => {
+                        for _ in 0..lead {
+                            copy()?;
+                            gemm(*a, *b)?;
+                        }
+                        copy()?;
+                    }
+                    GemmContext::AfterIdle => {
+                        s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+                        std::thread::sleep(std::time::Duration::from_secs_f64(CONTEXT_LEAD_MS * 1e-3));
+                    }
+                }
+                let (e0, e1) = (event(&gpu.ctx)?, event(&gpu.ctx)?);
+                e0.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
+                gemm(*a, *b)?;
+                e1.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
+                e1.synchronize().map_err(GpuError::driver("cuEventSynchronize"))?;
+                times.push(e0.elapsed_ms(&e1).map_err(GpuError::driver("cuEventElapsedTime"))? as f64 * 1e-3);
+            }
+        }
+        for (context, data, kept, _, _, times) in conds {
+            let tflops = 2.0 * (m * n * k * count) as f64 / median(times) / 1e12;
+            on_line(&format!(
+                "gemm bf16 m={m} n={n} k={k} batch={count}, {} operands, rows kept {kept:.2}, after {}: {tflops:.1} TFLOP/s",
+                data.as_str(),
+                context.as_str()
+            ));
+            out.push(GemmContextMeasure { m, n, k, batch: count, data, context, kept, tflops });
         }
     }
     Ok(out)
@@ -736,6 +913,7 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
     gemms.extend(batched_gemm_sweep(&gpu, &s, reps, on_line)?);
     let f32_outputs = f32_output_sweep(&gpu, &s, reps, on_line)?;
     let zero_rows = zero_rows_probe(&gpu, &s, reps, on_line)?;
+    let gemm_context = gemm_context_probe(&gpu, &s, reps, on_line)?;
     let (launch_us, copy_tbps) = launch_and_copy(&gpu, &s, reps)?;
     on_line(&format!("kernel gap {launch_us:.2} us, device copy {copy_tbps:.2} TB/s"));
     let (host_sync_us, host_gbps) = host_round_trip(&gpu, &s, reps, launch_us)?;
@@ -759,5 +937,6 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
         f32_outputs,
         beside_gemm,
         zero_rows,
+        gemm_context,
     })
 }

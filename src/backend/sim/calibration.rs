@@ -8,7 +8,7 @@
 //! This half needs no GPU, so the fits and the rendering are tested everywhere; the cuda
 //! backend's `calibrate` module takes the measurements.
 
-use super::profile::{self, CollectiveKind, GemmDtype, KernelClass, ProfileError};
+use super::profile::{self, CollectiveKind, GemmDtype, GemmPass, KernelClass, ProfileError, ZeroRowGain};
 use serde::{Deserialize, Deserializer, Serialize};
 use toml::{Table, Value};
 
@@ -201,6 +201,35 @@ pub fn class_share(m: &KernelMeasure, copy_bps: f64, launch_s: f64) -> Option<f6
     (busy > 0.0 && copy_bps > 0.0).then(|| (bytes / (copy_bps * busy)).clamp(1e-4, 1.0))
 }
 
+/// The zero-row gains of a zero-rows probe ([`ZeroRowsMeasure`]): per pass, the
+/// least-squares slope through the origin of each layer's speed-up over its whole-rows time
+/// (`tflops / tflops at kept 1 - 1`) against its zero share (`1 - kept`), never below 0.
+/// `None` without a pass measured at kept 1 and below.
+pub fn zero_row_gain(measures: &[ZeroRowsMeasure]) -> Option<ZeroRowGain> {
+    let mut gain = ZeroRowGain::default();
+    let mut fitted = false;
+    for pass in GemmPass::ALL {
+        let (mut gz, mut zz) = (0.0, 0.0);
+        for m in measures.iter().filter(|m| m.pass == pass && m.kept < 1.0) {
+            let same_layer = |w: &&ZeroRowsMeasure| w.pass == pass && (w.experts, w.rows, w.d_in, w.d_out) == (m.experts, m.rows, m.d_in, m.d_out);
+            let Some(whole) = measures.iter().filter(same_layer).find(|w| w.kept >= 1.0) else { continue };
+            let z = 1.0 - m.kept.max(0.0);
+            gz += (m.tflops / whole.tflops - 1.0) * z;
+            zz += z * z;
+        }
+        if zz > 0.0 && gz.is_finite() {
+            fitted = true;
+            let g = (gz / zz).clamp(0.0, 4.0);
+            match pass {
+                GemmPass::Forward => gain.forward = g,
+                GemmPass::InputGrad => gain.input_grad = g,
+                GemmPass::WeightGrad => gain.weight_grad = g,
+            }
+        }
+    }
+    fitted.then_some(gain)
+}
+
 /// Everything one `moelab calibrate` run measured (its `--json` file holds it, so a
 /// profile can be refitted later without the GPU: `moelab calibrate --from`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,20 +272,106 @@ pub struct Calibration {
     /// was measured. Not fitted into the profile.
     #[serde(default)]
     pub zero_rows: Vec<ZeroRowsMeasure>,
+    /// The same GEMMs timed in different surroundings (after themselves, alternating with
+    /// device copies, after an idle GPU) and operands (empty in files from before it was
+    /// measured). Not fitted into the profile.
+    #[serde(default)]
+    pub gemm_context: Vec<GemmContextMeasure>,
 }
 
-/// One strided-batched bf16 GEMM of the zero-rows probe: `batch` x `[m, k] x [k, n]` with the
-/// last `1 - kept` of each block's `m` rows zero, at `tflops` (median, counting every row).
+/// What ran on the GPU before a timed GEMM of the context probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GemmContext {
+    /// The same GEMM back to back (the sweep's context).
+    Sustained,
+    /// The same GEMM alternating with device copies (a training step's pattern).
+    Alternating,
+    /// Nothing: the GPU idle.
+    AfterIdle,
+}
+
+impl GemmContext {
+    /// Every context, in the probe's order.
+    pub const ALL: [GemmContext; 3] = [GemmContext::Sustained, GemmContext::Alternating, GemmContext::AfterIdle];
+    /// The name in the probe's lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GemmContext::Sustained => "itself",
+            GemmContext::Alternating => "itself alternating with copies",
+            GemmContext::AfterIdle => "an idle GPU",
+        }
+    }
+}
+
+/// Operand values of a probe GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GemmData {
+    /// The sweep's hash values, uniform in (-0.05, 0.05).
+    Hash,
+    /// Standard normal values (the cuda backend's batch draw).
+    Normal,
+}
+
+impl GemmData {
+    /// The name in the probe's lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GemmData::Hash => "hash",
+            GemmData::Normal => "normal",
+        }
+    }
+}
+
+/// One GEMM of the context probe: `batch` x `[m, k] x [k, n]` (bf16, `Nn`), rows past
+/// `kept` of each block zero, at `tflops` (median, counting every row).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ZeroRowsMeasure {
+pub struct GemmContextMeasure {
     /// Rows per block.
     pub m: usize,
     /// Output columns.
     pub n: usize,
     /// Inner dimension.
     pub k: usize,
-    /// Blocks (experts).
+    /// Blocks (1: one GEMM).
     pub batch: usize,
+    /// Operand values.
+    pub data: GemmData,
+    /// What ran before.
+    pub context: GemmContext,
+    /// Share of each block's rows that hold data.
+    pub kept: f64,
+    /// TFLOP/s over all rows.
+    pub tflops: f64,
+}
+
+fn forward_pass() -> GemmPass {
+    GemmPass::Forward
+}
+
+/// One strided-batched bf16 GEMM of the zero-rows probe: pass `pass` of an expert layer of
+/// `experts` blocks of `rows` rows (`d_in -> d_out`) whose `x` and `dy` hold data in the
+/// first `kept` share of each block's rows, the rest zero, at `tflops` (median, counting
+/// every row). Files of the first probe (2026-11-24 08:22/08:25 UTC, forward only, one kept
+/// share after another) name the forward GEMM's `batch`, `m`, `k`, `n`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ZeroRowsMeasure {
+    /// Blocks (experts).
+    #[serde(alias = "batch")]
+    pub experts: usize,
+    /// Rows per block.
+    #[serde(alias = "m")]
+    pub rows: usize,
+    /// Input width.
+    #[serde(alias = "k")]
+    pub d_in: usize,
+    /// Output width.
+    #[serde(alias = "n")]
+    pub d_out: usize,
+    /// Which GEMM of the layer.
+    #[serde(default = "forward_pass")]
+    pub pass: GemmPass,
     /// Share of each block's rows that hold data.
     pub kept: f64,
     /// TFLOP/s over all rows.
@@ -417,7 +532,7 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
             d.insert("points".into(), Value::Array(pts));
         }
     }
-    if cal.host_sync_us.is_some() || cal.host_gbps.is_some() || !cal.kernels.is_empty() || !cal.f32_outputs.is_empty() {
+    if cal.host_sync_us.is_some() || cal.host_gbps.is_some() || !cal.kernels.is_empty() || !cal.f32_outputs.is_empty() || !cal.zero_rows.is_empty() {
         // What this run measured replaces the base's terms (the host round trip, each timed
         // class's bandwidth share); the rest of the base's [kernels] table (classes not timed,
         // each class's fixed_us) is kept.
@@ -434,6 +549,13 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
         kernels.insert("source".into(), format!("{source}: the host round trip and the timed classes' bandwidth_share; fixed_us and untimed classes kept from {base_name}{old}").into());
         if let Some(share) = f32_output_share(&cal.f32_outputs, copy_bps) {
             kernels.insert("f32_output_share".into(), round(share, 4).into());
+        }
+        if let Some(g) = zero_row_gain(&cal.zero_rows) {
+            let mut t = Table::new();
+            for pass in GemmPass::ALL {
+                t.insert(pass.as_str().into(), round(g.of(pass), 4).into());
+            }
+            kernels.insert("zero_row_gain".into(), Value::Table(t));
         }
         for m in &cal.kernels {
             let Some(share) = class_share(m, copy_bps, cal.launch_us * 1e-6) else { continue };
@@ -461,7 +583,7 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
          # Measured: gpu.launch_us (back-to-back kernel gap), gpu.hbm_efficiency (device copy\n\
          # bandwidth over the datasheet peak), every gpu.gemm.*.points entry whose source names\n\
          # this run (cuBLAS, median of repetitions; the base's points at shapes the sweep does not\n\
-         # time are kept with their sources){}{}{}.\n\
+         # time are kept with their sources){}{}{}{}.\n\
          # Kept from the base profile `{base_name}` (datasheet values and stated assumptions): the\n\
          # peaks, memory, SMs, vector FLOP/s, GEMM tile sizes, [kernels] terms not measured, topology{}.\n\n",
         cal.device,
@@ -476,6 +598,7 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
             (false, true) => "",
         },
         if cal.f32_outputs.is_empty() { "" } else { ", kernels.f32_output_share (the f32 outputs of bf16 weight-gradient GEMMs)" },
+        if zero_row_gain(&cal.zero_rows).is_none() { "" } else { ", kernels.zero_row_gain (expert GEMMs over zero rows)" },
         if fits.is_empty() { ", every link (one GPU: no collective measured)" } else { " and the inter-node link" },
     );
     text.push_str(&body);
@@ -508,7 +631,7 @@ mod tests {
             .into_iter()
             .map(|b| CollectiveMeasure { kind: CollectiveKind::AllReduce, members: 2, bytes: b, seconds: 12e-6 + CollectiveKind::AllReduce.wire_bytes(b, 2) / 360e9 })
             .collect();
-        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![], f32_outputs: vec![], beside_gemm: vec![], zero_rows: vec![] }
+        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![], f32_outputs: vec![], beside_gemm: vec![], zero_rows: vec![], gemm_context: vec![] }
     }
 
     #[test]
@@ -623,6 +746,33 @@ mod tests {
             assert_eq!((cal.host_sync_us, cal.host_gbps, cal.kernels.len()), (None, None, 0));
             render(base(), "h200-datasheet", "x", &cal).expect("renders");
         }
+    }
+
+    #[test]
+    fn the_zero_row_gain_is_each_passs_slope_through_the_origin() {
+        // Forward: 1 + 0.2 z exactly on two layers; input gradient 1 + 0.1 z; weight gradient
+        // slower over zero rows (clamped to 0); a layer without its whole-rows point is skipped.
+        let m = |pass, rows, kept: f64, tflops| ZeroRowsMeasure { experts: 8, rows, d_in: 4096, d_out: 14336, pass, kept, tflops };
+        let mut v = Vec::new();
+        for rows in [5120, 1280] {
+            for kept in [1.0, 0.75, 0.39, 0.0] {
+                let z = 1.0 - kept;
+                v.push(m(GemmPass::Forward, rows, kept, 700.0 * (1.0 + 0.2 * z)));
+                v.push(m(GemmPass::InputGrad, rows, kept, 600.0 * (1.0 + 0.1 * z)));
+                v.push(m(GemmPass::WeightGrad, rows, kept, 650.0 * (1.0 - 0.05 * z)));
+            }
+        }
+        v.push(m(GemmPass::Forward, 640, 0.5, 5000.0));
+        let g = zero_row_gain(&v).expect("fitted");
+        assert!((g.forward - 0.2).abs() < 1e-9 && (g.input_grad - 0.1).abs() < 1e-9 && g.weight_grad == 0.0, "{g:?}");
+        assert_eq!(zero_row_gain(&[]), None);
+        assert_eq!(zero_row_gain(&v.iter().filter(|x| x.kept < 1.0).copied().collect::<Vec<_>>()), None);
+        // The fit lands in the written profile.
+        let mut cal = measured();
+        cal.zero_rows = v;
+        let (text, _) = render(base(), "h200-datasheet", "probe", &cal).expect("renders");
+        let p = profile::parse(&text, "probe").expect("parses");
+        assert!((p.gpu.kernels.zero_row_gain.forward - 0.2).abs() < 1e-9, "{text}");
     }
 
     #[test]

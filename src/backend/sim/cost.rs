@@ -8,7 +8,7 @@
 
 use super::engine::HostWork;
 use crate::backend::cuda::exec::HOST_COPY_MAX_ELEMS;
-use super::profile::{CollectiveKind, GemmDtype, GpuProfile, KernelClass};
+use super::profile::{CollectiveKind, GemmDtype, GemmPass, GpuProfile, KernelClass};
 use crate::plan::ops::ATTN_HEADS_PER_SLICE;
 use crate::plan::{BufId, ElemType, GroupId, Op, OpKind, RankPlan};
 
@@ -499,10 +499,10 @@ pub fn op_cost_at(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, 
 pub fn op_cost_filled(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, fill: Fill) -> Cost {
     let load = fill.scale;
     if load == 1.0 {
-        return op_cost_sized(op, plan, gpu, dtype, op.flops, op.bytes, Fill::FULL);
+        return op_cost_sized(op, plan, gpu, dtype, op.flops, op.bytes, Fill::FULL, 0.0);
     }
     if let Some(bytes) = all_to_all_payload(op, plan, load) {
-        return op_cost_sized(op, plan, gpu, dtype, op.flops, bytes, fill);
+        return op_cost_sized(op, plan, gpu, dtype, op.flops, bytes, fill, 0.0);
     }
     // A layout into a dropless expert block gathers one row per row it writes (the plan's
     // bytes: the block's bound read and written) and writes each expert's whole block,
@@ -510,7 +510,7 @@ pub fn op_cost_filled(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDty
     if let OpKind::ExpertLayout { out, .. } = &op.kind {
         if plan.buffer(*out).dynamic {
             let bytes = op.bytes as f64 * (load + fill.block.max(load)) / 2.0;
-            return op_cost_sized(op, plan, gpu, dtype, op.flops, bytes as u64, fill);
+            return op_cost_sized(op, plan, gpu, dtype, op.flops, bytes as u64, fill, 0.0);
         }
     }
     // Only the routing-sized buffers shrink: static operands (expert weights) keep their bytes.
@@ -525,7 +525,7 @@ pub fn op_cost_filled(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDty
     }
     let share = if total > 0 { dynamic as f64 / total as f64 } else { 1.0 };
     let bytes = (op.bytes as f64 * (1.0 - share * (1.0 - load))) as u64;
-    op_cost_sized(op, plan, gpu, dtype, (op.flops as f64 * load) as u64, bytes, fill)
+    op_cost_sized(op, plan, gpu, dtype, (op.flops as f64 * load) as u64, bytes, fill, 0.0)
 }
 
 /// The payload of a variable all-to-all whose routing-sized side holds `load` of its bound:
@@ -563,20 +563,25 @@ pub fn moves_routed_rows(kind: &OpKind) -> bool {
 }
 
 /// [`op_cost`] of a capacity plan's op when `kept` of the routed assignments survive the
-/// capacity (`run.kept_share`): a routed-row op's reads of routed rows shrink with it
-/// ([`ROUTED_READ_SHARE`]); other ops are unaffected.
-pub fn op_cost_kept(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, kept: f64) -> Cost {
-    if kept >= 1.0 || !moves_routed_rows(&op.kind) {
-        return op_cost(op, plan, gpu, dtype);
-    }
-    let bytes = op.bytes as f64 * (1.0 - ROUTED_READ_SHARE * (1.0 - kept.max(0.0)));
-    op_cost_sized(op, plan, gpu, dtype, op.flops, bytes as u64, Fill::FULL)
+/// capacity (`run.kept_share`) and `zero_rows` of its expert blocks' rows hold no
+/// assignment: a routed-row op's reads of routed rows shrink with `kept`
+/// ([`ROUTED_READ_SHARE`]); bf16 expert GEMMs run faster over the zero rows
+/// (`kernels.zero_row_gain`); other ops are unaffected.
+pub fn op_cost_kept(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, kept: f64, zero_rows: f64) -> Cost {
+    let bytes = if kept < 1.0 && moves_routed_rows(&op.kind) { op.bytes as f64 * (1.0 - ROUTED_READ_SHARE * (1.0 - kept.max(0.0))) } else { op.bytes as f64 };
+    op_cost_sized(op, plan, gpu, dtype, op.flops, bytes as u64, Fill::FULL, zero_rows.clamp(0.0, 1.0))
+}
+
+/// The pass of each shape [`gemms_at`] gives for an expert GEMM op, in its order (forward;
+/// or weight gradient, then input gradient); `None` for other ops.
+fn expert_gemm_passes(kind: &OpKind) -> Option<&'static [GemmPass]> {
+    kind.expert_gemm().map(|e| if e.gemms == 1 { &[GemmPass::Forward][..] } else { &[GemmPass::WeightGrad, GemmPass::InputGrad][..] })
 }
 
 /// The cost of `op` doing `flops` and moving `bytes`, its expert GEMM rows filled as `fill`
-/// says.
+/// says, `zero_rows` of them zero padding (capacity plans).
 #[allow(clippy::too_many_arguments)]
-fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, flops: u64, bytes: u64, fill: Fill) -> Cost {
+fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, flops: u64, bytes: u64, fill: Fill, zero_rows: f64) -> Cost {
     let rows_scale = fill.scale;
     if let Some(mut parts) = collective_sized(op, bytes) {
         let host = host_traffic(&op.kind, plan, rows_scale);
@@ -617,7 +622,11 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     // Per-expert GEMMs compute their padded rows too: their shapes are the work then.
     let per_expert = op.kind.expert_gemm().is_some_and(|g| per_expert_gemms(g.x, plan, fill));
     let scale = if per_expert { 1.0 } else if shape_flops > 0.0 { flops as f64 / shape_flops } else { 0.0 };
-    let math: f64 = shapes.iter().map(|s| model.seconds(s.flops() * scale, s.m, s.n, s.k, s.batch)).sum();
+    // bf16 expert GEMMs over zero padding rows run faster, per pass (`ZeroRowGain`).
+    let gemm_dtype = gemm_dtype(op, plan, dtype);
+    let zero_passes = expert_gemm_passes(&op.kind).filter(|p| p.len() == shapes.len() && gemm_dtype == GemmDtype::Bf16 && zero_rows > 0.0);
+    let speedup = |i: usize| zero_passes.map_or(1.0, |p| 1.0 + gpu.kernels.zero_row_gain.of(p[i]) * zero_rows);
+    let math: f64 = shapes.iter().enumerate().map(|(i, s)| model.seconds(s.flops() * scale, s.m, s.n, s.k, s.batch) / speedup(i)).sum();
     // Passes in their own kernels around the GEMMs: storage casts and the bias add.
     let (cast_bytes, casts) = f32_linear_casts(op, plan, dtype);
     let (bias_bytes, bias_launches) = bias_pass(&op.kind, plan, fill);
@@ -822,10 +831,49 @@ mod tests {
         let mut p = profile::resolve("h200-datasheet").expect("parses");
         p.gpu.kernels.gemm_call_s = 1e-3;
         let ob = op(bwd, 1, 1);
-        let Cost::Compute(s) = op_cost_sized(&ob, &rp, &p.gpu, GemmDtype::Bf16, 1, 1, Fill::per_expert(0.25)) else { panic!("compute") };
+        let Cost::Compute(s) = op_cost_sized(&ob, &rp, &p.gpu, GemmDtype::Bf16, 1, 1, Fill::per_expert(0.25), 0.0) else { panic!("compute") };
         assert!((s - 8e-3).abs() < 1e-12, "{s}");
-        let Cost::Compute(s) = op_cost_sized(&ob, &rp, &p.gpu, GemmDtype::Bf16, 1, 1, Fill::per_expert(1.0)) else { panic!("compute") };
+        let Cost::Compute(s) = op_cost_sized(&ob, &rp, &p.gpu, GemmDtype::Bf16, 1, 1, Fill::per_expert(1.0), 0.0) else { panic!("compute") };
         assert!(s < 1e-4, "{s}");
+    }
+
+    #[test]
+    fn capacity_expert_gemms_over_zero_rows_run_faster_by_each_passs_gain() {
+        // 8 experts of 5,120 capacity rows, 4,096 -> 14,336, bf16: big enough that the math,
+        // not the launch or the bytes, sets the time.
+        let (n_local, rows, d_in, d_out) = (8usize, 5120usize, 4096usize, 14336usize);
+        let fwd = OpKind::ExpertLinear { x: BufId(0), w: BufId(1), bias: BufId(2), y: BufId(3), n_local, d_in, d_out };
+        let bwd = OpKind::ExpertLinearBwd { x: BufId(0), w: BufId(1), dy: BufId(3), dx: BufId(0), dw: BufId(1), dbias: BufId(2), n_local, d_in, d_out };
+        let flops = 2 * (n_local * rows * d_in * d_out) as u64;
+        let mut p = profile::resolve("h200").expect("parses");
+        p.gpu.kernels.zero_row_gain = profile::ZeroRowGain { forward: 0.2, input_grad: 0.1, weight_grad: 0.3 };
+        for (kind, gemms) in [(fwd, 1u64), (bwd, 2)] {
+            let o = op(kind.clone(), gemms * flops, 1);
+            let mut rp = rank_with(o.clone(), 4);
+            rp.buffers[0] = BufferDesc { elems: n_local * rows * d_in, ..rp.buffers[0].clone() };
+            let at = |zero: f64, dtype| match op_cost_kept(&o, &rp, &p.gpu, dtype, 1.0, zero) {
+                Cost::Compute(s) => s,
+                _ => panic!("compute"),
+            };
+            // The math of each shape at the profile's rate, over 1 + gain x zero share.
+            let model = p.gpu.gemm(GemmDtype::Bf16);
+            let math = |zero: f64| -> f64 {
+                let passes = expert_gemm_passes(&kind).expect("an expert GEMM");
+                let shapes = gemms_at(&kind, &rp, Fill::FULL);
+                shapes.iter().zip(passes).map(|(s, pass)| model.seconds(s.flops(), s.m, s.n, s.k, s.batch) / (1.0 + p.gpu.kernels.zero_row_gain.of(*pass) * zero)).sum()
+            };
+            let overhead = at(0.0, GemmDtype::Bf16) - math(0.0);
+            assert!(overhead >= 0.0 && overhead < 0.02 * math(0.0), "{overhead}");
+            for zero in [0.2, 0.62, 1.0] {
+                assert!((at(zero, GemmDtype::Bf16) - overhead - math(zero)).abs() < 1e-9, "{kind:?} at {zero}");
+            }
+            assert!(at(0.62, GemmDtype::Bf16) < 0.9 * at(0.0, GemmDtype::Bf16));
+            // f32 GEMMs have no measured gain; ops that are not expert GEMMs are untouched.
+            assert_eq!(at(0.62, GemmDtype::F32), at(0.0, GemmDtype::F32));
+        }
+        let act = op(OpKind::Act { h: BufId(0), a: BufId(1), act: crate::spec::Activation::Gelu }, 1000, 1 << 30);
+        let ra = rank_with(act.clone(), 2);
+        assert_eq!(op_cost_kept(&act, &ra, &p.gpu, GemmDtype::Bf16, 1.0, 0.62), op_cost(&act, &ra, &p.gpu, GemmDtype::Bf16));
     }
 
     #[test]

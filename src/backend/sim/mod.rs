@@ -236,6 +236,7 @@ struct RoutingFill {
     load: f64,
     block_load: f64,
     kept: f64,
+    zero_rows: f64,
 }
 
 impl RoutingFill {
@@ -245,11 +246,11 @@ impl RoutingFill {
     /// others, and never shorter than its own mean load.
     fn of(spec: &crate::spec::ExperimentSpec, rp: &RankPlan) -> RoutingFill {
         let (load, block_load) = (expected_dynamic_load(spec), expected_block_load(spec));
-        let kept = expected_kept_share(spec);
-        let Some(r) = rank_load(spec, rp) else { return RoutingFill { load, block_load, kept } };
+        let (kept, zero_rows) = (expected_kept_share(spec), expected_zero_rows(spec, rp));
+        let Some(r) = rank_load(spec, rp) else { return RoutingFill { load, block_load, kept, zero_rows } };
         let busiest = spec.run.rank_loads.as_deref().map_or(1.0, busiest_rank_share);
         let imbalance = spec.run.dropless_imbalance.unwrap_or(1.0);
-        RoutingFill { load: (load * r).min(1.0), block_load: (load * r * imbalance.max(busiest) / busiest).max(load * r).min(1.0), kept }
+        RoutingFill { load: (load * r).min(1.0), block_load: (load * r * imbalance.max(busiest) / busiest).max(load * r).min(1.0), kept, zero_rows }
     }
 }
 
@@ -262,11 +263,30 @@ fn busiest_rank_share(loads: &[f64]) -> f64 {
 /// Rank `rp`'s index in its expert-parallel group (from the first op that routes rows to
 /// experts); `None` for a rank without MoE layers.
 pub fn ep_index(rp: &RankPlan) -> Option<usize> {
+    moe_dims(rp).map(|d| d.ep_index)
+}
+
+/// The routing dimensions of rank `rp`'s first op that routes rows to experts.
+fn moe_dims(rp: &RankPlan) -> Option<&crate::plan::ops::MoeDims> {
     use crate::plan::OpKind::*;
     rp.ops.iter().find_map(|op| match &op.kind {
-        Dispatch { dims, .. } | ExpertLayout { dims, .. } | ChunkLayout { dims, .. } | TpLayout { dims, .. } | LocalLayout { dims, .. } | ShardDispatch { dims, .. } => Some(dims.ep_index),
+        Dispatch { dims, .. } | ExpertLayout { dims, .. } | ChunkLayout { dims, .. } | TpLayout { dims, .. } | LocalLayout { dims, .. } | ShardDispatch { dims, .. } => Some(dims),
         _ => None,
     })
+}
+
+/// Share of a capacity plan's expert-block rows on rank `rp` that hold no assignment: each
+/// local expert's block has `rows_per_expert` rows, and expects its expert-parallel group's
+/// tokens x top_k over the experts, times `run.kept_share`. 0 for dropless plans and ranks
+/// without MoE layers.
+pub fn expected_zero_rows(spec: &crate::spec::ExperimentSpec, rp: &RankPlan) -> f64 {
+    if spec.model.dropless {
+        return 0.0;
+    }
+    let Some(d) = moe_dims(rp) else { return 0.0 };
+    let Some(rows) = d.rows_per_expert.filter(|r| *r > 0) else { return 0.0 };
+    let routed = (d.ep_peers.len() * d.tokens * d.top_k) as f64 / d.n_experts.max(1) as f64;
+    (1.0 - expected_kept_share(spec) * routed / rows as f64).clamp(0.0, 1.0)
 }
 
 /// Rank `rp`'s expert-parallel rank's rows over the mean (`run.rank_loads` of a dropless
@@ -365,8 +385,8 @@ fn op_cost(op: &crate::plan::Op, rp: &RankPlan, profile: &Profile, dtype: GemmDt
     let mut dynamic_bufs = op.reads.iter().chain(&op.writes).filter(|b| rp.buffer(**b).dynamic).peekable();
     let dynamic = load < 1.0 && dynamic_bufs.peek().is_some();
     let elementwise = matches!(op.kind, crate::plan::OpKind::Act { .. } | crate::plan::OpKind::ActBwd { .. });
-    if !dynamic && routing.kept < 1.0 {
-        return (cost::op_cost_kept(op, rp, &profile.gpu, dtype, routing.kept), 1.0);
+    if !dynamic && (routing.kept < 1.0 || routing.zero_rows > 0.0) {
+        return (cost::op_cost_kept(op, rp, &profile.gpu, dtype, routing.kept, routing.zero_rows), 1.0);
     }
     let fill = if !dynamic {
         cost::Fill::FULL

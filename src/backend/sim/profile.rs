@@ -11,7 +11,7 @@
 //! Non-GEMM ops run at a per-class share of the copy bandwidth, and ops that the executor
 //! runs through the host pay its round trips (`[kernels]`, optional: see [`KernelProfile`]).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
 
@@ -120,6 +120,57 @@ pub enum GemmDtype {
     Bf16,
     /// f32 everywhere.
     F32,
+}
+
+/// Which GEMM of a linear layer: the forward product or one of the two backward ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GemmPass {
+    /// `y = x w`.
+    Forward,
+    /// `dx = dy w^T`.
+    InputGrad,
+    /// `dw = x^T dy`: the rows are the reduction.
+    WeightGrad,
+}
+
+impl GemmPass {
+    /// Every pass.
+    pub const ALL: [GemmPass; 3] = [GemmPass::Forward, GemmPass::InputGrad, GemmPass::WeightGrad];
+    /// The name in profiles and the calibrate probe's lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GemmPass::Forward => "forward",
+            GemmPass::InputGrad => "input_grad",
+            GemmPass::WeightGrad => "weight_grad",
+        }
+    }
+}
+
+/// How much faster a bf16 expert GEMM runs per share of its rows that are zero (a capacity
+/// plan's unfilled capacity), per pass: time = time at full rows / (1 + gain x zero share).
+/// Zero operands draw less power, so a power-capped GPU clocks higher over them;
+/// `moelab calibrate`'s zero-rows probe fits the gains (`kernels.zero_row_gain`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZeroRowGain {
+    /// Of the forward GEMM.
+    pub forward: f64,
+    /// Of the input-gradient GEMM.
+    pub input_grad: f64,
+    /// Of the weight-gradient GEMM (zero rows on both operands, along the reduction).
+    pub weight_grad: f64,
+}
+
+impl ZeroRowGain {
+    /// The gain of one pass.
+    pub fn of(&self, pass: GemmPass) -> f64 {
+        match pass {
+            GemmPass::Forward => self.forward,
+            GemmPass::InputGrad => self.input_grad,
+            GemmPass::WeightGrad => self.weight_grad,
+        }
+    }
 }
 
 /// A fitted GEMM throughput model for one element type.
@@ -398,6 +449,8 @@ pub struct KernelProfile {
     /// bf16 plan) moves its bytes beyond a bf16 output's (6 per element when the GEMM adds to
     /// it): `moelab calibrate` fits it. `None`: those bytes are not priced.
     pub f32_output_share: Option<f64>,
+    /// Speed-up of bf16 expert GEMMs over zero rows (`kernels.zero_row_gain`; zero when absent).
+    pub zero_row_gain: ZeroRowGain,
     /// Per class, in [`KernelClass::ALL`] order.
     pub classes: [KernelClassParams; 15],
     /// Where the numbers come from (`kernels.source`: fitted from which runs, or measured).
@@ -406,7 +459,7 @@ pub struct KernelProfile {
 
 impl Default for KernelProfile {
     fn default() -> Self {
-        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, f32_output_share: None, classes: [KernelClassParams::default(); 15], source: None }
+        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, f32_output_share: None, zero_row_gain: ZeroRowGain::default(), classes: [KernelClassParams::default(); 15], source: None }
     }
 }
 
@@ -567,6 +620,8 @@ struct KernelsToml {
     gemm_call_us: f64,
     #[serde(default)]
     f32_output_share: Option<f64>,
+    #[serde(default)]
+    zero_row_gain: Option<ZeroRowGain>,
     #[serde(default)]
     source: Option<String>,
     #[serde(default)]
@@ -835,11 +890,19 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                 if let Some(f) = k.f32_output_share {
                     positive("kernels.f32_output_share", f)?;
                 }
+                let zero_row_gain = k.zero_row_gain.unwrap_or_default();
+                for pass in GemmPass::ALL {
+                    let g = zero_row_gain.of(pass);
+                    if !(g.is_finite() && (0.0..=4.0).contains(&g)) {
+                        return Err(invalid(&format!("kernels.zero_row_gain.{}", pass.as_str()), format!("{g} must be a number in [0, 4]"), "give the speed-up per share of zero rows, e.g. 0.08, or 0 for none"));
+                    }
+                }
                 KernelProfile {
                     host_sync_s: k.host_sync_us * 1e-6,
                     host_bandwidth,
                     gemm_call_s: k.gemm_call_us * 1e-6,
                     f32_output_share: k.f32_output_share,
+                    zero_row_gain,
                     classes,
                     source: k.source.clone(),
                 }
