@@ -257,7 +257,7 @@ fn calibrate_keeps_the_raw_measurements_when_the_fit_fails() {
 /// change to the cost model or the profile that breaks its calibration fails here, without a
 /// GPU. (Three of them were the fit's own data, two were not.)
 #[test]
-fn the_shipped_profiles_predict_the_stored_session_8_to_12_runs_within_15_percent() {
+fn the_shipped_profiles_predict_the_stored_session_8_to_14_runs_within_15_percent() {
     // The executor's runs on 1x H100 and 1x H200: six bf16 bench plans, bf16 topk and MPMoE
     // mixtral-ish, from session 8 (routing on the device), session 9 (the memory pool
     // reserved up front) and session 10 (a warp per token in the routing kernel, per-block
@@ -274,8 +274,11 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_12_runs_within_15_percen
     // synchronising copy per read, as their records say); its stages are held too. DGMoE's
     // expert_gemm2_bwd (+28% H200, +30% H100 before session 14) is held since the sim prices
     // the expert GEMMs' speed-up over their zero padding rows (`kernels.zero_row_gain`).
+    // Session 14 (both GPUs, fresh runs after the zero-row gains went into the profiles):
+    // the five designs, topk at capacity factors 1.0 and 2.0 too (kept 0.28 and 0.63: 72% and
+    // 69% of the expert rows zero), and the bench plans; every stage held.
     let (mut within, mut big) = (0, 0);
-    for session in ["s8", "s9", "s10", "s11", "s12"] {
+    for session in ["s8", "s9", "s10", "s11", "s12", "s14"] {
         for gpu in ["h100", "h200"] {
             let dir = |d: &str| {
                 let mut v: Vec<std::path::PathBuf> =
@@ -292,6 +295,7 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_12_runs_within_15_percen
             runs.extend(dir(&format!("{gpu}-s7/mixtral-ish-runs")).into_iter().filter(|p| p.to_string_lossy().ends_with("mixtral-topk-1gpu")));
             let n = match session {
                 "s10" | "s12" => 12,
+                "s14" => 14,
                 _ => 9,
             };
             assert_eq!(runs.len(), n, "{gpu} {session}: {runs:?}");
@@ -314,7 +318,7 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_12_runs_within_15_percen
                 // H100 session 11: MPMoE's backward permute stays -43% (docs/benchmarks.md):
                 // every chunk layout waited for its stream to drain and then built its row map
                 // on the host; session 12's host copies end that (its stages are held).
-                if session == "s10" || session == "s12" || (session == "s11" && gpu == "h200") {
+                if ["s10", "s12", "s14"].contains(&session) || (session == "s11" && gpu == "h200") {
                     for st in r["comparison"]["stages"].as_array().unwrap() {
                         if st["small"] == false && !st["predicted_ms"].is_null() && !st["measured_ms"].is_null() {
                             big += 1;
@@ -325,7 +329,7 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_12_runs_within_15_percen
             }
         }
     }
-    assert!(big >= 442 && within == big, "sessions 10 to 12: {within} of {big} stages >= 2% within 25%");
+    assert!(big >= 700 && within == big, "sessions 10 to 14: {within} of {big} stages >= 2% within 25%");
 }
 
 /// The stored 2x H200 run directories of `session` (`docs/device-runs/h200x2-<session>/`:
