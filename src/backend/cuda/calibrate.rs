@@ -5,7 +5,10 @@
 //! GPU through one grouped NCCL call per collective), one host round trip as the executor's
 //! host-side ops see it (device-to-host copy, stream sync, next launch) and a kernel-class
 //! sweep of the executor's own plan kernels (LayerNorm, activation, combine, row gather, loss,
-//! Adam, batch draw). `backend::sim::calibration` turns the numbers into a profile.
+//! Adam, batch draw). Three probes ask how GEMMs behave in a step: capacity expert GEMMs over
+//! zero padding rows (fitted: the profile's zero-row gains), the same GEMMs after other work
+//! or with other operands, and an all-to-all launched beside a running GEMM (both recorded,
+//! not fitted). `backend::sim::calibration` turns the numbers into a profile.
 
 use super::bench::{launch, Buf, A};
 use super::gpu::{Gpu, GpuStream};
@@ -78,14 +81,38 @@ fn timed(gpu: &Gpu, s: &GpuStream, reps: usize, mut f: impl FnMut() -> Result<()
     }
     let mut times = Vec::new();
     for _ in 0..reps.max(1) {
-        let (e0, e1) = (event(&gpu.ctx)?, event(&gpu.ctx)?);
-        e0.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
-        f()?;
-        e1.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
-        e1.synchronize().map_err(GpuError::driver("cuEventSynchronize"))?;
-        times.push(e0.elapsed_ms(&e1).map_err(GpuError::driver("cuEventElapsedTime"))? as f64 * 1e-3);
+        times.push(time_calls(gpu, s, 1, &mut f)?);
     }
     Ok(median(times))
+}
+
+/// Seconds `calls` back-to-back calls of `f` take on `s` (device events around them).
+fn time_calls(gpu: &Gpu, s: &GpuStream, calls: usize, mut f: impl FnMut() -> Result<(), GpuError>) -> Result<f64, GpuError> {
+    let (e0, e1) = (event(&gpu.ctx)?, event(&gpu.ctx)?);
+    e0.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
+    for _ in 0..calls {
+        f()?;
+    }
+    e1.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
+    e1.synchronize().map_err(GpuError::driver("cuEventSynchronize"))?;
+    Ok(e0.elapsed_ms(&e1).map_err(GpuError::driver("cuEventElapsedTime"))? as f64 * 1e-3)
+}
+
+/// Zeroes the rows past `filled` of each of `blocks` blocks of `rows` x `width` bf16 values at
+/// `ptr`, on `s`: a capacity plan's padding rows.
+///
+/// # Safety
+/// `ptr` must hold `blocks x rows x width` bf16 values on this device.
+unsafe fn zero_block_tails(s: &GpuStream, ptr: u64, blocks: usize, rows: usize, width: usize, filled: usize) -> Result<(), GpuError> {
+    let filled = filled.min(rows);
+    for e in 0..blocks {
+        let (from, len) = ((e * rows + filled) * width * 2, (rows - filled) * width * 2);
+        if len > 0 {
+            // SAFETY: the range lies inside block e (the caller's contract).
+            unsafe { result::memset_d8_async(ptr + from as u64, 0, len, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
+        }
+    }
+    Ok(())
 }
 
 /// `n` bf16 values of a fixed hash (scale 0.05) at `ptr`: the sweeps' bf16 operands.
@@ -183,11 +210,8 @@ fn zero_rows_probe(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMu
             let filled = (rows as f64 * kept).round() as usize;
             for (buf, width) in [(&xs[i], d_in), (&dys[i], d_out)] {
                 fill_bf16(gpu, s, buf.0, experts * rows * width)?;
-                for e in 0..experts {
-                    let (from, len) = ((e * rows + filled) * width * 2, (rows - filled) * width * 2);
-                    // SAFETY: the range lies inside block e of buf (experts x rows x width bf16).
-                    unsafe { result::memset_d8_async(buf.0 + from as u64, 0, len, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
-                }
+                // SAFETY: buf holds nx or ny >= experts x rows x width bf16 values.
+                unsafe { zero_block_tails(s, buf.0, experts, rows, width, filled) }?;
             }
         }
         for pass in GemmPass::ALL {
@@ -218,14 +242,7 @@ fn zero_rows_probe(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnMu
                     for _ in 0..lead {
                         call(i)?;
                     }
-                    let (e0, e1) = (event(&gpu.ctx)?, event(&gpu.ctx)?);
-                    e0.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
-                    for _ in 0..window {
-                        call(i)?;
-                    }
-                    e1.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
-                    e1.synchronize().map_err(GpuError::driver("cuEventSynchronize"))?;
-                    times[i] += e0.elapsed_ms(&e1).map_err(GpuError::driver("cuEventElapsedTime"))? as f64 * 1e-3;
+                    times[i] += time_calls(gpu, s, window, || call(i))?;
                 }
             }
             let calls = (window * reps.max(1)) as f64;
@@ -290,12 +307,9 @@ fn gemm_context_probe(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn F
             // SAFETY: a_zero holds na >= count * m * k bf16 values; the copy and the zeroed
             // ranges lie inside it.
             unsafe { result::memcpy_dtod_async(a_zero.0, a_full.0, count * m * k * 2, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoDAsync"))?;
-            for e in 0..count.max(1) {
-                let (from, len) = ((e * m + zero_from) * k * 2, (m - zero_from) * k * 2);
-                if count > 1 && len > 0 {
-                    // SAFETY: inside block e of a_zero (see above).
-                    unsafe { result::memset_d8_async(a_zero.0 + from as u64, 0, len, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
-                }
+            if count > 1 {
+                // SAFETY: as for the copy.
+                unsafe { zero_block_tails(s, a_zero.0, count, m, k, zero_from) }?;
             }
         }
         let dims = GemmDims { m, k, n };
@@ -335,12 +349,7 @@ fn gemm_context_probe(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn F
                         std::thread::sleep(std::time::Duration::from_secs_f64(CONTEXT_LEAD_MS * 1e-3));
                     }
                 }
-                let (e0, e1) = (event(&gpu.ctx)?, event(&gpu.ctx)?);
-                e0.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
-                gemm(*a, *b)?;
-                e1.record(&s.stream).map_err(GpuError::driver("cuEventRecord"))?;
-                e1.synchronize().map_err(GpuError::driver("cuEventSynchronize"))?;
-                times.push(e0.elapsed_ms(&e1).map_err(GpuError::driver("cuEventElapsedTime"))? as f64 * 1e-3);
+                times.push(time_calls(gpu, s, 1, || gemm(*a, *b))?);
             }
         }
         for (context, data, kept, _, _, times) in conds {
