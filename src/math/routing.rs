@@ -220,10 +220,16 @@ pub fn route_backward(
     table: &RoutingTable,
     dlogits: &mut [f32],
 ) {
-    let aux_grad = aux_grad(table, aux_coef);
+    route_backward_with(probs, idx, dw, e, k, renormalize, &aux_grad(table, aux_coef), dlogits);
+}
+
+/// [`route_backward`] with the aux term's gradient per probability given (`aux_grad[e]`, as
+/// the cuda `route_bwd` kernel takes it).
+#[allow(clippy::too_many_arguments)]
+pub fn route_backward_with(probs: &[f32], idx: &[i32], dw: &[f32], e: usize, k: usize, renormalize: bool, aux_grad: &[f32], dlogits: &mut [f32]) {
     let mut dp = vec![0.0f32; e];
     for (t, (pr, dl)) in probs.chunks_exact(e).zip(dlogits.chunks_exact_mut(e)).enumerate() {
-        dp.copy_from_slice(&aux_grad);
+        dp.copy_from_slice(aux_grad);
         let sel = &idx[t * k..(t + 1) * k];
         let dws = &dw[t * k..(t + 1) * k];
         if renormalize {

@@ -426,7 +426,7 @@ pub fn bench_config(gpu: &Gpu, s: &GpuStream, cfg: BenchConfig, capacity_factor:
         mark(11)?;
         launch(gpu, s, "bf16_token_sum", rows_cfg(t), &[A::P(dxp.0), A::P(slots.0), A::P(dx.0), A::I64(t as i64), A::I32(k as i32), A::I32(d as i32)])?;
         mark(12)?;
-        launch(gpu, s, "route_bwd", gpu.grid(t), &[A::P(probs.0), A::P(idx.0), A::P(dwts.0), A::P(zeros.0), A::P(dlogits.0), A::I64(t as i64), A::I32(e as i32), A::I32(k as i32), A::I32(1)])?;
+        launch(gpu, s, "route_bwd", gpu.grid(t * 32), &[A::P(probs.0), A::P(idx.0), A::P(dwts.0), A::P(zeros.0), A::P(dlogits.0), A::I64(t as i64), A::I32(e as i32), A::I32(k as i32), A::I32(1)])?;
         launch(gpu, s, "f32_to_bf16_kernel", gpu.grid(t * e), &[A::P(dlogits.0), A::P(dlogits16.0), A::I64((t * e) as i64)])?;
         gemm(s, GemmForm::Tn, x.0, dlogits16.0, dwg.0, d, t, e, 0.0, false)?;
         gemm(s, GemmForm::Nt, dlogits16.0, wg.0, dx.0, t, e, d, 1.0, false)?;
@@ -644,6 +644,33 @@ pub fn check_kernels(gpu: &Gpu, s: &GpuStream, seed: u64) -> Result<Vec<KernelCh
         push(format!("act_fwd_bf16 gelu[{m}]"), &from16(down(s, &ab, m)?), &wa);
         push(format!("act_bwd_bf16 gelu[{m}]"), &from16(down(s, &dhb, m)?), &wd);
     }
+    let mut f32_checks = Vec::new();
+    // Routing backward (f32): one warp per token over the experts; few experts (fewer than a
+    // warp's lanes) and many (64, two per lane), with and without renormalising over the k.
+    for (t, e, k) in [(37usize, 5usize, 2usize), (50, 64, 6)] {
+        let logits = normal(&format!("route.logits.{e}"), t * e);
+        let mut probs = vec![0.0f32; t * e];
+        for (l, p) in logits.chunks_exact(e).zip(probs.chunks_exact_mut(e)) {
+            let mx = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = l.iter().map(|x| (x - mx).exp()).sum();
+            p.iter_mut().zip(l).for_each(|(p, x)| *p = (x - mx).exp() / sum);
+        }
+        // k distinct experts per token.
+        let idx: Vec<i32> = (0..t).flat_map(|tok| (0..k).map(move |j| ((tok * 7 + j * 3) % e) as i32)).collect();
+        let dw = normal(&format!("route.dw.{e}"), t * k);
+        let aux = normal(&format!("route.aux.{e}"), e);
+        let (pb, ib, dwb, ab) = (up(s, &probs)?, up(s, &idx)?, up(s, &dw)?, up(s, &aux)?);
+        for renorm in [false, true] {
+            let db = up(s, &vec![f32::NAN; t * e])?;
+            launch(gpu, s, "route_bwd", gpu.grid(t * 32), &[A::P(pb.0), A::P(ib.0), A::P(dwb.0), A::P(ab.0), A::P(db.0), A::I64(t as i64), A::I32(e as i32), A::I32(k as i32), A::I32(renorm as i32)])?;
+            let mut want = vec![0.0f32; t * e];
+            crate::math::routing::route_backward_with(&probs, &idx, &dw, e, k, renorm, &aux, &mut want);
+            let got: Vec<f32> = down(s, &db, t * e)?;
+            let (rel, _) = compare(&got, &want);
+            // f32 in and out: the f32 tolerance.
+            f32_checks.push(KernelCheck { name: format!("route_bwd[{t}x{e},k{k},{}]", if renorm { "renorm" } else { "raw" }), rel_err: rel, passed: rel.is_finite() && rel < crate::backend::cuda::check::F32_TOL });
+        }
+    }
     // Grouped GEMM: four experts with uneven rows (one empty) in every form, against linalg.
     let (kk, nn) = (24usize, 20usize);
     let rows = [7usize, 0, 13, 3];
@@ -725,6 +752,7 @@ pub fn check_kernels(gpu: &Gpu, s: &GpuStream, seed: u64) -> Result<Vec<KernelCh
     push(format!("lt_gemm_gelu_aux.h[{r}x{dd}x{ff}]"), &from16(down(s, &hb, r * ff)?), &h);
     push(format!("lt_gemm_dgelu[{r}x{dd}x{ff}]"), &from16(down(s, &dhb, r * ff)?), &want_dh);
     drop(lt);
+    out.extend(f32_checks);
     out.extend(exact);
     Ok(out)
 }

@@ -957,7 +957,7 @@ impl<'a> StreamExec<'a> {
                 let scratch = self.scratch(ag.len() * 4)?;
                 // SAFETY: scratch holds ag.len() f32; host memory is staged before return.
                 unsafe { result::memcpy_htod_async(scratch, &ag, self.cu()) }.map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
-                self.launch("route_bwd", self.grid(dims.tokens), &[p(pb.ptr), p(ib.ptr), p(dwb.ptr), p(scratch), p(dl.ptr), Arg::I64(dims.tokens as i64), Arg::I32(dims.n_experts as i32), Arg::I32(dims.top_k as i32), Arg::I32(*renormalize as i32)])?;
+                self.launch("route_bwd", self.warp_grid(dims.tokens), &[p(pb.ptr), p(ib.ptr), p(dwb.ptr), p(scratch), p(dl.ptr), Arg::I64(dims.tokens as i64), Arg::I32(dims.n_experts as i32), Arg::I32(dims.top_k as i32), Arg::I32(*renormalize as i32)])?;
                 self.scratch_free(scratch)?;
                 self.commit(dl)?;
                 self.done(pb)?;

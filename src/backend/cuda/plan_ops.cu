@@ -256,26 +256,38 @@ extern "C" __global__ void route_topk(const float* logits, float* probs, int* id
 
 // Routing backward (softmax + top-k + aux loss): dlogits from dw; aux_grad[e] is the aux
 // term's gradient with respect to each probability (computed on the host from the table).
+// One warp per token, as route_topk: lanes stride over the experts (coalesced), the k
+// choices' terms go in by lane 0 (k is small), the inner product by a warp reduction.
+// Launch with 32 threads per token (any grid: warps stride over the tokens). (One thread per
+// token walked its row four times, uncoalesced: 83 us at 16,384 tokens x 64 experts on H200.)
 extern "C" __global__ void route_bwd(const float* probs, const int* idx, const float* dw, const float* aux_grad, float* dlogits, i64 tokens, int e, int k, int renorm) {
-    GRID_STRIDE(t, tokens) {
+    const int lane = threadIdx.x & 31;
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 t = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; t < tokens; t += warps) {
         const float* p = probs + t * e;
         float* dl = dlogits + t * e;
         const int* sel = idx + t * k;
         const float* g = dw + t * k;
         // dl holds dp until the last loop.
-        for (int x = 0; x < e; x++) dl[x] = aux_grad[x];
-        if (renorm) {
-            float s = 0.0f;
-            for (int j = 0; j < k; j++) s += p[sel[j]];
-            float dot = 0.0f;
-            for (int j = 0; j < k; j++) dot += g[j] * p[sel[j]] / s;
-            for (int j = 0; j < k; j++) dl[sel[j]] += (g[j] - dot) / s;
-        } else {
-            for (int j = 0; j < k; j++) dl[sel[j]] += g[j];
+        for (int x = lane; x < e; x += 32) dl[x] = aux_grad[x];
+        __syncwarp();
+        if (lane == 0) {
+            if (renorm) {
+                float s = 0.0f;
+                for (int j = 0; j < k; j++) s += p[sel[j]];
+                float dot = 0.0f;
+                for (int j = 0; j < k; j++) dot += g[j] * p[sel[j]] / s;
+                for (int j = 0; j < k; j++) dl[sel[j]] += (g[j] - dot) / s;
+            } else {
+                for (int j = 0; j < k; j++) dl[sel[j]] += g[j];
+            }
         }
+        __syncwarp();
         float inner = 0.0f;
-        for (int x = 0; x < e; x++) inner += p[x] * dl[x];
-        for (int x = 0; x < e; x++) dl[x] = p[x] * (dl[x] - inner);
+        for (int x = lane; x < e; x += 32) inner += p[x] * dl[x];
+        inner = warp_sum(inner);
+        for (int x = lane; x < e; x += 32) dl[x] = p[x] * (dl[x] - inner);
+        __syncwarp();
     }
 }
 
