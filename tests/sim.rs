@@ -193,6 +193,27 @@ fn the_stored_zero_rows_probes_give_the_profiles_zero_row_gains() {
     assert_eq!((first.zero_rows[0].experts, first.zero_rows[0].rows, first.zero_rows[0].d_in, first.zero_rows[0].d_out), (4, 1280, 14336, 4096));
 }
 
+/// The host-copy probe (H200, 2026-11-24 10:54 UTC): while another host thread sits in a
+/// pageable download behind queued GEMMs, a pageable download on an idle stream waits for it
+/// (milliseconds), a pinned one, a launch and either upload do not: why the cuda executor
+/// stages its downloads in pinned memory (`backend::cuda::pinned`).
+#[test]
+fn the_stored_host_copy_probe_shows_pageable_downloads_waiting_for_another_threads() {
+    let f = format!("{}/docs/device-runs/calibration/calibration-h200-20261124-1054-host-copy.json", env!("CARGO_MANIFEST_DIR"));
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+    let cal: sim::calibration::Calibration = serde_json::from_value(doc["calibration"].clone()).unwrap();
+    use sim::calibration::HostCall;
+    assert_eq!(cal.host_copies.len(), HostCall::ALL.len());
+    for m in &cal.host_copies {
+        assert!(m.other_blocked_us > 3000.0 && m.alone_us < 100.0, "{m:?}");
+        if m.call == HostCall::PageableDownload {
+            assert!(m.blocked_us > 0.8 * m.other_blocked_us - 1000.0 && m.blocked_us > 3000.0, "{m:?}");
+        } else {
+            assert!(m.blocked_us < 100.0, "{m:?}");
+        }
+    }
+}
+
 #[test]
 fn a_collective_waits_for_its_slowest_member_and_ends_together() {
     let p = simple_profile(8, 8);

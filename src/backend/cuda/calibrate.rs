@@ -13,7 +13,7 @@
 use super::bench::{launch, Buf, A};
 use super::gpu::{Gpu, GpuStream};
 use crate::backend::sim::calibration::{
-    BesideGemmMeasure, Calibration, CollectiveMeasure, F32OutputMeasure, GemmContext, GemmContextMeasure, GemmData, ZeroRowsMeasure, GemmMeasure, KernelMeasure, F32_OUTPUT_SHAPES, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
+    BesideGemmMeasure, Calibration, CollectiveMeasure, F32OutputMeasure, GemmContext, GemmContextMeasure, GemmData, HostCall, HostCopyMeasure, ZeroRowsMeasure, GemmMeasure, KernelMeasure, F32_OUTPUT_SHAPES, KERNEL_EXPERT_ROWS, KERNEL_HIDDEN, KERNEL_PARAMS, KERNEL_TOKENS, KERNEL_TOP_K,
     KERNEL_WIDTH,
 };
 use crate::backend::sim::profile::{CollectiveKind, GemmDtype, GemmPass, KernelClass};
@@ -363,6 +363,119 @@ fn gemm_context_probe(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn F
         }
     }
     Ok(out)
+}
+
+/// GEMMs (bf16 8,192^3) queued ahead of the blocked download in the host-copy probe: about
+/// 4 ms of GPU work on H100/H200.
+const HOST_COPY_GEMMS: usize = 3;
+
+/// Bytes each host call of the host-copy probe moves (a routing table's size).
+const HOST_COPY_BYTES: usize = 4 << 10;
+
+/// The host-copy probe on one GPU: how long one host thread's call takes while another thread
+/// of the process sits in a pageable device-to-host copy (as the cuda executor's comm thread
+/// does in an all-to-all's count exchange) that waits for [`HOST_COPY_GEMMS`] GEMMs queued on
+/// a third stream. The calls, on an idle stream of their own: a kernel launch, a pageable
+/// and a pinned upload of [`HOST_COPY_BYTES`], a pageable download, and a pinned one with a
+/// wait for its stream (what the executor's reads of routing tables could be). Each is also timed with
+/// no other thread blocked (the GEMMs still queued). Medians over `reps` rounds. Asks whether
+/// the driver serialises one thread's copies behind another's blocked one.
+fn host_copy_probe(gpu: &Gpu, reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Vec<HostCopyMeasure>, GpuError> {
+    let (busy, waiting, idle) = (gpu.new_stream(false)?, gpu.new_stream(false)?, gpu.new_stream(false)?);
+    let n = 8192usize;
+    let (a, b, c) = (Buf::new(&busy, n * n * 2)?, Buf::new(&busy, n * n * 2)?, Buf::new(&busy, n * n * 2)?);
+    fill_bf16(gpu, &busy, a.0, n * n)?;
+    fill_bf16(gpu, &busy, b.0, n * n)?;
+    let (dev_a, dev_b) = (Buf::new(&busy, HOST_COPY_BYTES)?, Buf::new(&busy, HOST_COPY_BYTES)?);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    busy.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+    // SAFETY: HOST_COPY_BYTES of page-locked host memory, freed below.
+    let pinned = unsafe { result::malloc_host(HOST_COPY_BYTES, 0) }.map_err(GpuError::driver("cuMemHostAlloc"))?;
+    let mut found = Vec::new();
+    let measured = (|| -> Result<(), GpuError> {
+        for call in HostCall::ALL {
+            let mut blocked = Vec::new();
+            let mut alone = Vec::new();
+            let mut other = Vec::new();
+            for round in 0..2 * reps.max(1) {
+                let with_blocked = round % 2 == 0;
+                for _ in 0..HOST_COPY_GEMMS {
+                    // SAFETY: a, b, c hold 8,192^2 bf16 values each; the handle is bound to `busy`.
+                    unsafe { bf16_gemm_raw(busy.blas, GemmForm::Nn, a.0, b.0, c.0, GemmDims { m: n, k: n, n }, 0.0, false) }?;
+                }
+                let done = event(&gpu.ctx)?;
+                done.record(&busy.stream).map_err(GpuError::driver("cuEventRecord"))?;
+                waiting.stream.wait(&done).map_err(GpuError::driver("cuStreamWaitEvent"))?;
+                let took = std::thread::scope(|sc| -> Result<(f64, f64), GpuError> {
+                    let blocker = with_blocked.then(|| {
+                        sc.spawn(|| -> Result<f64, GpuError> {
+                            gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
+                            let mut host = vec![0u8; HOST_COPY_BYTES];
+                            let t0 = std::time::Instant::now();
+                            // SAFETY: dev_a holds HOST_COPY_BYTES; pageable: the call returns
+                            // once the copy is done, after the GEMMs.
+                            unsafe { result::memcpy_dtoh_async(&mut host, dev_a.0, waiting.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
+                            waiting.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+                            Ok(t0.elapsed().as_secs_f64())
+                        })
+                    });
+                    // Let the other thread enter its copy first.
+                    std::thread::sleep(std::time::Duration::from_micros(500));
+                    let mut host = vec![1u8; HOST_COPY_BYTES];
+                    let t0 = std::time::Instant::now();
+                    // SAFETY (all arms): dev_b holds HOST_COPY_BYTES, `pinned` as many page-locked
+                    // bytes; `idle` is synchronised before they are reused.
+                    match call {
+                        HostCall::Launch => launch(gpu, &idle, "add_inplace", one, &[A::P(dev_b.0), A::P(dev_b.0), A::I64(1)])?,
+                        HostCall::PageableUpload => unsafe { result::memcpy_htod_async(dev_b.0, &host, idle.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyHtoDAsync"))?,
+                        HostCall::PinnedUpload => unsafe {
+                            let src = std::slice::from_raw_parts(pinned as *const u8, HOST_COPY_BYTES);
+                            result::memcpy_htod_async(dev_b.0, src, idle.stream.cu_stream())
+                        }
+                        .map_err(GpuError::driver("cuMemcpyHtoDAsync"))?,
+                        HostCall::PageableDownload => unsafe { result::memcpy_dtoh_async(&mut host, dev_b.0, idle.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?,
+                        HostCall::PinnedDownload => {
+                            unsafe {
+                                let dst = std::slice::from_raw_parts_mut(pinned as *mut u8, HOST_COPY_BYTES);
+                                result::memcpy_dtoh_async(dst, dev_b.0, idle.stream.cu_stream())
+                            }
+                            .map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
+                            idle.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+                        }
+                    }
+                    let call_s = t0.elapsed().as_secs_f64();
+                    let other_s = match blocker {
+                        Some(h) => h.join().map_err(|_| GpuError::Panicked { op: "host-copy probe", message: "its blocked thread panicked".into() })??,
+                        None => 0.0,
+                    };
+                    Ok((call_s, other_s))
+                })?;
+                idle.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+                busy.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+                waiting.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+                if with_blocked {
+                    blocked.push(took.0 * 1e6);
+                    other.push(took.1 * 1e6);
+                } else {
+                    alone.push(took.0 * 1e6);
+                }
+            }
+            let m = HostCopyMeasure { call, blocked_us: median(blocked), alone_us: median(alone), other_blocked_us: median(other) };
+            on_line(&format!(
+                "host call {} of {} B: {:.0} us while another thread waits {:.0} us in a pageable download behind {HOST_COPY_GEMMS} GEMMs, {:.0} us without",
+                call.as_str(),
+                HOST_COPY_BYTES,
+                m.blocked_us,
+                m.other_blocked_us,
+                m.alone_us
+            ));
+            found.push(m);
+        }
+        Ok(())
+    })();
+    // SAFETY: allocated by malloc_host above; every copy from it completed (idle synchronised).
+    unsafe { result::free_host(pinned) }.map_err(GpuError::driver("cuMemFreeHost"))?;
+    measured.map(|()| found)
 }
 
 /// The GEMM sweep on one GPU.
@@ -923,6 +1036,7 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
     let f32_outputs = f32_output_sweep(&gpu, &s, reps, on_line)?;
     let zero_rows = zero_rows_probe(&gpu, &s, reps, on_line)?;
     let gemm_context = gemm_context_probe(&gpu, &s, reps, on_line)?;
+    let host_copies = host_copy_probe(&gpu, reps, on_line)?;
     let (launch_us, copy_tbps) = launch_and_copy(&gpu, &s, reps)?;
     on_line(&format!("kernel gap {launch_us:.2} us, device copy {copy_tbps:.2} TB/s"));
     let (host_sync_us, host_gbps) = host_round_trip(&gpu, &s, reps, launch_us)?;
@@ -947,5 +1061,6 @@ pub fn measure(reps: usize, on_line: &mut dyn FnMut(&str)) -> Result<Calibration
         beside_gemm,
         zero_rows,
         gemm_context,
+        host_copies,
     })
 }

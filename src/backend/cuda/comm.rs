@@ -199,8 +199,7 @@ impl Comms {
             result::memcpy_htod_async(send, vals, cu).map_err(GpuError::driver("cuMemcpyHtoDAsync"))?;
             check("ncclAllGather", nccl::ncclAllGather(send as _, recv as _, len, ncclDataType_t::ncclInt32, c, cu as _))?;
             let mut all = vec![0i32; n * len];
-            result::memcpy_dtoh_async(&mut all, recv, cu).map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
-            s.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+            super::pinned::download(&mut all, recv, s)?;
             result::free_async(send, cu).map_err(GpuError::driver("cuMemFreeAsync"))?;
             result::free_async(recv, cu).map_err(GpuError::driver("cuMemFreeAsync"))?;
             Ok(all.chunks(len.max(1)).map(<[i32]>::to_vec).collect())

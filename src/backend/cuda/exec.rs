@@ -363,9 +363,26 @@ impl<'a> StreamExec<'a> {
 
     fn sync(&self) -> Result<(), ExecError> {
         self.s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+        self.synced();
+        Ok(())
+    }
+
+    /// Notes the op's first wait for its stream (its host work is timed from there).
+    fn synced(&self) {
         if self.first_sync.get().is_none() {
             self.first_sync.set(Some(std::time::Instant::now()));
         }
+    }
+
+    /// Copies `v.len()` values from device address `ptr` into `v` and waits for this stream
+    /// (through pinned staging: see [`super::pinned`]).
+    ///
+    /// # Safety
+    /// `ptr` must hold at least `v.len()` values of `T`.
+    unsafe fn download_into<T: cudarc::driver::DeviceRepr>(&self, v: &mut [T], ptr: u64) -> Result<(), ExecError> {
+        // SAFETY: the caller's contract; this stream's thread has the context current.
+        unsafe { super::pinned::download(v, ptr, &self.s.stream) }?;
+        self.synced();
         Ok(())
     }
 
@@ -401,23 +418,20 @@ impl<'a> StreamExec<'a> {
         let data = match elem {
             ElemType::F32 if self.st(id) == Storage::Bf16 => {
                 let mut v = vec![0u16; b.len];
-                // SAFETY: the buffer holds b.len bf16 values; the copy completes before sync returns.
-                unsafe { result::memcpy_dtoh_async(&mut v, b.ptr, self.cu()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
-                self.sync()?;
+                // SAFETY: the buffer holds b.len bf16 values.
+                unsafe { self.download_into(&mut v, b.ptr) }?;
                 Data::F32(v.into_iter().map(|x| half::bf16::from_bits(x).to_f32()).collect())
             }
             ElemType::F32 => {
                 let mut v = vec![0.0f32; b.len];
-                // SAFETY: the buffer holds b.len f32 values; the copy completes before sync returns.
-                unsafe { result::memcpy_dtoh_async(&mut v, b.ptr, self.cu()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
-                self.sync()?;
+                // SAFETY: the buffer holds b.len f32 values.
+                unsafe { self.download_into(&mut v, b.ptr) }?;
                 Data::F32(v)
             }
             ElemType::I32 => {
                 let mut v = vec![0i32; b.len];
                 // SAFETY: as above, for i32.
-                unsafe { result::memcpy_dtoh_async(&mut v, b.ptr, self.cu()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
-                self.sync()?;
+                unsafe { self.download_into(&mut v, b.ptr) }?;
                 Data::I32(v)
             }
         };

@@ -26,6 +26,7 @@ pub mod exec;
 pub mod external;
 pub mod gpu;
 pub mod launch;
+pub mod pinned;
 pub mod rank;
 pub mod rendezvous;
 pub mod store;

@@ -14,7 +14,6 @@ use crate::backend::{BackendError, ExecOptions};
 use crate::plan::{Plan, RankPlan};
 use crate::taxonomy::{Stage, Stream};
 use crate::trace::{MemEvent, OpEvent, StepSpan};
-use cudarc::driver::result;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaEvent;
 use moelab_kernels::error::GpuError;
@@ -362,9 +361,8 @@ impl GpuRank {
 /// Sums a loss op's partials and writes the value into its loss buffer.
 fn finish_loss(ex: &StreamExec, l: LossPending) -> Result<f64, ExecError> {
     let mut parts = vec![0.0f64; l.blocks];
-    // SAFETY: partial holds `blocks` f64 written by the mse kernel; the stream is synced after.
-    unsafe { result::memcpy_dtoh_async(&mut parts, l.partial, ex.s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
-    ex.s.stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"))?;
+    // SAFETY: partial holds `blocks` f64 written by the mse kernel; this thread has the context.
+    unsafe { super::pinned::download(&mut parts, l.partial, &ex.s.stream) }?;
     ex.scratch_free(l.partial)?;
     let value = parts.iter().sum::<f64>() / (2.0 * l.denom);
     if ex.rp.buffer(l.loss).persistent || lock(ex.store).get(l.loss).is_some() {

@@ -277,6 +277,55 @@ pub struct Calibration {
     /// measured). Not fitted into the profile.
     #[serde(default)]
     pub gemm_context: Vec<GemmContextMeasure>,
+    /// One host thread's calls while another sits in a blocked pageable download (empty in
+    /// files from before it was measured). Not fitted into the profile.
+    #[serde(default)]
+    pub host_copies: Vec<HostCopyMeasure>,
+}
+
+/// A host call of the host-copy probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostCall {
+    /// A one-block kernel launch.
+    Launch,
+    /// A host-to-device copy from pageable memory.
+    PageableUpload,
+    /// A host-to-device copy from page-locked memory.
+    PinnedUpload,
+    /// A device-to-host copy into pageable memory.
+    PageableDownload,
+    /// A device-to-host copy into page-locked memory, then a wait for the stream.
+    PinnedDownload,
+}
+
+impl HostCall {
+    /// Every call, in the probe's order.
+    pub const ALL: [HostCall; 5] = [HostCall::Launch, HostCall::PageableUpload, HostCall::PinnedUpload, HostCall::PageableDownload, HostCall::PinnedDownload];
+    /// The name in the probe's lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostCall::Launch => "kernel launch",
+            HostCall::PageableUpload => "pageable upload",
+            HostCall::PinnedUpload => "pinned upload",
+            HostCall::PageableDownload => "pageable download",
+            HostCall::PinnedDownload => "pinned download",
+        }
+    }
+}
+
+/// One host call of the host-copy probe, on an idle stream: microseconds (medians) while
+/// another thread waits in a pageable download behind queued GEMMs, and without.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HostCopyMeasure {
+    /// Which call.
+    pub call: HostCall,
+    /// The call's host time while the other thread is blocked.
+    pub blocked_us: f64,
+    /// The call's host time with no other thread blocked.
+    pub alone_us: f64,
+    /// How long the other thread was blocked.
+    pub other_blocked_us: f64,
 }
 
 /// What ran on the GPU before a timed GEMM of the context probe.
@@ -631,7 +680,7 @@ mod tests {
             .into_iter()
             .map(|b| CollectiveMeasure { kind: CollectiveKind::AllReduce, members: 2, bytes: b, seconds: 12e-6 + CollectiveKind::AllReduce.wire_bytes(b, 2) / 360e9 })
             .collect();
-        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![], f32_outputs: vec![], beside_gemm: vec![], zero_rows: vec![], gemm_context: vec![] }
+        Calibration { device: "Test GPU".into(), gpus: 2, date: "2026-11-23".into(), gemms, launch_us: 2.5, copy_tbps: 3.9, collectives, host_sync_us: None, host_gbps: None, kernels: vec![], f32_outputs: vec![], beside_gemm: vec![], zero_rows: vec![], gemm_context: vec![], host_copies: vec![] }
     }
 
     #[test]
