@@ -1,11 +1,12 @@
 //! Device-to-host copies through page-locked staging memory, one staging buffer per host
-//! thread. A copy into pageable memory holds up every other thread's pageable download in the
-//! driver until it completes: `moelab calibrate`'s host-copy probe (H200, 2026-11-24) timed a
-//! 4 KiB pageable download on an idle stream at 4.1 ms while another thread's download waited
-//! behind queued GEMMs (25 us alone), a pinned one at 24 us. The cuda executor's stream threads
-//! download routing tables and counts while the comm thread waits in count exchanges, so their
-//! small downloads go through here. `MOELAB_PAGEABLE_DOWNLOADS=1` restores pageable copies
-//! (for A/B runs).
+//! thread at a time (kept in a pool across the executor's per-step threads). A copy into
+//! pageable memory holds up every other thread's pageable download in the driver until it
+//! completes: `moelab calibrate`'s host-copy probe (H200, 2026-11-24) timed a 4 KiB pageable
+//! download on an idle stream at 4.1 ms while another thread's download waited behind queued
+//! GEMMs (25 us alone), a pinned one at 24 us. The cuda executor's stream threads download
+//! routing tables and counts while the comm thread waits in count exchanges, so their small
+//! downloads go through here. `MOELAB_PAGEABLE_DOWNLOADS=1` restores pageable copies (for A/B
+//! runs).
 
 use cudarc::driver::{result, CudaStream, DeviceRepr};
 use moelab_kernels::error::GpuError;
@@ -16,11 +17,15 @@ use std::ffi::c_void;
 /// to pageable memory rather than pinning that much host memory per thread.
 pub const PINNED_STAGING_MAX_BYTES: usize = 64 << 20;
 
-/// A thread's page-locked staging buffer, grown on demand, freed with the thread.
+/// A page-locked staging buffer.
 struct Staging {
     ptr: *mut c_void,
     bytes: usize,
 }
+
+// SAFETY: page-locked host memory may be used from any thread; a Staging is used by one
+// thread at a time (its thread's slot, or the pool between threads).
+unsafe impl Send for Staging {}
 
 impl Drop for Staging {
     fn drop(&mut self) {
@@ -32,6 +37,21 @@ impl Drop for Staging {
     }
 }
 
+/// Staging buffers of threads that ended: the executor starts its stream threads afresh every
+/// step, and pinning memory costs far more than the copies it serves.
+static POOL: std::sync::Mutex<Vec<Staging>> = std::sync::Mutex::new(Vec::new());
+
+/// This thread's staging buffer, handed back to [`POOL`] when the thread ends.
+struct Slot(Option<Staging>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(st) = self.0.take() {
+            POOL.lock().unwrap_or_else(|p| p.into_inner()).push(st);
+        }
+    }
+}
+
 /// Whether `MOELAB_PAGEABLE_DOWNLOADS=1` asks for the old pageable copies.
 fn pageable_downloads() -> bool {
     static PAGEABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -39,7 +59,7 @@ fn pageable_downloads() -> bool {
 }
 
 thread_local! {
-    static STAGING: RefCell<Staging> = const { RefCell::new(Staging { ptr: std::ptr::null_mut(), bytes: 0 }) };
+    static SLOT: RefCell<Slot> = const { RefCell::new(Slot(None)) };
 }
 
 /// Copies `dst.len()` values of `T` from device address `src` into `dst`, ordered on `stream`,
@@ -60,15 +80,19 @@ pub unsafe fn download<T: DeviceRepr>(dst: &mut [T], src: u64, stream: &CudaStre
         unsafe { result::memcpy_dtoh_async(dst, src, stream.cu_stream()) }.map_err(GpuError::driver("cuMemcpyDtoHAsync"))?;
         return sync();
     }
-    STAGING.with(|cell| {
-        let mut st = cell.borrow_mut();
-        if st.bytes < bytes {
-            let grown = bytes.next_power_of_two().max(64 << 10);
-            // SAFETY: a fresh page-locked allocation replaces the old one (freed once, no copy
-            // from it is pending: every use below waits for its stream).
-            let ptr = unsafe { result::malloc_host(grown, cudarc::driver::sys::CU_MEMHOSTALLOC_PORTABLE) }.map_err(GpuError::driver("cuMemHostAlloc"))?;
-            *st = Staging { ptr, bytes: grown };
+    SLOT.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.0.is_none() {
+            slot.0 = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
         }
+        if slot.0.as_ref().is_none_or(|st| st.bytes < bytes) {
+            let grown = bytes.next_power_of_two().max(64 << 10);
+            // SAFETY: a fresh page-locked allocation replaces the old one (dropped, so freed
+            // once; no copy from it is pending: every use below waits for its stream).
+            let ptr = unsafe { result::malloc_host(grown, cudarc::driver::sys::CU_MEMHOSTALLOC_PORTABLE) }.map_err(GpuError::driver("cuMemHostAlloc"))?;
+            slot.0 = Some(Staging { ptr, bytes: grown });
+        }
+        let st = slot.0.as_ref().expect("set above");
         // SAFETY: the staging buffer holds at least `bytes`; the copy lands there before the
         // stream sync returns, then moves to `dst` (both `bytes` long, not overlapping).
         unsafe {
