@@ -73,7 +73,7 @@ pub unsafe fn download<T: DeviceRepr>(dst: &mut [T], src: u64, stream: &CudaStre
     let bytes = std::mem::size_of_val(dst);
     let sync = || stream.synchronize().map_err(GpuError::driver("cuStreamSynchronize"));
     if bytes == 0 {
-        return Ok(());
+        return sync();
     }
     if bytes > PINNED_STAGING_MAX_BYTES || pageable_downloads() {
         // SAFETY: the caller's contract; the copy completes before sync returns.
