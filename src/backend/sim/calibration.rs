@@ -269,7 +269,7 @@ pub struct Calibration {
     pub beside_gemm: Vec<BesideGemmMeasure>,
     /// Strided-batched expert GEMMs whose input blocks hold real rows only in their first
     /// `kept` share, the rest zero (a capacity plan's padding); empty in files from before it
-    /// was measured. Not fitted into the profile.
+    /// was measured. Fitted into the profile's `kernels.zero_row_gain` ([`zero_row_gain`]).
     #[serde(default)]
     pub zero_rows: Vec<ZeroRowsMeasure>,
     /// The same GEMMs timed in different surroundings (after themselves, alternating with
