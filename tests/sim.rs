@@ -365,7 +365,8 @@ fn sim_fields_are_checked_and_filled_by_spec_validation() {
     assert!(err.problems()[0].fix.contains("model.dropless = false"), "{err}");
     let on_cpu = with(&text, "kept_share = 0.9").replace("backend = \"sim\"", "backend = \"cpu\"");
     assert_eq!(problems(&on_cpu), ["run.kept_share"]);
-    // The rank loads: sim only, dropless plans only, one positive number per expert-parallel rank.
+    // The rank loads: sim only, one positive number per expert-parallel rank (dropless and
+    // capacity plans).
     let ep2 = |t: &str| format!("{t}\n[layout]\nworld = 2\ndp = 1\ntp = 1\nep = 2\npp = 1\n");
     let dropless2 = ep2(&dropless);
     assert_eq!(from_toml_str(&with(&dropless2, "rank_loads = [1.1, 0.9]")).expect("valid").run.rank_loads, Some(vec![1.1, 0.9]));
@@ -373,7 +374,9 @@ fn sim_fields_are_checked_and_filled_by_spec_validation() {
     assert_eq!(err.problems()[0].field, "run.rank_loads", "{err}");
     assert!(err.problems()[0].message.contains("layout.ep=2"), "{err}");
     assert_eq!(problems(&with(&dropless2, "rank_loads = [1.1, 0.0]")), ["run.rank_loads"]);
-    assert_eq!(problems(&with(&ep2(&std::fs::read_to_string("experiments/bench-sim/fine-grained-cf125.toml").expect("bench file")), "rank_loads = [1.1, 0.9]")), ["run.rank_loads"]);
+    let capacity2 = ep2(&std::fs::read_to_string("experiments/bench-sim/fine-grained-cf125.toml").expect("bench file"));
+    assert_eq!(from_toml_str(&with(&capacity2, "rank_loads = [1.1, 0.9]")).expect("valid").run.rank_loads, Some(vec![1.1, 0.9]));
+    assert_eq!(problems(&with(&capacity2, "rank_loads = [1.1]")), ["run.rank_loads"]);
     let on_cpu = with(&dropless2, "rank_loads = [1.1, 0.9]").replace("backend = \"sim\"", "backend = \"cpu\"");
     assert!(problems(&on_cpu).contains(&"run.rank_loads".to_string()), "{:?}", problems(&on_cpu));
     // The executor's host copies: sim only.
@@ -434,6 +437,36 @@ fn the_busier_expert_parallel_rank_sets_the_step_and_the_other_waits_for_it() {
     assert!(back1.end - back1.start > back0.end - back0.start, "{back0:?} {back1:?}");
     // The busier rank's payload: the transfer is longer than at balance.
     assert!(back0.end - back0.start > balanced.4.end - balanced.4.start, "{back0:?} vs {:?}", balanced.4);
+}
+
+#[test]
+fn in_a_capacity_plan_the_rank_whose_experts_took_more_rows_runs_slower_expert_gemms() {
+    // Capacity blocks are as long on every rank, but the rank whose experts took 1.6x the
+    // mean kept rows has fewer zero rows, so its bf16 expert GEMMs run closer to whole-rows
+    // speed (`kernels.zero_row_gain`); the other rank waits for it in the next all-to-all.
+    let text = std::fs::read_to_string("experiments/bench-sim/mixtral-ish-cf125.toml").expect("bench file") + "\n[layout]\nworld = 2\ndp = 1\ntp = 1\nep = 2\npp = 1\n";
+    let run = |loads: &str| {
+        let s = from_toml_str(&text.replace("backend = \"sim\"", &format!("backend = \"sim\"\nkept_share = 0.5\n{loads}"))).expect("valid");
+        let plan = Plan::build(&s).expect("plans");
+        let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
+        let span = |rank: usize, name: &str| {
+            let i = plan.ranks[rank].ops.iter().position(|o| o.name == name).unwrap_or_else(|| panic!("{name}"));
+            out.timeline.times[if out.symmetric { 0 } else { rank }][i]
+        };
+        let dur = |r, name| { let t = span(r, name); t.end - t.start };
+        (out.symmetric, out.timeline.makespan, dur(0, "L0.expert_gemm1"), dur(1, "L0.expert_gemm1"), dur(0, "L0.combine_a2a"), dur(1, "L0.combine_a2a"))
+    };
+    let balanced = run("");
+    let (symmetric, step, busy, idle, back0, back1) = run("rank_loads = [1.6, 0.4]");
+    assert!(balanced.0 && !symmetric, "unequal loads simulate every rank");
+    // Zero rows 1 - 0.5 x 0.8 x load: 0.36 on the busy rank, 0.84 on the other, 0.6 at balance.
+    let g = sim::profile::resolve("h200").unwrap().gpu.kernels.zero_row_gain.forward;
+    let speed = |z: f64| 1.0 + g * z;
+    assert!((busy / balanced.2 - speed(0.6) / speed(0.36)).abs() < 0.01, "{busy} vs {}", balanced.2);
+    assert!((idle / balanced.3 - speed(0.6) / speed(0.84)).abs() < 0.01, "{idle} vs {}", balanced.3);
+    assert!(step > balanced.1, "{step} vs {}", balanced.1);
+    // The faster rank enters the return all-to-all first and waits there.
+    assert!(back1 > back0 + 0.5 * (busy - idle), "{back0} {back1} ({busy} {idle})");
 }
 
 #[test]

@@ -229,30 +229,25 @@ impl MeasuredRun {
         if !extra.iter().any(|o| o.key == ["run", "host_copies"]) {
             spec.run.host_copies = Some(self.host_copies);
         }
-        // A dropless run over expert-parallel ranks at the rows each rank received.
-        if spec.model.dropless && spec.layout.ep > 1 && !extra.iter().any(|o| o.key == ["run", "rank_loads"]) {
+        // A run over expert-parallel ranks at the rows each rank's experts took.
+        if spec.layout.ep > 1 && !extra.iter().any(|o| o.key == ["run", "rank_loads"]) {
             spec.run.rank_loads = self.rank_loads(&spec);
         }
         Ok(spec)
     }
 
-    /// Rows each expert-parallel rank of a dropless run received, relative to the mean (the
-    /// sim's `run.rank_loads`): the bytes each rank sent in the all-to-alls whose send buffer
-    /// is routing-sized (the trips back from the experts carry exactly the rows the rank's
-    /// experts took), over the measured steps, ranks of one expert-parallel index together.
-    /// `None` when the plan cannot be built or the trace has no such all-to-all.
+    /// Rows each expert-parallel rank's experts took, relative to the mean (the sim's
+    /// `run.rank_loads`, dropless or capacity): the bytes each rank sent in the all-to-alls
+    /// that carry rows back from its experts (exactly the rows they took; a capacity plan's
+    /// zero rows are not sent), over the measured steps, ranks of one expert-parallel index
+    /// together. `None` when the plan cannot be built or the trace has no such all-to-all.
     pub fn rank_loads(&self, spec: &ExperimentSpec) -> Option<Vec<f64>> {
         let plan = crate::plan::Plan::build(spec).ok()?;
         let ep = spec.layout.ep;
         let mut rows = vec![0.0f64; ep];
         for rp in &plan.ranks {
             let Some(index) = crate::backend::sim::ep_index(rp).filter(|i| *i < ep) else { continue };
-            let returns: std::collections::HashSet<&str> = rp
-                .ops
-                .iter()
-                .filter(|op| matches!(&op.kind, crate::plan::OpKind::AllToAllV { send, .. } | crate::plan::OpKind::AllToAllV2d { send, .. } if rp.buffer(*send).dynamic))
-                .map(|op| op.name.as_str())
-                .collect();
+            let returns = returning_all_to_alls(rp);
             rows[index] += self.trace.ops.iter().filter(|e| e.rank == rp.rank && returns.contains(e.name.as_str())).map(|e| e.bytes as f64).sum::<f64>();
         }
         let mean = rows.iter().sum::<f64>() / ep as f64;
@@ -273,6 +268,25 @@ impl MeasuredRun {
         let shares: Vec<f64> = self.loads.iter().map(|l| 1.0 - l.dropped as f64 / l.routed as f64).collect();
         (!shares.is_empty()).then(|| (shares.iter().sum::<f64>() / shares.len() as f64).clamp(1e-6, 1.0))
     }
+}
+
+/// Names of rank `rp`'s all-to-alls that carry rows back from its experts: those whose send
+/// counts an expert unlayout writes (the rows the rank's experts took, forward and backward).
+fn returning_all_to_alls(rp: &crate::plan::RankPlan) -> std::collections::HashSet<&str> {
+    use crate::plan::OpKind::*;
+    let unlayout_counts: std::collections::HashSet<crate::plan::BufId> = rp
+        .ops
+        .iter()
+        .filter_map(|op| match &op.kind {
+            ExpertUnlayout { send_counts, .. } | ChunkUnlayout { send_counts, .. } | TpUnlayout { send_counts, .. } => Some(*send_counts),
+            _ => None,
+        })
+        .collect();
+    rp.ops
+        .iter()
+        .filter(|op| matches!(&op.kind, AllToAllV { send_counts, .. } | AllToAllV2d { send_counts, .. } if unlayout_counts.contains(send_counts)))
+        .map(|op| op.name.as_str())
+        .collect()
 }
 
 /// The readable `rank-<r>.json` records, in rank order, stopping at the first missing one.
@@ -375,8 +389,8 @@ pub struct RunPrediction {
     /// or the caller's `run.kept_share`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kept_share: Option<f64>,
-    /// Rows each expert-parallel rank received over the mean that the sim assumed (dropless
-    /// runs at ep > 1: the measured ones, or the caller's `run.rank_loads`).
+    /// Rows each expert-parallel rank's experts took over the mean that the sim assumed (runs
+    /// at ep > 1: the measured ones, or the caller's `run.rank_loads`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rank_loads: Option<Vec<f64>>,
     /// Measured vs predicted.

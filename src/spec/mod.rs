@@ -658,10 +658,11 @@ pub struct RunSpec {
     /// measured one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept_share: Option<f64>,
-    /// Rows each expert-parallel rank receives in a dropless plan, relative to one another
-    /// (sim only; `layout.ep` positive numbers, scaled to mean 1): the busiest rank runs
-    /// longer expert GEMMs and all-to-alls, the others wait for it. Balanced when unset;
-    /// `moelab predict` sets the measured ones.
+    /// Rows each expert-parallel rank's experts take, relative to one another (sim only;
+    /// `layout.ep` positive numbers, scaled to mean 1). Dropless: the busiest rank runs longer
+    /// expert GEMMs and all-to-alls. Capacity: a rank's blocks hold fewer zero rows, so its
+    /// expert GEMMs run slower. The others wait for it. Balanced when unset; `moelab predict`
+    /// sets the measured ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank_loads: Option<Vec<f64>>,
     /// Whether the simulated executor keeps host copies of the routing tables it reads

@@ -83,9 +83,6 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
         } else if loads.len() != ep {
             fail("run.rank_loads", format!("rank_loads has {} entries but layout.ep={ep} expert-parallel ranks", loads.len()),
                 format!("give one load per expert-parallel rank ({ep} numbers)"));
-        } else if !spec.model.dropless {
-            fail("run.rank_loads", "rank_loads applies to dropless plans only (a capacity plan's buffers are the same size on every rank)".into(),
-                "remove run.rank_loads, or set model.dropless = true".into());
         }
     }
     let name = r.profile.clone().unwrap_or_else(|| profile::DEFAULT_PROFILE.to_string());
@@ -248,6 +245,11 @@ impl RoutingFill {
         let (load, block_load) = (expected_dynamic_load(spec), expected_block_load(spec));
         let (kept, zero_rows) = (expected_kept_share(spec), expected_zero_rows(spec, rp));
         let Some(r) = rank_load(spec, rp) else { return RoutingFill { load, block_load, kept, zero_rows } };
+        if !spec.model.dropless {
+            // A capacity plan's blocks are as long on every rank; their rows hold r x the
+            // mean rank's kept assignments.
+            return RoutingFill { load, block_load, kept, zero_rows: zero_rows_at(spec, rp, r) };
+        }
         let busiest = spec.run.rank_loads.as_deref().map_or(1.0, busiest_rank_share);
         let imbalance = spec.run.dropless_imbalance.unwrap_or(1.0);
         RoutingFill { load: (load * r).min(1.0), block_load: (load * r * imbalance.max(busiest) / busiest).max(load * r).min(1.0), kept, zero_rows }
@@ -280,20 +282,25 @@ fn moe_dims(rp: &RankPlan) -> Option<&crate::plan::ops::MoeDims> {
 /// tokens x top_k over the experts, times `run.kept_share`. 0 for dropless plans and ranks
 /// without MoE layers.
 pub fn expected_zero_rows(spec: &crate::spec::ExperimentSpec, rp: &RankPlan) -> f64 {
+    zero_rows_at(spec, rp, 1.0)
+}
+
+/// [`expected_zero_rows`] of a rank whose experts take `load` times the mean rank's kept
+/// assignments (its share of `run.rank_loads`).
+fn zero_rows_at(spec: &crate::spec::ExperimentSpec, rp: &RankPlan, load: f64) -> f64 {
     if spec.model.dropless {
         return 0.0;
     }
     let Some(d) = moe_dims(rp) else { return 0.0 };
     let Some(rows) = d.rows_per_expert.filter(|r| *r > 0) else { return 0.0 };
     let routed = (d.ep_peers.len() * d.tokens * d.top_k) as f64 / d.n_experts.max(1) as f64;
-    (1.0 - expected_kept_share(spec) * routed / rows as f64).clamp(0.0, 1.0)
+    (1.0 - expected_kept_share(spec) * load * routed / rows as f64).clamp(0.0, 1.0)
 }
 
-/// Rank `rp`'s expert-parallel rank's rows over the mean (`run.rank_loads` of a dropless
-/// plan, at its index in its expert-parallel group); `None` when unset or the rank routes no
-/// MoE layer.
+/// Rank `rp`'s expert-parallel rank's rows over the mean (`run.rank_loads`, at its index in
+/// its expert-parallel group); `None` when unset or the rank routes no MoE layer.
 pub fn rank_load(spec: &crate::spec::ExperimentSpec, rp: &RankPlan) -> Option<f64> {
-    let loads = spec.run.rank_loads.as_deref().filter(|l| spec.model.dropless && !l.is_empty())?;
+    let loads = spec.run.rank_loads.as_deref().filter(|l| !l.is_empty())?;
     let index = ep_index(rp)?;
     let mean = loads.iter().sum::<f64>() / loads.len() as f64;
     loads.get(index).map(|l| l / mean)
@@ -420,7 +427,7 @@ pub fn simulate_plan(plan: &Plan, profile: &Profile, symmetry: Symmetry) -> Resu
     };
     let groups: Vec<Vec<u32>> = plan.groups.iter().map(|g| g.ranks.clone()).collect();
     // Unequal rank loads make the ranks' costs differ: every rank is simulated then.
-    let equal_loads = plan.spec.run.rank_loads.as_deref().is_none_or(|l| busiest_rank_share(l) <= 1.0 + 1e-12) || !plan.spec.model.dropless;
+    let equal_loads = plan.spec.run.rank_loads.as_deref().is_none_or(|l| busiest_rank_share(l) <= 1.0 + 1e-12);
     let symmetric = symmetry == Symmetry::Exploit && plan.world() > 1 && equal_loads && is_symmetric(plan, profile);
     let (ranks, coupling): (Vec<&RankPlan>, Coupling) = if symmetric {
         let r0 = &plan.ranks[0];
