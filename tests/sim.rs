@@ -409,22 +409,28 @@ fn with_host_copies_only_the_first_reader_of_a_routing_table_waits_for_the_strea
     assert!(once_layout < 0.8 * every_layout, "layout ops {once_layout} ms vs {every_layout} ms");
 }
 
+/// A bench plan at ep = 2 with `extra` in its `[run]` on the sim: whether it was simulated
+/// symmetrically, the step, and L0's first expert GEMM and return all-to-all on each rank.
+fn ep2_spans(bench: &str, extra: &str) -> (bool, f64, [f64; 2], [engine::OpTime; 2]) {
+    let text = std::fs::read_to_string(format!("experiments/bench-sim/{bench}.toml")).expect("bench file") + "\n[layout]\nworld = 2\ndp = 1\ntp = 1\nep = 2\npp = 1\n";
+    let s = from_toml_str(&text.replace("backend = \"sim\"", &format!("backend = \"sim\"\n{extra}"))).expect("valid");
+    let plan = Plan::build(&s).expect("plans");
+    let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
+    let span = |rank: usize, name: &str| {
+        let i = plan.ranks[rank].ops.iter().position(|o| o.name == name).unwrap_or_else(|| panic!("{name}"));
+        out.timeline.times[if out.symmetric { 0 } else { rank }][i]
+    };
+    let gemm = |r| { let t = span(r, "L0.expert_gemm1"); t.end - t.start };
+    (out.symmetric, out.timeline.makespan, [gemm(0), gemm(1)], [span(0, "L0.combine_a2a"), span(1, "L0.combine_a2a")])
+}
+
 #[test]
 fn the_busier_expert_parallel_rank_sets_the_step_and_the_other_waits_for_it() {
     // Dropless at ep = 2: the rank whose experts took 20% more rows runs longer expert GEMMs;
     // the all-to-all after them runs at its payload on both ranks, the other rank waiting.
-    let text = std::fs::read_to_string("experiments/bench-sim/mixtral-ish-dropless.toml").expect("bench file") + "\n[layout]\nworld = 2\ndp = 1\ntp = 1\nep = 2\npp = 1\n";
     let run = |loads: &str| {
-        let s = from_toml_str(&text.replace("backend = \"sim\"", &format!("backend = \"sim\"\n{loads}"))).expect("valid");
-        let plan = Plan::build(&s).expect("plans");
-        let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
-        let span = |rank: usize, name: &str| {
-            let i = plan.ranks[rank].ops.iter().position(|o| o.name == name).unwrap_or_else(|| panic!("{name}"));
-            out.timeline.times[if out.symmetric { 0 } else { rank }][i]
-        };
-        let gemm = |r| { let t = span(r, "L0.expert_gemm1"); t.end - t.start };
-        let back = |r| span(r, "L0.combine_a2a");
-        (out.symmetric, out.timeline.makespan, gemm(0), gemm(1), back(0), back(1))
+        let (symmetric, step, [g0, g1], [b0, b1]) = ep2_spans("mixtral-ish-dropless", loads);
+        (symmetric, step, g0, g1, b0, b1)
     };
     let balanced = run("");
     let (symmetric, step, busy, idle, back0, back1) = run("rank_loads = [1.2, 0.8]");
@@ -444,17 +450,9 @@ fn in_a_capacity_plan_the_rank_whose_experts_took_more_rows_runs_slower_expert_g
     // Capacity blocks are as long on every rank, but the rank whose experts took 1.6x the
     // mean kept rows has fewer zero rows, so its bf16 expert GEMMs run closer to whole-rows
     // speed (`kernels.zero_row_gain`); the other rank waits for it in the next all-to-all.
-    let text = std::fs::read_to_string("experiments/bench-sim/mixtral-ish-cf125.toml").expect("bench file") + "\n[layout]\nworld = 2\ndp = 1\ntp = 1\nep = 2\npp = 1\n";
     let run = |loads: &str| {
-        let s = from_toml_str(&text.replace("backend = \"sim\"", &format!("backend = \"sim\"\nkept_share = 0.5\n{loads}"))).expect("valid");
-        let plan = Plan::build(&s).expect("plans");
-        let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
-        let span = |rank: usize, name: &str| {
-            let i = plan.ranks[rank].ops.iter().position(|o| o.name == name).unwrap_or_else(|| panic!("{name}"));
-            out.timeline.times[if out.symmetric { 0 } else { rank }][i]
-        };
-        let dur = |r, name| { let t = span(r, name); t.end - t.start };
-        (out.symmetric, out.timeline.makespan, dur(0, "L0.expert_gemm1"), dur(1, "L0.expert_gemm1"), dur(0, "L0.combine_a2a"), dur(1, "L0.combine_a2a"))
+        let (symmetric, step, [g0, g1], [b0, b1]) = ep2_spans("mixtral-ish-cf125", &format!("kept_share = 0.5\n{loads}"));
+        (symmetric, step, g0, g1, b0.end - b0.start, b1.end - b1.start)
     };
     let balanced = run("");
     let (symmetric, step, busy, idle, back0, back1) = run("rank_loads = [1.6, 0.4]");
