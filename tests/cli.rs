@@ -449,10 +449,11 @@ fn the_h200_profile_predicts_the_session_13_2gpu_runs_and_the_topk_ranks_skew() 
 /// ScMoE's) within 25%: their kernels wait for the GEMM running beside them, which the sim
 /// models (they were 62-88% short before). Checked at equal rank loads: that executor kept
 /// the two ranks' compute streams in step at every chunk (each rank's next expert GEMM began
-/// 95-180 us after the later rank entered the all-to-all; the cause is not established,
-/// docs/benchmarks.md "Each rank's kept rows"), so the faster rank waited outside the
-/// all-to-alls; at the measured loads the sim puts that wait inside them (+27..+44%
-/// backward). A 2-GPU run of the current executor will tell which holds now.
+/// 95-180 us after the later rank entered the all-to-all: a buffer release on the compute
+/// stream waited for all the comm stream had queued, fixed since; docs/benchmarks.md "Each
+/// rank's kept rows"), so the faster rank waited outside the all-to-alls; at the measured
+/// loads the sim puts that wait inside them (+27..+44% backward). A 2-GPU run of the current
+/// executor will tell whether it does so now.
 #[test]
 fn the_h200_profile_predicts_the_session_13_all_to_alls_beside_gemms_at_equal_rank_loads() {
     let runs: Vec<std::path::PathBuf> = stored_2gpu_runs("s13").into_iter().filter(|p| ["mpmoe", "tutel", "scmoe"].iter().any(|v| p.to_string_lossy().ends_with(&format!("mixtral-{v}-2gpu")))).collect();

@@ -26,6 +26,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Whether `MOELAB_RELEASE_WAITS_TAIL=1` asks for the old release wait: a buffer freed on
+/// one stream waits for everything queued on the other streams that used it (for A/B runs).
+fn release_waits_tail() -> bool {
+    static TAIL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TAIL.get_or_init(|| std::env::var("MOELAB_RELEASE_WAITS_TAIL").is_ok_and(|v| v == "1"))
+}
+
+/// Per buffer and stream, the last active op of that stream (in its issue order) that touches
+/// the buffer: what a release on another stream must wait for.
+fn last_use_per_stream(rp: &RankPlan, active: &[bool], touched: &[Vec<crate::plan::BufId>], streams: usize) -> Vec<Vec<Option<usize>>> {
+    let mut last = vec![vec![None; streams]; rp.buffers.len()];
+    for (i, op) in rp.ops.iter().enumerate().filter(|(i, _)| active[*i]) {
+        let si = stream_index(op.stream);
+        for b in &touched[i] {
+            if let Some(slot) = last[b.0 as usize].get_mut(si) {
+                *slot = Some(i);
+            }
+        }
+    }
+    last
+}
+
 fn stream_index(s: Stream) -> usize {
     match s {
         Stream::Compute => 0,
@@ -208,6 +230,7 @@ impl GpuRank {
         let gpu_err = |e: GpuError| StepError::Backend(BackendError::OpFailed { rank: rp.rank, op: "(step)".into(), message: e.to_string() });
         let n = rp.ops.len();
         let (active, touched, uses) = crate::backend::buffer_uses(rp, opts.skip_optimizer);
+        let last_use = last_use_per_stream(rp, &active, &touched, self.streams.len());
         let new_event = || self.gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(GpuError::driver("cuEventCreate"));
         let mut evs: Vec<(CudaEvent, CudaEvent)> = Vec::with_capacity(n);
         for _ in 0..n {
@@ -271,7 +294,11 @@ impl GpuRank {
                 evs[i].1.record(&ex.s.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
                 lock(&outcomes).push((i, out, host_ns, issue_ns));
                 // Release buffers whose last user this was: the freeing stream first waits for
-                // every other stream that used them.
+                // every other stream that used them, at the end of that stream's last op on the
+                // buffer (whose end event is recorded: its use count fell first). Waiting for
+                // all the other stream had queued made a compute stream wait for an all-to-all's
+                // count exchange, so for the peer rank (2x H200, session 13); the old wait stays
+                // for A/B (`MOELAB_RELEASE_WAITS_TAIL=1`) and for a use outside the plan's ops.
                 for b in &touched[i] {
                     let last = uses[b.0 as usize].fetch_sub(1, Ordering::SeqCst) == 1;
                     if last && !rp.buffer(*b).persistent && !self.retain[b.0 as usize] {
@@ -279,9 +306,16 @@ impl GpuRank {
                         if let Some(buf) = st.get(*b) {
                             for (oi, other) in self.streams.iter().enumerate() {
                                 if oi != si && buf.used_by & (1 << oi) != 0 {
-                                    let e = new_event().map_err(gpu_err)?;
-                                    e.record(&other.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
-                                    ex.s.stream.wait(&e).map_err(|e| gpu_err(GpuError::driver("cuStreamWaitEvent")(e)))?;
+                                    let tail;
+                                    let waited = match last_use[b.0 as usize].get(oi).copied().flatten().filter(|_| !release_waits_tail()) {
+                                        Some(j) => &evs[j].1,
+                                        None => {
+                                            tail = new_event().map_err(gpu_err)?;
+                                            tail.record(&other.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
+                                            &tail
+                                        }
+                                    };
+                                    ex.s.stream.wait(waited).map_err(|e| gpu_err(GpuError::driver("cuStreamWaitEvent")(e)))?;
                                 }
                             }
                         }
@@ -378,4 +412,30 @@ enum StepError {
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_release_waits_for_the_other_streams_last_use_of_the_buffer_only() {
+        // MPMoE at ep = 2: each chunk's backward all-to-all (comm) fills a buffer that the
+        // chunk's expert layout (compute) reads last. Released on the compute stream, it waits
+        // for that all-to-all, not for the later chunks' all-to-alls queued behind it.
+        let spec = crate::spec::load_file_with(std::path::Path::new("experiments/mixtral-ish/mpmoe-2gpu.toml"), &[crate::spec::overrides::Override::parse("run.backend=sim").unwrap()]).expect("spec");
+        let plan = Plan::build(&spec).expect("plans");
+        let rp = &plan.ranks[0];
+        let (active, touched, _) = crate::backend::buffer_uses(rp, false);
+        let last = last_use_per_stream(rp, &active, &touched, 2);
+        let op = |name: &str| rp.ops.iter().position(|o| o.name == name).unwrap_or_else(|| panic!("{name}"));
+        let a2a = op("L1.c4.combine_a2a_bwd");
+        let layout = op("L1.c4.expert_layout_bwd");
+        let recv = *rp.ops[layout].reads.iter().find(|b| rp.buffer(**b).name == "L1.moe.c4.dback_recv").expect("the layout reads the all-to-all's rows");
+        assert_eq!(last[recv.0 as usize], [Some(layout), Some(a2a)]);
+        assert!(rp.ops.iter().skip(a2a + 1).any(|o| o.stream == Stream::Comm), "later comm ops exist");
+        // A buffer one stream never touches has no last use there.
+        let w = rp.ops[op("L1.c4.expert_gemm2_bwd")].reads[1];
+        assert_eq!(last[w.0 as usize][1], None, "{}", rp.buffer(w).name);
+    }
 }
