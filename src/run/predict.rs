@@ -271,7 +271,9 @@ impl MeasuredRun {
 }
 
 /// Names of rank `rp`'s all-to-alls that carry rows back from its experts: those whose send
-/// counts an expert unlayout writes (the rows the rank's experts took, forward and backward).
+/// counts an expert unlayout writes (the rows the rank's experts took, forward and backward),
+/// and those whose send buffer is routing-sized (dropless: also Tutel's sharded experts, whose
+/// counts come from `ShardCounts`).
 fn returning_all_to_alls(rp: &crate::plan::RankPlan) -> std::collections::HashSet<&str> {
     use crate::plan::OpKind::*;
     let unlayout_counts: std::collections::HashSet<crate::plan::BufId> = rp
@@ -284,7 +286,10 @@ fn returning_all_to_alls(rp: &crate::plan::RankPlan) -> std::collections::HashSe
         .collect();
     rp.ops
         .iter()
-        .filter(|op| matches!(&op.kind, AllToAllV { send_counts, .. } | AllToAllV2d { send_counts, .. } if unlayout_counts.contains(send_counts)))
+        .filter(|op| match &op.kind {
+            AllToAllV { send, send_counts, .. } | AllToAllV2d { send, send_counts, .. } => unlayout_counts.contains(send_counts) || rp.buffer(*send).dynamic,
+            _ => false,
+        })
         .map(|op| op.name.as_str())
         .collect()
 }
