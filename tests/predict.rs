@@ -283,3 +283,32 @@ fn automatic_choices_of_the_measured_run_are_pinned_in_the_sim_spec() {
     assert_eq!((t.degree, t.r, t.parallelism), (Degree::Fixed(2), 1, ParallelismChoice::Fixed));
     assert_eq!(t.layers, [TutelLayer { r: 0, degree: 1 }, TutelLayer { r: 1, degree: 2 }]);
 }
+
+#[test]
+fn each_rank_s_stream_time_is_compared_when_the_measured_trace_has_several_ranks() {
+    // Measured: rank 0 computes 40 us and waits 60 us in its all-to-all; rank 1 computes
+    // 90 us, then 10 us of all-to-all. Predicted: one rank traced (a symmetric simulation of
+    // a larger world would trace its representative only), 60 us + 40 us.
+    let ops = |rank: u32, compute: u64, comm: u64| {
+        vec![
+            op(rank, 0, Stage::ExpertGemm1, Pass::Forward, 0, compute),
+            OpEvent { stream: Stream::Comm, ..op(rank, 0, Stage::AllToAll, Pass::Forward, compute, compute + comm) },
+        ]
+    };
+    let spans = |ranks: u32| (0..ranks).map(|r| StepSpan { rank: r, step: 0, start_ns: 0, end_ns: 100_000 }).collect::<Vec<_>>();
+    let two = Trace { backend: "cuda".into(), world: 2, ops: [ops(0, 40_000, 60_000), ops(1, 90_000, 10_000)].concat(), memory: vec![], steps: spans(2), group_sizes: vec![] };
+    let one = Trace { backend: "sim".into(), world: 2, ops: ops(0, 60_000, 40_000), memory: vec![], steps: spans(1), group_sizes: vec![] };
+    let c = compare(&two, &one).expect("compares");
+    assert_eq!(c.ranks.len(), 2);
+    let (r0, r1) = (c.ranks[0], c.ranks[1]);
+    assert_eq!((r0.rank, r1.rank), (0, 1));
+    close(r0.measured_compute_ms, 0.040);
+    close(r0.measured_comm_ms, 0.060);
+    close(r1.measured_compute_ms, 0.090);
+    close(r1.measured_comm_ms, 0.010);
+    close(r0.predicted_compute_ms.unwrap(), 0.060);
+    close(r0.predicted_comm_ms.unwrap(), 0.040);
+    assert_eq!((r1.predicted_compute_ms, r1.predicted_comm_ms), (None, None), "rank 1 was not traced");
+    // A one-rank measured trace has no per-rank rows.
+    assert!(compare(&measured(), &predicted()).expect("compares").ranks.is_empty());
+}

@@ -83,6 +83,24 @@ pub struct StageComparison {
     pub transfer_error: Option<f64>,
 }
 
+/// One rank's busy time per stream on both sides (ms per measured step: its ops' durations
+/// summed), so a skew between ranks (one rank's expert GEMMs faster, the other waiting in the
+/// collectives) shows next to what the prediction made of it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RankComparison {
+    /// Global rank.
+    pub rank: u32,
+    /// Measured compute-stream ms per step.
+    pub measured_compute_ms: f64,
+    /// Predicted compute-stream ms per step; `None` when the prediction traced this rank not
+    /// (a symmetric simulation of a large world traces its representative only).
+    pub predicted_compute_ms: Option<f64>,
+    /// Measured comm-stream ms per step (collectives include their waits).
+    pub measured_comm_ms: f64,
+    /// Predicted comm-stream ms per step.
+    pub predicted_comm_ms: Option<f64>,
+}
+
 /// How many of a class of stages meet the stage target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct WithinCount {
@@ -115,6 +133,8 @@ pub struct Comparison {
     pub big: WithinCount,
     /// Stages below [`SMALL_SHARE`] of the step.
     pub small: WithinCount,
+    /// Per measured rank, its stream times on both sides (empty for a one-rank trace).
+    pub ranks: Vec<RankComparison>,
 }
 
 impl Comparison {
@@ -242,7 +262,43 @@ pub fn compare(measured: &Trace, predicted: &Trace) -> Result<Comparison, Predic
         stages,
         big,
         small,
+        ranks: rank_rows(measured, predicted, source),
     })
+}
+
+/// Per rank: (compute, comm) stream ms per step, over the rank's measured steps.
+fn rank_busy(trace: &Trace, source: StepSource) -> BTreeMap<u32, (f64, f64)> {
+    let mut steps: BTreeMap<u32, f64> = BTreeMap::new();
+    for (rank, _) in rank_steps(trace, source).keys() {
+        *steps.entry(*rank).or_default() += 1.0;
+    }
+    let mut busy: BTreeMap<u32, (f64, f64)> = BTreeMap::new();
+    for o in &trace.ops {
+        let e = busy.entry(o.rank).or_default();
+        let ms = o.end_ns.saturating_sub(o.start_ns) as f64 / 1e6;
+        match o.stream {
+            crate::taxonomy::Stream::Compute => e.0 += ms,
+            crate::taxonomy::Stream::Comm => e.1 += ms,
+        }
+    }
+    busy.into_iter().map(|(r, (c, m))| {
+        let n = steps.get(&r).copied().unwrap_or(1.0).max(1.0);
+        (r, (c / n, m / n))
+    }).collect()
+}
+
+/// The per-rank rows of a multi-rank measured trace ([`RankComparison`]).
+fn rank_rows(measured: &Trace, predicted: &Trace, source: StepSource) -> Vec<RankComparison> {
+    let (m, p) = (rank_busy(measured, source), rank_busy(predicted, source));
+    if m.len() < 2 {
+        return Vec::new();
+    }
+    m.iter()
+        .map(|(rank, (mc, mm))| {
+            let pr = p.get(rank);
+            RankComparison { rank: *rank, measured_compute_ms: *mc, predicted_compute_ms: pr.map(|x| x.0), measured_comm_ms: *mm, predicted_comm_ms: pr.map(|x| x.1) }
+        })
+        .collect()
 }
 
 fn ratio(part: f64, whole: f64) -> f64 {

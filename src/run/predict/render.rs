@@ -60,6 +60,13 @@ pub fn render_text(p: &RunPrediction) -> String {
         "  stages >= {:.0}% of step within {:.0}%: {}/{}; small stages (< {:.0}%) within {:.0}%: {}/{}",
         100.0 * SMALL_SHARE, 100.0 * STAGE_TARGET, c.big.within, c.big.compared, 100.0 * SMALL_SHARE, 100.0 * STAGE_TARGET, c.small.within, c.small.compared
     );
+    if !c.ranks.is_empty() {
+        let busy = |m: f64, p: Option<f64>| format!("{m:.3} / {}", opt_ms(p));
+        let _ = writeln!(s, "  per rank, stream busy ms/step ({mb} / {pb}):");
+        for r in &c.ranks {
+            let _ = writeln!(s, "    rank {:<3} compute {:<22} comm {}", r.rank, busy(r.measured_compute_ms, r.predicted_compute_ms), busy(r.measured_comm_ms, r.predicted_comm_ms));
+        }
+    }
     if let Some(dir) = &p.sim_dir {
         let _ = writeln!(s, "  sim run directory: {}", dir.display());
     }
