@@ -92,7 +92,7 @@ pub struct RankComparison {
     pub rank: u32,
     /// Measured compute-stream ms per step.
     pub measured_compute_ms: f64,
-    /// Predicted compute-stream ms per step; `None` when the prediction traced this rank not
+    /// Predicted compute-stream ms per step; `None` when the prediction did not trace this rank
     /// (a symmetric simulation of a large world traces its representative only).
     pub predicted_compute_ms: Option<f64>,
     /// Measured comm-stream ms per step (collectives include their waits).
