@@ -240,16 +240,13 @@ impl RoutingFill {
     /// What rank `rp` of a plan of `spec` expects: the balanced fill scaled by its
     /// expert-parallel rank's share of `run.rank_loads` ([`rank_load`]); its block is the
     /// fullest expert's (`run.dropless_imbalance`) on the busiest rank, in proportion on the
-    /// others, and never shorter than its own mean load.
+    /// others, and never shorter than its own mean load. A capacity plan's blocks are as long
+    /// on every rank: only their zero rows follow the rank's share.
     fn of(spec: &crate::spec::ExperimentSpec, rp: &RankPlan) -> RoutingFill {
         let (load, block_load) = (expected_dynamic_load(spec), expected_block_load(spec));
-        let (kept, zero_rows) = (expected_kept_share(spec), expected_zero_rows(spec, rp));
-        let Some(r) = rank_load(spec, rp) else { return RoutingFill { load, block_load, kept, zero_rows } };
-        if !spec.model.dropless {
-            // A capacity plan's blocks are as long on every rank; their rows hold r x the
-            // mean rank's kept assignments.
-            return RoutingFill { load, block_load, kept, zero_rows: zero_rows_at(spec, rp, r) };
-        }
+        let share = rank_load(spec, rp);
+        let (kept, zero_rows) = (expected_kept_share(spec), zero_rows_at(spec, rp, share.unwrap_or(1.0)));
+        let Some(r) = share.filter(|_| spec.model.dropless) else { return RoutingFill { load, block_load, kept, zero_rows } };
         let busiest = spec.run.rank_loads.as_deref().map_or(1.0, busiest_rank_share);
         let imbalance = spec.run.dropless_imbalance.unwrap_or(1.0);
         RoutingFill { load: (load * r).min(1.0), block_load: (load * r * imbalance.max(busiest) / busiest).max(load * r).min(1.0), kept, zero_rows }
