@@ -2,7 +2,8 @@
 //! stage totals (errors, the 25% and 2% marks, stages on one side only, the step source),
 //! and whole run directories: a cpu run predicted on h200, the same run with every measured
 //! time doubled (every error moves exactly), a cuda-like run whose worker records name the
-//! GPU and carry step spans, and the run directories that cannot be predicted.
+//! GPU and carry step spans, and the run directories that cannot be predicted; per-rank
+//! stream times and the overlap on hand-made multi-rank traces.
 
 use moelab::analysis::prediction::{compare, StepSource};
 use moelab::analysis::stages::stage_rows;
@@ -311,4 +312,47 @@ fn each_rank_s_stream_time_is_compared_when_the_measured_trace_has_several_ranks
     assert_eq!((r1.predicted_compute_ms, r1.predicted_comm_ms), (None, None), "rank 1 was not traced");
     // A one-rank measured trace has no per-rank rows.
     assert!(compare(&measured(), &predicted()).expect("compares").ranks.is_empty());
+}
+
+#[test]
+fn overlap_is_compared_as_comm_hidden_under_compute_and_exposed() {
+    // Measured, per rank and step: compute 0-100 us; an all-to-all 60-130 us (40 us hidden,
+    // 30 exposed) and an all-reduce 150-160 us (exposed). Two steps on rank 0, one on rank 1
+    // with the same times: the figures are per step and averaged over ranks. Predicted: the
+    // all-to-all 90-110 (10 hidden, 10 exposed), no all-reduce.
+    let step = |rank: u32, step: u32, a2a: (u64, u64), ar: Option<(u64, u64)>| {
+        let base = 1_000_000 * step as u64;
+        let mut ops = vec![
+            op(rank, step, Stage::ExpertGemm1, Pass::Forward, base, base + 100_000),
+            OpEvent { stream: Stream::Comm, ..op(rank, step, Stage::AllToAll, Pass::Forward, base + a2a.0, base + a2a.1) },
+        ];
+        if let Some((s, e)) = ar {
+            ops.push(OpEvent { stream: Stream::Comm, ..op(rank, step, Stage::AllReduce, Pass::Update, base + s, base + e) });
+        }
+        (ops, StepSpan { rank, step, start_ns: base, end_ns: base + 200_000 })
+    };
+    let trace = |backend: &str, parts: Vec<(Vec<OpEvent>, StepSpan)>| Trace {
+        backend: backend.into(),
+        world: 2,
+        ops: parts.iter().flat_map(|p| p.0.clone()).collect(),
+        memory: vec![],
+        steps: parts.iter().map(|p| p.1.clone()).collect(),
+        group_sizes: vec![],
+    };
+    let m = (60_000, 130_000);
+    let cuda = trace("cuda", vec![step(0, 0, m, Some((150_000, 160_000))), step(0, 1, m, Some((150_000, 160_000))), step(1, 0, m, Some((150_000, 160_000)))]);
+    let sim = trace("sim", vec![step(0, 0, (90_000, 110_000), None), step(1, 0, (90_000, 110_000), None)]);
+    let o = compare(&cuda, &sim).expect("compares").overlap.expect("the measured trace communicated");
+    close(o.measured.comm_ms, 0.080);
+    close(o.measured.hidden_ms, 0.040);
+    close(o.measured.exposed_ms, 0.040);
+    close(o.measured.a2a_ms, 0.070);
+    close(o.measured.a2a_hidden_ms, 0.040);
+    close(o.measured.hidden_share(), 0.5);
+    close(o.predicted.comm_ms, 0.020);
+    close(o.predicted.exposed_ms, 0.010);
+    close(o.predicted.a2a_hidden_share(), 0.5);
+    close(o.exposed_error().expect("measured exposure"), -0.75);
+    // Without communication (one GPU) there is nothing to compare.
+    assert!(compare(&measured(), &predicted()).expect("compares").overlap.is_none());
 }

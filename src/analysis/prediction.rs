@@ -101,6 +101,51 @@ pub struct RankComparison {
     pub predicted_comm_ms: Option<f64>,
 }
 
+/// Compute/communication overlap of one trace, ms per measured step, averaged over its ranks
+/// (the definitions of [`super::overlap::RankOverlap`]: unions of each stream's op spans).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct OverlapFigures {
+    /// Comm-stream time (collectives include their waits for the last member).
+    pub comm_ms: f64,
+    /// The part of `comm_ms` under compute-stream ops.
+    pub hidden_ms: f64,
+    /// `comm_ms - hidden_ms`: communication the step waits for.
+    pub exposed_ms: f64,
+    /// The all-to-alls alone (dispatch and combine, forward and backward).
+    pub a2a_ms: f64,
+    /// The part of `a2a_ms` under compute-stream ops.
+    pub a2a_hidden_ms: f64,
+}
+
+impl OverlapFigures {
+    /// `hidden_ms / comm_ms`, 0 without communication.
+    pub fn hidden_share(&self) -> f64 {
+        ratio(self.hidden_ms, self.comm_ms)
+    }
+
+    /// `a2a_hidden_ms / a2a_ms`, 0 without all-to-alls.
+    pub fn a2a_hidden_share(&self) -> f64 {
+        ratio(self.a2a_hidden_ms, self.a2a_ms)
+    }
+}
+
+/// The overlap both sides made of a step, for the designs whose point is hiding their
+/// communication (ScMoE, DGMoE, MPMoE, Tutel's pipelining).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct OverlapComparison {
+    /// From the measured trace.
+    pub measured: OverlapFigures,
+    /// From the predicted trace.
+    pub predicted: OverlapFigures,
+}
+
+impl OverlapComparison {
+    /// `predicted / measured - 1` of the exposed communication; `None` when none was measured.
+    pub fn exposed_error(&self) -> Option<f64> {
+        (self.measured.exposed_ms > 0.0).then(|| self.predicted.exposed_ms / self.measured.exposed_ms - 1.0)
+    }
+}
+
 /// How many of a class of stages meet the stage target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct WithinCount {
@@ -135,6 +180,9 @@ pub struct Comparison {
     pub small: WithinCount,
     /// Per measured rank, its stream times on both sides (empty for a one-rank trace).
     pub ranks: Vec<RankComparison>,
+    /// Compute/communication overlap on both sides; `None` when the measured trace spent no
+    /// time communicating (one GPU).
+    pub overlap: Option<OverlapComparison>,
 }
 
 impl Comparison {
@@ -263,7 +311,41 @@ pub fn compare(measured: &Trace, predicted: &Trace) -> Result<Comparison, Predic
         big,
         small,
         ranks: rank_rows(measured, predicted, source),
+        overlap: overlap_comparison(measured, predicted, source),
     })
+}
+
+/// [`OverlapFigures`] of one trace: each rank's overlap over its measured steps, per step,
+/// averaged over the ranks that ran steps.
+fn overlap_figures(trace: &Trace, source: StepSource) -> OverlapFigures {
+    let mut steps: BTreeMap<u32, f64> = BTreeMap::new();
+    for (rank, _) in rank_steps(trace, source).keys() {
+        *steps.entry(*rank).or_default() += 1.0;
+    }
+    let analysis = super::analyze(trace);
+    let mut sum = OverlapFigures::default();
+    let mut ranks = 0.0;
+    for r in analysis.overlap.iter().filter(|r| steps.contains_key(&r.rank)) {
+        let per_step = |ns: u64| ns as f64 / 1e6 / steps[&r.rank];
+        sum.comm_ms += per_step(r.comm_ns);
+        sum.hidden_ms += per_step(r.overlapped_ns);
+        sum.exposed_ms += per_step(r.exposed_comm_ns);
+        sum.a2a_ms += per_step(r.a2a_ns);
+        sum.a2a_hidden_ms += per_step(r.a2a_overlapped_ns);
+        ranks += 1.0;
+    }
+    if ranks > 0.0 {
+        for v in [&mut sum.comm_ms, &mut sum.hidden_ms, &mut sum.exposed_ms, &mut sum.a2a_ms, &mut sum.a2a_hidden_ms] {
+            *v /= ranks;
+        }
+    }
+    sum
+}
+
+/// Both sides' overlap when the measured trace communicated at all.
+fn overlap_comparison(measured: &Trace, predicted: &Trace, source: StepSource) -> Option<OverlapComparison> {
+    let m = overlap_figures(measured, source);
+    (m.comm_ms > 0.0).then(|| OverlapComparison { measured: m, predicted: overlap_figures(predicted, source) })
 }
 
 /// Per rank: (compute, comm) stream ms per step, over the rank's measured steps.

@@ -31,7 +31,8 @@ fn run_title(p: &RunPrediction) -> String {
 }
 
 /// The block for one run: step time with the 15% target, one line per stage with the 25%
-/// target and the small-stage mark, stages present on one side only, and the counts.
+/// target and the small-stage mark, stages present on one side only, the counts, and with
+/// several ranks each rank's stream times and the overlap.
 pub fn render_text(p: &RunPrediction) -> String {
     let c = &p.comparison;
     let (mb, pb) = (&c.measured_backend, &c.predicted_backend);
@@ -65,6 +66,24 @@ pub fn render_text(p: &RunPrediction) -> String {
         let _ = writeln!(s, "  per rank, stream busy ms/step ({mb} / {pb}):");
         for r in &c.ranks {
             let _ = writeln!(s, "    rank {:<3} compute {:<22} comm {}", r.rank, busy(r.measured_compute_ms, r.predicted_compute_ms), busy(r.measured_comm_ms, r.predicted_comm_ms));
+        }
+    }
+    if let Some(o) = &c.overlap {
+        let (m, q) = (&o.measured, &o.predicted);
+        let pair = |a: f64, b: f64| format!("{a:.3} / {b:.3}");
+        let share = |a: f64, b: f64| format!("{:.0}% / {:.0}%", 100.0 * a, 100.0 * b);
+        let _ = writeln!(s, "  overlap, ms/step averaged over ranks ({mb} / {pb}):");
+        let _ = writeln!(
+            s,
+            "    comm {}, hidden under compute {} ({}), exposed {}{}",
+            pair(m.comm_ms, q.comm_ms),
+            pair(m.hidden_ms, q.hidden_ms),
+            share(m.hidden_share(), q.hidden_share()),
+            pair(m.exposed_ms, q.exposed_ms),
+            o.exposed_error().map(|e| format!(" (error {})", pct(e))).unwrap_or_default()
+        );
+        if m.a2a_ms > 0.0 {
+            let _ = writeln!(s, "    all-to-all {}, hidden {} ({})", pair(m.a2a_ms, q.a2a_ms), pair(m.a2a_hidden_ms, q.a2a_hidden_ms), share(m.a2a_hidden_share(), q.a2a_hidden_share()));
         }
     }
     if let Some(dir) = &p.sim_dir {
@@ -125,7 +144,7 @@ fn ms_docs(x: f64) -> String {
 /// The header and separator of the docs table.
 pub fn markdown_header() -> String {
     format!(
-        "| run | measured step (ms) | sim step (ms) | error | worst stage >= {share:.0}% of step | small stages within {t:.0}% | small stages outside {t:.0}% |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "| run | measured step (ms) | sim step (ms) | error | exposed comm ms/step (measured / sim) | worst stage >= {share:.0}% of step | small stages within {t:.0}% | small stages outside {t:.0}% |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
         share = 100.0 * SMALL_SHARE,
         t = 100.0 * STAGE_TARGET
     )
@@ -136,12 +155,14 @@ pub fn markdown_row(p: &RunPrediction) -> String {
     let c = &p.comparison;
     let worst = c.worst_big().map_or_else(|| "none".to_string(), |w| format!("{} {}", w.label, pct(w.error.unwrap_or(0.0))));
     let outside: Vec<String> = c.small_outside().map(|s| format!("{} {:+.0}%", s.label, 100.0 * s.error.unwrap_or(0.0))).collect();
+    let exposed = c.overlap.map_or_else(|| "-".to_string(), |o| format!("{} / {}", ms_docs(o.measured.exposed_ms), ms_docs(o.predicted.exposed_ms)));
     format!(
-        "| {} | {} | {} | {} | {} | {}/{} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {}/{} | {} |\n",
         run_title(p),
         ms_docs(c.measured_step_ms),
         ms_docs(c.predicted_step_ms),
         pct(c.step_error),
+        exposed,
         worst,
         c.small.within,
         c.small.compared,
