@@ -78,11 +78,8 @@ fn all_ranks(trace: &Trace) -> BTreeSet<u32> {
     ranks
 }
 
-/// Analyzes a trace: stage table, per-rank overlap, memory breakdown and step statistics.
-/// Never panics, including on an empty trace.
-pub fn analyze(trace: &Trace) -> Analysis {
-    let ranks = all_ranks(trace);
-
+/// The overlap row of each of `ranks` from the trace's ops and step spans.
+pub fn overlap_by_rank(trace: &Trace, ranks: &BTreeSet<u32>) -> Vec<overlap::RankOverlap> {
     let mut ops_by_rank: BTreeMap<u32, Vec<&OpEvent>> = BTreeMap::new();
     for op in &trace.ops {
         ops_by_rank.entry(op.rank).or_default().push(op);
@@ -91,19 +88,26 @@ pub fn analyze(trace: &Trace) -> Analysis {
     for s in &trace.steps {
         spans_by_rank.entry(s.rank).or_default().push(s);
     }
-    let mut mem_by_rank: BTreeMap<u32, Vec<&MemEvent>> = BTreeMap::new();
-    for m in &trace.memory {
-        mem_by_rank.entry(m.rank).or_default().push(m);
-    }
-
-    let overlap = ranks
+    ranks
         .iter()
         .map(|&r| {
             let ops = ops_by_rank.get(&r).map(Vec::as_slice).unwrap_or(&[]);
             let spans = spans_by_rank.get(&r).map(Vec::as_slice).unwrap_or(&[]);
             overlap::rank_overlap(r, ops, spans)
         })
-        .collect();
+        .collect()
+}
+
+/// Analyzes a trace: stage table, per-rank overlap, memory breakdown and step statistics.
+/// Never panics, including on an empty trace.
+pub fn analyze(trace: &Trace) -> Analysis {
+    let ranks = all_ranks(trace);
+
+    let overlap = overlap_by_rank(trace, &ranks);
+    let mut mem_by_rank: BTreeMap<u32, Vec<&MemEvent>> = BTreeMap::new();
+    for m in &trace.memory {
+        mem_by_rank.entry(m.rank).or_default().push(m);
+    }
 
     let memory = MemoryBreakdown {
         ranks: ranks

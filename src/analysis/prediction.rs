@@ -318,14 +318,10 @@ pub fn compare(measured: &Trace, predicted: &Trace) -> Result<Comparison, Predic
 /// [`OverlapFigures`] of one trace: each rank's overlap over its measured steps, per step,
 /// averaged over the ranks that ran steps.
 fn overlap_figures(trace: &Trace, source: StepSource) -> OverlapFigures {
-    let mut steps: BTreeMap<u32, f64> = BTreeMap::new();
-    for (rank, _) in rank_steps(trace, source).keys() {
-        *steps.entry(*rank).or_default() += 1.0;
-    }
-    let analysis = super::analyze(trace);
+    let steps = steps_per_rank(trace, source);
     let mut sum = OverlapFigures::default();
     let mut ranks = 0.0;
-    for r in analysis.overlap.iter().filter(|r| steps.contains_key(&r.rank)) {
+    for r in super::overlap_by_rank(trace, &steps.keys().copied().collect()) {
         let per_step = |ns: u64| ns as f64 / 1e6 / steps[&r.rank];
         sum.comm_ms += per_step(r.comm_ns);
         sum.hidden_ms += per_step(r.overlapped_ns);
@@ -348,12 +344,18 @@ fn overlap_comparison(measured: &Trace, predicted: &Trace, source: StepSource) -
     (m.comm_ms > 0.0).then(|| OverlapComparison { measured: m, predicted: overlap_figures(predicted, source) })
 }
 
-/// Per rank: (compute, comm) stream ms per step, over the rank's measured steps.
-fn rank_busy(trace: &Trace, source: StepSource) -> BTreeMap<u32, (f64, f64)> {
+/// How many measured steps each rank ran ([`rank_steps`]).
+fn steps_per_rank(trace: &Trace, source: StepSource) -> BTreeMap<u32, f64> {
     let mut steps: BTreeMap<u32, f64> = BTreeMap::new();
     for (rank, _) in rank_steps(trace, source).keys() {
         *steps.entry(*rank).or_default() += 1.0;
     }
+    steps
+}
+
+/// Per rank: (compute, comm) stream ms per step, over the rank's measured steps.
+fn rank_busy(trace: &Trace, source: StepSource) -> BTreeMap<u32, (f64, f64)> {
+    let steps = steps_per_rank(trace, source);
     let mut busy: BTreeMap<u32, (f64, f64)> = BTreeMap::new();
     for o in &trace.ops {
         let e = busy.entry(o.rank).or_default();
