@@ -28,7 +28,7 @@ use std::sync::Arc;
 /// GEMM shapes `(m, n, k)` of the sweep: squares for the curve, then the shapes MoE blocks
 /// run (mixtral-ish and fine-grained expert GEMMs forward and backward, attention heads,
 /// dense projections).
-pub const GEMM_SHAPES: [(usize, usize, usize); 26] = [
+pub const GEMM_SHAPES: [(usize, usize, usize); 29] = [
     (1024, 1024, 1024),
     (2048, 2048, 2048),
     (4096, 4096, 4096),
@@ -50,6 +50,11 @@ pub const GEMM_SHAPES: [(usize, usize, usize); 26] = [
     (16384, 8, 4096),
     (16384, 4096, 8),
     (4096, 8, 16384),
+    // The small-tokens router's (2,048 tokens x 4,096 -> 8 experts), the same three: thin
+    // GEMMs that cuBLAS splits along k, which the tile model cannot carry down from 16,384.
+    (2048, 8, 4096),
+    (2048, 4096, 8),
+    (4096, 8, 2048),
     // The fine-grained router's (16,384 tokens x 2,048 -> 64 experts), the same three.
     (16384, 64, 2048),
     (16384, 2048, 64),
