@@ -336,7 +336,8 @@ pub fn split_host(cost: Cost, op: &Op, plan: &RankPlan, gpu: &GpuProfile, load: 
         Cost::Compute(d) => {
             let rate = class_host_rate(&op.kind, gpu);
             let gpu_s = (d - host_seconds(gpu, every, rate)).max(0.0);
-            (Cost::Compute(gpu_s), HostWork { seconds: host_seconds(gpu, known, rate), sync: known.syncs > 0 })
+            let seconds = host_seconds(gpu, known, rate) + issue_seconds(op, plan, gpu);
+            (Cost::Compute(gpu_s), HostWork { seconds, sync: known.syncs > 0 })
         }
         Cost::Collective(mut parts) => {
             if let Some(first) = parts.first_mut() {
@@ -345,6 +346,21 @@ pub fn split_host(cost: Cost, op: &Op, plan: &RankPlan, gpu: &GpuProfile, load: 
             (Cost::Collective(parts), HostWork::default())
         }
     }
+}
+
+/// Host time to issue compute op `op` (`kernels.host_op_us` plus `kernels.host_launch_us`
+/// per kernel: an attention core's loop launches its body per iteration; an expert op's
+/// per-expert GEMM calls are bounded by `kernels.gemm_call_us` instead).
+pub fn issue_seconds(op: &Op, plan: &RankPlan, gpu: &GpuProfile) -> f64 {
+    let k = &gpu.kernels;
+    if k.host_op_s == 0.0 && k.host_launch_s == 0.0 {
+        return 0.0;
+    }
+    let launches = match attention_loop(&op.kind, plan) {
+        Some((iterations, body)) => iterations * body.len(),
+        None => kernels(&op.kind, gemms_at(&op.kind, plan, Fill::FULL).len()),
+    };
+    k.host_op_s + k.host_launch_s * launches as f64
 }
 
 /// The collective parts of an op; `None` for compute ops.
@@ -951,5 +967,24 @@ mod tests {
         let ds = profile::resolve("h200-datasheet").expect("parses");
         let Cost::Compute(s) = op_cost(&o, &plan, &ds.gpu, GemmDtype::F32) else { panic!("compute") };
         assert!((s - 2.0 * ds.gpu.launch_s).abs() < 1e-12);
+        assert_eq!(issue_seconds(&o, &plan, &ds.gpu), 0.0);
+    }
+
+    #[test]
+    fn issuing_an_op_costs_the_host_per_op_and_per_kernel_launch() {
+        let text = include_str!("../../../profiles/h200-datasheet.toml");
+        let p = profile::parse(&format!("{text}\n[kernels]\nhost_op_us = 5.0\nhost_launch_us = 4.0\n"), "t").expect("parses");
+        let route = op(OpKind::Route { logits: BufId(0), probs: BufId(0), idx: BufId(1), weights: BufId(1), stats: BufId(1), n_experts: 8, top_k: 2, renormalize: false }, 0, 1 << 20);
+        let plan = rank_with(route.clone(), 2);
+        // Four kernels: 5 + 4 x 4 us, host work that runs ahead of the GPU (no sync) and
+        // leaves the GPU's cost as it was.
+        assert!((issue_seconds(&route, &plan, &p.gpu) - 21e-6).abs() < 1e-12);
+        let (gpu_cost, host) = split_host(op_cost(&route, &plan, &p.gpu, GemmDtype::F32), &route, &plan, &p.gpu, 1.0, &HostCopies::default());
+        assert_eq!(gpu_cost, op_cost(&route, &plan, &profile::resolve("h200-datasheet").unwrap().gpu, GemmDtype::F32));
+        assert_eq!(host, HostWork { seconds: 21e-6, sync: false });
+        for bad in ["host_op_us = -1.0", "host_launch_us = nan"] {
+            let err = profile::parse(&format!("{text}\n[kernels]\n{bad}\n"), "t").expect_err("refused").to_string();
+            assert!(err.contains(bad.split(' ').next().unwrap()), "{err}");
+        }
     }
 }

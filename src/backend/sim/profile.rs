@@ -445,6 +445,13 @@ pub struct KernelProfile {
     /// Host time per GEMM call of an expert op that runs one GEMM per expert (dropless):
     /// with many small experts the host's calls, not the GPU, set the pace. Seconds.
     pub gemm_call_s: f64,
+    /// Host time to issue one op on the cuda executor (its bookkeeping: events, buffers,
+    /// allocations) before its kernels, seconds (`kernels.host_op_us`; zero when absent).
+    pub host_op_s: f64,
+    /// Host time per kernel an op launches, seconds (`kernels.host_launch_us`). With
+    /// `host_op_s` it is the op's issue time, which the host thread spends ahead of the GPU:
+    /// it shows only where the GPU waits for the host, in strings of short kernels.
+    pub host_launch_s: f64,
     /// Share of `mem_bandwidth` at which a bf16 GEMM's f32 output (the weight gradients of a
     /// bf16 plan) moves its bytes beyond a bf16 output's (6 per element when the GEMM adds to
     /// it): `moelab calibrate` fits it. `None`: those bytes are not priced.
@@ -459,7 +466,7 @@ pub struct KernelProfile {
 
 impl Default for KernelProfile {
     fn default() -> Self {
-        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, f32_output_share: None, zero_row_gain: ZeroRowGain::default(), classes: [KernelClassParams::default(); 15], source: None }
+        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, host_op_s: 0.0, host_launch_s: 0.0, f32_output_share: None, zero_row_gain: ZeroRowGain::default(), classes: [KernelClassParams::default(); 15], source: None }
     }
 }
 
@@ -618,6 +625,10 @@ struct KernelsToml {
     host_gbps: Option<f64>,
     #[serde(default)]
     gemm_call_us: f64,
+    #[serde(default)]
+    host_op_us: f64,
+    #[serde(default)]
+    host_launch_us: f64,
     #[serde(default)]
     f32_output_share: Option<f64>,
     #[serde(default)]
@@ -863,8 +874,10 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
         kernels: match &raw.kernels {
             None => KernelProfile::default(),
             Some(k) => {
-                if !(k.host_sync_us.is_finite() && k.host_sync_us >= 0.0) {
-                    return Err(invalid("kernels.host_sync_us", format!("{} must be a number >= 0", k.host_sync_us), "give microseconds, e.g. 40"));
+                for (field, v) in [("kernels.host_sync_us", k.host_sync_us), ("kernels.host_op_us", k.host_op_us), ("kernels.host_launch_us", k.host_launch_us)] {
+                    if !(v.is_finite() && v >= 0.0) {
+                        return Err(invalid(field, format!("{v} must be a number >= 0"), "give microseconds, e.g. 5"));
+                    }
                 }
                 let host_bandwidth = match k.host_gbps {
                     Some(v) => positive("kernels.host_gbps", v)? * 1e9,
@@ -901,6 +914,8 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                     host_sync_s: k.host_sync_us * 1e-6,
                     host_bandwidth,
                     gemm_call_s: k.gemm_call_us * 1e-6,
+                    host_op_s: k.host_op_us * 1e-6,
+                    host_launch_s: k.host_launch_us * 1e-6,
                     f32_output_share: k.f32_output_share,
                     zero_row_gain,
                     classes,
