@@ -363,6 +363,32 @@ fn predict_json(runs: &[std::path::PathBuf]) -> Vec<serde_json::Value> {
     doc.as_array().expect("a JSON array").clone()
 }
 
+/// MPMoE's granularity out of sample (1x H200, 2026-11-24 14:57 UTC, mixtral-ish bf16 at 8,
+/// 16, 32 and 64 chunks, `docs/device-runs/h200-s16/`): every step within the 15% target and
+/// the ops the chunks multiply (the host-built chunk layouts of the permute stages) within
+/// 25%, with the sweep's chunk-row GEMMs and host issue in the profile. The steps grow 3.06x
+/// from 8 to 64 chunks.
+#[test]
+fn the_h200_profile_predicts_mpmoe_from_8_to_64_chunks() {
+    let mut runs: Vec<std::path::PathBuf> = std::fs::read_dir("docs/device-runs/h200-s16/mpmoe-chunks-runs").unwrap().map(|e| e.unwrap().path()).collect();
+    runs.sort();
+    assert_eq!(runs.len(), 4, "{runs:?}");
+    let mut steps = Vec::new();
+    for r in &predict_json(&runs) {
+        let name = r["name"].as_str().unwrap();
+        let c = &r["comparison"];
+        let e = c["step_error"].as_f64().unwrap();
+        assert!(e.is_finite() && e.abs() < 0.15, "{name}: step error {e}");
+        for st in c["stages"].as_array().unwrap().iter().filter(|st| st["label"].as_str().unwrap().starts_with("permute")) {
+            assert!(st["within"] == true, "{name} {}: {st}", st["label"]);
+        }
+        steps.push((name.to_string(), c["measured_step_ms"].as_f64().unwrap()));
+    }
+    steps.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let names: Vec<&str> = steps.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(names, ["mixtral-mpmoe-1gpu-c8", "mixtral-mpmoe-1gpu-c16", "mixtral-mpmoe-1gpu-c32", "mixtral-mpmoe-1gpu-c64"], "finer chunks cost more");
+}
+
 /// The first 2-GPU runs of the current executor (2x H200, NVLink, 2026-11-24): the four
 /// mixtral-ish designs at ep = 2 (topk, MPMoE, ScMoE, Tutel) and the six bench plans at
 /// ep = 2 stay within the 15% step target with their all-to-alls, all-reduces and

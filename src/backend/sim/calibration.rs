@@ -48,10 +48,13 @@ fn dtype_name<S: serde::Serializer>(d: &GemmDtype, s: S) -> Result<S::Ok, S::Err
 
 /// Weight-gradient GEMM shapes `(m, n, k)` of the f32-output sweep (`c = a^T b` over `k` rows,
 /// as the expert and dense backward computes `dw = x^T dy`): the mixtral-ish expert (d 4,096,
-/// f 14,336) at MPMoE's chunk rows (640), the small-tokens rows (512) and a whole capacity
-/// block (5,120), both ways round, and the fine-grained expert (d 2,048, f 1,408).
-pub const F32_OUTPUT_SHAPES: [(usize, usize, usize); 8] = [
+/// f 14,336) at MPMoE's chunk rows (640 at 8 chunks, 160 and 80 at 32 and 64), the
+/// small-tokens rows (512) and a whole capacity block (5,120), both ways round, and the
+/// fine-grained expert (d 2,048, f 1,408).
+pub const F32_OUTPUT_SHAPES: [(usize, usize, usize); 10] = [
     (4096, 14336, 640),
+    (4096, 14336, 160),
+    (4096, 14336, 80),
     (14336, 4096, 640),
     (4096, 14336, 512),
     (4096, 14336, 5120),
@@ -717,7 +720,7 @@ mod tests {
         // The shipped h200 profile carries batched attention points (batch = 4, from ncu) and
         // points at swept shapes; recalibrating on it replaces the latter and keeps the former.
         // A strided-batched measurement replaces the base's point at its shape and batch
-        // only (the shipped profile has 13 from the batched expert sweep).
+        // only (the shipped profile has 21 from the batched expert sweep).
         let base = profile::builtin_text("h200").expect("built in");
         let mut cal = measured();
         cal.gemms.push(GemmMeasure { dtype: GemmDtype::Bf16, m: 5120, n: 14336, k: 4096, batch: 8, tflops: 700.0 });
@@ -727,7 +730,7 @@ mod tests {
         assert_eq!(batched.len(), 2, "{text}");
         assert!(batched.iter().all(|q| q.source.contains("ncu")));
         let experts: Vec<_> = p.gpu.bf16.points.iter().filter(|q| q.batch == 8 || q.batch == 64).collect();
-        assert_eq!(experts.len(), 13, "{text}");
+        assert_eq!(experts.len(), 21, "{text}");
         let swept: Vec<_> = experts.iter().filter(|q| (q.m, q.n, q.k, q.batch) == (5120, 14336, 4096, 8)).collect();
         assert!(swept.len() == 1 && swept[0].tflops == 700.0 && swept[0].source.starts_with("moelab calibrate on Test GPU"), "{swept:?}");
         let json = serde_json::to_string(&cal.gemms).expect("serializes");

@@ -341,16 +341,17 @@ pub fn split_host(cost: Cost, op: &Op, plan: &RankPlan, gpu: &GpuProfile, load: 
         }
         Cost::Collective(mut parts) => {
             if let Some(first) = parts.first_mut() {
-                first.host_s = host_seconds(gpu, known, gpu.kernels.host_bandwidth);
+                first.host_s = host_seconds(gpu, known, gpu.kernels.host_bandwidth) + issue_seconds(op, plan, gpu);
             }
             (Cost::Collective(parts), HostWork::default())
         }
     }
 }
 
-/// Host time to issue compute op `op` (`kernels.host_op_us` plus `kernels.host_launch_us`
-/// per kernel: an attention core's loop launches its body per iteration; an expert op's
-/// per-expert GEMM calls are bounded by `kernels.gemm_call_us` instead).
+/// Host time to issue op `op` (`kernels.host_op_us` plus `kernels.host_launch_us` per kernel:
+/// an attention core's loop launches its body per iteration; an expert op's per-expert GEMM
+/// calls are bounded by `kernels.gemm_call_us` instead; a collective launches one kernel, after
+/// its count exchange where it has one).
 pub fn issue_seconds(op: &Op, plan: &RankPlan, gpu: &GpuProfile) -> f64 {
     let k = &gpu.kernels;
     if k.host_op_s == 0.0 && k.host_launch_s == 0.0 {

@@ -446,7 +446,8 @@ pub struct KernelProfile {
     /// with many small experts the host's calls, not the GPU, set the pace. Seconds.
     pub gemm_call_s: f64,
     /// Host time to issue one op on the cuda executor (its bookkeeping: events, buffers,
-    /// allocations) before its kernels, seconds (`kernels.host_op_us`; zero when absent).
+    /// allocations) before its kernels, seconds (`kernels.host_op_us`; zero when absent);
+    /// compute ops and collectives alike.
     pub host_op_s: f64,
     /// Host time per kernel an op launches, seconds (`kernels.host_launch_us`). With
     /// `host_op_s` it is the op's issue time, which the host thread spends ahead of the GPU:
