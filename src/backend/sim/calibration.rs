@@ -8,7 +8,7 @@
 //! This half needs no GPU, so the fits and the rendering are tested everywhere; the cuda
 //! backend's `calibrate` module takes the measurements.
 
-use super::profile::{self, CollectiveKind, GemmDtype, GemmPass, KernelClass, ProfileError, ZeroRowGain};
+use super::profile::{self, CollectiveKind, GemmDtype, GemmPass, KernelClass, F32OutputPoint, ProfileError, ZeroRowGain};
 use serde::{Deserialize, Deserializer, Serialize};
 use toml::{Table, Value};
 
@@ -97,14 +97,36 @@ impl F32OutputMeasure {
 /// seconds over the extra bytes, both output forms of every shape. `None` without measures
 /// or when the f32 outputs cost nothing measurable.
 pub fn f32_output_share(measures: &[F32OutputMeasure], copy_bps: f64) -> Option<f64> {
-    let (mut bt, mut bb) = (0.0, 0.0);
-    for m in measures {
-        for (acc, t) in [(false, m.f32_s), (true, m.f32_acc_s)] {
-            let b = F32OutputMeasure::extra_bytes(m.m, m.n, acc);
-            bt += b * (t - m.bf16_s);
-            bb += b * b;
-        }
-    }
+    share_through_origin(measures.iter().flat_map(|m| [(false, m.f32_s), (true, m.f32_acc_s)].map(|(acc, t)| (F32OutputMeasure::extra_bytes(m.m, m.n, acc), t - m.bf16_s))), copy_bps)
+}
+
+/// Shortest time the extra bytes of an f32 output written take at the copy rate for a measure
+/// to enter [`f32_output_by_k`]: the small shapes' 1-3 us are the size of the timing noise.
+pub const F32_OUTPUT_RESOLVED_S: f64 = 10e-6;
+
+/// [`f32_output_share`] fitted at each reduction length the sweep timed, for an output
+/// written and one added to apart, from the measures whose extra bytes take at least
+/// [`F32_OUTPUT_RESOLVED_S`]; a length either fit finds free is left out. Sorted by `k`.
+pub fn f32_output_by_k(measures: &[F32OutputMeasure], copy_bps: f64) -> Vec<F32OutputPoint> {
+    let resolved: Vec<&F32OutputMeasure> = measures.iter().filter(|m| F32OutputMeasure::extra_bytes(m.m, m.n, false) / copy_bps >= F32_OUTPUT_RESOLVED_S).collect();
+    let mut ks: Vec<usize> = resolved.iter().map(|m| m.k).collect();
+    ks.sort_unstable();
+    ks.dedup();
+    ks.into_iter()
+        .filter_map(|k| {
+            let at = || resolved.iter().filter(move |m| m.k == k);
+            let write_share = share_through_origin(at().map(|m| (F32OutputMeasure::extra_bytes(m.m, m.n, false), m.f32_s - m.bf16_s)), copy_bps)?;
+            let add_share = share_through_origin(at().map(|m| (F32OutputMeasure::extra_bytes(m.m, m.n, true), m.f32_acc_s - m.bf16_s)), copy_bps)?;
+            Some(F32OutputPoint { k, write_share, add_share })
+        })
+        .collect()
+}
+
+/// The share of `copy_bps` at which (bytes, seconds) pairs move: the least-squares fit
+/// through the origin of seconds over bytes, clamped to [0.01, 4]; `None` when they cost
+/// nothing measurable.
+fn share_through_origin(pairs: impl Iterator<Item = (f64, f64)>, copy_bps: f64) -> Option<f64> {
+    let (bt, bb) = pairs.fold((0.0, 0.0), |(bt, bb), (b, t)| (bt + b * t, bb + b * b));
     let per_byte = bt / bb;
     (per_byte.is_finite() && per_byte > 0.0 && copy_bps > 0.0).then(|| (1.0 / (per_byte * copy_bps)).clamp(0.01, 4.0))
 }
@@ -602,6 +624,17 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
         if let Some(share) = f32_output_share(&cal.f32_outputs, copy_bps) {
             kernels.insert("f32_output_share".into(), round(share, 4).into());
         }
+        let by_k = f32_output_by_k(&cal.f32_outputs, copy_bps);
+        if !by_k.is_empty() {
+            let points = by_k.iter().map(|p| {
+                let mut t = Table::new();
+                t.insert("k".into(), (p.k as i64).into());
+                t.insert("write_share".into(), round(p.write_share, 4).into());
+                t.insert("add_share".into(), round(p.add_share, 4).into());
+                Value::Table(t)
+            });
+            kernels.insert("f32_output_by_k".into(), Value::Array(points.collect()));
+        }
         if let Some(g) = zero_row_gain(&cal.zero_rows) {
             let mut t = Table::new();
             for pass in GemmPass::ALL {
@@ -649,7 +682,7 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
             (false, false) => ", kernels.*.bandwidth_share of the timed classes (plan kernels)",
             (false, true) => "",
         },
-        if cal.f32_outputs.is_empty() { "" } else { ", kernels.f32_output_share (the f32 outputs of bf16 weight-gradient GEMMs)" },
+        if cal.f32_outputs.is_empty() { "" } else { ", kernels.f32_output_share and kernels.f32_output_by_k (the f32 outputs of bf16 weight-gradient GEMMs)" },
         if zero_row_gain(&cal.zero_rows).is_none() { "" } else { ", kernels.zero_row_gain (expert GEMMs over zero rows)" },
         if fits.is_empty() { ", every link (one GPU: no collective measured)" } else { " and the inter-node link" },
     );
@@ -849,5 +882,35 @@ mod tests {
         let p = profile::parse(&text, "t").expect("parses");
         let got = p.gpu.kernels.f32_output_share.expect("written");
         assert!((got - 0.8).abs() < 1e-3, "{got}");
+    }
+
+    #[test]
+    fn f32_output_shares_are_fitted_per_reduction_length_from_resolvable_shapes() {
+        // At k 80 the extra bytes move at 50% (written) and 40% (added to) of the copy rate, at
+        // k 5,120 at 150% and 200% (the main loop hides some); a small shape whose extra bytes
+        // take 2 us at k 2,560 is noise and gives no point.
+        let copy = 4e12;
+        let m = |m: usize, n: usize, k: usize, write: f64, add: f64| {
+            let t = |acc, share| F32OutputMeasure::extra_bytes(m, n, acc) / (share * copy);
+            F32OutputMeasure { m, n, k, bf16_s: 1e-4, f32_s: 1e-4 + t(false, write), f32_acc_s: 1e-4 + t(true, add) }
+        };
+        let noise = F32OutputMeasure { m: 2048, n: 1408, k: 2560, bf16_s: 3.5e-5, f32_s: 3.4e-5, f32_acc_s: 4.4e-5 };
+        assert!(F32OutputMeasure::extra_bytes(2048, 1408, false) / copy < F32_OUTPUT_RESOLVED_S);
+        let v = [m(4096, 14336, 80, 0.5, 0.4), m(4096, 14336, 5120, 1.5, 2.0), m(14336, 4096, 5120, 1.5, 2.0), noise];
+        let pts = f32_output_by_k(&v, copy);
+        assert_eq!(pts.iter().map(|p| p.k).collect::<Vec<_>>(), vec![80, 5120]);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(pts[0].write_share, 0.5) && close(pts[0].add_share, 0.4) && close(pts[1].write_share, 1.5) && close(pts[1].add_share, 2.0), "{pts:?}");
+        // The rendered profile carries the points, and the sim prices k 80 by them.
+        let mut cal = measured();
+        cal.f32_outputs = v.to_vec();
+        cal.copy_tbps = 4.0;
+        let (text, _) = render(base(), "h200-datasheet", "t", &cal).expect("renders");
+        let p = profile::parse(&text, "t").expect("parses");
+        let by_k = &p.gpu.kernels.f32_output_by_k;
+        assert_eq!(by_k.len(), 2, "{text}");
+        let bytes = F32OutputMeasure::extra_bytes(4096, 14336, true);
+        let got = p.gpu.kernels.f32_output_seconds(bytes, 80, true, copy);
+        assert!((got / (bytes / (0.4 * copy)) - 1.0).abs() < 1e-3, "{got}");
     }
 }

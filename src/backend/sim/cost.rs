@@ -484,21 +484,23 @@ fn f32_linear_casts(op: &Op, plan: &RankPlan, dtype: GemmDtype) -> (f64, usize) 
 
 /// Bytes the f32 weight gradient of a bf16 backward GEMM moves beyond the bf16 output the
 /// GEMM points were measured with: 2 per element, 6 when the op adds into it (MPMoE's chunks
-/// after the first). Priced at `kernels.f32_output_share` of the copy rate.
-fn f32_output_bytes(op: &Op, plan: &RankPlan, dtype: GemmDtype) -> f64 {
+/// after the first, the `bool`). Priced by [`KernelProfile::f32_output_seconds`].
+///
+/// [`KernelProfile::f32_output_seconds`]: crate::backend::sim::profile::KernelProfile::f32_output_seconds
+fn f32_output_bytes(op: &Op, plan: &RankPlan, dtype: GemmDtype) -> (f64, bool) {
     if gemm_dtype(op, plan, dtype) != GemmDtype::Bf16 {
-        return 0.0;
+        return (0.0, false);
     }
     let (dw, accumulate) = match &op.kind {
         OpKind::LinearBwd { dw, .. } | OpKind::ExpertLinearBwd { dw, .. } | OpKind::ExpertLinearPartBwd { dw, .. } => (*dw, false),
         OpKind::ExpertLinearBwdAcc { dw, accumulate, .. } => (*dw, *accumulate),
-        _ => return 0.0,
+        _ => return (0.0, false),
     };
     let d = plan.buffer(dw);
     if d.is_bf16() || d.elem_bytes != 4 {
-        return 0.0;
+        return (0.0, false);
     }
-    crate::backend::sim::calibration::F32OutputMeasure::extra_bytes(d.elems, 1, accumulate)
+    (crate::backend::sim::calibration::F32OutputMeasure::extra_bytes(d.elems, 1, accumulate), accumulate)
 }
 
 /// The cost of one op of `plan` on `gpu` with GEMMs in `dtype`.
@@ -652,8 +654,11 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
     let zeroing = if per_expert { zeroed_output_bytes(&op.kind, plan, fill) / gpu.mem_bandwidth } else { 0.0 };
     // One GEMM per expert: the host's calls bound the op from below.
     let host_floor = if calls > 1 { (shapes.len() * calls) as f64 * gpu.kernels.gemm_call_s } else { 0.0 };
-    // An f32 weight gradient's extra output bytes follow the GEMM's main loop.
-    let f32_output = gpu.kernels.f32_output_share.map_or(0.0, |share| f32_output_bytes(op, plan, dtype) / (gpu.mem_bandwidth * share));
+    // An f32 weight gradient's extra output bytes follow the GEMM's main loop, whose
+    // reduction length (the weight-gradient GEMM's `k`, the first shape) says how much of
+    // them it hides.
+    let (f32_bytes, add) = f32_output_bytes(op, plan, dtype);
+    let f32_output = if f32_bytes > 0.0 { gpu.kernels.f32_output_seconds(f32_bytes, shapes[0].k, add, gpu.mem_bandwidth) } else { 0.0 };
     Cost::Compute((launch + passes + zeroing + math.max(memory) + f32_output).max(host_floor))
 }
 
@@ -812,11 +817,19 @@ mod tests {
             _ => panic!("compute"),
         };
         p.gpu.kernels.f32_output_share = None;
+        p.gpu.kernels.f32_output_by_k.clear();
         let base = cost(true, &p, &rp);
         p.gpu.kernels.f32_output_share = Some(0.5);
         let bw = p.gpu.mem_bandwidth * 0.5;
         assert!((cost(false, &p, &rp) - base - 2.0 * elems / bw).abs() < 1e-12);
         assert!((cost(true, &p, &rp) - base - 6.0 * elems / bw).abs() < 1e-12);
+        // Points by reduction length take over, read at the weight gradient's rows per expert.
+        let rows = rp.buffers[0].elems / (2 * 512);
+        let pt = |k, write_share, add_share| profile::F32OutputPoint { k, write_share, add_share };
+        p.gpu.kernels.f32_output_by_k = vec![pt(rows, 0.25, 0.2), pt(rows * 4, 2.0, 2.0)];
+        let at = |share: f64| elems / (p.gpu.mem_bandwidth * share);
+        assert!((cost(false, &p, &rp) - base - 2.0 * at(0.25)).abs() < 1e-12);
+        assert!((cost(true, &p, &rp) - base - 6.0 * at(0.2)).abs() < 1e-12);
         // A bf16 gradient has none.
         rp.buffers[4].elem_bytes = 2;
         assert_eq!(cost(true, &p, &rp), base);

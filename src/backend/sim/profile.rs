@@ -147,6 +147,46 @@ impl GemmPass {
     }
 }
 
+/// The shares of the copy rate at which a bf16 GEMM's f32 output moves its extra bytes when
+/// the GEMM reduces over `k` (`[[kernels.f32_output_by_k]]`, fitted by `moelab calibrate`):
+/// `write_share` for an output written (2 extra bytes per element), `add_share` for one
+/// added to (6: MPMoE's chunks after the first).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct F32OutputPoint {
+    /// Reduction length (the rows of a weight gradient).
+    pub k: usize,
+    /// Share of the copy rate for an f32 output written.
+    pub write_share: f64,
+    /// Share of the copy rate for an f32 output added to (read and written).
+    pub add_share: f64,
+}
+
+impl KernelProfile {
+    /// Seconds a bf16 GEMM reducing over `k` spends on `bytes` of f32 output beyond a bf16
+    /// output's, written or (`add`) added to, at `mem_bandwidth`: the points by `k`
+    /// interpolated in log k (clamped to the first and last), else `f32_output_share`; zero
+    /// when neither is given.
+    pub fn f32_output_seconds(&self, bytes: f64, k: usize, add: bool, mem_bandwidth: f64) -> f64 {
+        let per_byte = |p: &F32OutputPoint| 1.0 / (mem_bandwidth * if add { p.add_share } else { p.write_share });
+        let pts = &self.f32_output_by_k;
+        let seconds_per_byte = match pts.iter().position(|p| p.k >= k) {
+            _ if pts.is_empty() => match self.f32_output_share {
+                Some(share) => 1.0 / (mem_bandwidth * share),
+                None => return 0.0,
+            },
+            Some(0) => per_byte(&pts[0]),
+            None => per_byte(&pts[pts.len() - 1]),
+            Some(i) => {
+                let (a, b) = (&pts[i - 1], &pts[i]);
+                let t = ((k as f64).ln() - (a.k as f64).ln()) / ((b.k as f64).ln() - (a.k as f64).ln());
+                per_byte(a) + t * (per_byte(b) - per_byte(a))
+            }
+        };
+        bytes * seconds_per_byte
+    }
+}
+
 /// How much faster a bf16 expert GEMM runs per share of its rows that are zero (a capacity
 /// plan's unfilled capacity), per pass: time = time at full rows / (1 + gain x zero share).
 /// Zero operands draw less power, so a power-capped GPU clocks higher over them;
@@ -455,8 +495,13 @@ pub struct KernelProfile {
     pub host_launch_s: f64,
     /// Share of `mem_bandwidth` at which a bf16 GEMM's f32 output (the weight gradients of a
     /// bf16 plan) moves its bytes beyond a bf16 output's (6 per element when the GEMM adds to
-    /// it): `moelab calibrate` fits it. `None`: those bytes are not priced.
+    /// it): `moelab calibrate` fits it. `None`: those bytes are not priced. Where
+    /// `f32_output_by_k` has points, they price the bytes instead.
     pub f32_output_share: Option<f64>,
+    /// The same shares fitted at each reduction length the sweep timed, sorted by `k`
+    /// (`[[kernels.f32_output_by_k]]`): a short reduction leaves the output bytes nothing to
+    /// hide under, a long one hides part of them. Empty: `f32_output_share` for every `k`.
+    pub f32_output_by_k: Vec<F32OutputPoint>,
     /// Speed-up of bf16 expert GEMMs over zero rows (`kernels.zero_row_gain`; zero when absent).
     pub zero_row_gain: ZeroRowGain,
     /// Per class, in [`KernelClass::ALL`] order.
@@ -467,7 +512,7 @@ pub struct KernelProfile {
 
 impl Default for KernelProfile {
     fn default() -> Self {
-        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, host_op_s: 0.0, host_launch_s: 0.0, f32_output_share: None, zero_row_gain: ZeroRowGain::default(), classes: [KernelClassParams::default(); 15], source: None }
+        KernelProfile { host_sync_s: 0.0, host_bandwidth: f64::INFINITY, gemm_call_s: 0.0, host_op_s: 0.0, host_launch_s: 0.0, f32_output_share: None, f32_output_by_k: Vec::new(), zero_row_gain: ZeroRowGain::default(), classes: [KernelClassParams::default(); 15], source: None }
     }
 }
 
@@ -632,6 +677,8 @@ struct KernelsToml {
     host_launch_us: f64,
     #[serde(default)]
     f32_output_share: Option<f64>,
+    #[serde(default)]
+    f32_output_by_k: Vec<F32OutputPoint>,
     #[serde(default)]
     zero_row_gain: Option<ZeroRowGain>,
     #[serde(default)]
@@ -904,6 +951,16 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                 if let Some(f) = k.f32_output_share {
                     positive("kernels.f32_output_share", f)?;
                 }
+                let mut f32_output_by_k = k.f32_output_by_k.clone();
+                f32_output_by_k.sort_by_key(|p| p.k);
+                for (i, p) in f32_output_by_k.iter().enumerate() {
+                    let f = format!("kernels.f32_output_by_k (k = {})", p.k);
+                    if p.k == 0 || (i > 0 && f32_output_by_k[i - 1].k == p.k) {
+                        return Err(invalid(&f, format!("k {} is zero or given twice", p.k), "give each reduction length once, e.g. k = 80"));
+                    }
+                    positive(&format!("{f}.write_share"), p.write_share)?;
+                    positive(&format!("{f}.add_share"), p.add_share)?;
+                }
                 let zero_row_gain = k.zero_row_gain.unwrap_or_default();
                 for pass in GemmPass::ALL {
                     let g = zero_row_gain.of(pass);
@@ -918,6 +975,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Profile, ProfileError> {
                     host_op_s: k.host_op_us * 1e-6,
                     host_launch_s: k.host_launch_us * 1e-6,
                     f32_output_share: k.f32_output_share,
+                    f32_output_by_k,
                     zero_row_gain,
                     classes,
                     source: k.source.clone(),
@@ -1102,6 +1160,30 @@ mod tests {
         assert_eq!(parse(&bad, "t").unwrap_err().field(), Some("kernels.act.bf16_bandwidth_share"));
         let unknown = format!("{text}\n[kernels]\nhost_sync = 10.0\n");
         assert!(parse(&unknown, "t").is_err());
+        let point = |k, w| format!("\n[[kernels.f32_output_by_k]]\nk = {k}\nwrite_share = {w}\nadd_share = 0.5\n");
+        let twice = format!("{text}\n[kernels]\nhost_sync_us = 10.0\n{}{}", point(80, 1.0), point(80, 0.9));
+        assert_eq!(parse(&twice, "t").unwrap_err().field(), Some("kernels.f32_output_by_k (k = 80)"));
+        let zero = format!("{text}\n[kernels]\nhost_sync_us = 10.0\n{}", point(80, 0.0));
+        assert_eq!(parse(&zero, "t").unwrap_err().field(), Some("kernels.f32_output_by_k (k = 80).write_share"));
+    }
+
+    #[test]
+    fn f32_output_points_are_interpolated_in_log_k_and_clamped_at_the_ends() {
+        let bw = 4e12;
+        let pt = |k, write_share, add_share| F32OutputPoint { k, write_share, add_share };
+        let mut k = KernelProfile { f32_output_share: Some(3.0), f32_output_by_k: vec![pt(80, 0.5, 0.25), pt(1280, 1.0, 2.0)], ..KernelProfile::default() };
+        let per_byte = |k: &KernelProfile, rows, add| k.f32_output_seconds(1.0, rows, add, bw);
+        assert_eq!(per_byte(&k, 40, false), 1.0 / (bw * 0.5));
+        assert_eq!(per_byte(&k, 80, true), 1.0 / (bw * 0.25));
+        assert_eq!(per_byte(&k, 9000, true), 1.0 / (bw * 2.0));
+        // 320 is halfway from 80 to 1,280 in log k: halfway in seconds per byte.
+        let mid = (1.0 / (bw * 0.5) + 1.0 / (bw * 1.0)) / 2.0;
+        assert!((per_byte(&k, 320, false) - mid).abs() < 1e-9 * mid);
+        // Without points the one share holds at every k; with neither, nothing is priced.
+        k.f32_output_by_k.clear();
+        assert_eq!(per_byte(&k, 80, true), 1.0 / (bw * 3.0));
+        k.f32_output_share = None;
+        assert_eq!(per_byte(&k, 80, true), 0.0);
     }
 
     #[test]
