@@ -136,7 +136,7 @@ fn fill_f32(gpu: &Gpu, s: &GpuStream, ptr: u64, n: usize) -> Result<(), GpuError
 /// gradient and weight gradient: mixtral-ish 8 x 5,120 rows of 4,096 / 14,336, fine-grained
 /// 64 x 1,920 rows of 2,048 / 1,408, small-tokens 8 x 640 rows), and a square 4,096 batch of
 /// 8 for reference.
-pub const BATCHED_GEMM_SHAPES: [(usize, usize, usize, usize); 21] = [
+pub const BATCHED_GEMM_SHAPES: [(usize, usize, usize, usize); 25] = [
     (5120, 14336, 4096, 8),
     (5120, 4096, 14336, 8),
     (4096, 14336, 5120, 8),
@@ -150,8 +150,12 @@ pub const BATCHED_GEMM_SHAPES: [(usize, usize, usize, usize); 21] = [
     (4096, 14336, 640, 8),
     (14336, 4096, 640, 8),
     (4096, 4096, 4096, 8),
-    // MPMoE's chunks at 32 and 64 (160 and 80 rows per expert): input gradients and weight
-    // gradients, both ways round.
+    // MPMoE's chunks at 16, 32 and 64 (320, 160 and 80 rows per expert): input gradients and
+    // weight gradients, both ways round.
+    (320, 4096, 14336, 8),
+    (320, 14336, 4096, 8),
+    (4096, 14336, 320, 8),
+    (14336, 4096, 320, 8),
     (160, 4096, 14336, 8),
     (160, 14336, 4096, 8),
     (4096, 14336, 160, 8),

@@ -48,13 +48,16 @@ fn dtype_name<S: serde::Serializer>(d: &GemmDtype, s: S) -> Result<S::Ok, S::Err
 
 /// Weight-gradient GEMM shapes `(m, n, k)` of the f32-output sweep (`c = a^T b` over `k` rows,
 /// as the expert and dense backward computes `dw = x^T dy`): the mixtral-ish expert (d 4,096,
-/// f 14,336) at MPMoE's chunk rows (640 at 8 chunks, 160 and 80 at 32 and 64), the
-/// small-tokens rows (512) and a whole capacity block (5,120), both ways round, and the
-/// fine-grained expert (d 2,048, f 1,408).
-pub const F32_OUTPUT_SHAPES: [(usize, usize, usize); 10] = [
+/// f 14,336) at MPMoE's chunk rows (1,280 at 4 chunks, 640 at 8, 320, 160 and 80 at 16, 32
+/// and 64), the small-tokens rows (512), a whole capacity block (5,120) and a dense layer's
+/// 16,384 tokens, both ways round, and the fine-grained expert (d 2,048, f 1,408).
+pub const F32_OUTPUT_SHAPES: [(usize, usize, usize); 13] = [
+    (4096, 14336, 1280),
     (4096, 14336, 640),
+    (4096, 14336, 320),
     (4096, 14336, 160),
     (4096, 14336, 80),
+    (4096, 14336, 16384),
     (14336, 4096, 640),
     (4096, 14336, 512),
     (4096, 14336, 5120),
@@ -104,11 +107,24 @@ pub fn f32_output_share(measures: &[F32OutputMeasure], copy_bps: f64) -> Option<
 /// to enter [`f32_output_by_k`]: the small shapes' 1-3 us are the size of the timing noise.
 pub const F32_OUTPUT_RESOLVED_S: f64 = 10e-6;
 
+/// Smallest share of the bf16 GEMM's own time those bytes must take too: the three forms are
+/// timed one after another, and a power-capped GPU's clocks move a long GEMM by 10-20%
+/// between them (4096 x 14336 over 16,384 rows: an f32 output 0.16 of the copy rate on one
+/// H200 sweep, 1.28 on an H100 one).
+pub const F32_OUTPUT_RESOLVED_SHARE: f64 = 0.10;
+
+/// Whether a measure's f32 output costs enough to be told from the timing noise (see
+/// [`F32_OUTPUT_RESOLVED_S`] and [`F32_OUTPUT_RESOLVED_SHARE`]).
+fn f32_output_resolved(m: &F32OutputMeasure, copy_bps: f64) -> bool {
+    let t = F32OutputMeasure::extra_bytes(m.m, m.n, false) / copy_bps;
+    t >= F32_OUTPUT_RESOLVED_S && t >= F32_OUTPUT_RESOLVED_SHARE * m.bf16_s
+}
+
 /// [`f32_output_share`] fitted at each reduction length the sweep timed, for an output
-/// written and one added to apart, from the measures whose extra bytes take at least
-/// [`F32_OUTPUT_RESOLVED_S`]; a length either fit finds free is left out. Sorted by `k`.
+/// written and one added to apart, from the measures [`f32_output_resolved`] keeps; a length
+/// either fit finds free is left out. Sorted by `k`.
 pub fn f32_output_by_k(measures: &[F32OutputMeasure], copy_bps: f64) -> Vec<F32OutputPoint> {
-    let resolved: Vec<&F32OutputMeasure> = measures.iter().filter(|m| F32OutputMeasure::extra_bytes(m.m, m.n, false) / copy_bps >= F32_OUTPUT_RESOLVED_S).collect();
+    let resolved: Vec<&F32OutputMeasure> = measures.iter().filter(|m| f32_output_resolved(m, copy_bps)).collect();
     let mut ks: Vec<usize> = resolved.iter().map(|m| m.k).collect();
     ks.sort_unstable();
     ks.dedup();
@@ -753,7 +769,7 @@ mod tests {
         // The shipped h200 profile carries batched attention points (batch = 4, from ncu) and
         // points at swept shapes; recalibrating on it replaces the latter and keeps the former.
         // A strided-batched measurement replaces the base's point at its shape and batch
-        // only (the shipped profile has 21 from the batched expert sweep).
+        // only (the shipped profile has 25 from the batched expert sweep).
         let base = profile::builtin_text("h200").expect("built in");
         let mut cal = measured();
         cal.gemms.push(GemmMeasure { dtype: GemmDtype::Bf16, m: 5120, n: 14336, k: 4096, batch: 8, tflops: 700.0 });
@@ -763,7 +779,7 @@ mod tests {
         assert_eq!(batched.len(), 2, "{text}");
         assert!(batched.iter().all(|q| q.source.contains("ncu")));
         let experts: Vec<_> = p.gpu.bf16.points.iter().filter(|q| q.batch == 8 || q.batch == 64).collect();
-        assert_eq!(experts.len(), 21, "{text}");
+        assert_eq!(experts.len(), 25, "{text}");
         let swept: Vec<_> = experts.iter().filter(|q| (q.m, q.n, q.k, q.batch) == (5120, 14336, 4096, 8)).collect();
         assert!(swept.len() == 1 && swept[0].tflops == 700.0 && swept[0].source.starts_with("moelab calibrate on Test GPU"), "{swept:?}");
         let json = serde_json::to_string(&cal.gemms).expect("serializes");
@@ -887,8 +903,9 @@ mod tests {
     #[test]
     fn f32_output_shares_are_fitted_per_reduction_length_from_resolvable_shapes() {
         // At k 80 the extra bytes move at 50% (written) and 40% (added to) of the copy rate, at
-        // k 5,120 at 150% and 200% (the main loop hides some); a small shape whose extra bytes
-        // take 2 us at k 2,560 is noise and gives no point.
+        // k 1,280 at 150% and 200% (the main loop hides some). A small shape whose extra bytes
+        // take 2 us at k 2,560 is noise and gives no point, and so is a long GEMM whose extra
+        // bytes are 1% of its time at k 16,384.
         let copy = 4e12;
         let m = |m: usize, n: usize, k: usize, write: f64, add: f64| {
             let t = |acc, share| F32OutputMeasure::extra_bytes(m, n, acc) / (share * copy);
@@ -896,9 +913,10 @@ mod tests {
         };
         let noise = F32OutputMeasure { m: 2048, n: 1408, k: 2560, bf16_s: 3.5e-5, f32_s: 3.4e-5, f32_acc_s: 4.4e-5 };
         assert!(F32OutputMeasure::extra_bytes(2048, 1408, false) / copy < F32_OUTPUT_RESOLVED_S);
-        let v = [m(4096, 14336, 80, 0.5, 0.4), m(4096, 14336, 5120, 1.5, 2.0), m(14336, 4096, 5120, 1.5, 2.0), noise];
+        let long = F32OutputMeasure { m: 4096, n: 14336, k: 16384, bf16_s: 2.4e-3, f32_s: 2.57e-3, f32_acc_s: 2.76e-3 };
+        let v = [m(4096, 14336, 80, 0.5, 0.4), m(4096, 14336, 1280, 1.5, 2.0), m(14336, 4096, 1280, 1.5, 2.0), noise, long];
         let pts = f32_output_by_k(&v, copy);
-        assert_eq!(pts.iter().map(|p| p.k).collect::<Vec<_>>(), vec![80, 5120]);
+        assert_eq!(pts.iter().map(|p| p.k).collect::<Vec<_>>(), vec![80, 1280]);
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         assert!(close(pts[0].write_share, 0.5) && close(pts[0].add_share, 0.4) && close(pts[1].write_share, 1.5) && close(pts[1].add_share, 2.0), "{pts:?}");
         // The rendered profile carries the points, and the sim prices k 80 by them.
