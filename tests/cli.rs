@@ -494,7 +494,7 @@ fn the_h200_profile_predicts_the_session_13_2gpu_runs_and_the_topk_ranks_skew() 
     assert!(big >= 130 && within >= 124, "{within} of {big} stages >= 2% within 25%");
     // Aligned clocks: each all-to-all of the topk run ends within 50 us on both ranks.
     let topk = runs.iter().find(|p| p.to_string_lossy().ends_with("mixtral-topk-2gpu")).unwrap();
-    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(topk.join("trace.json")).unwrap()).unwrap();
+    let trace: serde_json::Value = serde_json::from_str(&::moelab::run::run_file::read_run_file(topk, "trace.json").unwrap().0).unwrap();
     let mut ends: std::collections::HashMap<(u64, String), Vec<f64>> = std::collections::HashMap::new();
     for e in trace["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "X" && e["cat"].as_str().is_some_and(|c| c.starts_with("all_to_all"))) {
         let key = (e["args"]["step"].as_u64().unwrap(), e["name"].as_str().unwrap().to_string());
@@ -556,7 +556,7 @@ fn the_h200_profile_predicts_the_session_13_all_to_alls_beside_gemms_at_equal_ra
 /// Milliseconds per step of each stage of a stored run's trace, per step, averaged over its
 /// `ranks` (what `moelab predict` compares, before the mean over steps).
 fn stage_ms_by_step(dir: &Path, ranks: usize) -> std::collections::HashMap<String, Vec<f64>> {
-    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trace.json")).unwrap()).unwrap();
+    let trace: serde_json::Value = serde_json::from_str(&::moelab::run::run_file::read_run_file(dir, "trace.json").unwrap().0).unwrap();
     let mut by: std::collections::BTreeMap<(String, u64), f64> = std::collections::BTreeMap::new();
     for e in trace["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "X") {
         let (Some(stage), Some(step)) = (e["cat"].as_str(), e["args"]["step"].as_u64()) else { continue };

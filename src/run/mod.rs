@@ -8,6 +8,7 @@ pub mod crosscheck;
 mod log;
 pub mod mpmoe_auto;
 pub mod predict;
+pub mod run_file;
 
 pub use log::RunLog;
 

@@ -10,12 +10,13 @@
 
 pub mod render;
 
+use super::run_file::read_run_file;
 use super::{RunError, RunHooks};
 use crate::analysis::prediction::{self, Comparison, PredictionError};
 use crate::backend::sim::profile;
 use crate::spec::overrides::Override;
 use crate::spec::{ExperimentSpec, SpecError};
-use crate::trace::chrome_import::{self, ChromeImportError};
+use crate::trace::chrome_import;
 use crate::trace::{StepSpan, Trace};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -167,7 +168,8 @@ pub struct MeasuredRun {
 }
 
 impl MeasuredRun {
-    /// Read a run directory: `summary.json` (must say `completed`), `trace.json`,
+    /// Read a run directory: `summary.json` (must say `completed`), `trace.json` (or
+    /// `trace.json.gz`, see [`read_run_file`]),
     /// `spec.toml` (checked when simulated), and the GPU and step spans when recorded.
     pub fn load(dir: &Path) -> Result<MeasuredRun, PredictError> {
         let path = dir.display().to_string();
@@ -186,14 +188,9 @@ impl MeasuredRun {
         if !dir.join("spec.toml").is_file() {
             return Err(PredictError::Read { path, file: "spec.toml", message: "no such file".into() });
         }
-        let mut trace = chrome_import::read_chrome_trace(&dir.join("trace.json"), &summary.backend).map_err(|e| PredictError::Read {
-            path: path.clone(),
-            file: "trace.json",
-            message: match e {
-                ChromeImportError::Io { message, .. } => message,
-                ChromeImportError::Format(m) => m,
-            },
-        })?;
+        let (trace_text, _) = read_run_file(dir, "trace.json").map_err(|e| PredictError::Read { path: path.clone(), file: "trace.json", message: e.to_string() })?;
+        let mut trace = chrome_import::trace_from_chrome(&trace_text, &summary.backend)
+            .map_err(|e| PredictError::Read { path: path.clone(), file: "trace.json", message: e.to_string() })?;
         let records = rank_records(dir, trace.world);
         let mut device = records.first().map(|r| r.device.clone()).filter(|d| !d.is_empty());
         if device.is_none() {
@@ -298,7 +295,7 @@ fn returning_all_to_alls(rp: &crate::plan::RankPlan) -> std::collections::HashSe
 fn rank_records(dir: &Path, world: u32) -> Vec<RankFields> {
     (0..world)
         .map_while(|r| {
-            let text = std::fs::read_to_string(dir.join(format!("rank-{r}.json"))).ok()?;
+            let (text, _) = read_run_file(dir, &format!("rank-{r}.json")).ok()?;
             serde_json::from_str::<RankFields>(&text).ok()
         })
         .collect()

@@ -7,19 +7,10 @@ use super::{MemEvent, OpEvent, Trace};
 use crate::taxonomy::{MemCategory, Pass, Stage, Stream};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
 
 /// Why a Chrome trace could not be read back.
 #[derive(Debug, thiserror::Error)]
 pub enum ChromeImportError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {message}")]
-    Io {
-        /// The file.
-        path: String,
-        /// What the OS said.
-        message: String,
-    },
     /// The text is not a trace moelab writes; the message names what is missing or wrong.
     #[error("{0}")]
     Format(String),
@@ -128,10 +119,4 @@ pub fn trace_from_chrome(text: &str, backend: &str) -> Result<Trace, ChromeImpor
     }
     trace.world = world;
     Ok(trace)
-}
-
-/// Read a Chrome trace file (a run directory's `trace.json`) back into a [`Trace`].
-pub fn read_chrome_trace(path: &Path, backend: &str) -> Result<Trace, ChromeImportError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ChromeImportError::Io { path: path.display().to_string(), message: e.to_string() })?;
-    trace_from_chrome(&text, backend)
 }

@@ -2,7 +2,8 @@
 //! (`moelab::trace::chrome_import`) with the workbench's error type.
 
 use crate::error::WorkbenchError;
-use moelab::trace::chrome_import::{self, ChromeImportError};
+use moelab::run::run_file::read_run_file;
+use moelab::trace::chrome_import;
 use moelab::trace::Trace;
 use std::path::Path;
 
@@ -12,13 +13,10 @@ pub fn trace_from_chrome(text: &str, backend: &str) -> Result<Trace, String> {
     chrome_import::trace_from_chrome(text, backend).map_err(|e| e.to_string())
 }
 
-/// Read `trace.json` from a run directory.
+/// Read `trace.json` from a run directory (or `trace.json.gz`, as the stored runs keep it).
 pub fn read_trace(dir: &Path, backend: &str) -> Result<Trace, WorkbenchError> {
-    let path = dir.join("trace.json");
-    chrome_import::read_chrome_trace(&path, backend).map_err(|e| match e {
-        ChromeImportError::Io { message, .. } => WorkbenchError::Io { path: path.display().to_string(), message },
-        ChromeImportError::Format(m) => WorkbenchError::format(&path, m),
-    })
+    let (text, path) = read_run_file(dir, "trace.json").map_err(|e| WorkbenchError::Io { path: dir.join("trace.json").display().to_string(), message: e.to_string() })?;
+    chrome_import::trace_from_chrome(&text, backend).map_err(|e| WorkbenchError::format(&path, e.to_string()))
 }
 
 #[cfg(test)]
