@@ -69,6 +69,17 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_run_with_a_compressed_trace_opens() {
+        // The runs kept under docs/device-runs hold trace.json.gz (scripts/pack-runs).
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/device-runs/h200-s17/bench-sim-runs");
+        let dir = std::fs::read_dir(&root).expect("stored runs").map(|e| e.expect("entry").path()).min().expect("a run");
+        assert!(dir.join("trace.json.gz").is_file() && !dir.join("trace.json").exists(), "{dir:?}");
+        let t = read_trace(&dir, "cuda").expect("reads");
+        assert_eq!(t.world, 1);
+        assert!(t.ops.len() > 100, "{} ops", t.ops.len());
+    }
+
+    #[test]
     fn broken_traces_give_messages() {
         assert!(trace_from_chrome("{", "cpu").unwrap_err().contains("not JSON"));
         assert!(trace_from_chrome("{}", "cpu").unwrap_err().contains("traceEvents"));
