@@ -331,7 +331,13 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_17_runs_within_15_percen
                     assert!(route_bwd["within"] == true, "{gpu} {name}: {route_bwd}");
                 }
                 if session == "s17" {
+                    // H100 fine-grained dropless: its forward gate stalled on the host in two
+                    // of the eight steps (docs/benchmarks.md); the one stage not held.
+                    let stalled = |label: &str| gpu == "h100" && name == "bench-sim-fine-grained-dropless" && label == "gate";
                     for st in r["comparison"]["stages"].as_array().unwrap() {
+                        if stalled(st["label"].as_str().unwrap()) {
+                            continue;
+                        }
                         if st["small"] == false && !st["predicted_ms"].is_null() && !st["measured_ms"].is_null() {
                             big17 += 1;
                             within17 += (st["within"] == true) as usize;
@@ -350,7 +356,8 @@ fn the_shipped_profiles_predict_the_stored_session_8_to_17_runs_within_15_percen
         }
     }
     assert!(big >= 800 && within == big, "sessions 10 to 14: {within} of {big} stages >= 2% within 25%");
-    assert!(big17 >= 190 && within17 + 1 >= big17, "session 17: {within17} of {big17} stages >= 2% within 25%");
+    // Session 17's tally counts the session-7 f32 topk run each list ends with too.
+    assert!(big17 >= 190 && within17 == big17, "session 17: {within17} of {big17} stages >= 2% within 25%, the H100 gate's host stall apart");
 }
 
 /// The stored 2x H200 run directories of `session` (`docs/device-runs/h200x2-<session>/`:

@@ -16,7 +16,7 @@ pub fn read_run_file(dir: &Path, name: &str) -> std::io::Result<(String, PathBuf
         return std::fs::read_to_string(&plain).map(|t| (t, plain));
     }
     let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(&packed)?).read_to_string(&mut text)?;
+    flate2::read::MultiGzDecoder::new(std::fs::File::open(&packed)?).read_to_string(&mut text)?;
     Ok((text, packed))
 }
 

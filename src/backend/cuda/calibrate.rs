@@ -542,20 +542,41 @@ fn f32_output_sweep(gpu: &Gpu, s: &GpuStream, reps: usize, on_line: &mut dyn FnM
     // SAFETY: c holds the largest output in f32; the beta-1 form reads it, so it is zeroed.
     unsafe { result::memset_d8_async(c.0, 0, nc * 4, s.stream.cu_stream()) }.map_err(GpuError::driver("cuMemsetD8Async"))?;
     let mut out = Vec::new();
+    // The three output forms, in this order: bf16, f32 written, f32 added to (beta 1).
+    const FORMS: [(f32, bool); 3] = [(0.0, false), (0.0, true), (1.0, true)];
     for &(m, n, k) in &F32_OUTPUT_SHAPES {
         let dims = GemmDims { m, k, n };
-        let time = |beta: f32, c_f32: bool| {
+        let call = |form: usize| {
+            let (beta, c_f32) = FORMS[form];
             // SAFETY: a holds k x m and b k x n bf16, c m x n f32; the handle is bound to `s`.
-            timed(gpu, s, reps, || unsafe { bf16_gemm_raw(s.blas, GemmForm::Tn, a.0, b.0, c.0, dims, beta, c_f32) })
+            unsafe { bf16_gemm_raw(s.blas, GemmForm::Tn, a.0, b.0, c.0, dims, beta, c_f32) }
         };
-        let (bf16_s, f32_s, f32_acc_s) = (time(0.0, false)?, time(0.0, true)?, time(1.0, true)?);
+        for form in 0..FORMS.len() {
+            call(form)?;
+            call(form)?;
+        }
+        // Paired: each round times the three forms back to back, and the f32 forms' extra
+        // time is the median over rounds of their difference to the same round's bf16 call.
+        // A power-capped GPU's clocks move a long GEMM by 10-20% between rounds, which an
+        // unpaired median per form carries into the difference (at k 16,384 the extra is 7%).
+        let mut rounds: Vec<[f64; 3]> = Vec::new();
+        for _ in 0..(3 * reps).max(3) {
+            let mut t = [0.0; 3];
+            for (form, slot) in t.iter_mut().enumerate() {
+                *slot = time_calls(gpu, s, 1, || call(form))?;
+            }
+            rounds.push(t);
+        }
+        let bf16_s = median(rounds.iter().map(|r| r[0]).collect());
+        let f32_s = bf16_s + median(rounds.iter().map(|r| r[1] - r[0]).collect());
+        let f32_acc_s = bf16_s + median(rounds.iter().map(|r| r[2] - r[0]).collect());
         on_line(&format!(
             "gemm bf16 dw m={m} n={n} k={k}: bf16 out {:.1} us, f32 out {:.1} us, f32 added to {:.1} us",
             bf16_s * 1e6,
             f32_s * 1e6,
             f32_acc_s * 1e6
         ));
-        out.push(F32OutputMeasure { m, n, k, bf16_s, f32_s, f32_acc_s });
+        out.push(F32OutputMeasure { m, n, k, bf16_s, f32_s, f32_acc_s, paired: true });
     }
     Ok(out)
 }

@@ -70,7 +70,9 @@ pub const F32_OUTPUT_SHAPES: [(usize, usize, usize); 13] = [
 /// One bf16 weight-gradient GEMM timed three ways (median seconds): into a bf16 output (as
 /// the GEMM sweep's points), into an f32 output, and into an f32 output it adds to (beta 1,
 /// the gradient accumulation of MPMoE's chunks). Gradients are stored f32 in bf16 plans, so
-/// the f32 output's extra bytes are part of every backward GEMM's time.
+/// the f32 output's extra bytes are part of every backward GEMM's time. Since 2026-11-24
+/// 17:00 UTC the sweep times the three in rounds and the f32 forms are the bf16 median plus
+/// the median of their paired differences (earlier sweeps: one median per form).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct F32OutputMeasure {
     /// Output rows.
@@ -85,6 +87,10 @@ pub struct F32OutputMeasure {
     pub f32_s: f64,
     /// Seconds with an f32 output added to (read and written).
     pub f32_acc_s: f64,
+    /// The f32 forms were timed in rounds with the bf16 one and their extra time is the
+    /// median of paired differences (false in sweeps before 2026-11-24 17:00 UTC).
+    #[serde(default)]
+    pub paired: bool,
 }
 
 impl F32OutputMeasure {
@@ -107,17 +113,17 @@ pub fn f32_output_share(measures: &[F32OutputMeasure], copy_bps: f64) -> Option<
 /// to enter [`f32_output_by_k`]: the small shapes' 1-3 us are the size of the timing noise.
 pub const F32_OUTPUT_RESOLVED_S: f64 = 10e-6;
 
-/// Smallest share of the bf16 GEMM's own time those bytes must take too: the three forms are
-/// timed one after another, and a power-capped GPU's clocks move a long GEMM by 10-20%
-/// between them (4096 x 14336 over 16,384 rows: an f32 output 0.16 of the copy rate on one
-/// H200 sweep, 1.28 on an H100 one).
+/// Smallest share of the bf16 GEMM's own time those bytes must take too when the three forms
+/// were timed one after another rather than paired ([`F32OutputMeasure::paired`]): a
+/// power-capped GPU's clocks move a long GEMM by 10-20% between them (4096 x 14336 over
+/// 16,384 rows: an f32 output 0.16 of the copy rate on one unpaired H200 sweep; paired, 1.97).
 pub const F32_OUTPUT_RESOLVED_SHARE: f64 = 0.10;
 
 /// Whether a measure's f32 output costs enough to be told from the timing noise (see
 /// [`F32_OUTPUT_RESOLVED_S`] and [`F32_OUTPUT_RESOLVED_SHARE`]).
 fn f32_output_resolved(m: &F32OutputMeasure, copy_bps: f64) -> bool {
     let t = F32OutputMeasure::extra_bytes(m.m, m.n, false) / copy_bps;
-    t >= F32_OUTPUT_RESOLVED_S && t >= F32_OUTPUT_RESOLVED_SHARE * m.bf16_s
+    t >= F32_OUTPUT_RESOLVED_S && (m.paired || t >= F32_OUTPUT_RESOLVED_SHARE * m.bf16_s)
 }
 
 /// [`f32_output_share`] fitted at each reduction length the sweep timed, for an output
@@ -640,7 +646,12 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
         if let Some(share) = f32_output_share(&cal.f32_outputs, copy_bps) {
             kernels.insert("f32_output_share".into(), round(share, 4).into());
         }
+        // Points from this sweep replace the base's; a sweep none of whose shapes resolves
+        // leaves the fitted share alone to price every k.
         let by_k = f32_output_by_k(&cal.f32_outputs, copy_bps);
+        if by_k.is_empty() && !cal.f32_outputs.is_empty() {
+            kernels.remove("f32_output_by_k");
+        }
         if !by_k.is_empty() {
             let points = by_k.iter().map(|p| {
                 let mut t = Table::new();
@@ -882,13 +893,13 @@ mod tests {
         let copy = 3e12;
         let m = |m: usize, n: usize| {
             let t = |acc| F32OutputMeasure::extra_bytes(m, n, acc) / (0.8 * copy);
-            F32OutputMeasure { m, n, k: 640, bf16_s: 1e-4, f32_s: 1e-4 + t(false), f32_acc_s: 1e-4 + t(true) }
+            F32OutputMeasure { m, n, k: 640, bf16_s: 1e-4, f32_s: 1e-4 + t(false), f32_acc_s: 1e-4 + t(true), paired: false }
         };
         let share = f32_output_share(&[m(4096, 14336), m(2048, 1408)], copy).expect("fitted");
         assert!((share - 0.8).abs() < 1e-9, "{share}");
         assert_eq!(f32_output_share(&[], copy), None);
         // No measurable cost: nothing to price.
-        let free = F32OutputMeasure { m: 64, n: 64, k: 64, bf16_s: 1e-5, f32_s: 1e-5, f32_acc_s: 1e-5 };
+        let free = F32OutputMeasure { m: 64, n: 64, k: 64, bf16_s: 1e-5, f32_s: 1e-5, f32_acc_s: 1e-5, paired: false };
         assert_eq!(f32_output_share(&[free], copy), None);
         // The rendered profile carries it.
         let mut cal = measured();
@@ -909,14 +920,19 @@ mod tests {
         let copy = 4e12;
         let m = |m: usize, n: usize, k: usize, write: f64, add: f64| {
             let t = |acc, share| F32OutputMeasure::extra_bytes(m, n, acc) / (share * copy);
-            F32OutputMeasure { m, n, k, bf16_s: 1e-4, f32_s: 1e-4 + t(false, write), f32_acc_s: 1e-4 + t(true, add) }
+            F32OutputMeasure { m, n, k, bf16_s: 1e-4, f32_s: 1e-4 + t(false, write), f32_acc_s: 1e-4 + t(true, add), paired: false }
         };
-        let noise = F32OutputMeasure { m: 2048, n: 1408, k: 2560, bf16_s: 3.5e-5, f32_s: 3.4e-5, f32_acc_s: 4.4e-5 };
+        let noise = F32OutputMeasure { m: 2048, n: 1408, k: 2560, bf16_s: 3.5e-5, f32_s: 3.4e-5, f32_acc_s: 4.4e-5, paired: false };
         assert!(F32OutputMeasure::extra_bytes(2048, 1408, false) / copy < F32_OUTPUT_RESOLVED_S);
-        let long = F32OutputMeasure { m: 4096, n: 14336, k: 16384, bf16_s: 2.4e-3, f32_s: 2.57e-3, f32_acc_s: 2.76e-3 };
+        let long = F32OutputMeasure { m: 4096, n: 14336, k: 16384, bf16_s: 2.4e-3, f32_s: 2.57e-3, f32_acc_s: 2.76e-3, paired: false };
         let v = [m(4096, 14336, 80, 0.5, 0.4), m(4096, 14336, 1280, 1.5, 2.0), m(14336, 4096, 1280, 1.5, 2.0), noise, long];
         let pts = f32_output_by_k(&v, copy);
         assert_eq!(pts.iter().map(|p| p.k).collect::<Vec<_>>(), vec![80, 1280]);
+        // Timed in paired rounds, the long GEMM's small extra is told from the clocks' swing.
+        let paired = F32OutputMeasure { f32_s: 2.414e-3, f32_acc_s: 2.44e-3, paired: true, ..long };
+        let with_long = f32_output_by_k(&[v[0], paired], copy);
+        assert_eq!(with_long.iter().map(|p| p.k).collect::<Vec<_>>(), vec![80, 16384]);
+        assert!((with_long[1].write_share - F32OutputMeasure::extra_bytes(4096, 14336, false) / (14e-6 * copy)).abs() < 1e-6, "{with_long:?}");
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         assert!(close(pts[0].write_share, 0.5) && close(pts[0].add_share, 0.4) && close(pts[1].write_share, 1.5) && close(pts[1].add_share, 2.0), "{pts:?}");
         // The rendered profile carries the points, and the sim prices k 80 by them.

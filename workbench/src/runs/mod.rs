@@ -123,7 +123,8 @@ pub fn list_runs(root: &Path) -> Result<Vec<RunEntry>, WorkbenchError> {
     Ok(out)
 }
 
-/// Load a past run: its summary, its trace (from `trace.json`) and their analysis.
+/// Load a past run: its summary, its trace (from `trace.json` or `trace.json.gz`) and their
+/// analysis.
 pub fn open_run(dir: &Path) -> Result<LoadedRun, WorkbenchError> {
     let summary = RunSummary::read(dir)?;
     let backend = if summary.backend.is_empty() { "cpu".to_string() } else { summary.backend.clone() };
