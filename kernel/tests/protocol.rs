@@ -134,29 +134,55 @@ backend = "cpu"
 warmup = 0
 "#;
 
+/// Start the kernel on five free ports and wait until its log says it listens (it binds every
+/// socket first). A port picked free can be taken by another process before the kernel binds
+/// it (the kernel then exits with a bind error): that start is retried on fresh ports. Fails
+/// with the kernel's log when no start binds within 20 s.
+fn start_kernel(dir: &std::path::Path) -> (Kernel, Vec<u16>) {
+    let log_path = dir.join("kernel.log");
+    for _attempt in 0..5 {
+        let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+        let conn = json!({
+            "transport": "tcp", "ip": "127.0.0.1", "shell_port": ports[0], "iopub_port": ports[1], "stdin_port": ports[2],
+            "control_port": ports[3], "hb_port": ports[4], "key": KEY, "signature_scheme": "hmac-sha256",
+        });
+        let conn_file = dir.join("kernel.json");
+        std::fs::write(&conn_file, conn.to_string()).unwrap();
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut kernel = Kernel(
+            Command::new(env!("CARGO_BIN_EXE_moelab-kernel"))
+                .args(["run", "--connection-file"])
+                .arg(&conn_file)
+                .env("MOELAB_KERNEL_CACHE", dir.join("cache"))
+                .env("MOELAB_KERNEL_PRELUDE", "off")
+                .env("MOELAB_RUNS_DIR", dir.join("runs"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("moelab-kernel: listening on")) {
+                return (kernel, ports);
+            }
+            if kernel.0.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if kernel.0.try_wait().unwrap().is_none() {
+            panic!("kernel did not bind its shell socket in 20 s; its log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        }
+        eprintln!("kernel exited before binding (retrying on fresh ports); its log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+    }
+    panic!("the kernel exited before binding on 5 sets of ports; last log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kernel_speaks_jupyter_protocol_5_and_drops_badly_signed_messages() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
-    let conn = json!({
-        "transport": "tcp", "ip": "127.0.0.1", "shell_port": ports[0], "iopub_port": ports[1], "stdin_port": ports[2],
-        "control_port": ports[3], "hb_port": ports[4], "key": KEY, "signature_scheme": "hmac-sha256",
-    });
-    let conn_file = dir.path().join("kernel.json");
-    std::fs::write(&conn_file, conn.to_string()).unwrap();
-    let log = std::fs::File::create(dir.path().join("kernel.log")).unwrap();
-    let kernel = Kernel(
-        Command::new(env!("CARGO_BIN_EXE_moelab-kernel"))
-            .args(["run", "--connection-file"])
-            .arg(&conn_file)
-            .env("MOELAB_KERNEL_CACHE", dir.path().join("cache"))
-            .env("MOELAB_KERNEL_PRELUDE", "off")
-            .env("MOELAB_RUNS_DIR", dir.path().join("runs"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let (kernel, ports) = start_kernel(dir.path());
     let ep = |p: u16| format!("tcp://127.0.0.1:{p}");
     let mut c = Client {
         shell: zeromq::DealerSocket::new(),
