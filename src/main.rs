@@ -67,7 +67,8 @@ enum Command {
     /// marked small). `--set` overrides apply to the sim runs' specs. Reads the run directories
     /// only; exits non-zero when one cannot be read or simulated.
     Predict {
-        /// Run directories written by `moelab run` (normally cuda runs), e.g. runs/20261123-*.
+        /// Run directories written by `moelab run` (normally cuda runs), e.g. runs/20261123-*;
+        /// a folder of run directories (such as runs/) stands for the run directories in it.
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
         /// Sim profile: a built-in name (h200, h100, ...) or a profile TOML; default: the
@@ -484,7 +485,7 @@ fn cmd_bench(configs: &[String], modes: &[moelab::backend::cuda::bench::ExpertGe
 fn cmd_predict(dirs: &[PathBuf], profile: Option<&str>, runs_dir: Option<&Path>, json: Option<&Path>, markdown: bool) -> Result<()> {
     use moelab::run::predict::{self, render, MeasuredRun, PredictOptions};
     // Read every run directory before simulating any.
-    let runs: Vec<MeasuredRun> = dirs.iter().map(|d| MeasuredRun::load(d)).collect::<Result<_, _>>()?;
+    let runs: Vec<MeasuredRun> = predict::expand_run_dirs(dirs).iter().map(|d| MeasuredRun::load(d)).collect::<Result<_, _>>()?;
     let opts = PredictOptions {
         profile: profile.map(str::to_string),
         runs_dir: runs_dir.map(Path::to_path_buf),

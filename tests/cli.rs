@@ -208,6 +208,16 @@ fn predict_compares_a_run_directory_with_the_sim_and_names_what_is_wrong() {
     assert_eq!(out.lines().count(), 3, "{out}");
     // The measured run directory is only read.
     assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 1);
+    // The folder of run directories stands for the runs in it.
+    let (code, out, err) = moelab(&["predict", runs.to_str().unwrap(), "--profile", "h200", "--markdown"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    // A folder with no run directory in it is read as one, and says so.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (code, _, err) = moelab(&["predict", empty.to_str().unwrap(), "--profile", "h200"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("summary.json"), "{err}");
 
     let (code, _, err) = moelab(&["predict", d], &[]);
     assert_ne!(code, 0);

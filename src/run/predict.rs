@@ -345,6 +345,28 @@ pub enum ProfileSource {
     Device,
 }
 
+/// `dirs` with every folder that is not a run directory itself (no `summary.json`) but holds
+/// run directories replaced by those, sorted: `moelab predict runs/` predicts every run in
+/// it. Anything else is kept as given, so that loading it says what is wrong.
+pub fn expand_run_dirs(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let is_run = |d: &Path| d.join("summary.json").is_file();
+    let mut out = Vec::new();
+    for d in dirs {
+        let mut inner: Vec<PathBuf> = if d.is_dir() && !is_run(d) {
+            std::fs::read_dir(d).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| is_run(p)).collect()
+        } else {
+            Vec::new()
+        };
+        if inner.is_empty() {
+            out.push(d.clone());
+        } else {
+            inner.sort();
+            out.extend(inner);
+        }
+    }
+    out
+}
+
 /// The sim profile for `run`: `given` when set, else the built-in profile of its GPU.
 pub fn choose_profile(run: &MeasuredRun, given: Option<&str>) -> Result<(String, ProfileSource), PredictError> {
     if let Some(p) = given {
