@@ -99,6 +99,13 @@ impl F32OutputMeasure {
     pub fn extra_bytes(m: usize, n: usize, accumulate: bool) -> f64 {
         (m * n) as f64 * if accumulate { 6.0 } else { 2.0 }
     }
+
+    /// The f32 output's extra bytes and extra seconds over the bf16 output, written or
+    /// (`accumulate`) added to: one point of the fits below.
+    fn extra(&self, accumulate: bool) -> (f64, f64) {
+        let t = if accumulate { self.f32_acc_s } else { self.f32_s };
+        (F32OutputMeasure::extra_bytes(self.m, self.n, accumulate), t - self.bf16_s)
+    }
 }
 
 /// The share of the copy rate at which an f32 output's extra bytes move (see
@@ -106,7 +113,7 @@ impl F32OutputMeasure {
 /// seconds over the extra bytes, both output forms of every shape. `None` without measures
 /// or when the f32 outputs cost nothing measurable.
 pub fn f32_output_share(measures: &[F32OutputMeasure], copy_bps: f64) -> Option<f64> {
-    share_through_origin(measures.iter().flat_map(|m| [(false, m.f32_s), (true, m.f32_acc_s)].map(|(acc, t)| (F32OutputMeasure::extra_bytes(m.m, m.n, acc), t - m.bf16_s))), copy_bps)
+    share_through_origin(measures.iter().flat_map(|m| [m.extra(false), m.extra(true)]), copy_bps)
 }
 
 /// Shortest time the extra bytes of an f32 output written take at the copy rate for a measure
@@ -137,8 +144,8 @@ pub fn f32_output_by_k(measures: &[F32OutputMeasure], copy_bps: f64) -> Vec<F32O
     ks.into_iter()
         .filter_map(|k| {
             let at = || resolved.iter().filter(move |m| m.k == k);
-            let write_share = share_through_origin(at().map(|m| (F32OutputMeasure::extra_bytes(m.m, m.n, false), m.f32_s - m.bf16_s)), copy_bps)?;
-            let add_share = share_through_origin(at().map(|m| (F32OutputMeasure::extra_bytes(m.m, m.n, true), m.f32_acc_s - m.bf16_s)), copy_bps)?;
+            let write_share = share_through_origin(at().map(|m| m.extra(false)), copy_bps)?;
+            let add_share = share_through_origin(at().map(|m| m.extra(true)), copy_bps)?;
             Some(F32OutputPoint { k, write_share, add_share })
         })
         .collect()
@@ -649,10 +656,11 @@ pub fn render(base_text: &str, base_name: &str, name: &str, cal: &Calibration) -
         // Points from this sweep replace the base's; a sweep none of whose shapes resolves
         // leaves the fitted share alone to price every k.
         let by_k = f32_output_by_k(&cal.f32_outputs, copy_bps);
-        if by_k.is_empty() && !cal.f32_outputs.is_empty() {
-            kernels.remove("f32_output_by_k");
-        }
-        if !by_k.is_empty() {
+        if by_k.is_empty() {
+            if !cal.f32_outputs.is_empty() {
+                kernels.remove("f32_output_by_k");
+            }
+        } else {
             let points = by_k.iter().map(|p| {
                 let mut t = Table::new();
                 t.insert("k".into(), (p.k as i64).into());

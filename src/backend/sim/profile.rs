@@ -168,13 +168,12 @@ impl KernelProfile {
     /// interpolated in log k (clamped to the first and last), else `f32_output_share`; zero
     /// when neither is given.
     pub fn f32_output_seconds(&self, bytes: f64, k: usize, add: bool, mem_bandwidth: f64) -> f64 {
-        let per_byte = |p: &F32OutputPoint| 1.0 / (mem_bandwidth * if add { p.add_share } else { p.write_share });
         let pts = &self.f32_output_by_k;
+        if pts.is_empty() {
+            return self.f32_output_share.map_or(0.0, |share| bytes / (mem_bandwidth * share));
+        }
+        let per_byte = |p: &F32OutputPoint| 1.0 / (mem_bandwidth * if add { p.add_share } else { p.write_share });
         let seconds_per_byte = match pts.iter().position(|p| p.k >= k) {
-            _ if pts.is_empty() => match self.f32_output_share {
-                Some(share) => 1.0 / (mem_bandwidth * share),
-                None => return 0.0,
-            },
             Some(0) => per_byte(&pts[0]),
             None => per_byte(&pts[pts.len() - 1]),
             Some(i) => {
