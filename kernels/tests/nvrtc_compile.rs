@@ -1,26 +1,28 @@
-//! Compiles every kernel family with NVRTC for Hopper (compute_90) and checks that each
-//! registered kernel is in the PTX. Needs only libnvrtc, no GPU: on a machine without it the
+//! Compiles every kernel family with NVRTC for Turing, Ampere and Hopper (compute_75, 80 and
+//! 90) and checks that each registered kernel is in the PTX. Needs only libnvrtc, no GPU: on a machine without it the
 //! test prints why it skipped and passes.
 
 use moelab_kernels::device::require_nvrtc;
 use moelab_kernels::nvrtc::{compile_family, nvrtc_version, Family, PtxCache};
 
 #[test]
-fn every_family_compiles_for_hopper_and_exports_its_kernels() {
+fn every_family_compiles_for_turing_ampere_and_hopper_and_exports_its_kernels() {
     if let Err(e) = require_nvrtc() {
         println!("skipped: no NVRTC ({e})");
         return;
     }
     let (major, minor) = nvrtc_version().expect("nvrtc version");
     println!("nvrtc {major}.{minor}");
-    for family in Family::ALL {
-        let (ptx, record) = compile_family(family, "compute_90", &PtxCache::disabled())
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(!record.cache_hit);
-        for k in family.kernels() {
-            assert!(ptx.contains(&format!(".entry {}(", k.name())), "{} missing from {}", k.name(), family.file_name());
+    for arch in ["compute_75", "compute_80", "compute_90"] {
+        for family in Family::ALL {
+            let (ptx, record) = compile_family(family, arch, &PtxCache::disabled())
+                .unwrap_or_else(|e| panic!("{arch}: {e}"));
+            assert!(!record.cache_hit);
+            for k in family.kernels() {
+                assert!(ptx.contains(&format!(".entry {}(", k.name())), "{} missing from {} ({arch})", k.name(), family.file_name());
+            }
+            println!("{arch} {}: {} bytes of PTX in {:.0} ms", family.file_name(), ptx.len(), record.compile_ms);
         }
-        println!("{}: {} bytes of PTX in {:.0} ms", family.file_name(), ptx.len(), record.compile_ms);
     }
 }
 

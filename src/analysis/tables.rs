@@ -3,9 +3,8 @@
 
 use super::Analysis;
 use crate::taxonomy::MemCategory;
-use anyhow::Context;
 use polars::df;
-use polars::prelude::{CsvWriter, DataFrame, ParquetWriter, PolarsResult, SerWriter};
+use polars::prelude::{CsvWriter, DataFrame, ParquetWriter, PolarsError, PolarsResult, SerWriter};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -83,42 +82,61 @@ pub fn memory_frame(analysis: &Analysis) -> PolarsResult<DataFrame> {
     )
 }
 
+/// Why a table could not be built or written.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// A table's columns did not form a frame.
+    #[error("building the {table} table: {source}")]
+    Build {
+        /// Which table.
+        table: &'static str,
+        /// What polars said.
+        source: PolarsError,
+    },
+    /// A directory or file could not be created.
+    #[error("creating {}: {source}", path.display())]
+    Create {
+        /// The path.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A frame could not be written.
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        /// The path.
+        path: PathBuf,
+        /// What polars said.
+        source: PolarsError,
+    },
+}
+
 /// Writes stages, overlap, memory and collective-wait tables into `dir` (created if missing), each as
 /// `.parquet` and `.csv`; returns the paths written.
-pub fn write_tables(analysis: &Analysis, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let frames = [
-        (
-            "stages",
-            anyhow::Context::context(stage_frame(analysis), "building stage table")?,
-        ),
-        (
-            "overlap",
-            anyhow::Context::context(overlap_frame(analysis), "building overlap table")?,
-        ),
-        (
-            "memory",
-            anyhow::Context::context(memory_frame(analysis), "building memory table")?,
-        ),
-        (
-            "waits",
-            anyhow::Context::context(waits_frame(analysis), "building collective wait table")?,
-        ),
+pub fn write_tables(analysis: &Analysis, dir: &Path) -> Result<Vec<PathBuf>, TableError> {
+    let build = |table: &'static str, f: PolarsResult<DataFrame>| f.map_err(|source| TableError::Build { table, source }).map(|df| (table, df));
+    let frames = vec![
+        build("stages", stage_frame(analysis))?,
+        build("overlap", overlap_frame(analysis))?,
+        build("memory", memory_frame(analysis))?,
+        build("waits", waits_frame(analysis))?,
     ];
+    write_frames(frames, dir)
+}
+
+/// Writes each `(name, frame)` into `dir` (created if missing) as `name.parquet` and
+/// `name.csv`; returns the paths written.
+pub fn write_frames(frames: Vec<(&str, DataFrame)>, dir: &Path) -> Result<Vec<PathBuf>, TableError> {
+    std::fs::create_dir_all(dir).map_err(|source| TableError::Create { path: dir.to_path_buf(), source })?;
     let mut written = Vec::with_capacity(frames.len() * 2);
     for (name, mut df) in frames {
         let pq = dir.join(format!("{name}.parquet"));
-        let file = File::create(&pq).with_context(|| format!("creating {}", pq.display()))?;
-        ParquetWriter::new(file)
-            .finish(&mut df)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", pq.display()))?;
+        let file = File::create(&pq).map_err(|source| TableError::Create { path: pq.clone(), source })?;
+        ParquetWriter::new(file).finish(&mut df).map_err(|source| TableError::Write { path: pq.clone(), source })?;
         written.push(pq);
-
         let csv = dir.join(format!("{name}.csv"));
-        let file = File::create(&csv).with_context(|| format!("creating {}", csv.display()))?;
-        CsvWriter::new(file)
-            .finish(&mut df)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", csv.display()))?;
+        let file = File::create(&csv).map_err(|source| TableError::Create { path: csv.clone(), source })?;
+        CsvWriter::new(file).finish(&mut df).map_err(|source| TableError::Write { path: csv.clone(), source })?;
         written.push(csv);
     }
     Ok(written)

@@ -99,13 +99,8 @@ pub fn frame(rows: &[CompareRow]) -> PolarsResult<DataFrame> {
 }
 
 /// Write `compare.parquet` and `compare.csv` into `dir`.
-pub fn write(rows: &[CompareRow], dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    use polars::prelude::{CsvWriter, ParquetWriter, SerWriter};
-    std::fs::create_dir_all(dir)?;
-    let mut df = frame(rows).map_err(|e| anyhow::anyhow!("building the comparison table: {e}"))?;
-    let pq = dir.join("compare.parquet");
-    ParquetWriter::new(std::fs::File::create(&pq)?).finish(&mut df).map_err(|e| anyhow::anyhow!("writing {}: {e}", pq.display()))?;
-    let csv = dir.join("compare.csv");
-    CsvWriter::new(std::fs::File::create(&csv)?).finish(&mut df).map_err(|e| anyhow::anyhow!("writing {}: {e}", csv.display()))?;
-    Ok(vec![pq, csv])
+pub fn write(rows: &[CompareRow], dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>, crate::analysis::tables::TableError> {
+    use crate::analysis::tables::{write_frames, TableError};
+    let df = frame(rows).map_err(|source| TableError::Build { table: "comparison", source })?;
+    write_frames(vec![("compare", df)], dir)
 }

@@ -26,6 +26,34 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::path::Path;
 
+/// Why a cross-check could not be carried out (a cuda run that fails is reported in
+/// [`CrossCheck::error`] instead).
+#[derive(Debug, thiserror::Error)]
+pub enum CrossCheckError {
+    /// The cpu side's plan could not be built.
+    #[error("building the cpu plan: {0}")]
+    Plan(#[from] crate::plan::builders::PlanError),
+    /// A cpu step failed.
+    #[error("cpu step: {0}")]
+    Step(#[from] crate::backend::BackendError),
+    /// A file the cuda run wrote could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A file the cuda run wrote is not the JSON expected.
+    #[error("{}: {source}", path.display())]
+    Json {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What serde said.
+        source: serde_json::Error,
+    },
+}
+
 /// Relative tolerance for f32 plans.
 pub const F32_TOL: f64 = 1e-4;
 /// Relative tolerance for bf16 plans (against the cpu's bf16-storage run of the same plan).
@@ -100,7 +128,7 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 /// they lead to). Parameters after Adam are not compared element-wise: where a gradient is
 /// exactly zero in theory (e.g. the key bias under softmax), Adam turns rounding noise into
 /// full-size steps on both backends.
-pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path, opts: &CrossCheckOptions) -> anyhow::Result<CrossCheck> {
+pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path, opts: &CrossCheckOptions) -> Result<CrossCheck, CrossCheckError> {
     let tol = tolerance(spec);
     let mut items = Vec::new();
     let mut error = None;
@@ -125,7 +153,7 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path, opts: &CrossCheckOpti
         for r in 0..world {
             let path = dir.join(format!("params-rank{r}.json"));
             let dumped: BTreeMap<String, Vec<f32>> = match std::fs::read_to_string(&path) {
-                Ok(s) => serde_json::from_str(&s)?,
+                Ok(s) => serde_json::from_str(&s).map_err(|source| CrossCheckError::Json { path: path.clone(), source })?,
                 Err(e) => {
                     error.get_or_insert(format!("{}: {e}", path.display()));
                     BTreeMap::new()
@@ -178,19 +206,19 @@ fn compare_buffers(plan: &Plan, cpu: &CpuRuntime, dir: &Path) -> buffers::Buffer
 }
 
 /// Every rank's routing choices from a cuda run directory (`routes-rank{r}.json`).
-fn read_routes(dir: &Path, world: usize) -> anyhow::Result<Routes> {
+fn read_routes(dir: &Path, world: usize) -> Result<Routes, CrossCheckError> {
     let mut out = HashMap::new();
     for r in 0..world {
         let path = dir.join(format!("routes-rank{r}.json"));
-        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let m: BTreeMap<String, Vec<i32>> = serde_json::from_str(&text)?;
+        let text = std::fs::read_to_string(&path).map_err(|source| CrossCheckError::Read { path: path.clone(), source })?;
+        let m: BTreeMap<String, Vec<i32>> = serde_json::from_str(&text).map_err(|source| CrossCheckError::Json { path: path.clone(), source })?;
         out.extend(m.into_iter().map(|(name, v)| ((r as u32, name), v)));
     }
     Ok(Arc::new(out))
 }
 
 /// How many of `routes`' choices differ from the cpu's own in the grad-pass step.
-fn count_flips(spec: &ExperimentSpec, routes: &Routes) -> anyhow::Result<(usize, usize)> {
+fn count_flips(spec: &ExperimentSpec, routes: &Routes) -> Result<(usize, usize), CrossCheckError> {
     let mut cpu_spec = spec.clone();
     cpu_spec.run.backend = BackendKind::Cpu;
     let plan = Plan::build(&cpu_spec)?;
@@ -210,7 +238,7 @@ fn count_flips(spec: &ExperimentSpec, routes: &Routes) -> anyhow::Result<(usize,
 type Routes = Arc<HashMap<(u32, String), Vec<i32>>>;
 
 /// Runs `spec` on the cpu; `keep_transient` keeps every non-persistent buffer to the end.
-fn cpu_run(spec: &ExperimentSpec, skip_optimizer: bool, replay: Option<Routes>, keep_transient: bool) -> anyhow::Result<(Plan, CpuRuntime, Vec<StepReport>)> {
+fn cpu_run(spec: &ExperimentSpec, skip_optimizer: bool, replay: Option<Routes>, keep_transient: bool) -> Result<(Plan, CpuRuntime, Vec<StepReport>), CrossCheckError> {
     let mut cpu_spec = spec.clone();
     cpu_spec.run.backend = BackendKind::Cpu;
     // bf16 plans: the cpu rounds what bf16 buffers store (math::bf16), so both sides round

@@ -169,16 +169,35 @@ fn moe_layer_seconds(trace: &crate::trace::Trace, n_layers: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Under torchrun/srun every rank runs the one job it was started for, so Tutel's candidates
+/// cannot be timed as jobs of their own: refused before a run directory exists.
+fn refuse_external_tutel_auto(spec: &ExperimentSpec) -> Result<(), RunError> {
+    use crate::spec::{Degree, ParallelismChoice};
+    let Some(t) = spec.tutel.as_ref().filter(|_| spec.variant == crate::spec::Variant::Tutel && spec.run.backend == crate::spec::BackendKind::Cuda) else {
+        return Ok(());
+    };
+    let field = if t.degree == Degree::Auto { "tutel.degree" } else if t.parallelism == ParallelismChoice::Auto { "tutel.parallelism" } else { return Ok(()) };
+    if matches!(crate::backend::cuda::external::detect_from_env(), Ok(Some(_))) {
+        return Err(RunError::Choice {
+            field: field.into(),
+            message: "under torchrun/srun each rank runs one job, so the candidates cannot be timed as jobs of their own".into(),
+            fix: "run this spec once with a local launch (moelab run, one worker per GPU) or backend = \"sim\", and set the chosen degree and r".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Steps each `degree = "auto"` candidate is timed for (after one untimed step).
 pub const AUTO_DEGREE_TIMED_STEPS: usize = 2;
 
 /// Resolve Tutel's `degree = "auto"` and `parallelism = "auto"`: run each candidate (r = 1 at
 /// each candidate degree, r = 0 at degree 1; with experts split over s = ep / n_experts ranks,
-/// every divisor r of s and r = 0, at degree 1; only the automatic dimensions vary) on the real
-/// backend (a fresh runtime each, so the measured run starts from the same weights), time
+/// every divisor r of s and r = 0, at degree 1; only the automatic dimensions vary) on the
+/// run's own backend (a fresh runtime each, so the measured run starts from the same weights;
+/// on cuda a job of its own whose worker records land in `dir/tutel-auto/r<r>-d<d>/`), time
 /// [`AUTO_DEGREE_TIMED_STEPS`] steps after one untimed step, and return the spec with the
 /// fastest fixed. `None` when the spec asks for neither.
-fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog) -> Result<Option<(ExperimentSpec, AutoDegree)>, BackendError> {
+fn resolve_auto_degree(spec: &ExperimentSpec, dir: &Path, hooks: &RunHooks, log: &mut RunLog) -> Result<Option<(ExperimentSpec, AutoDegree)>, BackendError> {
     use crate::spec::{Degree, ParallelismChoice, TutelSpec, Variant};
     let Some(opts) = spec
         .tutel
@@ -212,6 +231,27 @@ fn resolve_auto_degree(spec: &ExperimentSpec, hooks: &RunHooks, log: &mut RunLog
     let time = |s: &ExperimentSpec| -> Result<(f64, u64, Vec<f64>), BackendError> {
         let plan = Plan::build(s).expect("a validated tutel spec plans for every candidate");
         let comm_bytes = plan.ranks[0].ops.iter().filter(|o| o.stream == crate::taxonomy::Stream::Comm).map(|o| o.bytes).sum();
+        if s.run.backend == crate::spec::BackendKind::Cuda {
+            // The GPU workers are processes of their own: each candidate is a job of one
+            // untimed and the timed steps, launched like the measured run.
+            let t = s.tutel.as_ref().expect("a tutel spec");
+            let layers = if t.layers.is_empty() { String::new() } else { "-per-layer".into() };
+            let trial_dir = dir.join("tutel-auto").join(format!("r{}-d{}{layers}", t.r, match t.degree { crate::spec::Degree::Fixed(d) => d, crate::spec::Degree::Auto => 0 }));
+            std::fs::create_dir_all(&trial_dir).map_err(|e| BackendError::Crashed { rank: 0, message: format!("{}: {e}", trial_dir.display()) })?;
+            let mut trial = s.clone();
+            trial.run.warmup = 1;
+            trial.run.steps = AUTO_DEGREE_TIMED_STEPS;
+            let plan = Plan::build(&trial).expect("a validated tutel spec plans for every candidate");
+            let job = crate::backend::cuda::launch::run_job(&plan, &trial_dir, &hooks.exec, &mut |_| {});
+            if let Some(e) = job.failure {
+                return Err(e);
+            }
+            let timed: Vec<f64> = job.steps.iter().filter(|r| r.measured).map(|r| r.wall_s).collect();
+            if timed.is_empty() {
+                return Err(BackendError::Crashed { rank: 0, message: format!("{}: the candidate's job reported no timed step", trial_dir.display()) });
+            }
+            return Ok((timed.iter().sum::<f64>() / timed.len() as f64, comm_bytes, moe_layer_seconds(&job.trace, n_layers)));
+        }
         let mut rt = crate::backend::runtime(plan, hooks.exec.clone());
         rt.step(false, Some(0))?;
         let mut total = 0.0;
@@ -357,6 +397,7 @@ pub fn capacity_text(c: &[usize]) -> String {
 pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<RunOutcome, RunError> {
     let plan = Plan::build(spec)?;
     let mpmoe_setup = mpmoe_auto::Setup::new(spec)?;
+    refuse_external_tutel_auto(spec)?;
     let dir = make_dir(runs_root, &spec.name)?;
     let io = |p: &Path, e: std::io::Error| RunError::Io { path: p.display().to_string(), message: e.to_string() };
     std::fs::write(dir.join("spec.toml"), spec.to_toml()).map_err(|e| io(&dir, e))?;
@@ -368,7 +409,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     let mut failure = None;
     let mut plan = plan;
     let mut auto_degree = None;
-    match resolve_auto_degree(spec, hooks, &mut log) {
+    match resolve_auto_degree(spec, &dir, hooks, &mut log) {
         Ok(Some((resolved, choice))) => {
             plan = Plan::build(&resolved)?;
             log.line(&format!("measured steps use r={} degree {}: {} ops per step", choice.chosen_r, choice.chosen, plan.op_count()));

@@ -291,7 +291,8 @@ pub struct TutelLayer {
 pub struct TutelSpec {
     /// Pipelining degree d: the kept rows of every (source rank, expert) block are split into
     /// d chunks whose all-to-alls overlap the previous chunk's experts; `"auto"` times the
-    /// candidates {1, 2, 4} with the real backend before the measured steps and keeps the fastest.
+    /// candidates {1, 2, 4} on the run's backend (cuda: a job per candidate) before the
+    /// measured steps and keeps the fastest.
     #[serde(default)]
     pub degree: Degree,
     /// All-to-all algorithm: flat, or Tutel's 2D hierarchical (intra-node, then inter-node).
@@ -307,7 +308,7 @@ pub struct TutelSpec {
     #[serde(default = "default_r")]
     pub r: usize,
     /// How r is chosen: `"fixed"` uses `r`; `"auto"` times r = 1 (at each candidate degree)
-    /// and r = 0 (degree 1) on the real backend before the measured steps and keeps the fastest.
+    /// and r = 0 (degree 1) on the run's backend before the measured steps and keeps the fastest.
     #[serde(default)]
     pub parallelism: ParallelismChoice,
     /// One choice per MoE layer, in layer order: each layer runs with its own r and degree
@@ -580,7 +581,7 @@ impl LayoutSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
-    /// cuda when a GPU is visible, else cpu.
+    /// cuda when there is a visible GPU for every rank, else cpu.
     #[default]
     Auto,
     /// Reference executor: f32 math, one thread per rank.
@@ -734,6 +735,17 @@ impl ExperimentSpec {
             (false, Some(cf)) if cf < 0.0 => Capacity::Bounded(-cf),
             (false, cf) => Capacity::Factor(cf.unwrap_or(1.25)),
         }
+    }
+    /// Experts each token is sent to by one router: `model.top_k`, except DGMoE, whose
+    /// gates are top-1 each. Lets a backend size expected routing loads without knowing the
+    /// variant.
+    pub fn routed_k(&self) -> usize {
+        if self.variant == Variant::Dgmoe { 1 } else { self.model.top_k }
+    }
+    /// GPUs per node that the design itself names (Tutel's 2D all-to-all groups ranks by
+    /// `tutel.gpus_per_node`), for a backend that models nodes when the run does not say.
+    pub fn node_size_hint(&self) -> Option<usize> {
+        self.tutel.as_ref().filter(|t| self.variant == Variant::Tutel && t.a2a == A2aKind::TwoD).map(|t| t.gpus_per_node)
     }
     /// Serialize back to TOML (what `moelab run` accepts unchanged).
     pub fn to_toml(&self) -> String {

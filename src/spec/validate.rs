@@ -575,8 +575,7 @@ fn check_ted(c: &mut Checker, spec: &mut ExperimentSpec) {
 /// PPMoE rules: the `[ppmoe]` table belongs to variant "ppmoe" (which gets its defaults when
 /// the table is absent); the experts are spread over the tensor-parallel group (so ep = 1 and
 /// tp divides n_experts); the backbone is split over it too (tp divides n_heads and d_mlp);
-/// pp divides n_layers; the micro-batches divide the batch; and pipeline stages are refused
-/// on the cuda backend (its send/recv has not run on GPUs yet).
+/// pp divides n_layers; and the micro-batches divide the batch.
 fn check_ppmoe(c: &mut Checker, spec: &mut ExperimentSpec) {
     use super::PpmoeSpec;
     if spec.variant != Variant::Ppmoe {

@@ -102,8 +102,7 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
         }
     };
     let world = spec.world();
-    let tutel_nodes = spec.tutel.as_ref().filter(|t| t.a2a == crate::spec::A2aKind::TwoD).map(|t| t.gpus_per_node);
-    let gpn = match r.gpus_per_node.or(tutel_nodes) {
+    let gpn = match r.gpus_per_node.or(spec.node_size_hint()) {
         Some(0) => {
             fail("run.gpus_per_node", "gpus_per_node=0 must be at least 1".into(),
                 format!("set gpus_per_node to the GPUs of one node, e.g. {}", prof.topology.gpus_per_node));
@@ -206,10 +205,12 @@ pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
 
 /// Share of a routing-sized (dynamic) buffer's upper bound that a step is expected to use:
 /// dropless plans size expert buffers for every token reaching one expert, while balanced
-/// routing sends each expert `k / E` of them (DGMoE's gates are top-1 each). 1 otherwise.
+/// routing sends each expert `k / E` of them (`k`: [`ExperimentSpec::routed_k`]). 1 otherwise.
+///
+/// [`ExperimentSpec::routed_k`]: crate::spec::ExperimentSpec::routed_k
 pub fn expected_dynamic_load(spec: &crate::spec::ExperimentSpec) -> f64 {
     let m = &spec.model;
-    let k = if spec.variant == crate::spec::Variant::Dgmoe { 1 } else { m.top_k };
+    let k = spec.routed_k();
     if m.dropless { (k as f64 / m.n_experts.max(1) as f64).min(1.0) } else { 1.0 }
 }
 
