@@ -13,6 +13,34 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Set once stdout's reader has gone (`moelab run ... | head`): later output is dropped while
+/// the work goes on (a run still completes and writes its directory).
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes to stdout and flushes (a piped run shows its steps as they happen); a closed pipe
+/// sets [`STDOUT_GONE`] instead of panicking as `print!` would.
+fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut o = std::io::stdout().lock();
+    if o.write_fmt(args).and_then(|_| o.flush()).is_err() {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `print!` through [`write_out`].
+macro_rules! out {
+    ($($t:tt)*) => { write_out(format_args!($($t)*)) };
+}
+
+/// `println!` through [`write_out`].
+macro_rules! outln {
+    () => { write_out(format_args!("\n")) };
+    ($($t:tt)*) => { write_out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
 /// moelab: compose, run and measure distributed Mixture-of-Experts training.
 ///
 /// An experiment file (TOML) names a model, an MoE variant, a parallel layout and a backend.
@@ -196,13 +224,18 @@ fn arm_exit_watchdog() {
 
 /// Start `moelab-workbench` from this executable's directory. The workbench crate depends on
 /// this one, so it is a separate binary rather than a library call.
-fn cmd_workbench(args: &[String]) -> Result<bool> {
+fn cmd_workbench(args: &[String], sets: &[String]) -> Result<bool> {
     let exe = std::env::current_exe().context("locating the moelab executable")?;
     let name = format!("moelab-workbench{}", std::env::consts::EXE_SUFFIX);
     let bin = exe.parent().map(|d| d.join(&name)).filter(|p| p.is_file()).with_context(|| {
         format!("{name} is not next to {}: build it with `cargo build --release -p moelab-workbench` (same profile as moelab)", exe.display())
     })?;
-    let status = std::process::Command::new(&bin).args(args).status().with_context(|| format!("starting {}", bin.display()))?;
+    // The global `--set`s were parsed here; the workbench applies them to the file it opens.
+    let mut cmd = std::process::Command::new(&bin);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    let status = cmd.args(args).status().with_context(|| format!("starting {}", bin.display()))?;
     Ok(status.success())
 }
 
@@ -218,7 +251,7 @@ fn cmd_validate(files: &[PathBuf]) -> Result<bool> {
     let mut ok = true;
     for f in files {
         match load(f) {
-            Ok(s) => println!(
+            Ok(s) => outln!(
                 "ok: {} (variant {}, world {}, {} MoE layers, {} tokens per rank, backend {})",
                 f.display(), s.variant.as_str(), s.world(), s.model.n_layers, s.tokens_per_rank(), s.run.backend.as_str()
             ),
@@ -234,17 +267,17 @@ fn cmd_validate(files: &[PathBuf]) -> Result<bool> {
 fn cmd_plan(file: &Path) -> Result<()> {
     let s = load(file)?;
     let plan = Plan::build(&s)?;
-    println!("{}: variant {}, world {}, {} ops in all", s.name, s.variant.as_str(), plan.world(), plan.op_count());
+    outln!("{}: variant {}, world {}, {} ops in all", s.name, s.variant.as_str(), plan.world(), plan.op_count());
     for rp in &plan.ranks {
         let p = predict(rp);
         let flops: u64 = rp.ops.iter().map(|o| o.flops).sum();
         let comm = rp.ops.iter().filter(|o| o.stage.is_comm()).count();
-        println!(
+        outln!(
             "rank {}: {} ops ({} collectives), {:.3} GFLOP per step, predicted peak {}{}",
             rp.rank, rp.ops.len(), comm, flops as f64 / 1e9, mib(p.peak_total), if p.upper_bound { " (upper bound: dropless)" } else { "" }
         );
         let cats: Vec<String> = MemCategory::ALL.iter().map(|c| format!("{} {}", c, mib(p.at_peak[c.index()]))).collect();
-        println!("  at peak: {}", cats.join(", "));
+        outln!("  at peak: {}", cats.join(", "));
     }
     Ok(())
 }
@@ -265,8 +298,8 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
     // the others join it.
     if s.run.backend == spec::BackendKind::Cuda {
         if let Some(ext) = moelab::backend::cuda::external::detect_from_env()?.filter(|e| e.rank != 0) {
-            moelab::backend::cuda::launch::run_peer(&s, &ext, &mut |l| println!("{l}"))?;
-            println!("rank {}: finished; the run directory is on rank 0", ext.rank);
+            moelab::backend::cuda::launch::run_peer(&s, &ext, &mut |l| outln!("{l}"))?;
+            outln!("rank {}: finished; the run directory is on rank 0", ext.rank);
             return Ok(());
         }
     }
@@ -298,7 +331,7 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
             (Some(o), false) if o.micro() > 1 => format!(", {} micro-batches", o.micro()),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "running {} ({}): variant {}, world {} ({degrees}{pipeline}), backend {}, {} warmup + {} measured steps",
             s.name, file.display(), s.variant.as_str(), s.world(), s.run.backend.as_str(), s.run.warmup, s.run.steps
         );
@@ -308,29 +341,32 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
     let outcome = outcome?;
     if !quiet {
         for r in &outcome.steps {
-            println!(
+            outln!(
                 "step {}{}: loss {:.6}  aux {:.4}  dropped {}/{} {} {:.3} s",
                 r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed,
                 run::capacity_text(&r.capacity), r.wall_s
             );
         }
-        println!();
+        outln!();
     }
-    println!("{}", outcome.analysis.render_text());
+    outln!("{}", outcome.analysis.render_text());
     if let Some(a) = &outcome.mpmoe_auto {
-        println!("{}\n", a.render_text());
+        outln!("{}\n", a.render_text());
     }
     if let Some(a) = &outcome.auto_degree {
-        println!("tutel auto: {}\n", a.reason);
+        outln!("tutel auto: {}\n", a.reason);
+    }
+    for w in &outcome.warnings {
+        eprintln!("warning: {w}");
     }
     let worst = outcome.predicted.iter().zip(&outcome.tracked).map(|(p, t)| (p.peak_total, t.0, p.upper_bound)).max_by_key(|x| x.1);
     if let Some((pred, tracked, bound)) = worst {
-        println!(
+        outln!(
             "peak memory: plan predicts {}{}, {} backend tracked {}",
             mib(pred), if bound { " (upper bound: routing-dependent buffers)" } else { "" }, outcome.trace.backend, mib(tracked)
         );
     }
-    println!("run directory: {}", outcome.dir.display());
+    outln!("run directory: {}", outcome.dir.display());
     Ok(())
 }
 
@@ -346,11 +382,11 @@ fn cmd_compare(files: &[PathBuf], runs_dir: &Path) -> Result<()> {
         let o = run::run(s, runs_dir, &hooks)?;
         rows.push(run::compare::CompareRow::from_outcome(&s.name, s.variant.as_str(), s.world(), &o));
     }
-    print!("{}", run::compare::render(&rows));
+    out!("{}", run::compare::render(&rows));
     let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
     let dir = runs_dir.join(format!("{stamp}-compare"));
     let written = run::compare::write(&rows, &dir)?;
-    println!("comparison tables: {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    outln!("comparison tables: {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
     Ok(())
 }
 
@@ -369,10 +405,10 @@ fn cmd_calibrate(base: Option<&str>, name: Option<&str>, out: Option<&Path>, rep
         }
         None => {
             if moelab::backend::cuda::visible_gpus() == 0 {
-                println!("skipped: no CUDA device visible (moelab calibrate measures GPUs; --from refits saved measurements)");
+                outln!("skipped: no CUDA device visible (moelab calibrate measures GPUs; --from refits saved measurements)");
                 return Ok(true);
             }
-            moelab::backend::cuda::calibrate::measure(reps.max(1), &mut |l| println!("{l}"))?
+            moelab::backend::cuda::calibrate::measure(reps.max(1), &mut |l| outln!("{l}"))?
         }
     };
     let base = match base {
@@ -401,10 +437,10 @@ fn cmd_calibrate(base: Option<&str>, name: Option<&str>, out: Option<&Path>, rep
         None => "pass --json to keep the raw measurements".to_string(),
     })?;
     for f in &fits {
-        println!("fit {}: latency {:.1} us, bandwidth share {:.3} (worst rel err {:.1}%)", f.kind.as_str(), f.latency_us, f.efficiency, 100.0 * f.worst_rel_err);
+        outln!("fit {}: latency {:.1} us, bandwidth share {:.3} (worst rel err {:.1}%)", f.kind.as_str(), f.latency_us, f.efficiency, 100.0 * f.worst_rel_err);
     }
     write_output(&out, &text)?;
-    println!("wrote {} ({} GEMM points, {} collective fits)", out.display(), cal.gemms.len(), fits.len());
+    outln!("wrote {} ({} GEMM points, {} collective fits)", out.display(), cal.gemms.len(), fits.len());
     Ok(true)
 }
 
@@ -454,27 +490,27 @@ fn cmd_bench(configs: &[String], modes: &[moelab::backend::cuda::bench::ExpertGe
         }
     }
     if moelab::backend::cuda::visible_gpus() == 0 {
-        println!("skipped: no CUDA device visible (moelab bench measures GPUs only)");
+        outln!("skipped: no CUDA device visible (moelab bench measures GPUs only)");
         return Ok(true);
     }
-    println!("{:<13} {:>9} {:>10} {:>7} {:>8} {:>10} {:>9} {:>9} {:>7}", "config", "capacity", "gemm", "rows", "dropped", "layer ms", "TFLOP/s", "dense", "ratio");
+    outln!("{:<13} {:>9} {:>10} {:>7} {:>8} {:>10} {:>9} {:>9} {:>7}", "config", "capacity", "gemm", "rows", "dropped", "layer ms", "TFLOP/s", "dense", "ratio");
     let report = bench::run(device, configs, modes, reps.max(1), &mut |r| {
-        println!(
+        outln!(
             "{:<13} {:>9} {:>10} {:>7} {:>8} {:>10.3} {:>9.1} {:>9.1} {:>6.1}%",
             r.config.name, r.capacity, r.gemm.name(), r.rows, r.dropped, r.layer_ms, r.tflops, r.dense_tflops, 100.0 * r.ratio
         );
         let stages: Vec<String> = r.stages_ms.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
-        println!("    stages (ms): {}", stages.join(", "));
+        outln!("    stages (ms): {}", stages.join(", "));
     })?;
-    println!("dense bf16 8192^3 GEMM at the start: {:.1} TFLOP/s on {} ({}); each row is held against the higher of it and a dense GEMM measured right before the row", report.dense_tflops, report.device, report.date);
+    outln!("dense bf16 8192^3 GEMM at the start: {:.1} TFLOP/s on {} ({}); each row is held against the higher of it and a dense GEMM measured right before the row", report.dense_tflops, report.device, report.date);
     for f in &report.failures {
-        println!("    not measured: {f}");
+        outln!("    not measured: {f}");
     }
     let failed: Vec<_> = report.kernel_checks.iter().filter(|c| !c.passed).collect();
     let worst = report.kernel_checks.iter().map(|c| c.rel_err).fold(0.0, f64::max);
-    println!("bf16 kernels vs cpu: {} checked, {} failed, worst rel err {worst:.2e}", report.kernel_checks.len(), failed.len());
+    outln!("bf16 kernels vs cpu: {} checked, {} failed, worst rel err {worst:.2e}", report.kernel_checks.len(), failed.len());
     for c in &failed {
-        println!("    FAIL {} rel err {:.2e}", c.name, c.rel_err);
+        outln!("    FAIL {} rel err {:.2e}", c.name, c.rel_err);
     }
     if let Some(p) = json {
         write_output(p, serde_json::to_string_pretty(&report)?)?;
@@ -484,8 +520,25 @@ fn cmd_bench(configs: &[String], modes: &[moelab::backend::cuda::bench::ExpertGe
 
 fn cmd_predict(dirs: &[PathBuf], profile: Option<&str>, runs_dir: Option<&Path>, json: Option<&Path>, markdown: bool) -> Result<()> {
     use moelab::run::predict::{self, render, MeasuredRun, PredictOptions};
-    // Read every run directory before simulating any.
-    let runs: Vec<MeasuredRun> = predict::expand_run_dirs(dirs).iter().map(|d| MeasuredRun::load(d)).collect::<Result<_, _>>()?;
+    // Read every run directory before simulating any; one that cannot be read (a cancelled
+    // or failed run in a folder of runs) is skipped with the reason, unless none can be.
+    let mut runs: Vec<MeasuredRun> = Vec::new();
+    let mut skipped = Vec::new();
+    for d in predict::expand_run_dirs(dirs) {
+        match MeasuredRun::load(&d) {
+            Ok(r) => runs.push(r),
+            Err(e) => skipped.push(e),
+        }
+    }
+    if runs.is_empty() {
+        if let Some(e) = skipped.into_iter().next() {
+            return Err(e.into());
+        }
+        anyhow::bail!("no run directories given");
+    }
+    for e in &skipped {
+        eprintln!("skipped: {e}");
+    }
     let opts = PredictOptions {
         profile: profile.map(str::to_string),
         runs_dir: runs_dir.map(Path::to_path_buf),
@@ -493,19 +546,33 @@ fn cmd_predict(dirs: &[PathBuf], profile: Option<&str>, runs_dir: Option<&Path>,
     };
     let mut all = Vec::new();
     if markdown {
-        print!("{}", render::markdown_header());
+        out!("{}", render::markdown_header());
     }
+    let mut failed = Vec::new();
     for r in &runs {
-        let p = predict::predict(r, &opts)?;
+        let p = match predict::predict(r, &opts) {
+            Ok(p) => p,
+            Err(e) if runs.len() > 1 => {
+                eprintln!("skipped: {e}");
+                failed.push(e);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         if markdown {
-            print!("{}", render::markdown_row(&p));
+            out!("{}", render::markdown_row(&p));
         } else {
-            println!("{}", render::render_text(&p));
+            outln!("{}", render::render_text(&p));
         }
         all.push(p);
     }
     if let Some(path) = json {
         write_output(path, serde_json::to_string_pretty(&all)?)?;
+    }
+    if all.is_empty() {
+        if let Some(e) = failed.into_iter().next() {
+            return Err(e.into());
+        }
     }
     Ok(())
 }
@@ -516,21 +583,25 @@ fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>, buffe
     let mut ok = true;
     for f in files {
         let spec = load(f)?;
+        // The cuda side's checks (a GPU per rank, the launch environment) before any work.
+        let mut sets = OVERRIDES.get().cloned().unwrap_or_default();
+        sets.push(spec::overrides::Override::parse("run.backend=cuda")?);
+        spec::load_file_with(f, &sets).context("the cuda side of the cross-check")?;
         let c = moelab::run::crosscheck::crosscheck(&spec, runs_dir, &opts)?;
         let failed: Vec<_> = c.items.iter().filter(|i| !i.passed).collect();
-        println!(
+        outln!(
             "{} {} ({}, world {}): {} compared, worst rel err {:.2e}{}{}",
             if c.passed { "PASS" } else { "FAIL" }, f.display(), c.variant, c.world, c.items.len(), c.worst,
             c.route_flips.map(|(d, t)| format!(", cuda routing replayed on the cpu ({d} of {t} choices differed)")).unwrap_or_default(),
             c.error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default()
         );
         for i in failed.iter().take(10) {
-            println!("    {} rel err {:.2e}", i.name, i.rel_err);
+            outln!("    {} rel err {:.2e}", i.name, i.rel_err);
         }
         if let Some(b) = &c.buffers {
-            print!("{}", moelab::run::crosscheck::buffers::render(b));
+            out!("{}", moelab::run::crosscheck::buffers::render(b));
         } else if buffers {
-            println!("  per-buffer comparison: none (the cuda grad pass did not complete)");
+            outln!("  per-buffer comparison: none (the cuda grad pass did not complete)");
         }
         ok &= c.passed;
         all.push(c);
@@ -566,7 +637,7 @@ fn main() {
             cmd_calibrate(base.as_deref(), name.as_deref(), out.as_deref(), *reps, json.as_deref(), from.as_deref())
         }
         Command::CudaWorker { dir } => std::process::exit(moelab::backend::cuda::launch::worker_main(dir)),
-        Command::Workbench { args } => cmd_workbench(args),
+        Command::Workbench { args } => cmd_workbench(args, &cli.sets),
     };
     if matches!(cli.command, Command::Run { .. }) {
         arm_exit_watchdog();

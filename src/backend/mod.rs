@@ -192,6 +192,11 @@ pub trait Runtime {
     fn notes(&self) -> Vec<String> {
         Vec::new()
     }
+    /// What the user must see about this plan on this backend (the sim: a predicted peak
+    /// above the GPU's memory); also in the run log, `summary.json` and the CLI's output.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl Runtime for cpu::CpuRuntime {
@@ -218,6 +223,9 @@ impl Runtime for sim::SimRuntime {
     }
     fn notes(&self) -> Vec<String> {
         sim::SimRuntime::notes(self)
+    }
+    fn warnings(&self) -> Vec<String> {
+        sim::SimRuntime::warnings(self)
     }
 }
 

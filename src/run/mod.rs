@@ -75,6 +75,9 @@ pub struct RunOutcome {
     pub auto_degree: Option<AutoDegree>,
     /// How MPMoE's `chunks`/`reuse` = "auto" was resolved, when the spec asked for it.
     pub mpmoe_auto: Option<mpmoe_auto::MpmoeAuto>,
+    /// What the user must see about the run (e.g. the sim's predicted peak above the GPU's
+    /// memory); also in `summary.json` and the run log.
+    pub warnings: Vec<String>,
 }
 
 /// Hooks a front end (CLI, workbench, notebook) passes to follow and stop a run.
@@ -103,6 +106,8 @@ struct Summary<'a> {
     tutel_auto_degree: Option<AutoDegree>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mpmoe_auto: Option<mpmoe_auto::MpmoeAuto>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
 }
 
 /// How Tutel's `degree = "auto"` and/or `parallelism = "auto"` were resolved: each timed
@@ -435,6 +440,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         }
     }
     let predicted: Vec<MemoryPrediction> = plan.ranks.iter().map(predict).collect();
+    let mut warnings = Vec::new();
     let (steps, trace, tracked) = if spec.run.backend == crate::spec::BackendKind::Cuda && failure.is_none() {
         let mut on_step = |r: &StepReport| {
             log.line(&step_line(r));
@@ -470,6 +476,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         for note in rt.notes() {
             log.line(&note);
         }
+        warnings = rt.warnings();
         let mut steps = Vec::new();
         let total = if failure.is_some() { 0 } else { spec.run.warmup + spec.run.steps };
         for i in 0..total {
@@ -522,6 +529,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         }).collect(),
         tutel_auto_degree: auto_degree.clone(),
         mpmoe_auto: mpmoe_auto.clone(),
+        warnings: warnings.clone(),
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serializes");
     std::fs::write(dir.join("summary.json"), json).map_err(|e| io(&dir, e))?;
@@ -529,5 +537,5 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     if let Some(source) = failure {
         return Err(RunError::Backend { source, dir: dir.display().to_string() });
     }
-    Ok(RunOutcome { dir, analysis, steps, predicted, tracked, trace, auto_degree, mpmoe_auto })
+    Ok(RunOutcome { dir, analysis, steps, predicted, tracked, trace, auto_degree, mpmoe_auto, warnings })
 }

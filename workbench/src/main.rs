@@ -27,6 +27,10 @@ struct Args {
     /// Variant whose template the composer starts from when no file is given.
     #[arg(long, default_value = "topk")]
     template: String,
+    /// Override a field of the opened file before it is checked, e.g. `--set layout.ep=2`
+    /// (repeatable; an empty value removes the field), as `moelab run --set` does.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
 }
 
 /// How often elapsed times refresh while nothing else happens.
@@ -49,8 +53,9 @@ fn run() -> Result<()> {
         .with_context(|| format!("--template {variant:?} is not a variant (one of: topk, ppmoe, ted, tutel, mpmoe, scmoe, dgmoe)"))?;
     // A file that cannot be opened does not stop the workbench: it starts from the template
     // and says why, so nothing is written over the broken file.
+    let overrides = args.sets.iter().map(|s| moelab::spec::overrides::Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
     let (composer, startup) = match &args.file {
-        Some(path) => match Composer::open(path) {
+        Some(path) => match Composer::open_with(path, &overrides) {
             Ok(c) => (c, None),
             Err(e) => (template, Some(format!("{e} (started from the {variant} template; o opens a file)"))),
         },

@@ -379,7 +379,11 @@ fn collective_sized(op: &Op, bytes: u64) -> Option<Vec<CollectivePart>> {
         AllReduce { group, .. } => Some(vec![part(*group, CollectiveKind::AllReduce)]),
         AllToAllV { group, .. } => Some(vec![part(*group, CollectiveKind::AllToAll)]),
         ReduceScatter { group, .. } => Some(vec![part(*group, CollectiveKind::ReduceScatter)]),
-        AllToAllV2d { intra, inter, .. } => Some(vec![part(*intra, CollectiveKind::AllToAll), part(*inter, CollectiveKind::AllToAll)]),
+        // The plan counts both phases; each phase moves half of that.
+        AllToAllV2d { intra, inter, .. } => {
+            let half = |group| CollectivePart { group, kind: CollectiveKind::AllToAll, bytes: bytes / 2.0, host_s: 0.0 };
+            Some(vec![half(*intra), half(*inter)])
+        }
         // Each member puts its payload on the wire to the other once: a 2-member all-gather.
         SendRecv { group, .. } => Some(vec![part(*group, CollectiveKind::AllGather)]),
         _ => None,

@@ -20,6 +20,7 @@ pub mod cost;
 pub mod engine;
 pub mod profile;
 
+use crate::spec::Capacity;
 use super::{BackendError, ExecOptions, StepReport};
 use crate::plan::{BufId, GroupId, Plan, RankPlan};
 use crate::spec::{BackendKind, DType, ExperimentSpec, Problem};
@@ -205,20 +206,33 @@ pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
 
 /// Share of a routing-sized (dynamic) buffer's upper bound that a step is expected to use:
 /// dropless plans size expert buffers for every token reaching one expert, while balanced
-/// routing sends each expert `k / E` of them (`k`: [`ExperimentSpec::routed_k`]). 1 otherwise.
+/// routing sends each expert `k / E` of them (`k`: [`ExperimentSpec::routed_k`]); a bounded
+/// capacity (`capacity_factor < 0`, sized like dropless) keeps at most `|cf|` times that. 1
+/// for a fixed capacity.
 ///
 /// [`ExperimentSpec::routed_k`]: crate::spec::ExperimentSpec::routed_k
 pub fn expected_dynamic_load(spec: &crate::spec::ExperimentSpec) -> f64 {
     let m = &spec.model;
-    let k = spec.routed_k();
-    if m.dropless { (k as f64 / m.n_experts.max(1) as f64).min(1.0) } else { 1.0 }
+    let mean = (spec.routed_k() as f64 / m.n_experts.max(1) as f64).min(1.0);
+    match spec.capacity() {
+        Capacity::Dropless => mean,
+        Capacity::Bounded(cf) => (mean * cf.min(1.0)).min(1.0),
+        Capacity::Factor(_) => 1.0,
+    }
 }
 
 /// Share of the bound of a dropless expert block (`[E_local, rows, d]`) that a step fills:
 /// every expert's block is as long as the fullest expert's load, the mean load times
-/// `run.dropless_imbalance` (1 when unset). 1 for capacity plans.
+/// `run.dropless_imbalance` (1 when unset); a bounded capacity caps it at `|cf|` times the
+/// mean. 1 for a fixed capacity.
 pub fn expected_block_load(spec: &crate::spec::ExperimentSpec) -> f64 {
-    (expected_dynamic_load(spec) * spec.run.dropless_imbalance.unwrap_or(1.0)).min(1.0)
+    let imbalance = spec.run.dropless_imbalance.unwrap_or(1.0);
+    let mean = (spec.routed_k() as f64 / spec.model.n_experts.max(1) as f64).min(1.0);
+    match spec.capacity() {
+        Capacity::Dropless => (mean * imbalance).min(1.0),
+        Capacity::Bounded(cf) => (mean * imbalance.min(cf)).min(1.0),
+        Capacity::Factor(_) => 1.0,
+    }
 }
 
 /// Share of the routed assignments a capacity plan keeps: `run.kept_share` (1 when unset or
@@ -486,6 +500,8 @@ pub struct SimRuntime {
     /// Seconds the simulation itself took (wall clock of this machine).
     pub simulate_s: f64,
     profile_note: String,
+    /// Set when the predicted peak exceeds the profile's GPU memory.
+    memory_warning: Option<String>,
 }
 
 impl SimRuntime {
@@ -496,7 +512,7 @@ impl SimRuntime {
             Err(e) => {
                 let state = Err(BackendError::OpFailed { rank: 0, op: "load profile".into(), message: e.to_string() });
                 let profile_note = format!("sim: no profile: {e}");
-                SimRuntime { plan, opts, state, trace: Trace { backend: "sim".into(), ..Default::default() }, steps_done: 0, measured_done: 0, simulate_s: 0.0, profile_note }
+                SimRuntime { plan, opts, state, trace: Trace { backend: "sim".into(), ..Default::default() }, steps_done: 0, measured_done: 0, simulate_s: 0.0, profile_note, memory_warning: None }
             }
         }
     }
@@ -539,7 +555,14 @@ impl SimRuntime {
             if profile.calibrated { "calibrated" } else { "not calibrated: datasheet numbers and assumptions" },
             t.gpus_per_node, t.nodes, t.intra.as_str(), t.inter.as_str(), t.nics_per_node
         );
-        SimRuntime { plan, opts, state, trace, steps_done: 0, measured_done: 0, simulate_s: t0.elapsed().as_secs_f64(), profile_note }
+        let gib = |b: f64| b / (1024.0 * 1024.0 * 1024.0);
+        let memory_warning = state.as_ref().ok().and_then(|s| s.tracked.iter().map(|(p, _)| *p).max()).filter(|p| *p as f64 > profile.gpu.memory_bytes).map(|peak| {
+            format!(
+                "the predicted peak memory, {:.1} GiB on the busiest rank, exceeds the {:.0} GiB of one {}: this layout would run out of memory there",
+                gib(peak as f64), gib(profile.gpu.memory_bytes), profile.device
+            )
+        });
+        SimRuntime { plan, opts, state, trace, steps_done: 0, measured_done: 0, simulate_s: t0.elapsed().as_secs_f64(), profile_note, memory_warning }
     }
 
     /// What the run log should say: the profile and whether it is calibrated, the cluster,
@@ -555,7 +578,13 @@ impl SimRuntime {
             )),
             Err(e) => out.push(format!("sim: {e}")),
         }
+        out.extend(self.warnings().into_iter().map(|w| format!("sim: warning: {w}")));
         out
+    }
+
+    /// Warnings about the plan on this profile: a predicted peak above the GPU's memory.
+    pub fn warnings(&self) -> Vec<String> {
+        self.memory_warning.iter().cloned().collect()
     }
 
     /// The plan being simulated.

@@ -203,6 +203,15 @@ fn tp_allreduce(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, buf
     b.op(name, Stage::AllReduce, pass, OpKind::AllReduce { group, bufs: vec![buf] }, 0, bytes);
 }
 
+/// The all-to-all of a TP rank's dropped slice: `send` is sized for the full set, but each
+/// rank sends its `1/tp` of every block, so the op counts that share of the bytes (what the
+/// sim prices; the executors move the counts they are given).
+#[allow(clippy::too_many_arguments)]
+fn dropped_a2a(b: &mut RankBuilder, name: &str, pass: Pass, p: Place, send: BufId, send_counts: BufId, recv: BufId, m: usize) {
+    let bytes = b.f32_bytes_of(send).div_ceil(p.tp as u64);
+    b.op(name, Stage::AllToAll, pass, OpKind::AllToAllV { group: p.ep_group, send, send_counts, recv, row_len: m }, 0, bytes);
+}
+
 /// Rows of the dispatch layout (`src`, with per-peer `counts`) -> this rank's expert buffer
 /// `[E_local, R, M]`: all-to-all (with duplicate dropping and the TP all-gather when on).
 #[allow(clippy::too_many_arguments)]
@@ -222,7 +231,7 @@ fn to_experts(b: &mut RankBuilder, p: Place, dims: &MoeDims, layer: usize, src: 
             0, 8 * (t * k * m) as u64);
         // Parts that are all-gathered hold their real size (static buffers are padded).
         let recv_part = b.dyn_buf(format!("L{layer}.moe.{what}_recv_part"), el * rows * m, Mc::CommBuffers);
-        a2a(b, a2a_name, pass, p.ep_group, part, part_counts, recv_part, m);
+        dropped_a2a(b, a2a_name, pass, p, part, part_counts, recv_part, m);
         let recv = rb(b, format!("L{layer}.moe.{what}_recv"), el * rows * m);
         tp_allgather(b, &format!("gather_tokens{bwd}"), pass, p.tp_group, recv_part, recv);
         b.op(layout_name, Stage::Permute, pass, OpKind::TpLayout { recv, gathered, out, dims: dims.clone(), tp: p.tp }, 0,
@@ -257,7 +266,7 @@ fn from_experts(b: &mut RankBuilder, p: Place, dims: &MoeDims, layer: usize, inp
             OpKind::TpUnlayout { input, gathered, send, send_counts: counts, dims: dims.clone(), chunk: (p.ti, p.tp) }, 0,
             8 * (el * rows * m) as u64);
         let part = b.dyn_buf(format!("L{layer}.moe.{what}_part"), t * k * m, Mc::CommBuffers);
-        a2a(b, a2a_name, pass, p.ep_group, send, counts, part, m);
+        dropped_a2a(b, a2a_name, pass, p, send, counts, part, m);
         let parts = b.buf(format!("L{layer}.moe.{what}_parts"), t * k * m, Mc::CommBuffers);
         tp_allgather(b, &format!("gather_tokens_back{bwd}"), pass, p.tp_group, part, parts);
         b.op(format!("merge_tokens{bwd}"), Stage::Permute, pass, OpKind::TpMerge { parts, gathered, full, dims: dims.clone(), tp: p.tp }, 0,

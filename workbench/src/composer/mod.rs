@@ -176,7 +176,21 @@ impl Composer {
     /// Open an experiment file. A file that does not parse is an error (and the caller keeps
     /// its current draft); a file that parses but breaks rules opens with its problems shown.
     pub fn open(path: &Path) -> Result<Self, WorkbenchError> {
+        Self::open_with(path, &[])
+    }
+
+    /// [`Composer::open`] with `--set KEY=VALUE` overrides applied to the file's text first
+    /// (the draft then differs from the file, so it opens as unsaved).
+    pub fn open_with(path: &Path, overrides: &[moelab::spec::overrides::Override]) -> Result<Self, WorkbenchError> {
         let text = std::fs::read_to_string(path).map_err(|e| WorkbenchError::io(path, e))?;
+        let text = moelab::spec::overrides::apply(&text, overrides).map_err(|e| WorkbenchError::from(e.in_file(path)))?;
+        let mut opened = Self::from_text(path, &text)?;
+        opened.dirty = !overrides.is_empty();
+        Ok(opened)
+    }
+
+    fn from_text(path: &Path, text: &str) -> Result<Self, WorkbenchError> {
+        let text = text.to_string();
         match moelab::spec::from_toml_str(&text) {
             Err(e @ SpecError::Parse { .. }) => return Err(e.in_file(path).into()),
             Err(SpecError::Io { .. }) | Err(SpecError::Invalid { .. }) | Ok(_) => {}
