@@ -174,15 +174,16 @@ fn crosscheck_buffers_without_a_gpu_fails_clearly() {
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(err.contains("needs one GPU per rank"), "{err}");
     assert!(!err.contains("panicked") && !runs.exists(), "{err}");
+    // A spec whose own backend is cpu (and one of 4 ranks) is checked for its cuda side too,
+    // before the cpu reference runs: no work, no run directory, no panic from a missing NCCL.
     let json = tmp.path().join("xc.json");
-    let (code, out, err) =
-        moelab(&["--set", "run.backend=cpu", "crosscheck", "--buffers", file, "--runs-dir", runs.to_str().unwrap(), "--json", json.to_str().unwrap()], &[]);
-    assert_eq!(code, 1, "{out}\n{err}");
-    assert!(out.starts_with("FAIL") && out.contains("needs one GPU per rank") && out.contains("per-buffer comparison: none"), "{out}");
-    assert!(!err.contains("panicked"), "{err}");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(v[0]["passed"], false);
-    assert!(v[0].get("buffers").is_none(), "no buffer report without a cuda run: {v}");
+    for f in [file, "experiments/quickstart.toml"] {
+        let (code, out, err) =
+            moelab(&["--set", "run.backend=cpu", "crosscheck", "--buffers", f, "--runs-dir", runs.to_str().unwrap(), "--json", json.to_str().unwrap()], &[]);
+        assert_eq!(code, 1, "{out}\n{err}");
+        assert!(err.contains("the cuda side of the cross-check") && err.contains("needs one GPU per rank"), "{err}");
+        assert!(!err.contains("panicked") && !runs.exists() && !json.exists(), "{err}");
+    }
 }
 
 #[test]
@@ -607,4 +608,79 @@ fn the_h200_profile_predicts_stored_h200_runs_within_15_percent() {
         let e = r["comparison"]["step_error"].as_f64().unwrap();
         assert!(e.is_finite() && e.abs() < 0.15, "{}: step error {e}", r["name"]);
     }
+}
+
+#[test]
+fn output_to_a_closed_pipe_is_dropped_and_the_run_still_completes() {
+    // `moelab run ... | head -1`: the reader goes away; moelab neither panics nor stops.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moelab"))
+        .args(["run", "experiments/quickstart.toml", "--set", "run.steps=1", "--runs-dir", tmp.path().to_str().unwrap()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("waits");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{:?}: {err}", out.status);
+    let dir = std::fs::read_dir(tmp.path()).unwrap().flatten().next().expect("a run directory").path();
+    let summary = std::fs::read_to_string(dir.join("summary.json")).unwrap();
+    assert!(summary.contains("\"status\": \"completed\""), "{summary}");
+}
+
+#[test]
+fn sigterm_cancels_a_run_and_keeps_its_directory() {
+    // What `kill`, `timeout` and Slurm's scancel send: the run ends as cancelled, like Ctrl-C.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moelab"))
+        .args(["run", "-q", "experiments/quickstart.toml", "--set", "run.steps=100000", "--runs-dir", tmp.path().to_str().unwrap()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    // Wait for a measured step in the log, then terminate.
+    let t0 = std::time::Instant::now();
+    let stepped = || {
+        std::fs::read_dir(tmp.path()).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).and_then(|e| std::fs::read_to_string(e.path().join("run.log")).ok()).is_some_and(|l| l.contains("step 1:"))
+    };
+    while !stepped() {
+        assert!(t0.elapsed().as_secs() < 120, "no step logged");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let killed = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
+    assert!(killed.success());
+    let out = child.wait_with_output().expect("waits");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("panicked"), "{:?}: {err}", out.status);
+    let dir = std::fs::read_dir(tmp.path()).unwrap().flatten().next().expect("a run directory").path();
+    let summary = std::fs::read_to_string(dir.join("summary.json")).expect("summary written");
+    assert!(summary.contains("\"status\": \"cancelled\""), "{summary}");
+    assert!(std::fs::read_to_string(dir.join("run.log")).unwrap().contains("cancelled"));
+}
+
+#[test]
+fn predict_over_a_folder_skips_a_run_it_cannot_read_and_predicts_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let stored = std::path::Path::new("docs/device-runs/h200-s17/bench-sim-runs/20261124-163807-bench-sim-fine-grained-cf125");
+    let good = runs.join("20261124-163807-bench-sim-fine-grained-cf125");
+    std::fs::create_dir_all(&good).unwrap();
+    for e in std::fs::read_dir(stored).unwrap().flatten() {
+        std::fs::copy(e.path(), good.join(e.file_name())).unwrap();
+    }
+    // A run cancelled before it measured anything: its summary is there, its trace is not.
+    let bad = runs.join("20261124-000000-cancelled");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("summary.json"), "{\"status\": \"cancelled\"}").unwrap();
+    std::fs::write(bad.join("spec.toml"), std::fs::read_to_string("experiments/quickstart.toml").unwrap()).unwrap();
+    let (code, out, err) = moelab(&["predict", runs.to_str().unwrap(), "--runs-dir", tmp.path().join("sim").to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("skipped") && err.contains("cancelled"), "{err}");
+    assert!(out.contains("bench-sim-fine-grained-cf125") && out.contains("target 15%"), "{out}");
+    // Alone, the unreadable run is an error.
+    let (code, _, err) = moelab(&["predict", bad.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
 }

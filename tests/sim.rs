@@ -695,3 +695,77 @@ fn the_kernel_sweep_counts_bytes_as_the_plan_does() {
     let n: usize = params.iter().map(|(p, ..)| rank.buffer(*p).elems).sum();
     assert_eq!(adam.bytes as f64 / n as f64, kernel_bytes(KernelClass::Optimizer).expect("timed") / KERNEL_PARAMS as f64);
 }
+
+/// A Tutel layer (bf16, M 2048, H 4096, top-2 of E experts, 4,096 tokens per rank) on the
+/// h100 profile at `ep` ranks of 8 per node, with `extra` TOML lines appended to the
+/// `[tutel]` or `[model]` tables as given; the simulation of one step.
+fn tutel_at_scale(ep: usize, a2a: &str, model_extra: &str) -> (Plan, sim::PlanSimulation) {
+    let text = format!(
+        "name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 2048\nd_ffn = 4096\nn_experts = {ep}\ntop_k = 2\nn_layers = 1\nbatch = 4\nseq_len = 1024\ndtype = \"bf16\"\n{model_extra}\n\
+         [layout]\nep = {ep}\n[tutel]\ndegree = 1\na2a = \"{a2a}\"\ngpus_per_node = 8\n[run]\nbackend = \"sim\"\nprofile = \"h100\"\ngpus_per_node = 8\nnodes = {}\nsteps = 1\nwarmup = 0\n",
+        ep / 8
+    );
+    let s = from_toml_str(&text).expect("valid");
+    let plan = Plan::build(&s).expect("plans");
+    let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
+    (plan, out)
+}
+
+/// Seconds rank 0 (or its stand-in) spends in ops of `stage` in a simulated step.
+fn stage_seconds(plan: &Plan, out: &sim::PlanSimulation, stage: moelab::taxonomy::Stage) -> f64 {
+    let i = out.simulated.iter().position(|r| *r == 0).expect("rank 0 simulated");
+    plan.ranks[0].ops.iter().zip(&out.timeline.times[i]).filter(|(o, _)| o.stage == stage).map(|(_, t)| t.end - t.start).sum()
+}
+
+#[test]
+fn tutels_2d_all_to_all_beats_the_flat_one_across_many_nodes_and_prices_each_phase_once() {
+    use moelab::taxonomy::Stage::AllToAll;
+    // Each 2D phase carries the whole payload once (the plan counts both phases in the op's
+    // bytes): over 32 nodes the inter-node phase has 32 peers instead of 256, so fewer, larger
+    // messages; Tutel's reason for the 2D algorithm (arXiv 2206.03382).
+    let (pf, flat) = tutel_at_scale(256, "flat", "capacity_factor = 1.25");
+    let (p2, two) = tutel_at_scale(256, "2d", "capacity_factor = 1.25");
+    let (f, t) = (stage_seconds(&pf, &flat, AllToAll), stage_seconds(&p2, &two, AllToAll));
+    assert!(t < 0.85 * f, "2d {t} s vs flat {f} s");
+    let a2a = p2.ranks[0].ops.iter().find(|o| o.stage == AllToAll).expect("an all-to-all");
+    let parts = sim::cost::collective(a2a).expect("a collective");
+    assert_eq!(parts.len(), 2);
+    assert!(parts.iter().all(|p| p.bytes == a2a.bytes as f64 / 2.0), "{parts:?} of {} bytes", a2a.bytes);
+}
+
+#[test]
+fn a_bounded_capacity_is_priced_at_most_at_its_cap_and_never_above_dropless() {
+    use moelab::taxonomy::Stage::{AllToAll, ExpertGemm1};
+    // capacity_factor < 0 keeps at most |cf| times the mean load per expert: sized like dropless
+    // (at run time), it fills its blocks like dropless up to that cap.
+    let (pd, dropless) = tutel_at_scale(16, "flat", "dropless = true");
+    let (pb, bounded) = tutel_at_scale(16, "flat", "capacity_factor = -1.25");
+    let (pc, capped) = tutel_at_scale(16, "flat", "capacity_factor = -0.5");
+    for stage in [ExpertGemm1, AllToAll] {
+        let (d, b, c) = (stage_seconds(&pd, &dropless, stage), stage_seconds(&pb, &bounded, stage), stage_seconds(&pc, &capped, stage));
+        assert!(b <= d * 1.001, "{stage:?}: bounded {b} s vs dropless {d} s");
+        // A cap below the mean load halves the expert rows; the dispatch all-to-all is priced
+        // at what a rank sends, every assignment, so it does not shrink.
+        let (want, of) = if stage == ExpertGemm1 { (0.75 * b, "0.75 x") } else { (b * 1.001, "at most") };
+        assert!(c < want, "{stage:?}: |cf| 0.5 {c} s, want {of} 1.25's {b} s");
+    }
+    assert!(bounded.timeline.makespan <= dropless.timeline.makespan * 1.001);
+}
+
+#[test]
+fn a_predicted_peak_above_the_gpus_memory_is_a_warning_in_the_run() {
+    let mut s = from_toml_str(&seed_text("topk")).expect("valid");
+    let tmp = tempfile::tempdir().unwrap();
+    let fits = run::run(&s, tmp.path(), &RunHooks::default()).expect("runs");
+    assert!(fits.warnings.is_empty(), "{:?}", fits.warnings);
+    // The same plan on a 1 MiB GPU.
+    let p = tmp.path().join("tiny.toml");
+    let prof = profile::builtin_text("h100").expect("built in").replace("memory_gib = 80.0", "memory_gib = 0.001");
+    assert_ne!(prof, profile::builtin_text("h100").unwrap(), "the profile states memory_gib = 80");
+    std::fs::write(&p, prof).unwrap();
+    s.run.profile = Some(p.display().to_string());
+    let out = run::run(&s, tmp.path(), &RunHooks::default()).expect("runs");
+    assert!(out.warnings.iter().any(|w| w.contains("exceeds") && w.contains("GiB")), "{:?}", out.warnings);
+    let summary = std::fs::read_to_string(out.dir.join("summary.json")).unwrap();
+    assert!(summary.contains("\"warnings\"") && summary.contains("run out of memory"), "{summary}");
+}

@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use moelab::backend::cpu::CpuRuntime;
 use moelab::backend::StepReport;
+use moelab::plan::Plan;
 use moelab::spec::{from_toml_str, ExperimentSpec};
 use moelab::taxonomy::Stage;
 
@@ -217,6 +218,14 @@ fn duplicate_dropping_divides_all_to_all_bytes_by_tp() {
         let off = a2a_bytes(&ted_spec(&model, dp, ep, tp, false, "seed = 7"));
         assert!(on > 0, "dropping still communicates");
         assert_eq!(on * tp as u64, off, "dp={dp} ep={ep} tp={tp}: all-to-all bytes {on} with dropping, {off} without");
+        // The plan's bytes (what the sim prices) shrink the same way, up to rounding per op.
+        let planned = |dropping: bool| {
+            let plan = Plan::build(&ted_spec(&model, dp, ep, tp, dropping, "seed = 7")).expect("plans");
+            let ops: Vec<u64> = plan.ranks.iter().flat_map(|r| &r.ops).filter(|o| o.stage == Stage::AllToAll).map(|o| o.bytes).collect();
+            (ops.iter().sum::<u64>(), ops.len() as u64)
+        };
+        let ((on, n), (off, _)) = (planned(true), planned(false));
+        assert!((on * tp as u64).abs_diff(off) <= n * tp as u64, "dp={dp} ep={ep} tp={tp}: planned all-to-all bytes {on} with dropping, {off} without");
     }
 }
 

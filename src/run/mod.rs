@@ -246,6 +246,8 @@ fn resolve_auto_degree(spec: &ExperimentSpec, dir: &Path, hooks: &RunHooks, log:
             let mut trial = s.clone();
             trial.run.warmup = 1;
             trial.run.steps = AUTO_DEGREE_TIMED_STEPS;
+            // The workers read their spec from the job's directory.
+            std::fs::write(trial_dir.join("spec.toml"), trial.to_toml()).map_err(|e| BackendError::Crashed { rank: 0, message: format!("{}: {e}", trial_dir.display()) })?;
             let plan = Plan::build(&trial).expect("a validated tutel spec plans for every candidate");
             let job = crate::backend::cuda::launch::run_job(&plan, &trial_dir, &hooks.exec, &mut |_| {});
             if let Some(e) = job.failure {

@@ -72,6 +72,8 @@ fn check(call: &'static str, r: nccl::ncclResult_t) -> Result<(), CommError> {
 
 /// A fresh NCCL unique id (the launcher makes one per job), as hex for the environment.
 pub fn new_unique_id_hex() -> Result<String, CommError> {
+    // Without libnccl cudarc's loader panics: say so instead.
+    moelab_kernels::device::require_nccl().map_err(|e| CommError::Nccl { call: "ncclGetUniqueId", message: e.to_string() })?;
     let id = cudarc::nccl::result::get_uniqueid().map_err(|e| CommError::Nccl { call: "ncclGetUniqueId", message: format!("{e:?}") })?;
     Ok(id.internal.iter().map(|b| format!("{:02x}", *b as u8)).collect())
 }

@@ -337,6 +337,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn set_overrides_apply_to_the_opened_file_and_mark_it_unsaved() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../experiments/quickstart.toml"));
+        let plain = Composer::open(path).expect("opens");
+        assert_eq!(fields::by_key("layout.ep").expect("f").get(&plain.draft), "4");
+        assert!(!plain.dirty);
+        let o = moelab::spec::overrides::Override::parse("layout.ep=3").expect("parses");
+        let c = Composer::open_with(path, &[o]).expect("opens");
+        assert_eq!(fields::by_key("layout.ep").expect("f").get(&c.draft), "3");
+        assert!(c.dirty, "the draft differs from the file");
+        assert!(c.problems_for("layout.ep").iter().any(|p| p.message.contains("ep=3 does not divide n_experts=8")), "{:?}", c.check);
+    }
+
+    #[test]
     fn an_invalid_ep_names_the_field_and_undo_restores() {
         let mut c = Composer::from_template("topk").expect("template");
         assert!(c.resolved().is_some());
