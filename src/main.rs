@@ -249,12 +249,28 @@ fn mib(b: u64) -> String {
 
 fn cmd_validate(files: &[PathBuf]) -> Result<bool> {
     let mut ok = true;
+    let line = |f: &Path, s: &ExperimentSpec, backend: &str, note: &str| {
+        outln!(
+            "ok: {} (variant {}, world {}, {} MoE layers, {} tokens per rank, backend {backend}){note}",
+            f.display(), s.variant.as_str(), s.world(), s.model.n_layers, s.tokens_per_rank()
+        )
+    };
     for f in files {
-        match load(f) {
-            Ok(s) => outln!(
-                "ok: {} (variant {}, world {}, {} MoE layers, {} tokens per rank, backend {})",
-                f.display(), s.variant.as_str(), s.world(), s.model.n_layers, s.tokens_per_rank(), s.run.backend.as_str()
-            ),
+        match spec::load_file_with(f, OVERRIDES.get().map_or(&[][..], Vec::as_slice)) {
+            Ok(s) => line(f, &s, s.run.backend.as_str(), ""),
+            // A cuda spec on a machine without its GPUs: every other rule is checked (as on
+            // the cpu backend), and the missing GPUs are a note, not a failure.
+            Err(spec::SpecError::Invalid { problems, .. }) if problems.iter().all(|p| p.is_missing_gpus()) => {
+                let mut sets = OVERRIDES.get().cloned().unwrap_or_default();
+                sets.push(spec::overrides::Override::parse("run.backend=cpu")?);
+                match spec::load_file_with(f, &sets) {
+                    Ok(s) => line(f, &s, "cuda", &format!("; note: {}, so `moelab run` refuses it on this machine", problems[0].message)),
+                    Err(e) => {
+                        ok = false;
+                        eprintln!("{e:#}");
+                    }
+                }
+            }
             Err(e) => {
                 ok = false;
                 eprintln!("{e:#}");

@@ -345,6 +345,11 @@ fn sim_fields_are_checked_and_filled_by_spec_validation() {
     let err = spec::from_toml_str(&small).unwrap_err();
     assert_eq!(err.problems()[0].field, "run.nodes", "{err}");
     assert!(err.problems()[0].fix.contains("nodes = 4"), "{err}");
+    // Nodes the ranks do not reach would change nothing: refused, with the spreading fix.
+    let idle = text.replace("backend = \"sim\"", "backend = \"sim\"\nnodes = 2");
+    let err = spec::from_toml_str(&idle).unwrap_err();
+    assert_eq!(err.problems()[0].field, "run.nodes", "{err}");
+    assert!(err.problems()[0].fix.contains("nodes = 1") && err.problems()[0].fix.contains("gpus_per_node = 2"), "{err}");
     let zero = text.replace("backend = \"sim\"", "backend = \"sim\"\ngpus_per_node = 0");
     assert_eq!(problems(&zero), ["run.gpus_per_node"]);
     // The dropless imbalance: sim only, dropless plans only, at least 1.

@@ -214,6 +214,11 @@ impl MeasuredRun {
         overrides.extend([set("backend", "sim"), set("profile", profile)]);
         let mut spec = crate::spec::load_file_with(&self.dir.join("spec.toml"), &overrides)
             .map_err(|source| PredictError::Spec { path: self.dir.display().to_string(), source })?;
+        // A sim run already states its routing and executor settings: it is simulated as it
+        // ran (on the profile asked for).
+        if self.backend == "sim" {
+            return Ok(spec);
+        }
         // A dropless run is simulated at its measured imbalance unless the caller sets one.
         if spec.model.dropless && !extra.iter().any(|o| o.key == ["run", "dropless_imbalance"]) {
             spec.run.dropless_imbalance = self.dropless_imbalance(spec.model.n_experts);

@@ -15,6 +15,17 @@ pub struct Problem {
     pub fix: String,
 }
 
+/// How the problem of a cuda spec on a machine with too few GPUs begins.
+const CUDA_NEEDS_GPUS: &str = "backend \"cuda\" needs one GPU per rank";
+
+impl Problem {
+    /// Whether this is only the machine lacking GPUs for a cuda spec (the spec itself may be
+    /// fine: `moelab validate` checks it anyway and says so).
+    pub fn is_missing_gpus(&self) -> bool {
+        self.field == "run.backend" && self.message.starts_with(CUDA_NEEDS_GPUS)
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {} (fix: {})", self.field, self.message, self.fix)
@@ -302,7 +313,7 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
                 }
                 Err(e) => c.fail("run.backend", format!("launch environment: {}: {}", e.var, e.message), &e.fix),
                 Ok(None) if gpus < world => {
-                    c.fail("run.backend", format!("backend \"cuda\" needs one GPU per rank: world={world} but {gpus} GPU(s) are visible"),
+                    c.fail("run.backend", format!("{CUDA_NEEDS_GPUS}: world={world} but {gpus} GPU(s) are visible"),
                         "use backend = \"cpu\" (or \"auto\"), or shrink the layout (dp*ep*tp*pp) to the GPUs present");
                 }
                 Ok(None) => {}

@@ -123,6 +123,12 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
                 format!("set nodes = {need} or more, or remove nodes to have it derived"));
             return out;
         }
+        Some(n) if n > need => {
+            let spread = if world % n == 0 { format!(", or gpus_per_node = {} to spread the ranks over {n} nodes", world / n) } else { String::new() };
+            fail("run.nodes", format!("nodes={n} but world={world} ranks fill {need} node(s) of {gpn} GPUs; ranks fill nodes in order, so the other nodes would stay idle"),
+                format!("set nodes = {need}{spread}, or remove nodes to have it derived"));
+            return out;
+        }
         Some(n) => n,
         None => need,
     };
