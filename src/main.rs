@@ -79,8 +79,8 @@ enum Command {
         backend: Option<String>,
     },
     /// Run several experiments and print one comparison table (step time, exposed
-    /// communication, overlap, peak memory per category); also written as Parquet and CSV
-    /// to runs/<timestamp>-compare/.
+    /// communication, overlap, peak memory with its activations and comm buffers); also
+    /// written, with every memory category, as Parquet and CSV to runs/<timestamp>-compare/.
     Compare {
         /// Experiment files, e.g. experiments/*.toml.
         #[arg(required = true)]
@@ -120,7 +120,8 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Show the plan of an experiment: ops per rank, stages, and predicted peak memory.
+    /// Show the plan of an experiment: ops, collectives and FLOPs per rank, and the predicted
+    /// peak memory with its categories.
     Plan {
         /// Experiment file.
         file: PathBuf,
