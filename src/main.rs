@@ -537,6 +537,9 @@ fn cmd_bench(configs: &[String], modes: &[moelab::backend::cuda::bench::ExpertGe
 
 fn cmd_predict(dirs: &[PathBuf], profile: Option<&str>, runs_dir: Option<&Path>, json: Option<&Path>, markdown: bool) -> Result<()> {
     use moelab::run::predict::{self, render, MeasuredRun, PredictOptions};
+    if let Some(p) = profile {
+        moelab::backend::sim::profile::resolve(p).with_context(|| format!("--profile {p}"))?;
+    }
     // Read every run directory before simulating any; one that cannot be read (a cancelled
     // or failed run in a folder of runs) is skipped with the reason, unless none can be.
     let mut runs: Vec<MeasuredRun> = Vec::new();
@@ -663,10 +666,26 @@ fn main() {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain_text(&e));
             std::process::exit(1);
         }
     }
+}
+
+/// An error and its causes, each cause left out when the message before it already says it
+/// (the library's errors name their source in their own message).
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut prev = out.clone();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !prev.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        prev = text;
+    }
+    out
 }
 
 /// Writes a file the user named (`--out`, `--json`), creating its missing parent folders.

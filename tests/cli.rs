@@ -688,4 +688,8 @@ fn predict_over_a_folder_skips_a_run_it_cannot_read_and_predicts_the_rest() {
     // Alone, the unreadable run is an error.
     let (code, _, err) = moelab(&["predict", bad.to_str().unwrap()], &[]);
     assert_eq!(code, 1, "{err}");
+    // A profile that does not exist is the option's error, said once, before any run is read.
+    let (code, _, err) = moelab(&["predict", good.to_str().unwrap(), "--profile", "h900"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.starts_with("error: --profile h900:") && err.matches("neither a built-in profile").count() == 1, "{err}");
 }
