@@ -358,6 +358,10 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
     let outcome = outcome?;
     if !quiet {
         for r in &outcome.steps {
+            if let Some(line) = run::sim_step_line(r) {
+                outln!("{line}");
+                continue;
+            }
             outln!(
                 "step {}{}: loss {:.6}  aux {:.4}  dropped {}/{} {} {:.3} s",
                 r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed,

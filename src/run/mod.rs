@@ -384,10 +384,19 @@ fn make_dir(root: &Path, name: &str) -> Result<PathBuf, RunError> {
 
 /// The run log's line for one step.
 fn step_line(r: &StepReport) -> String {
+    if let Some(line) = sim_step_line(r) {
+        return line;
+    }
     format!(
         "step {}{}: loss {:.6} aux {:.4} dropped {}/{}{} wall {:.3} s",
         r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, capacity_text(&r.capacity), r.wall_s
     )
+}
+
+/// The line of a simulated step (the sim does no math: no loss, nothing routed), or `None`
+/// for a step that computed.
+pub fn sim_step_line(r: &StepReport) -> Option<String> {
+    (r.loss.is_nan() && r.routed == 0).then(|| format!("step {}{}: predicted {:.3} ms (the sim does no math: no loss)", r.step, if r.measured { "" } else { " (warmup)" }, r.wall_s * 1e3))
 }
 
 /// ` capacity C` (one value when every layer chose the same, else `C0,C1,...`); empty when
