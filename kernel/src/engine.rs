@@ -122,11 +122,12 @@ impl Engine {
         let displays = experiment::displays(&runs);
         let plain = runs.to_string();
         if let Some(parent) = out {
-            let (last, rest) = displays.split_first().expect("one table at least");
-            for d in rest {
+            // The table first (the cell's result), then the charts below it.
+            let (table, charts) = displays.split_first().expect("one table at least");
+            self.outbox.publish(Some(parent), "execute_result", json!({ "execution_count": self.execution_count, "data": table, "metadata": {} }));
+            for d in charts {
                 self.outbox.display(Some(parent), d.clone());
             }
-            self.outbox.publish(Some(parent), "execute_result", json!({ "execution_count": self.execution_count, "data": last, "metadata": {} }));
         }
         Ok(Some(plain))
     }

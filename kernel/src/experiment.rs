@@ -153,6 +153,9 @@ pub fn run(experiments: &[Experiment], cancel: Arc<AtomicBool>, progress: Arc<dy
         let hooks = RunHooks {
             exec: moelab::backend::ExecOptions { cancel: cancel.clone(), ..Default::default() },
             on_step: Some(Arc::new(move |r: &moelab::backend::StepReport| {
+                if let Some(line) = moelab::run::sim_step_line(r) {
+                    return steps_progress(format!("  {line}\n"));
+                }
                 steps_progress(format!(
                     "  step {}{}: loss {:.6} aux {:.4} dropped {}/{} wall {:.3} s\n",
                     r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, r.wall_s

@@ -101,6 +101,27 @@ fn warm() -> Result<()> {
     Ok(())
 }
 
+/// Ends the kernel when the process that started it (the Jupyter client or its kernel
+/// manager) is gone and the kernel was handed to another parent: nobody can shut it down
+/// then, and it would hold its evcxr work slot. A kernel started without a parent (already
+/// re-parented at start) is left alone.
+fn watch_parent() {
+    #[cfg(unix)]
+    {
+        let first = std::os::unix::process::parent_id();
+        if first == 1 {
+            return;
+        }
+        let _ = std::thread::Builder::new().name("parent-watch".into()).spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            if std::os::unix::process::parent_id() != first {
+                eprintln!("moelab-kernel: the process that started it (pid {first}) is gone; exiting");
+                std::process::exit(0);
+            }
+        });
+    }
+}
+
 fn run(connection_file: PathBuf) -> Result<()> {
     let info = connection::ConnectionInfo::load(&connection_file)?;
     let wd = use_slot()?;
@@ -115,6 +136,7 @@ fn run(connection_file: PathBuf) -> Result<()> {
     let prelude = if std::env::var("MOELAB_KERNEL_PRELUDE").is_ok_and(|v| v == "off") { String::new() } else { workdir::prelude(&workdir::moelab_source()) };
     let eng = engine::Engine::new(outbox.clone(), prelude, interrupter.clone(), runs_root);
     std::thread::Builder::new().name("engine".into()).spawn(move || eng.serve(engine_rx))?;
+    watch_parent();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(server::serve(info, signer, outbox, out_rx, engine_tx, interrupter))?;
     drop(wd);

@@ -355,6 +355,7 @@ impl App {
             }
             Key::Enter => {
                 if let Some(f) = c.selected_field() {
+                    self.status = None;
                     self.prompt = Some(Prompt { kind: PromptKind::Edit, label: f.key.to_string(), text: f.get(&c.draft) });
                 }
             }
@@ -381,10 +382,12 @@ impl App {
             }
             Key::Char('o') => {
                 let text = c.path.as_ref().map_or_else(|| "experiments/".to_string(), |p| p.display().to_string());
+                self.status = None;
                 self.prompt = Some(Prompt { kind: PromptKind::Open, label: "open experiment".into(), text });
             }
             Key::Char('s') => {
                 let text = c.default_save_path().display().to_string();
+                self.status = None;
                 self.prompt = Some(Prompt { kind: PromptKind::Save, label: "save as".into(), text });
             }
             Key::Char('r') => self.dispatch(),
@@ -401,11 +404,18 @@ impl App {
             };
             return self.error(format!("cannot run an invalid experiment: {first}"));
         };
+        let mut spec = spec;
         let backend = spec.run.backend.as_str();
+        // A sim job runs on the profile the live prediction shows (`P`), not only the spec's.
+        let mut on = String::new();
+        if let (moelab::spec::BackendKind::Sim, Some(p)) = (spec.run.backend, self.composer.profile.clone()) {
+            on = format!(", profile {p}");
+            spec.run.profile = Some(p);
+        }
         match self.jobs.submit(spec) {
             Ok(id) => {
                 let name = self.composer.name().to_string();
-                self.info(format!("job {id} ({name}) queued on the {backend} backend; see Jobs (2)"));
+                self.info(format!("job {id} ({name}) queued on the {backend} backend{on}; see Jobs (2)"));
             }
             Err(e) => self.error(e),
         }
@@ -525,7 +535,10 @@ impl App {
             Key::Char('e') => {
                 let Some(path) = self.runs.selected_entry().map(|e| e.path.join("spec.toml")) else { return };
                 match Composer::open(&path) {
-                    Ok(c) => {
+                    Ok(mut c) => {
+                        // A copy to edit: the run's own record is never the save target.
+                        c.path = None;
+                        c.dirty = true;
                         self.composer.replace(c);
                         self.pane = Pane::Composer;
                         self.info(format!("editing {} (s saves it elsewhere; u undoes)", path.display()));

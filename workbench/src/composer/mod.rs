@@ -105,7 +105,7 @@ pub struct Composer {
     /// Validation of the draft, refreshed on every change.
     pub check: Check,
     /// Earlier drafts, for undo.
-    history: Vec<Table>,
+    history: Vec<(Table, Option<PathBuf>)>,
     /// The hardware profile of the live prediction (`None`: the spec's own, or the default).
     pub profile: Option<String>,
 }
@@ -204,7 +204,7 @@ impl Composer {
 
     /// Replace this composer's experiment by another (undo brings the old one back).
     pub fn replace(&mut self, other: Composer) {
-        self.history.push(self.draft.clone());
+        self.history.push((self.draft.clone(), self.path.clone()));
         let history = std::mem::take(&mut self.history);
         let filter = std::mem::take(&mut self.filter);
         *self = Composer { history, filter, ..other };
@@ -261,7 +261,7 @@ impl Composer {
         let mut next = self.draft.clone();
         f(&mut next)?;
         if next != self.draft {
-            self.history.push(std::mem::replace(&mut self.draft, next));
+            self.history.push((std::mem::replace(&mut self.draft, next), self.path.clone()));
             self.dirty = true;
             self.check = check(&self.draft, self.profile.as_deref());
             // A variant change can hide fields; keep the selection on the list.
@@ -298,8 +298,11 @@ impl Composer {
     /// Go back to the draft before the last change; false when there is none.
     pub fn undo(&mut self) -> bool {
         match self.history.pop() {
-            Some(prev) => {
+            Some((prev, path)) => {
+                // The file goes back with its draft, so a save cannot write one file's draft
+                // into another.
                 self.draft = prev;
+                self.path = path;
                 self.dirty = true;
                 self.check = check(&self.draft, self.profile.as_deref());
                 self.move_selection(0);

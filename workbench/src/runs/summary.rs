@@ -15,9 +15,11 @@ pub struct StepSummary {
     pub step: usize,
     /// Whether the step was measured.
     pub measured: bool,
-    /// Loss.
+    /// Loss (NaN where the run has none: JSON `null`, a sim run's).
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
-    /// Load-balancing loss.
+    /// Load-balancing loss (NaN where the run has none).
+    #[serde(deserialize_with = "nan_if_null")]
     pub aux_loss: f64,
     /// Dropped token assignments.
     pub dropped: usize,
@@ -25,6 +27,11 @@ pub struct StepSummary {
     pub routed: usize,
     /// Wall seconds.
     pub wall_s: f64,
+}
+
+/// A number that JSON writes as `null` when it is NaN (serde_json has no NaN).
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// One rank's memory line of the summary.

@@ -135,12 +135,17 @@ fn hints(pane: Pane) -> &'static str {
 
 fn draw_status(f: &mut Frame, area: Rect, app: &App) {
     let line = if let Some(p) = &app.prompt {
-        Line::from(vec![
+        let mut spans = vec![
             Span::styled(format!("{}: ", p.label), Style::new().add_modifier(Modifier::BOLD)),
             Span::raw(p.text.clone()),
             Span::styled("▏", Style::new().add_modifier(Modifier::SLOW_BLINK)),
             Span::styled("  (Enter ok · Esc cancel)", dim_style()),
-        ])
+        ];
+        // What the last Enter said (a bad value, a file that exists) stays beside the prompt.
+        if let Some(s) = app.status.as_ref().filter(|s| s.error) {
+            spans.push(Span::styled(format!("  {}", s.text), error_style()));
+        }
+        Line::from(spans)
     } else if let Some(s) = &app.status {
         Line::styled(s.text.clone(), if s.error { error_style() } else { Style::new() })
     } else {
