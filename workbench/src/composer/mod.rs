@@ -340,6 +340,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn undo_brings_back_the_file_with_its_draft() {
+        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../experiments"));
+        let (quick, scmoe) = (root.join("quickstart.toml"), root.join("scmoe.toml"));
+        let mut c = Composer::open(&quick).expect("opens");
+        c.replace(Composer::open(&scmoe).expect("opens"));
+        assert_eq!(c.path.as_deref(), Some(scmoe.as_path()));
+        assert!(c.undo());
+        // A save now goes to the file this draft came from, not to scmoe.toml.
+        assert_eq!(c.path.as_deref(), Some(quick.as_path()));
+        assert_eq!(c.default_save_path(), quick);
+    }
+
+    #[test]
     fn set_overrides_apply_to_the_opened_file_and_mark_it_unsaved() {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../experiments/quickstart.toml"));
         let plain = Composer::open(path).expect("opens");

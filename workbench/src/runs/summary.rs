@@ -118,3 +118,17 @@ impl RunSummary {
         self.steps.iter().rev().find(|s| s.measured).map(|s| s.loss)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sim_runs_null_losses_read_as_nan() {
+        // serde_json writes NaN as null; a sim run has no loss.
+        let s: StepSummary = serde_json::from_str(r#"{"step": 1, "measured": true, "loss": null, "aux_loss": null, "dropped": 0, "routed": 0, "wall_s": 0.002}"#).expect("reads");
+        assert!(s.loss.is_nan() && s.aux_loss.is_nan() && s.wall_s == 0.002);
+        let s: StepSummary = serde_json::from_str(r#"{"loss": 1.5}"#).expect("reads");
+        assert_eq!(s.loss, 1.5);
+    }
+}

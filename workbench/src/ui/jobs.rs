@@ -74,7 +74,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
             Constraint::Length(7),
             Constraint::Length(5),
             Constraint::Length(9),
-            Constraint::Length(18),
+            Constraint::Length(17),
             Constraint::Length(8),
             Constraint::Min(12),
         ];
