@@ -45,6 +45,8 @@ pub struct SimPrediction {
     pub a2a_overlap: f64,
     /// The profile's name.
     pub profile: String,
+    /// What the sim warns of (a predicted peak above the profile's GPU memory).
+    pub warnings: Vec<String>,
 }
 
 /// Profiles the composer cycles through for its prediction (`P`): the measured ones first.
@@ -68,7 +70,7 @@ fn simulate_step(resolved: &ExperimentSpec, plan: &Plan, profile: Option<&str>) 
     let mut rt = sim::SimRuntime::with_profile(plan.clone(), &profile, Default::default());
     let report = rt.step(true, Some(0)).map_err(|e| e.to_string())?;
     let a = moelab::analysis::analyze(&rt.trace());
-    Ok(SimPrediction { seconds: report.wall_s, overlap: a.overall_overlap(), a2a_overlap: a.a2a_overlap(), profile: profile.name.clone() })
+    Ok(SimPrediction { seconds: report.wall_s, overlap: a.overall_overlap(), a2a_overlap: a.a2a_overlap(), profile: profile.name.clone(), warnings: rt.warnings() })
 }
 
 /// What validation says about the draft.
@@ -184,6 +186,12 @@ impl Composer {
     pub fn open_with(path: &Path, overrides: &[moelab::spec::overrides::Override]) -> Result<Self, WorkbenchError> {
         let text = std::fs::read_to_string(path).map_err(|e| WorkbenchError::io(path, e))?;
         let text = moelab::spec::overrides::apply(&text, overrides).map_err(|e| WorkbenchError::from(e.in_file(path)))?;
+        // A value an override made unreadable is named as the override, as `moelab run` does.
+        if !overrides.is_empty() {
+            if let Err(e @ SpecError::Parse { .. }) = moelab::spec::load_file_with(path, overrides) {
+                return Err(e.into());
+            }
+        }
         let mut opened = Self::from_text(path, &text)?;
         opened.dirty = !overrides.is_empty();
         Ok(opened)
@@ -338,6 +346,19 @@ impl Composer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_draft_that_outgrows_the_gpu_is_predicted_with_a_warning() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../experiments/quickstart.toml"));
+        let warnings = |c: &Composer| match &c.check {
+            Check::Valid { prediction: Ok(p), .. } => p.step.as_ref().expect("simulated").warnings.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(warnings(&Composer::open(path).expect("opens")).is_empty());
+        let big = moelab::spec::overrides::Override::parse("model.d_model=131072").expect("parses");
+        let w = warnings(&Composer::open_with(path, &[big]).expect("opens"));
+        assert!(w.iter().any(|w| w.contains("exceeds")), "{w:?}");
+    }
 
     #[test]
     fn undo_brings_back_the_file_with_its_draft() {

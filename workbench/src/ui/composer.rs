@@ -109,6 +109,9 @@ fn draw_check(f: &mut Frame, area: Rect, app: &App) {
                             "predicted overlap: {:.0}% of comm, {:.0}% of all-to-all hidden (P: profile)",
                             100.0 * sp.overlap, 100.0 * sp.a2a_overlap
                         )));
+                        for w in &sp.warnings {
+                            lines.push(Line::styled(format!("warning: {w}"), error_style()));
+                        }
                     }
                 }
                 Err(e) => lines.push(Line::styled(format!("the plan cannot be built: {e}"), error_style())),

@@ -127,7 +127,7 @@ pub fn pin_prediction(c: &mut Composer) {
         p.at_peak = [525 << 10, 525 << 10, 1050 << 10, 64 << 10, 3940 << 10, 480 << 10, 129 << 10];
         p.peak_total = p.at_peak.iter().sum();
         p.upper_bound = false;
-        p.step = Ok(moelab_workbench::composer::SimPrediction { seconds: 1.5e-3, overlap: 0.25, a2a_overlap: 0.5, profile: "h100".into() });
+        p.step = Ok(moelab_workbench::composer::SimPrediction { seconds: 1.5e-3, overlap: 0.25, a2a_overlap: 0.5, profile: "h100".into(), warnings: Vec::new() });
     }
 }
 
