@@ -25,8 +25,12 @@ fn write_out(args: std::fmt::Arguments) {
         return;
     }
     let mut o = std::io::stdout().lock();
-    if o.write_fmt(args).and_then(|_| o.flush()).is_err() {
+    if let Err(e) = o.write_fmt(args).and_then(|_| o.flush()) {
         STDOUT_GONE.store(true, Ordering::Relaxed);
+        // A closed pipe is the reader having seen enough; anything else is worth saying.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("moelab: stdout: {e}; the rest of the output is dropped");
+        }
     }
 }
 
@@ -563,6 +567,7 @@ fn cmd_predict(dirs: &[PathBuf], profile: Option<&str>, runs_dir: Option<&Path>,
     for e in &skipped {
         eprintln!("skipped: {e}");
     }
+    let skipped = skipped.len();
     let opts = PredictOptions {
         profile: profile.map(str::to_string),
         runs_dir: runs_dir.map(Path::to_path_buf),
@@ -593,10 +598,15 @@ fn cmd_predict(dirs: &[PathBuf], profile: Option<&str>, runs_dir: Option<&Path>,
     if let Some(path) = json {
         write_output(path, serde_json::to_string_pretty(&all)?)?;
     }
+    let missed = skipped + failed.len();
     if all.is_empty() {
         if let Some(e) = failed.into_iter().next() {
             return Err(e.into());
         }
+    }
+    // The rest was predicted, but a script must see that some runs were not.
+    if missed > 0 {
+        anyhow::bail!("{missed} run(s) skipped (the reasons are above); {} predicted", all.len());
     }
     Ok(())
 }

@@ -189,6 +189,12 @@ fn auto_degree_times_the_candidates_and_records_its_choice() {
     // The measured steps ran the chosen plan: as many forward fc1 ops per layer as the degree.
     let fc1 = out.trace.ops.iter().filter(|o| o.stage == Stage::ExpertGemm1 && o.rank == 0 && o.pass == Pass::Forward).count();
     assert_eq!(fc1, auto.chosen);
+    // spec.toml is the spec the measured steps ran (what cuda workers read); the request is
+    // kept beside it.
+    let ran = moelab::spec::load_file(&out.dir.join("spec.toml")).expect("spec.toml loads");
+    assert_eq!(ran.tutel.expect("tutel").degree, moelab::spec::Degree::Fixed(auto.chosen));
+    let asked = moelab::spec::load_file(&out.dir.join("spec.requested.toml")).expect("spec.requested.toml loads");
+    assert_eq!(asked.tutel.expect("tutel").degree, moelab::spec::Degree::Auto);
 }
 
 #[test]

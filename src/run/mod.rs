@@ -450,6 +450,12 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
             }
         }
     }
+    if plan.spec != *spec && failure.is_none() {
+        // An automatic choice was made: `spec.toml` becomes the spec the measured steps run
+        // (the cuda workers read it from there), the request is kept beside it.
+        std::fs::write(dir.join("spec.requested.toml"), spec.to_toml()).map_err(|e| io(&dir, e))?;
+        std::fs::write(dir.join("spec.toml"), plan.spec.to_toml()).map_err(|e| io(&dir, e))?;
+    }
     let predicted: Vec<MemoryPrediction> = plan.ranks.iter().map(predict).collect();
     let mut warnings = Vec::new();
     let (steps, trace, tracked) = if spec.run.backend == crate::spec::BackendKind::Cuda && failure.is_none() {
