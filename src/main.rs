@@ -245,7 +245,7 @@ fn cmd_workbench(args: &[String], sets: &[String]) -> Result<bool> {
 }
 
 fn load(file: &Path) -> Result<ExperimentSpec> {
-    Ok(spec::load_file_with(file, OVERRIDES.get().map_or(&[][..], Vec::as_slice))?)
+    Ok(load_with_backend(file, None)?)
 }
 
 fn mib(b: u64) -> String {
@@ -261,14 +261,12 @@ fn cmd_validate(files: &[PathBuf]) -> Result<bool> {
         )
     };
     for f in files {
-        match spec::load_file_with(f, OVERRIDES.get().map_or(&[][..], Vec::as_slice)) {
+        match load_with_backend(f, None) {
             Ok(s) => line(f, &s, s.run.backend.as_str(), ""),
             // A cuda spec on a machine without its GPUs: every other rule is checked (as on
             // the cpu backend), and the missing GPUs are a note, not a failure.
             Err(spec::SpecError::Invalid { problems, .. }) if problems.iter().all(|p| p.is_missing_gpus()) => {
-                let mut sets = OVERRIDES.get().cloned().unwrap_or_default();
-                sets.push(spec::overrides::Override::parse("run.backend=cpu")?);
-                match spec::load_file_with(f, &sets) {
+                match load_with_backend(f, Some("cpu")) {
                     Ok(s) => line(f, &s, "cuda", &format!("; note: {}, so `moelab run` refuses it on this machine", problems[0].message)),
                     Err(e) => {
                         ok = false;
@@ -305,12 +303,12 @@ fn cmd_plan(file: &Path) -> Result<()> {
 
 /// The spec in `file` with the `--set` overrides and, when given, `--backend` (the same as
 /// `--set run.backend=...`, applied last).
-fn load_with_backend(file: &Path, backend: Option<&str>) -> Result<ExperimentSpec> {
+fn load_with_backend(file: &Path, backend: Option<&str>) -> Result<ExperimentSpec, spec::SpecError> {
     let mut overrides = OVERRIDES.get().cloned().unwrap_or_default();
     if let Some(b) = backend {
         overrides.push(spec::overrides::Override { key: vec!["run".into(), "backend".into()], value: Some(toml::Value::String(b.into())) });
     }
-    Ok(spec::load_file_with(file, &overrides)?)
+    spec::load_file_with(file, &overrides)
 }
 
 fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> Result<()> {
@@ -618,9 +616,7 @@ fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>, buffe
     for f in files {
         let spec = load(f)?;
         // The cuda side's checks (a GPU per rank, the launch environment) before any work.
-        let mut sets = OVERRIDES.get().cloned().unwrap_or_default();
-        sets.push(spec::overrides::Override::parse("run.backend=cuda")?);
-        spec::load_file_with(f, &sets).context("the cuda side of the cross-check")?;
+        load_with_backend(f, Some("cuda")).context("the cuda side of the cross-check")?;
         let c = moelab::run::crosscheck::crosscheck(&spec, runs_dir, &opts)?;
         let failed: Vec<_> = c.items.iter().filter(|i| !i.passed).collect();
         outln!(

@@ -246,8 +246,6 @@ fn resolve_auto_degree(spec: &ExperimentSpec, dir: &Path, hooks: &RunHooks, log:
             let mut trial = s.clone();
             trial.run.warmup = 1;
             trial.run.steps = AUTO_DEGREE_TIMED_STEPS;
-            // The workers read their spec from the job's directory.
-            std::fs::write(trial_dir.join("spec.toml"), trial.to_toml()).map_err(|e| BackendError::Crashed { rank: 0, message: format!("{}: {e}", trial_dir.display()) })?;
             let plan = Plan::build(&trial).expect("a validated tutel spec plans for every candidate");
             let job = crate::backend::cuda::launch::run_job(&plan, &trial_dir, &hooks.exec, &mut |_| {});
             if let Some(e) = job.failure {
@@ -451,8 +449,8 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         }
     }
     if plan.spec != *spec && failure.is_none() {
-        // An automatic choice was made: `spec.toml` becomes the spec the measured steps run
-        // (the cuda workers read it from there), the request is kept beside it.
+        // An automatic choice was made: `spec.toml` records the spec the measured steps run
+        // (on cuda the launcher writes it there for its workers too), the request beside it.
         std::fs::write(dir.join("spec.requested.toml"), spec.to_toml()).map_err(|e| io(&dir, e))?;
         std::fs::write(dir.join("spec.toml"), plan.spec.to_toml()).map_err(|e| io(&dir, e))?;
     }

@@ -365,10 +365,14 @@ pub(crate) fn now_unix_ns() -> u64 {
 }
 
 /// Runs the plan's ranks as worker processes, one per GPU, and merges what they report.
-/// `on_step` sees every merged step as it completes.
+/// The workers read their spec from `dir/spec.toml`, which this writes from the plan's own
+/// spec, so they run exactly this plan. `on_step` sees every merged step as it completes.
 pub fn run_job(plan: &Plan, dir: &Path, opts: &ExecOptions, on_step: &mut dyn FnMut(&StepReport)) -> JobResult {
     let world = plan.world();
     let fail = |e: BackendError| JobResult { failure: Some(e), ..Default::default() };
+    if let Err(e) = std::fs::write(dir.join("spec.toml"), plan.spec.to_toml()) {
+        return fail(BackendError::Crashed { rank: 0, message: format!("writing {}: {e}", dir.join("spec.toml").display()) });
+    }
     let Some(bin) = worker_binary() else {
         return fail(BackendError::Crashed { rank: 0, message: "cannot find the moelab binary to start cuda workers (set MOELAB_BIN)".into() });
     };

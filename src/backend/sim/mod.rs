@@ -20,10 +20,9 @@ pub mod cost;
 pub mod engine;
 pub mod profile;
 
-use crate::spec::Capacity;
 use super::{BackendError, ExecOptions, StepReport};
 use crate::plan::{BufId, GroupId, Plan, RankPlan};
-use crate::spec::{BackendKind, DType, ExperimentSpec, Problem};
+use crate::spec::{BackendKind, Capacity, DType, ExperimentSpec, Problem};
 use crate::trace::{MemEvent, OpEvent, StepSpan, Trace};
 use engine::{Coupling, SimInput, SimOp, SimRankInput, Timeline};
 use profile::{CollectiveKind, GemmDtype, Profile};
@@ -210,6 +209,12 @@ pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
     })
 }
 
+/// Share of all tokens one expert receives under balanced routing: `k / E`
+/// ([`ExperimentSpec::routed_k`]), at most 1.
+fn balanced_expert_share(spec: &ExperimentSpec) -> f64 {
+    (spec.routed_k() as f64 / spec.model.n_experts.max(1) as f64).min(1.0)
+}
+
 /// Share of a routing-sized (dynamic) buffer's upper bound that a step is expected to use:
 /// dropless plans size expert buffers for every token reaching one expert, while balanced
 /// routing sends each expert `k / E` of them (`k`: [`ExperimentSpec::routed_k`]); a bounded
@@ -218,8 +223,7 @@ pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
 ///
 /// [`ExperimentSpec::routed_k`]: crate::spec::ExperimentSpec::routed_k
 pub fn expected_dynamic_load(spec: &crate::spec::ExperimentSpec) -> f64 {
-    let m = &spec.model;
-    let mean = (spec.routed_k() as f64 / m.n_experts.max(1) as f64).min(1.0);
+    let mean = balanced_expert_share(spec);
     match spec.capacity() {
         Capacity::Dropless => mean,
         Capacity::Bounded(cf) => (mean * cf.min(1.0)).min(1.0),
@@ -233,7 +237,7 @@ pub fn expected_dynamic_load(spec: &crate::spec::ExperimentSpec) -> f64 {
 /// mean. 1 for a fixed capacity.
 pub fn expected_block_load(spec: &crate::spec::ExperimentSpec) -> f64 {
     let imbalance = spec.run.dropless_imbalance.unwrap_or(1.0);
-    let mean = (spec.routed_k() as f64 / spec.model.n_experts.max(1) as f64).min(1.0);
+    let mean = balanced_expert_share(spec);
     match spec.capacity() {
         Capacity::Dropless => (mean * imbalance).min(1.0),
         Capacity::Bounded(cf) => (mean * imbalance.min(cf)).min(1.0),

@@ -28,7 +28,7 @@
 //! ordinary ops in the backward pass ([`RankBuilder::set_recompute`]).
 
 use super::blocks::{self, Routed};
-use super::topk::{a2a, expert_param};
+use super::topk::{a2a, a2a_of_bytes, expert_param};
 use super::TensorExpertDataGroups as Groups;
 use crate::math::linalg::gemm_flops;
 use crate::plan::ops::MoeDims;
@@ -209,7 +209,7 @@ fn tp_allreduce(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, buf
 #[allow(clippy::too_many_arguments)]
 fn dropped_a2a(b: &mut RankBuilder, name: &str, pass: Pass, p: Place, send: BufId, send_counts: BufId, recv: BufId, m: usize) {
     let bytes = b.f32_bytes_of(send).div_ceil(p.tp as u64);
-    b.op(name, Stage::AllToAll, pass, OpKind::AllToAllV { group: p.ep_group, send, send_counts, recv, row_len: m }, 0, bytes);
+    a2a_of_bytes(b, name, pass, p.ep_group, send, send_counts, recv, m, bytes);
 }
 
 /// Rows of the dispatch layout (`src`, with per-peer `counts`) -> this rank's expert buffer

@@ -98,6 +98,13 @@ pub(super) fn expert_param(b: &mut RankBuilder, layer: usize, tag: &str, dims: &
 #[allow(clippy::too_many_arguments)]
 pub(super) fn a2a(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, send: BufId, send_counts: BufId, recv: BufId, m: usize) {
     let bytes = b.f32_bytes_of(send);
+    a2a_of_bytes(b, name, pass, group, send, send_counts, recv, m, bytes);
+}
+
+/// [`a2a`] counting `bytes` instead of `send`'s planned size (a sender that fills only part
+/// of its buffer by construction).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn a2a_of_bytes(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, send: BufId, send_counts: BufId, recv: BufId, m: usize, bytes: u64) {
     b.op(name, Stage::AllToAll, pass, OpKind::AllToAllV { group, send, send_counts, recv, row_len: m }, 0, bytes);
 }
 
