@@ -106,6 +106,8 @@ pub struct App {
     pub timeline: TimelineView,
     /// Rank whose memory the breakdown shows (`None`: the rank with the highest peak).
     pub memory_rank: Option<usize>,
+    /// Rows scrolled off the top of the breakdown's stage (or comparison) table.
+    pub breakdown_scroll: usize,
     /// Set when the user quit.
     pub quit: bool,
     /// `q` was pressed once while jobs were active.
@@ -131,6 +133,7 @@ impl App {
             compare: None,
             timeline: TimelineView::default(),
             memory_rank: None,
+            breakdown_scroll: 0,
             quit: false,
             quit_armed: false,
             overwrite_armed: None,
@@ -453,6 +456,7 @@ impl App {
     pub fn show_run(&mut self, run: LoadedRun) {
         self.timeline.reset(&run);
         self.memory_rank = None;
+        self.breakdown_scroll = 0;
         self.current = Some(run);
     }
 
@@ -462,6 +466,7 @@ impl App {
         }
         self.info(format!("comparing with {} (c in Breakdown clears it)", run.label));
         self.compare = Some(run);
+        self.breakdown_scroll = 0;
         self.pane = Pane::Breakdown;
     }
 
@@ -496,9 +501,16 @@ impl App {
         match k {
             Key::Char('c') => {
                 if self.compare.take().is_some() {
+                    self.breakdown_scroll = 0;
                     self.info("comparison cleared");
                 }
             }
+            // The table clamps the offset when drawn, so it never scrolls past its last row.
+            Key::Down | Key::Char('j') => self.breakdown_scroll = self.breakdown_scroll.saturating_add(1),
+            Key::Up | Key::Char('k') => self.breakdown_scroll = self.breakdown_scroll.saturating_sub(1),
+            Key::PageDown => self.breakdown_scroll = self.breakdown_scroll.saturating_add(10),
+            Key::PageUp => self.breakdown_scroll = self.breakdown_scroll.saturating_sub(10),
+            Key::Home => self.breakdown_scroll = 0,
             Key::Left | Key::Char('h') => {
                 self.memory_rank = match self.memory_rank {
                     None | Some(0) => None,

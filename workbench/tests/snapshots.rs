@@ -148,3 +148,42 @@ fn every_pane_draws_at_many_sizes_without_panicking() {
         }
     }
 }
+
+#[test]
+fn breakdown_scrolls_its_stage_table() {
+    let mut a = app();
+    a.show_run(synthetic_run("r", 2, 2, 2, 0));
+    a.pane = Pane::Breakdown;
+    // 24 rows leave the stage table fewer rows than it has stages: it says which rows show.
+    let first = render(&a, 80, 24).backend().to_string();
+    assert!(first.contains("rows 1-"), "{first}");
+    press(&mut a, &[Key::PageDown, Key::PageDown, Key::PageDown]);
+    let scrolled = render(&a, 80, 24).backend().to_string();
+    assert!(!scrolled.contains("rows 1-"), "{scrolled}");
+    // Scrolling past the end keeps the last row in view; Home goes back to the top.
+    assert!(scrolled.contains(" of "), "{scrolled}");
+    press(&mut a, &[Key::Home]);
+    assert_eq!(render(&a, 80, 24).backend().to_string(), first);
+}
+
+#[test]
+fn help_box_holds_its_wrapped_lines() {
+    let mut a = app();
+    press(&mut a, &[Key::Char('?')]);
+    for (w, h) in [(60, 30), (70, 30)] {
+        let t = render(&a, w, h).backend().to_string();
+        assert!(t.contains("magenta all-to-all"), "the last line shows at {w}x{h}:\n{t}");
+    }
+}
+
+#[test]
+fn narrow_terminals_keep_every_tab_and_the_overlap_ranks() {
+    let mut a = app();
+    a.show_run(synthetic_run("r", 2, 2, 2, 0));
+    a.pane = Pane::Breakdown;
+    let t = render(&a, 60, 20).backend().to_string();
+    for tab in [" 1 ", " 2 ", " 3 ", " 5 ", "4 Breakdown"] {
+        assert!(t.contains(tab), "tab {tab:?} at 60x20:\n{t}");
+    }
+    assert!(t.contains("rank") && t.contains("hid"), "the overlap table keeps its rank and hidden columns:\n{t}");
+}

@@ -295,6 +295,9 @@ impl Field {
     }
 }
 
+/// The variants' own options tables, each named like its variant.
+pub const OPTION_TABLES: [&str; 4] = ["mpmoe", "tutel", "ted", "ppmoe"];
+
 /// After `key` changed from `before` to `t`: drop options tables of other variants, let
 /// world follow the degrees and tokens_per_rank follow batch x seq_len when they agreed.
 fn keep_in_step(key: &str, before: &Table, t: &mut Table) {
@@ -302,7 +305,7 @@ fn keep_in_step(key: &str, before: &Table, t: &mut Table) {
     match key {
         "variant" => {
             let v = variant_of(t).to_string();
-            for table in ["mpmoe", "tutel", "ted"] {
+            for table in OPTION_TABLES {
                 if table != v {
                     t.remove(table);
                 }

@@ -110,6 +110,9 @@ pub struct Composer {
     history: Vec<(Table, Option<PathBuf>)>,
     /// The hardware profile of the live prediction (`None`: the spec's own, or the default).
     pub profile: Option<String>,
+    /// Options tables (`[mpmoe]`, `[tutel]`, `[ted]`, `[ppmoe]`) of variants switched away from, so
+    /// stepping through the variants and back keeps what was set.
+    stashed_options: Table,
 }
 
 /// The TOML text of a draft, in the library's field order when it reads as a spec.
@@ -156,7 +159,7 @@ impl Composer {
     /// A composer over `draft`.
     pub fn new(draft: Table, path: Option<PathBuf>) -> Self {
         let check = check(&draft, None);
-        Composer { draft, path, dirty: false, selected: 0, filter: String::new(), check, history: Vec::new(), profile: None }
+        Composer { draft, path, dirty: false, selected: 0, filter: String::new(), check, history: Vec::new(), profile: None, stashed_options: Table::new() }
     }
 
     /// A composer over the template of `variant` (a TOML spelling such as `"topk"`), with no
@@ -268,6 +271,9 @@ impl Composer {
     fn edit(&mut self, f: impl FnOnce(&mut Table) -> Result<(), String>) -> Result<(), String> {
         let mut next = self.draft.clone();
         f(&mut next)?;
+        if fields::variant_of(&next) != fields::variant_of(&self.draft) {
+            self.carry_options(&mut next);
+        }
         if next != self.draft {
             self.history.push((std::mem::replace(&mut self.draft, next), self.path.clone()));
             self.dirty = true;
@@ -276,6 +282,22 @@ impl Composer {
             self.move_selection(0);
         }
         Ok(())
+    }
+
+    /// On a variant change to `next`: stash the options tables it dropped and bring back the
+    /// new variant's, when one was stashed and `next` has none.
+    fn carry_options(&mut self, next: &mut Table) {
+        for (key, value) in &self.draft {
+            if fields::OPTION_TABLES.contains(&key.as_str()) && !next.contains_key(key) {
+                self.stashed_options.insert(key.clone(), value.clone());
+            }
+        }
+        let variant = fields::variant_of(next).to_string();
+        if !next.contains_key(&variant) {
+            if let Some(options) = self.stashed_options.remove(&variant) {
+                next.insert(variant, options);
+            }
+        }
     }
 
     /// Set the selected field from typed text.
@@ -476,5 +498,27 @@ mod tests {
         assert!(!c.draft.contains_key("mpmoe"));
         assert!(c.resolved().is_some(), "{:?}", c.check);
         assert!(!c.visible_fields().iter().any(|f| f.key.starts_with("mpmoe")));
+    }
+
+    #[test]
+    fn switching_back_to_a_variant_restores_its_options() {
+        let mut c = Composer::from_template("mpmoe").expect("template");
+        c.select_key("mpmoe.chunks");
+        c.set_selected("2").expect("chunks");
+        let chunks = |c: &Composer| fields::lookup(&c.draft, "mpmoe.chunks").cloned();
+        assert_eq!(chunks(&c), Some(Value::Integer(2)));
+        c.select_key("variant");
+        c.set_selected("topk").expect("topk");
+        assert_eq!(chunks(&c), None);
+        c.select_key("variant");
+        c.set_selected("mpmoe").expect("mpmoe");
+        assert_eq!(chunks(&c), Some(Value::Integer(2)), "{:?}", c.draft);
+        assert!(c.resolved().is_some(), "{:?}", c.check);
+        // PPMoE's table goes too (it would make a topk spec invalid).
+        let mut c = Composer::from_template("ppmoe").expect("template");
+        c.select_key("variant");
+        c.set_selected("topk").expect("topk");
+        assert!(!c.draft.contains_key("ppmoe"), "{:?}", c.draft);
+        assert!(c.problems_for("ppmoe").is_empty());
     }
 }

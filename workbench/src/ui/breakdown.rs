@@ -27,25 +27,38 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
         return;
     };
     match app.compare.as_ref() {
-        Some(b) => draw_compare(f, area, a, b),
-        None => draw_single(f, area, a, app.memory_rank),
+        Some(b) => draw_compare(f, area, a, b, app.breakdown_scroll),
+        None => draw_single(f, area, a, app.memory_rank, app.breakdown_scroll),
     }
+}
+
+/// The rows of a table in `area` (bordered, one header row) from `scroll` on, the offset
+/// clamped so the last row stays in view, and a title note saying which rows show.
+fn scrolled<T>(rows: Vec<T>, area: Rect, scroll: usize) -> (Vec<T>, String) {
+    let visible = (area.height as usize).saturating_sub(3).max(1);
+    let n = rows.len();
+    if n <= visible {
+        return (rows, String::new());
+    }
+    let first = scroll.min(n - visible);
+    let note = format!(" rows {}-{} of {n} · ↑↓ scroll ", first + 1, first + visible);
+    (rows.into_iter().skip(first).collect(), note)
 }
 
 fn bold() -> Style {
     Style::new().add_modifier(Modifier::BOLD)
 }
 
-fn draw_single(f: &mut Frame, area: Rect, run: &LoadedRun, memory_rank: Option<usize>) {
+fn draw_single(f: &mut Frame, area: Rect, run: &LoadedRun, memory_rank: Option<usize>, scroll: usize) {
     let bottom_h = (run.analysis.memory.ranks.len().max(7) as u16 + 3).min(area.height / 2).max(6);
     let [top, bottom] = Layout::vertical([Constraint::Min(5), Constraint::Length(bottom_h)]).areas(area);
     let [ov_area, mem_area] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(bottom);
-    draw_stages(f, top, run);
+    draw_stages(f, top, run, scroll);
     draw_overlap(f, ov_area, run);
     draw_memory(f, mem_area, run, memory_rank);
 }
 
-fn draw_stages(f: &mut Frame, area: Rect, run: &LoadedRun) {
+fn draw_stages(f: &mut Frame, area: Rect, run: &LoadedRun, scroll: usize) {
     let a = &run.analysis;
     let mut stages: Vec<_> = a.stages.iter().collect();
     stages.sort_by(|x, y| y.total_ns.cmp(&x.total_ns));
@@ -75,33 +88,42 @@ fn draw_stages(f: &mut Frame, area: Rect, run: &LoadedRun) {
         Constraint::Length(6),
         Constraint::Min(4),
     ];
+    let (rows, shown) = scrolled(rows, area, scroll);
     let title = format!(
         " {} · {} · step {:.2} ms · {} ranks × {} steps ",
         run.label, run.summary.variant, run.step_time_ms(), a.overlap.len(), a.steps
     );
-    let table = Table::new(rows, widths).header(header).block(Block::bordered().title(truncate(&title, area.width.saturating_sub(2) as usize)));
-    f.render_widget(table, area);
+    let block = Block::bordered().title(truncate(&title, area.width.saturating_sub(2) as usize)).title_bottom(Line::from(shown).right_aligned());
+    f.render_widget(Table::new(rows, widths).header(header).block(block), area);
 }
 
 fn draw_overlap(f: &mut Frame, area: Rect, run: &LoadedRun) {
     let a = &run.analysis;
     let steps = a.steps.max(1) as f64;
+    // Narrow panes drop the comm column (compute, exposed and hidden share say the most).
+    let narrow = area.width < 40;
     let rows: Vec<Row> = a
         .overlap
         .iter()
         .map(|o| {
             let exp = Cell::from(fmt_ns(o.exposed_comm_ns as f64 / steps)).style(if o.exposed_comm_ns > 0 { error_style() } else { Style::new() });
-            Row::new(vec![
-                Cell::from(o.rank.to_string()),
-                Cell::from(fmt_ns(o.compute_ns as f64 / steps)),
-                Cell::from(fmt_ns(o.comm_ns as f64 / steps)),
-                exp,
-                Cell::from(format!("{:.0}%", 100.0 * o.overlap_ratio)),
-            ])
+            let mut cells = vec![Cell::from(o.rank.to_string()), Cell::from(fmt_ns(o.compute_ns as f64 / steps))];
+            if !narrow {
+                cells.push(Cell::from(fmt_ns(o.comm_ns as f64 / steps)));
+            }
+            cells.extend([exp, Cell::from(format!("{:.0}%", 100.0 * o.overlap_ratio))]);
+            Row::new(cells)
         })
         .collect();
-    let header = Row::new(["rank", "compute", "comm", "exposed", "hid"]).style(bold());
-    let widths = [Constraint::Length(4), Constraint::Min(9), Constraint::Min(9), Constraint::Min(9), Constraint::Length(4)];
+    let (header, widths) = if narrow {
+        (Row::new(["rank", "compute", "exposed", "hid"]), vec![Constraint::Length(4), Constraint::Length(9), Constraint::Length(9), Constraint::Length(4)])
+    } else {
+        (
+            Row::new(["rank", "compute", "comm", "exposed", "hid"]),
+            vec![Constraint::Length(4), Constraint::Min(9), Constraint::Min(9), Constraint::Min(9), Constraint::Length(4)],
+        )
+    };
+    let header = header.style(bold());
     let title = format!(" Overlap {:.0}% · per step ", 100.0 * a.overall_overlap());
     f.render_widget(Table::new(rows, widths).header(header).block(Block::bordered().title(title)), area);
 }
@@ -128,7 +150,7 @@ fn draw_memory(f: &mut Frame, area: Rect, run: &LoadedRun, memory_rank: Option<u
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(truncate(&title, area.width.saturating_sub(2) as usize))), area);
 }
 
-fn draw_compare(f: &mut Frame, area: Rect, a: &LoadedRun, b: &LoadedRun) {
+fn draw_compare(f: &mut Frame, area: Rect, a: &LoadedRun, b: &LoadedRun, scroll: usize) {
     let rows_data = compare(a, b);
     let rows: Vec<Row> = rows_data
         .iter()
@@ -151,7 +173,9 @@ fn draw_compare(f: &mut Frame, area: Rect, a: &LoadedRun, b: &LoadedRun) {
         .collect();
     let header = Row::new(["metric", "A", "B", "B vs A"]).style(bold());
     let widths = [Constraint::Min(24), Constraint::Length(10), Constraint::Length(10), Constraint::Length(15)];
+    let (rows, shown) = scrolled(rows, area, scroll);
     let title = format!(" A: {} ({})  vs  B: {} ({}) ", a.label, a.summary.variant, b.label, b.summary.variant);
-    let table = Table::new(rows, widths).header(header).block(Block::bordered().title(truncate(&title, area.width.saturating_sub(2) as usize)));
+    let block = Block::bordered().title(truncate(&title, area.width.saturating_sub(2) as usize)).title_bottom(Line::from(shown).right_aligned());
+    let table = Table::new(rows, widths).header(header).block(block);
     f.render_widget(table, area);
 }

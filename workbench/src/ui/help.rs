@@ -33,7 +33,7 @@ const SECTIONS: &[(&str, &[(&str, &str)])] = &[
         ("H L", "pan"),
         ("n / e", "next comm op / next exposed comm op"),
     ]),
-    ("breakdown", &[("←→", "rank of the memory bars"), ("c", "clear the comparison")]),
+    ("breakdown", &[("↑↓ PgUp PgDn", "scroll the stage table"), ("←→", "rank of the memory bars"), ("c", "clear the comparison")]),
     ("runs", &[("Enter / c", "open / compare with the open run"), ("e / r", "edit its spec / refresh")]),
 ];
 
@@ -52,7 +52,10 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     lines.push(Line::styled("colours: blue backbone, yellow routing, green experts,", dim_style()));
     lines.push(Line::styled("magenta all-to-all, cyan other collectives; ▓ exposed comm", dim_style()));
     let w = area.width.saturating_sub(4).min(76);
-    let h = area.height.saturating_sub(2).min(lines.len() as u16 + 2);
+    // Wrapped lines take more rows than there are lines: size the box by the rows they fill.
+    let inner = w.saturating_sub(2).max(1) as usize;
+    let rows: usize = lines.iter().map(|l| l.width().div_ceil(inner).max(1)).sum();
+    let h = area.height.saturating_sub(2).min(rows as u16 + 2);
     let r = Rect { x: area.x + (area.width - w) / 2, y: area.y + (area.height - h) / 2, width: w, height: h };
     f.render_widget(Clear, r);
     f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }).block(Block::bordered().title(" help (any key closes) ")), r);

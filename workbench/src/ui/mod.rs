@@ -109,14 +109,25 @@ fn draw_too_small(f: &mut Frame, area: Rect) {
 }
 
 fn draw_tabs(f: &mut Frame, area: Rect, app: &App) {
+    let active = app.jobs.active();
+    let jobs = if active > 0 { format!("{active} job(s) active · ") } else { String::new() };
+    let full = |i: usize, p: &Pane| format!(" {} {} ", i + 1, p.title());
+    let wide: usize = Pane::ALL.iter().enumerate().map(|(i, p)| full(i, p).chars().count()).sum();
+    // In a narrow terminal "q quit" goes first, then the other panes keep only their number,
+    // so every tab stays visible.
+    let fits = |right: &String| wide + right.chars().count() <= area.width as usize;
+    let mut right = format!("{jobs}? help · q quit ");
+    if !fits(&right) {
+        right = format!("{jobs}? help ");
+    }
+    let narrow = !fits(&right);
     let mut spans = Vec::new();
     for (i, p) in Pane::ALL.iter().enumerate() {
-        let label = format!(" {} {} ", i + 1, p.title());
-        let style = if *p == app.pane { Style::new().add_modifier(Modifier::REVERSED | Modifier::BOLD) } else { Style::new() };
+        let current = *p == app.pane;
+        let label = if current || !narrow { full(i, p) } else { format!(" {} ", i + 1) };
+        let style = if current { Style::new().add_modifier(Modifier::REVERSED | Modifier::BOLD) } else { Style::new() };
         spans.push(Span::styled(label, style));
     }
-    let active = app.jobs.active();
-    let right = if active > 0 { format!("{active} job(s) active · ? help · q quit ") } else { "? help · q quit ".to_string() };
     let [left_area, right_area] = Layout::horizontal([Constraint::Min(1), Constraint::Length(right.chars().count() as u16)]).areas(area);
     f.render_widget(Paragraph::new(Line::from(spans)), left_area);
     f.render_widget(Paragraph::new(Line::styled(right, dim_style())), right_area);
@@ -128,7 +139,7 @@ fn hints(pane: Pane) -> &'static str {
         Pane::Composer => "↑↓ field · ←→ change · Enter type · r run · s save · o open · t template · u undo",
         Pane::Jobs => "↑↓ job · Enter open in timeline · c compare · x cancel",
         Pane::Timeline => "←→ op · ↑↓ lane · +/- zoom · H/L pan · 0 fit · n next comm · e next exposed",
-        Pane::Breakdown => "←→ memory rank · c clear comparison (pick B with c in Runs or Jobs)",
+        Pane::Breakdown => "↑↓ scroll · ←→ memory rank · c clear comparison (pick B with c in Runs or Jobs)",
         Pane::Runs => "↑↓ run · Enter open · c compare with the open run · e edit its spec · r refresh",
     }
 }
