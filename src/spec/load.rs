@@ -32,14 +32,19 @@ pub fn load_file_with(path: &Path, overrides: &[super::overrides::Override]) -> 
         message: e.to_string(),
     })?;
     let text = super::overrides::apply(&text, overrides).map_err(|e| e.in_file(path))?;
-    from_toml_str(&text).map_err(|e| match e {
-        // Line numbers would point into the rewritten text: say which keys were overridden.
+    from_toml_str(&text).map_err(|e| blame_overrides(e, overrides).in_file(path))
+}
+
+/// A parse error of a text that `overrides` rewrote, reworded to name the overridden keys:
+/// its line numbers would point into the rewritten text, not the file.
+pub fn blame_overrides(e: SpecError, overrides: &[super::overrides::Override]) -> SpecError {
+    match e {
         SpecError::Parse { message, location: Some(_), file } if !overrides.is_empty() => {
             let keys: Vec<String> = overrides.iter().map(|o| o.key.join(".")).collect();
             SpecError::Parse { message: format!("{message} (with --set {})", keys.join(", ")), location: None, file }
         }
         e => e,
-    }.in_file(path))
+    }
 }
 
 /// The dotted key (`model.d_model`) whose value sits at `offset`, when the line is a

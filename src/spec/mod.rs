@@ -5,7 +5,7 @@ mod load;
 pub mod overrides;
 mod validate;
 
-pub use load::{from_toml_str, load_file, load_file_with};
+pub use load::{blame_overrides, from_toml_str, load_file, load_file_with};
 pub use validate::{Problem, SpecError};
 
 use serde::{Deserialize, Serialize};

@@ -189,26 +189,21 @@ impl Composer {
     pub fn open_with(path: &Path, overrides: &[moelab::spec::overrides::Override]) -> Result<Self, WorkbenchError> {
         let text = std::fs::read_to_string(path).map_err(|e| WorkbenchError::io(path, e))?;
         let text = moelab::spec::overrides::apply(&text, overrides).map_err(|e| WorkbenchError::from(e.in_file(path)))?;
-        // A value an override made unreadable is named as the override, as `moelab run` does.
-        if !overrides.is_empty() {
-            if let Err(e @ SpecError::Parse { .. }) = moelab::spec::load_file_with(path, overrides) {
-                return Err(e.into());
-            }
-        }
-        let mut opened = Self::from_text(path, &text)?;
+        let mut opened = Self::from_text(path, &text, overrides)?;
         opened.dirty = !overrides.is_empty();
         Ok(opened)
     }
 
-    fn from_text(path: &Path, text: &str) -> Result<Self, WorkbenchError> {
-        let text = text.to_string();
-        match moelab::spec::from_toml_str(&text) {
-            Err(e @ SpecError::Parse { .. }) => return Err(e.in_file(path).into()),
+    /// The composer over `text`, the file at `path` after `overrides`.
+    fn from_text(path: &Path, text: &str, overrides: &[moelab::spec::overrides::Override]) -> Result<Self, WorkbenchError> {
+        match moelab::spec::from_toml_str(text) {
+            // A value an override made unreadable is named as the override, as `moelab run` does.
+            Err(e @ SpecError::Parse { .. }) => return Err(moelab::spec::blame_overrides(e, overrides).in_file(path).into()),
             Err(SpecError::Io { .. }) | Err(SpecError::Invalid { .. }) | Ok(_) => {}
         }
         // Read through the spec type (which rejects unknown fields and fills serde defaults)
         // and keep the result as a table: every field explicit, optional ones left unset.
-        let spec: ExperimentSpec = toml::from_str(&text).map_err(|e| WorkbenchError::format(path, e.message().to_string()))?;
+        let spec: ExperimentSpec = toml::from_str(text).map_err(|e| WorkbenchError::format(path, e.message().to_string()))?;
         let draft = Value::try_from(&spec).ok().and_then(|v| v.as_table().cloned()).unwrap_or_default();
         Ok(Composer::new(draft, Some(path.to_path_buf())))
     }
@@ -406,6 +401,10 @@ mod tests {
         assert_eq!(fields::by_key("layout.ep").expect("f").get(&c.draft), "3");
         assert!(c.dirty, "the draft differs from the file");
         assert!(c.problems_for("layout.ep").iter().any(|p| p.message.contains("ep=3 does not divide n_experts=8")), "{:?}", c.check);
+        // An override that makes a value unreadable is named as the override.
+        let o = moelab::spec::overrides::Override::parse("model.d_model=wide").expect("parses");
+        let e = Composer::open_with(path, &[o]).expect_err("a string d_model");
+        assert!(e.to_string().contains("--set model.d_model") && e.to_string().contains("quickstart.toml"), "{e}");
     }
 
     #[test]
