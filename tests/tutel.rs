@@ -98,7 +98,18 @@ fn two_d_all_to_all_gives_exactly_the_flat_outputs_and_gradients() {
                 let r = rp.rank;
                 assert_eq!(gi.ranks, [r / 2 * 2, r / 2 * 2 + 1], "node group of rank {r}");
                 assert_eq!(ge.ranks, [r % 2, r % 2 + 2], "same-local-index group of rank {r}");
+                let whole = o.kind.collective_group().expect("a collective");
+                assert_eq!(p2.groups[whole.0 as usize].ranks, [0, 1, 2, 3], "the 2D all-to-all spans the expert-parallel group");
             }
+        }
+        // Its waits line up across the four ranks like a flat all-to-all's.
+        let mut traced = runtime(&tutel_spec(model, "ep = 4", &table(degree, A2aKind::TwoD, 2), ""), &[], false);
+        traced.step(true, Some(0)).expect("traced step");
+        let waits = moelab::analysis::analyze(&traced.trace()).waits;
+        let a2a: Vec<_> = waits.iter().filter(|w| w.stage == Stage::AllToAll).collect();
+        assert_eq!(a2a.len(), 2, "forward and backward rows: {waits:?}");
+        for w in a2a {
+            assert_eq!((w.count, w.unmatched), (4 * 2 * 2 * degree as u64, 0), "{w:?}");
         }
     }
 }

@@ -180,7 +180,9 @@ pub enum OpKind {
     /// carrying, for each local peer g, the rows for every node's GPU g, then an all-to-all
     /// among the same-local-index GPUs of every node (group `inter`, member order = node).
     /// `recv` gets exactly what the flat all-to-all would deliver (member-major rows).
-    AllToAllV2d { intra: GroupId, inter: GroupId, send: BufId, send_counts: BufId, recv: BufId, row_len: usize, gpus_per_node: usize },
+    /// `group` is the whole expert-parallel group, whose members all take part (traces
+    /// number the collective in it, so its waits line up like a flat all-to-all's).
+    AllToAllV2d { group: GroupId, intra: GroupId, inter: GroupId, send: BufId, send_counts: BufId, recv: BufId, row_len: usize, gpus_per_node: usize },
     /// Sum `send` over the group and keep this member's 1/n of it (member-major slices of
     /// `send`, n = group size) in `recv`.
     ReduceScatter { group: GroupId, send: BufId, recv: BufId },
@@ -312,13 +314,18 @@ impl OpKind {
         }
     }
 
-    /// The one process group a collective runs on (all-gather, all-reduce, all-to-all,
-    /// reduce-scatter, point-to-point exchange); `None` for compute ops and for the 2D
-    /// all-to-all, which spans two groups.
+    /// The process group whose members all take part in a collective (all-gather,
+    /// all-reduce, all-to-all, reduce-scatter, point-to-point exchange; for the 2D
+    /// all-to-all the expert-parallel group its two phases span); `None` for compute ops.
     pub fn collective_group(&self) -> Option<GroupId> {
         use OpKind::*;
         match self {
-            AllGather { group, .. } | AllReduce { group, .. } | AllToAllV { group, .. } | ReduceScatter { group, .. } | SendRecv { group, .. } => Some(*group),
+            AllGather { group, .. }
+            | AllReduce { group, .. }
+            | AllToAllV { group, .. }
+            | AllToAllV2d { group, .. }
+            | ReduceScatter { group, .. }
+            | SendRecv { group, .. } => Some(*group),
             _ => None,
         }
     }

@@ -542,7 +542,7 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             })?;
             st.put_f32(*recv, mine)?;
         }
-        AllToAllV2d { intra, inter, send, send_counts, recv, row_len, gpus_per_node } => {
+        AllToAllV2d { intra, inter, send, send_counts, recv, row_len, gpus_per_node, .. } => {
             let got = all_to_all_2d(st.f32(*send)?, st.i32(*send_counts)?, ctx, *intra, *inter, *row_len, *gpus_per_node, &mut outcome)?;
             st.put_f32(*recv, got)?;
         }

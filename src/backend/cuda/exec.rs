@@ -1110,7 +1110,7 @@ impl<'a> StreamExec<'a> {
                 self.comms.all_to_all_v(*group, sb.ptr, rb.ptr, &matrix, *row_len, st, &self.s.stream)?;
                 self.done(sb)?;
             }
-            AllToAllV2d { intra, inter, send, send_counts, recv, row_len, gpus_per_node } => {
+            AllToAllV2d { intra, inter, send, send_counts, recv, row_len, gpus_per_node, .. } => {
                 outcome.bytes = Some(self.all_to_all_2d(*intra, *inter, *send, *send_counts, *recv, *row_len, *gpus_per_node)?);
             }
         }

@@ -113,7 +113,8 @@ fn group_id(groups: &DataExpertGroups, name: &str) -> GroupId {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn a2a_2d(b: &mut RankBuilder, name: &str, pass: Pass, groups: &DataExpertGroups, rank: usize, gpn: usize, send: BufId,
     counts: BufId, recv: BufId, m: usize) {
-    let ep_ranks = groups.ranks(groups.ep_group(rank));
+    let group = groups.ep_group(rank);
+    let ep_ranks = groups.ranks(group);
     let ep = ep_ranks.len();
     let d = rank / ep;
     let idx = rank % ep;
@@ -121,5 +122,5 @@ pub(super) fn a2a_2d(b: &mut RankBuilder, name: &str, pass: Pass, groups: &DataE
     let inter = group_id(groups, &rail_group_name(d, idx % gpn));
     let bytes = 2 * b.f32_bytes_of(send);
     b.op(name, Stage::AllToAll, pass,
-        OpKind::AllToAllV2d { intra, inter, send, send_counts: counts, recv, row_len: m, gpus_per_node: gpn }, 0, bytes);
+        OpKind::AllToAllV2d { group, intra, inter, send, send_counts: counts, recv, row_len: m, gpus_per_node: gpn }, 0, bytes);
 }
