@@ -372,6 +372,13 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
         }
         outln!();
     }
+    if (outcome.analysis.world as usize) < s.world() {
+        // The header counts the trace's ranks; say what they stand for.
+        outln!(
+            "The trace holds {} of the {} ranks: a symmetric plan, simulated once for rank 0, whose figures stand for every rank.",
+            outcome.analysis.world, s.world()
+        );
+    }
     outln!("{}", outcome.analysis.render_text());
     if let Some(a) = &outcome.mpmoe_auto {
         outln!("{}\n", a.render_text());

@@ -26,11 +26,19 @@ fn quickstart_runs_and_writes_a_complete_run_directory() {
         "overlap.csv", "memory.parquet", "memory.csv"] {
         assert!(dir.join(f).is_file(), "missing {f}");
     }
+    // The pictures: one step's timeline per rank and stream, the stages, memory per rank.
+    let svg = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    assert!(svg("timeline.svg").starts_with("<svg") && svg("timeline.svg").contains("rank 3 comm"));
+    assert!(svg("stages.svg").contains(">expert_gemm1<") && svg("stages.svg").contains(">all_to_all<"));
+    assert_eq!(svg("memory.svg").matches(">rank ").count(), 4);
     let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trace.json")).unwrap()).unwrap();
     let events = trace["traceEvents"].as_array().unwrap();
     assert!(events.iter().filter(|e| e["ph"] == "X").count() > 100);
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["status"], "completed");
+    // Exposed communication is per rank and step, like the step time it is part of.
+    let (exposed, step) = (summary["exposed_comm_ms"].as_f64().unwrap(), summary["step_time_ms"].as_f64().unwrap());
+    assert!(exposed > 0.0 && exposed < step, "exposed {exposed} ms of a {step} ms step");
     for m in summary["memory"].as_array().unwrap() {
         assert_eq!(m["predicted_peak"], m["tracked_peak"], "{m}");
     }

@@ -2,6 +2,7 @@
 //! overlap (Holistic Trace Analysis definitions) and a per-rank memory breakdown, with text
 //! ([`Analysis::render_text`]) and DataFrame/file ([`tables`]) outputs.
 
+pub mod charts;
 pub mod memory;
 pub mod overlap;
 pub mod prediction;
@@ -66,6 +67,12 @@ impl Analysis {
     /// Exposed (not overlapped) communication in ns, summed over ranks.
     pub fn exposed_comm_ns(&self) -> u64 {
         self.overlap.iter().map(|r| r.exposed_comm_ns).sum()
+    }
+
+    /// A total over ranks and steps (ns) as the mean per rank and step: the unit of
+    /// `step_time_ns`, so the two can be read side by side.
+    pub fn per_rank_step(&self, total_ns: u64) -> f64 {
+        total_ns as f64 / ((self.overlap.len().max(1) * self.steps.max(1) as usize) as f64)
     }
 }
 

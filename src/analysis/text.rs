@@ -72,7 +72,7 @@ impl Analysis {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "backend {}  world {}  steps {}  step time {:.3} ms",
+            "backend {}  ranks {}  steps {}  step time {:.3} ms",
             self.backend,
             self.world,
             self.steps,

@@ -36,17 +36,15 @@ impl CompareRow {
     /// Summarise a completed run.
     pub fn from_outcome(name: &str, variant: &str, world: usize, o: &RunOutcome) -> Self {
         let a = &o.analysis;
-        let per = (a.overlap.len().max(1) as f64) * (a.steps.max(1) as f64);
         let comm: u64 = a.overlap.iter().map(|r| r.comm_ns).sum();
-        let exposed: u64 = a.overlap.iter().map(|r| r.exposed_comm_ns).sum();
         let worst = a.memory.ranks.iter().max_by_key(|r| r.peak_total);
         CompareRow {
             name: name.to_string(),
             variant: variant.to_string(),
             world,
             step_ms: a.step_time_ns / 1e6,
-            comm_ms: comm as f64 / per / 1e6,
-            exposed_ms: exposed as f64 / per / 1e6,
+            comm_ms: a.per_rank_step(comm) / 1e6,
+            exposed_ms: a.per_rank_step(a.exposed_comm_ns()) / 1e6,
             overlap: a.overall_overlap(),
             a2a_overlap: a.a2a_overlap(),
             peak_bytes: worst.map_or(0, |r| r.peak_total),

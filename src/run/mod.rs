@@ -521,6 +521,9 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     if let Err(e) = analysis::tables::write_tables(&analysis, &dir) {
         log.line(&format!("could not write tables: {e:#}"));
     }
+    if let Err(e) = analysis::charts::write_charts(&analysis, &trace, &spec.name, &dir) {
+        log.line(&format!("could not write charts: {e}"));
+    }
     let status = match &failure {
         None => "completed",
         Some(BackendError::Cancelled) => "cancelled",
@@ -538,7 +541,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         }).collect(),
         step_time_ms: analysis.step_time_ns / 1e6,
         overlap: analysis.overall_overlap(),
-        exposed_comm_ms: analysis.overlap.iter().map(|r| r.exposed_comm_ns).sum::<u64>() as f64 / 1e6,
+        exposed_comm_ms: analysis.per_rank_step(analysis.exposed_comm_ns()) / 1e6,
         memory: predicted.iter().zip(&tracked).enumerate().map(|(rank, (p, t))| MemJson {
             rank, predicted_peak: p.peak_total, predicted_is_upper_bound: p.upper_bound, tracked_peak: t.0,
         }).collect(),

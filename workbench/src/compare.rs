@@ -68,9 +68,8 @@ impl MetricRow {
 /// Comm time, exposed comm (ms per rank and step) and overlap of a run.
 fn comm_figures(r: &LoadedRun) -> (f64, f64, f64) {
     let a = &r.analysis;
-    let per = (a.overlap.len().max(1) as f64) * (a.steps.max(1) as f64);
     let comm: u64 = a.overlap.iter().map(|o| o.comm_ns).sum();
-    (comm as f64 / per / 1e6, a.exposed_comm_ns() as f64 / per / 1e6, a.overall_overlap())
+    (a.per_rank_step(comm) / 1e6, a.per_rank_step(a.exposed_comm_ns()) / 1e6, a.overall_overlap())
 }
 
 /// The metrics of A and B side by side: step time, communication, overlap, peak memory and

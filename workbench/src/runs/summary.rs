@@ -70,7 +70,8 @@ pub struct RunSummary {
     pub step_time_ms: f64,
     /// Share of communication overlapped with compute.
     pub overlap: f64,
-    /// Exposed communication summed over ranks, ms.
+    /// Exposed communication per rank and step, ms (runs before 2026-11-24 summed it over
+    /// ranks and steps).
     pub exposed_comm_ms: f64,
     /// Predicted and tracked peak per rank.
     pub memory: Vec<MemSummary>,
@@ -102,7 +103,7 @@ impl RunSummary {
                 .collect(),
             step_time_ms: o.analysis.step_time_ns / 1e6,
             overlap: o.analysis.overall_overlap(),
-            exposed_comm_ms: o.analysis.exposed_comm_ns() as f64 / 1e6,
+            exposed_comm_ms: o.analysis.per_rank_step(o.analysis.exposed_comm_ns()) / 1e6,
             memory: o
                 .predicted
                 .iter()
