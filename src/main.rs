@@ -397,6 +397,12 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
         );
     }
     outln!("run directory: {}", outcome.dir.display());
+    if !outcome.unsaved.is_empty() {
+        anyhow::bail!(
+            "could not write {} in {} (the figures printed above are what is left of them; free space and run again)",
+            outcome.unsaved.join("; "), outcome.dir.display()
+        );
+    }
     Ok(())
 }
 
@@ -684,7 +690,10 @@ fn main() {
         Ok(false) => std::process::exit(1),
         Err(e) => {
             eprintln!("error: {}", chain_text(&e));
-            std::process::exit(1);
+            // A cancelled run exits like a process stopped by Ctrl-C, so scripts can tell it
+            // from a failure.
+            let cancelled = matches!(e.downcast_ref::<run::RunError>(), Some(run::RunError::Backend { source: moelab::backend::BackendError::Cancelled, .. }));
+            std::process::exit(if cancelled { 130 } else { 1 });
         }
     }
 }

@@ -667,7 +667,7 @@ fn sigterm_cancels_a_run_and_keeps_its_directory() {
     assert!(killed.success());
     let out = child.wait_with_output().expect("waits");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && !err.contains("panicked"), "{:?}: {err}", out.status);
+    assert!(out.status.code() == Some(130) && !err.contains("panicked"), "a cancelled run exits 130: {:?}: {err}", out.status);
     let dir = std::fs::read_dir(tmp.path()).unwrap().flatten().next().expect("a run directory").path();
     let summary = std::fs::read_to_string(dir.join("summary.json")).expect("summary written");
     assert!(summary.contains("\"status\": \"cancelled\""), "{summary}");
@@ -701,4 +701,19 @@ fn predict_over_a_folder_skips_a_run_it_cannot_read_and_predicts_the_rest() {
     let (code, _, err) = moelab(&["predict", good.to_str().unwrap(), "--profile", "h900"], &[]);
     assert_eq!(code, 1, "{err}");
     assert!(err.starts_with("error: --profile h900:") && err.matches("neither a built-in profile").count() == 1, "{err}");
+}
+
+#[test]
+fn a_diverged_loss_fails_the_run_and_names_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, _out, err) = moelab(&["run", "-q", "experiments/quickstart.toml", "--set", "run.lr=1e30", "--set", "run.steps=8", "--runs-dir", tmp.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the loss is NaN") && err.contains("run.lr"), "{err}");
+    let dir = only_run_dir(tmp.path());
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["status"], "failed");
+    // It stops at the first diverged step and keeps what it measured up to it.
+    let steps = summary["steps"].as_array().unwrap();
+    assert!(steps.len() < 9 && steps.last().unwrap()["loss"].is_null(), "{steps:?}");
+    assert!(dir.join("trace.json").is_file() && dir.join("stages.csv").is_file());
 }

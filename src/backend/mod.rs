@@ -177,6 +177,15 @@ pub enum BackendError {
     /// The user cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// A step's loss was NaN or infinite: training diverged (or an op produced NaN), so the
+    /// steps after it measure nothing worth keeping.
+    #[error("step {step}: the loss is {loss}: training diverged (fix: lower run.lr; a NaN at the first step points at the inputs or an op)")]
+    Diverged {
+        /// The step (warmup included).
+        step: u64,
+        /// The loss.
+        loss: f64,
+    },
 }
 
 /// A plan loaded onto an in-process backend, ready to run steps: what `run` drives for the

@@ -78,6 +78,14 @@ pub struct RunOutcome {
     /// What the user must see about the run (e.g. the sim's predicted peak above the GPU's
     /// memory); also in `summary.json` and the run log.
     pub warnings: Vec<String>,
+    /// Run files that could not be written (`"trace.json: No space left on device"`); the
+    /// figures here are then all that is left of them. Also in the run log.
+    pub unsaved: Vec<String>,
+}
+
+/// The failure of a step whose loss is NaN or infinite; the sim computes no loss.
+fn diverged(spec: &ExperimentSpec, r: &StepReport) -> Option<BackendError> {
+    (spec.run.backend != crate::spec::BackendKind::Sim && !r.loss.is_finite()).then_some(BackendError::Diverged { step: r.step as u64, loss: r.loss })
 }
 
 /// Hooks a front end (CLI, workbench, notebook) passes to follow and stop a run.
@@ -108,6 +116,8 @@ struct Summary<'a> {
     mpmoe_auto: Option<mpmoe_auto::MpmoeAuto>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     warnings: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    unsaved: Vec<String>,
 }
 
 /// How Tutel's `degree = "auto"` and/or `parallelism = "auto"` were resolved: each timed
@@ -502,7 +512,13 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
                     if let Some(cb) = &hooks.on_step {
                         cb(&r);
                     }
+                    let diverged = diverged(spec, &r);
                     steps.push(r);
+                    if let Some(e) = diverged {
+                        log.line(&format!("failed: {e}"));
+                        failure = Some(e);
+                        break;
+                    }
                 }
                 Err(e) => {
                     log.line(&format!("step {i} failed: {e}"));
@@ -516,13 +532,27 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     if let Some(a) = &mut mpmoe_auto {
         a.record_measurement(&steps, &mut log);
     }
+    if failure.is_none() {
+        // The cuda job reports its steps as they come: a diverged one fails the run here.
+        failure = steps.iter().find_map(|r| diverged(spec, r));
+        if let Some(e) = &failure {
+            log.line(&format!("run failed: {e}"));
+        }
+    }
     let analysis = analysis::analyze(&trace);
-    chrome::write_chrome_trace(&trace, &dir.join("trace.json")).map_err(|e| io(&dir, e))?;
+    // A file that cannot be written (a full disk) is named and the others still written, the
+    // small summary last so it can list what is missing; a partial trace.json is removed (it
+    // would be invalid JSON and holds the space the rest needs).
+    let mut unsaved = Vec::new();
     if let Err(e) = analysis::tables::write_tables(&analysis, &dir) {
-        log.line(&format!("could not write tables: {e:#}"));
+        unsaved.push(format!("tables: {e:#}"));
     }
     if let Err(e) = analysis::charts::write_charts(&analysis, &trace, &spec.name, &dir) {
-        log.line(&format!("could not write charts: {e}"));
+        unsaved.push(format!("charts: {e}"));
+    }
+    if let Err(e) = chrome::write_chrome_trace(&trace, &dir.join("trace.json")) {
+        let _ = std::fs::remove_file(dir.join("trace.json"));
+        unsaved.push(format!("trace.json: {e}"));
     }
     let status = match &failure {
         None => "completed",
@@ -548,12 +578,18 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         tutel_auto_degree: auto_degree.clone(),
         mpmoe_auto: mpmoe_auto.clone(),
         warnings: warnings.clone(),
+        unsaved: unsaved.clone(),
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serializes");
-    std::fs::write(dir.join("summary.json"), json).map_err(|e| io(&dir, e))?;
+    if let Err(e) = std::fs::write(dir.join("summary.json"), json) {
+        unsaved.push(format!("summary.json: {e}"));
+    }
+    for u in &unsaved {
+        log.line(&format!("could not write {u}"));
+    }
     log.line(&format!("status: {status}"));
     if let Some(source) = failure {
         return Err(RunError::Backend { source, dir: dir.display().to_string() });
     }
-    Ok(RunOutcome { dir, analysis, steps, predicted, tracked, trace, auto_degree, mpmoe_auto, warnings })
+    Ok(RunOutcome { dir, analysis, steps, predicted, tracked, trace, auto_degree, mpmoe_auto, warnings, unsaved })
 }

@@ -119,6 +119,8 @@ impl From<&BackendError> for WireError {
             }
             BackendError::Aborted { rank, .. } => WireError::Aborted { rank: *rank },
             BackendError::Cancelled => WireError::Cancelled,
+            // Workers do not raise it (the launcher checks the losses), but keep its words.
+            e @ BackendError::Diverged { .. } => WireError::Crashed { rank: 0, message: e.to_string() },
         }
     }
 }
