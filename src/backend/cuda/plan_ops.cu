@@ -305,13 +305,14 @@ __device__ __forceinline__ float gelu_sigmoid(float x) {
 }
 
 __device__ __forceinline__ float act_f(float x, int kind) {
-    return kind == 0 ? x * gelu_sigmoid(x) : fmaxf(x, 0.0f);
+    // ReLU as a compare, not fmaxf(x, 0), which turns a NaN into 0 and hides it from the loss.
+    return kind == 0 ? x * gelu_sigmoid(x) : (x < 0.0f ? 0.0f : x);
 }
 
 // The gradient g at the output, taken back through the activation at x. GELU:
-// d/dx [x s(2u)] = s + 2 x s (1 - s) u'; ReLU passes g where x > 0.
+// d/dx [x s(2u)] = s + 2 x s (1 - s) u'; ReLU passes g where x > 0 (and a NaN x on).
 __device__ __forceinline__ float act_back(float x, float g, int kind) {
-    if (kind != 0) return x > 0.0f ? g : 0.0f;
+    if (kind != 0) return x > 0.0f ? g : (x != x ? x : 0.0f);
     float s = gelu_sigmoid(x);
     float du = SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_C * x * x);
     return g * (s + 2.0f * x * s * (1.0f - s) * du);
