@@ -641,6 +641,9 @@ fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>, buffe
         for i in failed.iter().take(10) {
             outln!("    {} rel err {:.2e}", i.name, i.rel_err);
         }
+        if let Some(why) = &c.training_skipped {
+            outln!("    training steps not compared: {why}");
+        }
         if let Some(b) = &c.buffers {
             out!("{}", moelab::run::crosscheck::buffers::render(b));
         } else if buffers {

@@ -5,7 +5,10 @@
 //! rounds every value a bf16 buffer stores, as the GPU does), [`BF16_TOL`]. In bf16 the grad
 //! pass's cpu run replays the cuda run's routing choices (a near tie that the two backends'
 //! rounding decides differently would move a whole token between experts) and the number of
-//! such flips is reported beside the comparison. The cuda side
+//! such flips is reported beside the comparison. In f32 such a flip is rare but happens on
+//! fresh inputs: then the grad pass replays cuda's choices too, each flipped choice must be a
+//! near tie (the cpu's router probabilities of the two experts within [`F32_TIE`]), and the
+//! training steps, whose trajectories the flip makes differ, are not compared. The cuda side
 //! runs through the real launcher (one worker process per GPU), whose workers dump the
 //! tensors into its run directory ([`ExecOptions::dump_params`], passed to the workers
 //! only, not set in this process's environment). With
@@ -56,6 +59,9 @@ pub enum CrossCheckError {
 
 /// Relative tolerance for f32 plans.
 pub const F32_TOL: f64 = 1e-4;
+/// Largest gap between the cpu router's probabilities of its own choice and cuda's at an f32
+/// routing flip for the flip to count as a near tie (f32 rounding moves them by ~1e-7).
+pub const F32_TIE: f64 = 1e-5;
 /// Relative tolerance for bf16 plans (against the cpu's bf16-storage run of the same plan).
 pub const BF16_TOL: f64 = crate::backend::cuda::check::BF16_TOL;
 
@@ -95,9 +101,13 @@ pub struct CrossCheck {
     pub passed: bool,
     /// The cuda run's error, if it failed.
     pub error: Option<String>,
-    /// bf16 plans: routing choices of the grad pass where the cuda run's choice (replayed on
-    /// the cpu) differs from the cpu's own, and all choices.
+    /// Routing choices of the grad pass where the cuda run's choice (replayed on the cpu)
+    /// differs from the cpu's own, and all choices: always for bf16 plans, for f32 plans
+    /// when any differ.
     pub route_flips: Option<(usize, usize)>,
+    /// Why the training steps were not compared (an f32 routing flip at a near tie).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training_skipped: Option<String>,
     /// With [`CrossCheckOptions::buffers`] and a completed cuda grad pass: every transient
     /// buffer of that pass compared (diagnostics only, never part of `passed`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -139,14 +149,26 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path, opts: &CrossCheckOpti
     let bf16 = spec.model.dtype == DType::Bf16;
     // The grad pass is one step, so what both sides keep is that step's.
     let (dir, cuda_steps) = cuda_run(&one, runs_root, true, opts.buffers, &mut error);
-    // bf16: the cpu replays the cuda run's routing choices (near-tied top-k choices that the
-    // two backends' different rounding flips would otherwise move whole tokens between
-    // experts), and the flips are counted on their own.
-    let replay = if bf16 && error.is_none() { dir.as_deref().map(|d| read_routes(d, world)).transpose()? } else { None };
-    let route_flips = match &replay {
+    // The cuda run's routing choices against the cpu's own. bf16: the cpu replays them (near
+    // ties that the two backends' different rounding decides differently would otherwise move
+    // whole tokens between experts) and the flips are counted on their own. f32: flips are
+    // rare; when one happens it must be a near tie, and it is replayed the same way.
+    let routes = if error.is_none() { dir.as_deref().map(|d| read_routes(d, world)).transpose()? } else { None };
+    let flips = match &routes {
         Some(r) => Some(count_flips(&one, r)?),
         None => None,
     };
+    let flipped = flips.as_ref().is_some_and(|f| f.differ > 0);
+    let replay = if bf16 || flipped { routes } else { None };
+    let route_flips = flips.as_ref().filter(|_| bf16 || flipped).map(|f| (f.differ, f.total));
+    let mut training_skipped = None;
+    if let (false, true, Some(f)) = (bf16, flipped, &flips) {
+        items.push(Compared { name: "grad pass routing flips (probability gap at the flip)".into(), rel_err: f.max_gap, passed: f.max_gap <= F32_TIE });
+        training_skipped = Some(format!(
+            "{} of {} routing choices flipped at near ties (probability gap up to {:.1e}), so the training steps' trajectories differ; rerun with another run.seed to compare them",
+            f.differ, f.total, f.max_gap
+        ));
+    }
     let (plan, cpu_rt, cpu_steps) = cpu_run(&one, true, replay, opts.buffers)?;
     compare_steps(&cpu_steps, &cuda_steps, "grad pass", tol, true, &mut items);
     if let Some(dir) = &dir {
@@ -172,15 +194,20 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path, opts: &CrossCheckOpti
         _ => None,
     };
     drop(cpu_rt);
-    let (_, _, cpu_full) = cpu_run(spec, false, None, false)?;
-    let (_, cuda_full) = cuda_run(spec, runs_root, false, false, &mut error);
+    let (cpu_full, cuda_full) = if training_skipped.is_none() {
+        let (_, _, cpu_full) = cpu_run(spec, false, None, false)?;
+        let (_, cuda_full) = cuda_run(spec, runs_root, false, false, &mut error);
+        (cpu_full, cuda_full)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     // Drop counts over the training steps are compared for f32 plans; a bf16 run's own
     // choices may flip near ties (the grad pass replays them and counts the flips).
     compare_steps(&cpu_full, &cuda_full, "training", tol, !bf16, &mut items);
     let complete = cuda_steps.len() == cpu_steps.len() && cuda_full.len() == cpu_full.len();
     let worst = items.iter().map(|i| i.rel_err).fold(0.0, |a: f64, b| if b.is_nan() || a.is_nan() { f64::NAN } else { a.max(b) });
     let passed = error.is_none() && complete && !items.is_empty() && items.iter().all(|i| i.passed);
-    Ok(CrossCheck { name: spec.name.clone(), variant: spec.variant.as_str().into(), world, items, worst, passed, error, route_flips, buffers })
+    Ok(CrossCheck { name: spec.name.clone(), variant: spec.variant.as_str().into(), world, items, worst, passed, error, route_flips, training_skipped, buffers })
 }
 
 /// The grad pass's transient buffers: the cpu runtime's against the cuda workers' dumps in
@@ -217,21 +244,53 @@ fn read_routes(dir: &Path, world: usize) -> Result<Routes, CrossCheckError> {
     Ok(Arc::new(out))
 }
 
-/// How many of `routes`' choices differ from the cpu's own in the grad-pass step.
-fn count_flips(spec: &ExperimentSpec, routes: &Routes) -> Result<(usize, usize), CrossCheckError> {
+/// The cuda run's routing choices against the cpu's own in the grad-pass step.
+struct Flips {
+    /// Choices that differ.
+    differ: usize,
+    /// All choices.
+    total: usize,
+    /// The largest gap, over the differing choices, between the cpu router's probability of
+    /// its own expert and of cuda's (infinite for a choice the cpu's router does not know).
+    max_gap: f64,
+}
+
+/// How many of `routes`' choices differ from the cpu's own in the grad-pass step, and how
+/// far from a tie the cpu's router was at each.
+fn count_flips(spec: &ExperimentSpec, routes: &Routes) -> Result<Flips, CrossCheckError> {
     let mut cpu_spec = spec.clone();
     cpu_spec.run.backend = BackendKind::Cpu;
     let plan = Plan::build(&cpu_spec)?;
-    let retain: Vec<String> = routes.keys().map(|(_, n)| n.clone()).collect();
+    // Each routing choice's router: (rank, idx name) -> (probs name, experts, k).
+    let mut routers = HashMap::new();
+    for rp in &plan.ranks {
+        for op in &rp.ops {
+            if let crate::plan::OpKind::Route { probs, idx, n_experts, top_k, .. } = &op.kind {
+                routers.insert((rp.rank, rp.buffer(*idx).name.clone()), (rp.buffer(*probs).name.clone(), *n_experts, *top_k));
+            }
+        }
+    }
+    let mut retain: Vec<String> = routes.keys().map(|(_, n)| n.clone()).collect();
+    retain.extend(routers.values().map(|(p, _, _)| p.clone()));
     let mut rt = CpuRuntime::new(plan, ExecOptions { skip_optimizer: true, retain, ..Default::default() });
     rt.step(true, None)?;
-    let (mut differ, mut total) = (0, 0);
+    let mut f = Flips { differ: 0, total: 0, max_gap: 0.0 };
     for ((r, name), theirs) in routes.iter() {
         let mine = rt.read_i32(*r as usize, name).unwrap_or_default();
-        total += theirs.len();
-        differ += theirs.iter().zip(&mine).filter(|(a, b)| a != b).count() + theirs.len().abs_diff(mine.len());
+        let router = routers.get(&(*r, name.clone())).and_then(|(p, e, k)| Some((rt.read(*r as usize, p)?, *e, *k)));
+        f.total += theirs.len();
+        f.differ += theirs.len().abs_diff(mine.len());
+        for (i, (a, b)) in theirs.iter().zip(&mine).enumerate().filter(|(_, (a, b))| a != b) {
+            f.differ += 1;
+            let gap = router.as_ref().and_then(|(probs, e, k)| {
+                let t = i / k;
+                let p = |x: i32| usize::try_from(x).ok().filter(|x| x < e).and_then(|x| probs.get(t * e + x)).copied();
+                Some((p(*b)? - p(*a)?) as f64)
+            });
+            f.max_gap = f.max_gap.max(gap.map_or(f64::INFINITY, f64::abs));
+        }
     }
-    Ok((differ, total))
+    Ok(f)
 }
 
 /// Routing choices by (rank, `idx` buffer name).
@@ -279,5 +338,42 @@ fn compare_steps(cpu: &[StepReport], cuda: &[StepReport], pass: &str, tol: f64, 
             let passed = if what == "dropped" { got == want } else { rel <= tol };
             items.push(Compared { name: format!("{pass} step {} {what}", c.step), rel_err: rel, passed });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = "name = \"x\"\n[model]\nd_model = 16\nd_ffn = 16\nn_experts = 4\ntop_k = 2\ntokens_per_rank = 32\nn_layers = 1\n[run]\nbackend = \"cpu\"\nsteps = 1\nwarmup = 0\n";
+
+    #[test]
+    fn a_flip_is_measured_by_the_cpu_routers_probability_gap() {
+        let spec = crate::spec::from_toml_str(SPEC).expect("spec");
+        let plan = Plan::build(&spec).expect("plan");
+        let route = plan.ranks[0].ops.iter().find_map(|o| match &o.kind {
+            crate::plan::OpKind::Route { probs, idx, .. } => Some((plan.ranks[0].buffer(*probs).name.clone(), plan.ranks[0].buffer(*idx).name.clone())),
+            _ => None,
+        });
+        let (probs, idx) = route.expect("a router");
+        let mut rt = CpuRuntime::new(plan, ExecOptions { skip_optimizer: true, retain: vec![probs.clone(), idx.clone()], ..Default::default() });
+        rt.step(true, None).expect("step");
+        let (p, mine) = (rt.read(0, &probs).expect("probs"), rt.read_i32(0, &idx).expect("idx"));
+        let routes = |v: Vec<i32>| -> Routes { Arc::new(HashMap::from([((0u32, idx.clone()), v)])) };
+        let same = count_flips(&spec, &routes(mine.clone())).expect("flips");
+        assert_eq!((same.differ, same.total, same.max_gap), (0, mine.len(), 0.0));
+        // Token 0's second choice swapped for an expert it did not pick: a gap of their
+        // probabilities, far from a tie.
+        let mut other = mine.clone();
+        let unused = (0..4).find(|e| !mine[..2].contains(e)).expect("an unpicked expert");
+        other[1] = unused;
+        let f = count_flips(&spec, &routes(other)).expect("flips");
+        let want = (p[mine[1] as usize] - p[unused as usize]) as f64;
+        assert_eq!(f.differ, 1);
+        assert!((f.max_gap - want.abs()).abs() < 1e-7 && f.max_gap > F32_TIE, "{} vs {want}", f.max_gap);
+        // A choice outside the router's experts is no tie at all.
+        let mut bad = mine;
+        bad[0] = 99;
+        assert!(count_flips(&spec, &routes(bad)).expect("flips").max_gap.is_infinite());
     }
 }
