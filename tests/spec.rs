@@ -379,6 +379,22 @@ fn unknown_top_level_field_is_rejected() {
 }
 
 #[test]
+fn a_misspelled_table_is_named_with_the_one_meant() {
+    // Without the check serde first misses `[model]`'s fields ("missing field d_model",
+    // pointing at `[model.backbone]`) and never names `modle`.
+    let text = "name = \"t\"\n[modle]\nd_model = 8\nd_ffn = 8\nn_experts = 2\n[model.backbone]\nn_heads = 2\n";
+    let (_, location, shown) = parse_err(text);
+    assert_eq!(location, Some((2, 1)), "points at the misspelled table: {shown}");
+    assert_mentions(&shown, &["unknown field `modle`", "did you mean `model`?", "expected one of"]);
+    // Every field of the spec type is a known top-level key.
+    let full = ok(&format!("{}\n[mpmoe]\n", edit("name = \"t\"\n", "name = \"t\"\ndescription = \"d\"\nvariant = \"mpmoe\"\n")));
+    let written: toml::Table = toml::from_str(&full.to_toml()).expect("toml");
+    for key in written.keys() {
+        assert!(moelab::spec::ExperimentSpec::TOP_LEVEL_KEYS.contains(&key.as_str()), "{key}");
+    }
+}
+
+#[test]
 fn unknown_model_field_is_rejected() {
     let text = edit("d_model = 64", "d_modle = 64");
     let (_, location, shown) = parse_err(&text);

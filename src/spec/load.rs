@@ -6,6 +6,7 @@ use std::path::Path;
 
 /// Parse, fill defaults and validate a spec from TOML text.
 pub fn from_toml_str(text: &str) -> Result<ExperimentSpec, SpecError> {
+    check_top_level_keys(text)?;
     let spec: ExperimentSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
         message: match e.span().and_then(|s| field_at(text, s.start)) {
             Some(field) if !e.message().contains('`') || e.message().starts_with("invalid") || e.message().starts_with("unknown variant") => {
@@ -17,6 +18,49 @@ pub fn from_toml_str(text: &str) -> Result<ExperimentSpec, SpecError> {
         file: None,
     })?;
     resolve_and_validate(spec)
+}
+
+/// A misspelled table (`[modle]`) is named before serde reads the spec: serde would first
+/// miss the fields of the table it meant (`missing field d_model`, pointing elsewhere).
+fn check_top_level_keys(text: &str) -> Result<(), SpecError> {
+    // Text that is not TOML gets serde's own error below.
+    let Ok(table) = toml::from_str::<toml::Table>(text) else { return Ok(()) };
+    let known = ExperimentSpec::TOP_LEVEL_KEYS;
+    match table.keys().find(|k| !known.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(key) => {
+            let closest = known.iter().copied().min_by_key(|k| strsim::levenshtein(k, key)).filter(|k| strsim::levenshtein(k, key) <= 2);
+            let hint = closest.map(|c| format!(" (did you mean `{c}`?)")).unwrap_or_default();
+            let expected: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
+            Err(SpecError::Parse {
+                message: format!("unknown field `{key}`{hint}, expected one of {}", expected.join(", ")),
+                location: key_offset(text, key).map(|o| line_col(text, o)),
+                file: None,
+            })
+        }
+    }
+}
+
+/// Where the top-level `key` is written: its table header (`[key]`, `[key.sub]`) or its
+/// `key = value` line outside any table.
+fn key_offset(text: &str, key: &str) -> Option<usize> {
+    let mut offset = 0;
+    let mut in_table = false;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        let at = offset + (line.len() - t.len());
+        if let Some(h) = t.strip_prefix('[') {
+            let name = h.trim_start_matches('[').split([']', '.']).next().unwrap_or("").trim().trim_matches('"');
+            if name == key {
+                return Some(at);
+            }
+            in_table = true;
+        } else if !in_table && t.split(['=', '.']).next().is_some_and(|k| k.trim().trim_matches('"') == key) {
+            return Some(at);
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// Read a spec file; the error names the file.

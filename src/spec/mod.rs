@@ -716,6 +716,9 @@ pub enum Capacity {
 }
 
 impl ExperimentSpec {
+    /// The keys and tables a spec file may have at its top level.
+    pub const TOP_LEVEL_KEYS: [&'static str; 10] = ["name", "description", "variant", "model", "layout", "run", "mpmoe", "tutel", "ted", "ppmoe"];
+
     /// Tokens per rank after resolution (validated specs always have it).
     pub fn tokens_per_rank(&self) -> usize {
         self.model.tokens_per_rank.expect("spec is resolved")
