@@ -25,10 +25,21 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
     /// The path is not a directory.
-    #[error("{path}: no such run directory")]
+    #[error("{path}: {why}")]
     Missing {
         /// The path given.
         path: String,
+        /// "no such run directory", or what the path is instead.
+        why: &'static str,
+    },
+    /// The run ended without writing its summary: the process was killed (SIGKILL, the
+    /// machine went down) before it could record anything but its spec and log.
+    #[error("{path}: the run has no summary.json: its process was killed before it finished (run.log's last line: {last})")]
+    Killed {
+        /// The run directory.
+        path: String,
+        /// The run log's last line.
+        last: String,
     },
     /// A file of the run directory is missing or unreadable.
     #[error("{path}: cannot read {file}: {message} (is it a run directory written by `moelab run`?)")]
@@ -174,7 +185,14 @@ impl MeasuredRun {
     pub fn load(dir: &Path) -> Result<MeasuredRun, PredictError> {
         let path = dir.display().to_string();
         if !dir.is_dir() {
-            return Err(PredictError::Missing { path });
+            let why = if dir.is_file() { "a file, not a run directory (give the folder `moelab run` wrote)" } else { "no such run directory" };
+            return Err(PredictError::Missing { path, why });
+        }
+        if !dir.join("summary.json").exists() && dir.join("spec.toml").is_file() {
+            if let Ok(log) = std::fs::read_to_string(dir.join("run.log")) {
+                let last = log.lines().last().unwrap_or("(empty)").to_string();
+                return Err(PredictError::Killed { path, last });
+            }
         }
         let read = |file: &'static str| {
             std::fs::read_to_string(dir.join(file)).map_err(|e| PredictError::Read { path: path.clone(), file, message: e.to_string() })
@@ -354,7 +372,8 @@ pub enum ProfileSource {
 /// run directories replaced by those, sorted: `moelab predict runs/` predicts every run in
 /// it. Anything else is kept as given, so that loading it says what is wrong.
 pub fn expand_run_dirs(dirs: &[PathBuf]) -> Vec<PathBuf> {
-    let is_run = |d: &Path| d.join("summary.json").is_file();
+    // A run directory has its summary, or (a killed run) its spec and log.
+    let is_run = |d: &Path| d.join("summary.json").is_file() || (d.join("spec.toml").is_file() && d.join("run.log").is_file());
     let mut out = Vec::new();
     for d in dirs {
         let mut inner: Vec<PathBuf> = if d.is_dir() && !is_run(d) {
