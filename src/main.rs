@@ -79,7 +79,7 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
         /// Override the spec's `run.backend` (cpu, cuda, sim, auto).
-        #[arg(long)]
+        #[arg(long, value_parser = ["cpu", "cuda", "sim", "auto"])]
         backend: Option<String>,
     },
     /// Run several experiments and print one comparison table (step time, exposed
