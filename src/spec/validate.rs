@@ -159,6 +159,8 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         c.fail("model.top_k", format!("top_k={} exceeds n_experts={}", m.top_k, m.n_experts),
             format!("choose top_k between 1 and {}", m.n_experts));
     }
+    /// Slots per token an expert may get before a capacity factor is refused as a mistake.
+    const MAX_SLOTS_PER_TOKEN: f64 = 16.0;
     match (m.dropless, m.capacity_factor) {
         (true, Some(cf)) => c.fail("model.capacity_factor",
             format!("capacity_factor={cf} conflicts with dropless=true"),
@@ -166,6 +168,14 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
         (false, Some(cf)) if !cf.is_finite() => c.fail("model.capacity_factor",
             format!("capacity_factor={cf} must be a finite number (> 0 fixed, 0 dropless, < 0 bounded by the real load)"),
             "use e.g. 1.0 or 1.25, -1.25 for min(1.25 x the even share, the largest load), or set dropless = true"),
+        // ceil(cf * k * T / E) slots per expert: from E / k on every token fits, so a larger
+        // factor only grows buffers; far beyond it (1e300) the slot count overflows.
+        (false, Some(cf)) if m.top_k > 0 && m.n_experts >= m.top_k && cf.abs() > MAX_SLOTS_PER_TOKEN * (m.n_experts as f64 / m.top_k as f64) => {
+            let most = m.n_experts as f64 / m.top_k as f64;
+            c.fail("model.capacity_factor",
+                format!("capacity_factor={cf:?} gives each expert over {MAX_SLOTS_PER_TOKEN} times more slots than there are tokens (n_experts / top_k = {most} already holds every token)"),
+                format!("keep |capacity_factor| <= {most} ({most} drops no token), or set dropless = true"))
+        }
         // Tutel's convention: cf = 0 is dropless.
         (false, Some(0.0)) => {
             m.dropless = true;
