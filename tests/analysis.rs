@@ -183,11 +183,12 @@ fn two_ranks_per_rank_rows_and_overall() {
         (30, 10, 20)
     );
     assert_eq!((r0.compute_ns, r1.compute_ns), (100, 80));
-    assert_eq!((r0.idle_ns, r1.idle_ns), (20, 10));
+    // Rank 1 ended at 110 but the step at 120: it waits 10 more.
+    assert_eq!((r0.idle_ns, r1.idle_ns), (20, 20));
     approx(r1.overlap_ratio, 10.0 / 30.0);
     approx(a.overall_overlap(), 50.0 / 70.0);
     assert_eq!(a.exposed_comm_ns(), 20);
-    approx(a.step_time_ns, 115.0);
+    approx(a.step_time_ns, 120.0);
 }
 
 /// All-to-all overlap counts only all-to-all ops: rank 0 has compute [0,100], an all-to-all
@@ -269,7 +270,9 @@ fn stage_table_over_ranks_and_steps() {
     assert_eq!(a.steps, 2);
     assert_eq!(a.world, 2);
     assert_eq!(a.backend, "test");
-    approx(a.step_time_ns, 500.0 / 4.0);
+    // Step 1's wall is rank 1's 200 ns: every rank's span is its step's window (600 ns of
+    // rank time in all), so rank 0's shorter step 1 counts as waiting.
+    approx(a.step_time_ns, (100.0 + 200.0) / 2.0);
     let labels: Vec<&str> = a.stages.iter().map(|r| r.label.as_str()).collect();
     assert_eq!(
         labels,
@@ -278,7 +281,7 @@ fn stage_table_over_ranks_and_steps() {
 
     let data = &a.stages[0];
     assert_eq!((data.count, data.total_ns), (1, 5));
-    approx(data.share, 5.0 / 500.0);
+    approx(data.share, 5.0 / 600.0);
 
     let fwd = &a.stages[1];
     assert_eq!((fwd.stage, fwd.pass), (Stage::Attention, Pass::Forward));
@@ -287,17 +290,17 @@ fn stage_table_over_ranks_and_steps() {
         (4, 40, 4_000, 256)
     );
     approx(fwd.mean_ns, 10.0);
-    approx(fwd.share, 40.0 / 500.0);
+    approx(fwd.share, 40.0 / 600.0);
 
     let bwd = &a.stages[2];
     assert_eq!((bwd.count, bwd.total_ns), (4, 80));
     approx(bwd.mean_ns, 20.0);
-    approx(bwd.share, 80.0 / 500.0);
+    approx(bwd.share, 80.0 / 600.0);
 
     let upd = &a.stages[3];
     assert_eq!((upd.count, upd.total_ns, upd.bytes), (4, 20, 16_384));
     approx(upd.mean_ns, 5.0);
-    approx(upd.share, 20.0 / 500.0);
+    approx(upd.share, 20.0 / 600.0);
 
     let text = a.render_text();
     assert!(text.contains("attention_bwd"));
@@ -559,4 +562,23 @@ fn empty_trace_is_fine() {
     assert_eq!(a.overlap.len(), 2);
     assert_eq!(a.memory.ranks.len(), 2);
     assert_eq!(a.overlap[1].span_ns, 0);
+}
+
+/// A cancelled run's trace: rank 0 finished step 0 and stopped inside step 1 (ops, no
+/// span). The tables hold step 0 only and say how many ops they left out.
+#[test]
+fn ops_of_an_unfinished_step_are_left_out_and_counted() {
+    let mut late = compute(0, 200, 260);
+    late.step = 1;
+    let mut late_comm = comm(0, 260, 300);
+    late_comm.step = 1;
+    let a = analyze(&trace(1, vec![compute(0, 0, 100), comm(0, 100, 150), late, late_comm], vec![], vec![span(0, 0, 0, 150)]));
+    assert_eq!((a.steps, a.unfinished_ops), (1, 2));
+    let counted: u64 = a.stages.iter().map(|r| r.count).sum();
+    assert_eq!(counted, 2, "{:?}", a.stages);
+    let r0 = &a.overlap[0];
+    assert!(r0.span_ns >= r0.compute_ns + r0.comm_ns - r0.overlapped_ns, "busy within span: {r0:?}");
+    assert!(a.render_text().contains("2 ops of the unfinished last step"));
+    // A trace without step spans (an imported one) keeps every op.
+    assert_eq!(analyze(&trace(1, vec![compute(0, 0, 100)], vec![], vec![])).unfinished_ops, 0);
 }

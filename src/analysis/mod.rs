@@ -28,8 +28,13 @@ pub struct Analysis {
     pub backend: String,
     /// Number of distinct measured step indices (from step spans and ops).
     pub steps: u32,
-    /// Mean duration in ns of a (rank, step) step span: a rank's step time; 0 without spans.
+    /// Mean wall time of a step in ns: from the first rank's start to the last rank's end
+    /// (the step spans' window), so ranks that finish early (pipeline stages) do not shorten
+    /// it; 0 without spans.
     pub step_time_ns: f64,
+    /// Op events left out because their (rank, step) has no step span while the rank has
+    /// others: the unfinished step of a cancelled or failed run (kept in the trace).
+    pub unfinished_ops: u64,
     /// One row per (stage, pass) present, in [`crate::taxonomy::Stage::ALL`] then pass order.
     pub stages: Vec<StageRow>,
     /// One overlap row per rank, in rank order.
@@ -105,9 +110,34 @@ pub fn overlap_by_rank(trace: &Trace, ranks: &BTreeSet<u32>) -> Vec<overlap::Ran
         .collect()
 }
 
+/// `trace` without the ops of unfinished steps (a (rank, step) with no step span on a rank
+/// that has spans: where a cancelled or failed run stopped) and with every step span widened
+/// to its step's window over all ranks (first start to last end, one span per (rank, step)),
+/// so a rank's idle time includes waiting for the others; and how many ops were left out.
+fn finished_steps(trace: &Trace) -> (Trace, u64) {
+    let ranks_with_spans: BTreeSet<u32> = trace.steps.iter().map(|s| s.rank).collect();
+    let spanned: BTreeSet<(u32, u32)> = trace.steps.iter().map(|s| (s.rank, s.step)).collect();
+    let keep = |o: &OpEvent| !ranks_with_spans.contains(&o.rank) || spanned.contains(&(o.rank, o.step));
+    let ops: Vec<OpEvent> = trace.ops.iter().filter(|o| keep(o)).cloned().collect();
+    let unfinished = (trace.ops.len() - ops.len()) as u64;
+    let mut window: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+    for s in &trace.steps {
+        let w = window.entry(s.step).or_insert((s.start_ns, s.end_ns));
+        w.0 = w.0.min(s.start_ns);
+        w.1 = w.1.max(s.end_ns);
+    }
+    let steps = spanned.iter().map(|&(rank, step)| {
+        let (start_ns, end_ns) = window[&step];
+        StepSpan { rank, step, start_ns, end_ns }
+    });
+    (Trace { ops, steps: steps.collect(), ..trace.clone() }, unfinished)
+}
+
 /// Analyzes a trace: stage table, per-rank overlap, memory breakdown and step statistics.
 /// Never panics, including on an empty trace.
 pub fn analyze(trace: &Trace) -> Analysis {
+    let (finished, unfinished_ops) = finished_steps(trace);
+    let trace = &finished;
     let ranks = all_ranks(trace);
 
     let overlap = overlap_by_rank(trace, &ranks);
@@ -133,22 +163,16 @@ pub fn analyze(trace: &Trace) -> Analysis {
         .chain(trace.ops.iter().map(|o| o.step))
         .collect();
 
-    // A (rank, step) may in principle be split into several spans; sum them first.
-    let mut per_rank_step: BTreeMap<(u32, u32), u64> = BTreeMap::new();
-    for s in &trace.steps {
-        *per_rank_step.entry((s.rank, s.step)).or_default() += s.end_ns.saturating_sub(s.start_ns);
-    }
-    let step_time_ns = if per_rank_step.is_empty() {
-        0.0
-    } else {
-        per_rank_step.values().map(|v| *v as f64).sum::<f64>() / per_rank_step.len() as f64
-    };
+    // Every span of a step now is the step's window: its wall time.
+    let windows: BTreeMap<u32, u64> = trace.steps.iter().map(|s| (s.step, s.end_ns.saturating_sub(s.start_ns))).collect();
+    let step_time_ns = if windows.is_empty() { 0.0 } else { windows.values().map(|v| *v as f64).sum::<f64>() / windows.len() as f64 };
 
     Analysis {
         world: trace.world,
         backend: trace.backend.clone(),
         steps: u32::try_from(step_ids.len()).unwrap_or(u32::MAX),
         step_time_ns,
+        unfinished_ops,
         stages: stages::stage_rows(trace),
         overlap,
         memory,

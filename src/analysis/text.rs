@@ -78,6 +78,9 @@ impl Analysis {
             self.steps,
             self.step_time_ns / NS_PER_MS
         );
+        if self.unfinished_ops > 0 {
+            let _ = writeln!(out, "({} ops of the unfinished last step are left out of these tables; trace.json keeps them)", self.unfinished_ops);
+        }
         out.push('\n');
 
         // Stage table.
