@@ -155,7 +155,7 @@ fn a_cpu_run_is_predicted_on_h200_stage_by_stage() {
     assert_eq!((p.profile.as_str(), &p.profile_source, &p.sim_dir), ("h200", &ProfileSource::Given, &None));
     let c = &p.comparison;
     assert_eq!((c.measured_backend.as_str(), c.predicted_backend.as_str()), ("cpu", "sim"));
-    assert_eq!(c.step_source, StepSource::OpEnvelope, "trace.json has no step spans and a cpu run no worker records");
+    assert_eq!(c.step_source, StepSource::Spans, "trace.json carries the cpu run's step spans");
     assert!(c.measured_step_ms > 0.0 && c.predicted_step_ms > 0.0);
     close(c.step_error, c.predicted_step_ms / c.measured_step_ms - 1.0);
     let want: Vec<String> = stage_rows(&run.trace).into_iter().map(|r| r.label).collect();
@@ -180,6 +180,9 @@ fn doubling_every_measured_time_halves_every_ratio() {
     let mut t = MeasuredRun::load(&dir).unwrap().trace;
     for o in &mut t.ops {
         (o.start_ns, o.end_ns) = (2 * o.start_ns, 2 * o.end_ns);
+    }
+    for s in &mut t.steps {
+        (s.start_ns, s.end_ns) = (2 * s.start_ns, 2 * s.end_ns);
     }
     chrome::write_chrome_trace(&t, &dir.join("trace.json")).unwrap();
     let after = predict::predict(&MeasuredRun::load(&dir).unwrap(), &h200()).unwrap().comparison;

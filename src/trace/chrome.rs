@@ -24,9 +24,13 @@ fn pass_str(p: Pass) -> &'static str {
     }
 }
 
+/// The thread of each rank's step spans (compute and comm are 0 and 1).
+pub const STEPS_TID: u32 = 2;
+
 /// Builds the Chrome trace JSON: `{"traceEvents": [...], "displayTimeUnit": "ms", "otherData":
 /// {"group_sizes": [...]}}` with process/thread metadata, one complete (`X`) event per op
-/// (a collective's group and position in `args`) and `memory` counter events.
+/// (a collective's group and position in `args`), one per rank and measured step on the
+/// rank's `steps` thread ([`STEPS_TID`], category `step`) and `memory` counter events.
 pub fn to_chrome_json(trace: &Trace) -> Value {
     let mut ranks: BTreeSet<u32> = (0..trace.world).collect();
     ranks.extend(trace.ops.iter().map(|o| o.rank));
@@ -46,6 +50,15 @@ pub fn to_chrome_json(trace: &Trace) -> Value {
                 "args": {"name": stream.as_str()},
             }));
         }
+        events.push(json!({"ph": "M", "name": "thread_name", "pid": rank, "tid": STEPS_TID, "args": {"name": "steps"}}));
+    }
+
+    // Each measured step of each rank as one bar on the rank's "steps" thread.
+    for s in &trace.steps {
+        events.push(json!({
+            "ph": "X", "name": format!("step {}", s.step), "cat": "step", "pid": s.rank, "tid": STEPS_TID,
+            "ts": us(s.start_ns), "dur": us(s.end_ns.saturating_sub(s.start_ns)), "args": {"step": s.step},
+        }));
     }
 
     let mut ops: Vec<_> = trace.ops.iter().collect();

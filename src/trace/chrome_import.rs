@@ -1,9 +1,9 @@
 //! Reading a run's `trace.json` (the Chrome/Perfetto export of [`super::chrome`]) back into a
 //! [`Trace`]: op events from the complete (`X`) events and memory deltas from the `memory`
-//! counters, so a past run is analysed exactly like a fresh one. The export carries no step
-//! spans: a trace read back has none (callers that need them take them from elsewhere).
+//! counters and step spans from the `steps` thread, so a past run is analysed exactly like a
+//! fresh one. Traces written before the export carried step spans read back without them.
 
-use super::{MemEvent, OpEvent, Trace};
+use super::{MemEvent, OpEvent, StepSpan, Trace};
 use crate::taxonomy::{MemCategory, Pass, Stage, Stream};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -70,7 +70,7 @@ fn op_event(ev: &Value) -> Result<OpEvent, String> {
 }
 
 /// Rebuild a trace from Chrome trace JSON text, recording `backend` as its backend (the
-/// export does not carry it). The returned trace has no step spans.
+/// export does not carry it).
 pub fn trace_from_chrome(text: &str, backend: &str) -> Result<Trace, ChromeImportError> {
     let fail = |m: String| ChromeImportError::Format(m);
     let root: Value = serde_json::from_str(text).map_err(|e| fail(format!("not JSON: {e}")))?;
@@ -90,6 +90,12 @@ pub fn trace_from_chrome(text: &str, backend: &str) -> Result<Trace, ChromeImpor
             world = world.max(p + 1);
         }
         match field(ev, "ph").and_then(Value::as_str) {
+            Some("X") if as_u32(field(ev, "tid")) == Some(super::chrome::STEPS_TID) => {
+                let (Some(rank), Some(step)) = (pid, as_u32(field(ev, "args").and_then(|a| field(a, "step")))) else { continue };
+                let start_ns = ns(field(ev, "ts").and_then(Value::as_f64).unwrap_or(0.0));
+                let end_ns = start_ns + ns(field(ev, "dur").and_then(Value::as_f64).unwrap_or(0.0));
+                trace.steps.push(StepSpan { rank, step, start_ns, end_ns });
+            }
             Some("X") => trace.ops.push(op_event(ev).map_err(fail)?),
             Some("C") if field(ev, "name").and_then(Value::as_str) == Some("memory") => {
                 let (Some(rank), Some(args)) = (pid, field(ev, "args")) else { continue };

@@ -37,7 +37,6 @@ pub struct CpuRuntime {
     opts: ExecOptions,
     epoch: Instant,
     steps_done: usize,
-    measured_done: usize,
 }
 
 impl CpuRuntime {
@@ -56,7 +55,7 @@ impl CpuRuntime {
                 RankState { store: Mutex::new(store), ops: Vec::new(), steps: Vec::new(), retain }
             })
             .collect();
-        CpuRuntime { plan, ranks, opts, epoch, steps_done: 0, measured_done: 0 }
+        CpuRuntime { plan, ranks, opts, epoch, steps_done: 0 }
     }
 
     /// The plan being executed.
@@ -71,7 +70,9 @@ impl CpuRuntime {
         let step = self.steps_done;
         let data_step = data_step.unwrap_or(step as u64);
         let adam_step = (step + 1) as u64;
-        let measured_idx = self.measured_done as u32;
+        // Traced steps carry the run's step number (warmup included), as run.log and
+        // summary.json count them.
+        let measured_idx = step as u32;
         let (plan, opts, epoch) = (&self.plan, &self.opts, self.epoch);
         let t0 = Instant::now();
         let results: Vec<Result<Vec<Observed>, BackendError>> = std::thread::scope(|s| {
@@ -128,9 +129,6 @@ impl CpuRuntime {
             return Err(e);
         }
         self.steps_done += 1;
-        if measured {
-            self.measured_done += 1;
-        }
         Ok(report)
     }
 

@@ -88,7 +88,6 @@ pub struct GpuRank {
     /// time base (the launcher's wall-clock epoch).
     offset_ns: i64,
     steps_done: usize,
-    measured_done: usize,
 }
 
 impl GpuRank {
@@ -119,7 +118,7 @@ impl GpuRank {
         let retain = rp.buffers.iter().map(|b| retain.contains(b.name.as_str())).collect();
         let me = GpuRank {
             gpu, streams, store: Mutex::new(store), comms, rank, retain, ops: Vec::new(), steps: Vec::new(), epoch, offset_ns,
-            steps_done: 0, measured_done: 0, plan,
+            steps_done: 0, plan,
         };
         let rp = &me.plan.ranks[rank];
         let fabric = Fabric::new(Duration::from_secs(1));
@@ -205,7 +204,8 @@ impl GpuRank {
         let (mut result, events, base_host_ns) = out;
         result.wall_s = t0.elapsed().as_secs_f64();
         if measured {
-            let step = self.measured_done as u32;
+            // The run's step number (warmup included), as run.log and summary.json count them.
+            let step = self.steps_done as u32;
             for (op_index, t_start, t_end, bytes, host_ns, issue_ns) in events {
                 let op = &self.plan.ranks[self.rank].ops[op_index];
                 let s = self.shift(base_host_ns + t_start);
@@ -219,7 +219,6 @@ impl GpuRank {
             }
             let end = self.epoch.elapsed().as_nanos() as u64;
             self.steps.push(StepSpan { rank, step, start_ns: self.shift(start_ns), end_ns: self.shift(end) });
-            self.measured_done += 1;
         }
         self.steps_done += 1;
         Ok(result)

@@ -506,7 +506,6 @@ pub struct SimRuntime {
     state: Result<Simulated, BackendError>,
     trace: Trace,
     steps_done: usize,
-    measured_done: u32,
     /// Seconds the simulation itself took (wall clock of this machine).
     pub simulate_s: f64,
     profile_note: String,
@@ -522,7 +521,7 @@ impl SimRuntime {
             Err(e) => {
                 let state = Err(BackendError::OpFailed { rank: 0, op: "load profile".into(), message: e.to_string() });
                 let profile_note = format!("sim: no profile: {e}");
-                SimRuntime { plan, opts, state, trace: Trace { backend: "sim".into(), ..Default::default() }, steps_done: 0, measured_done: 0, simulate_s: 0.0, profile_note, memory_warning: None }
+                SimRuntime { plan, opts, state, trace: Trace { backend: "sim".into(), ..Default::default() }, steps_done: 0, simulate_s: 0.0, profile_note, memory_warning: None }
             }
         }
     }
@@ -572,7 +571,7 @@ impl SimRuntime {
                 gib(peak as f64), gib(profile.gpu.memory_bytes), profile.device
             )
         });
-        SimRuntime { plan, opts, state, trace, steps_done: 0, measured_done: 0, simulate_s: t0.elapsed().as_secs_f64(), profile_note, memory_warning }
+        SimRuntime { plan, opts, state, trace, steps_done: 0, simulate_s: t0.elapsed().as_secs_f64(), profile_note, memory_warning }
     }
 
     /// What the run log should say: the profile and whether it is calibrated, the cluster,
@@ -621,7 +620,8 @@ impl SimRuntime {
         }
         let s = self.state.as_ref().map_err(Clone::clone)?;
         let offset = self.steps_done as u64 * s.step_ns;
-        let step = self.measured_done;
+        // The run's step number (warmup included), as run.log and summary.json count them.
+        let step = self.steps_done as u32;
         for (rank, src) in &s.traced {
             let rp = &self.plan.ranks[s.sim.simulated[*src] as usize];
             let times = &s.sim.timeline.times[*src];
@@ -667,9 +667,6 @@ impl SimRuntime {
             wall_s: s.sim.timeline.makespan,
         };
         self.steps_done += 1;
-        if measured {
-            self.measured_done += 1;
-        }
         Ok(report)
     }
 

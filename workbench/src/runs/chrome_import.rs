@@ -45,13 +45,16 @@ mod tests {
                 MemEvent { rank: 0, t_ns: 9_000, category: MemCategory::Activations, delta: -512 },
                 MemEvent { rank: 1, t_ns: 0, category: MemCategory::Params, delta: 4096 },
             ],
-            steps: vec![],
+            steps: vec![
+                moelab::trace::StepSpan { rank: 0, step: 0, start_ns: 500, end_ns: 9_500 },
+                moelab::trace::StepSpan { rank: 1, step: 0, start_ns: 1_500, end_ns: 7_250 },
+            ],
             group_sizes: vec![2, 2],
         }
     }
 
     #[test]
-    fn chrome_export_reads_back_into_the_same_ops_and_memory() {
+    fn chrome_export_reads_back_into_the_same_ops_memory_and_step_spans() {
         let t = sample();
         let text = to_chrome_json(&t).to_string();
         let back = trace_from_chrome(&text, "cpu").expect("reads");
@@ -62,10 +65,12 @@ mod tests {
         let mut want = t.ops.clone();
         want.sort_by_key(|o| (o.rank, o.start_ns));
         assert_eq!(ops, want);
+        assert_eq!(back.steps, t.steps, "the step spans come back too");
         let a = moelab::analysis::analyze(&t);
         let b = moelab::analysis::analyze(&back);
         assert_eq!(a.memory, b.memory);
         assert_eq!(a.overlap, b.overlap);
+        assert_eq!(a.step_time_ns, b.step_time_ns);
     }
 
     #[test]
