@@ -173,6 +173,10 @@ impl App {
                 }
             }
             Event::Key(k) => self.key(k),
+            Event::Terminate => {
+                self.jobs.cancel_all();
+                self.quit = true;
+            }
         }
     }
 

@@ -92,6 +92,9 @@ pub enum Event {
     Tick,
     /// News from the job worker.
     Job(JobEvent),
+    /// The process was told to stop (SIGTERM, SIGHUP, SIGINT from outside the terminal):
+    /// quit at once, cancelling jobs so they write what they measured.
+    Terminate,
 }
 
 /// Translate a crossterm key event; releases and unbound keys give `None`.

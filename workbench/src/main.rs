@@ -66,6 +66,13 @@ fn run() -> Result<()> {
     let mut app = App::new(composer, args.runs_dir.clone(), Some(worker));
     app.status = startup.map(|text| Status { text, error: true });
 
+    // A signal to stop (kill, a closed SSH session) quits like `q q`: the active jobs are
+    // cancelled and, below, given time to write their run directories.
+    let on_signal = tx.clone();
+    ctrlc::set_handler(move || {
+        let _ = on_signal.send(Event::Terminate);
+    })
+    .context("installing the signal handler")?;
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     event::spawn_input_thread(tx);
     let result = (|| -> Result<()> {

@@ -156,3 +156,43 @@ fn compose_run_inspect_compare_save_quit() {
         eprintln!("note: {} not built; checked the saved spec through the library instead", cli.display());
     }
 }
+
+#[test]
+fn sigterm_cancels_the_running_job_and_keeps_its_run_directory() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("skipping the workbench signal test: tmux is not installed (apt-get install tmux)");
+        return;
+    }
+    let bin = Path::new(env!("CARGO_BIN_EXE_moelab-workbench"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/quickstart.toml");
+    std::fs::copy(&quickstart, dir.path().join("quickstart.toml")).expect("copy the quickstart");
+    let tmux = Tmux { socket: format!("moelab-wb-term-{}", std::process::id()) };
+    let command = format!("{} quickstart.toml --runs-dir runs --set run.steps=100000", shell_quote(bin));
+    let out = tmux.cmd(&["new-session", "-d", "-s", "wb", "-x", "120", "-y", "40", "-c", &dir.path().display().to_string(), &command]);
+    assert!(out.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&out.stderr));
+    tmux.wait_for("✓ valid", 20);
+    tmux.keys(&["r", "2"]);
+    tmux.wait_for("running", 60);
+    // Let it measure a few steps, then stop the process as `kill` or a closed SSH session would.
+    let runs = dir.path().join("runs");
+    let run_dir = || std::fs::read_dir(&runs).ok()?.flatten().map(|e| e.path()).find(|p| p.join("run.log").is_file());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !run_dir().and_then(|d| std::fs::read_to_string(d.join("run.log")).ok()).is_some_and(|l| l.contains("step 2:")) {
+        assert!(Instant::now() < deadline, "no step logged; the screen shows:\n{}", tmux.screen());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = String::from_utf8_lossy(&tmux.cmd(&["list-panes", "-t", "wb", "-F", "#{pane_pid}"]).stdout).trim().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs").success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let summary = loop {
+        if let Some(s) = run_dir().and_then(|d| std::fs::read_to_string(d.join("summary.json")).ok()) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no summary.json after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(summary.contains("\"status\": \"cancelled\""), "{summary}");
+    let d = run_dir().expect("run dir");
+    assert!(d.join("trace.json").is_file() && d.join("stages.csv").is_file(), "what was measured is kept");
+}
