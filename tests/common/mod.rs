@@ -123,6 +123,39 @@ pub fn check_finite_differences(rt: &mut CpuRuntime, coef: f64, idx_names: &[Str
     assert!(checked * 2 >= probes, "{name}: only {checked} of {probes} probes kept their routing");
 }
 
+/// The derivative of the objective along one pseudo-random direction through every
+/// coordinate of `name` (central differences) against the analytic gradient's dot product
+/// with it: unlike [`check_finite_differences`]'s largest coordinates, it sees a coordinate
+/// whose gradient is wrongly zero or small. A step whose routing flips is halved.
+pub fn check_directional_derivative(rt: &mut CpuRuntime, coef: f64, idx_names: &[String], name: &str) {
+    let _ = objective(rt, coef);
+    let grad = rt.read(0, &format!("{name}.grad")).unwrap_or_else(|| panic!("no grad for {name}"));
+    let base = rt.read(0, name).unwrap();
+    // Entries in [-0.5, 0.5) from a multiplicative hash of the index, scaled to unit length.
+    let mut v: Vec<f64> = (0..base.len()).map(|i| ((i as u64 + 1).wrapping_mul(2_654_435_761) % 1_000_003) as f64 / 1_000_003.0 - 0.5).collect();
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    v.iter_mut().for_each(|x| *x /= norm);
+    let an: f64 = grad.iter().zip(&v).map(|(g, x)| *g as f64 * x).sum();
+    let routes = |rt: &CpuRuntime| idx_names.iter().map(|n| rt.read_i32(0, n)).collect::<Vec<_>>();
+    let base_routes = routes(rt);
+    let mut h = 4e-3;
+    for _ in 0..4 {
+        let at = |t: f64| base.iter().zip(&v).map(|(b, x)| (*b as f64 + t * x) as f32).collect::<Vec<f32>>();
+        rt.write(0, name, at(h));
+        let (fp, rp) = (objective(rt, coef), routes(rt));
+        rt.write(0, name, at(-h));
+        let (fm, rm) = (objective(rt, coef), routes(rt));
+        rt.write(0, name, base.clone());
+        if rp == base_routes && rm == base_routes {
+            let fd = (fp - fm) / (2.0 * h);
+            let err = (fd - an).abs() / an.abs().max(1e-3);
+            assert!(err < 3e-2, "{name}: analytic {an:e} vs finite difference {fd:e} along a direction (rel {err:e})");
+            return;
+        }
+        h /= 4.0;
+    }
+    panic!("{name}: routing flipped at every step size down to {h:e}");
+}
 
 /// The whole gradient of parameter `param` from the ranks `group` that share it: expert
 /// slices concatenated in rank order, tensor-parallel slices put back in place, a replicated
