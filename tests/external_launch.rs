@@ -390,6 +390,33 @@ fn local_worker_exits_reach_the_same_gathering() {
 }
 
 #[test]
+fn a_clean_exit_seen_before_the_last_step_line_keeps_that_step() {
+    // Both workers exit cleanly (polling sees it at once) while their last step's line and
+    // Done are still in their pipes: the step is merged, not dropped.
+    let (tx, rx) = mpsc::channel();
+    for r in 0..2 {
+        tx.send((r, RankEvent::Line(step(r, 0)))).unwrap();
+    }
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        for r in 0..2 {
+            tx.send((r, RankEvent::Line(step(r, 1)))).unwrap();
+            tx.send((r, RankEvent::Line(WorkerLine::Done { rank: r }))).unwrap();
+        }
+    });
+    let g = gather(2, 2, &rx, &ExecOptions::default(), &mut || vec![(0, true, "exited: 0".into()), (1, true, "exited: 0".into())], &mut |_| {});
+    assert_eq!((g.failure.is_none(), g.steps.len()), (true, 2), "{:?}", g.failure);
+    // A worker that ends cleanly without ever reporting a step fails the job, naming it.
+    let (tx, rx) = mpsc::channel::<(u32, RankEvent)>();
+    tx.send((0, RankEvent::Line(step(0, 0)))).unwrap();
+    tx.send((0, RankEvent::Line(WorkerLine::Done { rank: 0 }))).unwrap();
+    tx.send((1, RankEvent::Line(WorkerLine::Done { rank: 1 }))).unwrap();
+    drop(tx);
+    let g = gather(2, 1, &rx, &ExecOptions::default(), &mut Vec::new, &mut |_| {});
+    assert!(matches!(&g.failure, Some(BackendError::Crashed { rank: 1, message }) if message.contains("step 0")), "{:?}", g.failure);
+}
+
+#[test]
 fn a_lost_rank_beats_the_collective_error_it_caused() {
     // Rank 1 is killed: rank 0's collective fails a moment before rank 1's socket closes.
     let (tx, rx) = mpsc::channel();

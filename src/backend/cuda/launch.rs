@@ -224,6 +224,10 @@ pub const ERROR_GRACE: Duration = Duration::from_millis(300);
 /// A rank exit seen by [`gather`]'s poll: `(rank, exited successfully, how)`.
 pub type Exit = (u32, bool, String);
 
+/// How long after a clean exit a worker's remaining output (its last step line, its record)
+/// may take to come through its pipe before the rank counts as done anyway.
+const EXITED_READ_GRACE: Duration = Duration::from_secs(5);
+
 /// The one gathering loop of local and external launches: reads `(rank, event)`s from `rx`
 /// until every rank is done, merging steps (passed to `on_step`) and records; ends early
 /// with the root cause when a rank fails, goes away (an event or `poll_exits`), the job is
@@ -235,6 +239,10 @@ pub fn gather(
     let mut g = Gathered { records: (0..world).map(|_| None).collect(), ..Default::default() };
     let mut per_step: Vec<Vec<Option<WorkerLine>>> = vec![vec![None; world]; total];
     let mut done = vec![false; world];
+    // When a worker was seen to exit cleanly: it is done once its `Done` line arrives, or
+    // its output has been read to the end (the readers drop their senders) or a moment
+    // passed, so the last step's line still in the pipe is not lost.
+    let mut exited_ok: Vec<Option<Instant>> = vec![None; world];
     // (the rank that reported it, the error); the first error's arrival time.
     let mut errors: Vec<(u32, BackendError)> = Vec::new();
     let mut first_error: Option<Instant> = None;
@@ -271,8 +279,17 @@ pub fn gather(
             Ok((r, RankEvent::Record(rec))) => g.records[r as usize] = Some(*rec),
             Ok((r, RankEvent::Gone(how))) => gone.push((r, how)),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            // Every sender is gone (workers exited): polling and the stall limit decide.
-            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(50)),
+            // Every sender is gone (workers exited, their output read): polling and the stall
+            // limit decide.
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                for (d, e) in done.iter_mut().zip(&exited_ok) {
+                    *d |= e.is_some();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        for (d, e) in done.iter_mut().zip(&exited_ok) {
+            *d |= e.is_some_and(|t| t.elapsed() > EXITED_READ_GRACE);
         }
         while merged < total && per_step[merged].iter().all(Option::is_some) {
             let rep = merge_step(merged, &per_step[merged]);
@@ -282,7 +299,7 @@ pub fn gather(
         }
         for (r, ok, how) in poll_exits() {
             if ok && valid(r) {
-                done[r as usize] = true;
+                exited_ok[r as usize].get_or_insert_with(Instant::now);
             } else if valid(r) {
                 gone.push((r, how));
             }
@@ -315,6 +332,11 @@ pub fn gather(
         if g.failure.is_none() && last_progress.elapsed() > stall_limit {
             g.failure = Some(BackendError::Timeout { rank: 0, op: "(step)".into(), missing: waiting_ranks(&per_step, merged), secs: stall_limit.as_secs() });
         }
+    }
+    // Every rank finished yet a step is missing: say so rather than report fewer steps.
+    if g.failure.is_none() && merged < total {
+        let rank = waiting_ranks(&per_step, merged).first().copied().unwrap_or(0);
+        g.failure = Some(BackendError::Crashed { rank, message: format!("the worker ended without reporting step {merged} of {total}") });
     }
     g
 }
