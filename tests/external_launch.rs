@@ -6,7 +6,7 @@ mod common;
 
 use common::moelab;
 use moelab::backend::cuda::external::{detect, Launcher};
-use moelab::backend::cuda::launch::{gather, RankEvent, RankRecord, WorkerLine};
+use moelab::backend::cuda::launch::{gather, gather_with_stop, RankEvent, RankRecord, WorkerLine};
 use moelab::backend::cuda::rendezvous::{self, connect, listen, serve, FromRoot, Hello, Hub, RendezvousError, RootEvent, ToRoot, Welcome};
 use moelab::backend::{BackendError, ExecOptions};
 use std::collections::HashMap;
@@ -414,6 +414,41 @@ fn a_clean_exit_seen_before_the_last_step_line_keeps_that_step() {
     drop(tx);
     let g = gather(2, 1, &rx, &ExecOptions::default(), &mut Vec::new, &mut |_| {});
     assert!(matches!(&g.failure, Some(BackendError::Crashed { rank: 1, message }) if message.contains("step 0")), "{:?}", g.failure);
+}
+
+#[test]
+fn a_cancel_stops_every_rank_at_one_step_boundary_and_keeps_the_steps_finished_meanwhile() {
+    // Both ranks reported step 0 when the user cancels: they are asked to stop before step
+    // 2 (step 1 may have started somewhere), finish step 1, say they stopped and exit.
+    let (tx, rx) = mpsc::channel();
+    for r in 0..2 {
+        tx.send((r, RankEvent::Line(step(r, 0)))).unwrap();
+    }
+    let opts = ExecOptions::default();
+    let cancel = opts.cancel.clone();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen, tx2) = (asked.clone(), tx.clone());
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The workers' side, once asked: step 1, then the cancelled error line.
+        while seen.lock().unwrap().is_empty() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for r in 0..2u32 {
+            tx2.send((r, RankEvent::Line(step(r, 1)))).unwrap();
+            let error = Some(serde_json::from_value(serde_json::json!({"type": "cancelled"})).expect("a wire error"));
+            tx2.send((r, RankEvent::Line(WorkerLine::Error { rank: r, message: "cancelled".into(), error }))).unwrap();
+        }
+    });
+    drop(tx);
+    let mut stop = |k: usize| asked.lock().unwrap().push(k);
+    let t = Instant::now();
+    let g = gather_with_stop(2, 5, &rx, &opts, &mut Vec::new, &mut |_| {}, Some(&mut stop));
+    assert!(t.elapsed() < Duration::from_secs(10), "it ends when both ranks stopped");
+    assert_eq!(*asked.lock().unwrap(), vec![2], "asked once, to stop before step 2");
+    assert!(matches!(g.failure, Some(BackendError::Cancelled)), "{:?}", g.failure);
+    assert_eq!(g.steps.len(), 2, "the step finished after the cancel is kept");
 }
 
 #[test]

@@ -218,6 +218,10 @@ pub struct Gathered {
     pub records: Vec<Option<RankRecord>>,
 }
 
+/// How long a cancelled job's ranks get to finish their step and write their records before
+/// they are killed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(60);
+
 /// How long [`gather`] waits after a rank's error for a lost rank that caused it.
 pub const ERROR_GRACE: Duration = Duration::from_millis(300);
 
@@ -236,6 +240,22 @@ pub fn gather(
     world: usize, total: usize, rx: &Receiver<(u32, RankEvent)>, opts: &ExecOptions, poll_exits: &mut dyn FnMut() -> Vec<Exit>,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Gathered {
+    gather_with_stop(world, total, rx, opts, poll_exits, on_step, None)
+}
+
+/// [`gather`], where a cancel asks the ranks, through `stop`, to stop before step K (a step
+/// no rank can have started: two past the highest reported), so every rank ends at the same
+/// step boundary with its collectives matched and writes its record; the gathering goes on
+/// (merging the steps finished meanwhile) until every rank has exited or [`CANCEL_GRACE`]
+/// passed, and ends as cancelled. Without `stop` a cancel ends it at once.
+pub fn gather_with_stop(
+    world: usize, total: usize, rx: &Receiver<(u32, RankEvent)>, opts: &ExecOptions, poll_exits: &mut dyn FnMut() -> Vec<Exit>,
+    on_step: &mut dyn FnMut(&StepReport), mut stop: Option<&mut dyn FnMut(usize)>,
+) -> Gathered {
+    // After a cancel with `stop`: when the ranks were asked to stop, and the highest step
+    // line seen.
+    let mut stopping: Option<Instant> = None;
+    let mut highest: Option<usize> = None;
     let mut g = Gathered { records: (0..world).map(|_| None).collect(), ..Default::default() };
     let mut per_step: Vec<Vec<Option<WorkerLine>>> = vec![vec![None; world]; total];
     let mut done = vec![false; world];
@@ -253,8 +273,17 @@ pub fn gather(
     let valid = |r: u32| (r as usize) < world;
     while g.failure.is_none() && !done.iter().all(|d| *d) {
         if opts.cancel.load(Ordering::Relaxed) {
-            g.failure = Some(BackendError::Cancelled);
-            break;
+            match (stop.as_mut(), stopping) {
+                (Some(f), None) => {
+                    f(highest.map_or(1, |h| h + 2));
+                    stopping = Some(Instant::now());
+                }
+                (Some(_), Some(t)) if t.elapsed() < CANCEL_GRACE && !done.iter().all(|d| *d) => {}
+                _ => {
+                    g.failure = Some(BackendError::Cancelled);
+                    break;
+                }
+            }
         }
         let mut gone: Vec<(u32, String)> = Vec::new();
         match rx.recv_timeout(Duration::from_millis(50)) {
@@ -264,10 +293,13 @@ pub fn gather(
                 match line {
                     WorkerLine::Ready { rank, device } => g.notes.push(format!("rank {rank}: {device}")),
                     WorkerLine::Step { step, .. } if step < total => {
+                        highest = highest.max(Some(step));
                         per_step[step][r as usize] = Some(line.clone());
                         stall_limit = opts.collective_timeout;
                     }
                     WorkerLine::Step { .. } => {}
+                    // A rank stopping on request says so and exits: it is done.
+                    WorkerLine::Error { error: Some(WireError::Cancelled), .. } if stopping.is_some() => done[r as usize] = true,
                     WorkerLine::Error { error, message, rank } => {
                         errors.push((r, error.map(WireError::into_backend).unwrap_or(BackendError::Crashed { rank, message })));
                         first_error.get_or_insert_with(Instant::now);
@@ -298,7 +330,10 @@ pub fn gather(
             merged += 1;
         }
         for (r, ok, how) in poll_exits() {
-            if ok && valid(r) {
+            if stopping.is_some() && valid(r) {
+                // Asked to stop, a rank exits with status 1 after its record: done.
+                exited_ok[r as usize].get_or_insert_with(Instant::now);
+            } else if ok && valid(r) {
                 exited_ok[r as usize].get_or_insert_with(Instant::now);
             } else if valid(r) {
                 gone.push((r, how));
@@ -332,6 +367,9 @@ pub fn gather(
         if g.failure.is_none() && last_progress.elapsed() > stall_limit {
             g.failure = Some(BackendError::Timeout { rank: 0, op: "(step)".into(), missing: waiting_ranks(&per_step, merged), secs: stall_limit.as_secs() });
         }
+    }
+    if stopping.is_some() {
+        g.failure = Some(BackendError::Cancelled);
     }
     // Every rank finished yet a step is missing: say so rather than report fewer steps.
     if g.failure.is_none() && merged < total {
@@ -426,6 +464,9 @@ pub fn run_job(plan: &Plan, dir: &Path, opts: &ExecOptions, on_step: &mut dyn Fn
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Its own process group: a Ctrl-C in the terminal reaches the launcher only, which
+        // stops the workers at a step boundary (they keep what they measured).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         if let Some(id) = &id {
             cmd.env("MOELAB_NCCL_ID", id);
         }
@@ -476,6 +517,8 @@ pub fn run_job(plan: &Plan, dir: &Path, opts: &ExecOptions, on_step: &mut dyn Fn
     }
     drop(tx);
     let total = plan.spec.run.warmup + plan.spec.run.steps;
+    // The workers' stdin pipes: how a cancel reaches them (`stop K`).
+    let mut stdins: Vec<_> = children.iter_mut().map(|c| c.stdin.take()).collect();
     let mut exited = vec![false; children.len()];
     let mut poll = || {
         let mut out = Vec::new();
@@ -491,7 +534,18 @@ pub fn run_job(plan: &Plan, dir: &Path, opts: &ExecOptions, on_step: &mut dyn Fn
     };
     let mut g = match start_failure {
         Some(e) => Gathered { failure: Some(e), records: (0..world).map(|_| None).collect(), ..Default::default() },
-        None => gather(world, total, &rx, opts, &mut poll, on_step),
+        None => {
+            let mut stop = |k: usize| {
+                for w in stdins.iter_mut().flatten() {
+                    let _ = writeln!(w, "stop {k}");
+                    let _ = w.flush();
+                }
+            };
+            let g = gather_with_stop(world, total, &rx, opts, &mut poll, on_step, Some(&mut stop));
+            // Keep the pipes open until here: a worker whose stdin closes exits at once.
+            drop(stdins);
+            g
+        }
     };
     for c in children.iter_mut() {
         if g.failure.is_some() {
@@ -857,6 +911,12 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
     let (warmup, steps) = (spec.run.warmup, spec.run.steps);
     let mut code = 0;
     for i in 0..warmup + steps {
+        if i >= STOP_BEFORE_STEP.load(Ordering::SeqCst) {
+            let e = BackendError::Cancelled;
+            emit(WorkerLine::Error { rank: rank as u32, message: e.to_string(), error: Some(WireError::from(&e)) });
+            code = 1;
+            break;
+        }
         let measured = i >= warmup;
         match gr.step(measured, &s.opts) {
             Ok(st) => {
@@ -905,6 +965,10 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
     (code, Some(rec))
 }
 
+/// The step before which this worker process stops (a cancel from the launcher, through its
+/// stdin); never by default.
+static STOP_BEFORE_STEP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
 /// The local launcher's worker process: `moelab cuda-worker <run dir>` with RANK,
 /// WORLD_SIZE, LOCAL_RANK and MOELAB_NCCL_ID set by [`run_job`]; progress as JSON lines on
 /// stdout, its record in `rank-<r>.json`. Returns the exit code.
@@ -912,10 +976,15 @@ pub fn worker_main(dir: &Path) -> i32 {
     let rank = env_usize(&["RANK"]).unwrap_or(0);
     let world = env_usize(&["WORLD_SIZE"]).unwrap_or(1);
     let device = env_usize(&["LOCAL_RANK"]).unwrap_or(rank);
-    // The launcher holds our stdin; when it goes away, so do we (no orphaned GPU jobs).
+    // The launcher holds our stdin: `stop K` asks this rank to stop before step K (a cancel);
+    // when the launcher goes away, so do we (no orphaned GPU jobs).
     std::thread::spawn(|| {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().read_to_end(&mut sink);
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if let Some(k) = line.trim().strip_prefix("stop ").and_then(|k| k.parse().ok()) {
+                STOP_BEFORE_STEP.store(k, Ordering::SeqCst);
+            }
+        }
         std::process::exit(3);
     });
     let fail = |message: String| {
