@@ -884,6 +884,18 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
     if let Err(e) = gpu.ctx.bind_to_thread() {
         return (fail(format!("rank {rank}: {e:?}"), None), None);
     }
+    // A plan whose predicted peak cannot fit is refused before NCCL and the first op, with
+    // what to change (an upper bound, a dropless plan's, may fit: it runs).
+    let need = crate::plan::memory::predict(&plan.ranks[rank]);
+    if let (false, Ok((free, _))) = (need.upper_bound, cudarc::driver::result::mem_get_info()) {
+        if need.peak_total as usize > free {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            return (fail(format!(
+                "rank {rank}: the plan's predicted peak is {:.2} GiB but {device_name} has {:.2} GiB free (fix: lower model.tokens_per_rank or model.batch, raise layout.ep or layout.tp, or use model.dtype = \"bf16\"; `moelab plan` shows the peak per rank)",
+                gib(need.peak_total as usize), gib(free)
+            ), None), None);
+        }
+    }
     let comms = match Comms::new(rank as u32, s.world, id, &plan.groups) {
         Ok(c) => c,
         Err(e) => return (fail(format!("rank {rank}: communicators: {e}"), None), None),
