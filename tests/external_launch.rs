@@ -419,7 +419,8 @@ fn a_clean_exit_seen_before_the_last_step_line_keeps_that_step() {
 #[test]
 fn a_cancel_stops_every_rank_at_one_step_boundary_and_keeps_the_steps_finished_meanwhile() {
     // Both ranks reported step 0 when the user cancels: they are asked to stop before step
-    // 2 (step 1 may have started somewhere), finish step 1, say they stopped and exit.
+    // 2 (step 1 may have started somewhere), finish step 1, say they stopped, write their
+    // records and exit; only their exits end the gathering (a kill before would lose them).
     let (tx, rx) = mpsc::channel();
     for r in 0..2 {
         tx.send((r, RankEvent::Line(step(r, 0)))).unwrap();
@@ -427,11 +428,12 @@ fn a_cancel_stops_every_rank_at_one_step_boundary_and_keeps_the_steps_finished_m
     let opts = ExecOptions::default();
     let cancel = opts.cancel.clone();
     let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (seen, tx2) = (asked.clone(), tx.clone());
+    let exited = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (seen, gone, tx2) = (asked.clone(), exited.clone(), tx.clone());
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
         cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-        // The workers' side, once asked: step 1, then the cancelled error line.
+        // The workers' side, once asked: step 1, the cancelled error line, later the exit.
         while seen.lock().unwrap().is_empty() {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -440,12 +442,16 @@ fn a_cancel_stops_every_rank_at_one_step_boundary_and_keeps_the_steps_finished_m
             let error = Some(serde_json::from_value(serde_json::json!({"type": "cancelled"})).expect("a wire error"));
             tx2.send((r, RankEvent::Line(WorkerLine::Error { rank: r, message: "cancelled".into(), error }))).unwrap();
         }
+        std::thread::sleep(Duration::from_millis(300));
+        gone.store(true, std::sync::atomic::Ordering::SeqCst);
     });
     drop(tx);
     let mut stop = |k: usize| asked.lock().unwrap().push(k);
+    let mut poll = || if exited.load(std::sync::atomic::Ordering::SeqCst) { vec![(0, false, "exited: 1".into()), (1, false, "exited: 1".into())] } else { Vec::new() };
     let t = Instant::now();
-    let g = gather_with_stop(2, 5, &rx, &opts, &mut Vec::new, &mut |_| {}, Some(&mut stop));
-    assert!(t.elapsed() < Duration::from_secs(10), "it ends when both ranks stopped");
+    let g = gather_with_stop(2, 5, &rx, &opts, &mut poll, &mut |_| {}, Some(&mut stop));
+    assert!(t.elapsed() >= Duration::from_millis(350), "not done before the workers exit");
+    assert!(t.elapsed() < Duration::from_secs(10), "done when both ranks exited");
     assert_eq!(*asked.lock().unwrap(), vec![2], "asked once, to stop before step 2");
     assert!(matches!(g.failure, Some(BackendError::Cancelled)), "{:?}", g.failure);
     assert_eq!(g.steps.len(), 2, "the step finished after the cancel is kept");

@@ -298,8 +298,9 @@ pub fn gather_with_stop(
                         stall_limit = opts.collective_timeout;
                     }
                     WorkerLine::Step { .. } => {}
-                    // A rank stopping on request says so and exits: it is done.
-                    WorkerLine::Error { error: Some(WireError::Cancelled), .. } if stopping.is_some() => done[r as usize] = true,
+                    // A rank stopping on request says so, writes its record and exits: its
+                    // exit (polled) makes it done, so it is not killed before the record.
+                    WorkerLine::Error { error: Some(WireError::Cancelled), .. } if stopping.is_some() => {}
                     WorkerLine::Error { error, message, rank } => {
                         errors.push((r, error.map(WireError::into_backend).unwrap_or(BackendError::Crashed { rank, message })));
                         first_error.get_or_insert_with(Instant::now);
