@@ -294,7 +294,7 @@ fn deep(pp: usize, micro: usize, schedule: &str, backend: &str, mode: &str) -> E
 
 #[test]
 fn four_stages_run_both_schedules_without_deadlock() {
-    let (_, want) = {
+    let (single, want) = {
         let mut rt = runtime(&deep(1, 1, "", "cpu", "training"), &[], true);
         let r = rt.step(true, Some(0)).unwrap();
         (rt, r)
@@ -303,6 +303,18 @@ fn four_stages_run_both_schedules_without_deadlock() {
         let mut rt = runtime(&deep(4, micro, schedule, "cpu", "training"), &[], true);
         let got = rt.step(true, Some(0)).unwrap();
         assert!(((got.loss - want.loss) / want.loss).abs() < 1e-5, "{schedule} x{micro}: loss {} vs {}", got.loss, want.loss);
+        // Every gradient, from the stage that holds its parameter: the backward through four
+        // stages, not only the forward's loss.
+        let mut checked = 0;
+        for p in &single.plan().ranks[0].params {
+            let name = single.plan().ranks[0].buffer(p.value).name.clone();
+            let stage = (0..4).find(|&r| rt.plan().ranks[r].params.iter().any(|q| rt.plan().ranks[r].buffer(q.value).name == name))
+                .unwrap_or_else(|| panic!("{schedule} x{micro}: no stage holds {name}"));
+            let err = rel_err(&rt.read(stage, &format!("{name}.grad")).expect("grad"), &single.read(0, &format!("{name}.grad")).expect("grad"));
+            assert!(err < 1e-5, "{schedule} x{micro}: {name}.grad on stage {stage}: rel err {err}");
+            checked += 1;
+        }
+        assert!(checked >= 4 * 12, "{schedule} x{micro}: only {checked} gradients checked");
         // The sim pairs the same exchanges (a mismatch would leave it stuck).
         let mut sim = moelab::backend::runtime(Plan::build(&deep(4, micro, schedule, "sim", "training")).unwrap(), Default::default());
         sim.step(true, Some(0)).unwrap_or_else(|e| panic!("sim {schedule} x{micro}: {e}"));
