@@ -78,7 +78,7 @@ enum Command {
         /// Print only the final tables (no progress bar or step lines).
         #[arg(long, short)]
         quiet: bool,
-        /// Override the spec's `run.backend` (cpu, cuda, sim, auto).
+        /// Override the spec's `run.backend` (cpu, cuda, sim, auto); wins over `--set run.backend=...`.
         #[arg(long, value_parser = ["cpu", "cuda", "sim", "auto"])]
         backend: Option<String>,
     },

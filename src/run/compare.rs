@@ -68,9 +68,10 @@ pub fn render(rows: &[CompareRow]) -> String {
     out.push('\n');
     for r in rows {
         out.push_str(&format!(
-            "{:<20} {:<8} {:>5} {:>9.3} {:>8.3} {:>10.3} {:>7.1}% {:>7.1}% {:>9.2} {:>8.2} {:>8.2} {:>8.5}\n",
+            "{:<20} {:<8} {:>5} {:>9.3} {:>8.3} {:>10.3} {:>7.1}% {:>7.1}% {:>9.2} {:>8.2} {:>8.2} {:>8}\n",
             r.name, r.variant, r.world, r.step_ms, r.comm_ms, r.exposed_ms, 100.0 * r.overlap, 100.0 * r.a2a_overlap, mib(r.peak_bytes),
-            mib(r.at_peak[MemCategory::Activations.index()]), mib(r.at_peak[MemCategory::CommBuffers.index()]), r.loss
+            mib(r.at_peak[MemCategory::Activations.index()]), mib(r.at_peak[MemCategory::CommBuffers.index()]),
+            if r.loss.is_finite() { format!("{:.5}", r.loss) } else { "-".to_string() }
         ));
     }
     out
@@ -88,7 +89,8 @@ pub fn frame(rows: &[CompareRow]) -> PolarsResult<DataFrame> {
         Series::new("overlap".into(), rows.iter().map(|r| r.overlap).collect::<Vec<_>>()).into(),
         Series::new("a2a_overlap".into(), rows.iter().map(|r| r.a2a_overlap).collect::<Vec<_>>()).into(),
         Series::new("peak_bytes".into(), rows.iter().map(|r| r.peak_bytes).collect::<Vec<_>>()).into(),
-        Series::new("loss".into(), rows.iter().map(|r| r.loss).collect::<Vec<_>>()).into(),
+        // Null where there is no loss (the sim does no math), not NaN.
+        Series::new("loss".into(), rows.iter().map(|r| r.loss.is_finite().then_some(r.loss)).collect::<Vec<_>>()).into(),
     ];
     for c in MemCategory::ALL {
         cols.push(Series::new(format!("{}_bytes", c.as_str()).into(), rows.iter().map(|r| r.at_peak[c.index()]).collect::<Vec<_>>()).into());
