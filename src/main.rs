@@ -144,7 +144,8 @@ enum Command {
         json: Option<PathBuf>,
         /// Also compare every transient buffer (activations, saved tensors, comm buffers,
         /// activation gradients) of the one-step grad pass, listed in op order with the first
-        /// and the worst diverging ones (diagnostics only: pass/fail is unchanged). Every
+        /// and the worst diverging ones. f32 plans then also fail when an op's output is apart
+        /// by more than 1e-4 (an op-level check); for bf16 plans it is diagnostics. Every
         /// buffer stays in memory to the end of the step: for small experiments.
         #[arg(long)]
         buffers: bool,

@@ -13,7 +13,8 @@
 //! tensors into its run directory ([`ExecOptions::dump_params`], passed to the workers
 //! only, not set in this process's environment). With
 //! [`CrossCheckOptions::buffers`], the grad pass also compares every transient buffer
-//! ([`buffers`]).
+//! ([`buffers`]): for f32 plans each op's output must agree within [`F32_TOL`] as well (an
+//! op-level check of every cuda op the plan runs, on its inputs), for bf16 it is diagnostics.
 
 pub mod buffers;
 
@@ -193,6 +194,16 @@ pub fn crosscheck(spec: &ExperimentSpec, runs_root: &Path, opts: &CrossCheckOpti
         (Some(d), true) => Some(compare_buffers(&plan, &cpu_rt, d)),
         _ => None,
     };
+    // f32: every op's output agrees too, an op-level check on the plan's own (fresh-seed)
+    // inputs; routing-sized buffers, whose padding rows may differ, are left out. bf16
+    // roundings compound along the pass, so there the buffers stay diagnostics.
+    if let (false, Some(b)) = (bf16, &buffers) {
+        let checked: Vec<_> = b.buffers.iter().filter(|x| !x.dynamic && !matches!(x.diff, buffers::Diff::Missing { .. })).collect();
+        let apart: Vec<_> = checked.iter().filter(|x| x.diverged(tol)).collect();
+        let worst = checked.iter().filter_map(|x| x.rel_err()).fold(0.0, |a: f64, e| if e.is_nan() || a.is_nan() { f64::NAN } else { a.max(e) });
+        let first = apart.first().map(|x| format!(", first apart: rank {} {} <- {}", x.rank, x.name, x.op)).unwrap_or_default();
+        items.push(Compared { name: format!("grad pass: every op's output ({} buffers, {} apart{first})", checked.len(), apart.len()), rel_err: worst, passed: apart.is_empty() });
+    }
     drop(cpu_rt);
     let (cpu_full, cuda_full) = if training_skipped.is_none() {
         let (_, _, cpu_full) = cpu_run(spec, false, None, false)?;

@@ -5,7 +5,9 @@
 //! copy, listed per rank in the order of the op that first writes it, so the first op whose
 //! output drifts apart names where the two backends start to diverge. Values are compared as
 //! f32 (bf16 storage widened on both sides) by relative error, index buffers by the count of
-//! differing entries. None of this decides whether a cross-check passes.
+//! differing entries. For f32 plans the cross-check fails when a buffer (other than a
+//! routing-sized one) is apart by more than its tolerance; for bf16 plans none of this
+//! decides whether it passes.
 
 use crate::backend::cpu::store::Data;
 use crate::plan::{BufId, BufferDesc, ElemType, OpId, Plan, RankPlan};
