@@ -412,8 +412,12 @@ fn chrome_json_structure() {
     assert_eq!(v["displayTimeUnit"], "ms");
     let evs = v["traceEvents"].as_array().expect("array");
 
-    let xs: Vec<_> = evs.iter().filter(|e| e["ph"] == "X").collect();
+    // Ops are complete events on the stream threads; step spans are on the steps thread.
+    let xs: Vec<_> = evs.iter().filter(|e| e["ph"] == "X" && e["cat"] != "step").collect();
     assert_eq!(xs.len(), 3);
+    let spans: Vec<_> = evs.iter().filter(|e| e["ph"] == "X" && e["cat"] == "step").collect();
+    assert_eq!(spans.len(), t.steps.len());
+    assert!(spans.iter().all(|e| e["tid"] == moelab::trace::chrome::STEPS_TID && e["args"]["step"].is_u64()));
     let g = xs
         .iter()
         .find(|e| e["name"] == "L3.expert_gemm1")
@@ -460,8 +464,10 @@ fn chrome_json_structure() {
         vec![
             (0, 0, "compute"),
             (0, 1, "comm"),
+            (0, 2, "steps"),
             (1, 0, "compute"),
-            (1, 1, "comm")
+            (1, 1, "comm"),
+            (1, 2, "steps"),
         ]
     );
 

@@ -384,11 +384,12 @@ fn a_capacity_factor_far_beyond_every_token_is_rejected_with_the_largest_useful_
     let base = "name = \"t\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 8\ntop_k = 2\ntokens_per_rank = 16\n";
     // Up to 16 slots per token is allowed (wasteful, not wrong); beyond, a mistake.
     ok(&format!("{base}capacity_factor = 64.0\n"));
-    ok(&format!("{base}capacity_factor = -4.0\n"));
-    for cf in ["1e300", "64.5", "-80.0"] {
+    // A negative factor is bounded by the step's largest load: any size is safe.
+    ok(&format!("{base}capacity_factor = -1e300\n"));
+    for cf in ["1e300", "64.5"] {
         let e = err(&format!("{base}capacity_factor = {cf}\n"));
         let shown = e.to_string();
-        assert_mentions(&shown, &["model.capacity_factor", "more slots than there are tokens", "|capacity_factor| <= 4", "dropless = true"]);
+        assert_mentions(&shown, &["model.capacity_factor", "more slots than there are tokens", "capacity_factor <= 4", "dropless = true"]);
         assert!(!shown.contains("000000000"), "the factor is written short: {shown}");
     }
 }

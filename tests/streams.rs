@@ -84,7 +84,8 @@ fn the_rank_that_arrives_first_at_a_collective_waits_for_the_last() {
     }
     let trace = rt.trace();
     assert_eq!(trace.group_sizes, vec![2]);
-    let ag: Vec<_> = trace.ops.iter().filter(|o| o.name == "allgather" && o.step == 0).collect();
+    // The first measured step is step 1 (step 0 was the unmeasured one), as run.log counts.
+    let ag: Vec<_> = trace.ops.iter().filter(|o| o.name == "allgather" && o.step == 1).collect();
     assert_eq!(ag.len(), 2);
     assert_eq!(ag[0].collective, ag[1].collective, "the two members' events are one collective");
     assert_eq!(ag[0].collective.unwrap().seq, 1, "the second collective of the group");

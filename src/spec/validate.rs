@@ -170,11 +170,13 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
             "use e.g. 1.0 or 1.25, -1.25 for min(1.25 x the even share, the largest load), or set dropless = true"),
         // ceil(cf * k * T / E) slots per expert: from E / k on every token fits, so a larger
         // factor only grows buffers; far beyond it (1e300) the slot count overflows.
-        (false, Some(cf)) if m.top_k > 0 && m.n_experts >= m.top_k && cf.abs() > MAX_SLOTS_PER_TOKEN * (m.n_experts as f64 / m.top_k as f64) => {
+        // (A negative factor is bounded by the step's largest load, so any size is safe:
+        // Tutel's -100 means "as many as the load needs".)
+        (false, Some(cf)) if m.top_k > 0 && m.n_experts >= m.top_k && cf > MAX_SLOTS_PER_TOKEN * (m.n_experts as f64 / m.top_k as f64) => {
             let most = m.n_experts as f64 / m.top_k as f64;
             c.fail("model.capacity_factor",
                 format!("capacity_factor={cf:?} gives each expert over {MAX_SLOTS_PER_TOKEN} times more slots than there are tokens (n_experts / top_k = {most} already holds every token)"),
-                format!("keep |capacity_factor| <= {most} ({most} drops no token), or set dropless = true"))
+                format!("keep capacity_factor <= {most} ({most} drops no token), or set dropless = true"))
         }
         // Tutel's convention: cf = 0 is dropless.
         (false, Some(0.0)) => {
