@@ -61,20 +61,28 @@ fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }
 
-#[test]
-fn compose_run_inspect_compare_save_quit() {
+/// The workbench on a copy of the quickstart in a fresh folder (`args` added to its command
+/// line) in a detached 120x40 tmux session; `None` (after saying so) without tmux.
+fn start(name: &str, args: &str) -> Option<(Tmux, tempfile::TempDir)> {
     if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!("skipping the workbench end-to-end test: tmux is not installed (apt-get install tmux)");
-        return;
+        eprintln!("skipping the workbench {name} test: tmux is not installed (apt-get install tmux)");
+        return None;
     }
     let bin = Path::new(env!("CARGO_BIN_EXE_moelab-workbench"));
     let dir = tempfile::tempdir().expect("tempdir");
     let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/quickstart.toml");
     std::fs::copy(&quickstart, dir.path().join("quickstart.toml")).expect("copy the quickstart");
-    let tmux = Tmux { socket: format!("moelab-wb-e2e-{}", std::process::id()) };
-    let command = format!("{} quickstart.toml --runs-dir runs", shell_quote(bin));
+    let tmux = Tmux { socket: format!("moelab-wb-{name}-{}", std::process::id()) };
+    let command = format!("{} quickstart.toml --runs-dir runs {args}", shell_quote(bin));
     let out = tmux.cmd(&["new-session", "-d", "-s", "wb", "-x", "120", "-y", "40", "-c", &dir.path().display().to_string(), &command]);
     assert!(out.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&out.stderr));
+    Some((tmux, dir))
+}
+
+#[test]
+fn compose_run_inspect_compare_save_quit() {
+    let Some((tmux, dir)) = start("e2e", "") else { return };
+    let bin = Path::new(env!("CARGO_BIN_EXE_moelab-workbench"));
 
     // Open the quickstart: no runs directory yet is fine.
     tmux.wait_for("Composer: quickstart.toml", 20);
@@ -159,18 +167,7 @@ fn compose_run_inspect_compare_save_quit() {
 
 #[test]
 fn sigterm_cancels_the_running_job_and_keeps_its_run_directory() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!("skipping the workbench signal test: tmux is not installed (apt-get install tmux)");
-        return;
-    }
-    let bin = Path::new(env!("CARGO_BIN_EXE_moelab-workbench"));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/quickstart.toml");
-    std::fs::copy(&quickstart, dir.path().join("quickstart.toml")).expect("copy the quickstart");
-    let tmux = Tmux { socket: format!("moelab-wb-term-{}", std::process::id()) };
-    let command = format!("{} quickstart.toml --runs-dir runs --set run.steps=100000", shell_quote(bin));
-    let out = tmux.cmd(&["new-session", "-d", "-s", "wb", "-x", "120", "-y", "40", "-c", &dir.path().display().to_string(), &command]);
-    assert!(out.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&out.stderr));
+    let Some((tmux, dir)) = start("term", "--set run.steps=100000") else { return };
     tmux.wait_for("✓ valid", 20);
     tmux.keys(&["r", "2"]);
     tmux.wait_for("running", 60);
