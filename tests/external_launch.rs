@@ -7,7 +7,7 @@ mod common;
 use common::moelab;
 use moelab::backend::cuda::external::{detect, Launcher};
 use moelab::backend::cuda::launch::{gather, gather_with_stop, RankEvent, RankRecord, WorkerLine};
-use moelab::backend::cuda::rendezvous::{self, connect, listen, serve, FromRoot, Hello, Hub, RendezvousError, RootEvent, ToRoot, Welcome};
+use moelab::backend::cuda::rendezvous::{self, connect, listen, serve, serve_until, FromRoot, Hello, Hub, RendezvousError, RootEvent, ToRoot, Welcome};
 use moelab::backend::{BackendError, ExecOptions};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -205,6 +205,24 @@ fn wrong_world_or_rank_is_refused_and_strangers_ignored() {
     let e = serve(&listener, 2, "h", Duration::from_secs(10)).unwrap_err();
     assert!(e.to_string().contains("rank 5"), "{e}");
     assert!(refused(p).contains("rank 5"));
+}
+
+#[test]
+fn a_cancel_ends_the_wait_for_the_ranks_at_once_and_refuses_those_that_joined() {
+    // Rank 0's Ctrl-C while rank 2 has not come: it ends the wait long before the timeout.
+    let listener = listen(0).unwrap();
+    let p = peer(&addr(&listener), Hello::new(1, 3, "h".into()));
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let c = cancel.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        c.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let t = Instant::now();
+    let e = serve_until(&listener, 3, "h", Duration::from_secs(60), Some(&cancel)).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(e, RendezvousError::Cancelled);
+    assert!(refused(p).contains("cancelled"));
 }
 
 #[test]

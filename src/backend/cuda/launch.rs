@@ -603,8 +603,9 @@ pub fn run_external(plan: &Plan, opts: &ExecOptions, ext: &ExternalRank, spec_ha
             Ok(i) => Some(i),
             Err(e) => return fail(BackendError::OpFailed { rank: 0, op: "ncclGetUniqueId".into(), message: e.to_string() }),
         };
-        let peers = match rendezvous::serve(&listener, world, spec_hash, ext.timeout) {
+        let peers = match rendezvous::serve_until(&listener, world, spec_hash, ext.timeout, Some(&opts.cancel)) {
             Ok(p) => p,
+            Err(rendezvous::RendezvousError::Cancelled) => return fail(BackendError::Cancelled),
             Err(e) => return fail(BackendError::OpFailed { rank: 0, op: "rendezvous".into(), message: e.to_string() }),
         };
         for p in &peers {

@@ -33,6 +33,9 @@ const MAX_HELLO: usize = 64 * 1024;
 /// Why the rendezvous failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RendezvousError {
+    /// The user cancelled (Ctrl-C, SIGTERM) while rank 0 waited for the others.
+    #[error("cancelled while waiting for the other ranks to join")]
+    Cancelled,
     /// Rank 0 cannot listen on the port.
     #[error("rank 0 cannot listen on port {port}: {message} (fix: pick a free MASTER_PORT, or set MOELAB_RENDEZVOUS_PORT)")]
     Listen {
@@ -246,6 +249,14 @@ pub fn listen(port: u16) -> Result<TcpListener, RendezvousError> {
 /// hello against `world` and `spec_hash`. On a refusal every peer already in is told why and
 /// the error is returned; connections that are not moelab's (no magic) are dropped.
 pub fn serve(listener: &TcpListener, world: usize, spec_hash: &str, timeout: Duration) -> Result<Vec<Peer>, RendezvousError> {
+    serve_until(listener, world, spec_hash, timeout, None)
+}
+
+/// [`serve`], which also ends, refusing the peers that joined, when `cancel` is set (rank 0's
+/// Ctrl-C while it waits: without it the wait ran to the timeout).
+pub fn serve_until(
+    listener: &TcpListener, world: usize, spec_hash: &str, timeout: Duration, cancel: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Vec<Peer>, RendezvousError> {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let deadline = Instant::now() + timeout;
     listener.set_nonblocking(true).map_err(|e| RendezvousError::Io(e.to_string()))?;
@@ -257,6 +268,11 @@ pub fn serve(listener: &TcpListener, world: usize, spec_hash: &str, timeout: Dur
     };
     while peers.len() + 1 < world {
         let now = Instant::now();
+        if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            let e = RendezvousError::Cancelled;
+            refuse_all(&mut peers, &e);
+            return Err(e);
+        }
         if now >= deadline {
             let missing = (1..world as u32).filter(|r| !peers.iter().any(|p| p.rank == *r)).collect();
             let e = RendezvousError::Timeout { secs: timeout.as_secs_f64(), missing, port };
