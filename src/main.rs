@@ -318,6 +318,8 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
     // the others join it.
     if s.run.backend == spec::BackendKind::Cuda {
         if let Some(ext) = moelab::backend::cuda::external::detect_from_env()?.filter(|e| e.rank != 0) {
+            // What rank 0 refuses before the rendezvous, this rank refuses too.
+            run::refuse_external_tutel_auto(&s)?;
             moelab::backend::cuda::launch::run_peer(&s, &ext, &mut |l| outln!("{l}"))?;
             outln!("rank {}: finished; the run directory is on rank 0", ext.rank);
             return Ok(());

@@ -185,8 +185,10 @@ fn moe_layer_seconds(trace: &crate::trace::Trace, n_layers: usize) -> Vec<f64> {
 }
 
 /// Under torchrun/srun every rank runs the one job it was started for, so Tutel's candidates
-/// cannot be timed as jobs of their own: refused before a run directory exists.
-fn refuse_external_tutel_auto(spec: &ExperimentSpec) -> Result<(), RunError> {
+/// cannot be timed as jobs of their own: refused before a run directory exists, by rank 0
+/// and (the CLI calls this before joining) by every other rank, so none waits for a job that
+/// will not start.
+pub fn refuse_external_tutel_auto(spec: &ExperimentSpec) -> Result<(), RunError> {
     use crate::spec::{Degree, ParallelismChoice};
     let Some(t) = spec.tutel.as_ref().filter(|_| spec.variant == crate::spec::Variant::Tutel && spec.run.backend == crate::spec::BackendKind::Cuda) else {
         return Ok(());
