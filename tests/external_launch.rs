@@ -489,3 +489,17 @@ fn a_lost_rank_beats_the_collective_error_it_caused() {
     let g = gather(2, 2, &rx, &ExecOptions::default(), &mut Vec::new, &mut |_| {});
     assert!(matches!(&g.failure, Some(BackendError::Crashed { rank: 1, message }) if message.contains("closed")), "{:?}", g.failure);
 }
+
+#[test]
+fn a_diverged_step_line_survives_the_json_round_trip() {
+    // serde_json writes a NaN loss as null; the launcher must still read the step (and fail
+    // the run as diverged), not drop it as an unreadable line.
+    let mut line = step(0, 3);
+    if let WorkerLine::Step { loss, aux, .. } = &mut line {
+        (*loss, *aux) = (f64::NAN, f64::INFINITY);
+    }
+    let text = serde_json::to_string(&line).unwrap();
+    assert!(text.contains("\"loss\":null"), "{text}");
+    let back: WorkerLine = serde_json::from_str(&text).expect("reads back");
+    assert!(matches!(back, WorkerLine::Step { loss, aux, step: 3, .. } if loss.is_nan() && aux.is_nan()), "{back:?}");
+}

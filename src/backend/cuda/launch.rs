@@ -48,9 +48,12 @@ pub enum WorkerLine {
         step: usize,
         /// Whether it was traced.
         measured: bool,
-        /// This rank's loss contribution.
+        /// This rank's loss contribution (JSON writes a NaN or infinite loss as null, read
+        /// back as NaN, so a diverged step still arrives).
+        #[serde(deserialize_with = "f64_or_nan")]
         loss: f64,
-        /// Aux loss (rank 0's is reported).
+        /// Aux loss (rank 0's is reported); null read as NaN.
+        #[serde(deserialize_with = "f64_or_nan")]
         aux: f64,
         /// Dropped assignments.
         dropped: usize,
@@ -78,6 +81,11 @@ pub enum WorkerLine {
         /// Global rank.
         rank: u32,
     },
+}
+
+/// An f64 that JSON may carry as null (serde_json writes NaN and infinities so): NaN.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// [`BackendError`] on the wire.
