@@ -8,6 +8,7 @@ use moelab_workbench::app::{App, Status};
 use moelab_workbench::composer::Composer;
 use moelab_workbench::event::{self, Event};
 use moelab_workbench::{jobs, ui};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -40,7 +41,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -92,10 +93,16 @@ fn run() -> Result<()> {
             }
         }
     })();
-    ratatui::restore();
+    // After a hangup the terminal is gone: restoring it fails and stderr may fail too, so
+    // neither may panic before the jobs below have written their run directories.
+    // The terminal shows its cursor here, not in its Drop, which prints (and, on a hung-up
+    // tty, panics) when it cannot.
+    let _ = terminal.show_cursor();
+    std::mem::forget(terminal);
+    let _ = ratatui::try_restore();
     // Quitting cancelled the active jobs; let them write their run directories.
     if app.jobs.active() > 0 {
-        eprintln!("waiting for {} cancelled job(s) to write their run directories...", app.jobs.active());
+        let _ = writeln!(std::io::stderr(), "waiting for {} cancelled job(s) to write their run directories...", app.jobs.active());
         let deadline = Instant::now() + Duration::from_secs(30);
         while app.jobs.active() > 0 {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
