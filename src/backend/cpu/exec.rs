@@ -319,6 +319,11 @@ fn exec_inner(kind: &OpKind, st: &mut OpView, ctx: &OpCtx) -> Result<OpOutcome, 
             let mut wv = vec![0.0; t * k];
             match ctx.forced_idx {
                 Some(f) if f.len() == t * k => {
+                    // A replayed choice must be a real, distinct expert of its token.
+                    let bad = f.chunks(k).position(|c| c.iter().enumerate().any(|(j, &x)| x < 0 || x as usize >= e || c[..j].contains(&x)));
+                    if let Some(tok) = bad {
+                        return Err(StoreError(format!("replayed routing of token {tok} is not {k} distinct experts of {e}: {:?}", &f[tok * k..(tok + 1) * k])).into());
+                    }
                     iv.copy_from_slice(f);
                     routing::weights_of(&pv, &iv, e, k, *renormalize, &mut wv);
                 }
