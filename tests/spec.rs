@@ -402,6 +402,9 @@ fn a_misspelled_table_is_named_with_the_one_meant() {
     let (_, location, shown) = parse_err(text);
     assert_eq!(location, Some((2, 1)), "points at the misspelled table: {shown}");
     assert_mentions(&shown, &["unknown field `modle`", "did you mean `model`?", "expected one of"]);
+    // A key far from every table gets the list, not a wrong guess (`seed` is not `ted`).
+    let (_, _, shown) = parse_err("name = \"t\"\nseed = 3\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 2\n");
+    assert!(shown.contains("unknown field `seed`") && !shown.contains("did you mean"), "{shown}");
     // Every field of the spec type is a known top-level key.
     let full = ok(&format!("{}\n[mpmoe]\n", edit("name = \"t\"\n", "name = \"t\"\ndescription = \"d\"\nvariant = \"mpmoe\"\n")));
     let written: toml::Table = toml::from_str(&full.to_toml()).expect("toml");

@@ -32,9 +32,9 @@ pub enum PredictError {
         /// "no such run directory", or what the path is instead.
         why: &'static str,
     },
-    /// The run ended without writing its summary: the process was killed (SIGKILL, the
-    /// machine went down) before it could record anything but its spec and log.
-    #[error("{path}: the run has no summary.json: its process was killed before it finished (run.log's last line: {last})")]
+    /// The run has no summary yet: it is still running, or its process was killed (SIGKILL,
+    /// the machine went down) before it could record anything but its spec and log.
+    #[error("{path}: the run has no summary.json: it is still running, or its process was killed before it finished (run.log's last line: {last})")]
     Killed {
         /// The run directory.
         path: String,

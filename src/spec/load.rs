@@ -29,7 +29,10 @@ fn check_top_level_keys(text: &str) -> Result<(), SpecError> {
     match table.keys().find(|k| !known.contains(&k.as_str())) {
         None => Ok(()),
         Some(key) => {
-            let closest = known.iter().copied().min_by_key(|k| strsim::levenshtein(k, key)).filter(|k| strsim::levenshtein(k, key) <= 2);
+            // A swap or one wrong letter (a quarter of a long name): `modle`, `layuot`; not
+            // `seed` for `ted`.
+            let near = |k: &str| strsim::damerau_levenshtein(k, key);
+            let closest = known.iter().copied().min_by_key(|k| near(k)).filter(|k| near(k) <= 1.max(key.len() / 4));
             let hint = closest.map(|c| format!(" (did you mean `{c}`?)")).unwrap_or_default();
             let expected: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
             Err(SpecError::Parse {

@@ -509,10 +509,11 @@ impl App {
                     self.info("comparison cleared");
                 }
             }
-            // The table clamps the offset when drawn, so it never scrolls past its last row.
-            Key::Down | Key::Char('j') => self.breakdown_scroll = self.breakdown_scroll.saturating_add(1),
+            // Kept below the table's row count (the table also keeps its last page in view), so
+            // scrolling back up after overshooting moves at once.
+            Key::Down | Key::Char('j') => self.breakdown_scroll = (self.breakdown_scroll + 1).min(self.breakdown_rows().saturating_sub(1)),
             Key::Up | Key::Char('k') => self.breakdown_scroll = self.breakdown_scroll.saturating_sub(1),
-            Key::PageDown => self.breakdown_scroll = self.breakdown_scroll.saturating_add(10),
+            Key::PageDown => self.breakdown_scroll = (self.breakdown_scroll + 10).min(self.breakdown_rows().saturating_sub(1)),
             Key::PageUp => self.breakdown_scroll = self.breakdown_scroll.saturating_sub(10),
             Key::Home => self.breakdown_scroll = 0,
             Key::Left | Key::Char('h') => {
@@ -525,6 +526,15 @@ impl App {
                 self.memory_rank = Some(self.memory_rank.map_or(0, |r| (r + 1).min(ranks - 1)));
             }
             _ => {}
+        }
+    }
+
+    /// Rows of the breakdown's scrolled table: the comparison's metrics, else the stages.
+    fn breakdown_rows(&self) -> usize {
+        match (&self.current, &self.compare) {
+            (Some(a), Some(b)) => crate::compare::compare(a, b).len(),
+            (Some(a), None) => a.analysis.stages.len(),
+            _ => 0,
         }
     }
 

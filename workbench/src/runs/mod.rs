@@ -116,7 +116,7 @@ pub fn list_runs(root: &Path) -> Result<Vec<RunEntry>, WorkbenchError> {
             (None, Some("comparison tables only (compare.csv, compare.parquet); no trace to open".to_string()))
         } else if let (true, Ok(log)) = (path.join("spec.toml").is_file(), std::fs::read_to_string(path.join("run.log"))) {
             let last = log.lines().last().unwrap_or("(empty)").to_string();
-            (None, Some(format!("killed before it finished (no summary.json; e edits its spec); run.log ends: {last}")))
+            (None, Some(format!("no summary.json: still running, or killed before it finished (e edits its spec); run.log ends: {last}")))
         } else {
             (None, Some("no summary.json: not a finished run directory".to_string()))
         };

@@ -54,7 +54,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     let w = area.width.saturating_sub(4).min(76);
     // Wrapped lines take more rows than there are lines: size the box by the rows they fill.
     let inner = w.saturating_sub(2).max(1) as usize;
-    let rows: usize = lines.iter().map(|l| l.width().div_ceil(inner).max(1)).sum();
+    // Word wrap can take a row more than the width alone says.
+    let rows: usize = lines.iter().map(|l| { let n = l.width().div_ceil(inner).max(1); if n > 1 { n + 1 } else { n } }).sum();
     let h = area.height.saturating_sub(2).min(rows as u16 + 2);
     let r = Rect { x: area.x + (area.width - w) / 2, y: area.y + (area.height - h) / 2, width: w, height: h };
     f.render_widget(Clear, r);
