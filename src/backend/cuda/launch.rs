@@ -226,6 +226,10 @@ pub struct Gathered {
     pub records: Vec<Option<RankRecord>>,
 }
 
+/// How far ahead of the steps reported a cancel's stop step is placed, in time: the lag of
+/// the launcher's view behind the fastest rank that it covers.
+pub const STOP_MARGIN: Duration = Duration::from_millis(250);
+
 /// How long a cancelled job's ranks get to finish their step and write their records before
 /// they are killed.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(60);
@@ -264,6 +268,7 @@ pub fn gather_with_stop(
     // line seen.
     let mut stopping: Option<Instant> = None;
     let mut highest: Option<usize> = None;
+    let mut last_wall_s: f64 = 1.0;
     let mut g = Gathered { records: (0..world).map(|_| None).collect(), ..Default::default() };
     let mut per_step: Vec<Vec<Option<WorkerLine>>> = vec![vec![None; world]; total];
     let mut done = vec![false; world];
@@ -283,7 +288,11 @@ pub fn gather_with_stop(
         if opts.cancel.load(Ordering::Relaxed) {
             match (stop.as_mut(), stopping) {
                 (Some(f), None) => {
-                    f(highest.map_or(1, |h| h + 2));
+                    // Two past the highest step reported, plus the steps the fastest rank may
+                    // finish while the request travels (lines still in the pipes): those of
+                    // STOP_MARGIN at the last step's wall time.
+                    let ahead = (STOP_MARGIN.as_secs_f64() / last_wall_s.max(1e-4)).ceil().min(1e4) as usize;
+                    f(highest.map_or(1, |h| h + 2 + ahead));
                     stopping = Some(Instant::now());
                 }
                 (Some(_), Some(t)) if t.elapsed() < CANCEL_GRACE && !done.iter().all(|d| *d) => {}
@@ -300,8 +309,9 @@ pub fn gather_with_stop(
                 last_progress = Instant::now();
                 match line {
                     WorkerLine::Ready { rank, device } => g.notes.push(format!("rank {rank}: {device}")),
-                    WorkerLine::Step { step, .. } if step < total => {
+                    WorkerLine::Step { step, wall_s, .. } if step < total => {
                         highest = highest.max(Some(step));
+                        last_wall_s = wall_s;
                         per_step[step][r as usize] = Some(line.clone());
                         stall_limit = opts.collective_timeout;
                     }
