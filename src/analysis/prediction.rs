@@ -212,7 +212,11 @@ fn abs_err(s: &StageComparison) -> f64 {
 }
 
 /// Per (rank, step), the span in ns: from step spans (summed when a (rank, step) has
-/// several, as [`super::analyze`] does) or from the op envelope.
+/// several) or from the op envelope. Each rank's own span, not the step's window over ranks
+/// that [`super::analyze`] reports as step time: a comparison must not depend on the offsets
+/// between the ranks' clocks (the tenth session's 2-GPU runs had them 1-29 ms apart, and a
+/// window made their steps up to 44% longer), so `moelab predict` can show a pipeline run's
+/// step a few % below `moelab run`'s.
 fn rank_steps(trace: &Trace, source: StepSource) -> BTreeMap<(u32, u32), u64> {
     let mut out = BTreeMap::new();
     match source {
