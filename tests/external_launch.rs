@@ -474,6 +474,23 @@ fn a_cancel_stops_every_rank_at_one_step_boundary_and_keeps_the_steps_finished_m
     assert_eq!(*asked.lock().unwrap(), vec![2 + 25], "asked once, to stop before step 27");
     assert!(matches!(g.failure, Some(BackendError::Cancelled)), "{:?}", g.failure);
     assert_eq!(g.steps.len(), 2, "the step finished after the cancel is kept");
+
+    // A rank that fails while the job stops is reported as that failure, not as a cancel.
+    let (tx, rx) = mpsc::channel();
+    tx.send((0, RankEvent::Line(step(0, 0)))).unwrap();
+    tx.send((1, RankEvent::Line(step(1, 0)))).unwrap();
+    let opts = ExecOptions::default();
+    opts.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    let tx2 = tx.clone();
+    let mut stop = |_k: usize| {
+        let error = Some(serde_json::from_value(serde_json::json!({"type": "cancelled"})).expect("a wire error"));
+        tx2.send((0, RankEvent::Line(WorkerLine::Error { rank: 0, message: "cancelled".into(), error }))).unwrap();
+        tx2.send((1, RankEvent::Line(WorkerLine::Error { rank: 1, message: "rank 1 failed in op L0.a2a: NCCL error".into(), error: None }))).unwrap();
+    };
+    drop(tx);
+    let mut poll = || vec![(0, false, "exited: 1".into()), (1, false, "exited: 1".into())];
+    let g = gather_with_stop(2, 5, &rx, &opts, &mut poll, &mut |_| {}, Some(&mut stop));
+    assert!(matches!(&g.failure, Some(BackendError::Crashed { rank: 1, message }) if message.contains("NCCL")), "{:?}", g.failure);
 }
 
 #[test]

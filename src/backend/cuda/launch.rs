@@ -387,8 +387,10 @@ pub fn gather_with_stop(
             g.failure = Some(BackendError::Timeout { rank: 0, op: "(step)".into(), missing: waiting_ranks(&per_step, merged), secs: stall_limit.as_secs() });
         }
     }
+    // A cancelled job ends as cancelled unless a rank failed meanwhile: that error is kept.
     if stopping.is_some() {
-        g.failure = Some(BackendError::Cancelled);
+        let failed = g.failure.take().filter(|f| !matches!(f, BackendError::Cancelled));
+        g.failure = failed.or_else(|| pick_error(&errors.iter().map(|e| e.1.clone()).collect::<Vec<_>>())).or(Some(BackendError::Cancelled));
     }
     // Every rank finished yet a step is missing: say so rather than report fewer steps.
     if g.failure.is_none() && merged < total {
