@@ -1,5 +1,7 @@
 //! Every distributed layout of the top-k plan computes the same outputs, losses and
-//! gradients as the single-rank run over the same global batch, weights and seed.
+//! gradients as the single-rank run over the same global batch, weights and seed; so do
+//! pure data parallelism (experts replicated) for every variant and four-way expert
+//! parallelism for MPMoE and DGMoE.
 
 mod common;
 use common::*;
@@ -66,4 +68,35 @@ fn training_steps_stay_in_lockstep() {
     let want = single.read(0, "L0.gate.w").unwrap();
     let err = rel_err(&dist.read(1, "L0.gate.w").unwrap(), &want);
     assert!(err < 1e-4, "params drifted apart: {err}");
+}
+
+/// `variant` (with its options table `table`) at `dp` x `ep` against the same variant on one
+/// rank over the whole batch: loss, aux loss, drops and every gradient.
+fn check_variant(variant: &str, table: &str, model: &str, dp: usize, ep: usize) {
+    let world = dp * ep;
+    let text = |tokens: usize, layout: &str| {
+        format!("name = \"t\"\nvariant = \"{variant}\"\n[model]\nd_model = 16\nd_ffn = 24\nn_experts = 4\ntokens_per_rank = {tokens}\nseq_len = 8\nn_layers = 2\n{model}\n{BACKBONE}\n[layout]\n{layout}\n[run]\nbackend = \"cpu\"\n{table}")
+    };
+    let load = |t: String| moelab::spec::from_toml_str(&t).unwrap_or_else(|e| panic!("{e}\n{t}"));
+    let (dist, a) = step_retaining(&load(text(16, &format!("dp = {dp}\nep = {ep}"))), &[]);
+    let (single, b) = step_retaining(&load(text(16 * world, "")), &[]);
+    assert_matches_single_rank(&dist, &a, &single, &b, &[], ep, &format!("{variant} dp={dp} ep={ep}"));
+}
+
+#[test]
+fn pure_data_parallel_and_wider_expert_parallel_layouts_of_every_variant_match_one_rank() {
+    // Layouts validation allows that the other tests leave out: experts replicated on every
+    // data rank (ep = 1), and four-way expert parallelism for the chunked and shortcut designs.
+    for (variant, table, model) in [
+        ("topk", "", "capacity_factor = 1.0"),
+        ("mpmoe", "[mpmoe]\nchunks = 2", "capacity_factor = 1.0"),
+        ("scmoe", "", "top_k = 1\ncapacity_factor = 1.0"),
+        ("dgmoe", "", "capacity_factor = 1.0"),
+        ("tutel", "[tutel]\ndegree = 2", "capacity_factor = 1.0"),
+    ] {
+        check_variant(variant, table, model, 2, 1);
+    }
+    check_variant("mpmoe", "[mpmoe]\nchunks = 2", "capacity_factor = 0.5", 1, 4);
+    check_variant("dgmoe", "", "dropless = true", 1, 4);
+    check_variant("scmoe", "", "top_k = 1\ncapacity_factor = 0.5", 1, 2);
 }
