@@ -54,7 +54,8 @@ pub fn step_retaining(s: &ExperimentSpec, retain: &[&str]) -> (CpuRuntime, moela
 
 /// A distributed step equals the single-rank step: loss, aux loss and drops, the retained
 /// outputs `outs` (gathered over ranks) and every gradient, the expert gradients
-/// concatenated over one expert-parallel group of `ep` ranks (relative error < 1e-5).
+/// concatenated over one expert-parallel group of `ep` ranks (relative error < 1e-5), and
+/// every data-parallel replica's gradients equal the first replica's.
 pub fn assert_matches_single_rank(
     dist: &CpuRuntime,
     a: &moelab::backend::StepReport,
@@ -79,6 +80,15 @@ pub fn assert_matches_single_rank(
             if p.expert { (0..ep).flat_map(|r| dist.read(r, &gname).unwrap()).collect() } else { dist.read(0, &gname).unwrap() };
         let err = rel_err(&got, &want);
         assert!(err < 1e-5, "{what}: {gname} rel err {err}");
+        // Every data-parallel replica holds the same gradients as the first (rank = replica
+        // x ep + expert-parallel index).
+        let world = dist.plan().world();
+        for d in 1..world / ep.max(1) {
+            let ranks: Vec<usize> = if p.expert { (d * ep..(d + 1) * ep).collect() } else { vec![d * ep] };
+            let Some(theirs) = ranks.iter().map(|&r| dist.read(r, &gname)).collect::<Option<Vec<_>>>() else { continue };
+            let err = rel_err(&theirs.concat(), &got);
+            assert!(err < 1e-6, "{what}: {gname} on replica {d} differs from replica 0 (rel err {err})");
+        }
     }
 }
 
