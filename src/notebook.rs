@@ -311,13 +311,14 @@ impl Runs {
         compare::frame(&self.results.iter().map(|r| r.row.clone()).collect::<Vec<_>>())
     }
 
-    /// Everything a notebook shows: the comparison table, the stage table (single run),
-    /// the sweep curve (several points), memory bars and the first point's timeline.
+    /// Everything a notebook shows: the comparison table, the stage table and its bars (single
+    /// run), the sweep curve (several points), memory bars and the first point's timeline.
     pub fn to_html(&self) -> String {
         let mut html = String::from("<div class=\"moelab-runs\">");
         html.push_str(&self.table_html());
-        if self.results.len() == 1 {
-            html.push_str(&stages_html(&self.results[0].outcome));
+        if let [only] = self.results.as_slice() {
+            html.push_str(&stages_html(&only.outcome));
+            html.push_str(&crate::analysis::charts::stages_svg(&only.outcome.analysis, &only.point.label));
         } else {
             html.push_str(&self.sweep_svg());
         }
@@ -501,6 +502,10 @@ chunks = 2
         assert_eq!(html.matches("<svg").count(), 3, "sweep curve, memory bars, timeline");
         assert!(html.contains("mpmoe.chunks=2"));
         assert!(runs.to_string().contains("nb-chunks2"));
+        // One run: its stage table and stage bars instead of the sweep curve.
+        let one = Experiment::from_toml(SPEC).unwrap().runs_root(&dir).run().unwrap().to_html();
+        assert!(one.contains("<table class=\"moelab-stages\">") && one.contains("class=\"moelab-stage-bars\""));
+        assert_eq!(one.matches("<svg").count(), 3, "stage bars, memory bars, timeline");
         let _ = std::fs::remove_dir_all(dir);
     }
 

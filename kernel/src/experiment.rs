@@ -179,7 +179,8 @@ pub fn run(experiments: &[Experiment], cancel: Arc<AtomicBool>, progress: Arc<dy
 }
 
 /// The display bundles of a finished cell: the table (HTML with text fallback), then the
-/// sweep curve, memory bars and timelines (SVG), each a separate output.
+/// stage bars (one run) or the sweep curve, memory bars and timelines (SVG), each a separate
+/// output.
 pub fn displays(runs: &Runs) -> Vec<Value> {
     let mut out = Vec::new();
     let mut html = runs.table_html();
@@ -187,8 +188,12 @@ pub fn displays(runs: &Runs) -> Vec<Value> {
         html.push_str(&notebook::stages_html(&only.outcome));
     }
     out.push(json!({ "text/html": html, "text/plain": runs.to_string() }));
-    if runs.results.len() > 1 {
-        out.push(json!({ "image/svg+xml": runs.sweep_svg(), "text/plain": "sweep curve: step time and exposed communication per run" }));
+    match runs.results.as_slice() {
+        [only] => out.push(json!({
+            "image/svg+xml": moelab::analysis::charts::stages_svg(&only.outcome.analysis, &only.point.label),
+            "text/plain": "stage times per rank and step",
+        })),
+        _ => out.push(json!({ "image/svg+xml": runs.sweep_svg(), "text/plain": "sweep curve: step time and exposed communication per run" })),
     }
     out.push(json!({ "image/svg+xml": runs.memory_svg(), "text/plain": "memory at peak per category" }));
     for r in runs.results.iter().take(4) {

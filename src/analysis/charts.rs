@@ -156,7 +156,7 @@ pub fn stages_svg(a: &Analysis, title: &str) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"moelab-stages\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\"><defs><pattern id=\"comm\" width=\"4\" height=\"4\" patternUnits=\"userSpaceOnUse\"><path d=\"M0,4 L4,0\" stroke=\"#fff\" stroke-width=\"1\"/></pattern></defs><text x=\"4\" y=\"14\" font-weight=\"bold\">{}</text><text x=\"4\" y=\"30\">ms per rank and step (step {:.3} ms, {} ranks x {} steps); hatched: communication</text>",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"moelab-stage-bars\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\"><defs><pattern id=\"comm\" width=\"4\" height=\"4\" patternUnits=\"userSpaceOnUse\"><path d=\"M0,4 L4,0\" stroke=\"#fff\" stroke-width=\"1\"/></pattern></defs><text x=\"4\" y=\"14\" font-weight=\"bold\">{}</text><text x=\"4\" y=\"30\">ms per rank and step (step {:.3} ms, {} ranks x {} steps); hatched: communication</text>",
         left + width + 130.0, esc(title), a.step_time_ns / 1e6, a.overlap.len(), a.steps
     );
     for (i, st) in stages.iter().enumerate() {
