@@ -309,19 +309,14 @@ fn count_flips(spec: &ExperimentSpec, routes: &Routes) -> Result<Flips, CrossChe
             f.max_gap = f64::INFINITY;
             continue;
         }
-        for (t, chosen) in theirs.chunks(k).enumerate() {
-            let p = &probs[t * e..(t + 1) * e];
-            // The cpu's own top-k, as math::routing::top_k orders it (ties: lower expert).
-            let mut order: Vec<usize> = (0..e).collect();
-            order.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
-            for (j, &c) in chosen.iter().enumerate() {
-                if c as usize == order[j] {
-                    continue;
-                }
-                f.differ += 1;
-                let gap = usize::try_from(c).ok().filter(|c| *c < e).map_or(f64::INFINITY, |c| (p[order[j]] - p[c]).abs() as f64);
-                f.max_gap = f.max_gap.max(gap);
-            }
+        // The cpu router's own top-k of the probabilities it computed (the cpu's own rule).
+        let (mut mine, mut w) = (vec![0i32; theirs.len()], vec![0f32; theirs.len()]);
+        crate::math::routing::top_k(&probs, e, k, false, &mut mine, &mut w);
+        for (i, (&c, &m)) in theirs.iter().zip(&mine).enumerate().filter(|(_, (c, m))| c != m) {
+            f.differ += 1;
+            let p = &probs[i / k * e..(i / k + 1) * e];
+            let gap = usize::try_from(c).ok().filter(|c| *c < e).map_or(f64::INFINITY, |c| (p[m as usize] - p[c]).abs() as f64);
+            f.max_gap = f.max_gap.max(gap);
         }
     }
     Ok(f)

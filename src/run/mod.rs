@@ -496,6 +496,10 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         if let Some(e) = job.failure {
             log.line(&format!("step {} failed: {e}", job.steps.len()));
             failure = Some(e);
+        } else if let Some(e) = job.steps.iter().find_map(|r| diverged(spec, r)) {
+            // The job reports its steps as they come: a diverged one fails the run here.
+            log.line(&format!("failed: {e}"));
+            failure = Some(e);
         }
         (job.steps, job.trace, job.tracked)
     } else {
@@ -533,13 +537,6 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     };
     if let Some(a) = &mut mpmoe_auto {
         a.record_measurement(&steps, &mut log);
-    }
-    if failure.is_none() {
-        // The cuda job reports its steps as they come: a diverged one fails the run here.
-        failure = steps.iter().find_map(|r| diverged(spec, r));
-        if let Some(e) = &failure {
-            log.line(&format!("run failed: {e}"));
-        }
     }
     let analysis = analysis::analyze(&trace);
     // A file that cannot be written (a full disk) is named and the others still written, the

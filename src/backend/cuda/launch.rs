@@ -256,7 +256,8 @@ pub fn gather(
 }
 
 /// [`gather`], where a cancel asks the ranks, through `stop`, to stop before step K (a step
-/// no rank can have started: two past the highest reported), so every rank ends at the same
+/// no rank can have started: two past the highest reported, plus the steps that fit in
+/// [`STOP_MARGIN`]), so every rank ends at the same
 /// step boundary with its collectives matched and writes its record; the gathering goes on
 /// (merging the steps finished meanwhile) until every rank has exited or [`CANCEL_GRACE`]
 /// passed, and ends as cancelled. Without `stop` a cancel ends it at once.
@@ -349,10 +350,8 @@ pub fn gather_with_stop(
             merged += 1;
         }
         for (r, ok, how) in poll_exits() {
-            if stopping.is_some() && valid(r) {
-                // Asked to stop, a rank exits with status 1 after its record: done.
-                exited_ok[r as usize].get_or_insert_with(Instant::now);
-            } else if ok && valid(r) {
+            // Asked to stop, a rank exits with status 1 after its record: as good as clean.
+            if valid(r) && (ok || stopping.is_some()) {
                 exited_ok[r as usize].get_or_insert_with(Instant::now);
             } else if valid(r) {
                 gone.push((r, how));
@@ -936,7 +935,7 @@ pub fn run_rank(plan: Plan, s: &RankSetup, emit: &mut dyn FnMut(WorkerLine), dum
         Vec::new()
     };
     let retain: Vec<String> = route_names.iter().chain(&transient).cloned().collect();
-    let mut gr = match GpuRank::new(plan, rank, gpu, comms, &retain, s.epoch_ns) {
+    let mut gr = match GpuRank::new(plan, rank, gpu, comms, &retain, s.epoch_ns, need.peak_total) {
         Ok(g) => g,
         Err(e) => return (fail(format!("rank {rank}: setup: {e}"), None), None),
     };

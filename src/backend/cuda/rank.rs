@@ -93,7 +93,8 @@ pub struct GpuRank {
 impl GpuRank {
     /// Opens the GPU, joins the communicators, uploads the initial parameters. `epoch_unix_ns`
     /// is the job's wall-clock time base (0: this rank's own start).
-    pub fn new(plan: Plan, rank: usize, gpu: Gpu, comms: Comms, retain: &[String], epoch_unix_ns: u64) -> Result<GpuRank, ExecError> {
+    /// `peak_bytes` is the rank's predicted peak (`plan::memory::predict`), reserved up front.
+    pub fn new(plan: Plan, rank: usize, gpu: Gpu, comms: Comms, retain: &[String], epoch_unix_ns: u64, peak_bytes: u64) -> Result<GpuRank, ExecError> {
         gpu.ctx.bind_to_thread().map_err(GpuError::driver("cuCtxSetCurrent"))?;
         gpu.configure_pool()?;
         // Stream order follows taxonomy::Stream: compute, then comm. The comm stream runs at
@@ -105,7 +106,7 @@ impl GpuRank {
         // about 1 ms per GB in every step's large allocations, though it no longer grew
         // (MOELAB_POOL_RESERVE=0 turns this off, for A/B measurements).
         if std::env::var("MOELAB_POOL_RESERVE").map_or(true, |v| v != "0") {
-            let peak = crate::plan::memory::predict(rp).peak_total as usize;
+            let peak = peak_bytes as usize;
             gpu.reserve_pool(&streams[0], peak + peak / 16)?;
         }
         // The offset to the job's time base is read at the same instant as `epoch`: read before
