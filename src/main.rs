@@ -73,7 +73,7 @@ enum Command {
         /// Experiment file (TOML), e.g. experiments/quickstart.toml.
         file: PathBuf,
         /// Directory that receives the run directory.
-        #[arg(long, default_value = "runs")]
+        #[arg(long, env = "MOELAB_RUNS_DIR", default_value = "runs")]
         runs_dir: PathBuf,
         /// Print only the final tables (no progress bar or step lines).
         #[arg(long, short)]
@@ -90,7 +90,7 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Directory that receives the run directories.
-        #[arg(long, default_value = "runs")]
+        #[arg(long, env = "MOELAB_RUNS_DIR", default_value = "runs")]
         runs_dir: PathBuf,
     },
     /// Predict completed runs on the sim backend and compare: for each run directory, run its
@@ -137,7 +137,7 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Directory that receives the cuda run directories.
-        #[arg(long, default_value = "runs")]
+        #[arg(long, env = "MOELAB_RUNS_DIR", default_value = "runs")]
         runs_dir: PathBuf,
         /// Also write the results as JSON.
         #[arg(long)]
@@ -339,6 +339,15 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
     bar.set_style(ProgressStyle::with_template("{spinner} step {pos}/{len} [{elapsed_precise}] {msg}").expect("valid template"));
     let b2 = bar.clone();
     hooks.on_step = Some(Arc::new(move |r| {
+        // Each step's line as it ends (a batch log, or a cancelled run, keeps the steps it
+        // saw), above the progress bar when there is one.
+        if !quiet {
+            if b2.is_hidden() {
+                outln!("{}", run::step_line(r));
+            } else {
+                b2.suspend(|| outln!("{}", run::step_line(r)));
+            }
+        }
         b2.set_message(format!("loss {:.5} aux {:.3} dropped {}/{}", r.loss, r.aux_loss, r.dropped, r.routed));
         b2.inc(1);
     }));
@@ -362,17 +371,6 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
     bar.finish_and_clear();
     let outcome = outcome?;
     if !quiet {
-        for r in &outcome.steps {
-            if let Some(line) = run::sim_step_line(r) {
-                outln!("{line}");
-                continue;
-            }
-            outln!(
-                "step {}{}: loss {:.6}  aux {:.4}  dropped {}/{} {} {:.3} s",
-                r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed,
-                run::capacity_text(&r.capacity), r.wall_s
-            );
-        }
         outln!();
     }
     if (outcome.analysis.world as usize) < s.world() {
@@ -394,8 +392,18 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
     }
     let worst = outcome.predicted.iter().zip(&outcome.tracked).map(|(p, t)| (p.peak_total, t.0, p.upper_bound)).max_by_key(|x| x.1);
     if let Some((pred, tracked, bound)) = worst {
+        // The plan replays its ops in issue order; concurrent streams can hold a few more
+        // buffers at once (docs/ARCHITECTURE.md, invariants), so say by how much.
+        let diff = match tracked.cmp(&pred) {
+            std::cmp::Ordering::Equal => String::new(),
+            std::cmp::Ordering::Greater if !bound => format!(
+                " ({:+.2}%: the streams overlapped ops whose buffers the plan's issue-order replay never holds at once)",
+                (tracked as f64 / pred.max(1) as f64 - 1.0) * 100.0
+            ),
+            _ => format!(" ({:+.2}%)", (tracked as f64 / pred.max(1) as f64 - 1.0) * 100.0),
+        };
         outln!(
-            "peak memory: plan predicts {}{}, {} backend tracked {}",
+            "peak memory: plan predicts {}{}, {} backend tracked {}{diff}",
             mib(pred), if bound { " (upper bound: routing-dependent buffers)" } else { "" }, outcome.trace.backend, mib(tracked)
         );
     }
@@ -416,16 +424,30 @@ fn cmd_compare(files: &[PathBuf], runs_dir: &Path) -> Result<()> {
     let cancel = hooks.exec.cancel.clone();
     ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     let mut rows = Vec::new();
+    let mut failed = Vec::new();
     for (s, f) in specs.iter().zip(files) {
         eprintln!("running {} ({})", s.name, f.display());
-        let o = run::run(s, runs_dir, &hooks)?;
-        rows.push(run::compare::CompareRow::from_outcome(&s.name, s.variant.as_str(), s.world(), &o));
+        match run::run(s, runs_dir, &hooks) {
+            Ok(o) => rows.push(run::compare::CompareRow::from_outcome(&s.name, s.variant.as_str(), s.world(), &o)),
+            // Ctrl-C stops the whole comparison (exit 130).
+            Err(e @ run::RunError::Backend { source: moelab::backend::BackendError::Cancelled, .. }) => return Err(e.into()),
+            // A failed experiment keeps its run directory; the others still run and compare.
+            Err(e) => {
+                eprintln!("failed: {} ({}): {e}", s.name, f.display());
+                failed.push(format!("{} ({})", s.name, f.display()));
+            }
+        }
     }
-    out!("{}", run::compare::render(&rows));
-    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
-    let dir = runs_dir.join(format!("{stamp}-compare"));
-    let written = run::compare::write(&rows, &dir)?;
-    outln!("comparison tables: {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    if !rows.is_empty() {
+        out!("{}", run::compare::render(&rows));
+        let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
+        let dir = runs_dir.join(format!("{stamp}-compare"));
+        let written = run::compare::write(&rows, &dir)?;
+        outln!("comparison tables: {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("{} of {} experiments failed (their run directories keep the log): {}", failed.len(), specs.len(), failed.join(", "));
+    }
     Ok(())
 }
 

@@ -89,7 +89,7 @@ impl Experiment {
             location: None,
             file: None,
         })?;
-        Ok(Experiment { base, overrides: Vec::new(), sweeps: Vec::new(), runs_root: PathBuf::from("runs") })
+        Ok(Experiment { base, overrides: Vec::new(), sweeps: Vec::new(), runs_root: default_runs_root() })
     }
 
     /// An experiment from a spec file.
@@ -102,7 +102,7 @@ impl Experiment {
         })
     }
 
-    /// Set one field for every point. `key` is dotted (`layout.ep`, `ted.drop_duplicates`) or
+    /// Set one field for every point. `key` is dotted (`layout.ep`, `ted.duplicate_dropping`) or
     /// a bare field name found in exactly one section (`ep`, `chunks`).
     pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Experiment {
         self.overrides.push((key.to_string(), value.into()));
@@ -115,7 +115,8 @@ impl Experiment {
         self
     }
 
-    /// Where run directories go (default `runs/` under the working directory).
+    /// Where run directories go (default `$MOELAB_RUNS_DIR`, else `runs/` under the working
+    /// directory).
     pub fn runs_root(mut self, dir: impl Into<PathBuf>) -> Experiment {
         self.runs_root = dir.into();
         self
@@ -236,6 +237,12 @@ impl Experiment {
         }
         Ok(Runs { sweep_keys: self.sweep_keys(), results })
     }
+}
+
+/// Where runs go unless [`Experiment::runs_root`] says otherwise: `$MOELAB_RUNS_DIR`, else
+/// `runs/` of the working directory (as for the CLI and the `%%experiment` cells).
+fn default_runs_root() -> PathBuf {
+    std::env::var_os("MOELAB_RUNS_DIR").filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from("runs"), PathBuf::from)
 }
 
 fn value_text(v: &toml::Value) -> String {

@@ -29,7 +29,7 @@ fn op(
         flops: 0,
         bytes: 0,
         collective: None,
-        host_ns: None, issue_ns: None,
+        host_ns: None, issue_ns: None, gemm_calls: None,
     }
 }
 
@@ -387,6 +387,7 @@ fn chrome_fixture() -> Trace {
     g.name = "L3.expert_gemm1".into();
     g.layer = Some(3);
     g.flops = 7;
+    g.gemm_calls = Some(8);
     trace(
         2,
         vec![compute(0, 0, 1_000), comm(0, 500, 2_500), g],
@@ -432,6 +433,7 @@ fn chrome_json_structure() {
     assert_eq!(g["args"]["layer"], 3);
     assert!(g["args"]["chunk"].is_null());
     assert_eq!(g["args"]["flops"], 7);
+    assert_eq!(g["args"]["gemm_calls"], 8);
     let c = xs
         .iter()
         .find(|e| e["cat"] == "all_to_all")
@@ -440,6 +442,11 @@ fn chrome_json_structure() {
     assert_eq!(c["pid"], 0);
     assert_eq!(c["ts"].as_f64(), Some(0.5));
     assert_eq!(c["dur"].as_f64(), Some(2.0));
+    assert!(c["args"].get("gemm_calls").is_none(), "an op without GEMM calls has no gemm_calls");
+    // Read back (predict, the workbench): the GEMM calls survive.
+    let back = moelab::trace::chrome_import::trace_from_chrome(&text, "cuda").expect("import");
+    let gemm_calls: Vec<_> = back.ops.iter().map(|o| (o.name.as_str(), o.gemm_calls)).filter(|(_, n)| n.is_some()).collect();
+    assert_eq!(gemm_calls, vec![("L3.expert_gemm1", Some(8))]);
 
     let meta: Vec<_> = evs.iter().filter(|e| e["ph"] == "M").collect();
     let procs: Vec<&str> = meta

@@ -136,6 +136,26 @@ fn compare_prints_one_row_per_experiment_and_writes_tables() {
 }
 
 #[test]
+fn compare_goes_on_past_a_failed_experiment_and_says_which_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let diverging = tmp.path().join("diverging.toml");
+    let text = std::fs::read_to_string("experiments/quickstart.toml").unwrap();
+    let text = text.replace("name = \"quickstart\"", "name = \"diverging\"").replace("[run]\n", "[run]\nlr = 1e30\n");
+    std::fs::write(&diverging, text).unwrap();
+    let (code, out, err) = moelab(
+        &["compare", diverging.to_str().unwrap(), "experiments/seeds/topk.toml", "--set", "run.steps=8", "--runs-dir", runs.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("the loss is NaN") && err.contains("1 of 2 experiments failed") && err.contains("diverging"), "{err}");
+    // The other experiment still ran and is compared.
+    assert!(out.contains("seed-topk") && !out.contains("diverging "), "{out}");
+    let cmp = std::fs::read_dir(&runs).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_str().unwrap().ends_with("-compare")).expect("comparison written");
+    assert_eq!(std::fs::read_to_string(cmp.join("compare.csv")).unwrap().lines().count(), 2);
+}
+
+#[test]
 fn set_overrides_fields_and_the_run_directory_keeps_them() {
     let tmp = tempfile::tempdir().unwrap();
     let runs = tmp.path().join("runs");

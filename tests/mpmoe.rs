@@ -405,9 +405,13 @@ fn auto_spec(table: &str) -> ExperimentSpec {
 #[test]
 fn auto_run_profiles_predicts_chooses_and_reports_prediction_next_to_measurement() {
     let root = tempfile::tempdir().unwrap();
-    let s = auto_spec("chunks = \"auto\"\nreuse = \"auto\"");
+    let s = auto_spec("chunks = \"auto\"\nreuse = \"auto\"\nmemory_budget_mib = 100000");
     let out = moelab::run::run(&s, root.path(), &Default::default()).expect("run");
     let a = out.mpmoe_auto.clone().expect("auto resolved");
+    // spec.toml records the choice and runs again unchanged (the budget went with "auto").
+    let ran = moelab::spec::load_file(&out.dir.join("spec.toml")).expect("the resolved spec.toml is valid");
+    let o = ran.mpmoe.expect("mpmoe table");
+    assert_eq!((o.chunks, o.reuse, o.memory_budget_mib), (Degree::Fixed(a.chosen_chunks), a.chosen_reuse, None));
     // Every (n, strategy) candidate was predicted; two were profiled (and measured).
     assert_eq!(a.candidates.len(), CHUNK_CANDIDATES.len() * Reuse::ALL.len());
     assert!(a.candidates.iter().all(|c| c.predicted_s.is_finite() && c.predicted_s > 0.0 && c.fits_budget));

@@ -19,7 +19,7 @@ fn close(a: f64, b: f64) {
 
 fn op(rank: u32, step: u32, stage: Stage, pass: Pass, start_ns: u64, end_ns: u64) -> OpEvent {
     OpEvent {
-        rank, step, stream: Stream::Compute, stage, pass, name: format!("{stage}"), layer: None, chunk: None, start_ns, end_ns, flops: 0, bytes: 0, collective: None, host_ns: None, issue_ns: None,
+        rank, step, stream: Stream::Compute, stage, pass, name: format!("{stage}"), layer: None, chunk: None, start_ns, end_ns, flops: 0, bytes: 0, collective: None, host_ns: None, issue_ns: None, gemm_calls: None,
     }
 }
 
@@ -62,7 +62,7 @@ fn a_collective_s_wait_is_split_off_its_transfer() {
     let a2a = |rank, start, end| OpEvent {
         stream: Stream::Comm,
         collective: Some(moelab::trace::CollectiveRef { group: 0, seq: 0 }),
-        host_ns: None, issue_ns: None,
+        host_ns: None, issue_ns: None, gemm_calls: None,
         ..op(rank, 0, Stage::AllToAll, Pass::Forward, start, end)
     };
     let spans = |ranks: u32| (0..ranks).map(|r| StepSpan { rank: r, step: 0, start_ns: 0, end_ns: 100_000 }).collect();
@@ -229,6 +229,24 @@ fn worker_records_name_the_gpu_and_give_step_spans() {
     let run = MeasuredRun::load(&dir).unwrap();
     assert_eq!(predict::choose_profile(&run, None).unwrap(), ("h100".to_string(), ProfileSource::Device));
     assert_eq!(predict::choose_profile(&run, Some("h200")).unwrap(), ("h200".to_string(), ProfileSource::Given));
+}
+
+#[test]
+fn a_sim_run_is_predicted_on_its_own_profile_unless_one_is_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = moelab::spec::load_file_with(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/gpu/topk-1gpu.toml"),
+        &[moelab::spec::overrides::Override::parse("run.backend=sim").unwrap(), moelab::spec::overrides::Override::parse("run.profile=h200").unwrap()],
+    )
+    .expect("spec loads");
+    let dir = run::run(&spec, tmp.path(), &RunHooks::default()).expect("sim run completes").dir;
+    let run = MeasuredRun::load(&dir).unwrap();
+    assert_eq!(predict::choose_profile(&run, None).unwrap(), ("h200".to_string(), ProfileSource::Spec));
+    assert_eq!(predict::choose_profile(&run, Some("h100")).unwrap(), ("h100".to_string(), ProfileSource::Given));
+    // The sim predicts itself: the same step time.
+    let p = predict::predict(&run, &PredictOptions::default()).expect("predicts");
+    let c = &p.comparison;
+    assert!((c.predicted_step_ms / c.measured_step_ms - 1.0).abs() < 1e-3, "{} vs {}", c.predicted_step_ms, c.measured_step_ms);
 }
 
 #[test]

@@ -395,6 +395,24 @@ fn a_capacity_factor_far_beyond_every_token_is_rejected_with_the_largest_useful_
 }
 
 #[test]
+fn a_misspelled_or_misplaced_field_is_named_with_the_one_meant() {
+    let text = "name = \"t\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 2\ntop_kk = 2\n";
+    let (_, _, shown) = parse_err(text);
+    assert_mentions(&shown, &["unknown field `top_kk` (did you mean `top_k`?)", "expected one of"]);
+    // A field of another table says which.
+    let (_, _, shown) = parse_err("name = \"t\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 2\nn_heads = 2\n");
+    assert_mentions(&shown, &["unknown field `n_heads` (`n_heads` belongs in [model.backbone])"]);
+    let (_, _, shown) = parse_err("name = \"t\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 2\n[layout]\nsteps = 2\n");
+    assert_mentions(&shown, &["`steps` belongs in [run]"]);
+    // Far from every field: the list only.
+    let (_, _, shown) = parse_err("name = \"t\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 2\nzebra = 2\n");
+    assert!(shown.contains("unknown field `zebra`, expected one of") && !shown.contains("did you mean") && !shown.contains("belongs"), "{shown}");
+    // A missing field says where every field is shown.
+    let (_, _, shown) = parse_err("name = \"t\"\n[model]\nd_ffn = 8\nn_experts = 2\n");
+    assert_mentions(&shown, &["missing field `d_model`", "experiments/quickstart.toml"]);
+}
+
+#[test]
 fn a_misspelled_table_is_named_with_the_one_meant() {
     // Without the check serde first misses `[model]`'s fields ("missing field d_model",
     // pointing at `[model.backbone]`) and never names `modle`.

@@ -141,6 +141,8 @@ impl Engine {
                 self.outbox.stream(Some(p), "stderr", &format!("{e}\n"));
             }
         }
+        // A process evcxr restarted (after an interrupt or a crash) lacks the `?` hook.
+        ready.hook();
         ready.set_parent(out.cloned());
         *interrupter.rust_child.lock().expect("interrupt lock") = Some(ready.child.clone());
         let result = ready.ctx.execute(src);
@@ -149,6 +151,7 @@ impl Engine {
         ready.child = ready.ctx.process_handle();
         ready.wait_flushed();
         let panic = ready.take_panic();
+        let early_return = ready.take_early_return();
         ready.set_parent(None);
         match result {
             Ok(_) if panic.is_some() => {
@@ -156,6 +159,13 @@ impl Engine {
                 let evalue = lines.iter().skip(1).cloned().collect::<Vec<_>>().join("\n");
                 let evalue = if evalue.is_empty() { lines.join("\n") } else { evalue };
                 Err(CellError { ename: "Panic".into(), evalue, traceback: lines })
+            }
+            Ok(_) if early_return.is_some() => {
+                let lines = early_return.unwrap_or_default();
+                let evalue = lines.iter().rev().find(|l| !l.trim().is_empty()).cloned().unwrap_or_default();
+                let mut traceback = vec!["Error: the cell returned early through `?`:".to_string()];
+                traceback.extend(lines.iter().rev().take_while(|l| !l.trim().is_empty()).cloned().collect::<Vec<_>>().into_iter().rev());
+                Err(CellError { ename: "Error".into(), evalue, traceback })
             }
             Ok(outputs) => {
                 let mut data = Map::new();

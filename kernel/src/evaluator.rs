@@ -5,6 +5,12 @@
 //! socket layer answers it).
 //! Cell output printed by the evaluation process is forwarded as `stream` messages while the
 //! cell runs and flushed before the cell's reply.
+//!
+//! A cell that returns early through `?` is a success to evcxr (it prints the error on stderr
+//! and a marker line on the child's stdout that it consumes itself). [`QUESTION_MARK_HOOK`],
+//! run in the child after the prelude, relays the child's stdout through a pipe and writes
+//! [`EARLY_RETURN_MARKER`] on stderr when it sees evcxr's marker, so the kernel can report such
+//! a cell as an error (a notebook's "run all" then stops there).
 
 use crate::outbox::Outbox;
 use crate::wire::Message;
@@ -29,7 +35,55 @@ pub struct Ready {
     flush: Sender<Sender<()>>,
     parent: Arc<Mutex<Option<Message>>>,
     panic: Arc<Mutex<Vec<String>>>,
+    early_return: Arc<Mutex<EarlyReturn>>,
+    hooked_pid: Option<u32>,
 }
+
+/// What the forwarder saw of the running cell's stderr, to name a `?` early return.
+#[derive(Default)]
+struct EarlyReturn {
+    /// The cell's stderr lines so far (the last 40).
+    stderr: Vec<String>,
+    /// The stderr lines up to the marker, once the marker arrived.
+    error: Option<Vec<String>>,
+}
+
+/// The line the [`QUESTION_MARK_HOOK`] writes on the child's stderr when a cell returned early
+/// through `?`; the forwarder swallows it.
+pub const EARLY_RETURN_MARKER: &str = "\u{1}moelab-kernel: the cell returned early through `?`";
+
+/// Run once per evaluation process (an environment variable guards it): moves the process's
+/// stdout onto a pipe whose reader thread copies every line to the old stdout and, before
+/// evcxr's own `EVCXR_ERROR_OCCURRED` line, writes [`EARLY_RETURN_MARKER`] on stderr.
+pub const QUESTION_MARK_HOOK: &str = r#"{
+    unsafe extern "C" { fn pipe(fds: *mut i32) -> i32; fn dup(fd: i32) -> i32; fn dup2(from: i32, to: i32) -> i32; fn close(fd: i32) -> i32; }
+    if std::env::var_os("MOELAB_KERNEL_STDOUT_RELAY").is_none() {
+        use std::io::{BufRead, Write};
+        use std::os::fd::FromRawFd;
+        let _ = std::io::stdout().flush();
+        let mut fds = [0i32; 2];
+        if unsafe { pipe(fds.as_mut_ptr()) } == 0 {
+            let old = unsafe { dup(1) };
+            if old >= 0 && unsafe { dup2(fds[1], 1) } >= 0 {
+                unsafe { close(fds[1]); std::env::set_var("MOELAB_KERNEL_STDOUT_RELAY", "1"); }
+                let read = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+                let mut out = unsafe { std::fs::File::from_raw_fd(old) };
+                std::thread::spawn(move || {
+                    let mut read = std::io::BufReader::new(read);
+                    let mut line = Vec::new();
+                    loop {
+                        line.clear();
+                        if !matches!(read.read_until(b'\n', &mut line), Ok(n) if n > 0) { break; }
+                        if line.trim_ascii_end() == b"EVCXR_ERROR_OCCURRED" {
+                            eprintln!("\u{1}moelab-kernel: the cell returned early through `?`");
+                        }
+                        if out.write_all(&line).and_then(|_| out.flush()).is_err() { break; }
+                    }
+                });
+            }
+        }
+    }
+}"#;
 
 /// The evaluation context, not yet started or started.
 pub enum Evaluator {
@@ -73,23 +127,47 @@ fn create(prelude: &str, outbox: Outbox) -> Result<Ready, String> {
     let (mut ctx, outputs) = CommandContext::new().map_err(|e| format!("cannot start the Rust evaluation context (evcxr): {e}"))?;
     let parent = Arc::new(Mutex::new(None));
     let panic = Arc::new(Mutex::new(Vec::new()));
-    let flush = spawn_forwarder(outputs, outbox, parent.clone(), panic.clone());
+    let early_return = Arc::new(Mutex::new(EarlyReturn::default()));
+    let flush = spawn_forwarder(outputs, outbox, parent.clone(), panic.clone(), early_return.clone());
     let prelude_error = match ctx.execute(prelude) {
         Ok(_) => None,
         Err(e) => Some(format!("the moelab prelude failed to load: {e}")),
     };
     let child = ctx.process_handle();
-    let ready = Ready { ctx, child, startup_s: t0.elapsed().as_secs_f64(), prelude_error, flush, parent, panic };
-    ready.wait_flushed();
+    let mut ready = Ready { ctx, child, startup_s: t0.elapsed().as_secs_f64(), prelude_error, flush, parent, panic, early_return, hooked_pid: None };
+    ready.hook();
     eprintln!("moelab-kernel: evcxr context ready in {:.1} s{}", ready.startup_s, ready.prelude_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default());
     Ok(ready)
 }
 
 impl Ready {
+    /// Run [`QUESTION_MARK_HOOK`] in the evaluation process unless it ran there already (a
+    /// killed or crashed process is restarted by evcxr without it). Without the hook, a `?`
+    /// early return is reported as a success, as evcxr does; the failure is logged.
+    pub fn hook(&mut self) {
+        let pid = self.child.lock().ok().map(|c| c.id());
+        if pid.is_some() && pid == self.hooked_pid {
+            return;
+        }
+        match self.ctx.execute(QUESTION_MARK_HOOK) {
+            Ok(_) => self.hooked_pid = pid,
+            Err(e) => eprintln!("moelab-kernel: the `?` early-return hook failed ({e}); such cells will report success"),
+        }
+        self.wait_flushed();
+        *self.early_return.lock().expect("early-return lock") = EarlyReturn::default();
+    }
+
     /// Route the evaluation process's output to `parent` (the running execute request).
     pub fn set_parent(&self, parent: Option<Message>) {
         *self.parent.lock().expect("parent lock") = parent;
         self.panic.lock().expect("panic lock").clear();
+        *self.early_return.lock().expect("early-return lock") = EarlyReturn::default();
+    }
+
+    /// The stderr lines printed before a `?` early return (the error's text last), if the
+    /// cell returned early.
+    pub fn take_early_return(&self) -> Option<Vec<String>> {
+        self.early_return.lock().expect("early-return lock").error.take()
     }
 
     /// The panic message the cell printed (evcxr reports a panicking cell as a success
@@ -110,7 +188,13 @@ impl Ready {
 
 /// One thread forwards the child's stdout and stderr lines as `stream` messages; a flush
 /// request drains both channels (stderr lines can trail stdout by a moment) and acks.
-fn spawn_forwarder(outputs: EvalContextOutputs, outbox: Outbox, parent: Arc<Mutex<Option<Message>>>, panic: Arc<Mutex<Vec<String>>>) -> Sender<Sender<()>> {
+fn spawn_forwarder(
+    outputs: EvalContextOutputs,
+    outbox: Outbox,
+    parent: Arc<Mutex<Option<Message>>>,
+    panic: Arc<Mutex<Vec<String>>>,
+    early_return: Arc<Mutex<EarlyReturn>>,
+) -> Sender<Sender<()>> {
     let (flush_tx, flush_rx): (Sender<Sender<()>>, Receiver<Sender<()>>) = crossbeam_channel::unbounded();
     let EvalContextOutputs { stdout, stderr } = outputs;
     std::thread::Builder::new()
@@ -118,6 +202,16 @@ fn spawn_forwarder(outputs: EvalContextOutputs, outbox: Outbox, parent: Arc<Mute
         .spawn(move || {
             let send = |name: &str, line: String| {
                 if name == "stderr" {
+                    let mut early = early_return.lock().expect("early-return lock");
+                    if line == EARLY_RETURN_MARKER {
+                        early.error = Some(early.stderr.clone());
+                        return;
+                    }
+                    if early.stderr.len() == 40 {
+                        early.stderr.remove(0);
+                    }
+                    early.stderr.push(line.clone());
+                    drop(early);
                     let mut panic = panic.lock().expect("panic lock");
                     // Keep the panic line and the message after it, up to rustc's note.
                     if (line.contains(" panicked at ") || !panic.is_empty()) && !line.starts_with("note:") && panic.len() < 40 {

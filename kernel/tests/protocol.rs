@@ -264,6 +264,14 @@ async fn the_kernel_speaks_jupyter_protocol_5_and_drops_badly_signed_messages() 
     assert_eq!(reply.content["status"], "ok");
     assert_eq!(of_type(&out, "execute_result")[0].content["data"]["text/plain"], "42");
 
+    // A `?` early return is an error (evcxr itself calls it a success), named by the error's text.
+    let question_mark = "println!(\"before\");\nlet n: i32 = \"seven\".parse()?;\nn";
+    let (reply, out) = c.execute(question_mark, Duration::from_secs(90)).await;
+    assert_eq!(reply.content["status"], "error", "{:?} {:?}", reply.content, types(&out));
+    assert!(reply.content["evalue"].as_str().unwrap().contains("invalid digit"), "{:?}", reply.content);
+    assert_eq!(stream_text(&out, "stdout"), "before\n");
+    assert!(!stream_text(&out, "stderr").contains("moelab-kernel"), "the marker line leaked: {:?}", stream_text(&out, "stderr"));
+
     // Interrupt stops a long experiment.
     let long = TINY.replace("warmup = 0", "warmup = 0\nsteps = 100000");
     let req = c.shell("execute_request", json!({ "code": format!("%%experiment\n{long}"), "silent": false, "store_history": true })).await;
@@ -290,6 +298,9 @@ async fn the_kernel_speaks_jupyter_protocol_5_and_drops_badly_signed_messages() 
     let reply = c.shell_reply(Duration::from_secs(60)).await.expect("the interrupted cell replies");
     assert_eq!(reply.content["status"], "error");
     c.outputs(&req, Duration::from_secs(5)).await;
+    // The restarted evaluation process gets the `?` hook again.
+    let (reply, out) = c.execute(question_mark, Duration::from_secs(90)).await;
+    assert_eq!(reply.content["status"], "error", "after a restart: {:?} {:?}", reply.content, types(&out));
     let (reply, _) = c.execute("1 + 1", Duration::from_secs(60)).await;
     assert_eq!(reply.content["status"], "ok");
 

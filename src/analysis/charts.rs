@@ -33,14 +33,23 @@ fn stage_colour(s: Stage) -> &'static str {
 
 /// The first measured step of `trace` as a Gantt chart: one row per (rank, stream), ops as
 /// bars coloured by stage (communication in reds and oranges), hover titles with name and
-/// duration. At most 8 ranks are drawn.
+/// duration; the title gives the step's window over ranks. At most 8 ranks are drawn.
 pub fn timeline_svg(trace: &Trace, title: &str) -> String {
     let Some(step) = trace.ops.iter().map(|o| o.step).min() else {
         return format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"400\" height=\"30\"><text x=\"4\" y=\"20\">{}: no ops traced</text></svg>", esc(title));
     };
     let ops: Vec<_> = trace.ops.iter().filter(|o| o.step == step && o.rank < 8).collect();
-    let t0 = ops.iter().map(|o| o.start_ns).min().unwrap_or(0);
-    let t1 = ops.iter().map(|o| o.end_ns).max().unwrap_or(1).max(t0 + 1);
+    // The step's window over ranks (what summary.json's step time averages) when the trace
+    // has step spans, else its ops' extent; the chart spans both.
+    let spans: Vec<_> = trace.steps.iter().filter(|sp| sp.step == step).collect();
+    let op_t0 = ops.iter().map(|o| o.start_ns).min().unwrap_or(0);
+    let op_t1 = ops.iter().map(|o| o.end_ns).max().unwrap_or(1);
+    let t0 = spans.iter().filter(|sp| sp.rank < 8).map(|sp| sp.start_ns).min().map_or(op_t0, |s| s.min(op_t0));
+    let t1 = spans.iter().filter(|sp| sp.rank < 8).map(|sp| sp.end_ns).max().map_or(op_t1, |e| e.max(op_t1)).max(t0 + 1);
+    let step_ns = match (spans.iter().map(|sp| sp.start_ns).min(), spans.iter().map(|sp| sp.end_ns).max()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => op_t1.saturating_sub(op_t0),
+    };
     let mut rows: Vec<(u32, Stream)> = ops.iter().map(|o| (o.rank, o.stream)).collect();
     rows.sort();
     rows.dedup();
@@ -54,7 +63,7 @@ pub fn timeline_svg(trace: &Trace, title: &str) -> String {
     let _ = write!(
         s,
         "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"moelab-timeline\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\"><text x=\"4\" y=\"14\" font-weight=\"bold\">{} (step {step}, {:.3} ms)</text>",
-        left + width + 10.0, esc(title), (t1 - t0) as f64 / 1e6
+        left + width + 10.0, esc(title), step_ns as f64 / 1e6
     );
     for (i, (rank, stream)) in rows.iter().enumerate() {
         let y = top + i as f64 * row_h;

@@ -69,6 +69,16 @@ impl Analysis {
         }
     }
 
+    /// Communication-stream time in ns, summed over ranks.
+    pub fn comm_ns(&self) -> u64 {
+        self.overlap.iter().map(|r| r.comm_ns).sum()
+    }
+
+    /// The rank whose memory peaked highest (the one that decides whether a plan fits).
+    pub fn peak_memory_rank(&self) -> Option<&RankMemory> {
+        self.memory.ranks.iter().max_by_key(|r| r.peak_total)
+    }
+
     /// Exposed (not overlapped) communication in ns, summed over ranks.
     pub fn exposed_comm_ns(&self) -> u64 {
         self.overlap.iter().map(|r| r.exposed_comm_ns).sum()

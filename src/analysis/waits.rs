@@ -84,7 +84,7 @@ mod tests {
     fn ev(rank: u32, step: u32, seq: u32, start: u64, end: u64) -> OpEvent {
         OpEvent {
             rank, step, stream: Stream::Comm, stage: Stage::AllToAll, pass: Pass::Forward, name: "L0.a2a".into(), layer: Some(0), chunk: None,
-            start_ns: start, end_ns: end, flops: 0, bytes: 0, collective: Some(CollectiveRef { group: 0, seq }), host_ns: None, issue_ns: None,
+            start_ns: start, end_ns: end, flops: 0, bytes: 0, collective: Some(CollectiveRef { group: 0, seq }), host_ns: None, issue_ns: None, gemm_calls: None,
         }
     }
 

@@ -36,14 +36,13 @@ impl CompareRow {
     /// Summarise a completed run.
     pub fn from_outcome(name: &str, variant: &str, world: usize, o: &RunOutcome) -> Self {
         let a = &o.analysis;
-        let comm: u64 = a.overlap.iter().map(|r| r.comm_ns).sum();
-        let worst = a.memory.ranks.iter().max_by_key(|r| r.peak_total);
+        let worst = a.peak_memory_rank();
         CompareRow {
             name: name.to_string(),
             variant: variant.to_string(),
             world,
             step_ms: a.step_time_ns / 1e6,
-            comm_ms: a.per_rank_step(comm) / 1e6,
+            comm_ms: a.per_rank_step(a.comm_ns()) / 1e6,
             exposed_ms: a.per_rank_step(a.exposed_comm_ns()) / 1e6,
             overlap: a.overall_overlap(),
             a2a_overlap: a.a2a_overlap(),

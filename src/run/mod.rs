@@ -124,9 +124,10 @@ struct Summary<'a> {
 /// candidate's mean step time and the choice.
 #[derive(Debug, Clone, Serialize)]
 pub struct AutoDegree {
-    /// The degree the measured steps used.
+    /// The fastest uniform degree: every layer's in the measured steps unless `per_layer`
+    /// is set (see [`AutoDegree::describe`]).
     pub chosen: usize,
-    /// The parallelism r the measured steps used.
+    /// The fastest uniform parallelism r (same caveat as `chosen`).
     pub chosen_r: usize,
     /// Every timed candidate, in the order tried.
     pub candidates: Vec<TutelCandidate>,
@@ -140,6 +141,19 @@ pub struct AutoDegree {
     pub timed_steps: usize,
     /// Why: the choice, its time and the runner-up's.
     pub reason: String,
+}
+
+impl AutoDegree {
+    /// What the measured steps ran: the per-layer mix when one was kept, else the uniform
+    /// choice (`r=1 degree 4`).
+    pub fn describe(&self) -> String {
+        if self.per_layer.is_empty() {
+            format!("r={} degree {}", self.chosen_r, self.chosen)
+        } else {
+            let layers: Vec<String> = self.per_layer.iter().enumerate().map(|(l, c)| format!("L{l}: r={} degree {}", c.r, c.degree)).collect();
+            format!("per layer ({})", layers.join(", "))
+        }
+    }
 }
 
 /// One timed Tutel configuration.
@@ -392,8 +406,8 @@ fn make_dir(root: &Path, name: &str) -> Result<PathBuf, RunError> {
     unreachable!("some suffix is free")
 }
 
-/// The run log's line for one step.
-fn step_line(r: &StepReport) -> String {
+/// The run log's line for one step (the CLI prints the same line as each step ends).
+pub fn step_line(r: &StepReport) -> String {
     if let Some(line) = sim_step_line(r) {
         return line;
     }
@@ -438,7 +452,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     match resolve_auto_degree(spec, &dir, hooks, &mut log) {
         Ok(Some((resolved, choice))) => {
             plan = Plan::build(&resolved)?;
-            log.line(&format!("measured steps use r={} degree {}: {} ops per step", choice.chosen_r, choice.chosen, plan.op_count()));
+            log.line(&format!("measured steps use {}: {} ops per step", choice.describe(), plan.op_count()));
             auto_degree = Some(choice);
         }
         Ok(None) => {}

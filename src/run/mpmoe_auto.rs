@@ -100,10 +100,11 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
-/// The spec with a fixed (chunks, reuse).
-fn fixed(spec: &ExperimentSpec, opts: MpmoeSpec, chunks: usize, reuse: Reuse) -> ExperimentSpec {
+/// The spec with a fixed (chunks, reuse), without the budget that only limits an automatic
+/// choice (so the run directory's `spec.toml` runs again unchanged).
+fn fixed(spec: &ExperimentSpec, chunks: usize, reuse: Reuse) -> ExperimentSpec {
     let mut s = spec.clone();
-    s.mpmoe = Some(MpmoeSpec { chunks: Degree::Fixed(chunks), reuse, ..opts });
+    s.mpmoe = Some(MpmoeSpec { chunks: Degree::Fixed(chunks), reuse, memory_budget_mib: None });
     s
 }
 
@@ -131,7 +132,7 @@ impl Setup {
         let mut entries = Vec::new();
         for &reuse in &reuses {
             for &n in &chunks {
-                let s = fixed(spec, opts, n, reuse);
+                let s = fixed(spec, n, reuse);
                 let plan = Plan::build(&s)?;
                 let peak_bytes = plan.ranks.iter().map(|rp| predict(rp).peak_total).max().unwrap_or(0);
                 let fits_budget = budget.is_none_or(|b| mib(peak_bytes) <= b);
@@ -225,7 +226,7 @@ impl Setup {
         for line in auto.render_text().lines() {
             log.line(&format!("mpmoe auto: {line}"));
         }
-        Ok((fixed(&self.base, self.opts, chosen.chunks, chosen.reuse), auto))
+        Ok((fixed(&self.base, chosen.chunks, chosen.reuse), auto))
     }
 }
 

@@ -176,6 +176,9 @@ pub struct MeasuredRun {
     /// Every rank's executor kept host copies of its routing tables (the workers' records
     /// say so; records before 2026-11-24 do not): the sim's `run.host_copies`.
     pub host_copies: bool,
+    /// A sim run's own profile (`run.profile`, else the sim's default `h100`): what it
+    /// predicted on, used when no profile is given.
+    pub sim_profile: Option<String>,
 }
 
 impl MeasuredRun {
@@ -220,7 +223,10 @@ impl MeasuredRun {
         }
         let pinned = pinned_choices(summary.tutel_auto_degree.as_ref(), summary.mpmoe_auto.as_ref());
         let loads = summary.steps.iter().filter(|s| s.measured && s.routed > 0).filter_map(|s| Some(StepLoad { routed: s.routed, dropped: s.dropped, fullest: *s.capacity.iter().max()? })).collect();
-        Ok(MeasuredRun { dir: dir.to_path_buf(), name: summary.name, backend: summary.backend, device, trace, pinned, loads, host_copies })
+        let sim_profile = (summary.backend == "sim")
+            .then(|| crate::spec::load_file(&dir.join("spec.toml")).ok().map(|s| s.run.profile.unwrap_or_else(|| "h100".into())))
+            .flatten();
+        Ok(MeasuredRun { dir: dir.to_path_buf(), name: summary.name, backend: summary.backend, device, trace, pinned, loads, host_copies, sim_profile })
     }
 
     /// The spec of the run on the sim backend with profile `profile`, after the pinned
@@ -366,6 +372,8 @@ pub enum ProfileSource {
     Given,
     /// The GPU the run recorded.
     Device,
+    /// A sim run's own `run.profile`.
+    Spec,
 }
 
 /// `dirs` with every folder that is not a run directory itself (no `summary.json`) but holds
@@ -391,10 +399,14 @@ pub fn expand_run_dirs(dirs: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
-/// The sim profile for `run`: `given` when set, else the built-in profile of its GPU.
+/// The sim profile for `run`: `given` when set, else the built-in profile of its GPU, else
+/// (a sim run) the profile it ran on.
 pub fn choose_profile(run: &MeasuredRun, given: Option<&str>) -> Result<(String, ProfileSource), PredictError> {
     if let Some(p) = given {
         return Ok((p.to_string(), ProfileSource::Given));
+    }
+    if let (None, Some(p)) = (&run.device, &run.sim_profile) {
+        return Ok((p.clone(), ProfileSource::Spec));
     }
     let path = run.dir.display().to_string();
     let device = run.device.as_deref().ok_or_else(|| PredictError::NoDevice { path: path.clone(), backend: run.backend.clone() })?;

@@ -12,7 +12,7 @@ pub fn from_toml_str(text: &str) -> Result<ExperimentSpec, SpecError> {
             Some(field) if !e.message().contains('`') || e.message().starts_with("invalid") || e.message().starts_with("unknown variant") => {
                 format!("{field}: {}", e.message())
             }
-            _ => e.message().to_string(),
+            _ => with_field_hint(e.message()),
         },
         location: e.span().map(|s| line_col(text, s.start)),
         file: None,
@@ -42,6 +42,56 @@ fn check_top_level_keys(text: &str) -> Result<(), SpecError> {
             })
         }
     }
+}
+
+/// serde's "unknown field" and "missing field" messages with a hint: the field meant (one
+/// letter off or two swapped: `top_kk` -> `top_k`), the table a field belongs in (`n_heads`
+/// in `[model]` -> `[model.backbone]`), or where every field is shown.
+fn with_field_hint(message: &str) -> String {
+    let quoted = |m: &str| m.split('`').nth(1).map(str::to_string);
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let Some(key) = quoted(message) else { return message.to_string() };
+        let expected: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
+        let near = |k: &str| strsim::damerau_levenshtein(k, &key);
+        let hint = match expected.iter().copied().min_by_key(|k| near(k)).filter(|k| near(k) <= 1.max(key.len() / 4)) {
+            Some(c) => format!(" (did you mean `{c}`?)"),
+            None => match table_fields().iter().find(|(_, fields)| fields.contains(&key) && !expected.contains(&key.as_str())) {
+                Some((table, _)) => format!(" (`{key}` belongs in [{table}])"),
+                None => String::new(),
+            },
+        };
+        let head = format!("unknown field `{key}`");
+        return format!("{head}{hint}{}", &message[head.len()..]);
+    }
+    if message.starts_with("missing field `") {
+        return format!("{message} (add it to the table; experiments/quickstart.toml and src/spec/mod.rs show every field)");
+    }
+    message.to_string()
+}
+
+/// Every spec table and its fields, as serde lists them (read once from the types).
+fn table_fields() -> &'static [(&'static str, Vec<String>)] {
+    static FIELDS: std::sync::OnceLock<Vec<(&'static str, Vec<String>)>> = std::sync::OnceLock::new();
+    FIELDS.get_or_init(|| {
+        // A field no table has: serde's error names the table's fields.
+        fn fields<T: serde::de::DeserializeOwned>() -> Vec<String> {
+            match toml::from_str::<T>("zz_no_such_field = 0") {
+                Err(e) => e.message().split('`').skip(3).step_by(2).map(str::to_string).collect(),
+                Ok(_) => Vec::new(),
+            }
+        }
+        use super::*;
+        vec![
+            ("model", fields::<ModelSpec>()),
+            ("model.backbone", fields::<BackboneSpec>()),
+            ("layout", fields::<LayoutSpec>()),
+            ("run", fields::<RunSpec>()),
+            ("mpmoe", fields::<MpmoeSpec>()),
+            ("tutel", fields::<TutelSpec>()),
+            ("ted", fields::<TedSpec>()),
+            ("ppmoe", fields::<PpmoeSpec>()),
+        ]
+    })
 }
 
 /// Where the top-level `key` is written: its table header (`[key]`, `[key.sub]`) or its

@@ -662,7 +662,8 @@ pub struct RunSpec {
     /// Rows each expert-parallel rank's experts take, relative to one another (sim only;
     /// `layout.ep` positive numbers, scaled to mean 1). Dropless: the busiest rank runs longer
     /// expert GEMMs and all-to-alls. Capacity: a rank's blocks hold fewer zero rows, so its
-    /// expert GEMMs run slower. The others wait for it. Balanced when unset; `moelab predict`
+    /// bf16 expert GEMMs run slower (on a profile with `kernels.zero_row_gain`; in an f32
+    /// capacity plan the loads change nothing, and the run warns). The others wait for it. Balanced when unset; `moelab predict`
     /// sets the measured ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank_loads: Option<Vec<f64>>,

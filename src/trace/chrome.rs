@@ -92,6 +92,9 @@ pub fn to_chrome_json(trace: &Trace) -> Value {
         if let Some(h) = op.issue_ns {
             ev["args"]["issue_us"] = json!(us(h));
         }
+        if let Some(n) = op.gemm_calls {
+            ev["args"]["gemm_calls"] = json!(n);
+        }
         events.push(ev);
     }
 

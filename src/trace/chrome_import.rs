@@ -66,6 +66,7 @@ fn op_event(ev: &Value) -> Result<OpEvent, String> {
         },
         host_ns: field(args, "host_us").and_then(Value::as_f64).map(ns),
         issue_ns: field(args, "issue_us").and_then(Value::as_f64).map(ns),
+        gemm_calls: as_u32(field(args, "gemm_calls")),
     })
 }
 

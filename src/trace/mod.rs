@@ -49,6 +49,11 @@ pub struct OpEvent {
     /// issued ahead of a device (cpu, sim).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issue_ns: Option<u64>,
+    /// cuBLAS GEMM calls the op made (the cuda backend; `None` for ops without GEMMs and for
+    /// other backends): shows, e.g., whether a dropless expert op ran one GEMM per expert or
+    /// one batched GEMM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemm_calls: Option<u32>,
 }
 
 /// One collective of a process group: the group (index into the plan's groups) and its

@@ -68,8 +68,7 @@ impl MetricRow {
 /// Comm time, exposed comm (ms per rank and step) and overlap of a run.
 fn comm_figures(r: &LoadedRun) -> (f64, f64, f64) {
     let a = &r.analysis;
-    let comm: u64 = a.overlap.iter().map(|o| o.comm_ns).sum();
-    (a.per_rank_step(comm) / 1e6, a.per_rank_step(a.exposed_comm_ns()) / 1e6, a.overall_overlap())
+    (a.per_rank_step(a.comm_ns()) / 1e6, a.per_rank_step(a.exposed_comm_ns()) / 1e6, a.overall_overlap())
 }
 
 /// The metrics of A and B side by side: step time, communication, overlap, peak memory and
@@ -78,7 +77,7 @@ pub fn compare(a: &LoadedRun, b: &LoadedRun) -> Vec<MetricRow> {
     let row = |label: &str, a: f64, b: f64, better| MetricRow { label: label.to_string(), a, b, better };
     let (ca, ea, oa) = comm_figures(a);
     let (cb, eb, ob) = comm_figures(b);
-    let worst = |r: &LoadedRun| r.analysis.memory.ranks.iter().max_by_key(|m| m.peak_total).copied().unwrap_or_default();
+    let worst = |r: &LoadedRun| r.analysis.peak_memory_rank().copied().unwrap_or_default();
     let (ma, mb) = (worst(a), worst(b));
     let mut rows = vec![
         row("step time (ms)", a.step_time_ms(), b.step_time_ms(), Better::Lower),

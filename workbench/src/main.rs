@@ -23,7 +23,7 @@ struct Args {
     /// Experiment file to open in the composer (e.g. experiments/quickstart.toml).
     file: Option<PathBuf>,
     /// Directory of run directories: where jobs write and the runs browser looks.
-    #[arg(long, default_value = "runs")]
+    #[arg(long, env = "MOELAB_RUNS_DIR", default_value = "runs")]
     runs_dir: PathBuf,
     /// Variant whose template the composer starts from when no file is given.
     #[arg(long, default_value = "topk")]

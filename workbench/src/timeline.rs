@@ -348,7 +348,7 @@ mod tests {
     use moelab::taxonomy::{Pass, Stage};
 
     fn op(rank: u32, stream: Stream, stage: Stage, s: u64, e: u64, name: &str) -> OpEvent {
-        OpEvent { rank, step: 0, stream, stage, pass: Pass::Forward, name: name.into(), layer: None, chunk: None, start_ns: s, end_ns: e, flops: 0, bytes: 0, collective: None, host_ns: None, issue_ns: None }
+        OpEvent { rank, step: 0, stream, stage, pass: Pass::Forward, name: name.into(), layer: None, chunk: None, start_ns: s, end_ns: e, flops: 0, bytes: 0, collective: None, host_ns: None, issue_ns: None, gemm_calls: None }
     }
 
     fn run() -> LoadedRun {

@@ -378,7 +378,7 @@ fn run_rank(
                 lock(&events).push(OpEvent {
                     rank: rp.rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(),
                     layer: op.layer, chunk: op.chunk, start_ns: t0, end_ns: t1.max(t0 + 1), flops: op.flops,
-                    bytes: out.bytes.unwrap_or(op.bytes), collective: op.collective, host_ns: None, issue_ns: None,
+                    bytes: out.bytes.unwrap_or(op.bytes), collective: op.collective, host_ns: None, issue_ns: None, gemm_calls: None,
                 });
             }
             progress.finish(i);

@@ -1,9 +1,10 @@
 //! Execution of one [`OpKind`] on one GPU stream. Dense math (GEMMs through cuBLAS, norms,
 //! activations, attention, routing, combine, loss, Adam) runs as device kernels; collectives
-//! go through NCCL ([`super::comm`]). Ops whose work is index bookkeeping over small routing
-//! tables (batch loading, dispatch and the expert layouts) run on the host through the cpu
-//! backend's own implementation on downloaded inputs, so both backends share one definition
-//! of every layout; they are marked `host` in the op report.
+//! go through NCCL ([`super::comm`]). Routing statistics, dispatch slots and the expert
+//! layouts run on the device too (`dispatch_slots`, `block_row_map` and a gather, from the
+//! same row blocks the cpu backend computes); chunk and tensor-parallel layouts run the cpu
+//! implementation at unit width on row numbers, then one device gather, so both backends
+//! share one definition of every layout.
 //!
 //! bf16 plans (`model.dtype = "bf16"`, [`crate::plan::precision`]): each buffer is stored as
 //! its plan says ([`Storage`]); kernels have an f32 and a `_bf16` variant, picked from the
@@ -99,6 +100,8 @@ pub struct StreamExec<'a> {
     /// When the current op's first synchronising copy returned: the op's host work runs
     /// from here while the stream waits (reset before each op; see `OpEvent::host_ns`).
     pub first_sync: std::cell::Cell<Option<std::time::Instant>>,
+    /// cuBLAS GEMM calls the current op made (reset before each op; see `OpEvent::gemm_calls`).
+    pub gemm_calls: std::cell::Cell<u32>,
 }
 
 /// An input in the storage a kernel wants: the buffer itself, a parameter's bf16 shadow, or a
@@ -316,6 +319,7 @@ impl<'a> StreamExec<'a> {
     #[allow(clippy::too_many_arguments)]
     fn gemm_in(&self, ab: Storage, form: GemmForm, a: u64, b: u64, c: u64, c_st: Storage, m: usize, k: usize, n: usize, beta: f32, batch: Option<Batch>) -> Result<(), ExecError> {
         let dims = GemmDims { m, k, n };
+        self.gemm_calls.set(self.gemm_calls.get() + 1);
         if ab == Storage::Bf16 {
             // SAFETY: the handle is bound to this stream; the call sites size a, b (bf16) and c
             // (c_st) for the form.

@@ -8,8 +8,8 @@
 //! - [`rendezvous`]: rank 0's TCP rendezvous (NCCL id, spec hash) and the gathering sockets.
 //! - [`rank`]: one rank's plan on one GPU: a host thread and a CUDA stream per plan stream,
 //!   cross-stream dependencies as events, every op timed with CUDA events.
-//! - [`exec`]: one op on one stream (kernels of `plan_ops.cu`, cuBLAS, NCCL; the expert
-//!   layouts run on the host through the cpu implementation, and say so in the op report).
+//! - [`exec`]: one op on one stream (kernels of `plan_ops.cu`, cuBLAS, NCCL; routing and the
+//!   expert layouts on the device, from the row blocks the cpu implementation defines).
 //! - [`store`]: device buffers tagged with the plan's memory categories.
 //! - [`comm`]: NCCL communicators per plan group.
 //! - [`bench`]: `moelab bench`, one bf16 MoE layer forward + backward against a dense GEMM.

@@ -56,8 +56,9 @@ fn stream_index(s: Stream) -> usize {
 }
 
 /// One timed op of a step: its index, start and end (ns after the step's base event), the
-/// bytes it reports, its host time after the first sync and its issue time.
-type TimedOp = (usize, u64, u64, Option<u64>, Option<u64>, u64);
+/// bytes it reports, its host time after the first sync, its issue time and its cuBLAS GEMM
+/// calls.
+type TimedOp = (usize, u64, u64, Option<u64>, Option<u64>, u64, u32);
 
 /// What one rank measured in one step.
 #[derive(Debug, Default, Clone)]
@@ -147,6 +148,7 @@ impl GpuRank {
             groups: &self.plan.groups, seed: self.plan.spec.run.seed, step, adam_step, fabric,
             bf16: self.plan.spec.model.dtype == crate::spec::DType::Bf16,
             first_sync: std::cell::Cell::new(None),
+            gemm_calls: std::cell::Cell::new(0),
         }
     }
 
@@ -207,7 +209,7 @@ impl GpuRank {
         if measured {
             // The run's step number (warmup included), as run.log and summary.json count them.
             let step = self.steps_done as u32;
-            for (op_index, t_start, t_end, bytes, host_ns, issue_ns) in events {
+            for (op_index, t_start, t_end, bytes, host_ns, issue_ns, gemm_calls) in events {
                 let op = &self.plan.ranks[self.rank].ops[op_index];
                 let s = self.shift(base_host_ns + t_start);
                 let e = self.shift(base_host_ns + t_end).max(s + 1);
@@ -216,6 +218,7 @@ impl GpuRank {
                     start_ns: s, end_ns: e, flops: op.flops, bytes: bytes.unwrap_or(op.bytes), collective: op.collective,
                     host_ns: host_ns.map(|h| h.min(e - s)),
                     issue_ns: Some(issue_ns),
+                    gemm_calls: (gemm_calls > 0).then_some(gemm_calls),
                 });
             }
             let end = self.epoch.elapsed().as_nanos() as u64;
@@ -247,7 +250,7 @@ impl GpuRank {
         let cv = (Mutex::new(()), Condvar::new());
         let failed = AtomicBool::new(false);
         let fabric = Fabric::new(opts.collective_timeout);
-        let outcomes: Mutex<Vec<(usize, GpuOutcome, Option<u64>, u64)>> = Mutex::new(Vec::new());
+        let outcomes: Mutex<Vec<(usize, GpuOutcome, Option<u64>, u64, u32)>> = Mutex::new(Vec::new());
 
         let run_stream = |si: usize| -> Result<(), StepError> {
             self.gpu.ctx.bind_to_thread().map_err(|e| gpu_err(GpuError::driver("cuCtxSetCurrent")(e)))?;
@@ -287,12 +290,13 @@ impl GpuRank {
                 }
                 evs[i].0.record(&ex.s.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
                 ex.first_sync.set(None);
+                ex.gemm_calls.set(0);
                 let issued = Instant::now();
                 let out = ex.execute(op).map_err(|err| StepError::Op { op: op.name.clone(), err })?;
                 let host_ns = ex.first_sync.get().map(|t| t.elapsed().as_nanos() as u64);
                 let issue_ns = issued.elapsed().as_nanos() as u64;
                 evs[i].1.record(&ex.s.stream).map_err(|e| gpu_err(GpuError::driver("cuEventRecord")(e)))?;
-                lock(&outcomes).push((i, out, host_ns, issue_ns));
+                lock(&outcomes).push((i, out, host_ns, issue_ns, ex.gemm_calls.get()));
                 // Release buffers whose last user this was: the freeing stream first waits for
                 // every other stream that used them, at the end of that stream's last op on the
                 // buffer (whose end event is recorded: its use count fell first). Waiting for
@@ -367,10 +371,10 @@ impl GpuRank {
         let mut result = RankStep::default();
         let mut timed = Vec::new();
         let ex = self.exec(0, data_step, adam_step, &fabric);
-        for (i, out, host_ns, issue_ns) in lock(&outcomes).drain(..) {
+        for (i, out, host_ns, issue_ns, gemm_calls) in lock(&outcomes).drain(..) {
             let ms0 = base.elapsed_ms(&evs[i].0).map_err(|e| gpu_err(GpuError::driver("cuEventElapsedTime")(e)))?;
             let ms1 = base.elapsed_ms(&evs[i].1).map_err(|e| gpu_err(GpuError::driver("cuEventElapsedTime")(e)))?;
-            timed.push((i, (ms0.max(0.0) as f64 * 1e6) as u64, (ms1.max(0.0) as f64 * 1e6) as u64, out.bytes, host_ns, issue_ns));
+            timed.push((i, (ms0.max(0.0) as f64 * 1e6) as u64, (ms1.max(0.0) as f64 * 1e6) as u64, out.bytes, host_ns, issue_ns, gemm_calls));
             if out.host {
                 result.host_ops += 1;
             }

@@ -319,6 +319,22 @@ fn zero_rows_at(spec: &crate::spec::ExperimentSpec, rp: &RankPlan, load: f64) ->
     (1.0 - expected_kept_share(spec) * load * routed / rows as f64).clamp(0.0, 1.0)
 }
 
+/// A warning when `run.rank_loads` is uneven but cannot change the prediction: in a capacity
+/// plan a rank's load only changes how many of its expert blocks' rows are zero, which the
+/// profile prices for bf16 GEMMs only (`kernels.zero_row_gain`).
+fn idle_rank_loads(spec: &crate::spec::ExperimentSpec, profile: &Profile) -> Option<String> {
+    let loads = spec.run.rank_loads.as_deref()?;
+    let uneven = busiest_rank_share(loads) > 1.0 + 1e-12;
+    let g = &profile.gpu.kernels.zero_row_gain;
+    let priced = spec.model.dtype == crate::spec::DType::Bf16 && [g.forward, g.input_grad, g.weight_grad].iter().any(|x| *x > 0.0);
+    (uneven && !spec.model.dropless && !priced).then(|| {
+        format!(
+            "run.rank_loads changes nothing here: a capacity plan's expert GEMMs run whole capacity blocks whatever rows they hold, and only bf16 GEMMs on a profile with kernels.zero_row_gain run faster over zero rows ({}, profile {})",
+            if spec.model.dtype == crate::spec::DType::Bf16 { "this profile has no gain" } else { "this plan is f32" }, profile.name
+        )
+    })
+}
+
 /// Rank `rp`'s expert-parallel rank's rows over the mean (`run.rank_loads`, at its index in
 /// its expert-parallel group); `None` when unset or the rank routes no MoE layer.
 pub fn rank_load(spec: &crate::spec::ExperimentSpec, rp: &RankPlan) -> Option<f64> {
@@ -509,8 +525,8 @@ pub struct SimRuntime {
     /// Seconds the simulation itself took (wall clock of this machine).
     pub simulate_s: f64,
     profile_note: String,
-    /// Set when the predicted peak exceeds the profile's GPU memory.
-    memory_warning: Option<String>,
+    /// A predicted peak above the profile's GPU memory; a spec setting that changes nothing.
+    warnings: Vec<String>,
 }
 
 impl SimRuntime {
@@ -521,7 +537,7 @@ impl SimRuntime {
             Err(e) => {
                 let state = Err(BackendError::OpFailed { rank: 0, op: "load profile".into(), message: e.to_string() });
                 let profile_note = format!("sim: no profile: {e}");
-                SimRuntime { plan, opts, state, trace: Trace { backend: "sim".into(), ..Default::default() }, steps_done: 0, simulate_s: 0.0, profile_note, memory_warning: None }
+                SimRuntime { plan, opts, state, trace: Trace { backend: "sim".into(), ..Default::default() }, steps_done: 0, simulate_s: 0.0, profile_note, warnings: Vec::new() }
             }
         }
     }
@@ -571,7 +587,8 @@ impl SimRuntime {
                 gib(peak as f64), gib(profile.gpu.memory_bytes), profile.device
             )
         });
-        SimRuntime { plan, opts, state, trace, steps_done: 0, simulate_s: t0.elapsed().as_secs_f64(), profile_note, memory_warning }
+        let warnings = memory_warning.into_iter().chain(idle_rank_loads(&plan.spec, profile)).collect();
+        SimRuntime { plan, opts, state, trace, steps_done: 0, simulate_s: t0.elapsed().as_secs_f64(), profile_note, warnings }
     }
 
     /// What the run log should say: the profile and whether it is calibrated, the cluster,
@@ -593,7 +610,7 @@ impl SimRuntime {
 
     /// Warnings about the plan on this profile: a predicted peak above the GPU's memory.
     pub fn warnings(&self) -> Vec<String> {
-        self.memory_warning.iter().cloned().collect()
+        self.warnings.clone()
     }
 
     /// The plan being simulated.
@@ -648,7 +665,7 @@ impl SimRuntime {
                 if measured {
                     self.trace.ops.push(OpEvent {
                         rank: *rank, step, stream: op.stream, stage: op.stage, pass: op.pass, name: op.name.clone(), layer: op.layer,
-                        chunk: op.chunk, start_ns, end_ns, flops: op.flops, bytes: op.bytes, collective: op.collective, host_ns: None, issue_ns: None,
+                        chunk: op.chunk, start_ns, end_ns, flops: op.flops, bytes: op.bytes, collective: op.collective, host_ns: None, issue_ns: None, gemm_calls: None,
                     });
                 }
             }

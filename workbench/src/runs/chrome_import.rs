@@ -7,8 +7,8 @@ use moelab::trace::chrome_import;
 use moelab::trace::Trace;
 use std::path::Path;
 
-/// Rebuild a trace from Chrome trace JSON text. Step spans are not part of the export, so
-/// the returned trace has none (the run's summary carries the step time).
+/// Rebuild a trace from Chrome trace JSON text, with the step spans of its `steps` thread
+/// (none in traces written before that thread existed).
 pub fn trace_from_chrome(text: &str, backend: &str) -> Result<Trace, String> {
     chrome_import::trace_from_chrome(text, backend).map_err(|e| e.to_string())
 }
@@ -29,7 +29,7 @@ mod tests {
     fn sample() -> Trace {
         let op = |rank, stream, stage, start, end| OpEvent {
             rank, step: 0, stream, stage, pass: Pass::Forward, name: format!("{stage}"), layer: Some(1), chunk: None,
-            start_ns: start, end_ns: end, flops: 100, bytes: 64, collective: None, host_ns: None, issue_ns: None,
+            start_ns: start, end_ns: end, flops: 100, bytes: 64, collective: None, host_ns: None, issue_ns: None, gemm_calls: None,
         };
         Trace {
             backend: "cpu".into(),

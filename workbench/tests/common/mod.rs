@@ -35,7 +35,7 @@ impl Rank {
         }
         let flops = if stage.is_comm() { 0 } else { dur * 2_000 };
         let bytes = dur * 300;
-        self.ops.push(OpEvent { rank: self.rank, step: 0, stream, stage, pass: Pass::Forward, name, layer: Some(layer), chunk, start_ns: start, end_ns: end, flops, bytes, collective: None, host_ns: None, issue_ns: None });
+        self.ops.push(OpEvent { rank: self.rank, step: 0, stream, stage, pass: Pass::Forward, name, layer: Some(layer), chunk, start_ns: start, end_ns: end, flops, bytes, collective: None, host_ns: None, issue_ns: None, gemm_calls: None });
         end
     }
 }

@@ -49,6 +49,7 @@ impl StreamExec<'_> {
     fn sgemm_cm(&self, g: Sgemm) -> Result<(), ExecError> {
         let i = |v: usize| v as i32;
         let beta = 0.0f32;
+        self.gemm_calls.set(self.gemm_calls.get() + 1);
         // SAFETY: the handle is bound to this stream; the call sites pass pointers into live
         // buffers sized for (leading dimension, batch stride, count) as computed from `dims`.
         unsafe {
@@ -68,6 +69,7 @@ impl StreamExec<'_> {
         let g = bg.g;
         let i = |v: usize| v as i32;
         let beta = 0.0f32;
+        self.gemm_calls.set(self.gemm_calls.get() + 1);
         let bf = cudaDataType::CUDA_R_16BF;
         let ct = match bg.c_st {
             Storage::F32 => cudaDataType::CUDA_R_32F,
