@@ -52,7 +52,7 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
         ] {
             if set {
                 fail(field, format!("{field} applies to backend \"sim\" only (backend is {:?})", r.backend.as_str()),
-                    format!("remove {field}, or set backend = \"sim\""));
+                    format!("remove {field} (on the command line: --set {field}=), or set backend = \"sim\""));
             }
         }
         return out;
