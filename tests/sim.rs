@@ -774,3 +774,21 @@ fn a_predicted_peak_above_the_gpus_memory_is_a_warning_in_the_run() {
     let summary = std::fs::read_to_string(out.dir.join("summary.json")).unwrap();
     assert!(summary.contains("\"warnings\"") && summary.contains("run out of memory"), "{summary}");
 }
+
+/// `run.rank_loads` in a capacity plan only moves zero rows, which only bf16 expert GEMMs on
+/// a profile with `kernels.zero_row_gain` price: elsewhere the run says it changes nothing.
+#[test]
+fn uneven_rank_loads_that_cannot_matter_are_named_in_a_warning() {
+    let warnings = |dtype: &str, extra: &str| {
+        let text = format!(
+            "name = \"t\"\n[model]\nd_model = 64\nd_ffn = 128\nn_experts = 4\ntop_k = 2\nn_layers = 1\ntokens_per_rank = 64\nseq_len = 16\ndtype = \"{dtype}\"\n{extra}[layout]\nep = 2\n[run]\nbackend = \"sim\"\nprofile = \"h200\"\nsteps = 1\nwarmup = 0\nrank_loads = [0.5, 1.5]\n"
+        );
+        let plan = Plan::build(&from_toml_str(&text).expect("valid")).expect("plan");
+        sim::SimRuntime::new(plan, Default::default()).warnings()
+    };
+    let f32 = warnings("f32", "");
+    assert!(f32.iter().any(|w| w.contains("run.rank_loads changes nothing") && w.contains("f32")), "{f32:?}");
+    // bf16 on a profile with zero-row gains, and dropless plans (loads size the blocks): no warning.
+    assert!(warnings("bf16", "").iter().all(|w| !w.contains("rank_loads")));
+    assert!(warnings("f32", "dropless = true\n").iter().all(|w| !w.contains("rank_loads")));
+}
