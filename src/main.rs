@@ -293,8 +293,9 @@ fn cmd_plan(file: &Path) -> Result<()> {
         let flops: u64 = rp.ops.iter().map(|o| o.flops).sum();
         let comm = rp.ops.iter().filter(|o| o.stage.is_comm()).count();
         outln!(
-            "rank {}: {} ops ({} collectives), {:.3} GFLOP per step, predicted peak {}{}",
-            rp.rank, rp.ops.len(), comm, flops as f64 / 1e9, mib(p.peak_total), if p.upper_bound { " (upper bound: dropless)" } else { "" }
+            "rank {}: {} ops ({} collectives), {:.3} GFLOP per step, predicted peak {}{}{}",
+            rp.rank, rp.ops.len(), comm, flops as f64 / 1e9, mib(p.peak_total), if p.upper_bound { " (upper bound: dropless)" } else { "" },
+            if p.interleaved_peak > p.peak_total { format!(", up to {} as its streams interleave", mib(p.interleaved_peak)) } else { String::new() }
         );
         let cats: Vec<String> = MemCategory::ALL.iter().map(|c| format!("{} {}", c, mib(p.at_peak[c.index()]))).collect();
         outln!("  at peak: {}", cats.join(", "));
@@ -390,20 +391,18 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
     for w in &outcome.warnings {
         eprintln!("warning: {w}");
     }
-    let worst = outcome.predicted.iter().zip(&outcome.tracked).map(|(p, t)| (p.peak_total, t.0, p.upper_bound)).max_by_key(|x| x.1);
-    if let Some((pred, tracked, bound)) = worst {
-        // The plan replays its ops in issue order; concurrent streams can hold a few more
-        // buffers at once (docs/ARCHITECTURE.md, invariants), so say by how much.
+    let worst = outcome.predicted.iter().zip(&outcome.tracked).map(|(p, t)| (p.peak_total, t.0, p.upper_bound, p.interleaved_peak)).max_by_key(|x| x.1);
+    if let Some((pred, tracked, bound, interleaved)) = worst {
+        // The plan replays its ops in issue order; concurrent streams can hold more at once,
+        // up to the interleaved bound (docs/ARCHITECTURE.md, invariants).
         let diff = match tracked.cmp(&pred) {
+            _ if tracked == 0 => " (not tracked: no rank reported its memory)".to_string(),
             std::cmp::Ordering::Equal => String::new(),
-            std::cmp::Ordering::Greater if !bound => format!(
-                " ({:+.2}%: the streams overlapped ops whose buffers the plan's issue-order replay never holds at once)",
-                (tracked as f64 / pred.max(1) as f64 - 1.0) * 100.0
-            ),
             _ => format!(" ({:+.2}%)", (tracked as f64 / pred.max(1) as f64 - 1.0) * 100.0),
         };
+        let range = if interleaved > pred { format!(", up to {} as its streams interleave", mib(interleaved)) } else { String::new() };
         outln!(
-            "peak memory: plan predicts {}{}, {} backend tracked {}{diff}",
+            "peak memory: plan predicts {}{}{range}, {} backend tracked {}{diff}",
             mib(pred), if bound { " (upper bound: routing-dependent buffers)" } else { "" }, outcome.trace.backend, mib(tracked)
         );
     }
@@ -425,13 +424,17 @@ fn cmd_compare(files: &[PathBuf], runs_dir: &Path) -> Result<()> {
     ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     let mut rows = Vec::new();
     let mut failed = Vec::new();
+    let mut cancelled = None;
     for (s, f) in specs.iter().zip(files) {
         eprintln!("running {} ({})", s.name, f.display());
         match run::run(s, runs_dir, &hooks) {
             Ok(o) => rows.push(run::compare::CompareRow::from_outcome(&s.name, s.variant.as_str(), s.world(), &o)),
-            // Ctrl-C stops the whole comparison (exit 130).
-            Err(e @ run::RunError::Backend { source: moelab::backend::BackendError::Cancelled, .. }) => return Err(e.into()),
-            // A failed experiment keeps its run directory; the others still run and compare.
+            // Ctrl-C stops the comparison (exit 130) after the rows already measured.
+            Err(e @ run::RunError::Backend { source: moelab::backend::BackendError::Cancelled, .. }) => {
+                cancelled = Some(e);
+                break;
+            }
+            // The others still run and are compared.
             Err(e) => {
                 eprintln!("failed: {} ({}): {e}", s.name, f.display());
                 failed.push(format!("{} ({})", s.name, f.display()));
@@ -445,8 +448,11 @@ fn cmd_compare(files: &[PathBuf], runs_dir: &Path) -> Result<()> {
         let written = run::compare::write(&rows, &dir)?;
         outln!("comparison tables: {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
     }
+    if let Some(e) = cancelled {
+        return Err(e.into());
+    }
     if !failed.is_empty() {
-        anyhow::bail!("{} of {} experiments failed (their run directories keep the log): {}", failed.len(), specs.len(), failed.join(", "));
+        anyhow::bail!("{} of {} experiments failed (each error is above): {}", failed.len(), specs.len(), failed.join(", "));
     }
     Ok(())
 }
@@ -684,6 +690,10 @@ fn cmd_crosscheck(files: &[PathBuf], runs_dir: &Path, json: Option<&Path>, buffe
 }
 
 fn main() {
+    // An empty MOELAB_RUNS_DIR means unset (as for notebooks), not an empty --runs-dir.
+    if std::env::var_os("MOELAB_RUNS_DIR").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("MOELAB_RUNS_DIR");
+    }
     let cli = Cli::parse();
     match cli.sets.iter().map(|s| spec::overrides::Override::parse(s)).collect::<Result<Vec<_>, _>>() {
         Ok(o) => {

@@ -404,6 +404,9 @@ fn a_misspelled_or_misplaced_field_is_named_with_the_one_meant() {
     assert_mentions(&shown, &["unknown field `n_heads` (`n_heads` belongs in [model.backbone])"]);
     let (_, _, shown) = parse_err("name = \"t\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 2\n[layout]\nsteps = 2\n");
     assert_mentions(&shown, &["`steps` belongs in [run]"]);
+    // A field of several tables names them all.
+    let (_, _, shown) = parse_err("name = \"t\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 2\ngpus_per_node = 2\n");
+    assert_mentions(&shown, &["`gpus_per_node` belongs in [run] or [tutel]"]);
     // Far from every field: the list only.
     let (_, _, shown) = parse_err("name = \"t\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 2\nzebra = 2\n");
     assert!(shown.contains("unknown field `zebra`, expected one of") && !shown.contains("did you mean") && !shown.contains("belongs"), "{shown}");

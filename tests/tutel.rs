@@ -247,6 +247,15 @@ fn auto_parallelism_times_both_layouts_of_one_parameter_layout_and_says_why() {
         assert!(log.contains(&format!("chose r={} degree {}", auto.chosen_r, auto.chosen)), "{log}");
         vec![(auto.chosen_r, auto.chosen); 2]
     };
+    // run.log names what the measured steps ran: the mix, or the uniform choice.
+    let ran = if mix_won { format!("per layer (L0: r={} degree {}, L1: r={} degree {})", chosen[0].0, chosen[0].1, chosen[1].0, chosen[1].1) } else { format!("r={} degree {}", auto.chosen_r, auto.chosen) };
+    assert_eq!(auto.describe(), ran);
+    assert!(log.contains(&format!("measured steps use {ran}:")), "{log}");
+    let mix = moelab::run::AutoDegree {
+        per_layer: vec![moelab::spec::TutelLayer { r: 1, degree: 4 }, moelab::spec::TutelLayer { r: 1, degree: 1 }],
+        ..auto.clone()
+    };
+    assert_eq!(mix.describe(), "per layer (L0: r=1 degree 4, L1: r=1 degree 1)");
     for (l, (r, _)) in chosen.iter().enumerate() {
         let of = |st: Stage| out.trace.ops.iter().filter(|o| o.stage == st && o.layer == Some(l as u32)).count();
         assert_eq!((of(Stage::AllToAll) > 0, of(Stage::ReduceScatter) > 0), (*r == 1, *r == 0), "layer {l}");

@@ -141,10 +141,11 @@ impl Engine {
                 self.outbox.stream(Some(p), "stderr", &format!("{e}\n"));
             }
         }
+        // An interrupt from here on kills the evaluation process (the hook's compile included).
+        *interrupter.rust_child.lock().expect("interrupt lock") = Some(ready.child.clone());
         // A process evcxr restarted (after an interrupt or a crash) lacks the `?` hook.
         ready.hook();
         ready.set_parent(out.cloned());
-        *interrupter.rust_child.lock().expect("interrupt lock") = Some(ready.child.clone());
         let result = ready.ctx.execute(src);
         *interrupter.rust_child.lock().expect("interrupt lock") = None;
         // The evaluation process may have been restarted (panic, interrupt): follow it.
@@ -161,10 +162,15 @@ impl Engine {
                 Err(CellError { ename: "Panic".into(), evalue, traceback: lines })
             }
             Ok(_) if early_return.is_some() => {
-                let lines = early_return.unwrap_or_default();
-                let evalue = lines.iter().rev().find(|l| !l.trim().is_empty()).cloned().unwrap_or_default();
+                let mut lines = early_return.unwrap_or_default();
+                while lines.last().is_some_and(|l| l.trim().is_empty()) {
+                    lines.pop();
+                }
+                let evalue = lines.last().cloned().unwrap_or_default();
+                // The error's text: the last paragraph the cell printed on stderr.
+                let start = lines.iter().rposition(|l| l.trim().is_empty()).map_or(0, |i| i + 1);
                 let mut traceback = vec!["Error: the cell returned early through `?`:".to_string()];
-                traceback.extend(lines.iter().rev().take_while(|l| !l.trim().is_empty()).cloned().collect::<Vec<_>>().into_iter().rev());
+                traceback.extend(lines[start..].iter().cloned());
                 Err(CellError { ename: "Error".into(), evalue, traceback })
             }
             Ok(outputs) => {

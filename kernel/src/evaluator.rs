@@ -9,8 +9,10 @@
 //! A cell that returns early through `?` is a success to evcxr (it prints the error on stderr
 //! and a marker line on the child's stdout that it consumes itself). [`QUESTION_MARK_HOOK`],
 //! run in the child after the prelude, relays the child's stdout through a pipe and writes
-//! [`EARLY_RETURN_MARKER`] on stderr when it sees evcxr's marker, so the kernel can report such
-//! a cell as an error (a notebook's "run all" then stops there).
+//! [`EARLY_RETURN_MARKER`] before evcxr's marker, on the same stdout, which evcxr passes on
+//! in order and drains before a cell's `execute` returns; the kernel then reports the cell as
+//! an error (a notebook's "run all" stops there). Lines still in the relay's pipe when the
+//! evaluation process crashes are lost (evcxr's own pipe would have kept them).
 
 use crate::outbox::Outbox;
 use crate::wire::Message;
@@ -39,25 +41,29 @@ pub struct Ready {
     hooked_pid: Option<u32>,
 }
 
-/// What the forwarder saw of the running cell's stderr, to name a `?` early return.
+/// What the forwarder saw of the running cell, to name a `?` early return.
 #[derive(Default)]
 struct EarlyReturn {
-    /// The cell's stderr lines so far (the last 40).
+    /// The cell's stderr lines so far (the last 40; the error's text is among the last).
     stderr: Vec<String>,
-    /// The stderr lines up to the marker, once the marker arrived.
-    error: Option<Vec<String>>,
+    /// The marker arrived.
+    seen: bool,
 }
 
-/// The line the [`QUESTION_MARK_HOOK`] writes on the child's stderr when a cell returned early
+/// The line the [`QUESTION_MARK_HOOK`] writes on the child's stdout when a cell returned early
 /// through `?`; the forwarder swallows it.
 pub const EARLY_RETURN_MARKER: &str = "\u{1}moelab-kernel: the cell returned early through `?`";
 
-/// Run once per evaluation process (an environment variable guards it): moves the process's
-/// stdout onto a pipe whose reader thread copies every line to the old stdout and, before
-/// evcxr's own `EVCXR_ERROR_OCCURRED` line, writes [`EARLY_RETURN_MARKER`] on stderr.
+/// Run once per evaluation process (an environment variable holding the process id guards
+/// it; a process the cell starts inherits it with another id): moves the process's stdout
+/// onto a pipe whose reader thread copies every line to the old stdout, writing
+/// [`EARLY_RETURN_MARKER`] before evcxr's own `EVCXR_ERROR_OCCURRED` line. The pipe's read
+/// end and the old stdout are close-on-exec (`F_SETFD`, `FD_CLOEXEC`: 2 and 1 on Linux and
+/// macOS), so processes a cell starts hold neither.
 pub const QUESTION_MARK_HOOK: &str = r#"{
-    unsafe extern "C" { fn pipe(fds: *mut i32) -> i32; fn dup(fd: i32) -> i32; fn dup2(from: i32, to: i32) -> i32; fn close(fd: i32) -> i32; }
-    if std::env::var_os("MOELAB_KERNEL_STDOUT_RELAY").is_none() {
+    unsafe extern "C" { fn pipe(fds: *mut i32) -> i32; fn dup(fd: i32) -> i32; fn dup2(from: i32, to: i32) -> i32; fn close(fd: i32) -> i32; fn fcntl(fd: i32, cmd: i32, ...) -> i32; }
+    let me = std::process::id().to_string();
+    if std::env::var("MOELAB_KERNEL_STDOUT_RELAY").ok().as_deref() != Some(me.as_str()) {
         use std::io::{BufRead, Write};
         use std::os::fd::FromRawFd;
         let _ = std::io::stdout().flush();
@@ -65,7 +71,12 @@ pub const QUESTION_MARK_HOOK: &str = r#"{
         if unsafe { pipe(fds.as_mut_ptr()) } == 0 {
             let old = unsafe { dup(1) };
             if old >= 0 && unsafe { dup2(fds[1], 1) } >= 0 {
-                unsafe { close(fds[1]); std::env::set_var("MOELAB_KERNEL_STDOUT_RELAY", "1"); }
+                unsafe {
+                    close(fds[1]);
+                    fcntl(fds[0], 2, 1);
+                    fcntl(old, 2, 1);
+                    std::env::set_var("MOELAB_KERNEL_STDOUT_RELAY", &me);
+                }
                 let read = unsafe { std::fs::File::from_raw_fd(fds[0]) };
                 let mut out = unsafe { std::fs::File::from_raw_fd(old) };
                 std::thread::spawn(move || {
@@ -75,7 +86,7 @@ pub const QUESTION_MARK_HOOK: &str = r#"{
                         line.clear();
                         if !matches!(read.read_until(b'\n', &mut line), Ok(n) if n > 0) { break; }
                         if line.trim_ascii_end() == b"EVCXR_ERROR_OCCURRED" {
-                            eprintln!("\u{1}moelab-kernel: the cell returned early through `?`");
+                            let _ = out.write_all("\u{1}moelab-kernel: the cell returned early through `?`\n".as_bytes());
                         }
                         if out.write_all(&line).and_then(|_| out.flush()).is_err() { break; }
                     }
@@ -149,9 +160,10 @@ impl Ready {
         if pid.is_some() && pid == self.hooked_pid {
             return;
         }
-        match self.ctx.execute(QUESTION_MARK_HOOK) {
-            Ok(_) => self.hooked_pid = pid,
-            Err(e) => eprintln!("moelab-kernel: the `?` early-return hook failed ({e}); such cells will report success"),
+        // Tried once per process: a hook that failed is not recompiled before every cell.
+        self.hooked_pid = pid;
+        if let Err(e) = self.ctx.execute(QUESTION_MARK_HOOK) {
+            eprintln!("moelab-kernel: the `?` early-return hook failed ({e}); such cells will report success");
         }
         self.wait_flushed();
         *self.early_return.lock().expect("early-return lock") = EarlyReturn::default();
@@ -164,10 +176,11 @@ impl Ready {
         *self.early_return.lock().expect("early-return lock") = EarlyReturn::default();
     }
 
-    /// The stderr lines printed before a `?` early return (the error's text last), if the
-    /// cell returned early.
+    /// The stderr lines the cell printed (the error's text last), if it returned early
+    /// through `?`. Call after [`Ready::wait_flushed`].
     pub fn take_early_return(&self) -> Option<Vec<String>> {
-        self.early_return.lock().expect("early-return lock").error.take()
+        let mut e = self.early_return.lock().expect("early-return lock");
+        std::mem::take(&mut e.seen).then(|| std::mem::take(&mut e.stderr))
     }
 
     /// The panic message the cell printed (evcxr reports a panicking cell as a success
@@ -201,12 +214,12 @@ fn spawn_forwarder(
         .name("evcxr-output".into())
         .spawn(move || {
             let send = |name: &str, line: String| {
+                if name == "stdout" && line == EARLY_RETURN_MARKER {
+                    early_return.lock().expect("early-return lock").seen = true;
+                    return;
+                }
                 if name == "stderr" {
                     let mut early = early_return.lock().expect("early-return lock");
-                    if line == EARLY_RETURN_MARKER {
-                        early.error = Some(early.stderr.clone());
-                        return;
-                    }
                     if early.stderr.len() == 40 {
                         early.stderr.remove(0);
                     }

@@ -152,15 +152,8 @@ pub fn run(experiments: &[Experiment], cancel: Arc<AtomicBool>, progress: Arc<dy
         let steps_progress = progress.clone();
         let hooks = RunHooks {
             exec: moelab::backend::ExecOptions { cancel: cancel.clone(), ..Default::default() },
-            on_step: Some(Arc::new(move |r: &moelab::backend::StepReport| {
-                if let Some(line) = moelab::run::sim_step_line(r) {
-                    return steps_progress(format!("  {line}\n"));
-                }
-                steps_progress(format!(
-                    "  step {}{}: loss {:.6} aux {:.4} dropped {}/{} wall {:.3} s\n",
-                    r.step, if r.measured { "" } else { " (warmup)" }, r.loss, r.aux_loss, r.dropped, r.routed, r.wall_s
-                ))
-            })),
+            // The run log's own line, as the CLI prints it.
+            on_step: Some(Arc::new(move |r: &moelab::backend::StepReport| steps_progress(format!("  {}\n", moelab::run::step_line(r))))),
         };
         let result = exp.run_with(&hooks, |p, _, _| {
             done += 1;

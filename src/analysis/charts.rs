@@ -233,4 +233,20 @@ mod tests {
         // Without ops the timeline says so instead of drawing an empty chart.
         assert!(std::fs::read_to_string(dir.path().join("timeline.svg")).expect("timeline").contains("no ops traced"));
     }
+
+    #[test]
+    fn the_timeline_title_gives_the_step_window_over_ranks() {
+        use crate::taxonomy::{Pass, Stage, Stream};
+        use crate::trace::{OpEvent, StepSpan};
+        let op = |rank: u32, start_ns: u64, end_ns: u64| OpEvent {
+            rank, step: 1, stream: Stream::Compute, stage: Stage::ExpertGemm1, pass: Pass::Forward, name: "g".into(), layer: None, chunk: None,
+            start_ns, end_ns, flops: 0, bytes: 0, collective: None, host_ns: None, issue_ns: None, gemm_calls: None,
+        };
+        let mut trace = Trace { backend: "cpu".into(), world: 2, ops: vec![op(0, 1_000_000, 2_000_000), op(1, 1_500_000, 3_000_000)], ..Trace::default() };
+        // Ops alone: their extent, 2 ms.
+        assert!(timeline_svg(&trace, "t").contains("(step 1, 2.000 ms)"));
+        // Step spans (a rank idles after its ops): the window over ranks, 4 ms.
+        trace.steps = vec![StepSpan { rank: 0, step: 1, start_ns: 500_000, end_ns: 4_500_000 }, StepSpan { rank: 1, step: 1, start_ns: 1_000_000, end_ns: 3_500_000 }];
+        assert!(timeline_svg(&trace, "t").contains("(step 1, 4.000 ms)"));
+    }
 }

@@ -106,7 +106,8 @@ struct Summary<'a> {
     status: &'a str,
     error: Option<String>,
     steps: Vec<StepJson>,
-    step_time_ms: f64,
+    /// `null` when no measured step ran (a run cancelled or failed before one).
+    step_time_ms: Option<f64>,
     overlap: f64,
     exposed_comm_ms: f64,
     memory: Vec<MemJson>,
@@ -387,6 +388,9 @@ struct MemJson {
     rank: usize,
     predicted_peak: u64,
     predicted_is_upper_bound: bool,
+    /// The most any order of the rank's two streams allowed by the plan can hold at once
+    /// (`plan::memory::interleaved_peak`): what a concurrent backend's peak stays under.
+    predicted_interleaved_peak: u64,
     tracked_peak: u64,
 }
 
@@ -582,11 +586,11 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         steps: steps.iter().map(|s| StepJson {
             step: s.step, measured: s.measured, loss: s.loss, aux_loss: s.aux_loss, dropped: s.dropped, routed: s.routed, capacity: s.capacity.clone(), wall_s: s.wall_s,
         }).collect(),
-        step_time_ms: analysis.step_time_ns / 1e6,
+        step_time_ms: (analysis.steps > 0).then(|| analysis.step_time_ns / 1e6),
         overlap: analysis.overall_overlap(),
         exposed_comm_ms: analysis.per_rank_step(analysis.exposed_comm_ns()) / 1e6,
         memory: predicted.iter().zip(&tracked).enumerate().map(|(rank, (p, t))| MemJson {
-            rank, predicted_peak: p.peak_total, predicted_is_upper_bound: p.upper_bound, tracked_peak: t.0,
+            rank, predicted_peak: p.peak_total, predicted_is_upper_bound: p.upper_bound, predicted_interleaved_peak: p.interleaved_peak, tracked_peak: t.0,
         }).collect(),
         tutel_auto_degree: auto_degree.clone(),
         mpmoe_auto: mpmoe_auto.clone(),

@@ -53,12 +53,15 @@ fn with_field_hint(message: &str) -> String {
         let Some(key) = quoted(message) else { return message.to_string() };
         let expected: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
         let near = |k: &str| strsim::damerau_levenshtein(k, &key);
-        let hint = match expected.iter().copied().min_by_key(|k| near(k)).filter(|k| near(k) <= 1.max(key.len() / 4)) {
-            Some(c) => format!(" (did you mean `{c}`?)"),
-            None => match table_fields().iter().find(|(_, fields)| fields.contains(&key) && !expected.contains(&key.as_str())) {
-                Some((table, _)) => format!(" (`{key}` belongs in [{table}])"),
+        // A field of other tables first (an exact name beats a near one), then a near name.
+        let homes: Vec<String> = table_fields().iter().filter(|(_, fields)| fields.contains(&key)).map(|(t, _)| format!("[{t}]")).collect();
+        let hint = if !homes.is_empty() && !expected.contains(&key.as_str()) {
+            format!(" (`{key}` belongs in {})", homes.join(" or "))
+        } else {
+            match expected.iter().copied().min_by_key(|k| near(k)).filter(|k| near(k) <= 1.max(key.len() / 4)) {
+                Some(c) => format!(" (did you mean `{c}`?)"),
                 None => String::new(),
-            },
+            }
         };
         let head = format!("unknown field `{key}`");
         return format!("{head}{hint}{}", &message[head.len()..]);

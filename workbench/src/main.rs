@@ -48,6 +48,10 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
+    // An empty MOELAB_RUNS_DIR means unset (as for notebooks), not an empty --runs-dir.
+    if std::env::var_os("MOELAB_RUNS_DIR").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("MOELAB_RUNS_DIR");
+    }
     let args = Args::parse();
     let variant = args.template.as_str();
     let template = Composer::from_template(variant)

@@ -319,7 +319,10 @@ impl<'a> StreamExec<'a> {
     #[allow(clippy::too_many_arguments)]
     fn gemm_in(&self, ab: Storage, form: GemmForm, a: u64, b: u64, c: u64, c_st: Storage, m: usize, k: usize, n: usize, beta: f32, batch: Option<Batch>) -> Result<(), ExecError> {
         let dims = GemmDims { m, k, n };
-        self.gemm_calls.set(self.gemm_calls.get() + 1);
+        // The raw GEMMs skip empty products without calling cuBLAS; count only real calls.
+        if m > 0 && n > 0 && batch.as_ref().is_none_or(|b| b.count > 0) {
+            self.gemm_calls.set(self.gemm_calls.get() + 1);
+        }
         if ab == Storage::Bf16 {
             // SAFETY: the handle is bound to this stream; the call sites size a, b (bf16) and c
             // (c_st) for the form.

@@ -608,7 +608,8 @@ impl SimRuntime {
         out
     }
 
-    /// Warnings about the plan on this profile: a predicted peak above the GPU's memory.
+    /// Warnings about the plan on this profile: a predicted peak above the GPU's memory, a
+    /// `run.rank_loads` that cannot change the prediction.
     pub fn warnings(&self) -> Vec<String> {
         self.warnings.clone()
     }

@@ -30,6 +30,9 @@ pub struct Prediction {
     pub at_peak: [u64; 7],
     /// Dropless buffers counted at their upper bound.
     pub upper_bound: bool,
+    /// That rank's peak over every order of its two streams the plan allows (at least
+    /// `peak_total`).
+    pub interleaved_peak: u64,
     /// The sim backend's prediction on a hardware profile, or why there is none.
     pub step: Result<SimPrediction, String>,
 }
@@ -45,7 +48,8 @@ pub struct SimPrediction {
     pub a2a_overlap: f64,
     /// The profile's name.
     pub profile: String,
-    /// What the sim warns of (a predicted peak above the profile's GPU memory).
+    /// What the sim warns of (a predicted peak above the profile's GPU memory, settings that
+    /// cannot change the prediction).
     pub warnings: Vec<String>,
 }
 
@@ -138,6 +142,7 @@ pub fn check(draft: &Table, profile: Option<&str>) -> Check {
                     peak_total: p.map_or(0, |p| p.peak_total),
                     at_peak: p.map_or([0; 7], |p| p.at_peak),
                     upper_bound: preds.iter().any(|p| p.upper_bound),
+                    interleaved_peak: p.map_or(0, |p| p.interleaved_peak),
                     step: simulate_step(&resolved, &plan, profile),
                 }
             });

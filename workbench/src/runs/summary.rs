@@ -66,7 +66,8 @@ pub struct RunSummary {
     pub error: Option<String>,
     /// One entry per step, warmup included.
     pub steps: Vec<StepSummary>,
-    /// Mean step time of a rank, ms.
+    /// Mean step time of a rank, ms; NaN when no measured step ran (`null` in the file).
+    #[serde(deserialize_with = "nan_if_null")]
     pub step_time_ms: f64,
     /// Share of communication overlapped with compute.
     pub overlap: f64,

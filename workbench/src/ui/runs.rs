@@ -50,7 +50,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
                     Cell::from(s.status.clone()).style(status_style(&s.status)),
                     Cell::from(s.variant.clone()),
                     Cell::from(s.world.to_string()),
-                    Cell::from(format!("{:.2}", s.step_time_ms)),
+                    Cell::from(if s.step_time_ms.is_finite() { format!("{:.2}", s.step_time_ms) } else { "-".into() }),
                     Cell::from(format!("{:.0}%", 100.0 * s.overlap)),
                     Cell::from(s.final_loss().map_or("-".into(), |l| format!("{l:.4}"))),
                 ]),
