@@ -295,7 +295,7 @@ fn cmd_plan(file: &Path) -> Result<()> {
         outln!(
             "rank {}: {} ops ({} collectives), {:.3} GFLOP per step, predicted peak {}{}{}",
             rp.rank, rp.ops.len(), comm, flops as f64 / 1e9, mib(p.peak_total), if p.upper_bound { " (upper bound: dropless)" } else { "" },
-            if p.interleaved_peak > p.peak_total { format!(", up to {} as its streams interleave", mib(p.interleaved_peak)) } else { String::new() }
+            if mib(p.interleaved_peak) != mib(p.peak_total) { format!(", up to {} as its streams interleave", mib(p.interleaved_peak)) } else { String::new() }
         );
         let cats: Vec<String> = MemCategory::ALL.iter().map(|c| format!("{} {}", c, mib(p.at_peak[c.index()]))).collect();
         outln!("  at peak: {}", cats.join(", "));
@@ -400,7 +400,7 @@ fn cmd_run(file: &Path, runs_dir: &Path, quiet: bool, backend: Option<&str>) -> 
             std::cmp::Ordering::Equal => String::new(),
             _ => format!(" ({:+.2}%)", (tracked as f64 / pred.max(1) as f64 - 1.0) * 100.0),
         };
-        let range = if interleaved > pred { format!(", up to {} as its streams interleave", mib(interleaved)) } else { String::new() };
+        let range = if mib(interleaved) != mib(pred) { format!(", up to {} as its streams interleave", mib(interleaved)) } else { String::new() };
         outln!(
             "peak memory: plan predicts {}{}{range}, {} backend tracked {}{diff}",
             mib(pred), if bound { " (upper bound: routing-dependent buffers)" } else { "" }, outcome.trace.backend, mib(tracked)

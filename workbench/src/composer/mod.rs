@@ -460,6 +460,13 @@ mod tests {
     }
 
     #[test]
+    fn an_overlapped_design_shows_what_its_interleaved_streams_can_hold() {
+        let c = Composer::from_template("scmoe").expect("template");
+        let Check::Valid { prediction: Ok(p), .. } = &c.check else { panic!("{:?}", c.check) };
+        assert!(p.interleaved_peak > p.peak_total, "{} vs {}", p.interleaved_peak, p.peak_total);
+    }
+
+    #[test]
     fn prediction_has_every_category_of_a_training_run() {
         let c = Composer::from_template("mpmoe").expect("template");
         let Check::Valid { prediction: Ok(p), .. } = &c.check else { panic!("{:?}", c.check) };

@@ -134,13 +134,17 @@ fn draw_memory(f: &mut Frame, area: Rect, app: &App) {
     let lines = match &app.composer.check {
         Check::Valid { prediction: Ok(p), .. } => {
             block_title = format!(
-                " Predicted peak {}{}{} (rank {}) ",
+                " Predicted peak {}{} (rank {}) ",
                 fmt_bytes(p.peak_total),
                 if p.upper_bound { " upper bound" } else { "" },
-                if p.interleaved_peak > p.peak_total { format!(", up to {} interleaved", fmt_bytes(p.interleaved_peak)) } else { String::new() },
                 p.worst_rank
             );
-            memory_lines(&p.at_peak, p.peak_total, area.width.saturating_sub(2))
+            let mut lines = memory_lines(&p.at_peak, p.peak_total, area.width.saturating_sub(2));
+            // Where the two streams may overlap, what the worst order of their ops holds.
+            if fmt_bytes(p.interleaved_peak) != fmt_bytes(p.peak_total) {
+                lines.push(Line::styled(format!("up to {} as its streams interleave", fmt_bytes(p.interleaved_peak)), dim_style()));
+            }
+            lines
         }
         _ => {
             block_title = " Predicted peak memory ".to_string();
