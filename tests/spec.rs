@@ -410,6 +410,9 @@ fn a_misspelled_or_misplaced_field_is_named_with_the_one_meant() {
     // Far from every field: the list only.
     let (_, _, shown) = parse_err("name = \"t\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 2\nzebra = 2\n");
     assert!(shown.contains("unknown field `zebra`, expected one of") && !shown.contains("did you mean") && !shown.contains("belongs"), "{shown}");
+    // A negative count says what to write.
+    let (_, _, shown) = parse_err("name = \"t\"\n[model]\nd_model = -64\nd_ffn = 8\nn_experts = 2\n");
+    assert_mentions(&shown, &["model.d_model", "-64", "a whole number, 0 or more"]);
     // A missing field says where every field is shown.
     let (_, _, shown) = parse_err("name = \"t\"\n[model]\nd_ffn = 8\nn_experts = 2\n");
     assert_mentions(&shown, &["missing field `d_model`", "experiments/quickstart.toml"]);

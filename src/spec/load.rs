@@ -10,7 +10,13 @@ pub fn from_toml_str(text: &str) -> Result<ExperimentSpec, SpecError> {
     let spec: ExperimentSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
         message: match e.span().and_then(|s| field_at(text, s.start)) {
             Some(field) if !e.message().contains('`') || e.message().starts_with("invalid") || e.message().starts_with("unknown variant") => {
-                format!("{field}: {}", e.message())
+                // serde names the Rust type; say what to write instead.
+                let want = if e.message().contains("expected usize") || e.message().contains("expected u64") || e.message().contains("expected u32") {
+                    " (fix: a whole number, 0 or more)"
+                } else {
+                    ""
+                };
+                format!("{field}: {}{want}", e.message())
             }
             _ => with_field_hint(e.message()),
         },
