@@ -264,3 +264,16 @@ pub fn byte_offset(s: &str, chars: usize) -> usize {
 pub fn char_index(s: &str, bytes: usize) -> usize {
     s[..bytes.min(s.len())].chars().count()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hook_writes_the_marker_the_forwarder_swallows() {
+        // The hook is source for the evaluation process: the marker appears there escaped.
+        let escaped = EARLY_RETURN_MARKER.replace('\u{1}', "\\u{1}");
+        assert!(QUESTION_MARK_HOOK.contains(&format!("\"{escaped}\\n\"")), "{QUESTION_MARK_HOOK}");
+        assert!(QUESTION_MARK_HOOK.contains("b\"EVCXR_ERROR_OCCURRED\""));
+    }
+}

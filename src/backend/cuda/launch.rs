@@ -425,9 +425,12 @@ fn finish(plan: &Plan, g: Gathered) -> JobResult {
         match rec {
             Some(rec) => {
                 let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-                let plan_peak = crate::plan::memory::predict(&plan.ranks[r]).peak_total;
+                let predicted = crate::plan::memory::predict(&plan.ranks[r]);
+                let plan_peak = predicted.peak_total;
+                // Where the two streams may overlap, the most their interleaving can hold.
+                let interleaved = if predicted.interleaved_peak > plan_peak { format!(" (up to {:.3} MiB interleaved)", mib(predicted.interleaved_peak)) } else { String::new() };
                 res.notes.push(format!(
-                    "rank {r}: memory peak: plan {:.3} MiB, tracked {:.3} MiB, device pool {:.3} MiB (pool/plan {:.3})",
+                    "rank {r}: memory peak: plan {:.3} MiB{interleaved}, tracked {:.3} MiB, device pool {:.3} MiB (pool/plan {:.3})",
                     mib(plan_peak), mib(rec.tracked_peak.0), mib(rec.pool_peak_bytes), rec.pool_peak_bytes as f64 / plan_peak.max(1) as f64
                 ));
                 res.trace.ops.extend(rec.ops);
