@@ -23,49 +23,62 @@ pub struct MemoryPrediction {
     pub interleaved_peak: u64,
 }
 
-/// Replay a rank's plan and report its predicted peak memory per category.
-pub fn predict(plan: &RankPlan) -> MemoryPrediction {
+/// A buffer event of the issue-order replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    /// The buffer becomes live.
+    Alloc,
+    /// The buffer is released.
+    Free,
+}
+
+/// The issue-order replay both predictions share: persistent buffers first (no op), then per
+/// op its writes of buffers not live (allocated on first write) and its frees of live ones.
+fn replay(plan: &RankPlan, mut on: impl FnMut(Option<usize>, &super::BufferDesc, Event)) {
     let mut live = vec![false; plan.buffers.len()];
-    let mut cur = [0u64; 7];
-    let mut total = 0u64;
-    let mut best = MemoryPrediction { peak_total: 0, at_peak: [0; 7], max_per_category: [0; 7], upper_bound: false, interleaved_peak: 0 };
-    let note = |cur: &[u64; 7], total: u64, best: &mut MemoryPrediction| {
-        if total > best.peak_total {
-            best.peak_total = total;
-            best.at_peak = *cur;
-        }
-        for (m, c) in best.max_per_category.iter_mut().zip(cur) {
-            *m = (*m).max(*c);
-        }
-    };
     for (i, b) in plan.buffers.iter().enumerate() {
         if b.persistent {
             live[i] = true;
-            cur[b.category.index()] += b.bytes();
-            total += b.bytes();
-            note(&cur, total, &mut best);
+            on(None, b, Event::Alloc);
         }
     }
-    for op in &plan.ops {
+    for (k, op) in plan.ops.iter().enumerate() {
         for w in &op.writes {
-            let b = &plan.buffers[w.0 as usize];
-            if !live[w.0 as usize] {
-                live[w.0 as usize] = true;
-                cur[b.category.index()] += b.bytes();
-                total += b.bytes();
-                best.upper_bound |= b.dynamic;
-                note(&cur, total, &mut best);
+            if !std::mem::replace(&mut live[w.0 as usize], true) {
+                on(Some(k), &plan.buffers[w.0 as usize], Event::Alloc);
             }
         }
         for f in &op.frees {
-            let b = &plan.buffers[f.0 as usize];
-            if live[f.0 as usize] {
-                live[f.0 as usize] = false;
-                cur[b.category.index()] -= b.bytes();
-                total -= b.bytes();
+            if std::mem::replace(&mut live[f.0 as usize], false) {
+                on(Some(k), &plan.buffers[f.0 as usize], Event::Free);
             }
         }
     }
+}
+
+/// Replay a rank's plan and report its predicted peak memory per category.
+pub fn predict(plan: &RankPlan) -> MemoryPrediction {
+    let mut cur = [0u64; 7];
+    let mut total = 0u64;
+    let mut best = MemoryPrediction { peak_total: 0, at_peak: [0; 7], max_per_category: [0; 7], upper_bound: false, interleaved_peak: 0 };
+    replay(plan, |_, b, event| match event {
+        Event::Alloc => {
+            cur[b.category.index()] += b.bytes();
+            total += b.bytes();
+            best.upper_bound |= b.dynamic;
+            if total > best.peak_total {
+                best.peak_total = total;
+                best.at_peak = cur;
+            }
+            for (m, c) in best.max_per_category.iter_mut().zip(&cur) {
+                *m = (*m).max(*c);
+            }
+        }
+        Event::Free => {
+            cur[b.category.index()] -= b.bytes();
+            total -= b.bytes();
+        }
+    });
     best.interleaved_peak = interleaved_peak(plan).max(best.peak_total);
     best
 }
@@ -80,7 +93,13 @@ pub fn predict(plan: &RankPlan) -> MemoryPrediction {
 /// per stream and the maximum over reachable states is a range maximum per state of one
 /// stream: O(n log n). Persistent buffers are resident throughout.
 pub fn interleaved_peak(plan: &RankPlan) -> u64 {
-    let persistent: u64 = plan.buffers.iter().filter(|b| b.persistent).map(|b| b.bytes()).sum();
+    // The replay's events, per op; persistent buffers resident throughout.
+    let (mut persistent, mut op_alloc, mut op_free) = (0u64, vec![0u64; plan.ops.len()], vec![0u64; plan.ops.len()]);
+    replay(plan, |op, b, event| match (op, event) {
+        (None, _) => persistent += b.bytes(),
+        (Some(k), Event::Alloc) => op_alloc[k] += b.bytes(),
+        (Some(k), Event::Free) => op_free[k] += b.bytes(),
+    });
     let side = |s: Stream| if s == Stream::Comm { 1usize } else { 0 };
     // Each op's place on its stream (1-based count of that stream's ops up to it).
     let mut count = [0usize; 2];
@@ -89,31 +108,16 @@ pub fn interleaved_peak(plan: &RankPlan) -> u64 {
         count[side(op.stream)] += 1;
         place[i] = count[side(op.stream)];
     }
-    // Per stream, in order: bytes the op allocates and frees in the issue-order replay, and
-    // how many of the other stream's ops it needs done.
-    let mut live: Vec<bool> = plan.buffers.iter().map(|b| b.persistent).collect();
+    // Per stream, in order: bytes the op allocates and frees in the replay, and how many of
+    // the other stream's ops it needs done.
     let mut alloc: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     let mut freed: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     let mut need: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
-    for op in &plan.ops {
+    for (k, op) in plan.ops.iter().enumerate() {
         let s = side(op.stream);
-        let mut a = 0;
-        for w in &op.writes {
-            if !live[w.0 as usize] {
-                live[w.0 as usize] = true;
-                a += plan.buffers[w.0 as usize].bytes();
-            }
-        }
-        let mut f = 0;
-        for x in &op.frees {
-            if live[x.0 as usize] {
-                live[x.0 as usize] = false;
-                f += plan.buffers[x.0 as usize].bytes();
-            }
-        }
         let n = op.deps.iter().map(|d| d.0 as usize).filter(|&d| d < plan.ops.len() && side(plan.ops[d].stream) != s).map(|d| place[d]).max().unwrap_or(0);
-        alloc[s].push(a);
-        freed[s].push(f);
+        alloc[s].push(op_alloc[k]);
+        freed[s].push(op_free[k]);
         need[s].push(n);
     }
     // net[s][k]: bytes live from stream s after k ops done; run[s][k]: with op k+1 running.
