@@ -430,7 +430,7 @@ fn cmd_compare(files: &[PathBuf], runs_dir: &Path) -> Result<()> {
         match run::run(s, runs_dir, &hooks) {
             Ok(o) => rows.push(run::compare::CompareRow::from_outcome(&s.name, s.variant.as_str(), s.world(), &o)),
             // Ctrl-C stops the comparison (exit 130) after the rows already measured.
-            Err(e @ run::RunError::Backend { source: moelab::backend::BackendError::Cancelled, .. }) => {
+            Err(e) if e.is_cancelled() => {
                 cancelled = Some(e);
                 break;
             }
@@ -730,7 +730,7 @@ fn main() {
             eprintln!("error: {}", chain_text(&e));
             // A cancelled run exits like a process stopped by Ctrl-C, so scripts can tell it
             // from a failure.
-            let cancelled = matches!(e.downcast_ref::<run::RunError>(), Some(run::RunError::Backend { source: moelab::backend::BackendError::Cancelled, .. }));
+            let cancelled = e.downcast_ref::<run::RunError>().is_some_and(run::RunError::is_cancelled);
             std::process::exit(if cancelled { 130 } else { 1 });
         }
     }

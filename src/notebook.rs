@@ -89,7 +89,7 @@ impl Experiment {
             location: None,
             file: None,
         })?;
-        Ok(Experiment { base, overrides: Vec::new(), sweeps: Vec::new(), runs_root: default_runs_root() })
+        Ok(Experiment { base, overrides: Vec::new(), sweeps: Vec::new(), runs_root: crate::run::default_runs_root() })
     }
 
     /// An experiment from a spec file.
@@ -237,12 +237,6 @@ impl Experiment {
         }
         Ok(Runs { sweep_keys: self.sweep_keys(), results })
     }
-}
-
-/// Where runs go unless [`Experiment::runs_root`] says otherwise: `$MOELAB_RUNS_DIR`, else
-/// `runs/` of the working directory (as for the CLI and the `%%experiment` cells).
-fn default_runs_root() -> PathBuf {
-    std::env::var_os("MOELAB_RUNS_DIR").filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from("runs"), PathBuf::from)
 }
 
 fn value_text(v: &toml::Value) -> String {

@@ -131,7 +131,7 @@ fn run(connection_file: PathBuf) -> Result<()> {
     let outbox = outbox::Outbox::new(out_tx);
     let interrupter = Arc::new(engine::Interrupter::default());
     let (engine_tx, engine_rx) = std::sync::mpsc::channel();
-    let runs_root = std::env::var_os("MOELAB_RUNS_DIR").filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from("runs"), PathBuf::from);
+    let runs_root = moelab::run::default_runs_root();
     // MOELAB_KERNEL_PRELUDE=off gives plain Rust cells without moelab (no moelab compile).
     let prelude = if std::env::var("MOELAB_KERNEL_PRELUDE").is_ok_and(|v| v == "off") { String::new() } else { workdir::prelude(&workdir::moelab_source()) };
     let eng = engine::Engine::new(outbox.clone(), prelude, interrupter.clone(), runs_root);

@@ -144,6 +144,13 @@ pub struct AutoDegree {
     pub reason: String,
 }
 
+impl RunError {
+    /// The run was cancelled (Ctrl-C, SIGTERM, an interrupt): the CLI exits 130.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, RunError::Backend { source: BackendError::Cancelled, .. })
+    }
+}
+
 impl AutoDegree {
     /// What the measured steps ran: the per-layer mix when one was kept, else the uniform
     /// choice (`r=1 degree 4`).
@@ -410,6 +417,13 @@ fn make_dir(root: &Path, name: &str) -> Result<PathBuf, RunError> {
     unreachable!("some suffix is free")
 }
 
+/// Where runs go when no directory is given: `$MOELAB_RUNS_DIR` (empty means unset), else
+/// `runs/` of the working directory; the notebook API and the Jupyter kernel use it, the CLI
+/// and the workbench read the same variable through their `--runs-dir` option.
+pub fn default_runs_root() -> PathBuf {
+    std::env::var_os("MOELAB_RUNS_DIR").filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from("runs"), PathBuf::from)
+}
+
 /// The run log's line for one step (the CLI prints the same line as each step ends).
 pub fn step_line(r: &StepReport) -> String {
     if let Some(line) = sim_step_line(r) {
@@ -423,7 +437,7 @@ pub fn step_line(r: &StepReport) -> String {
 
 /// The line of a simulated step (the sim does no math: no loss, nothing routed), or `None`
 /// for a step that computed.
-pub fn sim_step_line(r: &StepReport) -> Option<String> {
+fn sim_step_line(r: &StepReport) -> Option<String> {
     (r.loss.is_nan() && r.routed == 0).then(|| format!("step {}{}: predicted {:.3} ms (the sim does no math: no loss)", r.step, if r.measured { "" } else { " (warmup)" }, r.wall_s * 1e3))
 }
 
