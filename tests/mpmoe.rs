@@ -452,6 +452,34 @@ fn auto_run_profiles_predicts_chooses_and_reports_prediction_next_to_measurement
 }
 
 #[test]
+fn a_failed_profile_keeps_what_it_timed_in_the_summary() {
+    // The second profiled configuration (8 chunks, reuse buffers) fails at an op the first
+    // (1 chunk) does not have: the run fails, and summary.json keeps the first's timing.
+    let s = auto_spec("chunks = \"auto\"\nreuse = \"auto\"");
+    let names = |n: usize, r: Reuse| -> std::collections::HashSet<String> {
+        let mut t = s.clone();
+        t.mpmoe = Some(moelab::spec::MpmoeSpec { chunks: Degree::Fixed(n), reuse: r, memory_budget_mib: None });
+        Plan::build(&t).unwrap().ranks[0].ops.iter().map(|o| o.name.clone()).collect()
+    };
+    let first = names(1, Reuse::None);
+    let only_second = names(8, Reuse::ReuseBuffers).into_iter().find(|n| !first.contains(n)).expect("an op of 8 chunks only");
+    let root = tempfile::tempdir().unwrap();
+    let hooks = moelab::run::RunHooks { exec: moelab::backend::ExecOptions { fail_at: Some((0, only_second)), ..Default::default() }, on_step: None };
+    let e = moelab::run::run(&s, root.path(), &hooks).unwrap_err();
+    let dir = match &e {
+        moelab::run::RunError::Backend { dir, .. } => std::path::PathBuf::from(dir),
+        other => panic!("expected a failed run, got {other}"),
+    };
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["status"], "failed");
+    assert!(summary.get("mpmoe_auto").is_none(), "no choice was made: {summary}");
+    let timed = summary["auto_timed"].as_array().expect("auto_timed kept");
+    assert_eq!(timed.len(), 1, "{summary}");
+    assert_eq!(timed[0]["config"], "mpmoe chunks=1 reuse=none");
+    assert!(timed[0]["step_ms"].as_f64().is_some_and(|m| m > 0.0), "{summary}");
+}
+
+#[test]
 fn auto_chunks_with_a_fixed_strategy_and_a_budget_that_nothing_fits() {
     // Fixed strategy: only n is chosen, among the strategy's candidates.
     let root = tempfile::tempdir().unwrap();

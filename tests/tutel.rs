@@ -209,6 +209,35 @@ fn auto_degree_times_the_candidates_and_records_its_choice() {
 }
 
 #[test]
+fn a_cancelled_or_failed_auto_degree_keeps_what_it_timed_in_the_summary() {
+    // The third candidate (degree 4) fails at an op the first two do not have: the run
+    // fails before any measured step, and summary.json keeps the two timings it had.
+    let s = tutel_spec("batch = 2\nseq_len = 8\nn_layers = 1", "ep = 2", "degree = \"auto\"", "steps = 1\nwarmup = 0");
+    let names = |d: usize| -> std::collections::HashSet<String> {
+        let mut t = s.clone();
+        t.tutel.as_mut().unwrap().degree = Degree::Fixed(d);
+        Plan::build(&t).unwrap().ranks[0].ops.iter().map(|o| o.name.clone()).collect()
+    };
+    let (d1, d2) = (names(1), names(2));
+    let only_4 = names(4).into_iter().find(|n| !d1.contains(n) && !d2.contains(n)).expect("an op of degree 4 only");
+    let root = tempfile::tempdir().unwrap();
+    let hooks = moelab::run::RunHooks { exec: moelab::backend::ExecOptions { fail_at: Some((0, only_4)), ..Default::default() }, on_step: None };
+    let e = moelab::run::run(&s, root.path(), &hooks).unwrap_err();
+    let dir = match &e {
+        moelab::run::RunError::Backend { dir, .. } => std::path::PathBuf::from(dir),
+        other => panic!("expected a failed run, got {other}"),
+    };
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["status"], "failed");
+    assert!(summary.get("tutel_auto_degree").is_none(), "no choice was made: {summary}");
+    let timed: Vec<&str> = summary["auto_timed"].as_array().expect("auto_timed kept").iter().map(|t| t["config"].as_str().unwrap()).collect();
+    assert_eq!(timed, ["tutel r=1 degree 1", "tutel r=1 degree 2"], "{summary}");
+    assert!(summary["auto_timed"].as_array().unwrap().iter().all(|t| t["step_ms"].as_f64().is_some_and(|m| m > 0.0)));
+    let log = std::fs::read_to_string(dir.join("run.log")).unwrap();
+    assert!(log.contains("tutel auto degree: timing failed") && log.contains("status: failed"), "{log}");
+}
+
+#[test]
 fn auto_parallelism_times_both_layouts_of_one_parameter_layout_and_says_why() {
     let root = tempfile::tempdir().unwrap();
     let model = "tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\ncapacity_factor = 1.0";

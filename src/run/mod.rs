@@ -115,10 +115,25 @@ struct Summary<'a> {
     tutel_auto_degree: Option<AutoDegree>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mpmoe_auto: Option<mpmoe_auto::MpmoeAuto>,
+    /// What an automatic choice had timed when it failed or was cancelled (the choice itself
+    /// is then absent).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    auto_timed: Vec<AutoTrial>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     warnings: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     unsaved: Vec<String>,
+}
+
+/// One configuration an automatic choice (Tutel's degree or parallelism, MPMoE's chunks or
+/// reuse) timed: kept in `summary.json` when the choice did not finish, so a cancelled or
+/// failed run still shows what it measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AutoTrial {
+    /// The configuration, as the run log names it (`tutel r=1 degree 2`, `mpmoe chunks=4 reuse=none`).
+    pub config: String,
+    /// Mean measured step time, milliseconds.
+    pub step_ms: f64,
 }
 
 /// How Tutel's `degree = "auto"` and/or `parallelism = "auto"` were resolved: each timed
@@ -236,7 +251,7 @@ pub const AUTO_DEGREE_TIMED_STEPS: usize = 2;
 /// on cuda a job of its own whose worker records land in `dir/tutel-auto/r<r>-d<d>/`), time
 /// [`AUTO_DEGREE_TIMED_STEPS`] steps after one untimed step, and return the spec with the
 /// fastest fixed. `None` when the spec asks for neither.
-fn resolve_auto_degree(spec: &ExperimentSpec, dir: &Path, hooks: &RunHooks, log: &mut RunLog) -> Result<Option<(ExperimentSpec, AutoDegree)>, BackendError> {
+fn resolve_auto_degree(spec: &ExperimentSpec, dir: &Path, hooks: &RunHooks, log: &mut RunLog, timed: &mut Vec<AutoTrial>) -> Result<Option<(ExperimentSpec, AutoDegree)>, BackendError> {
     use crate::spec::{Degree, ParallelismChoice, TutelSpec, Variant};
     let Some(opts) = spec
         .tutel
@@ -306,6 +321,7 @@ fn resolve_auto_degree(spec: &ExperimentSpec, dir: &Path, hooks: &RunHooks, log:
             "tutel auto: r={r} degree {d}: {:.3} ms per step ({AUTO_DEGREE_TIMED_STEPS} timed steps), {:.1} KB of collectives per step on rank 0",
             mean_s * 1e3, comm_bytes as f64 / 1e3
         ));
+        timed.push(AutoTrial { config: format!("tutel r={r} degree {d}"), step_ms: mean_s * 1e3 });
         candidates.push(TutelCandidate { r, degree: d, mean_s, comm_bytes, layer_s });
     }
     let mut ranked = candidates.clone();
@@ -352,6 +368,7 @@ fn resolve_auto_degree(spec: &ExperimentSpec, dir: &Path, hooks: &RunHooks, log:
             t.layers = per_layer.clone();
         }
         let (mean_s, _, _) = time(&mix)?;
+        timed.push(AutoTrial { config: format!("tutel per-layer mix ({})", desc.join(", ")), step_ms: mean_s * 1e3 });
         mixed_s = Some(mean_s);
         log.line(&format!("tutel auto: per-layer mix ({}): {:.3} ms per step", desc.join(", "), mean_s * 1e3));
         if mean_s < best.mean_s {
@@ -467,7 +484,8 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     let mut failure = None;
     let mut plan = plan;
     let mut auto_degree = None;
-    match resolve_auto_degree(spec, &dir, hooks, &mut log) {
+    let mut auto_timed = Vec::new();
+    match resolve_auto_degree(spec, &dir, hooks, &mut log, &mut auto_timed) {
         Ok(Some((resolved, choice))) => {
             plan = Plan::build(&resolved)?;
             log.line(&format!("measured steps use {}: {} ops per step", choice.describe(), plan.op_count()));
@@ -481,7 +499,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
     }
     let mut mpmoe_auto = None;
     if let Some(setup) = mpmoe_setup {
-        match setup.profile(hooks, &mut log) {
+        match setup.profile(hooks, &mut log, &mut auto_timed) {
             Ok((resolved, choice)) => {
                 plan = Plan::build(&resolved)?;
                 mpmoe_auto = Some(choice);
@@ -608,6 +626,7 @@ pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<
         }).collect(),
         tutel_auto_degree: auto_degree.clone(),
         mpmoe_auto: mpmoe_auto.clone(),
+        auto_timed: if auto_degree.is_none() && mpmoe_auto.is_none() { auto_timed } else { Vec::new() },
         warnings: warnings.clone(),
         unsaved: unsaved.clone(),
     };

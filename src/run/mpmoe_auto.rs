@@ -166,7 +166,8 @@ impl Setup {
 
     /// Profile, fit, predict and choose (see the module docs). Returns the spec with the
     /// chosen (chunks, reuse) fixed and the record of the choice.
-    pub fn profile(mut self, hooks: &RunHooks, log: &mut RunLog) -> Result<(ExperimentSpec, MpmoeAuto), BackendError> {
+    /// Each profiled configuration is also pushed on `timed` as it finishes.
+    pub fn profile(mut self, hooks: &RunHooks, log: &mut RunLog, timed: &mut Vec<super::AutoTrial>) -> Result<(ExperimentSpec, MpmoeAuto), BackendError> {
         let n_min = self.entries.iter().map(|e| e.0.chunks).min().expect("candidates");
         let n_max = self.entries.iter().map(|e| e.0.chunks).max().expect("candidates");
         let reuses: Vec<Reuse> = {
@@ -191,6 +192,7 @@ impl Setup {
             let plan = self.entries[i].2.clone();
             let (mean, s) = profile_plan(plan, hooks)?;
             log.line(&format!("mpmoe auto: profiled chunks={n} reuse={}: {:.3} ms per step, {} op samples", reuse.as_str(), mean * 1e3, s.len()));
+            timed.push(super::AutoTrial { config: format!("mpmoe chunks={n} reuse={}", reuse.as_str()), step_ms: mean * 1e3 });
             samples.extend(s);
             self.entries[i].0.measured_s = Some(mean);
             self.entries[i].0.profiled = true;
