@@ -473,6 +473,35 @@ fn in_a_capacity_plan_the_rank_whose_experts_took_more_rows_runs_slower_expert_g
 }
 
 #[test]
+fn a_capacity_plans_all_to_alls_carry_the_kept_rows_not_the_padded_blocks() {
+    // The executors exchange the real counts: the return all-to-all carries what the dispatch
+    // delivered, not the capacity blocks (1.25 x the token rows here, 2.5 x at dp = 2, where
+    // each replica's blocks hold the whole capacity), dropped rows are not sent, and a rank
+    // whose experts took more rows than it sent receives more.
+    let a2a = |layout: &str, extra: &str| {
+        let text = std::fs::read_to_string("experiments/bench-sim/mixtral-ish-cf125.toml").expect("bench file") + &format!("\n[layout]\n{layout}\n");
+        let s = from_toml_str(&text.replace("backend = \"sim\"", &format!("backend = \"sim\"\n{extra}"))).expect("valid");
+        let plan = Plan::build(&s).expect("plans");
+        let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
+        let span = |name: &str| {
+            let i = plan.ranks[0].ops.iter().position(|o| o.name == name).unwrap_or_else(|| panic!("{name}"));
+            // Both members arrive together at balance; with loads, the span holds the wait.
+            let t = out.timeline.times[0][i];
+            t.end - t.start
+        };
+        (span("L0.dispatch_a2a"), span("L0.combine_a2a"))
+    };
+    let (dispatch, combine) = a2a("ep = 2", "");
+    assert!((combine / dispatch - 1.0).abs() < 0.02, "dispatch {dispatch} s, combine {combine} s");
+    let (dispatch_dp2, combine_dp2) = a2a("ep = 2\ndp = 2", "");
+    assert!((dispatch_dp2 / dispatch - 1.0).abs() < 0.05 && (combine_dp2 / combine - 1.0).abs() < 0.05, "dp 2: {dispatch_dp2} {combine_dp2} vs {dispatch} {combine}");
+    let (half, _) = a2a("ep = 2", "kept_share = 0.5");
+    assert!(half < 0.7 * dispatch && half > 0.4 * dispatch, "kept 0.5: {half} vs {dispatch}");
+    let (busy, busy_back) = a2a("ep = 2", "rank_loads = [1.6, 0.4]");
+    assert!(busy > 1.4 * dispatch && busy_back > 1.4 * combine, "loads 1.6/0.4: {busy} {busy_back} vs {dispatch} {combine}");
+}
+
+#[test]
 fn dropped_assignments_shorten_the_routed_row_ops_and_the_expert_gemms_only() {
     // A capacity plan that dropped assignments reads only the kept rows in its dispatch,
     // expert layouts and combine (their outputs are written whole), and its expert GEMMs run

@@ -229,6 +229,25 @@ fn duplicate_dropping_divides_all_to_all_bytes_by_tp() {
     }
 }
 
+#[test]
+fn the_tp_all_gathers_plan_the_part_each_rank_holds() {
+    // With dropping, each TP rank all-gathers the 1/tp part it received (or returns): an
+    // all-gather's bytes are one member's piece, so the plan counts 1/tp of the full set, as
+    // the cpu backend measures it: 2/3 of it here, the received parts being planned at the
+    // capacity blocks' size (capacity factor 2: half filled), the returned ones whole; tp
+    // times less when the plan counted the full set.
+    for (ep, tp) in [(2, 2), (2, 3)] {
+        let s = ted_spec("tokens_per_rank = 16\nseq_len = 8\nn_layers = 2\ncapacity_factor = 2.0", 1, ep, tp, true, "seed = 7");
+        let mut rt = runtime(&s, &[], true);
+        rt.step(true, Some(0)).expect("step");
+        let measured: u64 = rt.trace().ops.iter().filter(|o| o.stage == Stage::AllGather).map(|o| o.bytes).sum();
+        let plan = Plan::build(&s).expect("plans");
+        let planned: u64 = plan.ranks.iter().flat_map(|r| &r.ops).filter(|o| o.stage == Stage::AllGather).map(|o| o.bytes).sum();
+        let ratio = measured as f64 / planned as f64;
+        assert!(measured > 0 && ratio > 0.6 && ratio <= 1.0 + 1e-9, "ep={ep} tp={tp}: all-gathers measured {measured} bytes, planned {planned}");
+    }
+}
+
 fn problems(text: &str) -> Vec<(String, String)> {
     match from_toml_str(text) {
         Ok(_) => panic!("spec should be rejected:\n{text}"),

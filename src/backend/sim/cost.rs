@@ -569,6 +569,40 @@ pub fn all_to_all_payload(op: &Op, plan: &RankPlan, load: f64) -> Option<u64> {
     Some((op.bytes as f64 * filled(send).max(filled(recv)) / planned).round() as u64)
 }
 
+/// The payload of a capacity plan's variable all-to-all. The executors move only the rows
+/// routing kept (they exchange the real counts), not the padded capacity blocks: one side of
+/// the exchange is the token side (its `T k` rows, per chunk), the other the expert side (the
+/// rank's capacity blocks, `expert_over_token` times as many rows). Each member sends `kept`
+/// of its token rows and receives `kept * share` of that (`share`: its experts' rows over
+/// the mean rank's, `run.rank_loads`), so the wire carries `kept * max(1, share)` of the token
+/// side. `None` for other ops and for exchanges whose sides are not a token and an expert
+/// side (sizes off the ratio), which keep their planned bytes.
+pub fn capacity_all_to_all_payload(op: &Op, plan: &RankPlan, expert_over_token: f64, kept: f64, share: f64) -> Option<u64> {
+    let (send, recv) = match &op.kind {
+        OpKind::AllToAllV { send, recv, .. } | OpKind::AllToAllV2d { send, recv, .. } => (*send, *recv),
+        _ => return None,
+    };
+    let (s, r) = (plan.buffer(send).elems as f64, plan.buffer(recv).elems as f64);
+    if s <= 0.0 || r <= 0.0 || !(expert_over_token > 0.0) {
+        return None;
+    }
+    // Capacities round up per expert and chunks split rows unevenly: 2% slack.
+    let near = |a: f64, b: f64| (a / b - 1.0).abs() < 0.02;
+    let token = if near(r / s, expert_over_token) {
+        s
+    } else if near(s / r, expert_over_token) {
+        r
+    } else {
+        return None;
+    };
+    Some((op.bytes as f64 * token / s * kept.clamp(0.0, 1.0) * share.max(1.0)).round() as u64)
+}
+
+/// [`op_cost`] of a collective `op` carrying `bytes` instead of its planned bytes.
+pub fn collective_cost(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, bytes: u64) -> Cost {
+    op_cost_sized(op, plan, gpu, dtype, op.flops, bytes, Fill::FULL, 0.0)
+}
+
 /// Share of a routed-row op's bytes that scale with the assignments the capacity keeps: its
 /// reads of routed rows (kept rows only); its outputs are written whole, dropped rows as
 /// zeros. Reads are 0.44 (layouts at capacity factor 1.25) to 0.5 (combine) of the bytes; the

@@ -259,6 +259,11 @@ struct RoutingFill {
     block_load: f64,
     kept: f64,
     zero_rows: f64,
+    /// A capacity plan's all-to-alls: the rank's experts' rows over the mean rank's
+    /// (`run.rank_loads`, 1 when unset) and its expert side's rows over its token side's
+    /// (0 for dropless plans and ranks without MoE layers): [`cost::capacity_all_to_all_payload`].
+    share: f64,
+    expert_over_token: f64,
 }
 
 impl RoutingFill {
@@ -271,10 +276,15 @@ impl RoutingFill {
         let (load, block_load) = (expected_dynamic_load(spec), expected_block_load(spec));
         let share = rank_load(spec, rp);
         let (kept, zero_rows) = (expected_kept_share(spec), zero_rows_at(spec, rp, share.unwrap_or(1.0)));
-        let Some(r) = share.filter(|_| spec.model.dropless) else { return RoutingFill { load, block_load, kept, zero_rows } };
+        let expert_over_token = match moe_dims(rp) {
+            Some(d) if !spec.model.dropless => d.rows_per_expert.map_or(0.0, |rows| (d.local_experts() * rows) as f64 / (d.tokens * d.top_k).max(1) as f64),
+            _ => 0.0,
+        };
+        let fill = RoutingFill { load, block_load, kept, zero_rows, share: share.unwrap_or(1.0), expert_over_token };
+        let Some(r) = share.filter(|_| spec.model.dropless) else { return fill };
         let busiest = spec.run.rank_loads.as_deref().map_or(1.0, busiest_rank_share);
         let imbalance = spec.run.dropless_imbalance.unwrap_or(1.0);
-        RoutingFill { load: (load * r).min(1.0), block_load: (load * r * imbalance.max(busiest) / busiest).max(load * r).min(1.0), kept, zero_rows }
+        RoutingFill { load: (load * r).min(1.0), block_load: (load * r * imbalance.max(busiest) / busiest).max(load * r).min(1.0), ..fill }
     }
 }
 
@@ -430,6 +440,11 @@ fn op_cost(op: &crate::plan::Op, rp: &RankPlan, profile: &Profile, dtype: GemmDt
     let mut dynamic_bufs = op.reads.iter().chain(&op.writes).filter(|b| rp.buffer(**b).dynamic).peekable();
     let dynamic = load < 1.0 && dynamic_bufs.peek().is_some();
     let elementwise = matches!(op.kind, crate::plan::OpKind::Act { .. } | crate::plan::OpKind::ActBwd { .. });
+    if !dynamic {
+        if let Some(bytes) = cost::capacity_all_to_all_payload(op, rp, routing.expert_over_token, routing.kept, routing.share) {
+            return (cost::collective_cost(op, rp, &profile.gpu, dtype, bytes), 1.0);
+        }
+    }
     if !dynamic && (routing.kept < 1.0 || routing.zero_rows > 0.0) {
         return (cost::op_cost_kept(op, rp, &profile.gpu, dtype, routing.kept, routing.zero_rows), 1.0);
     }

@@ -193,8 +193,12 @@ fn sliced_param(b: &mut RankBuilder, layer: usize, tag: &str, dims: &MoeDims, ro
     b.param_sliced(&format!("L{layer}.expert.{tag}"), el * rows * (keep.1 - keep.0), init, true, slice)
 }
 
-fn tp_allgather(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, send: BufId, recv: BufId) {
-    let bytes = b.f32_bytes_of(send);
+/// The all-gather of the TP ranks' dropped parts: `send` is sized for the full set but holds
+/// this rank's `1/tp` of it (what it received or returns), so the op counts that share: an
+/// all-gather's bytes are one member's piece (the sim sends it to the `tp - 1` others).
+fn tp_allgather(b: &mut RankBuilder, name: &str, pass: Pass, p: Place, send: BufId, recv: BufId) {
+    let bytes = b.f32_bytes_of(send).div_ceil(p.tp as u64);
+    let group = p.tp_group;
     b.op(name, Stage::AllGather, pass, OpKind::AllGather { group, send, recv }, 0, bytes);
 }
 
@@ -233,7 +237,7 @@ fn to_experts(b: &mut RankBuilder, p: Place, dims: &MoeDims, layer: usize, src: 
         let recv_part = b.dyn_buf(format!("L{layer}.moe.{what}_recv_part"), el * rows * m, Mc::CommBuffers);
         dropped_a2a(b, a2a_name, pass, p, part, part_counts, recv_part, m);
         let recv = rb(b, format!("L{layer}.moe.{what}_recv"), el * rows * m);
-        tp_allgather(b, &format!("gather_tokens{bwd}"), pass, p.tp_group, recv_part, recv);
+        tp_allgather(b, &format!("gather_tokens{bwd}"), pass, p, recv_part, recv);
         b.op(layout_name, Stage::Permute, pass, OpKind::TpLayout { recv, gathered, out, dims: dims.clone(), tp: p.tp }, 0,
             8 * (el * rows * m) as u64);
     } else {
@@ -268,7 +272,7 @@ fn from_experts(b: &mut RankBuilder, p: Place, dims: &MoeDims, layer: usize, inp
         let part = b.dyn_buf(format!("L{layer}.moe.{what}_part"), t * k * m, Mc::CommBuffers);
         dropped_a2a(b, a2a_name, pass, p, send, counts, part, m);
         let parts = b.buf(format!("L{layer}.moe.{what}_parts"), t * k * m, Mc::CommBuffers);
-        tp_allgather(b, &format!("gather_tokens_back{bwd}"), pass, p.tp_group, part, parts);
+        tp_allgather(b, &format!("gather_tokens_back{bwd}"), pass, p, part, parts);
         b.op(format!("merge_tokens{bwd}"), Stage::Permute, pass, OpKind::TpMerge { parts, gathered, full, dims: dims.clone(), tp: p.tp }, 0,
             8 * (t * k * m) as u64);
     } else if ep > 1 {
