@@ -384,6 +384,14 @@ fn sim_fields_are_checked_and_filled_by_spec_validation() {
     assert_eq!(problems(&with(&capacity2, "rank_loads = [1.1]")), ["run.rank_loads"]);
     let on_cpu = with(&dropless2, "rank_loads = [1.1, 0.9]").replace("backend = \"sim\"", "backend = \"cpu\"");
     assert!(problems(&on_cpu).contains(&"run.rank_loads".to_string()), "{:?}", problems(&on_cpu));
+    // Tutel's 2D all-to-all groups by tutel.gpus_per_node: a group larger than the node is
+    // refused, naming the node size; a divisor of it is a choice.
+    let tutel = seed_text("tutel").replace("a2a = \"flat\"", "a2a = \"2d\"\ngpus_per_node = 4");
+    let err = spec::from_toml_str(&with(&tutel, "gpus_per_node = 2")).unwrap_err();
+    assert_eq!(err.problems()[0].field, "tutel.gpus_per_node", "{err}");
+    assert!(err.problems()[0].message.contains("run.gpus_per_node=2") && err.problems()[0].fix.contains("tutel.gpus_per_node = 2"), "{err}");
+    assert_eq!(from_toml_str(&with(&tutel, "gpus_per_node = 8")).expect("valid").run.gpus_per_node, Some(8));
+    assert_eq!(from_toml_str(&tutel).expect("valid").run.gpus_per_node, Some(4), "the node size from [tutel]");
     // The executor's host copies: sim only.
     assert_eq!(from_toml_str(&with(&text, "host_copies = false")).expect("valid").run.host_copies, Some(false));
     let on_cpu = with(&text, "host_copies = true").replace("backend = \"sim\"", "backend = \"cpu\"");

@@ -111,6 +111,16 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
         Some(g) => g,
         None => prof.topology.gpus_per_node,
     };
+    // Tutel's 2D all-to-all groups its first phase by `tutel.gpus_per_node`: a group larger
+    // than the cluster's node would run that "intra-node" phase over the inter-node links.
+    if let (Some(n), Some(g)) = (r.gpus_per_node, spec.node_size_hint()) {
+        if g > 0 && !n.is_multiple_of(g) {
+            fail("tutel.gpus_per_node",
+                format!("gpus_per_node={g} does not divide run.gpus_per_node={n}: the 2D all-to-all's intra-node phase would cross nodes"),
+                format!("set tutel.gpus_per_node = {n} (the node size) or a divisor of it, or remove run.gpus_per_node to take the node size from [tutel]"));
+            return out;
+        }
+    }
     let need = world.div_ceil(gpn).max(1);
     let nodes = match r.nodes {
         Some(0) => {
