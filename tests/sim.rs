@@ -38,11 +38,11 @@ fn simple_profile(gpus_per_node: usize, nics_per_node: usize) -> Profile {
 }
 
 fn compute(secs: f64, deps: &[u32]) -> SimOp {
-    SimOp { stream: Stream::Compute, deps: deps.to_vec(), cost: Cost::Compute(secs), host: HostWork::default() }
+    SimOp { stream: Stream::Compute, deps: deps.to_vec(), cost: Cost::Compute(secs), host: HostWork::default(), kernels: 1 }
 }
 
 fn all_reduce(group: u32, bytes: f64, deps: &[u32]) -> SimOp {
-    SimOp { stream: Stream::Comm, deps: deps.to_vec(), cost: Cost::Collective(vec![CollectivePart { group: GroupId(group), kind: CollectiveKind::AllReduce, bytes, host_s: 0.0 }]), host: HostWork::default() }
+    SimOp { stream: Stream::Comm, deps: deps.to_vec(), cost: Cost::Collective(vec![CollectivePart { group: GroupId(group), kind: CollectiveKind::AllReduce, bytes, host_s: 0.0 }]), host: HostWork::default(), kernels: 1 }
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -661,6 +661,7 @@ fn a_two_phase_all_to_all_runs_its_phases_in_order() {
             CollectivePart { group: GroupId(2 + r % 2), kind: CollectiveKind::AllToAll, bytes: 0.1e9, host_s: 0.0 },
         ]),
         host: HostWork::default(),
+        kernels: 1,
     };
     let groups = vec![vec![0, 1], vec![2, 3], vec![0, 2], vec![1, 3]];
     for (nics, want) in [(2, 5.5e-3), (1, 10.5e-3)] {

@@ -168,8 +168,8 @@ fn kernels(kind: &OpKind, gemm_count: usize) -> usize {
         Dispatch { .. } => 2,
         // The row map from the blocks, and the row gather.
         ExpertLayout { .. } | ExpertUnlayout { .. } => 2,
-        // One fused multi-tensor kernel.
-        Adam { .. } => 1,
+        // One kernel per parameter tensor (the cuda executor's loop).
+        Adam { params, .. } => params.len().max(1),
         // Row gradients, then the weight gradients.
         CombineBwd { .. } => 2,
         _ => gemm_count.max(1),
@@ -357,11 +357,24 @@ pub fn issue_seconds(op: &Op, plan: &RankPlan, gpu: &GpuProfile) -> f64 {
     if k.host_op_s == 0.0 && k.host_launch_s == 0.0 {
         return 0.0;
     }
-    let launches = match attention_loop(&op.kind, plan) {
+    k.host_op_s + k.host_launch_s * launches(op, plan) as f64
+}
+
+/// Kernels of op `op` a collective launched beside it waits for one at a time: Adam's, one
+/// per parameter tensor, each a short pass. A GEMM op, or the attention loop of GEMMs, holds
+/// the collective to its end, as the stored 2-GPU runs show (ScMoE's backward all-to-all beside
+/// the dense branch's backward is 29% short when it waits for one kernel only).
+pub fn held_kernels(op: &Op, plan: &RankPlan) -> usize {
+    if matches!(op.kind, OpKind::Adam { .. }) { launches(op, plan) } else { 1 }
+}
+
+/// Kernels op `op` launches one after the other on its stream (an attention core's loop: its
+/// body per iteration; Adam: one per parameter tensor).
+pub fn launches(op: &Op, plan: &RankPlan) -> usize {
+    match attention_loop(&op.kind, plan) {
         Some((iterations, body)) => iterations * body.len(),
         None => kernels(&op.kind, gemms_at(&op.kind, plan, Fill::FULL).len()),
-    };
-    k.host_op_s + k.host_launch_s * launches as f64
+    }
 }
 
 /// The collective parts of an op; `None` for compute ops.

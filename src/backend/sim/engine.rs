@@ -39,6 +39,9 @@ pub struct SimOp {
     pub deps: Vec<u32>,
     /// Its cost on the GPU.
     pub cost: Cost,
+    /// Kernels a compute op runs one after the other (at least 1): a collective launched
+    /// beside it waits for the end of the running one.
+    pub kernels: u32,
     /// What the host does before it can launch the op (compute ops; a collective's host
     /// time is part of its [`CollectivePart`]).
     pub host: HostWork,
@@ -262,8 +265,9 @@ struct RankState {
     busy: [bool; 2],
     /// Per stream, when its host thread has issued everything so far.
     host_free: [f64; 2],
-    /// Per stream, the GPU span (kernel start, end) of the compute op running there.
-    kernel: [Option<(f64, f64)>; 2],
+    /// Per stream, the GPU span (kernel start, end) of the compute op running there and
+    /// its kernels, of equal length.
+    kernel: [Option<(f64, f64, u32)>; 2],
     done: Vec<bool>,
     part: Vec<usize>,
     times: Vec<OpTime>,
@@ -484,7 +488,7 @@ impl<'a> Sim<'a> {
                 let start = if h.sync { host_start } else { now.max(st.host_free[s]) };
                 let end = if h.sync { start + h.seconds + *d } else { start + *d };
                 st.times[op].start = start;
-                st.kernel[s] = Some((end - *d, end));
+                st.kernel[s] = Some((end - *d, end, sim_op.kernels.max(1)));
                 self.push(end, Event::ComputeDone { ri, op });
             }
             Cost::Collective(parts) if parts.is_empty() => self.push(now, Event::ComputeDone { ri, op }),
@@ -511,13 +515,18 @@ impl<'a> Sim<'a> {
     }
 
     /// A member's collective kernel was launched now: it joins the instance, or waits for the
-    /// end of a compute op whose kernel began before now (one that begins at this instant
-    /// comes after the already queued collective kernel).
+    /// end of the kernel of a compute op running since before now (an op that begins at this
+    /// instant comes after the already queued collective kernel; an op of several kernels
+    /// holds it to the end of the one running).
     fn launch(&mut self, ri: usize, op: usize) {
         let now = self.now;
         // A group of one moves nothing between GPUs (no kernel of its own to wait).
         let alone = self.input.groups[self.part(ri, op).group.0 as usize].len() <= 1;
-        let held = if alone { now } else { self.ranks[ri].kernel.iter().flatten().filter(|(a, b)| *a < now && now < *b).map(|(_, b)| *b).fold(now, f64::max) };
+        let running = |&(a, b, n): &(f64, f64, u32)| {
+            let piece = (b - a) / n as f64;
+            (a + ((now - a) / piece).ceil() * piece).min(b)
+        };
+        let held = if alone { now } else { self.ranks[ri].kernel.iter().flatten().filter(|(a, b, _)| *a < now && now < *b).map(running).fold(now, f64::max) };
         if held > now {
             self.push(held, Event::Launch { ri, op });
         } else {

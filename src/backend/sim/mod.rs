@@ -438,7 +438,7 @@ fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, routing: &Routing
             if host_copies {
                 copies.issued(op, rp);
             }
-            SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost, host }
+            SimOp { stream: op.stream, deps: op.deps.iter().map(|d| d.0).collect(), cost, host, kernels: cost::held_kernels(op, rp) as u32 }
         })
         .collect()
 }
