@@ -80,3 +80,25 @@ fn collectives_sum_and_exchange_like_nccl() {
         assert_eq!(got, &(0..3).map(|p| (p * 10 + r) as f32).collect::<Vec<_>>());
     }
 }
+
+#[test]
+fn a_cpu_run_larger_than_the_hosts_memory_is_refused_before_it_starts() {
+    // Every rank of a cpu run lives in this process: a predicted peak above the host's memory
+    // is refused naming the backend and the fix, instead of the allocation aborting.
+    let s = spec("tokens_per_rank = 32", "ep = 2", "");
+    let plan = Plan::build(&s).unwrap();
+    match moelab::run::refuse_cpu_beyond_host_memory(&plan, Some(1 << 10)) {
+        Err(moelab::run::RunError::Choice { field, message, fix }) => {
+            assert_eq!(field, "run.backend");
+            assert!(message.contains("2 rank(s)") && fix.contains("sim"), "{message} / {fix}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(moelab::run::refuse_cpu_beyond_host_memory(&plan, Some(1 << 40)).is_ok());
+    assert!(moelab::run::refuse_cpu_beyond_host_memory(&plan, None).is_ok(), "unknown host memory: runs");
+    let mut sim = s.clone();
+    sim.run.backend = moelab::spec::BackendKind::Sim;
+    sim.run.profile = Some("h100".into());
+    assert!(moelab::run::refuse_cpu_beyond_host_memory(&Plan::build(&sim).unwrap(), Some(1 << 10)).is_ok(), "the sim holds no tensors");
+    assert!(moelab::run::host_memory_bytes().is_none_or(|b| b > 1 << 28), "this machine has some memory");
+}

@@ -830,7 +830,7 @@ fn huge_n_experts_with_bad_ep_is_rejected_quickly() {
     let text = edit("n_experts = 8", "n_experts = 1000000000000").replacen("[model]", "[layout]\nep = 7\n\n[model]", 1);
     let result = within(Duration::from_secs(10), move || from_toml_str(&text).map(|_| ()));
     match result {
-        Err(e) => assert_eq!(e.problems().iter().map(|p| p.field.as_str()).collect::<Vec<_>>(), ["layout.ep"]),
+        Err(e) => assert_eq!(e.problems().iter().map(|p| p.field.as_str()).collect::<Vec<_>>(), ["model.n_experts", "layout.ep"]),
         Ok(()) => panic!("ep=7 does not divide 10^12 and must be rejected"),
     }
 }
@@ -842,7 +842,7 @@ fn huge_d_model_with_bad_n_heads_is_rejected_quickly() {
     match result {
         Err(e) => assert_eq!(
             e.problems().iter().map(|p| p.field.as_str()).collect::<Vec<_>>(),
-            ["model.backbone.n_heads"]
+            ["model.d_model", "model.backbone.n_heads"]
         ),
         Ok(()) => panic!("n_heads=7 does not divide 10^12 and must be rejected"),
     }
@@ -927,4 +927,19 @@ mod props {
             prop_assert_eq!(back, spec);
         }
     }
+}
+
+#[test]
+fn sizes_that_would_wrap_or_exceed_any_memory_are_refused_quickly_naming_the_field() {
+    // A dimension past the planned range, and dimensions each in range whose product is a
+    // tensor larger than any machine: refused before planning (which would overflow), fast.
+    let (p, shown) = within(Duration::from_secs(2), || invalid(&edit("d_model = 64", "d_model = 1099511627776")));
+    assert_eq!(p[0].field, "model.d_model", "{shown}");
+    assert_mentions(&shown, &["16777216"]);
+    let (_, shown) = within(Duration::from_secs(2), || invalid(&edit("d_model = 64", "d_model = 999999999999999999")));
+    assert_mentions(&shown, &["model.d_model"]);
+    let (p, shown) = one_problem(&edit("d_model = 64", "d_model = 16777216").replace("d_ffn = 128", "d_ffn = 16777216"), "model.d_ffn");
+    assert_mentions(&shown, &["expert weights", &p.message[..10]]);
+    // The largest shipped experiments stay well inside.
+    ok(&edit("d_model = 64", "d_model = 4096").replace("d_ffn = 128", "d_ffn = 14336"));
 }

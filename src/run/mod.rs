@@ -468,11 +468,45 @@ pub fn capacity_text(c: &[usize]) -> String {
     }
 }
 
+/// This machine's memory (`MemTotal` of /proc/meminfo); `None` where it cannot be read.
+pub fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The cpu backend holds every rank in this process: a plan whose predicted peak over its
+/// ranks exceeds the host's memory (`host`) is refused before anything runs, instead of the
+/// allocation aborting the process (and a workbench with it). A plan whose prediction is an
+/// upper bound (dropless: every token may reach one expert) is not refused: the bound may be
+/// far above what it uses.
+pub fn refuse_cpu_beyond_host_memory(plan: &Plan, host: Option<u64>) -> Result<(), RunError> {
+    let (Some(host), crate::spec::BackendKind::Cpu) = (host, plan.spec.run.backend) else { return Ok(()) };
+    let predictions: Vec<MemoryPrediction> = plan.ranks.iter().map(predict).collect();
+    if predictions.iter().any(|p| p.upper_bound) {
+        return Ok(());
+    }
+    let total: u64 = predictions.iter().map(|p| p.peak_total).fold(0u64, u64::saturating_add);
+    if total <= host {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(RunError::Choice {
+        field: "run.backend".into(),
+        message: format!(
+            "the cpu backend would hold {:.1} GiB at its peak for its {} rank(s) in this process, more than this machine's {:.1} GiB",
+            gib(total), plan.ranks.len(), gib(host)
+        ),
+        fix: "set backend = \"sim\" to predict this size, or shrink the model (tokens_per_rank, d_model, d_ffn, n_experts)".into(),
+    })
+}
+
 /// Plan, execute and analyse `spec`, writing the run directory under `runs_root`.
 pub fn run(spec: &ExperimentSpec, runs_root: &Path, hooks: &RunHooks) -> Result<RunOutcome, RunError> {
     let plan = Plan::build(spec)?;
     let mpmoe_setup = mpmoe_auto::Setup::new(spec)?;
     refuse_external_tutel_auto(spec)?;
+    refuse_cpu_beyond_host_memory(&plan, host_memory_bytes())?;
     let dir = make_dir(runs_root, &spec.name)?;
     let io = |p: &Path, e: std::io::Error| RunError::Io { path: p.display().to_string(), message: e.to_string() };
     std::fs::write(dir.join("spec.toml"), spec.to_toml()).map_err(|e| io(&dir, e))?;

@@ -116,8 +116,54 @@ impl Checker {
     }
 }
 
+/// The largest size of one model dimension moelab plans.
+pub const MAX_DIM: usize = 1 << 24;
+/// The most elements one tensor of a rank may hold (4 TiB in f32): beyond any GPU or host,
+/// and far from overflowing the byte counts of a plan.
+pub const MAX_TENSOR_ELEMS: u128 = 1 << 40;
+
+/// Sizes a plan can hold: every dimension up to [`MAX_DIM`], and the largest tensors (the
+/// expert weights, the routed rows, the attention scores) up to [`MAX_TENSOR_ELEMS`], so
+/// that no size wraps around or asks for more memory than exists before any work starts.
+fn check_sizes(c: &mut Checker, m: &super::ModelSpec) {
+    let bb = m.backbone.as_ref();
+    let dims = [
+        ("model.d_model", Some(m.d_model)), ("model.d_ffn", Some(m.d_ffn)), ("model.n_experts", Some(m.n_experts)),
+        ("model.top_k", Some(m.top_k)), ("model.n_layers", Some(m.n_layers)), ("model.tokens_per_rank", m.tokens_per_rank),
+        ("model.batch", m.batch), ("model.seq_len", m.seq_len), ("model.backbone.n_heads", bb.map(|b| b.n_heads)),
+        ("model.backbone.d_mlp", bb.map(|b| b.d_mlp)),
+    ];
+    let mut too_big = false;
+    for (field, v) in dims {
+        if let Some(v) = v.filter(|v| *v > MAX_DIM) {
+            too_big = true;
+            c.fail(field, format!("{field}={v} is above the largest size moelab plans ({MAX_DIM})"), format!("set {field} to at most {MAX_DIM}"));
+        }
+    }
+    if too_big {
+        return;
+    }
+    let (t, mm, f, e, k) = (m.tokens_per_rank.unwrap_or(0) as u128, m.d_model as u128, m.d_ffn as u128, m.n_experts as u128, m.top_k as u128);
+    let (batch, seq, heads, mlp) = (m.batch.unwrap_or(0) as u128, m.seq_len.unwrap_or(0) as u128, bb.map_or(0, |b| b.n_heads) as u128, bb.map_or(0, |b| b.d_mlp) as u128);
+    let tensors = [
+        ("model.d_ffn", "the expert weights (n_experts x d_model x d_ffn)", e * mm * f),
+        ("model.tokens_per_rank", "the routed rows (tokens_per_rank x top_k x the larger of d_model and d_ffn)", t * k * mm.max(f)),
+        ("model.seq_len", "the attention scores (batch x n_heads x seq_len^2)", batch * heads * seq * seq),
+        ("model.backbone.d_mlp", "the dense MLP's activations (tokens_per_rank x d_mlp)", t * mlp),
+    ];
+    for (field, what, n) in tensors {
+        if n > MAX_TENSOR_ELEMS {
+            c.fail(field, format!("{what} would hold {n} elements, above the {MAX_TENSOR_ELEMS} one tensor may hold"), format!("lower {field} or the sizes it multiplies"));
+        }
+    }
+}
+
 /// The divisors of n (found in O(sqrt n)), listed for fix messages; long lists are cut.
 fn divisors(n: usize) -> String {
+    // Beyond any real size (a size check names the field): listing would take seconds.
+    if n > 1 << 40 {
+        return "1, ...".into();
+    }
     let mut small = Vec::new();
     let mut large = Vec::new();
     let mut d = 1usize;
@@ -236,6 +282,7 @@ pub fn resolve_and_validate(mut spec: ExperimentSpec) -> Result<ExperimentSpec, 
             None => c.fail("model.batch", format!("batch={b} x seq_len={s} overflows"), "use realistic sizes"),
         },
     }
+    check_sizes(&mut c, m);
     if let Some(bb) = &m.backbone {
         if bb.n_heads > 0 && m.d_model % bb.n_heads != 0 {
             c.fail("model.backbone.n_heads", format!("n_heads={} does not divide d_model={}", bb.n_heads, m.d_model),
