@@ -830,3 +830,25 @@ fn uneven_rank_loads_that_cannot_matter_are_named_in_a_warning() {
     assert!(warnings("bf16", "").iter().all(|w| !w.contains("rank_loads")));
     assert!(warnings("f32", "dropless = true\n").iter().all(|w| !w.contains("rank_loads")));
 }
+
+#[test]
+fn tutels_2d_all_to_all_pays_its_copies_and_wins_only_across_many_nodes() {
+    // The 2D all-to-all stride-copies its rows before each phase and reads counts back between
+    // them: on 2 nodes of 8 GPUs it is slower than the flat one; across 32 nodes, where the
+    // flat one pays a latency per peer, it is faster (the Tutel paper's crossover).
+    let a2a_us = |ep: usize, a2a: &str| {
+        let text = format!(
+            "name = \"t\"\nvariant = \"tutel\"\n[model]\nd_model = 2048\nd_ffn = 4096\nn_experts = 256\ntop_k = 2\ncapacity_factor = 1.0\nn_layers = 1\nbatch = 1\nseq_len = 256\ndtype = \"bf16\"\n[layout]\nep = {ep}\n[tutel]\ndegree = 1\na2a = \"{a2a}\"\ngpus_per_node = 8\n[run]\nbackend = \"sim\"\nprofile = \"h100\"\ngpus_per_node = 8\nsteps = 1\nwarmup = 0\n"
+        );
+        let s = from_toml_str(&text).expect("valid");
+        let plan = Plan::build(&s).expect("plans");
+        let out = sim::simulate_plan(&plan, &sim::spec_profile(&s).expect("profile"), Symmetry::Exploit).expect("simulates");
+        let i = plan.ranks[0].ops.iter().position(|o| o.stage == moelab::taxonomy::Stage::AllToAll).expect("an all-to-all");
+        let t = out.timeline.times[0][i];
+        (t.end - t.start) * 1e6
+    };
+    let (flat2, two_d2) = (a2a_us(16, "flat"), a2a_us(16, "2d"));
+    assert!(two_d2 > flat2, "2 nodes: 2D {two_d2} us, flat {flat2} us");
+    let (flat32, two_d32) = (a2a_us(256, "flat"), a2a_us(256, "2d"));
+    assert!(two_d32 < 0.7 * flat32, "32 nodes: 2D {two_d32} us, flat {flat32} us");
+}

@@ -246,6 +246,10 @@ pub fn host_traffic_known(kind: &OpKind, plan: &RankPlan, load: f64, known: &dyn
     let (extra_syncs, extra_bytes) = match kind {
         // The send counts down, then the all-gathered count matrix back (two round trips).
         AllToAllV { send_counts, .. } => (1, bytes(*send_counts)),
+        // Tutel's 2D all-to-all before its first phase: the counts down, the node's counts
+        // all-gathered back, the first row map up (a row each); the second phase's round trip
+        // and map are its own ([`two_d_second_phase`]).
+        AllToAllV2d { send, send_counts, row_len, .. } => (1, bytes(*send_counts) + f32_rows(*send, *row_len)),
         // The slots are ranked on the device; the table of kept counts goes up.
         Dispatch { send_counts, .. } => (0, 2.0 * bytes(*send_counts)),
         // Row blocks from the table; the row map is built on the device.
@@ -260,12 +264,11 @@ pub fn host_traffic_known(kind: &OpKind, plan: &RankPlan, load: f64, known: &dyn
 }
 
 /// The routing inputs an op copies to the host on the cuda executor, one round trip each
-/// ([`host_traffic`]; Tutel's 2D all-to-all's count download is not priced): what an
-/// executor with host copies knows afterwards.
+/// ([`host_traffic`]): what an executor with host copies knows afterwards.
 pub fn host_reads(kind: &OpKind) -> Vec<BufId> {
     use OpKind::*;
     match kind {
-        AllToAllV { send_counts, .. } => vec![*send_counts],
+        AllToAllV { send_counts, .. } | AllToAllV2d { send_counts, .. } => vec![*send_counts],
         RouteBwd { gathered, .. } | Dispatch { gathered, .. } | ExpertLayout { gathered, .. } | ExpertUnlayout { gathered, .. } => vec![*gathered],
         CombineBwd { slots, .. } => vec![*slots],
         ChunkLayout { gathered, .. } | TpLayout { gathered, .. } | ChunkUnlayout { gathered, .. } | TpUnlayout { gathered, .. } | LocalUnlayout { gathered, .. }
@@ -340,8 +343,11 @@ pub fn split_host(cost: Cost, op: &Op, plan: &RankPlan, gpu: &GpuProfile, load: 
             (Cost::Compute(gpu_s), HostWork { seconds, sync: known.syncs > 0 })
         }
         Cost::Collective(mut parts) => {
+            // What the first part holds beyond the host traffic (the 2D all-to-all's row
+            // gather) stays.
             if let Some(first) = parts.first_mut() {
-                first.host_s = host_seconds(gpu, known, gpu.kernels.host_bandwidth) + issue_seconds(op, plan, gpu);
+                let prelude = (first.host_s - host_seconds(gpu, every, gpu.kernels.host_bandwidth)).max(0.0);
+                first.host_s = prelude + host_seconds(gpu, known, gpu.kernels.host_bandwidth) + issue_seconds(op, plan, gpu);
             }
             (Cost::Collective(parts), HostWork::default())
         }
@@ -611,6 +617,18 @@ pub fn capacity_all_to_all_payload(op: &Op, plan: &RankPlan, expert_over_token: 
     Some((op.bytes as f64 * token / s * kept.clamp(0.0, 1.0) * share.max(1.0)).round() as u64)
 }
 
+/// Tutel's 2D all-to-all on the cuda executor (`backend/cuda/exec/a2a_2d.rs`) stride-copies
+/// its `rows` before each phase (a row gather over the phase's `phase_bytes`, read and
+/// written) and, between the phases, all-gathers the counts along the rail and reads them
+/// back (a round trip) and uploads the second row map (4 bytes a row): (the GPU seconds of
+/// one gather, the host seconds between the phases). The count all-gathers' NCCL time joins
+/// in the sim's op list, where the groups are known.
+pub fn two_d_gather_and_host(gpu: &GpuProfile, phase_bytes: f64, rows: f64) -> (f64, f64) {
+    let layout = gpu.kernels.class(KernelClass::Layout);
+    let gather = gpu.launch_s + layout.fixed_us * 1e-6 + 2.0 * phase_bytes / (gpu.mem_bandwidth * layout.share(false));
+    (gather, host_seconds(gpu, HostTraffic { syncs: 1, bytes: 4.0 * rows }, gpu.kernels.host_bandwidth))
+}
+
 /// [`op_cost`] of a collective `op` carrying `bytes` instead of its planned bytes.
 pub fn collective_cost(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, bytes: u64) -> Cost {
     op_cost_sized(op, plan, gpu, dtype, op.flops, bytes, Fill::FULL, 0.0)
@@ -657,6 +675,13 @@ fn op_cost_sized(op: &Op, plan: &RankPlan, gpu: &GpuProfile, dtype: GemmDtype, f
         let host = host_traffic(&op.kind, plan, rows_scale);
         if let Some(first) = parts.first_mut() {
             first.host_s = host_seconds(gpu, host, gpu.kernels.host_bandwidth);
+        }
+        if let (OpKind::AllToAllV2d { send, row_len, .. }, [first, second]) = (&op.kind, &mut parts[..]) {
+            // Rows of the payload (the planned rows, scaled as the payload is).
+            let rows = plan.buffer(*send).elems as f64 / (*row_len).max(1) as f64 * bytes as f64 / op.bytes.max(1) as f64;
+            let (gather, host) = two_d_gather_and_host(gpu, first.bytes, rows);
+            first.host_s += gather;
+            second.host_s += gather + host;
         }
         return Cost::Collective(parts);
     }

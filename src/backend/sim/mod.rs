@@ -428,12 +428,26 @@ fn sim_ops(rp: &RankPlan, profile: &Profile, dtype: GemmDtype, routing: &Routing
         .map(|op| {
             let (cost, host_load) = op_cost(op, rp, profile, dtype, routing, &blocks);
             let (mut cost, host) = cost::split_host(cost, op, rp, &profile.gpu, host_load, &copies);
-            if let (crate::plan::OpKind::AllToAllV { group, send_counts, .. }, cost::Cost::Collective(parts)) = (&op.kind, &mut cost) {
-                let counts = rp.buffer(*send_counts);
-                let members = groups.get(group.0 as usize).map_or(&[][..], |m| &m[..]);
-                if let (Some(first), true) = (parts.first_mut(), members.len() > 1) {
-                    first.host_s += engine::alone_seconds(profile, members, CollectiveKind::AllGather, (counts.elems * counts.elem_bytes) as f64);
+            let members = |g: crate::plan::GroupId| groups.get(g.0 as usize).map_or(&[][..], |m| &m[..]);
+            match (&op.kind, &mut cost) {
+                (crate::plan::OpKind::AllToAllV { group, send_counts, .. }, cost::Cost::Collective(parts)) => {
+                    let counts = rp.buffer(*send_counts);
+                    if let (Some(first), true) = (parts.first_mut(), members(*group).len() > 1) {
+                        first.host_s += engine::alone_seconds(profile, members(*group), CollectiveKind::AllGather, (counts.elems * counts.elem_bytes) as f64);
+                    }
                 }
+                // The 2D all-to-all all-gathers its counts within the node before the first
+                // phase and along the rail before the second.
+                (crate::plan::OpKind::AllToAllV2d { intra, inter, send_counts, .. }, cost::Cost::Collective(parts)) => {
+                    let counts = rp.buffer(*send_counts);
+                    let bytes = (counts.elems * counts.elem_bytes) as f64;
+                    for (part, group) in parts.iter_mut().zip([*intra, *inter]) {
+                        if members(group).len() > 1 {
+                            part.host_s += engine::alone_seconds(profile, members(group), CollectiveKind::AllGather, bytes);
+                        }
+                    }
+                }
+                _ => {}
             }
             if host_copies {
                 copies.issued(op, rp);
