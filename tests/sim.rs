@@ -852,3 +852,20 @@ fn tutels_2d_all_to_all_pays_its_copies_and_wins_only_across_many_nodes() {
     let (flat32, two_d32) = (a2a_us(256, "flat"), a2a_us(256, "2d"));
     assert!(two_d32 < 0.7 * flat32, "32 nodes: 2D {two_d32} us, flat {flat32} us");
 }
+
+#[test]
+fn ted_and_ppmoe_plans_whose_ranks_do_the_same_work_are_simulated_once() {
+    // TED's TP index 0 alone holds the experts' output bias (its gradient, Adam state and
+    // all-reduce share): a sliver of the work, so the other ranks still count as images of
+    // rank 0 and 2,048-rank TED and PPMoE plans simulate in seconds.
+    let base = "name = \"t\"\n[model]\nd_model = 64\nd_ffn = 128\nn_experts = 8\ntop_k = 2\ntokens_per_rank = 64\nn_layers = 1\ncapacity_factor = 1.25\n[model.backbone]\nn_heads = 4\nd_mlp = 128\n[run]\nbackend = \"sim\"\nprofile = \"h100\"\nsteps = 1\nwarmup = 0\n";
+    for (variant, layout) in [("ted", "dp = 2\nep = 2\ntp = 2"), ("ppmoe", "dp = 2\ntp = 2")] {
+        let s = from_toml_str(&format!("variant = \"{variant}\"\n{base}[layout]\n{layout}\n")).expect("valid");
+        let plan = Plan::build(&s).expect("plans");
+        let p = sim::spec_profile(&s).expect("profile");
+        assert!(sim::is_symmetric(&plan, &p), "{variant}: every rank an image of rank 0");
+        let out = sim::simulate_plan(&plan, &p, Symmetry::Exploit).expect("simulates");
+        let every = sim::simulate_plan(&plan, &p, Symmetry::Ignore).expect("simulates");
+        assert!(out.symmetric && (out.timeline.makespan / every.timeline.makespan - 1.0).abs() < 0.01, "{variant}: {} vs every rank {}", out.timeline.makespan, every.timeline.makespan);
+    }
+}

@@ -173,9 +173,13 @@ pub struct PlanSimulation {
     pub timeline: Timeline,
 }
 
+/// How far a rank's op FLOPs, bytes and buffer total may be from rank 0's for it to count as
+/// an image of rank 0 ([`is_symmetric`]).
+pub const SYMMETRY_SLACK: f64 = 0.01;
+
 /// Whether every rank's plan equals rank 0's up to rank ids, for the simulator: same ops in
-/// the same order with the same dependencies, costs, buffers and memory effects, and
-/// collectives over groups of the same size spread over nodes in the same way.
+/// the same order with the same dependencies, costs within [`SYMMETRY_SLACK`], as many buffer
+/// bytes, and collectives over groups of the same size spread over nodes in the same way.
 pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
     let Some(r0) = plan.ranks.first() else { return true };
     let group_shape: Vec<(usize, Vec<usize>)> = plan
@@ -191,32 +195,64 @@ pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
             (g.ranks.len(), counts)
         })
         .collect();
-    let same_collectives = |a: &crate::plan::Op, b: &crate::plan::Op| match (cost::collective(a), cost::collective(b)) {
+    // Ranks may differ by a few small tensors (TED's TP index 0 alone holds the experts'
+    // output bias: its gradient, Adam state and share of the gradient all-reduce): within
+    // [`SYMMETRY_SLACK`] of each op's FLOPs and bytes and of the buffers' total, a rank is an
+    // image of rank 0 (rank 0 the one simulated), so that such plans simulate in seconds at
+    // 2,048 ranks; buffers are compared by total, as ranks may number them differently.
+    let near = |a: u64, b: u64| a == b || (a as f64 - b as f64).abs() <= SYMMETRY_SLACK * a.max(b) as f64;
+    let total = |r: &RankPlan| r.buffers.iter().map(|d| d.bytes()).sum::<u64>();
+    let near_collectives = |a: &crate::plan::Op, b: &crate::plan::Op| match (cost::collective(a), cost::collective(b)) {
         (None, None) => true,
         (Some(pa), Some(pb)) => {
             pa.len() == pb.len()
-                && pa.iter().zip(&pb).all(|(x, y)| x.kind == y.kind && x.bytes == y.bytes && group_shape[x.group.0 as usize] == group_shape[y.group.0 as usize])
+                && pa.iter().zip(&pb).all(|(x, y)| x.kind == y.kind && near(x.bytes as u64, y.bytes as u64) && group_shape[x.group.0 as usize] == group_shape[y.group.0 as usize])
         }
         _ => false,
     };
+    // Dependencies may differ where the extra ones are implied (PPMoE's TP index 0 alone adds
+    // the residual, which its other ranks reach through other ops): by the stream's order or
+    // through the other side's dependencies.
+    let same_deps = |r: &RankPlan, a: &crate::plan::Op, b: &crate::plan::Op| {
+        a.deps == b.deps
+            || (a.deps.iter().all(|d| b.deps.contains(d) || implied(r, a, *d, &b.deps)) && b.deps.iter().all(|d| a.deps.contains(d) || implied(r0, b, *d, &a.deps)))
+    };
+    let t0 = total(r0);
     plan.ranks.iter().skip(1).all(|r| {
         r.ops.len() == r0.ops.len()
-            && r.buffers.len() == r0.buffers.len()
-            && r.buffers.iter().zip(&r0.buffers).all(|(a, b)| a.bytes() == b.bytes() && a.category == b.category && a.persistent == b.persistent)
+            && near(total(r), t0)
             && r.ops.iter().zip(&r0.ops).all(|(a, b)| {
                 a.name == b.name
                     && a.stage == b.stage
                     && a.pass == b.pass
                     && a.stream == b.stream
-                    && a.deps == b.deps
-                    && a.flops == b.flops
-                    && a.bytes == b.bytes
-                    && a.writes == b.writes
-                    && a.frees == b.frees
-                    && same_collectives(a, b)
+                    && same_deps(r, a, b)
+                    && near(a.flops, b.flops)
+                    && near(a.bytes, b.bytes)
+                    && near_collectives(a, b)
                     && cost::gemms(&a.kind, r) == cost::gemms(&b.kind, r0)
             })
     })
+}
+
+/// Whether `op` of `rp` waiting for `dep` is implied without it: `dep` is an earlier op of
+/// the same stream (which runs in order), or an ancestor of one of `others` in `rp`.
+fn implied(rp: &RankPlan, op: &crate::plan::Op, dep: crate::plan::OpId, others: &[crate::plan::OpId]) -> bool {
+    if rp.ops[dep.0 as usize].stream == op.stream {
+        return true;
+    }
+    let mut seen = vec![false; rp.ops.len()];
+    let mut stack: Vec<crate::plan::OpId> = others.to_vec();
+    while let Some(o) = stack.pop() {
+        if o == dep {
+            return true;
+        }
+        if std::mem::replace(&mut seen[o.0 as usize], true) {
+            continue;
+        }
+        stack.extend(rp.ops[o.0 as usize].deps.iter().copied());
+    }
+    false
 }
 
 /// Share of all tokens one expert receives under balanced routing: `k / E`
