@@ -442,14 +442,23 @@ impl App {
             }
             Key::Enter | Key::Char('c') => {
                 let Some(job) = self.jobs.selected_job() else { return };
-                let (id, run) = (job.id, job.run.as_deref().cloned());
-                match (run, k) {
-                    (Some(run), Key::Enter) => {
-                        self.show_run(run);
-                        self.pane = Pane::Timeline;
-                    }
-                    (Some(run), _) => self.set_compare(run),
-                    (None, _) => self.info(format!("job {id} has no completed run to show")),
+                let (id, word) = (job.id, job.state.word());
+                // A failed or cancelled job has no outcome but keeps its run directory (spec,
+                // log, what it measured): open that, as the Runs pane would.
+                let run = match (job.run.as_deref().cloned(), job.dir.clone()) {
+                    (Some(run), _) => run,
+                    (None, _) if job.state.is_active() => return self.info(format!("job {id} is still {word}: its run opens when it ends")),
+                    (None, Some(dir)) => match runs::open_run(&dir) {
+                        Ok(run) => run,
+                        Err(e) => return self.error(format!("job {id} ({word}): cannot open its run directory: {e}")),
+                    },
+                    (None, None) => return self.info(format!("job {id} ({word}) left no run directory to show")),
+                };
+                if k == Key::Enter {
+                    self.show_run(run);
+                    self.pane = Pane::Timeline;
+                } else {
+                    self.set_compare(run);
                 }
             }
             _ => {}
@@ -550,7 +559,8 @@ impl App {
                 let Some(path) = self.runs.selected_entry().map(|e| e.path.clone()) else { return };
                 match runs::open_run(&path) {
                     Ok(run) if k == Key::Enter => {
-                        self.info(format!("opened {}", run.label));
+                        let note = run.nothing_measured().map_or_else(String::new, |why| format!(": {why}"));
+                        self.info(format!("opened {}{note}", run.label));
                         self.show_run(run);
                         self.pane = Pane::Timeline;
                     }

@@ -42,6 +42,23 @@ impl LoadedRun {
         LoadedRun { label, dir: Some(outcome.dir), summary, trace: outcome.trace, analysis: outcome.analysis, index }
     }
 
+    /// Why the panes have nothing to break down, when no measured step finished (a run
+    /// cancelled or failed during warmup keeps no op; one stopped in its first measured step
+    /// keeps only unfinished ones), e.g. "no measured steps (cancelled during warmup, after 1
+    /// warmup step)"; `None` when at least one step was measured.
+    pub fn nothing_measured(&self) -> Option<String> {
+        if self.analysis.steps > 0 {
+            return None;
+        }
+        let warm = self.summary.steps.iter().filter(|s| !s.measured).count();
+        let when = if self.analysis.unfinished_ops > 0 { "in its first measured step" } else { "during warmup" };
+        let after = format!("after {warm} warmup step{}", if warm == 1 { "" } else { "s" });
+        Some(match self.summary.status.as_str() {
+            s @ ("cancelled" | "failed") => format!("no measured steps ({s} {when}, {after})"),
+            _ => "no measured steps in this trace".to_string(),
+        })
+    }
+
     /// Mean step time of a rank in ms: from the trace's step spans, else from the summary
     /// (traces read back from `trace.json` carry no spans).
     pub fn step_time_ms(&self) -> f64 {

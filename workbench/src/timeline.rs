@@ -101,6 +101,28 @@ impl TimelineIndex {
         first..last.max(first)
     }
 
+    /// Position (into `lane.ops`) of the op of `lane` covering time `t` (the latest-starting
+    /// one when several do), else of the op nearest to `t`; `None` on an empty lane.
+    pub fn op_at(&self, trace: &Trace, lane: usize, t: u64) -> Option<usize> {
+        let l = self.lanes.get(lane).filter(|l| !l.ops.is_empty())?;
+        // Ops starting at or before t; the last of them that ends after t covers it.
+        let after = l.ops.partition_point(|&i| trace.ops[i].start_ns <= t);
+        if after > 0 && l.max_end[after - 1] > t {
+            return (0..after).rev().find(|&p| trace.ops[l.ops[p]].end_ns > t);
+        }
+        // Nothing covers t: the op ending last before it, or the first starting after it.
+        let before = (after > 0).then(|| {
+            let end = l.max_end[after - 1];
+            let p = (0..after).rev().find(|&p| trace.ops[l.ops[p]].end_ns == end).unwrap_or(after - 1);
+            (t - end, p)
+        });
+        let next = l.ops.get(after).map(|&i| (trace.ops[i].start_ns - t, after));
+        match (before, next) {
+            (Some(b), Some(n)) => Some(if n.0 < b.0 { n.1 } else { b.1 }),
+            (b, n) => b.or(n).map(|x| x.1),
+        }
+    }
+
     /// Exposed ns of an op: the part of it on a comm lane that no compute op of its rank
     /// covers (0 for compute ops).
     pub fn exposed_ns(&self, lane: usize, op: &OpEvent) -> u64 {
@@ -205,6 +227,9 @@ pub struct TimelineView {
     pub span: u64,
     /// Lowercase substring; ops not matching are drawn dimmed and skipped by moves.
     pub filter: String,
+    /// The time ↑↓ keep while moving between lanes (the start of the op selected before
+    /// the first of them), so moving down and back up returns to the same op.
+    pub lane_cursor: Option<u64>,
 }
 
 impl TimelineView {
@@ -287,23 +312,25 @@ impl TimelineView {
             }
             if matches_filter(&run.trace.ops[l.ops[p as usize]], &self.filter) {
                 self.pos = Some(p as usize);
+                self.lane_cursor = None;
                 self.ensure_visible(run);
                 return;
             }
         }
     }
 
-    /// Move to another lane, selecting the op nearest in time to the current selection.
+    /// Move to another lane, selecting the op that covers the cursor time there, else the
+    /// one nearest to it. The cursor is the start of the op selected before the first lane
+    /// move, kept over consecutive moves so that they do not drift.
     pub fn step_lane(&mut self, run: &LoadedRun, dir: isize) {
         let n = run.index.lanes.len() as isize;
         if n == 0 {
             return;
         }
-        let t = self.selected_op(run).map_or(self.t0, |i| run.trace.ops[i].start_ns);
+        let t = self.lane_cursor.unwrap_or_else(|| self.selected_op(run).map_or(self.t0, |i| run.trace.ops[i].start_ns));
         self.lane = (self.lane as isize + dir).clamp(0, n - 1) as usize;
-        let l = &run.index.lanes[self.lane];
-        let p = l.ops.partition_point(|&i| run.trace.ops[i].start_ns < t);
-        self.pos = if l.ops.is_empty() { None } else { Some(p.min(l.ops.len() - 1)) };
+        self.pos = run.index.op_at(&run.trace, self.lane, t);
+        self.lane_cursor = Some(t);
         self.ensure_visible(run);
     }
 
@@ -333,6 +360,7 @@ impl TimelineView {
             Some((_, li, p)) => {
                 self.lane = li;
                 self.pos = Some(p);
+                self.lane_cursor = None;
                 self.ensure_visible(run);
                 true
             }
@@ -431,6 +459,38 @@ mod tests {
         assert!(cells[10].expect("op").exposed);
         // A 1-cell-wide view still shows something.
         assert!(paint_lane(&r, comm, 0, 60_000, 1)[0].is_some());
+    }
+
+    #[test]
+    fn moving_between_lanes_picks_the_op_covering_the_cursor_time() {
+        let trace = Trace {
+            backend: "cpu".into(),
+            world: 2,
+            ops: vec![
+                op(0, Stream::Compute, Stage::Gate, 0, 8_000, "w"),
+                op(0, Stream::Compute, Stage::ExpertGemm1, 10_000, 20_000, "x"),
+                op(0, Stream::Comm, Stage::AllToAll, 5_000, 15_000, "c1"),
+                op(0, Stream::Comm, Stage::AllToAll, 16_000, 30_000, "c2"),
+                op(1, Stream::Compute, Stage::Gate, 0, 2_000, "early"),
+                op(1, Stream::Compute, Stage::Gate, 40_000, 41_000, "late"),
+            ],
+            ..Trace::default()
+        };
+        let r = LoadedRun::new("t".into(), None, RunSummary::default(), trace);
+        let mut v = TimelineView::default();
+        v.fit(&r);
+        v.step_op(&r, 1);
+        assert_eq!(v.selected_op(&r), Some(1), "x");
+        v.step_lane(&r, 1);
+        assert_eq!(v.selected_op(&r), Some(2), "c1 covers x's start; c2 only starts after it");
+        v.step_lane(&r, -1);
+        assert_eq!(v.selected_op(&r), Some(1), "back up lands on x again, not on w (which covers c1's start)");
+        v.step_lane(&r, 1);
+        v.step_lane(&r, 1);
+        assert_eq!(v.selected_op(&r), Some(4), "nothing covers 10 µs on rank 1: early ends 8 µs before it, late starts 30 µs after");
+        v.step_op(&r, 1);
+        v.step_lane(&r, -1);
+        assert_eq!(v.selected_op(&r), Some(3), "from late (40 µs) the nearest comm op is c2, which ends at 30 µs");
     }
 
     #[test]

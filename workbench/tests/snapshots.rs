@@ -187,3 +187,26 @@ fn narrow_terminals_keep_every_tab_and_the_overlap_ranks() {
     }
     assert!(t.contains("rank") && t.contains("hid"), "the overlap table keeps its rank and hidden columns:\n{t}");
 }
+
+#[test]
+fn deep_zoom_labels_tell_the_window_apart() {
+    let mut a = app();
+    // 2 ms all-to-alls: a step of several ms, so the window's times read in ms.
+    a.show_run(synthetic_run("r", 2, 2, 1, 2_000_000));
+    a.pane = Pane::Timeline;
+    press(&mut a, &[Key::Char('n')]);
+    press(&mut a, &[Key::Char('+'); 40]);
+    assert_eq!(a.timeline.span, 1_000, "zoomed in to the smallest window");
+    for (w, h) in SIZES {
+        let t = render(&a, w, h).backend().to_string();
+        let lines: Vec<String> = t.lines().map(|l| l.trim_matches('"').to_string()).collect();
+        let head = lines.iter().find(|l| l.contains(" – ") && l.contains(" of ")).unwrap_or_else(|| panic!("a header:\n{t}"));
+        let window = head.split(" · ").nth(1).and_then(|s| s.split(" of ").next()).expect("t0 – t1");
+        let (t0, t1) = window.split_once(" – ").expect("two times");
+        assert!(t0.ends_with("ms") && t0 != t1, "{w}x{h}: the header's window {window:?} reads as one time");
+        let axis = lines.iter().find(|l| l.starts_with("     ") && l.matches(" ms").count() == 3).unwrap_or_else(|| panic!("an axis line:\n{t}"));
+        let labels: Vec<&str> = axis.split("  ").map(str::trim).filter(|s| !s.is_empty()).collect();
+        assert_eq!(labels.len(), 3, "{axis}");
+        assert!(labels[0] != labels[1] && labels[1] != labels[2], "{w}x{h}: axis labels {labels:?} repeat");
+    }
+}

@@ -16,6 +16,8 @@ use toml::{Table, Value};
 pub enum Kind {
     /// Free text (names); only typed.
     Text,
+    /// Optional free text (`auto` or nothing unsets it); only typed.
+    OptText,
     /// Whole number; arrows add or subtract one.
     Step,
     /// Whole number; arrows double or halve (sizes).
@@ -30,8 +32,12 @@ pub enum Kind {
     OptAdd(f64),
     /// Number; arrows multiply or divide by this factor.
     Scale(f64),
+    /// Optional number (`auto` unsets it); arrows multiply or divide by this factor.
+    OptScale(f64),
     /// true / false.
     Bool,
+    /// Optional true / false (`auto` unsets it); arrows cycle auto, true, false.
+    OptBool,
     /// One of these spellings (a typed value outside the list is left to validation).
     Choice(&'static [&'static str]),
     /// A whole number or `"auto"`; arrows move through these spellings.
@@ -79,6 +85,7 @@ const fn v(variant: &'static str, key: &'static str, kind: Kind, help: &'static 
 /// Every field, in the order the composer lists them.
 pub static FIELDS: &[Field] = &[
     f("name", Kind::Text, "short name; names the run directory (letters, digits, - _ .)"),
+    f("description", Kind::Text, "free text for the researcher (empty: none)"),
     f("variant", Kind::Choice(VARIANTS), "MoE design: selects the plan builder"),
     f("model.d_model", Kind::Double, "hidden size M"),
     f("model.d_ffn", Kind::Double, "expert hidden size H (fc1 [M,H], fc2 [H,M])"),
@@ -104,6 +111,7 @@ pub static FIELDS: &[Field] = &[
     f("layout.pp", Kind::Step, "pipeline stages (ppmoe; divides n_layers)"),
     v("mpmoe", "mpmoe.chunks", Kind::NumberOrAuto(DEGREES), "pipelining degree: a2a/expert chunks per layer"),
     v("mpmoe", "mpmoe.reuse", Kind::Choice(REUSES), "what backward restores instead of keeping buffers"),
+    v("mpmoe", "mpmoe.memory_budget_mib", Kind::OptScale(2.0), "largest predicted peak per rank (MiB) an auto chunks/reuse may pick; auto = no limit"),
     v("tutel", "tutel.degree", Kind::NumberOrAuto(DEGREES), "pipelining degree; auto times 1, 2, 4"),
     v("tutel", "tutel.a2a", Kind::Choice(A2AS), "all-to-all: flat or 2d hierarchical"),
     v("tutel", "tutel.gpus_per_node", Kind::Double, "ranks per node for the 2d all-to-all"),
@@ -119,7 +127,27 @@ pub static FIELDS: &[Field] = &[
     f("run.seed", Kind::Step, "seed for weights and data"),
     f("run.mode", Kind::Choice(MODES), "training (fwd + bwd + Adam) or inference"),
     f("run.lr", Kind::Scale(10.0), "Adam learning rate"),
+    f("run.profile", Kind::OptText, "sim hardware profile: a built-in name (h100, h200, ...) or a profile TOML's path; auto = h100"),
+    f("run.gpus_per_node", Kind::OptDouble, "sim: GPUs per node of the simulated cluster; auto = the profile's"),
+    f("run.nodes", Kind::OptStep, "sim: nodes of the simulated cluster; auto = enough for the world"),
+    f("run.dropless_imbalance", Kind::OptAdd(0.1), "sim, dropless: fullest expert's load over the mean (>= 1); auto = 1"),
+    f("run.kept_share", Kind::OptAdd(0.05), "sim, capacity: share of routed assignments kept, in (0, 1]; auto = 1"),
+    f("run.host_copies", Kind::OptBool, "sim: the executor keeps host copies of routing tables; auto = true"),
 ];
+
+/// Settings of the sim backend only: listed for a sim run, or when the draft sets them
+/// (validation then names them, with the fix to remove them).
+const SIM_ONLY: &[&str] = &["run.profile", "run.gpus_per_node", "run.nodes", "run.dropless_imbalance", "run.kept_share", "run.host_copies"];
+
+/// What an optional field means when unset and the resolved spec leaves it unset too (the
+/// library's documented value), to step from.
+fn unset_means(key: &str) -> Option<Value> {
+    match key {
+        "run.dropless_imbalance" | "run.kept_share" => Some(Value::Float(1.0)),
+        "run.host_copies" => Some(Value::Boolean(true)),
+        _ => None,
+    }
+}
 
 /// Look a field up by key.
 pub fn by_key(key: &str) -> Option<&'static Field> {
@@ -174,6 +202,15 @@ pub fn store(t: &mut Table, key: &str, value: Option<Value>) {
     }
 }
 
+/// A value as the composer shows it (strings without quotes).
+fn shown(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Float(x) => format!("{x}"),
+        other => other.to_string(),
+    }
+}
+
 fn int_at(t: &Table, key: &str) -> Option<i64> {
     lookup(t, key).or_else(|| lookup(defaults(), key)).and_then(Value::as_integer)
 }
@@ -190,6 +227,9 @@ impl Field {
         if let Some(v) = self.variant {
             return variant_of(t) == v;
         }
+        if SIM_ONLY.contains(&self.key) {
+            return lookup(t, "run.backend").and_then(Value::as_str) == Some("sim") || lookup(t, self.key).is_some();
+        }
         match self.key {
             "model.backbone.n_heads" | "model.backbone.d_mlp" => lookup(t, "model.backbone").is_some(),
             "model.capacity_factor" => !lookup(t, "model.dropless").and_then(Value::as_bool).unwrap_or(false),
@@ -202,12 +242,11 @@ impl Field {
         if self.kind == Kind::Table {
             return lookup(t, self.key).is_some().to_string();
         }
-        match lookup(t, self.key).or_else(|| lookup(defaults(), self.key)) {
-            None => UNSET.to_string(),
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Float(x)) => format!("{x}"),
-            Some(other) => other.to_string(),
+        if self.kind == Kind::Text && lookup(t, self.key).is_none() {
+            // Text the file leaves out (a description) reads empty, and writes back as such.
+            return String::new();
         }
+        lookup(t, self.key).or_else(|| lookup(defaults(), self.key)).map_or_else(|| UNSET.to_string(), shown)
     }
 
     /// Parse typed text into the draft; the error says what was expected.
@@ -218,13 +257,16 @@ impl Field {
         let float = |s: &str| s.parse::<f64>().map_err(|_| format!("{}: expected a number, got {s:?}", self.key));
         let value = match self.kind {
             Kind::Text => Some(Value::String(s.to_string())),
+            Kind::OptText if unset => None,
+            Kind::OptText => Some(Value::String(s.to_string())),
             Kind::Step | Kind::Double => Some(Value::Integer(int(s)?)),
             Kind::OptStep | Kind::OptDouble if unset => None,
             Kind::OptStep | Kind::OptDouble => Some(Value::Integer(int(s)?)),
             Kind::Add(_) | Kind::Scale(_) => Some(Value::Float(float(s)?)),
-            Kind::OptAdd(_) if unset => None,
-            Kind::OptAdd(_) => Some(Value::Float(float(s)?)),
-            Kind::Bool | Kind::Table => Some(Value::Boolean(match s {
+            Kind::OptAdd(_) | Kind::OptScale(_) if unset => None,
+            Kind::OptAdd(_) | Kind::OptScale(_) => Some(Value::Float(float(s)?)),
+            Kind::OptBool if unset => None,
+            Kind::Bool | Kind::Table | Kind::OptBool => Some(Value::Boolean(match s {
                 "true" | "yes" | "on" => true,
                 "false" | "no" | "off" => false,
                 _ => return Err(format!("{}: expected true or false, got {s:?}", self.key)),
@@ -254,9 +296,24 @@ impl Field {
         Ok(())
     }
 
-    /// The text one press of left (`dir < 0`) or right would set; `None` for typed-only fields.
-    pub fn stepped(&self, t: &Table, dir: i32) -> Option<String> {
-        let cur = self.get(t);
+    /// Whether the arrows change the value arithmetically (as opposed to cycling or toggling).
+    fn is_numeric(&self) -> bool {
+        matches!(self.kind, Kind::Step | Kind::Double | Kind::OptDouble | Kind::OptStep | Kind::Add(_) | Kind::OptAdd(_) | Kind::Scale(_) | Kind::OptScale(_))
+    }
+
+    /// The text one press of left (`dir < 0`) or right would set. A number the draft leaves
+    /// unset steps from its value in `resolved` (the validated spec as a table, with derived
+    /// values such as `layout.world` filled); the error says why there is nothing to step
+    /// (a typed-only field, or an unset number the draft does not resolve).
+    pub fn stepped(&self, t: &Table, resolved: Option<&Table>, dir: i32) -> Result<String, String> {
+        let mut cur = self.get(t);
+        if self.is_numeric() && cur == UNSET {
+            let value = resolved.and_then(|r| lookup(r, self.key)).cloned().or_else(|| unset_means(self.key));
+            cur = value.as_ref().map(shown).ok_or_else(|| {
+                let why = if resolved.is_some() { "has no value to step from" } else { "has no value until the experiment is valid" };
+                format!("{} is {UNSET} and {why}: press Enter to type a value", self.key)
+            })?;
+        }
         let up = dir > 0;
         let cycle = |list: &[&str]| {
             let n = list.len();
@@ -268,28 +325,34 @@ impl Field {
             }]
             .to_string()
         };
-        let double = |c: &str| match c.parse::<i64>() {
-            Ok(v) if up => v.saturating_mul(2).max(1).to_string(),
-            Ok(v) => (v / 2).max(1).to_string(),
-            Err(_) => "1".to_string(),
-        };
-        Some(match self.kind {
-            Kind::Text => return None,
+        let not_a_number = || format!("{}: cannot step {cur:?}, not a number: press Enter to type a value", self.key);
+        let int = || cur.parse::<i64>().map_err(|_| not_a_number());
+        let float = || cur.parse::<f64>().map_err(|_| not_a_number());
+        Ok(match self.kind {
+            Kind::Text | Kind::OptText => return Err(format!("{} is typed: press Enter to edit it", self.key)),
             Kind::Bool | Kind::Table => (cur != "true").to_string(),
+            Kind::OptBool => cycle(&[UNSET, "true", "false"]),
             Kind::Choice(list) | Kind::NumberOrAuto(list) => cycle(list),
             Kind::Step | Kind::OptStep => {
-                let v: i64 = cur.parse().unwrap_or(0);
-                (if up { v + 1 } else { (v - 1).max(0) }).to_string()
+                let v = int()?;
+                (if up { v.saturating_add(1) } else { (v - 1).max(0) }).to_string()
             }
-            Kind::Double | Kind::OptDouble => double(&cur),
+            Kind::Double | Kind::OptDouble => {
+                let v = int()?;
+                (if up { v.saturating_mul(2).max(1) } else { (v / 2).max(1) }).to_string()
+            }
             Kind::Add(d) | Kind::OptAdd(d) => {
-                let v: f64 = cur.parse().unwrap_or(if self.key == "model.capacity_factor" { 1.25 } else { 0.0 });
+                let v = float()?;
                 let x = if up { v + d } else { (v - d).max(0.0) };
                 format!("{}", (x * 1e6).round() / 1e6)
             }
             Kind::Scale(k) => {
-                let v: f64 = cur.parse().unwrap_or(1.0);
+                let v = float()?;
                 format!("{:e}", if up { v * k } else { v / k })
+            }
+            Kind::OptScale(k) => {
+                let v = float()?;
+                format!("{}", if up { v * k } else { v / k })
             }
         })
     }
@@ -355,6 +418,21 @@ mod tests {
             let spec = |t: &Table| toml::from_str::<ExperimentSpec>(&toml::to_string(t).expect("ser")).expect("de");
             assert_eq!(spec(&t), spec(&orig), "{name}: writing every shown value back changes nothing");
         }
+        // The sim-only settings and MPMoE's budget, set and unset, with no description.
+        let text = "name = \"s\"\nvariant = \"mpmoe\"\n[model]\nd_model = 8\nd_ffn = 8\nn_experts = 2\n[run]\nbackend = \"sim\"\nprofile = \"h200\"\nnodes = 1\nkept_share = 0.9\nhost_copies = false\n[mpmoe]\nmemory_budget_mib = 512.5\n";
+        let mut t: Table = toml::from_str(text).expect("toml");
+        let orig = t.clone();
+        let applied: Vec<_> = FIELDS.iter().filter(|f| f.applies(&t)).map(|f| f.key).collect();
+        for key in SIM_ONLY.iter().chain(&["description", "mpmoe.memory_budget_mib"]) {
+            assert!(applied.contains(key), "{key} listed: {applied:?}");
+        }
+        for f in FIELDS.iter().filter(|f| f.applies(&orig)) {
+            let shown = f.get(&t);
+            f.set(&mut t, &shown).unwrap_or_else(|e| panic!("{}: {e}", f.key));
+            assert_eq!(f.get(&t), shown, "{}", f.key);
+        }
+        let spec = |t: &Table| toml::from_str::<ExperimentSpec>(&toml::to_string(t).expect("ser")).expect("de");
+        assert_eq!(spec(&t), spec(&orig), "sim: writing every shown value back changes nothing");
     }
 
     #[test]
@@ -374,12 +452,12 @@ mod tests {
     #[test]
     fn steps_cycle_double_toggle_and_refuse_text() {
         let mut t = template("dgmoe").expect("template");
-        assert_eq!(by_key("variant").expect("f").stepped(&t, 1).as_deref(), Some("topk"));
-        assert_eq!(by_key("variant").expect("f").stepped(&t, -1).as_deref(), Some("scmoe"));
-        assert_eq!(by_key("model.d_model").expect("f").stepped(&t, 1).as_deref(), Some("128"));
-        assert_eq!(by_key("model.backbone").expect("f").stepped(&t, 1).as_deref(), Some("false"));
-        assert_eq!(by_key("model.capacity_factor").expect("f").stepped(&t, 1).as_deref(), Some("1.5"));
-        assert_eq!(by_key("name").expect("f").stepped(&t, 1), None);
+        assert_eq!(by_key("variant").expect("f").stepped(&t, None, 1).as_deref(), Ok("topk"));
+        assert_eq!(by_key("variant").expect("f").stepped(&t, None, -1).as_deref(), Ok("scmoe"));
+        assert_eq!(by_key("model.d_model").expect("f").stepped(&t, None, 1).as_deref(), Ok("128"));
+        assert_eq!(by_key("model.backbone").expect("f").stepped(&t, None, 1).as_deref(), Ok("false"));
+        assert_eq!(by_key("model.capacity_factor").expect("f").stepped(&t, None, 1).as_deref(), Ok("1.5"));
+        assert!(by_key("name").expect("f").stepped(&t, None, 1).unwrap_err().contains("typed"));
         let e = by_key("model.d_model").expect("f").set(&mut t, "abc").unwrap_err();
         assert!(e.contains("model.d_model") && e.contains("whole number"), "{e}");
         by_key("model.backbone").expect("f").set(&mut t, "false").expect("set");

@@ -306,10 +306,15 @@ impl Composer {
         self.edit(|d| f.set(d, text))
     }
 
-    /// Step the selected field with left (`dir < 0`) or right.
+    /// Step the selected field with left (`dir < 0`) or right; an unset number steps from
+    /// the value the resolved spec gives it (the error says so when the draft is invalid).
     pub fn adjust(&mut self, dir: i32) -> Result<(), String> {
         let f = self.selected_field().ok_or("no field selected")?;
-        let next = f.stepped(&self.draft, dir).ok_or_else(|| format!("{} is typed: press Enter to edit it", f.key))?;
+        let resolved = self.resolved().and_then(|r| Value::try_from(r).ok()).and_then(|v| match v {
+            Value::Table(t) => Some(t),
+            _ => None,
+        });
+        let next = f.stepped(&self.draft, resolved.as_ref(), dir)?;
         self.edit(|d| f.set(d, &next))
     }
 
@@ -426,6 +431,94 @@ mod tests {
         assert!(c.undo());
         assert_eq!(fields::by_key("layout.ep").expect("f").get(&c.draft), "4");
         assert!(c.resolved().is_some());
+    }
+
+    #[test]
+    fn stepping_an_unset_number_starts_from_the_resolved_value() {
+        let value = |c: &Composer, key: &str| fields::lookup(&c.draft, key).cloned();
+        // tokens_per_rank unset: batch 4 x seq_len 64 resolve it to 256.
+        let mut c = Composer::from_template("topk").expect("template");
+        assert_eq!(value(&c, "model.tokens_per_rank"), None);
+        assert!(c.select_key("model.tokens_per_rank"));
+        c.adjust(1).expect("adjust");
+        assert_eq!(value(&c, "model.tokens_per_rank"), Some(Value::Integer(512)));
+        assert!(c.resolved().is_some(), "{:?}", c.check);
+        assert_eq!(c.resolved().expect("valid").model.batch, Some(8));
+        // world unset: the degrees resolve it to 4.
+        let mut c = Composer::from_template("topk").expect("template");
+        assert!(c.select_key("layout.world"));
+        c.adjust(1).expect("adjust");
+        assert_eq!(value(&c, "layout.world"), Some(Value::Integer(5)));
+        assert!(c.undo());
+        c.adjust(-1).expect("adjust");
+        assert_eq!(value(&c, "layout.world"), Some(Value::Integer(3)));
+        // An invalid draft has no resolved value: nothing changes and the message says why.
+        assert!(c.select_key("layout.ep"));
+        c.set_selected("3").expect("set");
+        assert!(c.resolved().is_none());
+        assert!(c.select_key("model.tokens_per_rank"));
+        let before = c.draft.clone();
+        let e = c.adjust(1).expect_err("no value to step from");
+        assert!(e.contains("model.tokens_per_rank") && e.contains("Enter"), "{e}");
+        assert_eq!(c.draft, before);
+    }
+
+    #[test]
+    fn every_field_a_problem_names_can_be_found_and_edited() {
+        // sim-2048 at dp = 4: 256 ranks fill 32 nodes of 8, not the 256 the file says.
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../experiments/sim-2048.toml"));
+        let mut c = Composer::open(path).expect("opens");
+        assert!(c.select_key("layout.dp"));
+        c.set_selected("4").expect("dp");
+        assert!(!c.problems_for("run.nodes").is_empty(), "{:?}", c.check);
+        c.set_filter("nodes");
+        let keys: Vec<_> = c.visible_fields().iter().map(|f| f.key).collect();
+        assert!(keys.contains(&"run.nodes"), "{keys:?}");
+        assert!(c.select_key("run.nodes"));
+        assert_eq!(c.selected_field().expect("field").get(&c.draft), "256");
+        c.set_selected("32").expect("nodes");
+        assert!(c.resolved().is_some(), "{:?}", c.check);
+        c.set_filter("");
+        // The other sim-only settings, each parsed like its kind.
+        for (key, shown, typed, bad) in [
+            ("run.profile", "h100", "h200", None),
+            ("run.gpus_per_node", "8", "4", Some("four")),
+            ("run.kept_share", "auto", "0.9", Some("most")),
+            ("run.host_copies", "auto", "false", Some("maybe")),
+        ] {
+            assert!(c.select_key(key), "{key} is listed for a sim experiment");
+            assert_eq!(c.selected_field().expect("field").get(&c.draft), shown, "{key}");
+            if let Some(bad) = bad {
+                assert!(c.set_selected(bad).unwrap_err().contains(key), "{key} refuses {bad:?}");
+            }
+            c.set_selected(typed).expect(key);
+            assert_eq!(c.selected_field().expect("field").get(&c.draft), typed, "{key}");
+            c.set_selected("auto").expect(key);
+            assert_eq!(fields::lookup(&c.draft, key), None, "auto unsets {key}");
+        }
+        // An unset imbalance steps from the library's 1 (balanced routing).
+        assert!(c.select_key("run.dropless_imbalance"));
+        c.adjust(1).expect("step");
+        assert_eq!(fields::lookup(&c.draft, "run.dropless_imbalance").and_then(Value::as_float), Some(1.1));
+        // Not on a cpu run, unless the file sets them (then validation names them).
+        let mut c = Composer::from_template("topk").expect("template");
+        assert!(!c.select_key("run.nodes"));
+        assert!(c.select_key("description"));
+        c.set_selected("a note").expect("description");
+        assert!(c.select_key("layout.ep"));
+        let mut draft = c.draft.clone();
+        fields::store(&mut draft, "run.nodes", Some(Value::Integer(2)));
+        let c = Composer::new(draft, None);
+        assert!(!c.problems_for("run.nodes").is_empty(), "{:?}", c.check);
+        assert!(c.visible_fields().iter().any(|f| f.key == "run.nodes"));
+        assert!(spec_text(&c.draft).contains("description = \"a note\""));
+        // MPMoE's budget for its automatic choices.
+        let mut c = Composer::from_template("mpmoe").expect("template");
+        assert!(c.select_key("mpmoe.memory_budget_mib"));
+        assert!(c.adjust(1).unwrap_err().contains("Enter"), "no limit: nothing to step from");
+        c.set_selected("512").expect("budget");
+        c.adjust(1).expect("step");
+        assert_eq!(fields::lookup(&c.draft, "mpmoe.memory_budget_mib").and_then(Value::as_float), Some(1024.0));
     }
 
     #[test]

@@ -26,10 +26,35 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
         f.render_widget(p, area);
         return;
     };
+    // A run with no measured step has no stage, overlap or step figure to show or compare.
+    let unmeasured = [Some(a), app.compare.as_ref()].into_iter().flatten().find_map(|r| r.nothing_measured().map(|why| (r, why)));
+    if let Some((r, why)) = unmeasured {
+        return draw_unmeasured(f, area, r, &why, app.compare.is_some());
+    }
     match app.compare.as_ref() {
         Some(b) => draw_compare(f, area, a, b, app.breakdown_scroll),
         None => draw_single(f, area, a, app.memory_rank, app.breakdown_scroll),
     }
+}
+
+/// The message that stands in for the tables of a run with no measured step.
+fn draw_unmeasured(f: &mut Frame, area: Rect, run: &LoadedRun, why: &str, comparing: bool) {
+    let mut lines = vec![
+        Line::styled(why.to_string(), bold()),
+        Line::styled("No stage table, overlap or step time: they are figures of measured steps.", dim_style()),
+    ];
+    if let Some(e) = run.summary.error.as_ref().filter(|_| run.summary.status != "cancelled") {
+        lines.push(Line::styled(format!("error: {e}"), error_style()));
+    }
+    if let Some(m) = run.summary.memory.iter().max_by_key(|m| m.predicted_peak) {
+        lines.push(Line::raw(format!("plan predicted peak {} (rank {}, busiest)", fmt_bytes(m.predicted_peak), m.rank)));
+    }
+    if comparing {
+        lines.push(Line::styled("c clears the comparison.", dim_style()));
+    }
+    let title = format!(" {} · {} ", run.label, run.summary.variant);
+    let block = Block::bordered().title(truncate(&title, area.width.saturating_sub(2) as usize));
+    f.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }).block(block), area);
 }
 
 /// The rows of a table in `area` (bordered, one header row) from `scroll` on, the offset

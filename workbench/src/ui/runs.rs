@@ -51,7 +51,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
                     Cell::from(s.variant.clone()),
                     Cell::from(s.world.to_string()),
                     Cell::from(if s.step_time_ms.is_finite() { format!("{:.2}", s.step_time_ms) } else { "-".into() }),
-                    Cell::from(format!("{:.0}%", 100.0 * s.overlap)),
+                    // A run with no measured step has no step time, and no overlap either.
+                    Cell::from(if s.step_time_ms.is_finite() { format!("{:.0}%", 100.0 * s.overlap) } else { "-".into() }),
                     Cell::from(s.final_loss().map_or("-".into(), |l| format!("{l:.4}"))),
                 ]),
                 None => Row::new(vec![Cell::from(mark), Cell::from(e.name.clone()), Cell::from("-").style(dim_style())]),

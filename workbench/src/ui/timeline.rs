@@ -6,7 +6,7 @@ use super::{dim_style, error_style, stage_color, truncate};
 use crate::app::App;
 use crate::loaded::LoadedRun;
 use crate::timeline::{matches_filter, paint_lane, TimelineView};
-use crate::units::{fmt_bytes, fmt_flops, fmt_ns};
+use crate::units::{fmt_bytes, fmt_flops, fmt_ns, fmt_ns_within};
 use moelab::taxonomy::{stage_label, Stream};
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -30,6 +30,17 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
         f.render_widget(p, area);
         return;
     };
+    if run.index.lanes.is_empty() {
+        let why = run.nothing_measured().unwrap_or_else(|| "no ops in this trace".to_string());
+        let p = Paragraph::new(vec![
+            Line::styled(why, Style::new().add_modifier(Modifier::BOLD)),
+            Line::styled("Nothing to draw: the trace holds no op. Its run directory keeps the spec and run.log.", dim_style()),
+        ])
+        .wrap(Wrap { trim: false })
+        .block(Block::bordered().title(truncate(&format!(" Timeline · {} ", run.label), area.width.saturating_sub(2) as usize)));
+        f.render_widget(p, area);
+        return;
+    }
     let detail_h = if area.height >= 30 { 8 } else { 6 };
     let [header, lanes, axis, detail, legend] =
         Layout::vertical([Constraint::Length(1), Constraint::Min(3), Constraint::Length(1), Constraint::Length(detail_h), Constraint::Length(1)])
@@ -39,8 +50,8 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     let head = format!(
         "{} · {} – {} of {} · ×{:.1}{}",
         run.label,
-        fmt_ns(v.t0.saturating_sub(run.index.t_min) as f64),
-        fmt_ns((v.t0 + v.span).saturating_sub(run.index.t_min) as f64),
+        fmt_ns_within(v.t0.saturating_sub(run.index.t_min) as f64, v.span as f64),
+        fmt_ns_within((v.t0 + v.span).saturating_sub(run.index.t_min) as f64, v.span as f64),
         fmt_ns(full as f64),
         full as f64 / v.span.max(1) as f64,
         if v.filter.is_empty() { String::new() } else { format!(" · filter {:?}", v.filter) }
@@ -119,7 +130,7 @@ fn draw_axis(f: &mut Frame, area: Rect, run: &LoadedRun, v: &TimelineView) {
     if w < 12 {
         return;
     }
-    let t = |frac: f64| fmt_ns((v.t0 - run.index.t_min) as f64 + frac * v.span as f64);
+    let t = |frac: f64| fmt_ns_within((v.t0 - run.index.t_min) as f64 + frac * v.span as f64, v.span as f64);
     let (a, m, b) = (t(0.0), t(0.5), t(1.0));
     let mut line = vec![' '; w];
     let put = |line: &mut Vec<char>, at: usize, s: &str| {
@@ -161,7 +172,7 @@ fn draw_detail(f: &mut Frame, area: Rect, run: &LoadedRun, v: &TimelineView) {
         ]),
         Line::raw(format!(
             "start {} · duration {} · {}{} · {}{}",
-            fmt_ns(op.start_ns.saturating_sub(run.index.t_min) as f64),
+            fmt_ns_within(op.start_ns.saturating_sub(run.index.t_min) as f64, v.span as f64),
             fmt_ns(dur as f64),
             fmt_flops(op.flops),
             rate(op.flops, "GFLOP/s", 1.0),

@@ -12,6 +12,9 @@ use moelab_workbench::loaded::LoadedRun;
 use moelab_workbench::runs::summary::{MemSummary, RunSummary};
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// The runs directory committed next to the tests.
 pub const FIXTURE_RUNS: &str = "tests/fixtures/runs";
@@ -136,4 +139,25 @@ pub fn render(app: &App, w: u16, h: u16) -> Terminal<TestBackend> {
     let mut t = Terminal::new(TestBackend::new(w, h)).expect("test terminal");
     t.draw(|f| moelab_workbench::ui::draw(f, app)).expect("draw");
     t
+}
+
+/// A real cpu run of the topk template (one block, two warmup steps, one measured) under
+/// `root`, cancelled after its first warmup step: no measured step ran. Returns its run
+/// directory, as the library's `RunError::Backend` names it.
+pub fn cancelled_in_warmup(root: &Path) -> PathBuf {
+    let text = moelab_workbench::composer::templates::template_toml("topk")
+        .replace("n_layers = 2", "n_layers = 1")
+        .replace("steps = 3", "steps = 1")
+        .replace("warmup = 1", "warmup = 2");
+    let spec = moelab::spec::from_toml_str(&text).expect("valid");
+    let mut hooks = moelab::run::RunHooks::default();
+    let cancel = hooks.exec.cancel.clone();
+    hooks.on_step = Some(Arc::new(move |_| cancel.store(true, Ordering::SeqCst)));
+    match moelab::run::run(&spec, root, &hooks) {
+        Err(moelab::run::RunError::Backend { source, dir }) => {
+            assert_eq!(source, moelab::backend::BackendError::Cancelled);
+            PathBuf::from(dir)
+        }
+        other => panic!("expected a cancelled run, got {:?}", other.map(|o| o.dir)),
+    }
 }
