@@ -288,6 +288,9 @@ fn cmd_plan(file: &Path) -> Result<()> {
     let s = load(file)?;
     let plan = Plan::build(&s)?;
     outln!("{}: variant {}, world {}, {} ops in all", s.name, s.variant.as_str(), plan.world(), plan.op_count());
+    if let Some(note) = moelab::plan::builders::auto_stand_in(&s) {
+        outln!("note: {note}");
+    }
     for rp in &plan.ranks {
         let p = predict(rp);
         let flops: u64 = rp.ops.iter().map(|o| o.flops).sum();

@@ -764,3 +764,17 @@ fn a_diverged_loss_fails_the_run_and_names_the_fix() {
     assert!(steps.len() < 9 && steps.last().unwrap()["loss"].is_null(), "{steps:?}");
     assert!(dir.join("trace.json").is_file() && dir.join("stages.csv").is_file());
 }
+
+/// `moelab plan` of a spec with an automatic choice says which configuration it planned in
+/// its place (the run resolves the choice first); a spec without one gets no note.
+#[test]
+fn plan_names_the_stand_in_of_an_automatic_choice() {
+    let (code, out, err) = moelab(&["plan", "experiments/mpmoe-auto.toml"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("note: mpmoe auto: planned with chunks=2, reuse=none"), "{out}");
+    let (code, out, err) = moelab(&["plan", "experiments/seeds/tutel.toml"], &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("note: tutel auto: planned with r=1, degree 2"), "{out}");
+    let (_, out, _) = moelab(&["plan", "experiments/quickstart.toml"], &[]);
+    assert!(!out.contains("note:"), "{out}");
+}

@@ -25,6 +25,34 @@ pub enum PlanError {
     Invalid(String),
 }
 
+/// What a plan built directly from a spec with an automatic choice (MPMoE's `chunks` or
+/// `reuse`, Tutel's `degree` or `parallelism` = "auto") runs in its place, for views that
+/// plan or predict such a spec without running it (`moelab plan`, the workbench composer):
+/// `None` when the spec asks for no choice. `moelab run` resolves the choice first.
+pub fn auto_stand_in(spec: &ExperimentSpec) -> Option<String> {
+    use crate::spec::{Degree, ParallelismChoice, Reuse};
+    match spec.variant {
+        Variant::Mpmoe => {
+            let o = spec.mpmoe.as_ref().filter(|o| o.chunks == Degree::Auto || o.reuse == Reuse::Auto)?;
+            let chunks = match o.chunks { Degree::Fixed(n) => n, Degree::Auto => mpmoe::AUTO_PLAN_CHUNKS };
+            let reuse = if o.reuse == Reuse::Auto { Reuse::None } else { o.reuse };
+            Some(format!(
+                "mpmoe auto: planned with chunks={chunks}, reuse={}; a run profiles the candidates first and runs the one it picks (its run log and summary.json name it)",
+                reuse.as_str()
+            ))
+        }
+        Variant::Tutel => {
+            let o = spec.tutel.as_ref().filter(|o| o.degree == Degree::Auto || o.parallelism == ParallelismChoice::Auto)?;
+            let degree = match o.degree { Degree::Fixed(d) => d, Degree::Auto => tutel::AUTO_PLAN_DEGREE.min(spec.tokens_per_rank()) };
+            Some(format!(
+                "tutel auto: planned with r={}, degree {degree}; a run times the candidates first and runs the fastest (its run log and summary.json name it)",
+                o.r
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// Build the plan for a validated spec.
 pub fn build(spec: &ExperimentSpec) -> Result<Plan, PlanError> {
     match spec.variant {

@@ -74,7 +74,9 @@ fn simulate_step(resolved: &ExperimentSpec, plan: &Plan, profile: Option<&str>) 
     let mut rt = sim::SimRuntime::with_profile(plan.clone(), &profile, Default::default());
     let report = rt.step(true, Some(0)).map_err(|e| e.to_string())?;
     let a = moelab::analysis::analyze(&rt.trace());
-    Ok(SimPrediction { seconds: report.wall_s, overlap: a.overall_overlap(), a2a_overlap: a.a2a_overlap(), profile: profile.name.clone(), warnings: rt.warnings() })
+    // An automatic choice is made by the run: say which configuration this predicts.
+    let warnings = moelab::plan::builders::auto_stand_in(resolved).into_iter().chain(rt.warnings()).collect();
+    Ok(SimPrediction { seconds: report.wall_s, overlap: a.overall_overlap(), a2a_overlap: a.a2a_overlap(), profile: profile.name.clone(), warnings })
 }
 
 /// What validation says about the draft.
@@ -385,6 +387,18 @@ mod tests {
         let big = moelab::spec::overrides::Override::parse("model.d_model=131072").expect("parses");
         let w = warnings(&Composer::open_with(path, &[big]).expect("opens"));
         assert!(w.iter().any(|w| w.contains("exceeds")), "{w:?}");
+    }
+
+    #[test]
+    fn an_automatic_choice_says_which_configuration_is_predicted() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../experiments/mpmoe-auto.toml"));
+        match &Composer::open(path).expect("opens").check {
+            Check::Valid { prediction: Ok(p), .. } => {
+                let w = &p.step.as_ref().expect("simulated").warnings;
+                assert!(w.iter().any(|w| w.starts_with("mpmoe auto: planned with chunks=2")), "{w:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
