@@ -295,7 +295,8 @@ impl App {
                     Ok(c) => {
                         self.composer.replace(c);
                         let n = match &self.composer.check {
-                            Check::Valid { .. } => "valid".to_string(),
+                            Check::Valid { note: None, .. } => "valid".to_string(),
+                            Check::Valid { note: Some(n), .. } => format!("valid, but {n}"),
                             Check::Invalid { problems } => format!("{} problem(s) to fix", problems.len()),
                         };
                         self.info(format!("opened {} ({n}; u undoes)", path.display()));
@@ -318,7 +319,8 @@ impl App {
                 self.overwrite_armed = None;
                 match self.composer.save(&path) {
                     Ok(()) => match &self.composer.check {
-                        Check::Valid { .. } => self.info(format!("saved {}: `moelab run {}` runs it", path.display(), path.display())),
+                        Check::Valid { note: None, .. } => self.info(format!("saved {}: `moelab run {}` runs it", path.display(), path.display())),
+                        Check::Valid { note: Some(n), .. } => self.info(format!("saved {} (valid, but {n})", path.display())),
                         Check::Invalid { problems } => self.error(format!(
                             "saved {}, but it has {} problem(s): moelab run will refuse it until they are fixed",
                             path.display(),

@@ -89,6 +89,9 @@ pub enum Check {
         resolved: Box<ExperimentSpec>,
         /// The prediction, or the plan builder's error.
         prediction: Result<Prediction, String>,
+        /// Why `moelab run` would still refuse it on this machine (a cuda spec without its
+        /// GPUs here, checked and predicted as `moelab validate` does), if so.
+        note: Option<String>,
     },
     /// Rejected: every violated rule, naming its field.
     Invalid {
@@ -132,28 +135,45 @@ pub fn spec_text(draft: &Table) -> String {
 /// Validate and plan a draft; predict on `profile` (or the spec's own).
 pub fn check(draft: &Table, profile: Option<&str>) -> Check {
     match moelab::spec::from_toml_str(&spec_text(draft)) {
-        Ok(resolved) => {
-            let prediction = Plan::build(&resolved).map_err(|e| e.to_string()).map(|plan| {
-                let preds: Vec<_> = plan.ranks.iter().map(predict).collect();
-                let worst = preds.iter().enumerate().max_by_key(|(_, p)| p.peak_total).map_or(0, |(i, _)| i);
-                let p = preds.get(worst);
-                Prediction {
-                    world: plan.world(),
-                    max_ops: plan.ranks.iter().map(|r| r.ops.len()).max().unwrap_or(0),
-                    worst_rank: worst,
-                    peak_total: p.map_or(0, |p| p.peak_total),
-                    at_peak: p.map_or([0; 7], |p| p.at_peak),
-                    upper_bound: preds.iter().any(|p| p.upper_bound),
-                    interleaved_peak: p.map_or(0, |p| p.interleaved_peak),
-                    step: simulate_step(&resolved, &plan, profile),
+        Ok(resolved) => valid(resolved, profile, None),
+        // As `moelab validate`: a cuda spec on a machine without its GPUs is checked as on the
+        // cpu backend and predicted; the missing GPUs are a note, not a failure.
+        Err(SpecError::Invalid { problems, .. }) if !problems.is_empty() && problems.iter().all(|p| p.is_missing_gpus()) => {
+            let mut on_cpu = draft.clone();
+            fields::store(&mut on_cpu, "run.backend", Some(toml::Value::String("cpu".into())));
+            match moelab::spec::from_toml_str(&spec_text(&on_cpu)) {
+                Ok(mut resolved) => {
+                    resolved.run.backend = moelab::spec::BackendKind::Cuda;
+                    valid(resolved, profile, Some(format!("{}: `moelab run` refuses it on this machine; the predictions stand", problems[0].message)))
                 }
-            });
-            Check::Valid { resolved: Box::new(resolved), prediction }
+                Err(SpecError::Invalid { problems, .. }) => Check::Invalid { problems },
+                Err(other) => Check::Invalid { problems: vec![Problem { field: "(spec)".into(), message: other.to_string(), fix: "undo the last change (u)".into() }] },
+            }
         }
         Err(SpecError::Invalid { problems, .. }) => Check::Invalid { problems },
         // A draft built from typed fields always parses; keep any surprise visible anyway.
         Err(other) => Check::Invalid { problems: vec![Problem { field: "(spec)".into(), message: other.to_string(), fix: "undo the last change (u)".into() }] },
     }
+}
+
+/// A valid draft's check: its plan's memory prediction and simulated step.
+fn valid(resolved: ExperimentSpec, profile: Option<&str>, note: Option<String>) -> Check {
+    let prediction = Plan::build(&resolved).map_err(|e| e.to_string()).map(|plan| {
+        let preds: Vec<_> = plan.ranks.iter().map(predict).collect();
+        let worst = preds.iter().enumerate().max_by_key(|(_, p)| p.peak_total).map_or(0, |(i, _)| i);
+        let p = preds.get(worst);
+        Prediction {
+            world: plan.world(),
+            max_ops: plan.ranks.iter().map(|r| r.ops.len()).max().unwrap_or(0),
+            worst_rank: worst,
+            peak_total: p.map_or(0, |p| p.peak_total),
+            at_peak: p.map_or([0; 7], |p| p.at_peak),
+            upper_bound: preds.iter().any(|p| p.upper_bound),
+            interleaved_peak: p.map_or(0, |p| p.interleaved_peak),
+            step: simulate_step(&resolved, &plan, profile),
+        }
+    });
+    Check::Valid { resolved: Box::new(resolved), prediction, note }
 }
 
 /// Whether a problem about `problem_field` concerns the field `key` (a problem about a
@@ -396,6 +416,24 @@ mod tests {
             Check::Valid { prediction: Ok(p), .. } => {
                 let w = &p.step.as_ref().expect("simulated").warnings;
                 assert!(w.iter().any(|w| w.starts_with("mpmoe auto: planned with chunks=2")), "{w:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_gpu_experiment_without_its_gpus_here_is_checked_and_predicted_with_a_note() {
+        // As `moelab validate`: the missing GPUs are a note, every other rule is checked and
+        // the predictions are shown (this machine has no GPU, or fewer than the file's two).
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../experiments/mixtral-ish/topk-2gpu.toml"));
+        let c = Composer::open(path).expect("opens");
+        match &c.check {
+            Check::Valid { resolved, prediction: Ok(p), note } => {
+                assert_eq!(resolved.run.backend, moelab::spec::BackendKind::Cuda);
+                assert!(p.peak_total > 0 && p.step.as_ref().is_ok_and(|s| s.seconds > 0.0), "{p:?}");
+                if moelab::spec::from_toml_str(&spec_text(&c.draft)).is_err() {
+                    assert!(note.as_deref().is_some_and(|n| n.contains("refuses it on this machine")), "{note:?}");
+                }
             }
             other => panic!("{other:?}"),
         }

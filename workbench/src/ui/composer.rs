@@ -85,9 +85,12 @@ fn draw_check(f: &mut Frame, area: Rect, app: &App) {
     let mut lines = Vec::new();
     let title;
     match &c.check {
-        Check::Valid { resolved, prediction } => {
+        Check::Valid { resolved, prediction, note } => {
             title = " Validation ";
-            lines.push(Line::styled("✓ valid: moelab run accepts it", ok_style()));
+            match note {
+                None => lines.push(Line::styled("✓ valid: moelab run accepts it", ok_style())),
+                Some(n) => lines.push(Line::styled(format!("✓ valid, but {n}"), error_style())),
+            }
             lines.push(Line::raw(format!(
                 "variant {} · world {} (dp {} ep {} tp {} pp {}) · backend {}",
                 resolved.variant.as_str(), resolved.world(), resolved.layout.dp, resolved.layout.ep, resolved.layout.tp, resolved.layout.pp,
