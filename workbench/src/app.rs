@@ -2,8 +2,8 @@
 //! resize, tick and job report goes through it, so behaviour is tested without a terminal.
 
 use crate::composer::{Check, Composer};
-use crate::event::{Event, Key};
-use crate::jobs::{JobRequest, Jobs};
+use crate::event::{Event, JobEvent, Key};
+use crate::jobs::{JobRequest, JobState, Jobs};
 use crate::loaded::LoadedRun;
 use crate::runs::{self, RunsBrowser};
 use crate::timeline::TimelineView;
@@ -79,6 +79,9 @@ pub struct Status {
     pub text: String,
     /// Shown as an error.
     pub error: bool,
+    /// The job the message is about while it runs (e.g. "cancelling job 2"): the message is
+    /// replaced when that job ends.
+    pub job: Option<usize>,
 }
 
 /// Everything the workbench shows.
@@ -142,11 +145,16 @@ impl App {
     }
 
     fn info(&mut self, text: impl Into<String>) {
-        self.status = Some(Status { text: text.into(), error: false });
+        self.status = Some(Status { text: text.into(), error: false, job: None });
+    }
+
+    /// An info message about job `id` while it is active, replaced when the job ends.
+    fn info_job(&mut self, id: usize, text: impl Into<String>) {
+        self.status = Some(Status { text: text.into(), error: false, job: Some(id) });
     }
 
     fn error(&mut self, text: impl Into<String>) {
-        self.status = Some(Status { text: text.into(), error: true });
+        self.status = Some(Status { text: text.into(), error: true, job: None });
     }
 
     /// Apply one event.
@@ -156,6 +164,10 @@ impl App {
             Event::Resize(..) => {}
             Event::Job(je) => {
                 self.now = Instant::now();
+                let ended = match &je {
+                    JobEvent::Finished { id, .. } => Some(*id),
+                    _ => None,
+                };
                 if let Some(id) = self.jobs.apply(je, self.now) {
                     self.runs.refresh();
                     let dir = self.jobs.get_mut(id).and_then(|j| j.dir.clone()).map(|d| d.display().to_string()).unwrap_or_default();
@@ -170,12 +182,31 @@ impl App {
                 } else {
                     // Failures and cancellations also leave a directory behind.
                     self.runs.refresh();
+                    self.job_ended(ended);
                 }
             }
             Event::Key(k) => self.key(k),
             Event::Terminate => {
                 self.jobs.cancel_all();
                 self.quit = true;
+            }
+        }
+    }
+
+    /// A job that failed or was cancelled has ended: a status message about it (e.g.
+    /// "cancelling job 2") is replaced by how it ended.
+    fn job_ended(&mut self, ended: Option<usize>) {
+        let Some(id) = ended.filter(|&id| self.status.as_ref().is_some_and(|s| s.job == Some(id))) else { return };
+        let Some(job) = self.jobs.get_mut(id) else { return };
+        let dir = job.dir.as_ref().map_or_else(String::new, |d| format!(" (its run directory: {}; Enter in Jobs opens it)", d.display()));
+        match &job.state {
+            JobState::Failed { error } => {
+                let text = format!("job {id} failed: {error}");
+                self.error(text)
+            }
+            state => {
+                let text = format!("job {id} {}{dir}", state.word());
+                self.info(text)
             }
         }
     }
@@ -424,7 +455,7 @@ impl App {
         match self.jobs.submit(spec) {
             Ok(id) => {
                 let name = self.composer.name().to_string();
-                self.info(format!("job {id} ({name}) queued on the {backend} backend{on}; see Jobs (2)"));
+                self.info_job(id, format!("job {id} ({name}) queued on the {backend} backend{on}; see Jobs (2)"));
             }
             Err(e) => self.error(e),
         }
@@ -437,7 +468,7 @@ impl App {
             Key::Char('x') => {
                 let Some(id) = self.jobs.selected_job().map(|j| j.id) else { return };
                 if self.jobs.cancel(id) {
-                    self.info(format!("cancelling job {id}"));
+                    self.info_job(id, format!("cancelling job {id}"));
                 } else {
                     self.info(format!("job {id} has already ended"));
                 }
@@ -449,7 +480,7 @@ impl App {
                 // log, what it measured): open that, as the Runs pane would.
                 let run = match (job.run.as_deref().cloned(), job.dir.clone()) {
                     (Some(run), _) => run,
-                    (None, _) if job.state.is_active() => return self.info(format!("job {id} is still {word}: its run opens when it ends")),
+                    (None, _) if job.state.is_active() => return self.info_job(id, format!("job {id} is still {word}: its run opens when it ends")),
                     (None, Some(dir)) => match runs::open_run(&dir) {
                         Ok(run) => run,
                         Err(e) => return self.error(format!("job {id} ({word}): cannot open its run directory: {e}")),
@@ -476,10 +507,16 @@ impl App {
     }
 
     fn set_compare(&mut self, run: LoadedRun) {
-        if self.current.is_none() {
+        let Some(a) = self.current.as_ref() else {
             return self.info("open a run first (Enter), then pick the one to compare it with (c)");
+        };
+        if crate::compare::same_run(a, &run) {
+            return self.info(format!("{} is the open run (A) itself: pick another run to compare it with", run.label));
         }
-        self.info(format!("comparing with {} (c in Breakdown clears it)", run.label));
+        match crate::compare::mismatch_warning(a, &run) {
+            Some(w) => self.error(format!("comparing with {}: {w}", run.label)),
+            None => self.info(format!("comparing with {} (c in Breakdown clears it)", run.label)),
+        }
         self.compare = Some(run);
         self.breakdown_scroll = 0;
         self.pane = Pane::Breakdown;
@@ -685,5 +722,40 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&p).expect("read"), "keep me");
         a.update(Event::Key(Key::Enter));
         assert!(moelab::spec::load_file(&p).is_ok());
+    }
+
+    fn ended(id: usize, cancelled: bool) -> Event {
+        let failure = crate::event::JobFailure { cancelled, message: "boom".into(), dir: None };
+        Event::Job(JobEvent::Finished { id, result: Err(failure) })
+    }
+
+    #[test]
+    fn a_status_about_a_job_is_replaced_when_the_job_ends() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let dir = std::env::temp_dir().join("moelab-workbench-no-such-runs-dir");
+        let mut a = App::new(Composer::from_template("topk").expect("template"), dir, Some(tx));
+        keys(&mut a, &[Key::Char('r'), Key::Char('r'), Key::Char('2'), Key::Up, Key::Up, Key::Char('x')]);
+        assert_eq!(a.status.as_ref().map(|s| s.text.as_str()), Some("cancelling job 1"));
+        a.update(ended(1, true));
+        let text = a.status.as_ref().map(|s| s.text.clone()).unwrap_or_default();
+        assert_eq!(text, "job 1 cancelled");
+        // Another job's end leaves a message about a different one alone.
+        keys(&mut a, &[Key::Down, Key::Char('x')]);
+        assert_eq!(a.status.as_ref().map(|s| s.text.as_str()), Some("cancelling job 2"));
+        a.update(ended(1, true));
+        assert_eq!(a.status.as_ref().map(|s| s.text.as_str()), Some("cancelling job 2"));
+        a.update(ended(2, false));
+        assert_eq!(a.status.clone().map(|s| (s.text, s.error)), Some(("job 2 failed: boom".to_string(), true)));
+    }
+
+    #[test]
+    fn comparing_a_run_with_itself_is_refused() {
+        let mut a = app();
+        let run = || LoadedRun::new("20260101-x".into(), None, crate::runs::RunSummary::default(), moelab::trace::Trace::default());
+        a.show_run(run());
+        a.set_compare(run());
+        assert!(a.compare.is_none());
+        let text = a.status.as_ref().map(|s| s.text.clone()).unwrap_or_default();
+        assert!(text.contains("is the open run (A) itself"), "{text}");
     }
 }

@@ -65,6 +65,48 @@ impl MetricRow {
     }
 }
 
+/// Whether A and B are the same run: the same run directory, or (neither having one) the
+/// same label.
+pub fn same_run(a: &LoadedRun, b: &LoadedRun) -> bool {
+    let canon = |d: &std::path::PathBuf| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+    match (&a.dir, &b.dir) {
+        (Some(x), Some(y)) => canon(x) == canon(y),
+        (None, None) => a.label == b.label,
+        _ => false,
+    }
+}
+
+/// The backend, world and model sizes in which A and B differ (fields either run leaves
+/// unknown are skipped), e.g. `["backend sim vs cpu", "world 16 vs 4"]`.
+pub fn differences(a: &LoadedRun, b: &LoadedRun) -> Vec<String> {
+    let mut out = Vec::new();
+    let (sa, sb) = (&a.summary, &b.summary);
+    if !sa.backend.is_empty() && !sb.backend.is_empty() && sa.backend != sb.backend {
+        out.push(format!("backend {} vs {}", sa.backend, sb.backend));
+    }
+    if sa.world > 0 && sb.world > 0 && sa.world != sb.world {
+        out.push(format!("world {} vs {}", sa.world, sb.world));
+    }
+    if let (Some(ma), Some(mb)) = (&a.model, &b.model) {
+        let sizes = [
+            ("d_model", ma.d_model, mb.d_model),
+            ("d_ffn", ma.d_ffn, mb.d_ffn),
+            ("n_experts", ma.n_experts, mb.n_experts),
+            ("top_k", ma.top_k, mb.top_k),
+            ("n_layers", ma.n_layers, mb.n_layers),
+        ];
+        out.extend(sizes.iter().filter(|(_, x, y)| x != y).map(|(name, x, y)| format!("{name} {x} vs {y}")));
+    }
+    out
+}
+
+/// A one-line warning when A and B differ in backend, world or model sizes, e.g. "runs
+/// differ: backend sim vs cpu, world 16 vs 4: the figures are not like for like".
+pub fn mismatch_warning(a: &LoadedRun, b: &LoadedRun) -> Option<String> {
+    let d = differences(a, b);
+    (!d.is_empty()).then(|| format!("runs differ: {}: the figures are not like for like", d.join(", ")))
+}
+
 /// Comm time, exposed comm (ms per rank and step) and overlap of a run.
 fn comm_figures(r: &LoadedRun) -> (f64, f64, f64) {
     let a = &r.analysis;
@@ -121,5 +163,38 @@ mod tests {
         assert_eq!(r(0.0, 0.0, Better::Lower).verdict(), Verdict::Same);
         assert_eq!(r(0.0, 1.0, Better::Lower).verdict(), Verdict::Worse);
         assert_eq!(r(10.0, 8.0, Better::Lower).relative(), Some(-0.2));
+    }
+
+    fn run(label: &str, backend: &str, world: usize) -> LoadedRun {
+        let summary = crate::runs::RunSummary { backend: backend.into(), world, ..Default::default() };
+        LoadedRun::new(label.into(), None, summary, moelab::trace::Trace::default())
+    }
+
+    #[test]
+    fn runs_of_other_backends_worlds_or_model_sizes_are_flagged() {
+        let (a, b) = (run("a", "sim", 16), run("b", "cpu", 4));
+        let w = mismatch_warning(&a, &b).expect("a warning");
+        assert_eq!(w, "runs differ: backend sim vs cpu, world 16 vs 4: the figures are not like for like");
+        assert_eq!(mismatch_warning(&run("a", "cpu", 4), &run("b", "cpu", 4)), None);
+        // Unknown fields (older summaries) are not a difference.
+        assert_eq!(mismatch_warning(&run("a", "", 0), &run("b", "cpu", 4)), None);
+        let spec: moelab::spec::ExperimentSpec = toml::from_str(&crate::composer::templates::template_toml("topk")).expect("template");
+        let (mut a, mut b) = (run("a", "cpu", 4), run("b", "cpu", 4));
+        a.model = Some(spec.model.clone());
+        b.model = Some(moelab::spec::ModelSpec { d_model: spec.model.d_model * 2, ..spec.model });
+        let w = mismatch_warning(&a, &b).expect("a warning");
+        assert!(w.starts_with("runs differ: d_model ") && w.contains(" vs "), "{w}");
+    }
+
+    #[test]
+    fn a_run_is_the_same_as_itself_only() {
+        assert!(same_run(&run("a", "cpu", 4), &run("a", "cpu", 4)));
+        assert!(!same_run(&run("a", "cpu", 4), &run("b", "cpu", 4)));
+        let (mut a, mut b) = (run("x", "cpu", 4), run("y", "cpu", 4));
+        a.dir = Some("runs/20260101-a".into());
+        b.dir = Some("runs/20260101-a".into());
+        assert!(same_run(&a, &b), "one directory, whatever the labels");
+        b.dir = Some("runs/20260102-b".into());
+        assert!(!same_run(&a, &b));
     }
 }

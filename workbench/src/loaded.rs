@@ -5,7 +5,7 @@ use crate::runs::RunSummary;
 use crate::timeline::TimelineIndex;
 use moelab::analysis::{self, Analysis};
 use moelab::run::RunOutcome;
-use moelab::spec::ExperimentSpec;
+use moelab::spec::{ExperimentSpec, ModelSpec};
 use moelab::trace::Trace;
 use std::path::PathBuf;
 
@@ -24,6 +24,8 @@ pub struct LoadedRun {
     pub analysis: Analysis,
     /// Ops per lane, sorted for drawing and jumping.
     pub index: TimelineIndex,
+    /// The model's sizes, when the run's spec is known (its `spec.toml`, or the job's spec).
+    pub model: Option<ModelSpec>,
 }
 
 impl LoadedRun {
@@ -31,7 +33,7 @@ impl LoadedRun {
     pub fn new(label: String, dir: Option<PathBuf>, summary: RunSummary, trace: Trace) -> Self {
         let analysis = analysis::analyze(&trace);
         let index = TimelineIndex::build(&trace);
-        LoadedRun { label, dir, summary, trace, analysis, index }
+        LoadedRun { label, dir, summary, trace, analysis, index, model: None }
     }
 
     /// A run that just completed in this process.
@@ -39,7 +41,8 @@ impl LoadedRun {
         let summary = RunSummary::from_outcome(spec, &outcome);
         let label = outcome.dir.file_name().map_or_else(|| spec.name.clone(), |n| n.to_string_lossy().into_owned());
         let index = TimelineIndex::build(&outcome.trace);
-        LoadedRun { label, dir: Some(outcome.dir), summary, trace: outcome.trace, analysis: outcome.analysis, index }
+        let model = Some(spec.model.clone());
+        LoadedRun { label, dir: Some(outcome.dir), summary, trace: outcome.trace, analysis: outcome.analysis, index, model }
     }
 
     /// Why the panes have nothing to break down, when no measured step finished (a run

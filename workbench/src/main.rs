@@ -69,7 +69,7 @@ fn run() -> Result<()> {
     let (tx, rx) = mpsc::channel::<Event>();
     let worker = jobs::spawn_worker(args.runs_dir.clone(), tx.clone());
     let mut app = App::new(composer, args.runs_dir.clone(), Some(worker));
-    app.status = startup.map(|text| Status { text, error: true });
+    app.status = startup.map(|text| Status { text, error: true, job: None });
 
     // A signal to stop (kill, a closed SSH session) quits like `q q`: the active jobs are
     // cancelled and, below, given time to write their run directories.

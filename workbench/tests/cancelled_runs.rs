@@ -34,8 +34,12 @@ fn a_cancelled_or_failed_job_opens_its_run_directory() {
         a.update(Event::Key(Key::Enter));
         assert_eq!(a.current.as_ref().and_then(|r| r.dir.as_ref()), Some(&dir), "{:?}", a.status);
         assert_eq!(a.pane, Pane::Timeline);
-        // c compares the open run with the job's.
+        // c refuses to compare the open run with itself...
         a.pane = Pane::Jobs;
+        a.update(Event::Key(Key::Char('c')));
+        assert!(a.compare.is_none() && a.status.as_ref().is_some_and(|s| s.text.contains("itself")), "{:?}", a.status);
+        // ...and compares another open run with the job's.
+        a.show_run(common::synthetic_run("other", 4, 2, 1, 0));
         a.update(Event::Key(Key::Char('c')));
         assert_eq!(a.compare.as_ref().and_then(|r| r.dir.as_ref()), Some(&dir), "{:?}", a.status);
     }

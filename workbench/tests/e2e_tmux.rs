@@ -119,11 +119,14 @@ fn compose_run_inspect_compare_save_quit() {
     // Runs browser: open the newest (ep = 2) and compare with the previous one.
     tmux.keys(&["5"]);
     tmux.wait_for("newest first", 5);
-    tmux.keys(&["Enter"]);
+    // The browser keeps the first run selected when the second appears: Up picks the newest.
+    tmux.keys(&["Up", "Enter"]);
     tmux.wait_for("opened", 10);
     tmux.keys(&["5", "Down", "c"]);
     let s = tmux.wait_for("B vs A", 10);
     assert!(s.contains("step time (ms)") && s.contains("peak memory (MiB)"), "{s}");
+    // The runs differ in world size: the comparison says its figures are not like for like.
+    assert!(s.contains("runs differ: world 2 vs 4"), "{s}");
 
     // Save the composed spec (ep = 2) under a new name.
     tmux.keys(&["1", "s"]);

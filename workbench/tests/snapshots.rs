@@ -167,6 +167,22 @@ fn breakdown_scrolls_its_stage_table() {
 }
 
 #[test]
+fn comparing_runs_of_other_backends_or_worlds_warns_above_the_table() {
+    let mut a = app();
+    let mut sim = synthetic_run("20260101-000000-sim", 4, 2, 2, 0);
+    sim.summary.backend = "sim".into();
+    sim.summary.world = 16;
+    a.show_run(sim);
+    a.compare = Some(synthetic_run("20260102-000000-cpu", 4, 2, 1, 3_000));
+    a.pane = Pane::Breakdown;
+    for (w, h) in SIZES {
+        let text = render(&a, w, h).backend().to_string();
+        assert!(text.contains("runs differ: backend sim vs cpu, world 16 vs 4"), "{text}");
+        assert!(text.contains("step time (ms)"), "the table still shows: {text}");
+    }
+}
+
+#[test]
 fn help_box_holds_its_wrapped_lines() {
     let mut a = app();
     press(&mut a, &[Key::Char('?')]);

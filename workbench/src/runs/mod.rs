@@ -21,6 +21,26 @@ pub struct RunEntry {
     pub summary: Option<RunSummary>,
     /// Why there is no summary (e.g. a comparison directory, or a damaged file).
     pub note: Option<String>,
+    /// A run directory without its summary yet (`spec.toml` and `run.log` but no
+    /// `summary.json`): still running, or killed before it finished.
+    pub in_progress: bool,
+}
+
+/// The status shown for a run that has not recorded one: still running, or killed before it
+/// finished (the browser cannot tell which).
+pub const UNFINISHED_STATUS: &str = "running?";
+
+impl RunEntry {
+    /// The run's status for the table: its summary's, [`UNFINISHED_STATUS`] for a run
+    /// directory with no status yet (no summary, or a summary without one), else "-".
+    pub fn status_word(&self) -> &str {
+        match &self.summary {
+            Some(s) if !s.status.is_empty() => &s.status,
+            Some(_) => UNFINISHED_STATUS,
+            None if self.in_progress => UNFINISHED_STATUS,
+            None => "-",
+        }
+    }
 }
 
 /// The browser: entries, selection and filter.
@@ -107,6 +127,7 @@ pub fn list_runs(root: &Path) -> Result<Vec<RunEntry>, WorkbenchError> {
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();
+        let mut in_progress = false;
         let (summary, note) = if path.join("summary.json").exists() {
             match RunSummary::read(&path) {
                 Ok(s) => (Some(s), None),
@@ -116,11 +137,12 @@ pub fn list_runs(root: &Path) -> Result<Vec<RunEntry>, WorkbenchError> {
             (None, Some("comparison tables only (compare.csv, compare.parquet); no trace to open".to_string()))
         } else if let (true, Ok(log)) = (path.join("spec.toml").is_file(), std::fs::read_to_string(path.join("run.log"))) {
             let last = log.lines().last().unwrap_or("(empty)").to_string();
+            in_progress = true;
             (None, Some(format!("no summary.json: still running, or killed before it finished (e edits its spec); run.log ends: {last}")))
         } else {
             (None, Some("no summary.json: not a finished run directory".to_string()))
         };
-        out.push(RunEntry { name, path, summary, note });
+        out.push(RunEntry { name, path, summary, note, in_progress });
     }
     out.sort_by(|a, b| b.name.cmp(&a.name));
     Ok(out)
@@ -133,7 +155,10 @@ pub fn open_run(dir: &Path) -> Result<LoadedRun, WorkbenchError> {
     let backend = if summary.backend.is_empty() { "cpu".to_string() } else { summary.backend.clone() };
     let trace = chrome_import::read_trace(dir, &backend)?;
     let label = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-    Ok(LoadedRun::new(label, Some(dir.to_path_buf()), summary, trace))
+    let mut run = LoadedRun::new(label, Some(dir.to_path_buf()), summary, trace);
+    // The model's sizes, for warning when two compared runs differ in them.
+    run.model = moelab::spec::load_file(&dir.join("spec.toml")).ok().map(|s| s.model);
+    Ok(run)
 }
 
 #[cfg(test)]
@@ -173,5 +198,23 @@ mod tests {
         std::fs::write(dir.path().join("trace.json"), "not json").expect("write");
         let e = open_run(dir.path()).expect_err("damaged");
         assert!(e.to_string().contains("trace.json"), "{e}");
+    }
+
+    #[test]
+    fn runs_without_a_status_read_as_running() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mk = |n: &str, files: &[(&str, &str)]| {
+            std::fs::create_dir(dir.path().join(n)).expect("mkdir");
+            for (f, text) in files {
+                std::fs::write(dir.path().join(n).join(f), text).expect("write");
+            }
+        };
+        mk("20260101-a-live", &[("spec.toml", "name = \"a\""), ("run.log", "step 1/4")]);
+        mk("20260102-b-nostatus", &[("summary.json", r#"{"name":"b"}"#)]);
+        mk("20260103-c-done", &[("summary.json", r#"{"name":"c","status":"completed"}"#)]);
+        mk("20260104-d-other", &[]);
+        let b = RunsBrowser::new(dir.path().to_path_buf());
+        let words: Vec<_> = b.entries.iter().map(|e| e.status_word()).collect();
+        assert_eq!(words, ["-", "completed", UNFINISHED_STATUS, UNFINISHED_STATUS]);
     }
 }

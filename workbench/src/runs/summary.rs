@@ -115,9 +115,10 @@ impl RunSummary {
         }
     }
 
-    /// Loss of the last measured step, when there is one.
+    /// Loss of the last measured step, when there is one and it has a loss (a sim run
+    /// computes none: its losses read as NaN).
     pub fn final_loss(&self) -> Option<f64> {
-        self.steps.iter().rev().find(|s| s.measured).map(|s| s.loss)
+        self.steps.iter().rev().find(|s| s.measured).map(|s| s.loss).filter(|l| l.is_finite())
     }
 }
 
@@ -132,5 +133,13 @@ mod tests {
         assert!(s.loss.is_nan() && s.aux_loss.is_nan() && s.wall_s == 0.002);
         let s: StepSummary = serde_json::from_str(r#"{"loss": 1.5}"#).expect("reads");
         assert_eq!(s.loss, 1.5);
+    }
+
+    #[test]
+    fn a_sim_run_has_no_final_loss() {
+        let s: RunSummary = serde_json::from_str(r#"{"backend":"sim","steps":[{"step":0,"measured":true,"loss":null}]}"#).expect("reads");
+        assert_eq!(s.final_loss(), None);
+        let s: RunSummary = serde_json::from_str(r#"{"steps":[{"step":0,"measured":true,"loss":1.25}]}"#).expect("reads");
+        assert_eq!(s.final_loss(), Some(1.25));
     }
 }

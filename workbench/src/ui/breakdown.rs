@@ -5,7 +5,7 @@
 use super::composer::memory_lines;
 use super::{dim_style, error_style, ok_style, stage_color, truncate};
 use crate::app::App;
-use crate::compare::{compare, Verdict};
+use crate::compare::{compare, mismatch_warning, Verdict};
 use crate::loaded::LoadedRun;
 use crate::units::{fmt_bytes, fmt_ns};
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -175,7 +175,17 @@ fn draw_memory(f: &mut Frame, area: Rect, run: &LoadedRun, memory_rank: Option<u
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(truncate(&title, area.width.saturating_sub(2) as usize))), area);
 }
 
+/// Draw the comparison, with a warning line above it when the runs differ in backend, world
+/// or model sizes.
 fn draw_compare(f: &mut Frame, area: Rect, a: &LoadedRun, b: &LoadedRun, scroll: usize) {
+    let area = match mismatch_warning(a, b) {
+        Some(w) => {
+            let [warn, rest] = Layout::vertical([Constraint::Length(1), Constraint::Min(4)]).areas(area);
+            f.render_widget(Paragraph::new(Line::styled(truncate(&format!("⚠ {w}"), warn.width as usize), error_style())), warn);
+            rest
+        }
+        None => area,
+    };
     let rows_data = compare(a, b);
     let rows: Vec<Row> = rows_data
         .iter()
