@@ -778,3 +778,30 @@ fn plan_names_the_stand_in_of_an_automatic_choice() {
     let (_, out, _) = moelab(&["plan", "experiments/quickstart.toml"], &[]);
     assert!(!out.contains("note:"), "{out}");
 }
+
+/// Session 21 (1x H100, 2026-11-25 05:06-05:10 UTC, `scripts/gpu-sim-1gpu` with that
+/// session's binary, after the sim's all-to-all, Adam and symmetry changes): the five
+/// mixtral-ish designs and the six bench plans, every step within 3% and every stage of at
+/// least 2% of the step within 25%.
+#[test]
+fn the_h100_profile_predicts_the_session_21_runs() {
+    let mut runs: Vec<std::path::PathBuf> = Vec::new();
+    for d in ["mixtral-ish-runs", "bench-sim-runs"] {
+        let dir = format!("{}/docs/device-runs/h100-s21/{d}", env!("CARGO_MANIFEST_DIR"));
+        runs.extend(std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()));
+    }
+    runs.sort();
+    assert_eq!(runs.len(), 11, "{runs:?}");
+    let mut big = 0;
+    for r in &predict_json(&runs) {
+        let name = r["name"].as_str().unwrap();
+        assert_eq!(r["profile"], "h100", "{r}");
+        let e = r["comparison"]["step_error"].as_f64().unwrap();
+        assert!(e.is_finite() && e.abs() < 0.03, "{name}: step error {e}");
+        for st in r["comparison"]["stages"].as_array().unwrap().iter().filter(|st| st["small"] == false && !st["predicted_ms"].is_null() && !st["measured_ms"].is_null()) {
+            big += 1;
+            assert!(st["within"] == true, "{name} {}: {st}", st["label"]);
+        }
+    }
+    assert!(big >= 90, "{big} stages of at least 2%");
+}
