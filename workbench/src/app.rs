@@ -72,6 +72,15 @@ pub struct Prompt {
     pub text: String,
 }
 
+/// What a dirty draft would be dropped for once the same key is pressed again.
+#[derive(Debug, Clone, PartialEq)]
+enum Discard {
+    /// `q`: quit.
+    Quit,
+    /// `e` in Runs: load this run's `spec.toml` into the composer.
+    Load(PathBuf),
+}
+
 /// A message in the status line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
@@ -117,6 +126,8 @@ pub struct App {
     quit_armed: bool,
     /// A save to this existing file was asked once.
     overwrite_armed: Option<PathBuf>,
+    /// A key that drops the composer's unsaved edits was pressed once; cleared by any other key.
+    discard_armed: Option<Discard>,
     /// The time used for elapsed figures (updated by ticks).
     pub now: Instant,
 }
@@ -140,6 +151,7 @@ impl App {
             quit: false,
             quit_armed: false,
             overwrite_armed: None,
+            discard_armed: None,
             now: Instant::now(),
         }
     }
@@ -215,18 +227,19 @@ impl App {
         if k == Key::CtrlC {
             return self.request_quit();
         }
+        let armed = self.discard_armed.take();
         if self.prompt.is_some() {
             return self.prompt_key(k);
         }
         if self.help {
             match k {
-                Key::Char('q') => self.request_quit(),
+                Key::Char('q') => self.quit_key(armed),
                 _ => self.help = false,
             }
             return;
         }
         match k {
-            Key::Char('q') => return self.request_quit(),
+            Key::Char('q') => return self.quit_key(armed),
             Key::Char('?') => {
                 self.help = true;
                 return;
@@ -236,12 +249,9 @@ impl App {
             Key::Char(c @ '1'..='5') => return self.switch(Pane::ALL[c as usize - '1' as usize]),
             Key::Char('/') => {
                 if self.pane.has_filter() {
-                    let text = match self.pane {
-                        Pane::Composer => self.composer.filter.clone(),
-                        Pane::Timeline => self.timeline.filter.clone(),
-                        _ => self.runs.filter.clone(),
-                    };
-                    self.prompt = Some(Prompt { kind: PromptKind::Filter, label: "filter".into(), text });
+                    // A new filter starts empty (the old one is cleared, keeping the selection).
+                    self.apply_filter("");
+                    self.prompt = Some(Prompt { kind: PromptKind::Filter, label: "filter".into(), text: String::new() });
                 } else {
                     self.info(format!("nothing to filter in {} (/ filters the composer, timeline and runs)", self.pane.title()));
                 }
@@ -255,7 +265,7 @@ impl App {
             Pane::Jobs => self.jobs_key(k),
             Pane::Timeline => self.timeline_key(k),
             Pane::Breakdown => self.breakdown_key(k),
-            Pane::Runs => self.runs_key(k),
+            Pane::Runs => self.runs_key(k, armed),
         }
     }
 
@@ -264,6 +274,26 @@ impl App {
         if pane == Pane::Runs {
             self.runs.refresh();
         }
+    }
+
+    /// `q`: quit, unless the draft has unsaved edits and this is the first `q` (then ask:
+    /// a second `q` drops them and quits, cancelling active jobs too).
+    fn quit_key(&mut self, armed: Option<Discard>) {
+        if !self.composer.dirty || armed == Some(Discard::Quit) {
+            return self.request_quit();
+        }
+        self.discard_armed = Some(Discard::Quit);
+        let active = self.jobs.active();
+        // The second `q` confirms the jobs' cancellation too, not only the draft's loss.
+        self.quit_armed = active > 0;
+        let jobs = if active > 0 { format!(" (cancelling {active} queued or running job(s))") } else { String::new() };
+        let save = self.save_hint();
+        self.error(format!("the draft has unsaved changes: q again quits and drops them{jobs}, {save}"));
+    }
+
+    /// How to save the draft from the current pane.
+    fn save_hint(&self) -> &'static str {
+        if self.pane == Pane::Composer { "s saves" } else { "s in the Composer (1) saves" }
     }
 
     fn request_quit(&mut self) {
@@ -290,6 +320,7 @@ impl App {
             Key::Backspace => {
                 p.text.pop();
             }
+            Key::CtrlU => p.text.clear(),
             Key::Char(c) => p.text.push(c),
             Key::Enter => return self.commit_prompt(p),
             _ => {}
@@ -586,7 +617,7 @@ impl App {
         }
     }
 
-    fn runs_key(&mut self, k: Key) {
+    fn runs_key(&mut self, k: Key, armed: Option<Discard>) {
         match k {
             Key::Up | Key::Char('k') => self.runs.move_selection(-1),
             Key::Down | Key::Char('j') => self.runs.move_selection(1),
@@ -610,6 +641,11 @@ impl App {
             Key::Char('e') => {
                 let Some(path) = self.runs.selected_entry().map(|e| e.path.join("spec.toml")) else { return };
                 match Composer::open(&path) {
+                    Ok(_) if self.composer.dirty && armed.as_ref() != Some(&Discard::Load(path.clone())) => {
+                        self.discard_armed = Some(Discard::Load(path.clone()));
+                        let save = self.save_hint();
+                        self.error(format!("the draft has unsaved changes: e again replaces it with {}, {save}", path.display()));
+                    }
                     Ok(mut c) => {
                         // A copy to edit: the run's own record is never the save target.
                         c.path = None;
@@ -746,6 +782,96 @@ mod tests {
         assert_eq!(a.status.as_ref().map(|s| s.text.as_str()), Some("cancelling job 2"));
         a.update(ended(2, false));
         assert_eq!(a.status.clone().map(|s| (s.text, s.error)), Some(("job 2 failed: boom".to_string(), true)));
+    }
+
+    fn status_text(a: &App) -> String {
+        a.status.as_ref().map(|s| s.text.clone()).unwrap_or_default()
+    }
+
+    #[test]
+    fn q_with_unsaved_edits_asks_before_dropping_them() {
+        let mut a = app();
+        a.composer.select_key("layout.ep");
+        keys(&mut a, &[Key::Right]);
+        assert!(a.composer.dirty);
+        keys(&mut a, &[Key::Char('q')]);
+        assert!(!a.quit, "the first q only asks");
+        assert!(status_text(&a).contains("the draft has unsaved changes: q again quits and drops them, s saves"), "{:?}", a.status);
+        // Any other key disarms it; q then asks again.
+        keys(&mut a, &[Key::Down, Key::Char('q')]);
+        assert!(!a.quit);
+        keys(&mut a, &[Key::Char('q')]);
+        assert!(a.quit, "the second q quits");
+        // From another pane the hint says where saving is.
+        let mut b = app();
+        b.composer.dirty = true;
+        keys(&mut b, &[Key::Char('3'), Key::Char('q')]);
+        assert!(!b.quit && status_text(&b).contains("s in the Composer (1) saves"), "{:?}", b.status);
+    }
+
+    #[test]
+    fn a_clean_draft_quits_at_once_and_ctrl_c_never_asks_about_the_draft() {
+        let mut a = app();
+        keys(&mut a, &[Key::Char('q')]);
+        assert!(a.quit);
+        let mut b = app();
+        b.composer.dirty = true;
+        keys(&mut b, &[Key::CtrlC]);
+        assert!(b.quit, "Ctrl-C quits as before");
+        let mut c = app();
+        c.composer.dirty = true;
+        c.update(Event::Terminate);
+        assert!(c.quit, "a signal quits as before");
+    }
+
+    #[test]
+    fn editing_a_runs_spec_over_unsaved_edits_asks_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run_dir = dir.path().join("20260101-000000-m");
+        std::fs::create_dir(&run_dir).expect("mkdir");
+        std::fs::write(run_dir.join("spec.toml"), Composer::from_template("mpmoe").expect("template").toml()).expect("write");
+        let mut a = App::new(Composer::from_template("topk").expect("template"), dir.path().to_path_buf(), None);
+        a.composer.select_key("layout.ep");
+        keys(&mut a, &[Key::Right]);
+        let draft = a.composer.draft.clone();
+        keys(&mut a, &[Key::Char('5'), Key::Char('e')]);
+        assert_eq!(a.composer.draft, draft, "the first e only asks");
+        assert_eq!(a.pane, Pane::Runs);
+        assert!(status_text(&a).contains("e again replaces it"), "{:?}", a.status);
+        keys(&mut a, &[Key::Char('e')]);
+        assert_eq!((a.pane, a.composer.variant()), (Pane::Composer, "mpmoe"));
+        // The loaded copy is dirty too; u brings the old draft back.
+        keys(&mut a, &[Key::Char('u')]);
+        assert_eq!(a.composer.draft, draft);
+    }
+
+    #[test]
+    fn a_new_filter_starts_empty_and_clearing_it_keeps_the_selection() {
+        let mut a = app();
+        keys(&mut a, &[Key::Char('/'), Key::Char('s'), Key::Char('t'), Key::Char('e'), Key::Char('p'), Key::Char('s'), Key::Enter]);
+        assert_eq!(a.composer.filter, "steps");
+        keys(&mut a, &[Key::Char('/'), Key::Char('w'), Key::Char('a'), Key::Char('r'), Key::Char('m')]);
+        assert_eq!(a.prompt.as_ref().map(|p| p.text.as_str()), Some("warm"));
+        assert_eq!(a.composer.filter, "warm");
+        keys(&mut a, &[Key::Esc]);
+        let mut b = app();
+        b.composer.select_key("layout.tp");
+        keys(&mut b, &[Key::Char('/'), Key::Char('t'), Key::Char('p')]);
+        assert_eq!(b.composer.selected_field().map(|f| f.key), Some("layout.tp"));
+        keys(&mut b, &[Key::Esc]);
+        assert_eq!(b.composer.selected_field().map(|f| f.key), Some("layout.tp"), "Esc keeps the field selected");
+        keys(&mut b, &[Key::Char('/'), Key::Backspace, Key::Enter]);
+        assert_eq!(b.composer.selected_field().map(|f| f.key), Some("layout.tp"));
+    }
+
+    #[test]
+    fn ctrl_u_clears_the_value_being_typed() {
+        let mut a = app();
+        a.composer.select_key("layout.ep");
+        keys(&mut a, &[Key::Enter, Key::CtrlU]);
+        assert_eq!(a.prompt.as_ref().map(|p| p.text.as_str()), Some(""));
+        keys(&mut a, &[Key::Char('4'), Key::Enter]);
+        assert_eq!(by_key("layout.ep").expect("f").get(&a.composer.draft), "4");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum Key {
     Backspace,
     /// Ctrl-C: quits like `q`, even while typing.
     CtrlC,
+    /// Ctrl-U: clears the text being typed (readline's kill-line).
+    CtrlU,
 }
 
 /// Why a job did not produce a run outcome.
@@ -103,7 +105,11 @@ pub fn key_from_crossterm(ev: &ct::KeyEvent) -> Option<Key> {
         return None;
     }
     if ev.modifiers.contains(KeyModifiers::CONTROL) {
-        return matches!(ev.code, KeyCode::Char('c')).then_some(Key::CtrlC);
+        return match ev.code {
+            KeyCode::Char('c') => Some(Key::CtrlC),
+            KeyCode::Char('u') => Some(Key::CtrlU),
+            _ => None,
+        };
     }
     Some(match ev.code {
         KeyCode::Char(c) => Key::Char(c),
@@ -157,5 +163,7 @@ mod tests {
         assert_eq!(key_from_crossterm(&release), None);
         let ctrl_x = ct::KeyEvent::new(KeyCode::Char('x'), KeyModifiers::CONTROL);
         assert_eq!(key_from_crossterm(&ctrl_x), None);
+        let ctrl_u = ct::KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL);
+        assert_eq!(key_from_crossterm(&ctrl_u), Some(Key::CtrlU));
     }
 }

@@ -129,11 +129,11 @@ impl TimelineIndex {
         self.lanes.get(lane).map_or(0, |l| intersection_len(&l.exposed, &[(op.start_ns, op.end_ns)]))
     }
 
-    /// Whether any exposed interval of `lane` intersects `[s, e)`.
-    pub fn exposed_between(&self, lane: usize, s: u64, e: u64) -> bool {
-        let Some(l) = self.lanes.get(lane) else { return false };
+    /// Exposed ns of `lane` inside `[s, e)`. Cost: the exposed intervals it meets.
+    pub fn exposed_ns_between(&self, lane: usize, s: u64, e: u64) -> u64 {
+        let Some(l) = self.lanes.get(lane) else { return 0 };
         let k = l.exposed.partition_point(|iv| iv.1 <= s);
-        l.exposed.get(k).is_some_and(|iv| iv.0 < e)
+        l.exposed[k..].iter().take_while(|iv| iv.0 < e).map(|iv| iv.1.min(e).saturating_sub(iv.0.max(s))).sum()
     }
 
     /// Ops of the same rank on other lanes that run while `op` runs, with the overlap in ns,
@@ -170,7 +170,8 @@ pub struct CellOp {
     pub op: usize,
     /// Position of that op in its lane.
     pub pos: usize,
-    /// The cell holds exposed communication.
+    /// The cell holds mostly exposed communication: at least half of the time its op
+    /// covers in the cell is exposed.
     pub exposed: bool,
 }
 
@@ -198,12 +199,19 @@ pub fn paint_lane(run: &LoadedRun, lane: usize, t0: u64, span: u64, width: usize
             let cover = o.end_ns.min(ce).saturating_sub(o.start_ns.max(cs)).max(1);
             if cells[c].is_none() || cover > best[c] {
                 best[c] = cover;
-                let exposed = l.stream == Stream::Comm && run.index.exposed_between(lane, cs.max(o.start_ns), ce.min(o.end_ns).max(cs.max(o.start_ns) + 1));
+                let exposed = l.stream == Stream::Comm && mostly_exposed(run, lane, cs.max(o.start_ns), ce.min(o.end_ns));
                 cells[c] = Some(CellOp { op: i, pos: p, exposed });
             }
         }
     }
     cells
+}
+
+/// Whether at least half of `[s, e)` (an op's part of a cell; at least 1 ns) is exposed
+/// communication on `lane`: a sliver of exposure does not shade a mostly hidden cell.
+fn mostly_exposed(run: &LoadedRun, lane: usize, s: u64, e: u64) -> bool {
+    let e = e.max(s + 1);
+    2 * run.index.exposed_ns_between(lane, s, e) >= e - s
 }
 
 /// Whether an op passes a (lowercase) filter on its name or stage label.
@@ -459,6 +467,29 @@ mod tests {
         assert!(cells[10].expect("op").exposed);
         // A 1-cell-wide view still shows something.
         assert!(paint_lane(&r, comm, 0, 60_000, 1)[0].is_some());
+    }
+
+    #[test]
+    fn a_cell_is_shaded_exposed_only_when_most_of_its_comm_is() {
+        let trace = Trace {
+            backend: "cpu".into(),
+            world: 1,
+            ops: vec![
+                // Cell 0 (0-10 µs): comm 73% hidden. Cell 1 (10-20 µs): comm 60% exposed.
+                op(0, Stream::Compute, Stage::Gate, 0, 7_300, "gate"),
+                op(0, Stream::Comm, Stage::AllToAll, 0, 20_000, "a2a"),
+                op(0, Stream::Compute, Stage::ExpertGemm1, 10_000, 14_000, "gemm"),
+                // Cell 2 (20-30 µs): a narrow, fully exposed op still shows as exposed.
+                op(0, Stream::Comm, Stage::AllReduce, 22_000, 23_000, "ar"),
+            ],
+            ..Trace::default()
+        };
+        let r = LoadedRun::new("t".into(), None, RunSummary::default(), trace);
+        let comm = r.index.lane_of(0, Stream::Comm).expect("comm lane");
+        assert_eq!(r.index.exposed_ns_between(comm, 0, 20_000), 2_700 + 6_000);
+        let cells = paint_lane(&r, comm, 0, 30_000, 3);
+        let exposed: Vec<bool> = cells.iter().map(|c| c.expect("op").exposed).collect();
+        assert_eq!(exposed, vec![false, true, true]);
     }
 
     #[test]

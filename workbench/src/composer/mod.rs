@@ -283,10 +283,12 @@ impl Composer {
         }
     }
 
-    /// Set the filter; the selection moves to the first match.
+    /// Set the filter; the selected field stays selected while it passes (so clearing the
+    /// filter keeps it), else the selection moves to the first match.
     pub fn set_filter(&mut self, filter: &str) {
+        let keep = self.selected_field().map(|f| f.key);
         self.filter = filter.to_lowercase();
-        self.selected = 0;
+        self.selected = keep.and_then(|k| self.visible_fields().iter().position(|f| f.key == k)).unwrap_or(0);
     }
 
     /// Apply an edit to the draft through `f`; on success revalidate, on error change nothing.

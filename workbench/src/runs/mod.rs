@@ -110,10 +110,12 @@ impl RunsBrowser {
         self.selected = (self.selected as isize + delta).clamp(0, n as isize - 1) as usize;
     }
 
-    /// Set the filter and reset the selection to the first match.
+    /// Set the filter; the selected run stays selected while it passes (so clearing the
+    /// filter keeps it), else the selection moves to the first match.
     pub fn set_filter(&mut self, filter: &str) {
+        let keep = self.selected_entry().map(|e| e.name.clone());
         self.filter = filter.to_string();
-        self.selected = 0;
+        self.selected = keep.and_then(|k| self.visible().iter().position(|e| e.name == k)).unwrap_or(0);
     }
 }
 

@@ -15,12 +15,12 @@ const SECTIONS: &[(&str, &[(&str, &str)])] = &[
         ("1-5", "Composer, Jobs, Timeline, Breakdown, Runs"),
         ("/", "filter (composer fields, timeline ops, runs)"),
         ("?", "this help (any key closes it)"),
-        ("q, Ctrl-C", "quit (asks again while jobs run)"),
+        ("q, Ctrl-C", "quit (asks again: jobs running, unsaved edits for q)"),
     ]),
     ("composer", &[
         ("↑↓ j k", "select a field"),
         ("←→ h l - +", "change it (step, double, cycle, toggle)"),
-        ("Enter", "type a value (auto unsets optional ones)"),
+        ("Enter", "type a value (auto unsets; Ctrl-U clears the line)"),
         ("r", "run it as a background job (backend: run.backend)"),
         ("s / o", "save as / open an experiment file"),
         ("t / u", "template for the variant / undo"),
@@ -50,7 +50,7 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     lines.push(Line::raw(""));
     lines.push(Line::styled("Each pane's ? lists its own keys.", dim_style()));
     lines.push(Line::styled("colours: blue backbone, yellow routing, green experts,", dim_style()));
-    lines.push(Line::styled("magenta all-to-all, cyan other collectives; ▓ exposed comm", dim_style()));
+    lines.push(Line::styled("magenta all-to-all, cyan other collectives; ▓ mostly exposed comm", dim_style()));
     let w = area.width.saturating_sub(4).min(76);
     // Wrapped lines take more rows than there are lines: size the box by the rows they fill.
     let inner = w.saturating_sub(2).max(1) as usize;

@@ -1,5 +1,6 @@
 //! The timeline pane: one row per (rank, stream) lane, ops as bars coloured by stage, the
-//! exposed part of communication marked `▓`, the selected op `=`, and its details below:
+//! cells of mostly exposed communication (at least half of their op's time in the cell)
+//! marked `▓`, the selected op `=`, and its details below:
 //! stage, duration, FLOPs, bytes, what overlapped it and how much of it was exposed.
 
 use super::{dim_style, error_style, stage_color, truncate};
@@ -66,9 +67,9 @@ pub fn draw(f: &mut Frame, area: Rect, app: &App) {
     let legend_line = Line::from(vec![
         Span::raw("█ compute  "),
         Span::styled("▒", Style::new().fg(Color::Magenta)),
-        Span::raw(" comm hidden by compute  "),
+        Span::raw(" comm mostly hidden  "),
         Span::styled("▓", Style::new().fg(Color::Red)),
-        Span::raw(" exposed comm  = selected  · ? keys"),
+        Span::raw(" comm mostly exposed  = selected  · ? keys"),
     ]);
     f.render_widget(Paragraph::new(legend_line), legend);
 }
