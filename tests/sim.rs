@@ -505,8 +505,10 @@ fn a_capacity_plans_all_to_alls_carry_the_kept_rows_not_the_padded_blocks() {
     assert!((dispatch_dp2 / dispatch - 1.0).abs() < 0.05 && (combine_dp2 / combine - 1.0).abs() < 0.05, "dp 2: {dispatch_dp2} {combine_dp2} vs {dispatch} {combine}");
     let (half, _) = a2a("ep = 2", "kept_share = 0.5");
     assert!(half < 0.7 * dispatch && half > 0.4 * dispatch, "kept 0.5: {half} vs {dispatch}");
+    // Rank 0's experts took 1.6 x the mean rows, but its blocks hold at most 1.25 x (the
+    // capacity factor): the exchange carries that much, not more.
     let (busy, busy_back) = a2a("ep = 2", "rank_loads = [1.6, 0.4]");
-    assert!(busy > 1.4 * dispatch && busy_back > 1.4 * combine, "loads 1.6/0.4: {busy} {busy_back} vs {dispatch} {combine}");
+    assert!(busy > 1.15 * dispatch && busy < 1.3 * dispatch && busy_back > 1.15 * combine && busy_back < 1.3 * combine, "loads 1.6/0.4: {busy} {busy_back} vs {dispatch} {combine}");
 }
 
 #[test]
@@ -856,10 +858,15 @@ fn tutels_2d_all_to_all_pays_its_copies_and_wins_only_across_many_nodes() {
 #[test]
 fn ted_and_ppmoe_plans_whose_ranks_do_the_same_work_are_simulated_once() {
     // TED's TP index 0 alone holds the experts' output bias (its gradient, Adam state and
-    // all-reduce share): a sliver of the work, so the other ranks still count as images of
-    // rank 0 and 2,048-rank TED and PPMoE plans simulate in seconds.
+    // all-reduce share), PPMoE's adds the residual: a sliver of the work, so in large plans the
+    // other ranks still count as images of rank 0 and 2,048-rank TED and PPMoE plans simulate
+    // in seconds.
     let base = "name = \"t\"\n[model]\nd_model = 64\nd_ffn = 128\nn_experts = 8\ntop_k = 2\ntokens_per_rank = 64\nn_layers = 1\ncapacity_factor = 1.25\n[model.backbone]\nn_heads = 4\nd_mlp = 128\n[run]\nbackend = \"sim\"\nprofile = \"h100\"\nsteps = 1\nwarmup = 0\n";
-    for (variant, layout) in [("ted", "dp = 2\nep = 2\ntp = 2"), ("ppmoe", "dp = 2\ntp = 2")] {
+    // Above 64 ranks only (smaller plans are reduced only when exact, so every rank's
+    // figures, memory included, stay its own).
+    for (variant, layout, small) in [("ted", "dp = 24\nep = 2\ntp = 2", "dp = 2\nep = 2\ntp = 2"), ("ppmoe", "dp = 48\ntp = 2", "dp = 2\ntp = 2")] {
+        let few = from_toml_str(&format!("variant = \"{variant}\"\n{base}[layout]\n{small}\n")).expect("valid");
+        assert!(!sim::is_symmetric(&Plan::build(&few).expect("plans"), &sim::spec_profile(&few).expect("profile")), "{variant}: 8 or fewer ranks, not exact images");
         let s = from_toml_str(&format!("variant = \"{variant}\"\n{base}[layout]\n{layout}\n")).expect("valid");
         let plan = Plan::build(&s).expect("plans");
         let p = sim::spec_profile(&s).expect("profile");

@@ -56,6 +56,20 @@ fn replay(plan: &RankPlan, mut on: impl FnMut(Option<usize>, &super::BufferDesc,
     }
 }
 
+/// The predicted peak bytes of a rank in issue order alone ([`predict`]'s `peak_total`,
+/// without the categories or the interleaved bound): cheap enough to compare every rank.
+pub fn issue_order_peak(plan: &RankPlan) -> u64 {
+    let (mut total, mut peak) = (0u64, 0u64);
+    replay(plan, |_, b, event| match event {
+        Event::Alloc => {
+            total += b.bytes();
+            peak = peak.max(total);
+        }
+        Event::Free => total -= b.bytes(),
+    });
+    peak
+}
+
 /// Replay a rank's plan and report its predicted peak memory per category.
 pub fn predict(plan: &RankPlan) -> MemoryPrediction {
     let mut cur = [0u64; 7];

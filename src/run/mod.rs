@@ -475,14 +475,22 @@ pub fn host_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// The cpu backend holds every rank in this process: a plan whose predicted peak over its
-/// ranks exceeds the host's memory (`host`) is refused before anything runs, instead of the
+/// The cpu backend holds every rank in this process, every float as f32: a plan whose
+/// predicted peak over its ranks exceeds the host's memory (`host`) is refused before anything runs, instead of the
 /// allocation aborting the process (and a workbench with it). A plan whose prediction is an
 /// upper bound (dropless: every token may reach one expert) is not refused: the bound may be
 /// far above what it uses.
 pub fn refuse_cpu_beyond_host_memory(plan: &Plan, host: Option<u64>) -> Result<(), RunError> {
     let (Some(host), crate::spec::BackendKind::Cpu) = (host, plan.spec.run.backend) else { return Ok(()) };
-    let predictions: Vec<MemoryPrediction> = plan.ranks.iter().map(predict).collect();
+    // The cpu store holds every float as f32 (a bf16 plan's buffers too): price them so.
+    let as_f32 = |rp: &crate::plan::RankPlan| {
+        let mut rp = rp.clone();
+        for b in rp.buffers.iter_mut().filter(|b| b.elem != crate::plan::ElemType::I32) {
+            b.elem_bytes = 4;
+        }
+        predict(&rp)
+    };
+    let predictions: Vec<MemoryPrediction> = plan.ranks.iter().map(as_f32).collect();
     if predictions.iter().any(|p| p.upper_bound) {
         return Ok(());
     }

@@ -121,10 +121,13 @@ pub const MAX_DIM: usize = 1 << 24;
 /// The most elements one tensor of a rank may hold (4 TiB in f32): beyond any GPU or host,
 /// and far from overflowing the byte counts of a plan.
 pub const MAX_TENSOR_ELEMS: u128 = 1 << 40;
+/// The most elements the expert blocks' bound (`n_experts x tokens_per_rank x d`) may reach.
+pub const MAX_BLOCK_BOUND_ELEMS: u128 = 1 << 48;
 
-/// Sizes a plan can hold: every dimension up to [`MAX_DIM`], and the largest tensors (the
-/// expert weights, the routed rows, the attention scores) up to [`MAX_TENSOR_ELEMS`], so
-/// that no size wraps around or asks for more memory than exists before any work starts.
+/// Sizes a plan can hold: every dimension up to [`MAX_DIM`], the model's largest tensors (the
+/// expert weights, the routed rows, the router's logits, the attention scores) up to
+/// [`MAX_TENSOR_ELEMS`] and the expert blocks' bound up to [`MAX_BLOCK_BOUND_ELEMS`], refused
+/// before any work starts.
 fn check_sizes(c: &mut Checker, m: &super::ModelSpec) {
     let bb = m.backbone.as_ref();
     let dims = [
@@ -148,6 +151,7 @@ fn check_sizes(c: &mut Checker, m: &super::ModelSpec) {
     let tensors = [
         ("model.d_ffn", "the expert weights (n_experts x d_model x d_ffn)", e * mm * f),
         ("model.tokens_per_rank", "the routed rows (tokens_per_rank x top_k x the larger of d_model and d_ffn)", t * k * mm.max(f)),
+        ("model.n_experts", "the router's logits (tokens_per_rank x n_experts)", t * e),
         ("model.seq_len", "the attention scores (batch x n_heads x seq_len^2)", batch * heads * seq * seq),
         ("model.backbone.d_mlp", "the dense MLP's activations (tokens_per_rank x d_mlp)", t * mlp),
     ];
@@ -155,6 +159,14 @@ fn check_sizes(c: &mut Checker, m: &super::ModelSpec) {
         if n > MAX_TENSOR_ELEMS {
             c.fail(field, format!("{what} would hold {n} elements, above the {MAX_TENSOR_ELEMS} one tensor may hold"), format!("lower {field} or the sizes it multiplies"));
         }
+    }
+    // The expert blocks' bound over an expert-parallel group (a capacity block holds at most
+    // the group's tokens): far past any memory, but kept below where byte counts summed over
+    // ranks would wrap.
+    let blocks = e * t * mm.max(f);
+    if blocks > MAX_BLOCK_BOUND_ELEMS {
+        c.fail("model.n_experts", format!("the expert blocks' bound (n_experts x tokens_per_rank x the larger of d_model and d_ffn) is {blocks} elements, above {MAX_BLOCK_BOUND_ELEMS}"),
+            "lower n_experts, tokens_per_rank, d_model or d_ffn".to_string());
     }
 }
 

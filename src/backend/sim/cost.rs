@@ -248,7 +248,7 @@ pub fn host_traffic_known(kind: &OpKind, plan: &RankPlan, load: f64, known: &dyn
         AllToAllV { send_counts, .. } => (1, bytes(*send_counts)),
         // Tutel's 2D all-to-all before its first phase: the counts down, the node's counts
         // all-gathered back, the first row map up (a row each); the second phase's round trip
-        // and map are its own ([`two_d_second_phase`]).
+        // and map are its own ([`two_d_gather_and_host`]).
         AllToAllV2d { send, send_counts, row_len, .. } => (1, bytes(*send_counts) + f32_rows(*send, *row_len)),
         // The slots are ranked on the device; the table of kept counts goes up.
         Dispatch { send_counts, .. } => (0, 2.0 * bytes(*send_counts)),
@@ -588,33 +588,41 @@ pub fn all_to_all_payload(op: &Op, plan: &RankPlan, load: f64) -> Option<u64> {
     Some((op.bytes as f64 * filled(send).max(filled(recv)) / planned).round() as u64)
 }
 
+/// Which way a routed all-to-all moves rows, from its name (the builders' convention:
+/// `dispatch_a2a`, its recomputation `dispatch_a2a_recomm` and `combine_a2a_bwd` carry token
+/// rows to the experts; `combine_a2a` and `dispatch_a2a_bwd` bring expert rows back; layer and
+/// chunk prefixes before a `.`). `None` for other names.
+pub fn to_experts(op: &Op) -> Option<bool> {
+    let base = op.name.rsplit('.').next().unwrap_or(&op.name);
+    match base {
+        "combine_a2a_bwd" => Some(true),
+        "dispatch_a2a_bwd" => Some(false),
+        b if b.starts_with("dispatch_a2a") => Some(true),
+        b if b.starts_with("combine_a2a") => Some(false),
+        _ => None,
+    }
+}
+
 /// The payload of a capacity plan's variable all-to-all. The executors move only the rows
-/// routing kept (they exchange the real counts), not the padded capacity blocks: one side of
-/// the exchange is the token side (its `T k` rows, per chunk), the other the expert side (the
-/// rank's capacity blocks, `expert_over_token` times as many rows). Each member sends `kept`
-/// of its token rows and receives `kept * share` of that (`share`: its experts' rows over
-/// the mean rank's, `run.rank_loads`), so the wire carries `kept * max(1, share)` of the token
-/// side. `None` for other ops and for exchanges whose sides are not a token and an expert
-/// side (sizes off the ratio), which keep their planned bytes.
-pub fn capacity_all_to_all_payload(op: &Op, plan: &RankPlan, expert_over_token: f64, kept: f64, share: f64) -> Option<u64> {
+/// routing kept (they exchange the real counts), not the padded capacity blocks: the token
+/// side of the exchange (the sender going to the experts, the receiver coming back,
+/// [`to_experts`]) holds its `T k` rows (per chunk), the other side the rank's capacity
+/// blocks. Each member sends `kept` of its token rows and receives `kept * share` of that
+/// (`share`: its experts' rows over the mean rank's, `run.rank_loads`), at most what its
+/// blocks hold, so the wire carries `kept * max(1, share)` of the token side, capped by the
+/// expert side. `None` for other ops, which keep their planned bytes.
+pub fn capacity_all_to_all_payload(op: &Op, plan: &RankPlan, kept: f64, share: f64) -> Option<u64> {
     let (send, recv) = match &op.kind {
         OpKind::AllToAllV { send, recv, .. } | OpKind::AllToAllV2d { send, recv, .. } => (*send, *recv),
         _ => return None,
     };
     let (s, r) = (plan.buffer(send).elems as f64, plan.buffer(recv).elems as f64);
-    if s <= 0.0 || r <= 0.0 || !(expert_over_token > 0.0) {
+    if s <= 0.0 || r <= 0.0 {
         return None;
     }
-    // Capacities round up per expert and chunks split rows unevenly: 2% slack.
-    let near = |a: f64, b: f64| (a / b - 1.0).abs() < 0.02;
-    let token = if near(r / s, expert_over_token) {
-        s
-    } else if near(s / r, expert_over_token) {
-        r
-    } else {
-        return None;
-    };
-    Some((op.bytes as f64 * token / s * kept.clamp(0.0, 1.0) * share.max(1.0)).round() as u64)
+    let (token, expert) = if to_experts(op)? { (s, r) } else { (r, s) };
+    let rows = (token * kept.clamp(0.0, 1.0) * share.max(1.0)).min(expert.max(token * kept.clamp(0.0, 1.0)));
+    Some((op.bytes as f64 * rows / s).round() as u64)
 }
 
 /// Tutel's 2D all-to-all on the cuda executor (`backend/cuda/exec/a2a_2d.rs`) stride-copies

@@ -522,9 +522,12 @@ impl<'a> Sim<'a> {
         let now = self.now;
         // A group of one moves nothing between GPUs (no kernel of its own to wait).
         let alone = self.input.groups[self.part(ri, op).group.0 as usize].len() <= 1;
+        // The end of the kernel running at `now`; a launch retried at a kernel boundary is not
+        // held again for the next kernel by rounding (a relative 1e-9 of a kernel).
         let running = |&(a, b, n): &(f64, f64, u32)| {
             let piece = (b - a) / n as f64;
-            (a + ((now - a) / piece).ceil() * piece).min(b)
+            let boundary = ((now - a) / piece - 1e-9).ceil();
+            if boundary * piece + a <= now { now } else { (a + boundary * piece).min(b) }
         };
         let held = if alone { now } else { self.ranks[ri].kernel.iter().flatten().filter(|(a, b, _)| *a < now && now < *b).map(running).fold(now, f64::max) };
         if held > now {

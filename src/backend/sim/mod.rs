@@ -117,7 +117,7 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
         if g > 0 && !n.is_multiple_of(g) {
             fail("tutel.gpus_per_node",
                 format!("gpus_per_node={g} does not divide run.gpus_per_node={n}: the 2D all-to-all's intra-node phase would cross nodes"),
-                format!("set tutel.gpus_per_node = {n} (the node size) or a divisor of it, or remove run.gpus_per_node to take the node size from [tutel]"));
+                format!("set tutel.gpus_per_node = {} (the largest that divides both the node size and layout.ep), or remove run.gpus_per_node to take the node size from [tutel]", gcd(n, spec.layout.ep)));
             return out;
         }
     }
@@ -147,6 +147,11 @@ pub fn resolve_spec(spec: &mut ExperimentSpec) -> Vec<Problem> {
     out
 }
 
+/// Greatest common divisor (for a fix that must divide two sizes).
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// The profile a resolved sim spec names, reshaped to its cluster (`run.gpus_per_node`,
 /// `run.nodes`).
 pub fn spec_profile(spec: &ExperimentSpec) -> Result<Profile, profile::ProfileError> {
@@ -173,17 +178,29 @@ pub struct PlanSimulation {
     pub timeline: Timeline,
 }
 
-/// How far a rank's op FLOPs, bytes and buffer total may be from rank 0's for it to count as
-/// an image of rank 0 ([`is_symmetric`]).
+/// How far a rank's op FLOPs, bytes, buffer total and peak memory may be from rank 0's for
+/// it to count as an image of rank 0 in a plan of more than [`NEAR_SYMMETRY_MIN_RANKS`] ranks
+/// ([`is_symmetric`]).
 pub const SYMMETRY_SLACK: f64 = 0.01;
 
+/// Plans of at most this many ranks are reduced to rank 0 only when every rank is exactly its
+/// image (each rank's figures then exact); larger ones, which would take long to simulate
+/// rank by rank, also when within [`SYMMETRY_SLACK`].
+pub const NEAR_SYMMETRY_MIN_RANKS: usize = 64;
+
 /// Whether every rank's plan equals rank 0's up to rank ids, for the simulator: same ops in
-/// the same order with the same dependencies, costs within [`SYMMETRY_SLACK`], as many buffer
-/// bytes, and collectives over groups of the same size spread over nodes in the same way.
+/// the same order with the same dependencies, costs, buffers and memory effects, and
+/// collectives over groups of the same size spread over nodes in the same way. Above
+/// [`NEAR_SYMMETRY_MIN_RANKS`] ranks, costs, buffer bytes and predicted peak memory within
+/// [`SYMMETRY_SLACK`] and dependencies up to implied ones suffice. (Uneven `run.rank_loads`
+/// are the caller's to exclude.)
 pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
-    let Some(r0) = plan.ranks.first() else { return true };
-    let group_shape: Vec<(usize, Vec<usize>)> = plan
-        .groups
+    exactly_symmetric(plan, profile) || (plan.ranks.len() > NEAR_SYMMETRY_MIN_RANKS && nearly_symmetric(plan, profile))
+}
+
+/// The shape of each group: its size and how many of its ranks share each node.
+fn group_shapes(plan: &Plan, profile: &Profile) -> Vec<(usize, Vec<usize>)> {
+    plan.groups
         .iter()
         .map(|g| {
             let mut per_node: HashMap<usize, usize> = HashMap::new();
@@ -194,7 +211,45 @@ pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
             counts.sort_unstable();
             (g.ranks.len(), counts)
         })
-        .collect();
+        .collect()
+}
+
+/// Every rank equal to rank 0 up to rank ids, memory effects included.
+fn exactly_symmetric(plan: &Plan, profile: &Profile) -> bool {
+    let Some(r0) = plan.ranks.first() else { return true };
+    let group_shape = group_shapes(plan, profile);
+    let same_collectives = |a: &crate::plan::Op, b: &crate::plan::Op| match (cost::collective(a), cost::collective(b)) {
+        (None, None) => true,
+        (Some(pa), Some(pb)) => {
+            pa.len() == pb.len()
+                && pa.iter().zip(&pb).all(|(x, y)| x.kind == y.kind && x.bytes == y.bytes && group_shape[x.group.0 as usize] == group_shape[y.group.0 as usize])
+        }
+        _ => false,
+    };
+    plan.ranks.iter().skip(1).all(|r| {
+        r.ops.len() == r0.ops.len()
+            && r.buffers.len() == r0.buffers.len()
+            && r.buffers.iter().zip(&r0.buffers).all(|(a, b)| a.bytes() == b.bytes() && a.category == b.category && a.persistent == b.persistent)
+            && r.ops.iter().zip(&r0.ops).all(|(a, b)| {
+                a.name == b.name
+                    && a.stage == b.stage
+                    && a.pass == b.pass
+                    && a.stream == b.stream
+                    && a.deps == b.deps
+                    && a.flops == b.flops
+                    && a.bytes == b.bytes
+                    && a.writes == b.writes
+                    && a.frees == b.frees
+                    && same_collectives(a, b)
+                    && cost::gemms(&a.kind, r) == cost::gemms(&b.kind, r0)
+            })
+    })
+}
+
+/// Every rank within [`SYMMETRY_SLACK`] of rank 0 (see [`is_symmetric`]).
+fn nearly_symmetric(plan: &Plan, profile: &Profile) -> bool {
+    let Some(r0) = plan.ranks.first() else { return true };
+    let group_shape = group_shapes(plan, profile);
     // Ranks may differ by a few small tensors (TED's TP index 0 alone holds the experts'
     // output bias: its gradient, Adam state and share of the gradient all-reduce): within
     // [`SYMMETRY_SLACK`] of each op's FLOPs and bytes and of the buffers' total, a rank is an
@@ -217,10 +272,12 @@ pub fn is_symmetric(plan: &Plan, profile: &Profile) -> bool {
         a.deps == b.deps
             || (a.deps.iter().all(|d| b.deps.contains(d) || implied(r, a, *d, &b.deps)) && b.deps.iter().all(|d| a.deps.contains(d) || implied(r0, b, *d, &a.deps)))
     };
-    let t0 = total(r0);
+    let (t0, p0) = (total(r0), crate::plan::memory::issue_order_peak(r0));
     plan.ranks.iter().skip(1).all(|r| {
         r.ops.len() == r0.ops.len()
             && near(total(r), t0)
+            // The peak the sim tracks for rank 0 stands for every image's.
+            && near(crate::plan::memory::issue_order_peak(r), p0)
             && r.ops.iter().zip(&r0.ops).all(|(a, b)| {
                 a.name == b.name
                     && a.stage == b.stage
@@ -305,11 +362,11 @@ struct RoutingFill {
     block_load: f64,
     kept: f64,
     zero_rows: f64,
-    /// A capacity plan's all-to-alls: the rank's experts' rows over the mean rank's
-    /// (`run.rank_loads`, 1 when unset) and its expert side's rows over its token side's
-    /// (0 for dropless plans and ranks without MoE layers): [`cost::capacity_all_to_all_payload`].
+    /// The rank's experts' rows over the mean rank's (`run.rank_loads`, 1 when unset), for a
+    /// capacity plan's all-to-alls ([`cost::capacity_all_to_all_payload`]).
     share: f64,
-    expert_over_token: f64,
+    /// Whether the plan has a fixed capacity (not dropless, not bounded).
+    capacity: bool,
 }
 
 impl RoutingFill {
@@ -322,11 +379,8 @@ impl RoutingFill {
         let (load, block_load) = (expected_dynamic_load(spec), expected_block_load(spec));
         let share = rank_load(spec, rp);
         let (kept, zero_rows) = (expected_kept_share(spec), zero_rows_at(spec, rp, share.unwrap_or(1.0)));
-        let expert_over_token = match moe_dims(rp) {
-            Some(d) if !spec.model.dropless => d.rows_per_expert.map_or(0.0, |rows| (d.local_experts() * rows) as f64 / (d.tokens * d.top_k).max(1) as f64),
-            _ => 0.0,
-        };
-        let fill = RoutingFill { load, block_load, kept, zero_rows, share: share.unwrap_or(1.0), expert_over_token };
+        let capacity = matches!(spec.capacity(), Capacity::Factor(_));
+        let fill = RoutingFill { load, block_load, kept, zero_rows, share: share.unwrap_or(1.0), capacity };
         let Some(r) = share.filter(|_| spec.model.dropless) else { return fill };
         let busiest = spec.run.rank_loads.as_deref().map_or(1.0, busiest_rank_share);
         let imbalance = spec.run.dropless_imbalance.unwrap_or(1.0);
@@ -500,8 +554,8 @@ fn op_cost(op: &crate::plan::Op, rp: &RankPlan, profile: &Profile, dtype: GemmDt
     let mut dynamic_bufs = op.reads.iter().chain(&op.writes).filter(|b| rp.buffer(**b).dynamic).peekable();
     let dynamic = load < 1.0 && dynamic_bufs.peek().is_some();
     let elementwise = matches!(op.kind, crate::plan::OpKind::Act { .. } | crate::plan::OpKind::ActBwd { .. });
-    if !dynamic {
-        if let Some(bytes) = cost::capacity_all_to_all_payload(op, rp, routing.expert_over_token, routing.kept, routing.share) {
+    if !dynamic && routing.capacity {
+        if let Some(bytes) = cost::capacity_all_to_all_payload(op, rp, routing.kept, routing.share) {
             return (cost::collective_cost(op, rp, &profile.gpu, dtype, bytes), 1.0);
         }
     }
