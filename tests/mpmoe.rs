@@ -463,15 +463,7 @@ fn a_failed_profile_keeps_what_it_timed_in_the_summary() {
     };
     let first = names(1, Reuse::None);
     let only_second = names(8, Reuse::ReuseBuffers).into_iter().find(|n| !first.contains(n)).expect("an op of 8 chunks only");
-    let root = tempfile::tempdir().unwrap();
-    let hooks = moelab::run::RunHooks { exec: moelab::backend::ExecOptions { fail_at: Some((0, only_second)), ..Default::default() }, on_step: None };
-    let e = moelab::run::run(&s, root.path(), &hooks).unwrap_err();
-    let dir = match &e {
-        moelab::run::RunError::Backend { dir, .. } => std::path::PathBuf::from(dir),
-        other => panic!("expected a failed run, got {other}"),
-    };
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["status"], "failed");
+    let (_root, _dir, summary) = failed_run_summary(&s, only_second);
     assert!(summary.get("mpmoe_auto").is_none(), "no choice was made: {summary}");
     let timed = summary["auto_timed"].as_array().expect("auto_timed kept");
     assert_eq!(timed.len(), 1, "{summary}");

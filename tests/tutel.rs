@@ -220,15 +220,7 @@ fn a_cancelled_or_failed_auto_degree_keeps_what_it_timed_in_the_summary() {
     };
     let (d1, d2) = (names(1), names(2));
     let only_4 = names(4).into_iter().find(|n| !d1.contains(n) && !d2.contains(n)).expect("an op of degree 4 only");
-    let root = tempfile::tempdir().unwrap();
-    let hooks = moelab::run::RunHooks { exec: moelab::backend::ExecOptions { fail_at: Some((0, only_4)), ..Default::default() }, on_step: None };
-    let e = moelab::run::run(&s, root.path(), &hooks).unwrap_err();
-    let dir = match &e {
-        moelab::run::RunError::Backend { dir, .. } => std::path::PathBuf::from(dir),
-        other => panic!("expected a failed run, got {other}"),
-    };
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["status"], "failed");
+    let (_root, dir, summary) = failed_run_summary(&s, only_4);
     assert!(summary.get("tutel_auto_degree").is_none(), "no choice was made: {summary}");
     let timed: Vec<&str> = summary["auto_timed"].as_array().expect("auto_timed kept").iter().map(|t| t["config"].as_str().unwrap()).collect();
     assert_eq!(timed, ["tutel r=1 degree 1", "tutel r=1 degree 2"], "{summary}");

@@ -217,3 +217,18 @@ pub fn moelab(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
         .expect("binary runs");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+/// Run `spec` with rank 0 failing at op `fail_at`, expecting the run to fail: its run
+/// directory and parsed `summary.json` (what a failed run keeps).
+pub fn failed_run_summary(spec: &ExperimentSpec, fail_at: String) -> (tempfile::TempDir, std::path::PathBuf, serde_json::Value) {
+    let root = tempfile::tempdir().unwrap();
+    let hooks = moelab::run::RunHooks { exec: ExecOptions { fail_at: Some((0, fail_at)), ..Default::default() }, on_step: None };
+    let dir = match moelab::run::run(spec, root.path(), &hooks) {
+        Err(moelab::run::RunError::Backend { dir, .. }) => std::path::PathBuf::from(dir),
+        Err(other) => panic!("expected a failed run, got {other}"),
+        Ok(out) => panic!("expected a failed run, it completed in {}", out.dir.display()),
+    };
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["status"], "failed", "{summary}");
+    (root, dir, summary)
+}
