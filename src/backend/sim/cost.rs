@@ -621,7 +621,8 @@ pub fn capacity_all_to_all_payload(op: &Op, plan: &RankPlan, kept: f64, share: f
         return None;
     }
     let (token, expert) = if to_experts(op)? { (s, r) } else { (r, s) };
-    let rows = (token * kept.clamp(0.0, 1.0) * share.max(1.0)).min(expert.max(token * kept.clamp(0.0, 1.0)));
+    let sent = token * kept.clamp(0.0, 1.0);
+    let rows = (sent * share.max(1.0)).min(expert.max(sent));
     Some((op.bytes as f64 * rows / s).round() as u64)
 }
 

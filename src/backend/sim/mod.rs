@@ -214,18 +214,23 @@ fn group_shapes(plan: &Plan, profile: &Profile) -> Vec<(usize, Vec<usize>)> {
         .collect()
 }
 
+/// Whether ops `a` and `b` (of two ranks) are both compute ops, or collectives of the same
+/// parts: kinds, groups of the same shape, and payloads that `same_bytes` accepts.
+fn collectives_match(a: &crate::plan::Op, b: &crate::plan::Op, group_shape: &[(usize, Vec<usize>)], same_bytes: impl Fn(f64, f64) -> bool) -> bool {
+    match (cost::collective(a), cost::collective(b)) {
+        (None, None) => true,
+        (Some(pa), Some(pb)) => {
+            pa.len() == pb.len()
+                && pa.iter().zip(&pb).all(|(x, y)| x.kind == y.kind && same_bytes(x.bytes, y.bytes) && group_shape[x.group.0 as usize] == group_shape[y.group.0 as usize])
+        }
+        _ => false,
+    }
+}
+
 /// Every rank equal to rank 0 up to rank ids, memory effects included.
 fn exactly_symmetric(plan: &Plan, profile: &Profile) -> bool {
     let Some(r0) = plan.ranks.first() else { return true };
     let group_shape = group_shapes(plan, profile);
-    let same_collectives = |a: &crate::plan::Op, b: &crate::plan::Op| match (cost::collective(a), cost::collective(b)) {
-        (None, None) => true,
-        (Some(pa), Some(pb)) => {
-            pa.len() == pb.len()
-                && pa.iter().zip(&pb).all(|(x, y)| x.kind == y.kind && x.bytes == y.bytes && group_shape[x.group.0 as usize] == group_shape[y.group.0 as usize])
-        }
-        _ => false,
-    };
     plan.ranks.iter().skip(1).all(|r| {
         r.ops.len() == r0.ops.len()
             && r.buffers.len() == r0.buffers.len()
@@ -240,7 +245,7 @@ fn exactly_symmetric(plan: &Plan, profile: &Profile) -> bool {
                     && a.bytes == b.bytes
                     && a.writes == b.writes
                     && a.frees == b.frees
-                    && same_collectives(a, b)
+                    && collectives_match(a, b, &group_shape, |x, y| x == y)
                     && cost::gemms(&a.kind, r) == cost::gemms(&b.kind, r0)
             })
     })
@@ -257,14 +262,6 @@ fn nearly_symmetric(plan: &Plan, profile: &Profile) -> bool {
     // 2,048 ranks; buffers are compared by total, as ranks may number them differently.
     let near = |a: u64, b: u64| a == b || (a as f64 - b as f64).abs() <= SYMMETRY_SLACK * a.max(b) as f64;
     let total = |r: &RankPlan| r.buffers.iter().map(|d| d.bytes()).sum::<u64>();
-    let near_collectives = |a: &crate::plan::Op, b: &crate::plan::Op| match (cost::collective(a), cost::collective(b)) {
-        (None, None) => true,
-        (Some(pa), Some(pb)) => {
-            pa.len() == pb.len()
-                && pa.iter().zip(&pb).all(|(x, y)| x.kind == y.kind && near(x.bytes as u64, y.bytes as u64) && group_shape[x.group.0 as usize] == group_shape[y.group.0 as usize])
-        }
-        _ => false,
-    };
     // Dependencies may differ where the extra ones are implied (PPMoE's TP index 0 alone adds
     // the residual, which its other ranks reach through other ops): by the stream's order or
     // through the other side's dependencies.
@@ -286,7 +283,7 @@ fn nearly_symmetric(plan: &Plan, profile: &Profile) -> bool {
                     && same_deps(r, a, b)
                     && near(a.flops, b.flops)
                     && near(a.bytes, b.bytes)
-                    && near_collectives(a, b)
+                    && collectives_match(a, b, &group_shape, |x, y| near(x as u64, y as u64))
                     && cost::gemms(&a.kind, r) == cost::gemms(&b.kind, r0)
             })
     })

@@ -34,8 +34,7 @@ pub fn auto_stand_in(spec: &ExperimentSpec) -> Option<String> {
     match spec.variant {
         Variant::Mpmoe => {
             let o = spec.mpmoe.as_ref().filter(|o| o.chunks == Degree::Auto || o.reuse == Reuse::Auto)?;
-            let chunks = match o.chunks { Degree::Fixed(n) => n, Degree::Auto => mpmoe::AUTO_PLAN_CHUNKS };
-            let reuse = if o.reuse == Reuse::Auto { Reuse::None } else { o.reuse };
+            let (chunks, reuse) = mpmoe::planned(o);
             Some(format!(
                 "mpmoe auto: planned with chunks={chunks}, reuse={}; a run profiles the candidates first and runs the one it picks (its run log and summary.json name it)",
                 reuse.as_str()
@@ -43,7 +42,7 @@ pub fn auto_stand_in(spec: &ExperimentSpec) -> Option<String> {
         }
         Variant::Tutel => {
             let o = spec.tutel.as_ref().filter(|o| o.degree == Degree::Auto || o.parallelism == ParallelismChoice::Auto)?;
-            let degree = match o.degree { Degree::Fixed(d) => d, Degree::Auto => tutel::AUTO_PLAN_DEGREE.min(spec.tokens_per_rank()) };
+            let degree = tutel::planned_degree(spec, o.degree);
             Some(format!(
                 "tutel auto: planned with r={}, degree {degree}; a run times the candidates first and runs the fastest (its run log and summary.json name it)",
                 o.r

@@ -84,14 +84,20 @@ pub(super) struct Pipeline {
 /// `crate::run`, which resolves it with the performance model first).
 pub const AUTO_PLAN_CHUNKS: usize = 2;
 
+/// The chunk count and reuse strategy a plan built from `o` runs: an unresolved `"auto"`
+/// chunk count is [`AUTO_PLAN_CHUNKS`], an unresolved `"auto"` reuse keeps every buffer, as
+/// `None`.
+pub(super) fn planned(o: &MpmoeSpec) -> (usize, Reuse) {
+    let chunks = match o.chunks {
+        Degree::Fixed(n) => n,
+        Degree::Auto => AUTO_PLAN_CHUNKS,
+    };
+    (chunks, if o.reuse == Reuse::Auto { Reuse::None } else { o.reuse })
+}
+
 impl From<MpmoeSpec> for Pipeline {
     fn from(o: MpmoeSpec) -> Self {
-        let chunks = match o.chunks {
-            Degree::Fixed(n) => n,
-            Degree::Auto => AUTO_PLAN_CHUNKS,
-        };
-        // `Auto` reuse left unresolved keeps every buffer, as `None`.
-        let reuse = if o.reuse == Reuse::Auto { Reuse::None } else { o.reuse };
+        let (chunks, reuse) = planned(&o);
         Pipeline { chunks, reuse, gpus_per_node: None }
     }
 }

@@ -197,9 +197,13 @@ fn sliced_param(b: &mut RankBuilder, layer: usize, tag: &str, dims: &MoeDims, ro
 /// this rank's `1/tp` of it (what it received or returns), so the op counts that share: an
 /// all-gather's bytes are one member's piece (the sim sends it to the `tp - 1` others).
 fn tp_allgather(b: &mut RankBuilder, name: &str, pass: Pass, p: Place, send: BufId, recv: BufId) {
-    let bytes = b.f32_bytes_of(send).div_ceil(p.tp as u64);
-    let group = p.tp_group;
-    b.op(name, Stage::AllGather, pass, OpKind::AllGather { group, send, recv }, 0, bytes);
+    let bytes = part_bytes(b, p, send);
+    b.op(name, Stage::AllGather, pass, OpKind::AllGather { group: p.tp_group, send, recv }, 0, bytes);
+}
+
+/// A TP rank's `1/tp` share of `buf`'s planned bytes: what it holds of the dropped set.
+fn part_bytes(b: &RankBuilder, p: Place, buf: BufId) -> u64 {
+    b.f32_bytes_of(buf).div_ceil(p.tp as u64)
 }
 
 fn tp_allreduce(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, buf: BufId) {
@@ -212,7 +216,7 @@ fn tp_allreduce(b: &mut RankBuilder, name: &str, pass: Pass, group: GroupId, buf
 /// sim prices; the executors move the counts they are given).
 #[allow(clippy::too_many_arguments)]
 fn dropped_a2a(b: &mut RankBuilder, name: &str, pass: Pass, p: Place, send: BufId, send_counts: BufId, recv: BufId, m: usize) {
-    let bytes = b.f32_bytes_of(send).div_ceil(p.tp as u64);
+    let bytes = part_bytes(b, p, send);
     a2a_of_bytes(b, name, pass, p.ep_group, send, send_counts, recv, m, bytes);
 }
 

@@ -69,11 +69,16 @@ pub fn build(spec: &ExperimentSpec) -> Plan {
     if two_d {
         add_2d_groups(&mut groups, dp, ep, gpn);
     }
-    let chunks = match opts.degree {
+    build_with(spec, &groups, Pipeline { chunks: planned_degree(spec, opts.degree), reuse: Reuse::None, gpus_per_node: two_d.then_some(gpn) })
+}
+
+/// The pipelining degree a plan built from `spec` runs: an unresolved `"auto"` is
+/// [`AUTO_PLAN_DEGREE`] (at most the tokens per rank).
+pub(super) fn planned_degree(spec: &ExperimentSpec, degree: Degree) -> usize {
+    match degree {
         Degree::Fixed(d) => d.max(1),
         Degree::Auto => AUTO_PLAN_DEGREE.min(spec.tokens_per_rank()),
-    };
-    build_with(spec, &groups, Pipeline { chunks, reuse: Reuse::None, gpus_per_node: two_d.then_some(gpn) })
+    }
 }
 
 fn node_group_name(d: usize, n: usize) -> String {
