@@ -387,20 +387,19 @@ mod tests {
         OpEvent { rank, step: 0, stream, stage, pass: Pass::Forward, name: name.into(), layer: None, chunk: None, start_ns: s, end_ns: e, flops: 0, bytes: 0, collective: None, host_ns: None, issue_ns: None, gemm_calls: None }
     }
 
+    /// A cpu run of `world` ranks whose trace holds `ops`, loaded as the timeline sees it.
+    fn loaded(world: u32, ops: Vec<OpEvent>) -> LoadedRun {
+        LoadedRun::new("t".into(), None, RunSummary::default(), Trace { backend: "cpu".into(), world, ops, ..Trace::default() })
+    }
+
     fn run() -> LoadedRun {
-        let trace = Trace {
-            backend: "cpu".into(),
-            world: 1,
-            ops: vec![
-                op(0, Stream::Compute, Stage::Gate, 0, 10_000, "gate"),
-                op(0, Stream::Comm, Stage::AllToAll, 5_000, 20_000, "a2a.0"),
-                op(0, Stream::Compute, Stage::ExpertGemm1, 30_000, 40_000, "gemm"),
-                op(0, Stream::Comm, Stage::AllToAll, 32_000, 38_000, "a2a.1"),
-                op(0, Stream::Comm, Stage::AllReduce, 50_000, 60_000, "ar"),
-            ],
-            ..Trace::default()
-        };
-        LoadedRun::new("t".into(), None, RunSummary::default(), trace)
+        loaded(1, vec![
+            op(0, Stream::Compute, Stage::Gate, 0, 10_000, "gate"),
+            op(0, Stream::Comm, Stage::AllToAll, 5_000, 20_000, "a2a.0"),
+            op(0, Stream::Compute, Stage::ExpertGemm1, 30_000, 40_000, "gemm"),
+            op(0, Stream::Comm, Stage::AllToAll, 32_000, 38_000, "a2a.1"),
+            op(0, Stream::Comm, Stage::AllReduce, 50_000, 60_000, "ar"),
+        ])
     }
 
     #[test]
@@ -471,20 +470,14 @@ mod tests {
 
     #[test]
     fn a_cell_is_shaded_exposed_only_when_most_of_its_comm_is() {
-        let trace = Trace {
-            backend: "cpu".into(),
-            world: 1,
-            ops: vec![
-                // Cell 0 (0-10 µs): comm 73% hidden. Cell 1 (10-20 µs): comm 60% exposed.
-                op(0, Stream::Compute, Stage::Gate, 0, 7_300, "gate"),
-                op(0, Stream::Comm, Stage::AllToAll, 0, 20_000, "a2a"),
-                op(0, Stream::Compute, Stage::ExpertGemm1, 10_000, 14_000, "gemm"),
-                // Cell 2 (20-30 µs): a narrow, fully exposed op still shows as exposed.
-                op(0, Stream::Comm, Stage::AllReduce, 22_000, 23_000, "ar"),
-            ],
-            ..Trace::default()
-        };
-        let r = LoadedRun::new("t".into(), None, RunSummary::default(), trace);
+        let r = loaded(1, vec![
+            // Cell 0 (0-10 µs): comm 73% hidden. Cell 1 (10-20 µs): comm 60% exposed.
+            op(0, Stream::Compute, Stage::Gate, 0, 7_300, "gate"),
+            op(0, Stream::Comm, Stage::AllToAll, 0, 20_000, "a2a"),
+            op(0, Stream::Compute, Stage::ExpertGemm1, 10_000, 14_000, "gemm"),
+            // Cell 2 (20-30 µs): a narrow, fully exposed op still shows as exposed.
+            op(0, Stream::Comm, Stage::AllReduce, 22_000, 23_000, "ar"),
+        ]);
         let comm = r.index.lane_of(0, Stream::Comm).expect("comm lane");
         assert_eq!(r.index.exposed_ns_between(comm, 0, 20_000), 2_700 + 6_000);
         let cells = paint_lane(&r, comm, 0, 30_000, 3);
@@ -494,20 +487,14 @@ mod tests {
 
     #[test]
     fn moving_between_lanes_picks_the_op_covering_the_cursor_time() {
-        let trace = Trace {
-            backend: "cpu".into(),
-            world: 2,
-            ops: vec![
-                op(0, Stream::Compute, Stage::Gate, 0, 8_000, "w"),
-                op(0, Stream::Compute, Stage::ExpertGemm1, 10_000, 20_000, "x"),
-                op(0, Stream::Comm, Stage::AllToAll, 5_000, 15_000, "c1"),
-                op(0, Stream::Comm, Stage::AllToAll, 16_000, 30_000, "c2"),
-                op(1, Stream::Compute, Stage::Gate, 0, 2_000, "early"),
-                op(1, Stream::Compute, Stage::Gate, 40_000, 41_000, "late"),
-            ],
-            ..Trace::default()
-        };
-        let r = LoadedRun::new("t".into(), None, RunSummary::default(), trace);
+        let r = loaded(2, vec![
+            op(0, Stream::Compute, Stage::Gate, 0, 8_000, "w"),
+            op(0, Stream::Compute, Stage::ExpertGemm1, 10_000, 20_000, "x"),
+            op(0, Stream::Comm, Stage::AllToAll, 5_000, 15_000, "c1"),
+            op(0, Stream::Comm, Stage::AllToAll, 16_000, 30_000, "c2"),
+            op(1, Stream::Compute, Stage::Gate, 0, 2_000, "early"),
+            op(1, Stream::Compute, Stage::Gate, 40_000, 41_000, "late"),
+        ]);
         let mut v = TimelineView::default();
         v.fit(&r);
         v.step_op(&r, 1);
